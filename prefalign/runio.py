@@ -1,0 +1,71 @@
+"""Run directories: refuse to clobber another run, write config and metrics atomically."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from prefalign.errors import UserError
+
+CONFIG_FILE = "config.yaml"
+
+
+def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """Create ``path``; refuse one that already holds a run unless ``overwrite`` or ``resume``."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output path is a file; give a directory")
+    holds_run = out.is_dir() and any(out.iterdir())
+    if holds_run and not (overwrite or resume):
+        raise UserError(f"{out}: output directory is not empty (another run?); pass --overwrite to replace "
+                        "its files or --resume to continue it, or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write via a temp file in the same directory and rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def to_plain(obj: Any) -> Any:
+    """Dataclasses, paths and tuples to YAML/JSON-friendly values."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v) for v in obj]
+    if isinstance(obj, os.PathLike):
+        return str(obj)
+    return obj
+
+
+def write_config(out_dir: str | os.PathLike, cfg: Any) -> Path:
+    """Write the resolved config as YAML; it can be fed back with ``--config``."""
+    path = Path(out_dir) / CONFIG_FILE
+    atomic_write_text(path, yaml.safe_dump(to_plain(cfg), sort_keys=False))
+    return path
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    atomic_write_text(path, json.dumps(to_plain(data), indent=2) + "\n")
+
+
+def write_jsonl(path: str | os.PathLike, rows: list[dict]) -> None:
+    atomic_write_text(path, "".join(json.dumps(to_plain(r), ensure_ascii=False) + "\n" for r in rows))
