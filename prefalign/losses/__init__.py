@@ -1,0 +1,32 @@
+"""Pure torch losses for preference alignment: tensors in, ``(loss, stats)`` out.
+
+Nothing here imports anything but torch and the standard library, so every formula can be tested in
+milliseconds. Shapes: ``B`` batch, ``T`` response tokens, ``V`` vocabulary.
+"""
+
+from prefalign.losses.dpo import DPO_LOSSES, dpo_loss
+from prefalign.losses.gae import gae
+from prefalign.losses.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3, kl_penalty
+from prefalign.losses.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
+from prefalign.losses.reward import bradley_terry_loss
+from prefalign.losses.sft import sft_loss
+from prefalign.losses.stats import masked_mean, masked_var, masked_whiten
+
+__all__ = [
+    "DPO_LOSSES",
+    "KL_ESTIMATORS",
+    "bradley_terry_loss",
+    "dpo_loss",
+    "entropy_from_logits",
+    "gae",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "kl_penalty",
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "ppo_policy_loss",
+    "ppo_value_loss",
+    "sft_loss",
+]
