@@ -1,0 +1,272 @@
+"""Reward sources: what scores a (prompt, completion) pair for PPO, ``prefs`` and ``eval``.
+
+Every source has a ``name`` and ``score(prompts, completions) -> (B,)`` float32 CPU tensor. Inputs are
+decoded text, the completion already cut at EOS / stop string. Three kinds, chosen by
+:func:`load_reward_source` from one string:
+
+* a built-in judge from :data:`JUDGES` (``vader``: the gold judge of the sentiment task);
+* a Python callable, ``module:function`` or ``path/to/file.py:function``, called as
+  ``fn(prompts, completions)`` and returning one number per completion;
+* a sequence-classification reward model with a scalar head (a directory or a hub id).
+
+Reward models and pad == EOS: HF sequence-classification models pool at "the rightmost token that is
+not ``pad_token_id``". When pad == EOS (SmolLM2, Llama, ...) and a completion ends with EOS, that rule
+silently scores the token *before* the EOS. So for models built the usual way (a backbone at
+``model.base_model`` and a linear ``model.score`` head: Llama, Mistral, Qwen, GPT-2, GPT-NeoX, ...) we
+right-pad, run the backbone with the attention mask, take the hidden state at the last real token
+(index from the attention mask, never from token ids) and apply the score head there. Other heads
+(encoders such as DeBERTa/BERT pool the first token, which padding cannot move) go through the model's
+own forward with the same right-padded batch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import numbers
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from prefalign.errors import UserError
+
+
+@runtime_checkable
+class RewardSource(Protocol):
+    """Anything that scores decoded (prompt, completion) pairs."""
+
+    name: str
+
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        """Return ``(B,)`` float32 scores on CPU, one per pair."""
+        ...
+
+
+def _check_pairs(prompts: list[str], completions: list[str]) -> None:
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def check_scores(values, n: int, where: str) -> torch.Tensor:
+    """Validate ``values`` as ``n`` finite numbers and return them as a ``(n,)`` float32 CPU tensor.
+
+    ``where`` names the source in the one-line ``UserError`` (e.g. ``"reward function 'm:f'"``).
+    Accepts a list/tuple of numbers or a 1-D tensor/array.
+    """
+    shape = getattr(values, "shape", None)
+    if shape is not None and hasattr(values, "tolist"):  # torch / numpy: check the shape, then go to Python
+        if len(shape) != 1:
+            raise UserError(f"{where} returned an array of shape {tuple(shape)}; expected shape ({n},)")
+        values = values.tolist()
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__") or not hasattr(values, "__getitem__"):
+        raise UserError(f"{where} returned {type(values).__name__}; expected a list of {n} numbers")
+    if len(values) != n:
+        raise UserError(f"{where} returned {len(values)} scores for {n} completions; expected one per completion")
+    out = []
+    for i, v in enumerate(values):
+        if not isinstance(v, numbers.Real):
+            raise UserError(f"{where} returned a non-number at index {i}: {_short(v)} ({type(v).__name__})")
+        if not math.isfinite(v):
+            raise UserError(f"{where} returned a non-finite score at index {i}: {v}")
+        out.append(float(v))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- judges
+
+
+class VaderJudge:
+    """VADER compound sentiment of the completion alone, in [-1, 1] (the prompt is never scored)."""
+
+    name = "vader"
+
+    def __init__(self):
+        try:
+            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
+        except ImportError:
+            raise UserError("the vader judge needs the vaderSentiment package: "
+                            "run `pip install vaderSentiment`") from None
+        self._analyzer = SentimentIntensityAnalyzer()
+
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        _check_pairs(prompts, completions)
+        scores = [self._analyzer.polarity_scores(c)["compound"] for c in completions]
+        return torch.tensor(scores, dtype=torch.float32)
+
+
+JUDGES: dict[str, Callable[[], RewardSource]] = {"vader": VaderJudge}
+"""Built-in judges by name; each entry builds a source with no arguments."""
+
+
+# ------------------------------------------------------------------------------------------- callables
+
+
+def _import_target(spec: str):
+    """Import ``module:attr`` or ``path/to/file.py:attr`` and return the attribute."""
+    module_part, _, attr = spec.rpartition(":")
+    if not module_part or not attr:
+        raise UserError(f"reward function {spec!r}: expected module:function or path/to/file.py:function")
+    is_file = module_part.endswith(".py") or "/" in module_part
+    try:
+        if is_file:
+            path = Path(module_part).expanduser()
+            if not path.is_file():
+                raise UserError(f"reward function {spec!r}: file {module_part} not found")
+            # A private module name, so a user file called e.g. json.py cannot shadow a real module.
+            mod_name = f"_prefalign_reward_{path.stem}"
+            mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_name] = module  # dataclasses / pickling inside the file look it up here
+            try:
+                mod_spec.loader.exec_module(module)
+            except BaseException:
+                del sys.modules[mod_name]
+                raise
+        else:
+            module = importlib.import_module(module_part)
+    except UserError:
+        raise
+    except ModuleNotFoundError as e:
+        if not is_file and e.name and (module_part == e.name or module_part.startswith(e.name + ".")):
+            raise UserError(f"reward function {spec!r}: module {module_part!r} not found; make it importable "
+                            f"(PYTHONPATH) or give a file path, e.g. path/to/{module_part.split('.')[-1]}.py:{attr}")
+        raise UserError(f"reward function {spec!r}: importing {module_part} failed: "
+                        f"ModuleNotFoundError: {e}") from e
+    except Exception as e:
+        raise UserError(f"reward function {spec!r}: importing {module_part} failed: "
+                        f"{type(e).__name__}: {_first_line(e)}") from e
+    target = module
+    for part in attr.split("."):  # allows module:Class.method
+        if not hasattr(target, part):
+            raise UserError(f"reward function {spec!r}: {module_part} has no attribute {attr!r}")
+        target = getattr(target, part)
+    if not callable(target):
+        raise UserError(f"reward function {spec!r}: {attr} is a {type(target).__name__}, not callable")
+    return target
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+class CallableReward:
+    """A user function ``fn(prompts, completions) -> sequence of numbers``, validated on every call."""
+
+    def __init__(self, spec: str, fn: Callable | None = None):
+        self.name = spec
+        self._fn = fn if fn is not None else _import_target(spec)
+
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        _check_pairs(prompts, completions)
+        where = f"reward function {self.name!r}"
+        try:
+            values = self._fn(list(prompts), list(completions))  # copies: the function may mutate them
+        except Exception as e:
+            raise UserError(f"{where} raised {type(e).__name__}: {_first_line(e)}") from e
+        return check_scores(values, len(completions), where)
+
+
+# ------------------------------------------------------------------------------------- reward models
+
+
+def _parse_dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype), None)
+    if not isinstance(value, torch.dtype) or not value.is_floating_point:
+        raise UserError(f"unknown dtype {dtype!r}: use float32, bfloat16 or float16")
+    return value
+
+
+class RewardModel:
+    """A sequence-classification model with a scalar head, scoring ``prompt + completion`` as given.
+
+    The text is concatenated without re-templating (a chat-templated prompt stays as it was built);
+    inputs longer than ``max_length`` tokens lose their *start* so the completion is always scored.
+    """
+
+    def __init__(self, spec: str, *, batch_size: int = 16, device: str = "cpu", max_length: int = 1024,
+                 dtype=None):
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        from prefalign.models.loading import _hub_error, disable_dropout, load_tokenizer, resolve_model
+
+        if batch_size < 1 or max_length < 1:
+            raise ValueError(f"batch_size and max_length must be >= 1, got {batch_size}, {max_length}")
+        self.name, self.batch_size, self.device, self.max_length = spec, batch_size, device, max_length
+        path = resolve_model(spec)
+        try:
+            config = AutoConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:
+            raise _hub_error(spec, e) from None
+        if config.num_labels != 1:
+            raise UserError(f"{spec}: the model has num_labels={config.num_labels}; a reward model needs a "
+                            "scalar head (num_labels=1)")
+        try:
+            model, info = AutoModelForSequenceClassification.from_pretrained(
+                path, dtype=_parse_dtype(dtype) or torch.float32, output_loading_info=True)
+        except (OSError, ValueError) as e:
+            raise _hub_error(spec, e) from None
+        if info["missing_keys"]:
+            # A causal LM loads "fine" as seq-cls with a random head; scores would be noise.
+            missing = sorted(info["missing_keys"])
+            raise UserError(f"{spec}: not a trained reward model: weights {', '.join(missing[:3])} are missing "
+                            f"from the checkpoint (architecture {(config.architectures or ['?'])[0]})")
+        disable_dropout(model)
+        self.model = model.eval().requires_grad_(False).to(device)
+        self.tokenizer = load_tokenizer(spec)  # its own tokenizer; EOS stands in for a missing pad
+        self.tokenizer.padding_side = "right"  # last real token at mask.sum() - 1
+        self.tokenizer.truncation_side = "left"  # keep the completion, drop the start of the prompt
+        head = getattr(model, "score", None)
+        self._own_pooling = isinstance(head, torch.nn.Linear) and model.base_model is not model
+
+    @torch.no_grad()
+    def _score_batch(self, texts: list[str]) -> torch.Tensor:
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
+                             return_tensors="pt").to(self.device)
+        lengths = enc["attention_mask"].sum(-1)  # (b,)
+        if (lengths == 0).any():
+            raise ValueError(f"empty text at batch index {int((lengths == 0).nonzero()[0])}")
+        if not self._own_pooling:
+            return self.model(**enc).logits[:, 0]
+        hidden = self.model.base_model(input_ids=enc["input_ids"],
+                                       attention_mask=enc["attention_mask"]).last_hidden_state  # (b, T, H)
+        last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # (b, H)
+        return self.model.score(last)[:, 0]
+
+    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
+        _check_pairs(prompts, completions)
+        texts = [p + c for p, c in zip(prompts, completions)]
+        parts = [self._score_batch(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        if not parts:
+            return torch.zeros(0, dtype=torch.float32)
+        return torch.cat(parts).float().cpu()
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+
+
+def load_reward_source(spec: str, *, batch_size: int = 16, device: str = "cpu", max_length: int = 1024,
+                       dtype=None) -> RewardSource:
+    """Build a reward source from one string, tried in this order:
+
+    1. a judge name from :data:`JUDGES` (``vader``);
+    2. contains ``:`` and is not an existing path: a callable, ``module:function`` or ``file.py:function``;
+    3. otherwise a reward-model directory or hub id (``batch_size``, ``device``, ``max_length``,
+       ``dtype`` apply only here).
+    """
+    if spec in JUDGES:
+        return JUDGES[spec]()
+    if ":" in spec and not Path(spec).expanduser().exists():
+        return CallableReward(spec)
+    return RewardModel(spec, batch_size=batch_size, device=device, max_length=max_length, dtype=dtype)
