@@ -1,0 +1,130 @@
+"""``prefalign data inspect``: what a dataset holds before you train on it.
+
+Examples::
+
+    prefalign data inspect ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz
+    prefalign data inspect pairs.jsonl --format explicit --max-length 512
+    prefalign data inspect ../shared/data/rt-polarity/rt-polarity.pos      # prompt-only: one per line
+    prefalign data inspect org/name --split test                            # a hub dataset
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+
+from prefalign.validation import Validated
+from typing import Annotated, Literal
+
+import tyro
+
+USAGE = """usage: prefalign data <command> [flags]   (prefalign data <command> --help for its flags)
+
+commands:
+  inspect  format, rows kept and dropped by reason, token-length percentiles"""
+
+
+@dataclass
+class InspectConfig(Validated):
+    """Report a dataset's format, rows kept and dropped (by reason) and token-length percentiles."""
+
+    path: Annotated[str, tyro.conf.Positional, tyro.conf.arg(metavar="PATH")]
+    """Data file: .jsonl/.json/.csv/.parquet (optionally .gz), any other file = one prompt per line; or a hub id."""
+    format: Literal["auto", "explicit", "conversational", "implicit", "prompt"] = "auto"
+    """Row format; auto detects it from the columns. `prompt` = a prompt-only dataset."""
+    model: str = "smollm2-135m"
+    """Tokenizer to count tokens with: hub id, local model directory, or an embedded name."""
+    max_length: int | None = None
+    """Also apply the training truncation policy at this many tokens and report what it drops."""
+    max_prompt_length: int | None = None
+    """Prompt cap for the truncation policy (default: max_length // 2)."""
+    split: str = "train"
+    """Split of a hub dataset."""
+    column: str = "prompt"
+    """Prompt column of a prompt-only dataset."""
+
+    def validate(self) -> None:
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
+        if self.max_prompt_length is not None and self.max_prompt_length < 1:
+            raise ValueError(f"--max-prompt-length must be >= 1, got {self.max_prompt_length}")
+
+
+def percentiles(values: list[int]) -> list[int | None]:
+    """p50, p90, p99 (nearest rank) and max; None for an empty list."""
+    if not values:
+        return [None] * 4
+    s = sorted(values)
+    rank = [max(0, -(-p * len(s) // 100) - 1) for p in (50, 90, 99)]  # ceil(p/100 * n) - 1
+    return [s[i] for i in rank] + [s[-1]]
+
+
+def _length_table(columns: dict[str, list[int]]) -> list[str]:
+    lines = [f"  {'tokens':<10}{'p50':>8}{'p90':>8}{'p99':>8}{'max':>8}"]
+    for name, values in columns.items():
+        cells = "".join(f"{'-' if v is None else v:>8}" for v in percentiles(values))
+        lines.append(f"  {name:<10}{cells}")
+    return lines
+
+
+def inspect(cfg: InspectConfig) -> list[str]:
+    """The report's lines (printed by `main`)."""
+    from prefalign.data import read_table
+    from prefalign.data.preferences import PROMPT_ONLY, check_columns, detect_format, parse_preferences
+    from prefalign.data.prompts import parse_prompts
+    from prefalign.data.tokens import leading_bos, tokenize_preferences, tokenize_prompts, truncate_pairs
+    from prefalign.models import load_tokenizer
+
+    table = read_table(cfg.path, split=cfg.split, text_column=cfg.column)
+    if cfg.format != "auto":
+        fmt, how = cfg.format, "forced"
+    elif table.kind == "text":
+        fmt, how = PROMPT_ONLY, "plain text, one prompt per line"
+    else:
+        fmt, how = detect_format(table), "detected"
+    if fmt == PROMPT_ONLY and table.kind != "text" and cfg.column not in table.columns:
+        check_columns(table, fmt)  # a clear "missing column" rather than a fall-back to pair prompts
+    tokenizer = load_tokenizer(cfg.model)
+    lines = [f"source: {cfg.path}", f"format: {fmt} ({how})"]
+    if fmt == PROMPT_ONLY:
+        prompts, report = parse_prompts(table, tokenizer, column=cfg.column)
+        lengths = {"prompt": [len(ids) for ids in tokenize_prompts(prompts, tokenizer, sys.maxsize)]}
+    else:
+        examples, report = parse_preferences(table, fmt, tokenizer)
+        pairs, _ = tokenize_preferences(examples, tokenizer, max_length=None) if examples else ([], None)
+        lengths = {
+            "prompt": [len(p.prompt_ids) for p in pairs],
+            "chosen": [len(p.chosen_ids) for p in pairs],
+            "rejected": [len(p.rejected_ids) for p in pairs],
+        }
+        if cfg.max_length is not None:
+            _, fitted = truncate_pairs(pairs, cfg.max_length, cfg.max_prompt_length, leading_bos(tokenizer))
+            report.merge(fitted)
+    lines.append(f"rows: {report.total}   kept: {report.kept}   dropped: {report.dropped}")
+    lines += [f"  {line}" for line in report.lines()]
+    if fmt == PROMPT_ONLY and cfg.max_length is not None:
+        cap = cfg.max_prompt_length or cfg.max_length // 2
+        too_long = sum(n > cap for n in lengths["prompt"])
+        lines.append(f"  {too_long} prompts longer than {cap} tokens would keep only their last {cap}")
+    if not report.kept:
+        lines.append("warning: no usable rows: training on this data would stop with an error")
+    notes = ([] if fmt == PROMPT_ONLY else ["completions include the final EOS"]) + (
+        ["before truncation"] if cfg.max_length else [])
+    lines.append(f"token lengths with the {cfg.model} tokenizer" + (f" ({'; '.join(notes)})" if notes else "") + ":")
+    lines += _length_table(lengths)
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefalign.cli._args import parse
+    from prefalign.errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    if argv[0] != "inspect":
+        raise UserError(f"unknown data command {argv[0]!r}; choose one of: inspect")
+    cfg = parse(InspectConfig, argv[1:], prog="prefalign data inspect", description=__doc__)
+    print("\n".join(inspect(cfg)))
+    return 0

@@ -1,0 +1,83 @@
+"""Prompt-only datasets, for PPO rollouts and generation.
+
+A source is a structured file (``.jsonl``/``.json``/``.csv``/``.parquet``, optionally ``.gz``) with a
+prompt column of strings or of message lists, a hub dataset id, any other file read as plain text (one
+prompt per non-blank line, e.g. ``rt-polarity.pos``), or a Python list of prompt strings. A
+preference file without a prompt column gives the prompts of its pairs (e.g. HH-RLHF transcripts up to
+the last ``\\n\\nAssistant:``).
+
+Message-list prompts are rendered with the chat template and ``add_generation_prompt=True``; plain
+strings are used as they are, or, with ``chat=True``, wrapped as one user message and rendered the
+same way. Empty prompts are dropped and counted (reason ``empty_prompt``); lines are kept as they are
+apart from the line break, so a trailing space stays.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from prefalign.data import chat as chatlib  # `chat` is also a flag name below
+from prefalign.data.io import Table, progress, read_table, type_name
+from prefalign.data.preferences import FORMATS, detect_format, parse_preferences
+from prefalign.data.report import DropReport
+from prefalign.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def load_prompts(source: str | Path | list[str], tokenizer=None, *, column: str = "prompt", chat: bool = False,
+                 split: str = "train", strict: bool = False) -> list[str]:
+    """Prompt texts from ``source`` (see the module docstring); drops are logged, none left is a `UserError`."""
+    if isinstance(source, (list, tuple)):
+        table = Table("<prompt list>", "list", [column], [(f"prompt {i}", {column: p}) for i, p in
+                                                          enumerate(source, start=1)])
+        if not table.rows:
+            raise UserError("the prompt list is empty; give at least one prompt")
+    else:
+        table = read_table(source, split=split, text_column=column)
+    prompts, report = parse_prompts(table, tokenizer, column=column, chat=chat, strict=strict)
+    report.require_some_kept("give non-empty prompts")
+    if report.dropped:
+        log.warning("%s: %s", table.source, report.summary())
+    return prompts
+
+
+def parse_prompts(table: Table, tokenizer=None, *, column: str = "prompt", chat: bool = False,
+                  strict: bool = False) -> tuple[list[str], DropReport]:
+    """Prompt texts from the rows of ``table`` and the `DropReport` (never raises for "all dropped")."""
+    if column not in table.columns:
+        if column == "prompt" and {"chosen", "rejected"} <= set(table.columns):
+            fmt = detect_format(table)
+            if fmt in FORMATS:
+                pairs, report = parse_preferences(table, fmt, tokenizer, strict=strict)
+                return [p.prompt for p in pairs], report
+        raise UserError(f"{table.source}: missing column {column!r} (found columns: {', '.join(table.columns)}); "
+                        "a prompt dataset needs a column of prompts (choose it with column=)")
+    if chat:
+        chatlib.require_template(tokenizer, table.source)
+    report = DropReport(source=table.source, total=len(table.rows), strict=strict)
+    prompts: list[str] = []
+    for where, row in progress(table.rows, "parse"):
+        if column not in row:
+            raise UserError(f"{table.source}: {where}: missing column {column!r}; every row needs a prompt")
+        value = row[column]
+        if isinstance(value, list):
+            messages = chatlib.check_messages(value, column, where, table.source)
+            chatlib.require_template(tokenizer, table.source)
+            empty = not "".join(m["content"] for m in messages).strip()
+        elif isinstance(value, str):
+            messages = [{"role": "user", "content": value}] if chat else None
+            empty = not value.strip()
+        else:
+            raise UserError(f"{table.source}: {where}: {column!r} must be a string or a list of messages, "
+                            f"got {type_name(value)}; fix the row")
+        if empty:
+            report.drop("empty_prompt", where, "prompt is empty")
+            continue
+        if messages is not None:
+            value = chatlib.render(tokenizer, messages, add_generation_prompt=True, where=where,
+                                        source=table.source)
+        prompts.append(value)
+    return prompts, report
+

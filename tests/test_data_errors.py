@@ -1,0 +1,248 @@
+"""Bad input: one-line UserErrors naming the file and the row, or counted drops with exact counts."""
+
+import gzip
+import json
+
+import pytest
+
+from prefalign.data import load_preferences, load_prompts, tokenize_preferences
+from prefalign.errors import UserError
+
+OK = {"prompt": "p", "chosen": " a", "rejected": " b"}
+
+
+def _jsonl(path, rows):
+    path.write_text("".join(r if isinstance(r, str) else json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def _error(fn, *args, **kwargs) -> str:
+    with pytest.raises(UserError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+def _file_error(path, *parts, fn=load_preferences, **kwargs):
+    msg = _error(fn, path, **kwargs)
+    assert msg.startswith(f"{path}: "), msg
+    for part in parts:
+        assert part in msg, (part, msg)
+    return msg
+
+
+# --- errors: the whole input is unusable ---------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path):
+    _file_error(tmp_path / "nope.jsonl", "file not found")
+
+
+def test_hub_id_offline_is_a_clear_error():
+    msg = _error(load_preferences, "nosuchorg/nosuchdata")
+    assert msg.startswith("nosuchorg/nosuchdata: ") and "hub dataset" in msg and "offline" in msg
+
+
+def test_gz_that_is_not_gzip(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl.gz", [OK])
+    _file_error(path, "not gzip")
+
+
+def test_truncated_gzip(tmp_path):
+    path = tmp_path / "p.jsonl.gz"
+    path.write_bytes(gzip.compress(json.dumps(OK).encode() * 50)[:30])
+    _file_error(path, "corrupt or truncated gzip")
+
+
+def test_gzip_data_without_gz_name(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_bytes(gzip.compress(json.dumps(OK).encode()))
+    _file_error(path, "rename it to p.jsonl.gz")
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_empty_file(tmp_path, content):
+    path = tmp_path / "p.jsonl"
+    path.write_text(content)
+    _file_error(path, "empty")
+
+
+def test_csv_header_without_rows(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,chosen,rejected\n")
+    _file_error(path, "no rows")
+
+
+def test_unknown_format_lists_found_and_expected_columns(tmp_path):
+    _file_error(_jsonl(tmp_path / "p.jsonl", [{"question": "q", "answer": "a"}]),
+                "unknown format", "question, answer", "prompt+chosen+rejected", "chosen+rejected")
+
+
+def test_missing_column(tmp_path):
+    _file_error(_jsonl(tmp_path / "p.jsonl", [{"prompt": "p", "chosen": "a"}]), "missing column 'rejected'")
+
+
+def test_missing_column_on_a_later_row(tmp_path):
+    _file_error(_jsonl(tmp_path / "p.jsonl", [OK, {"prompt": "p", "chosen": "a"}]), "line 2", "'rejected'")
+
+
+def test_forced_format_missing_column(tmp_path):
+    _file_error(_jsonl(tmp_path / "p.jsonl", [{"chosen": "a", "rejected": "b"}]),
+                "missing column 'prompt'", "format explicit needs", format="explicit")
+
+
+def test_bad_json_line(tmp_path):
+    _file_error(_jsonl(tmp_path / "p.jsonl", [OK, '{"prompt": "p", "chosen": \n']), "line 2", "invalid JSON")
+
+
+def test_bad_json_array(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('[\n{"prompt": "p"},\n{"prompt" "q"}\n]')
+    _file_error(path, "line 3", "invalid JSON")
+
+
+def test_json_line_that_is_not_an_object(tmp_path):
+    _file_error(_jsonl(tmp_path / "p.jsonl", [OK, "[1, 2]\n"]), "line 2", "expected a JSON object")
+
+
+def test_invalid_utf8(tmp_path):
+    path = tmp_path / "p.jsonl"
+    first = (json.dumps(OK) + "\n").encode()
+    path.write_bytes(first + b'{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n')
+    _file_error(path, "line 2", "invalid UTF-8", f"byte offset {len(first) + 15}")
+
+
+def test_invalid_utf8_in_text_prompts(tmp_path):
+    path = tmp_path / "prompts.pos"
+    path.write_bytes(b"fine\nnot \xff fine\n")
+    _file_error(path, "line 2", "invalid UTF-8", "byte offset 9", fn=load_prompts)
+
+
+def test_wrong_type(tmp_path):
+    _file_error(_jsonl(tmp_path / "p.jsonl", [OK, {"prompt": "p", "chosen": 3, "rejected": "b"}]),
+                "line 2", "'chosen' must be a string, got number")
+
+
+def test_csv_row_with_too_many_fields(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,chosen,rejected\np,a,b\np,a,b,c\n")
+    _file_error(path, "line 3", "more fields")
+
+
+def test_margin_not_a_number(tmp_path):
+    _file_error(_jsonl(tmp_path / "p.jsonl", [dict(OK, margin=1), dict(OK, margin="big")]),
+                "line 2", "'margin' must be a finite number")
+
+
+def _conv(chosen_last, rejected_last, user=None):
+    user = user or {"role": "user", "content": "hi"}
+    return {"chosen": [user, chosen_last], "rejected": [user, rejected_last]}
+
+
+def test_bad_chat_role(tmp_path, tokenizer):
+    path = _jsonl(tmp_path / "c.jsonl", [_conv({"role": "bot", "content": "a"}, {"role": "assistant", "content": "b"})])
+    _file_error(path, "line 1", "'chosen' message 2", "unknown role 'bot'", tokenizer=tokenizer)
+
+
+def test_chat_message_without_content(tmp_path, tokenizer):
+    path = _jsonl(tmp_path / "c.jsonl", [_conv({"role": "assistant", "content": "a"}, {"role": "assistant"})])
+    _file_error(path, "line 1", "'rejected' message 2 has no 'content'", tokenizer=tokenizer)
+
+
+def test_chat_without_tokenizer(tmp_path):
+    path = _jsonl(tmp_path / "c.jsonl", [_conv({"role": "assistant", "content": "a"},
+                                               {"role": "assistant", "content": "b"})])
+    _file_error(path, "needs a tokenizer")
+
+
+def test_plain_text_is_not_preference_data(tmp_path):
+    path = tmp_path / "p.txt"
+    path.write_text("hello\n")
+    _file_error(path, "plain-text")
+
+
+def test_prompt_file_without_prompt_column(tmp_path):
+    _file_error(_jsonl(tmp_path / "p.jsonl", [{"text": "hi"}]), "missing column 'prompt'", "text", fn=load_prompts)
+
+
+def test_all_rows_dropped_is_an_error(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [dict(OK, chosen=" a", rejected=" a")] * 2)
+    _file_error(path, "all 2 rows were dropped", "identical 2, first at line 1")
+
+
+def test_strict_turns_a_drop_into_an_error(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [OK, dict(OK, chosen="  ")])
+    _file_error(path, "line 2", "empty_chosen", strict=True)
+
+
+# --- drops: counted, reported, not fatal ----------------------------------------------------------------------
+
+
+def test_explicit_drops_are_counted_by_reason(tmp_path):
+    rows = [OK, dict(OK, prompt=""), dict(OK, chosen=""), dict(OK, prompt=" \n"), dict(OK, rejected="  "),
+            dict(OK, rejected=" a"), dict(OK, chosen=" b"), OK]
+    examples, report = load_preferences(_jsonl(tmp_path / "p.jsonl", rows))
+    assert len(examples) == 2 and (report.total, report.kept) == (8, 2)
+    assert report.counts == {"empty_prompt": 2, "empty_chosen": 1, "empty_rejected": 1, "identical": 2}
+    assert report.first["empty_prompt"].startswith("line 2:")
+    assert report.first["identical"].startswith("line 6:")
+    assert report.lines()[0] == "dropped 2 empty_prompt (first: line 2: prompt is empty)"
+    assert report.summary() == ("8 rows, 2 kept, 6 dropped "
+                                "(empty_prompt 2, empty_chosen 1, empty_rejected 1, identical 2)")
+
+
+def test_implicit_drops(tmp_path):
+    ok = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
+    rows = [ok, {"chosen": "Human: a Assistant: b", "rejected": "x"},
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"},
+            {"chosen": "\n\nHuman: a\n\nAssistant: ", "rejected": "\n\nHuman: a\n\nAssistant: c"}]
+    examples, report = load_preferences(_jsonl(tmp_path / "hh.jsonl", rows))
+    assert len(examples) == 1
+    assert report.counts == {"no_assistant_turn": 1, "prompt_mismatch": 1, "empty_chosen": 1}
+    assert [report.first[r].split(":")[0] for r in report.counts] == ["line 2", "line 3", "line 4"]
+
+
+def test_conversational_drops(tmp_path, tokenizer):
+    a = {"role": "assistant", "content": "a"}
+    rows = [_conv(a, {"role": "assistant", "content": "b"}),
+            _conv(a, {"role": "assistant", "content": "a"}),
+            {"chosen": [{"role": "user", "content": "x"}, a], "rejected": [{"role": "user", "content": "y"}, a]},
+            {"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "x"}, a]},
+            _conv({"role": "assistant", "content": " "}, a)]
+    examples, report = load_preferences(_jsonl(tmp_path / "c.jsonl", rows), tokenizer)
+    assert len(examples) == 1
+    assert report.counts == {"identical": 1, "prompt_mismatch": 1, "no_assistant_turn": 1, "empty_chosen": 1}
+
+
+class _OddTemplate:
+    """A tokenizer whose template renders a prompt differently on its own than inside a longer chat."""
+
+    chat_template = "odd"
+    eos_token = "</s>"
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        text = "".join(f"[{m['role']}]{m['content']}" for m in messages)
+        return ("<gen>" if add_generation_prompt else "<full>") + text
+
+
+def test_template_prefix_mismatch_drop(tmp_path):
+    rows = [_conv({"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"})]
+    path = _jsonl(tmp_path / "c.jsonl", rows)
+    with pytest.raises(UserError, match="template_prefix_mismatch 1, first at line 1"):
+        load_preferences(path, _OddTemplate())
+
+
+def test_too_long_drop_names_the_row(tmp_path, tokenizer):
+    rows = [OK, dict(OK, chosen=" word" * 40), OK]
+    examples, _ = load_preferences(_jsonl(tmp_path / "p.jsonl", rows))
+    pairs, report = tokenize_preferences(examples, tokenizer, max_length=16)
+    assert len(pairs) == 2 and report.counts == {"too_long": 1}
+    assert report.first["too_long"].startswith("line 2: prompt 1 + completion 41 tokens")
+
+
+def test_empty_prompts_are_dropped(tmp_path):
+    prompts = load_prompts(_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": " "}, {"prompt": "b"}]))
+    assert prompts == ["a", "b"]
+    _file_error(_jsonl(tmp_path / "q.jsonl", [{"prompt": ""}]), "all 1 rows were dropped", "empty_prompt",
+                fn=load_prompts)

@@ -1,0 +1,122 @@
+"""Each format and file type, parsed from small hand-made files into exact values."""
+
+import gzip
+import json
+
+import pytest
+
+from prefalign.data import PreferenceExample, detect_format, load_preferences, load_prompts, read_table
+
+ROWS = [
+    {"prompt": "Q: 2+2?", "chosen": " 4", "rejected": " 5", "margin": 1.5},
+    {"prompt": "Say hi,\nplease", "chosen": ' "hi", friend', "rejected": " no", "margin": 0},
+]
+EXPECTED = [
+    PreferenceExample("Q: 2+2?", " 4", " 5", 1.5),
+    PreferenceExample("Say hi,\nplease", ' "hi", friend', " no", 0.0),
+]
+SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
+
+
+def _jsonl(rows):
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def _write(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_explicit_jsonl(tmp_path):
+    examples, report = load_preferences(_write(tmp_path / "p.jsonl", _jsonl(ROWS)))
+    assert examples == EXPECTED
+    assert examples[1].where == "line 2"
+    assert (report.total, report.kept, report.dropped) == (2, 2, 0)
+
+
+def test_explicit_jsonl_gz_and_json_array(tmp_path):
+    gz = tmp_path / "p.jsonl.gz"
+    gz.write_bytes(gzip.compress(_jsonl(ROWS).encode()))
+    assert load_preferences(gz)[0] == EXPECTED
+    assert load_preferences(_write(tmp_path / "p.json", json.dumps(ROWS, indent=2)))[0] == EXPECTED
+    # a .json file holding JSON lines (what datasets' to_json writes) reads too
+    assert load_preferences(_write(tmp_path / "lines.json", _jsonl(ROWS)))[0] == EXPECTED
+
+
+def test_explicit_csv_with_quoting_and_string_margin(tmp_path):
+    text = 'prompt,chosen,rejected,margin\nQ: 2+2?, 4, 5,1.5\n"Say hi,\nplease"," ""hi"", friend", no,0\n'
+    path = _write(tmp_path / "p.csv", text)
+    examples, _ = load_preferences(path)
+    assert examples == EXPECTED
+    assert [e.where for e in examples] == ["line 2", "line 3"]  # the line where each record starts
+
+
+def test_explicit_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    path = tmp_path / "p.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    assert load_preferences(path)[0] == EXPECTED
+
+
+def test_implicit_transcripts(tmp_path):
+    rows = [{
+        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: Knock knock.",
+        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: No.",
+    }]
+    path = _write(tmp_path / "hh.jsonl", _jsonl(rows))
+    assert detect_format(read_table(path)) == "implicit"
+    examples, _ = load_preferences(path)
+    assert examples == [PreferenceExample("\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant:",
+                                          " Knock knock.", " No.")]
+
+
+def test_conversational_without_prompt_column(tmp_path, tokenizer):
+    user = {"role": "user", "content": "Hi"}
+    rows = [{"chosen": [user, {"role": "assistant", "content": "Hello!"}],
+             "rejected": [user, {"role": "assistant", "content": "Go away."}]}]
+    path = _write(tmp_path / "c.jsonl", _jsonl(rows))
+    assert detect_format(read_table(path)) == "conversational"
+    (ex,), _ = load_preferences(path, tokenizer)
+    want_prompt = SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert ex == PreferenceExample(want_prompt, "Hello!<|im_end|>", "Go away.<|im_end|>")
+    # the same text the template gives; only the newline after the final end-of-turn is left off
+    assert ex.prompt == tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(rows[0]["chosen"], tokenize=False)
+    assert full == ex.prompt + ex.chosen + "\n"
+
+
+def test_conversational_with_prompt_column(tmp_path, tokenizer):
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+             "chosen": [{"role": "assistant", "content": "4"}],
+             "rejected": [{"role": "assistant", "content": "5"}]}]
+    (ex,), _ = load_preferences(_write(tmp_path / "c.jsonl", _jsonl(rows)), tokenizer)
+    assert ex.prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
+                         "<|im_start|>assistant\n")
+    assert (ex.chosen, ex.rejected) == ("4<|im_end|>", "5<|im_end|>")
+
+
+def test_forced_format_overrides_detection(tmp_path):
+    path = _write(tmp_path / "p.jsonl", _jsonl([{"prompt": "ignored", "chosen": "\n\nHuman: a\n\nAssistant: b",
+                                                 "rejected": "\n\nHuman: a\n\nAssistant: c"}]))
+    assert load_preferences(path)[0][0].prompt == "ignored"
+    assert load_preferences(path, format="implicit")[0] == [PreferenceExample("\n\nHuman: a\n\nAssistant:", " b", " c")]
+
+
+def test_prompts_from_files_and_lists(tmp_path, tokenizer):
+    rows = [{"prompt": "The movie was"}, {"prompt": [{"role": "user", "content": "Hi"}]}]
+    got = load_prompts(_write(tmp_path / "p.jsonl", _jsonl(rows)), tokenizer)
+    assert got == ["The movie was", SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"]
+    assert load_prompts(_write(tmp_path / "p.txt", "first \n\n  \nsecond\r\n")) == ["first ", "second"]
+    assert load_prompts(_write(tmp_path / "q.csv", "text,x\nhello,1\n"), column="text") == ["hello"]
+    wrapped = SYSTEM + "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+    assert load_prompts(["Hi"], tokenizer, chat=True) == [wrapped]
+    assert load_prompts(["Hi"]) == ["Hi"]
+
+
+def test_prompts_from_a_preference_file_are_its_pair_prompts(tmp_path):
+    path = _write(tmp_path / "p.jsonl", _jsonl(ROWS))
+    assert load_prompts(path) == ["Q: 2+2?", "Say hi,\nplease"]
+    hh = _write(tmp_path / "hh.jsonl", _jsonl([{"chosen": "\n\nHuman: a\n\nAssistant: b",
+                                                 "rejected": "\n\nHuman: a\n\nAssistant: c"}]))
+    assert load_prompts(hh) == ["\n\nHuman: a\n\nAssistant:"]

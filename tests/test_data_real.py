@@ -1,0 +1,85 @@
+"""The shared real files, and a subprocess smoke run of ``prefalign data inspect``."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import HH_RLHF, RT_POLARITY
+
+from prefalign.data import detect_format, load_preferences, load_prompts, read_table, tokenize_preferences
+
+needs_hh = pytest.mark.skipif(not HH_RLHF.is_file(), reason=f"{HH_RLHF} not present")
+
+
+@needs_hh
+def test_hh_rlhf_harmless_test_split(tokenizer):
+    assert detect_format(read_table(HH_RLHF)) == "implicit"
+    examples, report = load_preferences(HH_RLHF)
+    assert report.total == 2312
+    # 4 rows whose chosen reply is empty ("...\n\nAssistant: " and nothing after), 4 whose chosen
+    # transcript has extra "\n\nAssistant:" turns inside the final reply, so rejected does not share its prompt
+    assert report.counts == {"empty_chosen": 4, "prompt_mismatch": 4}
+    assert report.first["empty_chosen"].startswith("line 87:")
+    assert report.first["prompt_mismatch"].startswith("line 1255:")
+    assert len(examples) == report.kept == 2304
+    assert all(e.prompt.endswith("\n\nAssistant:") and e.prompt.startswith("\n\nHuman:") for e in examples)
+    assert all(e.chosen.strip() and e.rejected.strip() and e.chosen != e.rejected for e in examples)
+    assert examples[0].chosen.startswith(" No, sorry!")
+    pairs, _ = tokenize_preferences(examples[:50], tokenizer, max_length=256)
+    assert all(len(p.prompt_ids) + max(len(p.chosen_ids), len(p.rejected_ids)) <= 256 for p in pairs)
+    assert all(p.chosen_ids[-1] == p.rejected_ids[-1] == tokenizer.eos_token_id for p in pairs)
+
+
+@pytest.mark.skipif(not (RT_POLARITY / "rt-polarity.pos").is_file(), reason="rt-polarity not present")
+def test_rt_polarity_is_plain_text_without_a_txt_extension():
+    prompts = load_prompts(RT_POLARITY / "rt-polarity.pos")
+    assert len(prompts) == 5331
+    assert prompts[2] == "effective but too-tepid biopic"
+
+
+def test_percentiles_are_nearest_rank():
+    from prefalign.cli.data import percentiles
+
+    assert percentiles(list(range(100, 0, -1))) == [50, 90, 99, 100]
+    assert percentiles([7, 3]) == [3, 7, 7, 7]
+    assert percentiles([]) == [None] * 4
+
+
+def _run(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "prefalign", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+@needs_hh
+def test_cli_inspect_hh():
+    out = _run("data", "inspect", str(HH_RLHF))
+    assert out.returncode == 0, out.stderr
+    assert "rows: 2312   kept: 2304   dropped: 8" in out.stdout.splitlines()
+
+
+@needs_hh
+def test_cli_inspect_hh_with_max_length():
+    out = _run("data", "inspect", str(HH_RLHF), "--max-length", "512")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert "format: implicit (detected)" in lines
+    assert "rows: 2312   kept: 2301   dropped: 11" in lines
+    assert any(line.strip().startswith("dropped 4 empty_chosen (first: line 87") for line in lines)
+    assert any(line.strip().startswith("dropped 3 too_long") for line in lines)
+    assert [line.split()[0] for line in lines[-3:]] == ["prompt", "chosen", "rejected"]
+
+
+def test_cli_bad_file_is_one_error_line(tmp_path):
+    bad = tmp_path / "bad.jsonl.gz"
+    bad.write_text('{"chosen": "a", "rejected": "b"}\n')
+    out = _run("data", "inspect", str(bad))
+    assert out.returncode == 2
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert str(bad) in out.stderr and "Traceback" not in out.stderr
+
+
+def test_cli_data_without_subcommand_prints_usage():
+    out = _run("data")
+    assert out.returncode == 2 and "inspect" in out.stdout
