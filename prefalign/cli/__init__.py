@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
 import sys
 
 from prefalign.errors import UserError
@@ -18,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("prefalign.cli.data", "inspect a dataset: format, rows, drops, token lengths"),
     "sft": ("prefalign.cli.sft", "supervised fine-tuning on completions (the starting policy)"),
     "dpo": ("prefalign.cli.dpo", "DPO and its family on preference pairs, no reward model"),
+    "ppo": ("prefalign.cli.ppo", "PPO-RLHF against a reward model, a judge or a Python function"),
 }
 
 
@@ -43,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ours are the progress bars that matter
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(argv[1:]) or 0)

