@@ -28,3 +28,37 @@ def tiny_model(tokenizer):
 
     model, _ = tiny_causal_lm(tokenizer)
     return model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer):
+    """A tiny random Llama saved with the default tokenizer: pass it as --model to trainers and CLIs."""
+    from prefalign.models import tiny_causal_lm
+
+    path = tmp_path_factory.mktemp("tiny-model")
+    model, tok = tiny_causal_lm(tokenizer, layers=2, hidden=32, seed=0)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_jsonl(path, rows):
+    import json
+
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def learnable_pairs(n: int = 48):
+    """A preference set a tiny model can learn: chosen always ' good.', rejected always ' bad.'."""
+    return [{"prompt": f"Review {i}: the film was", "chosen": " good.", "rejected": " bad."} for i in range(n)]
+
+
+def run_cli(*args, timeout=300):
+    """Run ``python -m prefalign ARGS`` in a subprocess; returns CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "prefalign", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env=env)

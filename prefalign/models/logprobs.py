@@ -73,9 +73,8 @@ def completion_logprobs(
     out = _scatter_back(token_logps, select)
     if not return_entropy:
         return out
-    with torch.no_grad():
-        probs = torch.softmax(logits, dim=-1)
-        entropy = lse - (probs * logits).sum(-1)  # H = logsumexp(z) - sum p z
+    # H = logsumexp(z) - sum p z; differentiable when grad is on (PPO's entropy bonus needs it).
+    entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
     return out, _scatter_back(entropy, select)
 
 

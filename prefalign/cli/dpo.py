@@ -1,0 +1,24 @@
+"""``prefalign dpo``: align a policy with DPO on preference pairs, no reward model.
+
+Examples::
+
+    prefalign dpo --data pairs.jsonl --output runs/dpo                        # embedded default model
+    prefalign dpo --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --eval-split 0.1 \\
+        --lora-r 16 --learning-rate 5e-5 --max-steps 100 --output runs/dpo-hh
+    prefalign dpo --data pairs.jsonl --loss-type reference_free --beta 1 --output runs/dpo-rf
+    prefalign dpo --config dpo.yaml --resume latest
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefalign.cli._args import parse
+    from prefalign.trainers.dpo import DPOConfig, DPOTrainer
+
+    cfg = parse(DPOConfig, argv, prog="prefalign dpo", description=__doc__)
+    final = DPOTrainer(cfg).train()
+    shown = {k: round(v, 4) for k, v in final.items() if k in ("loss", "rewards/accuracies", "rewards/margins")
+             or k.startswith("eval/")}
+    print(f"done: {shown}\nmodel in {cfg.output}/final, metrics in {cfg.output}/metrics.jsonl")
+    return 0

@@ -1,0 +1,1 @@
+"""Trainers: thin orchestration of models, data and losses on one shared loop."""

@@ -1,0 +1,122 @@
+"""Checkpoints written atomically (temp dir + rename), found and validated on resume.
+
+A checkpoint directory ``checkpoints/step-0000100/`` holds ``model.pt`` (trainable parameters only:
+the whole model for full fine-tuning, the adapter for LoRA), ``optimizer.pt``, ``scheduler.pt``,
+``rng.pt`` and, written last, ``state.json``. A directory without a readable ``state.json`` is
+incomplete and is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from prefalign.errors import UserError
+
+log = logging.getLogger(__name__)
+STATE_FILE = "state.json"
+PREFIX = "step-"
+
+
+def rng_state() -> dict:
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def trainable_state_dict(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state_dict(model, state: dict[str, torch.Tensor], where: Path) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    unknown = [n for n in state if n not in params]
+    if missing or unknown:
+        raise UserError(f"{where}: checkpoint does not match this model (missing {missing[:3]}, unexpected "
+                        f"{unknown[:3]}); resume with the same --model and LoRA settings")
+    with torch.no_grad():
+        for n, t in state.items():
+            params[n].copy_(t)
+
+
+class CheckpointManager:
+    def __init__(self, out_dir: Path, keep: int):
+        self.root = Path(out_dir) / "checkpoints"
+        self.keep = keep
+
+    def save(self, step: int, objects: dict[str, dict], state: dict) -> Path:
+        """Write ``objects`` (name -> state dict) and ``state`` (JSON) as checkpoint ``step``."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"{PREFIX}{step:07d}"
+        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.root))
+        try:
+            for name, obj in objects.items():
+                torch.save(obj, tmp / f"{name}.pt")
+            (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        self._prune()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        for junk in self.root.glob(".tmp-*"):
+            shutil.rmtree(junk, ignore_errors=True)
+
+    def complete(self) -> list[Path]:
+        """Complete checkpoints, oldest first; incomplete or unreadable ones are reported and skipped."""
+        if not self.root.is_dir():
+            return []
+        good = []
+        for d in sorted(self.root.glob(f"{PREFIX}*")):
+            try:
+                json.loads((d / STATE_FILE).read_text())
+            except (OSError, ValueError) as e:
+                log.warning("skipping incomplete checkpoint %s (%s)", d, type(e).__name__)
+                continue
+            good.append(d)
+        return good
+
+    def resolve(self, resume: str) -> Path:
+        """The checkpoint to resume from: 'latest' or an explicit directory."""
+        if resume == "latest":
+            found = self.complete()
+            if not found:
+                raise UserError(f"{self.root}: no complete checkpoint to resume from; start without --resume")
+            return found[-1]
+        path = Path(resume)
+        if not (path / STATE_FILE).is_file():
+            raise UserError(f"{resume}: not a complete checkpoint (no {STATE_FILE}); use --resume latest or a "
+                            f"directory under {self.root}")
+        return path
+
+    @staticmethod
+    def load(path: Path) -> tuple[dict, dict]:
+        """Return ``(state, objects)`` of a checkpoint."""
+        try:
+            state = json.loads((path / STATE_FILE).read_text())
+            objects = {p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in path.glob("*.pt")}
+        except (OSError, ValueError, RuntimeError, EOFError) as e:
+            raise UserError(f"{path}: checkpoint unreadable ({type(e).__name__}: {e}); resume from an older one "
+                            "with --resume <dir>") from None
+        return state, objects

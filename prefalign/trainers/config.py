@@ -1,0 +1,137 @@
+"""Options every trainer shares: optimisation, precision, LoRA, run length, checkpoints, outputs."""
+
+from __future__ import annotations
+
+from prefalign.validation import Validated
+from dataclasses import dataclass, field
+
+
+@dataclass
+class CommonConfig(Validated):
+    """Options shared by every trainer (sft, dpo, reward, ppo)."""
+
+    model: str = "smollm2-135m"
+    """Starting model: Hugging Face hub id, local directory, or an embedded name (smollm2-135m)."""
+    output: str = "runs/train"
+    """Output directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/."""
+    overwrite: bool = False
+    """Replace a previous run's files in --output (default: refuse a non-empty output directory)."""
+    resume: str | None = None
+    """Continue a run: 'latest' (newest complete checkpoint in --output) or a checkpoint directory."""
+    seed: int = 0
+    """Seed for initialisation, data order and sampling."""
+
+    # -- optimisation --
+    learning_rate: float = 5e-6
+    """Peak learning rate of AdamW."""
+    lr_scheduler: str = "linear"
+    """Schedule after warmup: constant, linear (to 0) or cosine (to 0)."""
+    warmup_steps: int = 0
+    """Optimizer steps of linear warmup from 0 to the peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay (not applied to biases and norms)."""
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    max_grad_norm: float | None = 1.0
+    """Clip the global gradient norm to this (none: no clipping, the norm is still logged)."""
+
+    # -- precision and memory --
+    precision: str = "auto"
+    """fp32, bf16 (autocast; weights and optimizer stay fp32) or auto: bf16 on a GPU or a CPU with bf16
+    instructions (avx512_bf16 / amx), else fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about a third more compute."""
+
+    # -- LoRA --
+    lora_r: int = 0
+    """LoRA rank; 0 means full fine-tuning."""
+    lora_alpha: float = 16.0
+    """LoRA scaling numerator (the update is scaled by alpha / r)."""
+    lora_dropout: float = 0.0
+    """Dropout inside LoRA adapters (0 keeps log-probs deterministic, as RL needs)."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["all-linear"])
+    """Modules that get adapters: names like q_proj v_proj, or all-linear."""
+    merge_lora: bool = False
+    """Also save final-merged/: the base model with the adapter merged in."""
+
+    # -- logging and checkpoints --
+    logging_steps: int = 1
+    """Log metrics every this many optimizer steps (PPO: iterations)."""
+    save_steps: int | None = None
+    """Checkpoint every this many optimizer steps (PPO: iterations; default: only at the end)."""
+    save_total_limit: int = 2
+    """Keep this many newest checkpoints."""
+
+    def validate(self):
+        for name in ("logging_steps", "save_total_limit"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        if self.save_steps is not None and self.save_steps < 1:
+            raise ValueError(f"--save-steps must be >= 1, got {self.save_steps}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
+        if self.lr_scheduler not in ("constant", "linear", "cosine"):
+            raise ValueError(f"--lr-scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
+        if self.warmup_steps < 0 or self.weight_decay < 0:
+            raise ValueError("--warmup-steps and --weight-decay must be >= 0")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0:
+            raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if self.lora_r < 0:
+            raise ValueError(f"--lora-r must be >= 0, got {self.lora_r}")
+        if self.merge_lora and self.lora_r == 0:
+            raise ValueError("--merge-lora needs LoRA (--lora-r > 0)")
+
+
+@dataclass
+class TrainConfig(CommonConfig):
+    """Options shared by the dataset trainers (sft, dpo, reward)."""
+
+    # -- run length and batches --
+    epochs: float = 1.0
+    """Passes over the training data (ignored when --max-steps is given)."""
+    max_steps: int | None = None
+    """Optimizer steps to run (overrides --epochs)."""
+    batch_size: int = 8
+    """Examples (pairs for dpo/reward) per micro-batch on each process."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step: global batch = batch_size x grad_accum x processes."""
+
+    # -- data --
+    max_length: int = 512
+    """Most tokens of prompt + completion; longer prompts keep their end, longer completions are dropped."""
+    max_prompt_length: int | None = None
+    """Most prompt tokens (default: max_length // 2)."""
+    eval_split: float = 0.0
+    """Fraction of the data held out for evaluation (0: none, unless --eval-data is given)."""
+    eval_data: str | None = None
+    """A separate evaluation file (overrides --eval-split)."""
+
+    eval_steps: int | None = None
+    """Evaluate every this many optimizer steps (default: only at the end)."""
+
+    def validate(self):
+        super().validate()
+        for name in ("batch_size", "grad_accum", "max_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_steps", "max_prompt_length"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{_flag(name)} must be >= 1, got {v}")
+        if self.max_steps is None and self.epochs <= 0:
+            raise ValueError(f"--epochs must be > 0, got {self.epochs}")
+        if not 0 <= self.eval_split < 1:
+            raise ValueError(f"--eval-split must be in [0, 1), got {self.eval_split}")
+        if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
+            raise ValueError("--max-prompt-length must be smaller than --max-length")
+
+    @property
+    def prompt_budget(self) -> int:
+        """Prompt tokens allowed (derived, never written back)."""
+        return self.max_prompt_length or self.max_length // 2
+
+
+def _flag(name: str) -> str:
+    return name.replace("_", "-")

@@ -1,0 +1,103 @@
+"""From a trainer config to indexed train/eval examples: load, validate, tokenise once, split.
+
+Examples are ``(index, item)`` tuples: the index is the example's position in train + eval and keys
+anything computed per example once (precomputed reference log-probs).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from prefalign.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
+    """Hold out ``round(fraction * n)`` items chosen by a seeded permutation (at least 1 when fraction > 0)."""
+    if fraction <= 0:
+        return items, []
+    n = len(items)
+    n_eval = max(1, round(fraction * n))
+    if n_eval >= n:
+        raise UserError(f"--eval-split {fraction} leaves no training examples out of {n}; lower it")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    held = set(perm[:n_eval])
+    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def _index(train: list, evals: list) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]]:
+    return list(enumerate(train)), [(len(train) + j, x) for j, x in enumerate(evals)]
+
+
+def _load_tokenized_pairs(source: str, cfg, tokenizer) -> tuple[list, dict]:
+    from prefalign.data import load_preferences, tokenize_preferences
+
+    examples, report = load_preferences(source, tokenizer, format=getattr(cfg, "data_format", None))
+    pairs, fit = tokenize_preferences(examples, tokenizer, cfg.max_length, cfg.prompt_budget)
+    if fit.dropped:
+        log.warning("%s: %s", source, fit.summary())
+    return pairs, {"rows": report.total, "kept": len(pairs), "dropped": {**report.counts, **fit.counts}}
+
+
+def load_preference_splits(cfg, tokenizer):
+    """``(train, eval, info)`` of tokenised preference pairs for the dpo and reward trainers."""
+    pairs, info = _load_tokenized_pairs(cfg.data, cfg, tokenizer)
+    if cfg.eval_data:
+        train, evals = pairs, _load_tokenized_pairs(cfg.eval_data, cfg, tokenizer)[0]
+    else:
+        train, evals = split_eval(pairs, cfg.eval_split, cfg.seed)
+    train, evals = _index(train, evals)
+    return train, evals, {"source": cfg.data, **info, "train": len(train), "eval": len(evals)}
+
+
+def _load_tokenized_sft(source: str, cfg, tokenizer) -> tuple[list, dict]:
+    """prompt/completion rows, or the chosen side of preference data."""
+    from prefalign.data import load_preferences, read_table, tokenize_sft
+
+    table = read_table(source)
+    if {"prompt", "completion"} <= set(table.columns):
+        prompts, completions = [], []
+        for where, row in table.rows:
+            p, c = row.get("prompt"), row.get("completion")
+            if not isinstance(p, str) or not isinstance(c, str):
+                raise UserError(f"{source}: {where}: prompt and completion must be strings")
+            if p.strip() and c.strip():
+                prompts.append(p)
+                completions.append(c)
+        if not prompts:
+            raise UserError(f"{source}: every row has an empty prompt or completion")
+        rows = len(table.rows)
+    else:
+        examples, report = load_preferences(source, tokenizer, format=getattr(cfg, "data_format", None))
+        prompts, completions, rows = [e.prompt for e in examples], [e.chosen for e in examples], report.total
+    items, fit = tokenize_sft(prompts, completions, tokenizer, cfg.max_length, cfg.prompt_budget)
+    if fit.dropped:
+        log.warning("%s: %s", source, fit.summary())
+    return items, {"rows": rows, "kept": len(items), "dropped": dict(fit.counts)}
+
+
+def load_sft_splits(cfg, tokenizer):
+    items, info = _load_tokenized_sft(cfg.data, cfg, tokenizer)
+    if cfg.eval_data:
+        train, evals = items, _load_tokenized_sft(cfg.eval_data, cfg, tokenizer)[0]
+    else:
+        train, evals = split_eval(items, cfg.eval_split, cfg.seed)
+    train, evals = _index(train, evals)
+    return train, evals, {"source": cfg.data, **info, "train": len(train), "eval": len(evals)}
+
+
+@dataclass
+class IndexedCollator:
+    """Collate ``(index, item)`` examples with ``collate`` and add ``index (N,)``."""
+
+    collate: Callable[[list], dict[str, torch.Tensor]]
+
+    def __call__(self, examples: list[tuple[int, Any]]) -> dict[str, torch.Tensor]:
+        batch = self.collate([item for _, item in examples])
+        batch["index"] = torch.tensor([i for i, _ in examples], dtype=torch.long)  # (N,)
+        return batch

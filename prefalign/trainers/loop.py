@@ -1,0 +1,331 @@
+"""The training loop every dataset trainer (sft, dpo, reward) runs on.
+
+A trainer subclass says what the model, data and loss are; this loop does the rest, once:
+accelerate (so ``accelerate launch`` scales it), AdamW with warmup and a schedule, gradient
+accumulation and clipping, bf16 autocast, LoRA, deterministic data order, atomic checkpoints with
+exact resume, periodic evaluation, ``metrics.jsonl`` + TensorBoard, a progress bar and ``final/``.
+
+Data order is a pure function of (seed, epoch, step), so resuming needs only the step count: step
+``s`` of epoch ``e`` reads a fixed slice of ``randperm(n, seed + e)``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from prefalign.errors import UserError
+from prefalign.runio import prepare_output_dir, write_config, write_json
+from prefalign.trainers.checkpoint import (
+    CheckpointManager,
+    load_trainable_state_dict,
+    rng_state,
+    set_rng_state,
+    trainable_state_dict,
+)
+from prefalign.trainers.config import TrainConfig
+from prefalign.trainers.lora import apply_lora
+from prefalign.trainers.metrics import MetricsLogger, RunningMean
+
+log = logging.getLogger(__name__)
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """'fp32' or 'bf16' (what accelerate calls 'no' / 'bf16')."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if cpu_has_bf16() else "fp32"
+
+
+def exact_div(a: int, b: int, what: str) -> int:
+    if a % b:
+        raise UserError(f"{what}: {a} is not divisible by {b}")
+    return a // b
+
+
+def lr_lambda(kind: str, warmup: int, total: int):
+    def f(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / (warmup + 1)  # never exactly 0: the first step must move the weights
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return f
+
+
+def make_optimizer(model, cfg, learning_rate: float, total_steps: int):
+    """AdamW over the trainable parameters (no decay on biases and norms) and its LR schedule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(cfg.adam_betas))
+    schedule = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def inner_optimizer(optimizer):
+    """The torch optimizer inside accelerate's wrapper (for state dicts)."""
+    return getattr(optimizer, "optimizer", optimizer)
+
+
+@dataclass
+class Schedule:
+    """Derived run sizes (read-only; never written back into the config)."""
+
+    n_train: int
+    micro_batch: int
+    grad_accum: int
+    world: int
+    total_steps: int
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.n_train // self.global_batch
+
+
+class Trainer:
+    """Base of the dataset trainers. Subclasses implement:
+
+    - ``setup()``: set ``self.model`` (the trainable model, before LoRA), ``self.tokenizer``,
+      ``self.train_data`` and ``self.eval_data`` (lists of examples, ``eval_data`` possibly empty);
+      load anything frozen (a reference model).
+    - ``collate(examples) -> dict`` of tensors (shapes documented by the subclass).
+    - ``compute_loss(batch) -> (loss, stats)``; stats are 0-dim tensors or floats.
+    - ``count_tokens(batch) -> int`` for throughput (default: attention_mask sum).
+    Optional hooks: ``before_train()`` (after LoRA, before the first step; e.g. precompute references),
+    ``lora_task_type``, ``lora_modules_to_save``, ``key_metric`` (shown in the progress bar).
+    """
+
+    lora_task_type = "CAUSAL_LM"
+    lora_modules_to_save: list[str] | None = None
+    key_metric = "loss"
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.model = None
+        self.tokenizer = None
+        self.train_data: list = []
+        self.eval_data: list = []
+
+    # -- subclass interface --
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def collate(self, examples: list) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def compute_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, Any]]:
+        raise NotImplementedError
+
+    def count_tokens(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["attention_mask"].sum())
+
+    def before_train(self) -> None:
+        pass
+
+    def extra_run_info(self) -> dict:
+        return {}
+
+    # -- the loop --
+    def batch_for(self, step: int, micro: int) -> list:
+        """The examples of one micro-batch on this process; a pure function of (seed, step, micro)."""
+        s = self.schedule
+        epoch, offset = divmod(step, s.steps_per_epoch)
+        gen = torch.Generator().manual_seed(self.cfg.seed + epoch)
+        perm = torch.randperm(s.n_train, generator=gen)
+        start = ((offset * s.grad_accum + micro) * s.world + self.accelerator.process_index) * s.micro_batch
+        return [self.train_data[i] for i in perm[start : start + s.micro_batch].tolist()]
+
+    def _to_device(self, batch: dict) -> dict:
+        dev = self.accelerator.device
+        return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+    def train(self) -> dict[str, float]:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.precision = resolve_precision(cfg.precision)
+        self.accelerator = acc = Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no")
+        self.out_dir = out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
+        set_seed(cfg.seed)
+        self.setup()
+        if not self.train_data:
+            raise UserError("no training examples left after validation; see the drop summary above")
+
+        if cfg.lora_r:
+            self.model = apply_lora(self.model, cfg, self.lora_task_type, self.lora_modules_to_save)
+        if cfg.gradient_checkpointing:
+            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.model.train()
+
+        world = acc.num_processes
+        n = len(self.train_data)
+        global_batch = cfg.batch_size * cfg.grad_accum * world
+        if n < global_batch:
+            raise UserError(f"{n} training examples are fewer than one global batch ({global_batch} = batch_size "
+                            f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes); lower --batch-size")
+        steps_per_epoch = n // global_batch
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        self.schedule = Schedule(n, cfg.batch_size, cfg.grad_accum, world, total)
+
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer, scheduler = make_optimizer(self.model, cfg, cfg.learning_rate, total)
+        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        self.scheduler = scheduler
+        self.before_train()
+
+        ckpts = CheckpointManager(out, cfg.save_total_limit)
+        start_step = 0
+        if cfg.resume is not None:
+            path = ckpts.resolve(cfg.resume)
+            state, objects = ckpts.load(path)
+            load_trainable_state_dict(acc.unwrap_model(self.model), objects["model"], path)
+            inner_optimizer(self.optimizer).load_state_dict(objects["optimizer"])
+            self.scheduler.load_state_dict(objects["scheduler"])
+            set_rng_state(objects["rng"])
+            start_step = int(state["step"])
+            log.info("resuming from %s (step %d of %d)", path, start_step, total)
+        if acc.is_main_process:
+            write_config(out, cfg)
+            write_json(out / "run.json", {
+                "precision": self.precision, "processes": world, "train_examples": n,
+                "eval_examples": len(self.eval_data), "global_batch": global_batch,
+                "steps_per_epoch": steps_per_epoch, "total_steps": total,
+                "trainable_parameters": sum(p.numel() for p in params),
+                "resumed_from_step": start_step if cfg.resume else None, **self.extra_run_info(),
+            })
+        metrics = MetricsLogger(out, resume_step=start_step if cfg.resume else None, enabled=acc.is_main_process)
+
+        if self.eval_data and start_step == 0:
+            metrics.log(0, self.evaluate())
+        running = RunningMean()
+        tokens, t_last = 0, time.perf_counter()
+        last: dict[str, float] = {}
+        bar = tqdm(total=total, initial=start_step, desc=type(self).__name__.replace("Trainer", "").lower() or "train",
+                   unit="step", disable=not acc.is_main_process)
+        for step in range(start_step, total):
+            for micro in range(cfg.grad_accum):
+                batch = self._to_device(self.collate(self.batch_for(step, micro)))
+                sync = micro == cfg.grad_accum - 1
+                with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
+                    loss, stats = self.compute_loss(batch)
+                acc.backward(loss / cfg.grad_accum)
+                running.add({"loss": loss.detach(), **stats})
+                tokens += self.count_tokens(batch)
+            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
+            self.optimizer.step()
+            lr = self.scheduler.get_last_lr()[0]
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            running.add({"grad_norm": grad_norm})
+            done = step + 1
+            if done % cfg.logging_steps == 0 or done == total:
+                now = time.perf_counter()
+                last = {**running.pop(), "lr": lr, "epoch": done / steps_per_epoch,
+                        "tokens_per_second": tokens * world / max(now - t_last, 1e-9)}
+                tokens, t_last = 0, now
+                metrics.log(done, last)
+                bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", self.key_metric) if k in last})
+            if self.eval_data and cfg.eval_steps and done % cfg.eval_steps == 0 and done != total:
+                metrics.log(done, self.evaluate())
+            if (cfg.save_steps and done % cfg.save_steps == 0) or done == total:
+                self.save_checkpoint(ckpts, done)
+            bar.update(1)
+        bar.close()
+        final_eval = self.evaluate() if self.eval_data else {}
+        if final_eval:
+            metrics.log(total, final_eval)
+        metrics.close()
+        if acc.is_main_process:
+            self.save_final(out / "final")
+        acc.wait_for_everyone()
+        return {**last, **final_eval}
+
+    def save_checkpoint(self, ckpts: CheckpointManager, step: int) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            opt = inner_optimizer(self.optimizer)
+            ckpts.save(step, {
+                "model": trainable_state_dict(acc.unwrap_model(self.model)),
+                "optimizer": opt.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "rng": rng_state(),
+            }, {"total_steps": self.schedule.total_steps})
+        acc.wait_for_everyone()
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Mean of the loss stats over the eval set, prefixed ``eval/``."""
+        acc = self.accelerator
+        self.model.eval()
+        running = RunningMean()
+        bs = self.cfg.batch_size
+        shard = self.eval_data[acc.process_index :: acc.num_processes]
+        for lo in range(0, len(shard), bs):
+            chunk = shard[lo : lo + bs]
+            batch = self._to_device(self.collate(chunk))
+            with acc.autocast():
+                loss, stats = self.compute_loss(batch)
+            running.add({"loss": loss, **stats}, weight=len(chunk))
+        self.model.train()
+        out = running.pop()
+        if acc.num_processes > 1:
+            keys = sorted(out)
+            t = acc.reduce(torch.tensor([out[k] for k in keys], device=acc.device), reduction="mean")
+            out = dict(zip(keys, t.tolist()))
+        return {f"eval/{k}": v for k, v in out.items()}
+
+    def save_final(self, path: Path) -> None:
+        """``final/`` in Hugging Face format (adapter for LoRA), plus ``final-merged/`` with --merge-lora.
+
+        Written to a temp directory and renamed, so ``final/`` is whole or absent.
+        """
+        import copy
+
+        model = self.accelerator.unwrap_model(self.model)
+        save_pretrained_atomic(path, model, self.tokenizer)
+        if self.cfg.merge_lora:
+            save_pretrained_atomic(path.parent / "final-merged", copy.deepcopy(model).merge_and_unload(), self.tokenizer)
+
+
+def save_pretrained_atomic(path: Path, model, tokenizer) -> None:
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,37 @@
+"""LoRA via peft; with an adapter, the reference policy is the same weights with the adapter off."""
+
+from __future__ import annotations
+
+import contextlib
+
+from prefalign.trainers.config import TrainConfig
+
+
+def apply_lora(model, cfg: TrainConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+    """Wrap ``model`` with LoRA adapters (cfg.lora_r > 0); only adapter (and ``modules_to_save``) weights train."""
+    from peft import LoraConfig, get_peft_model
+
+    targets = cfg.lora_target_modules
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules="all-linear" if targets == ["all-linear"] else list(targets),
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        from prefalign.errors import UserError
+
+        raise UserError(f"--lora-target-modules {' '.join(targets)}: {e}") from None
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+def adapter_off(model):
+    """Context where a peft model runs as its base model (the reference); a no-op for plain models."""
+    return model.disable_adapter() if is_peft(model) else contextlib.nullcontext()

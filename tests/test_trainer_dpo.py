@@ -1,0 +1,161 @@
+import json
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import learnable_pairs, run_cli, write_jsonl
+from prefalign.errors import UserError
+from prefalign.trainers.dpo import DPOConfig, DPOTrainer
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def _cfg(tmp_path, model_dir, data, **kw):
+    base = dict(data=str(data), model=str(model_dir), output=str(tmp_path / "run"), batch_size=4, max_steps=6,
+                learning_rate=1e-3, precision="fp32", lr_scheduler="constant", seed=0)
+    base.update(kw)
+    return DPOConfig(**base)
+
+
+@pytest.fixture()
+def pairs(tmp_path):
+    return write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
+
+
+def test_first_step_loss_is_ln2_and_every_parameter_changes(tmp_path, tiny_model_dir, pairs):
+    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs))
+    trainer.train()
+    rows = _metrics(tmp_path / "run")
+    assert rows[0]["step"] == 1
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # policy == reference at step 1
+    assert rows[0]["rewards/margins"] == 0.0
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    after = dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
+    for name, p in before.named_parameters():
+        assert not torch.equal(p, after[name].detach()), f"{name} did not change"
+    # the reference stayed frozen
+    for name, p in trainer.ref_model.named_parameters():
+        assert torch.equal(p, dict(before.named_parameters())[name])
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final")
+    assert torch.equal(final.model.norm.weight, after["model.norm.weight"].detach())
+
+
+def test_learnable_set_accuracy_rises_and_loss_falls(tmp_path, tiny_model_dir, pairs):
+    final = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, max_steps=10, eval_split=0.25)).train()
+    rows = _metrics(tmp_path / "run")
+    start = rows[0]
+    assert start["step"] == 0 and start["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert start["eval/rewards/accuracies"] == 0.0  # all ties at step 0
+    assert final["eval/loss"] < start["eval/loss"] - 0.05
+    assert final["eval/rewards/accuracies"] == 1.0
+    assert final["eval/rewards/margins"] > 0
+
+
+def test_lora_trains_only_the_adapter_and_reference_is_adapter_off(tmp_path, tiny_model_dir, pairs):
+    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, lora_r=4, lora_alpha=8, learning_rate=5e-3,
+                              max_steps=4))
+    trainer.train()
+    assert trainer.ref_model is None  # no second copy of the weights
+    rows = _metrics(tmp_path / "run")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)
+    assert rows[-1]["rewards/margins"] > 0
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            assert "lora_" in name
+            if "lora_B" in name:  # B starts at zero, so any change shows training
+                assert p.abs().sum() > 0, name
+        else:
+            key = name.replace("base_model.model.", "").replace(".base_layer", "")
+            assert torch.equal(p, base[key]), f"frozen {name} changed"
+    from peft import PeftModel
+
+    loaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), tmp_path / "run" / "final")
+    assert any("lora_" in n for n, _ in loaded.named_parameters())
+
+
+def test_precomputed_reference_gives_the_same_losses(tmp_path, tiny_model_dir, pairs):
+    live = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "live"))).train()
+    pre_trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "pre"), precompute_ref=True))
+    pre = pre_trainer.train()
+    assert pre_trainer.ref_model is None
+    a, b = _metrics(tmp_path / "live"), _metrics(tmp_path / "pre")
+    assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
+    assert live["rewards/margins"] == pytest.approx(pre["rewards/margins"], abs=1e-5)
+
+
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_model_dir, pairs):
+    kw = dict(max_steps=6, save_steps=3, lr_scheduler="linear", warmup_steps=1, grad_accum=2, batch_size=2)
+    full = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "full"), **kw))
+    full.train()
+    # an interrupted run: the same run, stopped after its step-3 checkpoint
+    cut = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "cut"), **kw))
+    cut.train()
+    import shutil
+
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000006")
+    shutil.rmtree(tmp_path / "cut" / "final")
+    resumed = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "cut"), resume="latest", **kw))
+    resumed.train()
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed_from_step"] == 3
+    want = dict(full.accelerator.unwrap_model(full.model).named_parameters())
+    for name, p in resumed.accelerator.unwrap_model(resumed.model).named_parameters():
+        assert torch.equal(p, want[name]), f"{name} differs after resume"
+    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+
+
+@pytest.mark.parametrize("loss_type,beta", [("ipo", 0.1), ("hinge", 0.1), ("robust", 0.1), ("reference_free", 1.0)])
+def test_every_loss_type_trains(tmp_path, tiny_model_dir, pairs, loss_type, beta):
+    kw = {"label_smoothing": 0.1} if loss_type == "robust" else {}
+    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, loss_type=loss_type, beta=beta, max_steps=4, **kw))
+    trainer.train()
+    rows = _metrics(tmp_path / "run")
+    assert all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["rewards/margins"] > rows[0]["rewards/margins"]
+    if loss_type == "reference_free":
+        assert trainer.ref_model is None
+
+
+def test_config_refuses_conflicts_and_bad_numbers(tmp_path, pairs):
+    for kw, msg in [({"ref": "x", "lora_r": 4}, "conflicts with LoRA"), ({"beta": -1.0}, "--beta"),
+                    ({"loss_type": "nope"}, "--loss-type"), ({"batch_size": 0}, "--batch-size"),
+                    ({"label_smoothing": 0.5}, "--label-smoothing"), ({"data": ""}, "--data")]:
+        with pytest.raises(ValueError, match=msg):
+            DPOConfig(**{"data": str(pairs), **kw})
+
+
+def test_output_dir_of_another_run_is_refused(tmp_path, tiny_model_dir, pairs):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="not empty"):
+        DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs)).train()
+
+
+def test_cli_dpo_smoke(tmp_path, tiny_model_dir, pairs):
+    out = tmp_path / "cli"
+    r = run_cli("dpo", "--data", pairs, "--model", tiny_model_dir, "--output", out, "--max-steps", "2",
+                "--batch-size", "4", "--precision", "fp32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "final" / "config.json").is_file() and (out / "config.yaml").is_file()
+    assert len(_metrics(out)) == 2
+    # the written config runs again as --config (flags override it)
+    r2 = run_cli("dpo", "--config", out / "config.yaml", "--output", tmp_path / "again", "--max-steps", "1")
+    assert r2.returncode == 0, r2.stderr[-2000:]
+
+
+def test_cli_dpo_bad_flags_exit_2_with_one_line(tmp_path, tiny_model_dir, pairs):
+    r = run_cli("dpo", "--data", pairs, "--model", tiny_model_dir, "--output", tmp_path / "x", "--lora-r", "4",
+                "--ref", tiny_model_dir)
+    assert r.returncode == 2
+    assert "conflicts with LoRA" in r.stderr and "Traceback" not in r.stderr
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("beta: 0.1\nbetta: 0.2\n")
+    r = run_cli("dpo", "--config", cfg, "--data", pairs)
+    assert r.returncode == 2 and "unknown key 'betta'" in r.stderr

@@ -1,0 +1,56 @@
+import json
+import math
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from conftest import learnable_pairs, run_cli, write_jsonl
+from prefalign.trainers.sft import SFTConfig, SFTTrainer
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_lowers_completion_nll_and_changes_every_parameter(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Q{i}: say yes.", "completion": " yes yes yes."} for i in range(24)]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    trainer = SFTTrainer(SFTConfig(data=str(data), model=str(tiny_model_dir), output=str(tmp_path / "run"),
+                                   batch_size=4, max_steps=10, learning_rate=1e-2, precision="fp32",
+                                   lr_scheduler="constant", eval_split=0.25))
+    final = trainer.train()
+    metrics = _metrics(tmp_path / "run")
+    start = metrics[0]
+    assert start["step"] == 0
+    # a random model over a 49k vocabulary: nll near ln(49152) ~ 10.8 per token
+    assert abs(start["eval/nll"] - math.log(49152)) < 1.0
+    assert final["eval/nll"] < start["eval/nll"] - 2.0
+    before = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    after = dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters())
+    for name, p in before.named_parameters():
+        assert not torch.equal(p, after[name].detach()), name
+
+
+def test_sft_batch_masks_prompt_tokens(tmp_path, tiny_model_dir):
+    """Loss only on completion tokens: changing a prompt token's target does not move the loss input set."""
+    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "A B C", "completion": " D"}] * 4)
+    trainer = SFTTrainer(SFTConfig(data=str(data), model=str(tiny_model_dir), output=str(tmp_path / "r"),
+                                   batch_size=2, max_steps=1, precision="fp32"))
+    trainer.train()
+    batch = trainer.collate(trainer.train_data[:2])
+    # completion = " D" + EOS: exactly two completion tokens per row, the last one EOS
+    assert batch["completion_mask"].sum(1).tolist() == [2, 2]
+    last = batch["completion_mask"][0].nonzero()[-1].item()
+    assert batch["input_ids"][0, last].item() == trainer.tokenizer.eos_token_id
+
+
+def test_cli_sft_smoke_on_preference_data(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
+    out = tmp_path / "cli"
+    r = run_cli("sft", "--data", data, "--model", tiny_model_dir, "--output", out, "--max-steps", "2",
+                "--batch-size", "4", "--lora-r", "4", "--merge-lora")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert (out / "final" / "adapter_config.json").is_file()
+    merged = AutoModelForCausalLM.from_pretrained(out / "final-merged")
+    assert merged.config.num_hidden_layers == 2
+    assert len(_metrics(out)) == 2
