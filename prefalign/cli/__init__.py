@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "data": ("prefalign.cli.data", "inspect a dataset: format, rows, drops, token lengths"),
     "sft": ("prefalign.cli.sft", "supervised fine-tuning on completions (the starting policy)"),
     "dpo": ("prefalign.cli.dpo", "DPO and its family on preference pairs, no reward model"),
+    "reward": ("prefalign.cli.reward", "train a reward model (scalar head, Bradley-Terry) on preference pairs"),
     "ppo": ("prefalign.cli.ppo", "PPO-RLHF against a reward model, a judge or a Python function"),
 }
 

@@ -10,11 +10,15 @@ from prefalign.losses.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3, kl_penalty
 from prefalign.losses.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from prefalign.losses.reward import bradley_terry_loss
 from prefalign.losses.sft import sft_loss
+from prefalign.losses.shaping import apply_missing_eos_penalty, explained_variance, kl_shaped_rewards
 from prefalign.losses.stats import masked_mean, masked_var, masked_whiten
 
 __all__ = [
     "DPO_LOSSES",
     "KL_ESTIMATORS",
+    "apply_missing_eos_penalty",
+    "explained_variance",
+    "kl_shaped_rewards",
     "bradley_terry_loss",
     "dpo_loss",
     "entropy_from_logits",

@@ -1,0 +1,62 @@
+"""Per-token RLHF rewards: a KL penalty on every response token, the score on the last one.
+
+Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences"); Ouyang et al. 2022;
+the layout follows Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"), detail
+"per-token KL penalty, score added to the last token".
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from prefalign.losses.kl import kl_penalty
+from prefalign.losses.stats import check_same_shape
+
+
+def apply_missing_eos_penalty(scores: Tensor, ended: Tensor, penalty: float | None) -> Tensor:
+    """Subtract ``penalty`` from the score of every response that did not end with EOS.
+
+    Args: scores ``(B,)``, ended ``(B,)`` bool. ``penalty=None`` leaves scores as they are.
+    Without it, a policy can learn to ramble to the token limit when truncated text scores well.
+    """
+    if penalty is None:
+        return scores
+    return torch.where(ended.bool(), scores, scores - penalty)
+
+
+def kl_shaped_rewards(
+    scores: Tensor, logp: Tensor, ref_logp: Tensor, mask: Tensor, kl_coef: float, estimator: str = "k1"
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token rewards ``r_t = -kl_coef * KL_t`` with ``scores`` added on each row's last real token.
+
+    Args:
+        scores: ``(B,)`` sequence scores from the reward source.
+        logp, ref_logp: ``(B, R)`` log-probs of the sampled response tokens under policy and reference.
+        mask: ``(B, R)`` 1 on real response tokens; contiguous from position 0 (right-padded).
+        kl_coef: the KL penalty coefficient (beta).
+        estimator: ``k1``, ``k2`` or ``k3`` (see `kl.py`).
+    Returns:
+        ``(rewards, kl, non_score)``, each ``(B, R)`` and 0 where ``mask`` is 0: per-token rewards, the
+        per-token KL estimate, and the KL part of the reward (``-kl_coef * kl``).
+
+    Naive loop: for b: for t < len_b: r[b,t] = -kl_coef * kl[b,t]; r[b, len_b - 1] += scores[b].
+    A row with no real token gets no score (there is no token to put it on).
+    """
+    check_same_shape(logp=logp, ref_logp=ref_logp, mask=mask)
+    m = mask.bool()
+    kl = torch.where(m, kl_penalty(logp, ref_logp, estimator), torch.zeros_like(logp))
+    non_score = -kl_coef * kl
+    lengths = m.long().sum(-1)  # (B,)
+    last = (lengths - 1).clamp(min=0)
+    on_last = torch.zeros_like(non_score).scatter_(1, last[:, None], 1.0) * (lengths > 0)[:, None]
+    rewards = non_score + on_last * scores[:, None].to(non_score.dtype)
+    return rewards, kl, non_score
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """``1 - Var(returns - values) / Var(returns)`` over masked tokens: 1 is a perfect critic, <= 0 useless."""
+    from prefalign.losses.stats import masked_var
+
+    var_ret = masked_var(returns, mask)
+    return 1.0 - masked_var(returns - values, mask) / var_ret.clamp(min=1e-8)

@@ -1,0 +1,61 @@
+"""Scalar-head models (reward and value models): per-token values from a backbone + linear ``score`` head."""
+
+from __future__ import annotations
+
+import torch
+
+from prefalign.errors import UserError
+from prefalign.models.logprobs import position_ids_from_mask
+
+
+def backbone_and_score(model):
+    """``(backbone, score_head)`` of a sequence-classification model, seeing through peft wrappers."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = getattr(base, "score", None)
+    if head is None:
+        raise UserError(f"{type(base).__name__} has no linear `score` head; value models need a decoder "
+                        "sequence-classification model (Llama, Qwen, Mistral, GPT-2, ...)")
+    return base.base_model, head
+
+
+def load_value_model(name_or_path: str, dtype=None, head_init_std: float | None = None):
+    """A scalar-head model for values: a reward model as it is, or a causal LM with a new head.
+
+    With ``head_init_std`` the ``score`` head is re-initialised (normal, that std) — for a causal LM
+    whose head would otherwise be random at the library default.
+    """
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from prefalign.models.loading import _hub_error, disable_dropout, load_tokenizer, resolve_model
+
+    path = resolve_model(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(path)
+        config.num_labels = 1
+        if config.pad_token_id is None:
+            config.pad_token_id = load_tokenizer(name_or_path).pad_token_id
+        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype or torch.float32)
+    except (OSError, ValueError) as e:
+        raise _hub_error(name_or_path, e) from None
+    if head_init_std is not None:
+        _, head = backbone_and_score(model)
+        torch.nn.init.normal_(head.weight, std=head_init_std)
+        if getattr(head, "bias", None) is not None:
+            torch.nn.init.zeros_(head.bias)
+    disable_dropout(model)
+    return model
+
+
+def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, completion_mask: torch.Tensor):
+    """Value of the state before each completion token: ``(B, T)`` aligned to tokens, 0 off-completion.
+
+    ``values[b, t] = score(hidden[b, t-1])`` where ``completion_mask[b, t]`` is 1: the critic sees the
+    same context the policy saw when it sampled token ``t``.
+    """
+    backbone, head = backbone_and_score(model)
+    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    select = completion_mask[:, 1:].bool()  # (B, T-1)
+    v = head(hidden[:, :-1][select]).float().squeeze(-1)  # (N,)
+    out = v.new_zeros(select.shape).masked_scatter(select, v)
+    return torch.cat([v.new_zeros(select.shape[0], 1), out], dim=1)

@@ -1,0 +1,355 @@
+"""PPO-RLHF: sample, score, shape rewards with a per-token KL penalty, GAE, clipped PPO updates.
+
+One iteration = one rollout batch of prompts (`rollout`), then ``ppo_epochs`` passes of minibatch
+updates over it (`update`). Policy and value model are separate models with separate optimizers.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from prefalign.errors import UserError
+from prefalign.losses import (
+    apply_missing_eos_penalty,
+    explained_variance,
+    gae,
+    kl_shaped_rewards,
+    masked_mean,
+    masked_whiten,
+    ppo_policy_loss,
+    ppo_value_loss,
+)
+from prefalign.models.logprobs import completion_logprobs
+from prefalign.models.value import token_values
+from prefalign.rollout import SamplingConfig, cut_at_stop, eos_token_ids, generate
+from prefalign.rollout.rollout import Rollout
+from prefalign.runio import prepare_output_dir, write_config, write_json
+from prefalign.trainers.checkpoint import (
+    CheckpointManager,
+    load_trainable_state_dict,
+    rng_state,
+    set_rng_state,
+    trainable_state_dict,
+)
+from prefalign.trainers.lora import adapter_off, apply_lora
+from prefalign.trainers.loop import inner_optimizer, make_optimizer, resolve_precision, save_pretrained_atomic
+from prefalign.trainers.metrics import MetricsLogger, RunningMean
+from prefalign.trainers.ppo_config import PPOConfig  # noqa: F401 (re-exported)
+
+log = logging.getLogger(__name__)
+
+
+class KLController:
+    """Fixed or adaptive KL coefficient (Ziegler et al. 2019, section 2.2).
+
+    Adaptive: ``e = clip(KL / target - 1, -0.2, 0.2)``, ``coef *= 1 + e * n / horizon`` after each batch of
+    ``n`` episodes, so the coefficient rises when the policy drifts past the target and falls below it.
+    """
+
+    def __init__(self, coef: float, adaptive: bool, target: float, horizon: int):
+        self.coef, self.adaptive, self.target, self.horizon = coef, adaptive, target, horizon
+
+    def update(self, kl: float, n_episodes: int) -> None:
+        if self.adaptive:
+            error = min(max(kl / self.target - 1.0, -0.2), 0.2)
+            self.coef *= 1.0 + error * n_episodes / self.horizon
+
+    def state_dict(self) -> dict:
+        return {"coef": self.coef}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.coef = float(state["coef"])
+
+
+class PPOTrainer:
+    def __init__(self, cfg: PPOConfig, reward_source=None):
+        """``reward_source``: an object with ``score(prompts, completions) -> (B,)``; default from ``cfg.reward``."""
+        self.cfg = cfg
+        self.reward_source = reward_source
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from prefalign.data import load_prompts, tokenize_prompts
+        from prefalign.models import load_causal_lm, load_tokenizer
+        from prefalign.models.value import load_value_model
+        from prefalign.rewards import RewardModel, load_reward_source
+
+        cfg = self.cfg
+        self.precision = resolve_precision(cfg.precision)
+        self.accelerator = acc = Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no")
+        if acc.num_processes > 1:
+            raise UserError("prefalign ppo runs in one process for now; launch it without accelerate's "
+                            "--num_processes (multi-process PPO is tracked in the reliability issue)")
+        self.out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
+        set_seed(cfg.seed)
+
+        self.tokenizer = tok = load_tokenizer(cfg.model)
+        self.prompts = load_prompts(cfg.prompts, tok, chat=cfg.chat)
+        self.prompt_ids = tokenize_prompts(self.prompts, tok, cfg.max_prompt_length)
+        if len(self.prompts) < cfg.rollout_batch_size:
+            raise UserError(f"{cfg.prompts}: {len(self.prompts)} prompts are fewer than one rollout batch "
+                            f"({cfg.rollout_batch_size}); lower --rollout-batch-size")
+        if self.reward_source is None:
+            self.reward_source = load_reward_source(cfg.reward, batch_size=cfg.reward_batch_size)
+
+        policy = load_causal_lm(cfg.model)
+        if cfg.lora_r:
+            policy = apply_lora(policy, cfg)
+            self.ref_model = None  # the reference is the policy with its adapter off
+        else:
+            self.ref_model = load_causal_lm(cfg.ref or cfg.model).requires_grad_(False).eval()
+        if cfg.value_model:
+            value = load_value_model(cfg.value_model)
+        elif isinstance(self.reward_source, RewardModel):
+            value = load_value_model(cfg.reward)  # N+ details: the critic starts from the reward model
+        else:
+            value = load_value_model(cfg.model, head_init_std=cfg.head_init_std)
+        if cfg.lora_r:
+            value = apply_lora(value, cfg, task_type="SEQ_CLS", modules_to_save=["score"])
+        if cfg.gradient_checkpointing:
+            for m in (policy, value):
+                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        total = cfg.total_steps
+        updates = total * cfg.ppo_epochs * cfg.num_minibatches  # optimizer steps over the run
+        p_opt, p_sched = make_optimizer(policy, cfg, cfg.learning_rate, updates)
+        v_opt, v_sched = make_optimizer(value, cfg, cfg.value_learning_rate or cfg.learning_rate, updates)
+        self.policy, self.value, self.p_opt, self.v_opt = acc.prepare(policy, value, p_opt, v_opt)
+        self.p_sched, self.v_sched = p_sched, v_sched
+        self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
+        self.eos_ids = eos_token_ids(self.accelerator.unwrap_model(self.policy), tok)
+        self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
+                                       top_p=cfg.top_p, top_k=cfg.top_k, stop=list(cfg.stop))
+
+    def prompt_batch(self, step: int) -> list[int]:
+        """Prompt indices of iteration ``step``: a seeded permutation per pass over the prompts."""
+        n, b = len(self.prompts), self.cfg.rollout_batch_size
+        per_pass = n // b
+        epoch, offset = divmod(step, per_pass)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
+        return perm[offset * b : (offset + 1) * b].tolist()
+
+    # ---------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def rollout(self, idx: list[int], timing: dict) -> Rollout:
+        from prefalign.data import PromptCollator
+
+        cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
+        dev = acc.device
+        t0 = time.perf_counter()
+        # 1. sample responses; each is cut after its first EOS (generate() does it)
+        batch = PromptCollator(tok.pad_token_id)([self.prompt_ids[i] for i in idx])
+        with acc.autocast():
+            gen = generate(acc.unwrap_model(self.policy), batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                           self.sampling, eos_ids=self.eos_ids, pad_id=tok.pad_token_id, tokenizer=tok)
+        timing["time/generation"] = time.perf_counter() - t0
+        # 2. masks: the response of every row starts at column P
+        qr = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P+R)
+        attn = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P+R)
+        comp = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], dim=1)  # (B, P+R)
+        rmask = gen.response_mask  # (B, R)
+        p = gen.prompt_ids.shape[1]
+        # 3. old log-probs (at the sampling temperature), reference log-probs, values
+        t1 = time.perf_counter()
+        with acc.autocast():
+            logps, entropy = completion_logprobs(self.policy, qr, attn, comp, temperature=cfg.temperature,
+                                                 return_entropy=True)
+            with adapter_off(self.policy):
+                ref_model = self.ref_model if self.ref_model is not None else self.policy
+                ref_logps = completion_logprobs(ref_model, qr, attn, comp, temperature=cfg.temperature)
+            values = token_values(self.value, qr, attn, comp)
+        logps, entropy, ref_logps, values = (x[:, p:].float() for x in (logps, entropy, ref_logps, values))
+        timing["time/logprobs"] = time.perf_counter() - t1
+        # 4. score the decoded text with the reward source
+        t2 = time.perf_counter()
+        prompts = [self.prompts[i] for i in idx]
+        texts = [cut_at_stop(t, cfg.stop) for t in tok.batch_decode(gen.response_ids, skip_special_tokens=True)]
+        from prefalign.rewards import check_scores
+
+        scores = check_scores(self.reward_source.score(prompts, texts), len(texts), f"--reward {cfg.reward}").to(dev)
+        timing["time/scoring"] = time.perf_counter() - t2
+        # 5. clip, then penalise responses that never ended
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        scores = apply_missing_eos_penalty(scores, gen.ended.to(dev), cfg.missing_eos_penalty)
+        # 6. per-token rewards: -kl_coef * KL on every token, the score on the last real token
+        rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, rmask, self.kl_ctl.coef,
+                                                   cfg.kl_estimator)
+        if cfg.whiten_rewards:
+            rewards = masked_whiten(rewards, rmask, shift_mean=False)
+        # 7. GAE on the critic's values, advantages whitened over the batch
+        advantages, returns = gae(rewards, values, rmask, cfg.gamma, cfg.lam)
+        advantages = masked_whiten(advantages, rmask)
+        return Rollout(qr, attn, comp, rmask, gen.ended, logps, ref_logps, values, entropy, scores, kl,
+                       non_score, rewards, advantages, returns, prompts, texts)
+
+    # ---------------------------------------------------------------- update
+    def update(self, ro: Rollout) -> dict[str, float]:
+        cfg, acc = self.cfg, self.accelerator
+        p = ro.prompt_width
+        stats = RunningMean()
+        self.minibatch_stats: list[dict[str, float]] = []
+        self.policy.train()
+        self.value.train()
+        b = ro.response_mask.shape[0]
+        for _epoch in range(cfg.ppo_epochs):
+            perm = torch.randperm(b)
+            epoch_kl = RunningMean()
+            for mb in range(cfg.num_minibatches):
+                mb_idx = perm[mb * cfg.minibatch_size : (mb + 1) * cfg.minibatch_size]
+                mb_stats = RunningMean()
+                for micro in range(cfg.grad_accum):
+                    idx = mb_idx[micro * cfg.micro_batch_size : (micro + 1) * cfg.micro_batch_size]
+                    x = ro.rows(idx)
+                    with acc.autocast():
+                        out = completion_logprobs(self.policy, x["query_response"], x["attention_mask"],
+                                                  x["completion_mask"], temperature=cfg.temperature,
+                                                  return_entropy=cfg.ent_coef > 0)
+                        new_logps, ent = out if cfg.ent_coef > 0 else (out, None)
+                        new_values = token_values(self.value, x["query_response"], x["attention_mask"],
+                                                  x["completion_mask"])
+                    m = x["response_mask"]
+                    pg_loss, pg = ppo_policy_loss(new_logps[:, p:].float(), x["logps"], x["advantages"], m,
+                                                  cfg.clip_eps)
+                    vf_loss, vf = ppo_value_loss(new_values[:, p:].float(), x["values"], x["returns"], m,
+                                                 cfg.vf_clip)
+                    loss = pg_loss + cfg.vf_coef * vf_loss
+                    if ent is not None:
+                        loss = loss - cfg.ent_coef * masked_mean(ent[:, p:].float(), m)
+                    acc.backward(loss / cfg.grad_accum)
+                    mb_stats.add({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(),
+                                  "policy/approxkl": pg["approxkl"], "policy/clipfrac": pg["clipfrac"],
+                                  "val/ratio": pg["ratio"], "val/clipfrac": vf["vf_clipfrac"]})
+                norm_p = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm or float("inf"))
+                norm_v = acc.clip_grad_norm_(self.value.parameters(), cfg.max_grad_norm or float("inf"))
+                for opt, sched in ((self.p_opt, self.p_sched), (self.v_opt, self.v_sched)):
+                    opt.step()
+                    sched.step()
+                    opt.zero_grad(set_to_none=True)
+                got = mb_stats.pop()
+                self.minibatch_stats.append(got)
+                stats.add({**got, "policy/grad_norm": norm_p, "val/grad_norm": norm_v})
+                epoch_kl.add({"approxkl": got["policy/approxkl"]})
+            if cfg.early_stop_kl is not None and epoch_kl.pop()["approxkl"] > cfg.early_stop_kl:
+                stats.add({"policy/early_stopped": 1.0})
+                break
+        return stats.pop()
+
+    # ---------------------------------------------------------------- the run
+    def train(self) -> dict[str, float]:
+        from tqdm.auto import tqdm
+
+        cfg = self.cfg
+        self.setup()
+        acc, out, total = self.accelerator, self.out_dir, cfg.total_steps
+        ckpts = CheckpointManager(out, cfg.save_total_limit)
+        start = 0
+        if cfg.resume is not None:
+            path = ckpts.resolve(cfg.resume)
+            state, objects = ckpts.load(path)
+            load_trainable_state_dict(acc.unwrap_model(self.policy), objects["policy"], path)
+            load_trainable_state_dict(acc.unwrap_model(self.value), objects["value"], path)
+            inner_optimizer(self.p_opt).load_state_dict(objects["policy_optimizer"])
+            inner_optimizer(self.v_opt).load_state_dict(objects["value_optimizer"])
+            self.p_sched.load_state_dict(objects["policy_scheduler"])
+            self.v_sched.load_state_dict(objects["value_scheduler"])
+            self.kl_ctl.load_state_dict(state["kl_controller"])
+            set_rng_state(objects["rng"])
+            start = int(state["step"])
+            log.info("resuming from %s (iteration %d of %d)", path, start, total)
+        write_config(out, cfg)
+        write_json(out / "run.json", {
+            "precision": self.precision, "prompts": len(self.prompts), "total_iterations": total,
+            "episodes": total * cfg.rollout_batch_size, "reward": getattr(self.reward_source, "name", cfg.reward),
+            "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
+            "value_trainable_parameters": sum(p.numel() for p in self.value.parameters() if p.requires_grad),
+            "resumed_from_step": start if cfg.resume else None,
+        })
+        metrics = MetricsLogger(out, resume_step=start if cfg.resume else None)
+        samples_path = out / "samples.jsonl"
+        if cfg.resume is None and samples_path.exists():
+            samples_path.unlink()
+        last: dict[str, float] = {}
+        bar = tqdm(total=total, initial=start, desc="ppo", unit="iter")
+        for step in range(start, total):
+            t_start = time.perf_counter()
+            timing: dict[str, float] = {}
+            ro = self.rollout(self.prompt_batch(step), timing)
+            t_update = time.perf_counter()
+            upd = self.update(ro)
+            timing["time/update"] = time.perf_counter() - t_update
+            lr = self.p_sched.get_last_lr()[0]
+            seq_kl = (ro.kl * ro.response_mask).sum(1)  # (B,)
+            non_score = (ro.non_score_rewards * ro.response_mask).sum(1)
+            n_tokens = int(ro.response_mask.sum())
+            done = step + 1
+            row = {
+                "objective/scores": ro.scores.mean().item(),
+                "objective/kl": seq_kl.mean().item(),
+                "objective/entropy": (ro.entropy * ro.response_mask).sum(1).mean().item(),
+                "objective/non_score_reward": non_score.mean().item(),
+                "objective/rlhf_reward": (ro.scores + non_score).mean().item(),
+                **upd,
+                "val/explained_variance": explained_variance(ro.values, ro.returns, ro.response_mask).item(),
+                "val/num_eos": int(ro.ended.sum()),
+                "val/response_length": ro.response_mask.sum(1).float().mean().item(),
+                "kl_coef": self.kl_ctl.coef,
+                "lr": lr,
+                "episodes": done * cfg.rollout_batch_size,
+                **timing,
+                "tokens_per_second": n_tokens / max(timing["time/generation"], 1e-9),
+            }
+            self.kl_ctl.update(row["objective/kl"], cfg.rollout_batch_size)
+            if done % cfg.logging_steps == 0 or done == total:
+                metrics.log(done, row)
+            last = row
+            if done % cfg.sample_every == 0 or done == 1 or done == total:
+                self.log_samples(metrics, samples_path, done, ro)
+            bar.set_postfix({"score": f"{row['objective/scores']:.3f}", "kl": f"{row['objective/kl']:.2f}",
+                             "s/it": f"{time.perf_counter() - t_start:.1f}"})
+            bar.update(1)
+            if (cfg.save_steps and done % cfg.save_steps == 0) or done == total:
+                self.save_checkpoint(ckpts, done)
+        bar.close()
+        metrics.close()
+        self.save_final(out)
+        return last
+
+    def log_samples(self, metrics: MetricsLogger, path: Path, step: int, ro: Rollout, n: int = 4) -> None:
+        rows = [{"step": step, "prompt": ro.prompts[i], "completion": ro.completions[i],
+                 "score": round(ro.scores[i].item(), 4)} for i in range(min(n, len(ro.prompts)))]
+        with path.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        table = "\n\n".join(f"**{r['score']}** | {r['prompt'][-200:]} → {r['completion']}" for r in rows)
+        metrics.log_text(step, "samples", table)
+
+    def save_checkpoint(self, ckpts: CheckpointManager, step: int) -> None:
+        acc = self.accelerator
+        ckpts.save(step, {
+            "policy": trainable_state_dict(acc.unwrap_model(self.policy)),
+            "value": trainable_state_dict(acc.unwrap_model(self.value)),
+            "policy_optimizer": inner_optimizer(self.p_opt).state_dict(),
+            "value_optimizer": inner_optimizer(self.v_opt).state_dict(),
+            "policy_scheduler": self.p_sched.state_dict(),
+            "value_scheduler": self.v_sched.state_dict(),
+            "rng": rng_state(),
+        }, {"total_steps": self.cfg.total_steps, "kl_controller": self.kl_ctl.state_dict()})
+
+    def save_final(self, out: Path) -> None:
+        """``final/`` (the policy; adapter with LoRA) and ``value/`` (the value model), Hugging Face format."""
+        import copy
+
+        acc = self.accelerator
+        policy = acc.unwrap_model(self.policy)
+        save_pretrained_atomic(out / "final", policy, self.tokenizer)
+        save_pretrained_atomic(out / "value", acc.unwrap_model(self.value), self.tokenizer)
+        if self.cfg.merge_lora:
+            save_pretrained_atomic(out / "final-merged", copy.deepcopy(policy).merge_and_unload(), self.tokenizer)

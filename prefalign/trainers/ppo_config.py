@@ -1,0 +1,153 @@
+"""Configuration of `prefalign ppo` (defaults follow Huang et al. 2024, "The N+ Implementation Details
+of RLHF with PPO", and TRL's PPO defaults where those are silent)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefalign.losses.kl import KL_ESTIMATORS
+from prefalign.trainers.config import CommonConfig
+
+
+@dataclass
+class PPOConfig(CommonConfig):
+    """Optimise a policy with PPO against a reward source, with a per-token KL penalty to a reference."""
+
+    prompts: str = ""
+    """Prompts: .txt (one per line), .jsonl/.json/.csv/.parquet with a `prompt` column (strings or chat
+    messages), or a hub dataset id."""
+    reward: str = ""
+    """Reward source: a reward-model directory or hub id, a built-in judge (vader), or module:function."""
+    chat: bool = False
+    """Wrap plain-text prompts in the chat template as a user turn (off: plain continuation)."""
+    ref: str | None = None
+    """Reference policy (default: a frozen copy of --model; with LoRA, the policy with its adapter off)."""
+    value_model: str | None = None
+    """Value model init (default: the reward model when --reward is one, as in the N+ details; else --model
+    with a new scalar head)."""
+    learning_rate: float = 3e-6
+    """Policy learning rate (AdamW)."""
+    value_learning_rate: float | None = None
+    """Value model learning rate (default: --learning-rate)."""
+
+    # -- run length and batches --
+    max_steps: int | None = None
+    """PPO iterations (one rollout batch + its update each); default: from --episodes, else 100."""
+    episodes: int | None = None
+    """Total completions to sample (iterations = episodes / rollout batch, rounded up)."""
+    rollout_batch_size: int = 16
+    """Prompts sampled per iteration (per process)."""
+    num_minibatches: int = 1
+    """Minibatches per PPO epoch; each is one optimizer step."""
+    grad_accum: int = 1
+    """Micro-batches per minibatch (memory)."""
+    ppo_epochs: int = 4
+    """Passes over each rollout batch."""
+
+    # -- sampling --
+    max_prompt_length: int = 128
+    """Longer prompts keep their last tokens."""
+    max_new_tokens: int = 48
+    """Most tokens per response."""
+    temperature: float = 0.7
+    """Sampling temperature; log-probs are computed at the same temperature."""
+    top_p: float = 1.0
+    """Nucleus sampling (1.0 = off)."""
+    top_k: int = 0
+    """Top-k sampling (0 = off)."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings: a response is cut before the first one and counts as ended."""
+    missing_eos_penalty: float | None = None
+    """Subtract this from the score of responses that did not end (no EOS or stop string)."""
+
+    # -- rewards --
+    kl_coef: float = 0.05
+    """Per-token KL penalty coefficient (initial value with --adaptive-kl)."""
+    kl_estimator: str = "k1"
+    """KL estimator of the per-token penalty: k1 (log-ratio), k2 or k3 (Schulman 2020)."""
+    adaptive_kl: bool = False
+    """Adapt kl_coef towards --target-kl (Ziegler et al. 2019)."""
+    target_kl: float = 6.0
+    """Target sequence KL of the adaptive controller (nats)."""
+    kl_horizon: int = 10000
+    """Horizon of the adaptive controller (episodes)."""
+    score_clip: float | None = None
+    """Clip scores to [-c, c] before shaping."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards over the batch (scale only) before GAE."""
+    reward_batch_size: int = 16
+    """Batch size when scoring with a reward model."""
+
+    # -- PPO --
+    clip_eps: float = 0.2
+    """Policy ratio clip range epsilon."""
+    vf_clip: float | None = 0.2
+    """Value clip range (none: unclipped value loss)."""
+    vf_coef: float = 0.1
+    """Weight of the value loss."""
+    ent_coef: float = 0.0
+    """Weight of the entropy bonus."""
+    gamma: float = 1.0
+    """Discount."""
+    lam: float = 0.95
+    """GAE lambda."""
+    early_stop_kl: float | None = None
+    """Stop an iteration's PPO epochs once the mean approx KL of an epoch exceeds this."""
+    head_init_std: float = 0.0
+    """Std of a new value head (0: zeros, so initial values are 0; used when the value model is not a reward model)."""
+
+    sample_every: int = 10
+    """Log sample completions with their scores every this many iterations (samples.jsonl, TensorBoard)."""
+
+    def validate(self):
+        super().validate()
+        if not self.prompts:
+            raise ValueError("--prompts is required (a prompt file or hub dataset id)")
+        if not self.reward:
+            raise ValueError("--reward is required (a reward-model directory, vader, or module:function)")
+        for name in ("rollout_batch_size", "num_minibatches", "grad_accum", "ppo_epochs", "max_prompt_length",
+                     "max_new_tokens", "reward_batch_size", "sample_every", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "episodes"):
+            v = getattr(self, name)
+            if v is not None and v < 1:
+                raise ValueError(f"--{name} must be >= 1, got {v}")
+        if self.max_steps is not None and self.episodes is not None:
+            raise ValueError("give --max-steps or --episodes, not both")
+        if self.rollout_batch_size % (self.num_minibatches * self.grad_accum):
+            raise ValueError(f"--rollout-batch-size {self.rollout_batch_size} must be divisible by --num-minibatches "
+                             f"x --grad-accum = {self.num_minibatches * self.grad_accum}")
+        if not 0 < self.clip_eps < 1:
+            raise ValueError(f"--clip-eps must be in (0, 1), got {self.clip_eps}")
+        if self.vf_clip is not None and self.vf_clip <= 0:
+            raise ValueError(f"--vf-clip must be > 0, got {self.vf_clip}")
+        if self.kl_coef < 0 or self.vf_coef < 0 or self.ent_coef < 0:
+            raise ValueError("--kl-coef, --vf-coef and --ent-coef must be >= 0")
+        if self.kl_estimator not in KL_ESTIMATORS:
+            raise ValueError(f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
+        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
+            raise ValueError("--gamma and --lam must be in [0, 1]")
+        if self.temperature <= 0:
+            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
+        if self.target_kl <= 0:
+            raise ValueError(f"--target-kl must be > 0, got {self.target_kl}")
+        if self.ref is not None and self.lora_r:
+            raise ValueError("--ref conflicts with LoRA: with --lora-r the reference is the policy with its adapter "
+                             "off; drop --ref or --lora-r")
+
+    @property
+    def total_steps(self) -> int:
+        if self.max_steps is not None:
+            return self.max_steps
+        if self.episodes is not None:
+            return -(-self.episodes // self.rollout_batch_size)
+        return 100
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.rollout_batch_size // self.num_minibatches
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.minibatch_size // self.grad_accum

@@ -1,0 +1,149 @@
+import json
+import math
+
+import pytest
+import torch
+
+from conftest import run_cli
+from prefalign.trainers.ppo import KLController, PPOConfig, PPOTrainer
+
+
+class LowIdReward:
+    """Toy reward: the fraction of completion tokens whose id is in the lower half of the vocabulary."""
+
+    name = "low-id"
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+
+    def score(self, prompts, completions):
+        out = []
+        for text in completions:
+            ids = self.tok(text, add_special_tokens=False).input_ids
+            out.append(sum(i < len(self.tok) // 2 for i in ids) / max(len(ids), 1))
+        return torch.tensor(out)
+
+
+@pytest.fixture()
+def prompts(tmp_path):
+    p = tmp_path / "prompts.txt"
+    p.write_text("".join(f"review {i}: the movie was\n" for i in range(32)))
+    return p
+
+
+def _cfg(tmp_path, model_dir, prompts, **kw):
+    base = dict(prompts=str(prompts), reward="low-id", model=str(model_dir), output=str(tmp_path / "run"),
+                max_steps=2, rollout_batch_size=8, num_minibatches=2, ppo_epochs=2, max_new_tokens=6,
+                learning_rate=1e-3, precision="fp32", lr_scheduler="constant", temperature=1.0, seed=0)
+    base.update(kw)
+    return PPOConfig(**base)
+
+
+def _metrics(out):
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_first_minibatch_is_on_policy_and_every_parameter_changes(tmp_path, tiny_model_dir, prompts, tokenizer):
+    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=1), reward_source=LowIdReward(tokenizer))
+    from transformers import AutoModelForCausalLM
+
+    before = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
+    trainer.train()
+    first = trainer.minibatch_stats[0]  # first minibatch of the first epoch: the policy has not moved yet
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-6)
+    assert first["policy/clipfrac"] == 0.0
+    assert first["policy/approxkl"] == pytest.approx(0.0, abs=1e-10)
+    later = trainer.minibatch_stats[-1]  # after 3 optimizer steps the ratio has moved
+    assert later["val/ratio"] != pytest.approx(1.0, abs=1e-7)
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    for name, p in policy.named_parameters():
+        assert not torch.equal(p.detach(), before[name]), f"{name} did not change"
+    value = trainer.accelerator.unwrap_model(trainer.value)
+    assert value.score.weight.abs().sum() > 0  # zero-initialised head learned
+    row = _metrics(tmp_path / "run")[0]
+    for key in ("objective/scores", "objective/kl", "objective/entropy", "objective/non_score_reward",
+                "objective/rlhf_reward", "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value",
+                "val/explained_variance", "val/ratio", "val/num_eos", "kl_coef", "lr", "episodes",
+                "time/generation", "time/scoring", "time/update", "tokens_per_second"):
+        assert key in row and math.isfinite(row[key]), key
+    assert row["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference when sampling
+    assert (tmp_path / "run" / "final" / "config.json").is_file()
+    assert (tmp_path / "run" / "value" / "config.json").is_file()
+    samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    assert samples and {"prompt", "completion", "score", "step"} <= set(samples[0])
+
+
+def test_toy_reward_rises(tmp_path, tiny_model_dir, prompts, tokenizer):
+    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=12, learning_rate=3e-3, kl_coef=0.0,
+                              rollout_batch_size=16, num_minibatches=1, ppo_epochs=4, max_new_tokens=8),
+                         reward_source=LowIdReward(tokenizer))
+    trainer.train()
+    scores = [r["objective/scores"] for r in _metrics(tmp_path / "run")]
+    first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
+    assert last > first + 0.15, scores
+
+
+def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_model_dir, prompts, tokenizer):
+    import shutil
+
+    kw = dict(max_steps=4, save_steps=2, adaptive_kl=True, lr_scheduler="linear")
+    full = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / "full"), **kw),
+                      reward_source=LowIdReward(tokenizer))
+    full.train()
+    cut = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / "cut"), **kw),
+                     reward_source=LowIdReward(tokenizer))
+    cut.train()
+    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000004")
+    resumed = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / "cut"), resume="latest",
+                              **kw), reward_source=LowIdReward(tokenizer))
+    resumed.train()
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed_from_step"] == 2
+    for a, b in ((full.policy, resumed.policy), (full.value, resumed.value)):
+        want = dict(a.named_parameters())
+        for name, p in b.named_parameters():
+            assert torch.equal(p, want[name]), f"{name} differs after resume"
+    assert resumed.kl_ctl.coef == full.kl_ctl.coef != 0.05  # the adaptive controller state came back
+    ma, mb = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
+    assert [r["objective/scores"] for r in ma] == [r["objective/scores"] for r in mb]
+
+
+def test_lora_policy_uses_adapter_off_reference(tmp_path, tiny_model_dir, prompts, tokenizer):
+    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, lora_r=4, max_steps=2, learning_rate=1e-2),
+                         reward_source=LowIdReward(tokenizer))
+    trainer.train()
+    assert trainer.ref_model is None
+    rows = _metrics(tmp_path / "run")
+    assert rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert abs(rows[1]["objective/kl"]) > 1e-6  # the adapter moved the policy away from its reference
+    assert (tmp_path / "run" / "final" / "adapter_config.json").is_file()
+
+
+def test_adaptive_kl_controller_exact():
+    ctl = KLController(0.1, adaptive=True, target=6.0, horizon=100)
+    ctl.update(kl=9.0, n_episodes=10)  # error = clip(9/6 - 1, -0.2, 0.2) = 0.2 -> coef * (1 + 0.2 * 10/100)
+    assert ctl.coef == pytest.approx(0.1 * 1.02)
+    ctl.update(kl=5.4, n_episodes=10)  # error = 5.4/6 - 1 = -0.1 -> * (1 - 0.01)
+    assert ctl.coef == pytest.approx(0.1 * 1.02 * 0.99)
+    fixed = KLController(0.1, adaptive=False, target=6.0, horizon=100)
+    fixed.update(kl=100.0, n_episodes=10)
+    assert fixed.coef == 0.1
+
+
+def test_config_refuses_bad_numbers(prompts):
+    for kw, msg in [({"clip_eps": 1.0}, "--clip-eps"), ({"rollout_batch_size": 0}, "--rollout-batch-size"),
+                    ({"rollout_batch_size": 6, "num_minibatches": 4}, "divisible"), ({"kl_estimator": "k9"}, "k1"),
+                    ({"ref": "x", "lora_r": 4}, "conflicts with LoRA"), ({"reward": ""}, "--reward"),
+                    ({"max_steps": 3, "episodes": 10}, "not both")]:
+        with pytest.raises(ValueError, match=msg):
+            PPOConfig(**{"prompts": str(prompts), "reward": "vader", **kw})
+
+
+def test_cli_ppo_smoke_with_vader(tmp_path, tiny_model_dir, prompts):
+    out = tmp_path / "cli"
+    r = run_cli("ppo", "--prompts", prompts, "--reward", "vader", "--model", tiny_model_dir, "--output", out,
+                "--max-steps", "2", "--rollout-batch-size", "4", "--max-new-tokens", "4", "--missing-eos-penalty", "1.0")
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = _metrics(out)
+    assert len(rows) == 2 and rows[-1]["episodes"] == 8
+    r = run_cli("ppo", "--prompts", prompts, "--reward", "vader", "--output", tmp_path / "bad", "--clip-eps", "1.5")
+    assert r.returncode == 2 and r.stderr.startswith("error: --clip-eps") and "Traceback" not in r.stderr
