@@ -24,7 +24,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 demo: $(STAMP)
-	$(BIN)/prefalign generate --max-new-tokens 40 --output runs/demo/generations.jsonl
+	$(BIN)/prefalign generate --max-new-tokens 48 --output runs/demo --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,27 @@
+"""``prefalign reward``: train a reward model (a scalar head on --model) on preference pairs.
+
+The reward is read at the completion's final EOS, as in training; `prefalign.rewards` (``--reward
+<output>/final``) pools the last real token, so give it completions that end with the EOS text.
+Hugging Face's own sequence-classification forward pools the token before a trailing EOS when pad == EOS.
+
+Examples::
+
+    prefalign reward --data pairs.jsonl --output runs/rm                      # embedded default model
+    prefalign reward --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --eval-split 0.1 \\
+        --center-rewards-coef 0.01 --max-steps 200 --output runs/rm-hh
+    prefalign reward --data pairs.jsonl --lora-r 16 --learning-rate 1e-4 --merge-lora --output runs/rm-lora
+    prefalign reward --config reward.yaml --resume latest
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefalign.cli._args import parse
+    from prefalign.trainers.reward import RewardConfig, RewardTrainer
+
+    cfg = parse(RewardConfig, argv, prog="prefalign reward", description=__doc__)
+    final = RewardTrainer(cfg).train()
+    shown = {k: round(v, 4) for k, v in final.items() if k in ("loss", "accuracy", "margin") or k.startswith("eval/")}
+    print(f"done: {shown}\nmodel in {cfg.output}/final, metrics in {cfg.output}/metrics.jsonl")
+    return 0
