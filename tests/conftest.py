@@ -62,3 +62,23 @@ def run_cli(*args, timeout=300):
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     return subprocess.run([sys.executable, "-m", "prefalign", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout, env=env)
+
+
+def read_metrics(out):
+    """The rows of a run's metrics.jsonl."""
+    import json
+
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def trainer_kwargs(tmp_path, model_dir, data, **overrides):
+    """Config fields of a fast, deterministic dataset-trainer run on a tiny model."""
+    base = dict(data=str(data), model=str(model_dir), output=str(tmp_path / "run"), batch_size=4, max_steps=6,
+                learning_rate=1e-3, precision="fp32", lr_scheduler="constant", seed=0)
+    return {**base, **overrides}
+
+
+@pytest.fixture()
+def pairs(tmp_path):
+    """48 learnable preference pairs in a JSONL file."""
+    return write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))

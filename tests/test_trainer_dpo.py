@@ -5,25 +5,16 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import learnable_pairs, run_cli, write_jsonl
+from conftest import read_metrics, run_cli, trainer_kwargs
 from prefalign.errors import UserError
 from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 
 
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def _cfg(tmp_path, model_dir, data, **kw):
-    base = dict(data=str(data), model=str(model_dir), output=str(tmp_path / "run"), batch_size=4, max_steps=6,
-                learning_rate=1e-3, precision="fp32", lr_scheduler="constant", seed=0)
-    base.update(kw)
-    return DPOConfig(**base)
-
-
-@pytest.fixture()
-def pairs(tmp_path):
-    return write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
+    return DPOConfig(**trainer_kwargs(tmp_path, model_dir, data, **kw))
 
 
 def test_first_step_loss_is_ln2_and_every_parameter_changes(tmp_path, tiny_model_dir, pairs):

@@ -6,27 +6,18 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import learnable_pairs, run_cli, write_jsonl
+from conftest import learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
 from prefalign.data import TokenizedPair, load_preferences, tokenize_preferences
 from prefalign.losses.reward import bradley_terry_loss
 from prefalign.rewards import last_token_rewards, load_reward_source
 from prefalign.trainers.reward import RewardConfig, RewardTrainer, load_reward_backbone, without_final_token
 
 
-def _metrics(out):
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+_metrics = read_metrics
 
 
 def _cfg(tmp_path, model_dir, data, **kw):
-    base = dict(data=str(data), model=str(model_dir), output=str(tmp_path / "run"), batch_size=4, max_steps=6,
-                learning_rate=1e-3, precision="fp32", lr_scheduler="constant", seed=0)
-    base.update(kw)
-    return RewardConfig(**base)
-
-
-@pytest.fixture()
-def pairs(tmp_path):
-    return write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
+    return RewardConfig(**trainer_kwargs(tmp_path, model_dir, data, **kw))
 
 
 @pytest.fixture()

@@ -44,15 +44,20 @@ def _load_tokenized_pairs(source: str, cfg, tokenizer) -> tuple[list, dict]:
     return pairs, {"rows": report.total, "kept": len(pairs), "dropped": {**report.counts, **fit.counts}}
 
 
-def load_preference_splits(cfg, tokenizer):
-    """``(train, eval, info)`` of tokenised preference pairs for the dpo and reward trainers."""
-    pairs, info = _load_tokenized_pairs(cfg.data, cfg, tokenizer)
+def _splits(load, cfg, tokenizer):
+    """Load ``cfg.data`` with ``load``; hold out ``cfg.eval_data`` (loaded the same way) or ``cfg.eval_split``."""
+    items, info = load(cfg.data, cfg, tokenizer)
     if cfg.eval_data:
-        train, evals = pairs, _load_tokenized_pairs(cfg.eval_data, cfg, tokenizer)[0]
+        train, evals = items, load(cfg.eval_data, cfg, tokenizer)[0]
     else:
-        train, evals = split_eval(pairs, cfg.eval_split, cfg.seed)
+        train, evals = split_eval(items, cfg.eval_split, cfg.seed)
     train, evals = _index(train, evals)
     return train, evals, {"source": cfg.data, **info, "train": len(train), "eval": len(evals)}
+
+
+def load_preference_splits(cfg, tokenizer):
+    """``(train, eval, info)`` of tokenised preference pairs for the dpo and reward trainers."""
+    return _splits(_load_tokenized_pairs, cfg, tokenizer)
 
 
 def _load_tokenized_sft(source: str, cfg, tokenizer) -> tuple[list, dict]:
@@ -82,13 +87,8 @@ def _load_tokenized_sft(source: str, cfg, tokenizer) -> tuple[list, dict]:
 
 
 def load_sft_splits(cfg, tokenizer):
-    items, info = _load_tokenized_sft(cfg.data, cfg, tokenizer)
-    if cfg.eval_data:
-        train, evals = items, _load_tokenized_sft(cfg.eval_data, cfg, tokenizer)[0]
-    else:
-        train, evals = split_eval(items, cfg.eval_split, cfg.seed)
-    train, evals = _index(train, evals)
-    return train, evals, {"source": cfg.data, **info, "train": len(train), "eval": len(evals)}
+    """``(train, eval, info)`` of tokenised prompt/completion examples for the sft trainer."""
+    return _splits(_load_tokenized_sft, cfg, tokenizer)
 
 
 @dataclass

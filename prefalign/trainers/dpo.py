@@ -106,7 +106,6 @@ class DPOTrainer(Trainer):
         """``(2N,)`` reference sequence log-probs: cached, adapter-off, or the frozen reference model."""
         if self.ref_cache is not None:
             idx = batch["index"].cpu()
-            n = len(idx)
             got = self.ref_cache[idx]  # (N, 2)
             return torch.cat([got[:, 0], got[:, 1]]).to(batch["input_ids"].device)
         if self.cfg.lora_r:
