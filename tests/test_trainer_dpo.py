@@ -150,3 +150,12 @@ def test_cli_dpo_bad_flags_exit_2_with_one_line(tmp_path, tiny_model_dir, pairs)
     cfg.write_text("beta: 0.1\nbetta: 0.2\n")
     r = run_cli("dpo", "--config", cfg, "--data", pairs)
     assert r.returncode == 2 and "unknown key 'betta'" in r.stderr
+
+
+def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, tiny_model_dir, pairs):
+    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, precision="bf16", gradient_checkpointing=True,
+                              max_steps=3))
+    final = trainer.train()
+    assert trainer.precision == "bf16" and trainer.accelerator.mixed_precision == "bf16"
+    assert math.isfinite(final["loss"]) and final["rewards/margins"] > 0
+    assert trainer.accelerator.unwrap_model(trainer.model).is_gradient_checkpointing

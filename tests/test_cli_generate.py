@@ -1,0 +1,38 @@
+import json
+
+from conftest import run_cli
+
+
+def test_generate_smoke_from_file_and_literal(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("the movie was\n\nthis film\n")  # blank line skipped
+    out = tmp_path / "gen"
+    r = run_cli("generate", "--model", tiny_model_dir, "--prompts", prompts, "a literal prompt", "--no-chat",
+                "--num-samples", "2", "--max-new-tokens", "5", "--batch-size", "4", "--output", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == ["the movie was"] * 2 + ["this film"] * 2 + ["a literal prompt"] * 2
+    assert [r["sample"] for r in rows] == [0, 1] * 3
+    assert all(1 <= r["num_tokens"] <= 5 and isinstance(r["completion"], str) for r in rows)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["completions"] == 6 and metrics["new_tokens"] == sum(r["num_tokens"] for r in rows)
+    assert (out / "config.yaml").is_file()
+    # a second run into the same directory is refused, with one line
+    again = run_cli("generate", "--model", tiny_model_dir, "--prompts", "x", "--output", out)
+    assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
+
+
+def test_generate_chat_mode_wraps_prompts_in_the_template(tmp_path, tiny_model_dir):
+    out = tmp_path / "chat"
+    r = run_cli("generate", "--model", tiny_model_dir, "--prompts", "hello", "--max-new-tokens", "2",
+                "--greedy", "--output", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    row = json.loads((out / "generations.jsonl").read_text().splitlines()[0])
+    assert row["prompt"].startswith("<|im_start|>") and row["prompt"].endswith("<|im_start|>assistant\n")
+    assert "hello" in row["prompt"]
+
+
+def test_generate_bad_number_is_one_line(tmp_path, tiny_model_dir):
+    r = run_cli("generate", "--model", tiny_model_dir, "--top-p", "0", "--output", tmp_path / "x")
+    assert r.returncode == 2 and r.stderr.strip() == "error: top_p must be in (0, 1], got 0.0"
+    assert not (tmp_path / "x").exists()  # nothing half-written
