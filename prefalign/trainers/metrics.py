@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,12 +19,16 @@ class MetricsLogger:
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
         self.writer = None
+        self.start = time.perf_counter()
+        self.offset = 0.0  # wall seconds of the run before a resume
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
             kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
                     if line.strip() and json.loads(line).get("step", 0) <= resume_step]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            if kept:
+                self.offset = float(json.loads(kept[-1]).get("wall_seconds", 0.0))
         elif self.path.exists():
             self.path.unlink()
         from torch.utils.tensorboard import SummaryWriter
@@ -34,7 +39,8 @@ class MetricsLogger:
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        wall = round(self.offset + time.perf_counter() - self.start, 3)
+        row = {"step": step, "wall_seconds": wall, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
         for k, v in metrics.items():
