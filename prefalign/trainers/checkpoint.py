@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
 import tempfile
@@ -110,13 +111,28 @@ class CheckpointManager:
                             f"directory under {self.root}")
         return path
 
+    def load_for_resume(self, resume: str) -> tuple[Path, dict, dict]:
+        """``(path, state, objects)`` to resume from. With 'latest', a checkpoint that cannot be read
+        (a truncated file, bad JSON) is reported and skipped in favour of the next older one."""
+        if resume != "latest":
+            path = self.resolve(resume)
+            return (path, *self.load(path))
+        candidates = self.complete()
+        for path in reversed(candidates):
+            try:
+                return (path, *self.load(path))
+            except UserError as e:
+                log.warning("skipping unreadable checkpoint: %s", e)
+        raise UserError(f"{self.root}: no readable checkpoint to resume from ({len(candidates)} found, all "
+                        "unreadable); start again without --resume")
+
     @staticmethod
     def load(path: Path) -> tuple[dict, dict]:
         """Return ``(state, objects)`` of a checkpoint."""
         try:
             state = json.loads((path / STATE_FILE).read_text())
             objects = {p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in path.glob("*.pt")}
-        except (OSError, ValueError, RuntimeError, EOFError) as e:
+        except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
             raise UserError(f"{path}: checkpoint unreadable ({type(e).__name__}: {e}); resume from an older one "
                             "with --resume <dir>") from None
         return state, objects

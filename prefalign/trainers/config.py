@@ -61,9 +61,12 @@ class CommonConfig(Validated):
     """Checkpoint every this many optimizer steps (PPO: iterations; default: only at the end)."""
     save_total_limit: int = 2
     """Keep this many newest checkpoints."""
+    max_nonfinite_steps: int = 5
+    """Skip an optimizer step whose gradient is not finite (counted in skipped_steps); stop after this many
+    in a row, the last good checkpoint intact."""
 
     def validate(self):
-        for name in ("logging_steps", "save_total_limit"):
+        for name in ("logging_steps", "save_total_limit", "max_nonfinite_steps"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
         if self.save_steps is not None and self.save_steps < 1:

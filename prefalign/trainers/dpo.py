@@ -68,6 +68,7 @@ class DPOConfig(TrainConfig):
 
 
 class DPOTrainer(Trainer):
+    command = "dpo"
     key_metric = "rewards/accuracies"
 
     def __init__(self, cfg: DPOConfig):

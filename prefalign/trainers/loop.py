@@ -31,6 +31,7 @@ from prefalign.trainers.checkpoint import (
     trainable_state_dict,
 )
 from prefalign.trainers.config import TrainConfig
+from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.lora import apply_lora
 from prefalign.trainers.metrics import MetricsLogger, RunningMean
 
@@ -121,6 +122,7 @@ class Trainer:
     ``lora_task_type``, ``lora_modules_to_save``, ``key_metric`` (shown in the progress bar).
     """
 
+    command = "train"  # the CLI command, for the resume hint
     lora_task_type = "CAUSAL_LM"
     lora_modules_to_save: list[str] | None = None
     key_metric = "loss"
@@ -204,8 +206,7 @@ class Trainer:
         ckpts = CheckpointManager(out, cfg.save_total_limit)
         start_step = 0
         if cfg.resume is not None:
-            path = ckpts.resolve(cfg.resume)
-            state, objects = ckpts.load(path)
+            path, state, objects = ckpts.load_for_resume(cfg.resume)
             load_trainable_state_dict(acc.unwrap_model(self.model), objects["model"], path)
             inner_optimizer(self.optimizer).load_state_dict(objects["optimizer"])
             self.scheduler.load_state_dict(objects["scheduler"])
@@ -230,34 +231,50 @@ class Trainer:
         last: dict[str, float] = {}
         bar = tqdm(total=total, initial=start_step, desc=type(self).__name__.replace("Trainer", "").lower() or "train",
                    unit="step", disable=not acc.is_main_process)
-        for step in range(start_step, total):
-            for micro in range(cfg.grad_accum):
-                batch = self._to_device(self.collate(self.batch_for(step, micro)))
-                sync = micro == cfg.grad_accum - 1
-                with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
-                    loss, stats = self.compute_loss(batch)
-                acc.backward(loss / cfg.grad_accum)
-                running.add({"loss": loss.detach(), **stats})
-                tokens += self.count_tokens(batch)
-            grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
-            self.optimizer.step()
-            lr = self.scheduler.get_last_lr()[0]
-            self.scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            running.add({"grad_norm": grad_norm})
-            done = step + 1
-            if done % cfg.logging_steps == 0 or done == total:
-                now = time.perf_counter()
-                last = {**running.pop(), "lr": lr, "epoch": done / steps_per_epoch,
-                        "tokens_per_second": tokens * world / max(now - t_last, 1e-9)}
-                tokens, t_last = 0, now
-                metrics.log(done, last)
-                bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", self.key_metric) if k in last})
-            if self.eval_data and cfg.eval_steps and done % cfg.eval_steps == 0 and done != total:
-                metrics.log(done, self.evaluate())
-            if (cfg.save_steps and done % cfg.save_steps == 0) or done == total:
-                self.save_checkpoint(ckpts, done)
-            bar.update(1)
+        guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+        hint = f"prefalign {self.command} --config {out / 'config.yaml'} --resume latest"
+        with GracefulStop() as stop:
+            for step in range(start_step, total):
+                micro_stats = []
+                for micro in range(cfg.grad_accum):
+                    batch = self._to_device(self.collate(self.batch_for(step, micro)))
+                    sync = micro == cfg.grad_accum - 1
+                    with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
+                        loss, stats = self.compute_loss(batch)
+                    # backward even on a NaN loss: every process must join the gradient all-reduce
+                    acc.backward(loss / cfg.grad_accum)
+                    micro_stats.append({"loss": loss.detach(), **stats})
+                    tokens += self.count_tokens(batch)
+                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
+                # the norm is computed from all-reduced gradients, so every process takes the same branch
+                finite = NonFiniteGuard.finite(grad_norm, *(m["loss"] for m in micro_stats))
+                lr = self.scheduler.get_last_lr()[0]
+                if finite:
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    for m in micro_stats:
+                        running.add(m)
+                    running.add({"grad_norm": grad_norm})
+                self.optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                last_good = ckpts.complete()[-1] if ckpts.complete() else "none yet"
+                guard.record(finite, done, str(last_good))
+                if done % cfg.logging_steps == 0 or done == total:
+                    now = time.perf_counter()
+                    last = {**running.pop(), "lr": lr, "epoch": done / steps_per_epoch,
+                            "tokens_per_second": tokens * world / max(now - t_last, 1e-9),
+                            "skipped_steps": guard.skipped}
+                    tokens, t_last = 0, now
+                    metrics.log(done, last)
+                    bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", self.key_metric) if k in last})
+                if self.eval_data and cfg.eval_steps and done % cfg.eval_steps == 0 and done != total:
+                    metrics.log(done, self.evaluate())
+                # no checkpoint while steps are being skipped: "last good" stays the last finite state
+                if ((cfg.save_steps and done % cfg.save_steps == 0) or done == total) and guard.in_a_row == 0:
+                    self.save_checkpoint(ckpts, done)
+                bar.update(1)
+                if done < total:
+                    stop.check(done, total, lambda: self.save_checkpoint(ckpts, done), hint)
         bar.close()
         final_eval = self.evaluate() if self.eval_data else {}
         if final_eval:
@@ -268,18 +285,20 @@ class Trainer:
         acc.wait_for_everyone()
         return {**last, **final_eval}
 
-    def save_checkpoint(self, ckpts: CheckpointManager, step: int) -> None:
+    def save_checkpoint(self, ckpts: CheckpointManager, step: int):
         acc = self.accelerator
         acc.wait_for_everyone()
+        path = None
         if acc.is_main_process:
             opt = inner_optimizer(self.optimizer)
-            ckpts.save(step, {
+            path = ckpts.save(step, {
                 "model": trainable_state_dict(acc.unwrap_model(self.model)),
                 "optimizer": opt.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(),
             }, {"total_steps": self.schedule.total_steps})
         acc.wait_for_everyone()
+        return path
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:

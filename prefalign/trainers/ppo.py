@@ -36,6 +36,7 @@ from prefalign.trainers.checkpoint import (
     set_rng_state,
     trainable_state_dict,
 )
+from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.lora import adapter_off, apply_lora
 from prefalign.trainers.loop import inner_optimizer, make_optimizer, resolve_precision, save_pretrained_atomic
 from prefalign.trainers.metrics import MetricsLogger, RunningMean
@@ -191,7 +192,7 @@ class PPOTrainer:
                        non_score, rewards, advantages, returns, prompts, texts)
 
     # ---------------------------------------------------------------- update
-    def update(self, ro: Rollout) -> dict[str, float]:
+    def update(self, ro: Rollout, step: int) -> dict[str, float]:
         cfg, acc = self.cfg, self.accelerator
         p = ro.prompt_width
         stats = RunningMean()
@@ -229,15 +230,20 @@ class PPOTrainer:
                                   "val/ratio": pg["ratio"], "val/clipfrac": vf["vf_clipfrac"]})
                 norm_p = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm or float("inf"))
                 norm_v = acc.clip_grad_norm_(self.value.parameters(), cfg.max_grad_norm or float("inf"))
-                for opt, sched in ((self.p_opt, self.p_sched), (self.v_opt, self.v_sched)):
-                    opt.step()
-                    sched.step()
-                    opt.zero_grad(set_to_none=True)
                 got = mb_stats.pop()
+                finite = NonFiniteGuard.finite(norm_p, norm_v, got["loss/policy"], got["loss/value"])
+                for opt, sched in ((self.p_opt, self.p_sched), (self.v_opt, self.v_sched)):
+                    if finite:
+                        opt.step()
+                        sched.step()
+                    opt.zero_grad(set_to_none=True)
+                self.guard.record(finite, step, self.last_good)
+                if not finite:
+                    continue
                 self.minibatch_stats.append(got)
                 stats.add({**got, "policy/grad_norm": norm_p, "val/grad_norm": norm_v})
                 epoch_kl.add({"approxkl": got["policy/approxkl"]})
-            if cfg.early_stop_kl is not None and epoch_kl.pop()["approxkl"] > cfg.early_stop_kl:
+            if cfg.early_stop_kl is not None and epoch_kl.pop().get("approxkl", 0.0) > cfg.early_stop_kl:
                 stats.add({"policy/early_stopped": 1.0})
                 break
         return stats.pop()
@@ -252,8 +258,7 @@ class PPOTrainer:
         ckpts = CheckpointManager(out, cfg.save_total_limit)
         start = 0
         if cfg.resume is not None:
-            path = ckpts.resolve(cfg.resume)
-            state, objects = ckpts.load(path)
+            path, state, objects = ckpts.load_for_resume(cfg.resume)
             load_trainable_state_dict(acc.unwrap_model(self.policy), objects["policy"], path)
             load_trainable_state_dict(acc.unwrap_model(self.value), objects["value"], path)
             inner_optimizer(self.p_opt).load_state_dict(objects["policy_optimizer"])
@@ -274,53 +279,67 @@ class PPOTrainer:
         })
         metrics = MetricsLogger(out, resume_step=start if cfg.resume else None)
         samples_path = out / "samples.jsonl"
-        if cfg.resume is None and samples_path.exists():
-            samples_path.unlink()
-        last: dict[str, float] = {}
+        if samples_path.exists():  # a fresh run starts empty; a resumed one drops rows after its checkpoint
+            kept = [r for r in samples_path.read_text(encoding="utf-8").splitlines()
+                    if cfg.resume is not None and r.strip() and json.loads(r)["step"] <= start]
+            samples_path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
+        self.last_row: dict[str, float] = {}
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)
+        self.last_good = "none yet"
+        hint = f"prefalign ppo --config {out / 'config.yaml'} --resume latest"
         bar = tqdm(total=total, initial=start, desc="ppo", unit="iter")
-        for step in range(start, total):
-            t_start = time.perf_counter()
-            timing: dict[str, float] = {}
-            ro = self.rollout(self.prompt_batch(step), timing)
-            t_update = time.perf_counter()
-            upd = self.update(ro)
-            timing["time/update"] = time.perf_counter() - t_update
-            lr = self.p_sched.get_last_lr()[0]
-            seq_kl = (ro.kl * ro.response_mask).sum(1)  # (B,)
-            non_score = (ro.non_score_rewards * ro.response_mask).sum(1)
-            n_tokens = int(ro.response_mask.sum())
-            done = step + 1
-            row = {
-                "objective/scores": ro.scores.mean().item(),
-                "objective/kl": seq_kl.mean().item(),
-                "objective/entropy": (ro.entropy * ro.response_mask).sum(1).mean().item(),
-                "objective/non_score_reward": non_score.mean().item(),
-                "objective/rlhf_reward": (ro.scores + non_score).mean().item(),
-                **upd,
-                "val/explained_variance": explained_variance(ro.values, ro.returns, ro.response_mask).item(),
-                "val/num_eos": int(ro.ended.sum()),
-                "val/response_length": ro.response_mask.sum(1).float().mean().item(),
-                "kl_coef": self.kl_ctl.coef,
-                "lr": lr,
-                "episodes": done * cfg.rollout_batch_size,
-                **timing,
-                "tokens_per_second": n_tokens / max(timing["time/generation"], 1e-9),
-            }
-            self.kl_ctl.update(row["objective/kl"], cfg.rollout_batch_size)
-            if done % cfg.logging_steps == 0 or done == total:
-                metrics.log(done, row)
-            last = row
-            if done % cfg.sample_every == 0 or done == 1 or done == total:
-                self.log_samples(metrics, samples_path, done, ro)
-            bar.set_postfix({"score": f"{row['objective/scores']:.3f}", "kl": f"{row['objective/kl']:.2f}",
-                             "s/it": f"{time.perf_counter() - t_start:.1f}"})
-            bar.update(1)
-            if (cfg.save_steps and done % cfg.save_steps == 0) or done == total:
-                self.save_checkpoint(ckpts, done)
+        with GracefulStop() as stop:
+            for step in range(start, total):
+                self._iteration(step, total, metrics, samples_path, ckpts, bar)
+                if step + 1 < total:
+                    stop.check(step + 1, total, lambda: self.save_checkpoint(ckpts, step + 1), hint)
         bar.close()
         metrics.close()
         self.save_final(out)
-        return last
+        return self.last_row
+
+    def _iteration(self, step, total, metrics, samples_path, ckpts, bar) -> None:
+        """One PPO iteration: rollout, update, metrics, samples, checkpoint."""
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        timing: dict[str, float] = {}
+        ro = self.rollout(self.prompt_batch(step), timing)
+        t_update = time.perf_counter()
+        upd = self.update(ro, step + 1)
+        timing["time/update"] = time.perf_counter() - t_update
+        lr = self.p_sched.get_last_lr()[0]
+        seq_kl = (ro.kl * ro.response_mask).sum(1)  # (B,)
+        non_score = (ro.non_score_rewards * ro.response_mask).sum(1)
+        n_tokens = int(ro.response_mask.sum())
+        done = step + 1
+        row = {
+            "objective/scores": ro.scores.mean().item(),
+            "objective/kl": seq_kl.mean().item(),
+            "objective/entropy": (ro.entropy * ro.response_mask).sum(1).mean().item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/rlhf_reward": (ro.scores + non_score).mean().item(),
+            **upd,
+            "val/explained_variance": explained_variance(ro.values, ro.returns, ro.response_mask).item(),
+            "val/num_eos": int(ro.ended.sum()),
+            "val/response_length": ro.response_mask.sum(1).float().mean().item(),
+            "kl_coef": self.kl_ctl.coef,
+            "lr": lr,
+            "episodes": done * cfg.rollout_batch_size,
+            **timing,
+            "tokens_per_second": n_tokens / max(timing["time/generation"], 1e-9),
+        }
+        row["skipped_steps"] = self.guard.skipped
+        self.kl_ctl.update(row["objective/kl"], cfg.rollout_batch_size)
+        if done % cfg.logging_steps == 0 or done == total:
+            metrics.log(done, row)
+        self.last_row = row
+        if done % cfg.sample_every == 0 or done == 1 or done == total:
+            self.log_samples(metrics, samples_path, done, ro)
+        bar.set_postfix({"score": f"{row['objective/scores']:.3f}", "kl": f"{row['objective/kl']:.2f}",
+                         "s/it": f"{time.perf_counter() - t_start:.1f}"})
+        bar.update(1)
+        if ((cfg.save_steps and done % cfg.save_steps == 0) or done == total) and self.guard.in_a_row == 0:
+            self.last_good = str(self.save_checkpoint(ckpts, done))
 
     def log_samples(self, metrics: MetricsLogger, path: Path, step: int, ro: Rollout, n: int = 4) -> None:
         rows = [{"step": step, "prompt": ro.prompts[i], "completion": ro.completions[i],
@@ -330,9 +349,9 @@ class PPOTrainer:
         table = "\n\n".join(f"**{r['score']}** | {r['prompt'][-200:]} → {r['completion']}" for r in rows)
         metrics.log_text(step, "samples", table)
 
-    def save_checkpoint(self, ckpts: CheckpointManager, step: int) -> None:
+    def save_checkpoint(self, ckpts: CheckpointManager, step: int) -> Path:
         acc = self.accelerator
-        ckpts.save(step, {
+        return ckpts.save(step, {
             "policy": trainable_state_dict(acc.unwrap_model(self.policy)),
             "value": trainable_state_dict(acc.unwrap_model(self.value)),
             "policy_optimizer": inner_optimizer(self.p_opt).state_dict(),

@@ -116,6 +116,7 @@ def without_final_token(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 class RewardTrainer(Trainer):
+    command = "reward"
     lora_task_type = "SEQ_CLS"
     lora_modules_to_save = ["score"]  # the new head must train, not just the adapters
     key_metric = "accuracy"

@@ -33,6 +33,7 @@ class SFTConfig(TrainConfig):
 
 
 class SFTTrainer(Trainer):
+    command = "sft"
     key_metric = "nll"
 
     def setup(self) -> None:

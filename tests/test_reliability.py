@@ -1,0 +1,163 @@
+"""Never lose a run: kills, signals, corrupted checkpoints, non-finite steps."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import learnable_pairs, read_metrics, trainer_kwargs, write_jsonl
+from prefalign.errors import UserError
+from prefalign.trainers.dpo import DPOConfig, DPOTrainer
+
+
+def _start(args, env_extra=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env_extra or {})}
+    return subprocess.Popen([sys.executable, "-m", "prefalign", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_step(proc, out, step, timeout=240):
+    """Block until metrics.jsonl in ``out`` has a row with step >= ``step``."""
+    deadline = time.time() + timeout
+    path = out / "metrics.jsonl"
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"finished before step {step}: {proc.stderr.read()[-2000:]}")
+        if path.exists():
+            steps = [json.loads(x).get("step", 0) for x in path.read_text().splitlines() if x.strip().endswith("}")]
+            if steps and max(steps) >= step:
+                return
+        time.sleep(0.02)
+    raise AssertionError("timed out waiting for training progress")
+
+
+def _run(args):
+    proc = _start(args)
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+
+
+def _weights(final_dir):
+    return load_file(str(final_dir / "model.safetensors"))
+
+
+def _assert_same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), f"{k} differs"
+
+
+def _commands(tmp_path, model_dir):
+    pairs = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"review {i}: the movie was\n" for i in range(32)))
+    judge = tmp_path / "judge.py"
+    judge.write_text("def score(prompts, completions):\n    return [len(c) / 10 for c in completions]\n")
+    common = ["--model", model_dir, "--precision", "fp32", "--save-steps", "1", "--learning-rate", "1e-3"]
+    return {
+        "dpo": (["dpo", "--data", pairs, "--batch-size", "2", "--max-steps", "10", *common], "final"),
+        "reward": (["reward", "--data", pairs, "--batch-size", "2", "--max-steps", "10", *common], "final"),
+        "ppo": (["ppo", "--prompts", prompts, "--reward", f"{judge}:score", "--rollout-batch-size", "4",
+                 "--max-new-tokens", "4", "--max-steps", "6", "--ppo-epochs", "1", *common], "final"),
+    }
+
+
+@pytest.mark.parametrize("command", ["dpo", "reward", "ppo"])
+def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, command):
+    args, final = _commands(tmp_path, tiny_model_dir)[command]
+    total = int(args[args.index("--max-steps") + 1])
+    _run([*args, "--output", tmp_path / "full"])
+    killed = tmp_path / "killed"
+    k = random.Random(command).randint(1, total - 2)
+    proc = _start([*args, "--output", killed])
+    _wait_for_step(proc, killed, k + 1)  # step k's checkpoint exists once step k + 1 is logged
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed / final).exists()
+    _run([*args, "--output", killed, "--resume", "latest"])
+    _assert_same_weights(tmp_path / "full" / final, killed / final)
+    if command == "ppo":
+        _assert_same_weights(tmp_path / "full" / "value", killed / "value")
+    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("wall", "time/", "tokens_per"))} for r in rows]
+    assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(killed))
+
+
+@pytest.mark.parametrize("sig,code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_signal_writes_a_checkpoint_and_says_how_to_resume(tmp_path, tiny_model_dir, sig, code):
+    args, _ = _commands(tmp_path, tiny_model_dir)["dpo"]
+    args = [a if a != "1" or args[i - 1] != "--save-steps" else "1000" for i, a in enumerate(args)]  # no periodic saves
+    args[args.index("--max-steps") + 1] = "400"
+    out = tmp_path / "run"
+    proc = _start([*args, "--output", out])
+    _wait_for_step(proc, out, 2)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err[-2000:]
+    assert "--resume latest" in err and "Traceback" not in err
+    ckpts = sorted((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1 and (ckpts[0] / "state.json").is_file()
+    assert not (out / "final").exists()
+
+
+def _dpo(tmp_path, model_dir, pairs, **kw):
+    return DPOConfig(**trainer_kwargs(tmp_path, model_dir, pairs, **kw))
+
+
+def test_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path, tiny_model_dir, pairs, caplog):
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=3)).train()
+    ckpts = sorted((tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert [c.name for c in ckpts] == ["step-0000002", "step-0000003", "step-0000004"]
+    model_pt = ckpts[-1] / "model.pt"
+    model_pt.write_bytes(model_pt.read_bytes()[:100])  # an interrupted write
+    (ckpts[-2] / "state.json").write_text("{not json")  # a bad state file: incomplete
+    resumed = DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=3,
+                              resume="latest"))
+    resumed.train()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["resumed_from_step"] == 2
+    assert "skipping" in caplog.text
+
+
+class NaNAt(DPOTrainer):
+    """A DPO trainer whose loss is NaN on the given optimizer steps (1-based)."""
+
+    def __init__(self, cfg, bad_steps):
+        super().__init__(cfg)
+        self.bad_steps, self.calls = set(bad_steps), 0
+
+    def compute_loss(self, batch):
+        loss, stats = super().compute_loss(batch)
+        if self.model.training:
+            self.calls += 1
+            if self.calls in self.bad_steps:
+                loss = loss * float("nan")
+        return loss, stats
+
+
+def test_a_nan_step_is_skipped_and_counted(tmp_path, tiny_model_dir, pairs):
+    trainer = NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=5), bad_steps=[2])
+    final = trainer.train()
+    rows = read_metrics(tmp_path / "run")
+    assert [r["skipped_steps"] for r in rows] == [0, 1, 1, 1, 1]
+    assert "loss" not in rows[1]  # nothing from the skipped step is averaged into the log
+    assert torch.isfinite(torch.tensor(final["loss"]))
+    for p in trainer.model.parameters():
+        assert torch.isfinite(p).all()
+
+
+def test_nan_steps_in_a_row_stop_with_the_last_good_checkpoint(tmp_path, tiny_model_dir, pairs):
+    trainer = NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=8, save_steps=1, max_nonfinite_steps=3),
+                    bad_steps=range(3, 100))
+    with pytest.raises(UserError, match=r"non-finite loss or gradients for 3 steps in a row.*step-0000002"):
+        trainer.train()
+    assert not (tmp_path / "run" / "final").exists()
+    ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
+    state = torch.load(ckpt / "model.pt")
+    assert all(torch.isfinite(t).all() for t in state.values())
