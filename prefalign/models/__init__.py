@@ -6,7 +6,9 @@ from prefalign.models.loading import (
     cache_dir,
     disable_dropout,
     load_causal_lm,
+    load_policy,
     load_tokenizer,
+    policy_base,
     resolve_model,
 )
 from prefalign.models.tiny import tiny_causal_lm
@@ -17,7 +19,9 @@ __all__ = [
     "cache_dir",
     "disable_dropout",
     "load_causal_lm",
+    "load_policy",
     "load_tokenizer",
+    "policy_base",
     "resolve_model",
     "tiny_causal_lm",
 ]

@@ -165,3 +165,61 @@ def load_causal_lm(name_or_path: str | None = None, dtype=None):
         raise _hub_error(name_or_path or DEFAULT_MODEL, e) from None
     disable_dropout(model)
     return model
+
+
+ADAPTER_CONFIG = "adapter_config.json"
+
+
+def policy_base(name_or_path: str | None) -> tuple[str, Path | None]:
+    """``(base, adapter_dir)`` of a policy spec: a LoRA adapter directory names its base model in
+    ``adapter_config.json``; anything else is its own base (``adapter_dir`` None).
+
+    A base that was the embedded default's cache (``<cache>/smollm2-135m``) maps back to the embedded
+    name, so an adapter trained on another machine (or before the cache was cleared) still loads.
+    """
+    import json
+
+    name = name_or_path or DEFAULT_MODEL
+    path = Path(name).expanduser()
+    if not (path / ADAPTER_CONFIG).is_file():
+        return name, None
+    where = path / ADAPTER_CONFIG
+    try:
+        adapter = json.loads(where.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"{where}: not a readable adapter config ({e})") from None
+    task = adapter.get("task_type")
+    if task not in (None, "CAUSAL_LM"):
+        raise UserError(f"{name}: a {task} adapter (a reward model?), not a causal-LM policy")
+    base = adapter.get("base_model_name_or_path")
+    if not isinstance(base, str) or not base:
+        raise UserError(f"{where}: no base_model_name_or_path; set it to the base model (a directory, "
+                        f"hub id or one of: {', '.join(EMBEDDED)})")
+    base_path = Path(base).expanduser()
+    if not base_path.exists() and base_path.name in EMBEDDED and base_path.parent.name == "prefalign":
+        return base_path.name, path
+    return base, path
+
+
+def load_policy(name_or_path: str | None = None, dtype=None):
+    """Load a policy to sample from: a full model (`load_causal_lm`) or a LoRA adapter directory
+    (what a LoRA run saves as ``final/``), merged into its base. Dropout off, eval mode.
+    """
+    base, adapter_dir = policy_base(name_or_path)
+    if adapter_dir is None:
+        return load_causal_lm(base, dtype=dtype).eval()
+    from peft import PeftModel
+
+    hint = (f"the adapter {adapter_dir} needs its base model {base!r}; make it available, or edit "
+            f"base_model_name_or_path in {adapter_dir / ADAPTER_CONFIG}")
+    try:
+        model = load_causal_lm(base, dtype=dtype)
+    except UserError as e:
+        raise UserError(f"{hint} ({e})") from None
+    try:
+        model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    except (OSError, ValueError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{adapter_dir}: could not apply the LoRA adapter to {base!r}: {first}") from None
+    disable_dropout(model)
+    return model.eval()

@@ -1,0 +1,270 @@
+"""Evaluate policies against a reference: gold (and proxy) score, KL to the reference, win rate.
+
+Every policy and the reference sample from the same prompts with the same settings, the RNG reset to
+the same seed before each, so a policy identical to the reference draws identical completions. Per
+policy, in this order (one model in memory at a time):
+
+1. load the policy; sample ``num_samples`` completions per prompt; sum each response's token log-probs
+   under the policy (at the sampling temperature); free it;
+2. load the reference; sample its own completions; sum the log-probs of every policy's responses under
+   the reference, in the same batches as step 1;
+3. score every completion with the gold judge (and the proxy reward model);
+4. per policy: KL to the reference = mean over samples of ``sum_t logp_policy - logp_ref`` (the k1
+   estimator of KL(policy || reference) on sequences sampled from the policy); win rate against the
+   reference's completion of the same prompt and sample index by the gold judge.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from prefalign.models.loading import DEFAULT_MODEL
+from prefalign.rollout.generate import SamplingConfig
+
+REFERENCE = "reference"
+"""The reference's name in the outputs (a policy may not use it)."""
+
+
+@dataclass
+class EvalConfig(SamplingConfig):
+    """Compare policies with a reference: gold/proxy score, KL to the reference, win rate."""
+
+    policies: list[str] = field(default_factory=list)
+    """Policies as NAME=PATH: a model directory, hub id, embedded name or a LoRA run's final/ adapter directory."""
+    reference: str = DEFAULT_MODEL
+    """Reference policy (what KL and win rate are measured against); any model spec or adapter directory."""
+    prompts: list[str] = field(default_factory=list)
+    """Prompt files (.txt one per line, .jsonl/.json/.csv/.parquet with a `prompt` column) or literal prompt
+    texts; a value that is not an existing path is a prompt."""
+    judge: str = ""
+    """Gold judge: a built-in judge (vader), module:function / file.py:function, or a reward model."""
+    proxy: str | None = None
+    """Optional proxy reward (typically the reward model PPO trained against); same kinds as --judge."""
+    chat: bool = True
+    """Wrap plain-text prompts in the reference tokenizer's chat template as a user turn."""
+    num_samples: int = 1
+    """Completions per prompt and policy."""
+    batch_size: int = 8
+    """Completions per generation / log-prob batch (also the reward models' batch size)."""
+    max_prompt_length: int = 512
+    """Longer prompts keep their last tokens."""
+    dtype: str = "float32"
+    """Weights dtype for sampling and log-probs: float32 or bfloat16."""
+    seed: int = 0
+    """Random seed, reset before each policy's sampling."""
+    output: str = "runs/eval"
+    """Output directory: eval.json, eval.md, completions.jsonl, config.yaml."""
+    overwrite: bool = False
+    """Replace the files of a previous run in --output."""
+
+    def validate(self):
+        super().validate()
+        for name in ("num_samples", "batch_size", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if not self.judge:
+            raise ValueError("--judge is required: vader, module:function, file.py:function or a reward model")
+        if not self.prompts:
+            raise ValueError("--prompts is required: prompt files or literal prompt texts")
+        if not self.policies:
+            raise ValueError("--policies is required: one or more NAME=PATH")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        self.policy_specs  # noqa: B018  (parses NAME=PATH, raising on a bad value)
+
+    @property
+    def policy_specs(self) -> list[tuple[str, str]]:
+        """``(name, path)`` per ``--policies`` value, in order."""
+        out: list[tuple[str, str]] = []
+        for value in self.policies:
+            name, eq, path = value.partition("=")
+            if not eq or not name.strip() or not path.strip():
+                raise ValueError(f"--policies {value!r}: expected NAME=PATH, e.g. dpo=runs/dpo/final")
+            name = name.strip()
+            if name == REFERENCE:
+                raise ValueError(f"--policies {value!r}: the name {REFERENCE!r} is taken by --reference; "
+                                 "choose another")
+            if name in (n for n, _ in out):
+                raise ValueError(f"--policies: the name {name!r} is given twice; names must be unique")
+            out.append((name, path.strip()))
+        return out
+
+    @property
+    def logprob_temperature(self) -> float:
+        """The temperature the log-probs are taken at: the sampling one (1 with --greedy)."""
+        return 1.0 if self.greedy else self.temperature
+
+
+def win_rate(scores: torch.Tensor, ref_scores: torch.Tensor) -> tuple[float, dict[str, int]]:
+    """Mean of 1 (win) / 0.5 (tie) / 0 (loss) of ``scores (N,)`` against ``ref_scores (N,)``, paired by index.
+
+    Returns ``(rate, {"wins", "ties", "losses"})``. Naive form::
+
+        sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, ref_scores)) / N
+    """
+    if scores.shape != ref_scores.shape or scores.ndim != 1 or scores.numel() == 0:
+        raise ValueError(f"need two non-empty (N,) score tensors, got {tuple(scores.shape)} and "
+                         f"{tuple(ref_scores.shape)}")
+    wins = int((scores > ref_scores).sum())
+    ties = int((scores == ref_scores).sum())
+    losses = scores.numel() - wins - ties
+    return (wins + 0.5 * ties) / scores.numel(), {"wins": wins, "ties": ties, "losses": losses}
+
+
+def _std(x: torch.Tensor) -> float:
+    """Population standard deviation (0 for a single value)."""
+    return float(x.double().std(unbiased=False)) if x.numel() else 0.0
+
+
+@dataclass
+class _PolicyRun:
+    """What one policy produced: N = prompts x num_samples, in (prompt, sample) order."""
+
+    name: str
+    path: str
+    samples: list  # list[Sample], N
+    logps: torch.Tensor | None = None  # (N,) summed response log-probs under the policy (None: the reference)
+    ref_logps: torch.Tensor | None = None  # (N,) the same responses under the reference
+    gold: torch.Tensor | None = None  # (N,)
+    proxy: torch.Tensor | None = None  # (N,)
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the evaluation; write ``eval.json``, ``eval.md``, ``completions.jsonl`` and ``config.yaml``.
+
+    Returns what ``eval.json`` holds: ``{"reference", "policies": {name: metrics}, "settings", "seconds"}``,
+    the reference first, then the policies in the order given.
+    """
+    import time
+
+    from prefalign.data import tokenize_prompts
+    from prefalign.eval.sampling import device, read_prompt_texts, score_samples
+    from prefalign.models import load_tokenizer, policy_base
+    from prefalign.rewards import load_reward_source
+    from prefalign.runio import atomic_write_text, prepare_output_dir, to_plain, write_config, write_json, write_jsonl
+
+    specs = cfg.policy_specs
+    dev = device()
+    # Everything that can fail on bad input loads before the output directory is made and sampling starts.
+    gold = load_reward_source(cfg.judge, batch_size=cfg.batch_size, device=dev)
+    proxy = load_reward_source(cfg.proxy, batch_size=cfg.batch_size, device=dev) if cfg.proxy else None
+    tokenizer = load_tokenizer(policy_base(cfg.reference)[0])
+    for name, path in specs:
+        _check_same_tokenizer(tokenizer, path, name)
+    prompts = read_prompt_texts(cfg.prompts, tokenizer, cfg.chat)
+    prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
+    out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
+    write_config(out_dir, cfg)
+
+    start = time.perf_counter()
+    runs = [_sample_policy(cfg, name, path, tokenizer, prompt_ids, dev) for name, path in specs]  # step 1
+    ref = _sample_reference(cfg, tokenizer, prompt_ids, runs, dev)  # step 2
+    for run in [ref, *runs]:  # step 3
+        run.gold = score_samples(gold, f"--judge {cfg.judge}", prompts, run.samples)
+        if proxy is not None:
+            run.proxy = score_samples(proxy, f"--proxy {cfg.proxy}", prompts, run.samples)
+    seconds = time.perf_counter() - start
+
+    metrics = {run.name: _policy_metrics(run, ref) for run in [ref, *runs]}  # step 4
+    result = {"reference": REFERENCE, "policies": metrics,
+              "settings": {**to_plain(cfg), "logprob_temperature": cfg.logprob_temperature,
+                           "prompts_evaluated": len(prompts)},
+              "seconds": round(seconds, 3)}
+    write_json(out_dir / "eval.json", result)
+    atomic_write_text(out_dir / "eval.md", markdown_table(metrics))
+    write_jsonl(out_dir / "completions.jsonl", _completion_rows(prompts, [ref, *runs]))
+    return result
+
+
+def _check_same_tokenizer(ref_tokenizer, path: str, name: str) -> None:
+    """KL compares token log-probs: a policy must read the reference's token ids the same way."""
+    from prefalign.errors import UserError
+    from prefalign.models import load_tokenizer, policy_base
+
+    try:
+        tok = load_tokenizer(policy_base(path)[0])
+    except UserError as e:
+        raise UserError(f"--policies {name}={path}: {e}") from None
+    if tok.get_vocab() != ref_tokenizer.get_vocab():
+        raise UserError(f"--policies {name}={path}: its tokenizer differs from the reference's; KL to the "
+                        "reference needs the same vocabulary (give a --reference with the same tokenizer)")
+
+
+def _sample_policy(cfg: EvalConfig, name: str, path: str, tokenizer, prompt_ids, dev) -> _PolicyRun:
+    from prefalign.eval.sampling import sample_completions, sequence_logps
+    from prefalign.models import load_policy
+
+    model = load_policy(path, dtype=getattr(torch, cfg.dtype)).to(dev)
+    torch.manual_seed(cfg.seed)
+    samples = sample_completions(model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, desc=name)
+    logps = sequence_logps(model, prompt_ids, samples, cfg.batch_size, cfg.logprob_temperature,
+                           tokenizer.pad_token_id, desc=f"{name} log-probs")
+    return _PolicyRun(name, path, samples, logps=logps)  # the model is freed on return
+
+
+def _sample_reference(cfg: EvalConfig, tokenizer, prompt_ids, runs: list[_PolicyRun], dev) -> _PolicyRun:
+    from prefalign.eval.sampling import sample_completions, sequence_logps
+    from prefalign.models import load_policy
+
+    model = load_policy(cfg.reference, dtype=getattr(torch, cfg.dtype)).to(dev)
+    torch.manual_seed(cfg.seed)
+    samples = sample_completions(model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size,
+                                 desc=REFERENCE)
+    for run in runs:
+        run.ref_logps = sequence_logps(model, prompt_ids, run.samples, cfg.batch_size, cfg.logprob_temperature,
+                                       tokenizer.pad_token_id, desc=f"{run.name} reference log-probs")
+    return _PolicyRun(REFERENCE, cfg.reference, samples)
+
+
+def _policy_metrics(run: _PolicyRun, ref: _PolicyRun) -> dict:
+    """One policy's row of eval.json (the reference's KL is 0 by definition)."""
+    if run.logps is None:
+        kl = torch.zeros(len(run.samples))
+    else:
+        kl = run.logps - run.ref_logps  # (N,) sequence-level k1 estimate per sample
+    rate, counts = win_rate(run.gold, ref.gold)
+    lengths = torch.tensor([len(s.response_ids) for s in run.samples], dtype=torch.float64)
+    has_proxy = run.proxy is not None
+    return {
+        "model": run.path,
+        "n": len(run.samples),
+        "gold_mean": float(run.gold.double().mean()),
+        "gold_std": _std(run.gold),
+        "proxy_mean": float(run.proxy.double().mean()) if has_proxy else None,
+        "proxy_std": _std(run.proxy) if has_proxy else None,
+        "kl_mean": float(kl.double().mean()),
+        "kl_std": _std(kl),
+        "win_rate": rate,
+        **counts,
+        "length_mean": float(lengths.mean()),
+        "eos_rate": sum(s.ended for s in run.samples) / len(run.samples),
+    }
+
+
+def _completion_rows(prompts: list[str], runs: list[_PolicyRun]) -> list[dict]:
+    rows = []
+    for run in runs:
+        kl = (run.logps - run.ref_logps).tolist() if run.logps is not None else [0.0] * len(run.samples)
+        for n, s in enumerate(run.samples):
+            rows.append({"policy": run.name, "prompt": prompts[s.prompt], "sample": s.sample, "completion": s.text,
+                         "gold": float(run.gold[n]), "proxy": float(run.proxy[n]) if run.proxy is not None else None,
+                         "kl": kl[n], "num_tokens": len(s.response_ids), "ended": s.ended})
+    return rows
+
+
+def markdown_table(metrics: dict[str, dict]) -> str:
+    """eval.md: one row per policy, the reference first."""
+    has_proxy = any(m["proxy_mean"] is not None for m in metrics.values())
+    head = ["policy", "gold (mean ± std)"] + (["proxy"] if has_proxy else []) + [
+        "KL to ref (mean ± std)", "win rate vs ref", "length (tokens)", "EOS rate", "completions"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for name, m in metrics.items():
+        cells = [name.replace("|", "\\|"), f"{m['gold_mean']:.4f} ± {m['gold_std']:.4f}"]
+        if has_proxy:
+            cells.append(f"{m['proxy_mean']:.4f}")
+        cells += [f"{m['kl_mean']:.4f} ± {m['kl_std']:.4f}", f"{m['win_rate']:.3f}", f"{m['length_mean']:.1f}",
+                  f"{m['eos_rate']:.2f}", str(m["n"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,121 @@
+"""Sampling and scoring shared by ``prefs`` and ``eval``: K completions per prompt, their summed log-probs.
+
+Both commands sample the same way as ``generate`` (`prefalign.rollout.generate`: left-padded prompts,
+responses cut after the first EOS, text cut at the first stop string) and keep each response's token
+ids, so ``eval`` can score exactly the sampled tokens under another model afterwards.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from prefalign.errors import UserError
+from prefalign.rollout.generate import SamplingConfig
+
+
+@dataclass
+class Sample:
+    """One sampled completion of prompt ``prompt`` (its ``sample``-th)."""
+
+    prompt: int
+    """Index into the prompt list."""
+    sample: int
+    """0 .. num_samples - 1."""
+    text: str
+    """Decoded completion, without the EOS, cut at the first stop string."""
+    response_ids: list[int]
+    """Sampled token ids, cut after the first EOS (the EOS kept when the response ended)."""
+    ended: bool
+    """The response ended with EOS or a stop string (not by running out of tokens)."""
+
+
+def device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def read_prompt_texts(sources: list[str], tokenizer, chat: bool) -> list[str]:
+    """Prompts from files and literal strings (a value that is not an existing path is a prompt)."""
+    from prefalign.data import load_prompts
+
+    if not sources:
+        raise UserError("no prompts: give --prompts FILE or literal prompt texts")
+    texts: list[str] = []
+    for src in sources:
+        texts += load_prompts(src if Path(src).exists() else [src], tokenizer, chat=chat)
+    return texts
+
+
+def sample_completions(model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig, num_samples: int,
+                       batch_size: int, desc: str = "sample") -> list[Sample]:
+    """``num_samples`` completions of every prompt, in (prompt, sample) order, ``batch_size`` rows at a time.
+
+    The caller seeds the RNG: the same seed, model, prompts and settings give the same samples.
+    """
+    from tqdm.auto import tqdm
+
+    from prefalign.data import PromptCollator
+    from prefalign.rollout import cut_at_stop, eos_token_ids, generate
+
+    dev = next(model.parameters()).device
+    collate = PromptCollator(tokenizer.pad_token_id)
+    eos = eos_token_ids(model, tokenizer)
+    jobs = [(i, k) for i in range(len(prompt_ids)) for k in range(num_samples)]
+    out: list[Sample] = []
+    with tqdm(total=len(jobs), desc=desc, unit="completion") as bar:
+        for lo in range(0, len(jobs), batch_size):
+            chunk = jobs[lo : lo + batch_size]
+            batch = collate([prompt_ids[i] for i, _ in chunk])
+            gen = generate(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), sampling,
+                           eos_ids=eos, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer)
+            texts = tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
+            ids = gen.response_ids.cpu()  # (b, R)
+            lengths = gen.response_mask.sum(1).tolist()  # (b,)
+            for row, ((i, k), text, n, ended) in enumerate(zip(chunk, texts, lengths, gen.ended.tolist())):
+                out.append(Sample(i, k, cut_at_stop(text, sampling.stop), ids[row, : int(n)].tolist(), bool(ended)))
+            bar.update(len(chunk))
+    return out
+
+
+@torch.no_grad()
+def sequence_logps(model, prompt_ids: list[list[int]], samples: list[Sample], batch_size: int,
+                   temperature: float, pad_id: int, desc: str = "log-probs") -> torch.Tensor:
+    """``(N,)`` float32: per sample, the sum over its response tokens of ``log p(token | prefix)`` at ``temperature``.
+
+    Batches are formed in the order of ``samples`` (``batch_size`` at a time), so two models scored on
+    the same samples see identical batches: equal weights give bit-identical sums.
+    """
+    from tqdm.auto import tqdm
+
+    from prefalign.data import SFTCollator, TokenizedSFT
+    from prefalign.models.logprobs import completion_logprobs, sequence_logprobs
+
+    dev = next(model.parameters()).device
+    collate = SFTCollator(pad_id)
+    was_training = model.training
+    model.eval()
+    sums: list[torch.Tensor] = []
+    try:
+        for lo in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
+            chunk = samples[lo : lo + batch_size]
+            batch = collate([TokenizedSFT(prompt_ids[s.prompt], s.response_ids) for s in chunk])
+            batch = {k: v.to(dev) for k, v in batch.items()}  # each (b, T), right-padded
+            logps = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
+                                        temperature=temperature)  # (b, T)
+            sums.append(sequence_logprobs(logps, batch["completion_mask"]).float().cpu())  # (b,)
+    finally:
+        model.train(was_training)
+    return torch.cat(sums) if sums else torch.zeros(0)
+
+
+def score_samples(source, name: str, prompts: list[str], samples: list[Sample]) -> torch.Tensor:
+    """``(N,)`` scores of the samples' texts by a reward source; ``name`` (``"--judge vader"``) names it in errors."""
+    from prefalign.rewards import check_scores
+
+    if not samples:
+        return torch.zeros(0)
+    texts = [s.text for s in samples]
+    return check_scores(source.score([prompts[s.prompt] for s in samples], texts), len(texts), name)
+

@@ -1,0 +1,167 @@
+import json
+import shutil
+
+import pytest
+import torch
+from conftest import run_cli
+
+from prefalign.errors import UserError
+from prefalign.eval.evaluate import EvalConfig, evaluate, win_rate
+
+
+def test_win_rate_counts_wins_ties_and_losses_by_index():
+    rate, counts = win_rate(torch.tensor([1.0, 0.0, 2.0, 5.0]), torch.tensor([0.0, 0.0, 3.0, 1.0]))
+    assert counts == {"wins": 2, "ties": 1, "losses": 1}
+    assert rate == pytest.approx((2 + 0.5) / 4)
+    assert win_rate(torch.ones(3), torch.ones(3))[0] == 0.5
+    with pytest.raises(ValueError):
+        win_rate(torch.ones(3), torch.ones(2))
+
+
+def test_policies_must_be_name_equals_path():
+    base = dict(prompts=["x"], judge="vader")
+    assert EvalConfig(policies=["a=dir/a", "b=x=y"], **base).policy_specs == [("a", "dir/a"), ("b", "x=y")]
+    for bad, msg in [("nosep", "expected NAME=PATH"), ("=path", "expected NAME=PATH"), ("a=", "expected NAME=PATH"),
+                     ("reference=x", "taken by --reference")]:
+        with pytest.raises(ValueError, match=msg):
+            EvalConfig(policies=[bad], **base)
+    with pytest.raises(ValueError, match="given twice"):
+        EvalConfig(policies=["a=x", "a=y"], **base)
+    with pytest.raises(ValueError, match="--policies is required"):
+        EvalConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(tmp_path_factory, tiny_model_dir):
+    """A LoRA adapter on the tiny model with non-zero B (peft's default init would change nothing)."""
+    from peft import LoraConfig, get_peft_model
+
+    from prefalign.models import load_causal_lm
+
+    torch.manual_seed(1)
+    peft_model = get_peft_model(load_causal_lm(str(tiny_model_dir)), LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    path = tmp_path_factory.mktemp("adapter")
+    peft_model.save_pretrained(path)
+    return path, peft_model.eval()
+
+
+def test_load_policy_merges_a_lora_adapter(adapter_dir, tiny_model_dir):
+    from prefalign.models import load_causal_lm, load_policy
+
+    path, peft_model = adapter_dir
+    ids = torch.tensor([[1, 200, 300, 400, 500, 600]])
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        merged = load_policy(str(path))
+        got = merged(input_ids=ids).logits
+        base = load_causal_lm(str(tiny_model_dir))(input_ids=ids).logits
+    assert not hasattr(merged, "peft_config") and not merged.training
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert (got - base).abs().max() > 1e-3  # the adapter really changes the model
+    # a full model directory loads as itself
+    with torch.no_grad():
+        torch.testing.assert_close(load_policy(str(tiny_model_dir))(input_ids=ids).logits, base)
+
+
+def test_load_policy_refuses_an_adapter_whose_base_is_missing(adapter_dir, tmp_path):
+    from prefalign.models import load_policy
+
+    moved = tmp_path / "adapter"
+    shutil.copytree(adapter_dir[0], moved)
+    cfg_path = moved / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match="needs its base model .*gone.*base_model_name_or_path"):
+        load_policy(str(moved))
+    cfg_path.write_text(json.dumps({**cfg, "task_type": "SEQ_CLS"}))
+    with pytest.raises(UserError, match="SEQ_CLS adapter"):
+        load_policy(str(moved))
+
+
+def test_policy_base_maps_a_stale_embedded_cache_path_to_the_embedded_name(tmp_path):
+    from prefalign.models import policy_base
+
+    (tmp_path / "adapter_config.json").write_text(json.dumps(
+        {"base_model_name_or_path": "/nowhere/.cache/prefalign/smollm2-135m", "task_type": "CAUSAL_LM"}))
+    assert policy_base(str(tmp_path)) == ("smollm2-135m", tmp_path)
+    assert policy_base("org/model") == ("org/model", None)
+
+
+def _judges(tmp_path):
+    judge = tmp_path / "judge.py"
+    judge.write_text("def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n\n"
+                     "def vowels(prompts, completions):\n"
+                     "    return [float(sum(ch in 'aeiou' for ch in c)) for c in completions]\n")
+    return f"{judge}:length", f"{judge}:vowels"
+
+
+def test_eval_self_is_zero_kl_and_all_ties_other_policies_are_not(tmp_path, tiny_model_dir, tokenizer, adapter_dir):
+    from prefalign.models import tiny_causal_lm
+
+    other = tmp_path / "other"
+    model, _ = tiny_causal_lm(tokenizer, seed=1)
+    model.save_pretrained(other)
+    tokenizer.save_pretrained(other)
+    gold, proxy = _judges(tmp_path)
+    out = tmp_path / "eval"
+    prompts = ["the movie was", "this film", "my cat"]
+    result = evaluate(EvalConfig(policies=[f"same={tiny_model_dir}", f"other={other}", f"lora={adapter_dir[0]}"],
+                                 reference=str(tiny_model_dir), prompts=prompts, chat=False, judge=gold, proxy=proxy,
+                                 num_samples=2, max_new_tokens=6, batch_size=4, seed=3, output=str(out)))
+    m = result["policies"]
+    assert list(m) == ["reference", "same", "other", "lora"]
+    assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(result))
+    # the reference itself: identical seed and weights -> identical samples and log-probs
+    assert abs(m["same"]["kl_mean"]) < 1e-5 and m["same"]["kl_std"] < 1e-5
+    assert m["same"]["win_rate"] == 0.5 and m["same"]["ties"] == 6
+    rows = [json.loads(x) for x in (out / "completions.jsonl").read_text().splitlines()]
+    by_policy = {name: [r for r in rows if r["policy"] == name] for name in m}
+    assert [r["completion"] for r in by_policy["same"]] == [r["completion"] for r in by_policy["reference"]]
+    assert [(r["prompt"], r["sample"]) for r in by_policy["other"]] == [(p, k) for p in prompts for k in (0, 1)]
+    # different weights: a non-zero KL, and the metrics agree with the completions written
+    for name in ("other", "lora"):
+        assert abs(m[name]["kl_mean"]) > 1e-3
+        mine = by_policy[name]
+        assert m[name]["gold_mean"] == pytest.approx(sum(r["gold"] for r in mine) / len(mine))
+        assert m[name]["proxy_mean"] == pytest.approx(sum(r["proxy"] for r in mine) / len(mine))
+        assert m[name]["kl_mean"] == pytest.approx(sum(r["kl"] for r in mine) / len(mine))
+        assert all(r["gold"] == len(r["completion"]) for r in mine)
+        wins = sum(a["gold"] > b["gold"] for a, b in zip(mine, by_policy["reference"]))
+        ties = sum(a["gold"] == b["gold"] for a, b in zip(mine, by_policy["reference"]))
+        assert m[name]["win_rate"] == pytest.approx((wins + 0.5 * ties) / 6)
+        assert m[name]["length_mean"] == pytest.approx(sum(r["num_tokens"] for r in mine) / 6)
+    assert m["reference"]["kl_mean"] == 0.0 and m["reference"]["win_rate"] == 0.5
+    assert m["reference"]["proxy_mean"] is not None
+    table = (out / "eval.md").read_text()
+    assert table.count("\n") == 2 + 4 and "| other |" in table
+
+
+def test_eval_cli_smoke(tmp_path, tiny_model_dir):
+    gold, _ = _judges(tmp_path)
+    out = tmp_path / "eval"
+    r = run_cli("eval", "--policies", f"me={tiny_model_dir}", "--reference", tiny_model_dir, "--prompts", "hello",
+                "a film", "--judge", gold, "--max-new-tokens", "4", "--output", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert result["policies"]["me"]["n"] == 2 and result["policies"]["me"]["win_rate"] == 0.5
+    assert result["policies"]["me"]["proxy_mean"] is None  # no --proxy
+    assert len((out / "completions.jsonl").read_text().splitlines()) == 4
+    assert "| me |" in r.stdout and (out / "eval.md").is_file() and (out / "config.yaml").is_file()
+
+
+def test_eval_cli_refuses_a_policy_without_a_name_with_one_line(tmp_path, tiny_model_dir):
+    r = run_cli("eval", "--policies", str(tiny_model_dir), "--prompts", "x", "--judge", "vader",
+                "--output", tmp_path / "x")
+    assert r.returncode == 2
+    assert r.stderr.strip() == f"error: --policies {str(tiny_model_dir)!r}: expected NAME=PATH, e.g. dpo=runs/dpo/final"
+    assert not (tmp_path / "x").exists()
+
+
+def test_eval_refuses_a_missing_policy_before_writing_anything(tmp_path, tiny_model_dir):
+    gold, _ = _judges(tmp_path)
+    cfg = EvalConfig(policies=[f"gone={tmp_path / 'gone'}"], reference=str(tiny_model_dir), prompts=["x"],
+                     judge=gold, output=str(tmp_path / "out"))
+    with pytest.raises(UserError, match="--policies gone=.*unknown model"):
+        evaluate(cfg)
+    assert not (tmp_path / "out").exists()
