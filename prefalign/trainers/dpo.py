@@ -98,7 +98,9 @@ class DPOTrainer(Trainer):
         return self.collator(examples)
 
     def _seq_logps(self, model, batch) -> torch.Tensor:
-        logps = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        """``(2N,)`` sequence log-probs; ``model=None`` means the policy through the training engine."""
+        args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        logps = self.call(completion_logprobs, *args) if model is None else completion_logprobs(model, *args)
         # IPO's margin target 1/(2 beta) is meant for length-averaged log-probs (Azar et al. 2023).
         return sequence_logprobs(logps, batch["completion_mask"], average=self.cfg.loss_type == "ipo")
 
@@ -134,7 +136,7 @@ class DPOTrainer(Trainer):
 
     def compute_loss(self, batch):
         n = batch["input_ids"].shape[0] // 2
-        seq = self._seq_logps(self.model, batch)  # (2N,)
+        seq = self._seq_logps(None, batch)  # (2N,)
         ref = self.reference_logps(batch) if self.cfg.uses_reference else None
         loss, stats = dpo_loss(
             seq[:n], seq[n:],

@@ -55,6 +55,22 @@ def resolve_precision(precision: str) -> str:
     return "bf16" if cpu_has_bf16() else "fp32"
 
 
+def make_accelerator(precision: str):
+    """An ``Accelerator`` for one run at ``precision`` ('fp32' or 'bf16').
+
+    accelerate keeps a process-wide AcceleratorState that refuses a second mixed-precision setting, yet
+    the Python API may run several trainers in one process (fp32 then bf16); each run starts from a fresh
+    AcceleratorState. The distributed PartialState (process group) is kept.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # private API: no public way to do this
+    # Without a GPU, say cpu=True: under torchrun (`accelerate launch --multi_gpu --num_processes N`) that
+    # makes accelerate join a gloo process group on the CPU instead of silently running N copies alone.
+    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+
+
 def exact_div(a: int, b: int, what: str) -> int:
     if a % b:
         raise UserError(f"{what}: {a} is not divisible by {b}")
@@ -109,6 +125,22 @@ class Schedule:
         return self.n_train // self.global_batch
 
 
+class Forward(torch.nn.Module):
+    """Runs ``fn(model, *args)`` as its own forward.
+
+    Training forwards call the backbone and a head directly (to skip logits nobody needs), which a
+    DDP/FSDP/DeepSpeed wrapper around the model would never see. Wrapping this module instead puts
+    every training forward through ``accelerate``'s wrapper, so gradients are synchronised.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, fn, *args, **kwargs):
+        return fn(self.model, *args, **kwargs)
+
+
 class Trainer:
     """Base of the dataset trainers. Subclasses implement:
 
@@ -130,6 +162,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.model = None
+        self.engine = None
         self.tokenizer = None
         self.train_data: list = []
         self.eval_data: list = []
@@ -168,13 +201,12 @@ class Trainer:
         return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def train(self) -> dict[str, float]:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
-        self.accelerator = acc = Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no")
+        self.accelerator = acc = make_accelerator(self.precision)
         self.out_dir = out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
         set_seed(cfg.seed)
         self.setup()
@@ -199,7 +231,8 @@ class Trainer:
 
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer, scheduler = make_optimizer(self.model, cfg, cfg.learning_rate, total)
-        self.model, self.optimizer = acc.prepare(self.model, optimizer)
+        # self.model stays the plain (or peft) model; self.engine is what accelerate wraps for training
+        self.engine, self.optimizer = acc.prepare(Forward(self.model), optimizer)
         self.scheduler = scheduler
         self.before_train()
 
@@ -207,7 +240,7 @@ class Trainer:
         start_step = 0
         if cfg.resume is not None:
             path, state, objects = ckpts.load_for_resume(cfg.resume)
-            load_trainable_state_dict(acc.unwrap_model(self.model), objects["model"], path)
+            load_trainable_state_dict(self.model, objects["model"], path)
             inner_optimizer(self.optimizer).load_state_dict(objects["optimizer"])
             self.scheduler.load_state_dict(objects["scheduler"])
             set_rng_state(objects["rng"])
@@ -239,13 +272,13 @@ class Trainer:
                 for micro in range(cfg.grad_accum):
                     batch = self._to_device(self.collate(self.batch_for(step, micro)))
                     sync = micro == cfg.grad_accum - 1
-                    with (nullcontext() if sync else acc.no_sync(self.model)), acc.autocast():
+                    with (nullcontext() if sync else acc.no_sync(self.engine)), acc.autocast():
                         loss, stats = self.compute_loss(batch)
                     # backward even on a NaN loss: every process must join the gradient all-reduce
                     acc.backward(loss / cfg.grad_accum)
                     micro_stats.append({"loss": loss.detach(), **stats})
                     tokens += self.count_tokens(batch)
-                grad_norm = acc.clip_grad_norm_(self.model.parameters(), cfg.max_grad_norm or float("inf"))
+                grad_norm = acc.clip_grad_norm_(self.engine.parameters(), cfg.max_grad_norm or float("inf"))
                 # the norm is computed from all-reduced gradients, so every process takes the same branch
                 finite = NonFiniteGuard.finite(grad_norm, *(m["loss"] for m in micro_stats))
                 lr = self.scheduler.get_last_lr()[0]
@@ -261,7 +294,7 @@ class Trainer:
                 guard.record(finite, done, str(last_good))
                 if done % cfg.logging_steps == 0 or done == total:
                     now = time.perf_counter()
-                    last = {**running.pop(), "lr": lr, "epoch": done / steps_per_epoch,
+                    last = {**self.mean_across_processes(running.pop()), "lr": lr, "epoch": done / steps_per_epoch,
                             "tokens_per_second": tokens * world / max(now - t_last, 1e-9),
                             "skipped_steps": guard.skipped}
                     tokens, t_last = 0, now
@@ -292,7 +325,7 @@ class Trainer:
         if acc.is_main_process:
             opt = inner_optimizer(self.optimizer)
             path = ckpts.save(step, {
-                "model": trainable_state_dict(acc.unwrap_model(self.model)),
+                "model": trainable_state_dict(self.model),
                 "optimizer": opt.state_dict(),
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(),
@@ -315,12 +348,23 @@ class Trainer:
                 loss, stats = self.compute_loss(batch)
             running.add({"loss": loss, **stats}, weight=len(chunk))
         self.model.train()
-        out = running.pop()
-        if acc.num_processes > 1:
-            keys = sorted(out)
-            t = acc.reduce(torch.tensor([out[k] for k in keys], device=acc.device), reduction="mean")
-            out = dict(zip(keys, t.tolist()))
-        return {f"eval/{k}": v for k, v in out.items()}
+        return {f"eval/{k}": v for k, v in self.mean_across_processes(running.pop()).items()}
+
+    def mean_across_processes(self, stats: dict[str, float]) -> dict[str, float]:
+        """Average logged stats over processes (each holds its own shard's means)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return stats
+        keys = sorted(stats)
+        t = acc.reduce(torch.tensor([stats[k] for k in keys], device=acc.device, dtype=torch.float64), reduction="mean")
+        return dict(zip(keys, t.tolist()))
+
+    def call(self, fn, *args, **kwargs):
+        """``fn(model, *args)`` through the prepared engine: use it for every forward that needs gradients.
+        Before ``train()`` has prepared the engine (a setup-only trainer), the model is called directly."""
+        if self.engine is None:
+            return fn(self.model, *args, **kwargs)
+        return self.engine(fn, *args, **kwargs)
 
     def save_final(self, path: Path) -> None:
         """``final/`` in Hugging Face format (adapter for LoRA), plus ``final-merged/`` with --merge-lora.
@@ -329,7 +373,7 @@ class Trainer:
         """
         import copy
 
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.model
         save_pretrained_atomic(path, model, self.tokenizer)
         if self.cfg.merge_lora:
             save_pretrained_atomic(path.parent / "final-merged", copy.deepcopy(model).merge_and_unload(), self.tokenizer)

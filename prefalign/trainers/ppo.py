@@ -38,7 +38,13 @@ from prefalign.trainers.checkpoint import (
 )
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.lora import adapter_off, apply_lora
-from prefalign.trainers.loop import inner_optimizer, make_optimizer, resolve_precision, save_pretrained_atomic
+from prefalign.trainers.loop import (
+    inner_optimizer,
+    make_accelerator,
+    make_optimizer,
+    resolve_precision,
+    save_pretrained_atomic,
+)
 from prefalign.trainers.metrics import MetricsLogger, RunningMean
 from prefalign.trainers.ppo_config import PPOConfig  # noqa: F401 (re-exported)
 
@@ -75,7 +81,6 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         from prefalign.data import load_prompts, tokenize_prompts
@@ -85,7 +90,7 @@ class PPOTrainer:
 
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
-        self.accelerator = acc = Accelerator(mixed_precision="bf16" if self.precision == "bf16" else "no")
+        self.accelerator = acc = make_accelerator(self.precision)
         if acc.num_processes > 1:
             raise UserError("prefalign ppo runs in one process for now; launch it without accelerate's "
                             "--num_processes (multi-process PPO is tracked in the reliability issue)")

@@ -155,7 +155,7 @@ class RewardTrainer(Trainer):
         # before it.
         mask = without_final_token(batch["attention_mask"])
         # float32: under bf16 autocast the head's output is bf16, too coarse for the log-sigmoid of a difference
-        return last_token_rewards(self.model, batch["input_ids"], mask).float()
+        return self.call(last_token_rewards, batch["input_ids"], mask).float()
 
     def compute_loss(self, batch):
         n = batch["input_ids"].shape[0] // 2

@@ -51,5 +51,5 @@ class SFTTrainer(Trainer):
         return self.collator(examples)
 
     def compute_loss(self, batch):
-        logps = completion_logprobs(self.model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
+        logps = self.call(completion_logprobs, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         return sft_loss(logps, batch["completion_mask"])
