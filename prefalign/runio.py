@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,11 @@ from prefalign.errors import UserError
 CONFIG_FILE = "config.yaml"
 
 
-def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """Create ``path``; refuse one that already holds a run unless ``overwrite`` or ``resume``."""
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> bool:
+    """Refuse a path that is a file or holds another run (unless ``overwrite`` or ``resume``).
+
+    Returns True when the directory does not exist yet (this run will create it).
+    """
     out = Path(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output path is a file; give a directory")
@@ -25,8 +30,28 @@ def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resu
     if holds_run and not (overwrite or resume):
         raise UserError(f"{out}: output directory is not empty (another run?); pass --overwrite to replace "
                         "its files or --resume to continue it, or choose another --output")
+    return not out.exists()
+
+
+def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+    """`check_output_dir`, then create it."""
+    check_output_dir(path, overwrite=overwrite, resume=resume)
+    out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def remove_on_user_error(path: str | os.PathLike, created: bool):
+    """If a `UserError` ends the run and this run created ``path`` and wrote no checkpoint, remove it:
+    bad input leaves nothing half-written behind. A run with a checkpoint is kept (it can resume)."""
+    try:
+        yield
+    except UserError:
+        out = Path(path)
+        if created and out.is_dir() and not any(out.glob("checkpoints/*/state.json")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from prefalign.errors import UserError
-from prefalign.runio import prepare_output_dir, write_config, write_json
+from prefalign.runio import check_output_dir, prepare_output_dir, remove_on_user_error, write_config, write_json
 from prefalign.trainers.checkpoint import (
     CheckpointManager,
     load_trainable_state_dict,
@@ -201,17 +201,24 @@ class Trainer:
         return {k: v.to(dev) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
     def train(self) -> dict[str, float]:
+        """Run the whole training; a user error before the first checkpoint leaves no output directory."""
+        cfg = self.cfg
+        created = check_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
+        with remove_on_user_error(cfg.output, created):
+            return self._train()
+
+    def _train(self) -> dict[str, float]:
         from accelerate.utils import set_seed
         from tqdm.auto import tqdm
 
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
         self.accelerator = acc = make_accelerator(self.precision)
-        self.out_dir = out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
         set_seed(cfg.seed)
-        self.setup()
+        self.setup()  # models and data first: bad input fails before anything is written
         if not self.train_data:
             raise UserError("no training examples left after validation; see the drop summary above")
+        self.out_dir = out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
 
         if cfg.lora_r:
             self.model = apply_lora(self.model, cfg, self.lora_task_type, self.lora_modules_to_save)
@@ -262,11 +269,11 @@ class Trainer:
         running = RunningMean()
         tokens, t_last = 0, time.perf_counter()
         last: dict[str, float] = {}
-        bar = tqdm(total=total, initial=start_step, desc=type(self).__name__.replace("Trainer", "").lower() or "train",
-                   unit="step", disable=not acc.is_main_process)
+        bar = tqdm(total=total, initial=start_step, desc=self.command, unit="step", disable=not acc.is_main_process)
         guard = NonFiniteGuard(cfg.max_nonfinite_steps)
         hint = f"prefalign {self.command} --config {out / 'config.yaml'} --resume latest"
-        with GracefulStop() as stop:
+        # the bar closes before an error propagates, so the error stays the last line on the terminal
+        with bar, GracefulStop() as stop:
             for step in range(start_step, total):
                 micro_stats = []
                 for micro in range(cfg.grad_accum):
@@ -308,7 +315,6 @@ class Trainer:
                 bar.update(1)
                 if done < total:
                     stop.check(done, total, lambda: self.save_checkpoint(ckpts, done), hint)
-        bar.close()
         final_eval = self.evaluate() if self.eval_data else {}
         if final_eval:
             metrics.log(total, final_eval)

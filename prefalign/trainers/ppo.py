@@ -28,7 +28,7 @@ from prefalign.models.logprobs import completion_logprobs
 from prefalign.models.value import token_values
 from prefalign.rollout import SamplingConfig, cut_at_stop, eos_token_ids, generate
 from prefalign.rollout.rollout import Rollout
-from prefalign.runio import prepare_output_dir, write_config, write_json
+from prefalign.runio import check_output_dir, prepare_output_dir, remove_on_user_error, write_config, write_json
 from prefalign.trainers.checkpoint import (
     CheckpointManager,
     load_trainable_state_dict,
@@ -94,7 +94,6 @@ class PPOTrainer:
         if acc.num_processes > 1:
             raise UserError("prefalign ppo runs in one process for now; launch it without accelerate's "
                             "--num_processes (multi-process PPO is tracked in the reliability issue)")
-        self.out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
         set_seed(cfg.seed)
 
         self.tokenizer = tok = load_tokenizer(cfg.model)
@@ -133,6 +132,8 @@ class PPOTrainer:
         self.eos_ids = eos_token_ids(self.accelerator.unwrap_model(self.policy), tok)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        top_p=cfg.top_p, top_k=cfg.top_k, stop=list(cfg.stop))
+        # everything is loaded and checked: only now does the run touch its output directory
+        self.out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
 
     def prompt_batch(self, step: int) -> list[int]:
         """Prompt indices of iteration ``step``: a seeded permutation per pass over the prompts."""
@@ -255,6 +256,14 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------- the run
     def train(self) -> dict[str, float]:
+        """Run PPO; a user error before the first checkpoint (a reward function that raises on the first
+        batch, say) leaves no output directory."""
+        cfg = self.cfg
+        created = check_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
+        with remove_on_user_error(cfg.output, created):
+            return self._train()
+
+    def _train(self) -> dict[str, float]:
         from tqdm.auto import tqdm
 
         cfg = self.cfg
@@ -292,13 +301,12 @@ class PPOTrainer:
         self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)
         self.last_good = "none yet"
         hint = f"prefalign ppo --config {out / 'config.yaml'} --resume latest"
-        bar = tqdm(total=total, initial=start, desc="ppo", unit="iter")
-        with GracefulStop() as stop:
+        # the bar closes before an error propagates, so the error stays the last line on the terminal
+        with tqdm(total=total, initial=start, desc="ppo", unit="iter") as bar, GracefulStop() as stop:
             for step in range(start, total):
                 self._iteration(step, total, metrics, samples_path, ckpts, bar)
                 if step + 1 < total:
                     stop.check(step + 1, total, lambda: self.save_checkpoint(ckpts, step + 1), hint)
-        bar.close()
         metrics.close()
         self.save_final(out)
         return self.last_row
