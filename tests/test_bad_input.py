@@ -4,8 +4,6 @@ Commands run in-process through ``prefalign.cli.main`` (the same entry point as 
 one subprocess run at the end checks the real console behaviour.
 """
 
-import gzip
-import json
 
 import pytest
 
