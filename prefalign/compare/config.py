@@ -17,18 +17,18 @@ ARMS = ("ppo", "dpo", "dpo_rf", "ppo_gt")
 PRESETS: dict[str, dict] = {
     "quick": dict(
         num_prompts=32, samples_per_prompt=4, max_new_tokens=16, eval_prompts=32, eval_samples=1,
-        rm_steps=8, rm_lr=2e-5, ppo_steps=4, ppo_rollout_batch=8, ppo_epochs=1, ppo_lr=2e-5, ppo_kl_coef=0.05,
-        dpo_steps=8, dpo_lr=2e-6, dpo_beta=0.1, dpo_rf_beta=1.0, batch_size=4,
+        rm_steps=8, rm_lr=2e-5, ppo_steps=4, ppo_rollout_batch=8, ppo_epochs=1, ppo_lr=3e-5, ppo_value_lr=1e-4,
+        ppo_kl_coef=0.05, dpo_steps=8, dpo_lr=1e-5, dpo_beta=0.1, dpo_rf_beta=1.0, batch_size=4,
     ),
     "default": dict(
-        num_prompts=320, samples_per_prompt=4, max_new_tokens=24, eval_prompts=100, eval_samples=2,
-        rm_steps=80, rm_lr=1e-5, ppo_steps=40, ppo_rollout_batch=16, ppo_epochs=2, ppo_lr=1e-5, ppo_kl_coef=0.05,
-        dpo_steps=80, dpo_lr=2e-6, dpo_beta=0.1, dpo_rf_beta=1.0, batch_size=8,
+        num_prompts=256, samples_per_prompt=4, max_new_tokens=24, eval_prompts=100, eval_samples=1,
+        rm_steps=60, rm_lr=1e-5, ppo_steps=32, ppo_rollout_batch=16, ppo_epochs=2, ppo_lr=3e-5, ppo_value_lr=1e-4,
+        ppo_kl_coef=0.05, dpo_steps=60, dpo_lr=1e-5, dpo_beta=0.1, dpo_rf_beta=1.0, batch_size=8,
     ),
     "paper": dict(
-        num_prompts=320, samples_per_prompt=8, max_new_tokens=48, eval_prompts=100, eval_samples=4,
-        rm_steps=300, rm_lr=1e-5, ppo_steps=200, ppo_rollout_batch=64, ppo_epochs=4, ppo_lr=1e-5, ppo_kl_coef=0.05,
-        dpo_steps=300, dpo_lr=1e-6, dpo_beta=0.1, dpo_rf_beta=1.0, batch_size=16,
+        num_prompts=324, samples_per_prompt=8, max_new_tokens=48, eval_prompts=100, eval_samples=4,
+        rm_steps=300, rm_lr=1e-5, ppo_steps=200, ppo_rollout_batch=64, ppo_epochs=4, ppo_lr=1e-5, ppo_value_lr=1e-4,
+        ppo_kl_coef=0.05, dpo_steps=300, dpo_lr=1e-6, dpo_beta=0.1, dpo_rf_beta=1.0, batch_size=16,
     ),
 }
 
@@ -97,6 +97,8 @@ class CompareConfig(Validated):
     """PPO epochs per rollout batch."""
     ppo_lr: float | None = None
     """PPO policy learning rate."""
+    ppo_value_lr: float | None = None
+    """PPO value-model learning rate."""
     ppo_kl_coef: float | None = None
     """PPO KL penalty coefficient."""
     dpo_steps: int | None = None

@@ -64,7 +64,7 @@ class Comparison:
         c = self.cfg
         return [*self._common(seed), "--prompts", self.train_prompts, "--reward", reward, "--max-steps", c.ppo_steps,
                 "--rollout-batch-size", c.ppo_rollout_batch, "--ppo-epochs", c.ppo_epochs, "--learning-rate", c.ppo_lr,
-                "--value-learning-rate", c.ppo_lr * 10, "--kl-coef", kl_coef, *self._sampling(),
+                "--value-learning-rate", c.ppo_value_lr, "--kl-coef", kl_coef, *self._sampling(),
                 "--lr-scheduler", "constant", "--sample-every", max(1, c.ppo_steps // 4)]
 
     def _pair_args(self, seed: int, lr: float, steps: int) -> list:
