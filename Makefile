@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
+# The main job: PPO-RLHF vs DPO on the embedded default (report in runs/demo/report.md).
 demo: $(STAMP)
-	$(BIN)/prefalign generate --max-new-tokens 48 --output runs/demo --overwrite
+	$(BIN)/prefalign compare --output runs/demo --overwrite
 
 clean:
 	rm -rf $(VENV) build *.egg-info
