@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from prefalign.rollout.generate import SamplingConfig
+from prefalign.rollout.generate import SamplingRunConfig
 
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
@@ -24,7 +24,7 @@ BUILTIN_PROMPTS = [
 
 
 @dataclass
-class GenerateConfig(SamplingConfig):
+class GenerateConfig(SamplingRunConfig):
     """Sample completions from a causal LM and write them as JSONL."""
 
     model: str = "smollm2-135m"
@@ -32,30 +32,15 @@ class GenerateConfig(SamplingConfig):
     prompts: list[str] = field(default_factory=list)
     """Prompt files (.txt one per line, .jsonl/.json/.csv/.parquet with a `prompt` column) or literal prompt
     texts; a value that is not an existing path is a prompt. Empty: a few built-in prompts."""
-    chat: bool = True
-    """Wrap plain-text prompts in the model's chat template as a user turn (off: plain continuation)."""
     num_samples: int = 1
     """Completions per prompt."""
-    batch_size: int = 8
-    """Prompts per generation batch."""
-    max_prompt_length: int = 512
-    """Longer prompts keep their last tokens."""
-    dtype: str = "float32"
-    """Weights dtype for sampling: float32 or bfloat16."""
-    seed: int = 0
-    """Random seed."""
     output: str = "runs/generate"
     """Output directory: generations.jsonl, config.yaml, metrics.json."""
-    overwrite: bool = False
-    """Replace the files of a previous run in --output."""
 
     def validate(self):
         super().validate()
-        for name in ("num_samples", "batch_size", "max_prompt_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
 
 
 def read_prompts(sources: list[str], tokenizer, chat: bool) -> list[str]:

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 import torch
 
 from prefalign.models.loading import DEFAULT_MODEL
-from prefalign.rollout.generate import SamplingConfig
+from prefalign.rollout.generate import SamplingRunConfig
 
 REFERENCE = "reference"
 """The reference's name in the outputs (a policy may not use it)."""
 
 
 @dataclass
-class EvalConfig(SamplingConfig):
+class EvalConfig(SamplingRunConfig):
     """Compare policies with a reference: gold/proxy score, KL to the reference, win rate."""
 
     policies: list[str] = field(default_factory=list)
@@ -42,36 +42,23 @@ class EvalConfig(SamplingConfig):
     """Gold judge: a built-in judge (vader), module:function / file.py:function, or a reward model."""
     proxy: str | None = None
     """Optional proxy reward (typically the reward model PPO trained against); same kinds as --judge."""
-    chat: bool = True
-    """Wrap plain-text prompts in the reference tokenizer's chat template as a user turn."""
     num_samples: int = 1
     """Completions per prompt and policy."""
-    batch_size: int = 8
-    """Completions per generation / log-prob batch (also the reward models' batch size)."""
-    max_prompt_length: int = 512
-    """Longer prompts keep their last tokens."""
-    dtype: str = "float32"
-    """Weights dtype for sampling and log-probs: float32 or bfloat16."""
     seed: int = 0
     """Random seed, reset before each policy's sampling."""
     output: str = "runs/eval"
     """Output directory: eval.json, eval.md, completions.jsonl, config.yaml."""
-    overwrite: bool = False
-    """Replace the files of a previous run in --output."""
 
     def validate(self):
         super().validate()
-        for name in ("num_samples", "batch_size", "max_prompt_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.num_samples < 1:
+            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
         if not self.judge:
             raise ValueError("--judge is required: vader, module:function, file.py:function or a reward model")
         if not self.prompts:
             raise ValueError("--prompts is required: prompt files or literal prompt texts")
         if not self.policies:
             raise ValueError("--policies is required: one or more NAME=PATH")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
         self.policy_specs  # noqa: B018  (parses NAME=PATH, raising on a bad value)
 
     @property

@@ -9,13 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from prefalign.rollout.generate import SamplingConfig
+from prefalign.rollout.generate import SamplingRunConfig
 
 PAIR_RULES = ("best_worst", "all")
 
 
 @dataclass
-class PrefsConfig(SamplingConfig):
+class PrefsConfig(SamplingRunConfig):
     """Sample completions from a policy, score them with a judge and write preference pairs."""
 
     model: str = "smollm2-135m"
@@ -26,8 +26,6 @@ class PrefsConfig(SamplingConfig):
     judge: str = ""
     """What scores a completion: a built-in judge (vader), module:function / file.py:function, or a reward
     model directory / hub id."""
-    chat: bool = True
-    """Wrap plain-text prompts in the model's chat template as a user turn (off: plain continuation)."""
     num_samples: int = 4
     """Completions per prompt (K >= 2: a pair needs two)."""
     pair_rule: Literal["best_worst", "all"] = "best_worst"
@@ -35,26 +33,13 @@ class PrefsConfig(SamplingConfig):
     completions whose scores differ by more than --min-gap."""
     min_gap: float = 0.0
     """Pair two completions only if their scores differ by more than this."""
-    batch_size: int = 8
-    """Completions per generation batch (also the reward model's batch size)."""
-    max_prompt_length: int = 512
-    """Longer prompts keep their last tokens."""
-    dtype: str = "float32"
-    """Policy weights dtype for sampling: float32 or bfloat16."""
-    seed: int = 0
-    """Random seed (set once, before sampling)."""
     output: str = "runs/prefs"
     """Output directory: pairs.jsonl, config.yaml, metrics.json."""
-    overwrite: bool = False
-    """Replace the files of a previous run in --output."""
 
     def validate(self):
         super().validate()
         if self.num_samples < 2:
             raise ValueError(f"--num-samples must be >= 2 (a pair needs two completions), got {self.num_samples}")
-        for name in ("batch_size", "max_prompt_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.pair_rule not in PAIR_RULES:
             raise ValueError(f"--pair-rule must be one of {', '.join(PAIR_RULES)}, got {self.pair_rule!r}")
         if not self.min_gap >= 0:  # also refuses NaN
@@ -63,8 +48,6 @@ class PrefsConfig(SamplingConfig):
             raise ValueError("--judge is required: vader, module:function, file.py:function or a reward model")
         if not self.prompts:
             raise ValueError("--prompts is required: prompt files or literal prompt texts")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
 
 
 def make_pairs(prompt: str, completions: list[str], scores: list[float], rule: str = "best_worst",

@@ -43,6 +43,34 @@ class SamplingConfig(Validated):
 
 
 @dataclass
+class SamplingRunConfig(SamplingConfig):
+    """What every sampling command (generate, prefs, eval) shares besides the sampling itself."""
+
+    chat: bool = True
+    """Wrap plain-text prompts in the model's chat template as a user turn (off: plain continuation)."""
+    batch_size: int = 8
+    """Completions per generation batch (also the reward models' batch size)."""
+    max_prompt_length: int = 512
+    """Longer prompts keep their last tokens."""
+    dtype: str = "float32"
+    """Weights dtype for sampling: float32 or bfloat16."""
+    seed: int = 0
+    """Random seed."""
+    output: str = "runs/sample"
+    """Output directory."""
+    overwrite: bool = False
+    """Replace the files of a previous run in --output."""
+
+    def validate(self):
+        super().validate()
+        for name in ("batch_size", "max_prompt_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
+
+
+@dataclass
 class Generation:
     """One batch of sampled completions.
 
