@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean bench
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ test: $(STAMP)
 # The main job: PPO-RLHF vs DPO on the embedded default (report in runs/demo/report.md).
 demo: $(STAMP)
 	$(BIN)/prefalign compare --output runs/demo --overwrite
+
+# The TRL race (BENCHMARKS.md): builds its own TRL venvs under .bench/ on first use; ~25-30 min on an idle
+# machine with 2 repeats per side (python -m bench alone: 3). BENCH_ARGS=--quick: a smoke of every workload.
+BENCH_ARGS ?= --repeats 2
+bench: $(STAMP)
+	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info

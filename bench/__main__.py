@@ -1,0 +1,268 @@
+"""Race prefalign against Hugging Face TRL on speed and memory: same model, data, config, machine, one run.
+
+    python -m bench                 # the full race (make bench): every workload, fp32 and bf16, 3 repeats
+    python -m bench --quick         # a few-minute smoke: fp32, 1 repeat, 2 steps per run
+    python -m bench --workloads dpo,reward --precisions fp32 --repeats 5
+
+Each timed run is a fresh subprocess (its peak RSS is the ``wait4`` rusage of that child alone). For every
+(workload, precision) the repeats alternate sides, A B, B A, A B, ..., so drift of this shared machine
+lands on both. Results: ``.bench/results/<stamp>/`` (``raw.jsonl`` one line per run, ``results.md``,
+``results.json``) and the tables on stdout. See BENCHMARKS.md for what the figures mean.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from bench import envs, report
+from bench.common import PRECISIONS, RESULT_PREFIX, WORKLOADS
+
+ROOT = envs.ROOT
+DATA_DIR = envs.BENCH_DIR / "data"
+N_PAIRS = 64  # enough pairs for 8 steps of 8; each run reads the first steps x 8 in file order
+MAX_LENGTH = 256
+
+# steps per run (the first `warmup` are not timed): full run / --quick
+STEPS = {"dpo": 2, "dpo_lora": 2, "reward": 3, "ppo": 2, "rollout8": 3, "rollout16": 3}
+QUICK_STEPS = {w: 2 for w in WORKLOADS}
+WARMUP = {w: 1 for w in WORKLOADS}
+
+
+def runner(workload: str, side: str) -> tuple[str, Path]:
+    """``(venv name, script)`` that runs ``side`` of ``workload``."""
+    if side == "prefalign":
+        return "prefalign", ROOT / "bench" / "run_prefalign.py"
+    if side == "hf-generate":
+        return "prefalign", ROOT / "bench" / "run_generate.py"
+    if workload == "ppo":
+        return "trl-1.12", ROOT / "bench" / "run_trl_ppo.py"
+    return "trl-1.16", ROOT / "bench" / "run_trl.py"
+
+
+def child_env(threads: int, workload: str, side: str, precision: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
+    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
+               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
+               HF_HUB_DISABLE_TELEMETRY="1")
+    if workload == "ppo" and side == "trl" and precision == "bf16":
+        # TRL 1.12's PPOTrainer builds Accelerator() without the config's precision; this is how it gets bf16
+        env["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    return env
+
+
+def busy_cores(interval: float = 2.0) -> float:
+    """Cores' worth of CPU time the whole machine used over ``interval`` seconds (from /proc/stat)."""
+    def sample():
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        return sum(fields), fields[3] + fields[4]  # total, idle + iowait
+
+    (t0, i0), _ = sample(), time.sleep(interval)
+    t1, i1 = sample()
+    cores = os.cpu_count() or 1
+    return cores * (1 - (i1 - i0) / max(t1 - t0, 1))
+
+
+def wait_for_quiet(max_wait: float, log, threshold: float = 0.3) -> float:
+    """Wait (up to ``max_wait`` s) until other work uses less than ``threshold`` cores; return the last reading.
+
+    This machine is shared: a run that starts while another job holds a core measures that job as much
+    as ours (with 2 threads on 2 cores, every parallel region then waits on a descheduled thread).
+    """
+    deadline = time.monotonic() + max_wait
+    busy = busy_cores()
+    while busy >= threshold and time.monotonic() < deadline:
+        log(f"          machine busy ({busy:.2f} cores in use by other work); waiting ...")
+        time.sleep(10)
+        busy = busy_cores()
+    return busy
+
+
+def run_one(workload: str, side: str, precision: str, steps: int, threads: int, out: Path, index: int,
+            busy_before: float | None = None, extra: list[str] = ()) -> dict:
+    """One fresh process; returns its result line plus wait4 figures. Raises on a failed run."""
+    venv, script = runner(workload, side)
+    work = out / "work" / f"{index:03d}-{workload}-{precision}-{side}"
+    work.mkdir(parents=True, exist_ok=True)
+    cmd = [str(envs.venv_python(venv)), str(script), "--workload", workload, "--precision", precision,
+           "--steps", str(steps), "--data", str(DATA_DIR), "--work", str(work), "--threads", str(threads), *extra]
+    log_path = work / "log.txt"
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
+                                env=child_env(threads, workload, side, precision))
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - t
+    text = log_path.read_text(errors="replace")
+    lines = [ln for ln in text.splitlines() if ln.startswith(RESULT_PREFIX)]
+    if proc.returncode != 0 or not lines:
+        tail = "\n".join(text.splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    res = json.loads(lines[-1][len(RESULT_PREFIX):])
+    res.update(peak_rss_kib=usage.ru_maxrss, wall=wall, cpu_seconds=usage.ru_utime + usage.ru_stime,
+               loadavg=load, busy_before=busy_before, repeat_index=index)
+    return res
+
+
+def ensure_data(log) -> None:
+    stamp = DATA_DIR / "stamp.json"
+    want = {"pairs": N_PAIRS, "max_length": MAX_LENGTH, "prepare": (ROOT / "bench" / "prepare.py").stat().st_mtime}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return
+    log(f"[bench] preparing inputs in {DATA_DIR} ...")
+    subprocess.run([str(envs.PROJECT_PY), "-m", "bench.prepare", str(DATA_DIR), str(N_PAIRS), str(MAX_LENGTH)],
+                   cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    stamp.write_text(json.dumps(want))
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke: fp32 only, 1 repeat, 2 steps per run")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help=f"comma list of {', '.join(WORKLOADS)}")
+    ap.add_argument("--precisions", default=None, help="comma list of fp32, bf16 (default both; --quick: fp32)")
+    ap.add_argument("--repeats", type=int, default=None, help="runs per side (default 3; --quick: 1)")
+    ap.add_argument("--steps", type=int, default=None, help="steps per run for every workload (default: per workload)")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads on both sides")
+    ap.add_argument("--max-wait", type=float, default=30.0,
+                    help="seconds to wait before each run for other work on the machine to stop (0: never wait)")
+    ap.add_argument("--out", default=None, help="results directory (default .bench/results/<stamp>)")
+    args = ap.parse_args(argv)
+    args.workloads = [w for w in args.workloads.split(",") if w]
+    args.precisions = (args.precisions.split(",") if args.precisions else (["fp32"] if args.quick else list(PRECISIONS)))
+    args.repeats = args.repeats or (1 if args.quick else 3)
+    for w in args.workloads:
+        if w not in WORKLOADS:
+            ap.error(f"unknown workload {w!r}; choose from {', '.join(WORKLOADS)}")
+    for p in args.precisions:
+        if p not in PRECISIONS:
+            ap.error(f"unknown precision {p!r}; choose from {', '.join(PRECISIONS)}")
+    if args.steps is not None and not 2 <= args.steps <= N_PAIRS // 8:
+        ap.error(f"--steps must be in [2, {N_PAIRS // 8}]: one warm-up step plus at least one timed step")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    t_start = time.perf_counter()
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    out = Path(args.out) if args.out else envs.BENCH_DIR / "results" / stamp
+    out.mkdir(parents=True, exist_ok=True)
+
+    envs.ensure_project_venv()
+    needed = {runner(w, s)[0] for w in args.workloads for s in report.sides(w)} - {"prefalign"}
+    for name in sorted(needed):
+        envs.ensure_trl_venv(name, log)
+    ensure_data(log)
+    versions = {name: envs.installed_versions(name) for name in ["prefalign", *sorted(needed)]}
+    log("[bench] measuring the matmul peak ...")
+    peaks = json.loads(subprocess.run([str(envs.PROJECT_PY), "-m", "bench.flops", "--threads", str(args.threads)],
+                                      cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    steps = {w: args.steps or (QUICK_STEPS if args.quick else STEPS)[w] for w in args.workloads}
+
+    runs: list[dict] = []
+    failures: list[str] = []
+    raw = (out / "raw.jsonl").open("w")
+    index = 0
+    for workload in args.workloads:
+        ours, base = report.sides(workload)
+        for precision in args.precisions:
+            for rep in range(args.repeats):
+                order = (ours, base) if rep % 2 == 0 else (base, ours)
+                for side in order:
+                    log(f"[bench] {workload:9s} {precision} {side:11s} repeat {rep + 1}/{args.repeats} ...")
+                    busy = wait_for_quiet(args.max_wait, log) if args.max_wait > 0 else None
+                    try:
+                        res = run_one(workload, side, precision, steps[workload], args.threads, out, index, busy)
+                    except RuntimeError as e:  # keep racing the rest; the failure is listed and fails the exit code
+                        log(f"[bench] RUN FAILED: {e}")
+                        failures.append(f"{workload} {precision} {side} repeat {rep + 1}: {str(e).splitlines()[0]}")
+                        index += 1
+                        continue
+                    index += 1
+                    runs.append(res)
+                    raw.write(json.dumps(res) + "\n")
+                    raw.flush()
+                    log(f"          steps {', '.join(f'{s:.1f}' for s in res['step_seconds'])} s, "
+                        f"peak RSS {res['peak_rss_kib'] / report.GIB:.2f} GiB, CPU share "
+                        f"{res['cpu_seconds'] / res['wall']:.2f}, other work at start "
+                        f"{'-' if busy is None else f'{busy:.2f}'} cores")
+    raw.close()
+
+    params = model_params(runs)
+    comps = report.comparisons(runs, WARMUP)
+    meta = {"stamp": stamp, "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+            "wall_seconds": round(time.perf_counter() - t_start, 1), "threads": args.threads,
+            "repeats": args.repeats, "steps": steps, "warmup": WARMUP, "peak_gflops": peaks, "params": params,
+            "cpu": cpu_name(), "python": platform.python_version(), "versions": versions}
+    md = render(meta, comps, runs) + "".join(f"\nFAILED RUN: {f}\n" for f in failures)
+    (out / "results.md").write_text(md)
+    (out / "results.json").write_text(json.dumps({"meta": meta, "comparisons": [
+        {"workload": c.workload, "precision": c.precision, "speed_ratio": c.speed_ratio, "rss_ratio": c.rss_ratio,
+         "speed_met": c.speed_met, "rss_met": c.rss_met, "same_math": c.same_math, "loss_diff": c.loss_diff,
+         "logps_diff": c.logps_diff, "ours": vars(c.ours), "base": vars(c.base)} for c in comps]}, indent=1))
+    print(md)
+    log(f"[bench] done in {meta['wall_seconds'] / 60:.1f} min; results in {out}")
+    failed = [c for c in comps if c.same_math is False]
+    for c in failed:
+        log(f"[bench] SAME-MATH FAILURE: {c.workload} {c.precision}: Δloss {c.loss_diff}, Δlogp {c.logps_diff}")
+    return 1 if failed or failures else 0
+
+
+def model_params(runs: list[dict]) -> int:
+    """Total parameters of the default model (a full fine-tuning run trains all of them)."""
+    for r in runs:
+        if r["workload"] == "dpo" and r.get("trainable_params"):
+            return int(r["trainable_params"])
+    return 134_515_008  # SmolLM2-135M (tied embeddings), as reported by a full-DPO run
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def render(meta: dict, comps: list, runs: list[dict]) -> str:
+    v = meta["versions"]
+    lines = [
+        f"## Results {meta['stamp']}",
+        "",
+        f"`{meta['command']}` — {meta['wall_seconds'] / 60:.1f} min, {meta['cpu']}, {meta['threads']} torch threads "
+        f"per side, {meta['repeats']} repeat(s) per side alternating A/B, steps per run {meta['steps']} "
+        f"(first {1} not timed). Matmul peak (best of 7): fp32 {meta['peak_gflops']['fp32']} GFLOP/s, "
+        f"bf16 {meta['peak_gflops']['bf16']} GFLOP/s.",
+        "",
+        "Versions: " + "; ".join(f"{k}: " + ", ".join(f"{p} {x}" for p, x in d.items()) for k, d in v.items()),
+        "",
+        "Speed × = prefalign throughput / baseline throughput (> 1: prefalign faster); RSS × = prefalign peak RSS / "
+        "baseline peak RSS (< 1: prefalign leaner). Baseline: TRL 1.16 (dpo, dpo_lora, reward), TRL 1.12 "
+        "`trl.experimental.ppo` (ppo), plain `model.generate` (rollout8/16, batch 8/16).",
+        "",
+        report.main_table(comps, meta["params"], meta["peak_gflops"]),
+    ]
+    if any(r["workload"] == "ppo" for r in runs):
+        lines += ["", "PPO time split, median seconds per iteration:", "",
+                  report.ppo_split_table(runs, meta["warmup"]["ppo"])]
+    shares = report.group(runs)
+    lines += ["", "CPU share of the runs (CPU seconds / wall seconds; 2.0 = both cores busy the whole run; well "
+              "below that = other work on the machine took the cores):", ""]
+    lines.append(", ".join(f"{w} {p} {s} {sum(r['cpu_seconds'] for r in rs) / sum(r['wall'] for r in rs):.2f}"
+                           for (w, p, s), rs in shares.items()))
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

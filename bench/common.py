@@ -1,0 +1,141 @@
+"""What every runner shares (imported inside each venv: stdlib and torch only, never prefalign or trl).
+
+A runner is one fresh process that sets up one library on one workload, runs ``steps`` optimizer steps
+(PPO: iterations; rollout: generate calls) and prints one line ``BENCH_RESULT {json}`` with at least:
+
+    step_seconds   list[float], one per step, warm-up steps included (the aggregator drops them)
+    items_per_step int, pairs (dpo, reward), episodes (ppo) or prompts (rollout) per step
+    tokens         list[int], real tokens per step that the MFU estimate counts (see `bench.report`)
+    losses         list[float] per step (training workloads)
+    extra          dict of workload-specific figures (first-step log-probs, PPO time split, ...)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+RESULT_PREFIX = "BENCH_RESULT "
+WORKLOADS = ("dpo", "dpo_lora", "reward", "ppo", "rollout8", "rollout16")
+PRECISIONS = ("fp32", "bf16")
+
+# One config for both sides; each runner maps it onto its library's own names.
+HPARAMS = {
+    "batch_size": 8,  # pairs per optimizer step (dpo, reward); rollout batch (ppo)
+    "max_length": 256,  # dpo/reward: the data holds only pairs that fit untruncated
+    "beta": 0.1,
+    "lr_dpo": 1e-6,
+    "lr_dpo_lora": 1e-4,
+    "lr_reward": 1e-5,
+    "lr_ppo": 3e-6,
+    "lora_r": 16,
+    "lora_alpha": 32,
+    "max_grad_norm": 1.0,
+    "max_new_tokens": 40,
+    "temperature": 0.7,
+    "kl_coef": 0.05,
+    "seed": 0,
+}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", required=True, choices=WORKLOADS)
+    ap.add_argument("--precision", required=True, choices=PRECISIONS)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--data", required=True, help="the prepared inputs (bench.prepare)")
+    ap.add_argument("--work", required=True, help="a scratch directory for this run")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="what-if experiments only (never in the race): override a config field of this side")
+    ap.add_argument("--exp", action="append", default=[], help="what-if experiments only: named patches")
+    args = ap.parse_args(argv)
+    args.overrides = dict(_kv(x) for x in args.set)
+    return args
+
+
+def _kv(text: str) -> tuple[str, object]:
+    key, _, value = text.partition("=")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def setup_process(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(HPARAMS["seed"])
+
+
+def model_path(data: str) -> str:
+    """The default model's local HF directory (written by bench.prepare from ``resolve_model(None)``)."""
+    return (Path(data) / "model_path.txt").read_text().strip()
+
+
+def load_pairs(data: str) -> list[dict]:
+    with (Path(data) / "pairs.jsonl").open(encoding="utf-8") as f:
+        return [json.loads(line) for line in f]
+
+
+def load_prefixes(data: str) -> list[str]:
+    return [line for line in (Path(data) / "prefixes.txt").read_text(encoding="utf-8").splitlines() if line]
+
+
+def pair_tokens_per_step(pairs: list[dict], batch: int, steps: int) -> list[int]:
+    """Real (unpadded) tokens of the 2N rows of each step when pairs are read in file order."""
+    out = []
+    for s in range(steps):
+        chunk = pairs[s * batch : (s + 1) * batch]
+        out.append(sum(2 * len(r["ids"][0]) + len(r["ids"][1]) + len(r["ids"][2]) for r in chunk))
+    return out
+
+
+def real_response_tokens(response_ids, eos_ids: list[int]) -> int:
+    """Tokens up to and including each row's first EOS (all of them when it has none)."""
+    import torch
+
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids))
+    before = torch.cumsum(is_eos.long(), 1) - is_eos.long()
+    return int((before == 0).sum())
+
+
+class StepClock:
+    """Wall time between marks: ``start()`` once, then ``mark()`` at the end of every step."""
+
+    def __init__(self):
+        self.t0 = None
+        self.marks: list[float] = []
+
+    def start(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def mark(self) -> None:
+        self.marks.append(time.perf_counter())
+
+    def seconds(self) -> list[float]:
+        out, prev = [], self.t0
+        for m in self.marks:
+            out.append(m - prev)
+            prev = m
+        return out
+
+
+def emit(result: dict) -> None:
+    import torch
+
+    result.setdefault("threads", torch.get_num_threads())
+    sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
+    sys.stdout.flush()
+
+
+def quiet() -> None:
+    """Progress bars and info logs off: their output is not what we time."""
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -1,0 +1,73 @@
+"""The benchmark's virtual environments: the project's ``.venv`` (prefalign) and two TRL venvs under ``.bench/``.
+
+- ``.bench/trl-1.16``: TRL 1.16.0 (DPOTrainer, RewardTrainer) with the *same* transformers, peft and
+  accelerate versions as the project venv, so both sides run the same model code.
+- ``.bench/trl-1.12``: TRL 1.12.0, the last release with PPO (``trl.experimental.ppo``), same pins.
+
+torch is installed first and pinned (2.13.0 is the CPU build on local disk; an unpinned torch pulls a
+multi-GB CUDA build). Each venv is built once; a stamp file records what it was built with, and a
+change of pins rebuilds it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / ".bench"
+PROJECT_PY = ROOT / ".venv" / "bin" / "python"
+TORCH = "torch==2.13.0"
+# Packages whose versions the TRL venvs copy from the project venv: the model code must be identical.
+SHARED = ("transformers", "peft", "accelerate", "tokenizers", "safetensors")
+TRL_VENVS = {"trl-1.16": "trl==1.16.0", "trl-1.12": "trl==1.12.0"}
+
+
+def venv_python(name: str) -> Path:
+    return PROJECT_PY if name == "prefalign" else BENCH_DIR / name / "bin" / "python"
+
+
+def project_versions() -> dict[str, str]:
+    """Versions of ``SHARED`` (and torch) in the project venv (which ``make install`` built)."""
+    code = ("import json, importlib.metadata as m; "
+            f"print(json.dumps({{p: m.version(p) for p in {('torch',) + SHARED!r}}}))")
+    out = subprocess.run([str(PROJECT_PY), "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)
+
+
+def ensure_project_venv() -> None:
+    if not PROJECT_PY.exists():
+        subprocess.run(["make", "install"], cwd=ROOT, check=True)
+
+
+def ensure_trl_venv(name: str, log=print) -> Path:
+    """Build ``.bench/<name>`` unless its stamp matches the wanted pins; return its python."""
+    pins = project_versions()
+    wanted = [TRL_VENVS[name]] + [f"{p}=={pins[p]}" for p in SHARED]
+    venv = BENCH_DIR / name
+    stamp = venv / ".bench-installed.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == wanted:
+        return venv_python(name)
+    log(f"[bench] building {venv} ({', '.join(wanted)}) ...")
+    if not venv_python(name).exists():
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv_python(name)), "-m", "pip", "install", "--quiet"]
+    subprocess.run(pip + ["--upgrade", "pip"], check=True)
+    subprocess.run(pip + [TORCH], check=True)
+    subprocess.run(pip + wanted, check=True)
+    stamp.write_text(json.dumps(wanted))
+    return venv_python(name)
+
+
+def installed_versions(name: str) -> dict[str, str]:
+    """Versions of the relevant packages inside one venv (for the report)."""
+    pkgs = ("torch", "transformers", "peft", "accelerate", "trl", "prefalign")
+    code = ("import json, importlib.metadata as m\nout = {}\n"
+            f"for p in {pkgs!r}:\n"
+            "    try: out[p] = m.version(p)\n"
+            "    except m.PackageNotFoundError: pass\n"
+            "print(json.dumps(out))")
+    out = subprocess.run([str(venv_python(name)), "-c", code], check=True, capture_output=True, text=True).stdout
+    return json.loads(out)

@@ -1,0 +1,80 @@
+"""What-if runs behind BENCHMARKS.md's "what would move it": one workload, a few variants of one side's
+config (``--set``) or code (``--exp``), each a fresh process measured like the race (wait4 peak RSS, the
+step times after warm-up). Not part of ``make bench``.
+
+    python -m bench.levers dpo-memory        # prefalign DPO full fp32: baseline, gradient checkpointing,
+                                             # precompute_ref, 2 x 4 pairs, fused AdamW; TRL with its default
+                                             # gradient checkpointing
+    python -m bench.levers dpo-chunks        # prefalign DPO full fp32: the 8 pairs of a step forwarded as
+                                             # 8, 2 or 1 pair(s) at a time (grad accumulation: same math)
+    python -m bench.levers ppo-optimizer     # prefalign PPO fp32: baseline vs fused AdamW
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+
+from bench import envs, report
+from bench.__main__ import ensure_data, run_one, wait_for_quiet
+
+STUDIES = {
+    "dpo-memory": ("dpo", "fp32", 3, [
+        ("prefalign", "as raced", []),
+        ("prefalign", "fused AdamW", ["--exp", "fused_adamw"]),
+        ("prefalign", "gradient checkpointing", ["--set", "gradient_checkpointing=true"]),
+        ("prefalign", "precompute_ref", ["--set", "precompute_ref=true"]),
+        ("prefalign", "4 pairs x grad_accum 2", ["--set", "batch_size=4", "--set", "grad_accum=2"]),
+        ("trl", "as raced", []),
+        ("trl", "TRL default gradient_checkpointing=True", ["--set", "gradient_checkpointing=true"]),
+    ]),
+    "lora-memory": ("dpo_lora", "fp32", 3, [
+        ("prefalign", "as raced", []),
+        ("prefalign", "gradient checkpointing", ["--set", "gradient_checkpointing=true"]),
+        ("prefalign", "4 pairs x grad_accum 2", ["--set", "batch_size=4", "--set", "grad_accum=2"]),
+        ("trl", "as raced", []),
+        ("trl", "TRL default gradient_checkpointing=True", ["--set", "gradient_checkpointing=true"]),
+    ]),
+    "dpo-chunks": ("dpo", "fp32", 3, [
+        ("prefalign", "as raced", []),
+        ("prefalign", "2 pairs x grad_accum 4", ["--set", "batch_size=2", "--set", "grad_accum=4"]),
+        ("prefalign", "1 pair x grad_accum 8", ["--set", "batch_size=1", "--set", "grad_accum=8"]),
+        ("prefalign", "1 pair x grad_accum 8 + fused AdamW", ["--set", "batch_size=1", "--set", "grad_accum=8",
+                                                              "--exp", "fused_adamw"]),
+        ("prefalign", "as raced", []),
+        ("prefalign", "1 pair x grad_accum 8 + fused AdamW", ["--set", "batch_size=1", "--set", "grad_accum=8",
+                                                              "--exp", "fused_adamw"]),
+        ("trl", "as raced", []),
+    ]),
+    "ppo-optimizer": ("ppo", "fp32", 3, [
+        ("prefalign", "as raced", []),
+        ("prefalign", "fused AdamW", ["--exp", "fused_adamw"]),
+    ]),
+}
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] not in STUDIES:
+        raise SystemExit(f"usage: python -m bench.levers {{{','.join(STUDIES)}}}")
+    workload, precision, steps, variants = STUDIES[argv[0]]
+    ensure_data(print)
+    out = envs.BENCH_DIR / "levers" / f"{argv[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = ["| side | variant | s/step (timed steps) | peak RSS GiB | first loss |", "|---|---|---|---|---|"]
+    for i, (side, label, extra) in enumerate(variants):
+        busy = wait_for_quiet(30, print)
+        r = run_one(workload, side, precision, steps, 2, out, i, busy, extra)
+        secs = report.timed(r["step_seconds"], 1)
+        (out / "raw.jsonl").open("a").write(json.dumps({**r, "variant": label}) + "\n")
+        rows.append(f"| {side} | {label} | {statistics.median(secs):.2f} ({', '.join(f'{s:.1f}' for s in secs)}) "
+                    f"| {r['peak_rss_kib'] / report.GIB:.2f} | {r['losses'][0] if r.get('losses') else '–'} |")
+        print(rows[-1], flush=True)
+    print("\n".join(rows))
+    (out / "table.md").write_text("\n".join(rows) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Pure helpers: from raw runs to figures, ratios, target verdicts and markdown tables (no torch, no I/O).
+
+A *run* is one runner process's result (`bench.common`) plus what the orchestrator measured around it:
+``peak_rss_kib`` (``wait4`` rusage of that child), ``wall``, ``cpu_seconds`` and ``loadavg``.
+
+Per (workload, precision, side), over all repeats:
+    step seconds    median / min / max of every timed step pooled (the first ``warmup`` steps of each run dropped)
+    items/s         items per step / median step seconds (pairs, episodes)
+    tokens/s        rollout: tokens of the timed steps / their seconds, per run, median over runs
+    peak RSS        median over runs (and the max)
+    MFU             model FLOPs per second / the measured matmul peak of that precision, where model FLOPs
+                    = 6 x params x tokens for a training step (forward + backward of the trained model;
+                    reference / value / reward forwards are not counted) and 2 x params x tokens for
+                    generation; tokens = real (unpadded) tokens. The same formula on both sides, so the
+                    MFU ratio equals the speed ratio; it says how far from the hardware both are.
+"""
+
+from __future__ import annotations
+
+import statistics
+from dataclasses import dataclass
+
+SIDES = {"rollout8": ("prefalign", "hf-generate"), "rollout16": ("prefalign", "hf-generate")}
+DEFAULT_SIDES = ("prefalign", "trl")
+GENERATION = ("rollout8", "rollout16")
+ITEM_NAME = {"dpo": "pairs", "dpo_lora": "pairs", "reward": "pairs", "ppo": "episodes",
+             "rollout8": "tokens", "rollout16": "tokens"}
+# (speed ratio prefalign / baseline at least, peak RSS ratio at most): the issue's targets
+TARGETS = {"dpo": (1.6, 0.5), "dpo_lora": (1.6, 0.5), "reward": (1.0, 0.5), "ppo": (2.0, 0.5),
+           "rollout8": (3.0, None), "rollout16": (3.0, None)}
+SAME_MATH_TOL = 1e-4
+GIB = 1024 * 1024  # KiB per GiB
+
+
+def sides(workload: str) -> tuple[str, str]:
+    """``(ours, baseline)`` side names of a workload."""
+    return SIDES.get(workload, DEFAULT_SIDES)
+
+
+def timed(values: list[float], warmup: int) -> list[float]:
+    """The values after the first ``warmup`` (all of them if a run is too short to drop any)."""
+    return values[warmup:] if len(values) > warmup else list(values)
+
+
+@dataclass
+class Figures:
+    runs: int
+    step_median: float
+    step_min: float
+    step_max: float
+    items_per_s: float
+    tokens_per_s: float
+    rss_gib: float
+    rss_max_gib: float
+    cpu_share: float  # CPU seconds / wall seconds of the runs (2.0 = both cores all the time)
+    first_loss: float | None
+    first_logps: tuple[float, float] | None
+
+
+def figures(runs: list[dict], warmup: int) -> Figures:
+    """Aggregate the repeats of one (workload, precision, side)."""
+    if not runs:
+        raise ValueError("no runs to aggregate")
+    steps = [s for r in runs for s in timed(r["step_seconds"], warmup)]
+    med = statistics.median(steps)
+    rates = []
+    for r in runs:
+        secs, toks = timed(r["step_seconds"], warmup), timed(r["tokens"], warmup)
+        rates.append(sum(toks) / sum(secs))
+    rss = [r["peak_rss_kib"] / GIB for r in runs]
+    first = runs[0]
+    logps = None
+    if "first_logps_chosen" in first.get("extra", {}):
+        logps = (first["extra"]["first_logps_chosen"], first["extra"]["first_logps_rejected"])
+    return Figures(
+        runs=len(runs), step_median=med, step_min=min(steps), step_max=max(steps),
+        items_per_s=first["items_per_step"] / med, tokens_per_s=statistics.median(rates),
+        rss_gib=statistics.median(rss), rss_max_gib=max(rss),
+        cpu_share=sum(r["cpu_seconds"] for r in runs) / sum(r["wall"] for r in runs),
+        first_loss=first["losses"][0] if first.get("losses") else None, first_logps=logps,
+    )
+
+
+def mfu(workload: str, fig: Figures, params: int, peak_gflops: float) -> float:
+    """Model FLOPs utilisation in [0, 1] (module docstring)."""
+    per_token = 2 if workload in GENERATION else 6
+    return per_token * params * fig.tokens_per_s / (peak_gflops * 1e9)
+
+
+@dataclass
+class Comparison:
+    workload: str
+    precision: str
+    ours: Figures
+    base: Figures
+    speed_ratio: float  # ours / baseline throughput (> 1: we are faster)
+    rss_ratio: float  # ours / baseline peak RSS (< 1: we are leaner)
+    loss_diff: float | None  # |first-step loss ours - baseline|
+    logps_diff: float | None  # max |first-step mean log-prob ours - baseline| (chosen, rejected)
+
+    @property
+    def speed_target(self) -> float:
+        return TARGETS[self.workload][0]
+
+    @property
+    def rss_target(self) -> float | None:
+        return TARGETS[self.workload][1]
+
+    @property
+    def speed_met(self) -> bool:
+        return self.speed_ratio >= self.speed_target
+
+    @property
+    def rss_met(self) -> bool | None:
+        return None if self.rss_target is None else self.rss_ratio <= self.rss_target
+
+    @property
+    def same_math(self) -> bool | None:
+        """Checked in fp32 only (bf16 autocast rounds differently on each side by design)."""
+        if self.precision != "fp32" or self.loss_diff is None:
+            return None
+        worst = max(self.loss_diff, self.logps_diff or 0.0)
+        return worst <= SAME_MATH_TOL
+
+
+def compare(workload: str, precision: str, ours: Figures, base: Figures) -> Comparison:
+    if workload in GENERATION:
+        speed = ours.tokens_per_s / base.tokens_per_s
+    else:
+        speed = base.step_median / ours.step_median
+    loss_diff = None
+    if ours.first_loss is not None and base.first_loss is not None and workload != "ppo":
+        loss_diff = abs(ours.first_loss - base.first_loss)
+    logps_diff = None
+    if ours.first_logps and base.first_logps:
+        logps_diff = max(abs(a - b) for a, b in zip(ours.first_logps, base.first_logps))
+    return Comparison(workload, precision, ours, base, speed, ours.rss_gib / base.rss_gib, loss_diff, logps_diff)
+
+
+def group(runs: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
+    """Runs keyed by (workload, precision, side), in the order first seen."""
+    out: dict[tuple[str, str, str], list[dict]] = {}
+    for r in runs:
+        out.setdefault((r["workload"], r["precision"], r["side"]), []).append(r)
+    return out
+
+
+def comparisons(runs: list[dict], warmup: dict[str, int]) -> list[Comparison]:
+    """Every (workload, precision) that has runs on both sides; ``warmup`` steps per workload."""
+    grouped = group(runs)
+    out = []
+    seen = []
+    for workload, precision, _ in grouped:
+        if (workload, precision) in seen:
+            continue
+        seen.append((workload, precision))
+        a, b = sides(workload)
+        if (workload, precision, a) in grouped and (workload, precision, b) in grouped:
+            w = warmup.get(workload, 1)
+            out.append(compare(workload, precision, figures(grouped[workload, precision, a], w),
+                               figures(grouped[workload, precision, b], w)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------- formatting
+
+
+def fmt_steps(f: Figures) -> str:
+    return f"{f.step_median:.2f} [{f.step_min:.2f}–{f.step_max:.2f}]"
+
+
+def fmt_rate(workload: str, f: Figures) -> str:
+    return f"{f.tokens_per_s:.1f}" if workload in GENERATION else f"{f.items_per_s:.3f}"
+
+
+def verdict(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("met" if ok else "**missed**")
+
+
+def fmt_diff(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1e}"
+
+
+def main_table(comps: list[Comparison], params: int, peaks: dict[str, float]) -> str:
+    """The headline markdown table: one row per (workload, precision)."""
+    head = ("| workload | precision | s/step prefalign, median [min–max] | s/step baseline | rate prefalign | "
+            "rate baseline | speed × (target) | peak RSS GiB prefalign / baseline | RSS × (target) | "
+            "MFU prefalign / baseline | same math: Δloss, Δlogp (step 1) |")
+    rows = [head, "|" + "---|" * 11]
+    for c in comps:
+        item = ITEM_NAME[c.workload]
+        m_ours = mfu(c.workload, c.ours, params, peaks[c.precision])
+        m_base = mfu(c.workload, c.base, params, peaks[c.precision])
+        rss_t = "–" if c.rss_target is None else f"≤ {c.rss_target:g}"
+        rows.append(
+            f"| {c.workload} | {c.precision} | {fmt_steps(c.ours)} | {fmt_steps(c.base)} "
+            f"| {fmt_rate(c.workload, c.ours)} {item}/s | {fmt_rate(c.workload, c.base)} {item}/s "
+            f"| **{c.speed_ratio:.2f}** (≥ {c.speed_target:g}: {verdict(c.speed_met)}) "
+            f"| {c.ours.rss_gib:.2f} / {c.base.rss_gib:.2f} | **{c.rss_ratio:.2f}** ({rss_t}: {verdict(c.rss_met)}) "
+            f"| {100 * m_ours:.1f}% / {100 * m_base:.1f}% "
+            f"| {fmt_diff(c.loss_diff)}, {fmt_diff(c.logps_diff)} ({verdict(c.same_math)}) |"
+        )
+    return "\n".join(rows)
+
+
+def ppo_split_table(runs: list[dict], warmup: int) -> str:
+    """Median seconds per PPO iteration phase, per precision and side (timed iterations only)."""
+    rows = ["| precision | side | generation | log-probs / values | scoring | update | total |", "|---|---|---|---|---|---|---|"]
+    for (workload, precision, side), rs in group(runs).items():
+        if workload != "ppo":
+            continue
+        phases = {}
+        for key in ("generation", "logprobs", "scoring", "update"):
+            vals = [v for r in rs for v in timed(r["extra"]["split"].get(key, []), warmup)]
+            phases[key] = statistics.median(vals) if vals else None
+        total = statistics.median([s for r in rs for s in timed(r["step_seconds"], warmup)])
+        if phases["logprobs"] is None:  # TRL: whatever is left of the iteration after the timed phases
+            phases["logprobs"] = total - sum(v for k, v in phases.items() if v is not None and k != "logprobs")
+        rows.append(f"| {precision} | {side} | " + " | ".join(f"{phases[k]:.2f}" for k in
+                    ("generation", "logprobs", "scoring", "update")) + f" | {total:.2f} |")
+    return "\n".join(rows)

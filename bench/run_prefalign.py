@@ -1,0 +1,206 @@
+"""prefalign side of the race, through its Python API (run with the project venv).
+
+    .venv/bin/python bench/run_prefalign.py --workload dpo --precision fp32 --steps 4 --data .bench/data --work /tmp/w
+
+Harness-only subclasses, no change to what a step computes:
+- ``batch_for`` reads pairs in file order (TRL's ``train_sampling_strategy="sequential"``), so both
+  sides train on the same batches;
+- ``save_checkpoint`` / ``save_final`` are no-ops: TRL runs with ``save_strategy="no"``, and writing
+  ~2 GB of checkpoint after the last step is not the race.
+Step times come from ``metrics.jsonl`` (``wall_seconds`` of consecutive rows, logging every step).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+# the repo root replaces this script's own folder on the path: bench/*.py must not shadow stdlib modules
+sys.path[0] = str(Path(__file__).resolve().parent.parent)
+from bench.common import (  # noqa: E402
+    HPARAMS,
+    emit,
+    load_pairs,
+    load_prefixes,
+    model_path,
+    pair_tokens_per_step,
+    parse_args,
+    quiet,
+    setup_process,
+)
+
+
+def _sequential(cls):
+    class Sequential(cls):
+        def batch_for(self, step, micro):
+            s = self.schedule
+            start = (step * s.grad_accum + micro) * s.micro_batch
+            return self.train_data[start : start + s.micro_batch]
+
+        def save_checkpoint(self, ckpts, step):
+            return None
+
+        def save_final(self, path):
+            pass
+
+    return Sequential
+
+
+def _rows(out: Path) -> list[dict]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [r for r in rows if "loss" in r or "objective/scores" in r]
+
+
+def _step_seconds(rows: list[dict]) -> list[float]:
+    walls = [r["wall_seconds"] for r in rows]
+    return [b - a for a, b in zip([0.0] + walls, walls)]
+
+
+def run_pairs(args, kind: str) -> dict:
+    pairs = load_pairs(args.data)
+    out = Path(args.work) / "out"
+    common = dict(data=str(Path(args.data) / "pairs.jsonl"), output=str(out), overwrite=True,
+                  max_length=HPARAMS["max_length"], batch_size=HPARAMS["batch_size"], grad_accum=1,
+                  max_steps=args.steps, precision=args.precision, seed=HPARAMS["seed"], logging_steps=1,
+                  lr_scheduler="linear", warmup_steps=0, max_grad_norm=HPARAMS["max_grad_norm"])
+    if kind == "reward":
+        from prefalign.trainers.reward import RewardConfig, RewardTrainer
+
+        cfg = RewardConfig(model=str(Path(args.data) / "rm-init"), learning_rate=HPARAMS["lr_reward"],
+                           **{**common, **args.overrides})
+        trainer = _sequential(RewardTrainer)(cfg)
+    else:
+        from prefalign.trainers.dpo import DPOConfig, DPOTrainer
+
+        lora = kind == "dpo_lora"
+        cfg = DPOConfig(beta=HPARAMS["beta"], loss_type="sigmoid",
+                        learning_rate=HPARAMS["lr_dpo_lora" if lora else "lr_dpo"],
+                        lora_r=HPARAMS["lora_r"] if lora else 0, lora_alpha=HPARAMS["lora_alpha"],
+                        **{**common, **args.overrides})
+        trainer = _sequential(DPOTrainer)(cfg)
+    trainer.train()
+    rows = _rows(out)
+    n = HPARAMS["batch_size"]
+    # the same pairs, in the same order, that TRL tokenises itself: checked on the batches we ran
+    seen = [item for _, item in trainer.train_data[: args.steps * n]]
+    mismatched = sum((p.prompt_ids, p.chosen_ids, p.rejected_ids) != tuple(r["ids"]) for p, r in zip(seen, pairs))
+    extra = {"token_mismatches": mismatched}
+    if kind != "reward":
+        extra["first_logps_chosen"] = rows[0]["logps/chosen"]
+        extra["first_logps_rejected"] = rows[0]["logps/rejected"]
+    return {"step_seconds": _step_seconds(rows), "losses": [r["loss"] for r in rows], "items_per_step": n,
+            "tokens": pair_tokens_per_step(pairs, n, args.steps), "extra": extra,
+            "trainable_params": _run_json(out).get("trainable_parameters")}
+
+
+def _run_json(out: Path) -> dict:
+    return json.loads((out / "run.json").read_text())
+
+
+def run_ppo(args) -> dict:
+    from prefalign.trainers.ppo import PPOConfig, PPOTrainer
+
+    out = Path(args.work) / "out"
+    kw = dict(prompts=str(Path(args.data) / "prefixes.txt"), reward=str(Path(args.data) / "rm-init"),
+              output=str(out), overwrite=True, rollout_batch_size=HPARAMS["batch_size"],
+              max_new_tokens=HPARAMS["max_new_tokens"], temperature=HPARAMS["temperature"],
+              ppo_epochs=1, num_minibatches=1, grad_accum=1, max_steps=args.steps,
+              kl_coef=HPARAMS["kl_coef"], learning_rate=HPARAMS["lr_ppo"], precision=args.precision,
+              seed=HPARAMS["seed"], logging_steps=1, sample_every=10**6, max_grad_norm=HPARAMS["max_grad_norm"])
+    cfg = PPOConfig(**{**kw, **args.overrides})
+
+    class NoSave(PPOTrainer):
+        def save_checkpoint(self, ckpts, step):
+            return None
+
+        def save_final(self, out):
+            pass
+
+        def rollout(self, idx, timing):
+            ro = super().rollout(idx, timing)
+            self._tokens.append(int(ro.attention_mask.sum()))
+            self._resp.append(int(ro.response_mask.sum()))
+            return ro
+
+    trainer = NoSave(cfg)
+    trainer._tokens, trainer._resp = [], []
+    trainer.train()
+    rows = _rows(out)
+    split = {k: [r[f"time/{k}"] for r in rows] for k in ("generation", "logprobs", "scoring", "update")}
+    return {"step_seconds": _step_seconds(rows), "losses": [r["loss/policy"] for r in rows],
+            "items_per_step": HPARAMS["batch_size"], "tokens": trainer._tokens,
+            "extra": {"split": split, "response_tokens": trainer._resp}}
+
+
+def run_rollout(args, batch: int) -> dict:
+    import torch
+
+    from prefalign.data import PromptCollator, tokenize_prompts
+    from prefalign.models import load_causal_lm, load_tokenizer
+    from prefalign.rollout import SamplingConfig, eos_token_ids, generate
+
+    tok = load_tokenizer(None)
+    model = load_causal_lm(None).eval()
+    prefixes = load_prefixes(args.data)
+    ids = tokenize_prompts(prefixes, tok, 128)
+    sampling = SamplingConfig(max_new_tokens=HPARAMS["max_new_tokens"], temperature=HPARAMS["temperature"])
+    eos = eos_token_ids(model, tok)
+    secs, toks = [], []
+    for b in range(args.steps):
+        batch_ids = PromptCollator(tok.pad_token_id)(ids[b * batch : (b + 1) * batch])
+        torch.manual_seed(HPARAMS["seed"] + b)
+        t = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+            gen = generate(model, batch_ids["input_ids"], batch_ids["attention_mask"], sampling, eos_ids=eos,
+                           pad_id=tok.pad_token_id)
+        secs.append(time.perf_counter() - t)
+        toks.append(int(gen.response_mask.sum()))
+    return {"step_seconds": secs, "items_per_step": batch, "tokens": toks, "extra": {}}
+
+
+def apply_experiments(names: list[str]) -> None:
+    """What-if patches for BENCHMARKS.md's "what would move it" (never used in the race)."""
+    for name in names:
+        if name == "fused_adamw":
+            # prefalign builds torch.optim.AdamW with its defaults: on CPU that is the per-tensor for-loop
+            import torch
+
+            import prefalign.trainers.loop as loop
+            import prefalign.trainers.ppo as ppo
+
+            original = loop.make_optimizer
+
+            def fused(model, cfg, learning_rate, total_steps):
+                optimizer, scheduler = original(model, cfg, learning_rate, total_steps)
+                groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+                fused_opt = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(cfg.adam_betas), fused=True)
+                sched = type(scheduler)(fused_opt, scheduler.lr_lambdas[0])
+                return fused_opt, sched
+
+            loop.make_optimizer = ppo.make_optimizer = fused
+        else:
+            raise SystemExit(f"unknown --exp {name!r}")
+
+
+def main(argv=None) -> None:
+    quiet()
+    args = parse_args(argv)
+    setup_process(args.threads)
+    apply_experiments(args.exp)
+    import logging
+
+    logging.disable(logging.WARNING)
+    if args.workload in ("dpo", "dpo_lora", "reward"):
+        res = run_pairs(args, args.workload)
+    elif args.workload == "ppo":
+        res = run_ppo(args)
+    else:
+        res = run_rollout(args, int(args.workload.removeprefix("rollout")))
+    emit({"side": "prefalign", "workload": args.workload, "precision": args.precision, **res,
+          "overrides": args.overrides, "experiments": args.exp})
+
+
+if __name__ == "__main__":
+    main()

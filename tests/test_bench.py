@@ -1,0 +1,139 @@
+"""The benchmark harness's pure helpers (bench/report.py, bench/common.py): aggregation, ratios, verdicts,
+tables. Nothing here installs or imports TRL, and nothing loads a model."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is a folder of the repo, not installed
+
+from bench import report  # noqa: E402
+from bench.common import StepClock, pair_tokens_per_step, real_response_tokens  # noqa: E402
+
+GIB_KIB = 1024 * 1024
+
+
+def run(side="prefalign", workload="dpo", precision="fp32", steps=(9.0, 4.0, 6.0), tokens=(100, 100, 100),
+        rss_gib=2.0, losses=(0.6931,), items=8, extra=None, cpu=10.0, wall=20.0):
+    return {"side": side, "workload": workload, "precision": precision, "step_seconds": list(steps),
+            "tokens": list(tokens), "items_per_step": items, "peak_rss_kib": rss_gib * GIB_KIB,
+            "losses": list(losses), "extra": extra or {}, "cpu_seconds": cpu, "wall": wall}
+
+
+def test_timed_drops_warmup_but_never_everything():
+    assert report.timed([5.0, 1.0, 2.0], 1) == [1.0, 2.0]
+    assert report.timed([5.0], 1) == [5.0]  # too short to drop: keep what there is
+
+
+def test_figures_pool_timed_steps_across_repeats():
+    f = report.figures([run(steps=(9.0, 4.0, 6.0), rss_gib=2.0), run(steps=(8.0, 5.0, 7.0), rss_gib=3.0)], warmup=1)
+    assert (f.step_median, f.step_min, f.step_max) == (5.5, 4.0, 7.0)
+    assert f.items_per_s == pytest.approx(8 / 5.5)
+    assert f.rss_gib == pytest.approx(2.5) and f.rss_max_gib == pytest.approx(3.0)
+    assert f.tokens_per_s == pytest.approx(statistics_median([200 / 10, 200 / 12]))
+    assert f.cpu_share == pytest.approx(0.5)
+    assert f.runs == 2
+
+
+def statistics_median(xs):
+    import statistics
+
+    return statistics.median(xs)
+
+
+def test_figures_refuses_no_runs():
+    with pytest.raises(ValueError):
+        report.figures([], 1)
+
+
+def test_compare_ratios_and_verdicts():
+    ours = report.figures([run(steps=(1, 2.0, 2.0), rss_gib=1.0)], 1)
+    base = report.figures([run(side="trl", steps=(1, 4.0, 4.0), rss_gib=4.0)], 1)
+    c = report.compare("dpo", "fp32", ours, base)
+    assert c.speed_ratio == pytest.approx(2.0)  # twice the pairs/s
+    assert c.rss_ratio == pytest.approx(0.25)
+    assert c.speed_met and c.rss_met
+    slow = report.compare("dpo", "fp32", base, ours)
+    assert not slow.speed_met and not slow.rss_met
+
+
+def test_generation_speed_is_tokens_per_second_and_has_no_rss_target():
+    ours = report.figures([run(workload="rollout8", steps=(1, 1.0), tokens=(0, 300))], 1)
+    base = report.figures([run(side="hf-generate", workload="rollout8", steps=(1, 1.0), tokens=(0, 100))], 1)
+    c = report.compare("rollout8", "bf16", ours, base)
+    assert c.speed_ratio == pytest.approx(3.0) and c.speed_met
+    assert c.rss_met is None and c.same_math is None
+
+
+def test_same_math_checked_in_fp32_only_with_tolerance():
+    def pair(precision, loss_b, logp_b):
+        ours = report.figures([run(losses=(0.5,), extra={"first_logps_chosen": -10.0, "first_logps_rejected": -9.0})], 1)
+        base = report.figures([run(side="trl", losses=(loss_b,),
+                                   extra={"first_logps_chosen": logp_b, "first_logps_rejected": -9.0})], 1)
+        return report.compare("dpo", precision, ours, base)
+
+    assert pair("fp32", 0.5 + 5e-5, -10.0).same_math is True
+    assert pair("fp32", 0.5 + 2e-4, -10.0).same_math is False  # loss off
+    assert pair("fp32", 0.5, -10.001).same_math is False  # log-probs off
+    assert pair("bf16", 0.7, -12.0).same_math is None  # not judged in bf16
+    c = pair("fp32", 0.5, -10.0)
+    assert c.loss_diff == 0.0 and c.logps_diff == 0.0
+
+
+def test_comparisons_pair_sides_per_workload_and_skip_one_sided():
+    runs = [run(), run(side="trl"), run(workload="reward", precision="bf16"),  # reward has no TRL run
+            run(workload="rollout16", side="prefalign"), run(workload="rollout16", side="hf-generate")]
+    comps = report.comparisons(runs, {"dpo": 1})
+    assert [(c.workload, c.precision) for c in comps] == [("dpo", "fp32"), ("rollout16", "fp32")]
+
+
+def test_mfu_uses_six_for_training_two_for_generation():
+    f = report.figures([run(steps=(1, 1.0), tokens=(0, 1000))], 1)
+    assert report.mfu("dpo", f, params=100, peak_gflops=1e-3) == pytest.approx(6 * 100 * 1000 / 1e6)
+    assert report.mfu("rollout8", f, params=100, peak_gflops=1e-3) == pytest.approx(2 * 100 * 1000 / 1e6)
+
+
+def test_main_table_has_a_row_per_comparison_with_verdicts():
+    ours = report.figures([run(steps=(1, 2.0), rss_gib=1.0)], 1)
+    base = report.figures([run(side="trl", steps=(1, 3.0), rss_gib=4.0)], 1)
+    table = report.main_table([report.compare("dpo", "fp32", ours, base)], params=134_515_008,
+                              peaks={"fp32": 200.0, "bf16": 800.0})
+    lines = table.splitlines()
+    assert len(lines) == 3 and lines[0].startswith("| workload")
+    row = lines[2]
+    assert "| dpo | fp32 |" in row
+    assert "**1.50** (≥ 1.6: **missed**)" in row
+    assert "**0.25** (≤ 0.5: met)" in row
+    assert row.count("|") == lines[0].count("|")
+
+
+def test_ppo_split_table_fills_trl_logprobs_with_the_rest():
+    split = {"generation": [9, 2.0], "scoring": [9, 1.0], "update": [9, 3.0]}
+    runs = [run(workload="ppo", side="trl", steps=(30, 10.0), extra={"split": split}),
+            run(workload="ppo", steps=(30, 8.0), extra={"split": {**split, "logprobs": [9, 1.5]}})]
+    table = report.ppo_split_table(runs, warmup=1)
+    assert "| fp32 | trl | 2.00 | 4.00 | 1.00 | 3.00 | 10.00 |" in table
+    assert "| fp32 | prefalign | 2.00 | 1.50 | 1.00 | 3.00 | 8.00 |" in table
+
+
+def test_pair_tokens_per_step_counts_both_rows_of_each_pair():
+    pairs = [{"ids": [[1, 2], [3], [4, 5, 6]]}, {"ids": [[1], [2], [3]]}, {"ids": [[9] * 4, [1], [1]]}]
+    # pair 1: (2+1) + (2+3) = 8; pair 2: 2 + 2 = 4; pair 3: 5 + 5 = 10
+    assert pair_tokens_per_step(pairs, batch=2, steps=2) == [12, 10]
+
+
+def test_real_response_tokens_stop_at_first_eos():
+    import torch
+
+    ids = torch.tensor([[5, 2, 7, 7], [5, 6, 7, 8], [2, 2, 2, 2]])
+    assert real_response_tokens(ids, [2]) == 2 + 4 + 1
+
+
+def test_step_clock_differences():
+    clock = StepClock()
+    clock.t0 = 1.0
+    clock.marks = [3.0, 4.5, 7.0]
+    assert clock.seconds() == [2.0, 1.5, 2.5]
