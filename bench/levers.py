@@ -8,6 +8,7 @@ step times after warm-up). Not part of ``make bench``.
     python -m bench.levers dpo-chunks        # prefalign DPO full fp32: the 8 pairs of a step forwarded as
                                              # 8, 2 or 1 pair(s) at a time (grad accumulation: same math)
     python -m bench.levers ppo-optimizer     # prefalign PPO fp32: baseline vs fused AdamW
+    python -m bench.levers adamw             # one AdamW step over 134.5M parameters: for-loop, foreach, fused
 """
 
 from __future__ import annotations
@@ -51,14 +52,44 @@ STUDIES = {
     "ppo-optimizer": ("ppo", "fp32", 3, [
         ("prefalign", "as raced", []),
         ("prefalign", "fused AdamW", ["--exp", "fused_adamw"]),
+        ("prefalign", "as raced", []),
+        ("prefalign", "fused AdamW", ["--exp", "fused_adamw"]),
     ]),
 }
 
 
+def adamw_micro(threads: int = 2, steps: int = 5) -> None:
+    """One AdamW step over the default model's 134.5M fp32 parameters: torch's default (on CPU the
+    per-tensor for-loop), ``foreach=True`` and ``fused=True`` (the transformers / TRL default)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.common import model_path
+
+    torch.set_num_threads(threads)
+    params = list(AutoModelForCausalLM.from_pretrained(model_path(str(envs.BENCH_DIR / "data"))).parameters())
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    for kw in ({}, {"foreach": True}, {"fused": True}):
+        opt = torch.optim.AdamW(params, lr=1e-6, **kw)
+        opt.step()  # state allocation
+        secs = []
+        for _ in range(steps):
+            t = time.perf_counter()
+            opt.step()
+            secs.append(time.perf_counter() - t)
+        print(f"AdamW {kw or 'default (for-loop on CPU)'}: median {statistics.median(secs):.3f} s "
+              f"({', '.join(f'{s:.3f}' for s in secs)})", flush=True)
+        del opt
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "adamw":
+        ensure_data(print)
+        return adamw_micro()
     if not argv or argv[0] not in STUDIES:
-        raise SystemExit(f"usage: python -m bench.levers {{{','.join(STUDIES)}}}")
+        raise SystemExit(f"usage: python -m bench.levers {{{','.join(STUDIES)},adamw}}")
     workload, precision, steps, variants = STUDIES[argv[0]]
     ensure_data(print)
     out = envs.BENCH_DIR / "levers" / f"{argv[0]}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -69,6 +100,9 @@ def main(argv=None) -> None:
         r = run_one(workload, side, precision, steps, 2, out, i, busy, extra)
         secs = report.timed(r["step_seconds"], 1)
         (out / "raw.jsonl").open("a").write(json.dumps({**r, "variant": label}) + "\n")
+        split = r.get("extra", {}).get("split")
+        if split:  # PPO: the update phase is where the optimizer runs
+            label += f" (update {statistics.median(report.timed(split['update'], 1)):.2f} s)"
         rows.append(f"| {side} | {label} | {statistics.median(secs):.2f} ({', '.join(f'{s:.1f}' for s in secs)}) "
                     f"| {r['peak_rss_kib'] / report.GIB:.2f} | {r['losses'][0] if r.get('losses') else '–'} |")
         print(rows[-1], flush=True)

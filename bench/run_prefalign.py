@@ -24,7 +24,6 @@ from bench.common import (  # noqa: E402
     emit,
     load_pairs,
     load_prefixes,
-    model_path,
     pair_tokens_per_step,
     parse_args,
     quiet,
