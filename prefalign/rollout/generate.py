@@ -131,8 +131,8 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samplin
         max_new_tokens=sampling.max_new_tokens,
         do_sample=not sampling.greedy,
         temperature=None if sampling.greedy else sampling.temperature,
-        top_p=None if sampling.greedy or sampling.top_p >= 1.0 else sampling.top_p,
-        top_k=None if sampling.greedy or sampling.top_k == 0 else sampling.top_k,
+        top_p=None if sampling.greedy else sampling.top_p,  # 1.0 = off, explicitly
+        top_k=None if sampling.greedy else sampling.top_k,  # 0 = off; None would mean transformers default 50
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         stop_strings=sampling.stop or None,
