@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 
-def tiny_causal_lm(tokenizer=None, *, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0):
+def tiny_causal_lm(tokenizer=None, *, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0,
+                  init_std: float = 0.02):
     """Return ``(model, tokenizer)``: a randomly initialised ``layers``-layer Llama, vocab of ``tokenizer``.
 
-    The tokenizer defaults to the embedded model's, so token ids and chat templates are real.
+    The tokenizer defaults to the embedded model's, so token ids and chat templates are real. ``init_std`` is
+    the weight init scale: the default 0.02 gives a near-uniform next-token distribution over the 49k vocabulary
+    (entropy ~ln 49k); ~0.5 gives a peaked one, like a trained LM, so RL on sampled tokens has signal to learn from.
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -26,6 +29,7 @@ def tiny_causal_lm(tokenizer=None, *, layers: int = 2, hidden: int = 32, heads: 
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
+        initializer_range=init_std,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)
