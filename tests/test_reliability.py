@@ -126,18 +126,20 @@ def test_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path, tin
 
 
 class NaNAt(DPOTrainer):
-    """A DPO trainer whose loss is NaN on the given optimizer steps (1-based)."""
+    """A DPO trainer whose loss is NaN on the given optimizer steps (1-based), in every forward chunk of the step."""
 
     def __init__(self, cfg, bad_steps):
         super().__init__(cfg)
-        self.bad_steps, self.calls = set(bad_steps), 0
+        self.bad_steps, self.current = set(bad_steps), 0
+
+    def batch_for(self, step, micro):
+        self.current = step + 1
+        return super().batch_for(step, micro)
 
     def compute_loss(self, batch):
         loss, stats = super().compute_loss(batch)
-        if self.model.training:
-            self.calls += 1
-            if self.calls in self.bad_steps:
-                loss = loss * float("nan")
+        if self.model.training and self.current in self.bad_steps:
+            loss = loss * float("nan")
         return loss, stats
 
 

@@ -54,3 +54,26 @@ def test_cli_sft_smoke_on_preference_data(tmp_path, tiny_model_dir):
     merged = AutoModelForCausalLM.from_pretrained(out / "final-merged")
     assert merged.config.num_hidden_layers == 2
     assert len(_metrics(out)) == 2
+
+
+def test_forward_chunks_keep_the_token_level_mean(tmp_path, tiny_model_dir):
+    """Completions of 1 to 8 words: chunks are weighted by their completion tokens, so the update is the same as
+    one forward over the micro-batch (weighting chunks by examples would not be)."""
+    import pytest
+
+    rows = [{"prompt": f"Q{i}:", "completion": " yes" * (1 + i % 8)} for i in range(16)]
+    data = write_jsonl(tmp_path / "sft.jsonl", rows)
+    params = {}
+    for fb in (8, 1, 3):
+        trainer = SFTTrainer(SFTConfig(data=str(data), model=str(tiny_model_dir), output=str(tmp_path / f"fb{fb}"),
+                                       batch_size=8, max_steps=2, learning_rate=1e-3, precision="fp32",
+                                       lr_scheduler="constant", forward_batch_size=fb))
+        trainer.train()
+        params[fb] = (_metrics(tmp_path / f"fb{fb}"),
+                      dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters()))
+    for fb in (1, 3):
+        for a, b in zip(params[8][0], params[fb][0]):
+            assert b["nll"] == pytest.approx(a["nll"], abs=1e-5)
+        for name, p in params[8][1].items():
+            # float-order noise through Adam ~1e-6; a wrong chunk weighting moves weights by ~lr = 1e-3
+            torch.testing.assert_close(params[fb][1][name], p, atol=2e-5, rtol=0, msg=name)

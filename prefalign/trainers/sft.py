@@ -50,6 +50,9 @@ class SFTTrainer(Trainer):
     def collate(self, examples):
         return self.collator(examples)
 
+    def loss_weight(self, batch):
+        return float(batch["completion_mask"].sum())  # the loss is a token-level mean
+
     def compute_loss(self, batch):
         logps = self.call(completion_logprobs, batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         return sft_loss(logps, batch["completion_mask"])
