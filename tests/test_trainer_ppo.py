@@ -90,7 +90,9 @@ def test_first_minibatch_is_on_policy_and_every_parameter_changes(tmp_path, tiny
 
 
 def test_toy_reward_rises(tmp_path, peaked_model_dir, prompts, tokenizer):
-    trainer = PPOTrainer(_cfg(tmp_path, peaked_model_dir, prompts, max_steps=12, learning_rate=3e-2, kl_coef=0.0,
+    # 16 iterations: at 12 the rise cleared 0.15 for only 5 of seeds 0-5 (4 of 6 with keyed sampling, mean rise 0.21
+    # either way); at 16 it clears it for each of seeds 0-7 (smallest rise 0.23)
+    trainer = PPOTrainer(_cfg(tmp_path, peaked_model_dir, prompts, max_steps=16, learning_rate=3e-2, kl_coef=0.0,
                               rollout_batch_size=16, num_minibatches=1, ppo_epochs=4, max_new_tokens=8),
                          reward_source=LowIdReward(tokenizer))
     trainer.train()

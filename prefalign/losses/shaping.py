@@ -54,9 +54,17 @@ def kl_shaped_rewards(
     return rewards, kl, non_score
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
-    """``1 - Var(returns - values) / Var(returns)`` over masked tokens: 1 is a perfect critic, <= 0 useless."""
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, *, var_returns: Tensor | None = None,
+                       var_residual: Tensor | None = None) -> Tensor:
+    """``1 - Var(returns - values) / Var(returns)`` over masked tokens: 1 is a perfect critic, <= 0 useless.
+
+    ``var_returns`` / ``var_residual``: precomputed unbiased variances of ``returns`` and ``returns - values``
+    (e.g. over every process's shard); each defaults to `masked_var` of this batch.
+    """
     from prefalign.losses.stats import masked_var
 
-    var_ret = masked_var(returns, mask)
-    return 1.0 - masked_var(returns - values, mask) / var_ret.clamp(min=1e-8)
+    if var_returns is None:
+        var_returns = masked_var(returns, mask)
+    if var_residual is None:
+        var_residual = masked_var(returns - values, mask)
+    return 1.0 - var_residual / var_returns.clamp(min=1e-8)

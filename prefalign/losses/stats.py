@@ -88,7 +88,8 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, *,
+                  mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
     """Scale ``x`` to unit variance over the masked positions (and centre it if ``shift_mean``).
 
     ``(x - mean) / sqrt(var + eps)``, with mean and unbiased variance taken over masked positions
@@ -104,15 +105,21 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
         mask: bool or 0/1, same shape as ``x``.
         shift_mean: centre the result at 0 (see above).
         eps: added to the variance so a constant input does not divide by 0.
+        mean, var: precomputed mean and unbiased variance (0-dim), given together, to whiten with
+            statistics of a larger batch than ``x`` (PPO over several processes: every process holds
+            a shard, the statistics are those of all shards). Default: computed from ``x`` and ``mask``.
 
     Returns:
         Same shape as ``x``; exactly 0 where ``mask`` is false.
 
     Raises:
-        ValueError: fewer than 2 masked positions (see `masked_var`).
+        ValueError: fewer than 2 masked positions (see `masked_var`); only one of ``mean``/``var``.
     """
-    mean = masked_mean(x, mask)
-    var = masked_var(x, mask, unbiased=True)
+    if (mean is None) != (var is None):
+        raise ValueError("masked_whiten: give both mean and var, or neither")
+    if mean is None:
+        mean = masked_mean(x, mask)
+        var = masked_var(x, mask, unbiased=True)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean

@@ -8,10 +8,12 @@ real tokens.
 
 from __future__ import annotations
 
-from prefalign.validation import Validated
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
+
+from prefalign.validation import Validated
 
 
 @dataclass
@@ -121,23 +123,102 @@ def truncate_at_eos(response_ids: torch.Tensor, eos_ids: list[int], pad_id: int)
     return ids, mask, is_eos.any(dim=1)
 
 
+def key_seed(*parts: int) -> int:
+    """A 63-bit seed from integers: the same parts give the same seed on every machine, process and run
+    (Python's ``hash`` is salted per process for strings, and ``seed + key`` collides)."""
+    data = b"".join(int(p).to_bytes(16, "little", signed=True) for p in parts)
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+class KeyedSampler:
+    """A logits processor that samples each row from its own random stream, keyed by the row, not the batch.
+
+    Hugging Face sampling draws the whole batch from one generator, so a row's completion depends on which rows
+    share its batch, in what order, and on how many processes split the batch. Here the token at response
+    position ``t`` of the row with key ``k`` uses Gumbel noise from a generator seeded by
+    ``key_seed(seed, k, t)``, so a completion is a pure function of (seed, key, prompt, model).
+
+    Per row: logits / temperature, then top-k, then top-p (HF's order and meaning; 0 and 1.0 are off), then the
+    Gumbel-max trick: ``argmax(z + G)`` with ``G = -log(-log U)`` i.i.d. is a draw from ``softmax(z)``. The
+    returned scores are 0 at the drawn token and -inf elsewhere: run generation greedy (``do_sample=False``) and
+    it takes exactly that token. transformers (5.x) runs user processors after its own non-sampling ones
+    (repetition penalty, min length, ...: part of the model's distribution, as with HF sampling) and adds its
+    sampling warpers only when ``do_sample``; what it may still append after ours (watermarking, logit
+    renormalisation) adds to or shifts the scores, which cannot move an argmax away from the only finite one.
+
+    Naive loop: for each row ``b`` with key ``k``, ``g = torch.Generator().manual_seed(key_seed(seed, k, t))``,
+    ``token[b] = argmax(filtered_logits(scores)[b] - log(-log(rand(V, generator=g))))``.
+    """
+
+    def __init__(self, seed: int, row_keys: list[int], prompt_width: int, temperature: float = 1.0,
+                 top_k: int = 0, top_p: float = 1.0):
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self.seed, self.row_keys, self.prompt_width = seed, [int(k) for k in row_keys], prompt_width
+        self.temperature, self.top_k, self.top_p = temperature, top_k, top_p
+
+    def filtered_logits(self, scores: torch.Tensor) -> torch.Tensor:
+        """``(B, V)`` scores -> tempered logits with the tokens outside top-k / top-p at -inf, float32."""
+        z = scores.float() / self.temperature
+        if self.top_k and self.top_k < z.shape[-1]:
+            kth = z.topk(self.top_k, dim=-1).values[:, -1:]  # ties with the k-th are kept, as in HF
+            z = z.masked_fill(z < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_z, order = z.sort(dim=-1, descending=True)
+            probs = sorted_z.softmax(dim=-1)
+            above = probs.cumsum(dim=-1) - probs  # mass of the more likely tokens; the top one always stays
+            drop = torch.zeros_like(above, dtype=torch.bool).scatter(1, order, above >= self.top_p)
+            z = z.masked_fill(drop, float("-inf"))
+        return z
+
+    def gumbel(self, key: int, position: int, vocab: int, device) -> torch.Tensor:
+        """``(V,)`` Gumbel(0, 1) noise of one row at one response position."""
+        g = torch.Generator(device=device).manual_seed(key_seed(self.seed, key, position))
+        u = torch.rand(vocab, generator=g, device=device).clamp_(min=torch.finfo(torch.float32).tiny)
+        return -torch.log(-torch.log(u))
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        b, v = scores.shape
+        if b != len(self.row_keys):
+            raise ValueError(f"KeyedSampler has {len(self.row_keys)} row keys for a batch of {b} rows")
+        t = input_ids.shape[1] - self.prompt_width  # response position of the token being drawn
+        noise = torch.stack([self.gumbel(k, t, v, scores.device) for k in self.row_keys])  # (B, V)
+        choice = (self.filtered_logits(scores) + noise).argmax(dim=-1)  # (B,)
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, choice[:, None], 0.0)
+
+
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
-             *, eos_ids: list[int], pad_id: int, tokenizer=None) -> Generation:
-    """Sample one completion per (left-padded) prompt row; see `Generation` for the shapes."""
-    from transformers import GenerationConfig
+             *, eos_ids: list[int], pad_id: int, tokenizer=None, row_keys: list[int] | None = None,
+             seed: int = 0) -> Generation:
+    """Sample one completion per (left-padded) prompt row; see `Generation` for the shapes.
 
+    With ``row_keys`` (one int per row), sampling goes through `KeyedSampler`: row ``b``'s completion depends
+    only on (``seed``, ``row_keys[b]``, its prompt, the model), not on the other rows, their order or the
+    batch size. Without, Hugging Face samples from the global torch RNG. ``greedy`` ignores both.
+    """
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    if row_keys is not None and len(row_keys) != prompt_ids.shape[0]:
+        raise ValueError(f"{len(row_keys)} row keys for {prompt_ids.shape[0]} prompts")
+    keyed = row_keys is not None and not sampling.greedy
+    hf_samples = not (sampling.greedy or keyed)
     gen_config = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
-        do_sample=not sampling.greedy,
-        temperature=None if sampling.greedy else sampling.temperature,
-        top_p=None if sampling.greedy else sampling.top_p,  # 1.0 = off, explicitly
-        top_k=None if sampling.greedy else sampling.top_k,  # 0 = off; None would mean transformers default 50
+        do_sample=hf_samples,  # keyed: greedy over KeyedSampler's one finite score per row
+        temperature=sampling.temperature if hf_samples else None,
+        top_p=sampling.top_p if hf_samples else None,  # 1.0 = off, explicitly
+        top_k=sampling.top_k if hf_samples else None,  # 0 = off; None would mean transformers default 50
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
         stop_strings=sampling.stop or None,
         use_cache=True,
     )
+    processors = None
+    if keyed:
+        processors = LogitsProcessorList([KeyedSampler(seed, row_keys, prompt_ids.shape[1], sampling.temperature,
+                                                       sampling.top_k, sampling.top_p)])
     was_training = model.training
     model.eval()
     try:
@@ -145,6 +226,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samplin
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             generation_config=gen_config,
+            logits_processor=processors,
             tokenizer=tokenizer if sampling.stop else None,
         )
     finally:
@@ -152,9 +234,18 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samplin
     raw = out[:, prompt_ids.shape[1]:]
     ids, mask, ended = truncate_at_eos(raw, eos_ids, pad_id)
     if sampling.stop and tokenizer is not None:
-        # HF stops a row as soon as its text contains a stop string; that row is "ended" too.
+        # HF stops a row as soon as its text contains a stop string; that row is "ended" too. From the next step
+        # on, HF pads it; the pad is no sampled token, yet with pad == EOS truncate_at_eos took the first one for
+        # the row's EOS (only when the batch ran on: a layout-dependent length). The row ends at its last
+        # non-pad token, the one that completed the stop string.
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        ended = ended | torch.tensor([any(s in t for s in sampling.stop) for t in texts])
+        stopped = torch.tensor([any(s in t for s in sampling.stop) for t in texts], device=raw.device)
+        real = raw != pad_id  # (B, R)
+        length = torch.where(real.any(1), raw.shape[1] - real.flip(1).long().argmax(1), 0)  # (B,) last real + 1
+        stop_mask = (torch.arange(raw.shape[1], device=raw.device) < length[:, None]).long()
+        mask = torch.where(stopped[:, None], stop_mask, mask)
+        ids = torch.where(mask.bool(), raw, torch.full_like(raw, pad_id))
+        ended = ended | stopped.to(ended.device)
     width = int(mask.sum(1).max().item()) if mask.numel() else 0
     return Generation(prompt_ids, prompt_mask, ids[:, :max(width, 1)], mask[:, :max(width, 1)], ended)
 

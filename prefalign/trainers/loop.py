@@ -31,6 +31,7 @@ from prefalign.trainers.checkpoint import (
     trainable_state_dict,
 )
 from prefalign.trainers.config import TrainConfig
+from prefalign.trainers.dist import mean_across_processes
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.lora import apply_lora
 from prefalign.trainers.metrics import MetricsLogger, RunningMean
@@ -388,12 +389,7 @@ class Trainer:
 
     def mean_across_processes(self, stats: dict[str, float]) -> dict[str, float]:
         """Average logged stats over processes (each holds its own shard's means)."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return stats
-        keys = sorted(stats)
-        t = acc.reduce(torch.tensor([stats[k] for k in keys], device=acc.device, dtype=torch.float64), reduction="mean")
-        return dict(zip(keys, t.tolist()))
+        return mean_across_processes(self.accelerator, stats)
 
     def call(self, fn, *args, **kwargs):
         """``fn(model, *args)`` through the prepared engine: use it for every forward that needs gradients.

@@ -2,6 +2,13 @@
 
 One iteration = one rollout batch of prompts (`rollout`), then ``ppo_epochs`` passes of minibatch
 updates over it (`update`). Policy and value model are separate models with separate optimizers.
+
+Under ``accelerate launch`` with N processes, each process samples, scores and trains on its contiguous
+1/N of every rollout batch. What must not depend on N is global: sampling is keyed by (iteration, prompt)
+(`KeyedSampler`), so a response is the same whichever process draws it; whitening, explained variance,
+the KL controller and every logged metric use statistics over all processes; each process's losses are
+weighted by its share of the micro-batch's tokens, so DDP's gradient average is the token mean over all
+processes' rows. Only the main process writes files.
 """
 
 from __future__ import annotations
@@ -9,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
@@ -27,18 +35,22 @@ from prefalign.losses import (
 from prefalign.models.logprobs import completion_logprobs
 from prefalign.models.value import token_values
 from prefalign.rollout import SamplingConfig, cut_at_stop, eos_token_ids, generate
+from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
 from prefalign.runio import check_output_dir, prepare_output_dir, remove_on_user_error, write_config, write_json
 from prefalign.trainers.checkpoint import (
+    PREFIX,
     CheckpointManager,
     load_trainable_state_dict,
     rng_state,
     set_rng_state,
     trainable_state_dict,
 )
+from prefalign.trainers.dist import masked_mean_var, max_across_processes, mean_across_processes
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.lora import adapter_off, apply_lora
 from prefalign.trainers.loop import (
+    Forward,
     inner_optimizer,
     make_accelerator,
     make_optimizer,
@@ -91,9 +103,12 @@ class PPOTrainer:
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
         self.accelerator = acc = make_accelerator(self.precision)
-        if acc.num_processes > 1:
-            raise UserError("prefalign ppo runs in one process for now; launch it without accelerate's "
-                            "--num_processes (multi-process PPO is tracked in the reliability issue)")
+        self.world = world = acc.num_processes
+        share = cfg.num_minibatches * cfg.grad_accum * world
+        if cfg.rollout_batch_size % share:
+            raise UserError(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by --num-minibatches "
+                            f"x --grad-accum x processes = {cfg.num_minibatches} x {cfg.grad_accum} x {world} = "
+                            f"{share}, so every process takes an equal share of every minibatch")
         set_seed(cfg.seed)
 
         self.tokenizer = tok = load_tokenizer(cfg.model)
@@ -126,14 +141,19 @@ class PPOTrainer:
         updates = total * cfg.ppo_epochs * cfg.num_minibatches  # optimizer steps over the run
         p_opt, p_sched = make_optimizer(policy, cfg, cfg.learning_rate, updates)
         v_opt, v_sched = make_optimizer(value, cfg, cfg.value_learning_rate or cfg.learning_rate, updates)
-        self.policy, self.value, self.p_opt, self.v_opt = acc.prepare(policy, value, p_opt, v_opt)
+        # self.policy / self.value stay the plain (or peft) models: sampling, no-grad forwards, checkpoints.
+        # Gradient forwards go through the engines, so a DDP wrapper sees them and all-reduces the gradients.
+        self.policy, self.value = policy, value
+        self.policy_engine, self.value_engine, self.p_opt, self.v_opt = acc.prepare(
+            Forward(policy), Forward(value), p_opt, v_opt)
         self.p_sched, self.v_sched = p_sched, v_sched
         self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
-        self.eos_ids = eos_token_ids(self.accelerator.unwrap_model(self.policy), tok)
+        self.eos_ids = eos_token_ids(self.policy, tok)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
                                        top_p=cfg.top_p, top_k=cfg.top_k, stop=list(cfg.stop))
         # everything is loaded and checked: only now does the run touch its output directory
         self.out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
+        acc.wait_for_everyone()  # every process has checked the directory before the main one writes into it
 
     def prompt_batch(self, step: int) -> list[int]:
         """Prompt indices of iteration ``step``: a seeded permutation per pass over the prompts."""
@@ -143,19 +163,34 @@ class PPOTrainer:
         perm = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.seed + epoch))
         return perm[offset * b : (offset + 1) * b].tolist()
 
+    def shard(self, idx: list[int]) -> list[int]:
+        """This process's contiguous share of a global prompt batch (process 0 holds the first rows)."""
+        n = len(idx) // self.world
+        r = self.accelerator.process_index
+        return idx[r * n : (r + 1) * n]
+
+    def whiten(self, x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+        """`masked_whiten` with the mean and variance of all processes' masked tokens."""
+        mean, var = masked_mean_var(self.accelerator, x, mask)
+        return masked_whiten(x, mask, shift_mean=shift_mean, mean=mean, var=var)
+
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()
-    def rollout(self, idx: list[int], timing: dict) -> Rollout:
+    def rollout(self, idx: list[int], step: int, timing: dict) -> Rollout:
+        """This process's rollout of iteration ``step``: prompts ``idx`` (its shard). A collective: whitening
+        uses statistics over every process's shard."""
         from prefalign.data import PromptCollator
 
         cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
         dev = acc.device
         t0 = time.perf_counter()
-        # 1. sample responses; each is cut after its first EOS (generate() does it)
+        # 1. sample responses, each from its own stream keyed by (iteration, prompt), so it does not depend on
+        #    the batch layout or the process count; each is cut after its first EOS (generate() does it)
         batch = PromptCollator(tok.pad_token_id)([self.prompt_ids[i] for i in idx])
         with acc.autocast():
-            gen = generate(acc.unwrap_model(self.policy), batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                           self.sampling, eos_ids=self.eos_ids, pad_id=tok.pad_token_id, tokenizer=tok)
+            gen = generate(self.policy, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+                           self.sampling, eos_ids=self.eos_ids, pad_id=tok.pad_token_id, tokenizer=tok,
+                           row_keys=[key_seed(step, i) for i in idx], seed=cfg.seed)
         timing["time/generation"] = time.perf_counter() - t0
         # 2. masks: the response of every row starts at column P
         qr = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P+R)
@@ -190,39 +225,52 @@ class PPOTrainer:
         rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, rmask, self.kl_ctl.coef,
                                                    cfg.kl_estimator)
         if cfg.whiten_rewards:
-            rewards = masked_whiten(rewards, rmask, shift_mean=False)
-        # 7. GAE on the critic's values, advantages whitened over the batch
+            rewards = self.whiten(rewards, rmask, shift_mean=False)
+        # 7. GAE on the critic's values, advantages whitened over the whole batch (all processes)
         advantages, returns = gae(rewards, values, rmask, cfg.gamma, cfg.lam)
-        advantages = masked_whiten(advantages, rmask)
+        advantages = self.whiten(advantages, rmask)
         return Rollout(qr, attn, comp, rmask, gen.ended, logps, ref_logps, values, entropy, scores, kl,
                        non_score, rewards, advantages, returns, prompts, texts)
 
     # ---------------------------------------------------------------- update
     def update(self, ro: Rollout, step: int) -> dict[str, float]:
-        cfg, acc = self.cfg, self.accelerator
+        """``ppo_epochs`` passes of minibatch updates over this process's rows; one optimizer step per minibatch.
+
+        Returns this process's stats, each token mean weighted by the process's share of its micro-batch's
+        tokens (x processes), so their plain average over processes is the token mean over all rows.
+        """
+        cfg, acc, world = self.cfg, self.accelerator, self.world
         p = ro.prompt_width
         stats = RunningMean()
         self.minibatch_stats: list[dict[str, float]] = []
-        self.policy.train()
-        self.value.train()
-        b = ro.response_mask.shape[0]
-        for _epoch in range(cfg.ppo_epochs):
-            perm = torch.randperm(b)
+        self.policy_engine.train()
+        self.value_engine.train()
+        b = ro.response_mask.shape[0]  # this process's rows: rollout_batch_size / processes
+        mb_rows = b // cfg.num_minibatches  # its rows in each minibatch
+        micro_rows = mb_rows // cfg.grad_accum
+        lengths = acc.gather(ro.response_mask.sum(1)).view(world, b)  # (N, b) response lengths of every process
+        for epoch in range(cfg.ppo_epochs):
+            # a pure function of (seed, iteration, epoch), the same on every process: minibatch i of process r
+            # holds r's local rows perm[i], so lengths[:, perm[i]] counts the minibatch's tokens everywhere
+            perm = torch.randperm(b, generator=torch.Generator().manual_seed(key_seed(cfg.seed, step, epoch)))
             epoch_kl = RunningMean()
             for mb in range(cfg.num_minibatches):
-                mb_idx = perm[mb * cfg.minibatch_size : (mb + 1) * cfg.minibatch_size]
+                mb_idx = perm[mb * mb_rows : (mb + 1) * mb_rows]
                 mb_stats = RunningMean()
                 for micro in range(cfg.grad_accum):
-                    idx = mb_idx[micro * cfg.micro_batch_size : (micro + 1) * cfg.micro_batch_size]
+                    idx = mb_idx[micro * micro_rows : (micro + 1) * micro_rows]
                     x = ro.rows(idx)
-                    with acc.autocast():
-                        out = completion_logprobs(self.policy, x["query_response"], x["attention_mask"],
-                                                  x["completion_mask"], temperature=cfg.temperature,
-                                                  return_entropy=cfg.ent_coef > 0)
-                        new_logps, ent = out if cfg.ent_coef > 0 else (out, None)
-                        new_values = token_values(self.value, x["query_response"], x["attention_mask"],
-                                                  x["completion_mask"])
                     m = x["response_mask"]
+                    # DDP averages gradients over processes; weighting each process's token mean by N x its
+                    # share of the micro-batch's tokens makes that average the token mean over all processes
+                    share = float(m.sum()) * world / float(lengths[:, idx].sum())
+                    with self.no_sync(micro < cfg.grad_accum - 1), acc.autocast():
+                        out = self.policy_engine(completion_logprobs, x["query_response"], x["attention_mask"],
+                                                 x["completion_mask"], temperature=cfg.temperature,
+                                                 return_entropy=cfg.ent_coef > 0)
+                        new_logps, ent = out if cfg.ent_coef > 0 else (out, None)
+                        new_values = self.value_engine(token_values, x["query_response"], x["attention_mask"],
+                                                       x["completion_mask"])
                     pg_loss, pg = ppo_policy_loss(new_logps[:, p:].float(), x["logps"], x["advantages"], m,
                                                   cfg.clip_eps)
                     vf_loss, vf = ppo_value_loss(new_values[:, p:].float(), x["values"], x["returns"], m,
@@ -230,14 +278,17 @@ class PPOTrainer:
                     loss = pg_loss + cfg.vf_coef * vf_loss
                     if ent is not None:
                         loss = loss - cfg.ent_coef * masked_mean(ent[:, p:].float(), m)
-                    acc.backward(loss / cfg.grad_accum)
-                    mb_stats.add({"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(),
-                                  "policy/approxkl": pg["approxkl"], "policy/clipfrac": pg["clipfrac"],
-                                  "val/ratio": pg["ratio"], "val/clipfrac": vf["vf_clipfrac"]})
-                norm_p = acc.clip_grad_norm_(self.policy.parameters(), cfg.max_grad_norm or float("inf"))
-                norm_v = acc.clip_grad_norm_(self.value.parameters(), cfg.max_grad_norm or float("inf"))
+                    acc.backward(loss * (share / cfg.grad_accum))
+                    mb_stats.add({k: float(v) * share for k, v in (
+                        ("loss/policy", pg_loss.detach()), ("loss/value", vf_loss.detach()),
+                        ("policy/approxkl", pg["approxkl"]), ("policy/clipfrac", pg["clipfrac"]),
+                        ("val/ratio", pg["ratio"]), ("val/clipfrac", vf["vf_clipfrac"]))})
+                norm_p = acc.clip_grad_norm_(self.policy_engine.parameters(), cfg.max_grad_norm or float("inf"))
+                norm_v = acc.clip_grad_norm_(self.value_engine.parameters(), cfg.max_grad_norm or float("inf"))
                 got = mb_stats.pop()
-                finite = NonFiniteGuard.finite(norm_p, norm_v, got["loss/policy"], got["loss/value"])
+                # the norms come from all-reduced gradients, a loss is local: all processes must take one branch
+                local = NonFiniteGuard.finite(norm_p, norm_v, got["loss/policy"], got["loss/value"])
+                finite = max_across_processes(acc, int(not local)) == 0
                 for opt, sched in ((self.p_opt, self.p_sched), (self.v_opt, self.v_sched)):
                     if finite:
                         opt.step()
@@ -249,10 +300,21 @@ class PPOTrainer:
                 self.minibatch_stats.append(got)
                 stats.add({**got, "policy/grad_norm": norm_p, "val/grad_norm": norm_v})
                 epoch_kl.add({"approxkl": got["policy/approxkl"]})
-            if cfg.early_stop_kl is not None and epoch_kl.pop().get("approxkl", 0.0) > cfg.early_stop_kl:
-                stats.add({"policy/early_stopped": 1.0})
-                break
+            if cfg.early_stop_kl is not None:
+                epoch_approxkl = mean_across_processes(acc, epoch_kl.pop()).get("approxkl", 0.0)
+                if epoch_approxkl > cfg.early_stop_kl:  # the same value on every process: all stop together
+                    stats.add({"policy/early_stopped": 1.0})
+                    break
         return stats.pop()
+
+    def no_sync(self, skip: bool):
+        """Skip DDP's gradient all-reduce of both models (every micro-batch of a minibatch but the last)."""
+        if not skip:
+            return nullcontext()
+        stack = ExitStack()
+        for engine in (self.policy_engine, self.value_engine):
+            stack.enter_context(self.accelerator.no_sync(engine))
+        return stack
 
     # ---------------------------------------------------------------- the run
     def train(self) -> dict[str, float]:
@@ -269,12 +331,13 @@ class PPOTrainer:
         cfg = self.cfg
         self.setup()
         acc, out, total = self.accelerator, self.out_dir, cfg.total_steps
+        main = acc.is_main_process
         ckpts = CheckpointManager(out, cfg.save_total_limit)
         start = 0
-        if cfg.resume is not None:
+        if cfg.resume is not None:  # every process loads the main process's checkpoint
             path, state, objects = ckpts.load_for_resume(cfg.resume)
-            load_trainable_state_dict(acc.unwrap_model(self.policy), objects["policy"], path)
-            load_trainable_state_dict(acc.unwrap_model(self.value), objects["value"], path)
+            load_trainable_state_dict(self.policy, objects["policy"], path)
+            load_trainable_state_dict(self.value, objects["value"], path)
             inner_optimizer(self.p_opt).load_state_dict(objects["policy_optimizer"])
             inner_optimizer(self.v_opt).load_state_dict(objects["value_optimizer"])
             self.p_sched.load_state_dict(objects["policy_scheduler"])
@@ -283,17 +346,19 @@ class PPOTrainer:
             set_rng_state(objects["rng"])
             start = int(state["step"])
             log.info("resuming from %s (iteration %d of %d)", path, start, total)
-        write_config(out, cfg)
-        write_json(out / "run.json", {
-            "precision": self.precision, "prompts": len(self.prompts), "total_iterations": total,
-            "episodes": total * cfg.rollout_batch_size, "reward": getattr(self.reward_source, "name", cfg.reward),
-            "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
-            "value_trainable_parameters": sum(p.numel() for p in self.value.parameters() if p.requires_grad),
-            "resumed_from_step": start if cfg.resume else None,
-        })
-        metrics = MetricsLogger(out, resume_step=start if cfg.resume else None)
+        if main:
+            write_config(out, cfg)
+            write_json(out / "run.json", {
+                "precision": self.precision, "processes": self.world, "prompts": len(self.prompts),
+                "total_iterations": total, "episodes": total * cfg.rollout_batch_size,
+                "reward": getattr(self.reward_source, "name", cfg.reward),
+                "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
+                "value_trainable_parameters": sum(p.numel() for p in self.value.parameters() if p.requires_grad),
+                "resumed_from_step": start if cfg.resume else None,
+            })
+        metrics = MetricsLogger(out, resume_step=start if cfg.resume else None, enabled=main)
         samples_path = out / "samples.jsonl"
-        if samples_path.exists():  # a fresh run starts empty; a resumed one drops rows after its checkpoint
+        if main and samples_path.exists():  # a fresh run starts empty; a resumed one drops rows after its checkpoint
             kept = [r for r in samples_path.read_text(encoding="utf-8").splitlines()
                     if cfg.resume is not None and r.strip() and json.loads(r)["step"] <= start]
             samples_path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
@@ -302,51 +367,70 @@ class PPOTrainer:
         self.last_good = "none yet"
         hint = f"prefalign ppo --config {out / 'config.yaml'} --resume latest"
         # the bar closes before an error propagates, so the error stays the last line on the terminal
-        with tqdm(total=total, initial=start, desc="ppo", unit="iter") as bar, GracefulStop() as stop:
+        with (tqdm(total=total, initial=start, desc="ppo", unit="iter", disable=not main) as bar,
+              GracefulStop() as stop):
             for step in range(start, total):
                 self._iteration(step, total, metrics, samples_path, ckpts, bar)
                 if step + 1 < total:
+                    # a signal may reach the processes in different iterations: stop together, at once
+                    stop.signum = max_across_processes(acc, stop.signum or 0) or None
                     stop.check(step + 1, total, lambda: self.save_checkpoint(ckpts, step + 1), hint)
         metrics.close()
-        self.save_final(out)
+        acc.wait_for_everyone()
+        if main:
+            self.save_final(out)
+        acc.wait_for_everyone()
         return self.last_row
 
     def _iteration(self, step, total, metrics, samples_path, ckpts, bar) -> None:
         """One PPO iteration: rollout, update, metrics, samples, checkpoint."""
-        cfg = self.cfg
+        cfg, acc = self.cfg, self.accelerator
         t_start = time.perf_counter()
         timing: dict[str, float] = {}
-        ro = self.rollout(self.prompt_batch(step), timing)
+        ro = self.rollout(self.shard(self.prompt_batch(step)), step, timing)
         t_update = time.perf_counter()
         upd = self.update(ro, step + 1)
         timing["time/update"] = time.perf_counter() - t_update
         lr = self.p_sched.get_last_lr()[0]
-        seq_kl = (ro.kl * ro.response_mask).sum(1)  # (B,)
-        non_score = (ro.non_score_rewards * ro.response_mask).sum(1)
-        n_tokens = int(ro.response_mask.sum())
-        done = step + 1
-        row = {
+        m = ro.response_mask
+        seq_kl = (ro.kl * m).sum(1)  # (b,)
+        non_score = (ro.non_score_rewards * m).sum(1)
+        # this process's means over its rows (every process holds as many) and counts, then over all processes
+        g = mean_across_processes(acc, {
             "objective/scores": ro.scores.mean().item(),
             "objective/kl": seq_kl.mean().item(),
-            "objective/entropy": (ro.entropy * ro.response_mask).sum(1).mean().item(),
+            "objective/entropy": (ro.entropy * m).sum(1).mean().item(),
             "objective/non_score_reward": non_score.mean().item(),
             "objective/rlhf_reward": (ro.scores + non_score).mean().item(),
+            "val/response_length": m.sum(1).float().mean().item(),
+            "num_eos": float(ro.ended.sum()),
+            "tokens": float(m.sum()),
             **upd,
-            "val/explained_variance": explained_variance(ro.values, ro.returns, ro.response_mask).item(),
-            "val/num_eos": int(ro.ended.sum()),
-            "val/response_length": ro.response_mask.sum(1).float().mean().item(),
+            **timing,
+        })
+        _, var_returns = masked_mean_var(acc, ro.returns, m)
+        _, var_residual = masked_mean_var(acc, ro.returns - ro.values, m)
+        done = step + 1
+        row = {
+            **{k: g[k] for k in ("objective/scores", "objective/kl", "objective/entropy",
+                                 "objective/non_score_reward", "objective/rlhf_reward")},
+            **{k: g[k] for k in upd},
+            "val/explained_variance": explained_variance(ro.values, ro.returns, m, var_returns=var_returns,
+                                                         var_residual=var_residual).item(),
+            "val/num_eos": round(g["num_eos"] * self.world),
+            "val/response_length": g["val/response_length"],
             "kl_coef": self.kl_ctl.coef,
             "lr": lr,
             "episodes": done * cfg.rollout_batch_size,
-            **timing,
-            "tokens_per_second": n_tokens / max(timing["time/generation"], 1e-9),
+            **{k: g[k] for k in timing},
+            "tokens_per_second": g["tokens"] * self.world / max(g["time/generation"], 1e-9),
         }
         row["skipped_steps"] = self.guard.skipped
-        self.kl_ctl.update(row["objective/kl"], cfg.rollout_batch_size)
+        self.kl_ctl.update(row["objective/kl"], cfg.rollout_batch_size)  # the same global KL on every process
         if done % cfg.logging_steps == 0 or done == total:
             metrics.log(done, row)
         self.last_row = row
-        if done % cfg.sample_every == 0 or done == 1 or done == total:
+        if acc.is_main_process and (done % cfg.sample_every == 0 or done == 1 or done == total):
             self.log_samples(metrics, samples_path, done, ro)
         bar.set_postfix({"score": f"{row['objective/scores']:.3f}", "kl": f"{row['objective/kl']:.2f}",
                          "s/it": f"{time.perf_counter() - t_start:.1f}"})
@@ -363,24 +447,28 @@ class PPOTrainer:
         metrics.log_text(step, "samples", table)
 
     def save_checkpoint(self, ckpts: CheckpointManager, step: int) -> Path:
+        """Written by the main process (DDP keeps every copy identical); every process waits until it exists."""
         acc = self.accelerator
-        return ckpts.save(step, {
-            "policy": trainable_state_dict(acc.unwrap_model(self.policy)),
-            "value": trainable_state_dict(acc.unwrap_model(self.value)),
-            "policy_optimizer": inner_optimizer(self.p_opt).state_dict(),
-            "value_optimizer": inner_optimizer(self.v_opt).state_dict(),
-            "policy_scheduler": self.p_sched.state_dict(),
-            "value_scheduler": self.v_sched.state_dict(),
-            "rng": rng_state(),
-        }, {"total_steps": self.cfg.total_steps, "kl_controller": self.kl_ctl.state_dict()})
+        acc.wait_for_everyone()
+        path = ckpts.root / f"{PREFIX}{step:07d}"
+        if acc.is_main_process:
+            path = ckpts.save(step, {
+                "policy": trainable_state_dict(self.policy),
+                "value": trainable_state_dict(self.value),
+                "policy_optimizer": inner_optimizer(self.p_opt).state_dict(),
+                "value_optimizer": inner_optimizer(self.v_opt).state_dict(),
+                "policy_scheduler": self.p_sched.state_dict(),
+                "value_scheduler": self.v_sched.state_dict(),
+                "rng": rng_state(),
+            }, {"total_steps": self.cfg.total_steps, "kl_controller": self.kl_ctl.state_dict()})
+        acc.wait_for_everyone()
+        return path
 
     def save_final(self, out: Path) -> None:
         """``final/`` (the policy; adapter with LoRA) and ``value/`` (the value model), Hugging Face format."""
         import copy
 
-        acc = self.accelerator
-        policy = acc.unwrap_model(self.policy)
-        save_pretrained_atomic(out / "final", policy, self.tokenizer)
-        save_pretrained_atomic(out / "value", acc.unwrap_model(self.value), self.tokenizer)
+        save_pretrained_atomic(out / "final", self.policy, self.tokenizer)
+        save_pretrained_atomic(out / "value", self.value, self.tokenizer)
         if self.cfg.merge_lora:
-            save_pretrained_atomic(out / "final-merged", copy.deepcopy(policy).merge_and_unload(), self.tokenizer)
+            save_pretrained_atomic(out / "final-merged", copy.deepcopy(self.policy).merge_and_unload(), self.tokenizer)

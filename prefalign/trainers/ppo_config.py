@@ -36,7 +36,7 @@ class PPOConfig(CommonConfig):
     episodes: int | None = None
     """Total completions to sample (iterations = episodes / rollout batch, rounded up)."""
     rollout_batch_size: int = 16
-    """Prompts sampled per iteration (per process)."""
+    """Prompts sampled per iteration, over all processes (each process samples an equal share)."""
     num_minibatches: int = 1
     """Minibatches per PPO epoch; each is one optimizer step."""
     grad_accum: int = 1
