@@ -165,3 +165,37 @@ def test_eval_refuses_a_missing_policy_before_writing_anything(tmp_path, tiny_mo
     with pytest.raises(UserError, match="--policies gone=.*unknown model"):
         evaluate(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_eval_samples_are_keyed_batch_size_free_and_bf16_sampling_keeps_float32_kl(tmp_path, tiny_model_dir):
+    """Keyed sampling: the same completions at batch 1 and 4. --dtype bfloat16 samples from a bf16 copy but
+    scores log-probs with float32 weights: a policy equal to the reference still has KL exactly 0."""
+    gold, _ = _judges(tmp_path)
+    prompts = ["the movie was", "this film", "my cat"]
+    runs = {}
+    for name, bs, dtype in (("b4", 4, "float32"), ("b1", 1, "float32"), ("bf16", 4, "bfloat16")):
+        evaluate(EvalConfig(policies=[f"same={tiny_model_dir}"], reference=str(tiny_model_dir), prompts=prompts,
+                            chat=False, judge=gold, num_samples=2, max_new_tokens=6, batch_size=bs, seed=3,
+                            dtype=dtype, output=str(tmp_path / name)))
+        rows = [json.loads(x) for x in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
+        runs[name] = rows
+    assert [r["completion"] for r in runs["b1"]] == [r["completion"] for r in runs["b4"]]
+    assert all(r["kl"] == 0.0 for r in runs["bf16"])
+    assert len({r["completion"] for r in runs["bf16"]}) > 1
+
+
+def test_sampling_copy_is_bf16_keeps_float_buffers_and_refreshes(tiny_model):
+    from prefalign.rollout import refresh_sampling_copy, sampling_copy
+
+    assert sampling_copy(tiny_model, torch.float32) is tiny_model  # already float32: no copy
+    copy = sampling_copy(tiny_model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 and not p.requires_grad for p in copy.parameters())
+    assert all(p.dtype == torch.float32 for p in tiny_model.parameters())  # the original is untouched
+    for (name, b), (_, b0) in zip(copy.named_buffers(), tiny_model.named_buffers()):
+        assert b.dtype == b0.dtype and torch.equal(b, b0), name  # RoPE frequencies stay float32
+    with torch.no_grad():
+        tiny_model.model.norm.weight.add_(1.0)
+    assert not torch.equal(copy.model.norm.weight, tiny_model.model.norm.weight.to(torch.bfloat16))
+    refresh_sampling_copy(copy, tiny_model)
+    for (name, p), (_, p0) in zip(copy.named_parameters(), tiny_model.named_parameters()):
+        assert torch.equal(p, p0.detach().to(torch.bfloat16)), name

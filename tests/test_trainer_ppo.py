@@ -165,3 +165,17 @@ def test_cli_ppo_smoke_with_vader(tmp_path, tiny_model_dir, prompts):
     assert len(rows) == 2 and rows[-1]["episodes"] == 8
     r = run_cli("ppo", "--prompts", prompts, "--reward", "vader", "--output", tmp_path / "bad", "--clip-eps", "1.5")
     assert r.returncode == 2 and r.stderr.startswith("error: --clip-eps") and "Traceback" not in r.stderr
+
+
+def test_bf16_rollouts_sample_from_a_copy_refreshed_after_every_update(tmp_path, tiny_model_dir, prompts, tokenizer):
+    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=2, precision="bf16"),
+                         reward_source=LowIdReward(tokenizer))
+    trainer.train()
+    assert trainer.sampler is not trainer.policy
+    for (name, p), (_, p0) in zip(trainer.sampler.named_parameters(), trainer.policy.named_parameters()):
+        assert p.dtype == torch.bfloat16 and p0.dtype == torch.float32, name
+        assert torch.equal(p, p0.detach().to(torch.bfloat16)), f"{name}: the sampler missed the last update"
+    fp32 = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=1, output=str(tmp_path / "fp32")),
+                      reward_source=LowIdReward(tokenizer))
+    fp32.train()
+    assert fp32.sampler is fp32.policy  # fp32 precision: sampled from the training weights themselves

@@ -66,7 +66,10 @@ class CompareConfig(Validated):
     resume: bool = False
     """Continue a comparison: finished stages are not redone."""
     precision: str = "auto"
-    """fp32, bf16 or auto (every stage)."""
+    """fp32, bf16 or auto (every stage; under bf16, pair making, PPO rollouts and evaluation sample from a bf16
+    copy of the weights, and log-probs for KL stay in float32)."""
+    sample_batch_size: int = 16
+    """Completions per generation batch in pair making and evaluation."""
     seed: int = 0
     """Base seed (seed i of --seeds uses seed + i)."""
 
@@ -122,6 +125,8 @@ class CompareConfig(Validated):
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
         if self.overwrite and self.resume:
             raise ValueError("--overwrite and --resume contradict each other; choose one")
+        if self.sample_batch_size < 1:
+            raise ValueError(f"--sample-batch-size must be >= 1, got {self.sample_batch_size}")
         if self.temperature <= 0:
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 < self.eval_split < 1:

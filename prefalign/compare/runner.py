@@ -60,6 +60,14 @@ class Comparison:
         c = self.cfg
         return ["--max-new-tokens", c.max_new_tokens, "--temperature", c.temperature, "--chat" if c.chat else "--no-chat"]
 
+    def _sampler_args(self) -> list:
+        """prefs / eval: sampling batch and weights dtype (bf16 copies where the precision is bf16)."""
+        from prefalign.trainers.loop import resolve_precision
+
+        c = self.cfg
+        dtype = "bfloat16" if resolve_precision(c.precision) == "bf16" else "float32"
+        return ["--batch-size", c.sample_batch_size, "--dtype", dtype]
+
     def _ppo_args(self, seed: int, reward: str, kl_coef: float) -> list:
         c = self.cfg
         return [*self._common(seed), "--prompts", self.train_prompts, "--reward", reward, "--max-steps", c.ppo_steps,
@@ -116,7 +124,7 @@ class Comparison:
         self.pairs = self.out / "pairs" / "pairs.jsonl"
         plan = [("pairs", "prefs", lambda: [
             "--model", c.model, "--prompts", self.train_prompts, "--judge", c.judge,
-            "--num-samples", c.samples_per_prompt, *self._sampling(), "--seed", c.seed])]
+            "--num-samples", c.samples_per_prompt, *self._sampling(), *self._sampler_args(), "--seed", c.seed])]
         for i in range(c.seeds):
             s = c.seed + i
             d = f"seed-{s}"
@@ -154,7 +162,7 @@ class Comparison:
         c = self.cfg
         pol = [f"start={c.model}"] + [f"{a}={self.out / d / a / 'final'}" for a in self._policies(d, with_sweep)]
         args = ["--policies", *pol, "--reference", c.model, "--prompts", self.heldout_prompts, "--judge", c.judge,
-                "--num-samples", c.eval_samples, *self._sampling(), "--seed", seed]
+                "--num-samples", c.eval_samples, *self._sampling(), *self._sampler_args(), "--seed", seed]
         if "ppo" in c.arms:
             args += ["--proxy", self.out / d / "rm" / "final"]
         return args

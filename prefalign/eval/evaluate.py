@@ -183,9 +183,13 @@ def _sample_policy(cfg: EvalConfig, name: str, path: str, tokenizer, prompt_ids,
     from prefalign.eval.sampling import sample_completions, sequence_logps
     from prefalign.models import load_policy
 
-    model = load_policy(path, dtype=getattr(torch, cfg.dtype)).to(dev)
-    torch.manual_seed(cfg.seed)
-    samples = sample_completions(model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, desc=name)
+    from prefalign.rollout import sampling_copy
+
+    model = load_policy(path, dtype=torch.float32).to(dev)  # log-probs (KL) in float32
+    sampler = sampling_copy(model, getattr(torch, cfg.dtype))  # --dtype: the weights sampled from
+    samples = sample_completions(sampler, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed,
+                                 desc=name)
+    del sampler
     logps = sequence_logps(model, prompt_ids, samples, cfg.batch_size, cfg.logprob_temperature,
                            tokenizer.pad_token_id, desc=f"{name} log-probs")
     return _PolicyRun(name, path, samples, logps=logps)  # the model is freed on return
@@ -195,10 +199,13 @@ def _sample_reference(cfg: EvalConfig, tokenizer, prompt_ids, runs: list[_Policy
     from prefalign.eval.sampling import sample_completions, sequence_logps
     from prefalign.models import load_policy
 
-    model = load_policy(cfg.reference, dtype=getattr(torch, cfg.dtype)).to(dev)
-    torch.manual_seed(cfg.seed)
-    samples = sample_completions(model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size,
+    from prefalign.rollout import sampling_copy
+
+    model = load_policy(cfg.reference, dtype=torch.float32).to(dev)
+    sampler = sampling_copy(model, getattr(torch, cfg.dtype))
+    samples = sample_completions(sampler, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed,
                                  desc=REFERENCE)
+    del sampler
     for run in runs:
         run.ref_logps = sequence_logps(model, prompt_ids, run.samples, cfg.batch_size, cfg.logprob_temperature,
                                        tokenizer.pad_token_id, desc=f"{run.name} reference log-probs")

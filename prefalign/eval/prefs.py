@@ -130,8 +130,8 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     write_config(out_dir, cfg)
 
     start = time.perf_counter()
-    torch.manual_seed(cfg.seed)
-    samples = sample_completions(model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, desc="prefs")
+    samples = sample_completions(model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed,
+                                 desc="prefs")
     del model  # the judge may be a reward model: one model's weights at a time past this point
     scores = score_samples(judge, f"--judge {cfg.judge}", prompts, samples).tolist()
 

@@ -49,15 +49,19 @@ def read_prompt_texts(sources: list[str], tokenizer, chat: bool) -> list[str]:
 
 
 def sample_completions(model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig, num_samples: int,
-                       batch_size: int, desc: str = "sample") -> list[Sample]:
+                       batch_size: int, seed: int, desc: str = "sample") -> list[Sample]:
     """``num_samples`` completions of every prompt, in (prompt, sample) order, ``batch_size`` rows at a time.
 
-    The caller seeds the RNG: the same seed, model, prompts and settings give the same samples.
+    Keyed sampling (`KeyedSampler`): completion ``k`` of prompt ``i`` draws its noise from a stream keyed by
+    (``seed``, i, k), so it does not depend on the batch size, and two policies sampled with the same seed share
+    their random numbers (common random numbers: their gold difference and win rate are less noisy, and
+    identical policies give identical completions).
     """
     from tqdm.auto import tqdm
 
     from prefalign.data import PromptCollator
     from prefalign.rollout import cut_at_stop, eos_token_ids, generate
+    from prefalign.rollout.generate import key_seed
 
     dev = next(model.parameters()).device
     collate = PromptCollator(tokenizer.pad_token_id)
@@ -69,7 +73,8 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], sampling: 
             chunk = jobs[lo : lo + batch_size]
             batch = collate([prompt_ids[i] for i, _ in chunk])
             gen = generate(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), sampling,
-                           eos_ids=eos, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer)
+                           eos_ids=eos, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
+                           row_keys=[key_seed(i, k) for i, k in chunk], seed=seed)
             texts = tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
             ids = gen.response_ids.cpu()  # (b, R)
             lengths = gen.response_mask.sum(1).tolist()  # (b,)

