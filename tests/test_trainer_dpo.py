@@ -193,3 +193,21 @@ def test_forward_chunks_give_the_same_update(tmp_path, tiny_model_dir):
             # up as ~1e-6..5e-6 here, a wrong chunk weighting as ~lr = 1e-3; tolerance 1% of the 2-step move
             torch.testing.assert_close(params[name], p, atol=2e-5, rtol=0, msg=f"{name}, chunks of {fb}")
     assert ref_rows[1]["loss"] != pytest.approx(math.log(2), abs=1e-4)  # the first step moved the policy
+
+
+def test_auto_forward_chunks_follow_the_padded_positions(tmp_path, tiny_model_dir, monkeypatch):
+    from prefalign.trainers import loop
+
+    data = _varied_pairs(tmp_path / "varied.jsonl")
+    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, data, batch_size=8, max_steps=1))
+    trainer.train()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["forward_batch_size"].startswith("auto")
+    examples = trainer.train_data[:8]
+    positions = trainer.collate(examples)["input_ids"].numel()  # 16 rows x the longest
+    assert positions < loop.FORWARD_POSITIONS
+    assert len(trainer._forward_chunks(examples)) == 1  # short pairs: one forward
+    monkeypatch.setattr(loop, "FORWARD_POSITIONS", positions // 3)
+    chunks = trainer._forward_chunks(examples)
+    assert len(chunks) == 4  # ceil(8 / ceil(positions / (positions // 3))) pairs each -> 4 chunks of 2
+    assert [len(c["index"]) for c in chunks] == [2, 2, 2, 2]
+    assert sum(c["input_ids"].numel() for c in chunks) <= positions  # each padded to its own longest row

@@ -103,8 +103,8 @@ class TrainConfig(CommonConfig):
     forward_batch_size: int | None = None
     """Examples per forward pass inside a micro-batch: the micro-batch runs in chunks of this many, each padded to
     its own longest row, gradients accumulated (the same update up to float rounding; less activation memory and
-    padding). Default: 2 on CPU (measured faster there: big activations fall out of cache), the whole micro-batch
-    on GPU."""
+    padding). Default: on CPU as few equal chunks as keep each under ~1024 padded positions (rows x length),
+    measured faster there; on GPU the whole micro-batch."""
 
     # -- data --
     max_length: int = 512
