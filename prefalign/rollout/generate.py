@@ -190,21 +190,21 @@ class KeyedSampler:
 
 
 def sampling_copy(model, dtype: torch.dtype):
-    """The model to sample from: ``model`` itself when it already holds ``dtype`` weights, else a copy cast
-    to ``dtype`` (eval mode, no gradients). Decoding is bound by reading the weights every token: a bf16 copy
-    reads half the bytes and skips autocast's per-step re-cast (measured 1.97x plain fp32 generate at batch 8
-    here, autocast 1.72x). Keep training and log-probs on the original; `refresh_sampling_copy` after updates."""
+    """The model to sample from: ``model`` itself when it already holds ``dtype`` weights, else a copy cast to
+    ``dtype`` (eval mode; call it under no_grad). Decoding is bound by reading the weights every token: a bf16
+    copy reads half the bytes and skips autocast's per-step re-cast (measured here: 1.97x plain fp32 generate at
+    batch 8 x 40 tokens; 2.6x fp32 and 1.07x fp32 under autocast at batch 16 x 24). Keep training and log-probs
+    on the original; `refresh_sampling_copy` after updates."""
     import copy
 
     if next(model.parameters()).dtype == dtype:
         return model
-    out = copy.deepcopy(model).to(dtype).eval().requires_grad_(False)
-    # float buffers (RoPE's inv_freq) stay as they were, as from_pretrained(dtype=...) leaves them
-    originals = dict(model.named_modules())
-    for name, module in out.named_modules():
-        for key, buf in module._buffers.items():
-            if buf is not None and buf.is_floating_point():
-                module._buffers[key] = originals[name]._buffers[key].detach().clone()
+    # buffers are cast too (RoPE's inv_freq: rotary angles are still computed in float32 from it). Keeping them
+    # float32 measured 1.7x slower decoding here for the same log-probs (mean |difference| 0.005 nats either way)
+    # requires_grad stays as it was (sampling runs under no_grad anyway): bf16 weights with requires_grad=False
+    # measured 1.65x slower decoding on this CPU (torch 2.13), apparently a different kernel path
+    out = copy.deepcopy(model).to(dtype).eval()
+    out.config.dtype = dtype
     return out
 
 
