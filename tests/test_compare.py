@@ -38,6 +38,8 @@ def test_compare_end_to_end_on_a_tiny_model_then_resume(tmp_path, tiny_model_dir
     stages = json.loads((out / "stages.json").read_text())
     assert set(stages) == {"pairs", "seed-0/rm", "seed-0/ppo", "seed-0/dpo", "seed-0/dpo_rf", "seed-0/ppo_gt",
                            "seed-0/eval"}
+    # finished stages keep their models, not their optimizer checkpoints (never resumed; ~2 GB per arm at 135M)
+    assert not list(out.rglob("checkpoints")) and (out / "seed-0" / "dpo" / "final" / "config.json").is_file()
 
     # resume: nothing finished is redone (the stage records are unchanged), the report is rewritten
     before = (out / "stages.json").read_text()

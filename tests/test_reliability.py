@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,25 @@ def test_nan_steps_in_a_row_stop_with_the_last_good_checkpoint(tmp_path, tiny_mo
     ckpt = tmp_path / "run" / "checkpoints" / "step-0000002"
     state = torch.load(ckpt / "model.pt")
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_clear_error_and_keeps_the_previous(tmp_path, monkeypatch):
+    """A full disk shows up as torch's zip writer failing mid-file: one line saying so, no half-written
+    checkpoint, the earlier checkpoint untouched."""
+    from prefalign.errors import UserError
+    from prefalign.trainers.checkpoint import CheckpointManager
+
+    ckpts = CheckpointManager(tmp_path, keep=2)
+    first = ckpts.save(1, {"model": {"w": torch.ones(3)}}, {})
+
+    def full_disk(obj, path):
+        Path(path).write_bytes(b"PK\x03\x04partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 729135808 vs 729135700")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    with pytest.raises(UserError, match=r"step-0000002: could not write the checkpoint \(RuntimeError: .*GiB free.*"
+                                        r"--resume latest") as err:
+        ckpts.save(2, {"model": {"w": torch.zeros(3)}}, {})
+    assert "\n" not in str(err.value)
+    assert ckpts.complete() == [first]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]  # no temp directory left

@@ -23,7 +23,7 @@ PRESETS: dict[str, dict] = {
     "default": dict(
         num_prompts=256, samples_per_prompt=4, max_new_tokens=24, eval_prompts=100, eval_samples=1,
         rm_steps=60, rm_lr=1e-5, ppo_steps=32, ppo_rollout_batch=16, ppo_epochs=2, ppo_lr=3e-5, ppo_value_lr=1e-4,
-        ppo_kl_coef=0.05, dpo_steps=60, dpo_lr=1e-5, dpo_beta=0.1, dpo_rf_beta=1.0, batch_size=8,
+        ppo_kl_coef=0.05, dpo_steps=60, dpo_lr=4e-5, dpo_beta=0.1, dpo_rf_beta=1.0, batch_size=8,
     ),
     "paper": dict(
         num_prompts=324, samples_per_prompt=8, max_new_tokens=48, eval_prompts=100, eval_samples=4,
@@ -78,6 +78,11 @@ class CompareConfig(Validated):
     """Training prompts used to make pairs."""
     samples_per_prompt: int | None = None
     """Completions sampled per prompt when making pairs (best vs worst by the judge becomes a pair)."""
+    pair_rule: str = "all"
+    """best_worst (one pair per prompt) or all (every pair of a prompt's completions whose gold scores differ
+    by more than --min-gap): more pairs from the same samples."""
+    min_gap: float = 0.3
+    """Pair two completions only if their gold scores differ by more than this."""
     max_new_tokens: int | None = None
     """Tokens per completion everywhere (pairs, PPO rollouts, evaluation)."""
     temperature: float = 1.0
@@ -125,6 +130,10 @@ class CompareConfig(Validated):
             raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
         if self.overwrite and self.resume:
             raise ValueError("--overwrite and --resume contradict each other; choose one")
+        if self.pair_rule not in ("best_worst", "all"):
+            raise ValueError(f"--pair-rule must be best_worst or all, got {self.pair_rule!r}")
+        if not self.min_gap >= 0:
+            raise ValueError(f"--min-gap must be >= 0, got {self.min_gap}")
         if self.sample_batch_size < 1:
             raise ValueError(f"--sample-batch-size must be >= 1, got {self.sample_batch_size}")
         if self.temperature <= 0:

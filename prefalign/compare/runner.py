@@ -124,7 +124,8 @@ class Comparison:
         self.pairs = self.out / "pairs" / "pairs.jsonl"
         plan = [("pairs", "prefs", lambda: [
             "--model", c.model, "--prompts", self.train_prompts, "--judge", c.judge,
-            "--num-samples", c.samples_per_prompt, *self._sampling(), *self._sampler_args(), "--seed", c.seed])]
+            "--num-samples", c.samples_per_prompt, "--pair-rule", c.pair_rule, "--min-gap", c.min_gap,
+            *self._sampling(), *self._sampler_args(), "--seed", c.seed])]
         for i in range(c.seeds):
             s = c.seed + i
             d = f"seed-{s}"

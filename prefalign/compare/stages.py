@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -76,6 +77,9 @@ class StageRunner:
             raise UserError(f"stage {name} failed (exit {proc.returncode}): {last} — full log: {log}; fix it and "
                             "rerun with --resume to keep the finished stages")
         result = StageResult(name, str(out), round(wall, 3), round(usage.ru_maxrss / 1024, 1))  # ru_maxrss: KiB
+        # a finished stage is never resumed: its optimizer checkpoints (~2 GB per 135M arm) are dead weight;
+        # final/ (and value/ for PPO) stay. Deleted after the wall time is taken, so not charged to the stage.
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
         self.done[name] = asdict(result)
         atomic_write_text(self.state_path, json.dumps(self.done, indent=2))
         return result

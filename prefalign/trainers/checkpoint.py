@@ -73,6 +73,13 @@ class CheckpointManager:
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
+        except (OSError, RuntimeError) as e:  # a full disk surfaces as either (torch's zip writer: RuntimeError)
+            shutil.rmtree(tmp, ignore_errors=True)
+            free = shutil.disk_usage(self.root).free / 2**30
+            first = (str(e).splitlines() or [""])[0][:160]
+            raise UserError(f"{final}: could not write the checkpoint ({type(e).__name__}: {first}); {free:.1f} GiB "
+                            "free on that disk. Free space (or lower --save-total-limit) and rerun with "
+                            "--resume latest: the previous checkpoints are intact") from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self._prune()
