@@ -103,7 +103,7 @@ class TrainConfig(CommonConfig):
     forward_batch_size: int | None = None
     """Examples per forward pass inside a micro-batch: the micro-batch runs in chunks of this many, each padded to
     its own longest row, gradients accumulated (the same update up to float rounding; less activation memory and
-    padding). Default: on CPU as few equal chunks as keep each under ~1024 padded positions (rows x length),
+    padding). Default: on CPU as few equal chunks as keep each under ~512 padded positions (rows x length),
     measured faster there; on GPU the whole micro-batch."""
 
     # -- data --
