@@ -117,8 +117,8 @@ def run_ppo(args) -> dict:
         def save_final(self, out):
             pass
 
-        def rollout(self, idx, timing):
-            ro = super().rollout(idx, timing)
+        def rollout(self, idx, step, timing):
+            ro = super().rollout(idx, step, timing)
             self._tokens.append(int(ro.attention_mask.sum()))
             self._resp.append(int(ro.response_mask.sum()))
             return ro
@@ -138,7 +138,8 @@ def run_rollout(args, batch: int) -> dict:
 
     from prefalign.data import PromptCollator, tokenize_prompts
     from prefalign.models import load_causal_lm, load_tokenizer
-    from prefalign.rollout import SamplingConfig, eos_token_ids, generate
+    from prefalign.rollout import SamplingConfig, eos_token_ids, generate, sampling_copy
+    from prefalign.rollout.generate import key_seed
 
     tok = load_tokenizer(None)
     model = load_causal_lm(None).eval()
@@ -146,14 +147,17 @@ def run_rollout(args, batch: int) -> dict:
     ids = tokenize_prompts(prefixes, tok, 128)
     sampling = SamplingConfig(max_new_tokens=HPARAMS["max_new_tokens"], temperature=HPARAMS["temperature"])
     eos = eos_token_ids(model, tok)
+    # prefalign's rollout path (PPO, prefs, eval): under bf16 a bf16 copy of the weights, keyed sampling
+    sampler = sampling_copy(model, torch.bfloat16) if args.precision == "bf16" else model
     secs, toks = [], []
     for b in range(args.steps):
         batch_ids = PromptCollator(tok.pad_token_id)(ids[b * batch : (b + 1) * batch])
         torch.manual_seed(HPARAMS["seed"] + b)
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            gen = generate(model, batch_ids["input_ids"], batch_ids["attention_mask"], sampling, eos_ids=eos,
-                           pad_id=tok.pad_token_id)
+            gen = generate(sampler, batch_ids["input_ids"], batch_ids["attention_mask"], sampling, eos_ids=eos,
+                           pad_id=tok.pad_token_id, row_keys=[key_seed(b, i) for i in range(batch)],
+                           seed=HPARAMS["seed"])
         secs.append(time.perf_counter() - t)
         toks.append(int(gen.response_mask.sum()))
     return {"step_seconds": secs, "items_per_step": batch, "tokens": toks, "extra": {}}

@@ -54,6 +54,14 @@ def remove_on_user_error(path: str | os.PathLike, created: bool):
         raise
 
 
+def run_in_output_dir(cfg, fn):
+    """``fn()`` for a run writing to ``cfg.output`` (with ``overwrite`` / ``resume``): refuse a directory holding
+    another run first; a `UserError` removes the directory if this run created it and wrote no checkpoint."""
+    created = check_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
+    with remove_on_user_error(cfg.output, created):
+        return fn()
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temp file in the same directory and rename: readers never see half a file."""
     path = Path(path)

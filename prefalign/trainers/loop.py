@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from prefalign.errors import UserError
-from prefalign.runio import check_output_dir, prepare_output_dir, remove_on_user_error, write_config, write_json
+from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config, write_json
 from prefalign.trainers.checkpoint import (
     CheckpointManager,
     load_trainable_state_dict,
@@ -213,10 +213,7 @@ class Trainer:
 
     def train(self) -> dict[str, float]:
         """Run the whole training; a user error before the first checkpoint leaves no output directory."""
-        cfg = self.cfg
-        created = check_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
-        with remove_on_user_error(cfg.output, created):
-            return self._train()
+        return run_in_output_dir(self.cfg, self._train)
 
     def _train(self) -> dict[str, float]:
         from accelerate.utils import set_seed

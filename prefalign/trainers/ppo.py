@@ -44,7 +44,7 @@ from prefalign.rollout import (
 )
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
-from prefalign.runio import check_output_dir, prepare_output_dir, remove_on_user_error, write_config, write_json
+from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config, write_json
 from prefalign.trainers.checkpoint import (
     PREFIX,
     CheckpointManager,
@@ -330,10 +330,7 @@ class PPOTrainer:
     def train(self) -> dict[str, float]:
         """Run PPO; a user error before the first checkpoint (a reward function that raises on the first
         batch, say) leaves no output directory."""
-        cfg = self.cfg
-        created = check_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
-        with remove_on_user_error(cfg.output, created):
-            return self._train()
+        return run_in_output_dir(self.cfg, self._train)
 
     def _train(self) -> dict[str, float]:
         from tqdm.auto import tqdm
