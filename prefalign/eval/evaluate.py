@@ -179,33 +179,33 @@ def _check_same_tokenizer(ref_tokenizer, path: str, name: str) -> None:
                         "reference needs the same vocabulary (give a --reference with the same tokenizer)")
 
 
-def _sample_policy(cfg: EvalConfig, name: str, path: str, tokenizer, prompt_ids, dev) -> _PolicyRun:
-    from prefalign.eval.sampling import sample_completions, sequence_logps
+def _load_and_sample(cfg: EvalConfig, path: str, tokenizer, prompt_ids, dev, desc: str):
+    """``(model, samples)``: the policy at ``path`` in float32 (for log-probs: KL), and its completions sampled
+    from a ``--dtype`` copy (the model itself under float32)."""
+    from prefalign.eval.sampling import sample_completions
     from prefalign.models import load_policy
-
     from prefalign.rollout import sampling_copy
 
-    model = load_policy(path, dtype=torch.float32).to(dev)  # log-probs (KL) in float32
-    sampler = sampling_copy(model, getattr(torch, cfg.dtype))  # --dtype: the weights sampled from
+    model = load_policy(path, dtype=torch.float32).to(dev)
+    sampler = sampling_copy(model, getattr(torch, cfg.dtype))
     samples = sample_completions(sampler, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed,
-                                 desc=name)
-    del sampler
+                                 desc=desc)
+    return model, samples
+
+
+def _sample_policy(cfg: EvalConfig, name: str, path: str, tokenizer, prompt_ids, dev) -> _PolicyRun:
+    from prefalign.eval.sampling import sequence_logps
+
+    model, samples = _load_and_sample(cfg, path, tokenizer, prompt_ids, dev, desc=name)
     logps = sequence_logps(model, prompt_ids, samples, cfg.batch_size, cfg.logprob_temperature,
                            tokenizer.pad_token_id, desc=f"{name} log-probs")
     return _PolicyRun(name, path, samples, logps=logps)  # the model is freed on return
 
 
 def _sample_reference(cfg: EvalConfig, tokenizer, prompt_ids, runs: list[_PolicyRun], dev) -> _PolicyRun:
-    from prefalign.eval.sampling import sample_completions, sequence_logps
-    from prefalign.models import load_policy
+    from prefalign.eval.sampling import sequence_logps
 
-    from prefalign.rollout import sampling_copy
-
-    model = load_policy(cfg.reference, dtype=torch.float32).to(dev)
-    sampler = sampling_copy(model, getattr(torch, cfg.dtype))
-    samples = sample_completions(sampler, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed,
-                                 desc=REFERENCE)
-    del sampler
+    model, samples = _load_and_sample(cfg, cfg.reference, tokenizer, prompt_ids, dev, desc=REFERENCE)
     for run in runs:
         run.ref_logps = sequence_logps(model, prompt_ids, run.samples, cfg.batch_size, cfg.logprob_temperature,
                                        tokenizer.pad_token_id, desc=f"{run.name} reference log-probs")
