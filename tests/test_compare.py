@@ -66,3 +66,10 @@ def test_presets_fill_only_unset_budgets():
         CompareConfig(preset="huge")
     with pytest.raises(ValueError, match="--dpo-beta"):
         CompareConfig(dpo_beta=0.0)
+
+
+def test_pairing_and_sampling_flags_are_checked():
+    for kw, msg in [({"pair_rule": "random"}, "--pair-rule"), ({"min_gap": -0.1}, "--min-gap"),
+                    ({"min_gap": float("nan")}, "--min-gap"), ({"sample_batch_size": 0}, "--sample-batch-size")]:
+        with pytest.raises(ValueError, match=msg):
+            CompareConfig(**kw)

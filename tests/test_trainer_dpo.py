@@ -117,7 +117,8 @@ def test_every_loss_type_trains(tmp_path, tiny_model_dir, pairs, loss_type, beta
 def test_config_refuses_conflicts_and_bad_numbers(tmp_path, pairs):
     for kw, msg in [({"ref": "x", "lora_r": 4}, "conflicts with LoRA"), ({"beta": -1.0}, "--beta"),
                     ({"loss_type": "nope"}, "--loss-type"), ({"batch_size": 0}, "--batch-size"),
-                    ({"label_smoothing": 0.5}, "--label-smoothing"), ({"data": ""}, "--data")]:
+                    ({"label_smoothing": 0.5}, "--label-smoothing"), ({"data": ""}, "--data"),
+                    ({"forward_batch_size": 0}, "--forward-batch-size")]:
         with pytest.raises(ValueError, match=msg):
             DPOConfig(**{"data": str(pairs), **kw})
 
