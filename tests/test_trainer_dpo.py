@@ -35,6 +35,20 @@ def test_first_step_loss_is_ln2_and_every_parameter_changes(tmp_path, tiny_model
     assert torch.equal(final.model.norm.weight, after["model.norm.weight"].detach())
 
 
+def test_frozen_reference_is_placed_on_the_accelerator_device(tmp_path, tiny_model_dir, pairs):
+    """accelerate moves only what it prepares (the policy): a reference left where it was loaded would stay on the
+    CPU while the policy runs on a GPU. The meta device stands in for the GPU: any device but the CPU shows the
+    move."""
+    from itertools import chain
+    from types import SimpleNamespace
+
+    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs))
+    trainer.accelerator = SimpleNamespace(device=torch.device("meta"))  # setup() only reads the device
+    trainer.setup()
+    ref = trainer.ref_model
+    assert {t.device for t in chain(ref.parameters(), ref.buffers())} == {torch.device("meta")}
+
+
 def test_learnable_set_accuracy_rises_and_loss_falls(tmp_path, tiny_model_dir, pairs):
     final = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, max_steps=10, eval_split=0.25)).train()
     rows = _metrics(tmp_path / "run")

@@ -90,6 +90,8 @@ class DPOTrainer(Trainer):
             self.ref_model.requires_grad_(False).eval()
             if len(self.ref_model.get_input_embeddings().weight) != len(self.model.get_input_embeddings().weight):
                 raise UserError(f"--ref {cfg.ref}: its vocabulary differs from --model's; DPO needs the same tokenizer")
+            # accelerate places only what it prepares (the policy); the frozen reference follows it by hand
+            self.ref_model.to(self.accelerator.device)
 
     def extra_run_info(self) -> dict:
         return {"data": self.data_info}
