@@ -2,7 +2,8 @@
 
 Structured files are ``.jsonl``, ``.json``, ``.csv`` and ``.parquet``, each optionally ``.gz``. Any
 other file is plain text, one row per non-blank line (e.g. ``rt-polarity.pos``). A path that does
-not exist but looks like ``org/name`` is loaded with ``datasets.load_dataset``.
+not exist but looks like ``org/name`` is loaded with ``datasets.load_dataset`` at the split asked
+for (default ``train``); a local file has no splits, so asking one for another split is an error.
 
 Every row carries where it came from (``line 12`` for line-based files, the line where a CSV record
 starts, ``row 12`` for JSON arrays, parquet and hub datasets; all 1-based), so later checks can name
@@ -25,6 +26,7 @@ from prefalign.errors import UserError
 
 STRUCTURED = (".jsonl", ".json", ".csv", ".parquet")
 GZIP_MAGIC = b"\x1f\x8b"
+DEFAULT_SPLIT = "train"
 
 
 @dataclass
@@ -63,8 +65,11 @@ def looks_like_hub_id(source: str) -> bool:
     )
 
 
-def read_table(source: str | Path, *, split: str = "train", text_column: str = "prompt") -> Table:
-    """Read ``source`` into a `Table`; plain-text lines become rows ``{text_column: line}``."""
+def read_table(source: str | Path, *, split: str = DEFAULT_SPLIT, text_column: str = "prompt") -> Table:
+    """Read ``source`` into a `Table`; plain-text lines become rows ``{text_column: line}``.
+
+    ``split`` is the split of a hub dataset; a local file accepts only the default, ``train``.
+    """
     src = str(source)
     path = Path(src).expanduser()
     if not path.exists():
@@ -72,6 +77,9 @@ def read_table(source: str | Path, *, split: str = "train", text_column: str = "
             return _read_hub(src, split)
         raise UserError(f"{src}: file not found; give a .jsonl/.json/.csv/.parquet (optionally .gz) or text file, "
                         "or a hub dataset id org/name")
+    if split != DEFAULT_SPLIT:  # refused, not ignored: the user would train on rows they did not ask for
+        raise UserError(f"{src}: is a local file, but split {split!r} was asked for; a split applies to hub "
+                        "datasets only: drop the split flag, or give the file that holds that split")
     if path.is_dir():
         raise UserError(f"{src}: is a directory; give a data file (.jsonl/.json/.csv/.parquet, optionally .gz)")
     data = _read_bytes(path, src)

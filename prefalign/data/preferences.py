@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from prefalign.data import chat
-from prefalign.data.io import Table, progress, read_table, type_name
+from prefalign.data.io import DEFAULT_SPLIT, Table, progress, read_table, type_name
 from prefalign.data.report import DropReport
 from prefalign.errors import UserError
 
@@ -88,16 +88,19 @@ def check_columns(table: Table, fmt: str) -> None:
                             f"format {fmt} needs {', '.join(REQUIRED[fmt])}")
 
 
-def load_preferences(source: str | Path, tokenizer=None, *, format: str | None = None, split: str = "train",
-                     strict: bool = False) -> tuple[list[PreferenceExample], DropReport]:
+def load_preferences(source: str | Path | Table, tokenizer=None, *, format: str | None = None,
+                     split: str = DEFAULT_SPLIT, strict: bool = False) -> tuple[list[PreferenceExample], DropReport]:
     """Read, validate and parse preference pairs; ``tokenizer`` is needed for conversational data only.
+
+    ``source`` is a path or hub id (read at ``split``), or a `Table` already read from one.
 
     ``format`` is one of `FORMATS`, or None / ``"auto"`` to detect it from the columns.
 
     Returns the kept pairs and a `DropReport`. Raises `UserError` on malformed input, and when every
     row is dropped. ``strict=True`` makes the first drop an error.
     """
-    table = read_table(source, split=split)
+    table = source if isinstance(source, Table) else read_table(source, split=split)
+    source = table.source
     if table.kind == "text":
         raise UserError(f"{source}: preference data must be .jsonl, .json, .csv or .parquet (optionally .gz) "
                         "or a hub dataset id; this looks like a plain-text file")

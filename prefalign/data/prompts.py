@@ -18,7 +18,7 @@ import logging
 from pathlib import Path
 
 from prefalign.data import chat as chatlib  # `chat` is also a flag name below
-from prefalign.data.io import Table, progress, read_table, type_name
+from prefalign.data.io import DEFAULT_SPLIT, Table, progress, read_table, type_name
 from prefalign.data.preferences import FORMATS, detect_format, parse_preferences
 from prefalign.data.report import DropReport
 from prefalign.errors import UserError
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 
 
 def load_prompts(source: str | Path | list[str], tokenizer=None, *, column: str = "prompt", chat: bool = False,
-                 split: str = "train", strict: bool = False) -> list[str]:
+                 split: str = DEFAULT_SPLIT, strict: bool = False) -> list[str]:
     """Prompt texts from ``source`` (see the module docstring); drops are logged, none left is a `UserError`."""
     if isinstance(source, (list, tuple)):
         table = Table("<prompt list>", "list", [column], [(f"prompt {i}", {column: p}) for i, p in

@@ -107,6 +107,8 @@ class TrainConfig(CommonConfig):
     measured faster there; on GPU the whole micro-batch."""
 
     # -- data --
+    data_split: str = "train"
+    """Split of --data when it is a hub dataset id, e.g. test (a local file has none)."""
     max_length: int = 512
     """Most tokens of prompt + completion; longer prompts keep their end, longer completions are dropped."""
     max_prompt_length: int | None = None
@@ -115,6 +117,8 @@ class TrainConfig(CommonConfig):
     """Fraction of the data held out for evaluation (0: none, unless --eval-data is given)."""
     eval_data: str | None = None
     """A separate evaluation file (overrides --eval-split)."""
+    eval_data_split: str = "train"
+    """Split of --eval-data when it is a hub dataset id, e.g. test (a local file has none)."""
 
     eval_steps: int | None = None
     """Evaluate every this many optimizer steps (default: only at the end)."""

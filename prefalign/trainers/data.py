@@ -34,10 +34,10 @@ def _index(train: list, evals: list) -> tuple[list[tuple[int, Any]], list[tuple[
     return list(enumerate(train)), [(len(train) + j, x) for j, x in enumerate(evals)]
 
 
-def _load_tokenized_pairs(source: str, cfg, tokenizer) -> tuple[list, dict]:
+def _load_tokenized_pairs(source: str, split: str, cfg, tokenizer) -> tuple[list, dict]:
     from prefalign.data import load_preferences, tokenize_preferences
 
-    examples, report = load_preferences(source, tokenizer, format=getattr(cfg, "data_format", None))
+    examples, report = load_preferences(source, tokenizer, format=getattr(cfg, "data_format", None), split=split)
     pairs, fit = tokenize_preferences(examples, tokenizer, cfg.max_length, cfg.prompt_budget)
     if fit.dropped:
         log.warning("%s: %s", source, fit.summary())
@@ -46,9 +46,9 @@ def _load_tokenized_pairs(source: str, cfg, tokenizer) -> tuple[list, dict]:
 
 def _splits(load, cfg, tokenizer):
     """Load ``cfg.data`` with ``load``; hold out ``cfg.eval_data`` (loaded the same way) or ``cfg.eval_split``."""
-    items, info = load(cfg.data, cfg, tokenizer)
+    items, info = load(cfg.data, cfg.data_split, cfg, tokenizer)
     if cfg.eval_data:
-        train, evals = items, load(cfg.eval_data, cfg, tokenizer)[0]
+        train, evals = items, load(cfg.eval_data, cfg.eval_data_split, cfg, tokenizer)[0]
     else:
         train, evals = split_eval(items, cfg.eval_split, cfg.seed)
     train, evals = _index(train, evals)
@@ -60,11 +60,11 @@ def load_preference_splits(cfg, tokenizer):
     return _splits(_load_tokenized_pairs, cfg, tokenizer)
 
 
-def _load_tokenized_sft(source: str, cfg, tokenizer) -> tuple[list, dict]:
+def _load_tokenized_sft(source: str, split: str, cfg, tokenizer) -> tuple[list, dict]:
     """prompt/completion rows, or the chosen side of preference data."""
     from prefalign.data import load_preferences, read_table, tokenize_sft
 
-    table = read_table(source)
+    table = read_table(source, split=split)
     if {"prompt", "completion"} <= set(table.columns):
         prompts, completions = [], []
         for where, row in table.rows:
@@ -78,7 +78,7 @@ def _load_tokenized_sft(source: str, cfg, tokenizer) -> tuple[list, dict]:
             raise UserError(f"{source}: every row has an empty prompt or completion")
         rows = len(table.rows)
     else:
-        examples, report = load_preferences(source, tokenizer, format=getattr(cfg, "data_format", None))
+        examples, report = load_preferences(table, tokenizer, format=getattr(cfg, "data_format", None))
         prompts, completions, rows = [e.prompt for e in examples], [e.chosen for e in examples], report.total
     items, fit = tokenize_sft(prompts, completions, tokenizer, cfg.max_length, cfg.prompt_budget)
     if fit.dropped:

@@ -119,7 +119,7 @@ class PPOTrainer:
         set_seed(cfg.seed)
 
         self.tokenizer = tok = load_tokenizer(cfg.model)
-        self.prompts = load_prompts(cfg.prompts, tok, chat=cfg.chat)
+        self.prompts = load_prompts(cfg.prompts, tok, chat=cfg.chat, split=cfg.prompts_split)
         self.prompt_ids = tokenize_prompts(self.prompts, tok, cfg.max_prompt_length)
         if len(self.prompts) < cfg.rollout_batch_size:
             raise UserError(f"{cfg.prompts}: {len(self.prompts)} prompts are fewer than one rollout batch "

@@ -16,6 +16,8 @@ class PPOConfig(CommonConfig):
     prompts: str = ""
     """Prompts: .txt (one per line), .jsonl/.json/.csv/.parquet with a `prompt` column (strings or chat
     messages), or a hub dataset id."""
+    prompts_split: str = "train"
+    """Split of --prompts when it is a hub dataset id, e.g. test (a local file has none)."""
     reward: str = ""
     """Reward source: a reward-model directory or hub id, a built-in judge (vader), or module:function."""
     chat: bool = False
