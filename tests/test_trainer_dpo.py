@@ -128,6 +128,41 @@ def test_every_loss_type_trains(tmp_path, tiny_model_dir, pairs, loss_type, beta
         assert trainer.ref_model is None
 
 
+def test_beta_defaults_to_1_for_reference_free_and_to_0_1_otherwise(pairs):
+    def beta(**kw):
+        return DPOConfig(data=str(pairs), **kw).resolved_beta
+
+    assert beta() == beta(loss_type="ipo") == beta(loss_type="hinge") == 0.1
+    assert beta(loss_type="reference_free") == 1.0
+    assert beta(loss_type="reference_free", beta=0.5) == beta(beta=0.5) == 0.5  # an explicit --beta wins
+    with pytest.raises(ValueError, match="--beta"):
+        DPOConfig(data=str(pairs), loss_type="reference_free", beta=0.0)
+
+
+def test_reference_free_trains_with_beta_1_by_default_and_records_it(tmp_path, tiny_model_dir, pairs):
+    import yaml
+
+    DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, loss_type="reference_free", max_steps=2)).train()
+    rows = _metrics(tmp_path / "run")
+    # reference-free rewards are beta * logp, so their ratio is the beta the loss was given
+    for r in rows:
+        assert r["rewards/chosen"] == pytest.approx(r["logps/chosen"], rel=1e-6)
+        assert r["rewards/rejected"] == pytest.approx(r["logps/rejected"], rel=1e-6)
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["beta"] == 1.0
+    # config.yaml keeps the user's choice (the default), so rerunning it with another --loss-type resolves again
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["beta"] is None
+
+
+def test_help_states_the_beta_defaults(capsys):
+    from prefalign.cli.dpo import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.replace("│", " ").split())  # unwrap tyro's box
+    assert "default 0.1, and 1.0 for --loss-type reference_free" in text
+
+
 def test_config_refuses_conflicts_and_bad_numbers(tmp_path, pairs):
     for kw, msg in [({"ref": "x", "lora_r": 4}, "conflicts with LoRA"), ({"beta": -1.0}, "--beta"),
                     ({"loss_type": "nope"}, "--loss-type"), ({"batch_size": 0}, "--batch-size"),

@@ -25,6 +25,9 @@ from prefalign.trainers.loop import Trainer
 
 log = logging.getLogger(__name__)
 
+DEFAULT_BETA = 0.1  # the DPO paper's common setting
+REFERENCE_FREE_BETA = 1.0  # makes reference_free the plain pairwise likelihood loss of the seed
+
 
 @dataclass
 class DPOConfig(TrainConfig):
@@ -39,8 +42,10 @@ class DPOConfig(TrainConfig):
     """Reference model (default: a frozen copy of --model; with LoRA, the model with its adapter off)."""
     loss_type: str = "sigmoid"
     """sigmoid (DPO), ipo, hinge, robust, or reference_free: -log sigmoid(beta (logp_c - logp_r))."""
-    beta: float = 0.1
-    """Strength of the KL constraint to the reference (inverse temperature of the implicit reward)."""
+    beta: float | None = None
+    """Strength of the KL constraint to the reference (inverse temperature of the implicit reward); default 0.1,
+    and 1.0 for --loss-type reference_free (the seed's -log sigmoid(logp_c - logp_r)). run.json records the
+    value used."""
     label_smoothing: float = 0.0
     """Probability that a label is flipped (conservative DPO for sigmoid; robust DPO's epsilon)."""
     precompute_ref: bool = False
@@ -52,7 +57,7 @@ class DPOConfig(TrainConfig):
             raise ValueError("--data is required (a preference file or hub dataset id)")
         if self.loss_type not in DPO_LOSSES:
             raise ValueError(f"--loss-type must be one of {', '.join(DPO_LOSSES)}, got {self.loss_type!r}")
-        if self.beta <= 0:
+        if self.beta is not None and not self.beta > 0:
             raise ValueError(f"--beta must be > 0, got {self.beta}")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
@@ -65,6 +70,14 @@ class DPOConfig(TrainConfig):
     @property
     def uses_reference(self) -> bool:
         return self.loss_type != "reference_free"
+
+    @property
+    def resolved_beta(self) -> float:
+        """--beta, or the loss type's default (derived, never written back: config.yaml keeps the user's value,
+        so a rerun with another --loss-type gets that type's default)."""
+        if self.beta is not None:
+            return self.beta
+        return REFERENCE_FREE_BETA if self.loss_type == "reference_free" else DEFAULT_BETA
 
 
 class DPOTrainer(Trainer):
@@ -94,7 +107,7 @@ class DPOTrainer(Trainer):
             self.ref_model.to(self.accelerator.device)
 
     def extra_run_info(self) -> dict:
-        return {"data": self.data_info}
+        return {"data": self.data_info, "beta": self.cfg.resolved_beta}
 
     def collate(self, examples):
         return self.collator(examples)
@@ -143,7 +156,7 @@ class DPOTrainer(Trainer):
         loss, stats = dpo_loss(
             seq[:n], seq[n:],
             None if ref is None else ref[:n], None if ref is None else ref[n:],
-            loss_type=self.cfg.loss_type, beta=self.cfg.beta, label_smoothing=self.cfg.label_smoothing,
+            loss_type=self.cfg.loss_type, beta=self.cfg.resolved_beta, label_smoothing=self.cfg.label_smoothing,
         )
         stats["logps/chosen"] = seq[:n].detach().mean()
         stats["logps/rejected"] = seq[n:].detach().mean()
