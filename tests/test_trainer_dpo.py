@@ -1,16 +1,19 @@
 import json
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import read_metrics, run_cli, trainer_kwargs
+from conftest import learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
 from prefalign.errors import UserError
 from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 
 
 _metrics = read_metrics
+README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _cfg(tmp_path, model_dir, data, **kw):
@@ -261,3 +264,27 @@ def test_auto_forward_chunks_follow_the_padded_positions(tmp_path, tiny_model_di
     assert len(chunks) == 4  # ceil(8 / ceil(positions / (positions // 3))) pairs each -> 4 chunks of 2
     assert [len(c["index"]) for c in chunks] == [2, 2, 2, 2]
     assert sum(c["input_ids"].numel() for c in chunks) <= positions  # each padded to its own longest row
+
+
+def _python_blocks(markdown: str, section: str) -> list[str]:
+    """The fenced python blocks of the ``## section`` of a markdown text."""
+    body = markdown.split(f"\n## {section}\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"```python\n(.*?)```", body, flags=re.S)
+
+
+def test_readme_dpo_python_example_runs(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    """The README's DPO quick start in Python runs as written, on its pairs.jsonl, except for what makes it slow:
+    the model (a tiny one) and the run length (2 steps)."""
+    from prefalign.trainers import dpo
+
+    blocks = _python_blocks(README.read_text(encoding="utf-8"), "Quick start: DPO")
+    assert blocks, "no python block in the README's DPO quick start"
+    write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
+    monkeypatch.chdir(tmp_path)
+    config = dpo.DPOConfig
+    monkeypatch.setattr(dpo, "DPOConfig", lambda **kw: config(**{**kw, "model": str(tiny_model_dir), "max_steps": 2}))
+    for code in blocks:
+        exec(compile(code, "README.md", "exec"), {})
+    printed = capsys.readouterr().out.split()
+    assert printed and all(0.0 <= float(v) <= 1.0 for v in printed)  # the accuracies it prints
+    assert (tmp_path / "runs" / "dpo" / "final" / "adapter_config.json").is_file()
