@@ -84,6 +84,53 @@ def test_tiny_model_uses_default_vocab_and_has_no_dropout(tokenizer):
     assert sum(p.numel() for p in model.parameters()) < 3_000_000
 
 
+def _save(model, tokenizer, path):
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def _train_mode_is_deterministic(model, tokenizer) -> bool:
+    """Two forwards in train mode give the same logits: true only when no dropout is live."""
+    ids = torch.tensor([tokenizer("the film was good, and the cast was better").input_ids])
+    model.train()
+    with torch.no_grad():
+        return torch.equal(model(ids).logits, model(ids).logits)
+
+
+def test_loading_turns_off_every_dropout_module_and_config_rate(tmp_path, tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    # GPT-2 holds its rates in nn.Dropout modules (Llama has none), and a config with four dropout fields
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, summary_first_dropout=0.1,
+                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(0)
+    gpt2 = GPT2LMHeadModel(config)
+    assert not _train_mode_is_deterministic(gpt2, tokenizer)  # the check below can fail
+    model = load_causal_lm(_save(gpt2, tokenizer, tmp_path))
+    dropouts = [m for m in model.modules() if isinstance(m, torch.nn.Dropout)]
+    assert len(dropouts) >= 1 + 3 * 2  # embeddings, then attention, residual and MLP dropout per block
+    assert [m.p for m in dropouts] == [0.0] * len(dropouts)
+    c = model.config
+    assert (c.resid_pdrop, c.embd_pdrop, c.attn_pdrop, c.summary_first_dropout) == (0.0, 0.0, 0.0, 0.0)
+    assert _train_mode_is_deterministic(model, tokenizer)
+
+
+def test_loading_zeroes_the_attention_dropout_llama_copies_from_its_config(tmp_path, tokenizer):
+    from transformers import AutoModelForCausalLM
+
+    model, _ = tiny_causal_lm(tokenizer)
+    model.config.attention_dropout = 0.1  # saved, so the loaded attention modules copy 0.1 when built
+    path = _save(model, tokenizer, tmp_path)
+    assert not _train_mode_is_deterministic(AutoModelForCausalLM.from_pretrained(path), tokenizer)
+    loaded = load_causal_lm(path)
+    rates = [m.attention_dropout for m in loaded.modules() if hasattr(m, "attention_dropout")]
+    assert rates == [0.0, 0.0]  # one attention module per layer
+    assert loaded.config.attention_dropout == 0.0
+    assert _train_mode_is_deterministic(loaded, tokenizer)
+
+
 def test_truncate_at_eos_exact():
     raw = torch.tensor([[5, 2, 7, 2], [5, 6, 7, 8], [2, 9, 9, 9], [4, 0, 3, 3]])
     ids, mask, ended = truncate_at_eos(raw, eos_ids=[0, 2], pad_id=2)

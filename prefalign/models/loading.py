@@ -141,16 +141,30 @@ def load_tokenizer(name_or_path: str | None = None):
     return tok
 
 
+def _is_dropout_rate(name: str, value) -> bool:
+    """A float named like a dropout probability: ``attention_dropout``, ``hidden_dropout_prob``, ``resid_pdrop``."""
+    return isinstance(value, float) and ("dropout" in name or name.endswith("pdrop"))
+
+
 def disable_dropout(model) -> None:
-    """Set every dropout probability to 0: RL and DPO compare log-probs across forward passes."""
-    import torch
+    """Set every dropout probability to 0: RL and DPO compare log-probs across forward passes.
+
+    A rate lives in three places: ``nn.Dropout`` modules (GPT-2); plain float attributes that attention
+    modules copy from the config when built and hand to the attention kernel in train mode (Llama's
+    ``self.attention_dropout``), which zeroing the config alone would miss; and the config, saved with the
+    model and read by anything built from it later.
+    """
+    from torch.nn.modules.dropout import _DropoutNd  # base of Dropout, Dropout1d/2d/3d, AlphaDropout
 
     for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
+        if isinstance(module, _DropoutNd):
             module.p = 0.0
-    for key in ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop"):
-        if hasattr(model.config, key) and isinstance(getattr(model.config, key), float):
-            setattr(model.config, key, 0.0)
+        for name, value in list(vars(module).items()):
+            if _is_dropout_rate(name, value):
+                setattr(module, name, 0.0)
+    for name, value in list(vars(model.config).items()):
+        if _is_dropout_rate(name, value):
+            setattr(model.config, name, 0.0)
 
 
 def load_causal_lm(name_or_path: str | None = None, dtype=None):
