@@ -60,6 +60,22 @@ def test_completion_logprobs_match_naive_loop(tiny_model):
         assert torch.allclose(means, sums / torch.tensor([2.0, 4.0, 1.0]), atol=1e-6)
 
 
+def test_lm_head_runs_only_on_completion_positions(tiny_model):
+    ids, mask, comp = _batch(pad_left=True)
+    seen = []
+    hook = tiny_model.get_output_embeddings().register_forward_hook(
+        lambda module, args, out: seen.append((tuple(args[0].shape), tuple(out.shape))))
+    try:
+        with torch.no_grad():
+            completion_logprobs(tiny_model, ids, mask, comp)
+    finally:
+        hook.remove()
+    n = int(comp.sum())
+    assert n == 2 + 4 + 1
+    # one call, on the N hidden states that predict a completion token: no prompt or padding logits
+    assert seen == [((n, tiny_model.config.hidden_size), (n, tiny_model.config.vocab_size))]
+
+
 def test_completion_logprobs_gradients_reach_the_model(tiny_model):
     ids, mask, comp = _batch(False)
     logps = completion_logprobs(tiny_model, ids, mask, comp)
