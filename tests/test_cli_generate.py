@@ -36,3 +36,30 @@ def test_generate_bad_number_is_one_line(tmp_path, tiny_model_dir):
     r = run_cli("generate", "--model", tiny_model_dir, "--top-p", "0", "--output", tmp_path / "x")
     assert r.returncode == 2 and r.stderr.strip() == "error: top_p must be in (0, 1], got 0.0"
     assert not (tmp_path / "x").exists()  # nothing half-written
+
+
+def test_generate_stop_cuts_the_row_that_hits_it_and_ends_it(tmp_path, tiny_model_dir, tokenizer):
+    from prefalign.cli.generate import GenerateConfig, run
+
+    prompts = ["the movie was", "this film"]
+    common = ["--model", tiny_model_dir, "--prompts", *prompts, "--no-chat", "--greedy", "--max-new-tokens", "12"]
+    # the same greedy run without a stop string, for what the stopped run must be a prefix of
+    base = run(GenerateConfig(model=str(tiny_model_dir), prompts=prompts, chat=False, greedy=True,
+                              max_new_tokens=12, output=str(tmp_path / "base")))
+    stop = "anci"
+    # the fixture model (seed 0) repeats ' film' 5 times, then ' anci': the stop is hit mid-completion by one row only
+    assert stop not in base[0]["completion"] and base[1]["completion"].find(stop) > 0, base
+    assert not base[1]["ended"] and base[1]["num_tokens"] == 12
+
+    out = tmp_path / "stop"
+    r = run_cli("generate", *common, "--stop", stop, "--batch-size", "2", "--output", out)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
+    assert rows[0] == base[0]  # no stop string in it: untouched, in the same batch as a row that stopped
+    cut = base[1]["completion"][: base[1]["completion"].find(stop)]
+    assert rows[1]["completion"] == cut  # the stop string and everything after it are gone
+    assert rows[1]["ended"] is True
+    # the response ends with the token that completed the stop string, not later (nor padded on to 12)
+    assert rows[1]["num_tokens"] == len(tokenizer(cut + stop, add_special_tokens=False).input_ids) < 12
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eos_rate"] == 0.5

@@ -5,7 +5,7 @@ import torch
 from prefalign.errors import UserError
 from prefalign.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, resolve_model, tiny_causal_lm
 from prefalign.models import loading
-from prefalign.rollout import SamplingConfig, eos_token_ids, generate, truncate_at_eos
+from prefalign.rollout import SamplingConfig, cut_at_stop, eos_token_ids, generate, truncate_at_eos
 
 
 def test_embedded_default_loads_from_cache_and_generates(tokenizer):
@@ -139,7 +139,17 @@ def test_truncate_at_eos_exact():
     assert ended.tolist() == [True, False, True, True]
 
 
+def test_cut_at_stop_exact():
+    assert cut_at_stop("Sure.\nUser: and?", ["\nUser:"]) == "Sure."
+    assert cut_at_stop("a END b STOP c", ["STOP", "END"]) == "a "  # the earliest stop wins, not the first listed
+    assert cut_at_stop("xxab", ["ab", "xab"]) == "x"  # overlapping stops: the one that starts first
+    assert cut_at_stop("a|b|c", ["|"]) == "a"  # only the first occurrence matters
+    assert cut_at_stop("END at once", ["END"]) == ""
+    assert cut_at_stop("no stop here", ["END"]) == "no stop here"
+    assert cut_at_stop("no stop here", []) == "no stop here"
+
+
 def test_sampling_config_rejects_bad_numbers():
-    for kwargs in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}):
+    for kwargs in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}, {"stop": ["x", ""]}):
         with pytest.raises(ValueError):
             SamplingConfig(**kwargs)

@@ -42,6 +42,8 @@ class SamplingConfig(Validated):
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if "" in self.stop:
+            raise ValueError("stop strings must not be empty (an empty one would cut every completion to nothing)")
 
 
 @dataclass
@@ -280,7 +282,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samplin
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:
-    """Text before the first stop string (the stop string itself is dropped)."""
+    """Text before the earliest occurrence of any stop string (the stop string itself is dropped); ``text``
+    unchanged when none occurs. Decoding stops *after* the token that completes a stop string, so the
+    decoded text still holds it."""
     cut = len(text)
     for s in stop:
         i = text.find(s)
