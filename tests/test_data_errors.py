@@ -119,6 +119,28 @@ def test_invalid_utf8_in_text_prompts(tmp_path):
     _file_error(path, "line 2", "invalid UTF-8", "byte offset 9", fn=load_prompts)
 
 
+def test_invalid_utf8_in_csv(tmp_path):
+    path = tmp_path / "p.csv"
+    head = b"prompt,chosen,rejected\np, a, b\n"
+    path.write_bytes(head + b"caf\xe9, a, b\n")
+    _file_error(path, "line 3", "invalid UTF-8 (byte 0xe9", f"byte offset {len(head) + 3}", "re-save the file as UTF-8")
+
+
+def test_invalid_utf8_in_json_array(tmp_path):
+    path = tmp_path / "p.json"
+    head = b'[\n{"prompt": "p", "chosen": " a", "rejected": " b"},\n'
+    path.write_bytes(head + b'{"prompt": "\xff", "chosen": " a", "rejected": " b"}\n]\n')
+    _file_error(path, "line 3", "invalid UTF-8 (byte 0xff", f"byte offset {len(head) + 12}",
+                "re-save the file as UTF-8")
+
+
+def test_directory_given_as_the_data_file(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.mkdir()
+    _file_error(path, "is a directory", "give a data file")
+    _file_error(path, "is a directory", fn=load_prompts)
+
+
 def test_wrong_type(tmp_path):
     _file_error(_jsonl(tmp_path / "p.jsonl", [OK, {"prompt": "p", "chosen": 3, "rejected": "b"}]),
                 "line 2", "'chosen' must be a string, got number")

@@ -1,6 +1,7 @@
 """Each format and file type, parsed from small hand-made files into exact values."""
 
 import gzip
+import io
 import json
 
 import pytest
@@ -15,6 +16,8 @@ EXPECTED = [
     PreferenceExample("Q: 2+2?", " 4", " 5", 1.5),
     PreferenceExample("Say hi,\nplease", ' "hi", friend', " no", 0.0),
 ]
+# the CSV form of ROWS: a quoted field with a comma and a newline, doubled quotes, margins as strings
+CSV = 'prompt,chosen,rejected,margin\nQ: 2+2?, 4, 5,1.5\n"Say hi,\nplease"," ""hi"", friend", no,0\n'
 SYSTEM = "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n"
 
 
@@ -34,28 +37,44 @@ def test_explicit_jsonl(tmp_path):
     assert (report.total, report.kept, report.dropped) == (2, 2, 0)
 
 
-def test_explicit_jsonl_gz_and_json_array(tmp_path):
-    gz = tmp_path / "p.jsonl.gz"
-    gz.write_bytes(gzip.compress(_jsonl(ROWS).encode()))
-    assert load_preferences(gz)[0] == EXPECTED
+def _parquet(rows) -> bytes:
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    buf = io.BytesIO()
+    pq.write_table(pa.Table.from_pylist(rows), buf)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("kind, where", [("jsonl", ["line 1", "line 2"]), ("json", ["row 1", "row 2"]),
+                                         ("csv", ["line 2", "line 3"]), ("parquet", ["row 1", "row 2"])])
+def test_gzipped_files(tmp_path, kind, where):
+    data = {"jsonl": lambda: _jsonl(ROWS).encode(), "json": lambda: json.dumps(ROWS, indent=2).encode(),
+            "csv": lambda: CSV.encode(), "parquet": lambda: _parquet(ROWS)}[kind]()
+    gz = tmp_path / f"p.{kind}.gz"
+    gz.write_bytes(gzip.compress(data))
+    assert read_table(gz).kind == kind
+    examples, report = load_preferences(gz)
+    assert examples == EXPECTED
+    assert [e.where for e in examples] == where  # lines of the decompressed file
+    assert (report.source, report.total) == (str(gz), 2)
+
+
+def test_json_array_and_json_lines_in_a_json_file(tmp_path):
     assert load_preferences(_write(tmp_path / "p.json", json.dumps(ROWS, indent=2)))[0] == EXPECTED
     # a .json file holding JSON lines (what datasets' to_json writes) reads too
     assert load_preferences(_write(tmp_path / "lines.json", _jsonl(ROWS)))[0] == EXPECTED
 
 
 def test_explicit_csv_with_quoting_and_string_margin(tmp_path):
-    text = 'prompt,chosen,rejected,margin\nQ: 2+2?, 4, 5,1.5\n"Say hi,\nplease"," ""hi"", friend", no,0\n'
-    path = _write(tmp_path / "p.csv", text)
+    path = _write(tmp_path / "p.csv", CSV)
     examples, _ = load_preferences(path)
     assert examples == EXPECTED
     assert [e.where for e in examples] == ["line 2", "line 3"]  # the line where each record starts
 
 
 def test_explicit_parquet(tmp_path):
-    pa = pytest.importorskip("pyarrow")
-    pq = pytest.importorskip("pyarrow.parquet")
     path = tmp_path / "p.parquet"
-    pq.write_table(pa.Table.from_pylist(ROWS), path)
+    path.write_bytes(_parquet(ROWS))
     assert load_preferences(path)[0] == EXPECTED
 
 
