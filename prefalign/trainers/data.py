@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import torch
 
+from prefalign.data.report import DropReport
 from prefalign.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -60,30 +61,41 @@ def load_preference_splits(cfg, tokenizer):
     return _splits(_load_tokenized_pairs, cfg, tokenizer)
 
 
+def _prompt_completion_rows(table) -> tuple[list[str], list[str], DropReport]:
+    """The prompt and completion strings of ``table``; empty ones are dropped, counted and logged."""
+    report = DropReport(source=table.source, total=len(table.rows))
+    prompts, completions = [], []
+    for where, row in table.rows:
+        p, c = row.get("prompt"), row.get("completion")
+        if not isinstance(p, str) or not isinstance(c, str):
+            raise UserError(f"{table.source}: {where}: prompt and completion must be strings")
+        if not p.strip():
+            report.drop("empty_prompt", where, "prompt is empty")
+        elif not c.strip():
+            report.drop("empty_completion", where, "completion is empty")
+        else:
+            prompts.append(p)
+            completions.append(c)
+    report.require_some_kept("fix the rows")
+    if report.dropped:
+        log.warning("%s: %s", table.source, report.summary())
+    return prompts, completions, report
+
+
 def _load_tokenized_sft(source: str, split: str, cfg, tokenizer) -> tuple[list, dict]:
     """prompt/completion rows, or the chosen side of preference data."""
     from prefalign.data import load_preferences, read_table, tokenize_sft
 
     table = read_table(source, split=split)
     if {"prompt", "completion"} <= set(table.columns):
-        prompts, completions = [], []
-        for where, row in table.rows:
-            p, c = row.get("prompt"), row.get("completion")
-            if not isinstance(p, str) or not isinstance(c, str):
-                raise UserError(f"{source}: {where}: prompt and completion must be strings")
-            if p.strip() and c.strip():
-                prompts.append(p)
-                completions.append(c)
-        if not prompts:
-            raise UserError(f"{source}: every row has an empty prompt or completion")
-        rows = len(table.rows)
+        prompts, completions, report = _prompt_completion_rows(table)
     else:
         examples, report = load_preferences(table, tokenizer, format=getattr(cfg, "data_format", None))
-        prompts, completions, rows = [e.prompt for e in examples], [e.chosen for e in examples], report.total
+        prompts, completions = [e.prompt for e in examples], [e.chosen for e in examples]
     items, fit = tokenize_sft(prompts, completions, tokenizer, cfg.max_length, cfg.prompt_budget)
     if fit.dropped:
         log.warning("%s: %s", source, fit.summary())
-    return items, {"rows": rows, "kept": len(items), "dropped": dict(fit.counts)}
+    return items, {"rows": report.total, "kept": len(items), "dropped": {**report.counts, **fit.counts}}
 
 
 def load_sft_splits(cfg, tokenizer):

@@ -1,0 +1,58 @@
+"""What a training command tells the user: each config field's doc in --help, and the rows it dropped."""
+
+import ast
+import dataclasses
+import inspect
+import json
+import re
+
+import pytest
+
+from conftest import learnable_pairs, run_cli, write_jsonl
+
+
+def field_docs(cls) -> dict[str, str]:
+    """``{field: docstring}`` of a config dataclass and its bases (the string literal under each field)."""
+    docs = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(inspect.getsource(klass)).body[0].body
+        for stmt, after in zip(body, body[1:]):
+            if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+                docs[stmt.target.id] = after.value.value
+    return docs
+
+
+def test_dpo_help_shows_every_field_with_its_doc():
+    from prefalign.trainers.dpo import DPOConfig
+
+    r = run_cli("dpo", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.replace("│", " ").split())  # undo the help box and its line wrapping
+    docs = field_docs(DPOConfig)
+    assert {"beta", "data", "data_split", "learning_rate", "lora_r"} <= set(docs)
+    undocumented = [f.name for f in dataclasses.fields(DPOConfig) if f.name not in docs]
+    assert not undocumented, f"fields without a docstring: {undocumented}"
+    for name, doc in docs.items():
+        flag = "--" + name.replace("_", "-")
+        assert re.search(re.escape(flag) + r"(?![\w-])", text), flag  # --data, not only --data-split
+        assert " ".join(doc.split()) in text, (flag, doc)
+    assert "Split of --data when it is a hub dataset id" in text
+
+
+@pytest.mark.parametrize("command, rows, summary, dropped", [
+    ("sft", [{"prompt": f"Q{i}:", "completion": " A."} for i in range(5)] + [{"prompt": "Q:", "completion": " "}],
+     "6 rows, 5 kept, 1 dropped (empty_completion 1)", {"empty_completion": 1}),
+    ("reward", learnable_pairs(5) + [{"prompt": "Same:", "chosen": " x", "rejected": " x"}],
+     "6 rows, 5 kept, 1 dropped (identical 1)", {"identical": 1}),
+])
+def test_training_prints_the_drop_summary(tmp_path, tiny_model_dir, command, rows, summary, dropped):
+    data = write_jsonl(tmp_path / "data.jsonl", rows)
+    out = tmp_path / "run"
+    r = run_cli(command, "--data", data, "--model", tiny_model_dir, "--output", out, "--max-steps", "1",
+                "--batch-size", "2", "--precision", "fp32")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"{data}: {summary}" in r.stderr.splitlines(), r.stderr[-2000:]
+    info = json.loads((out / "run.json").read_text())["data"]
+    assert (info["rows"], info["kept"], info["dropped"]) == (6, 5, dropped)
