@@ -19,7 +19,8 @@ def field_docs(cls) -> dict[str, str]:
             continue
         body = ast.parse(inspect.getsource(klass)).body[0].body
         for stmt, after in zip(body, body[1:]):
-            if isinstance(stmt, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            documented = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
+            if isinstance(stmt, ast.AnnAssign) and documented:
                 docs[stmt.target.id] = after.value.value
     return docs
 

@@ -65,6 +65,29 @@ def test_hub_id_offline_is_a_clear_error():
         load_tokenizer("nobody/no-such-model")
 
 
+def test_hub_id_loads_from_the_hf_cache(monkeypatch, tmp_path, tiny_model_dir):
+    """A hub id goes to transformers as it is and loads (offline, so from a hand-made HF cache)."""
+    import shutil
+
+    import huggingface_hub
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)  # no local directory of that name could stand in for the hub id
+
+    assert resolve_model("tiny-org/tiny-llama") == "tiny-org/tiny-llama"
+    tok = load_tokenizer("tiny-org/tiny-llama")
+    model = load_causal_lm("tiny-org/tiny-llama")
+    assert model.config.num_hidden_layers == 2 and model.config.vocab_size == len(tok)
+    assert model.config.name_or_path == "tiny-org/tiny-llama"
+    got, want = model.state_dict(), load_causal_lm(str(tiny_model_dir)).state_dict()
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
 def test_tokenizer_without_pad_gets_eos(tmp_path, tokenizer):
     tokenizer.save_pretrained(tmp_path)
     import json
