@@ -61,6 +61,14 @@ def test_prompts_from_a_hub_id_and_split(hub):
     assert hub.calls == [("org/prompts", "test")]
 
 
+def test_data_inspect_reads_the_split(hub):
+    from prefalign.cli.data import InspectConfig, inspect
+
+    lines = inspect(InspectConfig(path="org/pairs", split="test"))
+    assert hub.calls == [("org/pairs", "test")]
+    assert "format: explicit (detected)" in lines and "rows: 3   kept: 3   dropped: 0" in lines
+
+
 def test_a_split_the_hub_does_not_have_is_one_line_naming_it(hub):
     with pytest.raises(UserError) as info:
         load_preferences("org/pairs", split="dev")
