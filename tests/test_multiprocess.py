@@ -18,13 +18,15 @@ CPU_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "
 TOL = 1e-5
 
 
-def _launch(processes, args):
+def _launch(processes, args, script=None):
+    """``prefalign ARGS`` (or ``python SCRIPT ARGS``) on 1 process, or on 2 under `accelerate launch`."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    target = [str(script)] if script else ["-m", "prefalign"]
     if processes == 1:
-        cmd = [sys.executable, "-m", "prefalign", *map(str, args)]
+        cmd = [sys.executable, *target, *map(str, args)]
     else:
         assert processes == 2  # the shipped example config is the one under test
-        cmd = [ACCELERATE, "launch", "--config_file", str(CPU_CONFIG), "-m", "prefalign", *map(str, args)]
+        cmd = [ACCELERATE, "launch", "--config_file", str(CPU_CONFIG), *target, *map(str, args)]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
 
 
@@ -49,20 +51,28 @@ def test_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir, command)
 
 # Two processes that each run PPO on half of every rollout batch: the real launcher and gloo. The CLI's own
 # parse and trainer, plus one line per process that saves its final parameters (only the main process writes
-# final/), so the test can check that DDP kept both copies identical.
+# final/), so the test can check that DDP kept both copies identical and compare them with a 1-process run.
+# Processes out of step (one skips a collective the other waits in) hang rather than fail: the watchdog ends
+# the worker with every thread's stack on stderr well before the launch timeout.
 PPO_WORKER = """
+import faulthandler
 import sys
 
 import torch
 
 from prefalign.cli._args import parse
-from prefalign.trainers.checkpoint import trainable_state_dict
 from prefalign.trainers.ppo import PPOConfig, PPOTrainer
 
+
+def trainable(model):
+    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+faulthandler.dump_traceback_later(240, exit=True)
 cfg = parse(PPOConfig, sys.argv[1:], prog="prefalign ppo")
 trainer = PPOTrainer(cfg)
 trainer.train()
-torch.save({"policy": trainable_state_dict(trainer.policy), "value": trainable_state_dict(trainer.value)},
+torch.save({"policy": trainable(trainer.policy), "value": trainable(trainer.value)},
            f"{cfg.output}/params-rank{trainer.accelerator.process_index}.pt")
 """
 # A deterministic toy reward, loaded from the CLI as file.py:function: the share of letters in the completion.
@@ -71,7 +81,7 @@ def score(prompts, completions):
     return [sum(c.isalpha() for c in t) / max(len(t), 1) for t in completions]
 """
 # Tolerance of 2 processes vs 1: keyed sampling draws the same tokens, each process weights its token means by
-# its share of the micro-batch's tokens (so DDP's average is the 1-process token mean, responses of any lengths),
+# its share of the minibatch's tokens (so DDP's average is the 1-process token mean, responses of any lengths),
 # and whitening uses statistics of both shards. What is left is float32 rounding (forwards over other batch
 # shapes, sums in another order), carried through 2 updates. Measured over the 3 iterations: at most 6e-8
 # relative on scores, 1e-7 on ratio, 5e-8 on the value loss and the summed entropy (~65 nats); 5e-7 absolute on
@@ -79,25 +89,39 @@ def score(prompts, completions):
 PPO_REL, PPO_ABS = 1e-5, 1e-5
 
 
-def test_ppo_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir):
-    import torch
-    from transformers import AutoModelForCausalLM
+def _ppo_flags(tmp_path, model_dir):
+    """Write the prompts, the toy reward and the worker into ``tmp_path``; return the flags every PPO run shares.
 
+    One minibatch per epoch: with more, each process draws a minibatch's rows from its own shard, so 2 processes
+    group the rows into minibatches unlike 1 (see `PPOTrainer.update`) and the updates differ."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"review {i}: the movie was{' really' * (i % 3)}\n" for i in range(16)))
     (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
     (tmp_path / "ppo_worker.py").write_text(PPO_WORKER)
-    # --stop k ends some responses early, so the processes hold different numbers of tokens
-    common = ["--prompts", prompts, "--reward", f"{tmp_path / 'toy_reward.py'}:score", "--model", tiny_model_dir,
-              "--max-steps", "3", "--rollout-batch-size", "8", "--num-minibatches", "1", "--ppo-epochs", "2",
-              "--max-new-tokens", "8", "--stop", "k", "--temperature", "1.0", "--learning-rate", "1e-3",
-              "--precision", "fp32", "--lr-scheduler", "constant"]
-    one = _launch(1, ["ppo", *common, "--output", tmp_path / "one"])
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = _launch_ppo_worker(tmp_path, [*common, "--save-steps", "2", "--output", tmp_path / "two"])
-    assert two.returncode == 0, two.stderr[-3000:]
-    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    # --stop k ends some responses early, so the processes (and micro-batches) hold different numbers of tokens
+    return ["--prompts", prompts, "--reward", f"{tmp_path / 'toy_reward.py'}:score", "--model", model_dir,
+            "--rollout-batch-size", "8", "--num-minibatches", "1", "--max-new-tokens", "8", "--stop", "k",
+            "--temperature", "1.0", "--learning-rate", "1e-3", "--precision", "fp32", "--lr-scheduler", "constant"]
+
+
+def _run_ppo(tmp_path, processes, name, flags):
+    """The worker on ``processes`` processes into ``tmp_path / name``; its metrics.jsonl rows."""
+    r = _launch(processes, [*flags, "--output", tmp_path / name], script=tmp_path / "ppo_worker.py")
+    assert r.returncode == 0, r.stderr[-3000:]
+    return read_metrics(tmp_path / name)
+
+
+def _params(out, rank):
+    import torch
+
+    return torch.load(out / f"params-rank{rank}.pt")
+
+
+def _assert_two_match_one(tmp_path, a, b, steps):
+    """Metrics rows ``b`` of the 2-process run ``two`` equal rows ``a`` of ``one``; so do the parameters."""
+    import torch
+
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b):
         for key in ("objective/scores", "objective/kl", "objective/entropy", "loss/policy", "loss/value",
                     "policy/approxkl", "val/ratio", "val/explained_variance", "val/response_length"):
@@ -106,39 +130,65 @@ def test_ppo_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir):
     lengths = [r["val/response_length"] for r in a]
     assert any(0 < r["val/num_eos"] < 8 for r in a) and any(x != int(x) for x in lengths), lengths
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
-    assert (tmp_path / "two" / "final" / "config.json").is_file() and (tmp_path / "two" / "value").is_dir()
-    # DDP saw every training forward: both processes end with the same parameters, bit for bit
-    ranks = [torch.load(tmp_path / "two" / f"params-rank{r}.pt") for r in (0, 1)]
-    for part in ("policy", "value"):
-        assert ranks[0][part].keys() == ranks[1][part].keys()
-        for name, p in ranks[0][part].items():
-            assert torch.equal(p, ranks[1][part][name]), (part, name)
+    # DDP saw every training forward: both processes end with the same parameters, bit for bit,
     # and with the parameters of the 1-process run, to float rounding
-    one_policy = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "one" / "final").named_parameters())
-    for name, p in ranks[0]["policy"].items():
-        assert torch.allclose(p, one_policy[name], atol=1e-5), name
+    one = _params(tmp_path / "one", 0)
+    rank0, rank1 = (_params(tmp_path / "two", r) for r in (0, 1))
+    for part in ("policy", "value"):
+        assert rank0[part].keys() == rank1[part].keys() == one[part].keys()
+        for name, p in rank0[part].items():
+            assert torch.equal(p, rank1[part][name]), (part, name)
+            assert torch.allclose(p, one[part][name], atol=1e-5), (part, name)
+    return rank0
+
+
+def test_ppo_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir):
+    import torch
+
+    common = [*_ppo_flags(tmp_path, tiny_model_dir), "--max-steps", "3", "--ppo-epochs", "2"]
+    a = _run_ppo(tmp_path, 1, "one", common)
+    b = _run_ppo(tmp_path, 2, "two", [*common, "--save-steps", "2"])
+    params = _assert_two_match_one(tmp_path, a, b, steps=3)
+    assert (tmp_path / "two" / "final" / "config.json").is_file() and (tmp_path / "two" / "value").is_dir()
 
     # resume: the main process wrote the checkpoint of iteration 2, both processes load it and end exactly where
     # the uninterrupted run ended
     shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-0000003")
-    resumed = _launch_ppo_worker(tmp_path, [*common, "--save-steps", "2", "--output", tmp_path / "two",
-                                            "--resume", "latest"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    c = read_metrics(tmp_path / "two")
+    c = _run_ppo(tmp_path, 2, "two", [*common, "--save-steps", "2", "--resume", "latest"])
     assert [r["step"] for r in c] == [1, 2, 3] and c[:2] == b[:2]
     for key in ("objective/scores", "objective/kl", "loss/policy", "loss/value", "kl_coef"):
         assert c[2][key] == b[2][key], key
     for r in (0, 1):
-        again = torch.load(tmp_path / "two" / f"params-rank{r}.pt")
+        again = _params(tmp_path / "two", r)
         for part in ("policy", "value"):
-            for name, p in ranks[0][part].items():
+            for name, p in params[part].items():
                 assert torch.equal(again[part][name], p), (r, part, name)
 
 
-def _launch_ppo_worker(tmp_path, args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run([ACCELERATE, "launch", "--config_file", str(CPU_CONFIG), str(tmp_path / "ppo_worker.py"),
-                           *map(str, args)], capture_output=True, text=True, timeout=600, env=env)
+@pytest.mark.parametrize("variant", ["lora", "grad-accum", "early-stop-kl"])
+def test_ppo_variants_on_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir, variant):
+    flags = {
+        # the reference is the policy with its adapter off, on each process; only adapters and the value head train
+        "lora": ["--ppo-epochs", "2", "--lora-r", "4", "--learning-rate", "1e-2"],
+        # 2 micro-batches per minibatch (DDP's no_sync on the first), made of other rows than on 1 process
+        "grad-accum": ["--ppo-epochs", "2", "--grad-accum", "2"],
+        # approx KL after each epoch of iteration 1, measured: 0, 0.0021, 0.0078 (stop: epoch 4 never runs); of
+        # iteration 2: 0, 0.0005, 0.0029 (stop). After epoch 2 of iteration 1, process 0's own rows alone give
+        # 0.0028 and process 1's 0.0015: a process deciding on its local KL would stop there and leave the other
+        # waiting in DDP's all-reduce
+        "early-stop-kl": ["--ppo-epochs", "4", "--early-stop-kl", "0.0025"],
+    }[variant]
+    common = [*_ppo_flags(tmp_path, tiny_model_dir), "--max-steps", "2", *flags]
+    a = _run_ppo(tmp_path, 1, "one", common)
+    b = _run_ppo(tmp_path, 2, "two", common)
+    params = _assert_two_match_one(tmp_path, a, b, steps=2)
+    if variant == "lora":
+        assert all("lora_" in name for name in params["policy"]), list(params["policy"])
+        assert b[1]["objective/kl"] > 1e-3  # 0.0056: the adapter moved the policy away from the adapter-off reference
+    if variant == "early-stop-kl":
+        # every iteration stopped after epoch 3, on both processes (one stopping alone would hang; a different
+        # epoch would change the parameters)
+        assert [r.get("policy/early_stopped") for r in a] == [r.get("policy/early_stopped") for r in b] == [1.0, 1.0]
 
 
 def test_ppo_refuses_a_batch_the_processes_cannot_share(tmp_path, tiny_model_dir):

@@ -6,9 +6,10 @@ updates over it (`update`). Policy and value model are separate models with sepa
 Under ``accelerate launch`` with N processes, each process samples, scores and trains on its contiguous
 1/N of every rollout batch. What must not depend on N is global: sampling is keyed by (iteration, prompt)
 (`KeyedSampler`), so a response is the same whichever process draws it; whitening, explained variance,
-the KL controller and every logged metric use statistics over all processes; each process's losses are
-weighted by its share of the micro-batch's tokens, so DDP's gradient average is the token mean over all
-processes' rows. Only the main process writes files.
+the KL controller, the ``--early-stop-kl`` decision and every logged metric use statistics over all
+processes; each micro-batch's losses are weighted by its share of the minibatch's tokens over all processes,
+so DDP's accumulated gradient average is the token mean over the minibatch's rows. Only the main process
+writes files.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import defaultdict
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
@@ -246,8 +248,8 @@ class PPOTrainer:
     def update(self, ro: Rollout, step: int) -> dict[str, float]:
         """``ppo_epochs`` passes of minibatch updates over this process's rows; one optimizer step per minibatch.
 
-        Returns this process's stats, each token mean weighted by the process's share of its micro-batch's
-        tokens (x processes), so their plain average over processes is the token mean over all rows.
+        Returns this process's stats, each micro-batch's token mean weighted by its share of the minibatch's
+        tokens (x processes) and summed, so their plain average over processes is the token mean over all rows.
         """
         cfg, acc, world = self.cfg, self.accelerator, self.world
         p = ro.prompt_width
@@ -266,14 +268,17 @@ class PPOTrainer:
             epoch_kl = RunningMean()
             for mb in range(cfg.num_minibatches):
                 mb_idx = perm[mb * mb_rows : (mb + 1) * mb_rows]
-                mb_stats = RunningMean()
+                mb_tokens = float(lengths[:, mb_idx].sum())  # the minibatch's tokens on all processes
+                mb_stats: dict[str, float] = defaultdict(float)  # share-weighted sums over the micro-batches
                 for micro in range(cfg.grad_accum):
                     idx = mb_idx[micro * micro_rows : (micro + 1) * micro_rows]
                     x = ro.rows(idx)
                     m = x["response_mask"]
-                    # DDP averages gradients over processes; weighting each process's token mean by N x its
-                    # share of the micro-batch's tokens makes that average the token mean over all processes
-                    share = float(m.sum()) * world / float(lengths[:, idx].sum())
+                    # DDP averages gradients over processes; weighting each micro-batch's token mean by N x its
+                    # share of the minibatch's tokens makes the accumulated average the token mean over the whole
+                    # minibatch, whichever rows the micro-batches and processes hold (a plain 1 / grad_accum
+                    # would weigh a short micro-batch's tokens more, and 2 processes split rows unlike 1)
+                    share = float(m.sum()) * world / mb_tokens
                     with self.no_sync(micro < cfg.grad_accum - 1), acc.autocast():
                         out = self.policy_engine(completion_logprobs, x["query_response"], x["attention_mask"],
                                                  x["completion_mask"], temperature=cfg.temperature,
@@ -288,14 +293,14 @@ class PPOTrainer:
                     loss = pg_loss + cfg.vf_coef * vf_loss
                     if ent is not None:
                         loss = loss - cfg.ent_coef * masked_mean(ent[:, p:].float(), m)
-                    acc.backward(loss * (share / cfg.grad_accum))
-                    mb_stats.add({k: float(v) * share for k, v in (
-                        ("loss/policy", pg_loss.detach()), ("loss/value", vf_loss.detach()),
-                        ("policy/approxkl", pg["approxkl"]), ("policy/clipfrac", pg["clipfrac"]),
-                        ("val/ratio", pg["ratio"]), ("val/clipfrac", vf["vf_clipfrac"]))})
+                    acc.backward(loss * share)
+                    for k, v in (("loss/policy", pg_loss.detach()), ("loss/value", vf_loss.detach()),
+                                 ("policy/approxkl", pg["approxkl"]), ("policy/clipfrac", pg["clipfrac"]),
+                                 ("val/ratio", pg["ratio"]), ("val/clipfrac", vf["vf_clipfrac"])):
+                        mb_stats[k] += float(v) * share
                 norm_p = acc.clip_grad_norm_(self.policy_engine.parameters(), cfg.max_grad_norm or float("inf"))
                 norm_v = acc.clip_grad_norm_(self.value_engine.parameters(), cfg.max_grad_norm or float("inf"))
-                got = mb_stats.pop()
+                got = dict(mb_stats)
                 # the norms come from all-reduced gradients, a loss is local: all processes must take one branch
                 local = NonFiniteGuard.finite(norm_p, norm_v, got["loss/policy"], got["loss/value"])
                 finite = max_across_processes(acc, int(not local)) == 0
@@ -310,7 +315,7 @@ class PPOTrainer:
                 self.minibatch_stats.append(got)
                 stats.add({**got, "policy/grad_norm": norm_p, "val/grad_norm": norm_v})
                 epoch_kl.add({"approxkl": got["policy/approxkl"]})
-            if cfg.early_stop_kl is not None:
+            if cfg.early_stop_kl is not None and epoch + 1 < cfg.ppo_epochs:  # after the last epoch: nothing to stop
                 epoch_approxkl = mean_across_processes(acc, epoch_kl.pop()).get("approxkl", 0.0)
                 if epoch_approxkl > cfg.early_stop_kl:  # the same value on every process: all stop together
                     stats.add({"policy/early_stopped": 1.0})
