@@ -1,6 +1,7 @@
 import json
 import math
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -44,6 +45,43 @@ def test_sft_batch_masks_prompt_tokens(tmp_path, tiny_model_dir):
     assert batch["input_ids"][0, last].item() == trainer.tokenizer.eos_token_id
 
 
+def _setup_only(tmp_path, model_dir, data, **kw) -> SFTTrainer:
+    """A trainer with its model and data loaded, nothing trained or written."""
+    trainer = SFTTrainer(SFTConfig(data=str(data), model=str(model_dir), output=str(tmp_path / "r"), **kw))
+    trainer.setup()
+    return trainer
+
+
+def test_sft_loss_is_the_mean_nll_of_the_completion_tokens_only(tmp_path, tiny_model_dir):
+    """The exact value, from the model's full logits: prompt positions and padding add nothing."""
+    rows = [{"prompt": "A B C D E F", "completion": " yes"}, {"prompt": "Q:", "completion": " no no no no"}]
+    trainer = _setup_only(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "sft.jsonl", rows))
+    batch = trainer.collate(trainer.train_data)
+    ids, attn, comp = batch["input_ids"], batch["attention_mask"], batch["completion_mask"].bool()
+    with torch.no_grad():
+        loss, stats = trainer.compute_loss(batch)
+        logits = trainer.model(input_ids=ids, attention_mask=attn).logits  # (N, T, V)
+    # token t is scored by the logits at t - 1
+    nll = -torch.log_softmax(logits[:, :-1].double(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)  # (N, T - 1)
+    want = nll[comp[:, 1:]].mean()
+    assert loss.item() == pytest.approx(want.item(), abs=1e-5)
+    assert stats["nll"].item() == loss.item()
+    every_real_token = nll[attn[:, 1:].bool()].mean()
+    assert abs(every_real_token.item() - want.item()) > 1e-3  # so the check above can tell them apart
+
+
+def test_sft_on_preference_data_trains_on_the_chosen_side(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Review {i}:", "chosen": f" good {i}.", "rejected": f" bad {i}."} for i in range(4)]
+    trainer = _setup_only(tmp_path, tiny_model_dir, write_jsonl(tmp_path / "pairs.jsonl", rows))
+    batch = trainer.collate(trainer.train_data)
+    tok = trainer.tokenizer
+    for i, row in enumerate(rows):
+        ids, comp = batch["input_ids"][i], batch["completion_mask"][i].bool()
+        prompt = ids[batch["attention_mask"][i].bool() & ~comp]
+        assert tok.decode(prompt, skip_special_tokens=True) == row["prompt"]
+        assert tok.decode(ids[comp]) == row["chosen"] + tok.eos_token
+
+
 def test_cli_sft_smoke_on_preference_data(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
     out = tmp_path / "cli"
@@ -59,8 +97,6 @@ def test_cli_sft_smoke_on_preference_data(tmp_path, tiny_model_dir):
 def test_forward_chunks_keep_the_token_level_mean(tmp_path, tiny_model_dir):
     """Completions of 1 to 8 words: chunks are weighted by their completion tokens, so the update is the same as
     one forward over the micro-batch (weighting chunks by examples would not be)."""
-    import pytest
-
     rows = [{"prompt": f"Q{i}:", "completion": " yes" * (1 + i % 8)} for i in range(16)]
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
     params = {}
