@@ -87,14 +87,38 @@ def test_lora_trains_only_the_adapter_and_reference_is_adapter_off(tmp_path, tin
     assert any("lora_" in n for n, _ in loaded.named_parameters())
 
 
-def test_precomputed_reference_gives_the_same_losses(tmp_path, tiny_model_dir, pairs):
-    live = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "live"))).train()
-    pre_trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "pre"), precompute_ref=True))
+@pytest.mark.parametrize("kw", [{}, {"lora_r": 4, "lora_alpha": 8, "learning_rate": 5e-3}], ids=["full", "lora"])
+def test_precomputed_reference_gives_the_same_losses(tmp_path, tiny_model_dir, pairs, kw):
+    """Against a frozen copy (full fine-tuning) or the adapter switched off (LoRA)."""
+    live = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "live"), **kw)).train()
+    pre_trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "pre"), precompute_ref=True,
+                                  **kw))
     pre = pre_trainer.train()
     assert pre_trainer.ref_model is None
     a, b = _metrics(tmp_path / "live"), _metrics(tmp_path / "pre")
     assert [r["loss"] for r in a] == pytest.approx([r["loss"] for r in b], abs=1e-5)
+    assert a[-1]["loss"] < math.log(2) - 1e-3  # the policy moved away from the reference
     assert live["rewards/margins"] == pytest.approx(pre["rewards/margins"], abs=1e-5)
+
+
+def test_conservative_dpo_trains_and_adds_eps_times_the_margin(tmp_path, tiny_model_dir, pairs):
+    """cDPO's -(1 - eps) log s(beta h) - eps log s(-beta h) is DPO's -log s(beta h) plus eps * beta h, since
+    log s(x) - log s(-x) = x: on a trained policy the two losses differ by eps * rewards/margins."""
+    import dataclasses
+
+    eps = 0.1
+    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, label_smoothing=eps, max_steps=4))
+    trainer.train()
+    rows = _metrics(tmp_path / "run")
+    assert rows[0]["loss"] == pytest.approx(math.log(2), abs=1e-6)  # h = 0: both labels weigh ln 2
+    assert all(math.isfinite(r["loss"]) for r in rows) and rows[-1]["rewards/margins"] > 0
+    batch = trainer._to_device(trainer.collate(trainer.train_data[:8]))
+    with torch.no_grad():
+        smoothed, stats = trainer.compute_loss(batch)
+        trainer.cfg = dataclasses.replace(trainer.cfg, label_smoothing=0.0)
+        plain, _ = trainer.compute_loss(batch)
+    assert stats["rewards/margins"] > 0.01
+    assert smoothed.item() == pytest.approx(plain.item() + eps * stats["rewards/margins"].item(), abs=1e-6)
 
 
 def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_model_dir, pairs):
