@@ -18,12 +18,22 @@ from prefalign.errors import UserError
 CONFIG_FILE = "config.yaml"
 
 
+def is_launch_main() -> bool:
+    """Whether this is the main (or only) process of a launch; known from torchrun's environment before any
+    process group exists."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> bool:
     """Refuse a path that is a file or holds another run (unless ``overwrite`` or ``resume``).
 
-    Returns True when the directory does not exist yet (this run will create it).
+    Returns True when the directory does not exist yet (this run will create it). Under ``accelerate launch``
+    only the main process checks (and returns False elsewhere): the others may start late and find the directory
+    the main process has begun to fill; if the main process refuses, the launcher stops them.
     """
     out = Path(path)
+    if not is_launch_main():
+        return False
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output path is a file; give a directory")
     holds_run = out.is_dir() and any(out.iterdir())
@@ -56,7 +66,8 @@ def remove_on_user_error(path: str | os.PathLike, created: bool):
 
 def run_in_output_dir(cfg, fn):
     """``fn()`` for a run writing to ``cfg.output`` (with ``overwrite`` / ``resume``): refuse a directory holding
-    another run first; a `UserError` removes the directory if this run created it and wrote no checkpoint."""
+    another run first; a `UserError` removes the directory if this run created it and wrote no checkpoint (on
+    the main process only, see `check_output_dir`)."""
     created = check_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
     with remove_on_user_error(cfg.output, created):
         return fn()
