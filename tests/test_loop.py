@@ -69,8 +69,6 @@ def test_grad_accum_gives_the_update_of_the_whole_batch(tmp_path, tiny_model_dir
         torch.testing.assert_close(p2[name], p, atol=2e-5, rtol=0, msg=name)
 
 
-@pytest.mark.xfail(strict=True, reason="loop.py weights each micro-batch 1/grad_accum, not by its share of the step's "
-                                       "completion tokens: SFT's token mean is not the whole batch's")
 def test_sft_grad_accum_keeps_the_token_level_mean(tmp_path, tiny_model_dir):
     """Completions of 1 to 8 words: the token-level mean over 4 examples is not the mean of two 2-example means."""
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Q{i}:", "completion": " yes" * (1 + i % 8)}
@@ -83,7 +81,9 @@ def test_sft_grad_accum_keeps_the_token_level_mean(tmp_path, tiny_model_dir):
         runs[bs] = read_metrics(tmp_path / f"b{bs}"), _params(trainer)
     (rows4, p4), (rows2, p2) = runs[4], runs[2]
     for a, b in zip(rows4, rows2):
-        assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
+        # one float32 token mean vs two merged in float64: the loss (~10.5) agrees to its float32 spacing (9.5e-7);
+        # the bug this guards against moved it by ~5e-3
+        assert b["loss"] == pytest.approx(a["loss"], rel=2e-7)
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
     for name, p in p4.items():
         torch.testing.assert_close(p2[name], p, atol=2e-5, rtol=0, msg=name)  # as in the DPO test above

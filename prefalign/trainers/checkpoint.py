@@ -2,7 +2,8 @@
 
 A checkpoint directory ``checkpoints/step-0000100/`` holds ``model.pt`` (trainable parameters only:
 the whole model for full fine-tuning, the adapter for LoRA), ``optimizer.pt``, ``scheduler.pt``,
-``rng.pt`` and, written last, ``state.json``. A directory without a readable ``state.json`` is
+``rng.pt`` and, written last, ``state.json``. Parameters and optimizer state are stored unsharded and keyed
+by parameter name, so a checkpoint written under FSDP resumes on any number of processes, and vice versa. A directory without a readable ``state.json`` is
 incomplete and is skipped.
 """
 
@@ -40,20 +41,72 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def trainable_state_dict(model) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+def is_sharded(accelerator) -> bool:
+    """Whether parameters are sharded over processes (FSDP), so a state dict must be gathered collectively."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
 
 
-def load_trainable_state_dict(model, state: dict[str, torch.Tensor], where: Path) -> None:
-    params = dict(model.named_parameters())
-    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    unknown = [n for n in state if n not in params]
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # full (unsharded) tensors, gathered to the CPU of the main process: a checkpoint that any process count or
+    # sharding can resume. Plain and DDP models go through the same calls (nothing to gather).
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, **kw)
+
+
+def training_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """``(parameters, optimizer state)`` of ``model``'s trainable parameters, unsharded, on the CPU.
+
+    A collective under FSDP: every process calls it; the main process gets the tensors (others may get empty
+    dicts). Parameters are keyed by name, the optimizer state
+    by parameter name too (torch.distributed.checkpoint's format), not by position. A tied weight is stored
+    once, under its first name.
+    """
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    params = get_model_state_dict(model, options=_options(ignore_frozen_params=True))
+    optim = get_optimizer_state_dict(model, optimizer, options=_options(ignore_frozen_params=True))
+    return _without_tied_aliases(model, params), optim
+
+
+def full_model_state(model) -> dict[str, torch.Tensor]:
+    """Every parameter and buffer of ``model``, unsharded, on the main process's CPU (a collective under FSDP)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return _without_tied_aliases(model, get_model_state_dict(model, options=_options()))
+
+
+def _without_tied_aliases(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` without the second names of tied parameters (``lm_head.weight`` of tied embeddings): gathered
+    copies no longer share storage, so they would be written twice."""
+    first: dict[int, str] = {}
+    aliases = set()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if first.setdefault(id(p), name) != name:
+            aliases.add(name)
+    return {k: v for k, v in state.items() if k not in aliases}
+
+
+def load_training_state(model, optimizer, params: dict[str, torch.Tensor], optim: dict, where: Path) -> None:
+    """Put a `training_state` back: every process passes the full state; under FSDP each keeps its shard."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    names = {n for n, _ in model.named_parameters(remove_duplicate=False)}  # tied aliases too
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing = sorted(trainable - params.keys())
+    unknown = sorted(params.keys() - names)
     if missing or unknown:
         raise UserError(f"{where}: checkpoint does not match this model (missing {missing[:3]}, unexpected "
                         f"{unknown[:3]}); resume with the same --model and LoRA settings")
-    with torch.no_grad():
-        for n, t in state.items():
-            params[n].copy_(t)
+    opts = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: frozen weights are not in it
+    set_model_state_dict(model, params, options=opts)
+    set_optimizer_state_dict(model, optimizer, optim, options=opts)
 
 
 class CheckpointManager:

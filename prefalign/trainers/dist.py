@@ -25,6 +25,16 @@ def mean_across_processes(acc, stats: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, (sum_across_processes(acc, t) / acc.num_processes).tolist()))
 
 
+def pooled_mean_across_processes(acc, sums: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
+    """``sum(sums[k]) / sum(weights[k])`` over processes, per key: the mean over every process's rows, however
+    unevenly they are split (every process the same keys; a key of zero total weight is left out)."""
+    keys = sorted(sums)
+    t = torch.tensor([[float(sums[k]) for k in keys], [float(weights[k]) for k in keys]], device=acc.device,
+                     dtype=torch.float64)
+    total, weight = sum_across_processes(acc, t)
+    return {k: (s / w).item() for k, s, w in zip(keys, total, weight) if w > 0}
+
+
 def max_across_processes(acc, value: int) -> int:
     """The largest ``value`` of any process (e.g. a pending signal number, 0 for none)."""
     if acc.num_processes == 1:

@@ -126,9 +126,9 @@ class DPOTrainer(Trainer):
             idx = batch["index"].cpu()
             got = self.ref_cache[idx]  # (N, 2)
             return torch.cat([got[:, 0], got[:, 1]]).to(batch["input_ids"].device)
-        if self.cfg.lora_r:
+        if self.cfg.lora_r:  # the policy's own forward (under FSDP the sharded root gathers), adapter off
             with adapter_off(self.model):
-                return self._seq_logps(self.model, batch)
+                return self._seq_logps(None, batch)
         return self._seq_logps(self.ref_model, batch)
 
     def before_train(self) -> None:

@@ -25,13 +25,15 @@ from prefalign.errors import UserError
 from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config, write_json
 from prefalign.trainers.checkpoint import (
     CheckpointManager,
-    load_trainable_state_dict,
+    full_model_state,
+    is_sharded,
+    load_training_state,
     rng_state,
     set_rng_state,
-    trainable_state_dict,
+    training_state,
 )
 from prefalign.trainers.config import TrainConfig
-from prefalign.trainers.dist import mean_across_processes
+from prefalign.trainers.dist import max_across_processes, pooled_mean_across_processes, sum_across_processes
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.lora import apply_lora
 from prefalign.trainers.metrics import MetricsLogger, RunningMean
@@ -228,6 +230,7 @@ class Trainer:
             raise UserError("no training examples left after validation; see the drop summary above")
         self.out_dir = out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
 
+        check_mergeable(acc, cfg.merge_lora)
         if cfg.lora_r:
             self.model = apply_lora(self.model, cfg, self.lora_task_type, self.lora_modules_to_save)
         if cfg.gradient_checkpointing:
@@ -253,6 +256,7 @@ class Trainer:
         optimizer, scheduler = make_optimizer(self.model, cfg, cfg.learning_rate, total)
         # self.model stays the plain (or peft) model; self.engine is what accelerate wraps for training
         self.engine, self.optimizer = acc.prepare(Forward(self.model), optimizer)
+        check_still_tied(self.model)
         self.scheduler = scheduler
         self.before_train()
 
@@ -260,8 +264,7 @@ class Trainer:
         start_step = 0
         if cfg.resume is not None:
             path, state, objects = ckpts.load_for_resume(cfg.resume)
-            load_trainable_state_dict(self.model, objects["model"], path)
-            inner_optimizer(self.optimizer).load_state_dict(objects["optimizer"])
+            load_training_state(self.model, inner_optimizer(self.optimizer), objects["model"], objects["optimizer"], path)
             self.scheduler.load_state_dict(objects["scheduler"])
             set_rng_state(objects["rng"])
             start_step = int(state["step"])
@@ -289,20 +292,21 @@ class Trainer:
         # the bar closes before an error propagates, so the error stays the last line on the terminal
         with bar, GracefulStop() as stop:
             for step in range(start_step, total):
-                micro_stats = []
-                for micro in range(cfg.grad_accum):
-                    micro_stats.append(self._forward_backward(self.batch_for(step, micro),
-                                                              sync=micro == cfg.grad_accum - 1))
-                    tokens += micro_stats[-1].pop("tokens")
+                micro_batches = [self._forward_chunks(self.batch_for(step, m)) for m in range(cfg.grad_accum)]
+                # what the step's loss averages over (examples; SFT: completion tokens), on every process
+                step_weight = float(sum_across_processes(acc, torch.tensor(
+                    sum(self.loss_weight(b) for chunks in micro_batches for b in chunks), device=acc.device)))
+                step_stats = RunningMean()
+                for m, chunks in enumerate(micro_batches):
+                    tokens += self._forward_backward(chunks, step_weight, step_stats, sync=m == cfg.grad_accum - 1)
                 grad_norm = acc.clip_grad_norm_(self.engine.parameters(), cfg.max_grad_norm or float("inf"))
                 # the norm is computed from all-reduced gradients, so every process takes the same branch
-                finite = NonFiniteGuard.finite(grad_norm, *(m["loss"] for m in micro_stats))
+                finite = NonFiniteGuard.finite(grad_norm, step_stats.sums["loss"])
                 lr = self.scheduler.get_last_lr()[0]
                 if finite:
                     self.optimizer.step()
                     self.scheduler.step()
-                    for m in micro_stats:
-                        running.add(m)
+                    running.merge(step_stats)
                     running.add({"grad_norm": grad_norm})
                 self.optimizer.zero_grad(set_to_none=True)
                 done = step + 1
@@ -310,7 +314,7 @@ class Trainer:
                 guard.record(finite, done, str(last_good))
                 if done % cfg.logging_steps == 0 or done == total:
                     now = time.perf_counter()
-                    last = {**self.mean_across_processes(running.pop()), "lr": lr, "epoch": done / steps_per_epoch,
+                    last = {**self.pooled_mean(running), "lr": lr, "epoch": done / steps_per_epoch,
                             "tokens_per_second": tokens * world / max(now - t_last, 1e-9),
                             "skipped_steps": guard.skipped}
                     tokens, t_last = 0, now
@@ -328,35 +332,31 @@ class Trainer:
         if final_eval:
             metrics.log(total, final_eval)
         metrics.close()
-        if acc.is_main_process:
-            self.save_final(out / "final")
+        self.save_final(out / "final")
         acc.wait_for_everyone()
         return {**last, **final_eval}
 
-    def _forward_backward(self, examples: list, sync: bool) -> dict:
-        """Loss and gradients of one micro-batch, run in chunks of ``forward_batch`` examples.
+    def _forward_backward(self, batches: list[dict], step_weight: float, stats: RunningMean, sync: bool) -> int:
+        """Loss and gradients of one micro-batch, given as its forward chunks; returns its token count.
 
-        Each chunk's loss is scaled by its share of ``loss_weight`` (and by 1 / grad_accum), so the accumulated
-        gradient is that of the micro-batch mean; only the last chunk of a syncing micro-batch all-reduces.
-        Returns the micro-batch's stats (weighted means, detached) with ``loss`` and ``tokens``.
+        Each chunk's loss is scaled by its share of ``step_weight``, the ``loss_weight`` of the whole step over
+        every process (times the process count: DDP and FSDP average gradients over processes). The accumulated
+        gradient is then that of the step's mean (over examples; SFT: over completion tokens) however its rows fall
+        into micro-batches, chunks and processes. Only the last chunk of a syncing micro-batch all-reduces. The
+        chunks' stats go into ``stats``, weighted by their ``loss_weight``.
         """
         acc = self.accelerator
-        batches = self._forward_chunks(examples)
-        weights = [self.loss_weight(b) for b in batches]
-        total = sum(weights) or 1.0
-        merged: dict[str, torch.Tensor] = {}
         tokens = 0
-        for i, (batch, w) in enumerate(zip(batches, weights)):
+        for i, batch in enumerate(batches):
+            w = self.loss_weight(batch)
             last = sync and i == len(batches) - 1
             with (nullcontext() if last else acc.no_sync(self.engine)), acc.autocast():
-                loss, stats = self.compute_loss(batch)
+                loss, chunk_stats = self.compute_loss(batch)
             # backward even on a NaN loss: every process must join the gradient all-reduce
-            acc.backward(loss * (w / total / self.cfg.grad_accum))
-            for k, v in {"loss": loss, **stats}.items():
-                v = torch.as_tensor(v).detach().float() * (w / total)
-                merged[k] = merged[k] + v if k in merged else v
+            acc.backward(loss * (w * acc.num_processes / step_weight))
+            stats.add({"loss": loss.detach(), **chunk_stats}, weight=w)
             tokens += self.count_tokens(batch)
-        return {**merged, "tokens": tokens}
+        return tokens
 
     def _forward_chunks(self, examples: list) -> list[dict]:
         """The micro-batch as collated chunks on the device: ``forward_batch`` examples each, or (auto) as few
@@ -364,7 +364,8 @@ class Trainer:
         fb = self.forward_batch
         if fb is None:
             full = self.collate(examples)  # token ids only: cheap
-            n_chunks = math.ceil(full["input_ids"].numel() / FORWARD_POSITIONS)
+            # every process runs as many forwards (FSDP gathers the weights in each): the largest count of any
+            n_chunks = max_across_processes(self.accelerator, math.ceil(full["input_ids"].numel() / FORWARD_POSITIONS))
             if n_chunks <= 1:
                 return [self._to_device(full)]
             fb = math.ceil(len(examples) / n_chunks)
@@ -374,11 +375,11 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
+        params, optim = training_state(self.model, inner_optimizer(self.optimizer))  # every process: a collective
         if acc.is_main_process:
-            opt = inner_optimizer(self.optimizer)
             path = ckpts.save(step, {
-                "model": trainable_state_dict(self.model),
-                "optimizer": opt.state_dict(),
+                "model": params,
+                "optimizer": optim,
                 "scheduler": self.scheduler.state_dict(),
                 "rng": rng_state(),
             }, {"total_steps": self.schedule.total_steps})
@@ -393,18 +394,24 @@ class Trainer:
         running = RunningMean()
         bs = self.cfg.batch_size
         shard = self.eval_data[acc.process_index :: acc.num_processes]
-        for lo in range(0, len(shard), bs):
-            chunk = shard[lo : lo + bs]
-            batch = self._to_device(self.collate(chunk))
+        # as many forwards on every process (under FSDP each one is a collective): a process whose shard is
+        # shorter runs a batch again and counts it with weight 0
+        n_batches = max_across_processes(acc, math.ceil(len(shard) / bs))
+        for i in range(n_batches):
+            chunk = shard[i * bs : (i + 1) * bs]
+            batch = self._to_device(self.collate(chunk or self.eval_data[:bs]))
             with acc.autocast():
                 loss, stats = self.compute_loss(batch)
-            running.add({"loss": loss, **stats}, weight=self.loss_weight(batch))
+            running.add({"loss": loss, **stats}, weight=self.loss_weight(batch) if chunk else 0.0)
         self.model.train()
-        return {f"eval/{k}": v for k, v in self.mean_across_processes(running.pop()).items()}
+        # the mean over all eval rows (processes may hold one more than others)
+        return {f"eval/{k}": v for k, v in self.pooled_mean(running).items()}
 
-    def mean_across_processes(self, stats: dict[str, float]) -> dict[str, float]:
-        """Average logged stats over processes (each holds its own shard's means)."""
-        return mean_across_processes(self.accelerator, stats)
+    def pooled_mean(self, running: RunningMean) -> dict[str, float]:
+        """Empty ``running``: each stat's weighted mean over every process's rows (a collective)."""
+        pooled = pooled_mean_across_processes(self.accelerator, running.sums, running.counts)
+        running.pop()
+        return pooled
 
     def call(self, fn, *args, **kwargs):
         """``fn(model, *args)`` through the prepared engine: use it for every forward that needs gradients.
@@ -416,23 +423,54 @@ class Trainer:
     def save_final(self, path: Path) -> None:
         """``final/`` in Hugging Face format (adapter for LoRA), plus ``final-merged/`` with --merge-lora.
 
-        Written to a temp directory and renamed, so ``final/`` is whole or absent.
+        Called on every process (under FSDP the full weights are gathered collectively); the main process writes,
+        to a temp directory then renamed, so ``final/`` is whole or absent.
         """
-        import copy
-
-        model = self.model
-        save_pretrained_atomic(path, model, self.tokenizer)
-        if self.cfg.merge_lora:
-            save_pretrained_atomic(path.parent / "final-merged", copy.deepcopy(model).merge_and_unload(), self.tokenizer)
+        save_final_model(self.accelerator, path, self.model, self.tokenizer, merged=self.cfg.merge_lora)
 
 
-def save_pretrained_atomic(path: Path, model, tokenizer) -> None:
+def check_still_tied(model) -> None:
+    """Refuse a model whose tied input/output embeddings came apart in ``accelerator.prepare`` (FSDP2 with
+    cpu_ram_efficient_loading does this): training would silently update two copies."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    out = base.get_output_embeddings() if hasattr(base, "get_output_embeddings") else None
+    if out is None or not getattr(base.config, "tie_word_embeddings", False):
+        return
+    if out.weight is not base.get_input_embeddings().weight:
+        raise UserError("the model's tied input/output embeddings were untied while preparing it for distributed "
+                        "training; with FSDP set fsdp_cpu_ram_efficient_loading: false in the accelerate config")
+
+
+def check_mergeable(acc, merge_lora: bool) -> None:
+    if merge_lora and is_sharded(acc):
+        raise UserError("--merge-lora: under FSDP the model is sharded over the processes and cannot be merged in "
+                        "place; drop the flag (final/ holds the adapter) and merge it on one process afterwards "
+                        "(peft: PeftModel.from_pretrained(base, 'final').merge_and_unload())")
+
+
+def save_final_model(acc, path: Path, model, tokenizer, merged: bool = False) -> None:
+    """Write ``model`` to ``path`` in Hugging Face format from the main process; with ``merged``, also the LoRA
+    adapter merged into its base as ``<path>-merged``. Every process calls it: under FSDP it gathers."""
+    import copy
+
+    state = full_model_state(model) if is_sharded(acc) else None
+    if acc.is_main_process:
+        save_pretrained_atomic(path, model, tokenizer, state)
+        if merged:
+            save_pretrained_atomic(path.parent / f"{path.name}-merged", copy.deepcopy(model).merge_and_unload(),
+                                   tokenizer)
+    acc.wait_for_everyone()
+
+
+def save_pretrained_atomic(path: Path, model, tokenizer, state: dict | None = None) -> None:
+    """``model.save_pretrained`` (weights from ``state`` if given: a gathered full state dict) into a temp
+    directory renamed to ``path``."""
     import shutil
     import tempfile
 
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
-        model.save_pretrained(tmp)
+        model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
         tokenizer.save_pretrained(tmp)
         if path.exists():
             shutil.rmtree(path)

@@ -74,6 +74,12 @@ class RunningMean:
             self.sums[k] += float(v) * weight
             self.counts[k] += weight
 
+    def merge(self, other: "RunningMean") -> None:
+        """Add ``other``'s sums and weights to this one."""
+        for k in other.sums:
+            self.sums[k] += other.sums[k]
+            self.counts[k] += other.counts[k]
+
     def pop(self) -> dict[str, float]:
         out = {k: self.sums[k] / self.counts[k] for k in self.sums if self.counts[k]}
         self.sums.clear()

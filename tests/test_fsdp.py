@@ -1,0 +1,187 @@
+"""FSDP on two CPU processes: the shipped FSDP config, sharded training, unsharded checkpoints and final/.
+
+accelerate runs FSDP only on accelerators: on a machine without a GPU it turns an FSDP launch into plain CPU data
+parallel. The worker below takes accelerate's FSDP code path anyway (torch's FSDP2 works on the CPU over gloo): it
+builds the plugin from the environment `accelerate launch --config_file fsdp.yaml` sets, and marks the state as
+FSDP, so `accelerator.prepare` shards the model with `fully_shard` exactly as it does on GPUs. What is not tested
+here is NCCL and GPU memory; what is, is everything prefalign does differently under sharding: collective state
+dicts for checkpoints and final/, equal numbers of forwards on every process (forward chunks, evaluation), and the
+reference forward of a LoRA policy going through the sharded root.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import learnable_pairs, read_metrics, write_jsonl
+
+ACCELERATE = str(Path(sys.executable).parent / "accelerate")
+FSDP_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp.yaml"
+WORKER = """
+import sys
+
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+import prefalign.trainers.loop as loop
+import prefalign.trainers.ppo as ppo
+
+make_accelerator = loop.make_accelerator
+
+
+def make_fsdp_accelerator(precision):
+    acc = make_accelerator(precision)
+    PartialState().distributed_type = AcceleratorState().distributed_type = DistributedType.FSDP
+    AcceleratorState().fsdp_plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* variables
+    return acc
+
+
+loop.make_accelerator = ppo.make_accelerator = make_fsdp_accelerator
+from prefalign.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+# 2 sharded processes vs 1 plain one, same global batch: the gradient is reduce-scattered in float32 and summed
+# in another order, so losses and parameters agree to float32 rounding (measured: ~1e-7 on losses)
+TOL = 1e-5
+
+
+@pytest.fixture
+def fsdp(tmp_path):
+    """``run(args, ok=True, **fsdp_config)``: the CLI on 2 FSDP processes (the shipped config on 2 CPU processes,
+    fp32; ``fsdp_config`` overrides its fsdp_config keys). Asserts success unless ``ok=False``."""
+    (tmp_path / "fsdp_worker.py").write_text(WORKER)
+
+    def run(args, ok=True, **fsdp_config):
+        config = yaml.safe_load(FSDP_CONFIG.read_text())
+        config.update(num_processes=2, mixed_precision="no")
+        config["fsdp_config"].update(fsdp_config)
+        (tmp_path / "fsdp-cpu.yaml").write_text(yaml.safe_dump(config))
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+        cmd = [ACCELERATE, "launch", "--config_file", str(tmp_path / "fsdp-cpu.yaml"),
+               str(tmp_path / "fsdp_worker.py"), *map(str, args)]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        if ok:
+            assert r.returncode == 0, r.stderr[-3000:]
+        return r
+
+    return run
+
+
+def _one(args):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    r = subprocess.run([sys.executable, "-m", "prefalign", *map(str, args)], capture_output=True, text=True,
+                       timeout=600, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _final(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "final" / "model.safetensors")
+
+
+def _assert_same(a: dict, b: dict, tol: float):
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert torch.allclose(a[k], b[k], atol=tol), (k, (a[k] - b[k]).abs().max().item())
+
+
+def test_fsdp_dpo_matches_one_process_and_resumes(tmp_path, tiny_model_dir, fsdp):
+    """Full fine-tuning DPO (a frozen reference model beside the sharded policy): losses and final weights of one
+    process; the unsharded checkpoint resumes on 2 sharded processes and on 1 plain one, ending where it ended."""
+    import torch
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(40))
+    common = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "4", "--learning-rate", "1e-3",
+              "--precision", "fp32", "--eval-split", "0.2", "--lr-scheduler", "constant", "--save-steps", "2",
+              "--forward-batch-size", "1"]  # 2 forwards a micro-batch: the no_sync path under FSDP
+    _one([*common, "--batch-size", "4", "--output", tmp_path / "one"])
+    fsdp([*common, "--batch-size", "2", "--output", tmp_path / "two"])
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "eval/loss", "rewards/margins"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=TOL), (ra["step"], key)
+    assert a[-2]["loss"] < a[1]["loss"] - 1e-3  # it learned something the comparison can see
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
+    final = _final(tmp_path / "two")
+    _assert_same(final, _final(tmp_path / "one"), TOL)  # whole tensors, not the main process's shard
+    ckpt = torch.load(tmp_path / "two" / "checkpoints" / "step-0000004" / "model.pt")
+    assert {k: v.shape for k, v in ckpt.items() if k in final} == {k: final[k].shape for k in ckpt if k in final}
+
+    # resume from step 2: on 2 sharded processes, and the same checkpoint on 1 plain process
+    for name, run in (("two", fsdp), ("plain", None)):
+        out = tmp_path / name
+        if run is None:
+            shutil.copytree(tmp_path / "two" / "checkpoints", out / "checkpoints")
+        shutil.rmtree(out / "checkpoints" / "step-0000004")
+        shutil.rmtree(out / "final", ignore_errors=True)
+        args = [*common, "--output", out, "--resume", "latest"]
+        fsdp([*args, "--batch-size", "2"]) if run else _one([*args, "--batch-size", "4"])
+        _assert_same(_final(out), final, TOL)
+        assert read_metrics(out)[-1]["eval/loss"] == pytest.approx(b[-1]["eval/loss"], abs=TOL)
+
+
+@pytest.mark.parametrize("command", ["dpo", "reward"])
+def test_fsdp_lora_and_reward_write_whole_models(tmp_path, tiny_model_dir, fsdp, command):
+    """LoRA DPO (the adapter of a sharded policy; the reference is the same sharded weights with the adapter off)
+    and a reward model (backbone + scalar head) under FSDP: losses and final/ equal a 1-process run's; eval on 9
+    examples (5 + 4 per process) is the mean over the 9."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(33))
+    common = [command, "--data", data, "--model", tiny_model_dir, "--max-steps", "3", "--precision", "fp32",
+              "--eval-split", "0.28", "--lr-scheduler", "constant"]
+    # LoRA needs the larger rate to move in 3 steps; at 1e-2 full fine-tuning's parameters drift past TOL (1e-5).
+    # --precompute-ref: the adapter-off reference runs before any policy forward has gathered the sharded root
+    lora = ["--lora-r", "4", "--learning-rate", "1e-2", "--precompute-ref"]
+    common += lora if command == "dpo" else ["--learning-rate", "1e-3"]
+    _one([*common, "--batch-size", "4", "--output", tmp_path / "one"])
+    fsdp([*common, "--batch-size", "2", "--output", tmp_path / "two"])
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert json.loads((tmp_path / "two" / "run.json").read_text())["eval_examples"] == 9
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in ("loss", "eval/loss"):
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=TOL), (ra["step"], key)
+    assert a[-1]["eval/loss"] < a[0]["eval/loss"] - 1e-3
+    if command == "dpo":
+        from safetensors.torch import load_file
+
+        one, two = (load_file(tmp_path / d / "final" / "adapter_model.safetensors") for d in ("one", "two"))
+        assert one and all("lora_" in k for k in two)
+        _assert_same(two, one, TOL)
+    else:
+        _assert_same(_final(tmp_path / "two"), _final(tmp_path / "one"), TOL)
+
+
+def test_fsdp_refuses_embeddings_untied_by_ram_efficient_loading(tmp_path, tiny_model_dir, fsdp):
+    """accelerate's FSDP2 loading with cpu_ram_efficient_loading unties tied input/output embeddings (the tiny
+    Llama, like SmolLM2, ties them): training would update two copies. A clear error, not a silent divergence."""
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
+    r = fsdp(["sft", "--data", data, "--model", tiny_model_dir, "--max-steps", "1", "--batch-size", "2",
+              "--precision", "fp32", "--output", tmp_path / "out"], ok=False, fsdp_cpu_ram_efficient_loading=True)
+    assert r.returncode != 0
+    assert ("error: the model's tied input/output embeddings were untied while preparing it for distributed "
+            "training; with FSDP set fsdp_cpu_ram_efficient_loading: false") in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_fsdp_ppo_is_refused_with_what_to_use(tmp_path, tiny_model_dir, fsdp):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a\nb\nc\nd\n")
+    r = fsdp(["ppo", "--prompts", prompts, "--reward", "vader", "--model", tiny_model_dir, "--max-steps", "1",
+              "--rollout-batch-size", "4", "--output", tmp_path / "ppo"], ok=False)
+    assert r.returncode != 0
+    assert "error: ppo does not run under FSDP yet" in r.stderr and "examples/accelerate/ddp.yaml" in r.stderr
+    assert not (tmp_path / "ppo").exists()
