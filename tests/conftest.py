@@ -82,3 +82,16 @@ def trainer_kwargs(tmp_path, model_dir, data, **overrides):
 def pairs(tmp_path):
     """48 learnable preference pairs in a JSONL file."""
     return write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
+
+
+def tiny_reward_model(tokenizer, num_labels=1, seed=0):
+    """A tiny random Llama with a ``num_labels`` head (a scalar reward model for 1), the default tokenizer's vocab."""
+    import torch
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
+                         num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
+                         eos_token_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    return LlamaForSequenceClassification(config).eval()

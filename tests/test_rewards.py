@@ -3,6 +3,7 @@ import sys
 import pytest
 import torch
 
+from conftest import tiny_reward_model
 from prefalign.errors import UserError
 from prefalign.rewards import (
     JUDGES,
@@ -178,21 +179,10 @@ def test_check_scores_accepts_sequences_and_arrays():
 
 # ----------------------------------------------------------------------------------------- reward model
 
-def _seq_cls_model(tokenizer, num_labels=1, seed=0):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    torch.manual_seed(seed)
-    return LlamaForSequenceClassification(config).eval()
-
-
 @pytest.fixture(scope="module")
 def reward_dir(tokenizer, tmp_path_factory):
     """A tiny random scalar reward model saved with the default tokenizer; returns (dir, model)."""
-    model = _seq_cls_model(tokenizer)
+    model = tiny_reward_model(tokenizer)
     path = tmp_path_factory.mktemp("rm")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
@@ -267,7 +257,7 @@ def test_reward_model_dtype_still_returns_float32(reward_dir, tokenizer):
 
 
 def test_reward_model_with_two_labels_is_refused(tokenizer, tmp_path):
-    _seq_cls_model(tokenizer, num_labels=2).save_pretrained(tmp_path)
+    tiny_reward_model(tokenizer, num_labels=2).save_pretrained(tmp_path)
     with pytest.raises(UserError, match=r"num_labels=2; a reward model needs a scalar head"):
         load_reward_source(str(tmp_path))
 

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from conftest import run_cli
+from conftest import run_cli, tiny_reward_model
 from prefalign.trainers.ppo import KLController, PPOConfig, PPOTrainer
 
 
@@ -201,3 +201,30 @@ def test_bf16_rollouts_sample_from_a_copy_refreshed_after_every_update(tmp_path,
                       reward_source=LowIdReward(tokenizer))
     fp32.train()
     assert fp32.sampler is fp32.policy  # fp32 precision: sampled from the training weights themselves
+
+
+def test_frozen_reference_and_reward_model_go_to_the_accelerator_device(tmp_path, tiny_model_dir, prompts,
+                                                                      tokenizer, monkeypatch):
+    """accelerate moves only what it prepares: the reference policy and a reward model must be placed by hand, or
+    they stay on the CPU while the policy runs on a GPU. The meta device stands in for the GPU; setup stops once
+    both are loaded (the value model is the next thing it loads)."""
+    from accelerate import Accelerator
+
+    import prefalign.models.value as value_module
+
+    class Loaded(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Loaded
+
+    rm = tmp_path / "rm"
+    tiny_reward_model(tokenizer).save_pretrained(rm)
+    tokenizer.save_pretrained(rm)
+    monkeypatch.setattr(Accelerator, "device", property(lambda self: torch.device("meta")))
+    monkeypatch.setattr(value_module, "load_value_model", stop)
+    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, reward=str(rm)))
+    with pytest.raises(Loaded):
+        trainer.setup()
+    assert {p.device for p in trainer.ref_model.parameters()} == {torch.device("meta")}
+    assert {p.device for p in trainer.reward_source.model.parameters()} == {torch.device("meta")}

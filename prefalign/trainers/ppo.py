@@ -50,21 +50,23 @@ from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config,
 from prefalign.trainers.checkpoint import (
     PREFIX,
     CheckpointManager,
-    load_trainable_state_dict,
+    is_sharded,
+    load_training_state,
     rng_state,
     set_rng_state,
-    trainable_state_dict,
+    training_state,
 )
 from prefalign.trainers.dist import masked_mean_var, max_across_processes, mean_across_processes
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.lora import adapter_off, apply_lora
 from prefalign.trainers.loop import (
     Forward,
+    check_still_tied,
     inner_optimizer,
     make_accelerator,
     make_optimizer,
     resolve_precision,
-    save_pretrained_atomic,
+    save_final_model,
 )
 from prefalign.trainers.metrics import MetricsLogger, RunningMean
 from prefalign.trainers.ppo_config import PPOConfig  # noqa: F401 (re-exported)
@@ -112,6 +114,11 @@ class PPOTrainer:
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
         self.accelerator = acc = make_accelerator(self.precision)
+        if is_sharded(acc):
+            raise UserError("ppo does not run under FSDP yet: each process samples its rollouts token by token, "
+                            "and a sharded policy would need every process in every decoding step; launch PPO "
+                            "with DDP (examples/accelerate/ddp.yaml), with --lora-r and --gradient-checkpointing "
+                            "for memory")
         self.world = world = acc.num_processes
         share = cfg.num_minibatches * cfg.grad_accum * world
         if cfg.rollout_batch_size % share:
@@ -127,14 +134,16 @@ class PPOTrainer:
             raise UserError(f"{cfg.prompts}: {len(self.prompts)} prompts are fewer than one rollout batch "
                             f"({cfg.rollout_batch_size}); lower --rollout-batch-size")
         if self.reward_source is None:
-            self.reward_source = load_reward_source(cfg.reward, batch_size=cfg.reward_batch_size)
+            self.reward_source = load_reward_source(cfg.reward, batch_size=cfg.reward_batch_size,
+                                                    device=str(acc.device))
 
         policy = load_causal_lm(cfg.model)
         if cfg.lora_r:
             policy = apply_lora(policy, cfg)
             self.ref_model = None  # the reference is the policy with its adapter off
         else:
-            self.ref_model = load_causal_lm(cfg.ref or cfg.model).requires_grad_(False).eval()
+            # accelerate places only what it prepares: the frozen reference goes to the device by hand
+            self.ref_model = load_causal_lm(cfg.ref or cfg.model).requires_grad_(False).eval().to(acc.device)
         if cfg.value_model:
             value = load_value_model(cfg.value_model)
         elif isinstance(self.reward_source, RewardModel):
@@ -155,6 +164,7 @@ class PPOTrainer:
         self.policy, self.value = policy, value
         self.policy_engine, self.value_engine, self.p_opt, self.v_opt = acc.prepare(
             Forward(policy), Forward(value), p_opt, v_opt)
+        check_still_tied(policy)
         self.p_sched, self.v_sched = p_sched, v_sched
         # rollouts sample from a bf16 copy under bf16 precision (refreshed after every update); old log-probs,
         # reference log-probs and values still come from the training weights
@@ -348,10 +358,10 @@ class PPOTrainer:
         start = 0
         if cfg.resume is not None:  # every process loads the main process's checkpoint
             path, state, objects = ckpts.load_for_resume(cfg.resume)
-            load_trainable_state_dict(self.policy, objects["policy"], path)
-            load_trainable_state_dict(self.value, objects["value"], path)
-            inner_optimizer(self.p_opt).load_state_dict(objects["policy_optimizer"])
-            inner_optimizer(self.v_opt).load_state_dict(objects["value_optimizer"])
+            load_training_state(self.policy, inner_optimizer(self.p_opt), objects["policy"],
+                                objects["policy_optimizer"], path)
+            load_training_state(self.value, inner_optimizer(self.v_opt), objects["value"],
+                                objects["value_optimizer"], path)
             self.p_sched.load_state_dict(objects["policy_scheduler"])
             self.v_sched.load_state_dict(objects["value_scheduler"])
             self.kl_ctl.load_state_dict(state["kl_controller"])
@@ -390,9 +400,7 @@ class PPOTrainer:
                     stop.check(step + 1, total, lambda: self.save_checkpoint(ckpts, step + 1), hint)
         metrics.close()
         acc.wait_for_everyone()
-        if main:
-            self.save_final(out)
-        acc.wait_for_everyone()
+        self.save_final(out)
         return self.last_row
 
     def _iteration(self, step, total, metrics, samples_path, ckpts, bar) -> None:
@@ -465,12 +473,14 @@ class PPOTrainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = ckpts.root / f"{PREFIX}{step:07d}"
+        policy, policy_opt = training_state(self.policy, inner_optimizer(self.p_opt))  # collectives under FSDP
+        value, value_opt = training_state(self.value, inner_optimizer(self.v_opt))
         if acc.is_main_process:
             path = ckpts.save(step, {
-                "policy": trainable_state_dict(self.policy),
-                "value": trainable_state_dict(self.value),
-                "policy_optimizer": inner_optimizer(self.p_opt).state_dict(),
-                "value_optimizer": inner_optimizer(self.v_opt).state_dict(),
+                "policy": policy,
+                "value": value,
+                "policy_optimizer": policy_opt,
+                "value_optimizer": value_opt,
                 "policy_scheduler": self.p_sched.state_dict(),
                 "value_scheduler": self.v_sched.state_dict(),
                 "rng": rng_state(),
@@ -479,10 +489,7 @@ class PPOTrainer:
         return path
 
     def save_final(self, out: Path) -> None:
-        """``final/`` (the policy; adapter with LoRA) and ``value/`` (the value model), Hugging Face format."""
-        import copy
-
-        save_pretrained_atomic(out / "final", self.policy, self.tokenizer)
-        save_pretrained_atomic(out / "value", self.value, self.tokenizer)
-        if self.cfg.merge_lora:
-            save_pretrained_atomic(out / "final-merged", copy.deepcopy(self.policy).merge_and_unload(), self.tokenizer)
+        """``final/`` (the policy; adapter with LoRA, plus ``final-merged/`` with --merge-lora) and ``value/`` (the
+        value model), Hugging Face format. Every process calls it (under FSDP the weights are gathered)."""
+        save_final_model(self.accelerator, out / "final", self.policy, self.tokenizer, merged=self.cfg.merge_lora)
+        save_final_model(self.accelerator, out / "value", self.value, self.tokenizer)
