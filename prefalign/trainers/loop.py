@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -72,6 +73,10 @@ def make_accelerator(precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise UserError("DeepSpeed is not supported yet (its engine steps the optimizer inside backward, which "
+                        "breaks prefalign's gradient accumulation, clipping and checkpoints); shard with FSDP "
+                        "(examples/accelerate/fsdp.yaml) or launch with DDP (examples/accelerate/ddp.yaml)")
     AcceleratorState._reset_state(reset_partial_state=False)  # private API: no public way to do this
     # Without a GPU, say cpu=True: under torchrun (`accelerate launch --multi_gpu --num_processes N`) that
     # makes accelerate join a gloo process group on the CPU instead of silently running N copies alone.
