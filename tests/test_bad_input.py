@@ -153,13 +153,6 @@ def test_conflicting_flags(capsys, tmp_path, model):
     _bad(capsys, tmp_path, _dpo(f, model, "--lora-r", "4", "--ref", model), "--ref", "LoRA")
 
 
-def test_deepspeed_launch_is_refused_with_what_to_use(capsys, tmp_path, model, monkeypatch):
-    """`accelerate launch` with a DeepSpeed config sets ACCELERATE_USE_DEEPSPEED for every process."""
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    f = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
-    _bad(capsys, tmp_path, _dpo(f, model), "DeepSpeed is not supported yet", "examples/accelerate/fsdp.yaml")
-
-
 @pytest.mark.parametrize("argv,needle", [
     (["--beta", "-0.1"], "--beta"),
     (["--batch-size", "0"], "--batch-size"),

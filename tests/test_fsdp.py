@@ -10,19 +10,14 @@ reference forward of a LoRA policy going through the sharded root.
 """
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-import yaml
+import torch
 
-from conftest import learnable_pairs, read_metrics, write_jsonl
+from conftest import (assert_same_tensors, final_weights, launch, learnable_pairs, read_metrics,
+                      two_process_config, write_jsonl)
 
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-FSDP_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp.yaml"
 WORKER = """
 import sys
 
@@ -59,14 +54,8 @@ def fsdp(tmp_path):
     (tmp_path / "fsdp_worker.py").write_text(WORKER)
 
     def run(args, ok=True, **fsdp_config):
-        config = yaml.safe_load(FSDP_CONFIG.read_text())
-        config.update(num_processes=2, mixed_precision="no")
-        config["fsdp_config"].update(fsdp_config)
-        (tmp_path / "fsdp-cpu.yaml").write_text(yaml.safe_dump(config))
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-        cmd = [ACCELERATE, "launch", "--config_file", str(tmp_path / "fsdp-cpu.yaml"),
-               str(tmp_path / "fsdp_worker.py"), *map(str, args)]
-        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+        r = launch(args, config=two_process_config("fsdp", tmp_path, **fsdp_config),
+                   script=tmp_path / "fsdp_worker.py")
         if ok:
             assert r.returncode == 0, r.stderr[-3000:]
         return r
@@ -75,32 +64,13 @@ def fsdp(tmp_path):
 
 
 def _one(args):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    r = subprocess.run([sys.executable, "-m", "prefalign", *map(str, args)], capture_output=True, text=True,
-                       timeout=600, env=env)
+    r = launch(args)
     assert r.returncode == 0, r.stderr[-3000:]
-
-
-def _final(out):
-    from safetensors.torch import load_file
-
-    return load_file(out / "final" / "model.safetensors")
-
-
-def _assert_same(a: dict, b: dict, tol: float):
-    import torch
-
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].shape == b[k].shape, k
-        assert torch.allclose(a[k], b[k], atol=tol), (k, (a[k] - b[k]).abs().max().item())
 
 
 def test_fsdp_dpo_matches_one_process_and_resumes(tmp_path, tiny_model_dir, fsdp):
     """Full fine-tuning DPO (a frozen reference model beside the sharded policy): losses and final weights of one
     process; the unsharded checkpoint resumes on 2 sharded processes and on 1 plain one, ending where it ended."""
-    import torch
-
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(40))
     common = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "4", "--learning-rate", "1e-3",
               "--precision", "fp32", "--eval-split", "0.2", "--lr-scheduler", "constant", "--save-steps", "2",
@@ -115,8 +85,8 @@ def test_fsdp_dpo_matches_one_process_and_resumes(tmp_path, tiny_model_dir, fsdp
                 assert rb[key] == pytest.approx(ra[key], abs=TOL), (ra["step"], key)
     assert a[-2]["loss"] < a[1]["loss"] - 1e-3  # it learned something the comparison can see
     assert json.loads((tmp_path / "two" / "run.json").read_text())["processes"] == 2
-    final = _final(tmp_path / "two")
-    _assert_same(final, _final(tmp_path / "one"), TOL)  # whole tensors, not the main process's shard
+    final = final_weights(tmp_path / "two")
+    assert_same_tensors(final, final_weights(tmp_path / "one"), TOL)  # whole tensors, not the main process's shard
     ckpt = torch.load(tmp_path / "two" / "checkpoints" / "step-0000004" / "model.pt")
     assert {k: v.shape for k, v in ckpt.items() if k in final} == {k: final[k].shape for k in ckpt if k in final}
 
@@ -129,7 +99,7 @@ def test_fsdp_dpo_matches_one_process_and_resumes(tmp_path, tiny_model_dir, fsdp
         shutil.rmtree(out / "final", ignore_errors=True)
         args = [*common, "--output", out, "--resume", "latest"]
         fsdp([*args, "--batch-size", "2"]) if run else _one([*args, "--batch-size", "4"])
-        _assert_same(_final(out), final, TOL)
+        assert_same_tensors(final_weights(out), final, TOL)
         assert read_metrics(out)[-1]["eval/loss"] == pytest.approx(b[-1]["eval/loss"], abs=TOL)
 
 
@@ -156,13 +126,11 @@ def test_fsdp_lora_and_reward_write_whole_models(tmp_path, tiny_model_dir, fsdp,
                 assert rb[key] == pytest.approx(ra[key], abs=TOL), (ra["step"], key)
     assert a[-1]["eval/loss"] < a[0]["eval/loss"] - 1e-3
     if command == "dpo":
-        from safetensors.torch import load_file
-
-        one, two = (load_file(tmp_path / d / "final" / "adapter_model.safetensors") for d in ("one", "two"))
+        one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
         assert one and all("lora_" in k for k in two)
-        _assert_same(two, one, TOL)
+        assert_same_tensors(two, one, TOL)
     else:
-        _assert_same(_final(tmp_path / "two"), _final(tmp_path / "one"), TOL)
+        assert_same_tensors(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), TOL)
 
 
 def test_fsdp_refuses_embeddings_untied_by_ram_efficient_loading(tmp_path, tiny_model_dir, fsdp):
@@ -183,5 +151,5 @@ def test_fsdp_ppo_is_refused_with_what_to_use(tmp_path, tiny_model_dir, fsdp):
     r = fsdp(["ppo", "--prompts", prompts, "--reward", "vader", "--model", tiny_model_dir, "--max-steps", "1",
               "--rollout-batch-size", "4", "--output", tmp_path / "ppo"], ok=False)
     assert r.returncode != 0
-    assert "error: ppo does not run under FSDP yet" in r.stderr and "examples/accelerate/ddp.yaml" in r.stderr
+    assert "error: ppo does not run under FSDP or DeepSpeed yet" in r.stderr and "examples/accelerate/ddp.yaml" in r.stderr
     assert not (tmp_path / "ppo").exists()

@@ -1,33 +1,22 @@
 """`accelerate launch --multi_gpu --num_processes 2` on the CPU (gloo): same global batch, same losses."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from conftest import learnable_pairs, read_metrics, write_jsonl
+from conftest import EXAMPLES, launch, learnable_pairs, read_metrics, write_jsonl
 
-ACCELERATE = str(Path(sys.executable).parent / "accelerate")
-CPU_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "cpu-2proc.yaml"
+CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"
 # Tolerance: the 2-process gradient is the mean of two half-batch means, all-reduced in float32;
 # the summation order differs from the 1-process mean, so values agree to float32 rounding, not bitwise.
 TOL = 1e-5
 
 
 def _launch(processes, args, script=None):
-    """``prefalign ARGS`` (or ``python SCRIPT ARGS``) on 1 process, or on 2 under `accelerate launch`."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    target = [str(script)] if script else ["-m", "prefalign"]
-    if processes == 1:
-        cmd = [sys.executable, *target, *map(str, args)]
-    else:
-        assert processes == 2  # the shipped example config is the one under test
-        cmd = [ACCELERATE, "launch", "--config_file", str(CPU_CONFIG), *target, *map(str, args)]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    """``prefalign ARGS`` (or ``python SCRIPT ARGS``) on 1 process, or on 2 under the shipped CPU config."""
+    assert processes in (1, 2)
+    return launch(args, config=CPU_CONFIG if processes == 2 else None, script=script)
 
 
 @pytest.mark.parametrize("command", ["sft", "dpo", "reward"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import learnable_pairs, read_metrics, trainer_kwargs, write_jsonl
+from conftest import learnable_pairs, nan_at_trainer, read_metrics, trainer_kwargs, write_jsonl
 from prefalign.errors import UserError
 from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 
@@ -126,22 +126,7 @@ def test_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path, tin
     assert "skipping" in caplog.text
 
 
-class NaNAt(DPOTrainer):
-    """A DPO trainer whose loss is NaN on the given optimizer steps (1-based), in every forward chunk of the step."""
-
-    def __init__(self, cfg, bad_steps):
-        super().__init__(cfg)
-        self.bad_steps, self.current = set(bad_steps), 0
-
-    def batch_for(self, step, micro):
-        self.current = step + 1
-        return super().batch_for(step, micro)
-
-    def compute_loss(self, batch):
-        loss, stats = super().compute_loss(batch)
-        if self.model.training and self.current in self.bad_steps:
-            loss = loss * float("nan")
-        return loss, stats
+NaNAt = nan_at_trainer()
 
 
 def test_a_nan_step_is_skipped_and_counted(tmp_path, tiny_model_dir, pairs):

@@ -46,7 +46,10 @@ def test_frozen_reference_is_placed_on_the_accelerator_device(tmp_path, tiny_mod
     from types import SimpleNamespace
 
     trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs))
-    trainer.accelerator = SimpleNamespace(device=torch.device("meta"))  # setup() only reads the device
+    from accelerate.utils import DistributedType
+
+    # setup() reads only the device and the distributed type
+    trainer.accelerator = SimpleNamespace(device=torch.device("meta"), distributed_type=DistributedType.NO)
     trainer.setup()
     ref = trainer.ref_model
     assert {t.device for t in chain(ref.parameters(), ref.buffers())} == {torch.device("meta")}

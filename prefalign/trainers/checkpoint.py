@@ -41,10 +41,19 @@ def set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
-def is_sharded(accelerator) -> bool:
-    """Whether parameters are sharded over processes (FSDP), so a state dict must be gathered collectively."""
+def is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def is_sharded(accelerator) -> bool:
+    """Whether parameters are sharded over processes (FSDP, DeepSpeed ZeRO-3), so that a state dict must be
+    gathered collectively and every forward is a collective."""
+    from accelerate.utils import DistributedType
+
+    if is_deepspeed(accelerator):
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
     return accelerator.distributed_type == DistributedType.FSDP
 
 
@@ -89,6 +98,40 @@ def _without_tied_aliases(model, state: dict[str, torch.Tensor]) -> dict[str, to
     return {k: v for k, v in state.items() if k not in aliases}
 
 
+DEEPSPEED_TAG = "deepspeed"
+"""Under DeepSpeed a checkpoint holds DeepSpeed's own sharded files in this subdirectory (resume needs the same
+number of processes), beside prefalign's scheduler, RNG and state."""
+
+
+def full_deepspeed_state(acc, engine, model) -> dict[str, torch.Tensor]:
+    """Every weight of ``model`` gathered from ZeRO-3's partitions (a collective; needs the config's
+    ``zero3_save_16bit_model: true``), keyed like ``model.state_dict()``: ``engine`` wraps it in `Forward`."""
+    try:
+        state = acc.get_state_dict(engine)
+    except ValueError as e:  # accelerate: the gather is off in the config
+        raise UserError(f"final/ under ZeRO-3: {e}; set zero3_save_16bit_model: true in the accelerate config") \
+            from None
+    # the main process gets the weights, the others None
+    return _without_tied_aliases(model, {k.removeprefix("model."): v for k, v in (state or {}).items()})
+
+
+def load_deepspeed_state(engine, path: Path) -> None:
+    """Weights and optimizer state of a DeepSpeed checkpoint into ``engine`` (every process; its own shards)."""
+    loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
+                                       load_lr_scheduler_states=False)
+    if loaded is None:
+        raise UserError(f"{path}: no DeepSpeed state in it ({DEEPSPEED_TAG}/); resume a checkpoint written under the "
+                        "same DeepSpeed config and number of processes")
+
+
+def zero_deepspeed_gradients(engine) -> None:
+    """Drop the gradients a skipped step accumulated (DeepSpeed keeps them in its own buffers)."""
+    engine.zero_grad()
+    zero = getattr(engine.optimizer, "zero_grad", None)
+    if zero is not None:
+        zero(set_to_none=True)
+
+
 def load_training_state(model, optimizer, params: dict[str, torch.Tensor], optim: dict, where: Path) -> None:
     """Put a `training_state` back: every process passes the full state; under FSDP each keeps its shard."""
     from torch.distributed.checkpoint.state_dict import (
@@ -114,11 +157,21 @@ class CheckpointManager:
         self.root = Path(out_dir) / "checkpoints"
         self.keep = keep
 
-    def save(self, step: int, objects: dict[str, dict], state: dict) -> Path:
-        """Write ``objects`` (name -> state dict) and ``state`` (JSON) as checkpoint ``step``."""
+    def staging_dir(self, step: int, create: bool) -> Path:
+        """A temp directory every process can name (``create`` on the main process only, before the others write
+        into it): for checkpoints whose shards each process writes itself (DeepSpeed), then `save` ``into`` it."""
+        tmp = self.root / f".tmp-{PREFIX}{step:07d}-shared"
+        if create:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+        return tmp
+
+    def save(self, step: int, objects: dict[str, dict], state: dict, into: Path | None = None) -> Path:
+        """Write ``objects`` (name -> state dict) and ``state`` (JSON) as checkpoint ``step``, in a temp directory
+        (``into``: a `staging_dir` already holding other files) renamed into place."""
         self.root.mkdir(parents=True, exist_ok=True)
         final = self.root / f"{PREFIX}{step:07d}"
-        tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.root))
+        tmp = into or Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.root))
         try:
             for name, obj in objects.items():
                 torch.save(obj, tmp / f"{name}.pt")

@@ -25,13 +25,18 @@ import torch
 from prefalign.errors import UserError
 from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config, write_json
 from prefalign.trainers.checkpoint import (
+    DEEPSPEED_TAG,
     CheckpointManager,
+    full_deepspeed_state,
     full_model_state,
+    is_deepspeed,
     is_sharded,
+    load_deepspeed_state,
     load_training_state,
     rng_state,
     set_rng_state,
     training_state,
+    zero_deepspeed_gradients,
 )
 from prefalign.trainers.config import TrainConfig
 from prefalign.trainers.dist import max_across_processes, pooled_mean_across_processes, sum_across_processes
@@ -73,14 +78,26 @@ def make_accelerator(precision: str):
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
-        raise UserError("DeepSpeed is not supported yet (its engine steps the optimizer inside backward, which "
-                        "breaks prefalign's gradient accumulation, clipping and checkpoints); shard with FSDP "
-                        "(examples/accelerate/fsdp.yaml) or launch with DDP (examples/accelerate/ddp.yaml)")
     AcceleratorState._reset_state(reset_partial_state=False)  # private API: no public way to do this
+    mixed = "bf16" if precision == "bf16" else "no"
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # `accelerate launch` + a DeepSpeed config
+        from accelerate.utils import InitProcessGroupKwargs
+
+        # not cpu=True, which makes accelerate drop DeepSpeed without a word; without a GPU the process group
+        # must be named gloo, or every process believes it is alone
+        handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
+        return Accelerator(mixed_precision=mixed, kwargs_handlers=handlers)
     # Without a GPU, say cpu=True: under torchrun (`accelerate launch --multi_gpu --num_processes N`) that
     # makes accelerate join a gloo process group on the CPU instead of silently running N copies alone.
-    return Accelerator(mixed_precision="bf16" if precision == "bf16" else "no", cpu=not torch.cuda.is_available())
+    return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
+
+
+def configure_deepspeed(acc, micro_batch: int, max_grad_norm: float | None) -> None:
+    """prefalign drives DeepSpeed's accumulation boundary itself (forward chunks and micro-batches alike), so
+    DeepSpeed sees one micro-batch per step, and clips to --max-grad-norm: the config's own values are replaced."""
+    ds = acc.state.deepspeed_plugin.deepspeed_config
+    ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
+              train_batch_size=micro_batch * acc.num_processes, gradient_clipping=max_grad_norm or 0.0)
 
 
 def exact_div(a: int, b: int, what: str) -> int:
@@ -108,6 +125,7 @@ def make_optimizer(model, cfg, learning_rate: float, total_steps: int):
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    groups = [g for g in groups if g["params"]]  # LoRA has no 1-D weights; DeepSpeed drops empty groups
     # the fused kernel steps all tensors at once: 8x faster than the default per-tensor loop on CPU for a 135M model
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(cfg.adam_betas), fused=fused or None)
@@ -260,6 +278,9 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         optimizer, scheduler = make_optimizer(self.model, cfg, cfg.learning_rate, total)
         # self.model stays the plain (or peft) model; self.engine is what accelerate wraps for training
+        self.ds = is_deepspeed(acc)
+        if self.ds:
+            configure_deepspeed(acc, cfg.batch_size, cfg.max_grad_norm)
         self.engine, self.optimizer = acc.prepare(Forward(self.model), optimizer)
         check_still_tied(self.model)
         self.scheduler = scheduler
@@ -269,7 +290,11 @@ class Trainer:
         start_step = 0
         if cfg.resume is not None:
             path, state, objects = ckpts.load_for_resume(cfg.resume)
-            load_training_state(self.model, inner_optimizer(self.optimizer), objects["model"], objects["optimizer"], path)
+            if self.ds:
+                load_deepspeed_state(self.engine, path)
+            else:
+                load_training_state(self.model, inner_optimizer(self.optimizer), objects["model"], objects["optimizer"],
+                                    path)
             self.scheduler.load_state_dict(objects["scheduler"])
             set_rng_state(objects["rng"])
             start_step = int(state["step"])
@@ -304,16 +329,20 @@ class Trainer:
                 step_stats = RunningMean()
                 for m, chunks in enumerate(micro_batches):
                     tokens += self._forward_backward(chunks, step_weight, step_stats, sync=m == cfg.grad_accum - 1)
-                grad_norm = acc.clip_grad_norm_(self.engine.parameters(), cfg.max_grad_norm or float("inf"))
-                # the norm is computed from all-reduced gradients, so every process takes the same branch
-                finite = NonFiniteGuard.finite(grad_norm, step_stats.sums["loss"])
                 lr = self.scheduler.get_last_lr()[0]
+                if self.ds:
+                    grad_norm, finite = self._deepspeed_step(step_stats)
+                else:
+                    grad_norm = acc.clip_grad_norm_(self.engine.parameters(), cfg.max_grad_norm or float("inf"))
+                    # the norm is computed from all-reduced gradients, so every process takes the same branch
+                    finite = NonFiniteGuard.finite(grad_norm, step_stats.sums["loss"])
+                    if finite:
+                        self.optimizer.step()
+                    self.optimizer.zero_grad(set_to_none=True)
                 if finite:
-                    self.optimizer.step()
                     self.scheduler.step()
                     running.merge(step_stats)
                     running.add({"grad_norm": grad_norm})
-                self.optimizer.zero_grad(set_to_none=True)
                 done = step + 1
                 last_good = ckpts.complete()[-1] if ckpts.complete() else "none yet"
                 guard.record(finite, done, str(last_good))
@@ -355,10 +384,15 @@ class Trainer:
         for i, batch in enumerate(batches):
             w = self.loss_weight(batch)
             last = sync and i == len(batches) - 1
-            with (nullcontext() if last else acc.no_sync(self.engine)), acc.autocast():
+            with (nullcontext() if last or self.ds else acc.no_sync(self.engine)), acc.autocast():
                 loss, chunk_stats = self.compute_loss(batch)
             # backward even on a NaN loss: every process must join the gradient all-reduce
-            acc.backward(loss * (w * acc.num_processes / step_weight))
+            scaled = loss * (w * acc.num_processes / step_weight)
+            if self.ds:  # DeepSpeed reduces the gradients at the boundary we set (not its own count of backwards)
+                self.engine.set_gradient_accumulation_boundary(last)
+                self.engine.backward(scaled, scale_wrt_gas=False)
+            else:
+                acc.backward(scaled)
             stats.add({"loss": loss.detach(), **chunk_stats}, weight=w)
             tokens += self.count_tokens(batch)
         return tokens
@@ -376,18 +410,33 @@ class Trainer:
             fb = math.ceil(len(examples) / n_chunks)
         return [self._to_device(self.collate(examples[lo : lo + fb])) for lo in range(0, len(examples), fb)]
 
+    def _deepspeed_step(self, step_stats: RunningMean) -> tuple[float, bool]:
+        """DeepSpeed clips, steps and zeroes the gradients in one call, so a non-finite step is decided before
+        it, on the loss of every process (the gradient norm is known only after), and then not taken."""
+        loss_sum = sum_across_processes(self.accelerator, torch.tensor(step_stats.sums["loss"],
+                                                                       device=self.accelerator.device))
+        if not NonFiniteGuard.finite(loss_sum):
+            zero_deepspeed_gradients(self.engine)
+            return float("nan"), False
+        self.engine.step()
+        return float(self.engine.get_global_grad_norm()), True
+
     def save_checkpoint(self, ckpts: CheckpointManager, step: int):
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
-        params, optim = training_state(self.model, inner_optimizer(self.optimizer))  # every process: a collective
+        objects = {"scheduler": self.scheduler.state_dict(), "rng": rng_state()}
+        into = None
+        if self.ds:  # DeepSpeed's own format: each process writes its shards of the optimizer state
+            into = ckpts.staging_dir(step, create=acc.is_main_process)
+            acc.wait_for_everyone()
+            self.engine.save_checkpoint(str(into), tag=DEEPSPEED_TAG)
+        else:
+            params, optim = training_state(self.model, inner_optimizer(self.optimizer))  # a collective under FSDP
+            objects.update(model=params, optimizer=optim)
+        acc.wait_for_everyone()
         if acc.is_main_process:
-            path = ckpts.save(step, {
-                "model": params,
-                "optimizer": optim,
-                "scheduler": self.scheduler.state_dict(),
-                "rng": rng_state(),
-            }, {"total_steps": self.schedule.total_steps})
+            path = ckpts.save(step, objects, {"total_steps": self.schedule.total_steps}, into=into)
         acc.wait_for_everyone()
         return path
 
@@ -431,7 +480,8 @@ class Trainer:
         Called on every process (under FSDP the full weights are gathered collectively); the main process writes,
         to a temp directory then renamed, so ``final/`` is whole or absent.
         """
-        save_final_model(self.accelerator, path, self.model, self.tokenizer, merged=self.cfg.merge_lora)
+        save_final_model(self.accelerator, path, self.model, self.tokenizer, merged=self.cfg.merge_lora,
+                         engine=self.engine)
 
 
 def check_still_tied(model) -> None:
@@ -453,12 +503,16 @@ def check_mergeable(acc, merge_lora: bool) -> None:
                         "(peft: PeftModel.from_pretrained(base, 'final').merge_and_unload())")
 
 
-def save_final_model(acc, path: Path, model, tokenizer, merged: bool = False) -> None:
+def save_final_model(acc, path: Path, model, tokenizer, merged: bool = False, engine=None) -> None:
     """Write ``model`` to ``path`` in Hugging Face format from the main process; with ``merged``, also the LoRA
-    adapter merged into its base as ``<path>-merged``. Every process calls it: under FSDP it gathers."""
+    adapter merged into its base as ``<path>-merged``. Every process calls it: under FSDP or ZeRO-3 it gathers
+    (ZeRO-3 through ``engine``, the prepared `Forward` around ``model``)."""
     import copy
 
-    state = full_model_state(model) if is_sharded(acc) else None
+    state = None
+    if is_sharded(acc):
+        state = full_model_state(model) if engine is None or not is_deepspeed(acc) else \
+            full_deepspeed_state(acc, engine, model)
     if acc.is_main_process:
         save_pretrained_atomic(path, model, tokenizer, state)
         if merged:

@@ -50,6 +50,7 @@ from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config,
 from prefalign.trainers.checkpoint import (
     PREFIX,
     CheckpointManager,
+    is_deepspeed,
     is_sharded,
     load_training_state,
     rng_state,
@@ -114,11 +115,11 @@ class PPOTrainer:
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
         self.accelerator = acc = make_accelerator(self.precision)
-        if is_sharded(acc):
-            raise UserError("ppo does not run under FSDP yet: each process samples its rollouts token by token, "
-                            "and a sharded policy would need every process in every decoding step; launch PPO "
-                            "with DDP (examples/accelerate/ddp.yaml), with --lora-r and --gradient-checkpointing "
-                            "for memory")
+        if is_sharded(acc) or is_deepspeed(acc):
+            raise UserError("ppo does not run under FSDP or DeepSpeed yet: each process samples its rollouts token "
+                            "by token (a sharded policy would need every process in every decoding step) and steps "
+                            "two optimizers itself; launch PPO with DDP (examples/accelerate/ddp.yaml), with "
+                            "--lora-r and --gradient-checkpointing for memory")
         self.world = world = acc.num_processes
         share = cfg.num_minibatches * cfg.grad_accum * world
         if cfg.rollout_batch_size % share:

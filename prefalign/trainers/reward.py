@@ -101,11 +101,24 @@ def load_reward_backbone(name: str, pad_token_id: int, head_init_std: float | No
         return model, {"new": False, "init_std": None}
     std = head_init_std or 1.0 / math.sqrt(model.score.in_features + 1)
     gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
+    with torch.no_grad(), whole_parameters(list(model.score.parameters())):
         model.score.weight.normal_(0.0, std, generator=gen)
         if model.score.bias is not None:
             model.score.bias.zero_()
     return model, {"new": True, "init_std": std}
+
+
+def whole_parameters(params: list):
+    """A context in which DeepSpeed ZeRO-3's partitioned ``params`` are whole, and what the main process writes
+    into them is kept (loaded under ZeRO-3, a new head is partitioned: writing its empty local shard would do
+    nothing); a no-op for ordinary parameters."""
+    import contextlib
+
+    if not any(hasattr(p, "ds_id") for p in params):
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
 
 
 def without_final_token(attention_mask: torch.Tensor) -> torch.Tensor:

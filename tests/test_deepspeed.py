@@ -1,0 +1,130 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 on two CPU processes: the shipped configs through the real `accelerate launch`.
+
+prefalign drives DeepSpeed's accumulation boundary itself (every forward chunk and micro-batch is one backward,
+the step is one `engine.step()`), so a step with several backwards gives the update of one big batch; DeepSpeed
+writes its own sharded checkpoint files, resumed on the same number of processes; ZeRO-3's final/ gathers the
+whole model. On a CPU, DeepSpeed talks over gloo (prefalign names the backend when there is no GPU).
+"""
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from conftest import (assert_same_tensors, final_weights, launch, learnable_pairs, read_metrics,
+                      two_process_config, write_jsonl)
+
+pytest.importorskip("deepspeed", reason="make install installs deepspeed; a bare environment may not have it")
+
+# `prefalign dpo` whose loss is NaN at step 2 (tests/conftest.py's NaNAt), run alone or under accelerate launch
+NAN_WORKER = f"""
+import sys
+
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import nan_at_trainer
+from prefalign.cli._args import parse
+from prefalign.trainers.dpo import DPOConfig
+
+nan_at_trainer()(parse(DPOConfig, sys.argv[1:], prog="prefalign dpo"), bad_steps=[2]).train()
+"""
+# 2 processes vs 1, same global batch: gradients averaged over processes in float32 and summed in another order
+TOL = 1e-5
+
+
+def _two(config, args):
+    r = launch(args, config=config)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def _one(args):
+    r = launch(args)
+    assert r.returncode == 0, r.stderr[-3000:]
+
+
+def _assert_same_losses(a, b, keys=("loss", "eval/loss", "grad_norm")):
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], abs=TOL), (ra["step"], key)
+
+
+def test_zero2_dpo_with_chunks_and_accumulation_matches_one_process_and_resumes(tmp_path, tiny_model_dir):
+    """4 backwards a step (2 micro-batches x 2 forward chunks): DeepSpeed must step once, on the whole batch's
+    gradient, clipped to --max-grad-norm; the checkpoint of step 2 resumes to the same final weights."""
+    config = two_process_config("deepspeed_zero2", tmp_path)
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(40))
+    common = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "4", "--learning-rate", "1e-3",
+              "--precision", "fp32", "--eval-split", "0.2", "--lr-scheduler", "constant", "--save-steps", "2",
+              "--grad-accum", "2", "--forward-batch-size", "1", "--max-grad-norm", "0.5"]
+    _one([*common, "--batch-size", "2", "--output", tmp_path / "one"])
+    _two(config, [*common, "--batch-size", "1", "--output", tmp_path / "two"])  # same global batch: 1 x 2 x 2
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    _assert_same_losses(a, b)
+    assert a[1]["grad_norm"] > 0.5  # clipping was active: the logged norm is the one before clipping
+    assert a[-2]["loss"] < a[1]["loss"] - 1e-3
+    final = final_weights(tmp_path / "two")
+    assert_same_tensors(final, final_weights(tmp_path / "one"), TOL)
+    assert (tmp_path / "two" / "checkpoints" / "step-0000002" / "deepspeed").is_dir()
+
+    shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-0000004")
+    shutil.rmtree(tmp_path / "two" / "final")
+    _two(config, [*common, "--batch-size", "1", "--output", tmp_path / "two", "--resume", "latest"])
+    assert_same_tensors(final_weights(tmp_path / "two"), final, TOL)
+    assert read_metrics(tmp_path / "two")[-1]["eval/loss"] == pytest.approx(b[-1]["eval/loss"], abs=TOL)
+
+
+@pytest.mark.parametrize("command", ["dpo", "reward"])
+def test_zero3_lora_dpo_and_reward_write_whole_models(tmp_path, tiny_model_dir, command):
+    """ZeRO-3 partitions the parameters: LoRA DPO (reference = the adapter-off policy, through the engine) and a
+    reward model give a 1-process run's losses, and final/ gathers the whole model (or adapter)."""
+    config = two_process_config("deepspeed_zero3", tmp_path)
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(33))
+    common = [command, "--data", data, "--model", tiny_model_dir, "--max-steps", "3", "--precision", "fp32",
+              "--eval-split", "0.28", "--lr-scheduler", "constant"]
+    common += ["--lora-r", "4", "--learning-rate", "1e-2"] if command == "dpo" else ["--learning-rate", "1e-3"]
+    _one([*common, "--batch-size", "4", "--output", tmp_path / "one"])
+    _two(config, [*common, "--batch-size", "2", "--output", tmp_path / "two"])
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    _assert_same_losses(a, b)
+    assert a[-1]["eval/loss"] < a[0]["eval/loss"] - 1e-3
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert_same_tensors(two, one, TOL)
+    if command == "dpo":
+        assert all("lora_" in k for k in two)
+
+
+@pytest.mark.parametrize("command,needle", [
+    (["dpo"], "dpo under DeepSpeed ZeRO-3 needs --lora-r"),
+    (["ppo", "--reward", "vader", "--rollout-batch-size", "4"], "ppo does not run under FSDP or DeepSpeed yet"),
+])
+def test_zero3_refuses_what_it_cannot_run(tmp_path, tiny_model_dir, command, needle):
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
+    flag = "--prompts" if command[0] == "ppo" else "--data"
+    r = launch([*command, flag, data, "--model", tiny_model_dir, "--max-steps", "1", "--output", tmp_path / "out"],
+               config=two_process_config("deepspeed_zero3", tmp_path))
+    assert r.returncode != 0
+    assert f"error: {needle}" in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("stage", ["deepspeed_zero2", "deepspeed_zero3"])
+def test_a_nan_step_is_skipped_and_its_gradients_dropped(tmp_path, tiny_model_dir, stage):
+    """DeepSpeed steps inside `engine.step()`: a NaN loss (on every process) is caught before it, the step is not
+    taken and its gradients are dropped from DeepSpeed's buffers, so the run equals a plain 1-process run that
+    skipped the same step (kept NaN gradients would poison the next step)."""
+    (tmp_path / "nan_worker.py").write_text(NAN_WORKER)
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(16))
+    common = ["--data", data, "--model", tiny_model_dir, "--max-steps", "4", "--learning-rate", "1e-3",
+              "--precision", "fp32", "--lr-scheduler", "constant", "--grad-accum", "2"]
+    if stage == "deepspeed_zero3":
+        common += ["--lora-r", "4"]  # ZeRO-3's DPO reference is the adapter-off policy
+    for name, config, batch in (("one", None, "2"), ("two", two_process_config(stage, tmp_path), "1")):
+        r = launch([*common, "--batch-size", batch, "--output", tmp_path / name], config=config,
+                   script=tmp_path / "nan_worker.py")
+        assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["skipped_steps"] for r in b] == [0, 1, 1, 1] and "loss" not in b[1]
+    _assert_same_losses(a, b)
+    assert_same_tensors(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), TOL)
