@@ -130,11 +130,12 @@ def two_process_config(name, tmp_path, **overrides):
     return path
 
 
-def final_weights(out):
-    """``OUT/final``'s weights (model.safetensors, or adapter_model.safetensors for LoRA) as a dict of tensors."""
+def final_weights(out, part="final"):
+    """``OUT/final``'s (or ``OUT/PART``'s: PPO's value/) weights (model.safetensors, or adapter_model.safetensors
+    for LoRA) as a dict of tensors."""
     from safetensors.torch import load_file
 
-    final = out / "final"
+    final = out / part
     return load_file(final / ("adapter_model.safetensors" if (final / "adapter_config.json").exists()
                               else "model.safetensors"))
 
@@ -171,3 +172,25 @@ def nan_at_trainer():
             return loss, stats
 
     return NaNAt
+
+
+# A deterministic toy reward, loaded from the CLI as file.py:function: the share of letters in the completion.
+TOY_REWARD = """
+def score(prompts, completions):
+    return [sum(c.isalpha() for c in t) / max(len(t), 1) for t in completions]
+"""
+
+
+def ppo_flags(tmp_path, model_dir):
+    """Write 16 prompts and the toy reward into ``tmp_path``; the flags of a small PPO run that 2 processes can
+    reproduce exactly (see tests/test_multiprocess.py).
+
+    One minibatch per epoch: with more, each process draws a minibatch's rows from its own shard, so 2 processes
+    group the rows into minibatches unlike 1 (see `PPOTrainer.update`) and the updates differ."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"review {i}: the movie was{' really' * (i % 3)}\n" for i in range(16)))
+    (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
+    # --stop k ends some responses early, so the processes (and micro-batches) hold different numbers of tokens
+    return ["--prompts", prompts, "--reward", f"{tmp_path / 'toy_reward.py'}:score", "--model", model_dir,
+            "--rollout-batch-size", "8", "--num-minibatches", "1", "--max-new-tokens", "8", "--stop", "k",
+            "--temperature", "1.0", "--learning-rate", "1e-3", "--precision", "fp32", "--lr-scheduler", "constant"]

@@ -15,7 +15,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import (assert_same_tensors, final_weights, launch, learnable_pairs, read_metrics,
+from conftest import (assert_same_tensors, final_weights, launch, learnable_pairs, ppo_flags, read_metrics,
                       two_process_config, write_jsonl)
 
 WORKER = """
@@ -145,11 +145,32 @@ def test_fsdp_refuses_embeddings_untied_by_ram_efficient_loading(tmp_path, tiny_
     assert not (tmp_path / "out").exists()
 
 
-def test_fsdp_ppo_is_refused_with_what_to_use(tmp_path, tiny_model_dir, fsdp):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("a\nb\nc\nd\n")
-    r = fsdp(["ppo", "--prompts", prompts, "--reward", "vader", "--model", tiny_model_dir, "--max-steps", "1",
-              "--rollout-batch-size", "4", "--output", tmp_path / "ppo"], ok=False)
-    assert r.returncode != 0
-    assert "error: ppo does not run under FSDP or DeepSpeed yet" in r.stderr and "examples/accelerate/ddp.yaml" in r.stderr
-    assert not (tmp_path / "ppo").exists()
+# the PPO metrics of 2 processes that must be those of 1 (see tests/test_multiprocess.py for why they can be)
+PPO_KEYS = ("objective/scores", "objective/kl", "objective/entropy", "loss/policy", "loss/value", "policy/approxkl",
+            "val/ratio", "val/explained_variance", "val/response_length")
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_fsdp_ppo_matches_one_process(tmp_path, tiny_model_dir, fsdp, lora):
+    """PPO with a sharded policy and value model: generation decodes in step on both processes (synced) through
+    the sharded root, old/reference log-probs and values too; same scores, KL and losses as 1 process, and final/
+    and value/ hold the same whole weights. LoRA: the reference is the sharded policy with its adapter off."""
+    flags = ppo_flags(tmp_path, tiny_model_dir)
+    # seed 5, 12 new tokens: in iteration 2 process 0's responses all stop by token 7 while process 1's run to 12
+    # (measured), so an unsynced decode would leave process 1 alone in 5 sharded forwards
+    flags[flags.index("--max-new-tokens") + 1] = "12"
+    common = ["ppo", *flags, "--seed", "5", "--max-steps", "2", "--ppo-epochs", "2",
+              *(["--lora-r", "4", "--learning-rate", "1e-2"] if lora else [])]
+    _one([*common, "--output", tmp_path / "one"])
+    fsdp([*common, "--output", tmp_path / "two"])
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
+    for ra, rb in zip(a, b):
+        for key in PPO_KEYS:
+            assert rb[key] == pytest.approx(ra[key], rel=TOL, abs=TOL), (ra["step"], key)
+        assert rb["val/num_eos"] == ra["val/num_eos"]
+    if lora:
+        # the adapter moved the policy away from its adapter-off reference (k1, a mean of log-ratios: either sign)
+        assert abs(b[1]["objective/kl"]) > 1e-3
+    for part in ("final", "value"):
+        assert_same_tensors(final_weights(tmp_path / "two", part), final_weights(tmp_path / "one", part), TOL)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from conftest import EXAMPLES, launch, learnable_pairs, read_metrics, write_jsonl
+from conftest import EXAMPLES, launch, learnable_pairs, ppo_flags, read_metrics, write_jsonl
 
 CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"
 # Tolerance: the 2-process gradient is the mean of two half-batch means, all-reduced in float32;
@@ -64,11 +64,6 @@ trainer.train()
 torch.save({"policy": trainable(trainer.policy), "value": trainable(trainer.value)},
            f"{cfg.output}/params-rank{trainer.accelerator.process_index}.pt")
 """
-# A deterministic toy reward, loaded from the CLI as file.py:function: the share of letters in the completion.
-TOY_REWARD = """
-def score(prompts, completions):
-    return [sum(c.isalpha() for c in t) / max(len(t), 1) for t in completions]
-"""
 # Tolerance of 2 processes vs 1: keyed sampling draws the same tokens, each process weights its token means by
 # its share of the minibatch's tokens (so DDP's average is the 1-process token mean, responses of any lengths),
 # and whitening uses statistics of both shards. What is left is float32 rounding (forwards over other batch
@@ -79,18 +74,9 @@ PPO_REL, PPO_ABS = 1e-5, 1e-5
 
 
 def _ppo_flags(tmp_path, model_dir):
-    """Write the prompts, the toy reward and the worker into ``tmp_path``; return the flags every PPO run shares.
-
-    One minibatch per epoch: with more, each process draws a minibatch's rows from its own shard, so 2 processes
-    group the rows into minibatches unlike 1 (see `PPOTrainer.update`) and the updates differ."""
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("".join(f"review {i}: the movie was{' really' * (i % 3)}\n" for i in range(16)))
-    (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
+    """`ppo_flags` (prompts, toy reward) plus the worker, written into ``tmp_path``."""
     (tmp_path / "ppo_worker.py").write_text(PPO_WORKER)
-    # --stop k ends some responses early, so the processes (and micro-batches) hold different numbers of tokens
-    return ["--prompts", prompts, "--reward", f"{tmp_path / 'toy_reward.py'}:score", "--model", model_dir,
-            "--rollout-batch-size", "8", "--num-minibatches", "1", "--max-new-tokens", "8", "--stop", "k",
-            "--temperature", "1.0", "--learning-rate", "1e-3", "--precision", "fp32", "--lr-scheduler", "constant"]
+    return ppo_flags(tmp_path, model_dir)
 
 
 def _run_ppo(tmp_path, processes, name, flags):

@@ -222,12 +222,14 @@ def refresh_sampling_copy(copy_model, model) -> None:
 @torch.no_grad()
 def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
              *, eos_ids: list[int], pad_id: int, tokenizer=None, row_keys: list[int] | None = None,
-             seed: int = 0) -> Generation:
+             seed: int = 0, synced: bool = False) -> Generation:
     """Sample one completion per (left-padded) prompt row; see `Generation` for the shapes.
 
     With ``row_keys`` (one int per row), sampling goes through `KeyedSampler`: row ``b``'s completion depends
     only on (``seed``, ``row_keys[b]``, its prompt, the model), not on the other rows, their order or the
-    batch size. Without, Hugging Face samples from the global torch RNG. ``greedy`` ignores both.
+    batch size. Without, Hugging Face samples from the global torch RNG. ``greedy`` ignores both. ``synced``
+    (a collective: every process calls it): every process keeps decoding until all are done, as a sharded
+    model (FSDP) needs every process in every forward.
     """
     from transformers import GenerationConfig, LogitsProcessorList
 
@@ -259,6 +261,7 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samplin
             generation_config=gen_config,
             logits_processor=processors,
             tokenizer=tokenizer if sampling.stop else None,
+            synced_gpus=synced,
         )
     finally:
         model.train(was_training)

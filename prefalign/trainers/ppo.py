@@ -115,11 +115,13 @@ class PPOTrainer:
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
         self.accelerator = acc = make_accelerator(self.precision)
-        if is_sharded(acc) or is_deepspeed(acc):
-            raise UserError("ppo does not run under FSDP or DeepSpeed yet: each process samples its rollouts token "
-                            "by token (a sharded policy would need every process in every decoding step) and steps "
-                            "two optimizers itself; launch PPO with DDP (examples/accelerate/ddp.yaml), with "
-                            "--lora-r and --gradient-checkpointing for memory")
+        if is_deepspeed(acc):
+            raise UserError("ppo does not run under DeepSpeed yet (DeepSpeed would have to step its two models' "
+                            "optimizers); shard PPO with FSDP (examples/accelerate/fsdp.yaml) or launch it with DDP "
+                            "(examples/accelerate/ddp.yaml)")
+        # FSDP: every forward is a collective through the sharded root (the engines); sampling decodes in step on
+        # every process until all are done
+        self.sharded = is_sharded(acc)
         self.world = world = acc.num_processes
         share = cfg.num_minibatches * cfg.grad_accum * world
         if cfg.rollout_batch_size % share:
@@ -163,13 +165,15 @@ class PPOTrainer:
         # self.policy / self.value stay the plain (or peft) models: sampling, no-grad forwards, checkpoints.
         # Gradient forwards go through the engines, so a DDP wrapper sees them and all-reduces the gradients.
         self.policy, self.value = policy, value
-        self.policy_engine, self.value_engine, self.p_opt, self.v_opt = acc.prepare(
-            Forward(policy), Forward(value), p_opt, v_opt)
+        # one model per prepare call: accelerate's FSDP2 path takes a single model (and its optimizer) at a time
+        self.policy_engine, self.p_opt = acc.prepare(Forward(policy), p_opt)
+        self.value_engine, self.v_opt = acc.prepare(Forward(value), v_opt)
         check_still_tied(policy)
         self.p_sched, self.v_sched = p_sched, v_sched
         # rollouts sample from a bf16 copy under bf16 precision (refreshed after every update); old log-probs,
         # reference log-probs and values still come from the training weights
-        self.sampler = sampling_copy(policy, torch.bfloat16) if self.precision == "bf16" else policy
+        self.sampler = sampling_copy(policy, torch.bfloat16) if self.precision == "bf16" and not self.sharded \
+            else policy  # a sharded policy has no whole copy to cast
         self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
         self.eos_ids = eos_token_ids(self.policy, tok)
         self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
@@ -198,6 +202,11 @@ class PPOTrainer:
         return masked_whiten(x, mask, shift_mean=shift_mean, mean=mean, var=var)
 
     # ---------------------------------------------------------------- rollout
+    def frozen_forward(self, engine, model, fn, *args, **kwargs):
+        """``fn(model, *args)`` without gradients: on the plain ``model`` (or sampling copy), or through its
+        ``engine`` under FSDP, where only the sharded root gathers the weights (a collective)."""
+        return engine(fn, *args, **kwargs) if self.sharded else fn(model, *args, **kwargs)
+
     @torch.no_grad()
     def rollout(self, idx: list[int], step: int, timing: dict) -> Rollout:
         """This process's rollout of iteration ``step``: prompts ``idx`` (its shard). A collective: whitening
@@ -211,9 +220,10 @@ class PPOTrainer:
         #    the batch layout or the process count; each is cut after its first EOS (generate() does it)
         batch = PromptCollator(tok.pad_token_id)([self.prompt_ids[i] for i in idx])
         with acc.autocast():
-            gen = generate(self.sampler, batch["input_ids"].to(dev), batch["attention_mask"].to(dev),
-                           self.sampling, eos_ids=self.eos_ids, pad_id=tok.pad_token_id, tokenizer=tok,
-                           row_keys=[key_seed(step, i) for i in idx], seed=cfg.seed)
+            gen = self.frozen_forward(self.policy_engine, self.sampler, generate, batch["input_ids"].to(dev),
+                                      batch["attention_mask"].to(dev), self.sampling, eos_ids=self.eos_ids,
+                                      pad_id=tok.pad_token_id, tokenizer=tok, seed=cfg.seed, synced=self.sharded,
+                                      row_keys=[key_seed(step, i) for i in idx])
         timing["time/generation"] = time.perf_counter() - t0
         # 2. masks: the response of every row starts at column P
         qr = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P+R)
@@ -224,12 +234,15 @@ class PPOTrainer:
         # 3. old log-probs (at the sampling temperature), reference log-probs, values
         t1 = time.perf_counter()
         with acc.autocast():
-            logps, entropy = completion_logprobs(self.policy, qr, attn, comp, temperature=cfg.temperature,
-                                                 return_entropy=True)
-            with adapter_off(self.policy):
-                ref_model = self.ref_model if self.ref_model is not None else self.policy
-                ref_logps = completion_logprobs(ref_model, qr, attn, comp, temperature=cfg.temperature)
-            values = token_values(self.value, qr, attn, comp)
+            logps, entropy = self.frozen_forward(self.policy_engine, self.policy, completion_logprobs, qr, attn, comp,
+                                                 temperature=cfg.temperature, return_entropy=True)
+            if self.ref_model is not None:  # a whole frozen copy on every process
+                ref_logps = completion_logprobs(self.ref_model, qr, attn, comp, temperature=cfg.temperature)
+            else:
+                with adapter_off(self.policy):
+                    ref_logps = self.frozen_forward(self.policy_engine, self.policy, completion_logprobs, qr, attn,
+                                                    comp, temperature=cfg.temperature)
+            values = self.frozen_forward(self.value_engine, self.value, token_values, qr, attn, comp)
         logps, entropy, ref_logps, values = (x[:, p:].float() for x in (logps, entropy, ref_logps, values))
         timing["time/logprobs"] = time.perf_counter() - t1
         # 4. score the decoded text with the reward source
