@@ -155,7 +155,7 @@ def nan_at_trainer():
     from prefalign.trainers.dpo import DPOTrainer
 
     class NaNAt(DPOTrainer):
-        """A DPO trainer whose loss is NaN on the given optimizer steps (1-based), in every forward chunk of the step."""
+        """A DPO trainer whose loss is NaN on the given optimizer steps (1-based), in every forward chunk."""
 
         def __init__(self, cfg, bad_steps):
             super().__init__(cfg)

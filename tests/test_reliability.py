@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,6 +139,15 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path, tiny_model_dir, pairs):
     assert torch.isfinite(torch.tensor(final["loss"]))
     for p in trainer.model.parameters():
         assert torch.isfinite(p).all()
+
+
+def test_skipped_steps_count_survives_a_resume(tmp_path, tiny_model_dir, pairs):
+    """Step 2 is skipped; resumed from the checkpoint of step 3, the run still counts it."""
+    NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=4), bad_steps=[2]).train()
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000004")
+    NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=4, resume="latest"),
+          bad_steps=[2]).train()
+    assert [r["skipped_steps"] for r in read_metrics(tmp_path / "run") if "skipped_steps" in r] == [0, 1, 1, 1]
 
 
 def test_nan_steps_in_a_row_stop_with_the_last_good_checkpoint(tmp_path, tiny_model_dir, pairs):

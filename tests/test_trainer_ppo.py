@@ -173,7 +173,8 @@ def test_config_refuses_bad_numbers(prompts):
     for kw, msg in [({"clip_eps": 1.0}, "--clip-eps"), ({"rollout_batch_size": 0}, "--rollout-batch-size"),
                     ({"rollout_batch_size": 6, "num_minibatches": 4}, "divisible"), ({"kl_estimator": "k9"}, "k1"),
                     ({"ref": "x", "lora_r": 4}, "conflicts with LoRA"), ({"reward": ""}, "--reward"),
-                    ({"max_steps": 3, "episodes": 10}, "not both")]:
+                    ({"max_steps": 3, "episodes": 10}, "not both"),
+                    ({"stop": ["k", ""]}, "stop strings must not be empty"), ({"temperature": 0.0}, "temperature")]:
         with pytest.raises(ValueError, match=msg):
             PPOConfig(**{"prompts": str(prompts), "reward": "vader", **kw})
 

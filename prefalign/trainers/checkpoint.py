@@ -3,8 +3,9 @@
 A checkpoint directory ``checkpoints/step-0000100/`` holds ``model.pt`` (trainable parameters only:
 the whole model for full fine-tuning, the adapter for LoRA), ``optimizer.pt``, ``scheduler.pt``,
 ``rng.pt`` and, written last, ``state.json``. Parameters and optimizer state are stored unsharded and keyed
-by parameter name, so a checkpoint written under FSDP resumes on any number of processes, and vice versa. A directory without a readable ``state.json`` is
-incomplete and is skipped.
+by parameter name, so a checkpoint written under FSDP resumes on any number of processes, sharded or not.
+Under DeepSpeed, DeepSpeed's own sharded files replace model.pt and optimizer.pt (in ``deepspeed/``).
+A directory without a readable ``state.json`` is incomplete and is skipped.
 """
 
 from __future__ import annotations

@@ -80,7 +80,8 @@ def make_accelerator(precision: str):
 
     AcceleratorState._reset_state(reset_partial_state=False)  # private API: no public way to do this
     mixed = "bf16" if precision == "bf16" else "no"
-    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":  # `accelerate launch` + a DeepSpeed config
+    # `accelerate launch` with a DeepSpeed config sets this for every process
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
         from accelerate.utils import InitProcessGroupKwargs
 
         # not cpu=True, which makes accelerate drop DeepSpeed without a word; without a GPU the process group
@@ -287,6 +288,7 @@ class Trainer:
         self.before_train()
 
         ckpts = CheckpointManager(out, cfg.save_total_limit)
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)  # its count of skipped steps is saved and resumed
         start_step = 0
         if cfg.resume is not None:
             path, state, objects = ckpts.load_for_resume(cfg.resume)
@@ -298,6 +300,7 @@ class Trainer:
             self.scheduler.load_state_dict(objects["scheduler"])
             set_rng_state(objects["rng"])
             start_step = int(state["step"])
+            self.guard.skipped = int(state.get("skipped_steps", 0))
             log.info("resuming from %s (step %d of %d)", path, start_step, total)
         if acc.is_main_process:
             write_config(out, cfg)
@@ -317,7 +320,6 @@ class Trainer:
         tokens, t_last = 0, time.perf_counter()
         last: dict[str, float] = {}
         bar = tqdm(total=total, initial=start_step, desc=self.command, unit="step", disable=not acc.is_main_process)
-        guard = NonFiniteGuard(cfg.max_nonfinite_steps)
         hint = f"prefalign {self.command} --config {out / 'config.yaml'} --resume latest"
         # the bar closes before an error propagates, so the error stays the last line on the terminal
         with bar, GracefulStop() as stop:
@@ -345,19 +347,19 @@ class Trainer:
                     running.add({"grad_norm": grad_norm})
                 done = step + 1
                 last_good = ckpts.complete()[-1] if ckpts.complete() else "none yet"
-                guard.record(finite, done, str(last_good))
+                self.guard.record(finite, done, str(last_good))
                 if done % cfg.logging_steps == 0 or done == total:
                     now = time.perf_counter()
                     last = {**self.pooled_mean(running), "lr": lr, "epoch": done / steps_per_epoch,
                             "tokens_per_second": tokens * world / max(now - t_last, 1e-9),
-                            "skipped_steps": guard.skipped}
+                            "skipped_steps": self.guard.skipped}
                     tokens, t_last = 0, now
                     metrics.log(done, last)
                     bar.set_postfix({k: f"{last[k]:.4g}" for k in ("loss", self.key_metric) if k in last})
                 if self.eval_data and cfg.eval_steps and done % cfg.eval_steps == 0 and done != total:
                     metrics.log(done, self.evaluate())
                 # no checkpoint while steps are being skipped: "last good" stays the last finite state
-                if ((cfg.save_steps and done % cfg.save_steps == 0) or done == total) and guard.in_a_row == 0:
+                if ((cfg.save_steps and done % cfg.save_steps == 0) or done == total) and self.guard.in_a_row == 0:
                     self.save_checkpoint(ckpts, done)
                 bar.update(1)
                 if done < total:
@@ -436,7 +438,8 @@ class Trainer:
             objects.update(model=params, optimizer=optim)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            path = ckpts.save(step, objects, {"total_steps": self.schedule.total_steps}, into=into)
+            path = ckpts.save(step, objects, {"total_steps": self.schedule.total_steps,
+                                              "skipped_steps": self.guard.skipped}, into=into)
         acc.wait_for_everyone()
         return path
 

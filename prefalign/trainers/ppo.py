@@ -37,7 +37,6 @@ from prefalign.losses import (
 from prefalign.models.logprobs import completion_logprobs
 from prefalign.models.value import token_values
 from prefalign.rollout import (
-    SamplingConfig,
     cut_at_stop,
     eos_token_ids,
     generate,
@@ -176,8 +175,7 @@ class PPOTrainer:
             else policy  # a sharded policy has no whole copy to cast
         self.kl_ctl = KLController(cfg.kl_coef, cfg.adaptive_kl, cfg.target_kl, cfg.kl_horizon)
         self.eos_ids = eos_token_ids(self.policy, tok)
-        self.sampling = SamplingConfig(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature,
-                                       top_p=cfg.top_p, top_k=cfg.top_k, stop=list(cfg.stop))
+        self.sampling = cfg.sampling()
         # everything is loaded and checked: only now does the run touch its output directory
         self.out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
         acc.wait_for_everyone()  # every process has checked the directory before the main one writes into it
@@ -369,6 +367,7 @@ class PPOTrainer:
         acc, out, total = self.accelerator, self.out_dir, cfg.total_steps
         main = acc.is_main_process
         ckpts = CheckpointManager(out, cfg.save_total_limit)
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)  # its count of skipped steps is saved and resumed
         start = 0
         if cfg.resume is not None:  # every process loads the main process's checkpoint
             path, state, objects = ckpts.load_for_resume(cfg.resume)
@@ -381,6 +380,7 @@ class PPOTrainer:
             self.kl_ctl.load_state_dict(state["kl_controller"])
             set_rng_state(objects["rng"])
             start = int(state["step"])
+            self.guard.skipped = int(state.get("skipped_steps", 0))
             refresh_sampling_copy(self.sampler, self.policy)
             log.info("resuming from %s (iteration %d of %d)", path, start, total)
         if main:
@@ -400,7 +400,6 @@ class PPOTrainer:
                     if cfg.resume is not None and r.strip() and json.loads(r)["step"] <= start]
             samples_path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
         self.last_row: dict[str, float] = {}
-        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)
         self.last_good = "none yet"
         hint = f"prefalign ppo --config {out / 'config.yaml'} --resume latest"
         # the bar closes before an error propagates, so the error stays the last line on the terminal
@@ -498,7 +497,8 @@ class PPOTrainer:
                 "policy_scheduler": self.p_sched.state_dict(),
                 "value_scheduler": self.v_sched.state_dict(),
                 "rng": rng_state(),
-            }, {"total_steps": self.cfg.total_steps, "kl_controller": self.kl_ctl.state_dict()})
+            }, {"total_steps": self.cfg.total_steps, "kl_controller": self.kl_ctl.state_dict(),
+                "skipped_steps": self.guard.skipped})
         acc.wait_for_everyone()
         return path
 

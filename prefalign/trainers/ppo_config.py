@@ -101,8 +101,16 @@ class PPOConfig(CommonConfig):
     sample_every: int = 10
     """Log sample completions with their scores every this many iterations (samples.jsonl, TensorBoard)."""
 
+    def sampling(self):
+        """The rollouts' `SamplingConfig` (validated when built: an empty --stop string is refused)."""
+        from prefalign.rollout.generate import SamplingConfig
+
+        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
+                              top_k=self.top_k, stop=list(self.stop))
+
     def validate(self):
         super().validate()
+        self.sampling()  # the sampling flags, checked with the rest before any model loads
         if not self.prompts:
             raise ValueError("--prompts is required (a prompt file or hub dataset id)")
         if not self.reward:
