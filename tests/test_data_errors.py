@@ -113,6 +113,18 @@ def test_invalid_utf8(tmp_path):
     _file_error(path, "line 2", "invalid UTF-8", f"byte offset {len(first) + 15}")
 
 
+@pytest.mark.parametrize("name,lines", [("p.jsonl", [json.dumps(OK).encode(), b'{"prompt": "caf\xe9"}']),
+                                        ("p.csv", [b"prompt,chosen,rejected", b"caf\xe9, a, b"]),
+                                        ("prompts.txt", [b"fine", b"caf\xe9"])])
+def test_invalid_utf8_after_a_byte_order_mark_reports_the_file_offset(tmp_path, name, lines):
+    """A UTF-8 BOM is skipped, but the byte offset in the error is still the offset in the file."""
+    path = tmp_path / name
+    data = b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n"
+    path.write_bytes(data)
+    _file_error(path, "line 2", "invalid UTF-8", f"byte offset {data.index(b'caf') + 3}",
+                fn=load_prompts if name.endswith(".txt") else load_preferences)
+
+
 def test_invalid_utf8_in_text_prompts(tmp_path):
     path = tmp_path / "prompts.pos"
     path.write_bytes(b"fine\nnot \xff fine\n")

@@ -126,14 +126,15 @@ def _decode(data: bytes, src: str, lineno: int | None = None, offset: int = 0) -
                         f"{offset + e.start}); re-save the file as UTF-8") from None
 
 
-def _strip_bom(data: bytes) -> bytes:
-    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
+def _strip_bom(data: bytes) -> tuple[bytes, int]:
+    """``(data without a UTF-8 byte-order mark, the mark's length)``: offsets in errors stay the file's."""
+    return (data[3:], 3) if data.startswith(b"\xef\xbb\xbf") else (data, 0)
 
 
 def _parse_jsonl(data: bytes, src: str, kind: str) -> Table:
     rows: list[tuple[str, dict]] = []
-    offset = 0
-    for lineno, raw in enumerate(_strip_bom(data).split(b"\n"), start=1):
+    body, offset = _strip_bom(data)
+    for lineno, raw in enumerate(body.split(b"\n"), start=1):
         line_start, offset = offset, offset + len(raw) + 1
         if not raw.strip():
             continue
@@ -150,7 +151,8 @@ def _parse_jsonl(data: bytes, src: str, kind: str) -> Table:
 
 
 def _parse_json_array(data: bytes, src: str) -> Table:
-    text = _decode(_strip_bom(data), src)
+    body, bom = _strip_bom(data)
+    text = _decode(body, src, offset=bom)
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:
@@ -168,7 +170,8 @@ def _parse_json_array(data: bytes, src: str) -> Table:
 
 
 def _parse_csv(data: bytes, src: str) -> Table:
-    text = _decode(_strip_bom(data), src)
+    body, bom = _strip_bom(data)
+    text = _decode(body, src, offset=bom)
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # HH-style transcripts exceed the 128 KiB default
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
@@ -212,8 +215,8 @@ def _parse_parquet(data: bytes, src: str) -> Table:
 
 def _parse_text(data: bytes, src: str, column: str) -> Table:
     rows = []
-    offset = 0
-    for lineno, raw in enumerate(_strip_bom(data).split(b"\n"), start=1):
+    body, offset = _strip_bom(data)
+    for lineno, raw in enumerate(body.split(b"\n"), start=1):
         line_start, offset = offset, offset + len(raw) + 1
         raw = raw.rstrip(b"\r")
         if raw.strip():
