@@ -44,10 +44,12 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
 
 
 def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """`check_output_dir`, then create it."""
+    """`check_output_dir`, then create it (the main process of a launch does both: the others write nothing
+    before it does, and must not re-create a directory it removed on an error)."""
     check_output_dir(path, overwrite=overwrite, resume=resume)
     out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
+    if is_launch_main():
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 

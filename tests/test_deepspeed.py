@@ -6,6 +6,7 @@ writes its own sharded checkpoint files, resumed on the same number of processes
 whole model. On a CPU, DeepSpeed talks over gloo (prefalign names the backend when there is no GPU).
 """
 
+import json
 import shutil
 from pathlib import Path
 
@@ -83,7 +84,9 @@ def test_zero3_lora_dpo_and_reward_write_whole_models(tmp_path, tiny_model_dir, 
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(33))
     common = [command, "--data", data, "--model", tiny_model_dir, "--max-steps", "3", "--precision", "fp32",
               "--eval-split", "0.28", "--lr-scheduler", "constant"]
-    common += ["--lora-r", "4", "--learning-rate", "1e-2"] if command == "dpo" else ["--learning-rate", "1e-3"]
+    # weight decay: under zero.Init every weight loads as an empty 1-D tensor, and must still be decayed like a 2-D one
+    common += ["--lora-r", "4", "--learning-rate", "1e-2", "--save-steps", "2"] if command == "dpo" else \
+        ["--learning-rate", "1e-3", "--weight-decay", "0.5"]
     _one([*common, "--batch-size", "4", "--output", tmp_path / "one"])
     _two(config, [*common, "--batch-size", "2", "--output", tmp_path / "two"])
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -91,19 +94,34 @@ def test_zero3_lora_dpo_and_reward_write_whole_models(tmp_path, tiny_model_dir, 
     assert a[-1]["eval/loss"] < a[0]["eval/loss"] - 1e-3
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert_same_tensors(two, one, TOL)
+    runs = [json.loads((tmp_path / d / "run.json").read_text()) for d in ("one", "two")]
+    assert runs[0]["trainable_parameters"] == runs[1]["trainable_parameters"] > 0
     if command == "dpo":
         assert all("lora_" in k for k in two)
+        # the LoRA checkpoint holds the adapter, not the frozen base, and resumes to the same adapter
+        ckpt = tmp_path / "two" / "checkpoints" / "step-0000002"
+        assert sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) < 5e6  # the base alone is ~6.3 MB
+        shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-0000003")
+        shutil.rmtree(tmp_path / "two" / "final")
+        _two(config, [*common, "--batch-size", "2", "--output", tmp_path / "two", "--resume", "latest"])
+        assert_same_tensors(final_weights(tmp_path / "two"), two, TOL)
 
 
-@pytest.mark.parametrize("command,needle", [
-    (["dpo"], "dpo under DeepSpeed ZeRO-3 needs --lora-r"),
-    (["ppo", "--reward", "vader", "--rollout-batch-size", "4"], "ppo does not run under DeepSpeed yet"),
+@pytest.mark.parametrize("stage,command,needle", [
+    ("deepspeed_zero3", ["dpo"], "dpo under DeepSpeed ZeRO-3 needs --lora-r"),
+    ("deepspeed_zero3", ["ppo", "--reward", "vader", "--rollout-batch-size", "4"],
+     "ppo does not run under DeepSpeed yet"),
+    ("deepspeed_zero3", ["sft", "--lora-r", "4", "--merge-lora"], "--merge-lora: under FSDP or ZeRO-3"),
+    ("deepspeed_zero0", ["sft"], "DeepSpeed zero_stage 0: prefalign runs ZeRO stages 1-3"),
 ])
-def test_zero3_refuses_what_it_cannot_run(tmp_path, tiny_model_dir, command, needle):
+def test_deepspeed_refuses_what_it_cannot_run(tmp_path, tiny_model_dir, stage, command, needle):
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
     flag = "--prompts" if command[0] == "ppo" else "--data"
-    r = launch([*command, flag, data, "--model", tiny_model_dir, "--max-steps", "1", "--output", tmp_path / "out"],
-               config=two_process_config("deepspeed_zero3", tmp_path))
+    config = two_process_config("deepspeed_zero2", tmp_path, zero_stage=0) if stage == "deepspeed_zero0" else \
+        two_process_config(stage, tmp_path)
+    size = [] if command[0] == "ppo" else ["--batch-size", "2"]
+    r = launch([*command, flag, data, "--model", tiny_model_dir, "--max-steps", "1", *size, "--output",
+                tmp_path / "out"], config=config)
     assert r.returncode != 0
     assert f"error: {needle}" in r.stderr
     assert not (tmp_path / "out").exists()

@@ -141,6 +141,13 @@ def test_a_nan_step_is_skipped_and_counted(tmp_path, tiny_model_dir, pairs):
         assert torch.isfinite(p).all()
 
 
+def test_resume_with_another_global_batch_is_refused(tmp_path, tiny_model_dir, pairs):
+    """Data order and the LR schedule are functions of the global batch: another one cannot continue the run."""
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=2, save_steps=1, batch_size=2)).train()
+    with pytest.raises(UserError, match=r"step-0000002: written with a global batch of 2 .*now 4; resume with the"):
+        DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=3, batch_size=4, resume="latest")).train()
+
+
 def test_skipped_steps_count_survives_a_resume(tmp_path, tiny_model_dir, pairs):
     """Step 2 is skipped; resumed from the checkpoint of step 3, the run still counts it."""
     NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=4), bad_steps=[2]).train()

@@ -31,7 +31,10 @@ PREFIX = "step-"
 def rng_state() -> dict:
     import numpy as np
 
-    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():  # dropout on a GPU draws from its own generators
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
 
 
 def set_rng_state(state: dict) -> None:
@@ -40,6 +43,8 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def is_deepspeed(accelerator) -> bool:
@@ -118,11 +123,9 @@ def full_deepspeed_state(acc, engine, model) -> dict[str, torch.Tensor]:
 
 def load_deepspeed_state(engine, path: Path) -> None:
     """Weights and optimizer state of a DeepSpeed checkpoint into ``engine`` (every process; its own shards)."""
-    loaded, _ = engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                       load_lr_scheduler_states=False)
-    if loaded is None:
-        raise UserError(f"{path}: no DeepSpeed state in it ({DEEPSPEED_TAG}/); resume a checkpoint written under the "
-                        "same DeepSpeed config and number of processes")
+    # not strict: the checkpoint holds the trainable weights only (frozen ones come from --model)
+    engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
+                           load_module_strict=False)
 
 
 def zero_deepspeed_gradients(engine) -> None:

@@ -87,7 +87,13 @@ def make_accelerator(precision: str):
         # not cpu=True, which makes accelerate drop DeepSpeed without a word; without a GPU the process group
         # must be named gloo, or every process believes it is alone
         handlers = [] if torch.cuda.is_available() else [InitProcessGroupKwargs(backend="gloo")]
-        return Accelerator(mixed_precision=mixed, kwargs_handlers=handlers)
+        acc = Accelerator(mixed_precision=mixed, kwargs_handlers=handlers)
+        stage = acc.state.deepspeed_plugin.zero_stage
+        if stage not in (1, 2, 3):
+            raise UserError(f"DeepSpeed zero_stage {stage}: prefalign runs ZeRO stages 1-3 (stage 0 reports no "
+                            "gradient norm and applies non-finite steps); use DDP (examples/accelerate/ddp.yaml) "
+                            "for no sharding")
+        return acc
     # Without a GPU, say cpu=True: under torchrun (`accelerate launch --multi_gpu --num_processes N`) that
     # makes accelerate join a gloo process group on the CPU instead of silently running N copies alone.
     return Accelerator(mixed_precision=mixed, cpu=not torch.cuda.is_available())
@@ -124,8 +130,10 @@ def lr_lambda(kind: str, warmup: int, total: int):
 def make_optimizer(model, cfg, learning_rate: float, total_steps: int):
     """AdamW over the trainable parameters (no decay on biases and norms) and its LR schedule."""
     params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
+    # a ZeRO-3 parameter loaded under zero.Init is an empty 1-D tensor: its shape is ds_shape
+    ndim = {id(p): len(getattr(p, "ds_shape", p.shape)) for p in params}
+    groups = [{"params": [p for p in params if ndim[id(p)] >= 2], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if ndim[id(p)] < 2], "weight_decay": 0.0}]
     groups = [g for g in groups if g["params"]]  # LoRA has no 1-D weights; DeepSpeed drops empty groups
     # the fused kernel steps all tensors at once: 8x faster than the default per-tensor loop on CPU for a 135M model
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
@@ -248,13 +256,13 @@ class Trainer:
         cfg = self.cfg
         self.precision = resolve_precision(cfg.precision)
         self.accelerator = acc = make_accelerator(self.precision)
+        check_mergeable(acc, cfg.merge_lora)
         set_seed(cfg.seed)
         self.setup()  # models and data first: bad input fails before anything is written
         if not self.train_data:
             raise UserError("no training examples left after validation; see the drop summary above")
         self.out_dir = out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
 
-        check_mergeable(acc, cfg.merge_lora)
         if cfg.lora_r:
             self.model = apply_lora(self.model, cfg, self.lora_task_type, self.lora_modules_to_save)
         if cfg.gradient_checkpointing:
@@ -277,6 +285,7 @@ class Trainer:
         self.forward_batch = cfg.forward_batch_size or (None if acc.device.type == "cpu" else cfg.batch_size)
 
         params = [p for p in self.model.parameters() if p.requires_grad]
+        n_trainable = sum(getattr(p, "ds_numel", p.numel()) for p in params)  # ZeRO-3 loads parameters empty
         optimizer, scheduler = make_optimizer(self.model, cfg, cfg.learning_rate, total)
         # self.model stays the plain (or peft) model; self.engine is what accelerate wraps for training
         self.ds = is_deepspeed(acc)
@@ -292,6 +301,7 @@ class Trainer:
         start_step = 0
         if cfg.resume is not None:
             path, state, objects = ckpts.load_for_resume(cfg.resume)
+            check_resumable(path, state, deepspeed=self.ds, processes=world, global_batch=global_batch)
             if self.ds:
                 load_deepspeed_state(self.engine, path)
             else:
@@ -309,7 +319,7 @@ class Trainer:
                 "eval_examples": len(self.eval_data), "global_batch": global_batch,
                 "steps_per_epoch": steps_per_epoch, "total_steps": total,
                 "forward_batch_size": self.forward_batch or f"auto ({FORWARD_POSITIONS} padded positions)",
-                "trainable_parameters": sum(p.numel() for p in params),
+                "trainable_parameters": n_trainable,
                 "resumed_from_step": start_step if cfg.resume else None, **self.extra_run_info(),
             })
         metrics = MetricsLogger(out, resume_step=start_step if cfg.resume else None, enabled=acc.is_main_process)
@@ -332,12 +342,14 @@ class Trainer:
                 for m, chunks in enumerate(micro_batches):
                     tokens += self._forward_backward(chunks, step_weight, step_stats, sync=m == cfg.grad_accum - 1)
                 lr = self.scheduler.get_last_lr()[0]
+                # the loss of every process (a local NaN must stop every process's step, or they drift apart)
+                loss_sum = float(sum_across_processes(acc, torch.tensor(step_stats.sums["loss"], device=acc.device)))
                 if self.ds:
-                    grad_norm, finite = self._deepspeed_step(step_stats)
+                    grad_norm, finite = self._deepspeed_step(loss_sum)
                 else:
                     grad_norm = acc.clip_grad_norm_(self.engine.parameters(), cfg.max_grad_norm or float("inf"))
-                    # the norm is computed from all-reduced gradients, so every process takes the same branch
-                    finite = NonFiniteGuard.finite(grad_norm, step_stats.sums["loss"])
+                    # the norm is computed from all-reduced gradients: the same on every process
+                    finite = NonFiniteGuard.finite(grad_norm, loss_sum)
                     if finite:
                         self.optimizer.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -363,6 +375,9 @@ class Trainer:
                     self.save_checkpoint(ckpts, done)
                 bar.update(1)
                 if done < total:
+                    # a signal may reach the processes in different steps: stop together (the checkpoint is a
+                    # collective)
+                    stop.signum = max_across_processes(acc, stop.signum or 0) or None
                     stop.check(done, total, lambda: self.save_checkpoint(ckpts, done), hint)
         final_eval = self.evaluate() if self.eval_data else {}
         if final_eval:
@@ -412,16 +427,17 @@ class Trainer:
             fb = math.ceil(len(examples) / n_chunks)
         return [self._to_device(self.collate(examples[lo : lo + fb])) for lo in range(0, len(examples), fb)]
 
-    def _deepspeed_step(self, step_stats: RunningMean) -> tuple[float, bool]:
-        """DeepSpeed clips, steps and zeroes the gradients in one call, so a non-finite step is decided before
-        it, on the loss of every process (the gradient norm is known only after), and then not taken."""
-        loss_sum = sum_across_processes(self.accelerator, torch.tensor(step_stats.sums["loss"],
-                                                                       device=self.accelerator.device))
+    def _deepspeed_step(self, loss_sum: float) -> tuple[float, bool]:
+        """``(grad_norm, stepped)``. DeepSpeed clips, steps and zeroes the gradients in one call: a non-finite loss
+        (``loss_sum``: every process's) is caught before it and the step not taken; a non-finite gradient, which
+        ZeRO detects itself, shows as a step it did not apply."""
         if not NonFiniteGuard.finite(loss_sum):
             zero_deepspeed_gradients(self.engine)
             return float("nan"), False
         self.engine.step()
-        return float(self.engine.get_global_grad_norm()), True
+        norm = self.engine.get_global_grad_norm()
+        norm = float("nan") if norm is None else float(norm)
+        return norm, bool(self.engine.was_step_applied()) and math.isfinite(norm)
 
     def save_checkpoint(self, ckpts: CheckpointManager, step: int):
         acc = self.accelerator
@@ -432,14 +448,16 @@ class Trainer:
         if self.ds:  # DeepSpeed's own format: each process writes its shards of the optimizer state
             into = ckpts.staging_dir(step, create=acc.is_main_process)
             acc.wait_for_everyone()
-            self.engine.save_checkpoint(str(into), tag=DEEPSPEED_TAG)
+            # trainable weights only (a LoRA checkpoint is the adapter, as on the other paths)
+            self.engine.save_checkpoint(str(into), tag=DEEPSPEED_TAG, exclude_frozen_parameters=True)
         else:
             params, optim = training_state(self.model, inner_optimizer(self.optimizer))  # a collective under FSDP
             objects.update(model=params, optimizer=optim)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            path = ckpts.save(step, objects, {"total_steps": self.schedule.total_steps,
-                                              "skipped_steps": self.guard.skipped}, into=into)
+            s = self.schedule
+            path = ckpts.save(step, objects, {"total_steps": s.total_steps, "skipped_steps": self.guard.skipped,
+                                              "processes": s.world, "global_batch": s.global_batch}, into=into)
         acc.wait_for_everyone()
         return path
 
@@ -499,10 +517,25 @@ def check_still_tied(model) -> None:
                         "training; with FSDP set fsdp_cpu_ram_efficient_loading: false in the accelerate config")
 
 
+def check_resumable(path: Path, state: dict, *, deepspeed: bool, processes: int, global_batch: int) -> None:
+    """Refuse a checkpoint this launch cannot continue exactly: written with(out) DeepSpeed, by another number of
+    DeepSpeed processes (its optimizer shards), or with another global batch (data order and schedule)."""
+    if (path / DEEPSPEED_TAG).is_dir() != deepspeed:
+        how = "with" if not deepspeed else "without"
+        raise UserError(f"{path}: written {how} DeepSpeed; resume it under the same kind of launch (DeepSpeed "
+                        "checkpoints hold DeepSpeed's own sharded optimizer files)")
+    if deepspeed and state.get("processes", processes) != processes:
+        raise UserError(f"{path}: written by {state['processes']} DeepSpeed processes; resume it on as many (its "
+                        f"optimizer state is sharded {state['processes']} ways), not {processes}")
+    if state.get("global_batch", global_batch) != global_batch:
+        raise UserError(f"{path}: written with a global batch of {state['global_batch']} (batch size x grad accum x "
+                        f"processes), now {global_batch}; resume with the same, so data order and schedule continue")
+
+
 def check_mergeable(acc, merge_lora: bool) -> None:
     if merge_lora and is_sharded(acc):
-        raise UserError("--merge-lora: under FSDP the model is sharded over the processes and cannot be merged in "
-                        "place; drop the flag (final/ holds the adapter) and merge it on one process afterwards "
+        raise UserError("--merge-lora: under FSDP or ZeRO-3 the model is sharded over the processes and cannot be "
+                        "merged in place; drop the flag (final/ holds the adapter) and merge it on one process afterwards "
                         "(peft: PeftModel.from_pretrained(base, 'final').merge_and_unload())")
 
 

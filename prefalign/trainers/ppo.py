@@ -61,6 +61,7 @@ from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.lora import adapter_off, apply_lora
 from prefalign.trainers.loop import (
     Forward,
+    check_mergeable,
     check_still_tied,
     inner_optimizer,
     make_accelerator,
@@ -121,6 +122,7 @@ class PPOTrainer:
         # FSDP: every forward is a collective through the sharded root (the engines); sampling decodes in step on
         # every process until all are done
         self.sharded = is_sharded(acc)
+        check_mergeable(acc, cfg.merge_lora)
         self.world = world = acc.num_processes
         share = cfg.num_minibatches * cfg.grad_accum * world
         if cfg.rollout_batch_size % share:
