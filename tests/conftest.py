@@ -194,3 +194,34 @@ def ppo_flags(tmp_path, model_dir):
     return ["--prompts", prompts, "--reward", f"{tmp_path / 'toy_reward.py'}:score", "--model", model_dir,
             "--rollout-batch-size", "8", "--num-minibatches", "1", "--max-new-tokens", "8", "--stop", "k",
             "--temperature", "1.0", "--learning-rate", "1e-3", "--precision", "fp32", "--lr-scheduler", "constant"]
+
+
+def assert_resume_is_exact(trainer_class, config_class, tmp_path, model_dir, data, *, cut_at: int, **kw):
+    """Train uninterrupted into ``full``; train the same run into ``cut`` and keep only its checkpoints up to step
+    ``cut_at`` (an interrupted run), resume it: parameters and every step's loss equal the uninterrupted run's."""
+    import json
+    import shutil
+
+    import torch
+
+    def trainer(out, **more):
+        return trainer_class(config_class(**trainer_kwargs(tmp_path, model_dir, data, output=str(tmp_path / out),
+                                                           **kw, **more)))
+
+    full = trainer("full")
+    full.train()
+    trainer("cut").train()
+    for ckpt in (tmp_path / "cut" / "checkpoints").glob("step-*"):
+        if int(ckpt.name.split("-")[1]) > cut_at:
+            shutil.rmtree(ckpt)
+    shutil.rmtree(tmp_path / "cut" / "final")
+    resumed = trainer("cut", resume="latest")
+    resumed.train()
+    assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed_from_step"] == cut_at
+    want = dict(full.accelerator.unwrap_model(full.model).named_parameters())
+    for name, p in resumed.accelerator.unwrap_model(resumed.model).named_parameters():
+        assert torch.equal(p, want[name]), f"{name} differs after resume"
+    a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
+    steps = list(range(1, kw["max_steps"] + 1))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == steps
+    assert [r["loss"] for r in a] == [r["loss"] for r in b]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from conftest import learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
+from conftest import assert_resume_is_exact, learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
 from prefalign.errors import UserError
 from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 
@@ -125,25 +125,8 @@ def test_conservative_dpo_trains_and_adds_eps_times_the_margin(tmp_path, tiny_mo
 
 
 def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_model_dir, pairs):
-    kw = dict(max_steps=6, save_steps=3, lr_scheduler="linear", warmup_steps=1, grad_accum=2, batch_size=2)
-    full = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "full"), **kw))
-    full.train()
-    # an interrupted run: the same run, stopped after its step-3 checkpoint
-    cut = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "cut"), **kw))
-    cut.train()
-    import shutil
-
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000006")
-    shutil.rmtree(tmp_path / "cut" / "final")
-    resumed = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "cut"), resume="latest", **kw))
-    resumed.train()
-    assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed_from_step"] == 3
-    want = dict(full.accelerator.unwrap_model(full.model).named_parameters())
-    for name, p in resumed.accelerator.unwrap_model(resumed.model).named_parameters():
-        assert torch.equal(p, want[name]), f"{name} differs after resume"
-    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4, 5, 6]
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert_resume_is_exact(DPOTrainer, DPOConfig, tmp_path, tiny_model_dir, pairs, cut_at=3, max_steps=6, save_steps=3,
+                           lr_scheduler="linear", warmup_steps=1, grad_accum=2, batch_size=2)
 
 
 @pytest.mark.parametrize("loss_type,beta", [("ipo", 0.1), ("hinge", 0.1), ("robust", 0.1), ("reference_free", 1.0)])

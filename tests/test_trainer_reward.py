@@ -1,12 +1,11 @@
 import json
 import math
-import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForSequenceClassification
 
-from conftest import learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
+from conftest import assert_resume_is_exact, learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
 from prefalign.data import TokenizedPair, load_preferences, tokenize_preferences
 from prefalign.losses.reward import bradley_terry_loss
 from prefalign.rewards import last_token_rewards, load_reward_source
@@ -165,22 +164,8 @@ def test_lora_trains_only_the_adapter_and_the_head(tmp_path, tiny_model_dir, tok
 
 
 def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_model_dir, pairs):
-    kw = dict(max_steps=4, save_steps=2, lr_scheduler="linear", warmup_steps=1, grad_accum=2, batch_size=2)
-    full = RewardTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "full"), **kw))
-    full.train()
-    # an interrupted run: the same run, stopped after its step-2 checkpoint
-    RewardTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "cut"), **kw)).train()
-    shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000004")
-    shutil.rmtree(tmp_path / "cut" / "final")
-    resumed = RewardTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "cut"), resume="latest", **kw))
-    resumed.train()
-    assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed_from_step"] == 2
-    want = dict(full.accelerator.unwrap_model(full.model).named_parameters())
-    for name, p in resumed.accelerator.unwrap_model(resumed.model).named_parameters():
-        assert torch.equal(p, want[name]), f"{name} differs after resume"
-    a, b = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
-    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
-    assert [r["loss"] for r in a] == [r["loss"] for r in b]
+    assert_resume_is_exact(RewardTrainer, RewardConfig, tmp_path, tiny_model_dir, pairs, cut_at=2, max_steps=4,
+                           save_steps=2, lr_scheduler="linear", warmup_steps=1, grad_accum=2, batch_size=2)
 
 
 def test_config_refuses_bad_numbers(pairs):
