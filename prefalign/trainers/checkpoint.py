@@ -53,14 +53,17 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
+def is_zero3(accelerator) -> bool:
+    """DeepSpeed ZeRO stage 3: parameters partitioned over processes."""
+    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
 def is_sharded(accelerator) -> bool:
     """Whether parameters are sharded over processes (FSDP, DeepSpeed ZeRO-3), so that a state dict must be
     gathered collectively and every forward is a collective."""
     from accelerate.utils import DistributedType
 
-    if is_deepspeed(accelerator):
-        return accelerator.state.deepspeed_plugin.zero_stage == 3
-    return accelerator.distributed_type == DistributedType.FSDP
+    return is_zero3(accelerator) or accelerator.distributed_type == DistributedType.FSDP
 
 
 def _options(**kw):

@@ -17,7 +17,7 @@ from prefalign.errors import UserError
 from prefalign.losses import dpo_loss
 from prefalign.losses.dpo import DPO_LOSSES
 from prefalign.models.logprobs import completion_logprobs, sequence_logprobs
-from prefalign.trainers.checkpoint import is_deepspeed, is_sharded
+from prefalign.trainers.checkpoint import is_zero3
 from prefalign.trainers.config import TrainConfig
 from prefalign.data import PreferenceCollator
 from prefalign.trainers.data import IndexedCollator, load_preference_splits
@@ -100,7 +100,7 @@ class DPOTrainer(Trainer):
         self.train_data, self.eval_data, self.data_info = load_preference_splits(cfg, self.tokenizer)
         self.collator = IndexedCollator(PreferenceCollator(self.tokenizer.pad_token_id))
         if cfg.uses_reference and not cfg.lora_r:
-            if is_deepspeed(self.accelerator) and is_sharded(self.accelerator):
+            if is_zero3(self.accelerator):
                 raise UserError("dpo under DeepSpeed ZeRO-3 needs --lora-r (the reference is the adapter-off "
                                 "policy): a separate reference model would be loaded partitioned, outside any engine; "
                                 "or shard with FSDP (examples/accelerate/fsdp.yaml), which keeps it whole")

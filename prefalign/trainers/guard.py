@@ -21,12 +21,15 @@ class GracefulStop:
     """While active, SIGINT/SIGTERM only set ``signum``; the loop checkpoints at the end of the step.
 
     A second SIGINT while the first is pending raises KeyboardInterrupt at once (the user insists).
-    Outside the main thread (signal handlers cannot be installed there) it does nothing.
+    Outside the main thread (signal handlers cannot be installed there) it does nothing. With an ``accelerator``
+    of several processes, `check` is a collective: a signal may reach them in different steps, and they stop
+    together (the checkpoint is a collective too).
     """
 
-    def __init__(self):
+    def __init__(self, accelerator=None):
         self.signum: int | None = None
         self._old: dict = {}
+        self._acc = accelerator
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -45,7 +48,12 @@ class GracefulStop:
         return False
 
     def check(self, step: int, total: int, checkpoint, resume_hint: str) -> None:
-        """If a stop was requested: write a checkpoint (``checkpoint()`` returns its path) and raise."""
+        """If a stop was requested (on any process): write a checkpoint (``checkpoint()`` returns its path) and
+        raise."""
+        if self._acc is not None:
+            from prefalign.trainers.dist import max_across_processes
+
+            self.signum = max_across_processes(self._acc, self.signum or 0) or None
         if self.signum is None:
             return
         path = checkpoint()

@@ -31,6 +31,7 @@ from prefalign.trainers.checkpoint import (
     full_model_state,
     is_deepspeed,
     is_sharded,
+    is_zero3,
     load_deepspeed_state,
     load_training_state,
     rng_state,
@@ -332,7 +333,7 @@ class Trainer:
         bar = tqdm(total=total, initial=start_step, desc=self.command, unit="step", disable=not acc.is_main_process)
         hint = f"prefalign {self.command} --config {out / 'config.yaml'} --resume latest"
         # the bar closes before an error propagates, so the error stays the last line on the terminal
-        with bar, GracefulStop() as stop:
+        with bar, GracefulStop(acc) as stop:
             for step in range(start_step, total):
                 micro_batches = [self._forward_chunks(self.batch_for(step, m)) for m in range(cfg.grad_accum)]
                 # what the step's loss averages over (examples; SFT: completion tokens), on every process
@@ -375,9 +376,6 @@ class Trainer:
                     self.save_checkpoint(ckpts, done)
                 bar.update(1)
                 if done < total:
-                    # a signal may reach the processes in different steps: stop together (the checkpoint is a
-                    # collective)
-                    stop.signum = max_across_processes(acc, stop.signum or 0) or None
                     stop.check(done, total, lambda: self.save_checkpoint(ckpts, done), hint)
         final_eval = self.evaluate() if self.eval_data else {}
         if final_eval:
@@ -546,9 +544,10 @@ def save_final_model(acc, path: Path, model, tokenizer, merged: bool = False, en
     import copy
 
     state = None
-    if is_sharded(acc):
-        state = full_model_state(model) if engine is None or not is_deepspeed(acc) else \
-            full_deepspeed_state(acc, engine, model)
+    if is_zero3(acc):
+        state = full_deepspeed_state(acc, engine, model)
+    elif is_sharded(acc):
+        state = full_model_state(model)
     if acc.is_main_process:
         save_pretrained_atomic(path, model, tokenizer, state)
         if merged:

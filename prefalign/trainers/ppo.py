@@ -406,12 +406,10 @@ class PPOTrainer:
         hint = f"prefalign ppo --config {out / 'config.yaml'} --resume latest"
         # the bar closes before an error propagates, so the error stays the last line on the terminal
         with (tqdm(total=total, initial=start, desc="ppo", unit="iter", disable=not main) as bar,
-              GracefulStop() as stop):
+              GracefulStop(acc) as stop):
             for step in range(start, total):
                 self._iteration(step, total, metrics, samples_path, ckpts, bar)
                 if step + 1 < total:
-                    # a signal may reach the processes in different iterations: stop together, at once
-                    stop.signum = max_across_processes(acc, stop.signum or 0) or None
                     stop.check(step + 1, total, lambda: self.save_checkpoint(ckpts, step + 1), hint)
         metrics.close()
         acc.wait_for_everyone()
