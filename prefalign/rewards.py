@@ -34,6 +34,7 @@ from typing import Protocol, runtime_checkable
 import torch
 
 from prefalign.errors import UserError
+from prefalign.models.loading import base_model
 
 
 @runtime_checkable
@@ -197,7 +198,7 @@ def last_token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Ten
 
         model.score(model.base_model(ids[None]).last_hidden_state)[0, -1, 0]
     """
-    model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    model = base_model(model)
     lengths = attention_mask.sum(-1)  # (B,)
     if (lengths == 0).any():
         raise ValueError(f"row {int((lengths == 0).nonzero()[0])} has no real tokens")

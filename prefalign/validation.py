@@ -3,6 +3,9 @@
 Configs check their values in ``validate()``. Built in Python, a config validates at once (a
 ``ValueError``). The CLI builds configs through tyro, which would turn a ``ValueError`` into a
 multi-line box; so the CLI defers validation while parsing and runs it itself, reporting one line.
+
+An error names the field by its flag (`flag`: ``--max-new-tokens``), so the message says what to change on
+the command line; `require_at_least_one` and `check_sampling` hold the checks several configs share.
 """
 
 from __future__ import annotations
@@ -31,3 +34,34 @@ def deferred_validation():
         yield
     finally:
         _deferred.reset(token)
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a config field, as errors name it: ``max_new_tokens`` -> ``--max-new-tokens``."""
+    return "--" + name.replace("_", "-")
+
+
+def require_at_least_one(cfg, *names: str) -> None:
+    """Refuse the first field of ``names`` below 1 (a ValueError naming its flag); None means unset and passes."""
+    for name in names:
+        value = getattr(cfg, name)
+        if value is not None and value < 1:
+            raise ValueError(f"{flag(name)} must be >= 1, got {value}")
+
+
+def check_sampling(cfg) -> None:
+    """The checks of every config that samples completions (``SamplingConfig``, ``PPOConfig``, ...).
+
+    Reads ``max_new_tokens`` and ``temperature``, and ``greedy``, ``top_p``, ``top_k`` and ``stop`` where
+    ``cfg`` has them (a config without ``greedy`` always samples, so its temperature must be > 0).
+    """
+    require_at_least_one(cfg, "max_new_tokens")
+    if not getattr(cfg, "greedy", False) and not cfg.temperature > 0:  # `not >` also refuses NaN
+        raise ValueError(f"--temperature must be > 0 (use --greedy for argmax), got {cfg.temperature}"
+                         if hasattr(cfg, "greedy") else f"--temperature must be > 0, got {cfg.temperature}")
+    if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
+        raise ValueError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if hasattr(cfg, "top_k") and cfg.top_k < 0:
+        raise ValueError(f"--top-k must be >= 0, got {cfg.top_k}")
+    if "" in getattr(cfg, "stop", ()):
+        raise ValueError("--stop strings must not be empty (an empty one would cut every completion to nothing)")

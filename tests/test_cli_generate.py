@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from conftest import run_cli
 
 
@@ -34,7 +36,7 @@ def test_generate_chat_mode_wraps_prompts_in_the_template(tmp_path, tiny_model_d
 
 def test_generate_bad_number_is_one_line(tmp_path, tiny_model_dir):
     r = run_cli("generate", "--model", tiny_model_dir, "--top-p", "0", "--output", tmp_path / "x")
-    assert r.returncode == 2 and r.stderr.strip() == "error: top_p must be in (0, 1], got 0.0"
+    assert r.returncode == 2 and r.stderr.strip() == "error: --top-p must be in (0, 1], got 0.0"
     assert not (tmp_path / "x").exists()  # nothing half-written
 
 
@@ -63,3 +65,49 @@ def test_generate_stop_cuts_the_row_that_hits_it_and_ends_it(tmp_path, tiny_mode
     assert rows[1]["num_tokens"] == len(tokenizer(cut + stop, add_special_tokens=False).input_ids) < 12
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eos_rate"] == 0.5
+
+
+PROMPTS = ["the movie was", "I watched it twice and honestly", "this film"]  # unequal lengths: padding differs
+
+
+def _run(tmp_path, tiny_model_dir, name, **kwargs):
+    from prefalign.cli.generate import GenerateConfig, run
+
+    base = dict(model=str(tiny_model_dir), prompts=PROMPTS, chat=False, num_samples=2, max_new_tokens=8,
+                output=str(tmp_path / name))
+    return run(GenerateConfig(**{**base, **kwargs}))
+
+
+@pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.8, "top_k": 50, "top_p": 0.9},
+                                      {"temperature": 1.0, "stop": ["e"]}], ids=["plain", "top-k-top-p", "stop"])
+def test_sampled_generations_do_not_depend_on_the_batch_size(tmp_path, tiny_model_dir, sampling):
+    """Keyed sampling: 6 completions in batches of 1, 3 (3 + 3) and 4 (4 + 2) are the same rows."""
+    runs = {b: _run(tmp_path, tiny_model_dir, f"b{b}", batch_size=b, **sampling) for b in (1, 3, 4)}
+    assert runs[1] == runs[3] == runs[4]
+    assert len({r["completion"] for r in runs[1]}) > 1  # they are samples, not one repeated text
+    other_seed = _run(tmp_path, tiny_model_dir, "seed1", batch_size=3, seed=1, **sampling)
+    assert [r["completion"] for r in other_seed] != [r["completion"] for r in runs[1]]
+
+
+def test_greedy_generations_are_the_backend_greedy_decode(tmp_path, tiny_model_dir, tokenizer):
+    """--greedy through the keyed sampler is what one unkeyed greedy `generate` call gives (as before)."""
+    from prefalign.data import PromptCollator, tokenize_prompts
+    from prefalign.models import load_causal_lm
+    from prefalign.rollout import SamplingConfig, eos_token_ids, generate
+
+    rows = _run(tmp_path, tiny_model_dir, "greedy", greedy=True, num_samples=1, batch_size=3)
+    model = load_causal_lm(str(tiny_model_dir))
+    batch = PromptCollator(tokenizer.pad_token_id)(tokenize_prompts(PROMPTS, tokenizer, 512))
+    gen = generate(model, batch["input_ids"], batch["attention_mask"], SamplingConfig(max_new_tokens=8, greedy=True),
+                   eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
+    want = tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
+    assert [r["completion"] for r in rows] == want
+    assert [r["num_tokens"] for r in rows] == gen.response_mask.sum(1).tolist()
+    assert [r["prompt"] for r in rows] == PROMPTS and [r["sample"] for r in rows] == [0, 0, 0]
+
+
+def test_no_prompts_samples_the_built_in_ones(tmp_path, tiny_model_dir):
+    from prefalign.cli.generate import BUILTIN_PROMPTS
+
+    rows = _run(tmp_path, tiny_model_dir, "builtin", prompts=[], num_samples=1, max_new_tokens=2, greedy=True)
+    assert [r["prompt"] for r in rows] == BUILTIN_PROMPTS

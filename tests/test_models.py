@@ -176,3 +176,13 @@ def test_sampling_config_rejects_bad_numbers():
     for kwargs in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}, {"stop": ["x", ""]}):
         with pytest.raises(ValueError):
             SamplingConfig(**kwargs)
+
+
+def test_base_model_sees_through_a_peft_wrapper(tiny_model):
+    from peft import LoraConfig, get_peft_model
+
+    from prefalign.models import base_model
+
+    assert base_model(tiny_model) is tiny_model
+    wrapped = get_peft_model(tiny_model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert base_model(wrapped) is tiny_model  # LoRA layers are injected in place: the same module object

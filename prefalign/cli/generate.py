@@ -1,5 +1,8 @@
 """``prefalign generate``: sample completions from a model, batched, JSONL out.
 
+Sampling goes through `prefalign.eval.sampling.sample_completions`, as in ``prefs`` and ``eval``: completion
+``k`` of prompt ``i`` depends on (--seed, i, k), the prompt and the model, never on --batch-size.
+
 Examples::
 
     prefalign generate                                   # embedded default, built-in prompts, chat mode
@@ -14,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from prefalign.rollout.generate import SamplingRunConfig
+from prefalign.validation import require_at_least_one
 
 BUILTIN_PROMPTS = [
     "What is the capital of France?",
@@ -28,7 +32,8 @@ class GenerateConfig(SamplingRunConfig):
     """Sample completions from a causal LM and write them as JSONL."""
 
     model: str = "smollm2-135m"
-    """Hugging Face hub id, local model directory, or an embedded name (smollm2-135m)."""
+    """Hugging Face hub id, local model directory, a LoRA run's final/ adapter directory, or an embedded name
+    (smollm2-135m)."""
     prompts: list[str] = field(default_factory=list)
     """Prompt files (.txt one per line, .jsonl/.json/.csv/.parquet with a `prompt` column) or literal prompt
     texts; a value that is not an existing path is a prompt. Empty: a few built-in prompts."""
@@ -39,60 +44,34 @@ class GenerateConfig(SamplingRunConfig):
 
     def validate(self):
         super().validate()
-        if self.num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
-
-
-def read_prompts(sources: list[str], tokenizer, chat: bool) -> list[str]:
-    """Prompt texts from files and literal strings; with ``chat``, plain strings become a user turn."""
-    from prefalign.data import load_prompts
-
-    texts: list[str] = []
-    for src in sources or BUILTIN_PROMPTS:
-        if Path(src).exists():
-            texts += load_prompts(src, tokenizer, chat=chat)
-        else:
-            texts += load_prompts([src], tokenizer, chat=chat)
-    return texts
+        require_at_least_one(self, "num_samples")
 
 
 def run(cfg: GenerateConfig) -> list[dict]:
+    """Sample; write ``generations.jsonl`` (one row per completion, in (prompt, sample) order), ``config.yaml``
+    and ``metrics.json``; return the rows."""
     import torch
-    from tqdm.auto import tqdm
 
-    from prefalign.data import PromptCollator, tokenize_prompts
-    from prefalign.models import load_causal_lm, load_tokenizer
-    from prefalign.rollout import cut_at_stop, eos_token_ids, generate
+    from prefalign.data import read_prompts, tokenize_prompts
+    from prefalign.eval.sampling import device, sample_completions
+    from prefalign.models import load_policy, load_tokenizer, policy_base
     from prefalign.runio import prepare_output_dir, write_config, write_json, write_jsonl
 
+    # Everything that can fail on bad input loads before the output directory is made.
+    tokenizer = load_tokenizer(policy_base(cfg.model)[0])
+    prompts = read_prompts(cfg.prompts or BUILTIN_PROMPTS, tokenizer, cfg.chat)
+    prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
+    model = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype)).to(device())
     out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
     write_config(out_dir, cfg)
-    torch.manual_seed(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
-    model = load_causal_lm(cfg.model, dtype=getattr(torch, cfg.dtype))
-    prompts = read_prompts(cfg.prompts, tokenizer, cfg.chat)
-    prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
-    collate = PromptCollator(tokenizer.pad_token_id)
-    eos = eos_token_ids(model, tokenizer)
 
-    jobs = [(i, k) for i in range(len(prompts)) for k in range(cfg.num_samples)]
-    rows: list[dict] = []
-    new_tokens = 0
     start = time.perf_counter()
-    with tqdm(total=len(jobs), desc="generate", unit="completion") as bar:
-        for lo in range(0, len(jobs), cfg.batch_size):
-            chunk = jobs[lo : lo + cfg.batch_size]
-            batch = collate([prompt_ids[i] for i, _ in chunk])
-            gen = generate(model, batch["input_ids"], batch["attention_mask"], cfg, eos_ids=eos,
-                           pad_id=tokenizer.pad_token_id, tokenizer=tokenizer)
-            lengths = gen.response_mask.sum(1).tolist()
-            texts = tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
-            for (i, k), text, n, ended in zip(chunk, texts, lengths, gen.ended.tolist()):
-                rows.append({"prompt": prompts[i], "sample": k, "completion": cut_at_stop(text, cfg.stop),
-                             "num_tokens": int(n), "ended": bool(ended)})
-            new_tokens += sum(lengths)
-            bar.update(len(chunk))
+    samples = sample_completions(model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed,
+                                 desc="generate")
     seconds = time.perf_counter() - start
+    rows = [{"prompt": prompts[s.prompt], "sample": s.sample, "completion": s.text,
+             "num_tokens": len(s.response_ids), "ended": s.ended} for s in samples]
+    new_tokens = sum(r["num_tokens"] for r in rows)
     write_jsonl(out_dir / "generations.jsonl", rows)
     write_json(out_dir / "metrics.json", {
         "completions": len(rows), "new_tokens": new_tokens, "seconds": round(seconds, 3),

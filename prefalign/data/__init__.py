@@ -8,7 +8,7 @@
 from prefalign.data.collate import PreferenceCollator, PromptCollator, SFTCollator
 from prefalign.data.io import Table, read_table
 from prefalign.data.preferences import FORMATS, PreferenceExample, detect_format, load_preferences, parse_preferences
-from prefalign.data.prompts import load_prompts, parse_prompts
+from prefalign.data.prompts import load_prompts, parse_prompts, read_prompts
 from prefalign.data.report import DropReport
 from prefalign.data.tokens import (
     MIN_PROMPT_TOKENS,
@@ -38,6 +38,7 @@ __all__ = [
     "load_prompts",
     "parse_preferences",
     "parse_prompts",
+    "read_prompts",
     "read_table",
     "tokenize_preferences",
     "tokenize_prompts",

@@ -43,6 +43,22 @@ def load_prompts(source: str | Path | list[str], tokenizer=None, *, column: str 
     return prompts
 
 
+def read_prompts(values: list[str], tokenizer=None, chat: bool = False, *, flag: str = "--prompts") -> list[str]:
+    """Prompt texts from command-line values: each an existing file (read by `load_prompts`) or a literal prompt.
+
+    Empty input is a one-line `UserError`: no values at all (naming ``flag``), an empty or blank value
+    (naming ``flag`` and which value), a file with no prompt (naming the file).
+    """
+    if not values:
+        raise UserError(f"no prompts: give {flag} FILE or literal prompt texts")
+    texts: list[str] = []
+    for n, value in enumerate(values, start=1):
+        if not str(value).strip():  # Path("") is the working directory: refuse before it is read as one
+            raise UserError(f"{flag}: value {n} is empty; give a prompt file or a non-empty prompt text")
+        texts += load_prompts(value if Path(value).exists() else [value], tokenizer, chat=chat)
+    return texts
+
+
 def parse_prompts(table: Table, tokenizer=None, *, column: str = "prompt", chat: bool = False,
                   strict: bool = False) -> tuple[list[str], DropReport]:
     """Prompt texts from the rows of ``table`` and the `DropReport` (never raises for "all dropped")."""

@@ -22,6 +22,7 @@ import torch
 
 from prefalign.models.loading import DEFAULT_MODEL
 from prefalign.rollout.generate import SamplingRunConfig
+from prefalign.validation import require_at_least_one
 
 REFERENCE = "reference"
 """The reference's name in the outputs (a policy may not use it)."""
@@ -51,8 +52,7 @@ class EvalConfig(SamplingRunConfig):
 
     def validate(self):
         super().validate()
-        if self.num_samples < 1:
-            raise ValueError(f"--num-samples must be >= 1, got {self.num_samples}")
+        require_at_least_one(self, "num_samples")
         if not self.judge:
             raise ValueError("--judge is required: vader, module:function, file.py:function or a reward model")
         if not self.prompts:
@@ -126,8 +126,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     """
     import time
 
-    from prefalign.data import tokenize_prompts
-    from prefalign.eval.sampling import device, read_prompt_texts, score_samples
+    from prefalign.data import read_prompts, tokenize_prompts
+    from prefalign.eval.sampling import device, score_samples
     from prefalign.models import load_tokenizer, policy_base
     from prefalign.rewards import load_reward_source
     from prefalign.runio import atomic_write_text, prepare_output_dir, to_plain, write_config, write_json, write_jsonl
@@ -140,7 +140,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     tokenizer = load_tokenizer(policy_base(cfg.reference)[0])
     for name, path in specs:
         _check_same_tokenizer(tokenizer, path, name)
-    prompts = read_prompt_texts(cfg.prompts, tokenizer, cfg.chat)
+    prompts = read_prompts(cfg.prompts, tokenizer, cfg.chat)
     prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
     out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
     write_config(out_dir, cfg)

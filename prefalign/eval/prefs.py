@@ -112,8 +112,8 @@ def make_preferences(cfg: PrefsConfig) -> dict:
 
     import torch
 
-    from prefalign.data import tokenize_prompts
-    from prefalign.eval.sampling import device, read_prompt_texts, sample_completions, score_samples
+    from prefalign.data import read_prompts, tokenize_prompts
+    from prefalign.eval.sampling import device, sample_completions, score_samples
     from prefalign.models import load_policy, load_tokenizer, policy_base
     from prefalign.rewards import load_reward_source
     from prefalign.runio import prepare_output_dir, write_config, write_json, write_jsonl
@@ -123,7 +123,7 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     # Everything that can fail on bad input loads before the output directory is made and sampling starts.
     judge = load_reward_source(cfg.judge, batch_size=cfg.batch_size, device=dev)
     tokenizer = load_tokenizer(policy_base(cfg.model)[0])
-    prompts = read_prompt_texts(cfg.prompts, tokenizer, cfg.chat)
+    prompts = read_prompts(cfg.prompts, tokenizer, cfg.chat)
     prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
     out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
     model = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype)).to(dev)

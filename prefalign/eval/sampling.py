@@ -1,18 +1,18 @@
-"""Sampling and scoring shared by ``prefs`` and ``eval``: K completions per prompt, their summed log-probs.
+"""Sampling and scoring shared by ``generate``, ``prefs`` and ``eval``: K completions per prompt, their summed
+log-probs.
 
-Both commands sample the same way as ``generate`` (`prefalign.rollout.generate`: left-padded prompts,
-responses cut after the first EOS, text cut at the first stop string) and keep each response's token
-ids, so ``eval`` can score exactly the sampled tokens under another model afterwards.
+All three commands sample through `sample_completions` (`prefalign.rollout.generate` underneath: left-padded
+prompts, responses cut after the first EOS, text cut at the first stop string, keyed noise): the same model, seed and
+settings give the same completions in every command, at any batch size. Each response keeps its token ids, so ``eval``
+can score exactly the sampled tokens under another model afterwards.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-from prefalign.errors import UserError
 from prefalign.rollout.generate import SamplingConfig
 
 
@@ -34,18 +34,6 @@ class Sample:
 
 def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def read_prompt_texts(sources: list[str], tokenizer, chat: bool) -> list[str]:
-    """Prompts from files and literal strings (a value that is not an existing path is a prompt)."""
-    from prefalign.data import load_prompts
-
-    if not sources:
-        raise UserError("no prompts: give --prompts FILE or literal prompt texts")
-    texts: list[str] = []
-    for src in sources:
-        texts += load_prompts(src if Path(src).exists() else [src], tokenizer, chat=chat)
-    return texts
 
 
 def sample_completions(model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig, num_samples: int,

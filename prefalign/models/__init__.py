@@ -3,6 +3,7 @@
 from prefalign.models.loading import (
     DEFAULT_MODEL,
     EMBEDDED,
+    base_model,
     cache_dir,
     disable_dropout,
     load_causal_lm,
@@ -16,6 +17,7 @@ from prefalign.models.tiny import tiny_causal_lm
 __all__ = [
     "DEFAULT_MODEL",
     "EMBEDDED",
+    "base_model",
     "cache_dir",
     "disable_dropout",
     "load_causal_lm",

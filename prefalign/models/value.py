@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from prefalign.errors import UserError
+from prefalign.models.loading import base_model
 from prefalign.models.logprobs import position_ids_from_mask
 
 
 def backbone_and_score(model):
     """``(backbone, score_head)`` of a sequence-classification model, seeing through peft wrappers."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = base_model(model)
     head = getattr(base, "score", None)
     if head is None:
         raise UserError(f"{type(base).__name__} has no linear `score` head; value models need a decoder "

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefalign.validation import Validated
+from prefalign.validation import Validated, check_sampling, require_at_least_one
 
 
 @dataclass
@@ -34,16 +34,7 @@ class SamplingConfig(Validated):
     """Extra stop strings; a completion is cut before the first one."""
 
     def validate(self):
-        if self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if not self.greedy and self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0 (use --greedy for argmax), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if "" in self.stop:
-            raise ValueError("stop strings must not be empty (an empty one would cut every completion to nothing)")
+        check_sampling(self)
 
 
 @dataclass
@@ -57,8 +48,8 @@ class SamplingRunConfig(SamplingConfig):
     max_prompt_length: int = 512
     """Longer prompts keep their last tokens."""
     dtype: str = "float32"
-    """Weights dtype for sampling: float32 or bfloat16 (about 2x faster decoding on a CPU with avx512_bf16 or a
-    GPU). eval still scores log-probs (KL) with float32 weights."""
+    """Weights dtype for sampling: float32 or bfloat16 (faster decoding on a CPU with avx512_bf16 or a GPU;
+    BENCHMARKS.md has the measurement). eval still scores log-probs (KL) with float32 weights."""
     seed: int = 0
     """Random seed."""
     output: str = "runs/sample"
@@ -68,9 +59,7 @@ class SamplingRunConfig(SamplingConfig):
 
     def validate(self):
         super().validate()
-        for name in ("batch_size", "max_prompt_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        require_at_least_one(self, "batch_size", "max_prompt_length")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"--dtype must be float32 or bfloat16, got {self.dtype!r}")
 
@@ -194,16 +183,17 @@ class KeyedSampler:
 def sampling_copy(model, dtype: torch.dtype):
     """The model to sample from: ``model`` itself when it already holds ``dtype`` weights, else a copy cast to
     ``dtype`` (eval mode; call it under no_grad). Decoding is bound by reading the weights every token: a bf16
-    copy reads half the bytes and skips autocast's per-step re-cast (measured here: 1.97x plain fp32 generate at
-    batch 8 x 40 tokens; 2.6x fp32 and 1.07x fp32 under autocast at batch 16 x 24). Keep training and log-probs
-    on the original; `refresh_sampling_copy` after updates."""
+    copy reads half the bytes and skips autocast's per-step re-cast (the speed-ups measured against fp32 and
+    autocast are in BENCHMARKS.md, "Measured design notes"). Keep training and log-probs on the original;
+    `refresh_sampling_copy` after updates."""
     import copy
 
     if next(model.parameters()).dtype == dtype:
         return model
     # buffers are cast too, as .to() does (RoPE's inv_freq: the rotary angles are still computed in float32 from
-    # it; log-probs differ from the float32 model by ~0.005 nats/token either way). requires_grad stays as it was (sampling runs under no_grad anyway): bf16 weights with requires_grad=False
-    # measured 1.65x slower decoding on this CPU (torch 2.13), apparently a different kernel path
+    # it; log-probs differ from the float32 model by ~0.005 nats/token either way). requires_grad stays as it was
+    # although sampling runs under no_grad: bf16 weights with requires_grad=False decoded slower on a CPU
+    # (apparently another kernel path; measured in BENCHMARKS.md, "Measured design notes")
     out = copy.deepcopy(model).to(dtype).eval()
     out.config.dtype = dtype
     return out

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from prefalign.losses.kl import KL_ESTIMATORS
 from prefalign.trainers.config import CommonConfig
+from prefalign.validation import check_sampling, require_at_least_one
 
 
 @dataclass
@@ -102,7 +103,7 @@ class PPOConfig(CommonConfig):
     """Log sample completions with their scores every this many iterations (samples.jsonl, TensorBoard)."""
 
     def sampling(self):
-        """The rollouts' `SamplingConfig` (validated when built: an empty --stop string is refused)."""
+        """The rollouts' `SamplingConfig` (its fields were checked by `validate`)."""
         from prefalign.rollout.generate import SamplingConfig
 
         return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
@@ -110,19 +111,14 @@ class PPOConfig(CommonConfig):
 
     def validate(self):
         super().validate()
-        self.sampling()  # the sampling flags, checked with the rest before any model loads
+        check_sampling(self)  # the sampling flags, checked with the rest before any model loads
         if not self.prompts:
             raise ValueError("--prompts is required (a prompt file or hub dataset id)")
         if not self.reward:
             raise ValueError("--reward is required (a reward-model directory, vader, or module:function)")
-        for name in ("rollout_batch_size", "num_minibatches", "grad_accum", "ppo_epochs", "max_prompt_length",
-                     "max_new_tokens", "reward_batch_size", "sample_every", "kl_horizon"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "episodes"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{name} must be >= 1, got {v}")
+        require_at_least_one(self, "rollout_batch_size", "num_minibatches", "grad_accum", "ppo_epochs",
+                             "max_prompt_length", "reward_batch_size", "sample_every", "kl_horizon", "max_steps",
+                             "episodes")
         if self.max_steps is not None and self.episodes is not None:
             raise ValueError("give --max-steps or --episodes, not both")
         if self.rollout_batch_size % (self.num_minibatches * self.grad_accum):
@@ -138,8 +134,6 @@ class PPOConfig(CommonConfig):
             raise ValueError(f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
             raise ValueError("--gamma and --lam must be in [0, 1]")
-        if self.temperature <= 0:
-            raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if self.target_kl <= 0:
             raise ValueError(f"--target-kl must be > 0, got {self.target_kl}")
         if self.ref is not None and self.lora_r:
