@@ -27,7 +27,7 @@ def mean(xs):
 
 
 def test_table_holds_exactly_the_documented_variants():
-    assert set(DPO_LOSSES) == {"sigmoid", "robust", "hinge", "ipo", "reference_free"}
+    assert set(DPO_LOSSES) == {"sigmoid", "robust", "hinge", "ipo", "reference_free", "simpo", "orpo"}
 
 
 def test_sigmoid_by_hand_with_stats():

@@ -173,7 +173,8 @@ def test_help_states_the_beta_defaults(capsys):
         main(["--help"])
     assert e.value.code == 0
     text = " ".join(capsys.readouterr().out.replace("│", " ").split())  # unwrap tyro's box
-    assert "default 0.1, and 1.0 for --loss-type reference_free" in text
+    # generated from the loss table: every loss type's own default
+    assert "default: 0.1 for sigmoid, ipo, hinge, robust; 1 for reference_free; 2 for simpo; must be > 0" in text
 
 
 def test_config_refuses_conflicts_and_bad_numbers(tmp_path, pairs):

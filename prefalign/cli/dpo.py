@@ -6,6 +6,8 @@ Examples::
     prefalign dpo --data ../shared/data/hh-rlhf/harmless-base-test.jsonl.gz --eval-split 0.1 \\
         --lora-r 16 --learning-rate 5e-5 --max-steps 100 --output runs/dpo-hh
     prefalign dpo --data pairs.jsonl --loss-type reference_free --beta 1 --output runs/dpo-rf
+    prefalign dpo --data pairs.jsonl --loss-type simpo --beta 2 --simpo-gamma 1 --output runs/simpo
+    prefalign dpo --data pairs.jsonl --loss-type orpo --orpo-lambda 0.1 --output runs/orpo
     prefalign dpo --config dpo.yaml --resume latest
 """
 

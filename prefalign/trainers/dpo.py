@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Annotated
 
 import torch
+import tyro
 
 from prefalign.errors import UserError
 from prefalign.losses import dpo_loss
-from prefalign.losses.dpo import DPO_LOSSES
+from prefalign.losses.dpo import DPO_LOSSES, HYPERPARAM_NAMES, DPOVariant, owners, resolve_hyperparams
 from prefalign.models.logprobs import completion_logprobs, sequence_logprobs
 from prefalign.trainers.checkpoint import is_zero3
 from prefalign.trainers.config import TrainConfig
@@ -26,13 +28,50 @@ from prefalign.trainers.loop import Trainer
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BETA = 0.1  # the DPO paper's common setting
-REFERENCE_FREE_BETA = 1.0  # makes reference_free the plain pairwise likelihood loss of the seed
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _default(name: str) -> float:
+    """The one default a hyperparameter has in every variant that declares it (a config field default)."""
+    [default] = {v.hyperparam(name).default for v in owners(name)}
+    return default
+
+
+# --help text generated from the table in prefalign/losses/dpo.py (tyro shows it after the field's docstring).
+def _loss_type_hint(default: str) -> str:
+    lines = [f"  {v.name}: {v.help}" for v in DPO_LOSSES.values()]
+    return (f"(default: {default}) h = (logp_c - ref_c) - (logp_r - ref_r), logp a completion's summed log-prob "
+            "under the policy, ref under the reference; avg_logp its per-token mean. One of:\n" + "\n".join(lines))
+
+
+def _hyperparam_hint(name: str) -> str:
+    users = owners(name)
+    by_default: dict[float, list[str]] = {}
+    by_help: dict[str, list[str]] = {}
+    for v in users:
+        by_default.setdefault(v.hyperparam(name).default, []).append(v.name)
+        by_help.setdefault(v.hyperparam(name).help, []).append(v.name)
+    if len(by_default) == 1:
+        default = f"default: {next(iter(by_default)):g}"
+    else:
+        default = "default: " + "; ".join(f"{d:g} for {', '.join(names)}" for d, names in by_default.items())
+    others = len(users) < len(DPO_LOSSES)
+    refused = "; another --loss-type refuses a value other than the default" if others else ""
+    lines = [f"  {', '.join(names)}: {text}" for text, names in by_help.items()]
+    return f"({default}; must be {users[0].hyperparam(name).allowed()}{refused})\n" + "\n".join(lines)
+
+
+def _hint(name: str):
+    """tyro's help hint for a field, generated from the table."""
+    return tyro.conf.arg(help_behavior_hint=lambda default: _hyperparam_hint(name))
 
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """Train a policy with DPO (or a relative: ipo, hinge, robust, reference_free) on preference pairs."""
+    """Train a policy with a DPO-family loss (sigmoid DPO, ipo, hinge, robust, reference_free, simpo, orpo) on
+    preference pairs."""
 
     data: str = ""
     """Preference data: .jsonl/.json/.csv/.parquet (optionally .gz) or a hub dataset id."""
@@ -40,17 +79,21 @@ class DPOConfig(TrainConfig):
     """explicit (prompt/chosen/rejected), conversational (message lists) or implicit (HH-RLHF transcripts);
     default: detected from the columns."""
     ref: str | None = None
-    """Reference model (default: a frozen copy of --model; with LoRA, the model with its adapter off)."""
-    loss_type: str = "sigmoid"
-    """sigmoid (DPO), ipo, hinge, robust, or reference_free: -log sigmoid(beta (logp_c - logp_r))."""
-    beta: float | None = None
-    """Strength of the KL constraint to the reference (inverse temperature of the implicit reward); default 0.1,
-    and 1.0 for --loss-type reference_free (the seed's -log sigmoid(logp_c - logp_r)). run.json records the
-    value used."""
-    label_smoothing: float = 0.0
+    """Reference model (default: a frozen copy of --model; with LoRA, the model with its adapter off); unused by
+    the loss types that take no reference."""
+    loss_type: Annotated[str, tyro.conf.arg(help_behavior_hint=_loss_type_hint)] = "sigmoid"
+    """The loss of the DPO family to train with, by name."""
+    beta: Annotated[float | None, _hint("beta")] = None
+    """The loss's beta; its default depends on --loss-type. run.json records the value used."""
+    label_smoothing: Annotated[float, _hint("label_smoothing")] = _default("label_smoothing")
     """Probability that a label is flipped (conservative DPO for sigmoid; robust DPO's epsilon)."""
+    simpo_gamma: Annotated[float, _hint("simpo_gamma")] = _default("simpo_gamma")
+    """SimPO's target reward margin gamma."""
+    orpo_lambda: Annotated[float, _hint("orpo_lambda")] = _default("orpo_lambda")
+    """ORPO's weight lambda of the odds-ratio term."""
     precompute_ref: bool = False
-    """Compute reference log-probs once before training and hold no reference model while training."""
+    """Compute reference log-probs once before training and hold no reference model while training (a no-op for
+    the loss types that take no reference)."""
 
     def validate(self):
         super().validate()
@@ -58,27 +101,36 @@ class DPOConfig(TrainConfig):
             raise ValueError("--data is required (a preference file or hub dataset id)")
         if self.loss_type not in DPO_LOSSES:
             raise ValueError(f"--loss-type must be one of {', '.join(DPO_LOSSES)}, got {self.loss_type!r}")
-        if self.beta is not None and not self.beta > 0:
-            raise ValueError(f"--beta must be > 0, got {self.beta}")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"--label-smoothing must be in [0, 0.5), got {self.label_smoothing}")
+        resolve_hyperparams(self.variant, self._given_hyperparams(), flag=_flag)  # ranges; refuses an unused one
         if self.ref is not None and self.lora_r:
             raise ValueError("--ref conflicts with LoRA: with --lora-r the reference is the model with its adapter "
                              "off; drop --ref or --lora-r")
-        if self.ref is not None and self.loss_type == "reference_free":
-            raise ValueError("--ref is unused by --loss-type reference_free; drop one of them")
+        if self.ref is not None and not self.uses_reference:
+            raise ValueError(f"--ref is unused by --loss-type {self.loss_type} (it takes no reference); drop one of "
+                             "them")
+
+    @property
+    def variant(self) -> DPOVariant:
+        return DPO_LOSSES[self.loss_type]
 
     @property
     def uses_reference(self) -> bool:
-        return self.loss_type != "reference_free"
+        return self.variant.uses_reference
 
     @property
-    def resolved_beta(self) -> float:
-        """--beta, or the loss type's default (derived, never written back: config.yaml keeps the user's value,
-        so a rerun with another --loss-type gets that type's default)."""
-        if self.beta is not None:
-            return self.beta
-        return REFERENCE_FREE_BETA if self.loss_type == "reference_free" else DEFAULT_BETA
+    def loss_hyperparams(self) -> dict[str, float]:
+        """The loss type's hyperparameters as the loss gets them: the user's values, the table's default for an
+        unset --beta (derived, never written back: config.yaml keeps the user's value, so a rerun with another
+        --loss-type gets that type's default)."""
+        return resolve_hyperparams(self.variant, self._given_hyperparams(), flag=_flag)
+
+    def _given_hyperparams(self) -> dict[str, float | None]:
+        return {name: getattr(self, name) for name in HYPERPARAM_NAMES}
+
+    @property
+    def resolved_beta(self) -> float | None:
+        """The beta the loss uses (None for a loss type without one, orpo)."""
+        return self.loss_hyperparams.get("beta")
 
 
 class DPOTrainer(Trainer):
@@ -112,7 +164,7 @@ class DPOTrainer(Trainer):
             self.ref_model.to(self.accelerator.device)
 
     def extra_run_info(self) -> dict:
-        return {"data": self.data_info, "beta": self.cfg.resolved_beta}
+        return {"data": self.data_info, **self.cfg.loss_hyperparams}
 
     def collate(self, examples):
         return self.collator(examples)
@@ -121,8 +173,9 @@ class DPOTrainer(Trainer):
         """``(2N,)`` sequence log-probs; ``model=None`` means the policy through the training engine."""
         args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
         logps = self.call(completion_logprobs, *args) if model is None else completion_logprobs(model, *args)
-        # IPO's margin target 1/(2 beta) is meant for length-averaged log-probs (Azar et al. 2023).
-        return sequence_logprobs(logps, batch["completion_mask"], average=self.cfg.loss_type == "ipo")
+        # per-token means where the loss type asks (IPO's target 1/(2 beta), SimPO's and ORPO's length-normalised
+        # rewards); the reference goes through here too, so it is averaged alike
+        return sequence_logprobs(logps, batch["completion_mask"], average=self.cfg.variant.length_averaged)
 
     @torch.no_grad()
     def reference_logps(self, batch) -> torch.Tensor:
@@ -161,7 +214,7 @@ class DPOTrainer(Trainer):
         loss, stats = dpo_loss(
             seq[:n], seq[n:],
             None if ref is None else ref[:n], None if ref is None else ref[n:],
-            loss_type=self.cfg.loss_type, beta=self.cfg.resolved_beta, label_smoothing=self.cfg.label_smoothing,
+            loss_type=self.cfg.loss_type, **self.cfg.loss_hyperparams,
         )
         stats["logps/chosen"] = seq[:n].detach().mean()
         stats["logps/rejected"] = seq[n:].detach().mean()
