@@ -7,9 +7,10 @@ evaluated on held-out prefixes. Output: report.md, report.html, summary.json and
 
 Examples::
 
-    prefalign compare --preset quick --output runs/compare-quick          # ~3 min on 2 CPU cores
-    prefalign compare --output runs/compare                               # the default race (~15 min here)
+    prefalign compare --preset quick --output runs/compare-quick          # a smoke run of every stage
+    prefalign compare --output runs/compare                               # the default race
     prefalign compare --arms ppo dpo ppo_gt --seeds 3 --sweep --output runs/compare-full
+    prefalign compare --arms dpo simpo orpo --output runs/compare-offline # DPO and two relatives, same pairs
     prefalign compare --model my/model --judge mymod:score --train-prompts p.txt --heldout-prompts h.txt
     prefalign compare --output runs/compare --resume                      # finished stages are not redone
 """
@@ -23,11 +24,11 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = parse(CompareConfig, argv, prog="prefalign compare", description=__doc__)
     summary = Comparison(cfg).run()
-    width = max(len(a["label"]) for a in summary["arms"])
+    width = max(len(arm["label"]) for arm in summary["arms"])
     print(f"\n{'arm':<{width}}  gold    KL     win    wall s")
-    for a in summary["arms"]:
-        e, cost = a["eval"], a["cost"]
-        print(f"{a['label']:<{width}}  {e['gold_mean']:+.3f}  {e['kl_mean']:5.2f}  {e['win_rate']:.2f}  "
-              f"{cost['wall_seconds']['total']:7.1f}")
+    for arm in summary["arms"]:
+        scores, cost = arm["eval"], arm["cost"]
+        print(f"{arm['label']:<{width}}  {scores['gold_mean']:+.3f}  {scores['kl_mean']:5.2f}  "
+              f"{scores['win_rate']:.2f}  {cost['wall_seconds']['total']:7.1f}")
     print(f"\nreport: {cfg.output}/report.md (and report.html, summary.json, plots)")
     return 0

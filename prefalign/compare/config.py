@@ -7,13 +7,15 @@ values are written to ``config.yaml`` in the output directory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from typing import Annotated
 
+import tyro
+
+from prefalign.compare.arms import ARMS, DEFAULT_ARMS, arms_help
 from prefalign.validation import Validated
 
-ARMS = ("ppo", "dpo", "dpo_rf", "ppo_gt")
-
-# Budgets per preset. quick: a smoke run (about 3 minutes on 2 CPU cores); default: the measured race
-# (about 15 minutes here); paper: larger, for a GPU.
+# Budgets per preset. quick: a smoke run of every stage; default: the race the README reports; paper:
+# larger, for a GPU.
 PRESETS: dict[str, dict] = {
     "quick": dict(
         num_prompts=32, samples_per_prompt=4, max_new_tokens=16, eval_prompts=32, eval_samples=1,
@@ -49,8 +51,8 @@ class CompareConfig(Validated):
     """Prompts for evaluation (default: the packaged movie-review prefixes, held-out split)."""
     chat: bool = False
     """Wrap prompts in the chat template (off: plain continuation, the sentiment task)."""
-    arms: list[str] = field(default_factory=lambda: ["ppo", "dpo", "dpo_rf"])
-    """Arms to train: ppo (reward model + PPO), dpo, dpo_rf (reference-free), ppo_gt (PPO on the gold judge)."""
+    arms: Annotated[list[str], tyro.conf.arg(help=arms_help())] = field(default_factory=lambda: list(DEFAULT_ARMS))
+    """Arms to train (the ``--arms`` help is built from the arm table, `prefalign.compare.arms.ARMS`)."""
     seeds: int = 1
     """Repeat every arm with this many seeds and report mean and spread."""
     sweep: bool = False
@@ -92,7 +94,7 @@ class CompareConfig(Validated):
     eval_samples: int | None = None
     """Completions per held-out prompt and policy."""
     batch_size: int | None = None
-    """Pairs per step for the reward model and DPO."""
+    """Pairs per step for the reward model and every DPO-like arm."""
     rm_steps: int | None = None
     """Reward-model optimizer steps."""
     rm_lr: float | None = None
@@ -110,9 +112,9 @@ class CompareConfig(Validated):
     ppo_kl_coef: float | None = None
     """PPO KL penalty coefficient."""
     dpo_steps: int | None = None
-    """DPO optimizer steps (both DPO arms)."""
+    """Optimizer steps of every DPO-like arm (dpo, dpo_rf, simpo, orpo)."""
     dpo_lr: float | None = None
-    """DPO learning rate (both DPO arms)."""
+    """Learning rate of every DPO-like arm (dpo, dpo_rf, simpo, orpo)."""
     dpo_beta: float | None = None
     """DPO beta."""
     dpo_rf_beta: float | None = None
@@ -123,7 +125,7 @@ class CompareConfig(Validated):
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
-        unknown = [a for a in self.arms if a not in ARMS]
+        unknown = [name for name in self.arms if name not in ARMS]
         if unknown or not self.arms:
             raise ValueError(f"--arms takes some of {', '.join(ARMS)}; got {' '.join(self.arms) or 'none'}")
         if self.seeds < 1:
@@ -140,13 +142,13 @@ class CompareConfig(Validated):
             raise ValueError(f"--temperature must be > 0, got {self.temperature}")
         if not 0 < self.eval_split < 1:
             raise ValueError(f"--eval-split must be in (0, 1), got {self.eval_split}")
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if f.name in PRESETS["default"] and v is not None and v <= 0:
-                raise ValueError(f"--{f.name.replace('_', '-')} must be > 0, got {v}")
-        if self.sweep and any(b <= 0 for b in self.sweep_betas):
+        for budget in fields(self):
+            value = getattr(self, budget.name)
+            if budget.name in PRESETS["default"] and value is not None and value <= 0:
+                raise ValueError(f"--{budget.name.replace('_', '-')} must be > 0, got {value}")
+        if self.sweep and any(beta <= 0 for beta in self.sweep_betas):
             raise ValueError("--sweep-betas must all be > 0")
-        if self.sweep and any(k < 0 for k in self.sweep_kl_coefs):
+        if self.sweep and any(kl_coef < 0 for kl_coef in self.sweep_kl_coefs):
             raise ValueError("--sweep-kl-coefs must all be >= 0")
 
     def resolved(self) -> "CompareConfig":
@@ -154,4 +156,4 @@ class CompareConfig(Validated):
         import dataclasses
 
         preset = PRESETS[self.preset]
-        return dataclasses.replace(self, **{k: v for k, v in preset.items() if getattr(self, k) is None})
+        return dataclasses.replace(self, **{key: value for key, value in preset.items() if getattr(self, key) is None})

@@ -59,10 +59,10 @@ class StageRunner:
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                "TQDM_DISABLE": "1"}  # the comparison shows one progress bar; stage bars would garble the log
         start = time.perf_counter()
-        with log.open("w", encoding="utf-8") as f:
-            f.write("$ " + " ".join(cmd) + "\n")
-            f.flush()
-            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env)
+        with log.open("w", encoding="utf-8") as log_file:
+            log_file.write("$ " + " ".join(cmd) + "\n")
+            log_file.flush()
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
             try:
                 _, status, usage = os.wait4(proc.pid, 0)
             except KeyboardInterrupt:
@@ -77,8 +77,9 @@ class StageRunner:
             raise UserError(f"stage {name} failed (exit {proc.returncode}): {last} — full log: {log}; fix it and "
                             "rerun with --resume to keep the finished stages")
         result = StageResult(name, str(out), round(wall, 3), round(usage.ru_maxrss / 1024, 1))  # ru_maxrss: KiB
-        # a finished stage is never resumed: its optimizer checkpoints (~2 GB per 135M arm) are dead weight;
-        # final/ (and value/ for PPO) stay. Deleted after the wall time is taken, so not charged to the stage.
+        # a finished stage is never resumed: its optimizer checkpoints are dead weight (several times the
+        # model's size); final/ (and value/ for PPO) stay. Deleted after the wall time is taken, so not charged
+        # to the stage.
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
         self.done[name] = asdict(result)
         atomic_write_text(self.state_path, json.dumps(self.done, indent=2))

@@ -119,14 +119,14 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     from prefalign.runio import prepare_output_dir, write_config, write_json, write_jsonl
 
     log = logging.getLogger(__name__)
-    dev = device()
+    torch_device = device()
     # Everything that can fail on bad input loads before the output directory is made and sampling starts.
-    judge = load_reward_source(cfg.judge, batch_size=cfg.batch_size, device=dev)
+    judge = load_reward_source(cfg.judge, batch_size=cfg.batch_size, device=torch_device)
     tokenizer = load_tokenizer(policy_base(cfg.model)[0])
     prompts = read_prompts(cfg.prompts, tokenizer, cfg.chat)
     prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
     out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
-    model = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype)).to(dev)
+    model = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype)).to(torch_device)
     write_config(out_dir, cfg)
 
     start = time.perf_counter()
@@ -135,30 +135,21 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     del model  # the judge may be a reward model: one model's weights at a time past this point
     scores = score_samples(judge, f"--judge {cfg.judge}", prompts, samples).tolist()
 
-    pairs: list[dict] = []
-    skipped = {"tied": 0, "small_gap": 0, "no_distinct_text": 0}
-    k = cfg.num_samples
-    for i, prompt in enumerate(prompts):
-        texts = [s.text for s in samples[i * k : (i + 1) * k]]  # samples are in (prompt, sample) order
-        group_scores = scores[i * k : (i + 1) * k]
-        got = make_pairs(prompt, texts, group_scores, cfg.pair_rule, cfg.min_gap)
-        if not got:
-            skipped[skip_reason(texts, group_scores, cfg.min_gap)] += 1
-        pairs += got
+    pairs, skipped = _pair_every_prompt(prompts, [sample.text for sample in samples], scores, cfg)
     seconds = time.perf_counter() - start
 
-    new_tokens = sum(len(s.response_ids) for s in samples)
-    gaps = [p["score_chosen"] - p["score_rejected"] for p in pairs]
+    new_tokens = sum(len(sample.response_ids) for sample in samples)
+    gaps = [pair["score_chosen"] - pair["score_rejected"] for pair in pairs]
     metrics = {
         "prompts": len(prompts),
         "completions": len(samples),
         "pairs": len(pairs),
         "prompts_with_pairs": len(prompts) - sum(skipped.values()),
-        **{f"prompts_skipped_{reason}": n for reason, n in skipped.items()},
-        "blank_completions": sum(not s.text.strip() for s in samples),
+        **{f"prompts_skipped_{reason}": count for reason, count in skipped.items()},
+        "blank_completions": sum(not sample.text.strip() for sample in samples),
         "score_mean": sum(scores) / max(len(scores), 1),
         "gap_mean": sum(gaps) / len(gaps) if gaps else None,
-        "eos_rate": sum(s.ended for s in samples) / max(len(samples), 1),
+        "eos_rate": sum(sample.ended for sample in samples) / max(len(samples), 1),
         "new_tokens": new_tokens,
         "seconds": round(seconds, 3),
         "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 2),
@@ -169,3 +160,20 @@ def make_preferences(cfg: PrefsConfig) -> dict:
         log.warning("no pairs: every prompt's completions tied, or no two scores differ by more than --min-gap "
                     "%s; raise --num-samples or --temperature, or lower --min-gap", cfg.min_gap)
     return metrics
+
+
+def _pair_every_prompt(prompts: list[str], texts: list[str], scores: list[float],
+                       cfg: PrefsConfig) -> tuple[list[dict], dict[str, int]]:
+    """Pairs from every prompt's ``cfg.num_samples`` completions (``texts`` and ``scores`` in (prompt, sample)
+    order), and how many prompts gave none, by `skip_reason`."""
+    pairs: list[dict] = []
+    skipped = {"tied": 0, "small_gap": 0, "no_distinct_text": 0}
+    group = cfg.num_samples
+    for index, prompt in enumerate(prompts):
+        group_texts = texts[index * group : (index + 1) * group]
+        group_scores = scores[index * group : (index + 1) * group]
+        prompt_pairs = make_pairs(prompt, group_texts, group_scores, cfg.pair_rule, cfg.min_gap)
+        if not prompt_pairs:
+            skipped[skip_reason(group_texts, group_scores, cfg.min_gap)] += 1
+        pairs += prompt_pairs
+    return pairs, skipped

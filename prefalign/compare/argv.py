@@ -1,0 +1,51 @@
+"""Pieces of the stage command lines that several stages share.
+
+Every function returns a list of flag/value items for ``prefalign COMMAND``; values stay as they are
+(floats, paths) and become strings only when the stage runs, so ``0.1`` is written ``0.1`` everywhere.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from prefalign.compare.config import CompareConfig
+
+
+def run_args(cfg: CompareConfig, seed: int) -> list:
+    """Model, seed and precision of a training stage."""
+    return ["--model", cfg.model, "--seed", seed, "--precision", cfg.precision]
+
+
+def sampling_args(cfg: CompareConfig) -> list:
+    """How completions are drawn: the same everywhere (pairs, PPO rollouts, evaluation)."""
+    return ["--max-new-tokens", cfg.max_new_tokens, "--temperature", cfg.temperature,
+            "--chat" if cfg.chat else "--no-chat"]
+
+
+def sampler_dtype(precision: str) -> str:
+    """The weights dtype prefs / eval sample with: a bf16 copy where ``precision`` resolves to bf16 here."""
+    from prefalign.trainers.backend import resolve_precision
+
+    return "bfloat16" if resolve_precision(precision) == "bf16" else "float32"
+
+
+def sampler_args(cfg: CompareConfig) -> list:
+    """prefs / eval: sampling batch and weights dtype."""
+    return ["--batch-size", cfg.sample_batch_size, "--dtype", sampler_dtype(cfg.precision)]
+
+
+def pair_training_args(cfg: CompareConfig, seed: int, pairs: Path, learning_rate: float, steps: int) -> list:
+    """A run trained on the shared pairs (reward model, DPO and its relatives), same held-out split for all."""
+    return [*run_args(cfg, seed), "--data", pairs, "--eval-split", cfg.eval_split, "--max-steps", steps,
+            "--learning-rate", learning_rate, "--batch-size", cfg.batch_size, "--lr-scheduler", "constant",
+            "--max-length", 256]
+
+
+def ppo_args(cfg: CompareConfig, seed: int, prompts: Path, reward: str, kl_coef: float) -> list:
+    """A PPO run on the training prompts against ``reward`` (a reward-model directory or the gold judge)."""
+    return [*run_args(cfg, seed), "--prompts", prompts, "--reward", reward, "--max-steps", cfg.ppo_steps,
+            "--rollout-batch-size", cfg.ppo_rollout_batch, "--ppo-epochs", cfg.ppo_epochs,
+            "--learning-rate", cfg.ppo_lr, "--value-learning-rate", cfg.ppo_value_lr, "--kl-coef", kl_coef,
+            *sampling_args(cfg), "--lr-scheduler", "constant", "--sample-every", max(1, cfg.ppo_steps // 4)]

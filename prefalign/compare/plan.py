@@ -1,0 +1,84 @@
+"""The stages of a comparison, in the order they run, with their command lines.
+
+Pure: the plan is built from the resolved config and the output paths alone (no file is read), so the
+command lines of a race can be checked without running it. Stage names are directories under the
+output: ``pairs``, then per seed ``seed-S/<stage>`` and ``seed-S/eval``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+from prefalign.compare.argv import sampler_args, sampling_args
+from prefalign.compare.arms import START, StageInputs, final_model, selected_arms, sweep_runs
+from prefalign.compare.config import CompareConfig
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    name: str
+    """Its run directory under the output, e.g. ``seed-0/dpo``."""
+    command: str
+    args: list
+    """After ``prefalign COMMAND``; the runner adds ``--output`` and ``--overwrite``."""
+
+
+def pairs_path(out: Path) -> Path:
+    return out / "pairs" / "pairs.jsonl"
+
+
+def seed_dir(out: Path, seed: int) -> Path:
+    return out / f"seed-{seed}"
+
+
+def plan_stages(cfg: CompareConfig, out: Path, train_prompts: Path, heldout_prompts: Path) -> list[PlannedStage]:
+    """Every stage of the race for the resolved ``cfg``: pairs, then per seed the arms' stages (shared ones
+    once), the sweep (first seed only) and the evaluation."""
+    plan = [PlannedStage("pairs", "prefs", _pairs_args(cfg, train_prompts))]
+    for index in range(cfg.seeds):
+        seed = cfg.seed + index
+        inputs = StageInputs(cfg, seed, seed_dir(out, seed), train_prompts, pairs_path(out))
+        planned: set[str] = set()
+        for arm in selected_arms(cfg):
+            for stage in arm.stages:
+                if stage.name not in planned:  # a shared stage (the reward model) serves every arm of the seed
+                    planned.add(stage.name)
+                    plan.append(PlannedStage(f"seed-{seed}/{stage.name}", stage.command,
+                                             stage.args(arm.inputs_for(inputs))))
+        with_sweep = cfg.sweep and index == 0
+        if with_sweep:
+            for name, arm, value in sweep_runs(cfg):
+                plan.append(PlannedStage(f"seed-{seed}/{name}", arm.family.command,
+                                         arm.args(dataclasses.replace(inputs, setting=value))))
+        plan.append(PlannedStage(f"seed-{seed}/eval", "eval", _eval_args(cfg, inputs, heldout_prompts, with_sweep)))
+    return plan
+
+
+def evaluated_policies(cfg: CompareConfig, with_sweep: bool) -> list[str]:
+    """The trained policies a seed's evaluation scores: the arms in ``--arms`` order, then the sweep runs."""
+    return [*cfg.arms, *(name for name, _, _ in sweep_runs(cfg) if with_sweep)]
+
+
+def reward_model_stage(cfg: CompareConfig) -> str | None:
+    """The shared reward-model stage some arm trains (the evaluation's proxy reward), or None."""
+    shared = (stage for arm in selected_arms(cfg) for stage in arm.needs if stage.charged_as == "reward_model")
+    return next((stage.name for stage in shared), None)
+
+
+def _pairs_args(cfg: CompareConfig, train_prompts: Path) -> list:
+    return ["--model", cfg.model, "--prompts", train_prompts, "--judge", cfg.judge,
+            "--num-samples", cfg.samples_per_prompt, "--pair-rule", cfg.pair_rule, "--min-gap", cfg.min_gap,
+            *sampling_args(cfg), *sampler_args(cfg), "--seed", cfg.seed]
+
+
+def _eval_args(cfg: CompareConfig, inputs: StageInputs, heldout_prompts: Path, with_sweep: bool) -> list:
+    policies = [f"{START}={cfg.model}"]
+    policies += [f"{name}={final_model(inputs.seed_dir, name)}" for name in evaluated_policies(cfg, with_sweep)]
+    args = ["--policies", *policies, "--reference", cfg.model, "--prompts", heldout_prompts, "--judge", cfg.judge,
+            "--num-samples", cfg.eval_samples, *sampling_args(cfg), *sampler_args(cfg), "--seed", inputs.seed]
+    proxy = reward_model_stage(cfg)
+    if proxy is not None:
+        args += ["--proxy", final_model(inputs.seed_dir, proxy)]
+    return args
