@@ -34,11 +34,11 @@ from bench.common import (  # noqa: E402
 def _sequential(cls):
     class Sequential(cls):
         def batch_for(self, step, micro):
-            s = self.schedule
+            s = self.sizes
             start = (step * s.grad_accum + micro) * s.micro_batch
             return self.train_data[start : start + s.micro_batch]
 
-        def save_checkpoint(self, ckpts, step):
+        def save_checkpoint(self, step):
             return None
 
         def save_final(self, path):
@@ -111,7 +111,7 @@ def run_ppo(args) -> dict:
     cfg = PPOConfig(**{**kw, **args.overrides})
 
     class NoSave(PPOTrainer):
-        def save_checkpoint(self, ckpts, step):
+        def save_checkpoint(self, step):
             return None
 
         def save_final(self, out):
@@ -173,7 +173,7 @@ def apply_experiments(names: list[str]) -> None:
             import prefalign.trainers.loop as loop
             import prefalign.trainers.ppo as ppo
 
-            original = loop.make_optimizer
+            original = loop.make_optimizer  # the one in prefalign.trainers.optim, as both trainers import it
 
             def fused(model, cfg, learning_rate, total_steps):
                 optimizer, scheduler = original(model, cfg, learning_rate, total_steps)

@@ -109,6 +109,7 @@ def test_ppo_passes_prompts_split(hub, tmp_path, tiny_model_dir):
     cfg = PPOConfig(prompts="org/prompts", prompts_split="test", reward="constant", model=str(tiny_model_dir),
                     output=str(tmp_path / "run"), rollout_batch_size=2, precision="fp32")
     trainer = PPOTrainer(cfg, reward_source=ConstantReward())
+    trainer.init_backend()
     trainer.setup()
     assert hub.calls == [("org/prompts", "test")]
     assert trainer.prompts == ["the movie was", "this film"]

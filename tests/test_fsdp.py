@@ -24,10 +24,9 @@ import sys
 from accelerate.state import AcceleratorState, PartialState
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 
-import prefalign.trainers.loop as loop
-import prefalign.trainers.ppo as ppo
+import prefalign.trainers.backend as backend
 
-make_accelerator = loop.make_accelerator
+make_accelerator = backend.make_accelerator
 
 
 def make_fsdp_accelerator(precision):
@@ -37,7 +36,7 @@ def make_fsdp_accelerator(precision):
     return acc
 
 
-loop.make_accelerator = ppo.make_accelerator = make_fsdp_accelerator
+backend.make_accelerator = make_fsdp_accelerator
 from prefalign.cli import main
 
 sys.exit(main(sys.argv[1:]))

@@ -102,7 +102,7 @@ def test_ppo_rollouts_do_not_depend_on_the_batch_layout(tmp_path, tiny_model_dir
     cfg = PPOConfig(prompts=str(prompts), reward="vader", model=str(tiny_model_dir), output=str(tmp_path / "run"),
                     rollout_batch_size=8, max_new_tokens=6, precision="fp32", temperature=1.0, seed=0)
     trainer = PPOTrainer(cfg)
-    trainer.setup()
+    trainer.prepare()  # backend, models and the sampling copy, as a run has them before its first step
     idx = trainer.prompt_batch(3)
     whole = trainer.rollout(idx, 3, {})
     parts = [trainer.rollout(idx[:4], 3, {}), trainer.rollout(idx[4:], 3, {})]

@@ -1,4 +1,4 @@
-"""The shared training loop (prefalign/trainers/loop.py): schedule, accumulation, clipping, resume, run length,
+"""The run skeleton and the dataset step (prefalign/trainers/run.py, loop.py): schedule, accumulation, clipping, resume, run length,
 evaluation data and outputs, driven through the dpo and sft trainers on a tiny model for a few steps."""
 
 import json
@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM
 
 from conftest import learnable_pairs, read_metrics, trainer_kwargs, write_jsonl
 from prefalign.trainers.dpo import DPOConfig, DPOTrainer
-from prefalign.trainers.loop import lr_lambda
+from prefalign.trainers.optim import lr_lambda
 from prefalign.trainers.reward import RewardConfig, RewardTrainer
 from prefalign.trainers.sft import SFTConfig, SFTTrainer
 

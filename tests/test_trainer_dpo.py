@@ -48,8 +48,9 @@ def test_frozen_reference_is_placed_on_the_accelerator_device(tmp_path, tiny_mod
     trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs))
     from accelerate.utils import DistributedType
 
-    # setup() reads only the device and the distributed type
+    # setup() reads only the device and whether the backend partitions parameters (ZeRO-3)
     trainer.accelerator = SimpleNamespace(device=torch.device("meta"), distributed_type=DistributedType.NO)
+    trainer.backend = SimpleNamespace(zero3=False, acc=trainer.accelerator)
     trainer.setup()
     ref = trainer.ref_model
     assert {t.device for t in chain(ref.parameters(), ref.buffers())} == {torch.device("meta")}

@@ -226,6 +226,7 @@ def test_frozen_reference_and_reward_model_go_to_the_accelerator_device(tmp_path
     monkeypatch.setattr(value_module, "load_value_model", stop)
     trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, reward=str(rm)))
     with pytest.raises(Loaded):
+        trainer.init_backend()
         trainer.setup()
     assert {p.device for p in trainer.ref_model.parameters()} == {torch.device("meta")}
     assert {p.device for p in trainer.reward_source.model.parameters()} == {torch.device("meta")}

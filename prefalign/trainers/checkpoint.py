@@ -4,7 +4,8 @@ A checkpoint directory ``checkpoints/step-0000100/`` holds ``model.pt`` (trainab
 the whole model for full fine-tuning, the adapter for LoRA), ``optimizer.pt``, ``scheduler.pt``,
 ``rng.pt`` and, written last, ``state.json``. Parameters and optimizer state are stored unsharded and keyed
 by parameter name, so a checkpoint written under FSDP resumes on any number of processes, sharded or not.
-Under DeepSpeed, DeepSpeed's own sharded files replace model.pt and optimizer.pt (in ``deepspeed/``).
+Under DeepSpeed, DeepSpeed's own sharded files replace model.pt and optimizer.pt (in ``deepspeed/``, written by
+`prefalign.trainers.backend.DeepSpeedBackend`).
 A directory without a readable ``state.json`` is incomplete and is skipped.
 """
 
@@ -47,25 +48,6 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def is_deepspeed(accelerator) -> bool:
-    from accelerate.utils import DistributedType
-
-    return accelerator.distributed_type == DistributedType.DEEPSPEED
-
-
-def is_zero3(accelerator) -> bool:
-    """DeepSpeed ZeRO stage 3: parameters partitioned over processes."""
-    return is_deepspeed(accelerator) and accelerator.state.deepspeed_plugin.zero_stage == 3
-
-
-def is_sharded(accelerator) -> bool:
-    """Whether parameters are sharded over processes (FSDP, DeepSpeed ZeRO-3), so that a state dict must be
-    gathered collectively and every forward is a collective."""
-    from accelerate.utils import DistributedType
-
-    return is_zero3(accelerator) or accelerator.distributed_type == DistributedType.FSDP
-
-
 def _options(**kw):
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
@@ -86,17 +68,17 @@ def training_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
 
     params = get_model_state_dict(model, options=_options(ignore_frozen_params=True))
     optim = get_optimizer_state_dict(model, optimizer, options=_options(ignore_frozen_params=True))
-    return _without_tied_aliases(model, params), optim
+    return without_tied_aliases(model, params), optim
 
 
 def full_model_state(model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``model``, unsharded, on the main process's CPU (a collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return _without_tied_aliases(model, get_model_state_dict(model, options=_options()))
+    return without_tied_aliases(model, get_model_state_dict(model, options=_options()))
 
 
-def _without_tied_aliases(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def without_tied_aliases(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``state`` without the second names of tied parameters (``lm_head.weight`` of tied embeddings): gathered
     copies no longer share storage, so they would be written twice."""
     first: dict[int, str] = {}
@@ -105,38 +87,6 @@ def _without_tied_aliases(model, state: dict[str, torch.Tensor]) -> dict[str, to
         if first.setdefault(id(p), name) != name:
             aliases.add(name)
     return {k: v for k, v in state.items() if k not in aliases}
-
-
-DEEPSPEED_TAG = "deepspeed"
-"""Under DeepSpeed a checkpoint holds DeepSpeed's own sharded files in this subdirectory (resume needs the same
-number of processes), beside prefalign's scheduler, RNG and state."""
-
-
-def full_deepspeed_state(acc, engine, model) -> dict[str, torch.Tensor]:
-    """Every weight of ``model`` gathered from ZeRO-3's partitions (a collective; needs the config's
-    ``zero3_save_16bit_model: true``), keyed like ``model.state_dict()``: ``engine`` wraps it in `Forward`."""
-    try:
-        state = acc.get_state_dict(engine)
-    except ValueError as e:  # accelerate: the gather is off in the config
-        raise UserError(f"final/ under ZeRO-3: {e}; set zero3_save_16bit_model: true in the accelerate config") \
-            from None
-    # the main process gets the weights, the others None
-    return _without_tied_aliases(model, {k.removeprefix("model."): v for k, v in (state or {}).items()})
-
-
-def load_deepspeed_state(engine, path: Path) -> None:
-    """Weights and optimizer state of a DeepSpeed checkpoint into ``engine`` (every process; its own shards)."""
-    # not strict: the checkpoint holds the trainable weights only (frozen ones come from --model)
-    engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True, load_lr_scheduler_states=False,
-                           load_module_strict=False)
-
-
-def zero_deepspeed_gradients(engine) -> None:
-    """Drop the gradients a skipped step accumulated (DeepSpeed keeps them in its own buffers)."""
-    engine.zero_grad()
-    zero = getattr(engine.optimizer, "zero_grad", None)
-    if zero is not None:
-        zero(set_to_none=True)
 
 
 def load_training_state(model, optimizer, params: dict[str, torch.Tensor], optim: dict, where: Path) -> None:

@@ -19,7 +19,6 @@ from prefalign.errors import UserError
 from prefalign.losses import dpo_loss
 from prefalign.losses.dpo import DPO_LOSSES, HYPERPARAM_NAMES, DPOVariant, owners, resolve_hyperparams
 from prefalign.models.logprobs import completion_logprobs, sequence_logprobs
-from prefalign.trainers.checkpoint import is_zero3
 from prefalign.trainers.config import TrainConfig
 from prefalign.data import PreferenceCollator
 from prefalign.trainers.data import IndexedCollator, load_preference_splits
@@ -152,7 +151,7 @@ class DPOTrainer(Trainer):
         self.train_data, self.eval_data, self.data_info = load_preference_splits(cfg, self.tokenizer)
         self.collator = IndexedCollator(PreferenceCollator(self.tokenizer.pad_token_id))
         if cfg.uses_reference and not cfg.lora_r:
-            if is_zero3(self.accelerator):
+            if self.backend.zero3:
                 raise UserError("dpo under DeepSpeed ZeRO-3 needs --lora-r (the reference is the adapter-off "
                                 "policy): a separate reference model would be loaded partitioned, outside any engine; "
                                 "or shard with FSDP (examples/accelerate/fsdp.yaml), which keeps it whole")
@@ -172,7 +171,7 @@ class DPOTrainer(Trainer):
     def _seq_logps(self, model, batch) -> torch.Tensor:
         """``(2N,)`` sequence log-probs; ``model=None`` means the policy through the training engine."""
         args = (batch["input_ids"], batch["attention_mask"], batch["completion_mask"])
-        logps = self.call(completion_logprobs, *args) if model is None else completion_logprobs(model, *args)
+        logps = self.train_forward(completion_logprobs, *args) if model is None else completion_logprobs(model, *args)
         # per-token means where the loss type asks (IPO's target 1/(2 beta), SimPO's and ORPO's length-normalised
         # rewards); the reference goes through here too, so it is averaged alike
         return sequence_logprobs(logps, batch["completion_mask"], average=self.cfg.variant.length_averaged)

@@ -21,6 +21,7 @@ from prefalign.data import PreferenceCollator
 from prefalign.errors import UserError
 from prefalign.losses.reward import bradley_terry_loss
 from prefalign.rewards import last_token_rewards
+from prefalign.trainers.backend import whole_parameters
 from prefalign.trainers.config import TrainConfig
 from prefalign.trainers.data import IndexedCollator, load_preference_splits
 from prefalign.trainers.loop import Trainer
@@ -108,19 +109,6 @@ def load_reward_backbone(name: str, pad_token_id: int, head_init_std: float | No
     return model, {"new": True, "init_std": std}
 
 
-def whole_parameters(params: list):
-    """A context in which DeepSpeed ZeRO-3's partitioned ``params`` are whole, and what the main process writes
-    into them is kept (loaded under ZeRO-3, a new head is partitioned: writing its empty local shard would do
-    nothing); a no-op for ordinary parameters."""
-    import contextlib
-
-    if not any(hasattr(p, "ds_id") for p in params):
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.GatheredParameters(params, modifier_rank=0)
-
-
 def without_final_token(attention_mask: torch.Tensor) -> torch.Tensor:
     """``(B, T)`` right-padded mask with each row's last real token (the completion's EOS) masked out."""
     mask = attention_mask.clone()
@@ -168,7 +156,7 @@ class RewardTrainer(Trainer):
         # before it.
         mask = without_final_token(batch["attention_mask"])
         # float32: under bf16 autocast the head's output is bf16, too coarse for the log-sigmoid of a difference
-        return self.call(last_token_rewards, batch["input_ids"], mask).float()
+        return self.train_forward(last_token_rewards, batch["input_ids"], mask).float()
 
     def compute_loss(self, batch):
         n = batch["input_ids"].shape[0] // 2

@@ -1,0 +1,37 @@
+"""``final/``: a trained model in Hugging Face format, whole or absent."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import tempfile
+from pathlib import Path
+
+from prefalign.trainers.backend import AccelerateBackend, Trained
+
+
+def save_final_model(backend: AccelerateBackend, path: Path, trained: Trained, tokenizer, merged: bool = False) -> None:
+    """Write ``trained``'s model to ``path`` from the main process; with ``merged``, also the LoRA adapter merged
+    into its base as ``<path>-merged``. Every process calls it: when parameters are sharded the full weights are
+    gathered collectively."""
+    state = backend.full_state(trained)
+    if backend.acc.is_main_process:
+        save_pretrained_atomic(path, trained.model, tokenizer, state)
+        if merged:
+            save_pretrained_atomic(path.parent / f"{path.name}-merged",
+                                   copy.deepcopy(trained.model).merge_and_unload(), tokenizer)
+    backend.acc.wait_for_everyone()
+
+
+def save_pretrained_atomic(path: Path, model, tokenizer, state: dict | None = None) -> None:
+    """``model.save_pretrained`` (weights from ``state`` if given: a gathered full state dict) into a temp
+    directory renamed to ``path``."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
+    try:
+        model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
+        tokenizer.save_pretrained(tmp)
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,225 @@
+"""The run skeleton every trainer plugs its step into.
+
+`Run.train` does, once for every command: the backend and precision, the output directory's lifecycle
+(nothing written before the inputs are checked; removed again if a user error ends a run before its first
+checkpoint), ``config.yaml`` and ``run.json``, metrics (``metrics.jsonl`` + TensorBoard), the progress bar,
+resume (``--resume latest|DIR``), checkpoint cadence and retention, the last good checkpoint, the non-finite
+guard, a graceful stop on SIGINT/SIGTERM, evaluation cadence and ``final/``.
+
+A trainer subclass supplies its setup and its step::
+
+    setup()            load and check models and data; write nothing (runs before the output directory exists)
+    build()            LoRA, optimizers, ``self.trained = [backend.prepare(...)]``; set ``self.total_steps``
+    train_step(step)   one step (sft/dpo/reward: an optimizer step; ppo: an iteration, rollout then update);
+                       report each optimizer step's outcome with `record_step`
+    log_row(done)      the metrics row of the steps since the last log (a collective on every process)
+
+and optionally ``run_info``, ``progress``, ``evaluate``, ``checkpoint_state`` / ``load_state``,
+``check_resumable``, ``on_start``, ``save_final``.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config, write_json
+from prefalign.trainers.backend import Trained, check_mergeable, make_backend, resolve_precision
+from prefalign.trainers.checkpoint import PREFIX, CheckpointManager, rng_state, set_rng_state
+from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
+from prefalign.trainers.metrics import MetricsLogger
+
+log = logging.getLogger(__name__)
+
+
+class Run:
+    """Base of every trainer: the skeleton of one run. Subclasses implement the hooks named in the module doc."""
+
+    command = "train"
+    """The CLI command: the progress bar's label and the resume hint."""
+    unit = "step"
+    """What one `train_step` is, for the progress bar and messages."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.trained: list[Trained] = []
+        self.total_steps = 0
+        self.last_good = "none yet"
+
+    # -- hooks --
+    def check_backend(self) -> None:
+        """Refuse a launch this trainer cannot run (before anything is loaded)."""
+
+    def setup(self) -> None:
+        raise NotImplementedError
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def train_step(self, step: int) -> None:
+        raise NotImplementedError
+
+    def log_row(self, done: int) -> dict[str, float]:
+        raise NotImplementedError
+
+    def run_info(self) -> dict[str, Any]:
+        return {}
+
+    def progress(self) -> dict[str, str]:
+        """The progress bar's postfix after a step."""
+        return {}
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out metrics (``eval/...``); empty when the trainer has no evaluation set."""
+        return {}
+
+    @property
+    def eval_steps(self) -> int | None:
+        return getattr(self.cfg, "eval_steps", None)
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """JSON-able state saved in every checkpoint beside the skeleton's."""
+        return {}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Put `checkpoint_state` back (after the weights, optimizers and RNG are restored)."""
+
+    def check_resumable(self, path: Path, state: dict[str, Any]) -> None:
+        """Refuse a checkpoint this launch cannot continue exactly."""
+
+    def on_start(self, start: int, metrics: MetricsLogger) -> None:
+        """After the run's files are ready, before the first step (``start``: the step resumed from, or 0)."""
+
+    def save_final(self, out: Path) -> None:
+        raise NotImplementedError
+
+    # -- the skeleton --
+    def train(self) -> dict[str, float]:
+        """Run the whole training; a user error before the first checkpoint leaves no output directory."""
+        return run_in_output_dir(self.cfg, self._run)
+
+    def init_backend(self) -> None:
+        """The precision, the backend (and its accelerator) of this launch, the checks on it, the seed."""
+        from accelerate.utils import set_seed
+
+        self.precision = resolve_precision(self.cfg.precision)
+        self.backend = make_backend(self.precision)
+        self.accelerator = self.backend.acc
+        self.world = self.accelerator.num_processes
+        self.check_backend()
+        check_mergeable(self.backend, self.cfg.merge_lora)
+        set_seed(self.cfg.seed)
+
+    def prepare(self) -> None:
+        """Everything before the first step: the backend, `setup`, the output directory, `build`."""
+        cfg = self.cfg
+        self.init_backend()
+        self.setup()  # models and data first: bad input fails before anything is written
+        self.out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
+        self.accelerator.wait_for_everyone()  # every process has checked the directory before the main one writes
+        self.build()
+
+    def _run(self) -> dict[str, float]:
+        self.prepare()
+        cfg, acc, out = self.cfg, self.accelerator, self.out_dir
+        self.ckpts = CheckpointManager(out, cfg.save_total_limit)
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)  # its count of skipped steps is saved and resumed
+        start = self._resume() if cfg.resume is not None else 0
+        if acc.is_main_process:
+            write_config(out, cfg)
+            write_json(out / "run.json", {"precision": self.precision, "processes": self.world,
+                                          "backend": self.backend.name, **self.run_info(),
+                                          "resumed_from_step": start if cfg.resume else None})
+        metrics = MetricsLogger(out, resume_step=start if cfg.resume else None, enabled=acc.is_main_process)
+        self.on_start(start, metrics)
+        if self.evaluate_now(start, first=True):
+            metrics.log(0, self.evaluate())
+        last_logged = self._steps(start, metrics)
+        final_eval = self.evaluate() if self.has_eval else {}
+        if final_eval:
+            metrics.log(self.total_steps, final_eval)
+        metrics.close()
+        acc.wait_for_everyone()
+        self.save_final(out)
+        acc.wait_for_everyone()
+        return {**last_logged, **final_eval}
+
+    def _steps(self, start: int, metrics: MetricsLogger) -> dict[str, float]:
+        """Steps ``start`` .. total: the step, its metrics, evaluation and checkpoint cadence, a stop on a signal."""
+        from tqdm.auto import tqdm
+
+        cfg, total = self.cfg, self.total_steps
+        hint = f"prefalign {self.command} --config {self.out_dir / 'config.yaml'} --resume latest"
+        last_logged: dict[str, float] = {}
+        # the bar closes before an error propagates, so the error stays the last line on the terminal
+        with (tqdm(total=total, initial=start, desc=self.command, unit=self.unit,
+                   disable=not self.accelerator.is_main_process) as bar,
+              GracefulStop(self.accelerator) as stop):
+            for step in range(start, total):
+                self.train_step(step)
+                done = step + 1
+                if done % cfg.logging_steps == 0 or done == total:
+                    last_logged = {**self.log_row(done), "skipped_steps": self.guard.skipped}
+                    metrics.log(done, last_logged)
+                if self.evaluate_now(done):
+                    metrics.log(done, self.evaluate())
+                # no checkpoint while steps are being skipped: "last good" stays the last finite state
+                if ((cfg.save_steps and done % cfg.save_steps == 0) or done == total) and self.guard.in_a_row == 0:
+                    self.save_checkpoint(done)
+                bar.set_postfix(self.progress())
+                bar.update(1)
+                if done < total:
+                    stop.check(done, total, lambda: self.save_checkpoint(done), hint)
+        return last_logged
+
+    def evaluate_now(self, done: int, first: bool = False) -> bool:
+        """Evaluation cadence: before the first step of a fresh run, every ``eval_steps``; the end has its own."""
+        if not self.has_eval:
+            return False
+        if first:
+            return done == 0
+        return bool(self.eval_steps) and done % self.eval_steps == 0 and done != self.total_steps
+
+    @property
+    def has_eval(self) -> bool:
+        return False
+
+    def record_step(self, finite: bool, done: int) -> None:
+        """Count an optimizer step skipped for a non-finite loss or gradient; stop after too many in a row."""
+        self.guard.record(finite, done, self.last_good)
+
+    def save_checkpoint(self, step: int) -> Path:
+        """Every trained model's weights and optimizer, schedules, RNG and state as checkpoint ``step``: collectives
+        on every process, written by the main one. Becomes the last good checkpoint."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        objects = {t.key("scheduler"): t.scheduler.state_dict() for t in self.trained}
+        objects["rng"] = rng_state()
+        weights, into = self.backend.checkpoint_objects(self.trained, self.ckpts, step)
+        objects.update(weights)
+        acc.wait_for_everyone()
+        path = self.ckpts.root / f"{PREFIX}{step:07d}"
+        if acc.is_main_process:
+            path = self.ckpts.save(step, objects, {"total_steps": self.total_steps,
+                                                   "skipped_steps": self.guard.skipped, "processes": self.world,
+                                                   **self.checkpoint_state()}, into=into)
+        acc.wait_for_everyone()
+        self.last_good = str(path)
+        return path
+
+    def _resume(self) -> int:
+        """Restore the checkpoint named by --resume; returns its step."""
+        path, state, objects = self.ckpts.load_for_resume(self.cfg.resume)
+        self.backend.check_resumable(path, state)
+        self.check_resumable(path, state)
+        self.backend.load_checkpoint(self.trained, path, objects)
+        for t in self.trained:
+            t.scheduler.load_state_dict(objects[t.key("scheduler")])
+        set_rng_state(objects["rng"])
+        self.guard.skipped = int(state.get("skipped_steps", 0))
+        self.load_state(state)
+        self.last_good = str(path)
+        start = int(state["step"])
+        log.info("resuming from %s (%s %d of %d)", path, self.unit, start, self.total_steps)
+        return start
