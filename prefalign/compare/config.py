@@ -12,7 +12,7 @@ from typing import Annotated
 import tyro
 
 from prefalign.compare.arms import ARMS, DEFAULT_ARMS, arms_help
-from prefalign.validation import Validated
+from prefalign.validation import Validated, flag
 
 # Budgets per preset. quick: a smoke run of every stage; default: the race the README reports; paper:
 # larger, for a GPU.
@@ -118,7 +118,7 @@ class CompareConfig(Validated):
     dpo_beta: float | None = None
     """DPO beta."""
     dpo_rf_beta: float | None = None
-    """Beta of the reference-free arm (1 = the seed's -log sigmoid(logp(x+) - logp(x-)))."""
+    """Beta of the reference-free arm (1 = the plain pairwise likelihood loss -log sigmoid(logp(x+) - logp(x-)))."""
     eval_split: float = 0.1
     """Fraction of pairs held out (reward-model accuracy, DPO eval metrics); the same pairs for every arm."""
 
@@ -145,7 +145,7 @@ class CompareConfig(Validated):
         for budget in fields(self):
             value = getattr(self, budget.name)
             if budget.name in PRESETS["default"] and value is not None and value <= 0:
-                raise ValueError(f"--{budget.name.replace('_', '-')} must be > 0, got {value}")
+                raise ValueError(f"{flag(budget.name)} must be > 0, got {value}")
         if self.sweep and any(beta <= 0 for beta in self.sweep_betas):
             raise ValueError("--sweep-betas must all be > 0")
         if self.sweep and any(kl_coef < 0 for kl_coef in self.sweep_kl_coefs):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from prefalign.validation import Validated
+from prefalign.validation import Validated, require_at_least_one
 from dataclasses import dataclass, field
 
 
@@ -66,11 +66,7 @@ class CommonConfig(Validated):
     in a row, the last good checkpoint intact."""
 
     def validate(self):
-        for name in ("logging_steps", "save_total_limit", "max_nonfinite_steps"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        if self.save_steps is not None and self.save_steps < 1:
-            raise ValueError(f"--save-steps must be >= 1, got {self.save_steps}")
+        require_at_least_one(self, "logging_steps", "save_total_limit", "max_nonfinite_steps", "save_steps")
         if self.learning_rate <= 0:
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.lr_scheduler not in ("constant", "linear", "cosine"):
@@ -125,13 +121,8 @@ class TrainConfig(CommonConfig):
 
     def validate(self):
         super().validate()
-        for name in ("batch_size", "grad_accum", "max_length"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{_flag(name)} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_steps", "max_prompt_length", "forward_batch_size"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                raise ValueError(f"--{_flag(name)} must be >= 1, got {v}")
+        require_at_least_one(self, "batch_size", "grad_accum", "max_length", "max_steps", "eval_steps",
+                             "max_prompt_length", "forward_batch_size")
         if self.max_steps is None and self.epochs <= 0:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         if not 0 <= self.eval_split < 1:
@@ -143,7 +134,3 @@ class TrainConfig(CommonConfig):
     def prompt_budget(self) -> int:
         """Prompt tokens allowed (derived, never written back)."""
         return self.max_prompt_length or self.max_length // 2
-
-
-def _flag(name: str) -> str:
-    return name.replace("_", "-")

@@ -24,12 +24,9 @@ from prefalign.data import PreferenceCollator
 from prefalign.trainers.data import IndexedCollator, load_preference_splits
 from prefalign.trainers.lora import adapter_off
 from prefalign.trainers.loop import Trainer
+from prefalign.validation import flag
 
 log = logging.getLogger(__name__)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _default(name: str) -> float:
@@ -100,7 +97,7 @@ class DPOConfig(TrainConfig):
             raise ValueError("--data is required (a preference file or hub dataset id)")
         if self.loss_type not in DPO_LOSSES:
             raise ValueError(f"--loss-type must be one of {', '.join(DPO_LOSSES)}, got {self.loss_type!r}")
-        resolve_hyperparams(self.variant, self._given_hyperparams(), flag=_flag)  # ranges; refuses an unused one
+        resolve_hyperparams(self.variant, self._given_hyperparams(), flag=flag)  # ranges; refuses an unused one
         if self.ref is not None and self.lora_r:
             raise ValueError("--ref conflicts with LoRA: with --lora-r the reference is the model with its adapter "
                              "off; drop --ref or --lora-r")
@@ -121,7 +118,7 @@ class DPOConfig(TrainConfig):
         """The loss type's hyperparameters as the loss gets them: the user's values, the table's default for an
         unset --beta (derived, never written back: config.yaml keeps the user's value, so a rerun with another
         --loss-type gets that type's default)."""
-        return resolve_hyperparams(self.variant, self._given_hyperparams(), flag=_flag)
+        return resolve_hyperparams(self.variant, self._given_hyperparams(), flag=flag)
 
     def _given_hyperparams(self) -> dict[str, float | None]:
         return {name: getattr(self, name) for name in HYPERPARAM_NAMES}

@@ -30,7 +30,7 @@ def method_cells(name: str) -> dict[str, list]:
 
 
 def comparison_table(arms: list[dict]) -> Table:
-    """The seed's "PPO-RLHF vs DPO" table, one column per arm, filled with the measured numbers."""
+    """The classic "PPO-RLHF vs DPO" table, one column per arm, filled with the measured numbers."""
     gold_of_start = start_gold(arms)
     columns = [_comparison_column(arm, gold_of_start) for arm in arms]
     return Table([""] + [arm["label"] for arm in arms],
