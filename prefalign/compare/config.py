@@ -112,9 +112,9 @@ class CompareConfig(Validated):
     ppo_kl_coef: float | None = None
     """PPO KL penalty coefficient."""
     dpo_steps: int | None = None
-    """Optimizer steps of every DPO-like arm (dpo, dpo_rf, simpo, orpo)."""
+    """Optimizer steps of every DPO-like arm (the DPO_LIKE family of the arm table)."""
     dpo_lr: float | None = None
-    """Learning rate of every DPO-like arm (dpo, dpo_rf, simpo, orpo)."""
+    """Learning rate of every DPO-like arm (the DPO_LIKE family of the arm table)."""
     dpo_beta: float | None = None
     """DPO beta."""
     dpo_rf_beta: float | None = None

@@ -13,7 +13,8 @@ Most variants are functions of the implicit-reward logit
 (``c`` chosen, ``r`` rejected); the reference-free ones (reference_free, simpo, orpo) use the
 policy's log-probs alone. A per-pair function takes a `PairLogps` of ``(B,)`` tensors and its
 hyperparameters as keyword arguments, and returns a `PairLoss` (per-pair losses and rewards), so a
-new variant with a new hyperparameter is one function and one entry.
+new variant is one function and one entry (a hyperparameter name no entry had before also needs its
+field, with a docstring, in `prefalign.trainers.dpo.DPOConfig`).
 """
 
 from __future__ import annotations

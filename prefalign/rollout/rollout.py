@@ -30,7 +30,8 @@ class Rollout:
     scores: torch.Tensor  # (B,) reward-source score (after clip and missing-EOS penalty)
     kl: torch.Tensor  # (B, R) per-token KL estimate
     non_score_rewards: torch.Tensor  # (B, R) -kl_coef * kl
-    rewards: torch.Tensor  # (B, R) per-token rewards: KL penalty, score on the last real token
+    # (B, R) per-token rewards: KL penalty, score on the last real token (whitened with --whiten-rewards)
+    rewards: torch.Tensor
     advantages: torch.Tensor  # (B, R) GAE advantages, whitened over the batch
     returns: torch.Tensor  # (B, R) advantages (before whitening) + values: the value targets
     # -- text --

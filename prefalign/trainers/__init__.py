@@ -1,1 +1,1 @@
-"""Trainers: thin orchestration of models, data and losses on one shared loop."""
+"""Trainers: thin orchestration of models, data and losses, each a step plugged into one run skeleton (run.py)."""

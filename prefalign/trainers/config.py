@@ -62,7 +62,7 @@ class CommonConfig(Validated):
     save_total_limit: int = 2
     """Keep this many newest checkpoints."""
     max_nonfinite_steps: int = 5
-    """Skip an optimizer step whose gradient is not finite (counted in skipped_steps); stop after this many
+    """Skip an optimizer step whose loss or gradient is not finite (counted in skipped_steps); stop after this many
     in a row, the last good checkpoint intact."""
 
     def validate(self):

@@ -66,8 +66,8 @@ def _hint(name: str):
 
 @dataclass
 class DPOConfig(TrainConfig):
-    """Train a policy with a DPO-family loss (sigmoid DPO, ipo, hinge, robust, reference_free, simpo, orpo) on
-    preference pairs."""
+    """Train a policy with a DPO-family preference loss (--loss-type: an entry of the table
+    `prefalign.losses.dpo.DPO_LOSSES`) on preference pairs."""
 
     data: str = ""
     """Preference data: .jsonl/.json/.csv/.parquet (optionally .gz) or a hub dataset id."""

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 
-from prefalign.trainers.config import TrainConfig
+from prefalign.trainers.config import CommonConfig
 
 
-def apply_lora(model, cfg: TrainConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
+def apply_lora(model, cfg: CommonConfig, task_type: str = "CAUSAL_LM", modules_to_save: list[str] | None = None):
     """Wrap ``model`` with LoRA adapters (cfg.lora_r > 0); only adapter (and ``modules_to_save``) weights train."""
     from peft import LoraConfig, get_peft_model
 

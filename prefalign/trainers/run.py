@@ -14,8 +14,10 @@ A trainer subclass supplies its setup and its step::
                        report each optimizer step's outcome with `record_step`
     log_row(done)      the metrics row of the steps since the last log (a collective on every process)
 
-and optionally ``run_info``, ``progress``, ``evaluate``, ``checkpoint_state`` / ``load_state``,
-``check_resumable``, ``on_start``, ``save_final``.
+    save_final(out)    write ``final/`` (every process calls it: sharded weights are gathered)
+
+and optionally ``check_backend``, ``run_info``, ``progress``, ``has_eval`` / ``evaluate``, ``checkpoint_state`` /
+``load_state``, ``check_resumable``, ``on_start``.
 """
 
 from __future__ import annotations
