@@ -62,13 +62,19 @@ def _plot_gold_vs_kl(arms: list[dict], sweep: list[dict], colors: dict, gold_axi
     if not drawn:
         return False
     ax.axvline(0, color="0.8", lw=0.8, zorder=1)
-    ax.set_xlabel("KL(policy || start), nats per completion")
-    ax.set_ylabel(gold_axis)
-    ax.set_title("Gold reward vs KL to the starting policy (up and left is better)")
+    _finish(fig, ax, "KL(policy || start), nats per completion", gold_axis,
+            "Gold reward vs KL to the starting policy (up and left is better)", path)
+    return True
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Label a one-panel plot, grid and legend, and write it."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.savefig(path)
-    return True
 
 
 def _plot_curves(arms: list[dict], colors: dict, path: Path) -> bool:
@@ -117,12 +123,8 @@ def _plot_gold_vs_wall(arms: list[dict], colors: dict, gold_axis: str, path: Pat
     if start_gold is not None:
         ax.axhline(start_gold, ls="--", color=colors[START], lw=1, label=f"{start['label']} (no training)")
     ax.set_xlim(left=0, right=max(point[1] for point in points) * 1.15 or 1)
-    ax.set_xlabel("total wall time, s (pairs + reward model + policy)")
-    ax.set_ylabel(gold_axis)
-    ax.set_title("Gold reward vs wall-clock cost")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.savefig(path)
+    _finish(fig, ax, "total wall time, s (pairs + reward model + policy)", gold_axis, "Gold reward vs wall-clock cost",
+            path)
     return True
 
 
