@@ -7,6 +7,11 @@ by parameter name, so a checkpoint written under FSDP resumes on any number of p
 Under DeepSpeed, DeepSpeed's own sharded files replace model.pt and optimizer.pt (in ``deepspeed/``, written by
 `prefalign.trainers.backend.DeepSpeedBackend`).
 A directory without a readable ``state.json`` is incomplete and is skipped.
+
+Every ``.pt`` file holds tensors and plain values only (dicts, lists, tuples, numbers, strings, None) and is read
+with ``torch.load(weights_only=True)``, so a checkpoint from anywhere else cannot run code on ``--resume``: one
+holding any other object is refused (`UnsafeCheckpoint`). DeepSpeed's own files in ``deepspeed/`` are read by
+DeepSpeed, not here (see docs/reliability.md).
 """
 
 from __future__ import annotations
@@ -29,23 +34,61 @@ STATE_FILE = "state.json"
 PREFIX = "step-"
 
 
+class UnsafeCheckpoint(UserError):
+    """A checkpoint file that holds more than tensors and plain values: refused, never skipped for an older one."""
+
+
 def rng_state() -> dict:
+    """Every generator a run draws from, as tensors and plain values (loadable with ``weights_only=True``).
+
+    Python's Mersenne Twister state (624 words and a position) and numpy's (624 uint32 words) become int64
+    tensors: every word fits, so `set_rng_state` restores them exactly."""
     import numpy as np
 
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    py_version, py_words, py_gauss = random.getstate()
+    np_kind, np_words, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(),
+             "python": {"version": py_version, "words": torch.tensor(py_words, dtype=torch.int64), "gauss": py_gauss},
+             "numpy": {"kind": str(np_kind), "words": torch.from_numpy(np_words.astype(np.int64)), "pos": int(np_pos),
+                       "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)}}
     if torch.cuda.is_available():  # dropout on a GPU draws from its own generators
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
+    """Put back an `rng_state`."""
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    py, npy = state["python"], state["numpy"]
+    random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+    np.random.set_state((npy["kind"], npy["words"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                         npy["gauss"]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_tensors_only(path: Path):
+    """``torch.load`` of a checkpoint file that may hold tensors and plain values only: nothing in it can run
+    code. Anything else is an `UnsafeCheckpoint`, named by the globals torch found in it."""
+    from torch.serialization import get_unsafe_globals_in_checkpoint
+
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        try:
+            found = get_unsafe_globals_in_checkpoint(path)
+        except (ValueError, RuntimeError, OSError):  # not torch's zip format: prefalign never writes a bare pickle
+            found = ["a bare pickle"]
+    if path.name == "rng.pt" and found and all(name.startswith("numpy.") for name in found):
+        raise UnsafeCheckpoint(f"{path}: written by prefalign before checkpoints held tensors only (its RNG state "
+                               "holds numpy objects, which prefalign no longer unpickles); finish that run with the "
+                               "prefalign version that wrote it, or start it again without --resume") from None
+    names = ", ".join(found[:4]) or "content torch's safe loader refuses"
+    raise UnsafeCheckpoint(f"{path}: holds objects that could run code when loaded ({names}); prefalign loads only "
+                           "tensors and plain values, so it refuses this checkpoint: resume only from checkpoints "
+                           "prefalign wrote, or start again without --resume") from None
 
 
 def _options(**kw):
@@ -191,6 +234,8 @@ class CheckpointManager:
         for path in reversed(candidates):
             try:
                 return (path, *self.load(path))
+            except UnsafeCheckpoint:  # a tampered (or pre-safe-format) directory: do not quietly resume an older one
+                raise
             except UserError as e:
                 log.warning("skipping unreadable checkpoint: %s", e)
         raise UserError(f"{self.root}: no readable checkpoint to resume from ({len(candidates)} found, all "
@@ -198,11 +243,11 @@ class CheckpointManager:
 
     @staticmethod
     def load(path: Path) -> tuple[dict, dict]:
-        """Return ``(state, objects)`` of a checkpoint."""
+        """Return ``(state, objects)`` of a checkpoint; each ``.pt`` through `load_tensors_only`."""
         try:
             state = json.loads((path / STATE_FILE).read_text())
-            objects = {p.stem: torch.load(p, map_location="cpu", weights_only=False) for p in path.glob("*.pt")}
-        except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError) as e:
+            objects = {p.stem: load_tensors_only(p) for p in sorted(path.glob("*.pt"))}
+        except (OSError, ValueError, RuntimeError, EOFError) as e:
             raise UserError(f"{path}: checkpoint unreadable ({type(e).__name__}: {e}); resume from an older one "
                             "with --resume <dir>") from None
         return state, objects
