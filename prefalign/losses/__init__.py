@@ -4,9 +4,17 @@ Nothing here imports anything but torch and the standard library, so every formu
 milliseconds. Shapes: ``B`` batch, ``T`` response tokens, ``V`` vocabulary.
 """
 
+from prefalign.losses.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
 from prefalign.losses.dpo import DPO_LOSSES, dpo_loss
 from prefalign.losses.gae import gae
 from prefalign.losses.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3, kl_penalty
+from prefalign.losses.policy import (
+    AGGREGATIONS,
+    aggregate_loss,
+    clipped_policy_token_loss,
+    informative_groups,
+    kl_loss_term,
+)
 from prefalign.losses.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from prefalign.losses.reward import bradley_terry_loss
 from prefalign.losses.sft import sft_loss
@@ -14,9 +22,16 @@ from prefalign.losses.shaping import apply_missing_eos_penalty, explained_varian
 from prefalign.losses.stats import masked_mean, masked_var, masked_whiten
 
 __all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "AGGREGATIONS",
+    "AdvantageInputs",
     "DPO_LOSSES",
     "KL_ESTIMATORS",
+    "aggregate_loss",
     "apply_missing_eos_penalty",
+    "clipped_policy_token_loss",
+    "informative_groups",
+    "kl_loss_term",
     "explained_variance",
     "kl_shaped_rewards",
     "bradley_terry_loss",
