@@ -24,6 +24,7 @@ from prefalign.compare.plan import plan_stages
 from prefalign.compare.stages import StageResult, StageRunner
 from prefalign.compare.summary import summarize
 from prefalign.errors import UserError
+from prefalign.preflight import preflight_race
 from prefalign.runio import prepare_output_dir, write_config, write_jsonl
 
 
@@ -50,6 +51,9 @@ class Comparison:
         from prefalign.eval.report import write_report
 
         cfg = self.cfg
+        # before the directory exists; the plan's prompt paths are placeholders: only its commands are counted
+        stages = plan_stages(cfg, Path(cfg.output), Path("train.jsonl"), Path("heldout.jsonl"))
+        preflight_race(cfg.output, [stage.command for stage in stages], cfg.model)
         out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume)
         write_config(out, self.user_cfg)
         write_config(out / "resolved", cfg)

@@ -26,6 +26,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from prefalign.preflight import preflight_run
 from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config, write_json
 from prefalign.trainers.backend import Trained, check_mergeable, make_backend, resolve_precision
 from prefalign.trainers.checkpoint import PREFIX, CheckpointManager, rng_state, set_rng_state
@@ -118,6 +119,7 @@ class Run:
         cfg = self.cfg
         self.init_backend()
         self.setup()  # models and data first: bad input fails before anything is written
+        preflight_run(self)  # refuses what cannot fit on the disk, warns what may not fit in memory
         self.out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
         self.accelerator.wait_for_everyone()  # every process has checked the directory before the main one writes
         self.build()
