@@ -195,7 +195,3 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {e.name: e for e in (
 )}
 """Every advantage estimator by name."""
 
-
-def estimators_help() -> str:
-    """The ``--estimator`` help: one clause per critic-free entry."""
-    return "; ".join(f"{e.name}: {e.help}" for e in ADVANTAGE_ESTIMATORS.values() if not e.needs_values)

@@ -87,6 +87,8 @@ class PPOTrainer(PPOUpdate, Run):
         self.value = self.load_value()
         if cfg.gradient_checkpointing:
             for m in (self.policy, self.value):
+                if m is None:  # a critic-free subclass (prefalign rl) loads no value model
+                    continue
                 m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def load_value(self):
@@ -116,6 +118,11 @@ class PPOTrainer(PPOUpdate, Run):
         self.trained_policy = self.backend.prepare("policy", self.policy, p_opt, p_sched)
         self.trained_value = self.backend.prepare("value", self.value, v_opt, v_sched)
         self.trained = [self.trained_policy, self.trained_value]
+        self.build_sampling()
+
+    def build_sampling(self) -> None:
+        """The sampling copy, the KL controller, the EOS ids and the rollouts' `SamplingConfig`."""
+        cfg = self.cfg
         # rollouts sample from a bf16 copy under bf16 precision (refreshed after every update); old log-probs,
         # reference log-probs and values still come from the training weights. A sharded policy has no whole copy.
         use_copy = self.precision == "bf16" and not self.backend.sharded
@@ -247,7 +254,7 @@ class PPOTrainer(PPOUpdate, Run):
         timing["time/update"] = time.perf_counter() - t_update
         done = step + 1
         self.last_row = self.iteration_metrics(rollout, update_stats, timing, done)
-        self.kl_ctl.update(self.last_row["objective/kl"], cfg.rollout_batch_size)  # the same global KL everywhere
+        self.kl_ctl.update(self.last_row["objective/kl"], cfg.completions_per_iteration)  # global: the same everywhere
         if self.accelerator.is_main_process and (done % cfg.sample_every == 0 or done == 1 or done == self.total_steps):
             self.log_samples(done, rollout)
         self.seconds_per_iteration = time.perf_counter() - t_start

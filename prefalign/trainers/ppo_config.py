@@ -149,6 +149,11 @@ class PPOConfig(CommonConfig):
         return 100
 
     @property
+    def completions_per_iteration(self) -> int:
+        """Responses sampled per iteration (one per prompt: the rollout batch)."""
+        return self.rollout_batch_size
+
+    @property
     def minibatch_size(self) -> int:
         return self.rollout_batch_size // self.num_minibatches
 

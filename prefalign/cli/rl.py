@@ -1,0 +1,26 @@
+"""``prefalign rl``: critic-free online RL (GRPO, Dr. GRPO, RLOO, REINFORCE++; DAPO's clip-higher and dynamic
+sampling) against one or more reward sources, K completions per prompt, no value model.
+
+Examples::
+
+    prefalign rl --estimator grpo --num-generations 4 --prompts prompts.txt --reward runs/rm/final --output runs/grpo
+    prefalign rl --estimator dr_grpo --kl-in-loss --prompts prompts.txt --reward vader --output runs/dr-grpo
+    prefalign rl --estimator rloo --prompts prompts.jsonl --reward vader --reward mymod:fn --reward-weights 1.0 0.5 \\
+        --output runs/rloo
+    prefalign rl --estimator grpo --clip-eps-low 0.2 --clip-eps-high 0.28 --loss-agg token_mean \\
+        --dynamic-sampling --prompts prompts.txt --reward mymod:fn --output runs/dapo       # DAPO's options
+"""
+
+from __future__ import annotations
+
+
+def main(argv: list[str] | None = None) -> int:
+    from prefalign.cli._args import parse
+    from prefalign.trainers.rl import RLConfig, RLTrainer
+
+    cfg = parse(RLConfig, argv, prog="prefalign rl", description=__doc__)
+    last = RLTrainer(cfg).train()
+    keys = ("objective/scores", "objective/kl", "rl/group_score_std", "val/num_eos")
+    print(f"done: {({k: round(last[k], 4) for k in keys if k in last})}\n"
+          f"policy in {cfg.output}/final, metrics in {cfg.output}/metrics.jsonl, samples in {cfg.output}/samples.jsonl")
+    return 0

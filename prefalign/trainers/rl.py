@@ -1,0 +1,201 @@
+"""The critic-free online family on PPO's skeleton: GRPO, Dr. GRPO, RLOO, REINFORCE++, with DAPO's options.
+
+`RLTrainer` is a `PPOTrainer` without a value model: it reuses PPO's setup (tokenizer, prompts, policy,
+reference, LoRA), prompt order and sharding, sampling copy, KL controller, checkpoints and samples, and its
+epoch/minibatch loop (`PPOUpdate.update`). What differs is here and in `prefalign.trainers.rl_update`:
+
+- each prompt is sampled ``K = --num-generations`` times; completion ``k`` of prompt ``i`` at iteration ``s``
+  draws from the stream ``key_seed(s, i, k)``, so it does not depend on the batch layout or the process count;
+  a process holds whole groups (its share of prompts, each with its K rows, consecutive);
+- advantages come from the table `prefalign.losses.advantages.ADVANTAGE_ESTIMATORS` by ``--estimator``;
+- the policy loss has clip-higher, a choice of aggregation and optionally the KL as a loss term
+  (`prefalign.losses.policy`); ``--dynamic-sampling`` takes groups of equal scores out of the loss;
+- several reward sources, weighted and summed (`prefalign.rewards.WeightedRewards`), each logged.
+
+PPO's own code paths are untouched: `prefalign ppo` gives the same numbers as before this module existed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from prefalign.losses import ADVANTAGE_ESTIMATORS, AdvantageInputs, apply_missing_eos_penalty, kl_shaped_rewards
+from prefalign.losses.policy import informative_groups
+from prefalign.models.logprobs import completion_logprobs
+from prefalign.rollout import cut_at_stop, generate
+from prefalign.rollout.generate import key_seed
+from prefalign.rollout.rollout import Rollout
+from prefalign.trainers.dist import masked_mean_var, mean_across_processes
+from prefalign.trainers.final import save_final_model
+from prefalign.trainers.lora import adapter_off
+from prefalign.trainers.optim import make_optimizer
+from prefalign.trainers.ppo import PPOTrainer
+from prefalign.trainers.rl_config import RLConfig
+from prefalign.trainers.rl_update import RLUpdate
+
+__all__ = ["GroupRollout", "RLConfig", "RLTrainer"]
+
+
+@dataclass
+class GroupRollout(Rollout):
+    """A `Rollout` of B = prompts x K rows, K consecutive rows per prompt. ``values`` are zeros (no critic);
+    ``returns`` are the estimator's (R_i on every token for outcome estimators, the return-to-go for
+    reinforce_pp), logged only."""
+
+    loss_mask: torch.Tensor = None  # (B, R) response_mask with the rows of dropped groups zeroed
+    kept: torch.Tensor = None  # (B,) bool: the row's group is in the loss (all True without --dynamic-sampling)
+    loss_lengths: torch.Tensor = None  # (N, B) tokens of loss_mask per row of every process (the normalisers)
+    score_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> (B,) unweighted scores
+
+    def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {k: getattr(self, k)[idx] for k in ("query_response", "attention_mask", "completion_mask",
+                                                    "loss_mask", "logps", "ref_logps", "advantages")}
+
+
+class RLTrainer(RLUpdate, PPOTrainer):
+    command = "rl"
+
+    def __init__(self, cfg: RLConfig, reward_source=None):
+        """``reward_source``: an object with ``score(prompts, completions) -> (B,)`` (logged under its ``name``);
+        default: ``cfg.reward`` weighted by ``cfg.reward_weights``."""
+        super().__init__(cfg, reward_source)
+        self.estimator = ADVANTAGE_ESTIMATORS[cfg.estimator]
+
+    # ---------------------------------------------------------------- setup
+    def setup(self) -> None:
+        """PPO's setup (tokenizer, prompts, policy, reference) with every reward source, and no value model."""
+        from prefalign.rewards import WeightedRewards
+
+        cfg = self.cfg
+        if self.reward_source is None:
+            self.reward_source = WeightedRewards.load(cfg.reward, cfg.weights, batch_size=cfg.reward_batch_size,
+                                                      device=str(self.accelerator.device))
+        elif not isinstance(self.reward_source, WeightedRewards):
+            self.reward_source = WeightedRewards({getattr(self.reward_source, "name", "reward"): self.reward_source},
+                                                 [1.0])
+        super().setup()
+
+    def load_value(self):
+        return None  # critic-free: the baseline comes from the group or the batch
+
+    def build(self) -> None:
+        """The policy's optimizer and backend; the sampling copy, KL controller and sampling as PPO's."""
+        cfg = self.cfg
+        self.total_steps = cfg.total_steps
+        updates = self.total_steps * cfg.ppo_epochs * cfg.num_minibatches  # optimizer steps over the run
+        opt, sched = make_optimizer(self.policy, cfg, cfg.learning_rate, updates)
+        self.trained_policy = self.backend.prepare("policy", self.policy, opt, sched)
+        self.trained = [self.trained_policy]
+        self.build_sampling()
+
+    def run_info(self) -> dict:
+        cfg = self.cfg
+        return {"prompts": len(self.prompts), "total_iterations": self.total_steps, "estimator": cfg.estimator,
+                "num_generations": cfg.num_generations, "loss_aggregation": cfg.aggregation,
+                "episodes": self.total_steps * cfg.completions_per_iteration, "reward": self.reward_source.name,
+                "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad)}
+
+    def save_final(self, out: Path) -> None:
+        """``final/``: the policy (adapter with LoRA, plus ``final-merged/`` with --merge-lora); no critic."""
+        save_final_model(self.backend, out / "final", self.trained_policy, self.tokenizer, merged=self.cfg.merge_lora)
+
+    # ---------------------------------------------------------------- rollout
+    @torch.no_grad()
+    def rollout(self, idx: list[int], step: int, timing: dict) -> GroupRollout:
+        """This process's rollout of iteration ``step``: K completions of each prompt of ``idx`` (its shard). A
+        collective: reinforce_pp's whitening and the loss normalisers use every process's rows."""
+        from prefalign.data import PromptCollator
+        from prefalign.rewards import check_scores
+
+        cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
+        k, dev = cfg.num_generations, acc.device
+        t0 = time.perf_counter()
+        # 1. sample K responses per prompt, consecutive rows, each keyed by (iteration, prompt, k)
+        rows = [i for i in idx for _ in range(k)]
+        batch = PromptCollator(tok.pad_token_id)([self.prompt_ids[i] for i in rows])
+        with acc.autocast():
+            gen = self.trained_policy.frozen_forward(
+                generate, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.sampling,
+                model=self.sampler, eos_ids=self.eos_ids, pad_id=tok.pad_token_id, tokenizer=tok, seed=cfg.seed,
+                synced=self.backend.sharded, row_keys=[key_seed(step, i, j) for i in idx for j in range(k)])
+        timing["time/generation"] = time.perf_counter() - t0
+        # 2. masks: the response of every row starts at column P
+        query_response = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P+R)
+        attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P+R)
+        completion_mask = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], dim=1)  # (B, P+R)
+        response_mask = gen.response_mask  # (B, R)
+        # 3. old and reference log-probs (at the sampling temperature), entropy
+        t1 = time.perf_counter()
+        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask)
+        width = gen.prompt_ids.shape[1]
+        logps, entropy, ref_logps = (x[:, width:].float() for x in (logps, entropy, ref_logps))
+        timing["time/logprobs"] = time.perf_counter() - t1
+        # 4. score with every reward source, weighted and summed
+        t2 = time.perf_counter()
+        prompts = [self.prompts[i] for i in rows]
+        texts = [cut_at_stop(t, cfg.stop) for t in tok.batch_decode(gen.response_ids, skip_special_tokens=True)]
+        scores = check_scores(self.reward_source.score(prompts, texts), len(texts), "--reward").to(dev)
+        timing["time/scoring"] = time.perf_counter() - t2
+        # 5. clip, then penalise responses that never ended
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        scores = apply_missing_eos_penalty(scores, gen.ended.to(dev), cfg.missing_eos_penalty)
+        # 6. per-token rewards: the KL penalty (unless it is a loss term) on every token, the score on the last
+        kl_coef = 0.0 if cfg.kl_in_loss else self.kl_ctl.coef
+        rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, response_mask, kl_coef, cfg.kl_estimator)
+        # 7. advantages by the estimator's table entry; 8. groups of equal scores out of the loss (DAPO)
+        advantages, returns = self.estimator.fn(AdvantageInputs(
+            rewards, response_mask, k, gamma=cfg.gamma, batch_stats=lambda x, m: masked_mean_var(acc, x, m)))
+        kept = informative_groups(scores, k) if cfg.dynamic_sampling else torch.ones_like(gen.ended, device=dev)
+        loss_mask = response_mask * kept[:, None].to(response_mask.dtype)
+        loss_lengths = acc.gather(loss_mask.sum(1)).view(self.world, -1).cpu()
+        return GroupRollout(query_response, attention_mask, completion_mask, response_mask, gen.ended, logps,
+                            ref_logps, torch.zeros_like(logps), entropy, scores, kl, non_score, rewards, advantages,
+                            returns, prompts, texts, loss_mask=loss_mask, kept=kept.bool(), loss_lengths=loss_lengths,
+                            score_parts={n: p.to(dev) for n, p in self.reward_source.last_parts.items()})
+
+    def policy_forwards(self, query_response, attention_mask, completion_mask):
+        """``(logps, entropy, ref_logps)``, each ``(B, P+R)``: the rollout's no-gradient forwards, PPO's less the
+        value model."""
+        temperature = self.cfg.temperature
+        args = (query_response, attention_mask, completion_mask)
+        with self.accelerator.autocast():
+            logps, entropy = self.trained_policy.frozen_forward(completion_logprobs, *args, temperature=temperature,
+                                                                return_entropy=True)
+            if self.ref_model is not None:
+                ref_logps = completion_logprobs(self.ref_model, *args, temperature=temperature)
+            else:
+                with adapter_off(self.policy):
+                    ref_logps = self.trained_policy.frozen_forward(completion_logprobs, *args, temperature=temperature)
+        return logps, entropy, ref_logps
+
+    # ---------------------------------------------------------------- metrics
+    def iteration_metrics(self, rollout: GroupRollout, update_stats: dict, timing: dict, done: int) -> dict:
+        """The iteration's metrics over every process (a collective); every process holds as many rows."""
+        cfg, acc, mask = self.cfg, self.accelerator, rollout.response_mask
+        k = cfg.num_generations
+        non_score = (rollout.non_score_rewards * mask).sum(1)  # (b,)
+        groups = rollout.scores.view(-1, k)  # (b / K, K)
+        means = mean_across_processes(acc, {
+            "objective/scores": rollout.scores.mean().item(),
+            **{f"objective/scores/{n}": p.mean().item() for n, p in rollout.score_parts.items()},
+            "objective/kl": (rollout.kl * mask).sum(1).mean().item(),
+            "objective/entropy": (rollout.entropy * mask).sum(1).mean().item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/rlhf_reward": (rollout.scores + non_score).mean().item(),
+            "rl/group_score_std": groups.std(1).mean().item() if k > 1 else 0.0,
+            "rl/groups_dropped": float((~rollout.kept).sum()) / k,
+            "rl/advantage_abs": ((rollout.advantages.abs() * mask).sum() / mask.sum()).item(),
+            "val/response_length": mask.sum(1).float().mean().item(),
+            "num_eos": float(rollout.ended.sum()), "tokens": float(mask.sum()), **update_stats, **timing,
+        })
+        out = {key: v for key, v in means.items() if key not in ("num_eos", "tokens", "rl/groups_dropped")}
+        return {**out, "rl/groups_dropped": round(means["rl/groups_dropped"] * self.world),
+                "val/num_eos": round(means["num_eos"] * self.world), "kl_coef": self.kl_ctl.coef,
+                "lr": self.trained_policy.scheduler.get_last_lr()[0],
+                "episodes": done * cfg.completions_per_iteration,
+                "tokens_per_second": means["tokens"] * self.world / max(means["time/generation"], 1e-9)}
