@@ -49,7 +49,7 @@ def test_plan_is_the_recorded_plan(scenario):
 
 def test_default_race_is_unchanged_by_the_new_arms():
     assert DEFAULT_ARMS == ["ppo", "dpo", "dpo_rf"] == CompareConfig().arms
-    assert list(ARMS) == ["ppo", "dpo", "dpo_rf", "ppo_gt", "simpo", "orpo"]
+    assert list(ARMS) == ["ppo", "dpo", "dpo_rf", "ppo_gt", "simpo", "orpo", "grpo", "rloo", "grpo_gt"]
 
 
 def test_simpo_and_orpo_run_dpo_with_their_loss_on_the_dpo_budget():
@@ -89,7 +89,7 @@ def test_the_reward_model_runs_once_per_seed_and_before_its_arm():
 def test_config_and_help_read_the_table():
     help_text = arms_help()
     assert all(f"{name}: " in help_text for name in ARMS)
-    with pytest.raises(ValueError, match="--arms takes some of ppo, dpo, dpo_rf, ppo_gt, simpo, orpo; got sft"):
+    with pytest.raises(ValueError, match="--arms takes some of ppo, dpo, dpo_rf, ppo_gt, simpo, orpo, grpo, rloo, grpo_gt; got sft"):
         CompareConfig(arms=["sft"])
     assert CompareConfig(arms=["simpo", "orpo"]).arms == ["simpo", "orpo"]
 

@@ -8,6 +8,7 @@ PPO-RLHF vs DPO table all read `ARMS`; nothing else knows an arm by its name. Ad
 Families::
 
     PPO_RLHF   online RL: samples its own completions while training (`prefalign ppo`, PPO budget)
+    CRITIC_FREE  online RL without a value model, K completions per prompt (`prefalign rl`, PPO budget)
     DPO_LIKE   an offline preference loss on the shared pairs (`prefalign dpo`, DPO budget)
 
 Stages: a policy run named after its arm (``seed-S/dpo``), preceded by any shared stage it needs
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from prefalign.compare.argv import pair_training_args, ppo_args
+from prefalign.compare.argv import pair_training_args, ppo_args, run_args, sampling_args
 
 if TYPE_CHECKING:
     from prefalign.compare.config import CompareConfig
@@ -189,12 +190,36 @@ def _dpo_loss_type(loss_type: str) -> Callable[[StageInputs], list]:
     return args
 
 
+RL_GROUP = 4
+"""K, completions per prompt of the critic-free arms: their rollout batch is the PPO arm's in completions (its
+prompts / K, at least 1 prompt), so both sample as many episodes for the same steps."""
+
+
+def _critic_free(estimator: str, gold: bool) -> Callable[[StageInputs], list]:
+    """A `prefalign rl --estimator ESTIMATOR` arm on the PPO budget, against the reward model (or the gold judge)."""
+
+    def args(inputs: StageInputs) -> list:
+        cfg = inputs.cfg
+        reward = cfg.judge if gold else str(final_model(inputs.seed_dir, REWARD_MODEL.name))
+        return [*run_args(cfg, inputs.seed), "--prompts", inputs.train_prompts, "--reward", reward,
+                "--estimator", estimator, "--num-generations", RL_GROUP,
+                "--rollout-batch-size", max(1, cfg.ppo_rollout_batch // RL_GROUP), "--max-steps", cfg.ppo_steps,
+                "--ppo-epochs", cfg.ppo_epochs, "--learning-rate", cfg.ppo_lr, "--kl-coef", cfg.ppo_kl_coef,
+                *sampling_args(cfg), "--lr-scheduler", "constant", "--sample-every", max(1, cfg.ppo_steps // 4)]
+
+    return args
+
+
 # ---------------------------------------------------------------------------------------------- the table
 
 PPO_RLHF = Family("ppo", "ppo", steps=lambda cfg: cfg.ppo_steps * cfg.ppo_epochs, online=True,
                   update="on-policy RL: samples its own completions while training", curve_metric="objective/scores")
 DPO_LIKE = Family("dpo", "dpo", steps=lambda cfg: cfg.dpo_steps, online=False,
                   update="offline: supervised on fixed pairs", curve_metric="rewards/margins")
+
+CRITIC_FREE = Family("ppo", "rl", steps=lambda cfg: cfg.ppo_steps * cfg.ppo_epochs, online=True,
+                     update="on-policy RL without a critic: K completions per prompt, a group baseline",
+                     curve_metric="objective/scores")
 
 _PPO_LOSS = "E[min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)]"
 _PPO_LOSS_NOTE = " with a per-token KL penalty to the reference"
@@ -220,6 +245,17 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
         reward_model="none: the policy's odds ratio, no reference model",
         loss="-avg_logp_c - lambda log sigmoid(log odds_c - log odds_r)",
         loss_note=" (odds = q / (1 - q), q = exp(avg_logp), avg_logp: per-token mean log-prob)"),
+    Arm("grpo", "GRPO", "a reward model on the pairs, then GRPO against it (rl --estimator grpo, K = 4)",
+        CRITIC_FREE, _critic_free("grpo", gold=False), needs=(REWARD_MODEL,),
+        reward_model="trained explicitly (Bradley-Terry on the pairs)", loss=_PPO_LOSS,
+        loss_note=" with A = (R - mean_group R) / std_group R over the prompt's K completions, R: score minus KL"),
+    Arm("rloo", "RLOO", "a reward model on the pairs, then RLOO against it (rl --estimator rloo, K = 4)",
+        CRITIC_FREE, _critic_free("rloo", gold=False), needs=(REWARD_MODEL,),
+        reward_model="trained explicitly (Bradley-Terry on the pairs)", loss=_PPO_LOSS,
+        loss_note=" with A = R_i - mean of the prompt's other K - 1 completions' R, R: score minus KL"),
+    Arm("grpo_gt", "GRPO on the gold judge", "GRPO straight on the gold judge, an upper reference", CRITIC_FREE,
+        _critic_free("grpo", gold=True), reward_model="none: optimises the gold judge directly (an upper bound, "
+        "not a fair race)", loss=_PPO_LOSS, loss_note=" with A = (R - mean_group R) / std_group R"),
 ]}
 """Every arm by name, in the order their stages run within a seed."""
 
