@@ -1,13 +1,23 @@
-"""Run directories: refuse to clobber another run, write config and metrics atomically."""
+"""Run directories: one writer per directory, refuse to clobber another run, write config and metrics atomically.
+
+One writer: a run holds an exclusive ``flock`` on ``DIR/.prefalign.lock`` from before its models load until it
+ends. The OS drops the lock when the process dies, however it dies, so a crash never leaves a stale lock; the
+file itself only says who holds it (pid and host) for the refusal message.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +25,13 @@ import yaml
 
 from prefalign.errors import UserError
 
+log = logging.getLogger(__name__)
+
 CONFIG_FILE = "config.yaml"
+LOCK_FILE = ".prefalign.lock"
+
+_held: dict[str, OutputLock] = {}
+"""The output directories this process holds a lock on, by real path."""
 
 
 def is_launch_main() -> bool:
@@ -24,8 +40,127 @@ def is_launch_main() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+@dataclasses.dataclass
+class OutputLock:
+    """An exclusive ``flock`` on ``out/LOCK_FILE`` (held while ``fd`` is open), and the directories that taking it
+    created, outermost first: ``created`` says whether ``out`` itself was made by this run."""
+
+    out: Path
+    fd: int
+    made: list[Path]
+
+    @property
+    def created(self) -> bool:
+        return self.out in self.made
+
+    def release(self) -> None:
+        """Remove the lock file (when it is still this lock's: an error clean-up may have removed the directory)
+        and close it, which drops the lock."""
+        _held.pop(os.path.realpath(self.out), None)
+        with contextlib.suppress(OSError):
+            if _same_file(self.fd, self.out / LOCK_FILE):
+                os.unlink(self.out / LOCK_FILE)
+        os.close(self.fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        st, open_st = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (open_st.st_dev, open_st.st_ino)
+
+
+def _make_dirs(out: Path) -> list[Path]:
+    """Create ``out`` and its missing parents with ``os.mkdir``; return those this call made, outermost first.
+    A directory counts as made only when our ``mkdir`` succeeded: another launch may make it in between."""
+    missing = [p for p in [out, *out.parents] if not p.exists()][::-1]
+    made = []
+    for path in missing:
+        try:
+            os.mkdir(path)
+            made.append(path)
+        except FileExistsError:
+            pass
+    return made
+
+
+def _holder(out: Path) -> str:
+    """Who holds ``out``'s lock, from its lock file: 'pid P on host H'. The holder writes it just after locking,
+    so a refusal in between waits a moment for it."""
+    for _ in range(20):
+        try:
+            who = json.loads((out / LOCK_FILE).read_text())
+            return f"pid {who['pid']} on host {who['host']}"
+        except (OSError, ValueError, KeyError, TypeError):
+            time.sleep(0.05)
+    return "pid unknown"
+
+
+def _refuse_held(out: Path) -> UserError:
+    return UserError(f"{out}: another prefalign run is writing here ({_holder(out)}); wait for it to end, "
+                     "or choose another --output (--overwrite never takes a directory from a live run)")
+
+
+def lock_output_dir(path: str | os.PathLike) -> OutputLock:
+    """Create ``path`` if needed and lock it for this process, or refuse in one line naming the holder.
+
+    Refusing deletes nothing, even a directory this call made: the holder that won the race now uses it.
+    A lock file whose holder removed or replaced it (an error clean-up, a finished run) between our ``open`` and
+    ``flock`` is not the directory's lock, hence the check of the locked file against the path, and the retry.
+    """
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output path is a file; give a directory")
+    made: list[Path] = []
+    for _ in range(10):
+        made += _make_dirs(out)
+        try:
+            fd = os.open(out / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        except FileNotFoundError:
+            continue  # removed by a holder's clean-up between our mkdir and open
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise _refuse_held(out) from None
+        except OSError as e:  # a file system without locks (some network mounts): run, but say so
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                os.close(fd)
+                raise
+            log.warning("%s: cannot lock this directory (%s); two runs writing here would not be stopped", out, e)
+        if _same_file(fd, out / LOCK_FILE):
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n").encode(), 0)
+            lock = OutputLock(out, fd, made)
+            _held[os.path.realpath(out)] = lock
+            return lock
+        os.close(fd)
+    raise UserError(f"{out}: could not lock the output directory (it keeps being removed); is another program "
+                    "deleting it? Choose another --output")
+
+
+def _check_not_locked(out: Path) -> None:
+    """Refuse ``out`` when another process holds its lock (a probe: takes and drops the lock at once)."""
+    if os.path.realpath(out) in _held:
+        return
+    try:
+        fd = os.open(out / LOCK_FILE, os.O_RDWR)
+    except OSError:
+        return  # no lock file (or unreadable): nobody holds it
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise _refuse_held(out) from None
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> bool:
-    """Refuse a path that is a file or holds another run (unless ``overwrite`` or ``resume``).
+    """Refuse a path that is a file, is locked by another process, or holds another run (unless ``overwrite`` or
+    ``resume``); the lock file alone is no run.
 
     Returns True when the directory does not exist yet (this run will create it). Under ``accelerate launch``
     only the main process checks (and returns False elsewhere): the others may start late and find the directory
@@ -36,7 +171,9 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
         return False
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output path is a file; give a directory")
-    holds_run = out.is_dir() and any(out.iterdir())
+    if out.is_dir():
+        _check_not_locked(out)
+    holds_run = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
     if holds_run and not (overwrite or resume):
         raise UserError(f"{out}: output directory is not empty (another run?); pass --overwrite to replace "
                         "its files or --resume to continue it, or choose another --output")
@@ -44,34 +181,67 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
 
 
 def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
-    """`check_output_dir`, then create it (the main process of a launch does both: the others write nothing
-    before it does, and must not re-create a directory it removed on an error)."""
-    check_output_dir(path, overwrite=overwrite, resume=resume)
+    """The output directory, checked and created. Inside `claimed_output_dir` (every command run from the CLI)
+    it was checked when it was locked, so this returns it as it is. Otherwise (a library call) `check_output_dir`,
+    then create it. The main process of a launch does both: the others write nothing before it does, and must
+    not re-create a directory it removed on an error."""
     out = Path(path)
-    if is_launch_main():
-        out.mkdir(parents=True, exist_ok=True)
+    if not is_launch_main() or os.path.realpath(out) in _held:
+        return out
+    check_output_dir(path, overwrite=overwrite, resume=resume)
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
 @contextlib.contextmanager
 def remove_on_user_error(path: str | os.PathLike, created: bool):
     """If a `UserError` ends the run and this run created ``path`` and wrote no checkpoint, remove it:
-    bad input leaves nothing half-written behind. A run with a checkpoint is kept (it can resume)."""
+    bad input leaves nothing half-written behind. A run with a checkpoint is kept (it can resume).
+    Any other error removes it only if it holds nothing but the lock file."""
     try:
         yield
-    except UserError:
+    except BaseException as e:
         out = Path(path)
-        if created and out.is_dir() and not any(out.glob("checkpoints/*/state.json")):
-            shutil.rmtree(out, ignore_errors=True)
+        if created and out.is_dir():
+            if isinstance(e, UserError):
+                remove = not any(out.glob("checkpoints/*/state.json"))
+            else:
+                remove = all(p.name == LOCK_FILE for p in out.iterdir())
+            if remove:
+                shutil.rmtree(out, ignore_errors=True)
         raise
 
 
+@contextlib.contextmanager
+def claimed_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
+                       keep_on_error: bool = False):
+    """Hold ``path`` for the whole ``with`` block: lock it (creating it), then refuse it if it holds another run
+    (unless ``overwrite`` or ``resume``); yields its `Path`. Taken before any model loads, so two launches into
+    one directory cannot both pass the check. On an error, `remove_on_user_error` (unless ``keep_on_error``),
+    with the directories this run made, then the lock is dropped. Under ``accelerate launch`` only the main
+    process locks and checks; the others yield the path."""
+    out = Path(path)
+    if not is_launch_main():
+        yield out
+        return
+    lock = lock_output_dir(out)
+    try:
+        check_output_dir(out, overwrite=overwrite, resume=resume)  # refused: nothing removed, it is not ours
+        with remove_on_user_error(out, lock.created and not keep_on_error):
+            yield out
+    finally:
+        if not out.exists():  # removed by the clean-up: so are the parents this run made, if still empty
+            for parent in reversed([p for p in lock.made if p != out]):
+                with contextlib.suppress(OSError):
+                    os.rmdir(parent)
+        lock.release()
+
+
 def run_in_output_dir(cfg, fn):
-    """``fn()`` for a run writing to ``cfg.output`` (with ``overwrite`` / ``resume``): refuse a directory holding
-    another run first; a `UserError` removes the directory if this run created it and wrote no checkpoint (on
-    the main process only, see `check_output_dir`)."""
-    created = check_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
-    with remove_on_user_error(cfg.output, created):
+    """``fn()`` for a run writing to ``cfg.output`` (with ``overwrite`` / ``resume``), inside
+    `claimed_output_dir`: the directory locked and checked first; a `UserError` removes it if this run created
+    it and wrote no checkpoint."""
+    with claimed_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None):
         return fn()
 
 

@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if parent := os.environ.pop("PREFALIGN_STAGE_PARENT", None):  # a compare stage off Linux: end with the race
+        from prefalign.compare.stages import exit_with_parent
+
+        exit_with_parent(int(parent))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ours are the progress bars that matter
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -18,9 +18,11 @@ from prefalign.eval.evaluate import EvalConfig
 def main(argv: list[str] | None = None) -> int:
     from prefalign.cli._args import parse
     from prefalign.eval.evaluate import evaluate, markdown_table
+    from prefalign.runio import claimed_output_dir
 
     cfg = parse(EvalConfig, argv, prog="prefalign eval", description=__doc__)
-    result = evaluate(cfg)
+    with claimed_output_dir(cfg.output, overwrite=cfg.overwrite):  # one writer, from before the models load
+        result = evaluate(cfg)
     print(markdown_table(result["policies"]), end="")
     print(f"wrote {Path(cfg.output) / 'eval.json'}, eval.md, completions.jsonl")
     return 0

@@ -83,9 +83,11 @@ def run(cfg: GenerateConfig) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     from prefalign.cli._args import parse
+    from prefalign.runio import claimed_output_dir
 
     cfg = parse(GenerateConfig, argv, prog="prefalign generate", description=__doc__)
-    rows = run(cfg)
+    with claimed_output_dir(cfg.output, overwrite=cfg.overwrite):  # one writer, from before the model loads
+        rows = run(cfg)
     for r in rows:
         print(f"\n### {r['prompt'].strip()[-200:]}\n{r['completion'].strip()}")
     print(f"\nwrote {len(rows)} completions to {Path(cfg.output) / 'generations.jsonl'}")

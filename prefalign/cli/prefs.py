@@ -19,9 +19,11 @@ from prefalign.eval.prefs import PrefsConfig
 def main(argv: list[str] | None = None) -> int:
     from prefalign.cli._args import parse
     from prefalign.eval.prefs import make_preferences
+    from prefalign.runio import claimed_output_dir
 
     cfg = parse(PrefsConfig, argv, prog="prefalign prefs", description=__doc__)
-    m = make_preferences(cfg)
+    with claimed_output_dir(cfg.output, overwrite=cfg.overwrite):  # one writer, from before the models load
+        m = make_preferences(cfg)
     skipped = m["prompts_skipped_tied"] + m["prompts_skipped_small_gap"] + m["prompts_skipped_no_distinct_text"]
     print(f"{m['prompts']} prompts, {m['completions']} completions -> {m['pairs']} pairs; {skipped} prompts "
           f"skipped (tied {m['prompts_skipped_tied']}, gap <= {cfg.min_gap} {m['prompts_skipped_small_gap']}, "

@@ -25,7 +25,7 @@ from prefalign.compare.stages import StageResult, StageRunner
 from prefalign.compare.summary import summarize
 from prefalign.errors import UserError
 from prefalign.preflight import preflight_race
-from prefalign.runio import prepare_output_dir, write_config, write_jsonl
+from prefalign.runio import claimed_output_dir, write_config, write_jsonl
 
 
 def _prompts(source: str | None, split: str, count: int, tokenizer) -> list[str]:
@@ -45,16 +45,23 @@ class Comparison:
         self.cfg = cfg.resolved()
 
     def run(self) -> dict:
-        """Run every stage not finished before, then summarise and write the report; returns the summary."""
+        """Run every stage not finished before, then summarise and write the report; returns the summary.
+
+        The race holds its output directory's lock throughout (each stage locks its own directory); a failed
+        race keeps its directory, to be resumed."""
+        cfg = self.cfg
+        # before the directory exists; the plan's prompt paths are placeholders: only its commands are counted
+        stages = plan_stages(cfg, Path(cfg.output), Path("train.jsonl"), Path("heldout.jsonl"))
+        preflight_race(cfg.output, [stage.command for stage in stages], cfg.model)
+        with claimed_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, keep_on_error=True) as out:
+            return self._race(out)
+
+    def _race(self, out: Path) -> dict:
         from tqdm.auto import tqdm
 
         from prefalign.eval.report import write_report
 
         cfg = self.cfg
-        # before the directory exists; the plan's prompt paths are placeholders: only its commands are counted
-        stages = plan_stages(cfg, Path(cfg.output), Path("train.jsonl"), Path("heldout.jsonl"))
-        preflight_race(cfg.output, [stage.command for stage in stages], cfg.model)
-        out = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume)
         write_config(out, self.user_cfg)
         write_config(out / "resolved", cfg)
         train_prompts, heldout_prompts = self._write_prompts(out)

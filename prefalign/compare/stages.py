@@ -4,15 +4,22 @@ Each stage is a normal prefalign command (``prefalign reward ...``) in its own p
 time and peak memory are its own: ``os.wait4`` returns the child's resource usage, ``ru_maxrss``
 its peak resident set. A stage's record lands in ``stages.json`` only after it succeeded, so an
 interrupted comparison resumes at the first unfinished stage.
+
+A stage ends with the comparison, however the comparison ends (``kill -9``, the OOM killer): on Linux the kernel
+sends it SIGKILL when its parent dies (``PR_SET_PDEATHSIG``); elsewhere the stage watches its parent's pid
+(`exit_with_parent`). Nothing is left writing into a stage directory that ``--resume`` will run again.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -21,6 +28,51 @@ from prefalign.errors import UserError
 from prefalign.runio import atomic_write_text
 
 STATE_FILE = "stages.json"
+PARENT_ENV = "PREFALIGN_STAGE_PARENT"
+"""Set (to the comparison's pid) for a stage that must watch its parent itself: where prctl is missing."""
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def death_signal_preexec():
+    """A ``preexec_fn`` that has the kernel SIGKILL the child when this process dies; None off Linux.
+
+    SIGKILL, not SIGTERM: an unfinished stage is run again from the start on ``--resume``, so nothing it could
+    save on the way out would be used, and it must free its directory's lock at once.
+
+    Why ``preexec_fn`` is safe here, though the subprocess docs warn against it when threads exist (tqdm's
+    monitor thread does): the danger is a lock another thread held at ``fork``, which stays locked in the
+    single-threaded child. This function takes none: ``prctl`` is looked up here, in the parent, so the child
+    only makes one foreign call and reads ``getppid`` before ``exec``.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    parent = os.getpid()
+
+    def set_death_signal():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:  # the comparison died before the line above: no one would signal us
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return set_death_signal
+
+
+def exit_with_parent(parent: int, interval: float = 1.0) -> threading.Thread:
+    """Where the kernel cannot signal a stage when its comparison dies: a daemon thread that kills this process
+    once its parent is no longer ``parent`` (an orphan is re-parented)."""
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(interval)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
 
 
 @dataclass
@@ -58,11 +110,14 @@ class StageRunner:
         cmd = [sys.executable, "-m", "prefalign", command, *map(str, args), "--output", str(out), "--overwrite"]
         env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
                "TQDM_DISABLE": "1"}  # the comparison shows one progress bar; stage bars would garble the log
+        preexec = death_signal_preexec()
+        if preexec is None:
+            env[PARENT_ENV] = str(os.getpid())
         start = time.perf_counter()
         with log.open("w", encoding="utf-8") as log_file:
             log_file.write("$ " + " ".join(cmd) + "\n")
             log_file.flush()
-            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+            proc = subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env, preexec_fn=preexec)
             try:
                 _, status, usage = os.wait4(proc.pid, 0)
             except KeyboardInterrupt:
