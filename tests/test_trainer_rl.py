@@ -9,6 +9,7 @@ import torch
 
 from conftest import TOY_REWARD, read_metrics, run_cli
 from prefalign.trainers.rl import RLConfig, RLTrainer
+from test_loop import _documented
 from test_trainer_ppo import LowIdReward, peaked_model_dir  # noqa: F401  (a fixture)
 
 
@@ -59,6 +60,8 @@ def test_one_iteration_changes_every_parameter_and_logs_every_metric(tmp_path, t
                 "rl/groups_dropped", "rl/advantage_abs", "episodes", "tokens_per_second"):
         assert key in row and math.isfinite(row[key]), key
     assert row["episodes"] == 16
+    keys, _ = _documented("`prefalign rl`")  # docs/metrics.md names every logged key
+    assert not {k for k in row if not k.startswith("objective/scores/")} - keys
     assert not (tmp_path / "run" / "value").exists()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["loss_aggregation"] == "seq_mean_token_mean"
 
