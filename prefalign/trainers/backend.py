@@ -118,7 +118,7 @@ class Trained:
     def frozen_forward(self, fn, *args, model=None, **kwargs):
         """``fn(model, *args)`` for a no-gradient forward: on the plain ``model`` (default: this one; or its
         sampling copy), or through the engine when parameters are sharded, where only the sharded root gathers
-        the weights (a collective)."""
+        the weights (a collective); a sharded model has no whole copy, so ``model`` is then not used."""
         if self.sharded:
             return self.engine(fn, *args, **kwargs)
         return fn(self.model if model is None else model, *args, **kwargs)
@@ -180,9 +180,10 @@ class AccelerateBackend:
         check_still_tied(model)
         return Trained(name, model, engine, optimizer, scheduler, sharded=self.sharded)
 
-    def no_sync(self, models: list[Trained], sync: bool):
-        """Skip the gradient all-reduce of ``models`` unless ``sync`` (every accumulated backward but the last)."""
-        if sync:
+    def accumulate(self, models: list[Trained], boundary: bool):
+        """A context for a forward and backward of ``models`` that all-reduces gradients only at the accumulation
+        ``boundary`` (the last backward before a step); the others only accumulate."""
+        if boundary:
             return nullcontext()
         stack = ExitStack()
         for t in models:
@@ -196,7 +197,8 @@ class AccelerateBackend:
              losses_finite: bool) -> tuple[list[float], bool]:
         """Clip each model's gradients, then step every optimizer and schedule only if every gradient norm is
         finite and ``losses_finite`` holds on every process; gradients are zeroed either way.
-        Returns ``(pre-clip gradient norms, stepped)``."""
+        Returns ``(pre-clip gradient norms, stepped)``. The decision is agreed across processes (one small gather)
+        because a caller's losses may be local (PPO's are); the dataset step passes an already global one."""
         norms = [self.acc.clip_grad_norm_(t.engine.parameters(), max_grad_norm or float("inf")) for t in models]
         # the norms come from all-reduced gradients (the same everywhere); a loss may be local: agree on one branch
         local = losses_finite and all(math.isfinite(float(n)) for n in norms)
@@ -261,7 +263,7 @@ class DeepSpeedBackend(AccelerateBackend):
         ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
                   train_batch_size=micro_batch * self.acc.num_processes, gradient_clipping=max_grad_norm or 0.0)
 
-    def no_sync(self, models: list[Trained], sync: bool):
+    def accumulate(self, models: list[Trained], boundary: bool):
         return nullcontext()  # the boundary set in `backward` decides when DeepSpeed reduces
 
     def backward(self, trained: Trained, loss: torch.Tensor, boundary: bool) -> None:
@@ -326,8 +328,6 @@ class DeepSpeedBackend(AccelerateBackend):
             raise UserError(f"{path}: written by {state['processes']} DeepSpeed processes; resume it on as many (its "
                             f"optimizer state is sharded {state['processes']} ways), not {processes}")
 
-
-Backend = AccelerateBackend  # the interface; DeepSpeedBackend overrides what DeepSpeed does itself
 
 
 def make_backend(precision: str) -> AccelerateBackend:

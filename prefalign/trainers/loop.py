@@ -3,7 +3,8 @@
 A trainer subclass says what the model, data and loss are; this module turns them into a step for the run
 skeleton (`prefalign.trainers.run.Run`, which does outputs, checkpoints, resume and the rest): deterministic data
 order, gradient accumulation over micro-batches, forward chunks inside a micro-batch, the loss weighted so the
-gradient is the step's mean however its rows fall into chunks and processes, clipping, and evaluation.
+gradient is the step's mean however its rows fall into chunks and processes, and evaluation; the clipped and
+guarded optimizer step is the backend's (`prefalign.trainers.backend`).
 
 Data order is a pure function of (seed, epoch, step), so resuming needs only the step count: step
 ``s`` of epoch ``e`` reads a fixed slice of ``randperm(n, seed + e)``.
@@ -35,7 +36,7 @@ FORWARD_POSITIONS = 512
 
 
 @dataclass(frozen=True)
-class BatchSizes:
+class RunSizes:
     """Derived run sizes (read-only; never written back into the config)."""
 
     n_train: int
@@ -61,7 +62,7 @@ class Trainer(Run):
       load anything frozen (a reference model).
     - ``collate(examples) -> dict`` of tensors (shapes documented by the subclass).
     - ``compute_loss(batch) -> (loss, stats)``; stats are 0-dim tensors or floats. Forwards that need
-      gradients go through ``self.trained_model.forward(fn, ...)``.
+      gradients go through ``self.train_forward(fn, ...)``.
     - ``count_tokens(batch) -> int`` for throughput (default: attention_mask sum).
     Optional hooks: ``before_train()`` (after LoRA, before the first step; e.g. precompute references),
     ``lora_task_type``, ``lora_modules_to_save``, ``key_metric`` (shown in the progress bar).
@@ -111,22 +112,27 @@ class Trainer(Run):
     def has_eval(self) -> bool:
         return bool(self.eval_data)
 
-    def build(self) -> None:
-        cfg, acc = self.cfg, self.accelerator
+    def check_inputs(self) -> None:
+        """Enough training examples for one global batch (before the output directory exists)."""
+        cfg = self.cfg
         if not self.train_data:
             raise UserError("no training examples left after validation; see the drop summary above")
+        n, world = len(self.train_data), self.world
+        global_batch = cfg.batch_size * cfg.grad_accum * world
+        if n < global_batch:
+            raise UserError(f"{n} training examples are fewer than one global batch ({global_batch} = batch_size "
+                            f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes); lower --batch-size")
+
+    def build(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
         if cfg.lora_r:
             self.model = apply_lora(self.model, cfg, self.lora_task_type, self.lora_modules_to_save)
         if cfg.gradient_checkpointing:
             self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model.train()
         n, world = len(self.train_data), self.world
-        global_batch = cfg.batch_size * cfg.grad_accum * world
-        if n < global_batch:
-            raise UserError(f"{n} training examples are fewer than one global batch ({global_batch} = batch_size "
-                            f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes); lower --batch-size")
-        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * (n // global_batch)))
-        self.sizes = BatchSizes(n, cfg.batch_size, cfg.grad_accum, world, total)
+        total = cfg.max_steps or max(1, math.ceil(cfg.epochs * (n // (cfg.batch_size * cfg.grad_accum * world))))
+        self.sizes = RunSizes(n, cfg.batch_size, cfg.grad_accum, world, total)
         self.total_steps = total
         # forward chunks: a fixed size, or (None) sized to ~FORWARD_POSITIONS padded positions on CPU, where big
         # activations fall out of cache; GPUs take the whole micro-batch
@@ -138,7 +144,8 @@ class Trainer(Run):
         self.trained = [self.trained_model]
         self.before_train()
         self.running = RunningMean()
-        self.tokens, self.t_last, self.lr = 0, time.perf_counter(), 0.0
+        # throughput is timed from the first step (not from before resume, run.json and the step-0 evaluation)
+        self.tokens, self.t_last, self.lr = 0, None, 0.0
         self.last_row: dict[str, float] = {}
 
     def run_info(self) -> dict:
@@ -162,6 +169,8 @@ class Trainer(Run):
     def train_step(self, step: int) -> None:
         """One optimizer step: every micro-batch's forward chunks and backward, then the guarded step."""
         cfg, acc = self.cfg, self.accelerator
+        if self.t_last is None:
+            self.t_last = time.perf_counter()
         micro_batches = [self._forward_chunks(self.batch_for(step, m)) for m in range(cfg.grad_accum)]
         # what the step's loss averages over (examples; SFT: completion tokens), on every process
         step_weight = float(sum_across_processes(acc, torch.tensor(
@@ -221,7 +230,7 @@ class Trainer(Run):
         for i, batch in enumerate(chunks):
             weight = self.loss_weight(batch)
             boundary = sync and i == len(chunks) - 1
-            with self.backend.no_sync([self.trained_model], boundary), acc.autocast():
+            with self.backend.accumulate([self.trained_model], boundary), acc.autocast():
                 loss, chunk_stats = self.compute_loss(batch)
             # backward even on a NaN loss: every process must join the gradient all-reduce
             self.backend.backward(self.trained_model, loss * (weight * acc.num_processes / step_weight), boundary)

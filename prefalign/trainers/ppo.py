@@ -46,6 +46,9 @@ class PPOTrainer(PPOUpdate, Run):
         """``reward_source``: an object with ``score(prompts, completions) -> (B,)``; default from ``cfg.reward``."""
         super().__init__(cfg)
         self.reward_source = reward_source
+        self.metrics: MetricsLogger | None = None  # set by on_start: samples go to TensorBoard too
+        self.samples_path: Path | None = None
+        self.seconds_per_iteration = 0.0
 
     # ---------------------------------------------------------------- setup
     def check_backend(self) -> None:
@@ -302,6 +305,9 @@ class PPOTrainer(PPOUpdate, Run):
                 "s/it": f"{self.seconds_per_iteration:.1f}"}
 
     def log_samples(self, step: int, rollout: Rollout, n: int = 4) -> None:
+        """The first ``n`` prompts and completions of this iteration into ``samples.jsonl`` and TensorBoard."""
+        if self.samples_path is None:  # not started by the run skeleton (a direct call): nowhere to write
+            return
         rows = [{"step": step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
                  "score": round(rollout.scores[i].item(), 4)} for i in range(min(n, len(rollout.prompts)))]
         with self.samples_path.open("a", encoding="utf-8") as f:

@@ -108,7 +108,7 @@ class PPOUpdate:
         # minibatch's tokens makes the accumulated average the token mean over the whole minibatch (a plain
         # 1 / grad_accum would weigh a short micro-batch's tokens more, and 2 processes split rows unlike 1)
         token_share = float(mask.sum()) * self.world / mb_tokens
-        with self.backend.no_sync(self.trained, sync), acc.autocast():
+        with self.backend.accumulate(self.trained, sync), acc.autocast():
             out = self.trained_policy.forward(completion_logprobs, rows["query_response"], rows["attention_mask"],
                                               rows["completion_mask"], temperature=cfg.temperature,
                                               return_entropy=cfg.ent_coef > 0)

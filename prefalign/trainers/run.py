@@ -9,7 +9,9 @@ guard, a graceful stop on SIGINT/SIGTERM, evaluation cadence and ``final/``.
 A trainer subclass supplies its setup and its step::
 
     setup()            load and check models and data; write nothing (runs before the output directory exists)
-    build()            LoRA, optimizers, ``self.trained = [backend.prepare(...)]``; set ``self.total_steps``
+    check_inputs()     refuse inputs that cannot make a run (still before the output directory exists)
+    build()            optimizers, ``self.trained = [backend.prepare(...)]``; set ``self.total_steps`` (LoRA: the
+                       dataset trainers apply it here, PPO in setup, where its random init has always come)
     train_step(step)   one step (sft/dpo/reward: an optimizer step; ppo: an iteration, rollout then update);
                        report each optimizer step's outcome with `record_step`
     log_row(done)      the metrics row of the steps since the last log (a collective on every process)
@@ -49,6 +51,7 @@ class Run:
         self.trained: list[Trained] = []
         self.total_steps = 0
         self.last_good = "none yet"
+        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)  # its count of skipped steps is saved and resumed
 
     # -- hooks --
     def check_backend(self) -> None:
@@ -56,6 +59,9 @@ class Run:
 
     def setup(self) -> None:
         raise NotImplementedError
+
+    def check_inputs(self) -> None:
+        """Refuse, after `setup` and before anything is written, inputs that cannot make a run."""
 
     def build(self) -> None:
         raise NotImplementedError
@@ -115,10 +121,11 @@ class Run:
         set_seed(self.cfg.seed)
 
     def prepare(self) -> None:
-        """Everything before the first step: the backend, `setup`, the output directory, `build`."""
+        """The backend, `setup`, `check_inputs`, the output directory, `build`: a run ready to resume or start."""
         cfg = self.cfg
         self.init_backend()
         self.setup()  # models and data first: bad input fails before anything is written
+        self.check_inputs()
         preflight_run(self)  # refuses what cannot fit on the disk, warns what may not fit in memory
         self.out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume is not None)
         self.accelerator.wait_for_everyone()  # every process has checked the directory before the main one writes
@@ -128,7 +135,6 @@ class Run:
         self.prepare()
         cfg, acc, out = self.cfg, self.accelerator, self.out_dir
         self.ckpts = CheckpointManager(out, cfg.save_total_limit)
-        self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)  # its count of skipped steps is saved and resumed
         start = self._resume() if cfg.resume is not None else 0
         if acc.is_main_process:
             write_config(out, cfg)
