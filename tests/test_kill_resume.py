@@ -1,11 +1,12 @@
 """kill -9 at 5 random points of one run, in a row, resuming after each: the run ends bit-identical to an
-uninterrupted one (dpo, reward, ppo). tests/test_reliability.py kills once, from outside, at a random step.
+uninterrupted one (dpo, reward, ppo, and rl with GRPO as the online estimator). tests/test_reliability.py kills
+once, from outside, at a random step.
 
 Each launch is a real ``prefalign COMMAND ...`` process (`prefalign.cli.main`) that gets SIGKILL, which it cannot
 catch or clean up after, at a point drawn at random: inside a step (before its optimizer step), after a step
 before its checkpoint, halfway through writing its checkpoint (one file of it written), or just after the
 checkpoint. The process sends the signal to itself when it reaches that point, so the point is exact rather than
-wherever a polling parent happens to catch it. The 21 launches take about a minute on a busy 2-core machine: every
+wherever a polling parent happens to catch it. The 28 launches take about a minute on a busy 2-core machine: every
 launch is forked from one server process that imported torch, transformers and prefalign once (multiprocessing's
 forkserver), so none pays the imports again.
 """
@@ -25,10 +26,10 @@ from conftest import final_weights, learnable_pairs, read_metrics, write_jsonl
 # them once, so a launch starts in a fraction of a second. Names, not this module: the server does not get the
 # tests directory on its path (Python 3.11's forkserver), and a preload that fails to import is skipped silently.
 PRELOAD = ["prefalign.cli", "prefalign.cli._args", "prefalign.trainers.dpo", "prefalign.trainers.reward",
-           "prefalign.trainers.ppo", "prefalign.trainers.run", "accelerate", "peft", "safetensors.torch", "tqdm.auto",
-           "transformers.models.auto.modeling_auto", "transformers.models.auto.tokenization_auto",
-           "transformers.models.llama.modeling_llama", "torch.distributed.checkpoint.state_dict",
-           "torch.utils.tensorboard", "tyro", "deepspeed"]
+           "prefalign.trainers.ppo", "prefalign.trainers.rl", "prefalign.trainers.run", "accelerate", "peft",
+           "safetensors.torch", "tqdm.auto", "transformers.models.auto.modeling_auto",
+           "transformers.models.auto.tokenization_auto", "transformers.models.llama.modeling_llama",
+           "torch.distributed.checkpoint.state_dict", "torch.utils.tensorboard", "tyro", "deepspeed"]
 PRELOAD = [name for name in PRELOAD if importlib.util.find_spec(name.split(".")[0]) is not None]  # deepspeed: optional
 
 PHASES = ("in-step", "before-checkpoint", "mid-checkpoint", "after-checkpoint")
@@ -119,6 +120,9 @@ def _commands(tmp_path, model_dir):
         "reward": ["reward", "--data", pairs, "--batch-size", "2", "--max-steps", "8", *common],
         "ppo": ["ppo", "--prompts", prompts, "--reward", f"{judge}:score", "--rollout-batch-size", "4",
                 "--num-minibatches", "2", "--max-new-tokens", "4", "--max-steps", "7", "--ppo-epochs", "1", *common],
+        "rl": ["rl", "--prompts", prompts, "--reward", f"{judge}:score", "--estimator", "grpo", "--num-generations",
+               "2", "--rollout-batch-size", "4", "--num-minibatches", "2", "--max-new-tokens", "4", "--max-steps", "6",
+               "--ppo-epochs", "1", *common],
     }
 
 
@@ -131,7 +135,7 @@ def _timeless(rows):
     return [{k: v for k, v in r.items() if not k.startswith(("wall", "time/", "tokens_per"))} for r in rows]
 
 
-@pytest.mark.parametrize("command", ["dpo", "reward", "ppo"])
+@pytest.mark.parametrize("command", ["dpo", "reward", "ppo", "rl"])
 def test_five_kills_in_a_row_then_resume_equals_uninterrupted(tmp_path, tiny_model_dir, launcher, command):
     args = _commands(tmp_path, tiny_model_dir)[command]
     total = int(args[args.index("--max-steps") + 1])

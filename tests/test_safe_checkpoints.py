@@ -73,7 +73,8 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_resume_and_the_code_neve
     torch.load(tmp_path / "probe.pt", weights_only=False)
     assert proof.exists()  # the payload is real: an unsafe load runs it
     marker = tmp_path / "marker"
-    torch.save({"torch": torch.get_rng_state(), "x": TouchOnLoad(marker)}, out / "checkpoints" / "step-0000002" / "rng.pt")
+    rng_pt = out / "checkpoints" / "step-0000002" / "rng.pt"
+    torch.save({"torch": torch.get_rng_state(), "x": TouchOnLoad(marker)}, rng_pt)
     r = run_cli("dpo", "--data", kw["data"], "--model", kw["model"], "--batch-size", "2", "--max-steps", "3",
                 "--precision", "fp32", "--output", out, "--resume", "latest")
     assert r.returncode == 2, r.stderr[-2000:]
