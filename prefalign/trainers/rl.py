@@ -189,12 +189,15 @@ class RLTrainer(RLUpdate, PPOTrainer):
             "objective/rlhf_reward": (rollout.scores + non_score).mean().item(),
             "rl/group_score_std": groups.std(1).mean().item() if k > 1 else 0.0,
             "rl/groups_dropped": float((~rollout.kept).sum()) / k,
-            "rl/advantage_abs": ((rollout.advantages.abs() * mask).sum() / mask.sum()).item(),
+            # a sum: over tokens, divided below by every process's tokens (processes hold unequal token counts)
+            "advantage_abs_sum": (rollout.advantages.abs() * mask).sum().item(),
             "val/response_length": mask.sum(1).float().mean().item(),
             "num_eos": float(rollout.ended.sum()), "tokens": float(mask.sum()), **update_stats, **timing,
         })
-        out = {key: v for key, v in means.items() if key not in ("num_eos", "tokens", "rl/groups_dropped")}
+        out = {key: v for key, v in means.items()
+               if key not in ("num_eos", "tokens", "rl/groups_dropped", "advantage_abs_sum")}
         return {**out, "rl/groups_dropped": round(means["rl/groups_dropped"] * self.world),
+                "rl/advantage_abs": means["advantage_abs_sum"] / means["tokens"] if means["tokens"] else 0.0,
                 "val/num_eos": round(means["num_eos"] * self.world), "kl_coef": self.kl_ctl.coef,
                 "lr": self.trained_policy.scheduler.get_last_lr()[0],
                 "episodes": done * cfg.completions_per_iteration,
