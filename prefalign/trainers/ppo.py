@@ -182,25 +182,15 @@ class PPOTrainer(PPOUpdate, Run):
     def rollout(self, idx: list[int], step: int, timing: dict) -> Rollout:
         """This process's rollout of iteration ``step``: prompts ``idx`` (its shard). A collective: whitening
         uses statistics over every process's shard."""
-        from prefalign.data import PromptCollator
         from prefalign.rewards import check_scores
 
         cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
         dev = acc.device
-        t0 = time.perf_counter()
         # 1. sample responses, each from its own stream keyed by (iteration, prompt), so it does not depend on
         #    the batch layout or the process count; each is cut after its first EOS (generate() does it)
-        batch = PromptCollator(tok.pad_token_id)([self.prompt_ids[i] for i in idx])
-        with acc.autocast():
-            gen = self.trained_policy.frozen_forward(
-                generate, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.sampling,
-                model=self.sampler, eos_ids=self.eos_ids, pad_id=tok.pad_token_id, tokenizer=tok, seed=cfg.seed,
-                synced=self.backend.sharded, row_keys=[key_seed(step, i) for i in idx])
-        timing["time/generation"] = time.perf_counter() - t0
         # 2. masks: the response of every row starts at column P
-        query_response = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P+R)
-        attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P+R)
-        completion_mask = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], dim=1)  # (B, P+R)
+        gen, query_response, attention_mask, completion_mask = self.sample(
+            idx, [key_seed(step, i) for i in idx], timing)
         response_mask = gen.response_mask  # (B, R)
         # 3. old log-probs (at the sampling temperature), reference log-probs, values
         t1 = time.perf_counter()
@@ -228,6 +218,26 @@ class PPOTrainer(PPOUpdate, Run):
         advantages = self.whiten(advantages, response_mask)
         return Rollout(query_response, attention_mask, completion_mask, response_mask, gen.ended, logps, ref_logps,
                        values, entropy, scores, kl, non_score, rewards, advantages, returns, prompts, texts)
+
+    def sample(self, prompt_rows: list[int], row_keys: list[int], timing: dict):
+        """``(gen, query_response, attention_mask, completion_mask)``: one completion per entry of ``prompt_rows``
+        (prompt indices), row r drawn from the stream keyed ``row_keys[r]``; the masks are ``(B, P+R)``, the
+        response of every row starting at column P. Records ``time/generation``."""
+        from prefalign.data import PromptCollator
+
+        acc, tok, dev = self.accelerator, self.tokenizer, self.accelerator.device
+        t0 = time.perf_counter()
+        batch = PromptCollator(tok.pad_token_id)([self.prompt_ids[i] for i in prompt_rows])
+        with acc.autocast():
+            gen = self.trained_policy.frozen_forward(
+                generate, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.sampling,
+                model=self.sampler, eos_ids=self.eos_ids, pad_id=tok.pad_token_id, tokenizer=tok, seed=self.cfg.seed,
+                synced=self.backend.sharded, row_keys=row_keys)
+        timing["time/generation"] = time.perf_counter() - t0
+        query_response = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P+R)
+        attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P+R)
+        completion_mask = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], dim=1)  # (B, P+R)
+        return gen, query_response, attention_mask, completion_mask
 
     def rollout_forwards(self, query_response, attention_mask, completion_mask):
         """``(logps, entropy, ref_logps, values)``, each ``(B, P+R)``: the no-gradient forwards of a rollout."""

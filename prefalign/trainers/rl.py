@@ -26,7 +26,7 @@ import torch
 from prefalign.losses import ADVANTAGE_ESTIMATORS, AdvantageInputs, apply_missing_eos_penalty, kl_shaped_rewards
 from prefalign.losses.policy import informative_groups
 from prefalign.models.logprobs import completion_logprobs
-from prefalign.rollout import cut_at_stop, generate
+from prefalign.rollout import cut_at_stop
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
 from prefalign.trainers.dist import masked_mean_var, mean_across_processes
@@ -108,25 +108,15 @@ class RLTrainer(RLUpdate, PPOTrainer):
     def rollout(self, idx: list[int], step: int, timing: dict) -> GroupRollout:
         """This process's rollout of iteration ``step``: K completions of each prompt of ``idx`` (its shard). A
         collective: reinforce_pp's whitening and the loss normalisers use every process's rows."""
-        from prefalign.data import PromptCollator
         from prefalign.rewards import check_scores
 
         cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
         k, dev = cfg.num_generations, acc.device
-        t0 = time.perf_counter()
         # 1. sample K responses per prompt, consecutive rows, each keyed by (iteration, prompt, k)
-        rows = [i for i in idx for _ in range(k)]
-        batch = PromptCollator(tok.pad_token_id)([self.prompt_ids[i] for i in rows])
-        with acc.autocast():
-            gen = self.trained_policy.frozen_forward(
-                generate, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.sampling,
-                model=self.sampler, eos_ids=self.eos_ids, pad_id=tok.pad_token_id, tokenizer=tok, seed=cfg.seed,
-                synced=self.backend.sharded, row_keys=[key_seed(step, i, j) for i in idx for j in range(k)])
-        timing["time/generation"] = time.perf_counter() - t0
         # 2. masks: the response of every row starts at column P
-        query_response = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P+R)
-        attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P+R)
-        completion_mask = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], dim=1)  # (B, P+R)
+        rows = [i for i in idx for _ in range(k)]
+        gen, query_response, attention_mask, completion_mask = self.sample(
+            rows, [key_seed(step, i, j) for i in idx for j in range(k)], timing)
         response_mask = gen.response_mask  # (B, R)
         # 3. old and reference log-probs (at the sampling temperature), entropy
         t1 = time.perf_counter()
