@@ -85,3 +85,18 @@ def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str 
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
     return cfg
+
+
+def train_command(config_cls: type, trainer_cls: type, argv: Sequence[str] | None, prog: str, description: str,
+                  keys: Sequence[str], prefixes: Sequence[str] = (), online: bool = False) -> int:
+    """A training command's whole body: parse its config, train, print the final metrics named by ``keys`` (and
+    every key starting with one of ``prefixes``) and where the outputs are; ``online``: PPO and the critic-free
+    family, which also write ``samples.jsonl``."""
+    cfg = parse(config_cls, argv, prog=prog, description=description)
+    last = trainer_cls(cfg).train()
+    shown = {k: round(last[k], 4) for k in keys if k in last}
+    shown.update({k: round(v, 4) for k, v in last.items() if k.startswith(tuple(prefixes))})
+    what = "policy" if online else "model"
+    samples = f", samples in {cfg.output}/samples.jsonl" if online else ""
+    print(f"done: {shown}\n{what} in {cfg.output}/final, metrics in {cfg.output}/metrics.jsonl{samples}")
+    return 0

@@ -15,12 +15,8 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefalign.cli._args import parse
+    from prefalign.cli._args import train_command
     from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 
-    cfg = parse(DPOConfig, argv, prog="prefalign dpo", description=__doc__)
-    final = DPOTrainer(cfg).train()
-    shown = {k: round(v, 4) for k, v in final.items() if k in ("loss", "rewards/accuracies", "rewards/margins")
-             or k.startswith("eval/")}
-    print(f"done: {shown}\nmodel in {cfg.output}/final, metrics in {cfg.output}/metrics.jsonl")
-    return 0
+    return train_command(DPOConfig, DPOTrainer, argv, "prefalign dpo", __doc__,
+                         keys=("loss", "rewards/accuracies", "rewards/margins"), prefixes=("eval/",))

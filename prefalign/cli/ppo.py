@@ -12,12 +12,8 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefalign.cli._args import parse
+    from prefalign.cli._args import train_command
     from prefalign.trainers.ppo import PPOConfig, PPOTrainer
 
-    cfg = parse(PPOConfig, argv, prog="prefalign ppo", description=__doc__)
-    last = PPOTrainer(cfg).train()
-    keys = ("objective/scores", "objective/kl", "objective/rlhf_reward", "val/num_eos")
-    print(f"done: {({k: round(last[k], 4) for k in keys if k in last})}\n"
-          f"policy in {cfg.output}/final, metrics in {cfg.output}/metrics.jsonl, samples in {cfg.output}/samples.jsonl")
-    return 0
+    return train_command(PPOConfig, PPOTrainer, argv, "prefalign ppo", __doc__,
+                         keys=("objective/scores", "objective/kl", "objective/rlhf_reward", "val/num_eos"), online=True)

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefalign.cli._args import parse
+    from prefalign.cli._args import train_command
     from prefalign.trainers.reward import RewardConfig, RewardTrainer
 
-    cfg = parse(RewardConfig, argv, prog="prefalign reward", description=__doc__)
-    final = RewardTrainer(cfg).train()
-    shown = {k: round(v, 4) for k, v in final.items() if k in ("loss", "accuracy", "margin") or k.startswith("eval/")}
-    print(f"done: {shown}\nmodel in {cfg.output}/final, metrics in {cfg.output}/metrics.jsonl")
-    return 0
+    return train_command(RewardConfig, RewardTrainer, argv, "prefalign reward", __doc__,
+                         keys=("loss", "accuracy", "margin"), prefixes=("eval/",))

@@ -15,12 +15,8 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefalign.cli._args import parse
+    from prefalign.cli._args import train_command
     from prefalign.trainers.rl import RLConfig, RLTrainer
 
-    cfg = parse(RLConfig, argv, prog="prefalign rl", description=__doc__)
-    last = RLTrainer(cfg).train()
-    keys = ("objective/scores", "objective/kl", "rl/group_score_std", "val/num_eos")
-    print(f"done: {({k: round(last[k], 4) for k in keys if k in last})}\n"
-          f"policy in {cfg.output}/final, metrics in {cfg.output}/metrics.jsonl, samples in {cfg.output}/samples.jsonl")
-    return 0
+    return train_command(RLConfig, RLTrainer, argv, "prefalign rl", __doc__,
+                         keys=("objective/scores", "objective/kl", "rl/group_score_std", "val/num_eos"), online=True)

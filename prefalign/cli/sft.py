@@ -13,11 +13,7 @@ from __future__ import annotations
 
 
 def main(argv: list[str] | None = None) -> int:
-    from prefalign.cli._args import parse
+    from prefalign.cli._args import train_command
     from prefalign.trainers.sft import SFTConfig, SFTTrainer
 
-    cfg = parse(SFTConfig, argv, prog="prefalign sft", description=__doc__)
-    final = SFTTrainer(cfg).train()
-    shown = {k: round(v, 4) for k, v in final.items() if k in ("loss",) or k.startswith("eval/")}
-    print(f"done: {shown}\nmodel in {cfg.output}/final, metrics in {cfg.output}/metrics.jsonl")
-    return 0
+    return train_command(SFTConfig, SFTTrainer, argv, "prefalign sft", __doc__, keys=("loss",), prefixes=("eval/",))

@@ -51,7 +51,8 @@ def clipped_policy_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor
         raise ValueError(f"clip range needs 0 < eps_low < 1 and eps_high > 0, got {eps_low}, {eps_high}")
     check_same_shape(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
     pad = ~mask.bool()
-    # zero the padding first: a -inf there would turn into a nan gradient through exp() (see ppo_policy_loss)
+    # zero the padding before any arithmetic: the aggregation drops it from the value anyway, but a -inf or nan
+    # there would still turn into a nan *gradient* through exp() and reach the model
     logp = logp.masked_fill(pad, 0.0)
     old_logp = old_logp.detach().masked_fill(pad, 0.0)
     advantages = advantages.detach().masked_fill(pad, 0.0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from prefalign.losses.policy import clipped_policy_token_loss
 from prefalign.losses.stats import check_same_shape, masked_mean
 
 
@@ -50,27 +51,10 @@ def ppo_policy_loss(
     """
     if not 0.0 < clip_eps < 1.0:
         raise ValueError(f"clip_eps must be in (0, 1), got {clip_eps}")
-    check_same_shape(logp=logp, old_logp=old_logp, advantages=advantages, mask=mask)
-    # Zero the padding before any arithmetic: masked_mean would drop it from the value anyway, but
-    # a -inf or nan there would still turn into a nan *gradient* through exp(), and reach the model.
-    pad = ~mask.bool()
-    logp = logp.masked_fill(pad, 0.0)
-    old_logp = old_logp.detach().masked_fill(pad, 0.0)
-    advantages = advantages.detach().masked_fill(pad, 0.0)
-
-    log_ratio = logp - old_logp                                        # (B, T)
-    ratio = torch.exp(log_ratio)                                       # (B, T)
-    loss_unclipped = -advantages * ratio                               # (B, T)
-    loss_clipped = -advantages * torch.clamp(ratio, 1.0 - clip_eps, 1.0 + clip_eps)
-    loss = masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
-
-    with torch.no_grad():
-        stats = {
-            "clipfrac": masked_mean((loss_clipped > loss_unclipped).to(logp.dtype), mask),
-            "approxkl": masked_mean(0.5 * log_ratio**2, mask),
-            "ratio": masked_mean(ratio, mask),
-        }
-    return loss, stats
+    # PPO's clip is the symmetric case of the critic-free family's per-token loss; its clipped branch is taken
+    # exactly where that function counts a low or a high clip, so clipfrac is their sum
+    token_loss, st = clipped_policy_token_loss(logp, old_logp, advantages, mask, clip_eps, clip_eps)
+    return masked_mean(token_loss, mask), {k: st[k] for k in ("clipfrac", "approxkl", "ratio")}
 
 
 def ppo_value_loss(

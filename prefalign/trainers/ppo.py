@@ -239,8 +239,9 @@ class PPOTrainer(PPOUpdate, Run):
         completion_mask = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], dim=1)  # (B, P+R)
         return gen, query_response, attention_mask, completion_mask
 
-    def rollout_forwards(self, query_response, attention_mask, completion_mask):
-        """``(logps, entropy, ref_logps, values)``, each ``(B, P+R)``: the no-gradient forwards of a rollout."""
+    def policy_forwards(self, query_response, attention_mask, completion_mask):
+        """``(logps, entropy, ref_logps)``, each ``(B, P+R)``: the rollout's no-gradient policy and reference
+        forwards (at the sampling temperature), shared by PPO and the critic-free family."""
         temperature = self.cfg.temperature
         args = (query_response, attention_mask, completion_mask)
         with self.accelerator.autocast():
@@ -251,7 +252,13 @@ class PPOTrainer(PPOUpdate, Run):
             else:
                 with adapter_off(self.policy):
                     ref_logps = self.trained_policy.frozen_forward(completion_logprobs, *args, temperature=temperature)
-            values = self.trained_value.frozen_forward(token_values, *args)
+        return logps, entropy, ref_logps
+
+    def rollout_forwards(self, query_response, attention_mask, completion_mask):
+        """``(logps, entropy, ref_logps, values)``, each ``(B, P+R)``: `policy_forwards` and the value model's."""
+        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask)
+        with self.accelerator.autocast():
+            values = self.trained_value.frozen_forward(token_values, query_response, attention_mask, completion_mask)
         return logps, entropy, ref_logps, values
 
     # ---------------------------------------------------------------- one iteration
@@ -272,23 +279,25 @@ class PPOTrainer(PPOUpdate, Run):
             self.log_samples(done, rollout)
         self.seconds_per_iteration = time.perf_counter() - t_start
 
+    @staticmethod
+    def rollout_means(rollout: Rollout) -> dict[str, float]:
+        """This process's per-row means of the rollout's objective (scores, sequence KL, entropy, shaped reward)
+        and response length, and its counts (``num_eos``, ``tokens``): what `iteration_metrics` averages."""
+        mask = rollout.response_mask
+        non_score = (rollout.non_score_rewards * mask).sum(1)  # (b,)
+        return {"objective/scores": rollout.scores.mean().item(),
+                "objective/kl": (rollout.kl * mask).sum(1).mean().item(),
+                "objective/entropy": (rollout.entropy * mask).sum(1).mean().item(),
+                "objective/non_score_reward": non_score.mean().item(),
+                "objective/rlhf_reward": (rollout.scores + non_score).mean().item(),
+                "val/response_length": mask.sum(1).float().mean().item(),
+                "num_eos": float(rollout.ended.sum()), "tokens": float(mask.sum())}
+
     def iteration_metrics(self, rollout: Rollout, update_stats: dict, timing: dict, done: int) -> dict[str, float]:
         """The iteration's metrics over every process (a collective)."""
         acc, mask = self.accelerator, rollout.response_mask
-        non_score = (rollout.non_score_rewards * mask).sum(1)  # (b,)
         # this process's means over its rows (every process holds as many) and counts, then over all processes
-        means = mean_across_processes(acc, {
-            "objective/scores": rollout.scores.mean().item(),
-            "objective/kl": (rollout.kl * mask).sum(1).mean().item(),
-            "objective/entropy": (rollout.entropy * mask).sum(1).mean().item(),
-            "objective/non_score_reward": non_score.mean().item(),
-            "objective/rlhf_reward": (rollout.scores + non_score).mean().item(),
-            "val/response_length": mask.sum(1).float().mean().item(),
-            "num_eos": float(rollout.ended.sum()),
-            "tokens": float(mask.sum()),
-            **update_stats,
-            **timing,
-        })
+        means = mean_across_processes(acc, {**self.rollout_means(rollout), **update_stats, **timing})
         _, var_returns = masked_mean_var(acc, rollout.returns, mask)
         _, var_residual = masked_mean_var(acc, rollout.returns - rollout.values, mask)
         return {

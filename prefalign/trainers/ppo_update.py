@@ -85,18 +85,24 @@ class PPOUpdate:
         """Accumulate the minibatch's micro-batches, then one guarded step of both models: ``(stats, pre-clip
         gradient norms)``, stats None when the step was skipped as non-finite."""
         cfg = self.cfg
-        micro_rows = len(mb_idx) // cfg.grad_accum
-        mb_stats: dict[str, float] = defaultdict(float)  # token-share weighted sums over the micro-batches
-        for micro in range(cfg.grad_accum):
-            rows = rollout.rows(mb_idx[micro * micro_rows : (micro + 1) * micro_rows])
-            sync = micro == cfg.grad_accum - 1
-            for k, v in self.micro_batch_backward(rows, rollout.prompt_width, mb_tokens, sync).items():
-                mb_stats[k] += v
-        got = dict(mb_stats)
+        got = self.accumulate_minibatch(rollout, mb_idx, mb_tokens)
         (norm_p, norm_v), finite = self.backend.step(self.trained, cfg.max_grad_norm, NonFiniteGuard.finite(
             got["loss/policy"], got["loss/value"]))
         self.record_step(finite, done)
         return (got if finite else None), {"policy/grad_norm": norm_p, "val/grad_norm": norm_v}
+
+    def accumulate_minibatch(self, rollout: Rollout, mb_idx: torch.Tensor, norm) -> dict[str, float]:
+        """Forward and backward of the minibatch's ``grad_accum`` micro-batches (gradients synced on the last);
+        returns the sums of their `micro_batch_backward` stats. ``norm``: what every micro-batch divides by (the
+        minibatch's tokens for PPO; its totals for the critic-free family)."""
+        micro_rows = len(mb_idx) // self.cfg.grad_accum
+        mb_stats: dict[str, float] = defaultdict(float)  # share-weighted sums over the micro-batches
+        for micro in range(self.cfg.grad_accum):
+            rows = rollout.rows(mb_idx[micro * micro_rows : (micro + 1) * micro_rows])
+            sync = micro == self.cfg.grad_accum - 1
+            for k, v in self.micro_batch_backward(rows, rollout.prompt_width, norm, sync).items():
+                mb_stats[k] += v
+        return dict(mb_stats)
 
     def micro_batch_backward(self, rows: dict[str, torch.Tensor], prompt_width: int, mb_tokens: float,
                              sync: bool) -> dict[str, float]:

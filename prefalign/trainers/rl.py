@@ -25,13 +25,11 @@ import torch
 
 from prefalign.losses import ADVANTAGE_ESTIMATORS, AdvantageInputs, apply_missing_eos_penalty, kl_shaped_rewards
 from prefalign.losses.policy import informative_groups
-from prefalign.models.logprobs import completion_logprobs
 from prefalign.rollout import cut_at_stop
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
 from prefalign.trainers.dist import masked_mean_var, mean_across_processes
 from prefalign.trainers.final import save_final_model
-from prefalign.trainers.lora import adapter_off
 from prefalign.trainers.optim import make_optimizer
 from prefalign.trainers.ppo import PPOTrainer
 from prefalign.trainers.rl_config import RLConfig
@@ -148,41 +146,19 @@ class RLTrainer(RLUpdate, PPOTrainer):
                             returns, prompts, texts, loss_mask=loss_mask, kept=kept.bool(), loss_lengths=loss_lengths,
                             score_parts={n: p.to(dev) for n, p in self.reward_source.last_parts.items()})
 
-    def policy_forwards(self, query_response, attention_mask, completion_mask):
-        """``(logps, entropy, ref_logps)``, each ``(B, P+R)``: the rollout's no-gradient forwards, PPO's less the
-        value model."""
-        temperature = self.cfg.temperature
-        args = (query_response, attention_mask, completion_mask)
-        with self.accelerator.autocast():
-            logps, entropy = self.trained_policy.frozen_forward(completion_logprobs, *args, temperature=temperature,
-                                                                return_entropy=True)
-            if self.ref_model is not None:
-                ref_logps = completion_logprobs(self.ref_model, *args, temperature=temperature)
-            else:
-                with adapter_off(self.policy):
-                    ref_logps = self.trained_policy.frozen_forward(completion_logprobs, *args, temperature=temperature)
-        return logps, entropy, ref_logps
-
     # ---------------------------------------------------------------- metrics
     def iteration_metrics(self, rollout: GroupRollout, update_stats: dict, timing: dict, done: int) -> dict:
         """The iteration's metrics over every process (a collective); every process holds as many rows."""
         cfg, acc, mask = self.cfg, self.accelerator, rollout.response_mask
         k = cfg.num_generations
-        non_score = (rollout.non_score_rewards * mask).sum(1)  # (b,)
         groups = rollout.scores.view(-1, k)  # (b / K, K)
         means = mean_across_processes(acc, {
-            "objective/scores": rollout.scores.mean().item(),
+            **self.rollout_means(rollout),
             **{f"objective/scores/{n}": p.mean().item() for n, p in rollout.score_parts.items()},
-            "objective/kl": (rollout.kl * mask).sum(1).mean().item(),
-            "objective/entropy": (rollout.entropy * mask).sum(1).mean().item(),
-            "objective/non_score_reward": non_score.mean().item(),
-            "objective/rlhf_reward": (rollout.scores + non_score).mean().item(),
             "rl/group_score_std": groups.std(1).mean().item() if k > 1 else 0.0,
             "rl/groups_dropped": float((~rollout.kept).sum()) / k,
             # a sum: over tokens, divided below by every process's tokens (processes hold unequal token counts)
-            "advantage_abs_sum": (rollout.advantages.abs() * mask).sum().item(),
-            "val/response_length": mask.sum(1).float().mean().item(),
-            "num_eos": float(rollout.ended.sum()), "tokens": float(mask.sum()), **update_stats, **timing,
+            "advantage_abs_sum": (rollout.advantages.abs() * mask).sum().item(), **update_stats, **timing,
         })
         out = {key: v for key, v in means.items()
                if key not in ("num_eos", "tokens", "rl/groups_dropped", "advantage_abs_sum")}

@@ -10,8 +10,6 @@ hold (the same argument as PPO's token share; DDP's average over N processes is 
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import torch
 
 from prefalign.losses.policy import aggregate_loss, clipped_policy_token_loss, kl_loss_term
@@ -33,14 +31,7 @@ class RLUpdate(PPOUpdate):
         totals = {"total_tokens": float(lengths.sum()), "total_rows": float((lengths > 0).sum())}
         if totals["total_rows"] == 0:  # the same on every process: all skip together
             return None, {}
-        micro_rows = len(mb_idx) // cfg.grad_accum
-        mb_stats: dict[str, float] = defaultdict(float)  # share-weighted sums over the micro-batches
-        for micro in range(cfg.grad_accum):
-            rows = rollout.rows(mb_idx[micro * micro_rows : (micro + 1) * micro_rows])
-            sync = micro == cfg.grad_accum - 1
-            for k, v in self.micro_batch_backward(rows, rollout.prompt_width, totals, sync).items():
-                mb_stats[k] += v
-        got = dict(mb_stats)
+        got = self.accumulate_minibatch(rollout, mb_idx, totals)
         (norm,), finite = self.backend.step(self.trained, cfg.max_grad_norm, NonFiniteGuard.finite(got["loss/policy"]))
         self.record_step(finite, done)
         return (got if finite else None), {"policy/grad_norm": norm}
