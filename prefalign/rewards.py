@@ -1,12 +1,15 @@
 """Reward sources: what scores a (prompt, completion) pair for PPO, ``prefs`` and ``eval``.
 
-Every source has a ``name`` and ``score(prompts, completions) -> (B,)`` float32 CPU tensor. Inputs are
-decoded text, the completion already cut at EOS / stop string. Three kinds, chosen by
-:func:`load_reward_source` from one string:
+Every source has a ``name`` and ``score(prompts, completions, columns=None) -> (B,)`` float32 CPU tensor.
+Inputs are decoded text, the completion already cut at EOS / stop string; ``columns`` are the prompt rows'
+other dataset columns (name -> B values aligned with the completions), which only a callable reads. Three
+kinds, chosen by :func:`load_reward_source` from one string:
 
 * a built-in judge from :data:`JUDGES` (``vader``: the gold judge of the sentiment task);
 * a Python callable, ``module:function`` or ``path/to/file.py:function``, called as
-  ``fn(prompts, completions)`` and returning one number per completion;
+  ``fn(prompts, completions, **columns)`` (TRL's reward-function convention) and returning one number per
+  completion; it gets the columns its signature names (all of them with ``**kwargs``; none: ``fn(prompts,
+  completions)``);
 * a sequence-classification reward model with a scalar head (a directory or a hub id).
 
 Reward models and pad == EOS: HF sequence-classification models pool at "the rightmost token that is
@@ -24,17 +27,22 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import numbers
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from prefalign.errors import UserError
 from prefalign.models.loading import base_model
+
+
+Columns = dict[str, list[Any]]
+"""A prompt row's other dataset columns for a batch: name -> one value per completion."""
 
 
 @runtime_checkable
@@ -43,14 +51,42 @@ class RewardSource(Protocol):
 
     name: str
 
-    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        """Return ``(B,)`` float32 scores on CPU, one per pair."""
+    def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
+        """Return ``(B,)`` float32 scores on CPU, one per pair; ``columns``: the prompt rows' other columns, each B
+        values aligned with the completions (a source may ignore them)."""
         ...
 
 
-def _check_pairs(prompts: list[str], completions: list[str]) -> None:
+def _check_pairs(prompts: list[str], completions: list[str], columns: Columns | None = None) -> None:
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    for name, values in (columns or {}).items():
+        if len(values) != len(completions):
+            raise ValueError(f"column {name!r} has {len(values)} values for {len(completions)} completions")
+
+
+def _keyword_params(fn: Callable, skip: int) -> tuple[set[str], dict[str, bool], bool]:
+    """What ``fn`` accepts after its first ``skip`` positional parameters: ``(skipped names, {keyword name:
+    required}, takes **kwargs)``. A signature Python cannot read (some builtins) accepts nothing more."""
+    try:
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return set(), {}, False
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    skipped = {p.name for p in positional[:skip]}
+    named = {p.name: p.default is p.empty for p in params
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skipped}
+    return skipped, named, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
+def score_with_columns(source: RewardSource, prompts: list[str], completions: list[str],
+                       columns: Columns | None) -> torch.Tensor:
+    """``source.score`` with ``columns`` when its ``score`` takes them (every source here does); a source of
+    your own written as ``score(prompts, completions)`` is called as before."""
+    _, named, var_kw = _keyword_params(source.score, 2)
+    if columns is not None and ("columns" in named or var_kw):
+        return source.score(prompts, completions, columns=columns)
+    return source.score(prompts, completions)
 
 
 def _short(value, limit: int = 60) -> str:
@@ -99,8 +135,8 @@ class VaderJudge:
                             "run `pip install vaderSentiment`") from None
         self._analyzer = SentimentIntensityAnalyzer()
 
-    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        _check_pairs(prompts, completions)
+    def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
+        _check_pairs(prompts, completions, columns)
         scores = [self._analyzer.polarity_scores(c)["compound"] for c in completions]
         return torch.tensor(scores, dtype=torch.float32)
 
@@ -162,17 +198,35 @@ def _first_line(e: BaseException) -> str:
 
 
 class CallableReward:
-    """A user function ``fn(prompts, completions) -> sequence of numbers``, validated on every call."""
+    """A user function ``fn(prompts, completions, **columns) -> sequence of numbers``, validated on every call.
+
+    Of the prompt rows' other columns, ``fn`` gets as keyword arguments (each a list aligned with the
+    completions, as TRL's GRPOTrainer passes dataset columns) those its signature names, or all with
+    ``**kwargs``; a function with neither is called ``fn(prompts, completions)``."""
 
     def __init__(self, spec: str, fn: Callable | None = None):
         self.name = spec
         self._fn = fn if fn is not None else _import_target(spec)
+        self._positional, self._named, self._all_columns = _keyword_params(self._fn, 2)
 
-    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        _check_pairs(prompts, completions)
+    def column_kwargs(self, columns: Columns | None) -> Columns:
+        """The keyword arguments of the call: the columns ``fn`` names (or all, bar its two positional names, with
+        ``**kwargs``), copied; a required parameter that is no column is a `UserError` naming it."""
+        columns = columns or {}
+        for param, required in self._named.items():
+            if required and param not in columns:
+                raise UserError(f"reward function {self.name!r} needs {param!r}, which is not a column of the prompt "
+                                f"rows (columns: {', '.join(columns) or 'none'}); add it to the prompt file or give "
+                                f"{param} a default")
+        wanted = [c for c in columns if c not in self._positional] if self._all_columns else self._named
+        return {c: list(columns[c]) for c in wanted if c in columns}
+
+    def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
+        _check_pairs(prompts, completions, columns)
         where = f"reward function {self.name!r}"
+        kwargs = self.column_kwargs(columns)
         try:
-            values = self._fn(list(prompts), list(completions))  # copies: the function may mutate them
+            values = self._fn(list(prompts), list(completions), **kwargs)  # copies: the function may mutate them
         except Exception as e:
             raise UserError(f"{where} raised {type(e).__name__}: {_first_line(e)}") from e
         return check_scores(values, len(completions), where)
@@ -268,8 +322,8 @@ class RewardModel:
             return self.model(**enc).logits[:, 0]
         return last_token_rewards(self.model, enc["input_ids"], enc["attention_mask"])
 
-    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        _check_pairs(prompts, completions)
+    def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
+        _check_pairs(prompts, completions, columns)
         texts = [p + c for p, c in zip(prompts, completions)]
         parts = [self._score_batch(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
         if not parts:
@@ -331,8 +385,8 @@ class WeightedRewards:
                             "another name")
         return cls({k: load_reward_source(s, **kw) for k, s in zip(keys, specs)}, weights)
 
-    def score(self, prompts: list[str], completions: list[str]) -> torch.Tensor:
-        parts = {k: check_scores(src.score(prompts, completions), len(completions), f"--reward {k}")
-                 for k, src in self.sources.items()}
+    def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
+        parts = {k: check_scores(score_with_columns(src, prompts, completions, columns), len(completions),
+                                 f"--reward {k}") for k, src in self.sources.items()}
         self.last_parts = parts
         return sum((w * p for w, p in zip(self.weights, parts.values())), torch.zeros(len(completions)))

@@ -8,7 +8,13 @@
 from prefalign.data.collate import PreferenceCollator, PromptCollator, SFTCollator
 from prefalign.data.io import Table, read_table
 from prefalign.data.preferences import FORMATS, PreferenceExample, detect_format, load_preferences, parse_preferences
-from prefalign.data.prompts import load_prompts, parse_prompts, read_prompts
+from prefalign.data.prompts import (
+    load_prompt_rows,
+    load_prompts,
+    parse_prompts,
+    read_prompts,
+    take_rows,
+)
 from prefalign.data.report import DropReport
 from prefalign.data.tokens import (
     MIN_PROMPT_TOKENS,
@@ -35,11 +41,13 @@ __all__ = [
     "detect_format",
     "left_truncate",
     "load_preferences",
+    "load_prompt_rows",
     "load_prompts",
     "parse_preferences",
     "parse_prompts",
     "read_prompts",
     "read_table",
+    "take_rows",
     "tokenize_preferences",
     "tokenize_prompts",
     "tokenize_sft",

@@ -10,12 +10,18 @@ Message-list prompts are rendered with the chat template and ``add_generation_pr
 strings are used as they are, or, with ``chat=True``, wrapped as one user message and rendered the
 same way. Empty prompts are dropped and counted (reason ``empty_prompt``); lines are kept as they are
 apart from the line break, so a trailing space stays.
+
+A table's other columns (e.g. the reference answer of a verifiable task) come with the prompts from
+`load_prompt_rows`, one list per column aligned with the kept prompts, for a ``module:function`` reward
+(`prefalign.rewards.CallableReward`); a row without a column has ``None`` there. A plain-text file, a
+prompt list and a preference file (whose prompts come from its pairs) have no other columns.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 from prefalign.data import chat as chatlib  # `chat` is also a flag name below
 from prefalign.data.io import DEFAULT_SPLIT, Table, progress, read_table, type_name
@@ -29,6 +35,13 @@ log = logging.getLogger(__name__)
 def load_prompts(source: str | Path | list[str], tokenizer=None, *, column: str = "prompt", chat: bool = False,
                  split: str = DEFAULT_SPLIT, strict: bool = False) -> list[str]:
     """Prompt texts from ``source`` (see the module docstring); drops are logged, none left is a `UserError`."""
+    return load_prompt_rows(source, tokenizer, column=column, chat=chat, split=split, strict=strict)[0]
+
+
+def load_prompt_rows(source: str | Path | list[str], tokenizer=None, *, column: str = "prompt", chat: bool = False,
+                     split: str = DEFAULT_SPLIT, strict: bool = False) -> tuple[list[str], dict[str, list[Any]]]:
+    """``(prompts, columns)``: `load_prompts`' N prompt texts and the table's other columns, each a list of N
+    values aligned with the prompts (``{}`` for a text file, a list or a preference file)."""
     if isinstance(source, (list, tuple)):
         table = Table("<prompt list>", "list", [column], [(f"prompt {i}", {column: p}) for i, p in
                                                           enumerate(source, start=1)])
@@ -36,11 +49,17 @@ def load_prompts(source: str | Path | list[str], tokenizer=None, *, column: str 
             raise UserError("the prompt list is empty; give at least one prompt")
     else:
         table = read_table(source, split=split, text_column=column)
-    prompts, report = parse_prompts(table, tokenizer, column=column, chat=chat, strict=strict)
+    prompts, columns, report = parse_prompt_rows(table, tokenizer, column=column, chat=chat, strict=strict)
     report.require_some_kept("give non-empty prompts")
     if report.dropped:
         log.warning("%s: %s", table.source, report.summary())
-    return prompts
+    return prompts, columns
+
+
+def take_rows(columns: dict[str, list[Any]], rows: list[int]) -> dict[str, list[Any]]:
+    """Each column's values at prompt indices ``rows`` (N -> len(rows)), e.g. ``rows = [i for i in idx for _ in
+    range(K)]`` gives every prompt's values once per completion, aligned with the completions."""
+    return {name: [values[i] for i in rows] for name, values in columns.items()}
 
 
 def read_prompts(values: list[str], tokenizer=None, chat: bool = False, *, flag: str = "--prompts") -> list[str]:
@@ -62,18 +81,27 @@ def read_prompts(values: list[str], tokenizer=None, chat: bool = False, *, flag:
 def parse_prompts(table: Table, tokenizer=None, *, column: str = "prompt", chat: bool = False,
                   strict: bool = False) -> tuple[list[str], DropReport]:
     """Prompt texts from the rows of ``table`` and the `DropReport` (never raises for "all dropped")."""
+    prompts, _, report = parse_prompt_rows(table, tokenizer, column=column, chat=chat, strict=strict)
+    return prompts, report
+
+
+def parse_prompt_rows(table: Table, tokenizer=None, *, column: str = "prompt", chat: bool = False,
+                      strict: bool = False) -> tuple[list[str], dict[str, list[Any]], DropReport]:
+    """`parse_prompts` with the table's other columns: ``(prompts, columns, report)``, each column a list aligned
+    with the N kept prompts (``None`` where a row lacks it; ``{}`` for a preference file)."""
     if column not in table.columns:
         if column == "prompt" and {"chosen", "rejected"} <= set(table.columns):
             fmt = detect_format(table)
             if fmt in FORMATS:
                 pairs, report = parse_preferences(table, fmt, tokenizer, strict=strict)
-                return [p.prompt for p in pairs], report
+                return [p.prompt for p in pairs], {}, report
         raise UserError(f"{table.source}: missing column {column!r} (found columns: {', '.join(table.columns)}); "
                         "a prompt dataset needs a column of prompts (choose it with column=)")
     if chat:
         chatlib.require_template(tokenizer, table.source)
     report = DropReport(source=table.source, total=len(table.rows), strict=strict)
     prompts: list[str] = []
+    columns: dict[str, list[Any]] = {name: [] for name in table.columns if name != column}
     for where, row in progress(table.rows, "parse"):
         if column not in row:
             raise UserError(f"{table.source}: {where}: missing column {column!r}; every row needs a prompt")
@@ -95,5 +123,7 @@ def parse_prompts(table: Table, tokenizer=None, *, column: str = "prompt", chat:
             value = chatlib.render(tokenizer, messages, add_generation_prompt=True, where=where,
                                         source=table.source)
         prompts.append(value)
-    return prompts, report
+        for name, values in columns.items():
+            values.append(row.get(name))  # JSON lines may omit a key: None, as `datasets` reads it
+    return prompts, columns, report
 

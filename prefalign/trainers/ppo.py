@@ -65,13 +65,15 @@ class PPOTrainer(PPOUpdate, Run):
 
     def setup(self) -> None:
         """Prompts, reward source, policy, reference and value model (LoRA on both when asked)."""
-        from prefalign.data import load_prompts, tokenize_prompts
+        from prefalign.data import load_prompt_rows, tokenize_prompts
         from prefalign.models import load_causal_lm, load_tokenizer
         from prefalign.rewards import load_reward_source
 
         cfg = self.cfg
         self.tokenizer = tok = load_tokenizer(cfg.model)
-        self.prompts = load_prompts(cfg.prompts, tok, chat=cfg.chat, split=cfg.prompts_split)
+        # the rows' other columns (name -> one value per prompt) go to a module:function reward
+        self.prompts, self.prompt_columns = load_prompt_rows(cfg.prompts, tok, chat=cfg.chat,
+                                                             split=cfg.prompts_split)
         self.prompt_ids = tokenize_prompts(self.prompts, tok, cfg.max_prompt_length)
         if len(self.prompts) < cfg.rollout_batch_size:
             raise UserError(f"{cfg.prompts}: {len(self.prompts)} prompts are fewer than one rollout batch "
@@ -182,7 +184,8 @@ class PPOTrainer(PPOUpdate, Run):
     def rollout(self, idx: list[int], step: int, timing: dict) -> Rollout:
         """This process's rollout of iteration ``step``: prompts ``idx`` (its shard). A collective: whitening
         uses statistics over every process's shard."""
-        from prefalign.rewards import check_scores
+        from prefalign.data import take_rows
+        from prefalign.rewards import check_scores, score_with_columns
 
         cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
         dev = acc.device
@@ -202,7 +205,8 @@ class PPOTrainer(PPOUpdate, Run):
         t2 = time.perf_counter()
         prompts = [self.prompts[i] for i in idx]
         texts = [cut_at_stop(t, cfg.stop) for t in tok.batch_decode(gen.response_ids, skip_special_tokens=True)]
-        scores = check_scores(self.reward_source.score(prompts, texts), len(texts), f"--reward {cfg.reward}").to(dev)
+        scores = score_with_columns(self.reward_source, prompts, texts, take_rows(self.prompt_columns, idx))
+        scores = check_scores(scores, len(texts), f"--reward {cfg.reward}").to(dev)
         timing["time/scoring"] = time.perf_counter() - t2
         # 5. clip, then penalise responses that never ended
         if cfg.score_clip is not None:

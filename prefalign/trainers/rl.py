@@ -106,6 +106,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
     def rollout(self, idx: list[int], step: int, timing: dict) -> GroupRollout:
         """This process's rollout of iteration ``step``: K completions of each prompt of ``idx`` (its shard). A
         collective: reinforce_pp's whitening and the loss normalisers use every process's rows."""
+        from prefalign.data import take_rows
         from prefalign.rewards import check_scores
 
         cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
@@ -126,7 +127,8 @@ class RLTrainer(RLUpdate, PPOTrainer):
         t2 = time.perf_counter()
         prompts = [self.prompts[i] for i in rows]
         texts = [cut_at_stop(t, cfg.stop) for t in tok.batch_decode(gen.response_ids, skip_special_tokens=True)]
-        scores = check_scores(self.reward_source.score(prompts, texts), len(texts), "--reward").to(dev)
+        columns = take_rows(self.prompt_columns, rows)  # row i's values once per completion, as prompts
+        scores = check_scores(self.reward_source.score(prompts, texts, columns), len(texts), "--reward").to(dev)
         timing["time/scoring"] = time.perf_counter() - t2
         # 5. clip, then penalise responses that never ended
         if cfg.score_clip is not None:
