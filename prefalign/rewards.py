@@ -365,6 +365,14 @@ def reward_key(spec: str) -> str:
     return "/".join(parts[-2:]) if parts and parts[-1] == "final" else (parts[-1] if parts else spec)
 
 
+def check_reward_columns(source: RewardSource, columns: Columns) -> None:
+    """Refuse, before a run writes anything, a ``module:function`` reward (alone or inside `WeightedRewards`) that
+    requires a keyword argument the prompt rows have no column for: the `UserError` its first call would raise."""
+    for src in getattr(source, "sources", {"": source}).values():
+        if isinstance(src, CallableReward):
+            src.column_kwargs({c: [] for c in columns})
+
+
 class WeightedRewards:
     """Several reward sources as one: ``score = sum_i w_i * score_i``; each source's own scores of the last call
     are kept in ``last_parts`` (name -> ``(B,)``) for logging."""

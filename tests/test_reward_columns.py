@@ -186,3 +186,23 @@ def test_ppo_rollout_gives_each_completion_its_prompt_rows_answer(tmp_path, tiny
     trainer.prepare()
     trainer.rollout([5, 2], step=0, timing={})
     assert recorder.calls == [(["Q5: what is 5 + 5?", "Q2: what is 2 + 2?"], ["a5", "a2"])]
+
+
+@pytest.mark.parametrize("trainer", ["ppo", "rl"])
+def test_a_missing_column_is_refused_before_the_output_exists(tmp_path, tiny_model_dir, qa_file, trainer):
+    def needs_solution(prompts, completions, solution):
+        return [0.0] * len(completions)
+
+    out = tmp_path / "run"
+    common = dict(prompts=str(qa_file), model=str(tiny_model_dir), output=str(out), max_steps=1, rollout_batch_size=2,
+                  num_minibatches=1, max_new_tokens=3, precision="fp32")
+    if trainer == "ppo":
+        run = PPOTrainer(PPOConfig(reward="m:fn", **common), reward_source=CallableReward("m:fn", needs_solution))
+    else:  # inside the weighted sum, beside a source that takes no columns
+        source = WeightedRewards({"vader": VaderJudge(), "m:fn": CallableReward("m:fn", needs_solution)}, [1.0, 1.0])
+        run = RLTrainer(RLConfig(reward=["vader", "m:fn"], reward_weights=[1.0, 1.0], num_generations=2, **common),
+                        reward_source=source)
+    with pytest.raises(UserError, match=r"^reward function 'm:fn' needs 'solution', which is not a column of the "
+                                        r"prompt rows \(columns: answer, id\)"):
+        run.train()
+    assert not out.exists()

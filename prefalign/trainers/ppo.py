@@ -137,6 +137,12 @@ class PPOTrainer(PPOUpdate, Run):
         self.sampling = cfg.sampling()
         self.last_row: dict[str, float] = {}
 
+    def check_inputs(self) -> None:
+        """A reward function that needs a column the prompt rows lack is refused before the output exists."""
+        from prefalign.rewards import check_reward_columns
+
+        check_reward_columns(self.reward_source, self.prompt_columns)
+
     def run_info(self) -> dict:
         cfg = self.cfg
         return {"prompts": len(self.prompts), "total_iterations": self.total_steps,
