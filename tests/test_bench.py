@@ -137,3 +137,22 @@ def test_step_clock_differences():
     clock.t0 = 1.0
     clock.marks = [3.0, 4.5, 7.0]
     assert clock.seconds() == [2.0, 1.5, 2.5]
+
+
+def test_critic_free_reads_the_race_command_and_times_iterations_after_the_first(tmp_path):
+    from bench import critic_free
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "logs" / "seed-0_grpo.log").write_text(
+        "$ /v/bin/python3 -m prefalign rl --model m --max-steps 32 --estimator grpo --output /r/seed-0/grpo "
+        "--overwrite\nrl: 100%\n")
+    assert critic_free.stage_command(tmp_path, "grpo") == ["rl", "--model", "m", "--estimator", "grpo"]
+    with pytest.raises(SystemExit, match=r"seed-0_ppo.log: no such stage log"):
+        critic_free.stage_command(tmp_path, "ppo")
+    metrics = [{"wall_seconds": 9.0, "episodes": 16, "time/update": 5.0},
+               {"wall_seconds": 12.0, "episodes": 32, "time/update": 2.0},
+               {"wall_seconds": 16.0, "episodes": 48, "time/update": 3.0},
+               {"wall_seconds": 18.0, "episodes": 64, "time/update": 1.0}]
+    fig = critic_free.iteration_figures(metrics)
+    assert fig == {"s_per_iteration": 3.0, "episodes_per_iteration": 16, "s_per_episode": 3.0 / 16,
+                   "time/update": 2.0}
