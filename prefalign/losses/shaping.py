@@ -32,7 +32,8 @@ def kl_shaped_rewards(
 
     Args:
         scores: ``(B,)`` sequence scores from the reward source.
-        logp, ref_logp: ``(B, R)`` log-probs of the sampled response tokens under policy and reference.
+        logp: ``(B, R)`` log-probs of the sampled response tokens under the policy.
+        ref_logp: ``(B, R)`` the same under the reference.
         mask: ``(B, R)`` 1 on real response tokens; contiguous from position 0 (right-padded).
         kl_coef: the KL penalty coefficient (beta).
         estimator: ``k1``, ``k2`` or ``k3`` (see `kl.py`).

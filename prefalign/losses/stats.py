@@ -105,9 +105,10 @@ def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float =
         mask: bool or 0/1, same shape as ``x``.
         shift_mean: centre the result at 0 (see above).
         eps: added to the variance so a constant input does not divide by 0.
-        mean, var: precomputed mean and unbiased variance (0-dim), given together, to whiten with
-            statistics of a larger batch than ``x`` (PPO over several processes: every process holds
-            a shard, the statistics are those of all shards). Default: computed from ``x`` and ``mask``.
+        mean: precomputed mean (0-dim), given together with ``var``, to whiten with statistics of a
+            larger batch than ``x`` (PPO over several processes: every process holds a shard, the
+            statistics are those of all shards). Default: computed from ``x`` and ``mask``.
+        var: precomputed unbiased variance (0-dim), given together with ``mean``; see ``mean``.
 
     Returns:
         Same shape as ``x``; exactly 0 where ``mask`` is false.
