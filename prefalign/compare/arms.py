@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from prefalign.compare.argv import pair_training_args, ppo_args, run_args, sampling_args
+from prefalign.methods import PPO_OBJECTIVE as _PPO_LOSS
 
 if TYPE_CHECKING:
     from prefalign.compare.config import CompareConfig
@@ -221,7 +222,6 @@ CRITIC_FREE = Family("ppo", "rl", steps=lambda cfg: cfg.ppo_steps * cfg.ppo_epoc
                      update="on-policy RL without a critic: K completions per prompt, a group baseline",
                      curve_metric="objective/scores")
 
-_PPO_LOSS = "E[min(r_t A_t, clip(r_t, 1-eps, 1+eps) A_t)]"
 _PPO_LOSS_NOTE = " with a per-token KL penalty to the reference"
 
 ARMS: dict[str, Arm] = {arm.name: arm for arm in [

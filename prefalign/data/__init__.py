@@ -10,6 +10,7 @@ from prefalign.data.io import Table, read_table
 from prefalign.data.preferences import FORMATS, PreferenceExample, detect_format, load_preferences, parse_preferences
 from prefalign.data.prompts import (
     load_prompt_rows,
+    load_prompt_rows_reported,
     load_prompts,
     parse_prompts,
     read_prompts,
@@ -42,6 +43,7 @@ __all__ = [
     "left_truncate",
     "load_preferences",
     "load_prompt_rows",
+    "load_prompt_rows_reported",
     "load_prompts",
     "parse_preferences",
     "parse_prompts",

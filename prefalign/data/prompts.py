@@ -42,6 +42,14 @@ def load_prompt_rows(source: str | Path | list[str], tokenizer=None, *, column: 
                      split: str = DEFAULT_SPLIT, strict: bool = False) -> tuple[list[str], dict[str, list[Any]]]:
     """``(prompts, columns)``: `load_prompts`' N prompt texts and the table's other columns, each a list of N
     values aligned with the prompts (``{}`` for a text file, a list or a preference file)."""
+    return load_prompt_rows_reported(source, tokenizer, column=column, chat=chat, split=split, strict=strict)[:2]
+
+
+def load_prompt_rows_reported(source: str | Path | list[str], tokenizer=None, *, column: str = "prompt",
+                              chat: bool = False, split: str = DEFAULT_SPLIT,
+                              strict: bool = False) -> tuple[list[str], dict[str, list[Any]], DropReport]:
+    """`load_prompt_rows` and the `DropReport` of its rows: rows read, dropped by reason (a trainer records it in
+    run.json and its model card)."""
     if isinstance(source, (list, tuple)):
         table = Table("<prompt list>", "list", [column], [(f"prompt {i}", {column: p}) for i, p in
                                                           enumerate(source, start=1)])
@@ -53,7 +61,7 @@ def load_prompt_rows(source: str | Path | list[str], tokenizer=None, *, column: 
     report.require_some_kept("give non-empty prompts")
     if report.dropped:
         log.warning("%s: %s", table.source, report.summary())
-    return prompts, columns
+    return prompts, columns, report
 
 
 def take_rows(columns: dict[str, list[Any]], rows: list[int]) -> dict[str, list[Any]]:

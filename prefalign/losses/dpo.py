@@ -29,6 +29,10 @@ from torch import Tensor
 
 from prefalign.losses.stats import check_same_shape
 
+NOTATION = ("h = (logp_c - ref_c) - (logp_r - ref_r), logp a completion's summed log-prob under the policy, ref "
+            "under the reference; avg_logp its per-token mean")
+"""The terms the variants' help lines use (``c`` chosen, ``r`` rejected): ``--loss-type``'s help and model cards."""
+
 
 @dataclass(frozen=True)
 class PairLogps:

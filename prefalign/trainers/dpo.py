@@ -17,7 +17,8 @@ import tyro
 
 from prefalign.errors import UserError
 from prefalign.losses import dpo_loss
-from prefalign.losses.dpo import DPO_LOSSES, HYPERPARAM_NAMES, DPOVariant, owners, resolve_hyperparams
+from prefalign.losses.dpo import DPO_LOSSES, HYPERPARAM_NAMES, NOTATION, DPOVariant, owners, resolve_hyperparams
+from prefalign.methods import METHODS, Method
 from prefalign.models.logprobs import completion_logprobs, sequence_logprobs
 from prefalign.trainers.config import TrainConfig
 from prefalign.data import PreferenceCollator
@@ -38,8 +39,7 @@ def _default(name: str) -> float:
 # --help text generated from the table in prefalign/losses/dpo.py (tyro shows it after the field's docstring).
 def _loss_type_hint(default: str) -> str:
     lines = [f"  {v.name}: {v.help}" for v in DPO_LOSSES.values()]
-    return (f"(default: {default}) h = (logp_c - ref_c) - (logp_r - ref_r), logp a completion's summed log-prob "
-            "under the policy, ref under the reference; avg_logp its per-token mean. One of:\n" + "\n".join(lines))
+    return f"(default: {default}) {NOTATION}. One of:\n" + "\n".join(lines)
 
 
 def _hyperparam_hint(name: str) -> str:
@@ -161,6 +161,11 @@ class DPOTrainer(Trainer):
 
     def extra_run_info(self) -> dict:
         return {"data": self.data_info, **self.cfg.loss_hyperparams}
+
+    def card_method(self) -> Method:
+        """DPO with the --loss-type's line of `DPO_LOSSES` (its formula and paper) and the notation it uses."""
+        variant = self.cfg.variant
+        return METHODS["dpo"].variant(variant.name, f"{variant.help}; {NOTATION}")
 
     def collate(self, examples):
         return self.collator(examples)

@@ -199,8 +199,10 @@ class Trainer(Run):
         return {k: f"{self.last_row[k]:.4g}" for k in ("loss", self.key_metric) if k in self.last_row}
 
     def save_final(self, out: Path) -> None:
-        """``final/`` in Hugging Face format (adapter for LoRA), plus ``final-merged/`` with --merge-lora."""
-        save_final_model(self.backend, out / "final", self.trained_model, self.tokenizer, merged=self.cfg.merge_lora)
+        """``final/`` in Hugging Face format (adapter for LoRA), plus ``final-merged/`` with --merge-lora; each with
+        its model card."""
+        save_final_model(self.backend, out / "final", self.trained_model, self.tokenizer, merged=self.cfg.merge_lora,
+                         card=self.card())
 
     # -- the step's parts --
     def batch_for(self, step: int, micro: int) -> list:

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from prefalign.errors import UserError
+from prefalign.methods import METHODS
 from prefalign.losses import apply_missing_eos_penalty, explained_variance, gae, kl_shaped_rewards, masked_whiten
 from prefalign.models.logprobs import completion_logprobs
 from prefalign.models.value import token_values
@@ -65,15 +66,16 @@ class PPOTrainer(PPOUpdate, Run):
 
     def setup(self) -> None:
         """Prompts, reward source, policy, reference and value model (LoRA on both when asked)."""
-        from prefalign.data import load_prompt_rows, tokenize_prompts
+        from prefalign.data import load_prompt_rows_reported, tokenize_prompts
         from prefalign.models import load_causal_lm, load_tokenizer
         from prefalign.rewards import load_reward_source
 
         cfg = self.cfg
         self.tokenizer = tok = load_tokenizer(cfg.model)
         # the rows' other columns (name -> one value per prompt) go to a module:function reward
-        self.prompts, self.prompt_columns = load_prompt_rows(cfg.prompts, tok, chat=cfg.chat,
-                                                             split=cfg.prompts_split)
+        self.prompts, self.prompt_columns, report = load_prompt_rows_reported(cfg.prompts, tok, chat=cfg.chat,
+                                                                              split=cfg.prompts_split)
+        self.data_info = {"source": cfg.prompts, "rows": report.total, "kept": report.kept, "dropped": report.counts}
         self.prompt_ids = tokenize_prompts(self.prompts, tok, cfg.max_prompt_length)
         if len(self.prompts) < cfg.rollout_batch_size:
             raise UserError(f"{cfg.prompts}: {len(self.prompts)} prompts are fewer than one rollout batch "
@@ -103,10 +105,13 @@ class PPOTrainer(PPOUpdate, Run):
 
         cfg = self.cfg
         if cfg.value_model:
+            self.value_base = cfg.value_model
             value = load_value_model(cfg.value_model)
         elif isinstance(self.reward_source, RewardModel):
+            self.value_base = cfg.reward
             value = load_value_model(cfg.reward)
         else:
+            self.value_base = cfg.model
             value = load_value_model(cfg.model, head_init_std=cfg.head_init_std)
         if cfg.lora_r:
             value = apply_lora(value, cfg, task_type="SEQ_CLS", modules_to_save=["score"])
@@ -145,7 +150,7 @@ class PPOTrainer(PPOUpdate, Run):
 
     def run_info(self) -> dict:
         cfg = self.cfg
-        return {"prompts": len(self.prompts), "total_iterations": self.total_steps,
+        return {"prompts": len(self.prompts), "data": self.data_info, "total_iterations": self.total_steps,
                 "episodes": self.total_steps * cfg.rollout_batch_size,
                 "reward": getattr(self.reward_source, "name", cfg.reward),
                 "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
@@ -346,6 +351,9 @@ class PPOTrainer(PPOUpdate, Run):
 
     def save_final(self, out: Path) -> None:
         """``final/`` (the policy; adapter with LoRA, plus ``final-merged/`` with --merge-lora) and ``value/`` (the
-        value model), Hugging Face format. Every process calls it (under FSDP the weights are gathered)."""
-        save_final_model(self.backend, out / "final", self.trained_policy, self.tokenizer, merged=self.cfg.merge_lora)
-        save_final_model(self.backend, out / "value", self.trained_value, self.tokenizer)
+        value model), Hugging Face format, each with its model card. Every process calls it (under FSDP the weights
+        are gathered)."""
+        save_final_model(self.backend, out / "final", self.trained_policy, self.tokenizer, merged=self.cfg.merge_lora,
+                         card=self.card())
+        save_final_model(self.backend, out / "value", self.trained_value, self.tokenizer,
+                         card=self.card(METHODS["value"], base=self.value_base))

@@ -25,6 +25,7 @@ import torch
 
 from prefalign.losses import ADVANTAGE_ESTIMATORS, AdvantageInputs, apply_missing_eos_penalty, kl_shaped_rewards
 from prefalign.losses.policy import informative_groups
+from prefalign.methods import METHODS, Method
 from prefalign.rollout import cut_at_stop
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
@@ -92,14 +93,22 @@ class RLTrainer(RLUpdate, PPOTrainer):
 
     def run_info(self) -> dict:
         cfg = self.cfg
-        return {"prompts": len(self.prompts), "total_iterations": self.total_steps, "estimator": cfg.estimator,
+        return {"prompts": len(self.prompts), "data": self.data_info, "total_iterations": self.total_steps,
+                "estimator": cfg.estimator,
                 "num_generations": cfg.num_generations, "loss_aggregation": cfg.aggregation,
                 "episodes": self.total_steps * cfg.completions_per_iteration, "reward": self.reward_source.name,
                 "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad)}
 
     def save_final(self, out: Path) -> None:
-        """``final/``: the policy (adapter with LoRA, plus ``final-merged/`` with --merge-lora); no critic."""
-        save_final_model(self.backend, out / "final", self.trained_policy, self.tokenizer, merged=self.cfg.merge_lora)
+        """``final/``: the policy (adapter with LoRA, plus ``final-merged/`` with --merge-lora) with its model card;
+        no critic."""
+        save_final_model(self.backend, out / "final", self.trained_policy, self.tokenizer, merged=self.cfg.merge_lora,
+                         card=self.card())
+
+    def card_method(self) -> Method:
+        """The critic-free loss with the --estimator's line of `ADVANTAGE_ESTIMATORS` (its formula and paper)."""
+        rl = METHODS["rl"]
+        return rl.variant(self.estimator.name, f"{rl.formula}; A_t: {self.estimator.help}")
 
     # ---------------------------------------------------------------- rollout
     @torch.no_grad()

@@ -16,10 +16,11 @@ A trainer subclass supplies its setup and its step::
                        report each optimizer step's outcome with `record_step`
     log_row(done)      the metrics row of the steps since the last log (a collective on every process)
 
-    save_final(out)    write ``final/`` (every process calls it: sharded weights are gathered)
+    save_final(out)    write ``final/`` (every process calls it: sharded weights are gathered), each model with the
+                       model card of `card` (`prefalign.trainers.final.save_final_model` writes it)
 
 and optionally ``check_backend``, ``run_info``, ``progress``, ``has_eval`` / ``evaluate``, ``checkpoint_state`` /
-``load_state``, ``check_resumable``, ``on_start``.
+``load_state``, ``check_resumable``, ``on_start``, ``card_method``.
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from prefalign.methods import METHODS, Method
 from prefalign.preflight import preflight_run
 from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config, write_json
 from prefalign.trainers.backend import Trained, check_mergeable, make_backend, resolve_precision
+from prefalign.trainers.card import CardFacts
 from prefalign.trainers.checkpoint import PREFIX, CheckpointManager, rng_state, set_rng_state
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.metrics import MetricsLogger
@@ -102,6 +105,16 @@ class Run:
 
     def save_final(self, out: Path) -> None:
         raise NotImplementedError
+
+    def card_method(self) -> Method:
+        """How this run trains, for its model cards: the command's entry of `prefalign.methods.METHODS` (dpo and rl
+        name their --loss-type or --estimator)."""
+        return METHODS[self.command]
+
+    def card(self, method: Method | None = None, base: str | None = None) -> CardFacts:
+        """The trainer's facts for the card of a model `save_final` writes: `card_method` (or ``method``, e.g.
+        PPO's critic) and the model it started from (``base``, default --model)."""
+        return CardFacts(self.out_dir, self.command, method or self.card_method(), base or self.cfg.model)
 
     # -- the skeleton --
     def train(self) -> dict[str, float]:
