@@ -38,6 +38,14 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+def autocast_dtype(accelerator) -> torch.dtype | None:
+    """The dtype ``accelerator.autocast()`` computes matmuls in on its device, or None where it does not autocast
+    (fp32; a DeepSpeed engine, which runs bf16 itself)."""
+    device = accelerator.device.type
+    with accelerator.autocast():
+        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+
+
 def resolve_precision(precision: str) -> str:
     """'fp32' or 'bf16' (what accelerate calls 'no' / 'bf16')."""
     if precision != "auto":

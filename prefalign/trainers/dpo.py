@@ -141,6 +141,8 @@ class DPOTrainer(Trainer):
 
     def setup(self) -> None:
         from prefalign.models import load_causal_lm, load_tokenizer
+        from prefalign.models.frozen import load_reference
+        from prefalign.trainers.backend import autocast_dtype
 
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model)
@@ -152,12 +154,10 @@ class DPOTrainer(Trainer):
                 raise UserError("dpo under DeepSpeed ZeRO-3 needs --lora-r (the reference is the adapter-off "
                                 "policy): a separate reference model would be loaded partitioned, outside any engine; "
                                 "or shard with FSDP (examples/accelerate/fsdp.yaml), which keeps it whole")
-            self.ref_model = load_causal_lm(cfg.ref or cfg.model)
-            self.ref_model.requires_grad_(False).eval()
+            self.ref_model = load_reference(cfg.ref or cfg.model, self.accelerator.device,
+                                            autocast_dtype(self.accelerator))
             if len(self.ref_model.get_input_embeddings().weight) != len(self.model.get_input_embeddings().weight):
                 raise UserError(f"--ref {cfg.ref}: its vocabulary differs from --model's; DPO needs the same tokenizer")
-            # accelerate places only what it prepares (the policy); the frozen reference follows it by hand
-            self.ref_model.to(self.accelerator.device)
 
     def extra_run_info(self) -> dict:
         return {"data": self.data_info, **self.cfg.loss_hyperparams}

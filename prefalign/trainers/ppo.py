@@ -27,6 +27,8 @@ from prefalign.models.value import token_values
 from prefalign.rollout import cut_at_stop, eos_token_ids, generate, refresh_sampling_copy, sampling_copy
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
+from prefalign.models.frozen import load_reference
+from prefalign.trainers.backend import autocast_dtype
 from prefalign.trainers.dist import masked_mean_var, mean_across_processes
 from prefalign.trainers.final import save_final_model
 from prefalign.trainers.lora import adapter_off, apply_lora
@@ -88,9 +90,8 @@ class PPOTrainer(PPOUpdate, Run):
             self.policy = apply_lora(self.policy, cfg)
             self.ref_model = None  # the reference is the policy with its adapter off
         else:
-            # accelerate places only what it prepares: the frozen reference goes to the device by hand
-            self.ref_model = load_causal_lm(cfg.ref or cfg.model).requires_grad_(False).eval()
-            self.ref_model.to(self.accelerator.device)
+            self.ref_model = load_reference(cfg.ref or cfg.model, self.accelerator.device,
+                                            autocast_dtype(self.accelerator))
         self.value = self.load_value()
         if cfg.gradient_checkpointing:
             for m in (self.policy, self.value):

@@ -1,0 +1,44 @@
+"""Frozen models (the reference of PPO, the critic-free family and DPO) held in less memory at no numeric cost.
+
+Under bf16 autocast every ``nn.Linear`` casts its float32 weight to bfloat16 on each call (round to nearest even,
+the same rounding as ``weight.to(torch.bfloat16)``), computes in bfloat16 and returns bfloat16. A frozen model's
+linear weights can therefore be stored in bfloat16 once: each call skips the cast and gets the same bits.
+Embeddings and norms are *not* autocast ops; they stay float32, so the residual stream and the normalisations are
+computed exactly as before. An LM head tied to the input embedding is that embedding and stays float32 too (autocast
+casts it per call, as before). For SmolLM2-135M this holds 106M of the 135M parameters in half the bytes: ~212 MB
+less per frozen copy.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
+    """Store the weights (and biases) of ``model``'s ``nn.Linear`` layers in ``dtype``, except a layer whose weight
+    is the input embedding (a tied LM head). Only for a frozen model run under autocast to ``dtype``: outside
+    autocast a float32 input would meet a ``dtype`` weight. Returns the bytes saved."""
+    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    saved = 0
+    for module in model.modules():
+        if not isinstance(module, nn.Linear) or module.weight is embedding:
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            if param.dtype == dtype:
+                continue
+            saved += param.numel() * (param.element_size() - torch.empty((), dtype=dtype).element_size())
+            setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+    return saved
+
+
+def load_reference(name_or_path: str, device, autocast_dtype: torch.dtype | None):
+    """A frozen reference model on ``device`` (eval mode, no gradients); with ``autocast_dtype`` (the run's
+    autocast, bf16) its linear weights held in that dtype (`hold_linear_weights_in`: the same log-probs)."""
+    from prefalign.models.loading import load_causal_lm
+
+    model = load_causal_lm(name_or_path).requires_grad_(False).eval()
+    if autocast_dtype is not None:
+        hold_linear_weights_in(model, autocast_dtype)
+    # accelerate places only what it prepares: the frozen reference goes to the device by hand
+    return model.to(device)
