@@ -152,3 +152,29 @@ def test_cli_rl_smoke(tmp_path, tiny_model_dir, prompts):
     bad = run_cli("rl", "--prompts", prompts, "--reward", "vader", "--num-generations", "1", "--output", tmp_path / "x")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
         "error: --estimator grpo compares the completions of a prompt: --num-generations must be >= 2, got 1"]
+
+
+class HalfConstantReward:
+    """Prompts ``review i`` with even i score 1.0 whatever the completion (their groups carry no signal and are
+    dropped under --dynamic-sampling); odd i score the completion's length in characters, which varies."""
+
+    name = "half-constant"
+
+    def __init__(self):
+        self.constant_groups: list[int] = []
+
+    def score(self, prompts, completions):
+        even = [int(p.split()[1].rstrip(":")) % 2 == 0 for p in prompts]
+        self.constant_groups.append(sum(even) // 4)  # K = 4 rows per prompt
+        return torch.tensor([1.0 if e else float(len(c)) for e, c in zip(even, completions)])
+
+
+def test_dynamic_sampling_counts_the_groups_it_drops(tmp_path, tiny_model_dir, prompts):
+    reward = HalfConstantReward()
+    trainer = RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=3, dynamic_sampling=True),
+                        reward_source=reward)
+    trainer.train()
+    rows = read_metrics(tmp_path / "run")
+    assert [r["rl/groups_dropped"] for r in rows] == reward.constant_groups
+    assert [r["rl/groups_dropped_fraction"] for r in rows] == [n / 4 for n in reward.constant_groups]
+    assert sum(reward.constant_groups) > 0

@@ -173,7 +173,8 @@ class RLTrainer(RLUpdate, PPOTrainer):
         })
         out = {key: v for key, v in means.items()
                if key not in ("num_eos", "tokens", "rl/groups_dropped", "advantage_abs_sum")}
-        return {**out, "rl/groups_dropped": round(means["rl/groups_dropped"] * self.world),
+        dropped = round(means["rl/groups_dropped"] * self.world)
+        return {**out, "rl/groups_dropped": dropped, "rl/groups_dropped_fraction": dropped / cfg.rollout_batch_size,
                 "rl/advantage_abs": means["advantage_abs_sum"] / means["tokens"] if means["tokens"] else 0.0,
                 "val/num_eos": round(means["num_eos"] * self.world), "kl_coef": self.kl_ctl.coef,
                 "lr": self.trained_policy.scheduler.get_last_lr()[0],
