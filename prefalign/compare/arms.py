@@ -65,6 +65,9 @@ class Stage:
     """Which part of the arm's wall time it is: "policy" or "reward_model"."""
     trains_on_pairs: bool
     """Reads the shared pairs: the arm is charged the pair making, and the pairs it saw count as used."""
+    metric: str
+    """The logged metric compare shows beside the stage's step counter while it runs (a policy run: its
+    family's `Family.curve_metric`)."""
 
 
 @dataclass(frozen=True)
@@ -129,7 +132,7 @@ class Arm:
     @property
     def policy_stage(self) -> Stage:
         return Stage(self.name, self.family.command, self.args, self.family.steps, charged_as="policy",
-                     trains_on_pairs=not self.family.online)
+                     trains_on_pairs=not self.family.online, metric=self.family.curve_metric)
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -155,7 +158,7 @@ def _reward_model_args(inputs: StageInputs) -> list:
 
 
 REWARD_MODEL = Stage("rm", "reward", _reward_model_args, steps=lambda cfg: cfg.rm_steps, charged_as="reward_model",
-                     trains_on_pairs=True)
+                     trains_on_pairs=True, metric="accuracy")
 """Bradley-Terry on the shared pairs; also the evaluation's proxy reward."""
 
 

@@ -23,6 +23,8 @@ class PlannedStage:
     command: str
     args: list
     """After ``prefalign COMMAND``; the runner adds ``--output`` and ``--overwrite``."""
+    metric: str | None = None
+    """The logged metric shown beside its step counter while it runs (`Stage.metric`); None: pairs, eval."""
 
 
 def pairs_path(out: Path) -> Path:
@@ -46,12 +48,13 @@ def plan_stages(cfg: CompareConfig, out: Path, train_prompts: Path, heldout_prom
                 if stage.name not in planned:  # a shared stage (the reward model) serves every arm of the seed
                     planned.add(stage.name)
                     plan.append(PlannedStage(f"seed-{seed}/{stage.name}", stage.command,
-                                             stage.args(arm.inputs_for(inputs))))
+                                             stage.args(arm.inputs_for(inputs)), stage.metric))
         with_sweep = cfg.sweep and index == 0
         if with_sweep:
             for name, arm, value in sweep_runs(cfg):
                 plan.append(PlannedStage(f"seed-{seed}/{name}", arm.family.command,
-                                         arm.args(dataclasses.replace(inputs, setting=value))))
+                                         arm.args(dataclasses.replace(inputs, setting=value)),
+                                         arm.policy_stage.metric))
         plan.append(PlannedStage(f"seed-{seed}/eval", "eval", _eval_args(cfg, inputs, heldout_prompts, with_sweep)))
     return plan
 

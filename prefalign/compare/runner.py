@@ -7,7 +7,7 @@ Layout of ``--output DIR``::
     pairs/                                         `prefalign prefs` run: pairs.jsonl (shared by every arm)
     seed-S/rm, seed-S/ppo, seed-S/dpo, ...         one training run per arm and seed
     seed-S/eval/                                   `prefalign eval` of every arm and the starting policy
-    logs/                                          each stage's output
+    logs/                                          each stage's output (NAME.log; NAME.progress.json while it runs)
     stages.json                                    wall time and peak memory of finished stages
     report.md, report.html, summary.json, *.png    the report
 
@@ -21,7 +21,8 @@ from pathlib import Path
 
 from prefalign.compare.config import CompareConfig
 from prefalign.compare.plan import plan_stages
-from prefalign.compare.stages import StageResult, StageRunner
+from prefalign.compare.progress import RaceProgress
+from prefalign.compare.stages import StageRunner
 from prefalign.compare.summary import summarize
 from prefalign.errors import UserError
 from prefalign.preflight import preflight_race
@@ -57,8 +58,6 @@ class Comparison:
             return self._race(out)
 
     def _race(self, out: Path) -> dict:
-        from tqdm.auto import tqdm
-
         from prefalign.eval.report import write_report
 
         cfg = self.cfg
@@ -66,17 +65,9 @@ class Comparison:
         write_config(out / "resolved", cfg)
         train_prompts, heldout_prompts = self._write_prompts(out)
         plan = plan_stages(cfg, out, train_prompts, heldout_prompts)
-        bar = tqdm(total=len(plan), desc="compare", unit="stage")
-
-        def progress(name, skipped):
-            bar.set_postfix_str(f"{name}{' (done before)' if skipped else ''}")
-
-        runner = StageRunner(out, resume=cfg.resume, progress=progress)
-        results: dict[str, StageResult] = {}
-        for stage in plan:
-            results[stage.name] = runner.run(stage.name, stage.command, stage.args)
-            bar.update(1)
-        bar.close()
+        with RaceProgress(plan) as race:  # closed before an error propagates: the error stays the last line
+            runner = StageRunner(out, resume=cfg.resume, monitor=race)
+            results = {stage.name: runner.run(stage.name, stage.command, stage.args) for stage in plan}
         summary = summarize(cfg, out, results)
         write_report(summary, out)
         return summary

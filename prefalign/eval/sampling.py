@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from prefalign.progress import ProgressBar
 from prefalign.rollout.generate import SamplingConfig
 
 
@@ -45,8 +46,6 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], sampling: 
     their random numbers (common random numbers: their gold difference and win rate are less noisy, and
     identical policies give identical completions).
     """
-    from tqdm.auto import tqdm
-
     from prefalign.data import PromptCollator
     from prefalign.rollout import cut_at_stop, eos_token_ids, generate
     from prefalign.rollout.generate import key_seed
@@ -56,7 +55,7 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], sampling: 
     eos = eos_token_ids(model, tokenizer)
     jobs = [(i, k) for i in range(len(prompt_ids)) for k in range(num_samples)]
     out: list[Sample] = []
-    with tqdm(total=len(jobs), desc=desc, unit="completion") as bar:
+    with ProgressBar(total=len(jobs), desc=desc, unit="completion") as bar:
         for lo in range(0, len(jobs), batch_size):
             chunk = jobs[lo : lo + batch_size]
             batch = collate([prompt_ids[i] for i, _ in chunk])
@@ -80,8 +79,6 @@ def sequence_logps(model, prompt_ids: list[list[int]], samples: list[Sample], ba
     Batches are formed in the order of ``samples`` (``batch_size`` at a time), so two models scored on
     the same samples see identical batches: equal weights give bit-identical sums.
     """
-    from tqdm.auto import tqdm
-
     from prefalign.data import SFTCollator, TokenizedSFT
     from prefalign.models.logprobs import completion_logprobs, sequence_logprobs
 
@@ -91,7 +88,7 @@ def sequence_logps(model, prompt_ids: list[list[int]], samples: list[Sample], ba
     model.eval()
     sums: list[torch.Tensor] = []
     try:
-        for lo in tqdm(range(0, len(samples), batch_size), desc=desc, unit="batch"):
+        for lo in ProgressBar(range(0, len(samples), batch_size), desc=desc, unit="batch"):
             chunk = samples[lo : lo + batch_size]
             batch = collate([TokenizedSFT(prompt_ids[s.prompt], s.response_ids) for s in chunk])
             batch = {k: v.to(dev) for k, v in batch.items()}  # each (b, T), right-padded

@@ -193,13 +193,13 @@ class DPOTrainer(Trainer):
     def before_train(self) -> None:
         if not (self.cfg.precompute_ref and self.cfg.uses_reference):
             return
-        from tqdm.auto import tqdm
+        from prefalign.progress import ProgressBar
 
         data = self.train_data + self.eval_data
         cache = torch.zeros(len(data), 2)
         bs = self.cfg.batch_size
-        for lo in tqdm(range(0, len(data), bs), desc="reference log-probs", unit="batch",
-                       disable=not self.accelerator.is_main_process):
+        for lo in ProgressBar(range(0, len(data), bs), desc="reference log-probs", unit="batch",
+                              disable=not self.accelerator.is_main_process):
             batch = self._to_device(self.collate(data[lo : lo + bs]))
             with self.accelerator.autocast():
                 ref = self.reference_logps(batch).float().cpu()

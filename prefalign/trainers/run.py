@@ -31,6 +31,7 @@ from typing import Any
 
 from prefalign.methods import METHODS, Method
 from prefalign.preflight import preflight_run
+from prefalign.progress import ProgressBar
 from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config, write_json
 from prefalign.trainers.backend import Trained, check_mergeable, make_backend, resolve_precision
 from prefalign.trainers.card import CardFacts
@@ -170,14 +171,12 @@ class Run:
 
     def _steps(self, start: int, metrics: MetricsLogger) -> dict[str, float]:
         """Steps ``start`` .. total: the step, its metrics, evaluation and checkpoint cadence, a stop on a signal."""
-        from tqdm.auto import tqdm
-
         cfg, total = self.cfg, self.total_steps
         hint = f"prefalign {self.command} --config {self.out_dir / 'config.yaml'} --resume latest"
         last_logged: dict[str, float] = {}
         # the bar closes before an error propagates, so the error stays the last line on the terminal
-        with (tqdm(total=total, initial=start, desc=self.command, unit=self.unit,
-                   disable=not self.accelerator.is_main_process) as bar,
+        with (ProgressBar(total=total, initial=start, desc=self.command, unit=self.unit,
+                          disable=not self.accelerator.is_main_process) as bar,
               GracefulStop(self.accelerator) as stop):
             for step in range(start, total):
                 self.train_step(step)
@@ -191,7 +190,7 @@ class Run:
                 if ((cfg.save_steps and done % cfg.save_steps == 0) or done == total) and self.guard.in_a_row == 0:
                     self.save_checkpoint(done)
                 bar.set_postfix(self.progress())
-                bar.update(1)
+                bar.update(1, metrics=last_logged)  # compare shows the metric its arm table names
                 if done < total:
                     stop.check(done, total, lambda: self.save_checkpoint(done), hint)
         return last_logged
