@@ -30,7 +30,7 @@ N_PAIRS = 64  # enough pairs for 8 steps of 8; each run reads the first steps x 
 MAX_LENGTH = 256
 
 # steps per run (the first `warmup` are not timed): full run / --quick
-STEPS = {"dpo": 2, "dpo_lora": 2, "reward": 3, "ppo": 2, "rollout8": 3, "rollout16": 3}
+STEPS = {"dpo": 2, "dpo_lora": 2, "reward": 3, "ppo": 2, "grpo": 3, "rollout8": 3, "rollout16": 3}
 QUICK_STEPS = {w: 2 for w in WORKLOADS}
 WARMUP = {w: 1 for w in WORKLOADS}
 
@@ -43,6 +43,8 @@ def runner(workload: str, side: str) -> tuple[str, Path]:
         return "prefalign", ROOT / "bench" / "run_generate.py"
     if workload == "ppo":
         return "trl-1.12", ROOT / "bench" / "run_trl_ppo.py"
+    if workload == "grpo":
+        return "trl-1.16", ROOT / "bench" / "run_trl_grpo.py"
     return "trl-1.16", ROOT / "bench" / "run_trl.py"
 
 
@@ -108,7 +110,32 @@ def run_one(workload: str, side: str, precision: str, steps: int, threads: int, 
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     res = json.loads(lines[-1][len(RESULT_PREFIX):])
     res.update(peak_rss_kib=usage.ru_maxrss, wall=wall, cpu_seconds=usage.ru_utime + usage.ru_stime,
-               loadavg=load, busy_before=busy_before, repeat_index=index)
+               loadavg=load, busy_before=busy_before, repeat_index=index, work=str(work))
+    return res
+
+
+def replay_check(workload: str, precision: str, runs: list[dict], threads: int, out: Path, index: int, log):
+    """The same-math run of a sampling workload (grpo, fp32): the baseline trains on the completions that the
+    first prefalign run of ``(workload, precision)`` sampled, recorded in its ``rollouts.json``. None when
+    there is nothing to replay (no prefalign run, or the workload is not checked that way)."""
+    if workload not in report.REPLAYED or precision != "fp32":
+        return None
+    ours, base = report.sides(workload)
+    recorded = [r for r in runs if (r["workload"], r["precision"], r["side"]) == (workload, precision, ours)]
+    if not recorded:
+        return None
+    path = Path(recorded[0]["work"]) / "rollouts.json"
+    steps = len(json.loads(path.read_text()))
+    log(f"[bench] {workload:9s} {precision} {base:11s} same-math replay of {path} ({steps} steps) ...")
+    res = run_one(workload, base, precision, steps, threads, out, index, extra=["--replay", str(path)])
+    x, ref = res["extra"], recorded[0]
+    # the later steps' gradient norms check the update too (same completions, after the same AdamW steps)
+    log(f"          {base} on prefalign's completions: loss {res['losses'][0]:.3e} (prefalign "
+        f"{ref['losses'][0]:.3e}), mean log-prob {x['first_logps'][0]:.6f} ({ref['extra']['first_logps'][0]:.6f}), "
+        f"grad norms {', '.join(f'{g:.6f}' for g in x['grad_norms'])} "
+        f"({', '.join(f'{g:.6f}' for g in ref['extra']['grad_norms'])}), |Δ advantage| "
+        f"{x['advantage_max_diff']:.1e}, |Δ reward| {x['reward_max_diff']:.1e}, prompt-id mismatches "
+        f"{x['token_mismatches']}")
     return res
 
 
@@ -168,34 +195,7 @@ def main(argv=None) -> int:
                                       cwd=ROOT, check=True, capture_output=True, text=True).stdout)
     steps = {w: args.steps or (QUICK_STEPS if args.quick else STEPS)[w] for w in args.workloads}
 
-    runs: list[dict] = []
-    failures: list[str] = []
-    raw = (out / "raw.jsonl").open("w")
-    index = 0
-    for workload in args.workloads:
-        ours, base = report.sides(workload)
-        for precision in args.precisions:
-            for rep in range(args.repeats):
-                order = (ours, base) if rep % 2 == 0 else (base, ours)
-                for side in order:
-                    log(f"[bench] {workload:9s} {precision} {side:11s} repeat {rep + 1}/{args.repeats} ...")
-                    busy = wait_for_quiet(args.max_wait, log) if args.max_wait > 0 else None
-                    try:
-                        res = run_one(workload, side, precision, steps[workload], args.threads, out, index, busy)
-                    except RuntimeError as e:  # keep racing the rest; the failure is listed and fails the exit code
-                        log(f"[bench] RUN FAILED: {e}")
-                        failures.append(f"{workload} {precision} {side} repeat {rep + 1}: {str(e).splitlines()[0]}")
-                        index += 1
-                        continue
-                    index += 1
-                    runs.append(res)
-                    raw.write(json.dumps(res) + "\n")
-                    raw.flush()
-                    log(f"          steps {', '.join(f'{s:.1f}' for s in res['step_seconds'])} s, "
-                        f"peak RSS {res['peak_rss_kib'] / report.GIB:.2f} GiB, CPU share "
-                        f"{res['cpu_seconds'] / res['wall']:.2f}, other work at start "
-                        f"{'-' if busy is None else f'{busy:.2f}'} cores")
-    raw.close()
+    runs, failures = race(args, steps, out, log)
 
     params = model_params(runs)
     comps = report.comparisons(runs, WARMUP)
@@ -208,13 +208,60 @@ def main(argv=None) -> int:
     (out / "results.json").write_text(json.dumps({"meta": meta, "comparisons": [
         {"workload": c.workload, "precision": c.precision, "speed_ratio": c.speed_ratio, "rss_ratio": c.rss_ratio,
          "speed_met": c.speed_met, "rss_met": c.rss_met, "same_math": c.same_math, "loss_diff": c.loss_diff,
-         "logps_diff": c.logps_diff, "ours": vars(c.ours), "base": vars(c.base)} for c in comps]}, indent=1))
+         "logps_diff": c.logps_diff, "grad_norm_diff": c.grad_norm_diff, "ours": vars(c.ours), "base": vars(c.base)}
+        for c in comps]}, indent=1))
     print(md)
     log(f"[bench] done in {meta['wall_seconds'] / 60:.1f} min; results in {out}")
     failed = [c for c in comps if c.same_math is False]
     for c in failed:
-        log(f"[bench] SAME-MATH FAILURE: {c.workload} {c.precision}: Δloss {c.loss_diff}, Δlogp {c.logps_diff}")
+        log(f"[bench] SAME-MATH FAILURE: {c.workload} {c.precision}: Δloss {c.loss_diff}, Δlogp {c.logps_diff}, "
+            f"Δ grad norm (relative) {c.grad_norm_diff}")
     return 1 if failed or failures else 0
+
+
+def race(args, steps: dict[str, int], out: Path, log) -> tuple[list[dict], list[str]]:
+    """Every run of the race, alternating sides per repeat, then each workload's same-math replay (if it has
+    one); ``(runs, failures)``. Each run's line goes to ``raw.jsonl`` as soon as it ends."""
+    runs: list[dict] = []
+    failures: list[str] = []
+    index = 0
+    with (out / "raw.jsonl").open("w") as raw:
+        def keep(res: dict) -> None:
+            runs.append(res)
+            raw.write(json.dumps(res) + "\n")
+            raw.flush()
+
+        for workload in args.workloads:
+            ours, base = report.sides(workload)
+            for precision in args.precisions:
+                for rep in range(args.repeats):
+                    for side in ((ours, base) if rep % 2 == 0 else (base, ours)):
+                        log(f"[bench] {workload:9s} {precision} {side:11s} repeat {rep + 1}/{args.repeats} ...")
+                        busy = wait_for_quiet(args.max_wait, log) if args.max_wait > 0 else None
+                        index += 1
+                        try:
+                            res = run_one(workload, side, precision, steps[workload], args.threads, out, index - 1,
+                                          busy)
+                        except RuntimeError as e:  # keep racing the rest; listed, and it fails the exit code
+                            log(f"[bench] RUN FAILED: {e}")
+                            failures.append(f"{workload} {precision} {side} repeat {rep + 1}: "
+                                            f"{str(e).splitlines()[0]}")
+                            continue
+                        keep(res)
+                        log(f"          steps {', '.join(f'{s:.1f}' for s in res['step_seconds'])} s, "
+                            f"peak RSS {res['peak_rss_kib'] / report.GIB:.2f} GiB, CPU share "
+                            f"{res['cpu_seconds'] / res['wall']:.2f}, other work at start "
+                            f"{'-' if busy is None else f'{busy:.2f}'} cores")
+                try:
+                    res = replay_check(workload, precision, runs, args.threads, out, index, log)
+                except RuntimeError as e:
+                    log(f"[bench] REPLAY FAILED: {e}")
+                    failures.append(f"{workload} {precision} same-math replay: {str(e).splitlines()[0]}")
+                    res = None
+                if res is not None:
+                    index += 1
+                    keep(res)
+    return runs, failures
 
 
 def model_params(runs: list[dict]) -> int:
@@ -248,14 +295,16 @@ def render(meta: dict, comps: list, runs: list[dict]) -> str:
         "Versions: " + "; ".join(f"{k}: " + ", ".join(f"{p} {x}" for p, x in d.items()) for k, d in v.items()),
         "",
         "Speed × = prefalign throughput / baseline throughput (> 1: prefalign faster); RSS × = prefalign peak RSS / "
-        "baseline peak RSS (< 1: prefalign leaner). Baseline: TRL 1.16 (dpo, dpo_lora, reward), TRL 1.12 "
-        "`trl.experimental.ppo` (ppo), plain `model.generate` (rollout8/16, batch 8/16).",
+        "baseline peak RSS (< 1: prefalign leaner). Baseline: TRL 1.16 (dpo, dpo_lora, reward; grpo: "
+        "`GRPOTrainer`), TRL 1.12 `trl.experimental.ppo` (ppo), plain `model.generate` (rollout8/16, batch 8/16). "
+        "grpo's same math: TRL trained on prefalign's first-step completions (`--replay`).",
         "",
         report.main_table(comps, meta["params"], meta["peak_gflops"]),
     ]
-    if any(r["workload"] == "ppo" for r in runs):
-        lines += ["", "PPO time split, median seconds per iteration:", "",
-                  report.ppo_split_table(runs, meta["warmup"]["ppo"])]
+    for workload in ("ppo", "grpo"):
+        if any(r["workload"] == workload for r in runs):
+            lines += ["", f"{workload.upper()} time split, median seconds per iteration:", "",
+                      report.ppo_split_table(runs, meta["warmup"][workload], workload)]
     shares = report.group(runs)
     lines += ["", "CPU share of the runs (CPU seconds / wall seconds; 2.0 = both cores busy the whole run; well "
               "below that = other work on the machine took the cores):", ""]

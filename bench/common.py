@@ -4,10 +4,11 @@ A runner is one fresh process that sets up one library on one workload, runs ``s
 (PPO: iterations; rollout: generate calls) and prints one line ``BENCH_RESULT {json}`` with at least:
 
     step_seconds   list[float], one per step, warm-up steps included (the aggregator drops them)
-    items_per_step int, pairs (dpo, reward), episodes (ppo) or prompts (rollout) per step
+    items_per_step int, pairs (dpo, reward), episodes (ppo, grpo: completions) or prompts (rollout) per step
     tokens         list[int], real tokens per step that the MFU estimate counts (see `bench.report`)
     losses         list[float] per step (training workloads)
-    extra          dict of workload-specific figures (first-step log-probs, PPO time split, ...)
+    extra          dict of workload-specific figures (first-step log-probs, PPO / GRPO time split, ...)
+    replay         true on a same-math check run (``--replay``): not timed, only its first-step figures count
 """
 
 from __future__ import annotations
@@ -20,18 +21,20 @@ import time
 from pathlib import Path
 
 RESULT_PREFIX = "BENCH_RESULT "
-WORKLOADS = ("dpo", "dpo_lora", "reward", "ppo", "rollout8", "rollout16")
+WORKLOADS = ("dpo", "dpo_lora", "reward", "ppo", "grpo", "rollout8", "rollout16")
 PRECISIONS = ("fp32", "bf16")
 
 # One config for both sides; each runner maps it onto its library's own names.
 HPARAMS = {
-    "batch_size": 8,  # pairs per optimizer step (dpo, reward); rollout batch (ppo)
+    "batch_size": 8,  # pairs per optimizer step (dpo, reward); rollout batch (ppo); completions per step (grpo)
     "max_length": 256,  # dpo/reward: the data holds only pairs that fit untruncated
     "beta": 0.1,
     "lr_dpo": 1e-6,
     "lr_dpo_lora": 1e-4,
     "lr_reward": 1e-5,
     "lr_ppo": 3e-6,
+    "lr_grpo": 1e-6,  # TRL's GRPOConfig default
+    "num_generations": 4,  # grpo: K completions per prompt, so batch_size / K = 2 prompts per step
     "lora_r": 16,
     "lora_alpha": 32,
     "max_grad_norm": 1.0,
@@ -53,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="what-if experiments only (never in the race): override a config field of this side")
     ap.add_argument("--exp", action="append", default=[], help="what-if experiments only: named patches")
+    ap.add_argument("--replay", default=None, metavar="ROLLOUTS_JSON",
+                    help="grpo same-math check (TRL side): score and train on these recorded completions instead of "
+                         "sampling (bench.common.save_rollouts wrote them)")
     args = ap.parse_args(argv)
     args.overrides = dict(_kv(x) for x in args.set)
     return args
@@ -64,6 +70,28 @@ def _kv(text: str) -> tuple[str, object]:
         return key, json.loads(value)
     except json.JSONDecodeError:
         return key, value
+
+
+def length_reward(prompts, completions, **kwargs) -> list[float]:
+    """The grpo race's reward, called by both sides: the completion's length in characters.
+
+    Deterministic and nearly free, so the race times the trainers, not a judge. Both libraries call it on the
+    same decoded text (``skip_special_tokens=True``): prefalign as ``--reward bench.common:length_reward``
+    (positional ``prompts, completions``), TRL as a reward function (keywords, plus extra columns in
+    ``kwargs``). Its spread within a group (tens of characters) also keeps the two libraries' different
+    GRPO std epsilons (prefalign 1e-6, TRL 1e-4) below 1e-5 of the advantages.
+    """
+    return [float(len(c)) for c in completions]
+
+
+def save_rollouts(path: Path, steps: list[dict]) -> None:
+    """The completions a grpo run trained on, one dict per step (``prompt_ids``, ``completion_ids``: a list per
+    row, the completion up to and including its first EOS), for the other side's ``--replay``."""
+    path.write_text(json.dumps(steps))
+
+
+def load_rollouts(path: str) -> list[dict]:
+    return json.loads(Path(path).read_text())
 
 
 def setup_process(threads: int) -> None:

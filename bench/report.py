@@ -13,6 +13,12 @@ Per (workload, precision, side), over all repeats:
                     reference / value / reward forwards are not counted) and 2 x params x tokens for
                     generation; tokens = real (unpadded) tokens. The same formula on both sides, so the
                     MFU ratio equals the speed ratio; it says how far from the hardware both are.
+
+Same math (fp32 only): the first step's loss and log-probs (DPO: mean summed log-probs of chosen and rejected;
+grpo: mean per-token log-prob of the completions) and, where both report it, the first step's pre-clip gradient
+norm (relative difference). Workloads that sample (`SAMPLED`) train on different completions on each side, so
+their timed runs are never compared: grpo (`REPLAYED`) is checked on a *replay* run, the baseline trained on the
+completions that prefalign's first run sampled; ppo is not checked.
 """
 
 from __future__ import annotations
@@ -23,11 +29,13 @@ from dataclasses import dataclass
 SIDES = {"rollout8": ("prefalign", "hf-generate"), "rollout16": ("prefalign", "hf-generate")}
 DEFAULT_SIDES = ("prefalign", "trl")
 GENERATION = ("rollout8", "rollout16")
-ITEM_NAME = {"dpo": "pairs", "dpo_lora": "pairs", "reward": "pairs", "ppo": "episodes",
+ITEM_NAME = {"dpo": "pairs", "dpo_lora": "pairs", "reward": "pairs", "ppo": "episodes", "grpo": "episodes",
              "rollout8": "tokens", "rollout16": "tokens"}
 # (speed ratio prefalign / baseline at least, peak RSS ratio at most): the issue's targets
-TARGETS = {"dpo": (1.6, 0.5), "dpo_lora": (1.6, 0.5), "reward": (1.0, 0.5), "ppo": (2.0, 0.5),
+TARGETS = {"dpo": (1.6, 0.5), "dpo_lora": (1.6, 0.5), "reward": (1.0, 0.5), "ppo": (2.0, 0.5), "grpo": (2.0, 0.5),
            "rollout8": (3.0, None), "rollout16": (3.0, None)}
+SAMPLED = ("ppo", "grpo")  # each side samples its own completions: timed runs' losses are not comparable
+REPLAYED = ("grpo",)  # checked on a replay run of prefalign's completions (see the module docstring)
 SAME_MATH_TOL = 1e-4
 GIB = 1024 * 1024  # KiB per GiB
 
@@ -54,7 +62,8 @@ class Figures:
     rss_max_gib: float
     cpu_share: float  # CPU seconds / wall seconds of the runs (2.0 = both cores all the time)
     first_loss: float | None
-    first_logps: tuple[float, float] | None
+    first_logps: tuple[float, ...] | None
+    first_grad_norm: float | None = None
 
 
 def figures(runs: list[dict], warmup: int) -> Figures:
@@ -69,15 +78,17 @@ def figures(runs: list[dict], warmup: int) -> Figures:
         rates.append(sum(toks) / sum(secs))
     rss = [r["peak_rss_kib"] / GIB for r in runs]
     first = runs[0]
-    logps = None
-    if "first_logps_chosen" in first.get("extra", {}):
-        logps = (first["extra"]["first_logps_chosen"], first["extra"]["first_logps_rejected"])
+    x = first.get("extra", {})
+    logps = tuple(x["first_logps"]) if "first_logps" in x else None
+    if "first_logps_chosen" in x:
+        logps = (x["first_logps_chosen"], x["first_logps_rejected"])
     return Figures(
         runs=len(runs), step_median=med, step_min=min(steps), step_max=max(steps),
         items_per_s=first["items_per_step"] / med, tokens_per_s=statistics.median(rates),
         rss_gib=statistics.median(rss), rss_max_gib=max(rss),
         cpu_share=sum(r["cpu_seconds"] for r in runs) / sum(r["wall"] for r in runs),
         first_loss=first["losses"][0] if first.get("losses") else None, first_logps=logps,
+        first_grad_norm=x.get("first_grad_norm"),
     )
 
 
@@ -96,7 +107,8 @@ class Comparison:
     speed_ratio: float  # ours / baseline throughput (> 1: we are faster)
     rss_ratio: float  # ours / baseline peak RSS (< 1: we are leaner)
     loss_diff: float | None  # |first-step loss ours - baseline|
-    logps_diff: float | None  # max |first-step mean log-prob ours - baseline| (chosen, rejected)
+    logps_diff: float | None  # max |first-step mean log-prob ours - baseline| (chosen, rejected; grpo: one)
+    grad_norm_diff: float | None = None  # |first-step grad norm ours - baseline| / baseline's
 
     @property
     def speed_target(self) -> float:
@@ -119,35 +131,42 @@ class Comparison:
         """Checked in fp32 only (bf16 autocast rounds differently on each side by design)."""
         if self.precision != "fp32" or self.loss_diff is None:
             return None
-        worst = max(self.loss_diff, self.logps_diff or 0.0)
+        worst = max(self.loss_diff, self.logps_diff or 0.0, self.grad_norm_diff or 0.0)
         return worst <= SAME_MATH_TOL
 
 
-def compare(workload: str, precision: str, ours: Figures, base: Figures) -> Comparison:
+def compare(workload: str, precision: str, ours: Figures, base: Figures, check: Figures | None = None) -> Comparison:
+    """``check``: the baseline's replay run (`REPLAYED` workloads), whose first-step figures replace the timed
+    runs' in the same-math check; a `SAMPLED` workload without one is not checked."""
     if workload in GENERATION:
         speed = ours.tokens_per_s / base.tokens_per_s
     else:
         speed = base.step_median / ours.step_median
-    loss_diff = None
-    if ours.first_loss is not None and base.first_loss is not None and workload != "ppo":
-        loss_diff = abs(ours.first_loss - base.first_loss)
-    logps_diff = None
-    if ours.first_logps and base.first_logps:
-        logps_diff = max(abs(a - b) for a, b in zip(ours.first_logps, base.first_logps))
-    return Comparison(workload, precision, ours, base, speed, ours.rss_gib / base.rss_gib, loss_diff, logps_diff)
+    math_base = check if check is not None else (None if workload in SAMPLED else base)
+    loss_diff = logps_diff = grad_diff = None
+    if math_base is not None and ours.first_loss is not None and math_base.first_loss is not None:
+        loss_diff = abs(ours.first_loss - math_base.first_loss)
+    if math_base is not None and ours.first_logps and math_base.first_logps:
+        logps_diff = max(abs(a - b) for a, b in zip(ours.first_logps, math_base.first_logps))
+    if math_base is not None and ours.first_grad_norm is not None and math_base.first_grad_norm:
+        grad_diff = abs(ours.first_grad_norm - math_base.first_grad_norm) / abs(math_base.first_grad_norm)
+    return Comparison(workload, precision, ours, base, speed, ours.rss_gib / base.rss_gib, loss_diff, logps_diff,
+                      grad_diff)
 
 
-def group(runs: list[dict]) -> dict[tuple[str, str, str], list[dict]]:
-    """Runs keyed by (workload, precision, side), in the order first seen."""
+def group(runs: list[dict], replays: bool = False) -> dict[tuple[str, str, str], list[dict]]:
+    """Timed runs (``replays``: the replay runs instead) keyed by (workload, precision, side), in the order first
+    seen."""
     out: dict[tuple[str, str, str], list[dict]] = {}
     for r in runs:
-        out.setdefault((r["workload"], r["precision"], r["side"]), []).append(r)
+        if bool(r.get("replay")) == replays:
+            out.setdefault((r["workload"], r["precision"], r["side"]), []).append(r)
     return out
 
 
 def comparisons(runs: list[dict], warmup: dict[str, int]) -> list[Comparison]:
     """Every (workload, precision) that has runs on both sides; ``warmup`` steps per workload."""
-    grouped = group(runs)
+    grouped, replayed = group(runs), group(runs, replays=True)
     out = []
     seen = []
     for workload, precision, _ in grouped:
@@ -157,8 +176,9 @@ def comparisons(runs: list[dict], warmup: dict[str, int]) -> list[Comparison]:
         a, b = sides(workload)
         if (workload, precision, a) in grouped and (workload, precision, b) in grouped:
             w = warmup.get(workload, 1)
+            check = replayed.get((workload, precision, b))
             out.append(compare(workload, precision, figures(grouped[workload, precision, a], w),
-                               figures(grouped[workload, precision, b], w)))
+                               figures(grouped[workload, precision, b], w), figures(check, w) if check else None))
     return out
 
 
@@ -181,11 +201,16 @@ def fmt_diff(x: float | None) -> str:
     return "–" if x is None else f"{x:.1e}"
 
 
+def fmt_math(c: Comparison) -> str:
+    grad = "" if c.grad_norm_diff is None else f", ‖g‖ {c.grad_norm_diff:.1e} rel"
+    return f"{fmt_diff(c.loss_diff)}, {fmt_diff(c.logps_diff)}{grad} ({verdict(c.same_math)})"
+
+
 def main_table(comps: list[Comparison], params: int, peaks: dict[str, float]) -> str:
     """The headline markdown table: one row per (workload, precision)."""
     head = ("| workload | precision | s/step prefalign, median [min–max] | s/step baseline | rate prefalign | "
             "rate baseline | speed × (target) | peak RSS GiB prefalign / baseline | RSS × (target) | "
-            "MFU prefalign / baseline | same math: Δloss, Δlogp (step 1) |")
+            "MFU prefalign / baseline | same math: Δloss, Δlogp[, Δ‖g‖] (step 1) |")
     rows = [head, "|" + "---|" * 11]
     for c in comps:
         item = ITEM_NAME[c.workload]
@@ -198,16 +223,17 @@ def main_table(comps: list[Comparison], params: int, peaks: dict[str, float]) ->
             f"| **{c.speed_ratio:.2f}** (≥ {c.speed_target:g}: {verdict(c.speed_met)}) "
             f"| {c.ours.rss_gib:.2f} / {c.base.rss_gib:.2f} | **{c.rss_ratio:.2f}** ({rss_t}: {verdict(c.rss_met)}) "
             f"| {100 * m_ours:.1f}% / {100 * m_base:.1f}% "
-            f"| {fmt_diff(c.loss_diff)}, {fmt_diff(c.logps_diff)} ({verdict(c.same_math)}) |"
+            f"| {fmt_math(c)} |"
         )
     return "\n".join(rows)
 
 
-def ppo_split_table(runs: list[dict], warmup: int) -> str:
-    """Median seconds per PPO iteration phase, per precision and side (timed iterations only)."""
+def ppo_split_table(runs: list[dict], warmup: int, workload: str = "ppo") -> str:
+    """Median seconds per iteration phase of ``workload`` (ppo, grpo), per precision and side (timed iterations
+    only)."""
     rows = ["| precision | side | generation | log-probs / values | scoring | update | total |", "|---|---|---|---|---|---|---|"]
-    for (workload, precision, side), rs in group(runs).items():
-        if workload != "ppo":
+    for (w, precision, side), rs in group(runs).items():
+        if w != workload:
             continue
         phases = {}
         for key in ("generation", "logprobs", "scoring", "update"):

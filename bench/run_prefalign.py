@@ -6,7 +6,9 @@ Harness-only subclasses, no change to what a step computes:
 - ``batch_for`` reads pairs in file order (TRL's ``train_sampling_strategy="sequential"``), so both
   sides train on the same batches;
 - ``save_checkpoint`` / ``save_final`` are no-ops: TRL runs with ``save_strategy="no"``, and writing
-  ~2 GB of checkpoint after the last step is not the race.
+  ~2 GB of checkpoint after the last step is not the race;
+- grpo: ``prompt_batch`` reads the prompts in file order (TRL's ``shuffle_dataset=False``), and ``rollout``
+  also records what each step sampled (``rollouts.json``, for TRL's same-math ``--replay``).
 Step times come from ``metrics.jsonl`` (``wall_seconds`` of consecutive rows, logging every step).
 """
 
@@ -27,6 +29,7 @@ from bench.common import (  # noqa: E402
     pair_tokens_per_step,
     parse_args,
     quiet,
+    save_rollouts,
     setup_process,
 )
 
@@ -133,6 +136,72 @@ def run_ppo(args) -> dict:
             "extra": {"split": split, "response_tokens": trainer._resp}}
 
 
+def grpo_config(args, out: Path):
+    """prefalign's side of the grpo race: `prefalign rl --estimator grpo` at the config of `bench.run_trl_grpo`."""
+    from prefalign.trainers.rl import RLConfig
+
+    k = HPARAMS["num_generations"]
+    kw = dict(prompts=str(Path(args.data) / "prefixes.txt"), reward=["bench.common:length_reward"], output=str(out),
+              overwrite=True, estimator="grpo", loss_agg="seq_mean_token_mean", num_generations=k,
+              rollout_batch_size=HPARAMS["batch_size"] // k, max_new_tokens=HPARAMS["max_new_tokens"],
+              temperature=HPARAMS["temperature"], top_k=0, top_p=1.0, ppo_epochs=1, num_minibatches=1, grad_accum=1,
+              clip_eps=0.2, kl_in_loss=True, kl_coef=HPARAMS["kl_coef"], learning_rate=HPARAMS["lr_grpo"],
+              lr_scheduler="linear", warmup_steps=0, max_steps=args.steps, precision=args.precision,
+              seed=HPARAMS["seed"], logging_steps=1, sample_every=10**6, max_grad_norm=HPARAMS["max_grad_norm"])
+    return RLConfig(**{**kw, **args.overrides})
+
+
+def run_grpo(args) -> dict:
+    from prefalign.trainers.rl import RLTrainer
+
+    out = Path(args.work) / "out"
+    cfg = grpo_config(args, out)
+    recorded: list[dict] = []
+
+    class Recording(RLTrainer):
+        def prompt_batch(self, step):
+            b = self.cfg.rollout_batch_size
+            return list(range(step * b, (step + 1) * b))
+
+        def save_checkpoint(self, step):
+            return None
+
+        def save_final(self, out):
+            pass
+
+        def rollout(self, idx, step, timing):
+            ro = super().rollout(idx, step, timing)
+            recorded.append(_record(self, ro, idx))
+            return ro
+
+    Recording(cfg).train()
+    rows = _rows(out)
+    save_rollouts(Path(args.work) / "rollouts.json", recorded)
+    split = {k: [r[f"time/{k}"] for r in rows] for k in ("generation", "logprobs", "scoring", "update")}
+    first = recorded[0]
+    extra = {"split": split, "response_tokens": [r["response_tokens"] for r in recorded],
+             "first_logps": [first["mean_logp"]], "first_grad_norm": rows[0]["policy/grad_norm"],
+             "grad_norms": [r["policy/grad_norm"] for r in rows],
+             "first_advantages": first["advantages"], "first_rewards": first["rewards"]}
+    # the loss TRL logs: the policy term plus beta x the k3 term (prefalign logs the two apart)
+    losses = [r["loss/policy"] + cfg.kl_coef * r["loss/kl"] for r in rows]
+    return {"step_seconds": _step_seconds(rows), "losses": losses, "items_per_step": cfg.completions_per_iteration,
+            "tokens": [r["tokens"] for r in recorded], "extra": extra}
+
+
+def _record(trainer, ro, idx: list[int]) -> dict:
+    """One grpo step as `bench.common.save_rollouts` stores it, with its first-step check figures."""
+    k = trainer.cfg.num_generations
+    mask = ro.response_mask.bool()  # (B, R); P = the prompt width
+    width = ro.query_response.shape[1] - mask.shape[1]
+    responses = ro.query_response[:, width:]
+    return {"prompt_ids": [trainer.prompt_ids[i] for i in idx for _ in range(k)],
+            "completion_ids": [r[m].tolist() for r, m in zip(responses, mask)],
+            "rewards": ro.scores.tolist(), "advantages": ro.advantages[:, 0].tolist(),
+            "mean_logp": float(ro.logps[mask].mean()), "tokens": int(ro.attention_mask.sum()),
+            "response_tokens": int(mask.sum())}
+
+
 def run_rollout(args, batch: int) -> dict:
     import torch
 
@@ -199,6 +268,8 @@ def main(argv=None) -> None:
         res = run_pairs(args, args.workload)
     elif args.workload == "ppo":
         res = run_ppo(args)
+    elif args.workload == "grpo":
+        res = run_grpo(args)
     else:
         res = run_rollout(args, int(args.workload.removeprefix("rollout")))
     emit({"side": "prefalign", "workload": args.workload, "precision": args.precision, **res,

@@ -90,6 +90,27 @@ def test_comparisons_pair_sides_per_workload_and_skip_one_sided():
     assert [(c.workload, c.precision) for c in comps] == [("dpo", "fp32"), ("rollout16", "fp32")]
 
 
+def test_grpo_same_math_is_checked_on_the_replay_run_only():
+    math = {"first_logps": [-2.0], "first_grad_norm": 3.0}
+    ours = run(workload="grpo", losses=(0.0,), extra=math)
+    trl = run(workload="grpo", side="trl", steps=(9.0, 6.0), losses=(0.3,), extra={"first_logps": [-2.5]})
+
+    def replay(grad_norm, logp=-2.0 + 1e-5):
+        return {**run(workload="grpo", side="trl", steps=(1.0, 1.0), losses=(5e-5,),
+                      extra={"first_logps": [logp], "first_grad_norm": grad_norm}), "replay": True}
+
+    [alone] = report.comparisons([ours, trl], {"grpo": 1})
+    assert alone.same_math is None and alone.loss_diff is None  # different completions: nothing to compare
+    [c] = report.comparisons([ours, trl, replay(3.0003)], {"grpo": 1})
+    assert c.base.step_median == 6.0 and c.base.runs == 1  # the replay is not a timed run
+    assert c.loss_diff == pytest.approx(5e-5) and c.logps_diff == pytest.approx(1e-5)
+    assert c.grad_norm_diff == pytest.approx(0.0003 / 3.0003) and c.same_math is True
+    [off] = report.comparisons([ours, trl, replay(3.01)], {"grpo": 1})
+    assert off.same_math is False  # the gradient norm is 0.3% off
+    table = report.main_table([c], params=100, peaks={"fp32": 1.0, "bf16": 1.0})
+    assert "‖g‖ 1.0e-04 rel (met)" in table and "episodes/s" in table
+
+
 def test_mfu_uses_six_for_training_two_for_generation():
     f = report.figures([run(steps=(1, 1.0), tokens=(0, 1000))], 1)
     assert report.mfu("dpo", f, params=100, peak_gflops=1e-3) == pytest.approx(6 * 100 * 1000 / 1e6)
@@ -117,6 +138,8 @@ def test_ppo_split_table_fills_trl_logprobs_with_the_rest():
     table = report.ppo_split_table(runs, warmup=1)
     assert "| fp32 | trl | 2.00 | 4.00 | 1.00 | 3.00 | 10.00 |" in table
     assert "| fp32 | prefalign | 2.00 | 1.50 | 1.00 | 3.00 | 8.00 |" in table
+    grpo = [{**r, "workload": "grpo"} for r in runs]
+    assert report.ppo_split_table(runs + grpo, warmup=1, workload="grpo").count("| fp32 |") == 2
 
 
 def test_pair_tokens_per_step_counts_both_rows_of_each_pair():
