@@ -9,13 +9,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from prefalign.trackers import DEFAULT_REPORT_TO
+
 if TYPE_CHECKING:
     from prefalign.compare.config import CompareConfig
 
 
 def run_args(cfg: CompareConfig, seed: int) -> list:
-    """Model, seed and precision of a training stage."""
-    return ["--model", cfg.model, "--seed", seed, "--precision", cfg.precision]
+    """Model, seed, precision and trackers of a training stage (--report-to only when not the default, which the
+    trainers share: the default race's command lines stay as they were)."""
+    trackers = [] if cfg.report_to == DEFAULT_REPORT_TO else ["--report-to", cfg.report_to]
+    return ["--model", cfg.model, "--seed", seed, "--precision", cfg.precision, *trackers]
 
 
 def sampling_args(cfg: CompareConfig) -> list:

@@ -12,6 +12,7 @@ from typing import Annotated
 import tyro
 
 from prefalign.compare.arms import ARMS, DEFAULT_ARMS, arms_help
+from prefalign.trackers import DEFAULT_REPORT_TO, parse_report_to
 from prefalign.validation import Validated, flag
 
 # Budgets per preset. quick: a smoke run of every stage; default: the race the README reports; paper:
@@ -74,6 +75,9 @@ class CompareConfig(Validated):
     """Completions per generation batch in pair making and evaluation."""
     seed: int = 0
     """Base seed (seed i of --seeds uses seed + i)."""
+    report_to: str = DEFAULT_REPORT_TO
+    """Trackers of every training stage (each in its own directory) and of the race (a results table in the
+    output directory): a comma list of tensorboard, trackio, wandb, or none; see prefalign dpo --help."""
 
     # -- budgets (unset: from the preset) --
     num_prompts: int | None = None
@@ -150,6 +154,12 @@ class CompareConfig(Validated):
             raise ValueError("--sweep-betas must all be > 0")
         if self.sweep and any(kl_coef < 0 for kl_coef in self.sweep_kl_coefs):
             raise ValueError("--sweep-kl-coefs must all be >= 0")
+        parse_report_to(self.report_to)
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The tracker names of --report-to (derived, never written back)."""
+        return parse_report_to(self.report_to)
 
     def resolved(self) -> "CompareConfig":
         """A copy with every unset budget filled from the preset (the user's values win)."""

@@ -10,6 +10,7 @@ Layout of ``--output DIR``::
     logs/                                          each stage's output (NAME.log; NAME.progress.json while it runs)
     stages.json                                    wall time and peak memory of finished stages
     report.md, report.html, summary.json, *.png    the report
+    tensorboard/ (trackio/, wandb/)                the race's results table, for --report-to
 
 The arms are a table (`prefalign.compare.arms`); `plan` turns it into stage command lines, `stages` runs
 and measures them, `summary` reads the finished runs back, `prefalign.eval.report` writes the report.
@@ -23,10 +24,11 @@ from prefalign.compare.config import CompareConfig
 from prefalign.compare.plan import plan_stages
 from prefalign.compare.progress import RaceProgress
 from prefalign.compare.stages import StageRunner
-from prefalign.compare.summary import summarize
+from prefalign.compare.summary import log_summary, summarize
 from prefalign.errors import UserError
 from prefalign.preflight import preflight_race
 from prefalign.runio import claimed_output_dir, write_config, write_jsonl
+from prefalign.trackers import load_tracker_packages
 
 
 def _prompts(source: str | None, split: str, count: int, tokenizer) -> list[str]:
@@ -54,6 +56,7 @@ class Comparison:
         # before the directory exists; the plan's prompt paths are placeholders: only its commands are counted
         stages = plan_stages(cfg, Path(cfg.output), Path("train.jsonl"), Path("heldout.jsonl"))
         preflight_race(cfg.output, [stage.command for stage in stages], cfg.model)
+        load_tracker_packages(cfg.trackers, cfg.output)  # a missing extra stops the race, not its first trainer
         with claimed_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, keep_on_error=True) as out:
             return self._race(out)
 
@@ -70,6 +73,7 @@ class Comparison:
             results = {stage.name: runner.run(stage.name, stage.command, stage.args) for stage in plan}
         summary = summarize(cfg, out, results)
         write_report(summary, out)
+        log_summary(cfg, out, summary)
         return summary
 
     def _write_prompts(self, out: Path) -> tuple[Path, Path]:

@@ -12,6 +12,8 @@ from prefalign.compare.arms import ARMS, START, START_LABEL, Arm, selected_arms,
 from prefalign.compare.config import CompareConfig
 from prefalign.compare.plan import seed_dir
 from prefalign.compare.stages import StageResult
+from prefalign.runio import to_plain
+from prefalign.trackers import TrackedRun, open_trackers
 
 EVAL_KEYS = ("gold_mean", "gold_std", "proxy_mean", "kl_mean", "kl_std", "win_rate", "length_mean", "eos_rate", "n")
 
@@ -45,6 +47,17 @@ def summarize(cfg: CompareConfig, out: Path, results: dict[str, StageResult]) ->
         "sweep": _sweep_points(cfg, evals[seeds[0]]) if cfg.sweep else [],
         "samples": _samples(cfg, out, seeds[0]),
     }
+
+
+def log_summary(cfg: CompareConfig, out: Path, summary: dict) -> None:
+    """The race's own entry in the --report-to trackers (in ``out``, beside the stages' runs): a ``results`` table,
+    one row per arm: its held-out gold score, KL to the reference, win rate and total wall seconds."""
+    rows = [{"arm": arm["name"], **{key: arm["eval"].get(key) for key in ("gold_mean", "kl_mean", "win_rate")},
+             "wall_seconds": (arm.get("cost") or {}).get("wall_seconds", {}).get("total")}
+            for arm in summary["arms"]]
+    for tracker in open_trackers(cfg.trackers, TrackedRun(out, cfg.output, to_plain(cfg))):
+        tracker.log_table(0, "results", rows)
+        tracker.close()
 
 
 def _eval_of(evaluation: dict, name: str) -> dict:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from prefalign.trackers import DEFAULT_REPORT_TO, parse_report_to
 from prefalign.validation import Validated, require_at_least_one
 from dataclasses import dataclass, field
 
@@ -57,6 +58,10 @@ class CommonConfig(Validated):
     # -- logging and checkpoints --
     logging_steps: int = 1
     """Log metrics every this many optimizer steps (PPO: iterations)."""
+    report_to: str = DEFAULT_REPORT_TO
+    """Trackers that get the metrics besides metrics.jsonl, a comma list: tensorboard (tensorboard/), trackio
+    (trackio/, a local SQLite database; pip install 'prefalign[trackio]'), wandb (wandb/, an offline run for
+    `wandb sync`; pip install 'prefalign[wandb]'), or none."""
     save_steps: int | None = None
     """Checkpoint every this many optimizer steps (PPO: iterations; default: only at the end)."""
     save_total_limit: int = 2
@@ -81,6 +86,12 @@ class CommonConfig(Validated):
             raise ValueError(f"--lora-r must be >= 0, got {self.lora_r}")
         if self.merge_lora and self.lora_r == 0:
             raise ValueError("--merge-lora needs LoRA (--lora-r > 0)")
+        parse_report_to(self.report_to)
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The tracker names of --report-to (derived, never written back)."""
+        return parse_report_to(self.report_to)
 
 
 @dataclass

@@ -1,4 +1,5 @@
-"""Metrics out of a run: ``metrics.jsonl`` (one JSON object per logged step) and TensorBoard."""
+"""Metrics out of a run: ``metrics.jsonl`` (one JSON object per logged step) and the trackers of --report-to
+(`prefalign.trackers`: TensorBoard by default)."""
 
 from __future__ import annotations
 
@@ -7,18 +8,24 @@ import math
 import time
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
+
+from prefalign.trackers import DEFAULT_REPORT_TO, TrackedRun, Tracker, finite_scalars, open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 
 
 class MetricsLogger:
-    """Appends rows to ``metrics.jsonl`` and TensorBoard; on resume, rows after the resumed step are cut
-    so the file reads as one uninterrupted run."""
+    """Appends rows to ``metrics.jsonl`` and hands their finite scalars to every tracker; on resume, rows after the
+    resumed step are cut so the file reads as one uninterrupted run. Disabled (a process other than the main one),
+    it writes nothing and opens no tracker."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None = None, enabled: bool = True):
+    def __init__(self, out_dir: Path, resume_step: int | None = None, enabled: bool = True,
+                 trackers: tuple[str, ...] = (DEFAULT_REPORT_TO,), run_name: str | None = None,
+                 config: dict[str, Any] | None = None):
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
-        self.writer = None
+        self.trackers: list[Tracker] = []
         self.start = time.perf_counter()
         self.offset = 0.0  # wall seconds of the run before a resume
         if not enabled:
@@ -31,10 +38,8 @@ class MetricsLogger:
                 self.offset = float(json.loads(kept[-1]).get("wall_seconds", 0.0))
         elif self.path.exists():
             self.path.unlink()
-        from torch.utils.tensorboard import SummaryWriter
-
-        self.writer = SummaryWriter(str(Path(out_dir) / "tensorboard"),
-                                    purge_step=None if resume_step is None else resume_step + 1)
+        run = TrackedRun(Path(out_dir), run_name or str(out_dir), config or {}, resume_step)
+        self.trackers = open_trackers(trackers, run)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -43,17 +48,19 @@ class MetricsLogger:
         row = {"step": step, "wall_seconds": wall, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)) and math.isfinite(v):
-                self.writer.add_scalar(k, v, step)
+        scalars = finite_scalars(metrics)
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
 
-    def log_text(self, step: int, tag: str, text: str) -> None:
-        if self.enabled:
-            self.writer.add_text(tag, text, step)
+    def log_table(self, step: int, tag: str, rows: list[dict[str, Any]]) -> None:
+        """Rows of equal keys (sampled completions) to every tracker; metrics.jsonl holds scalars only."""
+        for tracker in self.trackers:
+            tracker.log_table(step, tag, rows)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for tracker in self.trackers:
+            tracker.close()
+        self.trackers = []
 
 
 def _clean(v):

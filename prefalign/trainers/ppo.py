@@ -49,7 +49,7 @@ class PPOTrainer(PPOUpdate, Run):
         """``reward_source``: an object with ``score(prompts, completions) -> (B,)``; default from ``cfg.reward``."""
         super().__init__(cfg)
         self.reward_source = reward_source
-        self.metrics: MetricsLogger | None = None  # set by on_start: samples go to TensorBoard too
+        self.metrics: MetricsLogger | None = None  # set by on_start: samples go to the trackers too
         self.samples_path: Path | None = None
         self.seconds_per_iteration = 0.0
 
@@ -340,15 +340,14 @@ class PPOTrainer(PPOUpdate, Run):
                 "s/it": f"{self.seconds_per_iteration:.1f}"}
 
     def log_samples(self, step: int, rollout: Rollout, n: int = 4) -> None:
-        """The first ``n`` prompts and completions of this iteration into ``samples.jsonl`` and TensorBoard."""
+        """The first ``n`` prompts and completions of this iteration into ``samples.jsonl`` and the trackers."""
         if self.samples_path is None:  # not started by the run skeleton (a direct call): nowhere to write
             return
         rows = [{"step": step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
                  "score": round(rollout.scores[i].item(), 4)} for i in range(min(n, len(rollout.prompts)))]
         with self.samples_path.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        table = "\n\n".join(f"**{r['score']}** | {r['prompt'][-200:]} → {r['completion']}" for r in rows)
-        self.metrics.log_text(step, "samples", table)
+        self.metrics.log_table(step, "samples", rows)
 
     def save_final(self, out: Path) -> None:
         """``final/`` (the policy; adapter with LoRA, plus ``final-merged/`` with --merge-lora) and ``value/`` (the

@@ -2,7 +2,7 @@
 
 `Run.train` does, once for every command: the backend and precision, the output directory's lifecycle
 (nothing written before the inputs are checked; removed again if a user error ends a run before its first
-checkpoint), ``config.yaml`` and ``run.json``, metrics (``metrics.jsonl`` + TensorBoard), the progress bar,
+checkpoint), ``config.yaml`` and ``run.json``, metrics (``metrics.jsonl`` + trackers), the progress bar,
 resume (``--resume latest|DIR``), checkpoint cadence and retention, the last good checkpoint, the non-finite
 guard, a graceful stop on SIGINT/SIGTERM, evaluation cadence and ``final/``.
 
@@ -32,7 +32,8 @@ from typing import Any
 from prefalign.methods import METHODS, Method
 from prefalign.preflight import preflight_run
 from prefalign.progress import ProgressBar
-from prefalign.runio import prepare_output_dir, run_in_output_dir, write_config, write_json
+from prefalign.runio import prepare_output_dir, run_in_output_dir, to_plain, write_config, write_json
+from prefalign.trackers import load_tracker_packages
 from prefalign.trainers.backend import Trained, check_mergeable, make_backend, resolve_precision
 from prefalign.trainers.card import CardFacts
 from prefalign.trainers.checkpoint import PREFIX, CheckpointManager, rng_state, set_rng_state
@@ -138,6 +139,7 @@ class Run:
         """The backend, `setup`, `check_inputs`, the output directory, `build`: a run ready to resume or start."""
         cfg = self.cfg
         self.init_backend()
+        load_tracker_packages(cfg.trackers, cfg.output)  # a missing extra stops the run before models load
         self.setup()  # models and data first: bad input fails before anything is written
         self.check_inputs()
         preflight_run(self)  # refuses what cannot fit on the disk, warns what may not fit in memory
@@ -155,7 +157,8 @@ class Run:
             write_json(out / "run.json", {"precision": self.precision, "processes": self.world,
                                           "backend": self.backend.name, **self.run_info(),
                                           "resumed_from_step": start if cfg.resume else None})
-        metrics = MetricsLogger(out, resume_step=start if cfg.resume else None, enabled=acc.is_main_process)
+        metrics = MetricsLogger(out, resume_step=start if cfg.resume else None, enabled=acc.is_main_process,
+                                trackers=cfg.trackers, run_name=cfg.output, config=to_plain(cfg))
         self.on_start(start, metrics)
         if self.evaluate_now(start, first=True):
             metrics.log(0, self.evaluate())
