@@ -178,3 +178,46 @@ def test_dynamic_sampling_counts_the_groups_it_drops(tmp_path, tiny_model_dir, p
     assert [r["rl/groups_dropped"] for r in rows] == reward.constant_groups
     assert [r["rl/groups_dropped_fraction"] for r in rows] == [n / 4 for n in reward.constant_groups]
     assert sum(reward.constant_groups) > 0
+
+
+def _close_runs(a: list[dict], b: list[dict]) -> None:
+    """Two runs' metrics rows agree (to float32 rounding) on every key but timings."""
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        keys = {k for k in x if not k.startswith("time/") and k not in ("wall_seconds", "tokens_per_second")}
+        assert keys == {k for k in y if not k.startswith("time/") and k not in ("wall_seconds", "tokens_per_second")}
+        for k in keys:
+            assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
+
+
+def test_one_step_on_policy_skips_the_rollouts_policy_forward(tmp_path, tiny_model_dir, prompts, tokenizer,
+                                                                monkeypatch):
+    from prefalign.trainers.backend import Trained
+
+    calls = []
+    plain = Trained.frozen_forward
+    def counted(self, fn, *a, **k):  # the policy's no-gradient log-prob forwards (not sampling's)
+        calls.append(fn.__name__ == "completion_logprobs" and k.get("return_entropy", False))
+        return plain(self, fn, *a, **k)
+
+    monkeypatch.setattr(Trained, "frozen_forward", counted)
+    kw = dict(max_steps=2, kl_in_loss=True, ppo_epochs=1, num_minibatches=1, grad_accum=2, kl_coef=0.1)
+    runs = {}
+    for name, skip in (("skip", True), ("full", False)):
+        monkeypatch.setattr(RLTrainer, "one_step_on_policy", property(lambda self, s=skip: s))
+        calls.clear()
+        cfg = _cfg(tmp_path / name, tiny_model_dir, prompts, **kw)
+        RLTrainer(cfg, reward_source=LowIdReward(tokenizer)).train()
+        runs[name] = (read_metrics(tmp_path / name / "run"), sum(calls))
+    (skip_rows, skip_calls), (full_rows, full_calls) = runs["skip"], runs["full"]
+    assert (skip_calls, full_calls) == (0, 2)  # the rollout's policy forward, once per iteration, is gone
+    assert all(r["val/ratio"] == 1.0 and r["policy/approxkl"] == 0.0 for r in skip_rows)
+    assert skip_rows[1]["objective/kl"] != 0.0  # the KL of the second rollout, from the log-probs the update filled
+    _close_runs(skip_rows, full_rows)  # the same run otherwise: the update's forward is the policy that sampled
+
+
+def test_one_step_on_policy_only_when_one_step_and_kl_in_the_loss(tmp_path, tiny_model_dir, prompts):
+    on = dict(kl_in_loss=True, ppo_epochs=1, num_minibatches=1)
+    assert RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, **on)).one_step_on_policy
+    for change in (dict(kl_in_loss=False), dict(ppo_epochs=2), dict(num_minibatches=2)):
+        assert not RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, **{**on, **change})).one_step_on_policy

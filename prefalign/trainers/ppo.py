@@ -255,14 +255,17 @@ class PPOTrainer(PPOUpdate, Run):
         completion_mask = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], dim=1)  # (B, P+R)
         return gen, query_response, attention_mask, completion_mask
 
-    def policy_forwards(self, query_response, attention_mask, completion_mask):
+    def policy_forwards(self, query_response, attention_mask, completion_mask, policy: bool = True):
         """``(logps, entropy, ref_logps)``, each ``(B, P+R)``: the rollout's no-gradient policy and reference
-        forwards (at the sampling temperature), shared by PPO and the critic-free family."""
+        forwards (at the sampling temperature), shared by PPO and the critic-free family. ``policy=False``: the
+        reference's only (``logps`` and ``entropy`` None)."""
         temperature = self.cfg.temperature
         args = (query_response, attention_mask, completion_mask)
+        logps = entropy = None
         with self.accelerator.autocast():
-            logps, entropy = self.trained_policy.frozen_forward(completion_logprobs, *args, temperature=temperature,
-                                                                return_entropy=True)
+            if policy:
+                logps, entropy = self.trained_policy.frozen_forward(completion_logprobs, *args,
+                                                                    temperature=temperature, return_entropy=True)
             if self.ref_model is not None:  # a whole frozen copy on every process
                 ref_logps = completion_logprobs(self.ref_model, *args, temperature=temperature)
             else:

@@ -51,8 +51,8 @@ class GroupRollout(Rollout):
     score_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> (B,) unweighted scores
 
     def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {k: getattr(self, k)[idx] for k in ("query_response", "attention_mask", "completion_mask",
-                                                    "loss_mask", "logps", "ref_logps", "advantages")}
+        return {"index": idx, **{k: getattr(self, k)[idx] for k in (
+            "query_response", "attention_mask", "completion_mask", "loss_mask", "logps", "ref_logps", "advantages")}}
 
 
 class RLTrainer(RLUpdate, PPOTrainer):
@@ -126,11 +126,15 @@ class RLTrainer(RLUpdate, PPOTrainer):
         gen, query_response, attention_mask, completion_mask = self.sample(
             rows, [key_seed(step, i, j) for i in idx for j in range(k)], timing)
         response_mask = gen.response_mask  # (B, R)
-        # 3. old and reference log-probs (at the sampling temperature), entropy
+        # 3. old and reference log-probs (at the sampling temperature), entropy; one step on-policy: the reference's
+        # only, and placeholders for the policy's that the update's own forward fills in (RLUpdate)
         t1 = time.perf_counter()
-        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask)
-        width = gen.prompt_ids.shape[1]
-        logps, entropy, ref_logps = (x[:, width:].float() for x in (logps, entropy, ref_logps))
+        width, skip = gen.prompt_ids.shape[1], self.one_step_on_policy
+        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask,
+                                                         policy=not skip)
+        ref_logps = ref_logps[:, width:].float()
+        logps, entropy = ((ref_logps.clone(), torch.zeros_like(ref_logps)) if skip
+                          else (logps[:, width:].float(), entropy[:, width:].float()))
         timing["time/logprobs"] = time.perf_counter() - t1
         # 4. score with every reward source, weighted and summed
         t2 = time.perf_counter()
@@ -157,10 +161,20 @@ class RLTrainer(RLUpdate, PPOTrainer):
                             returns, prompts, texts, loss_mask=loss_mask, kept=kept.bool(), loss_lengths=loss_lengths,
                             score_parts={n: p.to(dev) for n, p in self.reward_source.last_parts.items()})
 
+    @property
+    def one_step_on_policy(self) -> bool:
+        """One optimizer step per rollout (one epoch, one minibatch) with the KL as a loss term: the update's own
+        forward is the policy that sampled (ratio 1) and nothing before it needs the policy's log-probs, so the
+        rollout skips that forward (as TRL's GRPO does with num_iterations=1)."""
+        cfg = self.cfg
+        return cfg.ppo_epochs == 1 and cfg.num_minibatches == 1 and cfg.kl_in_loss
+
     # ---------------------------------------------------------------- metrics
     def iteration_metrics(self, rollout: GroupRollout, update_stats: dict, timing: dict, done: int) -> dict:
         """The iteration's metrics over every process (a collective); every process holds as many rows."""
         cfg, acc, mask = self.cfg, self.accelerator, rollout.response_mask
+        if self.one_step_on_policy:
+            self.fill_on_policy(rollout)
         k = cfg.num_generations
         groups = rollout.scores.view(-1, k)  # (b / K, K)
         means = mean_across_processes(acc, {
@@ -180,3 +194,15 @@ class RLTrainer(RLUpdate, PPOTrainer):
                 "lr": self.trained_policy.scheduler.get_last_lr()[0],
                 "episodes": done * cfg.completions_per_iteration,
                 "tokens_per_second": means["tokens"] * self.world / max(means["time/generation"], 1e-9)}
+
+    def fill_on_policy(self, rollout: GroupRollout) -> None:
+        """The policy's log-probs and entropy the rollout skipped (`one_step_on_policy`), and the KL from them: the
+        update's forward filled them in; when it took no step (every group dropped), a no-gradient forward of the
+        unchanged policy does."""
+        if not self.filled:
+            width = rollout.query_response.shape[1] - rollout.response_mask.shape[1]
+            logps, entropy, _ = self.policy_forwards(rollout.query_response, rollout.attention_mask,
+                                                     rollout.completion_mask)
+            rollout.logps, rollout.entropy = logps[:, width:].float(), entropy[:, width:].float()
+        rollout.kl = kl_shaped_rewards(rollout.scores, rollout.logps, rollout.ref_logps, rollout.response_mask, 0.0,
+                                       self.cfg.kl_estimator)[1]

@@ -27,6 +27,7 @@ class RLUpdate(PPOUpdate):
         group dropped by --dynamic-sampling: no optimizer step). ``mb_tokens`` (PPO's response tokens) is not
         used: the normalisers count the loss mask's tokens and rows."""
         cfg = self.cfg
+        self.filled, self.on_policy_rollout = False, rollout if self.one_step_on_policy else None
         lengths = rollout.loss_lengths[:, mb_idx.cpu()]  # (N, mb rows) kept tokens of each row on every process
         totals = {"total_tokens": float(lengths.sum()), "total_rows": float((lengths > 0).sum())}
         if totals["total_rows"] == 0:  # the same on every process: all skip together
@@ -43,13 +44,20 @@ class RLUpdate(PPOUpdate):
         cfg, acc = self.cfg, self.accelerator
         mask = rows["loss_mask"]  # (b, R)
         token_share = float(mask.sum()) * self.world / totals["total_tokens"]  # for the token-mean diagnostics
+        fill = self.on_policy_rollout  # one step on-policy: this forward gives the rollout's log-probs (ratio 1)
+        with_entropy = cfg.ent_coef > 0 or fill is not None
         with self.backend.accumulate(self.trained, sync), acc.autocast():
             out = self.trained_policy.forward(completion_logprobs, rows["query_response"], rows["attention_mask"],
                                               rows["completion_mask"], temperature=cfg.temperature,
-                                              return_entropy=cfg.ent_coef > 0)
-        new_logps, entropy = out if cfg.ent_coef > 0 else (out, None)
+                                              return_entropy=with_entropy)
+        new_logps, entropy = out if with_entropy else (out, None)
         new_logps = new_logps[:, prompt_width:].float()  # (b, R)
-        pg_tokens, pg = clipped_policy_token_loss(new_logps, rows["logps"], rows["advantages"], mask, cfg.eps_low,
+        old_logps = rows["logps"]
+        if fill is not None:
+            old_logps = fill.logps[rows["index"]] = new_logps.detach()
+            fill.entropy[rows["index"]] = entropy[:, prompt_width:].detach().float()
+            self.filled = True
+        pg_tokens, pg = clipped_policy_token_loss(new_logps, old_logps, rows["advantages"], mask, cfg.eps_low,
                                                   cfg.eps_high)
         agg = dict(max_len=cfg.max_new_tokens, **totals)
         pg_loss = aggregate_loss(pg_tokens, mask, cfg.aggregation, **agg)
@@ -57,7 +65,7 @@ class RLUpdate(PPOUpdate):
         if cfg.kl_in_loss:
             kl_loss = aggregate_loss(kl_loss_term(new_logps, rows["ref_logps"], mask), mask, cfg.aggregation, **agg)
             loss, parts["loss/kl"] = loss + self.kl_ctl.coef * kl_loss, kl_loss
-        if entropy is not None:
+        if cfg.ent_coef > 0:
             loss = loss - cfg.ent_coef * aggregate_loss(entropy[:, prompt_width:].float(), mask, cfg.aggregation, **agg)
         # DDP averages gradients over the N processes; each holds a part of the sum, so scale by N
         self.backend.backward(self.trained_policy, loss * self.world, sync)
