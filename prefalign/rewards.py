@@ -19,8 +19,8 @@ silently scores the token *before* the EOS. So for models built the usual way (a
 right-pad, run the backbone with the attention mask, take the hidden state at the last real token
 (index from the attention mask, never from token ids) and apply the score head there. Other heads
 (encoders such as DeBERTa/BERT pool the first token, which padding cannot move) go through the model's
-own forward with the same right-padded batch. That pooling is :func:`last_token_rewards`; the reward
-trainer uses the same function, so a trained model scores here exactly as it scored in training.
+own forward with the same right-padded batch. That pooling is `prefalign.models.value.last_token_rewards`;
+the reward trainer uses the same function, so a trained model scores here exactly as it scored in training.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 
 from prefalign.errors import UserError
-from prefalign.models.loading import base_model
+from prefalign.models.value import last_token_rewards, pools_last_token
 
 
 Columns = dict[str, list[Any]]
@@ -233,32 +233,6 @@ class CallableReward:
 
 
 # ------------------------------------------------------------------------------------- reward models
-
-
-def pools_last_token(model) -> bool:
-    """True for a decoder with a linear ``score`` head on ``model.base_model`` (Llama, Mistral, Qwen, GPT-2,
-    GPT-NeoX, ...): the models :func:`last_token_rewards` scores."""
-    head = getattr(model, "score", None)
-    return isinstance(head, torch.nn.Linear) and model.base_model is not model
-
-
-def last_token_rewards(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """``(B,)`` rewards of right-padded rows: the ``score`` head at each row's last real token.
-
-    ``input_ids`` and ``attention_mask`` are ``(B, T)``. The position comes from the mask, never from token
-    ids, so a row ending with EOS is scored at that EOS even when pad == EOS. A peft wrapper is seen
-    through: its LoRA layers sit inside the backbone and its ``score`` is the trainable copy. Naive
-    equivalent, one unpadded row at a time::
-
-        model.score(model.base_model(ids[None]).last_hidden_state)[0, -1, 0]
-    """
-    model = base_model(model)
-    lengths = attention_mask.sum(-1)  # (B,)
-    if (lengths == 0).any():
-        raise ValueError(f"row {int((lengths == 0).nonzero()[0])} has no real tokens")
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, H)
-    last = hidden[torch.arange(hidden.shape[0], device=hidden.device), lengths - 1]  # (B, H)
-    return model.score(last)[:, 0]
 
 
 def _parse_dtype(dtype) -> torch.dtype | None:

@@ -227,6 +227,9 @@ CRITIC_FREE = Family("ppo", "rl", steps=lambda cfg: cfg.ppo_steps * cfg.ppo_epoc
 
 _PPO_LOSS_NOTE = " with a per-token KL penalty to the reference"
 
+# fmt: off
+# A hand-laid table, one entry per variant (its prose wrapped inside); the formatter would put every argument
+# on its own line and quadruple it.
 ARMS: dict[str, Arm] = {arm.name: arm for arm in [
     Arm("ppo", "PPO-RLHF", "a reward model on the pairs, then PPO against it", PPO_RLHF, _ppo_on_reward_model,
         needs=(REWARD_MODEL,), in_default_race=True,
@@ -261,6 +264,7 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
         "not a fair race)", loss=_PPO_LOSS, loss_note=" with A = (R - mean_group R) / std_group R"),
 ]}
 """Every arm by name, in the order their stages run within a seed."""
+# fmt: on
 
 DEFAULT_ARMS = [arm.name for arm in ARMS.values() if arm.in_default_race]
 

@@ -1,5 +1,7 @@
 """Load, validate and tokenise preference and prompt data; collate batches.
 
+Typical use::
+
     examples, report = load_preferences("pairs.jsonl.gz", tokenizer)     # text pairs + drops by reason
     pairs, _ = tokenize_preferences(examples, tokenizer, max_length=1024)  # ids, fitted once
     batch = PreferenceCollator(tokenizer.pad_token_id)(pairs[:8])          # input_ids (16, T), masks

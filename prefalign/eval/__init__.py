@@ -1,5 +1,7 @@
 """Evaluation: on-policy preference pairs (``prefs``) and policy comparison against a reference (``eval``).
 
+Typical use::
+
     metrics = make_preferences(PrefsConfig(model="runs/sft/final", prompts=["prompts.txt"], judge="vader"))
     result = evaluate(EvalConfig(policies=["dpo=runs/dpo/final"], prompts=["prompts.txt"], judge="vader"))
 """

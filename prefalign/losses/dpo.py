@@ -225,6 +225,9 @@ _LABEL_SMOOTHING = HyperParam("label_smoothing", 0.0, low=0.0, low_closed=True, 
                               help="assumed probability that a pair's label is flipped (at 0.5 labels carry "
                                    "no information)")
 
+# fmt: off
+# A hand-laid table, one entry per variant (its prose wrapped inside); the formatter would put every argument
+# on its own line and quadruple it.
 DPO_LOSSES: dict[str, DPOVariant] = {v.name: v for v in (
     DPOVariant("sigmoid", _sigmoid, "DPO, Rafailov et al. 2023: -log sigmoid(beta h); label smoothing eps > 0 "
                "makes it conservative DPO (Mitchell 2023): -(1-eps) log sigmoid(beta h) - eps log sigmoid(-beta h)",
@@ -255,6 +258,7 @@ DPO_LOSSES: dict[str, DPOVariant] = {v.name: v for v in (
                               help="weight lambda of the odds-ratio term against the chosen completion's NLL"),)),
 )}
 """loss_type -> its `DPOVariant`."""
+# fmt: on
 
 
 def owners(name: str) -> list[DPOVariant]:

@@ -258,20 +258,28 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samplin
     raw = out[:, prompt_ids.shape[1]:]
     ids, mask, ended = truncate_at_eos(raw, eos_ids, pad_id)
     if sampling.stop and tokenizer is not None:
-        # HF stops a row as soon as its text contains a stop string; that row is "ended" too. From the next step
-        # on, HF pads it; the pad is no sampled token, yet with pad == EOS truncate_at_eos took the first one for
-        # the row's EOS (only when the batch ran on: a layout-dependent length). The row ends at its last
-        # non-pad token, the one that completed the stop string.
-        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-        stopped = torch.tensor([any(s in t for s in sampling.stop) for t in texts], device=raw.device)
-        real = raw != pad_id  # (B, R)
-        length = torch.where(real.any(1), raw.shape[1] - real.flip(1).long().argmax(1), 0)  # (B,) last real + 1
-        stop_mask = (torch.arange(raw.shape[1], device=raw.device) < length[:, None]).long()
-        mask = torch.where(stopped[:, None], stop_mask, mask)
-        ids = torch.where(mask.bool(), raw, torch.full_like(raw, pad_id))
-        ended = ended | stopped.to(ended.device)
+        ids, mask, ended = _end_at_stop_strings(raw, ids, mask, ended, sampling.stop, tokenizer, pad_id)
     width = int(mask.sum(1).max().item()) if mask.numel() else 0
     return Generation(prompt_ids, prompt_mask, ids[:, :max(width, 1)], mask[:, :max(width, 1)], ended)
+
+
+def _end_at_stop_strings(raw: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor,
+                         stop: list[str], tokenizer, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(ids, mask, ended)`` of `truncate_at_eos` with the rows whose text holds a stop string ended there.
+
+    HF stops a row as soon as its text contains a stop string; that row is "ended" too. From the next step on,
+    HF pads it; the pad is no sampled token, yet with pad == EOS truncate_at_eos took the first one for the
+    row's EOS (only when the batch ran on: a layout-dependent length). The row ends at its last non-pad token,
+    the one that completed the stop string.
+    """
+    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+    stopped = torch.tensor([any(s in t for s in stop) for t in texts], device=raw.device)
+    real = raw != pad_id  # (B, R)
+    length = torch.where(real.any(1), raw.shape[1] - real.flip(1).long().argmax(1), 0)  # (B,) last real + 1
+    stop_mask = (torch.arange(raw.shape[1], device=raw.device) < length[:, None]).long()
+    mask = torch.where(stopped[:, None], stop_mask, mask)
+    ids = torch.where(mask.bool(), raw, torch.full_like(raw, pad_id))
+    return ids, mask, ended | stopped.to(ended.device)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

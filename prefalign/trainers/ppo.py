@@ -21,7 +21,7 @@ import torch
 
 from prefalign.errors import UserError
 from prefalign.methods import METHODS
-from prefalign.losses import apply_missing_eos_penalty, explained_variance, gae, kl_shaped_rewards, masked_whiten
+from prefalign.losses import apply_missing_eos_penalty, gae, kl_shaped_rewards, masked_whiten
 from prefalign.models.logprobs import completion_logprobs
 from prefalign.models.value import token_values
 from prefalign.rollout import cut_at_stop, eos_token_ids, generate, refresh_sampling_copy, sampling_copy
@@ -29,19 +29,20 @@ from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
 from prefalign.models.frozen import load_reference
 from prefalign.trainers.backend import autocast_dtype
-from prefalign.trainers.dist import masked_mean_var, mean_across_processes
+from prefalign.trainers.dist import masked_mean_var
 from prefalign.trainers.final import save_final_model
 from prefalign.trainers.lora import adapter_off, apply_lora
 from prefalign.trainers.metrics import MetricsLogger
 from prefalign.trainers.optim import make_optimizer
 from prefalign.trainers.ppo_config import PPOConfig
+from prefalign.trainers.ppo_metrics import PPOMetrics
 from prefalign.trainers.ppo_update import KLController, PPOUpdate
 from prefalign.trainers.run import Run
 
 __all__ = ["KLController", "PPOConfig", "PPOTrainer"]
 
 
-class PPOTrainer(PPOUpdate, Run):
+class PPOTrainer(PPOUpdate, PPOMetrics, Run):
     command = "ppo"
     unit = "iter"
 
@@ -196,11 +197,7 @@ class PPOTrainer(PPOUpdate, Run):
     def rollout(self, idx: list[int], step: int, timing: dict) -> Rollout:
         """This process's rollout of iteration ``step``: prompts ``idx`` (its shard). A collective: whitening
         uses statistics over every process's shard."""
-        from prefalign.data import take_rows
-        from prefalign.rewards import check_scores, score_with_columns
-
-        cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
-        dev = acc.device
+        cfg = self.cfg
         # 1. sample responses, each from its own stream keyed by (iteration, prompt), so it does not depend on
         #    the batch layout or the process count; each is cut after its first EOS (generate() does it)
         # 2. masks: the response of every row starts at column P
@@ -213,17 +210,8 @@ class PPOTrainer(PPOUpdate, Run):
         prompt_width = gen.prompt_ids.shape[1]
         logps, entropy, ref_logps, values = (x[:, prompt_width:].float() for x in (logps, entropy, ref_logps, values))
         timing["time/logprobs"] = time.perf_counter() - t1
-        # 4. score the decoded text with the reward source
-        t2 = time.perf_counter()
-        prompts = [self.prompts[i] for i in idx]
-        texts = [cut_at_stop(t, cfg.stop) for t in tok.batch_decode(gen.response_ids, skip_special_tokens=True)]
-        scores = score_with_columns(self.reward_source, prompts, texts, take_rows(self.prompt_columns, idx))
-        scores = check_scores(scores, len(texts), f"--reward {cfg.reward}").to(dev)
-        timing["time/scoring"] = time.perf_counter() - t2
-        # 5. clip, then penalise responses that never ended
-        if cfg.score_clip is not None:
-            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-        scores = apply_missing_eos_penalty(scores, gen.ended.to(dev), cfg.missing_eos_penalty)
+        # 4. score the decoded text with the reward source; 5. clip, then penalise responses that never ended
+        prompts, texts, scores = self.score_completions(idx, gen, timing, f"--reward {cfg.reward}")
         # 6. per-token rewards: -kl_coef * KL on every token, the score on the last real token
         rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, response_mask, self.kl_ctl.coef,
                                                    cfg.kl_estimator)
@@ -234,6 +222,27 @@ class PPOTrainer(PPOUpdate, Run):
         advantages = self.whiten(advantages, response_mask)
         return Rollout(query_response, attention_mask, completion_mask, response_mask, gen.ended, logps, ref_logps,
                        values, entropy, scores, kl, non_score, rewards, advantages, returns, prompts, texts)
+
+    def score_completions(self, prompt_rows: list[int], gen, timing: dict, where: str):
+        """``(prompts, texts, scores)`` of a rollout's completions ``gen`` of ``prompt_rows``: the decoded text cut at
+        the stop strings, scored by the reward source with the rows' other columns (``where`` names it in a bad
+        score's error), clipped to --score-clip, with --missing-eos-penalty on rows that never ended. Records
+        ``time/scoring``."""
+        from prefalign.data import take_rows
+        from prefalign.rewards import check_scores, score_with_columns
+
+        cfg, dev = self.cfg, self.accelerator.device
+        t0 = time.perf_counter()
+        prompts = [self.prompts[i] for i in prompt_rows]
+        decoded = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
+        texts = [cut_at_stop(t, cfg.stop) for t in decoded]
+        # a row's other columns once per completion, as its prompt
+        scores = score_with_columns(self.reward_source, prompts, texts, take_rows(self.prompt_columns, prompt_rows))
+        scores = check_scores(scores, len(texts), where).to(dev)
+        timing["time/scoring"] = time.perf_counter() - t0
+        if cfg.score_clip is not None:
+            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
+        return prompts, texts, apply_missing_eos_penalty(scores, gen.ended.to(dev), cfg.missing_eos_penalty)
 
     def sample(self, prompt_rows: list[int], row_keys: list[int], timing: dict):
         """``(gen, query_response, attention_mask, completion_mask)``: one completion per entry of ``prompt_rows``
@@ -297,60 +306,6 @@ class PPOTrainer(PPOUpdate, Run):
         if self.accelerator.is_main_process and (done % cfg.sample_every == 0 or done == 1 or done == self.total_steps):
             self.log_samples(done, rollout)
         self.seconds_per_iteration = time.perf_counter() - t_start
-
-    @staticmethod
-    def rollout_means(rollout: Rollout) -> dict[str, float]:
-        """This process's per-row means of the rollout's objective (scores, sequence KL, entropy, shaped reward)
-        and response length, and its counts (``num_eos``, ``tokens``): what `iteration_metrics` averages."""
-        mask = rollout.response_mask
-        non_score = (rollout.non_score_rewards * mask).sum(1)  # (b,)
-        return {"objective/scores": rollout.scores.mean().item(),
-                "objective/kl": (rollout.kl * mask).sum(1).mean().item(),
-                "objective/entropy": (rollout.entropy * mask).sum(1).mean().item(),
-                "objective/non_score_reward": non_score.mean().item(),
-                "objective/rlhf_reward": (rollout.scores + non_score).mean().item(),
-                "val/response_length": mask.sum(1).float().mean().item(),
-                "num_eos": float(rollout.ended.sum()), "tokens": float(mask.sum())}
-
-    def iteration_metrics(self, rollout: Rollout, update_stats: dict, timing: dict, done: int) -> dict[str, float]:
-        """The iteration's metrics over every process (a collective)."""
-        acc, mask = self.accelerator, rollout.response_mask
-        # this process's means over its rows (every process holds as many) and counts, then over all processes
-        means = mean_across_processes(acc, {**self.rollout_means(rollout), **update_stats, **timing})
-        _, var_returns = masked_mean_var(acc, rollout.returns, mask)
-        _, var_residual = masked_mean_var(acc, rollout.returns - rollout.values, mask)
-        return {
-            **{k: means[k] for k in ("objective/scores", "objective/kl", "objective/entropy",
-                                     "objective/non_score_reward", "objective/rlhf_reward")},
-            **{k: means[k] for k in update_stats},
-            "val/explained_variance": explained_variance(rollout.values, rollout.returns, mask,
-                                                         var_returns=var_returns, var_residual=var_residual).item(),
-            "val/num_eos": round(means["num_eos"] * self.world),
-            "val/response_length": means["val/response_length"],
-            "kl_coef": self.kl_ctl.coef,
-            "lr": self.trained_policy.scheduler.get_last_lr()[0],
-            "episodes": done * self.cfg.rollout_batch_size,
-            **{k: means[k] for k in timing},
-            "tokens_per_second": means["tokens"] * self.world / max(means["time/generation"], 1e-9),
-        }
-
-    def log_row(self, done: int) -> dict[str, float]:
-        return self.last_row
-
-    def progress(self) -> dict[str, str]:
-        row = self.last_row
-        return {"score": f"{row['objective/scores']:.3f}", "kl": f"{row['objective/kl']:.2f}",
-                "s/it": f"{self.seconds_per_iteration:.1f}"}
-
-    def log_samples(self, step: int, rollout: Rollout, n: int = 4) -> None:
-        """The first ``n`` prompts and completions of this iteration into ``samples.jsonl`` and the trackers."""
-        if self.samples_path is None:  # not started by the run skeleton (a direct call): nowhere to write
-            return
-        rows = [{"step": step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
-                 "score": round(rollout.scores[i].item(), 4)} for i in range(min(n, len(rollout.prompts)))]
-        with self.samples_path.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-        self.metrics.log_table(step, "samples", rows)
 
     def save_final(self, out: Path) -> None:
         """``final/`` (the policy; adapter with LoRA, plus ``final-merged/`` with --merge-lora) and ``value/`` (the

@@ -4,7 +4,7 @@ Batch (from `PreferenceCollator`, N pairs, T = longest prompt+completion in the 
     input_ids, attention_mask, completion_mask: ``(2N, T)``, N chosen rows then N rejected rows, right-padded;
     margin: ``(N,)`` when the data has a margin column; index: ``(N,)``.
 One forward over the 2N rows. A row's reward is the score head at its last real token, which is the EOS
-that ends every completion: :func:`prefalign.rewards.last_token_rewards`, the same function
+that ends every completion: :func:`prefalign.models.value.last_token_rewards`, the same function
 `prefalign.rewards` scores with, so the saved model scores at PPO time as it scored here. (With pad ==
 EOS, Hugging Face's own seq-cls forward would pool the token *before* that EOS.)
 """
@@ -20,7 +20,7 @@ import torch
 from prefalign.data import PreferenceCollator
 from prefalign.errors import UserError
 from prefalign.losses.reward import bradley_terry_loss
-from prefalign.rewards import last_token_rewards
+from prefalign.models.value import last_token_rewards
 from prefalign.trainers.backend import whole_parameters
 from prefalign.trainers.config import TrainConfig
 from prefalign.trainers.data import IndexedCollator, load_preference_splits
@@ -72,7 +72,7 @@ def load_reward_backbone(name: str, pad_token_id: int, head_init_std: float | No
     from transformers import AutoModelForSequenceClassification
 
     from prefalign.models.loading import _hub_error, disable_dropout, resolve_model
-    from prefalign.rewards import pools_last_token
+    from prefalign.models.value import pools_last_token
 
     path = resolve_model(name)
     try:

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import torch
 
-from prefalign.losses import ADVANTAGE_ESTIMATORS, AdvantageInputs, apply_missing_eos_penalty, kl_shaped_rewards
+from prefalign.losses import ADVANTAGE_ESTIMATORS, AdvantageInputs, kl_shaped_rewards
 from prefalign.losses.policy import informative_groups
 from prefalign.methods import METHODS, Method
-from prefalign.rollout import cut_at_stop
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
 from prefalign.trainers.dist import masked_mean_var, mean_across_processes
@@ -115,10 +114,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
     def rollout(self, idx: list[int], step: int, timing: dict) -> GroupRollout:
         """This process's rollout of iteration ``step``: K completions of each prompt of ``idx`` (its shard). A
         collective: reinforce_pp's whitening and the loss normalisers use every process's rows."""
-        from prefalign.data import take_rows
-        from prefalign.rewards import check_scores
-
-        cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
+        cfg, acc = self.cfg, self.accelerator
         k, dev = cfg.num_generations, acc.device
         # 1. sample K responses per prompt, consecutive rows, each keyed by (iteration, prompt, k)
         # 2. masks: the response of every row starts at column P
@@ -126,27 +122,10 @@ class RLTrainer(RLUpdate, PPOTrainer):
         gen, query_response, attention_mask, completion_mask = self.sample(
             rows, [key_seed(step, i, j) for i in idx for j in range(k)], timing)
         response_mask = gen.response_mask  # (B, R)
-        # 3. old and reference log-probs (at the sampling temperature), entropy; one step on-policy: the reference's
-        # only, and placeholders for the policy's that the update's own forward fills in (RLUpdate)
-        t1 = time.perf_counter()
-        width, skip = gen.prompt_ids.shape[1], self.one_step_on_policy
-        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask,
-                                                         policy=not skip)
-        ref_logps = ref_logps[:, width:].float()
-        logps, entropy = ((ref_logps.clone(), torch.zeros_like(ref_logps)) if skip
-                          else (logps[:, width:].float(), entropy[:, width:].float()))
-        timing["time/logprobs"] = time.perf_counter() - t1
-        # 4. score with every reward source, weighted and summed
-        t2 = time.perf_counter()
-        prompts = [self.prompts[i] for i in rows]
-        texts = [cut_at_stop(t, cfg.stop) for t in tok.batch_decode(gen.response_ids, skip_special_tokens=True)]
-        columns = take_rows(self.prompt_columns, rows)  # row i's values once per completion, as prompts
-        scores = check_scores(self.reward_source.score(prompts, texts, columns), len(texts), "--reward").to(dev)
-        timing["time/scoring"] = time.perf_counter() - t2
-        # 5. clip, then penalise responses that never ended
-        if cfg.score_clip is not None:
-            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-        scores = apply_missing_eos_penalty(scores, gen.ended.to(dev), cfg.missing_eos_penalty)
+        # 3. old and reference log-probs (at the sampling temperature), entropy
+        logps, entropy, ref_logps = self.rollout_logprobs(gen, query_response, attention_mask, completion_mask, timing)
+        # 4. score with every reward source, weighted and summed; 5. clip, then penalise responses that never ended
+        prompts, texts, scores = self.score_completions(rows, gen, timing, "--reward")
         # 6. per-token rewards: the KL penalty (unless it is a loss term) on every token, the score on the last
         kl_coef = 0.0 if cfg.kl_in_loss else self.kl_ctl.coef
         rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, response_mask, kl_coef, cfg.kl_estimator)
@@ -160,6 +139,21 @@ class RLTrainer(RLUpdate, PPOTrainer):
                             ref_logps, torch.zeros_like(logps), entropy, scores, kl, non_score, rewards, advantages,
                             returns, prompts, texts, loss_mask=loss_mask, kept=kept.bool(), loss_lengths=loss_lengths,
                             score_parts={n: p.to(dev) for n, p in self.reward_source.last_parts.items()})
+
+    def rollout_logprobs(self, gen, query_response, attention_mask, completion_mask, timing: dict):
+        """``(logps, entropy, ref_logps)`` of the responses, each ``(B, R)``: the rollout's old and reference
+        log-probs (at the sampling temperature) and entropy. One step on-policy: the reference's only, and
+        placeholders for the policy's that the update's own forward fills in (RLUpdate). Records
+        ``time/logprobs``."""
+        t0 = time.perf_counter()
+        width, skip = gen.prompt_ids.shape[1], self.one_step_on_policy
+        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask,
+                                                         policy=not skip)
+        ref_logps = ref_logps[:, width:].float()
+        logps, entropy = ((ref_logps.clone(), torch.zeros_like(ref_logps)) if skip
+                          else (logps[:, width:].float(), entropy[:, width:].float()))
+        timing["time/logprobs"] = time.perf_counter() - t0
+        return logps, entropy, ref_logps
 
     @property
     def one_step_on_policy(self) -> bool:
