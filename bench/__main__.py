@@ -50,9 +50,16 @@ def runner(workload: str, side: str) -> tuple[str, Path]:
 
 def child_env(threads: int, workload: str, side: str, precision: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
-    env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false",
-               HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", CUDA_VISIBLE_DEVICES="", PYTHONUNBUFFERED="1",
-               HF_HUB_DISABLE_TELEMETRY="1")
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        TOKENIZERS_PARALLELISM="false",
+        HF_HUB_OFFLINE="1",
+        HF_DATASETS_OFFLINE="1",
+        CUDA_VISIBLE_DEVICES="",
+        PYTHONUNBUFFERED="1",
+        HF_HUB_DISABLE_TELEMETRY="1",
+    )
     if workload == "ppo" and side == "trl" and precision == "bf16":
         # TRL 1.12's PPOTrainer builds Accelerator() without the config's precision; this is how it gets bf16
         env["ACCELERATE_MIXED_PRECISION"] = "bf16"
@@ -61,6 +68,7 @@ def child_env(threads: int, workload: str, side: str, precision: str) -> dict[st
 
 def busy_cores(interval: float = 2.0) -> float:
     """Cores' worth of CPU time the whole machine used over ``interval`` seconds (from /proc/stat)."""
+
     def sample():
         fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
         return sum(fields), fields[3] + fields[4]  # total, idle + iowait
@@ -86,20 +94,45 @@ def wait_for_quiet(max_wait: float, log, threshold: float = 0.3) -> float:
     return busy
 
 
-def run_one(workload: str, side: str, precision: str, steps: int, threads: int, out: Path, index: int,
-            busy_before: float | None = None, extra: list[str] = ()) -> dict:
+def run_one(
+    workload: str,
+    side: str,
+    precision: str,
+    steps: int,
+    threads: int,
+    out: Path,
+    index: int,
+    busy_before: float | None = None,
+    extra: list[str] = (),
+) -> dict:
     """One fresh process; returns its result line plus wait4 figures. Raises on a failed run."""
     venv, script = runner(workload, side)
     work = out / "work" / f"{index:03d}-{workload}-{precision}-{side}"
     work.mkdir(parents=True, exist_ok=True)
-    cmd = [str(envs.venv_python(venv)), str(script), "--workload", workload, "--precision", precision,
-           "--steps", str(steps), "--data", str(DATA_DIR), "--work", str(work), "--threads", str(threads), *extra]
+    cmd = [
+        str(envs.venv_python(venv)),
+        str(script),
+        "--workload",
+        workload,
+        "--precision",
+        precision,
+        "--steps",
+        str(steps),
+        "--data",
+        str(DATA_DIR),
+        "--work",
+        str(work),
+        "--threads",
+        str(threads),
+        *extra,
+    ]
     log_path = work / "log.txt"
     load = os.getloadavg()[0]
     t = time.perf_counter()
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
-                                env=child_env(threads, workload, side, precision))
+        proc = subprocess.Popen(
+            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env(threads, workload, side, precision)
+        )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     wall = time.perf_counter() - t
@@ -108,9 +141,16 @@ def run_one(workload: str, side: str, precision: str, steps: int, threads: int, 
     if proc.returncode != 0 or not lines:
         tail = "\n".join(text.splitlines()[-25:])
         raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    res = json.loads(lines[-1][len(RESULT_PREFIX):])
-    res.update(peak_rss_kib=usage.ru_maxrss, wall=wall, cpu_seconds=usage.ru_utime + usage.ru_stime,
-               loadavg=load, busy_before=busy_before, repeat_index=index, work=str(work))
+    res = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    res.update(
+        peak_rss_kib=usage.ru_maxrss,
+        wall=wall,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        loadavg=load,
+        busy_before=busy_before,
+        repeat_index=index,
+        work=str(work),
+    )
     return res
 
 
@@ -130,12 +170,14 @@ def replay_check(workload: str, precision: str, runs: list[dict], threads: int, 
     res = run_one(workload, base, precision, steps, threads, out, index, extra=["--replay", str(path)])
     x, ref = res["extra"], recorded[0]
     # the later steps' gradient norms check the update too (same completions, after the same AdamW steps)
-    log(f"          {base} on prefalign's completions: loss {res['losses'][0]:.3e} (prefalign "
+    log(
+        f"          {base} on prefalign's completions: loss {res['losses'][0]:.3e} (prefalign "
         f"{ref['losses'][0]:.3e}), mean log-prob {x['first_logps'][0]:.6f} ({ref['extra']['first_logps'][0]:.6f}), "
         f"grad norms {', '.join(f'{g:.6f}' for g in x['grad_norms'])} "
         f"({', '.join(f'{g:.6f}' for g in ref['extra']['grad_norms'])}), |Δ advantage| "
         f"{x['advantage_max_diff']:.1e}, |Δ reward| {x['reward_max_diff']:.1e}, prompt-id mismatches "
-        f"{x['token_mismatches']}")
+        f"{x['token_mismatches']}"
+    )
     return res
 
 
@@ -145,8 +187,13 @@ def ensure_data(log) -> None:
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return
     log(f"[bench] preparing inputs in {DATA_DIR} ...")
-    subprocess.run([str(envs.PROJECT_PY), "-m", "bench.prepare", str(DATA_DIR), str(N_PAIRS), str(MAX_LENGTH)],
-                   cwd=ROOT, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL)
+    subprocess.run(
+        [str(envs.PROJECT_PY), "-m", "bench.prepare", str(DATA_DIR), str(N_PAIRS), str(MAX_LENGTH)],
+        cwd=ROOT,
+        check=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL,
+    )
     stamp.write_text(json.dumps(want))
 
 
@@ -158,12 +205,16 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--repeats", type=int, default=None, help="runs per side (default 3; --quick: 1)")
     ap.add_argument("--steps", type=int, default=None, help="steps per run for every workload (default: per workload)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="torch threads on both sides")
-    ap.add_argument("--max-wait", type=float, default=30.0,
-                    help="seconds to wait before each run for other work on the machine to stop (0: never wait)")
+    ap.add_argument(
+        "--max-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait before each run for other work on the machine to stop (0: never wait)",
+    )
     ap.add_argument("--out", default=None, help="results directory (default .bench/results/<stamp>)")
     args = ap.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
-    args.precisions = (args.precisions.split(",") if args.precisions else (["fp32"] if args.quick else list(PRECISIONS)))
+    args.precisions = args.precisions.split(",") if args.precisions else (["fp32"] if args.quick else list(PRECISIONS))
     args.repeats = args.repeats or (1 if args.quick else 3)
     for w in args.workloads:
         if w not in WORKLOADS:
@@ -191,31 +242,70 @@ def main(argv=None) -> int:
     ensure_data(log)
     versions = {name: envs.installed_versions(name) for name in ["prefalign", *sorted(needed)]}
     log("[bench] measuring the matmul peak ...")
-    peaks = json.loads(subprocess.run([str(envs.PROJECT_PY), "-m", "bench.flops", "--threads", str(args.threads)],
-                                      cwd=ROOT, check=True, capture_output=True, text=True).stdout)
+    peaks = json.loads(
+        subprocess.run(
+            [str(envs.PROJECT_PY), "-m", "bench.flops", "--threads", str(args.threads)],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     steps = {w: args.steps or (QUICK_STEPS if args.quick else STEPS)[w] for w in args.workloads}
 
     runs, failures = race(args, steps, out, log)
 
     params = model_params(runs)
     comps = report.comparisons(runs, WARMUP)
-    meta = {"stamp": stamp, "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
-            "wall_seconds": round(time.perf_counter() - t_start, 1), "threads": args.threads,
-            "repeats": args.repeats, "steps": steps, "warmup": WARMUP, "peak_gflops": peaks, "params": params,
-            "cpu": cpu_name(), "python": platform.python_version(), "versions": versions}
+    meta = {
+        "stamp": stamp,
+        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "wall_seconds": round(time.perf_counter() - t_start, 1),
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "steps": steps,
+        "warmup": WARMUP,
+        "peak_gflops": peaks,
+        "params": params,
+        "cpu": cpu_name(),
+        "python": platform.python_version(),
+        "versions": versions,
+    }
     md = render(meta, comps, runs) + "".join(f"\nFAILED RUN: {f}\n" for f in failures)
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(json.dumps({"meta": meta, "comparisons": [
-        {"workload": c.workload, "precision": c.precision, "speed_ratio": c.speed_ratio, "rss_ratio": c.rss_ratio,
-         "speed_met": c.speed_met, "rss_met": c.rss_met, "same_math": c.same_math, "loss_diff": c.loss_diff,
-         "logps_diff": c.logps_diff, "grad_norm_diff": c.grad_norm_diff, "ours": vars(c.ours), "base": vars(c.base)}
-        for c in comps]}, indent=1))
+    (out / "results.json").write_text(
+        json.dumps(
+            {
+                "meta": meta,
+                "comparisons": [
+                    {
+                        "workload": c.workload,
+                        "precision": c.precision,
+                        "speed_ratio": c.speed_ratio,
+                        "rss_ratio": c.rss_ratio,
+                        "speed_met": c.speed_met,
+                        "rss_met": c.rss_met,
+                        "same_math": c.same_math,
+                        "loss_diff": c.loss_diff,
+                        "logps_diff": c.logps_diff,
+                        "grad_norm_diff": c.grad_norm_diff,
+                        "ours": vars(c.ours),
+                        "base": vars(c.base),
+                    }
+                    for c in comps
+                ],
+            },
+            indent=1,
+        )
+    )
     print(md)
     log(f"[bench] done in {meta['wall_seconds'] / 60:.1f} min; results in {out}")
     failed = [c for c in comps if c.same_math is False]
     for c in failed:
-        log(f"[bench] SAME-MATH FAILURE: {c.workload} {c.precision}: Δloss {c.loss_diff}, Δlogp {c.logps_diff}, "
-            f"Δ grad norm (relative) {c.grad_norm_diff}")
+        log(
+            f"[bench] SAME-MATH FAILURE: {c.workload} {c.precision}: Δloss {c.loss_diff}, Δlogp {c.logps_diff}, "
+            f"Δ grad norm (relative) {c.grad_norm_diff}"
+        )
     return 1 if failed or failures else 0
 
 
@@ -226,6 +316,7 @@ def race(args, steps: dict[str, int], out: Path, log) -> tuple[list[dict], list[
     failures: list[str] = []
     index = 0
     with (out / "raw.jsonl").open("w") as raw:
+
         def keep(res: dict) -> None:
             runs.append(res)
             raw.write(json.dumps(res) + "\n")
@@ -235,23 +326,25 @@ def race(args, steps: dict[str, int], out: Path, log) -> tuple[list[dict], list[
             ours, base = report.sides(workload)
             for precision in args.precisions:
                 for rep in range(args.repeats):
-                    for side in ((ours, base) if rep % 2 == 0 else (base, ours)):
+                    for side in (ours, base) if rep % 2 == 0 else (base, ours):
                         log(f"[bench] {workload:9s} {precision} {side:11s} repeat {rep + 1}/{args.repeats} ...")
                         busy = wait_for_quiet(args.max_wait, log) if args.max_wait > 0 else None
                         index += 1
                         try:
-                            res = run_one(workload, side, precision, steps[workload], args.threads, out, index - 1,
-                                          busy)
+                            res = run_one(
+                                workload, side, precision, steps[workload], args.threads, out, index - 1, busy
+                            )
                         except RuntimeError as e:  # keep racing the rest; listed, and it fails the exit code
                             log(f"[bench] RUN FAILED: {e}")
-                            failures.append(f"{workload} {precision} {side} repeat {rep + 1}: "
-                                            f"{str(e).splitlines()[0]}")
+                            failures.append(f"{workload} {precision} {side} repeat {rep + 1}: {str(e).splitlines()[0]}")
                             continue
                         keep(res)
-                        log(f"          steps {', '.join(f'{s:.1f}' for s in res['step_seconds'])} s, "
+                        log(
+                            f"          steps {', '.join(f'{s:.1f}' for s in res['step_seconds'])} s, "
                             f"peak RSS {res['peak_rss_kib'] / report.GIB:.2f} GiB, CPU share "
                             f"{res['cpu_seconds'] / res['wall']:.2f}, other work at start "
-                            f"{'-' if busy is None else f'{busy:.2f}'} cores")
+                            f"{'-' if busy is None else f'{busy:.2f}'} cores"
+                        )
                 try:
                     res = replay_check(workload, precision, runs, args.threads, out, index, log)
                 except RuntimeError as e:
@@ -303,13 +396,25 @@ def render(meta: dict, comps: list, runs: list[dict]) -> str:
     ]
     for workload in ("ppo", "grpo"):
         if any(r["workload"] == workload for r in runs):
-            lines += ["", f"{workload.upper()} time split, median seconds per iteration:", "",
-                      report.ppo_split_table(runs, meta["warmup"][workload], workload)]
+            lines += [
+                "",
+                f"{workload.upper()} time split, median seconds per iteration:",
+                "",
+                report.ppo_split_table(runs, meta["warmup"][workload], workload),
+            ]
     shares = report.group(runs)
-    lines += ["", "CPU share of the runs (CPU seconds / wall seconds; 2.0 = both cores busy the whole run; well "
-              "below that = other work on the machine took the cores):", ""]
-    lines.append(", ".join(f"{w} {p} {s} {sum(r['cpu_seconds'] for r in rs) / sum(r['wall'] for r in rs):.2f}"
-                           for (w, p, s), rs in shares.items()))
+    lines += [
+        "",
+        "CPU share of the runs (CPU seconds / wall seconds; 2.0 = both cores busy the whole run; well "
+        "below that = other work on the machine took the cores):",
+        "",
+    ]
+    lines.append(
+        ", ".join(
+            f"{w} {p} {s} {sum(r['cpu_seconds'] for r in rs) / sum(r['wall'] for r in rs):.2f}"
+            for (w, p, s), rs in shares.items()
+        )
+    )
     return "\n".join(lines) + "\n"
 
 

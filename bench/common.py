@@ -53,12 +53,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", required=True, help="the prepared inputs (bench.prepare)")
     ap.add_argument("--work", required=True, help="a scratch directory for this run")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                    help="what-if experiments only (never in the race): override a config field of this side")
+    ap.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="what-if experiments only (never in the race): override a config field of this side",
+    )
     ap.add_argument("--exp", action="append", default=[], help="what-if experiments only: named patches")
-    ap.add_argument("--replay", default=None, metavar="ROLLOUTS_JSON",
-                    help="grpo same-math check (TRL side): score and train on these recorded completions instead of "
-                         "sampling (bench.common.save_rollouts wrote them)")
+    ap.add_argument(
+        "--replay",
+        default=None,
+        metavar="ROLLOUTS_JSON",
+        help="grpo same-math check (TRL side): score and train on these recorded completions instead of "
+        "sampling (bench.common.save_rollouts wrote them)",
+    )
     args = ap.parse_args(argv)
     args.overrides = dict(_kv(x) for x in args.set)
     return args

@@ -38,7 +38,7 @@ def stage_command(race: Path, arm: str, seed: int = 0) -> list[str]:
     if not first.startswith("$ "):
         raise SystemExit(f"{log}: the first line is not the stage's command ('$ python -m prefalign ...')")
     argv = first[2:].split()
-    return without_flags(argv[argv.index("prefalign") + 1:], {"--output": 1, "--overwrite": 0, "--max-steps": 1})
+    return without_flags(argv[argv.index("prefalign") + 1 :], {"--output": 1, "--overwrite": 0, "--max-steps": 1})
 
 
 def without_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
@@ -60,8 +60,12 @@ def iteration_figures(metrics: list[dict]) -> dict:
         raise ValueError("need at least 2 iterations to time one after the warm-up")
     episodes = metrics[1]["episodes"] - metrics[0]["episodes"]
     phases = {k: statistics.median(m[k] for m in metrics[1:]) for k in metrics[0] if k.startswith("time/")}
-    return {"s_per_iteration": statistics.median(walls), "episodes_per_iteration": episodes,
-            "s_per_episode": statistics.median(walls) / episodes, **phases}
+    return {
+        "s_per_iteration": statistics.median(walls),
+        "episodes_per_iteration": episodes,
+        "s_per_episode": statistics.median(walls) / episodes,
+        **phases,
+    }
 
 
 def run_one(cmd: list[str], work: Path, threads: int) -> dict:
@@ -83,15 +87,30 @@ def table(runs: list[dict], arms: list[str]) -> str:
     med = {a: {k: statistics.median(r[k] for r in runs if r["arm"] == a) for k in keys} for a in arms}
     base = med[arms[0]]
     phases = sorted(k for k in base if k.startswith("time/"))
-    head = ["arm", "peak RSS GiB", f"x {arms[0]}", "s / iteration", "episodes / iteration", "s / episode",
-            f"x {arms[0]}", *[p.split("/")[1] + " s" for p in phases]]
+    head = [
+        "arm",
+        "peak RSS GiB",
+        f"x {arms[0]}",
+        "s / iteration",
+        "episodes / iteration",
+        "s / episode",
+        f"x {arms[0]}",
+        *[p.split("/")[1] + " s" for p in phases],
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for a in arms:
         m = med[a]
         eps = next(r["episodes_per_iteration"] for r in runs if r["arm"] == a)
-        cells = [a, f"{m['peak_rss_gib']:.2f}", f"{m['peak_rss_gib'] / base['peak_rss_gib']:.2f}",
-                 f"{m['s_per_iteration']:.2f}", str(eps), f"{m['s_per_episode']:.3f}",
-                 f"{m['s_per_episode'] / base['s_per_episode']:.2f}", *[f"{m.get(p, 0.0):.2f}" for p in phases]]
+        cells = [
+            a,
+            f"{m['peak_rss_gib']:.2f}",
+            f"{m['peak_rss_gib'] / base['peak_rss_gib']:.2f}",
+            f"{m['s_per_iteration']:.2f}",
+            str(eps),
+            f"{m['s_per_episode']:.3f}",
+            f"{m['s_per_episode'] / base['s_per_episode']:.2f}",
+            *[f"{m.get(p, 0.0):.2f}" for p in phases],
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -113,18 +132,29 @@ def main(argv=None) -> int:
     runs = []
     with (args.out / "raw.jsonl").open("w") as raw:
         for rep in range(args.repeats):
-            for arm in (args.arms if rep % 2 == 0 else args.arms[::-1]):
+            for arm in args.arms if rep % 2 == 0 else args.arms[::-1]:
                 busy = wait_for_quiet(args.max_wait, lambda m: print(m, file=sys.stderr)) if args.max_wait else None
-                res = {"arm": arm, "repeat": rep, "busy_before": busy,
-                       **run_one(commands[arm], args.out / f"{rep}-{arm}", args.threads)}
-                print(f"[critic-free] {arm} repeat {rep + 1}: {res['s_per_episode']:.3f} s/episode, "
-                      f"peak RSS {res['peak_rss_gib']:.2f} GiB", file=sys.stderr, flush=True)
+                res = {
+                    "arm": arm,
+                    "repeat": rep,
+                    "busy_before": busy,
+                    **run_one(commands[arm], args.out / f"{rep}-{arm}", args.threads),
+                }
+                print(
+                    f"[critic-free] {arm} repeat {rep + 1}: {res['s_per_episode']:.3f} s/episode, "
+                    f"peak RSS {res['peak_rss_gib']:.2f} GiB",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 raw.write(json.dumps(res) + "\n")
                 runs.append(res)
-    md = (f"`python -m bench.critic_free {' '.join(argv if argv is not None else sys.argv[1:])}`: "
-          f"{args.repeats} repeat(s) alternating, {args.steps} iterations per run\n\n"
-          + "\n".join(f"- {a}: `prefalign {' '.join(c)}`" for a, c in commands.items())
-          + "\n\n" + table(runs, args.arms))
+    md = (
+        f"`python -m bench.critic_free {' '.join(argv if argv is not None else sys.argv[1:])}`: "
+        f"{args.repeats} repeat(s) alternating, {args.steps} iterations per run\n\n"
+        + "\n".join(f"- {a}: `prefalign {' '.join(c)}`" for a, c in commands.items())
+        + "\n\n"
+        + table(runs, args.arms)
+    )
     (args.out / "results.md").write_text(md + "\n")
     print(md)
     return 0

@@ -31,8 +31,9 @@ def venv_python(name: str) -> Path:
 
 def project_versions() -> dict[str, str]:
     """Versions of ``SHARED`` (and torch) in the project venv (which ``make install`` built)."""
-    code = ("import json, importlib.metadata as m; "
-            f"print(json.dumps({{p: m.version(p) for p in {('torch',) + SHARED!r}}}))")
+    code = (
+        f"import json, importlib.metadata as m; print(json.dumps({{p: m.version(p) for p in {('torch',) + SHARED!r}}}))"
+    )
     out = subprocess.run([str(PROJECT_PY), "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -64,10 +65,12 @@ def ensure_trl_venv(name: str, log=print) -> Path:
 def installed_versions(name: str) -> dict[str, str]:
     """Versions of the relevant packages inside one venv (for the report)."""
     pkgs = ("torch", "transformers", "peft", "accelerate", "trl", "prefalign")
-    code = ("import json, importlib.metadata as m\nout = {}\n"
-            f"for p in {pkgs!r}:\n"
-            "    try: out[p] = m.version(p)\n"
-            "    except m.PackageNotFoundError: pass\n"
-            "print(json.dumps(out))")
+    code = (
+        "import json, importlib.metadata as m\nout = {}\n"
+        f"for p in {pkgs!r}:\n"
+        "    try: out[p] = m.version(p)\n"
+        "    except m.PackageNotFoundError: pass\n"
+        "print(json.dumps(out))"
+    )
     out = subprocess.run([str(venv_python(name)), "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out)

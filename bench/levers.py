@@ -22,39 +22,65 @@ from bench import envs, report
 from bench.__main__ import ensure_data, run_one, wait_for_quiet
 
 STUDIES = {
-    "dpo-memory": ("dpo", "fp32", 3, [
-        ("prefalign", "as raced", []),
-        ("prefalign", "fused AdamW", ["--exp", "fused_adamw"]),
-        ("prefalign", "gradient checkpointing", ["--set", "gradient_checkpointing=true"]),
-        ("prefalign", "precompute_ref", ["--set", "precompute_ref=true"]),
-        ("prefalign", "4 pairs x grad_accum 2", ["--set", "batch_size=4", "--set", "grad_accum=2"]),
-        ("trl", "as raced", []),
-        ("trl", "TRL default gradient_checkpointing=True", ["--set", "gradient_checkpointing=true"]),
-    ]),
-    "lora-memory": ("dpo_lora", "fp32", 3, [
-        ("prefalign", "as raced", []),
-        ("prefalign", "gradient checkpointing", ["--set", "gradient_checkpointing=true"]),
-        ("prefalign", "4 pairs x grad_accum 2", ["--set", "batch_size=4", "--set", "grad_accum=2"]),
-        ("trl", "as raced", []),
-        ("trl", "TRL default gradient_checkpointing=True", ["--set", "gradient_checkpointing=true"]),
-    ]),
-    "dpo-chunks": ("dpo", "fp32", 3, [
-        ("prefalign", "as raced", []),
-        ("prefalign", "2 pairs x grad_accum 4", ["--set", "batch_size=2", "--set", "grad_accum=4"]),
-        ("prefalign", "1 pair x grad_accum 8", ["--set", "batch_size=1", "--set", "grad_accum=8"]),
-        ("prefalign", "1 pair x grad_accum 8 + fused AdamW", ["--set", "batch_size=1", "--set", "grad_accum=8",
-                                                              "--exp", "fused_adamw"]),
-        ("prefalign", "as raced", []),
-        ("prefalign", "1 pair x grad_accum 8 + fused AdamW", ["--set", "batch_size=1", "--set", "grad_accum=8",
-                                                              "--exp", "fused_adamw"]),
-        ("trl", "as raced", []),
-    ]),
-    "ppo-optimizer": ("ppo", "fp32", 3, [
-        ("prefalign", "as raced", []),
-        ("prefalign", "fused AdamW", ["--exp", "fused_adamw"]),
-        ("prefalign", "as raced", []),
-        ("prefalign", "fused AdamW", ["--exp", "fused_adamw"]),
-    ]),
+    "dpo-memory": (
+        "dpo",
+        "fp32",
+        3,
+        [
+            ("prefalign", "as raced", []),
+            ("prefalign", "fused AdamW", ["--exp", "fused_adamw"]),
+            ("prefalign", "gradient checkpointing", ["--set", "gradient_checkpointing=true"]),
+            ("prefalign", "precompute_ref", ["--set", "precompute_ref=true"]),
+            ("prefalign", "4 pairs x grad_accum 2", ["--set", "batch_size=4", "--set", "grad_accum=2"]),
+            ("trl", "as raced", []),
+            ("trl", "TRL default gradient_checkpointing=True", ["--set", "gradient_checkpointing=true"]),
+        ],
+    ),
+    "lora-memory": (
+        "dpo_lora",
+        "fp32",
+        3,
+        [
+            ("prefalign", "as raced", []),
+            ("prefalign", "gradient checkpointing", ["--set", "gradient_checkpointing=true"]),
+            ("prefalign", "4 pairs x grad_accum 2", ["--set", "batch_size=4", "--set", "grad_accum=2"]),
+            ("trl", "as raced", []),
+            ("trl", "TRL default gradient_checkpointing=True", ["--set", "gradient_checkpointing=true"]),
+        ],
+    ),
+    "dpo-chunks": (
+        "dpo",
+        "fp32",
+        3,
+        [
+            ("prefalign", "as raced", []),
+            ("prefalign", "2 pairs x grad_accum 4", ["--set", "batch_size=2", "--set", "grad_accum=4"]),
+            ("prefalign", "1 pair x grad_accum 8", ["--set", "batch_size=1", "--set", "grad_accum=8"]),
+            (
+                "prefalign",
+                "1 pair x grad_accum 8 + fused AdamW",
+                ["--set", "batch_size=1", "--set", "grad_accum=8", "--exp", "fused_adamw"],
+            ),
+            ("prefalign", "as raced", []),
+            (
+                "prefalign",
+                "1 pair x grad_accum 8 + fused AdamW",
+                ["--set", "batch_size=1", "--set", "grad_accum=8", "--exp", "fused_adamw"],
+            ),
+            ("trl", "as raced", []),
+        ],
+    ),
+    "ppo-optimizer": (
+        "ppo",
+        "fp32",
+        3,
+        [
+            ("prefalign", "as raced", []),
+            ("prefalign", "fused AdamW", ["--exp", "fused_adamw"]),
+            ("prefalign", "as raced", []),
+            ("prefalign", "fused AdamW", ["--exp", "fused_adamw"]),
+        ],
+    ),
 }
 
 
@@ -78,8 +104,11 @@ def adamw_micro(threads: int = 2, steps: int = 5) -> None:
             t = time.perf_counter()
             opt.step()
             secs.append(time.perf_counter() - t)
-        print(f"AdamW {kw or 'default (for-loop on CPU)'}: median {statistics.median(secs):.3f} s "
-              f"({', '.join(f'{s:.3f}' for s in secs)})", flush=True)
+        print(
+            f"AdamW {kw or 'default (for-loop on CPU)'}: median {statistics.median(secs):.3f} s "
+            f"({', '.join(f'{s:.3f}' for s in secs)})",
+            flush=True,
+        )
         del opt
 
 
@@ -103,8 +132,10 @@ def main(argv=None) -> None:
         split = r.get("extra", {}).get("split")
         if split:  # PPO: the update phase is where the optimizer runs
             label += f" (update {statistics.median(report.timed(split['update'], 1)):.2f} s)"
-        rows.append(f"| {side} | {label} | {statistics.median(secs):.2f} ({', '.join(f'{s:.1f}' for s in secs)}) "
-                    f"| {r['peak_rss_kib'] / report.GIB:.2f} | {r['losses'][0] if r.get('losses') else '–'} |")
+        rows.append(
+            f"| {side} | {label} | {statistics.median(secs):.2f} ({', '.join(f'{s:.1f}' for s in secs)}) "
+            f"| {r['peak_rss_kib'] / report.GIB:.2f} | {r['losses'][0] if r.get('losses') else '–'} |"
+        )
         print(rows[-1], flush=True)
     print("\n".join(rows))
     (out / "table.md").write_text("\n".join(rows) + "\n")

@@ -46,11 +46,19 @@ def main(out: Path, n_pairs: int, max_length: int) -> None:
         longest = max(len(p.chosen_ids), len(p.rejected_ids))
         if len(p.prompt_ids) > max_length // 2 or len(p.prompt_ids) + longest > max_length:
             continue
-        if (joint_ids(tok, e.prompt, e.chosen) != p.prompt_ids + p.chosen_ids
-                or joint_ids(tok, e.prompt, e.rejected) != p.prompt_ids + p.rejected_ids):
+        if (
+            joint_ids(tok, e.prompt, e.chosen) != p.prompt_ids + p.chosen_ids
+            or joint_ids(tok, e.prompt, e.rejected) != p.prompt_ids + p.rejected_ids
+        ):
             continue
-        kept.append({"prompt": e.prompt, "chosen": e.chosen, "rejected": e.rejected,
-                     "ids": [p.prompt_ids, p.chosen_ids, p.rejected_ids]})
+        kept.append(
+            {
+                "prompt": e.prompt,
+                "chosen": e.chosen,
+                "rejected": e.rejected,
+                "ids": [p.prompt_ids, p.chosen_ids, p.rejected_ids],
+            }
+        )
         if len(kept) == n_pairs:
             break
     if len(kept) < n_pairs:
@@ -64,8 +72,16 @@ def main(out: Path, n_pairs: int, max_length: int) -> None:
     tok.save_pretrained(out / "rm-init")
     (out / "model_path.txt").write_text(resolve_model(None))
     stats = [len(r["ids"][0]) + max(len(r["ids"][1]), len(r["ids"][2])) for r in kept]
-    print(json.dumps({"pairs": len(kept), "examples_scanned": len(examples), "max_row_tokens": max(stats),
-                      "mean_row_tokens": sum(stats) / len(stats)}))
+    print(
+        json.dumps(
+            {
+                "pairs": len(kept),
+                "examples_scanned": len(examples),
+                "max_row_tokens": max(stats),
+                "mean_row_tokens": sum(stats) / len(stats),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ def short(frame: str) -> str:
     parts = Path(m["file"]).parts
     for anchor in ("site-packages", "work", "main"):
         if anchor in parts:
-            parts = parts[len(parts) - parts[::-1].index(anchor):]
+            parts = parts[len(parts) - parts[::-1].index(anchor) :]
     return f"{m['func']} ({'/'.join(parts[-2:])})"
 
 
@@ -83,12 +83,39 @@ def main(argv=None) -> None:
     work = out_dir / f"work-{name}"
     work.mkdir(parents=True, exist_ok=True)
     raw = out_dir / f"{name}.txt"
-    cmd = [str(py_spy), "record", "--format", "raw", "--rate", str(args.rate), "-o", str(raw),
-           *(["--native"] if args.native else []), "--", str(envs.venv_python(venv)), str(script),
-           "--workload", args.workload, "--precision", args.precision, "--steps", str(args.steps),
-           "--data", str(DATA_DIR), "--work", str(work), "--threads", str(args.threads)]
-    proc = subprocess.run(cmd, cwd=envs.ROOT, env=child_env(args.threads, args.workload, args.side, args.precision),
-                          capture_output=True, text=True)
+    cmd = [
+        str(py_spy),
+        "record",
+        "--format",
+        "raw",
+        "--rate",
+        str(args.rate),
+        "-o",
+        str(raw),
+        *(["--native"] if args.native else []),
+        "--",
+        str(envs.venv_python(venv)),
+        str(script),
+        "--workload",
+        args.workload,
+        "--precision",
+        args.precision,
+        "--steps",
+        str(args.steps),
+        "--data",
+        str(DATA_DIR),
+        "--work",
+        str(work),
+        "--threads",
+        str(args.threads),
+    ]
+    proc = subprocess.run(
+        cmd,
+        cwd=envs.ROOT,
+        env=child_env(args.threads, args.workload, args.side, args.precision),
+        capture_output=True,
+        text=True,
+    )
     result = [ln for ln in proc.stdout.splitlines() if ln.startswith("BENCH_RESULT")]
     print(result[-1] if result else proc.stdout[-2000:] + proc.stderr[-2000:])
     counts, total = inclusive(raw.read_text())

@@ -29,11 +29,25 @@ from dataclasses import dataclass
 SIDES = {"rollout8": ("prefalign", "hf-generate"), "rollout16": ("prefalign", "hf-generate")}
 DEFAULT_SIDES = ("prefalign", "trl")
 GENERATION = ("rollout8", "rollout16")
-ITEM_NAME = {"dpo": "pairs", "dpo_lora": "pairs", "reward": "pairs", "ppo": "episodes", "grpo": "episodes",
-             "rollout8": "tokens", "rollout16": "tokens"}
+ITEM_NAME = {
+    "dpo": "pairs",
+    "dpo_lora": "pairs",
+    "reward": "pairs",
+    "ppo": "episodes",
+    "grpo": "episodes",
+    "rollout8": "tokens",
+    "rollout16": "tokens",
+}
 # (speed ratio prefalign / baseline at least, peak RSS ratio at most): the issue's targets
-TARGETS = {"dpo": (1.6, 0.5), "dpo_lora": (1.6, 0.5), "reward": (1.0, 0.5), "ppo": (2.0, 0.5), "grpo": (2.0, 0.5),
-           "rollout8": (3.0, None), "rollout16": (3.0, None)}
+TARGETS = {
+    "dpo": (1.6, 0.5),
+    "dpo_lora": (1.6, 0.5),
+    "reward": (1.0, 0.5),
+    "ppo": (2.0, 0.5),
+    "grpo": (2.0, 0.5),
+    "rollout8": (3.0, None),
+    "rollout16": (3.0, None),
+}
 SAMPLED = ("ppo", "grpo")  # each side samples its own completions: timed runs' losses are not comparable
 REPLAYED = ("grpo",)  # checked on a replay run of prefalign's completions (see the module docstring)
 SAME_MATH_TOL = 1e-4
@@ -83,11 +97,17 @@ def figures(runs: list[dict], warmup: int) -> Figures:
     if "first_logps_chosen" in x:
         logps = (x["first_logps_chosen"], x["first_logps_rejected"])
     return Figures(
-        runs=len(runs), step_median=med, step_min=min(steps), step_max=max(steps),
-        items_per_s=first["items_per_step"] / med, tokens_per_s=statistics.median(rates),
-        rss_gib=statistics.median(rss), rss_max_gib=max(rss),
+        runs=len(runs),
+        step_median=med,
+        step_min=min(steps),
+        step_max=max(steps),
+        items_per_s=first["items_per_step"] / med,
+        tokens_per_s=statistics.median(rates),
+        rss_gib=statistics.median(rss),
+        rss_max_gib=max(rss),
         cpu_share=sum(r["cpu_seconds"] for r in runs) / sum(r["wall"] for r in runs),
-        first_loss=first["losses"][0] if first.get("losses") else None, first_logps=logps,
+        first_loss=first["losses"][0] if first.get("losses") else None,
+        first_logps=logps,
         first_grad_norm=x.get("first_grad_norm"),
     )
 
@@ -150,8 +170,9 @@ def compare(workload: str, precision: str, ours: Figures, base: Figures, check: 
         logps_diff = max(abs(a - b) for a, b in zip(ours.first_logps, math_base.first_logps))
     if math_base is not None and ours.first_grad_norm is not None and math_base.first_grad_norm:
         grad_diff = abs(ours.first_grad_norm - math_base.first_grad_norm) / abs(math_base.first_grad_norm)
-    return Comparison(workload, precision, ours, base, speed, ours.rss_gib / base.rss_gib, loss_diff, logps_diff,
-                      grad_diff)
+    return Comparison(
+        workload, precision, ours, base, speed, ours.rss_gib / base.rss_gib, loss_diff, logps_diff, grad_diff
+    )
 
 
 def group(runs: list[dict], replays: bool = False) -> dict[tuple[str, str, str], list[dict]]:
@@ -177,8 +198,15 @@ def comparisons(runs: list[dict], warmup: dict[str, int]) -> list[Comparison]:
         if (workload, precision, a) in grouped and (workload, precision, b) in grouped:
             w = warmup.get(workload, 1)
             check = replayed.get((workload, precision, b))
-            out.append(compare(workload, precision, figures(grouped[workload, precision, a], w),
-                               figures(grouped[workload, precision, b], w), figures(check, w) if check else None))
+            out.append(
+                compare(
+                    workload,
+                    precision,
+                    figures(grouped[workload, precision, a], w),
+                    figures(grouped[workload, precision, b], w),
+                    figures(check, w) if check else None,
+                )
+            )
     return out
 
 
@@ -208,9 +236,11 @@ def fmt_math(c: Comparison) -> str:
 
 def main_table(comps: list[Comparison], params: int, peaks: dict[str, float]) -> str:
     """The headline markdown table: one row per (workload, precision)."""
-    head = ("| workload | precision | s/step prefalign, median [min–max] | s/step baseline | rate prefalign | "
-            "rate baseline | speed × (target) | peak RSS GiB prefalign / baseline | RSS × (target) | "
-            "MFU prefalign / baseline | same math: Δloss, Δlogp[, Δ‖g‖] (step 1) |")
+    head = (
+        "| workload | precision | s/step prefalign, median [min–max] | s/step baseline | rate prefalign | "
+        "rate baseline | speed × (target) | peak RSS GiB prefalign / baseline | RSS × (target) | "
+        "MFU prefalign / baseline | same math: Δloss, Δlogp[, Δ‖g‖] (step 1) |"
+    )
     rows = [head, "|" + "---|" * 11]
     for c in comps:
         item = ITEM_NAME[c.workload]
@@ -231,7 +261,10 @@ def main_table(comps: list[Comparison], params: int, peaks: dict[str, float]) ->
 def ppo_split_table(runs: list[dict], warmup: int, workload: str = "ppo") -> str:
     """Median seconds per iteration phase of ``workload`` (ppo, grpo), per precision and side (timed iterations
     only)."""
-    rows = ["| precision | side | generation | log-probs / values | scoring | update | total |", "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| precision | side | generation | log-probs / values | scoring | update | total |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for (w, precision, side), rs in group(runs).items():
         if w != workload:
             continue
@@ -242,6 +275,9 @@ def ppo_split_table(runs: list[dict], warmup: int, workload: str = "ppo") -> str
         total = statistics.median([s for r in rs for s in timed(r["step_seconds"], warmup)])
         if phases["logprobs"] is None:  # TRL: whatever is left of the iteration after the timed phases
             phases["logprobs"] = total - sum(v for k, v in phases.items() if v is not None and k != "logprobs")
-        rows.append(f"| {precision} | {side} | " + " | ".join(f"{phases[k]:.2f}" for k in
-                    ("generation", "logprobs", "scoring", "update")) + f" | {total:.2f} |")
+        rows.append(
+            f"| {precision} | {side} | "
+            + " | ".join(f"{phases[k]:.2f}" for k in ("generation", "logprobs", "scoring", "update"))
+            + f" | {total:.2f} |"
+        )
     return "\n".join(rows)

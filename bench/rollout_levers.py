@@ -36,8 +36,16 @@ def batches(tok, prompts: list[str], batch: int, calls: int):
 
 
 def hf_generate(model, enc, new_tokens: int, eos: list[int], pad: int):
-    return model.generate(**enc, do_sample=True, temperature=0.7, top_k=0, top_p=1.0, max_new_tokens=new_tokens,
-                          eos_token_id=eos, pad_token_id=pad)[:, enc["input_ids"].shape[1]:]
+    return model.generate(
+        **enc,
+        do_sample=True,
+        temperature=0.7,
+        top_k=0,
+        top_p=1.0,
+        max_new_tokens=new_tokens,
+        eos_token_id=eos,
+        pad_token_id=pad,
+    )[:, enc["input_ids"].shape[1] :]
 
 
 @torch.no_grad()
@@ -50,8 +58,15 @@ def loop_generate(model, enc, new_tokens: int, eos: list[int], pad: int):
     cache = DynamicCache()
     pos = (mask.cumsum(-1) - 1).clamp(min=0)
     full_mask = torch.cat([mask, torch.ones(b, new_tokens, dtype=mask.dtype)], dim=1)
-    out = model(input_ids=ids, attention_mask=full_mask[:, :p], position_ids=pos, past_key_values=cache,
-                use_cache=True, logits_to_keep=1, cache_position=torch.arange(p))
+    out = model(
+        input_ids=ids,
+        attention_mask=full_mask[:, :p],
+        position_ids=pos,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=1,
+        cache_position=torch.arange(p),
+    )
     logits = out.logits[:, -1].float()
     done = torch.zeros(b, dtype=torch.bool)
     eos_t = torch.tensor(eos)
@@ -64,8 +79,14 @@ def loop_generate(model, enc, new_tokens: int, eos: list[int], pad: int):
         done |= torch.isin(nxt[:, 0], eos_t)
         if bool(done.all()) or t == new_tokens - 1:
             break
-        out = model(input_ids=nxt, attention_mask=full_mask[:, : p + t + 1], position_ids=next_pos,
-                    past_key_values=cache, use_cache=True, cache_position=torch.tensor([p + t]))
+        out = model(
+            input_ids=nxt,
+            attention_mask=full_mask[:, : p + t + 1],
+            position_ids=next_pos,
+            past_key_values=cache,
+            use_cache=True,
+            cache_position=torch.tensor([p + t]),
+        )
         logits = out.logits[:, -1].float()
         next_pos = next_pos + 1
     return torch.cat(tokens, dim=1)

@@ -44,18 +44,33 @@ def main(argv=None) -> None:
     eos = sorted({tok.eos_token_id, *([gen_eos] if isinstance(gen_eos, int) else gen_eos or [])})
     secs, toks = [], []
     for b in range(args.steps):
-        enc = tok(prefixes[b * batch : (b + 1) * batch], add_special_tokens=False, padding=True,
-                  return_tensors="pt")
+        enc = tok(prefixes[b * batch : (b + 1) * batch], add_special_tokens=False, padding=True, return_tensors="pt")
         torch.manual_seed(HPARAMS["seed"] + b)
         t = time.perf_counter()
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            out = model.generate(**enc, do_sample=True, temperature=HPARAMS["temperature"], top_p=None, top_k=None,
-                                 max_new_tokens=HPARAMS["max_new_tokens"], eos_token_id=eos,
-                                 pad_token_id=tok.pad_token_id)
+            out = model.generate(
+                **enc,
+                do_sample=True,
+                temperature=HPARAMS["temperature"],
+                top_p=None,
+                top_k=None,
+                max_new_tokens=HPARAMS["max_new_tokens"],
+                eos_token_id=eos,
+                pad_token_id=tok.pad_token_id,
+            )
         secs.append(time.perf_counter() - t)
-        toks.append(real_response_tokens(out[:, enc["input_ids"].shape[1]:], eos))
-    emit({"side": "hf-generate", "workload": args.workload, "precision": args.precision, "step_seconds": secs,
-          "items_per_step": batch, "tokens": toks, "extra": {}})
+        toks.append(real_response_tokens(out[:, enc["input_ids"].shape[1] :], eos))
+    emit(
+        {
+            "side": "hf-generate",
+            "workload": args.workload,
+            "precision": args.precision,
+            "step_seconds": secs,
+            "items_per_step": batch,
+            "tokens": toks,
+            "extra": {},
+        }
+    )
 
 
 if __name__ == "__main__":

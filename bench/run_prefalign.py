@@ -63,24 +63,40 @@ def _step_seconds(rows: list[dict]) -> list[float]:
 def run_pairs(args, kind: str) -> dict:
     pairs = load_pairs(args.data)
     out = Path(args.work) / "out"
-    common = dict(data=str(Path(args.data) / "pairs.jsonl"), output=str(out), overwrite=True,
-                  max_length=HPARAMS["max_length"], batch_size=HPARAMS["batch_size"], grad_accum=1,
-                  max_steps=args.steps, precision=args.precision, seed=HPARAMS["seed"], logging_steps=1,
-                  lr_scheduler="linear", warmup_steps=0, max_grad_norm=HPARAMS["max_grad_norm"])
+    common = dict(
+        data=str(Path(args.data) / "pairs.jsonl"),
+        output=str(out),
+        overwrite=True,
+        max_length=HPARAMS["max_length"],
+        batch_size=HPARAMS["batch_size"],
+        grad_accum=1,
+        max_steps=args.steps,
+        precision=args.precision,
+        seed=HPARAMS["seed"],
+        logging_steps=1,
+        lr_scheduler="linear",
+        warmup_steps=0,
+        max_grad_norm=HPARAMS["max_grad_norm"],
+    )
     if kind == "reward":
         from prefalign.trainers.reward import RewardConfig, RewardTrainer
 
-        cfg = RewardConfig(model=str(Path(args.data) / "rm-init"), learning_rate=HPARAMS["lr_reward"],
-                           **{**common, **args.overrides})
+        cfg = RewardConfig(
+            model=str(Path(args.data) / "rm-init"), learning_rate=HPARAMS["lr_reward"], **{**common, **args.overrides}
+        )
         trainer = _sequential(RewardTrainer)(cfg)
     else:
         from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 
         lora = kind == "dpo_lora"
-        cfg = DPOConfig(beta=HPARAMS["beta"], loss_type="sigmoid",
-                        learning_rate=HPARAMS["lr_dpo_lora" if lora else "lr_dpo"],
-                        lora_r=HPARAMS["lora_r"] if lora else 0, lora_alpha=HPARAMS["lora_alpha"],
-                        **{**common, **args.overrides})
+        cfg = DPOConfig(
+            beta=HPARAMS["beta"],
+            loss_type="sigmoid",
+            learning_rate=HPARAMS["lr_dpo_lora" if lora else "lr_dpo"],
+            lora_r=HPARAMS["lora_r"] if lora else 0,
+            lora_alpha=HPARAMS["lora_alpha"],
+            **{**common, **args.overrides},
+        )
         trainer = _sequential(DPOTrainer)(cfg)
     trainer.train()
     rows = _rows(out)
@@ -92,9 +108,14 @@ def run_pairs(args, kind: str) -> dict:
     if kind != "reward":
         extra["first_logps_chosen"] = rows[0]["logps/chosen"]
         extra["first_logps_rejected"] = rows[0]["logps/rejected"]
-    return {"step_seconds": _step_seconds(rows), "losses": [r["loss"] for r in rows], "items_per_step": n,
-            "tokens": pair_tokens_per_step(pairs, n, args.steps), "extra": extra,
-            "trainable_params": _run_json(out).get("trainable_parameters")}
+    return {
+        "step_seconds": _step_seconds(rows),
+        "losses": [r["loss"] for r in rows],
+        "items_per_step": n,
+        "tokens": pair_tokens_per_step(pairs, n, args.steps),
+        "extra": extra,
+        "trainable_params": _run_json(out).get("trainable_parameters"),
+    }
 
 
 def _run_json(out: Path) -> dict:
@@ -105,12 +126,26 @@ def run_ppo(args) -> dict:
     from prefalign.trainers.ppo import PPOConfig, PPOTrainer
 
     out = Path(args.work) / "out"
-    kw = dict(prompts=str(Path(args.data) / "prefixes.txt"), reward=str(Path(args.data) / "rm-init"),
-              output=str(out), overwrite=True, rollout_batch_size=HPARAMS["batch_size"],
-              max_new_tokens=HPARAMS["max_new_tokens"], temperature=HPARAMS["temperature"],
-              ppo_epochs=1, num_minibatches=1, grad_accum=1, max_steps=args.steps,
-              kl_coef=HPARAMS["kl_coef"], learning_rate=HPARAMS["lr_ppo"], precision=args.precision,
-              seed=HPARAMS["seed"], logging_steps=1, sample_every=10**6, max_grad_norm=HPARAMS["max_grad_norm"])
+    kw = dict(
+        prompts=str(Path(args.data) / "prefixes.txt"),
+        reward=str(Path(args.data) / "rm-init"),
+        output=str(out),
+        overwrite=True,
+        rollout_batch_size=HPARAMS["batch_size"],
+        max_new_tokens=HPARAMS["max_new_tokens"],
+        temperature=HPARAMS["temperature"],
+        ppo_epochs=1,
+        num_minibatches=1,
+        grad_accum=1,
+        max_steps=args.steps,
+        kl_coef=HPARAMS["kl_coef"],
+        learning_rate=HPARAMS["lr_ppo"],
+        precision=args.precision,
+        seed=HPARAMS["seed"],
+        logging_steps=1,
+        sample_every=10**6,
+        max_grad_norm=HPARAMS["max_grad_norm"],
+    )
     cfg = PPOConfig(**{**kw, **args.overrides})
 
     class NoSave(PPOTrainer):
@@ -131,9 +166,13 @@ def run_ppo(args) -> dict:
     trainer.train()
     rows = _rows(out)
     split = {k: [r[f"time/{k}"] for r in rows] for k in ("generation", "logprobs", "scoring", "update")}
-    return {"step_seconds": _step_seconds(rows), "losses": [r["loss/policy"] for r in rows],
-            "items_per_step": HPARAMS["batch_size"], "tokens": trainer._tokens,
-            "extra": {"split": split, "response_tokens": trainer._resp}}
+    return {
+        "step_seconds": _step_seconds(rows),
+        "losses": [r["loss/policy"] for r in rows],
+        "items_per_step": HPARAMS["batch_size"],
+        "tokens": trainer._tokens,
+        "extra": {"split": split, "response_tokens": trainer._resp},
+    }
 
 
 def grpo_config(args, out: Path):
@@ -141,13 +180,35 @@ def grpo_config(args, out: Path):
     from prefalign.trainers.rl import RLConfig
 
     k = HPARAMS["num_generations"]
-    kw = dict(prompts=str(Path(args.data) / "prefixes.txt"), reward=["bench.common:length_reward"], output=str(out),
-              overwrite=True, estimator="grpo", loss_agg="seq_mean_token_mean", num_generations=k,
-              rollout_batch_size=HPARAMS["batch_size"] // k, max_new_tokens=HPARAMS["max_new_tokens"],
-              temperature=HPARAMS["temperature"], top_k=0, top_p=1.0, ppo_epochs=1, num_minibatches=1, grad_accum=1,
-              clip_eps=0.2, kl_in_loss=True, kl_coef=HPARAMS["kl_coef"], learning_rate=HPARAMS["lr_grpo"],
-              lr_scheduler="linear", warmup_steps=0, max_steps=args.steps, precision=args.precision,
-              seed=HPARAMS["seed"], logging_steps=1, sample_every=10**6, max_grad_norm=HPARAMS["max_grad_norm"])
+    kw = dict(
+        prompts=str(Path(args.data) / "prefixes.txt"),
+        reward=["bench.common:length_reward"],
+        output=str(out),
+        overwrite=True,
+        estimator="grpo",
+        loss_agg="seq_mean_token_mean",
+        num_generations=k,
+        rollout_batch_size=HPARAMS["batch_size"] // k,
+        max_new_tokens=HPARAMS["max_new_tokens"],
+        temperature=HPARAMS["temperature"],
+        top_k=0,
+        top_p=1.0,
+        ppo_epochs=1,
+        num_minibatches=1,
+        grad_accum=1,
+        clip_eps=0.2,
+        kl_in_loss=True,
+        kl_coef=HPARAMS["kl_coef"],
+        learning_rate=HPARAMS["lr_grpo"],
+        lr_scheduler="linear",
+        warmup_steps=0,
+        max_steps=args.steps,
+        precision=args.precision,
+        seed=HPARAMS["seed"],
+        logging_steps=1,
+        sample_every=10**6,
+        max_grad_norm=HPARAMS["max_grad_norm"],
+    )
     return RLConfig(**{**kw, **args.overrides})
 
 
@@ -179,14 +240,24 @@ def run_grpo(args) -> dict:
     save_rollouts(Path(args.work) / "rollouts.json", recorded)
     split = {k: [r[f"time/{k}"] for r in rows] for k in ("generation", "logprobs", "scoring", "update")}
     first = recorded[0]
-    extra = {"split": split, "response_tokens": [r["response_tokens"] for r in recorded],
-             "first_logps": [first["mean_logp"]], "first_grad_norm": rows[0]["policy/grad_norm"],
-             "grad_norms": [r["policy/grad_norm"] for r in rows],
-             "first_advantages": first["advantages"], "first_rewards": first["rewards"]}
+    extra = {
+        "split": split,
+        "response_tokens": [r["response_tokens"] for r in recorded],
+        "first_logps": [first["mean_logp"]],
+        "first_grad_norm": rows[0]["policy/grad_norm"],
+        "grad_norms": [r["policy/grad_norm"] for r in rows],
+        "first_advantages": first["advantages"],
+        "first_rewards": first["rewards"],
+    }
     # the loss TRL logs: the policy term plus beta x the k3 term (prefalign logs the two apart)
     losses = [r["loss/policy"] + cfg.kl_coef * r["loss/kl"] for r in rows]
-    return {"step_seconds": _step_seconds(rows), "losses": losses, "items_per_step": cfg.completions_per_iteration,
-            "tokens": [r["tokens"] for r in recorded], "extra": extra}
+    return {
+        "step_seconds": _step_seconds(rows),
+        "losses": losses,
+        "items_per_step": cfg.completions_per_iteration,
+        "tokens": [r["tokens"] for r in recorded],
+        "extra": extra,
+    }
 
 
 def _record(trainer, ro, idx: list[int]) -> dict:
@@ -195,11 +266,15 @@ def _record(trainer, ro, idx: list[int]) -> dict:
     mask = ro.response_mask.bool()  # (B, R); P = the prompt width
     width = ro.query_response.shape[1] - mask.shape[1]
     responses = ro.query_response[:, width:]
-    return {"prompt_ids": [trainer.prompt_ids[i] for i in idx for _ in range(k)],
-            "completion_ids": [r[m].tolist() for r, m in zip(responses, mask)],
-            "rewards": ro.scores.tolist(), "advantages": ro.advantages[:, 0].tolist(),
-            "mean_logp": float(ro.logps[mask].mean()), "tokens": int(ro.attention_mask.sum()),
-            "response_tokens": int(mask.sum())}
+    return {
+        "prompt_ids": [trainer.prompt_ids[i] for i in idx for _ in range(k)],
+        "completion_ids": [r[m].tolist() for r, m in zip(responses, mask)],
+        "rewards": ro.scores.tolist(),
+        "advantages": ro.advantages[:, 0].tolist(),
+        "mean_logp": float(ro.logps[mask].mean()),
+        "tokens": int(ro.attention_mask.sum()),
+        "response_tokens": int(mask.sum()),
+    }
 
 
 def run_rollout(args, batch: int) -> dict:
@@ -224,9 +299,16 @@ def run_rollout(args, batch: int) -> dict:
         torch.manual_seed(HPARAMS["seed"] + b)
         t = time.perf_counter()
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
-            gen = generate(sampler, batch_ids["input_ids"], batch_ids["attention_mask"], sampling, eos_ids=eos,
-                           pad_id=tok.pad_token_id, row_keys=[key_seed(b, i) for i in range(batch)],
-                           seed=HPARAMS["seed"])
+            gen = generate(
+                sampler,
+                batch_ids["input_ids"],
+                batch_ids["attention_mask"],
+                sampling,
+                eos_ids=eos,
+                pad_id=tok.pad_token_id,
+                row_keys=[key_seed(b, i) for i in range(batch)],
+                seed=HPARAMS["seed"],
+            )
         secs.append(time.perf_counter() - t)
         toks.append(int(gen.response_mask.sum()))
     return {"step_seconds": secs, "items_per_step": batch, "tokens": toks, "extra": {}}
@@ -272,8 +354,16 @@ def main(argv=None) -> None:
         res = run_grpo(args)
     else:
         res = run_rollout(args, int(args.workload.removeprefix("rollout")))
-    emit({"side": "prefalign", "workload": args.workload, "precision": args.precision, **res,
-          "overrides": args.overrides, "experiments": args.exp})
+    emit(
+        {
+            "side": "prefalign",
+            "workload": args.workload,
+            "precision": args.precision,
+            **res,
+            "overrides": args.overrides,
+            "experiments": args.exp,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -42,8 +42,9 @@ def main(argv=None) -> None:
     kind = args.workload
     pairs = load_pairs(args.data)
     n = HPARAMS["batch_size"]
-    ds = Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]}
-                            for r in pairs[: args.steps * n]])
+    ds = Dataset.from_list(
+        [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in pairs[: args.steps * n]]
+    )
     clock = StepClock()
 
     class Clock(TrainerCallback):
@@ -53,12 +54,28 @@ def main(argv=None) -> None:
         def on_step_end(self, *a, **k):
             clock.mark()
 
-    common = dict(output_dir=str(Path(args.work) / "out"), per_device_train_batch_size=n,
-                  gradient_accumulation_steps=1, max_steps=args.steps, lr_scheduler_type="linear", warmup_steps=0,
-                  weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, max_grad_norm=HPARAMS["max_grad_norm"],
-                  bf16=args.precision == "bf16", gradient_checkpointing=False, logging_steps=1, save_strategy="no",
-                  report_to="none", use_cpu=True, seed=HPARAMS["seed"], train_sampling_strategy="sequential",
-                  max_length=HPARAMS["max_length"], disable_tqdm=True)
+    common = dict(
+        output_dir=str(Path(args.work) / "out"),
+        per_device_train_batch_size=n,
+        gradient_accumulation_steps=1,
+        max_steps=args.steps,
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=HPARAMS["max_grad_norm"],
+        bf16=args.precision == "bf16",
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=HPARAMS["seed"],
+        train_sampling_strategy="sequential",
+        max_length=HPARAMS["max_length"],
+        disable_tqdm=True,
+    )
     common.update(args.overrides)  # what-if experiments only
     losses: list[float] = []
     extra: dict = {}
@@ -88,10 +105,23 @@ def main(argv=None) -> None:
         path = model_path(args.data)
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-        cfg = DPOConfig(learning_rate=HPARAMS["lr_dpo_lora" if lora else "lr_dpo"], beta=HPARAMS["beta"],
-                        loss_type=["sigmoid"], **common)
-        peft = LoraConfig(r=HPARAMS["lora_r"], lora_alpha=HPARAMS["lora_alpha"], lora_dropout=0.0,
-                          target_modules="all-linear", task_type="CAUSAL_LM") if lora else None
+        cfg = DPOConfig(
+            learning_rate=HPARAMS["lr_dpo_lora" if lora else "lr_dpo"],
+            beta=HPARAMS["beta"],
+            loss_type=["sigmoid"],
+            **common,
+        )
+        peft = (
+            LoraConfig(
+                r=HPARAMS["lora_r"],
+                lora_alpha=HPARAMS["lora_alpha"],
+                lora_dropout=0.0,
+                target_modules="all-linear",
+                task_type="CAUSAL_LM",
+            )
+            if lora
+            else None
+        )
 
         class Recording(DPOTrainer):
             def compute_loss(self, model, inputs, *a, **k):
@@ -103,16 +133,27 @@ def main(argv=None) -> None:
                         extra["first_logps_rejected"] = self._metrics["train"]["logps/rejected"][-1]
                 return out
 
-        trainer = Recording(model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft,
-                            callbacks=[Clock()])
+        trainer = Recording(
+            model=model, args=cfg, train_dataset=ds, processing_class=tok, peft_config=peft, callbacks=[Clock()]
+        )
         got = [(r["prompt_ids"], r["chosen_ids"], r["rejected_ids"]) for r in trainer.train_dataset]
         want = [tuple(r["ids"]) for r in pairs[: len(got)]]
     extra["token_mismatches"] = sum(g != w for g, w in zip(got, want)) + abs(len(got) - args.steps * n)
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     trainer.train()
-    emit({"side": "trl", "workload": kind, "precision": args.precision, "step_seconds": clock.seconds(),
-          "losses": losses, "items_per_step": n, "tokens": pair_tokens_per_step(pairs, n, args.steps),
-          "extra": extra, "trainable_params": trainable})
+    emit(
+        {
+            "side": "trl",
+            "workload": kind,
+            "precision": args.precision,
+            "step_seconds": clock.seconds(),
+            "losses": losses,
+            "items_per_step": n,
+            "tokens": pair_tokens_per_step(pairs, n, args.steps),
+            "extra": extra,
+            "trainable_params": trainable,
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -53,15 +53,39 @@ from bench.common import (  # noqa: E402
 def grpo_config(args):
     from trl import GRPOConfig
 
-    kw = dict(output_dir=str(Path(args.work) / "out"), per_device_train_batch_size=HPARAMS["batch_size"],
-              gradient_accumulation_steps=1, num_generations=HPARAMS["num_generations"],
-              max_completion_length=HPARAMS["max_new_tokens"], temperature=HPARAMS["temperature"], top_k=0,
-              top_p=1.0, num_iterations=1, epsilon=0.2, beta=HPARAMS["kl_coef"], use_bias_correction_kl=False,
-              loss_type="grpo", scale_rewards="group", shuffle_dataset=False, learning_rate=HPARAMS["lr_grpo"],
-              lr_scheduler_type="linear", warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999,
-              max_grad_norm=HPARAMS["max_grad_norm"], max_steps=args.steps, bf16=args.precision == "bf16",
-              gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
-              seed=HPARAMS["seed"], logging_steps=1, disable_tqdm=True)
+    kw = dict(
+        output_dir=str(Path(args.work) / "out"),
+        per_device_train_batch_size=HPARAMS["batch_size"],
+        gradient_accumulation_steps=1,
+        num_generations=HPARAMS["num_generations"],
+        max_completion_length=HPARAMS["max_new_tokens"],
+        temperature=HPARAMS["temperature"],
+        top_k=0,
+        top_p=1.0,
+        num_iterations=1,
+        epsilon=0.2,
+        beta=HPARAMS["kl_coef"],
+        use_bias_correction_kl=False,
+        loss_type="grpo",
+        scale_rewards="group",
+        shuffle_dataset=False,
+        learning_rate=HPARAMS["lr_grpo"],
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=HPARAMS["max_grad_norm"],
+        max_steps=args.steps,
+        bf16=args.precision == "bf16",
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        seed=HPARAMS["seed"],
+        logging_steps=1,
+        disable_tqdm=True,
+    )
     return GRPOConfig(**{**kw, **args.overrides})
 
 
@@ -132,8 +156,10 @@ class Probe:
         self.clock.mark()
         if len(self.clock.marks) == 1:  # TRL keeps only the latest step's rows: copy the first step's now
             logs = self.trainer._logs  # in row order: logged before TRL shuffles the rows
-            self.first_logs = {"advantages": list(logs["advantages"]),
-                               "rewards": list(logs["rewards"]["length_reward"])}
+            self.first_logs = {
+                "advantages": list(logs["advantages"]),
+                "rewards": list(logs["rewards"]["length_reward"]),
+            }
         c = self.cur
         self.split["generation"].append(c["generation"])
         self.split["scoring"].append(c["scoring"])
@@ -175,28 +201,53 @@ def main(argv=None) -> None:
                 probe.losses.append(float((out[0] if isinstance(out, tuple) else out).detach()))
             return out
 
-    trainer = Recording(model=policy, reward_funcs=length_reward, args=grpo_config(args), train_dataset=train,
-                        processing_class=tok, callbacks=[Clock()])
+    trainer = Recording(
+        model=policy,
+        reward_funcs=length_reward,
+        args=grpo_config(args),
+        train_dataset=train,
+        processing_class=tok,
+        callbacks=[Clock()],
+    )
     probe.wrap(trainer)
     trainer.train()
-    emit({"side": "trl", "workload": "grpo", "precision": args.precision, "step_seconds": probe.clock.seconds(),
-          "losses": probe.losses, "items_per_step": HPARAMS["batch_size"], "tokens": probe.tokens,
-          "replay": args.replay is not None, "extra": extras(trainer, probe)})
+    emit(
+        {
+            "side": "trl",
+            "workload": "grpo",
+            "precision": args.precision,
+            "step_seconds": probe.clock.seconds(),
+            "losses": probe.losses,
+            "items_per_step": HPARAMS["batch_size"],
+            "tokens": probe.tokens,
+            "replay": args.replay is not None,
+            "extra": extras(trainer, probe),
+        }
+    )
 
 
 def extras(trainer, probe: Probe) -> dict:
     """First-step figures for the same-math check, the time split, and with ``--replay`` how far TRL's first-step
     advantages and rewards are from prefalign's on the same completions."""
     advantages, rewards = probe.first_logs["advantages"], probe.first_logs["rewards"]
-    out = {"split": probe.split, "response_tokens": probe.response_tokens, "first_logps": [probe.first_logp],
-           "first_grad_norm": probe.grad_norms[0] if probe.grad_norms else None, "grad_norms": probe.grad_norms,
-           "first_advantages": advantages, "first_rewards": rewards, "eos_token_ids": list(trainer.eos_token_ids),
-           "mixed_precision": trainer.accelerator.mixed_precision}
+    out = {
+        "split": probe.split,
+        "response_tokens": probe.response_tokens,
+        "first_logps": [probe.first_logp],
+        "first_grad_norm": probe.grad_norms[0] if probe.grad_norms else None,
+        "grad_norms": probe.grad_norms,
+        "first_advantages": advantages,
+        "first_rewards": rewards,
+        "eos_token_ids": list(trainer.eos_token_ids),
+        "mixed_precision": trainer.accelerator.mixed_precision,
+    }
     if probe.replay:
         first = probe.replay[0]
-        out.update(token_mismatches=probe.mismatches,
-                   advantage_max_diff=max(abs(a - b) for a, b in zip(advantages, first["advantages"])),
-                   reward_max_diff=max(abs(a - b) for a, b in zip(rewards, first["rewards"])))
+        out.update(
+            token_mismatches=probe.mismatches,
+            advantage_max_diff=max(abs(a - b) for a, b in zip(advantages, first["advantages"])),
+            reward_max_diff=max(abs(a - b) for a, b in zip(rewards, first["rewards"])),
+        )
     return out
 
 

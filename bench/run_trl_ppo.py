@@ -53,14 +53,31 @@ def main(argv=None) -> None:
     ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     reward = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, dtype=torch.float32)
     value = AutoModelForSequenceClassification.from_pretrained(rm_dir, num_labels=1, dtype=torch.float32)
-    cfg = PPOConfig(output_dir=str(Path(args.work) / "out"), per_device_train_batch_size=n,
-                    gradient_accumulation_steps=1, num_mini_batches=1, num_ppo_epochs=1,
-                    total_episodes=args.steps * n, response_length=HPARAMS["max_new_tokens"],
-                    temperature=HPARAMS["temperature"], kl_coef=HPARAMS["kl_coef"], kl_estimator="k1",
-                    learning_rate=HPARAMS["lr_ppo"], lr_scheduler_type="linear", stop_token="eos",
-                    local_rollout_forward_batch_size=n, num_sample_generations=0, bf16=args.precision == "bf16",
-                    gradient_checkpointing=False, use_cpu=True, report_to="none", save_strategy="no",
-                    seed=HPARAMS["seed"], logging_steps=1, disable_tqdm=True)
+    cfg = PPOConfig(
+        output_dir=str(Path(args.work) / "out"),
+        per_device_train_batch_size=n,
+        gradient_accumulation_steps=1,
+        num_mini_batches=1,
+        num_ppo_epochs=1,
+        total_episodes=args.steps * n,
+        response_length=HPARAMS["max_new_tokens"],
+        temperature=HPARAMS["temperature"],
+        kl_coef=HPARAMS["kl_coef"],
+        kl_estimator="k1",
+        learning_rate=HPARAMS["lr_ppo"],
+        lr_scheduler_type="linear",
+        stop_token="eos",
+        local_rollout_forward_batch_size=n,
+        num_sample_generations=0,
+        bf16=args.precision == "bf16",
+        gradient_checkpointing=False,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        seed=HPARAMS["seed"],
+        logging_steps=1,
+        disable_tqdm=True,
+    )
 
     clock = StepClock()
     split = {"generation": [], "scoring": [], "update": []}
@@ -114,14 +131,34 @@ def main(argv=None) -> None:
             split["update"].append(clock.marks[-1] - cur["update_start"])
             cur.update(generation=0.0, scoring=0.0, update_start=None)
 
-    trainer = PPOTrainer(args=cfg, processing_class=tok, model=policy, ref_model=ref, reward_model=reward,
-                         train_dataset=train, value_model=value, eval_dataset=train.select(range(n)),
-                         callbacks=[Clock()])
+    trainer = PPOTrainer(
+        args=cfg,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        train_dataset=train,
+        value_model=value,
+        eval_dataset=train.select(range(n)),
+        callbacks=[Clock()],
+    )
     trainer.train()
-    emit({"side": "trl", "workload": "ppo", "precision": args.precision, "step_seconds": clock.seconds(),
-          "losses": losses, "items_per_step": n, "tokens": tokens,
-          "extra": {"split": split, "response_tokens": resp_tokens,
-                    "mixed_precision": trainer.accelerator.mixed_precision}})
+    emit(
+        {
+            "side": "trl",
+            "workload": "ppo",
+            "precision": args.precision,
+            "step_seconds": clock.seconds(),
+            "losses": losses,
+            "items_per_step": n,
+            "tokens": tokens,
+            "extra": {
+                "split": split,
+                "response_tokens": resp_tokens,
+                "mixed_precision": trainer.accelerator.mixed_precision,
+            },
+        }
+    )
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ def _targets(text: str) -> set[str]:
 def _site_path(target: str, root: Path) -> str | None:
     """Where a repository-relative link target lives in the site, or None for a file that does not exist."""
     if target.startswith("docs/"):
-        return target[len("docs/"):]
+        return target[len("docs/") :]
     if target in MIRRORS:
         return MIRRORS[target]
     return target if (root / target).is_file() else None

@@ -33,8 +33,7 @@ class Method:
     def variant(self, name: str, formula: str) -> Method:
         """This method as one variant of its table: ``name`` (a table key) joins the name and the tags, and
         ``formula`` replaces the method's."""
-        return replace(self, name=f"{self.name}: {name}", formula=formula,
-                       tags=(*self.tags, name.replace("_", "-")))
+        return replace(self, name=f"{self.name}: {name}", formula=formula, tags=(*self.tags, name.replace("_", "-")))
 
 
 METHODS: dict[str, Method] = {
@@ -42,35 +41,46 @@ METHODS: dict[str, Method] = {
         "Supervised fine-tuning (SFT)",
         "-sum_{i,t} log pi(y_it | x_i, y_i,<t) / sum_i |y_i|: the mean negative log-likelihood of the completion "
         "tokens y (the prompt x is context only)",
-        "the supervised step of Ouyang et al. 2022, \"Training language models to follow instructions with human "
-        "feedback\"", ("sft",)),
+        'the supervised step of Ouyang et al. 2022, "Training language models to follow instructions with human '
+        'feedback"',
+        ("sft",),
+    ),
     "dpo": Method(
         "Direct Preference Optimization (DPO) family",
         "-log sigmoid(beta h)",
-        "Rafailov et al. 2023, \"Direct Preference Optimization: Your Language Model is Secretly a Reward Model\"",
-        ("dpo",)),
+        'Rafailov et al. 2023, "Direct Preference Optimization: Your Language Model is Secretly a Reward Model"',
+        ("dpo",),
+    ),
     "reward": Method(
         "Reward model (Bradley-Terry)",
         "mean(-log sigmoid(r_c - r_r - margin)) + center_coef mean((r_c + r_r)^2), r the scalar head at the "
         "completion's last token",
         "Bradley & Terry 1952, as used for reward models by Christiano et al. 2017 and Ouyang et al. 2022; margin: "
-        "Touvron et al. 2023 (Llama 2); centering: Eisenstein et al. 2023", ("reward-model", "bradley-terry"),
-        pipeline_tag="text-classification"),
+        "Touvron et al. 2023 (Llama 2); centering: Eisenstein et al. 2023",
+        ("reward-model", "bradley-terry"),
+        pipeline_tag="text-classification",
+    ),
     "ppo": Method(
         "PPO-RLHF",
         f"-{PPO_OBJECTIVE} + vf_coef * value loss - ent_coef * entropy, per response token, A_t by GAE (gamma, "
         "lam) on the critic over the per-token rewards -kl_coef KL_t plus the score on the last token",
-        "Schulman et al. 2017, \"Proximal Policy Optimization Algorithms\"; Ziegler et al. 2019; Ouyang et al. "
-        "2022; Huang et al. 2024, \"The N+ Implementation Details of RLHF with PPO\"", ("ppo", "rlhf")),
+        'Schulman et al. 2017, "Proximal Policy Optimization Algorithms"; Ziegler et al. 2019; Ouyang et al. '
+        '2022; Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO"',
+        ("ppo", "rlhf"),
+    ),
     "value": Method(
         "PPO value model (critic)",
         "0.5 E[max((V_t - R_t)^2, (V_old + clip(V_t - V_old, -c, c) - R_t)^2)], R_t the GAE returns",
         "Schulman et al. 2017; value clipping from OpenAI Baselines' PPO2 (Dhariwal et al. 2017)",
-        ("ppo", "rlhf", "value-model"), pipeline_tag="text-classification"),
+        ("ppo", "rlhf", "value-model"),
+        pipeline_tag="text-classification",
+    ),
     "rl": Method(
         "Critic-free online RL",
         "-E[min(r_t A_t, clip(r_t, 1-eps_low, 1+eps_high) A_t)] aggregated by --loss-agg (+ kl_coef k3 per token "
         "with --kl-in-loss)",
-        "clip-higher and dynamic sampling: Yu et al. 2025 (DAPO)", ("rlhf",)),
+        "clip-higher and dynamic sampling: Yu et al. 2025 (DAPO)",
+        ("rlhf",),
+    ),
 }
 """Command (and ``value`` for PPO's critic) -> its `Method`."""

@@ -94,8 +94,11 @@ def lora_parameters(model, r: int, targets: list[str]) -> int:
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     count = 0
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and module is not output and (
-                targets == ["all-linear"] or any(name == t or name.endswith("." + t) for t in targets)):
+        if (
+            isinstance(module, torch.nn.Linear)
+            and module is not output
+            and (targets == ["all-linear"] or any(name == t or name.endswith("." + t) for t in targets))
+        ):
             count += r * (module.in_features + module.out_features)
     return count
 
@@ -151,8 +154,10 @@ def check_disk(output: str | os.PathLike, need: int, what: str, fix: str) -> Non
     """Refuse in one line when ``need`` bytes, less what ``output`` holds already, do not fit on its disk."""
     more, free = max(0, need - bytes_under(output)), free_disk_bytes(output)
     if more > free:
-        raise UserError(f"--output {output}: {what} needs about {size(more)} more on its disk, which has "
-                        f"{size(free)} free; free some space, choose another --output, or {fix}")
+        raise UserError(
+            f"--output {output}: {what} needs about {size(more)} more on its disk, which has "
+            f"{size(free)} free; free some space, choose another --output, or {fix}"
+        )
 
 
 def warn_memory(need: int, loaded: int, what: str, fix: str, device_type: str = "cpu") -> None:
@@ -160,8 +165,14 @@ def warn_memory(need: int, loaded: int, what: str, fix: str, device_type: str = 
     holds of it already)."""
     available = available_memory_bytes(device_type)
     if available is not None and need > available + loaded:
-        log.warning("%s may not fit in memory: about %s for weights, gradients and AdamW state (activations not "
-                    "counted), %s available; %s", what, size(need), size(available + loaded), fix)
+        log.warning(
+            "%s may not fit in memory: about %s for weights, gradients and AdamW state (activations not "
+            "counted), %s available; %s",
+            what,
+            size(need),
+            size(available + loaded),
+            fix,
+        )
 
 
 # -- the entry points --
@@ -200,12 +211,20 @@ def preflight_run(run) -> None:
     trained, frozen, loaded = held_models(run, device_type)
     total_steps = getattr(cfg, "total_steps", None) or getattr(cfg, "max_steps", None)  # before build: if given
     kept = checkpoints_on_disk(cfg.save_steps, cfg.save_total_limit, total_steps)
-    check_disk(cfg.output, run_disk_bytes(trained, kept, cfg.merge_lora),
-               f"this run ({kept} checkpoint{'s' * (kept > 1)} and its final weights)",
-               "keep fewer checkpoints (--save-total-limit) or train a LoRA adapter (--lora-r)")
+    check_disk(
+        cfg.output,
+        run_disk_bytes(trained, kept, cfg.merge_lora),
+        f"this run ({kept} checkpoint{'s' * (kept > 1)} and its final weights)",
+        "keep fewer checkpoints (--save-total-limit) or train a LoRA adapter (--lora-r)",
+    )
     processes = run.world if device_type == "cpu" else 1  # CPU processes share this machine's memory
-    warn_memory(training_memory_bytes(trained, frozen) * processes, loaded * processes, "this run",
-                "a LoRA adapter (--lora-r) trains far fewer parameters", device_type)
+    warn_memory(
+        training_memory_bytes(trained, frozen) * processes,
+        loaded * processes,
+        "this run",
+        "a LoRA adapter (--lora-r) trains far fewer parameters",
+        device_type,
+    )
 
 
 def preflight_race(output: str | os.PathLike, commands: list[str], model: str) -> None:
@@ -225,5 +244,6 @@ def preflight_race(output: str | os.PathLike, commands: list[str], model: str) -
         parameters = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     disk, memory = race_bytes(commands, parameters)
     check_disk(output, disk, f"this race ({len(commands)} stages)", "race fewer --arms or --seeds")
-    warn_memory(memory, 0, "its largest stage", "race a smaller --model",
-                "cuda" if torch.cuda.is_available() else "cpu")
+    warn_memory(
+        memory, 0, "its largest stage", "race a smaller --model", "cuda" if torch.cuda.is_available() else "cpu"
+    )

@@ -65,8 +65,16 @@ class ProgressBar(tqdm):
     (tqdm stops counting when it draws nothing); `update` also takes the run's last logged ``metrics``.
     """
 
-    def __init__(self, iterable: Sequence | None = None, *, desc: str, total: int | None = None, unit: str = "it",
-                 disable: bool | None = False, **kwargs: Any):
+    def __init__(
+        self,
+        iterable: Sequence | None = None,
+        *,
+        desc: str,
+        total: int | None = None,
+        unit: str = "it",
+        disable: bool | None = False,
+        **kwargs: Any,
+    ):
         path = os.environ.get(PROGRESS_ENV)
         if total is None:
             if iterable is None:
@@ -105,6 +113,7 @@ class ProgressBar(tqdm):
         if self.count < self.counted and now - self.written_at < MIN_WRITE_SECONDS:
             return
         self.written_at = now
-        progress = Progress(self.task, self.count, self.counted, self.reported_unit, round(now - self.started, 3),
-                            self.metrics)
+        progress = Progress(
+            self.task, self.count, self.counted, self.reported_unit, round(now - self.started, 3), self.metrics
+        )
         atomic_write_text(self.report_to, json.dumps(asdict(progress)))

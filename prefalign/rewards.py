@@ -74,13 +74,17 @@ def _keyword_params(fn: Callable, skip: int) -> tuple[set[str], dict[str, bool],
         return set(), {}, False
     positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     skipped = {p.name for p in positional[:skip]}
-    named = {p.name: p.default is p.empty for p in params
-             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skipped}
+    named = {
+        p.name: p.default is p.empty
+        for p in params
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name not in skipped
+    }
     return skipped, named, any(p.kind == p.VAR_KEYWORD for p in params)
 
 
-def score_with_columns(source: RewardSource, prompts: list[str], completions: list[str],
-                       columns: Columns | None) -> torch.Tensor:
+def score_with_columns(
+    source: RewardSource, prompts: list[str], completions: list[str], columns: Columns | None
+) -> torch.Tensor:
     """``source.score`` with ``columns`` when its ``score`` takes them (every source here does); a source of
     your own written as ``score(prompts, completions)`` is called as before."""
     _, named, var_kw = _keyword_params(source.score, 2)
@@ -131,8 +135,9 @@ class VaderJudge:
         try:
             from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
         except ImportError:
-            raise UserError("the vader judge needs the vaderSentiment package: "
-                            "run `pip install vaderSentiment`") from None
+            raise UserError(
+                "the vader judge needs the vaderSentiment package: run `pip install vaderSentiment`"
+            ) from None
         self._analyzer = SentimentIntensityAnalyzer()
 
     def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
@@ -175,13 +180,15 @@ def _import_target(spec: str):
         raise
     except ModuleNotFoundError as e:
         if not is_file and e.name and (module_part == e.name or module_part.startswith(e.name + ".")):
-            raise UserError(f"reward function {spec!r}: module {module_part!r} not found; make it importable "
-                            f"(PYTHONPATH) or give a file path, e.g. path/to/{module_part.split('.')[-1]}.py:{attr}")
-        raise UserError(f"reward function {spec!r}: importing {module_part} failed: "
-                        f"ModuleNotFoundError: {e}") from e
+            raise UserError(
+                f"reward function {spec!r}: module {module_part!r} not found; make it importable "
+                f"(PYTHONPATH) or give a file path, e.g. path/to/{module_part.split('.')[-1]}.py:{attr}"
+            )
+        raise UserError(f"reward function {spec!r}: importing {module_part} failed: ModuleNotFoundError: {e}") from e
     except Exception as e:
-        raise UserError(f"reward function {spec!r}: importing {module_part} failed: "
-                        f"{type(e).__name__}: {_first_line(e)}") from e
+        raise UserError(
+            f"reward function {spec!r}: importing {module_part} failed: {type(e).__name__}: {_first_line(e)}"
+        ) from e
     target = module
     for part in attr.split("."):  # allows module:Class.method
         if not hasattr(target, part):
@@ -215,9 +222,11 @@ class CallableReward:
         columns = columns or {}
         for param, required in self._named.items():
             if required and param not in columns:
-                raise UserError(f"reward function {self.name!r} needs {param!r}, which is not a column of the prompt "
-                                f"rows (columns: {', '.join(columns) or 'none'}); add it to the prompt file or give "
-                                f"{param} a default")
+                raise UserError(
+                    f"reward function {self.name!r} needs {param!r}, which is not a column of the prompt "
+                    f"rows (columns: {', '.join(columns) or 'none'}); add it to the prompt file or give "
+                    f"{param} a default"
+                )
         wanted = [c for c in columns if c not in self._positional] if self._all_columns else self._named
         return {c: list(columns[c]) for c in wanted if c in columns}
 
@@ -251,8 +260,7 @@ class RewardModel:
     inputs longer than ``max_length`` tokens lose their *start* so the completion is always scored.
     """
 
-    def __init__(self, spec: str, *, batch_size: int = 16, device: str = "cpu", max_length: int = 1024,
-                 dtype=None):
+    def __init__(self, spec: str, *, batch_size: int = 16, device: str = "cpu", max_length: int = 1024, dtype=None):
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         from prefalign.models.loading import _hub_error, disable_dropout, load_tokenizer, resolve_model
@@ -266,18 +274,23 @@ class RewardModel:
         except (OSError, ValueError) as e:
             raise _hub_error(spec, e) from None
         if config.num_labels != 1:
-            raise UserError(f"{spec}: the model has num_labels={config.num_labels}; a reward model needs a "
-                            "scalar head (num_labels=1)")
+            raise UserError(
+                f"{spec}: the model has num_labels={config.num_labels}; a reward model needs a "
+                "scalar head (num_labels=1)"
+            )
         try:
             model, info = AutoModelForSequenceClassification.from_pretrained(
-                path, dtype=_parse_dtype(dtype) or torch.float32, output_loading_info=True)
+                path, dtype=_parse_dtype(dtype) or torch.float32, output_loading_info=True
+            )
         except (OSError, ValueError) as e:
             raise _hub_error(spec, e) from None
         if info["missing_keys"]:
             # A causal LM loads "fine" as seq-cls with a random head; scores would be noise.
             missing = sorted(info["missing_keys"])
-            raise UserError(f"{spec}: not a trained reward model: weights {', '.join(missing[:3])} are missing "
-                            f"from the checkpoint (architecture {(config.architectures or ['?'])[0]})")
+            raise UserError(
+                f"{spec}: not a trained reward model: weights {', '.join(missing[:3])} are missing "
+                f"from the checkpoint (architecture {(config.architectures or ['?'])[0]})"
+            )
         disable_dropout(model)
         self.model = model.eval().requires_grad_(False).to(device)
         self.tokenizer = load_tokenizer(spec)  # its own tokenizer; EOS stands in for a missing pad
@@ -287,8 +300,9 @@ class RewardModel:
 
     @torch.no_grad()
     def _score_batch(self, texts: list[str]) -> torch.Tensor:
-        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length,
-                             return_tensors="pt").to(self.device)
+        enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(
+            self.device
+        )
         lengths = enc["attention_mask"].sum(-1)  # (b,)
         if (lengths == 0).any():
             raise ValueError(f"empty text at batch index {int((lengths == 0).nonzero()[0])}")
@@ -299,7 +313,7 @@ class RewardModel:
     def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
         _check_pairs(prompts, completions, columns)
         texts = [p + c for p, c in zip(prompts, completions)]
-        parts = [self._score_batch(texts[i:i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
+        parts = [self._score_batch(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
         if not parts:
             return torch.zeros(0, dtype=torch.float32)
         return torch.cat(parts).float().cpu()
@@ -308,8 +322,9 @@ class RewardModel:
 # ------------------------------------------------------------------------------------------- dispatch
 
 
-def load_reward_source(spec: str, *, batch_size: int = 16, device: str = "cpu", max_length: int = 1024,
-                       dtype=None) -> RewardSource:
+def load_reward_source(
+    spec: str, *, batch_size: int = 16, device: str = "cpu", max_length: int = 1024, dtype=None
+) -> RewardSource:
     """Build a reward source from one string, tried in this order:
 
     1. a judge name from :data:`JUDGES` (``vader``);
@@ -363,12 +378,13 @@ class WeightedRewards:
         """Each spec through `load_reward_source` (``kw`` as there), keyed by `reward_key`."""
         keys = [reward_key(s) for s in specs]
         if len(set(keys)) != len(keys):
-            raise UserError(f"--reward sources {' '.join(specs)} have the same short name; copy one under "
-                            "another name")
+            raise UserError(f"--reward sources {' '.join(specs)} have the same short name; copy one under another name")
         return cls({k: load_reward_source(s, **kw) for k, s in zip(keys, specs)}, weights)
 
     def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
-        parts = {k: check_scores(score_with_columns(src, prompts, completions, columns), len(completions),
-                                 f"--reward {k}") for k, src in self.sources.items()}
+        parts = {
+            k: check_scores(score_with_columns(src, prompts, completions, columns), len(completions), f"--reward {k}")
+            for k, src in self.sources.items()
+        }
         self.last_parts = parts
         return sum((w * p for w, p in zip(self.weights, parts.values())), torch.zeros(len(completions)))

@@ -98,8 +98,10 @@ def _holder(out: Path) -> str:
 
 
 def _refuse_held(out: Path) -> UserError:
-    return UserError(f"{out}: another prefalign run is writing here ({_holder(out)}); wait for it to end, "
-                     "or choose another --output (--overwrite never takes a directory from a live run)")
+    return UserError(
+        f"{out}: another prefalign run is writing here ({_holder(out)}); wait for it to end, "
+        "or choose another --output (--overwrite never takes a directory from a live run)"
+    )
 
 
 def lock_output_dir(path: str | os.PathLike) -> OutputLock:
@@ -136,8 +138,10 @@ def lock_output_dir(path: str | os.PathLike) -> OutputLock:
             _held[os.path.realpath(out)] = lock
             return lock
         os.close(fd)
-    raise UserError(f"{out}: could not lock the output directory (it keeps being removed); is another program "
-                    "deleting it? Choose another --output")
+    raise UserError(
+        f"{out}: could not lock the output directory (it keeps being removed); is another program "
+        "deleting it? Choose another --output"
+    )
 
 
 def _check_not_locked(out: Path) -> None:
@@ -175,8 +179,10 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
         _check_not_locked(out)
     holds_run = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
     if holds_run and not (overwrite or resume):
-        raise UserError(f"{out}: output directory is not empty (another run?); pass --overwrite to replace "
-                        "its files or --resume to continue it, or choose another --output")
+        raise UserError(
+            f"{out}: output directory is not empty (another run?); pass --overwrite to replace "
+            "its files or --resume to continue it, or choose another --output"
+        )
     return not out.exists()
 
 
@@ -213,8 +219,9 @@ def remove_on_user_error(path: str | os.PathLike, created: bool):
 
 
 @contextlib.contextmanager
-def claimed_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False,
-                       keep_on_error: bool = False):
+def claimed_output_dir(
+    path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False, keep_on_error: bool = False
+):
     """Hold ``path`` for the whole ``with`` block: lock it (creating it), then refuse it if it holds another run
     (unless ``overwrite`` or ``resume``); yields its `Path`. Taken before any model loads, so two launches into
     one directory cannot both pass the check. On an error, `remove_on_user_error` (unless ``keep_on_error``),

@@ -42,8 +42,7 @@ def parse_report_to(value: str) -> tuple[str, ...]:
     if names == ["none"]:
         return ()
     if not all(name in TRACKER_NAMES for name in names):
-        raise ValueError(f"--report-to takes a comma list of {', '.join(TRACKER_NAMES)} (or none alone), "
-                         f"got {value!r}")
+        raise ValueError(f"--report-to takes a comma list of {', '.join(TRACKER_NAMES)} (or none alone), got {value!r}")
     return tuple(dict.fromkeys(names))  # a name given twice still makes one tracker
 
 
@@ -79,8 +78,9 @@ def import_extra(package: str) -> ModuleType:
     try:
         return importlib.import_module(package)
     except ImportError:
-        raise UserError(f"--report-to {package} needs the {package} package: "
-                        f"pip install 'prefalign[{package}]'") from None
+        raise UserError(
+            f"--report-to {package} needs the {package} package: pip install 'prefalign[{package}]'"
+        ) from None
 
 
 def _set_env(values: dict[str, str]) -> dict[str, str | None]:
@@ -159,8 +159,13 @@ class TrackioTracker(_WandbStyleTracker):
         # embed=False: never launch the dashboard server, even inside a notebook. Its banner is kept off the
         # terminal, as wandb's is: the `trackio show` it suggests would miss OUT/trackio without TRACKIO_DIR.
         with contextlib.redirect_stdout(io.StringIO()):
-            self.run = self.module.init(project=PROJECT, name=run.name, config=run.config, embed=False,
-                                        resume="never" if run.resume_step is None else "allow")
+            self.run = self.module.init(
+                project=PROJECT,
+                name=run.name,
+                config=run.config,
+                embed=False,
+                resume="never" if run.resume_step is None else "allow",
+            )
 
     @staticmethod
     def load_package(out_dir: Path) -> ModuleType:
@@ -170,9 +175,11 @@ class TrackioTracker(_WandbStyleTracker):
         loaded = sys.modules.get("trackio.utils")
         if loaded is not None:
             if Path(loaded.TRACKIO_DIR).resolve() != directory.resolve():
-                raise UserError(f"--report-to trackio: trackio already writes to {loaded.TRACKIO_DIR} in this "
-                                f"process, not {directory}; run each run in its own process, or set TRACKIO_DIR "
-                                "for all of them")
+                raise UserError(
+                    f"--report-to trackio: trackio already writes to {loaded.TRACKIO_DIR} in this "
+                    f"process, not {directory}; run each run in its own process, or set TRACKIO_DIR "
+                    "for all of them"
+                )
             return sys.modules["trackio"]
         undo = _set_env({"TRACKIO_DIR": str(directory)})
         try:
@@ -199,13 +206,25 @@ class WandbTracker(_WandbStyleTracker):
     def __init__(self, run: TrackedRun):
         wandb = self.module = self.load_package(run.out_dir)
         home = run.out_dir / "wandb"
-        self.undo_env = _set_env({"WANDB_MODE": "offline", "WANDB_CACHE_DIR": str(home / "cache"),
-                                  "WANDB_DATA_DIR": str(home / "data"), "WANDB_CONFIG_DIR": str(home / "config")})
+        self.undo_env = _set_env(
+            {
+                "WANDB_MODE": "offline",
+                "WANDB_CACHE_DIR": str(home / "cache"),
+                "WANDB_DATA_DIR": str(home / "data"),
+                "WANDB_CONFIG_DIR": str(home / "config"),
+            }
+        )
         run_id = None if run.resume_step is None else _wandb_run_id(run.out_dir)
         # console off: wandb leaves stdout/stderr alone (the progress bar, compare's stage logs)
-        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", PROJECT), name=run.name, dir=str(run.out_dir),
-                              config=run.config, id=run_id, resume="allow" if run_id else None,
-                              settings=wandb.Settings(console="off", silent=True))
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", PROJECT),
+            name=run.name,
+            dir=str(run.out_dir),
+            config=run.config,
+            id=run_id,
+            resume="allow" if run_id else None,
+            settings=wandb.Settings(console="off", silent=True),
+        )
 
     @staticmethod
     def load_package(out_dir: Path) -> ModuleType:

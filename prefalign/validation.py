@@ -57,8 +57,11 @@ def check_sampling(cfg) -> None:
     """
     require_at_least_one(cfg, "max_new_tokens")
     if not getattr(cfg, "greedy", False) and not cfg.temperature > 0:  # `not >` also refuses NaN
-        raise ValueError(f"--temperature must be > 0 (use --greedy for argmax), got {cfg.temperature}"
-                         if hasattr(cfg, "greedy") else f"--temperature must be > 0, got {cfg.temperature}")
+        raise ValueError(
+            f"--temperature must be > 0 (use --greedy for argmax), got {cfg.temperature}"
+            if hasattr(cfg, "greedy")
+            else f"--temperature must be > 0, got {cfg.temperature}"
+        )
     if hasattr(cfg, "top_p") and not 0 < cfg.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {cfg.top_p}")
     if hasattr(cfg, "top_k") and cfg.top_k < 0:

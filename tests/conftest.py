@@ -60,8 +60,9 @@ def run_cli(*args, timeout=300):
     import sys
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", "prefalign", *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "prefalign", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def read_metrics(out):
@@ -73,8 +74,17 @@ def read_metrics(out):
 
 def trainer_kwargs(tmp_path, model_dir, data, **overrides):
     """Config fields of a fast, deterministic dataset-trainer run on a tiny model."""
-    base = dict(data=str(data), model=str(model_dir), output=str(tmp_path / "run"), batch_size=4, max_steps=6,
-                learning_rate=1e-3, precision="fp32", lr_scheduler="constant", seed=0)
+    base = dict(
+        data=str(data),
+        model=str(model_dir),
+        output=str(tmp_path / "run"),
+        batch_size=4,
+        max_steps=6,
+        learning_rate=1e-3,
+        precision="fp32",
+        lr_scheduler="constant",
+        seed=0,
+    )
     return {**base, **overrides}
 
 
@@ -89,10 +99,18 @@ def tiny_reward_model(tokenizer, num_labels=1, seed=0):
     import torch
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                         num_labels=num_labels, pad_token_id=tokenizer.pad_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        num_labels=num_labels,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(seed)
     return LlamaForSequenceClassification(config).eval()
 
@@ -136,8 +154,9 @@ def final_weights(out, part="final"):
     from safetensors.torch import load_file
 
     final = out / part
-    return load_file(final / ("adapter_model.safetensors" if (final / "adapter_config.json").exists()
-                              else "model.safetensors"))
+    return load_file(
+        final / ("adapter_model.safetensors" if (final / "adapter_config.json").exists() else "model.safetensors")
+    )
 
 
 def assert_same_tensors(a: dict, b: dict, tol: float):
@@ -191,9 +210,30 @@ def ppo_flags(tmp_path, model_dir):
     prompts.write_text("".join(f"review {i}: the movie was{' really' * (i % 3)}\n" for i in range(16)))
     (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
     # --stop k ends some responses early, so the processes (and micro-batches) hold different numbers of tokens
-    return ["--prompts", prompts, "--reward", f"{tmp_path / 'toy_reward.py'}:score", "--model", model_dir,
-            "--rollout-batch-size", "8", "--num-minibatches", "1", "--max-new-tokens", "8", "--stop", "k",
-            "--temperature", "1.0", "--learning-rate", "1e-3", "--precision", "fp32", "--lr-scheduler", "constant"]
+    return [
+        "--prompts",
+        prompts,
+        "--reward",
+        f"{tmp_path / 'toy_reward.py'}:score",
+        "--model",
+        model_dir,
+        "--rollout-batch-size",
+        "8",
+        "--num-minibatches",
+        "1",
+        "--max-new-tokens",
+        "8",
+        "--stop",
+        "k",
+        "--temperature",
+        "1.0",
+        "--learning-rate",
+        "1e-3",
+        "--precision",
+        "fp32",
+        "--lr-scheduler",
+        "constant",
+    ]
 
 
 def assert_resume_is_exact(trainer_class, config_class, tmp_path, model_dir, data, *, cut_at: int, **kw):
@@ -205,8 +245,9 @@ def assert_resume_is_exact(trainer_class, config_class, tmp_path, model_dir, dat
     import torch
 
     def trainer(out, **more):
-        return trainer_class(config_class(**trainer_kwargs(tmp_path, model_dir, data, output=str(tmp_path / out),
-                                                           **kw, **more)))
+        return trainer_class(
+            config_class(**trainer_kwargs(tmp_path, model_dir, data, output=str(tmp_path / out), **kw, **more))
+        )
 
     full = trainer("full")
     full.train()

@@ -4,7 +4,6 @@ Commands run in-process through ``prefalign.cli.main`` (the same entry point as 
 one subprocess run at the end checks the real console behaviour.
 """
 
-
 import pytest
 
 from conftest import learnable_pairs, run_cli, write_jsonl
@@ -32,8 +31,20 @@ def model(tiny_model_dir):
 
 
 def _dpo(data, model, *extra):
-    return ["dpo", "--data", data, "--model", model, "--max-steps", "1", "--batch-size", "2", "--precision", "fp32",
-            *extra]
+    return [
+        "dpo",
+        "--data",
+        data,
+        "--model",
+        model,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--precision",
+        "fp32",
+        *extra,
+    ]
 
 
 def test_missing_file(capsys, tmp_path, model):
@@ -122,26 +133,52 @@ def test_directory_that_is_not_a_model(capsys, tmp_path):
 def _ppo(tmp_path, model, reward, *extra):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a film\nthe plot\nthe cast\nits score\n")
-    return ["ppo", "--prompts", prompts, "--reward", reward, "--model", model, "--max-steps", "1",
-            "--rollout-batch-size", "2", "--max-new-tokens", "2", "--precision", "fp32", *extra]
+    return [
+        "ppo",
+        "--prompts",
+        prompts,
+        "--reward",
+        reward,
+        "--model",
+        model,
+        "--max-steps",
+        "1",
+        "--rollout-batch-size",
+        "2",
+        "--max-new-tokens",
+        "2",
+        "--precision",
+        "fp32",
+        *extra,
+    ]
 
 
 def test_reward_model_whose_head_is_not_scalar(capsys, tmp_path, model, tokenizer):
     from transformers import LlamaConfig, LlamaForSequenceClassification
 
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=4, num_labels=3, pad_token_id=tokenizer.pad_token_id)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_labels=3,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     rm = tmp_path / "rm3"
     LlamaForSequenceClassification(cfg).save_pretrained(rm)
     tokenizer.save_pretrained(rm)
     _bad(capsys, tmp_path, _ppo(tmp_path, model, rm), "rm3")
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("raise RuntimeError('judge exploded')", "judge exploded"),
-    ("return [1.0]", "returned 1 scores for 2 completions"),
-    ("return [float('nan')] * len(completions)", "non-finite score"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("raise RuntimeError('judge exploded')", "judge exploded"),
+        ("return [1.0]", "returned 1 scores for 2 completions"),
+        ("return [float('nan')] * len(completions)", "non-finite score"),
+    ],
+)
 def test_reward_function_faults(capsys, tmp_path, model, body, needle):
     judge = tmp_path / "judge.py"
     judge.write_text(f"def score(prompts, completions):\n    {body}\n")
@@ -153,12 +190,15 @@ def test_conflicting_flags(capsys, tmp_path, model):
     _bad(capsys, tmp_path, _dpo(f, model, "--lora-r", "4", "--ref", model), "--ref", "LoRA")
 
 
-@pytest.mark.parametrize("argv,needle", [
-    (["--beta", "-0.1"], "--beta"),
-    (["--batch-size", "0"], "--batch-size"),
-    (["--learning-rate", "0"], "--learning-rate"),
-    (["--eval-split", "1.5"], "--eval-split"),
-])
+@pytest.mark.parametrize(
+    "argv,needle",
+    [
+        (["--beta", "-0.1"], "--beta"),
+        (["--batch-size", "0"], "--batch-size"),
+        (["--learning-rate", "0"], "--learning-rate"),
+        (["--eval-split", "1.5"], "--eval-split"),
+    ],
+)
 def test_invalid_numbers(capsys, tmp_path, model, argv, needle):
     f = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
     _bad(capsys, tmp_path, [*_dpo(f, model), *argv], needle)

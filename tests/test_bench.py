@@ -16,11 +16,32 @@ from bench.common import StepClock, pair_tokens_per_step, real_response_tokens  
 GIB_KIB = 1024 * 1024
 
 
-def run(side="prefalign", workload="dpo", precision="fp32", steps=(9.0, 4.0, 6.0), tokens=(100, 100, 100),
-        rss_gib=2.0, losses=(0.6931,), items=8, extra=None, cpu=10.0, wall=20.0):
-    return {"side": side, "workload": workload, "precision": precision, "step_seconds": list(steps),
-            "tokens": list(tokens), "items_per_step": items, "peak_rss_kib": rss_gib * GIB_KIB,
-            "losses": list(losses), "extra": extra or {}, "cpu_seconds": cpu, "wall": wall}
+def run(
+    side="prefalign",
+    workload="dpo",
+    precision="fp32",
+    steps=(9.0, 4.0, 6.0),
+    tokens=(100, 100, 100),
+    rss_gib=2.0,
+    losses=(0.6931,),
+    items=8,
+    extra=None,
+    cpu=10.0,
+    wall=20.0,
+):
+    return {
+        "side": side,
+        "workload": workload,
+        "precision": precision,
+        "step_seconds": list(steps),
+        "tokens": list(tokens),
+        "items_per_step": items,
+        "peak_rss_kib": rss_gib * GIB_KIB,
+        "losses": list(losses),
+        "extra": extra or {},
+        "cpu_seconds": cpu,
+        "wall": wall,
+    }
 
 
 def test_timed_drops_warmup_but_never_everything():
@@ -70,9 +91,12 @@ def test_generation_speed_is_tokens_per_second_and_has_no_rss_target():
 
 def test_same_math_checked_in_fp32_only_with_tolerance():
     def pair(precision, loss_b, logp_b):
-        ours = report.figures([run(losses=(0.5,), extra={"first_logps_chosen": -10.0, "first_logps_rejected": -9.0})], 1)
-        base = report.figures([run(side="trl", losses=(loss_b,),
-                                   extra={"first_logps_chosen": logp_b, "first_logps_rejected": -9.0})], 1)
+        ours = report.figures(
+            [run(losses=(0.5,), extra={"first_logps_chosen": -10.0, "first_logps_rejected": -9.0})], 1
+        )
+        base = report.figures(
+            [run(side="trl", losses=(loss_b,), extra={"first_logps_chosen": logp_b, "first_logps_rejected": -9.0})], 1
+        )
         return report.compare("dpo", precision, ours, base)
 
     assert pair("fp32", 0.5 + 5e-5, -10.0).same_math is True
@@ -84,8 +108,13 @@ def test_same_math_checked_in_fp32_only_with_tolerance():
 
 
 def test_comparisons_pair_sides_per_workload_and_skip_one_sided():
-    runs = [run(), run(side="trl"), run(workload="reward", precision="bf16"),  # reward has no TRL run
-            run(workload="rollout16", side="prefalign"), run(workload="rollout16", side="hf-generate")]
+    runs = [
+        run(),
+        run(side="trl"),
+        run(workload="reward", precision="bf16"),  # reward has no TRL run
+        run(workload="rollout16", side="prefalign"),
+        run(workload="rollout16", side="hf-generate"),
+    ]
     comps = report.comparisons(runs, {"dpo": 1})
     assert [(c.workload, c.precision) for c in comps] == [("dpo", "fp32"), ("rollout16", "fp32")]
 
@@ -96,8 +125,16 @@ def test_grpo_same_math_is_checked_on_the_replay_run_only():
     trl = run(workload="grpo", side="trl", steps=(9.0, 6.0), losses=(0.3,), extra={"first_logps": [-2.5]})
 
     def replay(grad_norm, logp=-2.0 + 1e-5):
-        return {**run(workload="grpo", side="trl", steps=(1.0, 1.0), losses=(5e-5,),
-                      extra={"first_logps": [logp], "first_grad_norm": grad_norm}), "replay": True}
+        return {
+            **run(
+                workload="grpo",
+                side="trl",
+                steps=(1.0, 1.0),
+                losses=(5e-5,),
+                extra={"first_logps": [logp], "first_grad_norm": grad_norm},
+            ),
+            "replay": True,
+        }
 
     [alone] = report.comparisons([ours, trl], {"grpo": 1})
     assert alone.same_math is None and alone.loss_diff is None  # different completions: nothing to compare
@@ -120,8 +157,9 @@ def test_mfu_uses_six_for_training_two_for_generation():
 def test_main_table_has_a_row_per_comparison_with_verdicts():
     ours = report.figures([run(steps=(1, 2.0), rss_gib=1.0)], 1)
     base = report.figures([run(side="trl", steps=(1, 3.0), rss_gib=4.0)], 1)
-    table = report.main_table([report.compare("dpo", "fp32", ours, base)], params=134_515_008,
-                              peaks={"fp32": 200.0, "bf16": 800.0})
+    table = report.main_table(
+        [report.compare("dpo", "fp32", ours, base)], params=134_515_008, peaks={"fp32": 200.0, "bf16": 800.0}
+    )
     lines = table.splitlines()
     assert len(lines) == 3 and lines[0].startswith("| workload")
     row = lines[2]
@@ -133,8 +171,10 @@ def test_main_table_has_a_row_per_comparison_with_verdicts():
 
 def test_ppo_split_table_fills_trl_logprobs_with_the_rest():
     split = {"generation": [9, 2.0], "scoring": [9, 1.0], "update": [9, 3.0]}
-    runs = [run(workload="ppo", side="trl", steps=(30, 10.0), extra={"split": split}),
-            run(workload="ppo", steps=(30, 8.0), extra={"split": {**split, "logprobs": [9, 1.5]}})]
+    runs = [
+        run(workload="ppo", side="trl", steps=(30, 10.0), extra={"split": split}),
+        run(workload="ppo", steps=(30, 8.0), extra={"split": {**split, "logprobs": [9, 1.5]}}),
+    ]
     table = report.ppo_split_table(runs, warmup=1)
     assert "| fp32 | trl | 2.00 | 4.00 | 1.00 | 3.00 | 10.00 |" in table
     assert "| fp32 | prefalign | 2.00 | 1.50 | 1.00 | 3.00 | 8.00 |" in table
@@ -168,14 +208,16 @@ def test_critic_free_reads_the_race_command_and_times_iterations_after_the_first
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "seed-0_grpo.log").write_text(
         "$ /v/bin/python3 -m prefalign rl --model m --max-steps 32 --estimator grpo --output /r/seed-0/grpo "
-        "--overwrite\nrl: 100%\n")
+        "--overwrite\nrl: 100%\n"
+    )
     assert critic_free.stage_command(tmp_path, "grpo") == ["rl", "--model", "m", "--estimator", "grpo"]
     with pytest.raises(SystemExit, match=r"seed-0_ppo.log: no such stage log"):
         critic_free.stage_command(tmp_path, "ppo")
-    metrics = [{"wall_seconds": 9.0, "episodes": 16, "time/update": 5.0},
-               {"wall_seconds": 12.0, "episodes": 32, "time/update": 2.0},
-               {"wall_seconds": 16.0, "episodes": 48, "time/update": 3.0},
-               {"wall_seconds": 18.0, "episodes": 64, "time/update": 1.0}]
+    metrics = [
+        {"wall_seconds": 9.0, "episodes": 16, "time/update": 5.0},
+        {"wall_seconds": 12.0, "episodes": 32, "time/update": 2.0},
+        {"wall_seconds": 16.0, "episodes": 48, "time/update": 3.0},
+        {"wall_seconds": 18.0, "episodes": 64, "time/update": 1.0},
+    ]
     fig = critic_free.iteration_figures(metrics)
-    assert fig == {"s_per_iteration": 3.0, "episodes_per_iteration": 16, "s_per_episode": 3.0 / 16,
-                   "time/update": 2.0}
+    assert fig == {"s_per_iteration": 3.0, "episodes_per_iteration": 16, "s_per_episode": 3.0 / 16, "time/update": 2.0}

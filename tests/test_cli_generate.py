@@ -9,8 +9,23 @@ def test_generate_smoke_from_file_and_literal(tmp_path, tiny_model_dir):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("the movie was\n\nthis film\n")  # blank line skipped
     out = tmp_path / "gen"
-    r = run_cli("generate", "--model", tiny_model_dir, "--prompts", prompts, "a literal prompt", "--no-chat",
-                "--num-samples", "2", "--max-new-tokens", "5", "--batch-size", "4", "--output", out)
+    r = run_cli(
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        prompts,
+        "a literal prompt",
+        "--no-chat",
+        "--num-samples",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--batch-size",
+        "4",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = [json.loads(x) for x in (out / "generations.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == ["the movie was"] * 2 + ["this film"] * 2 + ["a literal prompt"] * 2
@@ -26,8 +41,18 @@ def test_generate_smoke_from_file_and_literal(tmp_path, tiny_model_dir):
 
 def test_generate_chat_mode_wraps_prompts_in_the_template(tmp_path, tiny_model_dir):
     out = tmp_path / "chat"
-    r = run_cli("generate", "--model", tiny_model_dir, "--prompts", "hello", "--max-new-tokens", "2",
-                "--greedy", "--output", out)
+    r = run_cli(
+        "generate",
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        "hello",
+        "--max-new-tokens",
+        "2",
+        "--greedy",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     row = json.loads((out / "generations.jsonl").read_text().splitlines()[0])
     assert row["prompt"].startswith("<|im_start|>") and row["prompt"].endswith("<|im_start|>assistant\n")
@@ -46,8 +71,16 @@ def test_generate_stop_cuts_the_row_that_hits_it_and_ends_it(tmp_path, tiny_mode
     prompts = ["the movie was", "this film"]
     common = ["--model", tiny_model_dir, "--prompts", *prompts, "--no-chat", "--greedy", "--max-new-tokens", "12"]
     # the same greedy run without a stop string, for what the stopped run must be a prefix of
-    base = run(GenerateConfig(model=str(tiny_model_dir), prompts=prompts, chat=False, greedy=True,
-                              max_new_tokens=12, output=str(tmp_path / "base")))
+    base = run(
+        GenerateConfig(
+            model=str(tiny_model_dir),
+            prompts=prompts,
+            chat=False,
+            greedy=True,
+            max_new_tokens=12,
+            output=str(tmp_path / "base"),
+        )
+    )
     stop = "anci"
     # the fixture model (seed 0) repeats ' film' 5 times, then ' anci': the stop is hit mid-completion by one row only
     assert stop not in base[0]["completion"] and base[1]["completion"].find(stop) > 0, base
@@ -73,13 +106,22 @@ PROMPTS = ["the movie was", "I watched it twice and honestly", "this film"]  # u
 def _run(tmp_path, tiny_model_dir, name, **kwargs):
     from prefalign.cli.generate import GenerateConfig, run
 
-    base = dict(model=str(tiny_model_dir), prompts=PROMPTS, chat=False, num_samples=2, max_new_tokens=8,
-                output=str(tmp_path / name))
+    base = dict(
+        model=str(tiny_model_dir),
+        prompts=PROMPTS,
+        chat=False,
+        num_samples=2,
+        max_new_tokens=8,
+        output=str(tmp_path / name),
+    )
     return run(GenerateConfig(**{**base, **kwargs}))
 
 
-@pytest.mark.parametrize("sampling", [{"temperature": 1.0}, {"temperature": 0.8, "top_k": 50, "top_p": 0.9},
-                                      {"temperature": 1.0, "stop": ["e"]}], ids=["plain", "top-k-top-p", "stop"])
+@pytest.mark.parametrize(
+    "sampling",
+    [{"temperature": 1.0}, {"temperature": 0.8, "top_k": 50, "top_p": 0.9}, {"temperature": 1.0, "stop": ["e"]}],
+    ids=["plain", "top-k-top-p", "stop"],
+)
 def test_sampled_generations_do_not_depend_on_the_batch_size(tmp_path, tiny_model_dir, sampling):
     """Keyed sampling: 6 completions in batches of 1, 3 (3 + 3) and 4 (4 + 2) are the same rows."""
     runs = {b: _run(tmp_path, tiny_model_dir, f"b{b}", batch_size=b, **sampling) for b in (1, 3, 4)}
@@ -98,8 +140,14 @@ def test_greedy_generations_are_the_backend_greedy_decode(tmp_path, tiny_model_d
     rows = _run(tmp_path, tiny_model_dir, "greedy", greedy=True, num_samples=1, batch_size=3)
     model = load_causal_lm(str(tiny_model_dir))
     batch = PromptCollator(tokenizer.pad_token_id)(tokenize_prompts(PROMPTS, tokenizer, 512))
-    gen = generate(model, batch["input_ids"], batch["attention_mask"], SamplingConfig(max_new_tokens=8, greedy=True),
-                   eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
+    gen = generate(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        SamplingConfig(max_new_tokens=8, greedy=True),
+        eos_ids=eos_token_ids(model, tokenizer),
+        pad_id=tokenizer.pad_token_id,
+    )
     want = tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
     assert [r["completion"] for r in rows] == want
     assert [r["num_tokens"] for r in rows] == gen.response_mask.sum(1).tolist()

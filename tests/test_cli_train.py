@@ -42,17 +42,41 @@ def test_dpo_help_shows_every_field_with_its_doc():
     assert "Split of --data when it is a hub dataset id" in text
 
 
-@pytest.mark.parametrize("command, rows, summary, dropped", [
-    ("sft", [{"prompt": f"Q{i}:", "completion": " A."} for i in range(5)] + [{"prompt": "Q:", "completion": " "}],
-     "6 rows, 5 kept, 1 dropped (empty_completion 1)", {"empty_completion": 1}),
-    ("reward", learnable_pairs(5) + [{"prompt": "Same:", "chosen": " x", "rejected": " x"}],
-     "6 rows, 5 kept, 1 dropped (identical 1)", {"identical": 1}),
-])
+@pytest.mark.parametrize(
+    "command, rows, summary, dropped",
+    [
+        (
+            "sft",
+            [{"prompt": f"Q{i}:", "completion": " A."} for i in range(5)] + [{"prompt": "Q:", "completion": " "}],
+            "6 rows, 5 kept, 1 dropped (empty_completion 1)",
+            {"empty_completion": 1},
+        ),
+        (
+            "reward",
+            learnable_pairs(5) + [{"prompt": "Same:", "chosen": " x", "rejected": " x"}],
+            "6 rows, 5 kept, 1 dropped (identical 1)",
+            {"identical": 1},
+        ),
+    ],
+)
 def test_training_prints_the_drop_summary(tmp_path, tiny_model_dir, command, rows, summary, dropped):
     data = write_jsonl(tmp_path / "data.jsonl", rows)
     out = tmp_path / "run"
-    r = run_cli(command, "--data", data, "--model", tiny_model_dir, "--output", out, "--max-steps", "1",
-                "--batch-size", "2", "--precision", "fp32")
+    r = run_cli(
+        command,
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        out,
+        "--max-steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--precision",
+        "fp32",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{data}: {summary}" in r.stderr.splitlines(), r.stderr[-2000:]
     info = json.loads((out / "run.json").read_text())["data"]

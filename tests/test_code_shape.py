@@ -22,8 +22,14 @@ def _function_lengths(path: Path):
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             body = node.body
-            doc = body[0] if body and isinstance(body[0], ast.Expr) and isinstance(
-                getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str) else None
+            doc = (
+                body[0]
+                if body
+                and isinstance(body[0], ast.Expr)
+                and isinstance(getattr(body[0], "value", None), ast.Constant)
+                and isinstance(body[0].value.value, str)
+                else None
+            )
             doc_lines = (doc.end_lineno - doc.lineno + 1) if doc else 0
             length = node.end_lineno - node.lineno + 1 - doc_lines
             yield node.name, node.lineno, length

@@ -24,8 +24,9 @@ def auto_precision_is_bf16(monkeypatch):
     from prefalign.compare import argv
 
     resolve_here = argv.sampler_dtype
-    monkeypatch.setattr(argv, "sampler_dtype",
-                        lambda precision: resolve_here("bf16" if precision == "auto" else precision))
+    monkeypatch.setattr(
+        argv, "sampler_dtype", lambda precision: resolve_here("bf16" if precision == "auto" else precision)
+    )
 
 
 def plan_of(*flags: str) -> list[list]:
@@ -55,19 +56,46 @@ def test_default_race_is_unchanged_by_the_new_arms():
 def test_simpo_and_orpo_run_dpo_with_their_loss_on_the_dpo_budget():
     plan = plan_of("--preset", "quick", "--arms", "dpo", "simpo", "orpo", "--dpo-lr", "3e-5", "--dpo-steps", "7")
     assert [(name, command) for name, command, _ in plan] == [
-        ("pairs", "prefs"), ("seed-0/dpo", "dpo"), ("seed-0/simpo", "dpo"), ("seed-0/orpo", "dpo"),
-        ("seed-0/eval", "eval")]
-    budget = ["--model", "smollm2-135m", "--seed", "0", "--precision", "auto", "--data", "OUT/pairs/pairs.jsonl",
-              "--eval-split", "0.1", "--max-steps", "7", "--learning-rate", "3e-05", "--batch-size", "4",
-              "--lr-scheduler", "constant", "--max-length", "256"]
+        ("pairs", "prefs"),
+        ("seed-0/dpo", "dpo"),
+        ("seed-0/simpo", "dpo"),
+        ("seed-0/orpo", "dpo"),
+        ("seed-0/eval", "eval"),
+    ]
+    budget = [
+        "--model",
+        "smollm2-135m",
+        "--seed",
+        "0",
+        "--precision",
+        "auto",
+        "--data",
+        "OUT/pairs/pairs.jsonl",
+        "--eval-split",
+        "0.1",
+        "--max-steps",
+        "7",
+        "--learning-rate",
+        "3e-05",
+        "--batch-size",
+        "4",
+        "--lr-scheduler",
+        "constant",
+        "--max-length",
+        "256",
+    ]
     assert stage_args(plan, "seed-0/dpo") == [*budget, "--beta", "0.1"]
     # no --beta / --simpo-gamma / --orpo-lambda: the loss's own defaults
     assert stage_args(plan, "seed-0/simpo") == [*budget, "--loss-type", "simpo"]
     assert stage_args(plan, "seed-0/orpo") == [*budget, "--loss-type", "orpo"]
     evaluation = stage_args(plan, "seed-0/eval")
-    policies = evaluation[evaluation.index("--policies") + 1: evaluation.index("--reference")]
-    assert policies == ["start=smollm2-135m", "dpo=OUT/seed-0/dpo/final", "simpo=OUT/seed-0/simpo/final",
-                        "orpo=OUT/seed-0/orpo/final"]
+    policies = evaluation[evaluation.index("--policies") + 1 : evaluation.index("--reference")]
+    assert policies == [
+        "start=smollm2-135m",
+        "dpo=OUT/seed-0/dpo/final",
+        "simpo=OUT/seed-0/simpo/final",
+        "orpo=OUT/seed-0/orpo/final",
+    ]
     assert "--proxy" not in evaluation  # no arm trained a reward model
 
 
@@ -81,15 +109,26 @@ def test_a_sweep_only_retrains_arms_that_declare_one():
 def test_the_reward_model_runs_once_per_seed_and_before_its_arm():
     plan = plan_of("--preset", "quick", "--arms", "dpo", "ppo", "--seeds", "2")
     names = [name for name, _, _ in plan]
-    assert names == ["pairs", "seed-0/rm", "seed-0/ppo", "seed-0/dpo", "seed-0/eval",
-                     "seed-1/rm", "seed-1/ppo", "seed-1/dpo", "seed-1/eval"]
+    assert names == [
+        "pairs",
+        "seed-0/rm",
+        "seed-0/ppo",
+        "seed-0/dpo",
+        "seed-0/eval",
+        "seed-1/rm",
+        "seed-1/ppo",
+        "seed-1/dpo",
+        "seed-1/eval",
+    ]
     assert stage_args(plan, "seed-1/eval")[-2:] == ["--proxy", "OUT/seed-1/rm/final"]
 
 
 def test_config_and_help_read_the_table():
     help_text = arms_help()
     assert all(f"{name}: " in help_text for name in ARMS)
-    with pytest.raises(ValueError, match="--arms takes some of ppo, dpo, dpo_rf, ppo_gt, simpo, orpo, grpo, rloo, grpo_gt; got sft"):
+    with pytest.raises(
+        ValueError, match="--arms takes some of ppo, dpo, dpo_rf, ppo_gt, simpo, orpo, grpo, rloo, grpo_gt; got sft"
+    ):
         CompareConfig(arms=["sft"])
     assert CompareConfig(arms=["simpo", "orpo"]).arms == ["simpo", "orpo"]
 
@@ -104,15 +143,26 @@ def test_every_entry_is_complete():
 
 def test_a_new_arm_is_one_entry(monkeypatch):
     """An entry added to the table is accepted by --arms, planned, evaluated and described in the report."""
+
     def hinge_args(inputs):
         return ["--data", inputs.pairs, "--loss-type", "hinge", "--seed", inputs.seed]
 
-    arm = Arm("dpo_hinge", "DPO (hinge)", "hinge loss", DPO_LIKE, hinge_args, reward_model="none: implicit",
-              loss="max(0, 1 - beta h)")
+    arm = Arm(
+        "dpo_hinge",
+        "DPO (hinge)",
+        "hinge loss",
+        DPO_LIKE,
+        hinge_args,
+        reward_model="none: implicit",
+        loss="max(0, 1 - beta h)",
+    )
     monkeypatch.setitem(ARMS, arm.name, arm)
     plan = plan_of("--preset", "quick", "--arms", "dpo_hinge")
-    assert plan[1] == ["seed-0/dpo_hinge", "dpo", ["--data", "OUT/pairs/pairs.jsonl", "--loss-type", "hinge",
-                                                   "--seed", "0"]]
+    assert plan[1] == [
+        "seed-0/dpo_hinge",
+        "dpo",
+        ["--data", "OUT/pairs/pairs.jsonl", "--loss-type", "hinge", "--seed", "0"],
+    ]
     assert "dpo_hinge=OUT/seed-0/dpo_hinge/final" in plan[2][2]
     cells = method_cells("dpo_hinge")
     assert cells["Reward model"] == ["none: implicit"] and cells["Loss"] == ["max(0, 1 - beta h)"]
@@ -136,14 +186,22 @@ def _fake_race(out: Path, cfg: CompareConfig) -> dict[str, StageResult]:
     policies = {name: {"gold_mean": 0.1, "kl_mean": 1.0, "win_rate": 0.6, "n": 4} for name in ["start", *cfg.arms]}
     (seed_dir / "eval").mkdir(parents=True)
     (seed_dir / "eval" / "eval.json").write_text(json.dumps({"policies": policies}))
-    _write_jsonl(seed_dir / "eval" / "completions.jsonl",
-                 [{"policy": name, "prompt": "p", "sample": 0, "completion": f" {name}", "gold": 0.5}
-                  for name in policies])
+    _write_jsonl(
+        seed_dir / "eval" / "completions.jsonl",
+        [{"policy": name, "prompt": "p", "sample": 0, "completion": f" {name}", "gold": 0.5} for name in policies],
+    )
     for index, stage in enumerate(["rm", *cfg.arms]):
         run = final_model(seed_dir, stage).parent
-        rows = [{"step": 1, "wall_seconds": 1.0, "objective/scores": 0.5, "val/response_length": 10.0,
-                 "rewards/margins": 0.25},
-                {"step": 2, "wall_seconds": 2.0, "val/response_length": 0.0, "eval/accuracy": 0.75}]
+        rows = [
+            {
+                "step": 1,
+                "wall_seconds": 1.0,
+                "objective/scores": 0.5,
+                "val/response_length": 10.0,
+                "rewards/margins": 0.25,
+            },
+            {"step": 2, "wall_seconds": 2.0, "val/response_length": 0.0, "eval/accuracy": 0.75},
+        ]
         _write_jsonl(run / "metrics.jsonl", rows)
         (run / "run.json").write_text(json.dumps({"train_examples": 100, "global_batch": cfg.batch_size}))
         results[f"seed-0/{stage}"] = StageResult(f"seed-0/{stage}", str(run), 10.0 * (index + 1), 3000.0 + index)
@@ -154,8 +212,12 @@ def test_costs_are_charged_by_stage(tmp_path):
     cfg = CompareConfig(preset="quick", arms=["ppo", "simpo", "ppo_gt"]).resolved()
     summary = summarize(cfg, tmp_path, _fake_race(tmp_path, cfg))
     by_name = {arm["name"]: arm for arm in summary["arms"]}
-    assert [arm["label"] for arm in summary["arms"]] == ["Starting policy", "PPO-RLHF", "SimPO",
-                                                         "PPO on the gold judge"]
+    assert [arm["label"] for arm in summary["arms"]] == [
+        "Starting policy",
+        "PPO-RLHF",
+        "SimPO",
+        "PPO on the gold judge",
+    ]
     ppo, simpo, ppo_gt = by_name["ppo"]["cost"], by_name["simpo"]["cost"], by_name["ppo_gt"]["cost"]
     assert ppo["wall_seconds"] == {"pairs": 60.0, "reward_model": 10.0, "policy": 20.0, "total": 90.0}
     assert ppo["gradient_steps"] == cfg.rm_steps + cfg.ppo_steps * cfg.ppo_epochs
@@ -173,5 +235,6 @@ def test_costs_are_charged_by_stage(tmp_path):
     simpo_column = {row[0]: "".join(row[table.header.index("SimPO")]) for row in table.rows}
     assert "length-normalised" in simpo_column["Reward model"]
     assert "1,000 tokens sampled; all before training, for the pairs" in simpo_column["Policy update"]
-    assert simpo_column["Loss"] == ("-log sigmoid(beta (avg_logp_c - avg_logp_r) - gamma)"
-                                    " (avg_logp: per-token mean log-prob)")
+    assert simpo_column["Loss"] == (
+        "-log sigmoid(beta (avg_logp_c - avg_logp_r) - gamma) (avg_logp: per-token mean log-prob)"
+    )

@@ -12,16 +12,38 @@ import psutil
 
 from conftest import run_cli
 
-WATCH = "import time; from prefalign.compare.stages import exit_with_parent; exit_with_parent(-1, 0.05); " \
-        "time.sleep(60)"
-PARENT = "import subprocess, sys, time; from prefalign.compare.stages import death_signal_preexec; " \
-         "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], " \
-         "preexec_fn=death_signal_preexec()); print(p.pid, flush=True); time.sleep(60)"
+WATCH = "import time; from prefalign.compare.stages import exit_with_parent; exit_with_parent(-1, 0.05); time.sleep(60)"
+PARENT = (
+    "import subprocess, sys, time; from prefalign.compare.stages import death_signal_preexec; "
+    "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+    "preexec_fn=death_signal_preexec()); print(p.pid, flush=True); time.sleep(60)"
+)
 
 # the smallest race with a finished stage before the one killed: pairs, one DPO step, a 2-prompt evaluation
-BUDGET = ["--preset", "quick", "--arms", "dpo", "--num-prompts", "16", "--samples-per-prompt", "4",
-          "--max-new-tokens", "4", "--eval-prompts", "2", "--eval-samples", "1", "--batch-size", "2",
-          "--dpo-steps", "1", "--precision", "fp32", "--eval-split", "0.25"]
+BUDGET = [
+    "--preset",
+    "quick",
+    "--arms",
+    "dpo",
+    "--num-prompts",
+    "16",
+    "--samples-per-prompt",
+    "4",
+    "--max-new-tokens",
+    "4",
+    "--eval-prompts",
+    "2",
+    "--eval-samples",
+    "1",
+    "--batch-size",
+    "2",
+    "--dpo-steps",
+    "1",
+    "--precision",
+    "fp32",
+    "--eval-split",
+    "0.25",
+]
 
 
 def _gone(pids, timeout):
@@ -80,9 +102,17 @@ def test_kill_9_on_compare_leaves_no_stage_and_resume_redoes_only_that_stage(tmp
     args = ["compare", *BUDGET, "--model", tiny_model_dir]
     killed, whole = tmp_path / "killed", tmp_path / "whole"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    races = [subprocess.Popen([sys.executable, "-m", "prefalign", *map(str, args), "--output", str(out)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-             for out in (killed, whole)]
+    races = [
+        subprocess.Popen(
+            [sys.executable, "-m", "prefalign", *map(str, args), "--output", str(out)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for out in (killed, whole)
+    ]
     race, uninterrupted = races
     try:
         stage = _stage_processes(psutil.Process(race.pid), "eval")

@@ -42,7 +42,12 @@ def test_a_bar_in_a_stage_writes_its_count_and_metrics_and_draws_nothing(tmp_pat
         bar.update(2, metrics={"loss": 0.25, "accuracy": 0.75})
     last = Progress.read(path)
     assert (last.task, last.done, last.total, last.unit, last.metrics) == (
-        "reward", 3, 3, "step", {"loss": 0.25, "accuracy": 0.75})
+        "reward",
+        3,
+        3,
+        "step",
+        {"loss": 0.25, "accuracy": 0.75},
+    )
     assert capsys.readouterr().err == ""  # the race draws it, not the stage (its terminal output is the log)
 
     assert list(ProgressBar(range(4), desc="start log-probs", unit="batch")) == [0, 1, 2, 3]
@@ -69,13 +74,16 @@ def test_seconds_left_is_at_the_rate_so_far():
 # ---------------------------------------------------------------------------------------------- the race's side
 
 
-@pytest.mark.parametrize("finished, running, elapsed, bar_left, left", [
-    ({}, 0, 10.0, 30.0, 190.0),  # nothing finished: every stage as long as the first is projected to take (40 s)
-    ({}, 0, 10.0, None, None),  # nor any rate yet: no estimate
-    ({0: 60.0}, 1, 10.0, None, 230.0),  # an unseen command: the mean of the finished stages, 60 s each
-    ({0: 60.0, 1: 20.0, 2: 100.0}, 3, 5.0, 10.0, 70.0),  # dpo's bar projects 10 s; eval as the mean, 60 s
-    ({0: 30.0, 3: 50.0}, 1, 40.0, 5.0, 85.0),  # dpo finished before (a resume): only ppo and eval, 40 s each
-])
+@pytest.mark.parametrize(
+    "finished, running, elapsed, bar_left, left",
+    [
+        ({}, 0, 10.0, 30.0, 190.0),  # nothing finished: every stage as long as the first is projected to take (40 s)
+        ({}, 0, 10.0, None, None),  # nor any rate yet: no estimate
+        ({0: 60.0}, 1, 10.0, None, 230.0),  # an unseen command: the mean of the finished stages, 60 s each
+        ({0: 60.0, 1: 20.0, 2: 100.0}, 3, 5.0, 10.0, 70.0),  # dpo's bar projects 10 s; eval as the mean, 60 s
+        ({0: 30.0, 3: 50.0}, 1, 40.0, 5.0, 85.0),  # dpo finished before (a resume): only ppo and eval, 40 s each
+    ],
+)
 def test_the_race_clock(finished, running, elapsed, bar_left, left):
     clock = RaceClock(["prefs", "reward", "ppo", "dpo", "eval"], dict(finished))
     assert clock.seconds_left(running, elapsed, bar_left) == left
@@ -88,22 +96,27 @@ def test_a_stage_seen_before_is_expected_to_take_as_long():
 
 
 def test_labels_metrics_and_the_finished_line():
-    assert stage_label(RM, "reward") == "seed-0/rm" and stage_label(EVAL, "ppo log-probs") == "seed-0/eval ppo log-probs"
+    assert (
+        stage_label(RM, "reward") == "seed-0/rm" and stage_label(EVAL, "ppo log-probs") == "seed-0/eval ppo log-probs"
+    )
     assert metric_text({"accuracy": 0.123456, "loss": 1.0}, "accuracy") == "accuracy=0.1235"
     assert metric_text({"loss": 1.0}, "accuracy") == "" and metric_text({"loss": 1.0}, None) == ""
     result = StageResult("seed-0/rm", "OUT/seed-0/rm", 72.4, 301.6)
     last = Progress("reward", 2, 2, "step", 60.0, {"accuracy": 0.75})
     assert finished_line(RM, result, last) == "seed-0/rm: done in 01:12, peak 302 MB, 2/2 step, accuracy=0.75"
     assert finished_line(EVAL, result, Progress("ppo log-probs", 3, 3, "batch", 1.0)) == (
-        "seed-0/eval: done in 01:12, peak 302 MB")
+        "seed-0/eval: done in 01:12, peak 302 MB"
+    )
 
 
 def test_off_a_terminal_a_stage_writes_one_line_and_no_bar(tmp_path, capsys):
     path = tmp_path / "rm.progress.json"
     with RaceProgress([RM, EVAL], live=False) as race:
         with race.running(RM.name, path):
-            path.write_text('{"task": "reward", "done": 2, "total": 2, "unit": "step", "elapsed": 3.0, '
-                            '"metrics": {"accuracy": 0.5}}')
+            path.write_text(
+                '{"task": "reward", "done": 2, "total": 2, "unit": "step", "elapsed": 3.0, '
+                '"metrics": {"accuracy": 0.5}}'
+            )
         race.finished(RM.name, StageResult(RM.name, "OUT/seed-0/rm", 12.0, 300.0))
     err = capsys.readouterr().err
     assert err.count("seed-0/rm: done in 00:12, peak 300 MB, 2/2 step, accuracy=0.5\n") == 1
@@ -121,8 +134,12 @@ def test_log_tail_is_what_a_terminal_shows(tmp_path):
 def test_a_failed_stage_prints_its_last_lines_and_its_log(tmp_path, capsys):
     with RaceProgress([RM], live=False) as race:
         runner = StageRunner(tmp_path, resume=False, monitor=race)
-        with pytest.raises(UserError, match=r"^stage seed-0/rm failed \(exit 2\): .* — full log: "
-                                            + re.escape(str(tmp_path / "logs" / "seed-0_rm.log")) + ";"):
+        with pytest.raises(
+            UserError,
+            match=r"^stage seed-0/rm failed \(exit 2\): .* — full log: "
+            + re.escape(str(tmp_path / "logs" / "seed-0_rm.log"))
+            + ";",
+        ):
             runner.run(RM.name, "reward", ["--no-such-flag"])
     log = tmp_path / "logs" / "seed-0_rm.log"
     tail = log_tail(log)
@@ -136,10 +153,37 @@ def test_a_failed_stage_prints_its_last_lines_and_its_log(tmp_path, capsys):
 # ---------------------------------------------------------------------------------------------- a tiny race on a terminal
 
 PROMPTS, SAMPLES, EVAL_PROMPTS = 16, 4, 2
-BUDGET = ["--preset", "quick", "--arms", "ppo", "dpo", "--num-prompts", PROMPTS, "--samples-per-prompt", SAMPLES,
-          "--max-new-tokens", "4", "--eval-prompts", EVAL_PROMPTS, "--eval-samples", "1", "--batch-size", "2",
-          "--rm-steps", "2", "--ppo-steps", "2", "--ppo-rollout-batch", "2", "--dpo-steps", "2", "--precision", "fp32",
-          "--eval-split", "0.25"]
+BUDGET = [
+    "--preset",
+    "quick",
+    "--arms",
+    "ppo",
+    "dpo",
+    "--num-prompts",
+    PROMPTS,
+    "--samples-per-prompt",
+    SAMPLES,
+    "--max-new-tokens",
+    "4",
+    "--eval-prompts",
+    EVAL_PROMPTS,
+    "--eval-samples",
+    "1",
+    "--batch-size",
+    "2",
+    "--rm-steps",
+    "2",
+    "--ppo-steps",
+    "2",
+    "--ppo-rollout-batch",
+    "2",
+    "--dpo-steps",
+    "2",
+    "--precision",
+    "fp32",
+    "--eval-split",
+    "0.25",
+]
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 NUMBER = r"-?[0-9.]+(e[+-]\d+)?"
 
@@ -151,8 +195,14 @@ def _run_on_a_terminal(args: list, timeout: float) -> tuple[int, str]:
     fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 200, 0, 0))
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     env.pop("TQDM_DISABLE", None)
-    proc = subprocess.Popen([sys.executable, "-m", "prefalign", *map(str, args)], stdin=slave, stdout=slave,
-                            stderr=slave, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "prefalign", *map(str, args)],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=env,
+        start_new_session=True,
+    )
     os.close(slave)
     drawn, deadline = bytearray(), time.monotonic() + timeout
     try:
@@ -180,8 +230,9 @@ def _run_on_a_terminal(args: list, timeout: float) -> tuple[int, str]:
 
 def test_a_tiny_race_on_a_terminal_shows_each_stages_step_counter(tmp_path, tiny_model_dir):
     out = tmp_path / "cmp"
-    returncode, drawn = _run_on_a_terminal(["compare", *BUDGET, "--model", tiny_model_dir, "--output", out],
-                                           timeout=900)
+    returncode, drawn = _run_on_a_terminal(
+        ["compare", *BUDGET, "--model", tiny_model_dir, "--output", out], timeout=900
+    )
     assert returncode == 0, drawn[-3000:]
     completions = PROMPTS * SAMPLES
     counters = {  # each stage's own bar at its end: label, count, unit and, for a training run, its key metric
@@ -199,6 +250,11 @@ def test_a_tiny_race_on_a_terminal_shows_each_stages_step_counter(tmp_path, tiny
     assert re.search(r"compare:  40%\|[^|]*\| 2/5 stages \[[0-9:]+, seed-0/ppo, ~[0-9:]+ left\]", drawn), drawn[-3000:]
     assert re.search(r"compare: 100%\|[^|]*\| 5/5 stages", drawn)
     assert sorted(path.name for path in (out / "logs").iterdir()) == [
-        "pairs.log", "seed-0_dpo.log", "seed-0_eval.log", "seed-0_ppo.log", "seed-0_rm.log"]
+        "pairs.log",
+        "seed-0_dpo.log",
+        "seed-0_eval.log",
+        "seed-0_ppo.log",
+        "seed-0_rm.log",
+    ]
     log = (out / "logs" / "seed-0_ppo.log").read_text()
     assert log.startswith("$ ") and "\r" not in log  # the full output, with no bar refreshes in it

@@ -10,18 +10,54 @@ from test_compare_arms import auto_precision_is_bf16, plan_of, stage_args  # noq
 
 
 def test_grpo_and_rloo_train_against_the_ppo_arms_reward_model_on_its_budget():
-    plan = plan_of("--preset", "quick", "--arms", "ppo", "grpo", "rloo", "--ppo-steps", "5", "--ppo-rollout-batch",
-                   "8", "--ppo-epochs", "2", "--ppo-lr", "2e-5", "--ppo-kl-coef", "0.07")
+    plan = plan_of(
+        "--preset",
+        "quick",
+        "--arms",
+        "ppo",
+        "grpo",
+        "rloo",
+        "--ppo-steps",
+        "5",
+        "--ppo-rollout-batch",
+        "8",
+        "--ppo-epochs",
+        "2",
+        "--ppo-lr",
+        "2e-5",
+        "--ppo-kl-coef",
+        "0.07",
+    )
     assert [(name, command) for name, command, _ in plan] == [
-        ("pairs", "prefs"), ("seed-0/rm", "reward"), ("seed-0/ppo", "ppo"), ("seed-0/grpo", "rl"),
-        ("seed-0/rloo", "rl"), ("seed-0/eval", "eval")]  # the reward model runs once, before every arm needing it
+        ("pairs", "prefs"),
+        ("seed-0/rm", "reward"),
+        ("seed-0/ppo", "ppo"),
+        ("seed-0/grpo", "rl"),
+        ("seed-0/rloo", "rl"),
+        ("seed-0/eval", "eval"),
+    ]  # the reward model runs once, before every arm needing it
     for arm in ("grpo", "rloo"):
         args = stage_args(plan, f"seed-0/{arm}")
-        want = ["--reward", "OUT/seed-0/rm/final", "--estimator", arm, "--num-generations", "4",
-                "--rollout-batch-size", "2", "--max-steps", "5", "--ppo-epochs", "2", "--learning-rate", "2e-05",
-                "--kl-coef", "0.07"]
+        want = [
+            "--reward",
+            "OUT/seed-0/rm/final",
+            "--estimator",
+            arm,
+            "--num-generations",
+            "4",
+            "--rollout-batch-size",
+            "2",
+            "--max-steps",
+            "5",
+            "--ppo-epochs",
+            "2",
+            "--learning-rate",
+            "2e-05",
+            "--kl-coef",
+            "0.07",
+        ]
         i = args.index("--reward")
-        assert args[i:i + len(want)] == want
+        assert args[i : i + len(want)] == want
         assert args[args.index("--prompts") + 1] == "OUT/prompts/train.jsonl"
         assert "--value-learning-rate" not in args  # no critic
         cfg = parse(RLConfig, [*args, "--output", "x"], prog="prefalign rl")  # a valid rl command line

@@ -18,25 +18,16 @@ def _pairs(margins=(None, None)):
 def test_preference_collator_stacks_chosen_then_rejected_right_padded():
     batch = PreferenceCollator(PAD)(_pairs())
     assert set(batch) == {"input_ids", "attention_mask", "completion_mask"}  # no margin key without margins
-    assert torch.equal(batch["input_ids"], torch.tensor([
-        [5, 6, 7, 2, 2],
-        [10, 11, 12, 13, 2],
-        [5, 6, 8, 9, 2],
-        [10, 14, 2, 2, 2],
-    ]))
-    assert torch.equal(batch["attention_mask"], torch.tensor([
-        [1, 1, 1, 1, 0],
-        [1, 1, 1, 1, 1],
-        [1, 1, 1, 1, 1],
-        [1, 1, 1, 0, 0],
-    ]))
+    assert torch.equal(
+        batch["input_ids"], torch.tensor([[5, 6, 7, 2, 2], [10, 11, 12, 13, 2], [5, 6, 8, 9, 2], [10, 14, 2, 2, 2]])
+    )
+    assert torch.equal(
+        batch["attention_mask"], torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 0, 0]])
+    )
     # 1 on completion tokens including their EOS; 0 on prompt and on padding (even though pad == EOS)
-    assert torch.equal(batch["completion_mask"], torch.tensor([
-        [0, 0, 1, 1, 0],
-        [0, 1, 1, 1, 1],
-        [0, 0, 1, 1, 1],
-        [0, 1, 1, 0, 0],
-    ]))
+    assert torch.equal(
+        batch["completion_mask"], torch.tensor([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1], [0, 0, 1, 1, 1], [0, 1, 1, 0, 0]])
+    )
     assert all(t.dtype == torch.long for t in batch.values())
 
 

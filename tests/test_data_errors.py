@@ -75,8 +75,13 @@ def test_csv_header_without_rows(tmp_path):
 
 
 def test_unknown_format_lists_found_and_expected_columns(tmp_path):
-    _file_error(_jsonl(tmp_path / "p.jsonl", [{"question": "q", "answer": "a"}]),
-                "unknown format", "question, answer", "prompt+chosen+rejected", "chosen+rejected")
+    _file_error(
+        _jsonl(tmp_path / "p.jsonl", [{"question": "q", "answer": "a"}]),
+        "unknown format",
+        "question, answer",
+        "prompt+chosen+rejected",
+        "chosen+rejected",
+    )
 
 
 def test_missing_column(tmp_path):
@@ -88,8 +93,12 @@ def test_missing_column_on_a_later_row(tmp_path):
 
 
 def test_forced_format_missing_column(tmp_path):
-    _file_error(_jsonl(tmp_path / "p.jsonl", [{"chosen": "a", "rejected": "b"}]),
-                "missing column 'prompt'", "format explicit needs", format="explicit")
+    _file_error(
+        _jsonl(tmp_path / "p.jsonl", [{"chosen": "a", "rejected": "b"}]),
+        "missing column 'prompt'",
+        "format explicit needs",
+        format="explicit",
+    )
 
 
 def test_bad_json_line(tmp_path):
@@ -113,16 +122,26 @@ def test_invalid_utf8(tmp_path):
     _file_error(path, "line 2", "invalid UTF-8", f"byte offset {len(first) + 15}")
 
 
-@pytest.mark.parametrize("name,lines", [("p.jsonl", [json.dumps(OK).encode(), b'{"prompt": "caf\xe9"}']),
-                                        ("p.csv", [b"prompt,chosen,rejected", b"caf\xe9, a, b"]),
-                                        ("prompts.txt", [b"fine", b"caf\xe9"])])
+@pytest.mark.parametrize(
+    "name,lines",
+    [
+        ("p.jsonl", [json.dumps(OK).encode(), b'{"prompt": "caf\xe9"}']),
+        ("p.csv", [b"prompt,chosen,rejected", b"caf\xe9, a, b"]),
+        ("prompts.txt", [b"fine", b"caf\xe9"]),
+    ],
+)
 def test_invalid_utf8_after_a_byte_order_mark_reports_the_file_offset(tmp_path, name, lines):
     """A UTF-8 BOM is skipped, but the byte offset in the error is still the offset in the file."""
     path = tmp_path / name
     data = b"\xef\xbb\xbf" + b"\n".join(lines) + b"\n"
     path.write_bytes(data)
-    _file_error(path, "line 2", "invalid UTF-8", f"byte offset {data.index(b'caf') + 3}",
-                fn=load_prompts if name.endswith(".txt") else load_preferences)
+    _file_error(
+        path,
+        "line 2",
+        "invalid UTF-8",
+        f"byte offset {data.index(b'caf') + 3}",
+        fn=load_prompts if name.endswith(".txt") else load_preferences,
+    )
 
 
 def test_invalid_utf8_in_text_prompts(tmp_path):
@@ -142,8 +161,9 @@ def test_invalid_utf8_in_json_array(tmp_path):
     path = tmp_path / "p.json"
     head = b'[\n{"prompt": "p", "chosen": " a", "rejected": " b"},\n'
     path.write_bytes(head + b'{"prompt": "\xff", "chosen": " a", "rejected": " b"}\n]\n')
-    _file_error(path, "line 3", "invalid UTF-8 (byte 0xff", f"byte offset {len(head) + 12}",
-                "re-save the file as UTF-8")
+    _file_error(
+        path, "line 3", "invalid UTF-8 (byte 0xff", f"byte offset {len(head) + 12}", "re-save the file as UTF-8"
+    )
 
 
 def test_directory_given_as_the_data_file(tmp_path):
@@ -154,8 +174,11 @@ def test_directory_given_as_the_data_file(tmp_path):
 
 
 def test_wrong_type(tmp_path):
-    _file_error(_jsonl(tmp_path / "p.jsonl", [OK, {"prompt": "p", "chosen": 3, "rejected": "b"}]),
-                "line 2", "'chosen' must be a string, got number")
+    _file_error(
+        _jsonl(tmp_path / "p.jsonl", [OK, {"prompt": "p", "chosen": 3, "rejected": "b"}]),
+        "line 2",
+        "'chosen' must be a string, got number",
+    )
 
 
 def test_csv_row_with_too_many_fields(tmp_path):
@@ -165,8 +188,11 @@ def test_csv_row_with_too_many_fields(tmp_path):
 
 
 def test_margin_not_a_number(tmp_path):
-    _file_error(_jsonl(tmp_path / "p.jsonl", [dict(OK, margin=1), dict(OK, margin="big")]),
-                "line 2", "'margin' must be a finite number")
+    _file_error(
+        _jsonl(tmp_path / "p.jsonl", [dict(OK, margin=1), dict(OK, margin="big")]),
+        "line 2",
+        "'margin' must be a finite number",
+    )
 
 
 def _conv(chosen_last, rejected_last, user=None):
@@ -185,8 +211,9 @@ def test_chat_message_without_content(tmp_path, tokenizer):
 
 
 def test_chat_without_tokenizer(tmp_path):
-    path = _jsonl(tmp_path / "c.jsonl", [_conv({"role": "assistant", "content": "a"},
-                                               {"role": "assistant", "content": "b"})])
+    path = _jsonl(
+        tmp_path / "c.jsonl", [_conv({"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"})]
+    )
     _file_error(path, "needs a tokenizer")
 
 
@@ -214,23 +241,35 @@ def test_strict_turns_a_drop_into_an_error(tmp_path):
 
 
 def test_explicit_drops_are_counted_by_reason(tmp_path):
-    rows = [OK, dict(OK, prompt=""), dict(OK, chosen=""), dict(OK, prompt=" \n"), dict(OK, rejected="  "),
-            dict(OK, rejected=" a"), dict(OK, chosen=" b"), OK]
+    rows = [
+        OK,
+        dict(OK, prompt=""),
+        dict(OK, chosen=""),
+        dict(OK, prompt=" \n"),
+        dict(OK, rejected="  "),
+        dict(OK, rejected=" a"),
+        dict(OK, chosen=" b"),
+        OK,
+    ]
     examples, report = load_preferences(_jsonl(tmp_path / "p.jsonl", rows))
     assert len(examples) == 2 and (report.total, report.kept) == (8, 2)
     assert report.counts == {"empty_prompt": 2, "empty_chosen": 1, "empty_rejected": 1, "identical": 2}
     assert report.first["empty_prompt"].startswith("line 2:")
     assert report.first["identical"].startswith("line 6:")
     assert report.lines()[0] == "dropped 2 empty_prompt (first: line 2: prompt is empty)"
-    assert report.summary() == ("8 rows, 2 kept, 6 dropped "
-                                "(empty_prompt 2, empty_chosen 1, empty_rejected 1, identical 2)")
+    assert report.summary() == (
+        "8 rows, 2 kept, 6 dropped (empty_prompt 2, empty_chosen 1, empty_rejected 1, identical 2)"
+    )
 
 
 def test_implicit_drops(tmp_path):
     ok = {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}
-    rows = [ok, {"chosen": "Human: a Assistant: b", "rejected": "x"},
-            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"},
-            {"chosen": "\n\nHuman: a\n\nAssistant: ", "rejected": "\n\nHuman: a\n\nAssistant: c"}]
+    rows = [
+        ok,
+        {"chosen": "Human: a Assistant: b", "rejected": "x"},
+        {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: z\n\nAssistant: c"},
+        {"chosen": "\n\nHuman: a\n\nAssistant: ", "rejected": "\n\nHuman: a\n\nAssistant: c"},
+    ]
     examples, report = load_preferences(_jsonl(tmp_path / "hh.jsonl", rows))
     assert len(examples) == 1
     assert report.counts == {"no_assistant_turn": 1, "prompt_mismatch": 1, "empty_chosen": 1}
@@ -239,11 +278,13 @@ def test_implicit_drops(tmp_path):
 
 def test_conversational_drops(tmp_path, tokenizer):
     a = {"role": "assistant", "content": "a"}
-    rows = [_conv(a, {"role": "assistant", "content": "b"}),
-            _conv(a, {"role": "assistant", "content": "a"}),
-            {"chosen": [{"role": "user", "content": "x"}, a], "rejected": [{"role": "user", "content": "y"}, a]},
-            {"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "x"}, a]},
-            _conv({"role": "assistant", "content": " "}, a)]
+    rows = [
+        _conv(a, {"role": "assistant", "content": "b"}),
+        _conv(a, {"role": "assistant", "content": "a"}),
+        {"chosen": [{"role": "user", "content": "x"}, a], "rejected": [{"role": "user", "content": "y"}, a]},
+        {"chosen": [{"role": "user", "content": "x"}], "rejected": [{"role": "user", "content": "x"}, a]},
+        _conv({"role": "assistant", "content": " "}, a),
+    ]
     examples, report = load_preferences(_jsonl(tmp_path / "c.jsonl", rows), tokenizer)
     assert len(examples) == 1
     assert report.counts == {"identical": 1, "prompt_mismatch": 1, "no_assistant_turn": 1, "empty_chosen": 1}
@@ -278,5 +319,6 @@ def test_too_long_drop_names_the_row(tmp_path, tokenizer):
 def test_empty_prompts_are_dropped(tmp_path):
     prompts = load_prompts(_jsonl(tmp_path / "p.jsonl", [{"prompt": "a"}, {"prompt": " "}, {"prompt": "b"}]))
     assert prompts == ["a", "b"]
-    _file_error(_jsonl(tmp_path / "q.jsonl", [{"prompt": ""}]), "all 1 rows were dropped", "empty_prompt",
-                fn=load_prompts)
+    _file_error(
+        _jsonl(tmp_path / "q.jsonl", [{"prompt": ""}]), "all 1 rows were dropped", "empty_prompt", fn=load_prompts
+    )

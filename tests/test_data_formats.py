@@ -45,11 +45,22 @@ def _parquet(rows) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("kind, where", [("jsonl", ["line 1", "line 2"]), ("json", ["row 1", "row 2"]),
-                                         ("csv", ["line 2", "line 3"]), ("parquet", ["row 1", "row 2"])])
+@pytest.mark.parametrize(
+    "kind, where",
+    [
+        ("jsonl", ["line 1", "line 2"]),
+        ("json", ["row 1", "row 2"]),
+        ("csv", ["line 2", "line 3"]),
+        ("parquet", ["row 1", "row 2"]),
+    ],
+)
 def test_gzipped_files(tmp_path, kind, where):
-    data = {"jsonl": lambda: _jsonl(ROWS).encode(), "json": lambda: json.dumps(ROWS, indent=2).encode(),
-            "csv": lambda: CSV.encode(), "parquet": lambda: _parquet(ROWS)}[kind]()
+    data = {
+        "jsonl": lambda: _jsonl(ROWS).encode(),
+        "json": lambda: json.dumps(ROWS, indent=2).encode(),
+        "csv": lambda: CSV.encode(),
+        "parquet": lambda: _parquet(ROWS),
+    }[kind]()
     gz = tmp_path / f"p.{kind}.gz"
     gz.write_bytes(gzip.compress(data))
     assert read_table(gz).kind == kind
@@ -79,21 +90,28 @@ def test_explicit_parquet(tmp_path):
 
 
 def test_implicit_transcripts(tmp_path):
-    rows = [{
-        "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: Knock knock.",
-        "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: No.",
-    }]
+    rows = [
+        {
+            "chosen": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: Knock knock.",
+            "rejected": "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant: No.",
+        }
+    ]
     path = _write(tmp_path / "hh.jsonl", _jsonl(rows))
     assert detect_format(read_table(path)) == "implicit"
     examples, _ = load_preferences(path)
-    assert examples == [PreferenceExample("\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant:",
-                                          " Knock knock.", " No.")]
+    assert examples == [
+        PreferenceExample("\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Joke?\n\nAssistant:", " Knock knock.", " No.")
+    ]
 
 
 def test_conversational_without_prompt_column(tmp_path, tokenizer):
     user = {"role": "user", "content": "Hi"}
-    rows = [{"chosen": [user, {"role": "assistant", "content": "Hello!"}],
-             "rejected": [user, {"role": "assistant", "content": "Go away."}]}]
+    rows = [
+        {
+            "chosen": [user, {"role": "assistant", "content": "Hello!"}],
+            "rejected": [user, {"role": "assistant", "content": "Go away."}],
+        }
+    ]
     path = _write(tmp_path / "c.jsonl", _jsonl(rows))
     assert detect_format(read_table(path)) == "conversational"
     (ex,), _ = load_preferences(path, tokenizer)
@@ -106,18 +124,33 @@ def test_conversational_without_prompt_column(tmp_path, tokenizer):
 
 
 def test_conversational_with_prompt_column(tmp_path, tokenizer):
-    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
-             "chosen": [{"role": "assistant", "content": "4"}],
-             "rejected": [{"role": "assistant", "content": "5"}]}]
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}],
+            "chosen": [{"role": "assistant", "content": "4"}],
+            "rejected": [{"role": "assistant", "content": "5"}],
+        }
+    ]
     (ex,), _ = load_preferences(_write(tmp_path / "c.jsonl", _jsonl(rows)), tokenizer)
-    assert ex.prompt == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n"
-                         "<|im_start|>assistant\n")
+    assert ex.prompt == (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
+    )
     assert (ex.chosen, ex.rejected) == ("4<|im_end|>", "5<|im_end|>")
 
 
 def test_forced_format_overrides_detection(tmp_path):
-    path = _write(tmp_path / "p.jsonl", _jsonl([{"prompt": "ignored", "chosen": "\n\nHuman: a\n\nAssistant: b",
-                                                 "rejected": "\n\nHuman: a\n\nAssistant: c"}]))
+    path = _write(
+        tmp_path / "p.jsonl",
+        _jsonl(
+            [
+                {
+                    "prompt": "ignored",
+                    "chosen": "\n\nHuman: a\n\nAssistant: b",
+                    "rejected": "\n\nHuman: a\n\nAssistant: c",
+                }
+            ]
+        ),
+    )
     assert load_preferences(path)[0][0].prompt == "ignored"
     assert load_preferences(path, format="implicit")[0] == [PreferenceExample("\n\nHuman: a\n\nAssistant:", " b", " c")]
 
@@ -136,6 +169,8 @@ def test_prompts_from_files_and_lists(tmp_path, tokenizer):
 def test_prompts_from_a_preference_file_are_its_pair_prompts(tmp_path):
     path = _write(tmp_path / "p.jsonl", _jsonl(ROWS))
     assert load_prompts(path) == ["Q: 2+2?", "Say hi,\nplease"]
-    hh = _write(tmp_path / "hh.jsonl", _jsonl([{"chosen": "\n\nHuman: a\n\nAssistant: b",
-                                                 "rejected": "\n\nHuman: a\n\nAssistant: c"}]))
+    hh = _write(
+        tmp_path / "hh.jsonl",
+        _jsonl([{"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: a\n\nAssistant: c"}]),
+    )
     assert load_prompts(hh) == ["\n\nHuman: a\n\nAssistant:"]

@@ -38,12 +38,14 @@ class FakeHub:
 
 @pytest.fixture()
 def hub(monkeypatch):
-    fake = FakeHub({
-        ("org/pairs", "test"): PAIRS_TEST,
-        ("org/pairs", "validation"): PAIRS_VALID,
-        ("org/prompts", "test"): PROMPTS_TEST,
-        ("org/sft", "test"): SFT_TEST,
-    })
+    fake = FakeHub(
+        {
+            ("org/pairs", "test"): PAIRS_TEST,
+            ("org/pairs", "validation"): PAIRS_VALID,
+            ("org/prompts", "test"): PROMPTS_TEST,
+            ("org/sft", "test"): SFT_TEST,
+        }
+    )
     monkeypatch.setattr(datasets, "load_dataset", fake)
     return fake
 
@@ -106,8 +108,15 @@ class ConstantReward:
 def test_ppo_passes_prompts_split(hub, tmp_path, tiny_model_dir):
     from prefalign.trainers.ppo import PPOTrainer
 
-    cfg = PPOConfig(prompts="org/prompts", prompts_split="test", reward="constant", model=str(tiny_model_dir),
-                    output=str(tmp_path / "run"), rollout_batch_size=2, precision="fp32")
+    cfg = PPOConfig(
+        prompts="org/prompts",
+        prompts_split="test",
+        reward="constant",
+        model=str(tiny_model_dir),
+        output=str(tmp_path / "run"),
+        rollout_batch_size=2,
+        precision="fp32",
+    )
     trainer = PPOTrainer(cfg, reward_source=ConstantReward())
     trainer.init_backend()
     trainer.setup()

@@ -48,8 +48,9 @@ def test_percentiles_are_nearest_rank():
 
 def _run(*args):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    return subprocess.run([sys.executable, "-m", "prefalign", *args], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "prefalign", *args], capture_output=True, text=True, env=env, timeout=120
+    )
 
 
 @needs_hh

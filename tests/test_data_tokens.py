@@ -74,15 +74,13 @@ def test_all_too_long_is_an_error(tokenizer):
 
 
 def test_tokenize_sft_shares_the_policy(tokenizer):
-    rows, report = tokenize_sft(["Q: one two three four five six", "Hello"], [" A", " world" * 30], tokenizer,
-                                max_length=8, max_prompt_length=6)
+    rows, report = tokenize_sft(
+        ["Q: one two three four five six", "Hello"], [" A", " world" * 30], tokenizer, max_length=8, max_prompt_length=6
+    )
     assert [(r.prompt_ids, r.completion_ids) for r in rows] == [([582, 827, 1296, 1876, 2531, 2976], [330, 2])]
     assert report.counts == {"too_long": 1} and report.truncated == 1
     assert report.first["too_long"].startswith("example 2:")
 
 
 def test_tokenize_prompts_left_truncates(tokenizer):
-    assert tokenize_prompts(["Q: one two three four five six", "Hello"], tokenizer, 3) == [
-        [1876, 2531, 2976],
-        [19556],
-    ]
+    assert tokenize_prompts(["Q: one two three four five six", "Hello"], tokenizer, 3) == [[1876, 2531, 2976], [19556]]

@@ -12,8 +12,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import (assert_same_tensors, final_weights, launch, learnable_pairs, read_metrics,
-                      two_process_config, write_jsonl)
+from conftest import (
+    assert_same_tensors,
+    final_weights,
+    launch,
+    learnable_pairs,
+    read_metrics,
+    two_process_config,
+    write_jsonl,
+)
 
 pytest.importorskip("deepspeed", reason="make install installs deepspeed; a bare environment may not have it")
 
@@ -56,9 +63,31 @@ def test_zero2_dpo_with_chunks_and_accumulation_matches_one_process_and_resumes(
     gradient, clipped to --max-grad-norm; the checkpoint of step 2 resumes to the same final weights."""
     config = two_process_config("deepspeed_zero2", tmp_path)
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(40))
-    common = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "4", "--learning-rate", "1e-3",
-              "--precision", "fp32", "--eval-split", "0.2", "--lr-scheduler", "constant", "--save-steps", "2",
-              "--grad-accum", "2", "--forward-batch-size", "1", "--max-grad-norm", "0.5"]
+    common = [
+        "dpo",
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--precision",
+        "fp32",
+        "--eval-split",
+        "0.2",
+        "--lr-scheduler",
+        "constant",
+        "--save-steps",
+        "2",
+        "--grad-accum",
+        "2",
+        "--forward-batch-size",
+        "1",
+        "--max-grad-norm",
+        "0.5",
+    ]
     _one([*common, "--batch-size", "2", "--output", tmp_path / "one"])
     _two(config, [*common, "--batch-size", "1", "--output", tmp_path / "two"])  # same global batch: 1 x 2 x 2
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -82,11 +111,27 @@ def test_zero3_lora_dpo_and_reward_write_whole_models(tmp_path, tiny_model_dir, 
     reward model give a 1-process run's losses, and final/ gathers the whole model (or adapter)."""
     config = two_process_config("deepspeed_zero3", tmp_path)
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(33))
-    common = [command, "--data", data, "--model", tiny_model_dir, "--max-steps", "3", "--precision", "fp32",
-              "--eval-split", "0.28", "--lr-scheduler", "constant"]
+    common = [
+        command,
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        "3",
+        "--precision",
+        "fp32",
+        "--eval-split",
+        "0.28",
+        "--lr-scheduler",
+        "constant",
+    ]
     # weight decay: under zero.Init every weight loads as an empty 1-D tensor, and must still be decayed like a 2-D one
-    common += ["--lora-r", "4", "--learning-rate", "1e-2", "--save-steps", "2"] if command == "dpo" else \
-        ["--learning-rate", "1e-3", "--weight-decay", "0.5"]
+    common += (
+        ["--lora-r", "4", "--learning-rate", "1e-2", "--save-steps", "2"]
+        if command == "dpo"
+        else ["--learning-rate", "1e-3", "--weight-decay", "0.5"]
+    )
     _one([*common, "--batch-size", "4", "--output", tmp_path / "one"])
     _two(config, [*common, "--batch-size", "2", "--output", tmp_path / "two"])
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -107,21 +152,32 @@ def test_zero3_lora_dpo_and_reward_write_whole_models(tmp_path, tiny_model_dir, 
         assert_same_tensors(final_weights(tmp_path / "two"), two, TOL)
 
 
-@pytest.mark.parametrize("stage,command,needle", [
-    ("deepspeed_zero3", ["dpo"], "dpo under DeepSpeed ZeRO-3 needs --lora-r"),
-    ("deepspeed_zero3", ["ppo", "--reward", "vader", "--rollout-batch-size", "4"],
-     "ppo does not run under DeepSpeed yet"),
-    ("deepspeed_zero3", ["sft", "--lora-r", "4", "--merge-lora"], "--merge-lora: under FSDP or ZeRO-3"),
-    ("deepspeed_zero0", ["sft"], "DeepSpeed zero_stage 0: prefalign runs ZeRO stages 1-3"),
-])
+@pytest.mark.parametrize(
+    "stage,command,needle",
+    [
+        ("deepspeed_zero3", ["dpo"], "dpo under DeepSpeed ZeRO-3 needs --lora-r"),
+        (
+            "deepspeed_zero3",
+            ["ppo", "--reward", "vader", "--rollout-batch-size", "4"],
+            "ppo does not run under DeepSpeed yet",
+        ),
+        ("deepspeed_zero3", ["sft", "--lora-r", "4", "--merge-lora"], "--merge-lora: under FSDP or ZeRO-3"),
+        ("deepspeed_zero0", ["sft"], "DeepSpeed zero_stage 0: prefalign runs ZeRO stages 1-3"),
+    ],
+)
 def test_deepspeed_refuses_what_it_cannot_run(tmp_path, tiny_model_dir, stage, command, needle):
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
     flag = "--prompts" if command[0] == "ppo" else "--data"
-    config = two_process_config("deepspeed_zero2", tmp_path, zero_stage=0) if stage == "deepspeed_zero0" else \
-        two_process_config(stage, tmp_path)
+    config = (
+        two_process_config("deepspeed_zero2", tmp_path, zero_stage=0)
+        if stage == "deepspeed_zero0"
+        else two_process_config(stage, tmp_path)
+    )
     size = [] if command[0] == "ppo" else ["--batch-size", "2"]
-    r = launch([*command, flag, data, "--model", tiny_model_dir, "--max-steps", "1", *size, "--output",
-                tmp_path / "out"], config=config)
+    r = launch(
+        [*command, flag, data, "--model", tiny_model_dir, "--max-steps", "1", *size, "--output", tmp_path / "out"],
+        config=config,
+    )
     assert r.returncode != 0
     assert f"error: {needle}" in r.stderr
     assert not (tmp_path / "out").exists()
@@ -134,13 +190,30 @@ def test_a_nan_step_is_skipped_and_its_gradients_dropped(tmp_path, tiny_model_di
     skipped the same step (kept NaN gradients would poison the next step)."""
     (tmp_path / "nan_worker.py").write_text(NAN_WORKER)
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(16))
-    common = ["--data", data, "--model", tiny_model_dir, "--max-steps", "4", "--learning-rate", "1e-3",
-              "--precision", "fp32", "--lr-scheduler", "constant", "--grad-accum", "2"]
+    common = [
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--precision",
+        "fp32",
+        "--lr-scheduler",
+        "constant",
+        "--grad-accum",
+        "2",
+    ]
     if stage == "deepspeed_zero3":
         common += ["--lora-r", "4"]  # ZeRO-3's DPO reference is the adapter-off policy
     for name, config, batch in (("one", None, "2"), ("two", two_process_config(stage, tmp_path), "1")):
-        r = launch([*common, "--batch-size", batch, "--output", tmp_path / name], config=config,
-                   script=tmp_path / "nan_worker.py")
+        r = launch(
+            [*common, "--batch-size", batch, "--output", tmp_path / name],
+            config=config,
+            script=tmp_path / "nan_worker.py",
+        )
         assert r.returncode == 0, r.stderr[-3000:]
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["skipped_steps"] for r in b] == [0, 1, 1, 1] and "loss" not in b[1]

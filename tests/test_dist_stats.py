@@ -36,8 +36,10 @@ def test_shards_whitened_with_global_statistics_equal_the_whole_batch_whitened(s
     x, mask = _batch()
     whole = masked_whiten(x, mask, shift_mean=shift_mean)
     mean, var = masked_mean_var(ONE_PROCESS, x, mask)  # the statistics of the concatenated shards
-    shards = [masked_whiten(x[rows], mask[rows], shift_mean=shift_mean, mean=mean, var=var)
-              for rows in (slice(0, 2), slice(2, 6))]
+    shards = [
+        masked_whiten(x[rows], mask[rows], shift_mean=shift_mean, mean=mean, var=var)
+        for rows in (slice(0, 2), slice(2, 6))
+    ]
     assert torch.allclose(torch.cat(shards), whole, atol=1e-6)
     # while whitening each shard with its own statistics does not
     local = [masked_whiten(x[rows], mask[rows], shift_mean=shift_mean) for rows in (slice(0, 2), slice(2, 6))]
@@ -66,8 +68,9 @@ def test_explained_variance_with_given_variances_is_the_plain_one():
     ret, mask = _batch(seed=2)
     values = torch.where(mask.bool(), ret * 0.5 + 0.1, torch.zeros_like(ret))
     plain = explained_variance(values, ret, mask)
-    given = explained_variance(values, ret, mask, var_returns=masked_var(ret, mask),
-                               var_residual=masked_var(ret - values, mask))
+    given = explained_variance(
+        values, ret, mask, var_returns=masked_var(ret, mask), var_residual=masked_var(ret - values, mask)
+    )
     assert torch.equal(given, plain)
     _, var_ret = masked_mean_var(ONE_PROCESS, ret, mask)
     assert explained_variance(values, ret, mask, var_returns=var_ret) == pytest.approx(plain.item(), rel=1e-6)

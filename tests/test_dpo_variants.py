@@ -52,8 +52,10 @@ def test_each_entry_declares_what_the_trainer_reads():
         "simpo": (False, True, {"beta": 2.0, "simpo_gamma": 1.0}),
         "orpo": (False, True, {"orpo_lambda": 0.1}),
     }
-    got = {v.name: (v.uses_reference, v.length_averaged, {h.name: h.default for h in v.hyperparams})
-           for v in DPO_LOSSES.values()}
+    got = {
+        v.name: (v.uses_reference, v.length_averaged, {h.name: h.default for h in v.hyperparams})
+        for v in DPO_LOSSES.values()
+    }
     assert got == want
     assert all(name == v.name for name, v in DPO_LOSSES.items())
 
@@ -99,8 +101,9 @@ def test_simpo_matches_a_per_row_loop():
     g = torch.Generator().manual_seed(1)
     c, r = -3 * torch.rand(2, 9, generator=g, dtype=D)
     loss, _ = dpo_loss(c, r, None, None, loss_type="simpo", beta=2.5, simpo_gamma=0.7)
-    assert loss.item() == pytest.approx(mean([simpo_row(a, b, 2.5, 0.7) for a, b in zip(c.tolist(), r.tolist())]),
-                                        rel=1e-12)
+    assert loss.item() == pytest.approx(
+        mean([simpo_row(a, b, 2.5, 0.7) for a, b in zip(c.tolist(), r.tolist())]), rel=1e-12
+    )
 
 
 def test_simpo_with_gamma_0_is_reference_free_and_gamma_shifts_the_margin():
@@ -193,19 +196,30 @@ def test_orpo_stays_finite_when_a_completion_is_certain(dtype):
 
 
 # ---------------------------------------------------------------- refusals of the loss
-@pytest.mark.parametrize("loss_type,kw,msg", [
-    ("simpo", {"simpo_gamma": -1.0}, r"simpo_gamma must be >= 0, got -1.0"),
-    ("simpo", {"beta": 0.0}, r"beta must be > 0, got 0.0"),
-    ("orpo", {"orpo_lambda": 0.0}, r"orpo_lambda must be > 0, got 0.0"),
-    ("orpo", {"orpo_lambda": float("nan")}, r"orpo_lambda must be > 0, got nan"),
-    ("orpo", {"beta": 0.1}, r"loss_type 'orpo' does not use beta \(got 0.1\); it applies to \['hinge', 'ipo'"),
-    ("sigmoid", {"simpo_gamma": 0.5}, r"loss_type 'sigmoid' does not use simpo_gamma \(got 0.5\); it applies to "
-                                      r"\['simpo'\]"),
-    ("simpo", {"orpo_lambda": 0.5}, r"does not use orpo_lambda"),
-    ("simpo", {"label_smoothing": 0.1}, r"does not use label_smoothing"),
-    ("simpo", {"betta": 0.1}, r"unknown DPO hyperparameter betta; known: beta, label_smoothing, simpo_gamma, "
-                              r"orpo_lambda"),
-])
+@pytest.mark.parametrize(
+    "loss_type,kw,msg",
+    [
+        ("simpo", {"simpo_gamma": -1.0}, r"simpo_gamma must be >= 0, got -1.0"),
+        ("simpo", {"beta": 0.0}, r"beta must be > 0, got 0.0"),
+        ("orpo", {"orpo_lambda": 0.0}, r"orpo_lambda must be > 0, got 0.0"),
+        ("orpo", {"orpo_lambda": float("nan")}, r"orpo_lambda must be > 0, got nan"),
+        ("orpo", {"beta": 0.1}, r"loss_type 'orpo' does not use beta \(got 0.1\); it applies to \['hinge', 'ipo'"),
+        (
+            "sigmoid",
+            {"simpo_gamma": 0.5},
+            r"loss_type 'sigmoid' does not use simpo_gamma \(got 0.5\); it applies to "
+            r"\['simpo'\]",
+        ),
+        ("simpo", {"orpo_lambda": 0.5}, r"does not use orpo_lambda"),
+        ("simpo", {"label_smoothing": 0.1}, r"does not use label_smoothing"),
+        (
+            "simpo",
+            {"betta": 0.1},
+            r"unknown DPO hyperparameter betta; known: beta, label_smoothing, simpo_gamma, "
+            r"orpo_lambda",
+        ),
+    ],
+)
 def test_hyperparameters_out_of_range_or_unused_are_refused(loss_type, kw, msg):
     refs = (None, None) if loss_type in ("simpo", "orpo") else (torch.zeros(2), torch.zeros(2))
     with pytest.raises(ValueError, match=msg):
@@ -242,23 +256,31 @@ def test_config_fields_and_defaults_come_from_the_table(pairs):
     assert resolved["sigmoid"] == {"beta": 0.1, "label_smoothing": 0.0}
     assert DPOConfig(data=str(pairs), loss_type="orpo").resolved_beta is None
     assert DPOConfig(data=str(pairs), loss_type="simpo", beta=3.0, simpo_gamma=0.0).loss_hyperparams == {
-        "beta": 3.0, "simpo_gamma": 0.0}
+        "beta": 3.0,
+        "simpo_gamma": 0.0,
+    }
     for t, v in DPO_LOSSES.items():
         assert DPOConfig(data=str(pairs), loss_type=t).uses_reference == v.uses_reference
 
 
-@pytest.mark.parametrize("kw,msg", [
-    ({"loss_type": "simpo", "simpo_gamma": -1.0}, r"^--simpo-gamma must be >= 0, got -1.0$"),
-    ({"loss_type": "orpo", "orpo_lambda": 0.0}, r"^--orpo-lambda must be > 0, got 0.0$"),
-    ({"loss_type": "simpo", "beta": -2.0}, r"^--beta must be > 0, got -2.0$"),
-    ({"loss_type": "orpo", "beta": 0.1}, r"^--loss-type 'orpo' does not use --beta \(got 0.1\)"),
-    ({"loss_type": "sigmoid", "simpo_gamma": 0.5}, r"^--loss-type 'sigmoid' does not use --simpo-gamma \(got 0.5\); "
-                                                   r"it applies to \['simpo'\]$"),
-    ({"loss_type": "simpo", "orpo_lambda": 0.2}, r"^--loss-type 'simpo' does not use --orpo-lambda"),
-    ({"loss_type": "orpo", "label_smoothing": 0.1}, r"^--loss-type 'orpo' does not use --label-smoothing"),
-    ({"loss_type": "simpo", "ref": "x"}, r"^--ref is unused by --loss-type simpo \(it takes no reference\)"),
-    ({"loss_type": "orpo", "ref": "x"}, r"^--ref is unused by --loss-type orpo"),
-])
+@pytest.mark.parametrize(
+    "kw,msg",
+    [
+        ({"loss_type": "simpo", "simpo_gamma": -1.0}, r"^--simpo-gamma must be >= 0, got -1.0$"),
+        ({"loss_type": "orpo", "orpo_lambda": 0.0}, r"^--orpo-lambda must be > 0, got 0.0$"),
+        ({"loss_type": "simpo", "beta": -2.0}, r"^--beta must be > 0, got -2.0$"),
+        ({"loss_type": "orpo", "beta": 0.1}, r"^--loss-type 'orpo' does not use --beta \(got 0.1\)"),
+        (
+            {"loss_type": "sigmoid", "simpo_gamma": 0.5},
+            r"^--loss-type 'sigmoid' does not use --simpo-gamma \(got 0.5\); "
+            r"it applies to \['simpo'\]$",
+        ),
+        ({"loss_type": "simpo", "orpo_lambda": 0.2}, r"^--loss-type 'simpo' does not use --orpo-lambda"),
+        ({"loss_type": "orpo", "label_smoothing": 0.1}, r"^--loss-type 'orpo' does not use --label-smoothing"),
+        ({"loss_type": "simpo", "ref": "x"}, r"^--ref is unused by --loss-type simpo \(it takes no reference\)"),
+        ({"loss_type": "orpo", "ref": "x"}, r"^--ref is unused by --loss-type orpo"),
+    ],
+)
 def test_config_refuses_out_of_range_and_unused_hyperparameters(pairs, kw, msg):
     from prefalign.trainers.dpo import DPOConfig
 
@@ -286,10 +308,16 @@ def test_help_lists_every_table_entry_and_hyperparameter(capsys):
     assert "seed" not in loss_type_help.lower()
 
 
-@pytest.mark.parametrize("args,msg", [
-    (["--loss-type", "simpo", "--simpo-gamma", "-1"], "--simpo-gamma must be >= 0, got -1.0"),
-    (["--loss-type", "sigmoid", "--orpo-lambda", "0.5"], "--loss-type 'sigmoid' does not use --orpo-lambda (got 0.5)"),
-])
+@pytest.mark.parametrize(
+    "args,msg",
+    [
+        (["--loss-type", "simpo", "--simpo-gamma", "-1"], "--simpo-gamma must be >= 0, got -1.0"),
+        (
+            ["--loss-type", "sigmoid", "--orpo-lambda", "0.5"],
+            "--loss-type 'sigmoid' does not use --orpo-lambda (got 0.5)",
+        ),
+    ],
+)
 def test_cli_refuses_a_bad_hyperparameter_in_one_line(tmp_path, pairs, args, msg):
     r = run_cli("dpo", "--data", pairs, "--output", tmp_path / "x", *args)
     assert r.returncode == 2, r.stderr[-2000:]
@@ -328,8 +356,9 @@ def test_simpo_and_orpo_train_without_a_reference(tmp_path, tiny_model_dir, loss
     from transformers import AutoModelForCausalLM
 
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))  # the tiny model starts out wrong on it
-    trainer, final, rows = _train(tmp_path, tiny_model_dir, data, loss_type=loss_type, max_steps=10, eval_split=0.25,
-                                  **kw)
+    trainer, final, rows = _train(
+        tmp_path, tiny_model_dir, data, loss_type=loss_type, max_steps=10, eval_split=0.25, **kw
+    )
     assert trainer.ref_model is None and trainer.ref_cache is None  # --precompute-ref is a no-op here
     assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
     start = rows[0]
@@ -340,8 +369,10 @@ def test_simpo_and_orpo_train_without_a_reference(tmp_path, tiny_model_dir, loss
     for name, p in trainer.accelerator.unwrap_model(trainer.model).named_parameters():
         assert p.requires_grad and not torch.equal(p.detach(), before[name]), f"{name} did not change"
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert {k: run.get(k) for k in HYPERPARAM_NAMES} == {**dict.fromkeys(HYPERPARAM_NAMES),
-                                                           **trainer.cfg.loss_hyperparams}
+    assert {k: run.get(k) for k in HYPERPARAM_NAMES} == {
+        **dict.fromkeys(HYPERPARAM_NAMES),
+        **trainer.cfg.loss_hyperparams,
+    }
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["beta"] is None  # the user's value
     # the trainer feeds per-token means and the table's hyperparameters: its loss is the naive one
     batch = trainer._to_device(trainer.collate(trainer.train_data[:6]))

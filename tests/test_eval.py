@@ -21,8 +21,12 @@ def test_win_rate_counts_wins_ties_and_losses_by_index():
 def test_policies_must_be_name_equals_path():
     base = dict(prompts=["x"], judge="vader")
     assert EvalConfig(policies=["a=dir/a", "b=x=y"], **base).policy_specs == [("a", "dir/a"), ("b", "x=y")]
-    for bad, msg in [("nosep", "expected NAME=PATH"), ("=path", "expected NAME=PATH"), ("a=", "expected NAME=PATH"),
-                     ("reference=x", "taken by --reference")]:
+    for bad, msg in [
+        ("nosep", "expected NAME=PATH"),
+        ("=path", "expected NAME=PATH"),
+        ("a=", "expected NAME=PATH"),
+        ("reference=x", "taken by --reference"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             EvalConfig(policies=[bad], **base)
     with pytest.raises(ValueError, match="given twice"):
@@ -39,8 +43,12 @@ def adapter_dir(tmp_path_factory, tiny_model_dir):
     from prefalign.models import load_causal_lm
 
     torch.manual_seed(1)
-    peft_model = get_peft_model(load_causal_lm(str(tiny_model_dir)), LoraConfig(
-        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"))
+    peft_model = get_peft_model(
+        load_causal_lm(str(tiny_model_dir)),
+        LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False, task_type="CAUSAL_LM"
+        ),
+    )
     path = tmp_path_factory.mktemp("adapter")
     peft_model.save_pretrained(path)
     return path, peft_model.eval()
@@ -82,17 +90,20 @@ def test_load_policy_refuses_an_adapter_whose_base_is_missing(adapter_dir, tmp_p
 def test_policy_base_maps_a_stale_embedded_cache_path_to_the_embedded_name(tmp_path):
     from prefalign.models import policy_base
 
-    (tmp_path / "adapter_config.json").write_text(json.dumps(
-        {"base_model_name_or_path": "/nowhere/.cache/prefalign/smollm2-135m", "task_type": "CAUSAL_LM"}))
+    (tmp_path / "adapter_config.json").write_text(
+        json.dumps({"base_model_name_or_path": "/nowhere/.cache/prefalign/smollm2-135m", "task_type": "CAUSAL_LM"})
+    )
     assert policy_base(str(tmp_path)) == ("smollm2-135m", tmp_path)
     assert policy_base("org/model") == ("org/model", None)
 
 
 def _judges(tmp_path):
     judge = tmp_path / "judge.py"
-    judge.write_text("def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n\n"
-                     "def vowels(prompts, completions):\n"
-                     "    return [float(sum(ch in 'aeiou' for ch in c)) for c in completions]\n")
+    judge.write_text(
+        "def length(prompts, completions):\n    return [float(len(c)) for c in completions]\n\n"
+        "def vowels(prompts, completions):\n"
+        "    return [float(sum(ch in 'aeiou' for ch in c)) for c in completions]\n"
+    )
     return f"{judge}:length", f"{judge}:vowels"
 
 
@@ -106,9 +117,21 @@ def test_eval_self_is_zero_kl_and_all_ties_other_policies_are_not(tmp_path, tiny
     gold, proxy = _judges(tmp_path)
     out = tmp_path / "eval"
     prompts = ["the movie was", "this film", "my cat"]
-    result = evaluate(EvalConfig(policies=[f"same={tiny_model_dir}", f"other={other}", f"lora={adapter_dir[0]}"],
-                                 reference=str(tiny_model_dir), prompts=prompts, chat=False, judge=gold, proxy=proxy,
-                                 num_samples=2, max_new_tokens=6, batch_size=4, seed=3, output=str(out)))
+    result = evaluate(
+        EvalConfig(
+            policies=[f"same={tiny_model_dir}", f"other={other}", f"lora={adapter_dir[0]}"],
+            reference=str(tiny_model_dir),
+            prompts=prompts,
+            chat=False,
+            judge=gold,
+            proxy=proxy,
+            num_samples=2,
+            max_new_tokens=6,
+            batch_size=4,
+            seed=3,
+            output=str(out),
+        )
+    )
     m = result["policies"]
     assert list(m) == ["reference", "same", "other", "lora"]
     assert json.loads((out / "eval.json").read_text()) == json.loads(json.dumps(result))
@@ -140,8 +163,22 @@ def test_eval_self_is_zero_kl_and_all_ties_other_policies_are_not(tmp_path, tiny
 def test_eval_cli_smoke(tmp_path, tiny_model_dir):
     gold, _ = _judges(tmp_path)
     out = tmp_path / "eval"
-    r = run_cli("eval", "--policies", f"me={tiny_model_dir}", "--reference", tiny_model_dir, "--prompts", "hello",
-                "a film", "--judge", gold, "--max-new-tokens", "4", "--output", out)
+    r = run_cli(
+        "eval",
+        "--policies",
+        f"me={tiny_model_dir}",
+        "--reference",
+        tiny_model_dir,
+        "--prompts",
+        "hello",
+        "a film",
+        "--judge",
+        gold,
+        "--max-new-tokens",
+        "4",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads((out / "eval.json").read_text())
     assert result["policies"]["me"]["n"] == 2 and result["policies"]["me"]["win_rate"] == 0.5
@@ -151,8 +188,9 @@ def test_eval_cli_smoke(tmp_path, tiny_model_dir):
 
 
 def test_eval_cli_refuses_a_policy_without_a_name_with_one_line(tmp_path, tiny_model_dir):
-    r = run_cli("eval", "--policies", str(tiny_model_dir), "--prompts", "x", "--judge", "vader",
-                "--output", tmp_path / "x")
+    r = run_cli(
+        "eval", "--policies", str(tiny_model_dir), "--prompts", "x", "--judge", "vader", "--output", tmp_path / "x"
+    )
     assert r.returncode == 2
     assert r.stderr.strip() == f"error: --policies {str(tiny_model_dir)!r}: expected NAME=PATH, e.g. dpo=runs/dpo/final"
     assert not (tmp_path / "x").exists()
@@ -160,8 +198,13 @@ def test_eval_cli_refuses_a_policy_without_a_name_with_one_line(tmp_path, tiny_m
 
 def test_eval_refuses_a_missing_policy_before_writing_anything(tmp_path, tiny_model_dir):
     gold, _ = _judges(tmp_path)
-    cfg = EvalConfig(policies=[f"gone={tmp_path / 'gone'}"], reference=str(tiny_model_dir), prompts=["x"],
-                     judge=gold, output=str(tmp_path / "out"))
+    cfg = EvalConfig(
+        policies=[f"gone={tmp_path / 'gone'}"],
+        reference=str(tiny_model_dir),
+        prompts=["x"],
+        judge=gold,
+        output=str(tmp_path / "out"),
+    )
     with pytest.raises(UserError, match="--policies gone=.*unknown model"):
         evaluate(cfg)
     assert not (tmp_path / "out").exists()
@@ -174,9 +217,21 @@ def test_eval_samples_are_keyed_batch_size_free_and_bf16_sampling_keeps_float32_
     prompts = ["the movie was", "this film", "my cat"]
     runs = {}
     for name, bs, dtype in (("b4", 4, "float32"), ("b1", 1, "float32"), ("bf16", 4, "bfloat16")):
-        evaluate(EvalConfig(policies=[f"same={tiny_model_dir}"], reference=str(tiny_model_dir), prompts=prompts,
-                            chat=False, judge=gold, num_samples=2, max_new_tokens=6, batch_size=bs, seed=3,
-                            dtype=dtype, output=str(tmp_path / name)))
+        evaluate(
+            EvalConfig(
+                policies=[f"same={tiny_model_dir}"],
+                reference=str(tiny_model_dir),
+                prompts=prompts,
+                chat=False,
+                judge=gold,
+                num_samples=2,
+                max_new_tokens=6,
+                batch_size=bs,
+                seed=3,
+                dtype=dtype,
+                output=str(tmp_path / name),
+            )
+        )
         rows = [json.loads(x) for x in (tmp_path / name / "completions.jsonl").read_text().splitlines()]
         runs[name] = rows
     assert [r["completion"] for r in runs["b1"]] == [r["completion"] for r in runs["b4"]]

@@ -15,8 +15,16 @@ import shutil
 import pytest
 import torch
 
-from conftest import (assert_same_tensors, final_weights, launch, learnable_pairs, ppo_flags, read_metrics,
-                      two_process_config, write_jsonl)
+from conftest import (
+    assert_same_tensors,
+    final_weights,
+    launch,
+    learnable_pairs,
+    ppo_flags,
+    read_metrics,
+    two_process_config,
+    write_jsonl,
+)
 
 WORKER = """
 import sys
@@ -53,8 +61,7 @@ def fsdp(tmp_path):
     (tmp_path / "fsdp_worker.py").write_text(WORKER)
 
     def run(args, ok=True, **fsdp_config):
-        r = launch(args, config=two_process_config("fsdp", tmp_path, **fsdp_config),
-                   script=tmp_path / "fsdp_worker.py")
+        r = launch(args, config=two_process_config("fsdp", tmp_path, **fsdp_config), script=tmp_path / "fsdp_worker.py")
         if ok:
             assert r.returncode == 0, r.stderr[-3000:]
         return r
@@ -71,9 +78,27 @@ def test_fsdp_dpo_matches_one_process_and_resumes(tmp_path, tiny_model_dir, fsdp
     """Full fine-tuning DPO (a frozen reference model beside the sharded policy): losses and final weights of one
     process; the unsharded checkpoint resumes on 2 sharded processes and on 1 plain one, ending where it ended."""
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(40))
-    common = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "4", "--learning-rate", "1e-3",
-              "--precision", "fp32", "--eval-split", "0.2", "--lr-scheduler", "constant", "--save-steps", "2",
-              "--forward-batch-size", "1"]  # 2 forwards a micro-batch: the no_sync path under FSDP
+    common = [
+        "dpo",
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--precision",
+        "fp32",
+        "--eval-split",
+        "0.2",
+        "--lr-scheduler",
+        "constant",
+        "--save-steps",
+        "2",
+        "--forward-batch-size",
+        "1",
+    ]  # 2 forwards a micro-batch: the no_sync path under FSDP
     _one([*common, "--batch-size", "4", "--output", tmp_path / "one"])
     fsdp([*common, "--batch-size", "2", "--output", tmp_path / "two"])
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -108,8 +133,21 @@ def test_fsdp_lora_and_reward_write_whole_models(tmp_path, tiny_model_dir, fsdp,
     and a reward model (backbone + scalar head) under FSDP: losses and final/ equal a 1-process run's; eval on 9
     examples (5 + 4 per process) is the mean over the 9."""
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(33))
-    common = [command, "--data", data, "--model", tiny_model_dir, "--max-steps", "3", "--precision", "fp32",
-              "--eval-split", "0.28", "--lr-scheduler", "constant"]
+    common = [
+        command,
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        "3",
+        "--precision",
+        "fp32",
+        "--eval-split",
+        "0.28",
+        "--lr-scheduler",
+        "constant",
+    ]
     # LoRA needs the larger rate to move in 3 steps; at 1e-2 full fine-tuning's parameters drift past TOL (1e-5).
     # --precompute-ref: the adapter-off reference runs before any policy forward has gathered the sharded root
     lora = ["--lora-r", "4", "--learning-rate", "1e-2", "--precompute-ref"]
@@ -136,17 +174,45 @@ def test_fsdp_refuses_embeddings_untied_by_ram_efficient_loading(tmp_path, tiny_
     """accelerate's FSDP2 loading with cpu_ram_efficient_loading unties tied input/output embeddings (the tiny
     Llama, like SmolLM2, ties them): training would update two copies. A clear error, not a silent divergence."""
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
-    r = fsdp(["sft", "--data", data, "--model", tiny_model_dir, "--max-steps", "1", "--batch-size", "2",
-              "--precision", "fp32", "--output", tmp_path / "out"], ok=False, fsdp_cpu_ram_efficient_loading=True)
+    r = fsdp(
+        [
+            "sft",
+            "--data",
+            data,
+            "--model",
+            tiny_model_dir,
+            "--max-steps",
+            "1",
+            "--batch-size",
+            "2",
+            "--precision",
+            "fp32",
+            "--output",
+            tmp_path / "out",
+        ],
+        ok=False,
+        fsdp_cpu_ram_efficient_loading=True,
+    )
     assert r.returncode != 0
-    assert ("error: the model's tied input/output embeddings were untied while preparing it for distributed "
-            "training; with FSDP set fsdp_cpu_ram_efficient_loading: false") in r.stderr
+    assert (
+        "error: the model's tied input/output embeddings were untied while preparing it for distributed "
+        "training; with FSDP set fsdp_cpu_ram_efficient_loading: false"
+    ) in r.stderr
     assert not (tmp_path / "out").exists()
 
 
 # the PPO metrics of 2 processes that must be those of 1 (see tests/test_multiprocess.py for why they can be)
-PPO_KEYS = ("objective/scores", "objective/kl", "objective/entropy", "loss/policy", "loss/value", "policy/approxkl",
-            "val/ratio", "val/explained_variance", "val/response_length")
+PPO_KEYS = (
+    "objective/scores",
+    "objective/kl",
+    "objective/entropy",
+    "loss/policy",
+    "loss/value",
+    "policy/approxkl",
+    "val/ratio",
+    "val/explained_variance",
+    "val/response_length",
+)
 
 
 @pytest.mark.parametrize("lora", [False, True])
@@ -158,8 +224,17 @@ def test_fsdp_ppo_matches_one_process(tmp_path, tiny_model_dir, fsdp, lora):
     # seed 5, 12 new tokens: in iteration 2 process 0's responses all stop by token 7 while process 1's run to 12
     # (measured), so an unsynced decode would leave process 1 alone in 5 sharded forwards
     flags[flags.index("--max-new-tokens") + 1] = "12"
-    common = ["ppo", *flags, "--seed", "5", "--max-steps", "2", "--ppo-epochs", "2",
-              *(["--lora-r", "4", "--learning-rate", "1e-2"] if lora else [])]
+    common = [
+        "ppo",
+        *flags,
+        "--seed",
+        "5",
+        "--max-steps",
+        "2",
+        "--ppo-epochs",
+        "2",
+        *(["--lora-r", "4", "--learning-rate", "1e-2"] if lora else []),
+    ]
     _one([*common, "--output", tmp_path / "one"])
     fsdp([*common, "--output", tmp_path / "two"])
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")

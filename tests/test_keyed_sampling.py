@@ -11,8 +11,9 @@ LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])  # (V,) hand-built next-
 
 def _draw(n: int, temperature=1.0, top_k=0, top_p=1.0, position=0) -> torch.Tensor:
     """Tokens drawn for ``n`` rows (keys 0..n-1) that all see ``LOGITS``; ``(n,)``."""
-    sampler = KeyedSampler(seed=7, row_keys=list(range(n)), prompt_width=3, temperature=temperature,
-                           top_k=top_k, top_p=top_p)
+    sampler = KeyedSampler(
+        seed=7, row_keys=list(range(n)), prompt_width=3, temperature=temperature, top_k=top_k, top_p=top_p
+    )
     input_ids = torch.zeros(n, 3 + position, dtype=torch.long)  # only the width matters: position = width - 3
     out = sampler(input_ids, LOGITS.expand(n, -1).clone())
     assert ((out == 0).sum(1) == 1).all() and (out[out != 0] == float("-inf")).all()  # one finite score per row
@@ -66,16 +67,29 @@ def _generate(model, tokenizer, rows, keys, sampling):
     from prefalign.data import PromptCollator
 
     batch = PromptCollator(tokenizer.pad_token_id)(rows)
-    gen = generate(model, batch["input_ids"], batch["attention_mask"], sampling,
-                   eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                   row_keys=keys, seed=3)
+    gen = generate(
+        model,
+        batch["input_ids"],
+        batch["attention_mask"],
+        sampling,
+        eos_ids=eos_token_ids(model, tokenizer),
+        pad_id=tokenizer.pad_token_id,
+        tokenizer=tokenizer,
+        row_keys=keys,
+        seed=3,
+    )
     return [ids[mask.bool()].tolist() for ids, mask in zip(gen.response_ids, gen.response_mask)], gen.ended.tolist()
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(max_new_tokens=10, temperature=0.9),
-                                      SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9),
-                                      SamplingConfig(max_new_tokens=10, temperature=1.0, stop=["e"])],
-                         ids=["plain", "top-k-top-p", "stop-string"])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingConfig(max_new_tokens=10, temperature=0.9),
+        SamplingConfig(max_new_tokens=10, temperature=1.0, top_k=50, top_p=0.9),
+        SamplingConfig(max_new_tokens=10, temperature=1.0, stop=["e"]),
+    ],
+    ids=["plain", "top-k-top-p", "stop-string"],
+)
 def test_completions_do_not_depend_on_the_batch_layout(tiny_model, tokenizer, sampling):
     """4 rows in one batch, in two batches of 2 and in reverse order: the same completions (tiny fp32 model).
     Left padding differs between the layouts; a stop string ends rows at different steps."""
@@ -99,8 +113,17 @@ def test_ppo_rollouts_do_not_depend_on_the_batch_layout(tmp_path, tiny_model_dir
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("".join(f"review {i}: the movie was{' really' * (i % 3)}\n" for i in range(16)))
-    cfg = PPOConfig(prompts=str(prompts), reward="vader", model=str(tiny_model_dir), output=str(tmp_path / "run"),
-                    rollout_batch_size=8, max_new_tokens=6, precision="fp32", temperature=1.0, seed=0)
+    cfg = PPOConfig(
+        prompts=str(prompts),
+        reward="vader",
+        model=str(tiny_model_dir),
+        output=str(tmp_path / "run"),
+        rollout_batch_size=8,
+        max_new_tokens=6,
+        precision="fp32",
+        temperature=1.0,
+        seed=0,
+    )
     trainer = PPOTrainer(cfg)
     trainer.prepare()  # backend, models and the sampling copy, as a run has them before its first step
     idx = trainer.prompt_batch(3)

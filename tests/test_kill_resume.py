@@ -25,11 +25,26 @@ from conftest import final_weights, learnable_pairs, read_metrics, write_jsonl
 # What a launch imports (prefalign's commands import their heavy modules inside main): the fork server imports
 # them once, so a launch starts in a fraction of a second. Names, not this module: the server does not get the
 # tests directory on its path (Python 3.11's forkserver), and a preload that fails to import is skipped silently.
-PRELOAD = ["prefalign.cli", "prefalign.cli._args", "prefalign.trainers.dpo", "prefalign.trainers.reward",
-           "prefalign.trainers.ppo", "prefalign.trainers.rl", "prefalign.trainers.run", "accelerate", "peft",
-           "safetensors.torch", "tqdm.auto", "transformers.models.auto.modeling_auto",
-           "transformers.models.auto.tokenization_auto", "transformers.models.llama.modeling_llama",
-           "torch.distributed.checkpoint.state_dict", "torch.utils.tensorboard", "tyro", "deepspeed"]
+PRELOAD = [
+    "prefalign.cli",
+    "prefalign.cli._args",
+    "prefalign.trainers.dpo",
+    "prefalign.trainers.reward",
+    "prefalign.trainers.ppo",
+    "prefalign.trainers.rl",
+    "prefalign.trainers.run",
+    "accelerate",
+    "peft",
+    "safetensors.torch",
+    "tqdm.auto",
+    "transformers.models.auto.modeling_auto",
+    "transformers.models.auto.tokenization_auto",
+    "transformers.models.llama.modeling_llama",
+    "torch.distributed.checkpoint.state_dict",
+    "torch.utils.tensorboard",
+    "tyro",
+    "deepspeed",
+]
 PRELOAD = [name for name in PRELOAD if importlib.util.find_spec(name.split(".")[0]) is not None]  # deepspeed: optional
 
 PHASES = ("in-step", "before-checkpoint", "mid-checkpoint", "after-checkpoint")
@@ -44,8 +59,12 @@ def _arm_kill(step: int, phase: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     done = {"last": 0, "saving": None, "files": 0}  # the last step checkpointed or resumed from
-    resume, save_checkpoint, optimizer_step, save_file = (run.Run._resume, run.Run.save_checkpoint,
-                                                          backend.AccelerateBackend.step, checkpoint.torch.save)
+    resume, save_checkpoint, optimizer_step, save_file = (
+        run.Run._resume,
+        run.Run.save_checkpoint,
+        backend.AccelerateBackend.step,
+        checkpoint.torch.save,
+    )
 
     def resumed(self):
         done["last"] = resume(self)
@@ -118,11 +137,46 @@ def _commands(tmp_path, model_dir):
     return {
         "dpo": ["dpo", "--data", pairs, "--batch-size", "2", "--max-steps", "8", *common],
         "reward": ["reward", "--data", pairs, "--batch-size", "2", "--max-steps", "8", *common],
-        "ppo": ["ppo", "--prompts", prompts, "--reward", f"{judge}:score", "--rollout-batch-size", "4",
-                "--num-minibatches", "2", "--max-new-tokens", "4", "--max-steps", "7", "--ppo-epochs", "1", *common],
-        "rl": ["rl", "--prompts", prompts, "--reward", f"{judge}:score", "--estimator", "grpo", "--num-generations",
-               "2", "--rollout-batch-size", "4", "--num-minibatches", "2", "--max-new-tokens", "4", "--max-steps", "6",
-               "--ppo-epochs", "1", *common],
+        "ppo": [
+            "ppo",
+            "--prompts",
+            prompts,
+            "--reward",
+            f"{judge}:score",
+            "--rollout-batch-size",
+            "4",
+            "--num-minibatches",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--max-steps",
+            "7",
+            "--ppo-epochs",
+            "1",
+            *common,
+        ],
+        "rl": [
+            "rl",
+            "--prompts",
+            prompts,
+            "--reward",
+            f"{judge}:score",
+            "--estimator",
+            "grpo",
+            "--num-generations",
+            "2",
+            "--rollout-batch-size",
+            "4",
+            "--num-minibatches",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--max-steps",
+            "6",
+            "--ppo-epochs",
+            "1",
+            *common,
+        ],
     }
 
 

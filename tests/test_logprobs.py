@@ -64,7 +64,8 @@ def test_lm_head_runs_only_on_completion_positions(tiny_model):
     ids, mask, comp = _batch(pad_left=True)
     seen = []
     hook = tiny_model.get_output_embeddings().register_forward_hook(
-        lambda module, args, out: seen.append((tuple(args[0].shape), tuple(out.shape))))
+        lambda module, args, out: seen.append((tuple(args[0].shape), tuple(out.shape)))
+    )
     try:
         with torch.no_grad():
             completion_logprobs(tiny_model, ids, mask, comp)

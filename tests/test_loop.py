@@ -37,8 +37,20 @@ def test_lr_lambda_warms_up_then_follows_the_schedule():
     want = {
         "constant": warm + [1.0] * 11,
         "linear": warm + [1.0, 0.875, 0.75, 0.625, 0.5, 0.375, 0.25, 0.125, 0.0, 0.0, 0.0],
-        "cosine": warm + [1.0, 0.9619397662556434, 0.8535533905932737, 0.6913417161825449, 0.5, 0.30865828381745514,
-                          0.14644660940672627, 0.03806023374435663, 0.0, 0.0, 0.0],
+        "cosine": warm
+        + [
+            1.0,
+            0.9619397662556434,
+            0.8535533905932737,
+            0.6913417161825449,
+            0.5,
+            0.30865828381745514,
+            0.14644660940672627,
+            0.03806023374435663,
+            0.0,
+            0.0,
+            0.0,
+        ],
     }
     for kind, values in want.items():
         f = lr_lambda(kind, 2, 10)
@@ -54,8 +66,7 @@ def test_grad_accum_gives_the_update_of_the_whole_batch(tmp_path, tiny_model_dir
     step), the same mean loss, gradient norm and weights."""
     runs = {}
     for bs, accum in ((4, 1), (2, 2)):
-        trainer, rows, _ = _dpo(tmp_path, tiny_model_dir, pairs, f"b{bs}", batch_size=bs, grad_accum=accum,
-                                max_steps=2)
+        trainer, rows, _ = _dpo(tmp_path, tiny_model_dir, pairs, f"b{bs}", batch_size=bs, grad_accum=accum, max_steps=2)
         runs[bs] = rows, _params(trainer)
     (rows4, p4), (rows2, p2) = runs[4], runs[2]
     for a, b in zip(rows4, rows2):
@@ -71,12 +82,24 @@ def test_grad_accum_gives_the_update_of_the_whole_batch(tmp_path, tiny_model_dir
 
 def test_sft_grad_accum_keeps_the_token_level_mean(tmp_path, tiny_model_dir):
     """Completions of 1 to 8 words: the token-level mean over 4 examples is not the mean of two 2-example means."""
-    data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": f"Q{i}:", "completion": " yes" * (1 + i % 8)}
-                                                for i in range(16)])
+    data = write_jsonl(
+        tmp_path / "sft.jsonl", [{"prompt": f"Q{i}:", "completion": " yes" * (1 + i % 8)} for i in range(16)]
+    )
     runs = {}
     for bs, accum in ((4, 1), (2, 2)):
-        trainer = SFTTrainer(SFTConfig(**trainer_kwargs(tmp_path, tiny_model_dir, data, output=str(tmp_path / f"b{bs}"),
-                                                        batch_size=bs, grad_accum=accum, max_steps=2)))
+        trainer = SFTTrainer(
+            SFTConfig(
+                **trainer_kwargs(
+                    tmp_path,
+                    tiny_model_dir,
+                    data,
+                    output=str(tmp_path / f"b{bs}"),
+                    batch_size=bs,
+                    grad_accum=accum,
+                    max_steps=2,
+                )
+            )
+        )
         trainer.train()
         runs[bs] = read_metrics(tmp_path / f"b{bs}"), _params(trainer)
     (rows4, p4), (rows2, p2) = runs[4], runs[2]
@@ -98,8 +121,9 @@ def test_clipping_bounds_the_update_and_the_logged_norm_is_before_clipping(tmp_p
     before = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
     moved, norms = {}, {}
     for clip in (None, c):
-        trainer, rows, _ = _dpo(tmp_path, tiny_model_dir, pairs, f"clip{clip}", max_grad_norm=clip, max_steps=1,
-                                learning_rate=lr)
+        trainer, rows, _ = _dpo(
+            tmp_path, tiny_model_dir, pairs, f"clip{clip}", max_grad_norm=clip, max_steps=1, learning_rate=lr
+        )
         after = _params(trainer)
         moved[clip] = math.sqrt(sum(float((after[n] - p.detach()).pow(2).sum()) for n, p in before.items()))
         norms[clip] = rows[0]["grad_norm"]
@@ -110,8 +134,7 @@ def test_clipping_bounds_the_update_and_the_logged_norm_is_before_clipping(tmp_p
 
 
 # ---------------------------------------------------------------- resume
-def test_resume_from_a_given_checkpoint_with_lora_dropout_equals_the_uninterrupted_run(tmp_path, tiny_model_dir,
-                                                                                       pairs):
+def test_resume_from_a_given_checkpoint_with_lora_dropout_equals_the_uninterrupted_run(tmp_path, tiny_model_dir, pairs):
     """LoRA dropout draws from the global RNG, so a resumed run matches only if the RNG states come back. The run
     resumes from its step-2 checkpoint by path while the newer step-4 one is still there."""
     kw = dict(lora_r=4, lora_alpha=8, lora_dropout=0.5, learning_rate=1e-2, max_steps=4, save_steps=2)
@@ -138,8 +161,19 @@ def epochs_run(tmp_path_factory, tiny_model_dir):
     tmp = tmp_path_factory.mktemp("epochs")
     data = write_jsonl(tmp / "pairs.jsonl", learnable_pairs(48))
     evals = write_jsonl(tmp / "eval.jsonl", EVAL_ROWS)
-    trainer, rows, _ = _dpo(tmp, tiny_model_dir, data, "run", max_steps=None, epochs=0.3, eval_data=str(evals),
-                            eval_split=0.5, lr_scheduler="linear", warmup_steps=1, learning_rate=1e-3)
+    trainer, rows, _ = _dpo(
+        tmp,
+        tiny_model_dir,
+        data,
+        "run",
+        max_steps=None,
+        epochs=0.3,
+        eval_data=str(evals),
+        eval_split=0.5,
+        lr_scheduler="linear",
+        warmup_steps=1,
+        learning_rate=1e-3,
+    )
     return tmp / "run", rows, trainer
 
 
@@ -207,8 +241,10 @@ def _documented(trainer_heading: str) -> tuple[set[str], set[str]]:
     return keys, evals
 
 
-@pytest.mark.parametrize("name,trainer,config", [("sft", SFTTrainer, SFTConfig), ("dpo", DPOTrainer, DPOConfig),
-                                                 ("reward", RewardTrainer, RewardConfig)])
+@pytest.mark.parametrize(
+    "name,trainer,config",
+    [("sft", SFTTrainer, SFTConfig), ("dpo", DPOTrainer, DPOConfig), ("reward", RewardTrainer, RewardConfig)],
+)
 def test_every_logged_key_is_documented(tmp_path, tiny_model_dir, pairs, name, trainer, config):
     trainer(config(**trainer_kwargs(tmp_path, tiny_model_dir, pairs, max_steps=1, eval_split=0.25))).train()
     rows = read_metrics(tmp_path / "run")

@@ -29,16 +29,20 @@ def _inputs(seed=0, lengths=LENGTHS, k=K, t=5):
 
 
 def _seq_rewards(inp):
-    return [sum(inp.rewards[b, t].item() for t in range(inp.rewards.shape[1]) if inp.mask[b, t])
-            for b in range(inp.rewards.shape[0])]
+    return [
+        sum(inp.rewards[b, t].item() for t in range(inp.rewards.shape[1]) if inp.mask[b, t])
+        for b in range(inp.rewards.shape[0])
+    ]
 
 
 def _naive_outcome(inp, per_group):
     """Per-row values from ``per_group(list of K rewards) -> list of K``, broadcast to real tokens."""
     r, k = _seq_rewards(inp), inp.group_size
     per_row = [v for g in range(len(r) // k) for v in per_group(r[g * k : (g + 1) * k])]
-    return torch.tensor([[per_row[b] if inp.mask[b, t] else 0.0 for t in range(inp.mask.shape[1])]
-                         for b in range(len(r))], dtype=torch.float64)
+    return torch.tensor(
+        [[per_row[b] if inp.mask[b, t] else 0.0 for t in range(inp.mask.shape[1])] for b in range(len(r))],
+        dtype=torch.float64,
+    )
 
 
 def _grpo_group(rs, eps=GROUP_STD_EPS, divide=True):
@@ -51,9 +55,14 @@ def _rloo_group(rs):
     return [rs[i] - sum(rs[j] for j in range(len(rs)) if j != i) / (len(rs) - 1) for i in range(len(rs))]
 
 
-@pytest.mark.parametrize("fn,naive", [(grpo_advantages, _grpo_group),
-                                      (dr_grpo_advantages, lambda rs: _grpo_group(rs, divide=False)),
-                                      (rloo_advantages, _rloo_group)])
+@pytest.mark.parametrize(
+    "fn,naive",
+    [
+        (grpo_advantages, _grpo_group),
+        (dr_grpo_advantages, lambda rs: _grpo_group(rs, divide=False)),
+        (rloo_advantages, _rloo_group),
+    ],
+)
 def test_group_estimators_match_their_naive_loops(fn, naive):
     inp = _inputs()
     adv, ret = fn(inp)

@@ -88,8 +88,7 @@ def test_reference_free_beta_one_is_pairwise_log_likelihood():
 def test_policy_equal_to_reference_gives_ln2(loss_type, eps):
     g = torch.Generator().manual_seed(0)
     c, r = -50 * torch.rand(2, 6, generator=g, dtype=D)
-    loss, stats = dpo_loss(c, r, c.clone(), r.clone(), loss_type=loss_type, beta=3.0,
-                           label_smoothing=eps)
+    loss, stats = dpo_loss(c, r, c.clone(), r.clone(), loss_type=loss_type, beta=3.0, label_smoothing=eps)
     assert loss.item() == pytest.approx(math.log(2))
     assert stats["rewards/accuracies"].item() == 0.0 and stats["rewards/margins"].item() == 0.0
 

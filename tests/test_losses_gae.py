@@ -100,7 +100,6 @@ def test_refuses_bad_shapes_and_coefficients():
         gae(z, torch.zeros(2, 4), m, 1.0, 0.95)
     with pytest.raises(ValueError, match=r"\(B, T\)"):
         gae(torch.zeros(3), torch.zeros(3), torch.ones(3), 1.0, 0.95)
-    for gamma, lam, name in ((1.1, 0.9, "gamma"), (-0.1, 0.9, "gamma"), (1.0, 1.5, "lam"),
-                             (1.0, -0.5, "lam")):
+    for gamma, lam, name in ((1.1, 0.9, "gamma"), (-0.1, 0.9, "gamma"), (1.0, 1.5, "lam"), (1.0, -0.5, "lam")):
         with pytest.raises(ValueError, match=name):
             gae(z, z, m, gamma, lam)

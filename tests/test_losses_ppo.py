@@ -80,8 +80,9 @@ def test_policy_padding_never_affects_loss_or_gradient():
     loss, stats = ppo_policy_loss(logp, old_logp, adv, MASK, clip_eps=0.2)
     bad = torch.tensor([[False] * 5 + [True]])
     logp2 = logp.detach().masked_fill(bad, float("nan")).requires_grad_(True)
-    loss2, stats2 = ppo_policy_loss(logp2, old_logp.masked_fill(bad, -math.inf),
-                                    adv.masked_fill(bad, math.inf), MASK, clip_eps=0.2)
+    loss2, stats2 = ppo_policy_loss(
+        logp2, old_logp.masked_fill(bad, -math.inf), adv.masked_fill(bad, math.inf), MASK, clip_eps=0.2
+    )
     assert loss2.item() == loss.item()
     assert all(stats2[k].item() == stats[k].item() for k in stats)
     loss2.backward()
@@ -128,8 +129,9 @@ def test_value_loss_padding_never_affects_result():
     bad = ~VMASK.bool()
     v2 = v.detach().masked_fill(bad, math.nan).requires_grad_(True)
     loss, _ = ppo_value_loss(v, old, ret, VMASK, clip_range=0.2)
-    loss2, _ = ppo_value_loss(v2, old.masked_fill(bad, math.inf), ret.masked_fill(bad, -math.inf),
-                              VMASK, clip_range=0.2)
+    loss2, _ = ppo_value_loss(
+        v2, old.masked_fill(bad, math.inf), ret.masked_fill(bad, -math.inf), VMASK, clip_range=0.2
+    )
     assert loss2.item() == loss.item()
     loss2.backward()
     assert torch.isfinite(v2.grad).all()

@@ -9,8 +9,7 @@ from prefalign.losses.sft import sft_loss
 
 
 def test_sft_loss_by_hand_padding_and_gradient():
-    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -9.0, -9.0]], dtype=torch.float64,
-                         requires_grad=True)
+    logps = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -9.0, -9.0]], dtype=torch.float64, requires_grad=True)
     mask = torch.tensor([[0, 1, 1], [1, 0, 0]])
     loss, stats = sft_loss(logps, mask)
     assert loss.item() == pytest.approx((2.0 + 3.0 + 0.5) / 3)

@@ -70,8 +70,7 @@ def test_masked_whiten_by_hand():
     expected = [[(1 - 7 / 3) / std, (2 - 7 / 3) / std, 0.0], [(4 - 7 / 3) / std, 0.0, 0.0]]
     assert w.tolist() == [pytest.approx(row) for row in expected]
     w_keep_mean = masked_whiten(X, M, shift_mean=False, eps=0.0)
-    expected = [[(1 - 7 / 3) / std + 7 / 3, (2 - 7 / 3) / std + 7 / 3, 0.0],
-                [(4 - 7 / 3) / std + 7 / 3, 0.0, 0.0]]
+    expected = [[(1 - 7 / 3) / std + 7 / 3, (2 - 7 / 3) / std + 7 / 3, 0.0], [(4 - 7 / 3) / std + 7 / 3, 0.0, 0.0]]
     assert w_keep_mean.tolist() == [pytest.approx(row) for row in expected]
 
 

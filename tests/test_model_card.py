@@ -72,7 +72,9 @@ def _config_block(card: ModelCard) -> str:
 def dpo_run(tmp_path_factory, tiny_model_dir):
     """A 2-step dpo run on 16 learnable pairs and one pair that validation drops, a quarter held out."""
     tmp = tmp_path_factory.mktemp("dpo-card")
-    data = write_jsonl(tmp / "pairs.jsonl", [*learnable_pairs(16), {"prompt": "x", "chosen": "same", "rejected": "same"}])
+    data = write_jsonl(
+        tmp / "pairs.jsonl", [*learnable_pairs(16), {"prompt": "x", "chosen": "same", "rejected": "same"}]
+    )
     cfg = DPOConfig(**trainer_kwargs(tmp, tiny_model_dir, data, max_steps=2, eval_split=0.25))
     DPOTrainer(cfg).train()
     return cfg, tmp / "run"
@@ -82,13 +84,17 @@ def test_dpo_card_holds_metadata_formula_data_and_final_metrics(dpo_run):
     cfg, out = dpo_run
     card = _load(out / "final")
     # a local base model and a local data file: no base_model or datasets (the Hub refuses a path there)
-    assert card.data.to_dict() == {"library_name": "transformers", "pipeline_tag": "text-generation",
-                                   "tags": ["prefalign", "dpo", "sigmoid"]}
+    assert card.data.to_dict() == {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["prefalign", "dpo", "sigmoid"],
+    }
     assert card.text.startswith("\n# run: Direct Preference Optimization (DPO) family: sigmoid\n")
     assert f"trained with prefalign: `prefalign dpo` from `{cfg.model}`." in card.text
     assert f"Loss: {DPO_LOSSES['sigmoid'].help}; {NOTATION}\n" in card.text
-    assert f"`{cfg.data}` (a local file): 17 rows read, 16 kept, 1 dropped (identical 1); 12 train, 4 eval." \
-        in card.text
+    assert (
+        f"`{cfg.data}` (a local file): 17 rows read, 16 kept, 1 dropped (identical 1); 12 train, 4 eval." in card.text
+    )
     assert "| beta | 0.1 |" in card.text  # run.json's facts
     _assert_holds_final_metrics(card, out)
     import transformers
@@ -120,14 +126,14 @@ def test_resumed_run_card_holds_the_resumed_runs_metrics(tmp_path, tiny_model_di
 
 
 def test_lora_run_cards_the_adapter_and_the_merged_model(tmp_path, tiny_model_dir, pairs):
-    DPOTrainer(DPOConfig(**trainer_kwargs(tmp_path, tiny_model_dir, pairs, max_steps=1, lora_r=4,
-                                          merge_lora=True))).train()
+    DPOTrainer(
+        DPOConfig(**trainer_kwargs(tmp_path, tiny_model_dir, pairs, max_steps=1, lora_r=4, merge_lora=True))
+    ).train()
     out = tmp_path / "run"
     adapter, merged = _load(out / "final"), _load(out / "final-merged")
     tags = ["prefalign", "dpo", "sigmoid", "lora"]
     assert adapter.data.to_dict() == {"library_name": "peft", "pipeline_tag": "text-generation", "tags": tags}
-    assert merged.data.to_dict() == {"library_name": "transformers", "pipeline_tag": "text-generation",
-                                     "tags": tags}
+    assert merged.data.to_dict() == {"library_name": "transformers", "pipeline_tag": "text-generation", "tags": tags}
     # ours replaces the card peft writes beside an adapter
     assert "A LoRA adapter (load it onto its base model with `peft.PeftModel.from_pretrained`)" in adapter.text
     assert "A LoRA adapter merged into its base model" in merged.text
@@ -136,18 +142,36 @@ def test_lora_run_cards_the_adapter_and_the_merged_model(tmp_path, tiny_model_di
 
 
 def test_ppo_cards_the_policy_and_the_value_model(tmp_path, tiny_model_dir):
-    prompts = write_jsonl(tmp_path / "prompts.jsonl", [{"prompt": f"review {i}: the movie was"} for i in range(8)]
-                          + [{"prompt": " "}])
-    cfg = PPOConfig(prompts=str(prompts), reward="first-letter", model=str(tiny_model_dir),
-                    output=str(tmp_path / "run"), max_steps=1, rollout_batch_size=4, num_minibatches=1, ppo_epochs=1,
-                    max_new_tokens=4, learning_rate=1e-3, precision="fp32", seed=0)
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl", [{"prompt": f"review {i}: the movie was"} for i in range(8)] + [{"prompt": " "}]
+    )
+    cfg = PPOConfig(
+        prompts=str(prompts),
+        reward="first-letter",
+        model=str(tiny_model_dir),
+        output=str(tmp_path / "run"),
+        max_steps=1,
+        rollout_batch_size=4,
+        num_minibatches=1,
+        ppo_epochs=1,
+        max_new_tokens=4,
+        learning_rate=1e-3,
+        precision="fp32",
+        seed=0,
+    )
     PPOTrainer(cfg, reward_source=FirstTokenReward()).train()
     out = tmp_path / "run"
     policy, value = _load(out / "final"), _load(out / "value")
-    assert policy.data.to_dict() == {"library_name": "transformers", "pipeline_tag": "text-generation",
-                                     "tags": ["prefalign", "ppo", "rlhf"]}
-    assert value.data.to_dict() == {"library_name": "transformers", "pipeline_tag": "text-classification",
-                                    "tags": ["prefalign", "ppo", "rlhf", "value-model"]}
+    assert policy.data.to_dict() == {
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["prefalign", "ppo", "rlhf"],
+    }
+    assert value.data.to_dict() == {
+        "library_name": "transformers",
+        "pipeline_tag": "text-classification",
+        "tags": ["prefalign", "ppo", "rlhf", "value-model"],
+    }
     assert f"Loss: {METHODS['ppo'].formula}\n" in policy.text
     assert f"Loss: {METHODS['value'].formula}\n" in value.text
     assert "| reward | first-letter |" in policy.text
@@ -161,14 +185,19 @@ def test_hub_ids_go_into_the_metadata(tmp_path):
     """The embedded default names its Hub model, a hub dataset its id; both validate as repo ids."""
     run = tmp_path / "run"
     write_config(run, DPOConfig(data="Anthropic/hh-rlhf"))
-    write_json(run / "run.json", {"processes": 2, "data": {"source": "Anthropic/hh-rlhf", "rows": 3, "kept": 3,
-                                                           "dropped": {}}})
+    write_json(
+        run / "run.json", {"processes": 2, "data": {"source": "Anthropic/hh-rlhf", "rows": 3, "kept": 3, "dropped": {}}}
+    )
     (run / "final").mkdir()
     write_model_card(run / "final", CardFacts(run, "dpo", METHODS["dpo"], "smollm2-135m"))
     card = _load(run / "final")
-    assert card.data.to_dict() == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "datasets":
-                                   ["Anthropic/hh-rlhf"], "library_name": "transformers",
-                                   "pipeline_tag": "text-generation", "tags": ["prefalign", "dpo"]}
+    assert card.data.to_dict() == {
+        "base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+        "datasets": ["Anthropic/hh-rlhf"],
+        "library_name": "transformers",
+        "pipeline_tag": "text-generation",
+        "tags": ["prefalign", "dpo"],
+    }
     assert "(on the Hub: `HuggingFaceTB/SmolLM2-135M-Instruct`)" in card.text
     assert "`Anthropic/hh-rlhf` (a Hub dataset): 3 rows read, 3 kept, 0 dropped." in card.text
     assert "## Final metrics\n\nNone logged." in card.text

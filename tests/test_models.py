@@ -1,4 +1,3 @@
-
 import pytest
 import torch
 
@@ -16,11 +15,18 @@ def test_embedded_default_loads_from_cache_and_generates(tokenizer):
     model = load_causal_lm()
     assert model.config.num_hidden_layers == 30 and model.config.vocab_size == 49152
     assert model.dtype == torch.float32
-    text = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                         tokenize=False, add_generation_prompt=True)
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
     ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
-    gen = generate(model, ids, torch.ones_like(ids), SamplingConfig(max_new_tokens=8, greedy=True),
-                   eos_ids=eos_token_ids(model, tokenizer), pad_id=tokenizer.pad_token_id)
+    gen = generate(
+        model,
+        ids,
+        torch.ones_like(ids),
+        SamplingConfig(max_new_tokens=8, greedy=True),
+        eos_ids=eos_token_ids(model, tokenizer),
+        pad_id=tokenizer.pad_token_id,
+    )
     answer = tokenizer.decode(gen.response_ids[0], skip_special_tokens=True)
     assert "Paris" in answer, answer  # a dequantisation bug would give garbage, not Paris
 
@@ -125,9 +131,19 @@ def test_loading_turns_off_every_dropout_module_and_config_rate(tmp_path, tokeni
     from transformers import GPT2Config, GPT2LMHeadModel
 
     # GPT-2 holds its rates in nn.Dropout modules (Llama has none), and a config with four dropout fields
-    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=4,
-                        resid_pdrop=0.1, embd_pdrop=0.1, attn_pdrop=0.1, summary_first_dropout=0.1,
-                        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    config = GPT2Config(
+        vocab_size=len(tokenizer),
+        n_positions=64,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        resid_pdrop=0.1,
+        embd_pdrop=0.1,
+        attn_pdrop=0.1,
+        summary_first_dropout=0.1,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
     torch.manual_seed(0)
     gpt2 = GPT2LMHeadModel(config)
     assert not _train_mode_is_deterministic(gpt2, tokenizer)  # the check below can fail

@@ -22,8 +22,23 @@ def _launch(processes, args, script=None):
 @pytest.mark.parametrize("command", ["sft", "dpo", "reward"])
 def test_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir, command):
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(40))
-    common = [command, "--data", data, "--model", tiny_model_dir, "--max-steps", "4", "--learning-rate", "1e-3",
-              "--precision", "fp32", "--eval-split", "0.2", "--lr-scheduler", "constant"]
+    common = [
+        command,
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--max-steps",
+        "4",
+        "--learning-rate",
+        "1e-3",
+        "--precision",
+        "fp32",
+        "--eval-split",
+        "0.2",
+        "--lr-scheduler",
+        "constant",
+    ]
     one = _launch(1, [*common, "--batch-size", "4", "--output", tmp_path / "one"])
     assert one.returncode == 0, one.stderr[-3000:]
     two = _launch(2, [*common, "--batch-size", "2", "--output", tmp_path / "two"])  # same global batch: 2 x 2
@@ -98,8 +113,17 @@ def _assert_two_match_one(tmp_path, a, b, steps):
 
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
     for ra, rb in zip(a, b):
-        for key in ("objective/scores", "objective/kl", "objective/entropy", "loss/policy", "loss/value",
-                    "policy/approxkl", "val/ratio", "val/explained_variance", "val/response_length"):
+        for key in (
+            "objective/scores",
+            "objective/kl",
+            "objective/entropy",
+            "loss/policy",
+            "loss/value",
+            "policy/approxkl",
+            "val/ratio",
+            "val/explained_variance",
+            "val/response_length",
+        ):
             assert rb[key] == pytest.approx(ra[key], rel=PPO_REL, abs=PPO_ABS), (ra["step"], key)
         assert rb["val/num_eos"] == ra["val/num_eos"] and rb["episodes"] == ra["episodes"]
     lengths = [r["val/response_length"] for r in a]
@@ -169,8 +193,24 @@ def test_ppo_variants_on_two_processes_give_the_losses_of_one(tmp_path, tiny_mod
 def test_ppo_refuses_a_batch_the_processes_cannot_share(tmp_path, tiny_model_dir):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\nb\nc\nd\n")
-    r = _launch(2, ["ppo", "--prompts", prompts, "--reward", "vader", "--model", tiny_model_dir, "--max-steps", "1",
-                    "--rollout-batch-size", "3", "--output", tmp_path / "ppo"])
+    r = _launch(
+        2,
+        [
+            "ppo",
+            "--prompts",
+            prompts,
+            "--reward",
+            "vader",
+            "--model",
+            tiny_model_dir,
+            "--max-steps",
+            "1",
+            "--rollout-batch-size",
+            "3",
+            "--output",
+            tmp_path / "ppo",
+        ],
+    )
     assert r.returncode != 0
     assert "error: --rollout-batch-size 3 must be divisible by --num-minibatches x --grad-accum x processes" in r.stderr
     assert not (tmp_path / "ppo").exists()

@@ -18,8 +18,10 @@ from prefalign.cli import main
 from prefalign.errors import UserError
 from prefalign.runio import LOCK_FILE, claimed_output_dir, prepare_output_dir
 
-HOLD = "import sys, time; from prefalign.runio import lock_output_dir; lock_output_dir(sys.argv[1]); " \
-       "print('locked', flush=True); time.sleep(120)"
+HOLD = (
+    "import sys, time; from prefalign.runio import lock_output_dir; lock_output_dir(sys.argv[1]); "
+    "print('locked', flush=True); time.sleep(120)"
+)
 
 
 @pytest.fixture()
@@ -103,8 +105,23 @@ def test_the_cli_refuses_a_held_directory_in_one_line_and_deletes_nothing(capsys
 
 def _dpo_args(tmp_path, model_dir):
     pairs = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(16))
-    return ["dpo", "--data", str(pairs), "--model", str(model_dir), "--batch-size", "2", "--max-steps", "4",
-            "--precision", "fp32", "--learning-rate", "1e-3", "--save-steps", "2"]
+    return [
+        "dpo",
+        "--data",
+        str(pairs),
+        "--model",
+        str(model_dir),
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "4",
+        "--precision",
+        "fp32",
+        "--learning-rate",
+        "1e-3",
+        "--save-steps",
+        "2",
+    ]
 
 
 def _lock_holder_pid(out, procs, timeout=120):
@@ -129,8 +146,16 @@ def test_two_launches_at_once_one_runs_the_other_refuses(tmp_path, tiny_model_di
 
     args, out = _dpo_args(tmp_path, tiny_model_dir), tmp_path / "run"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    launches = [subprocess.Popen([sys.executable, "-m", "prefalign", *args, "--output", str(out)], env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    launches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "prefalign", *args, "--output", str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     procs = {p.pid: p for p in launches}
     try:
         winner_pid = _lock_holder_pid(out, procs)

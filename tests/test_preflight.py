@@ -30,13 +30,16 @@ def fake_free_disk(monkeypatch, free: int):
 
 
 # ------------------------------------------------------------------ the estimates
-@pytest.mark.parametrize("save_steps,limit,total,want", [
-    (None, 2, 100, 1),   # only the end's checkpoint
-    (10, 2, 100, 3),     # the limit, + the newest written before the oldest goes
-    (10, 5, 20, 2),      # fewer written than the limit keeps
-    (10, 2, None, 3),    # run length unknown before build: the limit bounds it
-    (7, 9, 20, 3),       # steps 7, 14 and the end
-])
+@pytest.mark.parametrize(
+    "save_steps,limit,total,want",
+    [
+        (None, 2, 100, 1),  # only the end's checkpoint
+        (10, 2, 100, 3),  # the limit, + the newest written before the oldest goes
+        (10, 5, 20, 2),  # fewer written than the limit keeps
+        (10, 2, None, 3),  # run length unknown before build: the limit bounds it
+        (7, 9, 20, 3),  # steps 7, 14 and the end
+    ],
+)
 def test_checkpoints_on_disk(save_steps, limit, total, want):
     assert checkpoints_on_disk(save_steps, limit, total) == want
 
@@ -71,8 +74,10 @@ def test_lora_estimate_equals_what_peft_adds(tiny_model, targets):
     from prefalign.preflight import lora_parameters
 
     want = lora_parameters(tiny_model, 4, targets)
-    model = get_peft_model(tiny_model, LoraConfig(r=4, target_modules="all-linear" if targets == ["all-linear"]
-                                                  else targets, task_type="CAUSAL_LM"))
+    model = get_peft_model(
+        tiny_model,
+        LoraConfig(r=4, target_modules="all-linear" if targets == ["all-linear"] else targets, task_type="CAUSAL_LM"),
+    )
     assert want == sum(p.numel() for p in model.parameters() if p.requires_grad) > 0
 
 
@@ -84,25 +89,48 @@ def test_check_disk_counts_what_the_output_holds_already(tmp_path, monkeypatch):
     (out / "old.bin").write_bytes(b"x" * 1000)
     fake_free_disk(monkeypatch, 150)
     check_disk(out, 1100, "this run", "write less")  # 100 more bytes: fits
-    with pytest.raises(UserError, match=r"^--output .*run: this run needs about 0.0 MiB more on its disk, which "
-                                        r"has 0.0 MiB free; free some space, choose another --output, or write less$"):
+    with pytest.raises(
+        UserError,
+        match=r"^--output .*run: this run needs about 0.0 MiB more on its disk, which "
+        r"has 0.0 MiB free; free some space, choose another --output, or write less$",
+    ):
         check_disk(out, 1200, "this run", "write less")
     check_disk(tmp_path / "not" / "yet", 100, "this run", "write less")  # measured on its nearest existing parent
 
 
-def test_a_run_that_cannot_fit_is_refused_in_one_line_and_writes_nothing(tmp_path, tiny_model_dir, pairs,
-                                                                           monkeypatch, capsys):
+def test_a_run_that_cannot_fit_is_refused_in_one_line_and_writes_nothing(
+    tmp_path, tiny_model_dir, pairs, monkeypatch, capsys
+):
     from prefalign.cli import main
 
     fake_free_disk(monkeypatch, 1000)
     out = tmp_path / "run"
-    code = main(["dpo", "--data", str(pairs), "--model", str(tiny_model_dir), "--output", str(out),
-                 "--batch-size", "4", "--max-steps", "4", "--save-steps", "1", "--precision", "fp32"])
+    code = main(
+        [
+            "dpo",
+            "--data",
+            str(pairs),
+            "--model",
+            str(tiny_model_dir),
+            "--output",
+            str(out),
+            "--batch-size",
+            "4",
+            "--max-steps",
+            "4",
+            "--save-steps",
+            "1",
+            "--precision",
+            "fp32",
+        ]
+    )
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
     assert err[-1].startswith(f"error: --output {out}: this run (3 checkpoints and its final weights) needs about ")
-    assert err[-1].endswith("MiB more on its disk, which has 0.0 MiB free; free some space, choose another --output, "
-                            "or keep fewer checkpoints (--save-total-limit) or train a LoRA adapter (--lora-r)")
+    assert err[-1].endswith(
+        "MiB more on its disk, which has 0.0 MiB free; free some space, choose another --output, "
+        "or keep fewer checkpoints (--save-total-limit) or train a LoRA adapter (--lora-r)"
+    )
     assert not out.exists()
 
 
@@ -121,8 +149,11 @@ def test_a_race_that_cannot_fit_is_refused_before_its_directory_exists(tmp_path,
     fake_free_disk(monkeypatch, 1000)
     out = tmp_path / "race"
     cfg = CompareConfig(preset="quick", model=str(tiny_model_dir), arms=["ppo", "dpo"], output=str(out))
-    with pytest.raises(UserError, match=r"^--output .*race: this race \(5 stages\) needs about .* MiB more on its "
-                                        r"disk, .* or race fewer --arms or --seeds$"):
+    with pytest.raises(
+        UserError,
+        match=r"^--output .*race: this race \(5 stages\) needs about .* MiB more on its "
+        r"disk, .* or race fewer --arms or --seeds$",
+    ):
         Comparison(cfg).run()
     assert not out.exists()
 

@@ -38,8 +38,10 @@ def test_ties_give_no_pair():
     for rule in ("best_worst", "all"):
         assert make_pairs("p", ["a", "b", "c"], [0.5, 0.5, 0.5], rule) == []
     # a tie inside a larger set is skipped, the rest paired
-    assert make_pairs("p", ["a", "b", "c"], [1.0, 1.0, 0.0], "all") == [_pair("a", "c", 1.0, 0.0),
-                                                                          _pair("b", "c", 1.0, 0.0)]
+    assert make_pairs("p", ["a", "b", "c"], [1.0, 1.0, 0.0], "all") == [
+        _pair("a", "c", 1.0, 0.0),
+        _pair("b", "c", 1.0, 0.0),
+    ]
     assert skip_reason(["a", "b", "c"], [0.5, 0.5, 0.5], 0.0) == "tied"
 
 
@@ -72,9 +74,18 @@ def test_prefs_end_to_end_pairs_load_and_counts_add_up(tmp_path, tiny_model_dir,
     from prefalign.data import load_preferences
 
     prompts = ["the movie was", "this film", "a story about", "my cat"]
-    cfg = PrefsConfig(model=str(tiny_model_dir), prompts=prompts, chat=False, judge=_length_judge(tmp_path),
-                      num_samples=4, max_new_tokens=6, batch_size=8, pair_rule=rule, seed=0,
-                      output=str(tmp_path / "out"))
+    cfg = PrefsConfig(
+        model=str(tiny_model_dir),
+        prompts=prompts,
+        chat=False,
+        judge=_length_judge(tmp_path),
+        num_samples=4,
+        max_new_tokens=6,
+        batch_size=8,
+        pair_rule=rule,
+        seed=0,
+        output=str(tmp_path / "out"),
+    )
     m = make_preferences(cfg)
     out = tmp_path / "out"
     rows = [json.loads(x) for x in (out / "pairs.jsonl").read_text().splitlines()]
@@ -83,8 +94,9 @@ def test_prefs_end_to_end_pairs_load_and_counts_add_up(tmp_path, tiny_model_dir,
     assert all(r["score_chosen"] == len(r["chosen"]) and r["score_rejected"] == len(r["rejected"]) for r in rows)
     assert all(r["chosen"] != r["rejected"] and r["prompt"] in prompts for r in rows)
     examples, report = load_preferences(out / "pairs.jsonl", format="explicit")
-    assert [(e.prompt, e.chosen, e.rejected) for e in examples] == [(r["prompt"], r["chosen"], r["rejected"])
-                                                                     for r in rows]
+    assert [(e.prompt, e.chosen, e.rejected) for e in examples] == [
+        (r["prompt"], r["chosen"], r["rejected"]) for r in rows
+    ]
     assert report.dropped == 0
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == m
@@ -101,8 +113,23 @@ def test_prefs_end_to_end_pairs_load_and_counts_add_up(tmp_path, tiny_model_dir,
 
 def test_prefs_cli_smoke(tmp_path, tiny_model_dir):
     out = tmp_path / "prefs"
-    r = run_cli("prefs", "--model", tiny_model_dir, "--prompts", "the movie was", "this film", "--no-chat",
-                "--judge", _length_judge(tmp_path), "--num-samples", "3", "--max-new-tokens", "5", "--output", out)
+    r = run_cli(
+        "prefs",
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        "the movie was",
+        "this film",
+        "--no-chat",
+        "--judge",
+        _length_judge(tmp_path),
+        "--num-samples",
+        "3",
+        "--max-new-tokens",
+        "5",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads((out / "metrics.json").read_text())
     assert m["prompts"] == 2 and m["completions"] == 6
@@ -111,8 +138,19 @@ def test_prefs_cli_smoke(tmp_path, tiny_model_dir):
 
 
 def test_prefs_cli_refuses_one_sample_with_one_line(tmp_path, tiny_model_dir):
-    r = run_cli("prefs", "--model", tiny_model_dir, "--prompts", "x", "--judge", "vader", "--num-samples", "1",
-                "--output", tmp_path / "x")
+    r = run_cli(
+        "prefs",
+        "--model",
+        tiny_model_dir,
+        "--prompts",
+        "x",
+        "--judge",
+        "vader",
+        "--num-samples",
+        "1",
+        "--output",
+        tmp_path / "x",
+    )
     assert r.returncode == 2
     assert r.stderr.strip() == "error: --num-samples must be >= 2 (a pair needs two completions), got 1"
     assert not (tmp_path / "x").exists()

@@ -21,8 +21,13 @@ from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 
 def _start(args, env_extra=None):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", **(env_extra or {})}
-    return subprocess.Popen([sys.executable, "-m", "prefalign", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env)
+    return subprocess.Popen(
+        [sys.executable, "-m", "prefalign", *map(str, args)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
 
 
 def _wait_for_step(proc, out, step, timeout=240):
@@ -67,8 +72,25 @@ def _commands(tmp_path, model_dir):
     return {
         "dpo": (["dpo", "--data", pairs, "--batch-size", "2", "--max-steps", "10", *common], "final"),
         "reward": (["reward", "--data", pairs, "--batch-size", "2", "--max-steps", "10", *common], "final"),
-        "ppo": (["ppo", "--prompts", prompts, "--reward", f"{judge}:score", "--rollout-batch-size", "4",
-                 "--max-new-tokens", "4", "--max-steps", "6", "--ppo-epochs", "1", *common], "final"),
+        "ppo": (
+            [
+                "ppo",
+                "--prompts",
+                prompts,
+                "--reward",
+                f"{judge}:score",
+                "--rollout-batch-size",
+                "4",
+                "--max-new-tokens",
+                "4",
+                "--max-steps",
+                "6",
+                "--ppo-epochs",
+                "1",
+                *common,
+            ],
+            "final",
+        ),
     }
 
 
@@ -88,7 +110,9 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, tin
     _assert_same_weights(tmp_path / "full" / final, killed / final)
     if command == "ppo":
         _assert_same_weights(tmp_path / "full" / "value", killed / "value")
-    strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(("wall", "time/", "tokens_per"))} for r in rows]
+    strip = lambda rows: [
+        {k: v for k, v in r.items() if not k.startswith(("wall", "time/", "tokens_per"))} for r in rows
+    ]
     assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(killed))
 
 
@@ -120,8 +144,9 @@ def test_corrupt_latest_checkpoint_is_skipped_for_the_previous_one(tmp_path, tin
     model_pt = ckpts[-1] / "model.pt"
     model_pt.write_bytes(model_pt.read_bytes()[:100])  # an interrupted write
     (ckpts[-2] / "state.json").write_text("{not json")  # a bad state file: incomplete
-    resumed = DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=3,
-                              resume="latest"))
+    resumed = DPOTrainer(
+        _dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=3, resume="latest")
+    )
     resumed.train()
     assert json.loads((tmp_path / "run" / "run.json").read_text())["resumed_from_step"] == 2
     assert "skipping" in caplog.text
@@ -152,14 +177,17 @@ def test_skipped_steps_count_survives_a_resume(tmp_path, tiny_model_dir, pairs):
     """Step 2 is skipped; resumed from the checkpoint of step 3, the run still counts it."""
     NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=4), bad_steps=[2]).train()
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000004")
-    NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=4, resume="latest"),
-          bad_steps=[2]).train()
+    NaNAt(
+        _dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=4, resume="latest"),
+        bad_steps=[2],
+    ).train()
     assert [r["skipped_steps"] for r in read_metrics(tmp_path / "run") if "skipped_steps" in r] == [0, 1, 1, 1]
 
 
 def test_nan_steps_in_a_row_stop_with_the_last_good_checkpoint(tmp_path, tiny_model_dir, pairs):
-    trainer = NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=8, save_steps=1, max_nonfinite_steps=3),
-                    bad_steps=range(3, 100))
+    trainer = NaNAt(
+        _dpo(tmp_path, tiny_model_dir, pairs, max_steps=8, save_steps=1, max_nonfinite_steps=3), bad_steps=range(3, 100)
+    )
     with pytest.raises(UserError, match=r"non-finite loss or gradients for 3 steps in a row.*step-0000002"):
         trainer.train()
     assert not (tmp_path / "run" / "final").exists()
@@ -182,8 +210,11 @@ def test_a_checkpoint_that_cannot_be_written_is_one_clear_error_and_keeps_the_pr
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 729135808 vs 729135700")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    with pytest.raises(UserError, match=r"step-0000002: could not write the checkpoint \(RuntimeError: .*GiB free.*"
-                                        r"--resume latest") as err:
+    with pytest.raises(
+        UserError,
+        match=r"step-0000002: could not write the checkpoint \(RuntimeError: .*GiB free.*"
+        r"--resume latest",
+    ) as err:
         ckpts.save(2, {"model": {"w": torch.zeros(3)}}, {})
     assert "\n" not in str(err.value)
     assert ckpts.complete() == [first]

@@ -15,20 +15,42 @@ ROW_LABELS = ["Reward model", "Policy update", "Loss", "Compute cost", "Sample e
 
 
 def _eval(gold, kl, win, proxy=None, n=200):
-    return {"gold_mean": gold, "gold_std": 0.4, "proxy_mean": proxy, "kl_mean": kl, "kl_std": kl / 3 + 0.1,
-            "win_rate": win, "length_mean": 21.5, "eos_rate": 0.3, "n": n}
+    return {
+        "gold_mean": gold,
+        "gold_std": 0.4,
+        "proxy_mean": proxy,
+        "kl_mean": kl,
+        "kl_std": kl / 3 + 0.1,
+        "win_rate": win,
+        "length_mean": 21.5,
+        "eos_rate": 0.3,
+        "n": n,
+    }
 
 
 def _cost(pairs_s, rm_s, policy_s, pairs_used, rm_acc=None, tokens=40_000):
-    return {"wall_seconds": {"pairs": pairs_s, "reward_model": rm_s, "policy": policy_s,
-                             "total": pairs_s + rm_s + policy_s},
-            "peak_rss_mb": 2100.0, "tokens_generated": tokens, "gradient_steps": 80, "pairs_used": pairs_used,
-            "rm_heldout_accuracy": rm_acc}
+    return {
+        "wall_seconds": {
+            "pairs": pairs_s,
+            "reward_model": rm_s,
+            "policy": policy_s,
+            "total": pairs_s + rm_s + policy_s,
+        },
+        "peak_rss_mb": 2100.0,
+        "tokens_generated": tokens,
+        "gradient_steps": 80,
+        "pairs_used": pairs_used,
+        "rm_heldout_accuracy": rm_acc,
+    }
 
 
 def _arm(name, label, gold, kl, win, cost, metric=None, proxy=None, seeds=(0.0, 0.02, -0.02)):
-    arm = {"name": name, "label": label, "eval": _eval(gold, kl, win, proxy),
-           "seeds": [_eval(gold + d, kl + 3 * d, win + d, proxy) for d in seeds]}
+    arm = {
+        "name": name,
+        "label": label,
+        "eval": _eval(gold, kl, win, proxy),
+        "seeds": [_eval(gold + d, kl + 3 * d, win + d, proxy) for d in seeds],
+    }
     if cost is not None:
         arm["cost"] = cost
     if metric:
@@ -41,30 +63,69 @@ def full_summary():
     return {
         "title": "PPO-RLHF vs DPO",
         "created": "2025-01-01T12:00:00+00:00",
-        "settings": {"model": "smollm2-135m", "judge": "vader", "prompts": "packaged movie prefixes",
-                     "preset": "default", "seeds": 3, "arms": ["ppo", "dpo", "dpo_rf", "ppo_gt"]},
+        "settings": {
+            "model": "smollm2-135m",
+            "judge": "vader",
+            "prompts": "packaged movie prefixes",
+            "preset": "default",
+            "seeds": 3,
+            "arms": ["ppo", "dpo", "dpo_rf", "ppo_gt"],
+        },
         "arms": [
             _arm("start", "Starting policy", 0.05, 0.0, 0.5, None, seeds=(0.0, 0.01, -0.01)),
-            _arm("ppo", "PPO-RLHF", 0.42, 4.1, 0.71, _cost(60, 90, 400, 288, rm_acc=0.81, tokens=52_000),
-                 "objective/scores", proxy=1.3),
+            _arm(
+                "ppo",
+                "PPO-RLHF",
+                0.42,
+                4.1,
+                0.71,
+                _cost(60, 90, 400, 288, rm_acc=0.81, tokens=52_000),
+                "objective/scores",
+                proxy=1.3,
+            ),
             _arm("dpo", "DPO", 0.35, 2.2, 0.66, _cost(60, 0, 120, 288), "rewards/margins"),
             _arm("dpo_rf", "DPO (reference-free)", 0.31, 6.0, 0.62, _cost(60, 0, 110, 288), "rewards/margins"),
-            _arm("ppo_gt", "PPO on the gold judge", 0.61, 5.5, 0.8, _cost(0, 0, 380, 0, tokens=30_000),
-                 "objective/scores"),
+            _arm(
+                "ppo_gt",
+                "PPO on the gold judge",
+                0.61,
+                5.5,
+                0.8,
+                _cost(0, 0, 380, 0, tokens=30_000),
+                "objective/scores",
+            ),
         ],
-        "sweep": [{"arm": "dpo", "param": "beta", "value": v, "gold_mean": g, "kl_mean": k}
-                  for v, g, k in ((0.05, 0.45, 5.0), (0.1, 0.35, 2.2), (0.5, 0.15, 0.6))]
-                 + [{"arm": "ppo", "param": "kl_coef", "value": v, "gold_mean": g, "kl_mean": k}
-                    for v, g, k in ((0.01, 0.55, 9.0), (0.05, 0.42, 4.1), (0.2, 0.2, 1.0))],
+        "sweep": [
+            {"arm": "dpo", "param": "beta", "value": v, "gold_mean": g, "kl_mean": k}
+            for v, g, k in ((0.05, 0.45, 5.0), (0.1, 0.35, 2.2), (0.5, 0.15, 0.6))
+        ]
+        + [
+            {"arm": "ppo", "param": "kl_coef", "value": v, "gold_mean": g, "kl_mean": k}
+            for v, g, k in ((0.01, 0.55, 9.0), (0.05, 0.42, 4.1), (0.2, 0.2, 1.0))
+        ],
         "samples": [
-            {"prompt": "The second half of this thriller",
-             "completions": {"start": " is | a mess | of ideas", "ppo": " is a <b>joy</b> & a delight",
-                             "dpo": " keeps you *guessing*\nuntil the end", "dpo_rf": "", "ppo_gt": " is wonderful"},
-             "gold": {"start": -0.36, "ppo": 0.85, "dpo": 0.0, "dpo_rf": 0.0, "ppo_gt": 0.57}},
-            {"prompt": "I walked out of the theater feeling",
-             "completions": {"start": " tired", "ppo": " happy " + "and grateful " * 40, "dpo": " good",
-                             "dpo_rf": " fine", "ppo_gt": " great"},
-             "gold": {"start": -0.44, "ppo": 0.9, "dpo": 0.44, "dpo_rf": 0.2, "ppo_gt": 0.62}},
+            {
+                "prompt": "The second half of this thriller",
+                "completions": {
+                    "start": " is | a mess | of ideas",
+                    "ppo": " is a <b>joy</b> & a delight",
+                    "dpo": " keeps you *guessing*\nuntil the end",
+                    "dpo_rf": "",
+                    "ppo_gt": " is wonderful",
+                },
+                "gold": {"start": -0.36, "ppo": 0.85, "dpo": 0.0, "dpo_rf": 0.0, "ppo_gt": 0.57},
+            },
+            {
+                "prompt": "I walked out of the theater feeling",
+                "completions": {
+                    "start": " tired",
+                    "ppo": " happy " + "and grateful " * 40,
+                    "dpo": " good",
+                    "dpo_rf": " fine",
+                    "ppo_gt": " great",
+                },
+                "gold": {"start": -0.44, "ppo": 0.9, "dpo": 0.44, "dpo_rf": 0.2, "ppo_gt": 0.62},
+            },
         ],
     }
 
@@ -147,8 +208,10 @@ def test_summary_json_is_the_summary_plus_files(full_report):
 
 def test_minimal_summary(tmp_path):
     """start + one arm, one seed, no sweep, samples, curves, proxy or costs."""
-    summary = {"title": "tiny", "arms": [{"name": "start", "eval": _eval(0.0, 0.0, 0.5)},
-                                         {"name": "dpo", "eval": _eval(0.2, 1.0, 0.6)}]}
+    summary = {
+        "title": "tiny",
+        "arms": [{"name": "start", "eval": _eval(0.0, 0.0, 0.5)}, {"name": "dpo", "eval": _eval(0.2, 1.0, 0.6)}],
+    }
     before = copy.deepcopy(summary)
     files = write_report(summary, tmp_path / "r")
     assert summary == before  # the renderer never writes into its input

@@ -22,17 +22,23 @@ def _jsonl(path, rows):
 @pytest.fixture()
 def qa_file(tmp_path):
     """8 prompts with a reference answer and an id: the answer of prompt i is ``a{i}``."""
-    return _jsonl(tmp_path / "qa.jsonl", [{"prompt": f"Q{i}: what is {i} + {i}?", "answer": f"a{i}", "id": i}
-                                          for i in range(8)])
+    return _jsonl(
+        tmp_path / "qa.jsonl", [{"prompt": f"Q{i}: what is {i} + {i}?", "answer": f"a{i}", "id": i} for i in range(8)]
+    )
 
 
 # ------------------------------------------------------------------------------------------- loading
 
 
 def test_a_table_keeps_its_other_columns_aligned_with_the_kept_prompts(tmp_path):
-    path = _jsonl(tmp_path / "p.jsonl", [{"prompt": "one", "answer": "1", "id": 10},
-                                         {"prompt": "  ", "answer": "dropped", "id": 11},
-                                         {"prompt": "three", "answer": "3"}])
+    path = _jsonl(
+        tmp_path / "p.jsonl",
+        [
+            {"prompt": "one", "answer": "1", "id": 10},
+            {"prompt": "  ", "answer": "dropped", "id": 11},
+            {"prompt": "three", "answer": "3"},
+        ],
+    )
     prompts, columns = load_prompt_rows(path)
     assert prompts == ["one", "three"]
     assert columns == {"answer": ["1", "3"], "id": [10, None]}  # the blank prompt's row went with it
@@ -114,17 +120,21 @@ def test_a_required_parameter_that_is_no_column_is_one_line():
     def fn(prompts, completions, solution):
         return [0.0] * len(completions)
 
-    with pytest.raises(UserError, match=r"^reward function 'm:fn' needs 'solution', which is not a column of the "
-                                        r"prompt rows \(columns: answer, id\); add it to the prompt file or give "
-                                        r"solution a default$"):
+    with pytest.raises(
+        UserError,
+        match=r"^reward function 'm:fn' needs 'solution', which is not a column of the "
+        r"prompt rows \(columns: answer, id\); add it to the prompt file or give "
+        r"solution a default$",
+    ):
         CallableReward("m:fn", fn).score(["p", "q"], ["x", "y"], COLUMNS)
     with pytest.raises(UserError, match=r"not a column of the prompt rows \(columns: none\)"):
         CallableReward("m:fn", fn).score(["p"], ["x"])
 
 
 def test_a_file_reward_reads_its_column(tmp_path):
-    (tmp_path / "check.py").write_text("def score(prompts, completions, answer):\n"
-                                       "    return [float(a in c) for c, a in zip(completions, answer)]\n")
+    (tmp_path / "check.py").write_text(
+        "def score(prompts, completions, answer):\n    return [float(a in c) for c, a in zip(completions, answer)]\n"
+    )
     reward = CallableReward(f"{tmp_path / 'check.py'}:score")
     assert reward.score(["p", "q"], ["it is 4", "7"], COLUMNS).tolist() == [1.0, 0.0]
 
@@ -141,8 +151,9 @@ def test_weighted_rewards_pass_columns_to_whoever_takes_them():
     def by_id(prompts, completions, id):
         return [float(i) for i in id]
 
-    rewards = WeightedRewards({"id": CallableReward("m:by_id", by_id), "two-arg": TwoArg(), "vader": VaderJudge()},
-                              [1.0, 10.0, 1.0])
+    rewards = WeightedRewards(
+        {"id": CallableReward("m:by_id", by_id), "two-arg": TwoArg(), "vader": VaderJudge()}, [1.0, 10.0, 1.0]
+    )
     scores = rewards.score(["p", "q"], ["The film is long.", "It was released."], COLUMNS)
     assert rewards.last_parts["id"].tolist() == [2.0, 3.0]
     assert rewards.last_parts["vader"].tolist() == [0.0, 0.0]  # neutral text; VADER ignores the columns
@@ -166,9 +177,20 @@ class AnswerRecorder:
 
 def test_rl_gives_each_completion_its_prompt_rows_answer(tmp_path, tiny_model_dir, qa_file):
     recorder = AnswerRecorder()
-    cfg = RLConfig(prompts=str(qa_file), reward=["answers"], model=str(tiny_model_dir), output=str(tmp_path / "run"),
-                   max_steps=2, rollout_batch_size=2, num_generations=3, num_minibatches=1, ppo_epochs=1,
-                   max_new_tokens=3, precision="fp32", seed=0)
+    cfg = RLConfig(
+        prompts=str(qa_file),
+        reward=["answers"],
+        model=str(tiny_model_dir),
+        output=str(tmp_path / "run"),
+        max_steps=2,
+        rollout_batch_size=2,
+        num_generations=3,
+        num_minibatches=1,
+        ppo_epochs=1,
+        max_new_tokens=3,
+        precision="fp32",
+        seed=0,
+    )
     trainer = RLTrainer(cfg, reward_source=CallableReward("answers", recorder))
     trainer.train()
     assert len(recorder.calls) == 2
@@ -180,8 +202,18 @@ def test_rl_gives_each_completion_its_prompt_rows_answer(tmp_path, tiny_model_di
 
 def test_ppo_rollout_gives_each_completion_its_prompt_rows_answer(tmp_path, tiny_model_dir, qa_file):
     recorder = AnswerRecorder()
-    cfg = PPOConfig(prompts=str(qa_file), reward="answers", model=str(tiny_model_dir), output=str(tmp_path / "run"),
-                    max_steps=1, rollout_batch_size=2, num_minibatches=1, max_new_tokens=3, precision="fp32", seed=0)
+    cfg = PPOConfig(
+        prompts=str(qa_file),
+        reward="answers",
+        model=str(tiny_model_dir),
+        output=str(tmp_path / "run"),
+        max_steps=1,
+        rollout_batch_size=2,
+        num_minibatches=1,
+        max_new_tokens=3,
+        precision="fp32",
+        seed=0,
+    )
     trainer = PPOTrainer(cfg, reward_source=CallableReward("answers", recorder))
     trainer.prepare()
     trainer.rollout([5, 2], step=0, timing={})
@@ -194,15 +226,28 @@ def test_a_missing_column_is_refused_before_the_output_exists(tmp_path, tiny_mod
         return [0.0] * len(completions)
 
     out = tmp_path / "run"
-    common = dict(prompts=str(qa_file), model=str(tiny_model_dir), output=str(out), max_steps=1, rollout_batch_size=2,
-                  num_minibatches=1, max_new_tokens=3, precision="fp32")
+    common = dict(
+        prompts=str(qa_file),
+        model=str(tiny_model_dir),
+        output=str(out),
+        max_steps=1,
+        rollout_batch_size=2,
+        num_minibatches=1,
+        max_new_tokens=3,
+        precision="fp32",
+    )
     if trainer == "ppo":
         run = PPOTrainer(PPOConfig(reward="m:fn", **common), reward_source=CallableReward("m:fn", needs_solution))
     else:  # inside the weighted sum, beside a source that takes no columns
         source = WeightedRewards({"vader": VaderJudge(), "m:fn": CallableReward("m:fn", needs_solution)}, [1.0, 1.0])
-        run = RLTrainer(RLConfig(reward=["vader", "m:fn"], reward_weights=[1.0, 1.0], num_generations=2, **common),
-                        reward_source=source)
-    with pytest.raises(UserError, match=r"^reward function 'm:fn' needs 'solution', which is not a column of the "
-                                        r"prompt rows \(columns: answer, id\)"):
+        run = RLTrainer(
+            RLConfig(reward=["vader", "m:fn"], reward_weights=[1.0, 1.0], num_generations=2, **common),
+            reward_source=source,
+        )
+    with pytest.raises(
+        UserError,
+        match=r"^reward function 'm:fn' needs 'solution', which is not a column of the "
+        r"prompt rows \(columns: answer, id\)",
+    ):
         run.train()
     assert not out.exists()

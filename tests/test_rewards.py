@@ -134,8 +134,11 @@ def test_callable_file_not_found(tmp_path):
 def test_callable_module_whose_own_import_fails(tmp_path, monkeypatch):
     (tmp_path / "broken_rewards.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(UserError, match=r"'broken_rewards:fn'.*importing broken_rewards failed: "
-                                        r"ModuleNotFoundError.*no_such_dependency_xyz"):
+    with pytest.raises(
+        UserError,
+        match=r"'broken_rewards:fn'.*importing broken_rewards failed: "
+        r"ModuleNotFoundError.*no_such_dependency_xyz",
+    ):
         load_reward_source("broken_rewards:fn")
 
 
@@ -154,14 +157,17 @@ def test_callable_raised(reward_module):
         load_reward_source("my_rewards:boom").score(PROMPTS, COMPLETIONS)
 
 
-@pytest.mark.parametrize(("fn", "message"), [
-    ("short", r"returned 2 scores for 3 completions"),
-    ("words", r"returned a non-number at index 0: 'good' \(str\)"),
-    ("nan", r"returned a non-finite score at index 1: nan"),
-    ("inf", r"returned a non-finite score at index 0: inf"),
-    ("nothing", r"returned NoneType; expected a list of 3 numbers"),
-    ("as_column", r"returned an array of shape \(3, 1\); expected shape \(3,\)"),
-])
+@pytest.mark.parametrize(
+    ("fn", "message"),
+    [
+        ("short", r"returned 2 scores for 3 completions"),
+        ("words", r"returned a non-number at index 0: 'good' \(str\)"),
+        ("nan", r"returned a non-finite score at index 1: nan"),
+        ("inf", r"returned a non-finite score at index 0: inf"),
+        ("nothing", r"returned NoneType; expected a list of 3 numbers"),
+        ("as_column", r"returned an array of shape \(3, 1\); expected shape \(3,\)"),
+    ],
+)
 def test_callable_bad_return_values(reward_module, fn, message):
     with pytest.raises(UserError, match=rf"^reward function 'my_rewards:{fn}' {message}"):
         load_reward_source(f"my_rewards:{fn}").score(PROMPTS, COMPLETIONS)
@@ -179,6 +185,7 @@ def test_check_scores_accepts_sequences_and_arrays():
 
 # ----------------------------------------------------------------------------------------- reward model
 
+
 @pytest.fixture(scope="module")
 def reward_dir(tokenizer, tmp_path_factory):
     """A tiny random scalar reward model saved with the default tokenizer; returns (dir, model)."""
@@ -193,8 +200,9 @@ EOS = "<|im_end|>"
 
 
 def _rm_examples(tokenizer):
-    chat = tokenizer.apply_chat_template([{"role": "user", "content": "Rate this film."}], tokenize=False,
-                                         add_generation_prompt=True)
+    chat = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Rate this film."}], tokenize=False, add_generation_prompt=True
+    )
     prompts = ["The movie was", "Tell me a story.", chat, "Hi", "A much longer prompt about a film that goes on"]
     completions = [" great.", " Once upon a time" + EOS, "It was fine." + EOS, " there", " and on." + EOS]
     return prompts, completions
@@ -203,7 +211,7 @@ def _rm_examples(tokenizer):
 @torch.no_grad()
 def _naive_score(model, tokenizer, text, max_length=None):
     """One sequence alone, no padding: the score head applied to the hidden state of its last token."""
-    ids = torch.tensor([tokenizer(text).input_ids[-max_length if max_length else 0:]])
+    ids = torch.tensor([tokenizer(text).input_ids[-max_length if max_length else 0 :]])
     hidden = model.model(ids).last_hidden_state  # (1, T, H)
     return model.score(hidden)[0, -1, 0]
 
@@ -277,6 +285,7 @@ def test_directory_without_config_is_refused(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ dispatch
 
+
 def test_dispatch(reward_module, reward_dir, tmp_path):
     assert isinstance(load_reward_source("vader"), VaderJudge)
     assert isinstance(load_reward_source("my_rewards:margin"), CallableReward)
@@ -294,8 +303,15 @@ def test_reward_model_without_a_score_head_uses_its_own_forward(tokenizer, tmp_p
     """Encoders (here a tiny BERT) pool the first token; right padding with a mask must not move it."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    config = BertConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4, num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     torch.manual_seed(0)
     model = BertForSequenceClassification(config).eval()
     model.save_pretrained(tmp_path)
@@ -303,6 +319,7 @@ def test_reward_model_without_a_score_head_uses_its_own_forward(tokenizer, tmp_p
     prompts, completions = _rm_examples(tokenizer)
     scores = load_reward_source(str(tmp_path), batch_size=2).score(prompts, completions)
     with torch.no_grad():
-        expected = torch.stack([model(torch.tensor([tokenizer(p + c).input_ids])).logits[0, 0]
-                                for p, c in zip(prompts, completions)])
+        expected = torch.stack(
+            [model(torch.tensor([tokenizer(p + c).input_ids])).logits[0, 0] for p, c in zip(prompts, completions)]
+        )
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)

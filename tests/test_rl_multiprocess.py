@@ -39,8 +39,17 @@ def test_rl_two_processes_give_the_numbers_of_one(tmp_path, tiny_model_dir, vari
     }[variant]
     # PPO's small run (16 prompts, toy reward, --stop k), with 4 prompts x K=4 completions per iteration: each
     # process holds 2 whole groups
-    common = ["rl", *ppo_flags(tmp_path, tiny_model_dir), "--num-generations", "4", "--max-steps", "3",
-              "--ppo-epochs", "2", *flags]
+    common = [
+        "rl",
+        *ppo_flags(tmp_path, tiny_model_dir),
+        "--num-generations",
+        "4",
+        "--max-steps",
+        "3",
+        "--ppo-epochs",
+        "2",
+        *flags,
+    ]
     common[common.index("--rollout-batch-size") + 1] = "4"
     a = _run(tmp_path, 1, "one", common)
     b = _run(tmp_path, 2, "two", common)
@@ -49,8 +58,15 @@ def test_rl_two_processes_give_the_numbers_of_one(tmp_path, tiny_model_dir, vari
     for ra, rb in zip(a, b):
         keys = {k for k in ra if not k.startswith(TIMINGS)}
         assert keys == {k for k in rb if not k.startswith(TIMINGS)}, ra["step"]
-        assert {"objective/scores", "loss/policy", "policy/approxkl", "val/ratio", "rl/advantage_abs",
-                "rl/group_score_std", "policy/grad_norm"} <= keys
+        assert {
+            "objective/scores",
+            "loss/policy",
+            "policy/approxkl",
+            "val/ratio",
+            "rl/advantage_abs",
+            "rl/group_score_std",
+            "policy/grad_norm",
+        } <= keys
         for key in sorted(keys):
             if key in EXACT:
                 assert rb[key] == ra[key], (ra["step"], key)

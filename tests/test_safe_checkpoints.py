@@ -24,8 +24,13 @@ class TouchOnLoad:
 
 
 def _draws():
-    return (torch.rand(3).tolist(), [random.random() for _ in range(3)], random.gauss(0, 1),
-            np.random.rand(3).tolist(), float(np.random.standard_normal()))
+    return (
+        torch.rand(3).tolist(),
+        [random.random() for _ in range(3)],
+        random.gauss(0, 1),
+        np.random.rand(3).tolist(),
+        float(np.random.standard_normal()),
+    )
 
 
 def test_rng_state_is_plain_and_restores_every_generator_exactly(tmp_path):
@@ -75,8 +80,23 @@ def test_a_checkpoint_that_would_run_code_is_refused_on_resume_and_the_code_neve
     marker = tmp_path / "marker"
     rng_pt = out / "checkpoints" / "step-0000002" / "rng.pt"
     torch.save({"torch": torch.get_rng_state(), "x": TouchOnLoad(marker)}, rng_pt)
-    r = run_cli("dpo", "--data", kw["data"], "--model", kw["model"], "--batch-size", "2", "--max-steps", "3",
-                "--precision", "fp32", "--output", out, "--resume", "latest")
+    r = run_cli(
+        "dpo",
+        "--data",
+        kw["data"],
+        "--model",
+        kw["model"],
+        "--batch-size",
+        "2",
+        "--max-steps",
+        "3",
+        "--precision",
+        "fp32",
+        "--output",
+        out,
+        "--resume",
+        "latest",
+    )
     assert r.returncode == 2, r.stderr[-2000:]
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and "rng.pt: holds objects that could run code" in last, r.stderr[-2000:]
@@ -91,8 +111,11 @@ def test_a_bare_pickle_is_refused_in_one_line(dpo_run, tmp_path):
     out = _copy(tmp / "run", tmp_path)
     marker = tmp_path / "marker"
     (out / "checkpoints" / "step-0000002" / "optimizer.pt").write_bytes(pickle.dumps(TouchOnLoad(marker)))
-    with pytest.raises(UnsafeCheckpoint, match=r"optimizer.pt: holds objects that could run code when loaded "
-                                               r"\(a bare pickle\).*start again without --resume") as err:
+    with pytest.raises(
+        UnsafeCheckpoint,
+        match=r"optimizer.pt: holds objects that could run code when loaded "
+        r"\(a bare pickle\).*start again without --resume",
+    ) as err:
         CheckpointManager(out, keep=2).load_for_resume("latest")
     assert "\n" not in str(err.value)
     assert not marker.exists()
@@ -103,8 +126,13 @@ def test_a_checkpoint_from_before_tensor_only_rng_is_refused_with_what_to_do(dpo
     tmp, _ = dpo_run
     out = _copy(tmp / "run", tmp_path)
     for ckpt in (out / "checkpoints").glob("step-*"):
-        torch.save({"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
-                   ckpt / "rng.pt")
-    with pytest.raises(UnsafeCheckpoint, match=r"step-0000002/rng.pt: written by prefalign before checkpoints held "
-                                               r"tensors only .*version that wrote it, or start it again"):
+        torch.save(
+            {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()},
+            ckpt / "rng.pt",
+        )
+    with pytest.raises(
+        UnsafeCheckpoint,
+        match=r"step-0000002/rng.pt: written by prefalign before checkpoints held "
+        r"tensors only .*version that wrote it, or start it again",
+    ):
         CheckpointManager(out, keep=2).load_for_resume("latest")

@@ -46,7 +46,8 @@ def finite_by_step(rows: list[dict]) -> dict[int, dict[str, float]]:
     merged: dict[int, dict[str, float]] = {}
     for row in rows:
         merged.setdefault(row["step"], {}).update(
-            {k: v for k, v in row.items() if k not in ("step", "wall_seconds") and isinstance(v, (int, float))})
+            {k: v for k, v in row.items() if k not in ("step", "wall_seconds") and isinstance(v, (int, float))}
+        )
     return merged
 
 
@@ -79,8 +80,8 @@ def wandb_records(path: Path):
         if block - pos % block < 7:  # a block's tail too short for a chunk header is padding
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        pending += data[pos + 7:pos + 7 + length]
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()
@@ -108,10 +109,34 @@ def test_a_tiny_run_with_each_tracker_writes_its_files_inside_output(tmp_path, t
     home.mkdir()
     env = {**os.environ, "HOME": str(home), "HF_HOME": str(home / "hf"), "XDG_CACHE_HOME": str(home / "cache")}
     env.pop("TRACKIO_DIR")
-    r = subprocess.run([sys.executable, "-m", "prefalign", "dpo", "--data", str(data), "--model", str(tiny_model_dir),
-                        "--output", str(out), "--max-steps", "2", "--batch-size", "4", "--eval-split", "0.25",
-                        "--precision", "fp32", "--report-to", "tensorboard,trackio,wandb"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "prefalign",
+            "dpo",
+            "--data",
+            str(data),
+            "--model",
+            str(tiny_model_dir),
+            "--output",
+            str(out),
+            "--max-steps",
+            "2",
+            "--batch-size",
+            "4",
+            "--eval-split",
+            "0.25",
+            "--precision",
+            "fp32",
+            "--report-to",
+            "tensorboard,trackio,wandb",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     expected = finite_by_step(read_metrics(out))
     assert sorted(expected) == [0, 1, 2] and "eval/loss" in expected[2] and "loss" in expected[2]
@@ -139,8 +164,10 @@ def test_a_table_reaches_every_tracker(tmp_path):
     """What PPO's samples take: a table beside the scalars, in each tracker's own form."""
     out = tmp_path / "run"
     out.mkdir()
-    rows = [{"step": 3, "prompt": "a | b", "completion": "c", "score": 0.5},
-            {"step": 3, "prompt": "d", "completion": "e\nf", "score": -1.0}]
+    rows = [
+        {"step": 3, "prompt": "a | b", "completion": "c", "score": 0.5},
+        {"step": 3, "prompt": "d", "completion": "e\nf", "score": -1.0},
+    ]
     for tracker in open_trackers(("tensorboard", "trackio", "wandb"), TrackedRun(out, str(out), {"seed": 0})):
         tracker.log(3, {"loss": 0.25})
         tracker.log_table(3, "samples", rows)
@@ -150,19 +177,29 @@ def test_a_table_reaches_every_tracker(tmp_path):
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     (text,) = events.Tensors("samples/text_summary")
-    assert text.tensor_proto.string_val[0].decode() == ("| step | prompt | completion | score |\n|---|---|---|---|\n"
-                                                        "| 3 | a \\| b | c | 0.5 |\n| 3 | d | e f | -1.0 |")
+    assert text.tensor_proto.string_val[0].decode() == (
+        "| step | prompt | completion | score |\n|---|---|---|---|\n| 3 | a \\| b | c | 0.5 |\n| 3 | d | e f | -1.0 |"
+    )
     trackio = trackio_rows(Path(os.environ["TRACKIO_DIR"]) / "prefalign.db", str(out))
     assert trackio[0] == (3, {"loss": 0.25})
     assert trackio[1][1]["samples"]["_value"] == rows
     (table,) = (out / "wandb").glob("offline-run-*/files/media/table/samples_3_*.table.json")
-    assert json.loads(table.read_text()) == {"columns": ["step", "prompt", "completion", "score"],
-                                             "data": [[3, "a | b", "c", 0.5], [3, "d", "e\nf", -1.0]]}
+    assert json.loads(table.read_text()) == {
+        "columns": ["step", "prompt", "completion", "score"],
+        "data": [[3, "a | b", "c", 0.5], [3, "d", "e\nf", -1.0]],
+    }
     assert wandb_history(out)[3]["loss"] == 0.25
 
 
-@pytest.mark.parametrize("value, names", [("tensorboard", ("tensorboard",)), ("none", ()),
-                                          (" wandb , trackio", ("wandb", "trackio")), ("wandb,wandb", ("wandb",))])
+@pytest.mark.parametrize(
+    "value, names",
+    [
+        ("tensorboard", ("tensorboard",)),
+        ("none", ()),
+        (" wandb , trackio", ("wandb", "trackio")),
+        ("wandb,wandb", ("wandb",)),
+    ],
+)
 def test_report_to_parses_a_comma_list(value, names):
     assert parse_report_to(value) == names
 
@@ -178,13 +215,17 @@ def test_a_bad_report_to_is_one_line_naming_the_choices(value, tmp_path, pairs):
 
 
 @pytest.mark.parametrize("package", ["trackio", "wandb"])
-def test_a_missing_extra_stops_the_run_before_anything_is_written(package, monkeypatch, tmp_path, tiny_model_dir,
-                                                                  pairs):
+def test_a_missing_extra_stops_the_run_before_anything_is_written(
+    package, monkeypatch, tmp_path, tiny_model_dir, pairs
+):
     monkeypatch.setitem(sys.modules, package, None)  # `import package` now fails as if it were not installed
     monkeypatch.delitem(sys.modules, f"{package}.utils", raising=False)
     cfg = DPOConfig(**trainer_kwargs(tmp_path, tiny_model_dir, pairs, report_to=f"tensorboard,{package}"))
-    with pytest.raises(UserError, match=rf"^--report-to {package} needs the {package} package: "
-                                        rf"pip install 'prefalign\[{package}\]'$"):
+    with pytest.raises(
+        UserError,
+        match=rf"^--report-to {package} needs the {package} package: "
+        rf"pip install 'prefalign\[{package}\]'$",
+    ):
         DPOTrainer(cfg).train()
     assert not (tmp_path / "run").exists()
 
@@ -192,8 +233,11 @@ def test_a_missing_extra_stops_the_run_before_anything_is_written(package, monke
 def test_trackio_imported_for_another_directory_is_refused(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "trackio.utils", SimpleNamespace(TRACKIO_DIR=tmp_path / "elsewhere"))
     monkeypatch.delenv("TRACKIO_DIR")
-    with pytest.raises(UserError, match=rf"^--report-to trackio: trackio already writes to {tmp_path}/elsewhere in "
-                                        rf"this process, not {tmp_path}/run/trackio; run each run in its own process"):
+    with pytest.raises(
+        UserError,
+        match=rf"^--report-to trackio: trackio already writes to {tmp_path}/elsewhere in "
+        rf"this process, not {tmp_path}/run/trackio; run each run in its own process",
+    ):
         load_tracker_packages(("trackio",), tmp_path / "run")
 
 
@@ -201,8 +245,7 @@ def test_a_resumed_wandb_run_continues_the_newest_run_id(tmp_path):
     from prefalign.trackers import _wandb_run_id
 
     assert _wandb_run_id(tmp_path) is None
-    for name in ("offline-run-20260101_100000-aaaa1111", "offline-run-20260102_090000-bbbb2222", "latest-run",
-                 "cache"):
+    for name in ("offline-run-20260101_100000-aaaa1111", "offline-run-20260102_090000-bbbb2222", "latest-run", "cache"):
         (tmp_path / "wandb" / name).mkdir(parents=True)
     assert _wandb_run_id(tmp_path) == "bbbb2222"
 
@@ -215,19 +258,28 @@ def test_compare_hands_report_to_to_every_training_stage_only():
         assert {stage.command for stage in plan} == TRAINERS - {"sft"} | {"prefs", "eval"}
         for stage in plan:
             positions = [i for i, arg in enumerate(stage.args) if arg == "--report-to"]
-            given = [arg for i in positions for arg in stage.args[i:i + 2]]
+            given = [arg for i in positions for arg in stage.args[i : i + 2]]
             assert given == (flag if stage.command in TRAINERS else []), stage.name
 
 
 def test_compare_logs_its_results_table(tmp_path):
     out = tmp_path / "race"
     out.mkdir()
-    summary = {"arms": [{"name": "start", "eval": {"gold_mean": 0.1, "kl_mean": 0.0, "win_rate": None}},
-                        {"name": "dpo", "eval": {"gold_mean": 0.4, "kl_mean": 1.5, "win_rate": 0.75},
-                         "cost": {"wall_seconds": {"total": 12.5}}}]}
+    summary = {
+        "arms": [
+            {"name": "start", "eval": {"gold_mean": 0.1, "kl_mean": 0.0, "win_rate": None}},
+            {
+                "name": "dpo",
+                "eval": {"gold_mean": 0.4, "kl_mean": 1.5, "win_rate": 0.75},
+                "cost": {"wall_seconds": {"total": 12.5}},
+            },
+        ]
+    }
     log_summary(CompareConfig(output=str(out), report_to="wandb"), out, summary)
     (table,) = (out / "wandb").glob("offline-run-*/files/media/table/results_0_*.table.json")
-    assert json.loads(table.read_text()) == {"columns": ["arm", "gold_mean", "kl_mean", "win_rate", "wall_seconds"],
-                                             "data": [["start", 0.1, 0.0, None, None], ["dpo", 0.4, 1.5, 0.75, 12.5]]}
+    assert json.loads(table.read_text()) == {
+        "columns": ["arm", "gold_mean", "kl_mean", "win_rate", "wall_seconds"],
+        "data": [["start", 0.1, 0.0, None, None], ["dpo", 0.4, 1.5, 0.75, 12.5]],
+    }
     log_summary(CompareConfig(output=str(tmp_path / "quiet"), report_to="none"), tmp_path / "quiet", summary)
     assert not (tmp_path / "quiet").exists()

@@ -68,8 +68,7 @@ def test_learnable_set_accuracy_rises_and_loss_falls(tmp_path, tiny_model_dir, p
 
 
 def test_lora_trains_only_the_adapter_and_reference_is_adapter_off(tmp_path, tiny_model_dir, pairs):
-    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, lora_r=4, lora_alpha=8, learning_rate=5e-3,
-                              max_steps=4))
+    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, lora_r=4, lora_alpha=8, learning_rate=5e-3, max_steps=4))
     trainer.train()
     assert trainer.ref_model is None  # no second copy of the weights
     rows = _metrics(tmp_path / "run")
@@ -95,8 +94,9 @@ def test_lora_trains_only_the_adapter_and_reference_is_adapter_off(tmp_path, tin
 def test_precomputed_reference_gives_the_same_losses(tmp_path, tiny_model_dir, pairs, kw):
     """Against a frozen copy (full fine-tuning) or the adapter switched off (LoRA)."""
     live = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "live"), **kw)).train()
-    pre_trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "pre"), precompute_ref=True,
-                                  **kw))
+    pre_trainer = DPOTrainer(
+        _cfg(tmp_path, tiny_model_dir, pairs, output=str(tmp_path / "pre"), precompute_ref=True, **kw)
+    )
     pre = pre_trainer.train()
     assert pre_trainer.ref_model is None
     a, b = _metrics(tmp_path / "live"), _metrics(tmp_path / "pre")
@@ -126,8 +126,20 @@ def test_conservative_dpo_trains_and_adds_eps_times_the_margin(tmp_path, tiny_mo
 
 
 def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_model_dir, pairs):
-    assert_resume_is_exact(DPOTrainer, DPOConfig, tmp_path, tiny_model_dir, pairs, cut_at=3, max_steps=6, save_steps=3,
-                           lr_scheduler="linear", warmup_steps=1, grad_accum=2, batch_size=2)
+    assert_resume_is_exact(
+        DPOTrainer,
+        DPOConfig,
+        tmp_path,
+        tiny_model_dir,
+        pairs,
+        cut_at=3,
+        max_steps=6,
+        save_steps=3,
+        lr_scheduler="linear",
+        warmup_steps=1,
+        grad_accum=2,
+        batch_size=2,
+    )
 
 
 @pytest.mark.parametrize("loss_type,beta", [("ipo", 0.1), ("hinge", 0.1), ("robust", 0.1), ("reference_free", 1.0)])
@@ -179,10 +191,15 @@ def test_help_states_the_beta_defaults(capsys):
 
 
 def test_config_refuses_conflicts_and_bad_numbers(tmp_path, pairs):
-    for kw, msg in [({"ref": "x", "lora_r": 4}, "conflicts with LoRA"), ({"beta": -1.0}, "--beta"),
-                    ({"loss_type": "nope"}, "--loss-type"), ({"batch_size": 0}, "--batch-size"),
-                    ({"label_smoothing": 0.5}, "--label-smoothing"), ({"data": ""}, "--data"),
-                    ({"forward_batch_size": 0}, "--forward-batch-size")]:
+    for kw, msg in [
+        ({"ref": "x", "lora_r": 4}, "conflicts with LoRA"),
+        ({"beta": -1.0}, "--beta"),
+        ({"loss_type": "nope"}, "--loss-type"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"label_smoothing": 0.5}, "--label-smoothing"),
+        ({"data": ""}, "--data"),
+        ({"forward_batch_size": 0}, "--forward-batch-size"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             DPOConfig(**{"data": str(pairs), **kw})
 
@@ -196,8 +213,21 @@ def test_output_dir_of_another_run_is_refused(tmp_path, tiny_model_dir, pairs):
 
 def test_cli_dpo_smoke(tmp_path, tiny_model_dir, pairs):
     out = tmp_path / "cli"
-    r = run_cli("dpo", "--data", pairs, "--model", tiny_model_dir, "--output", out, "--max-steps", "2",
-                "--batch-size", "4", "--precision", "fp32")
+    r = run_cli(
+        "dpo",
+        "--data",
+        pairs,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        out,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--precision",
+        "fp32",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "final" / "config.json").is_file() and (out / "config.yaml").is_file()
     assert len(_metrics(out)) == 2
@@ -207,8 +237,19 @@ def test_cli_dpo_smoke(tmp_path, tiny_model_dir, pairs):
 
 
 def test_cli_dpo_bad_flags_exit_2_with_one_line(tmp_path, tiny_model_dir, pairs):
-    r = run_cli("dpo", "--data", pairs, "--model", tiny_model_dir, "--output", tmp_path / "x", "--lora-r", "4",
-                "--ref", tiny_model_dir)
+    r = run_cli(
+        "dpo",
+        "--data",
+        pairs,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        tmp_path / "x",
+        "--lora-r",
+        "4",
+        "--ref",
+        tiny_model_dir,
+    )
     assert r.returncode == 2
     assert "conflicts with LoRA" in r.stderr and "Traceback" not in r.stderr
     cfg = tmp_path / "bad.yaml"
@@ -218,8 +259,9 @@ def test_cli_dpo_bad_flags_exit_2_with_one_line(tmp_path, tiny_model_dir, pairs)
 
 
 def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, tiny_model_dir, pairs):
-    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, precision="bf16", gradient_checkpointing=True,
-                              max_steps=3))
+    trainer = DPOTrainer(
+        _cfg(tmp_path, tiny_model_dir, pairs, precision="bf16", gradient_checkpointing=True, max_steps=3)
+    )
     final = trainer.train()
     assert trainer.precision == "bf16" and trainer.accelerator.mixed_precision == "bf16"
     assert math.isfinite(final["loss"]) and final["rewards/margins"] > 0
@@ -228,9 +270,14 @@ def test_bf16_autocast_and_gradient_checkpointing_run(tmp_path, tiny_model_dir, 
 
 def _varied_pairs(path, n=16):
     """Pairs of different prompt and completion lengths, so forward chunks pad differently."""
-    rows = [{"prompt": "Review: " + "very " * (i % 5) + "the film was",
-             "chosen": " good" + " and fine" * (i % 3) + ".", "rejected": " bad" * (1 + i % 4) + "."}
-            for i in range(n)]
+    rows = [
+        {
+            "prompt": "Review: " + "very " * (i % 5) + "the film was",
+            "chosen": " good" + " and fine" * (i % 3) + ".",
+            "rejected": " bad" * (1 + i % 4) + ".",
+        }
+        for i in range(n)
+    ]
     from conftest import write_jsonl
 
     return write_jsonl(path, rows)
@@ -242,8 +289,18 @@ def test_forward_chunks_give_the_same_update(tmp_path, tiny_model_dir):
     runs = {}
     for fb in (8, 1, 3):
         out = tmp_path / f"fb{fb}"
-        trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, data, output=str(out), batch_size=8, max_steps=2,
-                                  forward_batch_size=fb, learning_rate=1e-3))
+        trainer = DPOTrainer(
+            _cfg(
+                tmp_path,
+                tiny_model_dir,
+                data,
+                output=str(out),
+                batch_size=8,
+                max_steps=2,
+                forward_batch_size=fb,
+                learning_rate=1e-3,
+            )
+        )
         trainer.train()
         assert json.loads((out / "run.json").read_text())["forward_batch_size"] == fb
         runs[fb] = (_metrics(out), dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters()))

@@ -48,9 +48,22 @@ def peaked_model_dir(tmp_path_factory, tokenizer):
 
 
 def _cfg(tmp_path, model_dir, prompts, **kw):
-    base = dict(prompts=str(prompts), reward="low-id", model=str(model_dir), output=str(tmp_path / "run"),
-                max_steps=2, rollout_batch_size=8, num_minibatches=2, ppo_epochs=2, max_new_tokens=6,
-                learning_rate=1e-3, precision="fp32", lr_scheduler="constant", temperature=1.0, seed=0)
+    base = dict(
+        prompts=str(prompts),
+        reward="low-id",
+        model=str(model_dir),
+        output=str(tmp_path / "run"),
+        max_steps=2,
+        rollout_batch_size=8,
+        num_minibatches=2,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        learning_rate=1e-3,
+        precision="fp32",
+        lr_scheduler="constant",
+        temperature=1.0,
+        seed=0,
+    )
     base.update(kw)
     return PPOConfig(**base)
 
@@ -77,10 +90,27 @@ def test_first_minibatch_is_on_policy_and_every_parameter_changes(tmp_path, tiny
     value = trainer.accelerator.unwrap_model(trainer.value)
     assert value.score.weight.abs().sum() > 0  # zero-initialised head learned
     row = _metrics(tmp_path / "run")[0]
-    for key in ("objective/scores", "objective/kl", "objective/entropy", "objective/non_score_reward",
-                "objective/rlhf_reward", "policy/approxkl", "policy/clipfrac", "loss/policy", "loss/value",
-                "val/explained_variance", "val/ratio", "val/num_eos", "kl_coef", "lr", "episodes",
-                "time/generation", "time/scoring", "time/update", "tokens_per_second"):
+    for key in (
+        "objective/scores",
+        "objective/kl",
+        "objective/entropy",
+        "objective/non_score_reward",
+        "objective/rlhf_reward",
+        "policy/approxkl",
+        "policy/clipfrac",
+        "loss/policy",
+        "loss/value",
+        "val/explained_variance",
+        "val/ratio",
+        "val/num_eos",
+        "kl_coef",
+        "lr",
+        "episodes",
+        "time/generation",
+        "time/scoring",
+        "time/update",
+        "tokens_per_second",
+    ):
         assert key in row and math.isfinite(row[key]), key
     assert row["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference when sampling
     assert (tmp_path / "run" / "final" / "config.json").is_file()
@@ -92,9 +122,21 @@ def test_first_minibatch_is_on_policy_and_every_parameter_changes(tmp_path, tiny
 def test_toy_reward_rises(tmp_path, peaked_model_dir, prompts, tokenizer):
     # 16 iterations: at 12 the rise cleared 0.15 for only 5 of seeds 0-5 (4 of 6 with keyed sampling, mean rise 0.21
     # either way); at 16 it clears it for each of seeds 0-7 (smallest rise 0.23)
-    trainer = PPOTrainer(_cfg(tmp_path, peaked_model_dir, prompts, max_steps=16, learning_rate=3e-2, kl_coef=0.0,
-                              rollout_batch_size=16, num_minibatches=1, ppo_epochs=4, max_new_tokens=8),
-                         reward_source=LowIdReward(tokenizer))
+    trainer = PPOTrainer(
+        _cfg(
+            tmp_path,
+            peaked_model_dir,
+            prompts,
+            max_steps=16,
+            learning_rate=3e-2,
+            kl_coef=0.0,
+            rollout_batch_size=16,
+            num_minibatches=1,
+            ppo_epochs=4,
+            max_new_tokens=8,
+        ),
+        reward_source=LowIdReward(tokenizer),
+    )
     trainer.train()
     scores = [r["objective/scores"] for r in _metrics(tmp_path / "run")]
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
@@ -105,15 +147,21 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_mode
     import shutil
 
     kw = dict(max_steps=4, save_steps=2, adaptive_kl=True, lr_scheduler="linear")
-    full = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / "full"), **kw),
-                      reward_source=LowIdReward(tokenizer))
+    full = PPOTrainer(
+        _cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / "full"), **kw),
+        reward_source=LowIdReward(tokenizer),
+    )
     full.train()
-    cut = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / "cut"), **kw),
-                     reward_source=LowIdReward(tokenizer))
+    cut = PPOTrainer(
+        _cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / "cut"), **kw),
+        reward_source=LowIdReward(tokenizer),
+    )
     cut.train()
     shutil.rmtree(tmp_path / "cut" / "checkpoints" / "step-0000004")
-    resumed = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / "cut"), resume="latest",
-                              **kw), reward_source=LowIdReward(tokenizer))
+    resumed = PPOTrainer(
+        _cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / "cut"), resume="latest", **kw),
+        reward_source=LowIdReward(tokenizer),
+    )
     resumed.train()
     assert json.loads((tmp_path / "cut" / "run.json").read_text())["resumed_from_step"] == 2
     for a, b in ((full.policy, resumed.policy), (full.value, resumed.value)):
@@ -126,8 +174,10 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_mode
 
 
 def test_lora_policy_uses_adapter_off_reference(tmp_path, tiny_model_dir, prompts, tokenizer):
-    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, lora_r=4, max_steps=2, learning_rate=1e-2),
-                         reward_source=LowIdReward(tokenizer))
+    trainer = PPOTrainer(
+        _cfg(tmp_path, tiny_model_dir, prompts, lora_r=4, max_steps=2, learning_rate=1e-2),
+        reward_source=LowIdReward(tokenizer),
+    )
     trainer.train()
     assert trainer.ref_model is None
     rows = _metrics(tmp_path / "run")
@@ -141,8 +191,12 @@ def test_grad_accum_gives_the_update_of_the_whole_minibatch(tmp_path, tiny_model
     # tokens: only weighting each by its share of the minibatch's tokens makes accumulation a memory knob
     runs = []
     for accum in (1, 2):
-        trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, grad_accum=accum, stop=["k"],
-                                  output=str(tmp_path / f"accum{accum}")), reward_source=LowIdReward(tokenizer))
+        trainer = PPOTrainer(
+            _cfg(
+                tmp_path, tiny_model_dir, prompts, grad_accum=accum, stop=["k"], output=str(tmp_path / f"accum{accum}")
+            ),
+            reward_source=LowIdReward(tokenizer),
+        )
         trainer.train()
         runs.append((trainer, _metrics(tmp_path / f"accum{accum}")))
     (one, rows_one), (two, rows_two) = runs
@@ -170,19 +224,42 @@ def test_adaptive_kl_controller_exact():
 
 
 def test_config_refuses_bad_numbers(prompts):
-    for kw, msg in [({"clip_eps": 1.0}, "--clip-eps"), ({"rollout_batch_size": 0}, "--rollout-batch-size"),
-                    ({"rollout_batch_size": 6, "num_minibatches": 4}, "divisible"), ({"kl_estimator": "k9"}, "k1"),
-                    ({"ref": "x", "lora_r": 4}, "conflicts with LoRA"), ({"reward": ""}, "--reward"),
-                    ({"max_steps": 3, "episodes": 10}, "not both"),
-                    ({"stop": ["k", ""]}, "stop strings must not be empty"), ({"temperature": 0.0}, "temperature")]:
+    for kw, msg in [
+        ({"clip_eps": 1.0}, "--clip-eps"),
+        ({"rollout_batch_size": 0}, "--rollout-batch-size"),
+        ({"rollout_batch_size": 6, "num_minibatches": 4}, "divisible"),
+        ({"kl_estimator": "k9"}, "k1"),
+        ({"ref": "x", "lora_r": 4}, "conflicts with LoRA"),
+        ({"reward": ""}, "--reward"),
+        ({"max_steps": 3, "episodes": 10}, "not both"),
+        ({"stop": ["k", ""]}, "stop strings must not be empty"),
+        ({"temperature": 0.0}, "temperature"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             PPOConfig(**{"prompts": str(prompts), "reward": "vader", **kw})
 
 
 def test_cli_ppo_smoke_with_vader(tmp_path, tiny_model_dir, prompts):
     out = tmp_path / "cli"
-    r = run_cli("ppo", "--prompts", prompts, "--reward", "vader", "--model", tiny_model_dir, "--output", out,
-                "--max-steps", "2", "--rollout-batch-size", "4", "--max-new-tokens", "4", "--missing-eos-penalty", "1.0")
+    r = run_cli(
+        "ppo",
+        "--prompts",
+        prompts,
+        "--reward",
+        "vader",
+        "--model",
+        tiny_model_dir,
+        "--output",
+        out,
+        "--max-steps",
+        "2",
+        "--rollout-batch-size",
+        "4",
+        "--max-new-tokens",
+        "4",
+        "--missing-eos-penalty",
+        "1.0",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     rows = _metrics(out)
     assert len(rows) == 2 and rows[-1]["episodes"] == 8
@@ -191,21 +268,25 @@ def test_cli_ppo_smoke_with_vader(tmp_path, tiny_model_dir, prompts):
 
 
 def test_bf16_rollouts_sample_from_a_copy_refreshed_after_every_update(tmp_path, tiny_model_dir, prompts, tokenizer):
-    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=2, precision="bf16"),
-                         reward_source=LowIdReward(tokenizer))
+    trainer = PPOTrainer(
+        _cfg(tmp_path, tiny_model_dir, prompts, max_steps=2, precision="bf16"), reward_source=LowIdReward(tokenizer)
+    )
     trainer.train()
     assert trainer.sampler is not trainer.policy
     for (name, p), (_, p0) in zip(trainer.sampler.named_parameters(), trainer.policy.named_parameters()):
         assert p.dtype == torch.bfloat16 and p0.dtype == torch.float32, name
         assert torch.equal(p, p0.detach().to(torch.bfloat16)), f"{name}: the sampler missed the last update"
-    fp32 = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=1, output=str(tmp_path / "fp32")),
-                      reward_source=LowIdReward(tokenizer))
+    fp32 = PPOTrainer(
+        _cfg(tmp_path, tiny_model_dir, prompts, max_steps=1, output=str(tmp_path / "fp32")),
+        reward_source=LowIdReward(tokenizer),
+    )
     fp32.train()
     assert fp32.sampler is fp32.policy  # fp32 precision: sampled from the training weights themselves
 
 
-def test_frozen_reference_and_reward_model_go_to_the_accelerator_device(tmp_path, tiny_model_dir, prompts,
-                                                                      tokenizer, monkeypatch):
+def test_frozen_reference_and_reward_model_go_to_the_accelerator_device(
+    tmp_path, tiny_model_dir, prompts, tokenizer, monkeypatch
+):
     """accelerate moves only what it prepares: the reference policy and a reward model must be placed by hand, or
     they stay on the CPU while the policy runs on a GPU. The meta device stands in for the GPU; setup stops once
     both are loaded (the value model is the next thing it loads)."""

@@ -68,8 +68,7 @@ def test_first_step_is_a_fresh_head_and_every_parameter_changes(tmp_path, tiny_m
     assert torch.equal(final.score.weight, after["score.weight"].detach())
 
 
-def test_learnable_set_is_learned_and_scores_the_same_in_prefalign_rewards(tmp_path, tiny_model_dir, tokenizer,
-                                                                           pairs):
+def test_learnable_set_is_learned_and_scores_the_same_in_prefalign_rewards(tmp_path, tiny_model_dir, tokenizer, pairs):
     trainer = RewardTrainer(_cfg(tmp_path, tiny_model_dir, pairs, max_steps=6, eval_split=0.25))
     final = trainer.train()
     start = _metrics(tmp_path / "run")[0]
@@ -97,8 +96,10 @@ def test_margin_column_is_used_in_the_loss(tmp_path, tiny_model_dir, tokenizer, 
     assert trainer.margins == "used"
     # hand-built: rows of different lengths (so padding matters), each completion ending with EOS
     eos = tokenizer.eos_token_id
-    hand = [TokenizedPair([10, 11, 12], [20, eos], [21, 22, 23, eos], margin=0.5),
-            TokenizedPair([13], [24, 25, eos], [26, eos], margin=2.0)]
+    hand = [
+        TokenizedPair([10, 11, 12], [20, eos], [21, 22, 23, eos], margin=0.5),
+        TokenizedPair([13], [24, 25, eos], [26, eos], margin=2.0),
+    ]
     batch = trainer.collate(list(enumerate(hand)))
     assert batch["margin"].tolist() == [0.5, 2.0]
     model = trainer.model
@@ -127,8 +128,9 @@ def test_margin_column_is_used_in_the_loss(tmp_path, tiny_model_dir, tokenizer, 
 def test_lora_trains_only_the_adapter_and_the_head(tmp_path, tiny_model_dir, tokenizer, pairs):
     from peft import PeftModel
 
-    trainer = RewardTrainer(_cfg(tmp_path, tiny_model_dir, pairs, lora_r=4, lora_alpha=8, learning_rate=5e-3,
-                                 max_steps=4, merge_lora=True))
+    trainer = RewardTrainer(
+        _cfg(tmp_path, tiny_model_dir, pairs, lora_r=4, lora_alpha=8, learning_rate=5e-3, max_steps=4, merge_lora=True)
+    )
     trainer.train()
     model = trainer.accelerator.unwrap_model(trainer.model)
     fresh = dict(_fresh(tiny_model_dir, tokenizer).named_parameters())
@@ -142,8 +144,7 @@ def test_lora_trains_only_the_adapter_and_the_head(tmp_path, tiny_model_dir, tok
             if "modules_to_save" in name:
                 assert not torch.equal(p, fresh["score.weight"]), "score head did not train"
         else:
-            key = (name.replace("base_model.model.", "").replace(".base_layer", "")
-                   .replace(".original_module", ""))
+            key = name.replace("base_model.model.", "").replace(".base_layer", "").replace(".original_module", "")
             assert torch.equal(p, fresh[key]), f"frozen {name} changed"
 
     batch = trainer.collate(trainer.train_data[:4])
@@ -151,8 +152,9 @@ def test_lora_trains_only_the_adapter_and_the_head(tmp_path, tiny_model_dir, tok
         want = trainer.rewards(batch)
     out = tmp_path / "run"
     assert (out / "final" / "adapter_config.json").is_file()
-    base = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1,
-                                                              pad_token_id=tokenizer.pad_token_id)
+    base = AutoModelForSequenceClassification.from_pretrained(
+        tiny_model_dir, num_labels=1, pad_token_id=tokenizer.pad_token_id
+    )
     adapter = PeftModel.from_pretrained(base, out / "final")
     merged = AutoModelForSequenceClassification.from_pretrained(out / "final-merged")
     assert merged.config.num_labels == 1 and merged.config.pad_token_id == tokenizer.pad_token_id
@@ -164,21 +166,52 @@ def test_lora_trains_only_the_adapter_and_the_head(tmp_path, tiny_model_dir, tok
 
 
 def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_model_dir, pairs):
-    assert_resume_is_exact(RewardTrainer, RewardConfig, tmp_path, tiny_model_dir, pairs, cut_at=2, max_steps=4,
-                           save_steps=2, lr_scheduler="linear", warmup_steps=1, grad_accum=2, batch_size=2)
+    assert_resume_is_exact(
+        RewardTrainer,
+        RewardConfig,
+        tmp_path,
+        tiny_model_dir,
+        pairs,
+        cut_at=2,
+        max_steps=4,
+        save_steps=2,
+        lr_scheduler="linear",
+        warmup_steps=1,
+        grad_accum=2,
+        batch_size=2,
+    )
 
 
 def test_config_refuses_bad_numbers(pairs):
-    for kw, msg in [({"center_rewards_coef": -0.1}, "--center-rewards-coef"), ({"data": ""}, "--data"),
-                    ({"head_init_std": 0.0}, "--head-init-std"), ({"batch_size": 0}, "--batch-size")]:
+    for kw, msg in [
+        ({"center_rewards_coef": -0.1}, "--center-rewards-coef"),
+        ({"data": ""}, "--data"),
+        ({"head_init_std": 0.0}, "--head-init-std"),
+        ({"batch_size": 0}, "--batch-size"),
+    ]:
         with pytest.raises(ValueError, match=msg):
             RewardConfig(**{"data": str(pairs), **kw})
 
 
 def test_cli_reward_smoke(tmp_path, tiny_model_dir, margin_pairs):
     out = tmp_path / "cli"
-    r = run_cli("reward", "--data", margin_pairs, "--model", tiny_model_dir, "--output", out, "--max-steps", "2",
-                "--batch-size", "4", "--precision", "fp32", "--center-rewards-coef", "0.01")
+    r = run_cli(
+        "reward",
+        "--data",
+        margin_pairs,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        out,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--precision",
+        "fp32",
+        "--center-rewards-coef",
+        "0.01",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "final" / "config.json").is_file() and (out / "config.yaml").is_file()
     rows = _metrics(out)
@@ -189,8 +222,9 @@ def test_cli_reward_smoke(tmp_path, tiny_model_dir, margin_pairs):
 
 
 def test_cli_reward_bad_flags_exit_2_with_one_line(tmp_path, tiny_model_dir, pairs):
-    r = run_cli("reward", "--data", pairs, "--model", tiny_model_dir, "--output", tmp_path / "x",
-                "--center-rewards-coef", "-1")
+    r = run_cli(
+        "reward", "--data", pairs, "--model", tiny_model_dir, "--output", tmp_path / "x", "--center-rewards-coef", "-1"
+    )
     assert r.returncode == 2
     assert "--center-rewards-coef must be >= 0" in r.stderr and "Traceback" not in r.stderr
 

@@ -21,10 +21,23 @@ def prompts(tmp_path):
 
 
 def _cfg(tmp_path, model_dir, prompts, **kw):
-    base = dict(prompts=str(prompts), reward=["low-id"], model=str(model_dir), output=str(tmp_path / "run"),
-                max_steps=2, rollout_batch_size=4, num_generations=4, num_minibatches=2, ppo_epochs=2,
-                max_new_tokens=6, learning_rate=1e-3, precision="fp32", lr_scheduler="constant", temperature=1.0,
-                seed=0)
+    base = dict(
+        prompts=str(prompts),
+        reward=["low-id"],
+        model=str(model_dir),
+        output=str(tmp_path / "run"),
+        max_steps=2,
+        rollout_batch_size=4,
+        num_generations=4,
+        num_minibatches=2,
+        ppo_epochs=2,
+        max_new_tokens=6,
+        learning_rate=1e-3,
+        precision="fp32",
+        lr_scheduler="constant",
+        temperature=1.0,
+        seed=0,
+    )
     return RLConfig(**{**base, **kw})
 
 
@@ -32,9 +45,21 @@ def _cfg(tmp_path, model_dir, prompts, **kw):
 def test_toy_reward_rises(tmp_path, peaked_model_dir, prompts, tokenizer, estimator):  # noqa: F811
     # PPO's toy-reward setting (tests/test_trainer_ppo.py) with 4 prompts x K = 4 completions per iteration
     lr = 3e-1 if estimator == "dr_grpo" else 3e-2  # its loss is divided by max-new-tokens per row: ~8x smaller
-    trainer = RLTrainer(_cfg(tmp_path, peaked_model_dir, prompts, estimator=estimator, max_steps=16,
-                             learning_rate=lr, kl_coef=0.0, num_minibatches=1, ppo_epochs=4, max_new_tokens=8),
-                        reward_source=LowIdReward(tokenizer))
+    trainer = RLTrainer(
+        _cfg(
+            tmp_path,
+            peaked_model_dir,
+            prompts,
+            estimator=estimator,
+            max_steps=16,
+            learning_rate=lr,
+            kl_coef=0.0,
+            num_minibatches=1,
+            ppo_epochs=4,
+            max_new_tokens=8,
+        ),
+        reward_source=LowIdReward(tokenizer),
+    )
     trainer.train()
     scores = [r["objective/scores"] for r in read_metrics(tmp_path / "run")]
     first, last = sum(scores[:3]) / 3, sum(scores[-3:]) / 3
@@ -45,8 +70,12 @@ def test_one_iteration_changes_every_parameter_and_logs_every_metric(tmp_path, t
     from transformers import AutoModelForCausalLM
 
     before = dict(AutoModelForCausalLM.from_pretrained(tiny_model_dir).named_parameters())
-    trainer = RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=1, kl_in_loss=True, clip_eps_high=0.28,
-                             dynamic_sampling=True), reward_source=LowIdReward(tokenizer))
+    trainer = RLTrainer(
+        _cfg(
+            tmp_path, tiny_model_dir, prompts, max_steps=1, kl_in_loss=True, clip_eps_high=0.28, dynamic_sampling=True
+        ),
+        reward_source=LowIdReward(tokenizer),
+    )
     trainer.train()
     assert trainer.value is None and len(trainer.trained) == 1  # no critic loaded
     for name, p in trainer.accelerator.unwrap_model(trainer.policy).named_parameters():
@@ -55,9 +84,21 @@ def test_one_iteration_changes_every_parameter_and_logs_every_metric(tmp_path, t
     assert first["val/ratio"] == pytest.approx(1.0, abs=1e-6) and first["policy/clipfrac"] == 0.0
     assert first["loss/kl"] == pytest.approx(0.0, abs=1e-6)  # policy == reference before the first step
     row = read_metrics(tmp_path / "run")[0]
-    for key in ("objective/scores", "objective/scores/low-id", "objective/kl", "loss/policy", "loss/kl",
-                "policy/clipfrac_low", "policy/clipfrac_high", "policy/grad_norm", "rl/group_score_std",
-                "rl/groups_dropped", "rl/advantage_abs", "episodes", "tokens_per_second"):
+    for key in (
+        "objective/scores",
+        "objective/scores/low-id",
+        "objective/kl",
+        "loss/policy",
+        "loss/kl",
+        "policy/clipfrac_low",
+        "policy/clipfrac_high",
+        "policy/grad_norm",
+        "rl/group_score_std",
+        "rl/groups_dropped",
+        "rl/advantage_abs",
+        "episodes",
+        "tokens_per_second",
+    ):
         assert key in row and math.isfinite(row[key]), key
     assert row["episodes"] == 16
     keys, _ = _documented("`prefalign rl`")  # docs/metrics.md names every logged key
@@ -81,8 +122,10 @@ def test_resume_is_exact(tmp_path, tiny_model_dir, prompts, tokenizer):
     kw = dict(max_steps=4, save_steps=2, adaptive_kl=True, estimator="rloo", kl_in_loss=True)
 
     def run(out, **more):
-        t = RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / out), **kw, **more),
-                      reward_source=LowIdReward(tokenizer))
+        t = RLTrainer(
+            _cfg(tmp_path, tiny_model_dir, prompts, output=str(tmp_path / out), **kw, **more),
+            reward_source=LowIdReward(tokenizer),
+        )
         t.train()
         return t
 
@@ -100,11 +143,20 @@ def test_resume_is_exact(tmp_path, tiny_model_dir, prompts, tokenizer):
 
 
 def test_several_rewards_are_weighted_summed_and_logged(tmp_path, tiny_model_dir, prompts):
-    (tmp_path / "toy_reward.py").write_text(TOY_REWARD + "\ndef length(prompts, completions):\n"
-                                            "    return [float(len(c)) for c in completions]\n")
+    (tmp_path / "toy_reward.py").write_text(
+        TOY_REWARD + "\ndef length(prompts, completions):\n    return [float(len(c)) for c in completions]\n"
+    )
     toy = str(tmp_path / "toy_reward.py")
-    trainer = RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=1, reward=[f"{toy}:score", f"{toy}:length"],
-                             reward_weights=[2.0, -0.5]))
+    trainer = RLTrainer(
+        _cfg(
+            tmp_path,
+            tiny_model_dir,
+            prompts,
+            max_steps=1,
+            reward=[f"{toy}:score", f"{toy}:length"],
+            reward_weights=[2.0, -0.5],
+        )
+    )
     trainer.train()
     row = read_metrics(tmp_path / "run")[0]
     want = 2.0 * row["objective/scores/toy_reward.score"] - 0.5 * row["objective/scores/toy_reward.length"]
@@ -112,19 +164,24 @@ def test_several_rewards_are_weighted_summed_and_logged(tmp_path, tiny_model_dir
     assert row["objective/scores/toy_reward.length"] > 1  # the unweighted part
 
 
-@pytest.mark.parametrize("kw,match", [
-    (dict(estimator="grpo", num_generations=1), "--estimator grpo compares the completions of a prompt: "
-                                                "--num-generations must be >= 2, got 1"),
-    (dict(estimator="reinforce_pp", num_generations=1, dynamic_sampling=True), "--dynamic-sampling compares"),
-    (dict(estimator="gae"), r"gae needs a value model: run prefalign ppo"),
-    (dict(estimator="ppo"), "--estimator must be one of grpo, dr_grpo, rloo, reinforce_pp, got 'ppo'"),
-    (dict(reward=["a:f", "b:g"], reward_weights=[1.0]), "--reward-weights has 1 values for 2 --reward sources"),
-    (dict(reward=["a:f"], reward_weights=[float("nan")]), "--reward-weights must be finite"),
-    (dict(reward=["a:f", "a:f"]), "--reward given twice"),
-    (dict(vf_coef=0.5), "vf_coef belongs to the value model"),
-    (dict(loss_agg="sum"), "--loss-agg must be one of token_mean"),
-    (dict(clip_eps_high=0.0), "--clip-eps-high > 0, got 0.2, 0.0"),
-])
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (
+            dict(estimator="grpo", num_generations=1),
+            "--estimator grpo compares the completions of a prompt: --num-generations must be >= 2, got 1",
+        ),
+        (dict(estimator="reinforce_pp", num_generations=1, dynamic_sampling=True), "--dynamic-sampling compares"),
+        (dict(estimator="gae"), r"gae needs a value model: run prefalign ppo"),
+        (dict(estimator="ppo"), "--estimator must be one of grpo, dr_grpo, rloo, reinforce_pp, got 'ppo'"),
+        (dict(reward=["a:f", "b:g"], reward_weights=[1.0]), "--reward-weights has 1 values for 2 --reward sources"),
+        (dict(reward=["a:f"], reward_weights=[float("nan")]), "--reward-weights must be finite"),
+        (dict(reward=["a:f", "a:f"]), "--reward given twice"),
+        (dict(vf_coef=0.5), "vf_coef belongs to the value model"),
+        (dict(loss_agg="sum"), "--loss-agg must be one of token_mean"),
+        (dict(clip_eps_high=0.0), "--clip-eps-high > 0, got 0.2, 0.0"),
+    ],
+)
 def test_config_refuses_bad_input(prompts, kw, match):
     with pytest.raises(ValueError, match=match):
         RLConfig(**{**dict(prompts=str(prompts), reward=["vader"]), **kw})
@@ -134,24 +191,51 @@ def test_a_reward_returning_the_wrong_length_is_one_line(tmp_path, tiny_model_di
     from prefalign.errors import UserError
 
     (tmp_path / "bad.py").write_text("def score(prompts, completions):\n    return [1.0]\n")
-    with pytest.raises(UserError, match=r"reward function '.*bad.py:score' returned 1 scores for 16 completions; expected one per"):
+    with pytest.raises(
+        UserError, match=r"reward function '.*bad.py:score' returned 1 scores for 16 completions; expected one per"
+    ):
         RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, reward=[f"{tmp_path / 'bad.py'}:score"])).train()
 
 
 def test_cli_rl_smoke(tmp_path, tiny_model_dir, prompts):
     (tmp_path / "toy_reward.py").write_text(TOY_REWARD)
     out = tmp_path / "cli"
-    r = run_cli("rl", "--prompts", prompts, "--reward", f"{tmp_path / 'toy_reward.py'}:score", "--reward", "vader",
-                "--reward-weights", "1.0", "0.5", "--model", tiny_model_dir, "--estimator", "rloo",
-                "--num-generations", "2", "--rollout-batch-size", "4", "--max-steps", "1", "--max-new-tokens", "4",
-                "--precision", "fp32", "--output", out)
+    r = run_cli(
+        "rl",
+        "--prompts",
+        prompts,
+        "--reward",
+        f"{tmp_path / 'toy_reward.py'}:score",
+        "--reward",
+        "vader",
+        "--reward-weights",
+        "1.0",
+        "0.5",
+        "--model",
+        tiny_model_dir,
+        "--estimator",
+        "rloo",
+        "--num-generations",
+        "2",
+        "--rollout-batch-size",
+        "4",
+        "--max-steps",
+        "1",
+        "--max-new-tokens",
+        "4",
+        "--precision",
+        "fp32",
+        "--output",
+        out,
+    )
     assert r.returncode == 0, r.stderr
     row = read_metrics(out)[0]
     assert {"objective/scores/toy_reward.score", "objective/scores/vader"} <= set(row)
     assert (out / "final" / "config.json").is_file()
     bad = run_cli("rl", "--prompts", prompts, "--reward", "vader", "--num-generations", "1", "--output", tmp_path / "x")
     assert bad.returncode == 2 and bad.stderr.strip().splitlines() == [
-        "error: --estimator grpo compares the completions of a prompt: --num-generations must be >= 2, got 1"]
+        "error: --estimator grpo compares the completions of a prompt: --num-generations must be >= 2, got 1"
+    ]
 
 
 class HalfConstantReward:
@@ -171,8 +255,9 @@ class HalfConstantReward:
 
 def test_dynamic_sampling_counts_the_groups_it_drops(tmp_path, tiny_model_dir, prompts):
     reward = HalfConstantReward()
-    trainer = RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=3, dynamic_sampling=True),
-                        reward_source=reward)
+    trainer = RLTrainer(
+        _cfg(tmp_path, tiny_model_dir, prompts, max_steps=3, dynamic_sampling=True), reward_source=reward
+    )
     trainer.train()
     rows = read_metrics(tmp_path / "run")
     assert [r["rl/groups_dropped"] for r in rows] == reward.constant_groups
@@ -190,12 +275,14 @@ def _close_runs(a: list[dict], b: list[dict]) -> None:
             assert x[k] == pytest.approx(y[k], rel=1e-4, abs=1e-5), k
 
 
-def test_one_step_on_policy_skips_the_rollouts_policy_forward(tmp_path, tiny_model_dir, prompts, tokenizer,
-                                                                monkeypatch):
+def test_one_step_on_policy_skips_the_rollouts_policy_forward(
+    tmp_path, tiny_model_dir, prompts, tokenizer, monkeypatch
+):
     from prefalign.trainers.backend import Trained
 
     calls = []
     plain = Trained.frozen_forward
+
     def counted(self, fn, *a, **k):  # the policy's no-gradient log-prob forwards (not sampling's)
         calls.append(fn.__name__ == "completion_logprobs" and k.get("return_entropy", False))
         return plain(self, fn, *a, **k)

@@ -16,9 +16,19 @@ def _metrics(out):
 def test_sft_lowers_completion_nll_and_changes_every_parameter(tmp_path, tiny_model_dir):
     rows = [{"prompt": f"Q{i}: say yes.", "completion": " yes yes yes."} for i in range(24)]
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
-    trainer = SFTTrainer(SFTConfig(data=str(data), model=str(tiny_model_dir), output=str(tmp_path / "run"),
-                                   batch_size=4, max_steps=10, learning_rate=1e-2, precision="fp32",
-                                   lr_scheduler="constant", eval_split=0.25))
+    trainer = SFTTrainer(
+        SFTConfig(
+            data=str(data),
+            model=str(tiny_model_dir),
+            output=str(tmp_path / "run"),
+            batch_size=4,
+            max_steps=10,
+            learning_rate=1e-2,
+            precision="fp32",
+            lr_scheduler="constant",
+            eval_split=0.25,
+        )
+    )
     final = trainer.train()
     metrics = _metrics(tmp_path / "run")
     start = metrics[0]
@@ -35,8 +45,16 @@ def test_sft_lowers_completion_nll_and_changes_every_parameter(tmp_path, tiny_mo
 def test_sft_batch_masks_prompt_tokens(tmp_path, tiny_model_dir):
     """Loss only on completion tokens: changing a prompt token's target does not move the loss input set."""
     data = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "A B C", "completion": " D"}] * 4)
-    trainer = SFTTrainer(SFTConfig(data=str(data), model=str(tiny_model_dir), output=str(tmp_path / "r"),
-                                   batch_size=2, max_steps=1, precision="fp32"))
+    trainer = SFTTrainer(
+        SFTConfig(
+            data=str(data),
+            model=str(tiny_model_dir),
+            output=str(tmp_path / "r"),
+            batch_size=2,
+            max_steps=1,
+            precision="fp32",
+        )
+    )
     trainer.train()
     batch = trainer.collate(trainer.train_data[:2])
     # completion = " D" + EOS: exactly two completion tokens per row, the last one EOS
@@ -85,8 +103,22 @@ def test_sft_on_preference_data_trains_on_the_chosen_side(tmp_path, tiny_model_d
 def test_cli_sft_smoke_on_preference_data(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(8))
     out = tmp_path / "cli"
-    r = run_cli("sft", "--data", data, "--model", tiny_model_dir, "--output", out, "--max-steps", "2",
-                "--batch-size", "4", "--lora-r", "4", "--merge-lora")
+    r = run_cli(
+        "sft",
+        "--data",
+        data,
+        "--model",
+        tiny_model_dir,
+        "--output",
+        out,
+        "--max-steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--lora-r",
+        "4",
+        "--merge-lora",
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert (out / "final" / "adapter_config.json").is_file()
     merged = AutoModelForCausalLM.from_pretrained(out / "final-merged")
@@ -101,12 +133,24 @@ def test_forward_chunks_keep_the_token_level_mean(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "sft.jsonl", rows)
     params = {}
     for fb in (8, 1, 3):
-        trainer = SFTTrainer(SFTConfig(data=str(data), model=str(tiny_model_dir), output=str(tmp_path / f"fb{fb}"),
-                                       batch_size=8, max_steps=2, learning_rate=1e-3, precision="fp32",
-                                       lr_scheduler="constant", forward_batch_size=fb))
+        trainer = SFTTrainer(
+            SFTConfig(
+                data=str(data),
+                model=str(tiny_model_dir),
+                output=str(tmp_path / f"fb{fb}"),
+                batch_size=8,
+                max_steps=2,
+                learning_rate=1e-3,
+                precision="fp32",
+                lr_scheduler="constant",
+                forward_batch_size=fb,
+            )
+        )
         trainer.train()
-        params[fb] = (_metrics(tmp_path / f"fb{fb}"),
-                      dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters()))
+        params[fb] = (
+            _metrics(tmp_path / f"fb{fb}"),
+            dict(trainer.accelerator.unwrap_model(trainer.model).named_parameters()),
+        )
     for fb in (1, 3):
         for a, b in zip(params[8][0], params[fb][0]):
             assert b["nll"] == pytest.approx(a["nll"], abs=1e-5)

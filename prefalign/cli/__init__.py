@@ -22,7 +22,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reward": ("prefalign.cli.reward", "train a reward model (scalar head, Bradley-Terry) on preference pairs"),
     "ppo": ("prefalign.cli.ppo", "PPO-RLHF against a reward model, a judge or a Python function"),
     "rl": ("prefalign.cli.rl", "critic-free online RL (GRPO, Dr. GRPO, RLOO, REINFORCE++), K completions per prompt"),
-    "prefs": ("prefalign.cli.prefs", "sample K completions per prompt, score them with a judge, write preference pairs"),
+    "prefs": (
+        "prefalign.cli.prefs",
+        "sample K completions per prompt, score them with a judge, write preference pairs",
+    ),
     "eval": ("prefalign.cli.eval", "policies vs a reference: gold/proxy score, KL to the reference, win rate"),
     "compare": ("prefalign.cli.compare", "race PPO-RLHF against DPO on the same pairs, measured, with a report"),
 }

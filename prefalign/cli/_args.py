@@ -56,9 +56,7 @@ def load_yaml_config(cls: type[T], path: str) -> T:
     names = {f.name for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(data) - names)
     if unknown:
-        raise UserError(
-            f"{path}: unknown key {unknown[0]!r} for this command (known keys: {', '.join(sorted(names))})"
-        )
+        raise UserError(f"{path}: unknown key {unknown[0]!r} for this command (known keys: {', '.join(sorted(names))})")
     try:
         with deferred_validation():  # flags may still fix a value; parse() validates the final config
             return cls(**data)
@@ -87,8 +85,16 @@ def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str 
     return cfg
 
 
-def train_command(config_cls: type, trainer_cls: type, argv: Sequence[str] | None, prog: str, description: str,
-                  keys: Sequence[str], prefixes: Sequence[str] = (), online: bool = False) -> int:
+def train_command(
+    config_cls: type,
+    trainer_cls: type,
+    argv: Sequence[str] | None,
+    prog: str,
+    description: str,
+    keys: Sequence[str],
+    prefixes: Sequence[str] = (),
+    online: bool = False,
+) -> int:
     """A training command's whole body: parse its config, train, print the final metrics named by ``keys`` (and
     every key starting with one of ``prefixes``) and where the outputs are; ``online``: PPO and the critic-free
     family, which also write ``samples.jsonl``."""

@@ -28,7 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{'arm':<{width}}  gold    KL     win    wall s")
     for arm in summary["arms"]:
         scores, cost = arm["eval"], arm["cost"]
-        print(f"{arm['label']:<{width}}  {scores['gold_mean']:+.3f}  {scores['kl_mean']:5.2f}  "
-              f"{scores['win_rate']:.2f}  {cost['wall_seconds']['total']:7.1f}")
+        print(
+            f"{arm['label']:<{width}}  {scores['gold_mean']:+.3f}  {scores['kl_mean']:5.2f}  "
+            f"{scores['win_rate']:.2f}  {cost['wall_seconds']['total']:7.1f}"
+        )
     print(f"\nreport: {cfg.output}/report.md (and report.html, summary.json, plots)")
     return 0

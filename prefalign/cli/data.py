@@ -109,7 +109,8 @@ def inspect(cfg: InspectConfig) -> list[str]:
     if not report.kept:
         lines.append("warning: no usable rows: training on this data would stop with an error")
     notes = ([] if fmt == PROMPT_ONLY else ["completions include the final EOS"]) + (
-        ["before truncation"] if cfg.max_length else [])
+        ["before truncation"] if cfg.max_length else []
+    )
     lines.append(f"token lengths with the {cfg.model} tokenizer" + (f" ({'; '.join(notes)})" if notes else "") + ":")
     lines += _length_table(lengths)
     return lines

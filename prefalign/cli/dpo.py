@@ -18,5 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     from prefalign.cli._args import train_command
     from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 
-    return train_command(DPOConfig, DPOTrainer, argv, "prefalign dpo", __doc__,
-                         keys=("loss", "rewards/accuracies", "rewards/margins"), prefixes=("eval/",))
+    return train_command(
+        DPOConfig,
+        DPOTrainer,
+        argv,
+        "prefalign dpo",
+        __doc__,
+        keys=("loss", "rewards/accuracies", "rewards/margins"),
+        prefixes=("eval/",),
+    )

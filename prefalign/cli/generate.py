@@ -66,18 +66,32 @@ def run(cfg: GenerateConfig) -> list[dict]:
     write_config(out_dir, cfg)
 
     start = time.perf_counter()
-    samples = sample_completions(model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed,
-                                 desc="generate")
+    samples = sample_completions(
+        model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed, desc="generate"
+    )
     seconds = time.perf_counter() - start
-    rows = [{"prompt": prompts[s.prompt], "sample": s.sample, "completion": s.text,
-             "num_tokens": len(s.response_ids), "ended": s.ended} for s in samples]
+    rows = [
+        {
+            "prompt": prompts[s.prompt],
+            "sample": s.sample,
+            "completion": s.text,
+            "num_tokens": len(s.response_ids),
+            "ended": s.ended,
+        }
+        for s in samples
+    ]
     new_tokens = sum(r["num_tokens"] for r in rows)
     write_jsonl(out_dir / "generations.jsonl", rows)
-    write_json(out_dir / "metrics.json", {
-        "completions": len(rows), "new_tokens": new_tokens, "seconds": round(seconds, 3),
-        "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 2),
-        "eos_rate": sum(r["ended"] for r in rows) / max(len(rows), 1),
-    })
+    write_json(
+        out_dir / "metrics.json",
+        {
+            "completions": len(rows),
+            "new_tokens": new_tokens,
+            "seconds": round(seconds, 3),
+            "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 2),
+            "eos_rate": sum(r["ended"] for r in rows) / max(len(rows), 1),
+        },
+    )
     return rows
 
 

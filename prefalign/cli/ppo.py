@@ -15,5 +15,12 @@ def main(argv: list[str] | None = None) -> int:
     from prefalign.cli._args import train_command
     from prefalign.trainers.ppo import PPOConfig, PPOTrainer
 
-    return train_command(PPOConfig, PPOTrainer, argv, "prefalign ppo", __doc__,
-                         keys=("objective/scores", "objective/kl", "objective/rlhf_reward", "val/num_eos"), online=True)
+    return train_command(
+        PPOConfig,
+        PPOTrainer,
+        argv,
+        "prefalign ppo",
+        __doc__,
+        keys=("objective/scores", "objective/kl", "objective/rlhf_reward", "val/num_eos"),
+        online=True,
+    )

@@ -25,8 +25,10 @@ def main(argv: list[str] | None = None) -> int:
     with claimed_output_dir(cfg.output, overwrite=cfg.overwrite):  # one writer, from before the models load
         m = make_preferences(cfg)
     skipped = m["prompts_skipped_tied"] + m["prompts_skipped_small_gap"] + m["prompts_skipped_no_distinct_text"]
-    print(f"{m['prompts']} prompts, {m['completions']} completions -> {m['pairs']} pairs; {skipped} prompts "
-          f"skipped (tied {m['prompts_skipped_tied']}, gap <= {cfg.min_gap} {m['prompts_skipped_small_gap']}, "
-          f"no distinct text {m['prompts_skipped_no_distinct_text']})")
+    print(
+        f"{m['prompts']} prompts, {m['completions']} completions -> {m['pairs']} pairs; {skipped} prompts "
+        f"skipped (tied {m['prompts_skipped_tied']}, gap <= {cfg.min_gap} {m['prompts_skipped_small_gap']}, "
+        f"no distinct text {m['prompts_skipped_no_distinct_text']})"
+    )
     print(f"wrote {Path(cfg.output) / 'pairs.jsonl'}")
     return 0

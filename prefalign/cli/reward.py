@@ -20,5 +20,12 @@ def main(argv: list[str] | None = None) -> int:
     from prefalign.cli._args import train_command
     from prefalign.trainers.reward import RewardConfig, RewardTrainer
 
-    return train_command(RewardConfig, RewardTrainer, argv, "prefalign reward", __doc__,
-                         keys=("loss", "accuracy", "margin"), prefixes=("eval/",))
+    return train_command(
+        RewardConfig,
+        RewardTrainer,
+        argv,
+        "prefalign reward",
+        __doc__,
+        keys=("loss", "accuracy", "margin"),
+        prefixes=("eval/",),
+    )

@@ -18,5 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     from prefalign.cli._args import train_command
     from prefalign.trainers.rl import RLConfig, RLTrainer
 
-    return train_command(RLConfig, RLTrainer, argv, "prefalign rl", __doc__,
-                         keys=("objective/scores", "objective/kl", "rl/group_score_std", "val/num_eos"), online=True)
+    return train_command(
+        RLConfig,
+        RLTrainer,
+        argv,
+        "prefalign rl",
+        __doc__,
+        keys=("objective/scores", "objective/kl", "rl/group_score_std", "val/num_eos"),
+        online=True,
+    )

@@ -24,8 +24,13 @@ def run_args(cfg: CompareConfig, seed: int) -> list:
 
 def sampling_args(cfg: CompareConfig) -> list:
     """How completions are drawn: the same everywhere (pairs, PPO rollouts, evaluation)."""
-    return ["--max-new-tokens", cfg.max_new_tokens, "--temperature", cfg.temperature,
-            "--chat" if cfg.chat else "--no-chat"]
+    return [
+        "--max-new-tokens",
+        cfg.max_new_tokens,
+        "--temperature",
+        cfg.temperature,
+        "--chat" if cfg.chat else "--no-chat",
+    ]
 
 
 def sampler_dtype(precision: str) -> str:
@@ -42,14 +47,48 @@ def sampler_args(cfg: CompareConfig) -> list:
 
 def pair_training_args(cfg: CompareConfig, seed: int, pairs: Path, learning_rate: float, steps: int) -> list:
     """A run trained on the shared pairs (reward model, DPO and its relatives), same held-out split for all."""
-    return [*run_args(cfg, seed), "--data", pairs, "--eval-split", cfg.eval_split, "--max-steps", steps,
-            "--learning-rate", learning_rate, "--batch-size", cfg.batch_size, "--lr-scheduler", "constant",
-            "--max-length", 256]
+    return [
+        *run_args(cfg, seed),
+        "--data",
+        pairs,
+        "--eval-split",
+        cfg.eval_split,
+        "--max-steps",
+        steps,
+        "--learning-rate",
+        learning_rate,
+        "--batch-size",
+        cfg.batch_size,
+        "--lr-scheduler",
+        "constant",
+        "--max-length",
+        256,
+    ]
 
 
 def ppo_args(cfg: CompareConfig, seed: int, prompts: Path, reward: str, kl_coef: float) -> list:
     """A PPO run on the training prompts against ``reward`` (a reward-model directory or the gold judge)."""
-    return [*run_args(cfg, seed), "--prompts", prompts, "--reward", reward, "--max-steps", cfg.ppo_steps,
-            "--rollout-batch-size", cfg.ppo_rollout_batch, "--ppo-epochs", cfg.ppo_epochs,
-            "--learning-rate", cfg.ppo_lr, "--value-learning-rate", cfg.ppo_value_lr, "--kl-coef", kl_coef,
-            *sampling_args(cfg), "--lr-scheduler", "constant", "--sample-every", max(1, cfg.ppo_steps // 4)]
+    return [
+        *run_args(cfg, seed),
+        "--prompts",
+        prompts,
+        "--reward",
+        reward,
+        "--max-steps",
+        cfg.ppo_steps,
+        "--rollout-batch-size",
+        cfg.ppo_rollout_batch,
+        "--ppo-epochs",
+        cfg.ppo_epochs,
+        "--learning-rate",
+        cfg.ppo_lr,
+        "--value-learning-rate",
+        cfg.ppo_value_lr,
+        "--kl-coef",
+        kl_coef,
+        *sampling_args(cfg),
+        "--lr-scheduler",
+        "constant",
+        "--sample-every",
+        max(1, cfg.ppo_steps // 4),
+    ]

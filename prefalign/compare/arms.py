@@ -131,8 +131,15 @@ class Arm:
 
     @property
     def policy_stage(self) -> Stage:
-        return Stage(self.name, self.family.command, self.args, self.family.steps, charged_as="policy",
-                     trains_on_pairs=not self.family.online, metric=self.family.curve_metric)
+        return Stage(
+            self.name,
+            self.family.command,
+            self.args,
+            self.family.steps,
+            charged_as="policy",
+            trains_on_pairs=not self.family.online,
+            metric=self.family.curve_metric,
+        )
 
     @property
     def stages(self) -> tuple[Stage, ...]:
@@ -157,8 +164,15 @@ def _reward_model_args(inputs: StageInputs) -> list:
     return pair_training_args(cfg, inputs.seed, inputs.pairs, cfg.rm_lr, cfg.rm_steps)
 
 
-REWARD_MODEL = Stage("rm", "reward", _reward_model_args, steps=lambda cfg: cfg.rm_steps, charged_as="reward_model",
-                     trains_on_pairs=True, metric="accuracy")
+REWARD_MODEL = Stage(
+    "rm",
+    "reward",
+    _reward_model_args,
+    steps=lambda cfg: cfg.rm_steps,
+    charged_as="reward_model",
+    trains_on_pairs=True,
+    metric="accuracy",
+)
 """Bradley-Terry on the shared pairs; also the evaluation's proxy reward."""
 
 
@@ -205,25 +219,63 @@ def _critic_free(estimator: str, gold: bool) -> Callable[[StageInputs], list]:
     def args(inputs: StageInputs) -> list:
         cfg = inputs.cfg
         reward = cfg.judge if gold else str(final_model(inputs.seed_dir, REWARD_MODEL.name))
-        return [*run_args(cfg, inputs.seed), "--prompts", inputs.train_prompts, "--reward", reward,
-                "--estimator", estimator, "--num-generations", RL_GROUP,
-                "--rollout-batch-size", max(1, cfg.ppo_rollout_batch // RL_GROUP), "--max-steps", cfg.ppo_steps,
-                "--ppo-epochs", cfg.ppo_epochs, "--learning-rate", cfg.ppo_lr, "--kl-coef", cfg.ppo_kl_coef,
-                *sampling_args(cfg), "--lr-scheduler", "constant", "--sample-every", max(1, cfg.ppo_steps // 4)]
+        return [
+            *run_args(cfg, inputs.seed),
+            "--prompts",
+            inputs.train_prompts,
+            "--reward",
+            reward,
+            "--estimator",
+            estimator,
+            "--num-generations",
+            RL_GROUP,
+            "--rollout-batch-size",
+            max(1, cfg.ppo_rollout_batch // RL_GROUP),
+            "--max-steps",
+            cfg.ppo_steps,
+            "--ppo-epochs",
+            cfg.ppo_epochs,
+            "--learning-rate",
+            cfg.ppo_lr,
+            "--kl-coef",
+            cfg.ppo_kl_coef,
+            *sampling_args(cfg),
+            "--lr-scheduler",
+            "constant",
+            "--sample-every",
+            max(1, cfg.ppo_steps // 4),
+        ]
 
     return args
 
 
 # ---------------------------------------------------------------------------------------------- the table
 
-PPO_RLHF = Family("ppo", "ppo", steps=lambda cfg: cfg.ppo_steps * cfg.ppo_epochs, online=True,
-                  update="on-policy RL: samples its own completions while training", curve_metric="objective/scores")
-DPO_LIKE = Family("dpo", "dpo", steps=lambda cfg: cfg.dpo_steps, online=False,
-                  update="offline: supervised on fixed pairs", curve_metric="rewards/margins")
+PPO_RLHF = Family(
+    "ppo",
+    "ppo",
+    steps=lambda cfg: cfg.ppo_steps * cfg.ppo_epochs,
+    online=True,
+    update="on-policy RL: samples its own completions while training",
+    curve_metric="objective/scores",
+)
+DPO_LIKE = Family(
+    "dpo",
+    "dpo",
+    steps=lambda cfg: cfg.dpo_steps,
+    online=False,
+    update="offline: supervised on fixed pairs",
+    curve_metric="rewards/margins",
+)
 
-CRITIC_FREE = Family("ppo", "rl", steps=lambda cfg: cfg.ppo_steps * cfg.ppo_epochs, online=True,
-                     update="on-policy RL without a critic: K completions per prompt, a group baseline",
-                     curve_metric="objective/scores")
+CRITIC_FREE = Family(
+    "ppo",
+    "rl",
+    steps=lambda cfg: cfg.ppo_steps * cfg.ppo_epochs,
+    online=True,
+    update="on-policy RL without a critic: K completions per prompt, a group baseline",
+    curve_metric="objective/scores",
+)
 
 _PPO_LOSS_NOTE = " with a per-token KL penalty to the reference"
 

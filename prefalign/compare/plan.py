@@ -47,14 +47,22 @@ def plan_stages(cfg: CompareConfig, out: Path, train_prompts: Path, heldout_prom
             for stage in arm.stages:
                 if stage.name not in planned:  # a shared stage (the reward model) serves every arm of the seed
                     planned.add(stage.name)
-                    plan.append(PlannedStage(f"seed-{seed}/{stage.name}", stage.command,
-                                             stage.args(arm.inputs_for(inputs)), stage.metric))
+                    plan.append(
+                        PlannedStage(
+                            f"seed-{seed}/{stage.name}", stage.command, stage.args(arm.inputs_for(inputs)), stage.metric
+                        )
+                    )
         with_sweep = cfg.sweep and index == 0
         if with_sweep:
             for name, arm, value in sweep_runs(cfg):
-                plan.append(PlannedStage(f"seed-{seed}/{name}", arm.family.command,
-                                         arm.args(dataclasses.replace(inputs, setting=value)),
-                                         arm.policy_stage.metric))
+                plan.append(
+                    PlannedStage(
+                        f"seed-{seed}/{name}",
+                        arm.family.command,
+                        arm.args(dataclasses.replace(inputs, setting=value)),
+                        arm.policy_stage.metric,
+                    )
+                )
         plan.append(PlannedStage(f"seed-{seed}/eval", "eval", _eval_args(cfg, inputs, heldout_prompts, with_sweep)))
     return plan
 
@@ -71,16 +79,45 @@ def reward_model_stage(cfg: CompareConfig) -> str | None:
 
 
 def _pairs_args(cfg: CompareConfig, train_prompts: Path) -> list:
-    return ["--model", cfg.model, "--prompts", train_prompts, "--judge", cfg.judge,
-            "--num-samples", cfg.samples_per_prompt, "--pair-rule", cfg.pair_rule, "--min-gap", cfg.min_gap,
-            *sampling_args(cfg), *sampler_args(cfg), "--seed", cfg.seed]
+    return [
+        "--model",
+        cfg.model,
+        "--prompts",
+        train_prompts,
+        "--judge",
+        cfg.judge,
+        "--num-samples",
+        cfg.samples_per_prompt,
+        "--pair-rule",
+        cfg.pair_rule,
+        "--min-gap",
+        cfg.min_gap,
+        *sampling_args(cfg),
+        *sampler_args(cfg),
+        "--seed",
+        cfg.seed,
+    ]
 
 
 def _eval_args(cfg: CompareConfig, inputs: StageInputs, heldout_prompts: Path, with_sweep: bool) -> list:
     policies = [f"{START}={cfg.model}"]
     policies += [f"{name}={final_model(inputs.seed_dir, name)}" for name in evaluated_policies(cfg, with_sweep)]
-    args = ["--policies", *policies, "--reference", cfg.model, "--prompts", heldout_prompts, "--judge", cfg.judge,
-            "--num-samples", cfg.eval_samples, *sampling_args(cfg), *sampler_args(cfg), "--seed", inputs.seed]
+    args = [
+        "--policies",
+        *policies,
+        "--reference",
+        cfg.model,
+        "--prompts",
+        heldout_prompts,
+        "--judge",
+        cfg.judge,
+        "--num-samples",
+        cfg.eval_samples,
+        *sampling_args(cfg),
+        *sampler_args(cfg),
+        "--seed",
+        inputs.seed,
+    ]
     proxy = reward_model_stage(cfg)
     if proxy is not None:
         args += ["--proxy", final_model(inputs.seed_dir, proxy)]

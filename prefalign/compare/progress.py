@@ -68,8 +68,7 @@ class RaceClock:
         else:
             return None
         typical = anyone if anyone is not None else elapsed + now
-        later = (self._mean(self.commands[i]) for i in range(running + 1, len(self.commands))
-                 if i not in self.finished)
+        later = (self._mean(self.commands[i]) for i in range(running + 1, len(self.commands)) if i not in self.finished)
         return now + sum(typical if seconds is None else seconds for seconds in later)
 
 
@@ -126,8 +125,9 @@ class StageWatch:
             self.show(progress)
         else:
             self.bar.refresh()  # still starting: its clock ticks
-        left = self.race.clock.seconds_left(self.index, time.monotonic() - self.started,
-                                            progress.seconds_left if progress else None)
+        left = self.race.clock.seconds_left(
+            self.index, time.monotonic() - self.started, progress.seconds_left if progress else None
+        )
         self.race.bar.set_postfix_str(race_postfix(self.stage.name, left))
 
     def show(self, progress: Progress) -> None:

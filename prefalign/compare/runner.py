@@ -37,8 +37,10 @@ def _prompts(source: str | None, split: str, count: int, tokenizer) -> list[str]
 
     prompts = movie_prefixes(split) if source is None else load_prompts(source, tokenizer)
     if len(prompts) < count:
-        raise UserError(f"{source or f'packaged {split} prefixes'}: {len(prompts)} prompts, fewer than the {count} "
-                        "asked for; lower --num-prompts / --eval-prompts or give more prompts")
+        raise UserError(
+            f"{source or f'packaged {split} prefixes'}: {len(prompts)} prompts, fewer than the {count} "
+            "asked for; lower --num-prompts / --eval-prompts or give more prompts"
+        )
     return prompts[:count]
 
 
@@ -86,8 +88,15 @@ class Comparison:
         train_prompts = out / "prompts" / "train.jsonl"
         heldout_prompts = out / "prompts" / "heldout.jsonl"
         if not (cfg.resume and train_prompts.exists()):
-            write_jsonl(train_prompts, [{"prompt": prompt}
-                                        for prompt in _prompts(cfg.train_prompts, "train", cfg.num_prompts, tokenizer)])
-            write_jsonl(heldout_prompts, [{"prompt": prompt} for prompt in
-                                          _prompts(cfg.heldout_prompts, "heldout", cfg.eval_prompts, tokenizer)])
+            write_jsonl(
+                train_prompts,
+                [{"prompt": prompt} for prompt in _prompts(cfg.train_prompts, "train", cfg.num_prompts, tokenizer)],
+            )
+            write_jsonl(
+                heldout_prompts,
+                [
+                    {"prompt": prompt}
+                    for prompt in _prompts(cfg.heldout_prompts, "heldout", cfg.eval_prompts, tokenizer)
+                ],
+            )
         return train_prompts, heldout_prompts

@@ -135,8 +135,12 @@ class StageRunner:
         cmd = [sys.executable, "-m", "prefalign", command, *map(str, args), "--output", str(out), "--overwrite"]
         # the stage's own bars report to the progress file (the race draws them); TQDM_DISABLE silences
         # the libraries' bars, which would garble the log
-        env = {**os.environ, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"), "TQDM_DISABLE": "1",
-               PROGRESS_ENV: str(progress_file)}
+        env = {
+            **os.environ,
+            "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE", "1"),
+            "TQDM_DISABLE": "1",
+            PROGRESS_ENV: str(progress_file),
+        }
         with self.monitor.running(name, progress_file):
             returncode, wall, usage = _run_logged(cmd, env, log)
         progress_file.unlink(missing_ok=True)
@@ -188,8 +192,17 @@ def _report_failure(name: str, returncode: int, log: Path) -> NoReturn:
 
     tail = log_tail(log)
     # one write: off a terminal each write redraws the race's bar after it
-    tqdm.write("\n".join([f"stage {name} failed (exit {returncode}); the last {len(tail)} lines of {log}:",
-                          *(f"  | {line}" for line in tail)]), file=sys.stderr)
+    tqdm.write(
+        "\n".join(
+            [
+                f"stage {name} failed (exit {returncode}); the last {len(tail)} lines of {log}:",
+                *(f"  | {line}" for line in tail),
+            ]
+        ),
+        file=sys.stderr,
+    )
     last = tail[-1] if tail else "(no output)"
-    raise UserError(f"stage {name} failed (exit {returncode}): {last} — full log: {log}; fix it and "
-                    "rerun with --resume to keep the finished stages")
+    raise UserError(
+        f"stage {name} failed (exit {returncode}): {last} — full log: {log}; fix it and "
+        "rerun with --resume to keep the finished stages"
+    )

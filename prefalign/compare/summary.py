@@ -31,9 +31,12 @@ def summarize(cfg: CompareConfig, out: Path, results: dict[str, StageResult]) ->
     arms = []
     for name in [START, *cfg.arms]:
         per_seed = [_eval_of(evals[seed], name) for seed in seeds]
-        arm = {"name": name, "label": START_LABEL if name == START else ARMS[name].label,
-               "eval": mean_over_seeds(per_seed),
-               "cost": mean_over_seeds([costs.of(ARMS.get(name), seed) for seed in seeds])}
+        arm = {
+            "name": name,
+            "label": START_LABEL if name == START else ARMS[name].label,
+            "eval": mean_over_seeds(per_seed),
+            "cost": mean_over_seeds([costs.of(ARMS.get(name), seed) for seed in seeds]),
+        }
         if len(seeds) > 1:
             arm["seeds"] = per_seed
         if name != START:
@@ -52,9 +55,14 @@ def summarize(cfg: CompareConfig, out: Path, results: dict[str, StageResult]) ->
 def log_summary(cfg: CompareConfig, out: Path, summary: dict) -> None:
     """The race's own entry in the --report-to trackers (in ``out``, beside the stages' runs): a ``results`` table,
     one row per arm: its held-out gold score, KL to the reference, win rate and total wall seconds."""
-    rows = [{"arm": arm["name"], **{key: arm["eval"].get(key) for key in ("gold_mean", "kl_mean", "win_rate")},
-             "wall_seconds": (arm.get("cost") or {}).get("wall_seconds", {}).get("total")}
-            for arm in summary["arms"]]
+    rows = [
+        {
+            "arm": arm["name"],
+            **{key: arm["eval"].get(key) for key in ("gold_mean", "kl_mean", "win_rate")},
+            "wall_seconds": (arm.get("cost") or {}).get("wall_seconds", {}).get("total"),
+        }
+        for arm in summary["arms"]
+    ]
     for tracker in open_trackers(cfg.trackers, TrackedRun(out, cfg.output, to_plain(cfg))):
         tracker.log_table(0, "results", rows)
         tracker.close()
@@ -77,8 +85,13 @@ def _sweep_points(cfg: CompareConfig, evaluation: dict) -> list[dict]:
 
 
 def _sweep_point(arm: Arm, value: float, scores: dict) -> dict:
-    return {"arm": arm.name, "param": arm.sweep.param, "value": value, "gold_mean": scores["gold_mean"],
-            "kl_mean": scores["kl_mean"]}
+    return {
+        "arm": arm.name,
+        "param": arm.sweep.param,
+        "value": value,
+        "gold_mean": scores["gold_mean"],
+        "kl_mean": scores["kl_mean"],
+    }
 
 
 class _Costs:
@@ -95,26 +108,45 @@ class _Costs:
     def of(self, arm: Arm | None, seed: int) -> dict:
         """One seed's cost of ``arm`` (None: the starting policy, which cost nothing)."""
         if arm is None:
-            return {"wall_seconds": {"pairs": 0.0, "reward_model": 0.0, "policy": 0.0, "total": 0.0},
-                    "peak_rss_mb": 0.0, "tokens_generated": 0, "gradient_steps": 0, "pairs_used": 0,
-                    "rm_heldout_accuracy": None}
+            return {
+                "wall_seconds": {"pairs": 0.0, "reward_model": 0.0, "policy": 0.0, "total": 0.0},
+                "peak_rss_mb": 0.0,
+                "tokens_generated": 0,
+                "gradient_steps": 0,
+                "pairs_used": 0,
+                "rm_heldout_accuracy": None,
+            }
         runs = {stage.charged_as: (stage, self.results[f"seed-{seed}/{stage.name}"]) for stage in arm.stages}
         policy = runs["policy"][1]
         reward_model = runs["reward_model"][1] if "reward_model" in runs else None
         uses_pairs = any(stage.trains_on_pairs for stage in arm.stages)
-        wall = {"pairs": self.pairs_run.wall_seconds if uses_pairs else 0.0,
-                "reward_model": reward_model.wall_seconds if reward_model else 0.0, "policy": policy.wall_seconds}
+        wall = {
+            "pairs": self.pairs_run.wall_seconds if uses_pairs else 0.0,
+            "reward_model": reward_model.wall_seconds if reward_model else 0.0,
+            "policy": policy.wall_seconds,
+        }
         wall["total"] = round(sum(wall.values()), 3)
         measured = [policy] + ([reward_model] if reward_model else []) + ([self.pairs_run] if uses_pairs else [])
         tokens = self.pairs_tokens if uses_pairs else 0
         if arm.family.online:
             rows = read_jsonl(Path(policy.out_dir) / "metrics.jsonl")
             tokens += int(sum(row["val/response_length"] * self.cfg.ppo_rollout_batch for row in rows))
-        pairs_used = max((_pairs_seen(Path(run.out_dir), stage.steps(self.cfg))
-                          for stage, run in runs.values() if stage.trains_on_pairs), default=0)
-        return {"wall_seconds": wall, "peak_rss_mb": max(run.peak_rss_mb for run in measured),
-                "tokens_generated": tokens, "gradient_steps": sum(stage.steps(self.cfg) for stage in arm.stages),
-                "pairs_used": pairs_used, "rm_heldout_accuracy": _heldout_accuracy(reward_model)}
+        pairs_used = max(
+            (
+                _pairs_seen(Path(run.out_dir), stage.steps(self.cfg))
+                for stage, run in runs.values()
+                if stage.trains_on_pairs
+            ),
+            default=0,
+        )
+        return {
+            "wall_seconds": wall,
+            "peak_rss_mb": max(run.peak_rss_mb for run in measured),
+            "tokens_generated": tokens,
+            "gradient_steps": sum(stage.steps(self.cfg) for stage in arm.stages),
+            "pairs_used": pairs_used,
+            "rm_heldout_accuracy": _heldout_accuracy(reward_model),
+        }
 
 
 def _pairs_seen(run_dir: Path, steps: int) -> int:
@@ -133,8 +165,9 @@ def _heldout_accuracy(reward_model: StageResult | None) -> float | None:
 def _curve(out: Path, arm: Arm, seed: int) -> tuple[str, list[dict]]:
     key = arm.family.curve_metric
     rows = read_jsonl(seed_dir(out, seed) / arm.name / "metrics.jsonl")
-    return key, [{"step": row["step"], "wall_seconds": row["wall_seconds"], "metric": row[key]}
-                 for row in rows if key in row]
+    return key, [
+        {"step": row["step"], "wall_seconds": row["wall_seconds"], "metric": row[key]} for row in rows if key in row
+    ]
 
 
 def _samples(cfg: CompareConfig, out: Path, seed: int, count: int = 6) -> list[dict]:
@@ -159,8 +192,11 @@ def mean_over_seeds(items: list[dict]) -> dict:
     for key, value in items[0].items():
         if isinstance(value, dict):
             mean[key] = mean_over_seeds([item[key] for item in items])
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and all(
-                item[key] is not None for item in items):
+        elif (
+            isinstance(value, (int, float))
+            and not isinstance(value, bool)
+            and all(item[key] is not None for item in items)
+        ):
             mean[key] = statistics.fmean(item[key] for item in items)
         else:
             mean[key] = value

@@ -30,8 +30,10 @@ def check_messages(value: Any, field: str, where: str, source: str) -> list[dict
     """Return ``value`` if it is a list of ``{role, content}`` messages, else raise a one-line `UserError`."""
     at = f"{source}: {where}: {field!r}"
     if not isinstance(value, list):
-        raise UserError(f"{at} must be a list of {{role, content}} messages, got {type_name(value)}; "
-                        "fix the row (or force the format that matches your columns)")
+        raise UserError(
+            f"{at} must be a list of {{role, content}} messages, got {type_name(value)}; "
+            "fix the row (or force the format that matches your columns)"
+        )
     if not value:
         raise UserError(f"{at} is an empty message list; every conversation needs at least one message")
     for i, m in enumerate(value, start=1):
@@ -50,11 +52,15 @@ def check_messages(value: Any, field: str, where: str, source: str) -> list[dict
 
 def require_template(tokenizer, source: str) -> None:
     if tokenizer is None:
-        raise UserError(f"{source}: rows are chat messages; rendering them needs a tokenizer with a chat template "
-                        "(pass tokenizer=, or --model)")
+        raise UserError(
+            f"{source}: rows are chat messages; rendering them needs a tokenizer with a chat template "
+            "(pass tokenizer=, or --model)"
+        )
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError(f"{source}: rows are chat messages but the tokenizer has no chat template; "
-                        "use a chat model's tokenizer (--model)")
+        raise UserError(
+            f"{source}: rows are chat messages but the tokenizer has no chat template; "
+            "use a chat model's tokenizer (--model)"
+        )
 
 
 def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool, where: str, source: str) -> str:
@@ -63,20 +69,23 @@ def render(tokenizer, messages: list[dict], *, add_generation_prompt: bool, wher
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except Exception as e:  # noqa: BLE001 - jinja raises TemplateError, templates raise anything they like
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{source}: {where}: the tokenizer's chat template refused this conversation ({first}); "
-                        "fix the row or use a model whose template accepts it") from None
+        raise UserError(
+            f"{source}: {where}: the tokenizer's chat template refused this conversation ({first}); "
+            "fix the row or use a model whose template accepts it"
+        ) from None
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
 
 
-def render_completion(tokenizer, prompt_text: str, prompt: list[dict], completion: list[dict],
-                      *, where: str, source: str) -> str | None:
+def render_completion(
+    tokenizer, prompt_text: str, prompt: list[dict], completion: list[dict], *, where: str, source: str
+) -> str | None:
     """Text of ``completion`` after ``prompt_text`` (the rendered prompt), or None when the prefix differs."""
     full = render(tokenizer, prompt + completion, add_generation_prompt=False, where=where, source=source)
     if not full.startswith(prompt_text):
         return None
-    text = full[len(prompt_text):]
+    text = full[len(prompt_text) :]
     eos = tokenizer.eos_token
     if eos and text.rstrip().endswith(eos):
         text = text.rstrip()

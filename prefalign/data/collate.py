@@ -70,8 +70,9 @@ class SFTCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, examples: list[TokenizedSFT]) -> dict[str, torch.Tensor]:
-        return _right_pad([(e.prompt_ids, e.completion_ids) for e in examples], self.pad_token_id,
-                          self.pad_to_multiple_of)
+        return _right_pad(
+            [(e.prompt_ids, e.completion_ids) for e in examples], self.pad_token_id, self.pad_to_multiple_of
+        )
 
 
 @dataclass

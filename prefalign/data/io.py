@@ -75,11 +75,15 @@ def read_table(source: str | Path, *, split: str = DEFAULT_SPLIT, text_column: s
     if not path.exists():
         if looks_like_hub_id(src):
             return _read_hub(src, split)
-        raise UserError(f"{src}: file not found; give a .jsonl/.json/.csv/.parquet (optionally .gz) or text file, "
-                        "or a hub dataset id org/name")
+        raise UserError(
+            f"{src}: file not found; give a .jsonl/.json/.csv/.parquet (optionally .gz) or text file, "
+            "or a hub dataset id org/name"
+        )
     if split != DEFAULT_SPLIT:  # refused, not ignored: the user would train on rows they did not ask for
-        raise UserError(f"{src}: is a local file, but split {split!r} was asked for; a split applies to hub "
-                        "datasets only: drop the split flag, or give the file that holds that split")
+        raise UserError(
+            f"{src}: is a local file, but split {split!r} was asked for; a split applies to hub "
+            "datasets only: drop the split flag, or give the file that holds that split"
+        )
     if path.is_dir():
         raise UserError(f"{src}: is a directory; give a data file (.jsonl/.json/.csv/.parquet, optionally .gz)")
     data = _read_bytes(path, src)
@@ -122,8 +126,10 @@ def _decode(data: bytes, src: str, lineno: int | None = None, offset: int = 0) -
         return data.decode("utf-8")
     except UnicodeDecodeError as e:
         line = lineno if lineno is not None else data.count(b"\n", 0, e.start) + 1
-        raise UserError(f"{src}: line {line}: invalid UTF-8 (byte {e.object[e.start]:#04x} at byte offset "
-                        f"{offset + e.start}); re-save the file as UTF-8") from None
+        raise UserError(
+            f"{src}: line {line}: invalid UTF-8 (byte {e.object[e.start]:#04x} at byte offset "
+            f"{offset + e.start}); re-save the file as UTF-8"
+        ) from None
 
 
 def _strip_bom(data: bytes) -> tuple[bytes, int]:
@@ -142,8 +148,9 @@ def _parse_jsonl(data: bytes, src: str, kind: str) -> Table:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"{src}: line {lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                            "each line must be one JSON object") from None
+            raise UserError(
+                f"{src}: line {lineno}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
+            ) from None
         if not isinstance(row, dict):
             raise UserError(f"{src}: line {lineno}: expected a JSON object per line, got {type_name(row)}")
         rows.append((f"line {lineno}", row))
@@ -156,15 +163,19 @@ def _parse_json_array(data: bytes, src: str) -> Table:
     try:
         items = json.loads(text)
     except json.JSONDecodeError as e:
-        raise UserError(f"{src}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
-                        "a .json file must hold one array of row objects, or JSON lines") from None
+        raise UserError(
+            f"{src}: line {e.lineno}: invalid JSON ({e.msg} at column {e.colno}); "
+            "a .json file must hold one array of row objects, or JSON lines"
+        ) from None
     if not items:
         raise UserError(f"{src}: the JSON array has no rows; it needs at least one row object")
     rows = []
     for i, row in enumerate(items, start=1):
         if not isinstance(row, dict):
-            raise UserError(f"{src}: row {i}: expected a JSON object, got {type_name(row)}; "
-                            "a .json file must be an array of row objects")
+            raise UserError(
+                f"{src}: row {i}: expected a JSON object, got {type_name(row)}; "
+                "a .json file must be an array of row objects"
+            )
         rows.append((f"row {i}", row))
     return Table(src, "json", list(items[0]), rows)
 
@@ -181,12 +192,15 @@ def _parse_csv(data: bytes, src: str) -> Table:
         for row in reader:
             where = f"line {start}"
             if None in row:
-                raise UserError(f"{src}: {where}: more fields than the header's {len(columns)}; "
-                                "quote fields that contain commas")
+                raise UserError(
+                    f"{src}: {where}: more fields than the header's {len(columns)}; quote fields that contain commas"
+                )
             missing = [k for k, v in row.items() if v is None]
             if missing:
-                raise UserError(f"{src}: {where}: fewer fields than the header (no value for {missing[0]!r}); "
-                                "every row needs one value per column")
+                raise UserError(
+                    f"{src}: {where}: fewer fields than the header (no value for {missing[0]!r}); "
+                    "every row needs one value per column"
+                )
             rows.append((where, row))
             start = reader.line_num + 1
     except csv.Error as e:
@@ -233,8 +247,10 @@ def _read_hub(source: str, split: str) -> Table:
         ds = datasets.load_dataset(source, split=split)
     except Exception as e:  # noqa: BLE001 - datasets raises many kinds; all mean "could not load"
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{source}: not a local file, and loading it as a hub dataset (split {split!r}) failed: "
-                        f"{first} (offline? HF_HUB_OFFLINE=1 reads only the local cache)") from None
+        raise UserError(
+            f"{source}: not a local file, and loading it as a hub dataset (split {split!r}) failed: "
+            f"{first} (offline? HF_HUB_OFFLINE=1 reads only the local cache)"
+        ) from None
     if len(ds) == 0:
         raise UserError(f"{source}: split {split!r} has no rows")
     rows = [(f"row {i}", row) for i, row in enumerate(ds, start=1)]

@@ -70,12 +70,16 @@ def detect_format(table: Table) -> str:
         return "explicit" if "prompt" in cols else "implicit"
     if "chosen" in cols or "rejected" in cols:
         missing = "rejected" if "chosen" in cols else "chosen"
-        raise UserError(f"{table.source}: missing column {missing!r} (found columns: {found}); "
-                        "preference data needs both chosen and rejected")
+        raise UserError(
+            f"{table.source}: missing column {missing!r} (found columns: {found}); "
+            "preference data needs both chosen and rejected"
+        )
     if "prompt" in cols:
         return PROMPT_ONLY
-    raise UserError(f"{table.source}: unknown format: found columns {found}; expected prompt+chosen+rejected "
-                    "(explicit or conversational), chosen+rejected (implicit transcripts), or prompt (prompt-only)")
+    raise UserError(
+        f"{table.source}: unknown format: found columns {found}; expected prompt+chosen+rejected "
+        "(explicit or conversational), chosen+rejected (implicit transcripts), or prompt (prompt-only)"
+    )
 
 
 def check_columns(table: Table, fmt: str) -> None:
@@ -84,12 +88,20 @@ def check_columns(table: Table, fmt: str) -> None:
         raise UserError(f"unknown format {fmt!r}; choose one of {', '.join(REQUIRED)}")
     for col in REQUIRED[fmt]:
         if col not in table.columns:
-            raise UserError(f"{table.source}: missing column {col!r} (found columns: {', '.join(table.columns)}); "
-                            f"format {fmt} needs {', '.join(REQUIRED[fmt])}")
+            raise UserError(
+                f"{table.source}: missing column {col!r} (found columns: {', '.join(table.columns)}); "
+                f"format {fmt} needs {', '.join(REQUIRED[fmt])}"
+            )
 
 
-def load_preferences(source: str | Path | Table, tokenizer=None, *, format: str | None = None,
-                     split: str = DEFAULT_SPLIT, strict: bool = False) -> tuple[list[PreferenceExample], DropReport]:
+def load_preferences(
+    source: str | Path | Table,
+    tokenizer=None,
+    *,
+    format: str | None = None,
+    split: str = DEFAULT_SPLIT,
+    strict: bool = False,
+) -> tuple[list[PreferenceExample], DropReport]:
     """Read, validate and parse preference pairs; ``tokenizer`` is needed for conversational data only.
 
     ``source`` is a path or hub id (read at ``split``), or a `Table` already read from one.
@@ -102,12 +114,16 @@ def load_preferences(source: str | Path | Table, tokenizer=None, *, format: str 
     table = source if isinstance(source, Table) else read_table(source, split=split)
     source = table.source
     if table.kind == "text":
-        raise UserError(f"{source}: preference data must be .jsonl, .json, .csv or .parquet (optionally .gz) "
-                        "or a hub dataset id; this looks like a plain-text file")
+        raise UserError(
+            f"{source}: preference data must be .jsonl, .json, .csv or .parquet (optionally .gz) "
+            "or a hub dataset id; this looks like a plain-text file"
+        )
     fmt = detect_format(table) if format in (None, "auto") else format
     if fmt == PROMPT_ONLY:
-        raise UserError(f"{source}: has a prompt column but no chosen/rejected columns: that is a prompt-only "
-                        "dataset (use it for PPO / generation); preference data needs chosen and rejected")
+        raise UserError(
+            f"{source}: has a prompt column but no chosen/rejected columns: that is a prompt-only "
+            "dataset (use it for PPO / generation); preference data needs chosen and rejected"
+        )
     examples, report = parse_preferences(table, fmt, tokenizer, strict=strict)
     report.require_some_kept("fix the rows, or check that the format is right (--format)")
     if report.dropped:
@@ -115,8 +131,9 @@ def load_preferences(source: str | Path | Table, tokenizer=None, *, format: str 
     return examples, report
 
 
-def parse_preferences(table: Table, fmt: str, tokenizer=None, *,
-                      strict: bool = False) -> tuple[list[PreferenceExample], DropReport]:
+def parse_preferences(
+    table: Table, fmt: str, tokenizer=None, *, strict: bool = False
+) -> tuple[list[PreferenceExample], DropReport]:
     """Turn the rows of ``table`` into pairs of format ``fmt`` (never raises for "all dropped")."""
     if fmt not in FORMATS:
         raise UserError(f"format {fmt!r} is not a preference format; choose one of {', '.join(FORMATS)}")
@@ -157,16 +174,19 @@ class _Getter:
 
     def raw(self, name: str) -> Any:
         if name not in self.row:
-            raise UserError(f"{self.source}: {self.where}: missing column {name!r}; every row of format "
-                            f"{self.fmt} needs {', '.join(REQUIRED[self.fmt])}")
+            raise UserError(
+                f"{self.source}: {self.where}: missing column {name!r}; every row of format "
+                f"{self.fmt} needs {', '.join(REQUIRED[self.fmt])}"
+            )
         return self.row[name]
 
     def text(self, name: str) -> str:
         value = self.raw(name)
         if not isinstance(value, str):
             hint = " (a list of messages: force --format conversational?)" if isinstance(value, list) else ""
-            raise UserError(f"{self.source}: {self.where}: {name!r} must be a string, got {type_name(value)}"
-                            f"{hint}; fix the row")
+            raise UserError(
+                f"{self.source}: {self.where}: {name!r} must be a string, got {type_name(value)}{hint}; fix the row"
+            )
         return value
 
     def messages(self, name: str) -> list[dict]:
@@ -174,8 +194,10 @@ class _Getter:
 
     def margin(self) -> float:
         if "margin" not in self.row:
-            raise UserError(f"{self.source}: {self.where}: missing column 'margin' (the data has a margin column, "
-                            "so every row needs one); fix the row, or remove the column")
+            raise UserError(
+                f"{self.source}: {self.where}: missing column 'margin' (the data has a margin column, "
+                "so every row needs one); fix the row, or remove the column"
+            )
         value = self.row["margin"]
         if isinstance(value, str):  # CSV cells are strings
             try:
@@ -183,8 +205,10 @@ class _Getter:
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise UserError(f"{self.source}: {self.where}: 'margin' must be a finite number, got {value!r}; "
-                            "fix the row, or remove the margin column")
+            raise UserError(
+                f"{self.source}: {self.where}: 'margin' must be a finite number, got {value!r}; "
+                "fix the row, or remove the margin column"
+            )
         return float(value)
 
 
@@ -201,10 +225,13 @@ def _implicit(get: _Getter, report: DropReport) -> _Parsed | None:
         return None
     prompt = chosen[: cut + len(ASSISTANT_MARKER)]
     if not rejected.startswith(prompt):
-        report.drop("prompt_mismatch", get.where,
-                    "rejected does not start with the chosen transcript up to its last '\\n\\nAssistant:'")
+        report.drop(
+            "prompt_mismatch",
+            get.where,
+            "rejected does not start with the chosen transcript up to its last '\\n\\nAssistant:'",
+        )
         return None
-    chosen, rejected = chosen[len(prompt):], rejected[len(prompt):]
+    chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
     return _Parsed(prompt, chosen, rejected, chosen, rejected)
 
 
@@ -216,13 +243,13 @@ def _conversational(get: _Getter, report: DropReport, tokenizer, has_prompt: boo
     else:
         i, j = chat.last_assistant(chosen), chat.last_assistant(rejected)
         if i is None or j is None:
-            report.drop("no_assistant_turn", get.where,
-                        f"{'chosen' if i is None else 'rejected'} has no assistant message")
+            report.drop(
+                "no_assistant_turn", get.where, f"{'chosen' if i is None else 'rejected'} has no assistant message"
+            )
             return None
         prompt = chosen[:i]
         if rejected[:j] != prompt:
-            report.drop("prompt_mismatch", get.where,
-                        "chosen and rejected differ before their last assistant message")
+            report.drop("prompt_mismatch", get.where, "chosen and rejected differ before their last assistant message")
             return None
         chosen_tail, rejected_tail = chosen[i:], rejected[j:]
     where, src = get.where, get.source
@@ -231,8 +258,11 @@ def _conversational(get: _Getter, report: DropReport, tokenizer, has_prompt: boo
     for name, tail in (("chosen", chosen_tail), ("rejected", rejected_tail)):
         text = chat.render_completion(tokenizer, prompt_text, prompt, tail, where=where, source=src)
         if text is None:
-            report.drop("template_prefix_mismatch", where,
-                        f"the rendered prompt is not a prefix of the rendered prompt + {name}")
+            report.drop(
+                "template_prefix_mismatch",
+                where,
+                f"the rendered prompt is not a prefix of the rendered prompt + {name}",
+            )
             return None
         texts.append(text)
     bodies = ["".join(m["content"] for m in tail) for tail in (chosen_tail, rejected_tail)]

@@ -32,27 +32,48 @@ from prefalign.errors import UserError
 log = logging.getLogger(__name__)
 
 
-def load_prompts(source: str | Path | list[str], tokenizer=None, *, column: str = "prompt", chat: bool = False,
-                 split: str = DEFAULT_SPLIT, strict: bool = False) -> list[str]:
+def load_prompts(
+    source: str | Path | list[str],
+    tokenizer=None,
+    *,
+    column: str = "prompt",
+    chat: bool = False,
+    split: str = DEFAULT_SPLIT,
+    strict: bool = False,
+) -> list[str]:
     """Prompt texts from ``source`` (see the module docstring); drops are logged, none left is a `UserError`."""
     return load_prompt_rows(source, tokenizer, column=column, chat=chat, split=split, strict=strict)[0]
 
 
-def load_prompt_rows(source: str | Path | list[str], tokenizer=None, *, column: str = "prompt", chat: bool = False,
-                     split: str = DEFAULT_SPLIT, strict: bool = False) -> tuple[list[str], dict[str, list[Any]]]:
+def load_prompt_rows(
+    source: str | Path | list[str],
+    tokenizer=None,
+    *,
+    column: str = "prompt",
+    chat: bool = False,
+    split: str = DEFAULT_SPLIT,
+    strict: bool = False,
+) -> tuple[list[str], dict[str, list[Any]]]:
     """``(prompts, columns)``: `load_prompts`' N prompt texts and the table's other columns, each a list of N
     values aligned with the prompts (``{}`` for a text file, a list or a preference file)."""
     return load_prompt_rows_reported(source, tokenizer, column=column, chat=chat, split=split, strict=strict)[:2]
 
 
-def load_prompt_rows_reported(source: str | Path | list[str], tokenizer=None, *, column: str = "prompt",
-                              chat: bool = False, split: str = DEFAULT_SPLIT,
-                              strict: bool = False) -> tuple[list[str], dict[str, list[Any]], DropReport]:
+def load_prompt_rows_reported(
+    source: str | Path | list[str],
+    tokenizer=None,
+    *,
+    column: str = "prompt",
+    chat: bool = False,
+    split: str = DEFAULT_SPLIT,
+    strict: bool = False,
+) -> tuple[list[str], dict[str, list[Any]], DropReport]:
     """`load_prompt_rows` and the `DropReport` of its rows: rows read, dropped by reason (a trainer records it in
     run.json and its model card)."""
     if isinstance(source, (list, tuple)):
-        table = Table("<prompt list>", "list", [column], [(f"prompt {i}", {column: p}) for i, p in
-                                                          enumerate(source, start=1)])
+        table = Table(
+            "<prompt list>", "list", [column], [(f"prompt {i}", {column: p}) for i, p in enumerate(source, start=1)]
+        )
         if not table.rows:
             raise UserError("the prompt list is empty; give at least one prompt")
     else:
@@ -86,15 +107,17 @@ def read_prompts(values: list[str], tokenizer=None, chat: bool = False, *, flag:
     return texts
 
 
-def parse_prompts(table: Table, tokenizer=None, *, column: str = "prompt", chat: bool = False,
-                  strict: bool = False) -> tuple[list[str], DropReport]:
+def parse_prompts(
+    table: Table, tokenizer=None, *, column: str = "prompt", chat: bool = False, strict: bool = False
+) -> tuple[list[str], DropReport]:
     """Prompt texts from the rows of ``table`` and the `DropReport` (never raises for "all dropped")."""
     prompts, _, report = parse_prompt_rows(table, tokenizer, column=column, chat=chat, strict=strict)
     return prompts, report
 
 
-def parse_prompt_rows(table: Table, tokenizer=None, *, column: str = "prompt", chat: bool = False,
-                      strict: bool = False) -> tuple[list[str], dict[str, list[Any]], DropReport]:
+def parse_prompt_rows(
+    table: Table, tokenizer=None, *, column: str = "prompt", chat: bool = False, strict: bool = False
+) -> tuple[list[str], dict[str, list[Any]], DropReport]:
     """`parse_prompts` with the table's other columns: ``(prompts, columns, report)``, each column a list aligned
     with the N kept prompts (``None`` where a row lacks it; ``{}`` for a preference file)."""
     if column not in table.columns:
@@ -103,8 +126,10 @@ def parse_prompt_rows(table: Table, tokenizer=None, *, column: str = "prompt", c
             if fmt in FORMATS:
                 pairs, report = parse_preferences(table, fmt, tokenizer, strict=strict)
                 return [p.prompt for p in pairs], {}, report
-        raise UserError(f"{table.source}: missing column {column!r} (found columns: {', '.join(table.columns)}); "
-                        "a prompt dataset needs a column of prompts (choose it with column=)")
+        raise UserError(
+            f"{table.source}: missing column {column!r} (found columns: {', '.join(table.columns)}); "
+            "a prompt dataset needs a column of prompts (choose it with column=)"
+        )
     if chat:
         chatlib.require_template(tokenizer, table.source)
     report = DropReport(source=table.source, total=len(table.rows), strict=strict)
@@ -122,16 +147,16 @@ def parse_prompt_rows(table: Table, tokenizer=None, *, column: str = "prompt", c
             messages = [{"role": "user", "content": value}] if chat else None
             empty = not value.strip()
         else:
-            raise UserError(f"{table.source}: {where}: {column!r} must be a string or a list of messages, "
-                            f"got {type_name(value)}; fix the row")
+            raise UserError(
+                f"{table.source}: {where}: {column!r} must be a string or a list of messages, "
+                f"got {type_name(value)}; fix the row"
+            )
         if empty:
             report.drop("empty_prompt", where, "prompt is empty")
             continue
         if messages is not None:
-            value = chatlib.render(tokenizer, messages, add_generation_prompt=True, where=where,
-                                        source=table.source)
+            value = chatlib.render(tokenizer, messages, add_generation_prompt=True, where=where, source=table.source)
         prompts.append(value)
         for name, values in columns.items():
             values.append(row.get(name))  # JSON lines may omit a key: None, as `datasets` reads it
     return prompts, columns, report
-

@@ -94,8 +94,9 @@ def left_truncate(ids: list[int], n: int, bos: int | None = None) -> list[int]:
     return ids[len(ids) - n :]
 
 
-def fit_prompt(prompt_ids: list[int], longest_completion: int, max_length: int, max_prompt_length: int,
-               bos: int | None = None) -> list[int] | None:
+def fit_prompt(
+    prompt_ids: list[int], longest_completion: int, max_length: int, max_prompt_length: int, bos: int | None = None
+) -> list[int] | None:
     """The prompt ids after the truncation policy (module docstring), or None if the row must be dropped."""
     ids = left_truncate(prompt_ids, max_prompt_length, bos)
     room = max_length - longest_completion
@@ -116,8 +117,15 @@ def _limits(max_length: int | None, max_prompt_length: int | None) -> tuple[int 
     return max_length, max_prompt_length
 
 
-def _fit_rows(rows: list, completions_of, rebuild, max_length: int | None, max_prompt_length: int | None,
-              bos: int | None, report: DropReport) -> list:
+def _fit_rows(
+    rows: list,
+    completions_of,
+    rebuild,
+    max_length: int | None,
+    max_prompt_length: int | None,
+    bos: int | None,
+    report: DropReport,
+) -> list:
     """Apply `fit_prompt` to every row; the one loop behind preference, SFT and pair re-fitting."""
     max_length, max_prompt_length = _limits(max_length, max_prompt_length)
     kept = []
@@ -131,9 +139,13 @@ def _fit_rows(rows: list, completions_of, rebuild, max_length: int | None, max_p
         longest = max(len(c) for c in completions_of(row))
         prompt = fit_prompt(row.prompt_ids, longest, max_length, max_prompt_length, bos)
         if prompt is None:
-            report.drop("too_long", row.where, f"prompt {len(row.prompt_ids)} + completion {longest} tokens do not "
-                        f"fit max_length {max_length} even with the prompt cut to "
-                        f"{min(MIN_PROMPT_TOKENS, max_prompt_length, len(row.prompt_ids))}")
+            report.drop(
+                "too_long",
+                row.where,
+                f"prompt {len(row.prompt_ids)} + completion {longest} tokens do not "
+                f"fit max_length {max_length} even with the prompt cut to "
+                f"{min(MIN_PROMPT_TOKENS, max_prompt_length, len(row.prompt_ids))}",
+            )
             continue
         if len(prompt) < len(row.prompt_ids):
             report.truncated += 1
@@ -142,29 +154,42 @@ def _fit_rows(rows: list, completions_of, rebuild, max_length: int | None, max_p
     return kept
 
 
-def truncate_pairs(pairs: list[TokenizedPair], max_length: int | None, max_prompt_length: int | None = None,
-                   bos_token_id: int | None = None) -> tuple[list[TokenizedPair], DropReport]:
+def truncate_pairs(
+    pairs: list[TokenizedPair],
+    max_length: int | None,
+    max_prompt_length: int | None = None,
+    bos_token_id: int | None = None,
+) -> tuple[list[TokenizedPair], DropReport]:
     """Apply the truncation policy to already tokenised pairs (``max_length=None``: keep all as they are)."""
     report = DropReport(total=len(pairs))
-    kept = _fit_rows(pairs, lambda p: (p.chosen_ids, p.rejected_ids),
-                     lambda p, ids: TokenizedPair(ids, p.chosen_ids, p.rejected_ids, p.margin, p.where),
-                     max_length, max_prompt_length, bos_token_id, report)
+    kept = _fit_rows(
+        pairs,
+        lambda p: (p.chosen_ids, p.rejected_ids),
+        lambda p, ids: TokenizedPair(ids, p.chosen_ids, p.rejected_ids, p.margin, p.where),
+        max_length,
+        max_prompt_length,
+        bos_token_id,
+        report,
+    )
     return kept, report
 
 
-def tokenize_preferences(examples: list[PreferenceExample], tokenizer, max_length: int | None,
-                         max_prompt_length: int | None = None) -> tuple[list[TokenizedPair], DropReport]:
+def tokenize_preferences(
+    examples: list[PreferenceExample], tokenizer, max_length: int | None, max_prompt_length: int | None = None
+) -> tuple[list[TokenizedPair], DropReport]:
     """Token ids of every pair, fitted to ``max_length`` (None: no limit); too-long pairs are dropped.
 
     Raises `UserError` if every pair is dropped.
     """
     eos, bos = _eos(tokenizer), leading_bos(tokenizer)
     n = len(examples)
-    ids = encode(tokenizer, [e.prompt for e in examples] + [e.chosen for e in examples]
-                 + [e.rejected for e in examples])
+    ids = encode(
+        tokenizer, [e.prompt for e in examples] + [e.chosen for e in examples] + [e.rejected for e in examples]
+    )
     pairs = [
-        TokenizedPair(_with_bos(ids[i], bos), _with_eos(ids[n + i], eos), _with_eos(ids[2 * n + i], eos),
-                      e.margin, e.where)
+        TokenizedPair(
+            _with_bos(ids[i], bos), _with_eos(ids[n + i], eos), _with_eos(ids[2 * n + i], eos), e.margin, e.where
+        )
         for i, e in enumerate(examples)
     ]
     kept, report = truncate_pairs(pairs, max_length, max_prompt_length, bos)
@@ -172,8 +197,13 @@ def tokenize_preferences(examples: list[PreferenceExample], tokenizer, max_lengt
     return kept, report
 
 
-def tokenize_sft(prompts: Sequence[str], completions: Sequence[str], tokenizer, max_length: int | None,
-                 max_prompt_length: int | None = None) -> tuple[list[TokenizedSFT], DropReport]:
+def tokenize_sft(
+    prompts: Sequence[str],
+    completions: Sequence[str],
+    tokenizer,
+    max_length: int | None,
+    max_prompt_length: int | None = None,
+) -> tuple[list[TokenizedSFT], DropReport]:
     """Token ids of (prompt, completion) pairs with the same special-token and truncation policy."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -182,8 +212,15 @@ def tokenize_sft(prompts: Sequence[str], completions: Sequence[str], tokenizer, 
     ids = encode(tokenizer, list(prompts) + list(completions))
     rows = [TokenizedSFT(_with_bos(ids[i], bos), _with_eos(ids[n + i], eos), f"example {i + 1}") for i in range(n)]
     report = DropReport(total=n)
-    kept = _fit_rows(rows, lambda r: (r.completion_ids,), lambda r, p: TokenizedSFT(p, r.completion_ids, r.where),
-                     max_length, max_prompt_length, bos, report)
+    kept = _fit_rows(
+        rows,
+        lambda r: (r.completion_ids,),
+        lambda r, p: TokenizedSFT(p, r.completion_ids, r.where),
+        max_length,
+        max_prompt_length,
+        bos,
+        report,
+    )
     report.require_some_kept(f"raise max_length (now {max_length}) or use shorter data")
     return kept, report
 

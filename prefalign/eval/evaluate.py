@@ -71,8 +71,9 @@ class EvalConfig(SamplingRunConfig):
                 raise ValueError(f"--policies {value!r}: expected NAME=PATH, e.g. dpo=runs/dpo/final")
             name = name.strip()
             if name == REFERENCE:
-                raise ValueError(f"--policies {value!r}: the name {REFERENCE!r} is taken by --reference; "
-                                 "choose another")
+                raise ValueError(
+                    f"--policies {value!r}: the name {REFERENCE!r} is taken by --reference; choose another"
+                )
             if name in (n for n, _ in out):
                 raise ValueError(f"--policies: the name {name!r} is given twice; names must be unique")
             out.append((name, path.strip()))
@@ -92,8 +93,9 @@ def win_rate(scores: torch.Tensor, ref_scores: torch.Tensor) -> tuple[float, dic
         sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(scores, ref_scores)) / N
     """
     if scores.shape != ref_scores.shape or scores.ndim != 1 or scores.numel() == 0:
-        raise ValueError(f"need two non-empty (N,) score tensors, got {tuple(scores.shape)} and "
-                         f"{tuple(ref_scores.shape)}")
+        raise ValueError(
+            f"need two non-empty (N,) score tensors, got {tuple(scores.shape)} and {tuple(ref_scores.shape)}"
+        )
     wins = int((scores > ref_scores).sum())
     ties = int((scores == ref_scores).sum())
     losses = scores.numel() - wins - ties
@@ -155,10 +157,16 @@ def evaluate(cfg: EvalConfig) -> dict:
     seconds = time.perf_counter() - start
 
     metrics = {run.name: _policy_metrics(run, ref) for run in [ref, *runs]}  # step 4
-    result = {"reference": REFERENCE, "policies": metrics,
-              "settings": {**to_plain(cfg), "logprob_temperature": cfg.logprob_temperature,
-                           "prompts_evaluated": len(prompts)},
-              "seconds": round(seconds, 3)}
+    result = {
+        "reference": REFERENCE,
+        "policies": metrics,
+        "settings": {
+            **to_plain(cfg),
+            "logprob_temperature": cfg.logprob_temperature,
+            "prompts_evaluated": len(prompts),
+        },
+        "seconds": round(seconds, 3),
+    }
     write_json(out_dir / "eval.json", result)
     atomic_write_text(out_dir / "eval.md", markdown_table(metrics))
     write_jsonl(out_dir / "completions.jsonl", _completion_rows(prompts, [ref, *runs]))
@@ -175,8 +183,10 @@ def _check_same_tokenizer(ref_tokenizer, path: str, name: str) -> None:
     except UserError as e:
         raise UserError(f"--policies {name}={path}: {e}") from None
     if tok.get_vocab() != ref_tokenizer.get_vocab():
-        raise UserError(f"--policies {name}={path}: its tokenizer differs from the reference's; KL to the "
-                        "reference needs the same vocabulary (give a --reference with the same tokenizer)")
+        raise UserError(
+            f"--policies {name}={path}: its tokenizer differs from the reference's; KL to the "
+            "reference needs the same vocabulary (give a --reference with the same tokenizer)"
+        )
 
 
 def _load_and_sample(cfg: EvalConfig, path: str, tokenizer, prompt_ids, dev, desc: str):
@@ -188,8 +198,9 @@ def _load_and_sample(cfg: EvalConfig, path: str, tokenizer, prompt_ids, dev, des
 
     model = load_policy(path, dtype=torch.float32).to(dev)
     sampler = sampling_copy(model, getattr(torch, cfg.dtype))
-    samples = sample_completions(sampler, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed,
-                                 desc=desc)
+    samples = sample_completions(
+        sampler, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed, desc=desc
+    )
     return model, samples
 
 
@@ -197,8 +208,15 @@ def _sample_policy(cfg: EvalConfig, name: str, path: str, tokenizer, prompt_ids,
     from prefalign.eval.sampling import sequence_logps
 
     model, samples = _load_and_sample(cfg, path, tokenizer, prompt_ids, dev, desc=name)
-    logps = sequence_logps(model, prompt_ids, samples, cfg.batch_size, cfg.logprob_temperature,
-                           tokenizer.pad_token_id, desc=f"{name} log-probs")
+    logps = sequence_logps(
+        model,
+        prompt_ids,
+        samples,
+        cfg.batch_size,
+        cfg.logprob_temperature,
+        tokenizer.pad_token_id,
+        desc=f"{name} log-probs",
+    )
     return _PolicyRun(name, path, samples, logps=logps)  # the model is freed on return
 
 
@@ -207,8 +225,15 @@ def _sample_reference(cfg: EvalConfig, tokenizer, prompt_ids, runs: list[_Policy
 
     model, samples = _load_and_sample(cfg, cfg.reference, tokenizer, prompt_ids, dev, desc=REFERENCE)
     for run in runs:
-        run.ref_logps = sequence_logps(model, prompt_ids, run.samples, cfg.batch_size, cfg.logprob_temperature,
-                                       tokenizer.pad_token_id, desc=f"{run.name} reference log-probs")
+        run.ref_logps = sequence_logps(
+            model,
+            prompt_ids,
+            run.samples,
+            cfg.batch_size,
+            cfg.logprob_temperature,
+            tokenizer.pad_token_id,
+            desc=f"{run.name} reference log-probs",
+        )
     return _PolicyRun(REFERENCE, cfg.reference, samples)
 
 
@@ -242,23 +267,41 @@ def _completion_rows(prompts: list[str], runs: list[_PolicyRun]) -> list[dict]:
     for run in runs:
         kl = (run.logps - run.ref_logps).tolist() if run.logps is not None else [0.0] * len(run.samples)
         for n, s in enumerate(run.samples):
-            rows.append({"policy": run.name, "prompt": prompts[s.prompt], "sample": s.sample, "completion": s.text,
-                         "gold": float(run.gold[n]), "proxy": float(run.proxy[n]) if run.proxy is not None else None,
-                         "kl": kl[n], "num_tokens": len(s.response_ids), "ended": s.ended})
+            rows.append(
+                {
+                    "policy": run.name,
+                    "prompt": prompts[s.prompt],
+                    "sample": s.sample,
+                    "completion": s.text,
+                    "gold": float(run.gold[n]),
+                    "proxy": float(run.proxy[n]) if run.proxy is not None else None,
+                    "kl": kl[n],
+                    "num_tokens": len(s.response_ids),
+                    "ended": s.ended,
+                }
+            )
     return rows
 
 
 def markdown_table(metrics: dict[str, dict]) -> str:
     """eval.md: one row per policy, the reference first."""
     has_proxy = any(m["proxy_mean"] is not None for m in metrics.values())
-    head = ["policy", "gold (mean ± std)"] + (["proxy"] if has_proxy else []) + [
-        "KL to ref (mean ± std)", "win rate vs ref", "length (tokens)", "EOS rate", "completions"]
+    head = (
+        ["policy", "gold (mean ± std)"]
+        + (["proxy"] if has_proxy else [])
+        + ["KL to ref (mean ± std)", "win rate vs ref", "length (tokens)", "EOS rate", "completions"]
+    )
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, m in metrics.items():
         cells = [name.replace("|", "\\|"), f"{m['gold_mean']:.4f} ± {m['gold_std']:.4f}"]
         if has_proxy:
             cells.append(f"{m['proxy_mean']:.4f}")
-        cells += [f"{m['kl_mean']:.4f} ± {m['kl_std']:.4f}", f"{m['win_rate']:.3f}", f"{m['length_mean']:.1f}",
-                  f"{m['eos_rate']:.2f}", str(m["n"])]
+        cells += [
+            f"{m['kl_mean']:.4f} ± {m['kl_std']:.4f}",
+            f"{m['win_rate']:.3f}",
+            f"{m['length_mean']:.1f}",
+            f"{m['eos_rate']:.2f}",
+            str(m["n"]),
+        ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

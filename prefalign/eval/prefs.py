@@ -50,8 +50,9 @@ class PrefsConfig(SamplingRunConfig):
             raise ValueError("--prompts is required: prompt files or literal prompt texts")
 
 
-def make_pairs(prompt: str, completions: list[str], scores: list[float], rule: str = "best_worst",
-               min_gap: float = 0.0) -> list[dict]:
+def make_pairs(
+    prompt: str, completions: list[str], scores: list[float], rule: str = "best_worst", min_gap: float = 0.0
+) -> list[dict]:
     """Preference pairs from one prompt's scored completions.
 
     Only completions with visible text take part (a blank reply is dropped by `load_preferences`), and
@@ -68,8 +69,13 @@ def make_pairs(prompt: str, completions: list[str], scores: list[float], rule: s
     usable = [i for i, c in enumerate(completions) if c.strip()]
 
     def pair(hi: int, lo: int) -> dict:
-        return {"prompt": prompt, "chosen": completions[hi], "rejected": completions[lo],
-                "score_chosen": float(scores[hi]), "score_rejected": float(scores[lo])}
+        return {
+            "prompt": prompt,
+            "chosen": completions[hi],
+            "rejected": completions[lo],
+            "score_chosen": float(scores[hi]),
+            "score_rejected": float(scores[lo]),
+        }
 
     if rule == "best_worst":
         if not usable:
@@ -130,8 +136,9 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     write_config(out_dir, cfg)
 
     start = time.perf_counter()
-    samples = sample_completions(model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed,
-                                 desc="prefs")
+    samples = sample_completions(
+        model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed, desc="prefs"
+    )
     del model  # the judge may be a reward model: one model's weights at a time past this point
     scores = score_samples(judge, f"--judge {cfg.judge}", prompts, samples).tolist()
 
@@ -157,13 +164,17 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     write_jsonl(out_dir / "pairs.jsonl", pairs)
     write_json(out_dir / "metrics.json", metrics)
     if not pairs:
-        log.warning("no pairs: every prompt's completions tied, or no two scores differ by more than --min-gap "
-                    "%s; raise --num-samples or --temperature, or lower --min-gap", cfg.min_gap)
+        log.warning(
+            "no pairs: every prompt's completions tied, or no two scores differ by more than --min-gap "
+            "%s; raise --num-samples or --temperature, or lower --min-gap",
+            cfg.min_gap,
+        )
     return metrics
 
 
-def _pair_every_prompt(prompts: list[str], texts: list[str], scores: list[float],
-                       cfg: PrefsConfig) -> tuple[list[dict], dict[str, int]]:
+def _pair_every_prompt(
+    prompts: list[str], texts: list[str], scores: list[float], cfg: PrefsConfig
+) -> tuple[list[dict], dict[str, int]]:
     """Pairs from every prompt's ``cfg.num_samples`` completions (``texts`` and ``scores`` in (prompt, sample)
     order), and how many prompts gave none, by `skip_reason`."""
     pairs: list[dict] = []

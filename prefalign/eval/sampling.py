@@ -37,8 +37,16 @@ def device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def sample_completions(model, tokenizer, prompt_ids: list[list[int]], sampling: SamplingConfig, num_samples: int,
-                       batch_size: int, seed: int, desc: str = "sample") -> list[Sample]:
+def sample_completions(
+    model,
+    tokenizer,
+    prompt_ids: list[list[int]],
+    sampling: SamplingConfig,
+    num_samples: int,
+    batch_size: int,
+    seed: int,
+    desc: str = "sample",
+) -> list[Sample]:
     """``num_samples`` completions of every prompt, in (prompt, sample) order, ``batch_size`` rows at a time.
 
     Keyed sampling (`KeyedSampler`): completion ``k`` of prompt ``i`` draws its noise from a stream keyed by
@@ -59,9 +67,17 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], sampling: 
         for lo in range(0, len(jobs), batch_size):
             chunk = jobs[lo : lo + batch_size]
             batch = collate([prompt_ids[i] for i, _ in chunk])
-            gen = generate(model, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), sampling,
-                           eos_ids=eos, pad_id=tokenizer.pad_token_id, tokenizer=tokenizer,
-                           row_keys=[key_seed(i, k) for i, k in chunk], seed=seed)
+            gen = generate(
+                model,
+                batch["input_ids"].to(dev),
+                batch["attention_mask"].to(dev),
+                sampling,
+                eos_ids=eos,
+                pad_id=tokenizer.pad_token_id,
+                tokenizer=tokenizer,
+                row_keys=[key_seed(i, k) for i, k in chunk],
+                seed=seed,
+            )
             texts = tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
             ids = gen.response_ids.cpu()  # (b, R)
             lengths = gen.response_mask.sum(1).tolist()  # (b,)
@@ -72,8 +88,15 @@ def sample_completions(model, tokenizer, prompt_ids: list[list[int]], sampling: 
 
 
 @torch.no_grad()
-def sequence_logps(model, prompt_ids: list[list[int]], samples: list[Sample], batch_size: int,
-                   temperature: float, pad_id: int, desc: str = "log-probs") -> torch.Tensor:
+def sequence_logps(
+    model,
+    prompt_ids: list[list[int]],
+    samples: list[Sample],
+    batch_size: int,
+    temperature: float,
+    pad_id: int,
+    desc: str = "log-probs",
+) -> torch.Tensor:
     """``(N,)`` float32: per sample, the sum over its response tokens of ``log p(token | prefix)`` at ``temperature``.
 
     Batches are formed in the order of ``samples`` (``batch_size`` at a time), so two models scored on
@@ -92,8 +115,9 @@ def sequence_logps(model, prompt_ids: list[list[int]], samples: list[Sample], ba
             chunk = samples[lo : lo + batch_size]
             batch = collate([TokenizedSFT(prompt_ids[s.prompt], s.response_ids) for s in chunk])
             batch = {k: v.to(dev) for k, v in batch.items()}  # each (b, T), right-padded
-            logps = completion_logprobs(model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"],
-                                        temperature=temperature)  # (b, T)
+            logps = completion_logprobs(
+                model, batch["input_ids"], batch["attention_mask"], batch["completion_mask"], temperature=temperature
+            )  # (b, T)
             sums.append(sequence_logprobs(logps, batch["completion_mask"]).float().cpu())  # (b,)
     finally:
         model.train(was_training)
@@ -108,4 +132,3 @@ def score_samples(source, name: str, prompts: list[str], samples: list[Sample]) 
         return torch.zeros(0)
     texts = [s.text for s in samples]
     return check_scores(source.score([prompts[s.prompt] for s in samples], texts), len(texts), name)
-

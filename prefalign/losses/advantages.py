@@ -65,8 +65,9 @@ class AdvantageInputs:
         r = self.sequence_rewards()
         k = self.group_size
         if k < 2 or r.shape[0] % k:
-            raise ValueError(f"a group estimator needs group_size >= 2 dividing the batch; got group_size {k} "
-                             f"for {r.shape[0]} rows")
+            raise ValueError(
+                f"a group estimator needs group_size >= 2 dividing the batch; got group_size {k} for {r.shape[0]} rows"
+            )
         return r.view(-1, k)
 
 
@@ -179,19 +180,49 @@ class AdvantageEstimator:
     """Default loss aggregation (a key of `prefalign.losses.policy.AGGREGATIONS`)."""
 
 
-ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {e.name: e for e in (
-    AdvantageEstimator("gae", gae_advantages, "GAE on a critic (Schulman et al. 2016): PPO-RLHF, run by prefalign ppo",
-                       needs_values=True, needs_groups=False, aggregation="token_mean"),
-    AdvantageEstimator("grpo", grpo_advantages, "GRPO, Shao et al. 2024: (R - mean_group R) / (std_group R + eps)",
-                       needs_values=False, needs_groups=True, aggregation="seq_mean_token_mean"),
-    AdvantageEstimator("dr_grpo", dr_grpo_advantages, "Dr. GRPO, Liu et al. 2025: R - mean_group R, loss summed "
-                       "over tokens / (rows x max new tokens)",
-                       needs_values=False, needs_groups=True, aggregation="seq_mean_token_sum_norm"),
-    AdvantageEstimator("rloo", rloo_advantages, "RLOO, Ahmadian et al. 2024: R_i - mean of the group's other R_j",
-                       needs_values=False, needs_groups=True, aggregation="token_mean"),
-    AdvantageEstimator("reinforce_pp", reinforce_pp_advantages, "REINFORCE++, Hu 2025: return-to-go of the "
-                       "KL-shaped token rewards, whitened over the batch", needs_values=False, needs_groups=False,
-                       aggregation="token_mean"),
-)}
+ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
+    e.name: e
+    for e in (
+        AdvantageEstimator(
+            "gae",
+            gae_advantages,
+            "GAE on a critic (Schulman et al. 2016): PPO-RLHF, run by prefalign ppo",
+            needs_values=True,
+            needs_groups=False,
+            aggregation="token_mean",
+        ),
+        AdvantageEstimator(
+            "grpo",
+            grpo_advantages,
+            "GRPO, Shao et al. 2024: (R - mean_group R) / (std_group R + eps)",
+            needs_values=False,
+            needs_groups=True,
+            aggregation="seq_mean_token_mean",
+        ),
+        AdvantageEstimator(
+            "dr_grpo",
+            dr_grpo_advantages,
+            "Dr. GRPO, Liu et al. 2025: R - mean_group R, loss summed over tokens / (rows x max new tokens)",
+            needs_values=False,
+            needs_groups=True,
+            aggregation="seq_mean_token_sum_norm",
+        ),
+        AdvantageEstimator(
+            "rloo",
+            rloo_advantages,
+            "RLOO, Ahmadian et al. 2024: R_i - mean of the group's other R_j",
+            needs_values=False,
+            needs_groups=True,
+            aggregation="token_mean",
+        ),
+        AdvantageEstimator(
+            "reinforce_pp",
+            reinforce_pp_advantages,
+            "REINFORCE++, Hu 2025: return-to-go of the KL-shaped token rewards, whitened over the batch",
+            needs_values=False,
+            needs_groups=False,
+            aggregation="token_mean",
+        ),
+    )
+}
 """Every advantage estimator by name."""
-

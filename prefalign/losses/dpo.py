@@ -29,8 +29,10 @@ from torch import Tensor
 
 from prefalign.losses.stats import check_same_shape
 
-NOTATION = ("h = (logp_c - ref_c) - (logp_r - ref_r), logp a completion's summed log-prob under the policy, ref "
-            "under the reference; avg_logp its per-token mean")
+NOTATION = (
+    "h = (logp_c - ref_c) - (logp_r - ref_r), logp a completion's summed log-prob under the policy, ref "
+    "under the reference; avg_logp its per-token mean"
+)
 """The terms the variants' help lines use (``c`` chosen, ``r`` rejected): ``--loss-type``'s help and model cards."""
 
 
@@ -219,11 +221,17 @@ def _beta(default: float, help: str) -> HyperParam:
     return HyperParam("beta", default, low=0.0, help=help)
 
 
-_DPO_BETA = _beta(0.1, "inverse temperature of the implicit reward beta * log(pi / ref); larger stays closer "
-                       "to the reference")
-_LABEL_SMOOTHING = HyperParam("label_smoothing", 0.0, low=0.0, low_closed=True, high=0.5,
-                              help="assumed probability that a pair's label is flipped (at 0.5 labels carry "
-                                   "no information)")
+_DPO_BETA = _beta(
+    0.1, "inverse temperature of the implicit reward beta * log(pi / ref); larger stays closer to the reference"
+)
+_LABEL_SMOOTHING = HyperParam(
+    "label_smoothing",
+    0.0,
+    low=0.0,
+    low_closed=True,
+    high=0.5,
+    help="assumed probability that a pair's label is flipped (at 0.5 labels carry no information)",
+)
 
 # fmt: off
 # A hand-laid table, one entry per variant (its prose wrapped inside); the formatter would put every argument
@@ -270,8 +278,9 @@ HYPERPARAM_NAMES: tuple[str, ...] = tuple(dict.fromkeys(h.name for v in DPO_LOSS
 """Every hyperparameter name of the table, first-declared order."""
 
 
-def resolve_hyperparams(variant: DPOVariant, given: Mapping[str, float | None],
-                        flag: Callable[[str], str] = str) -> dict[str, float]:
+def resolve_hyperparams(
+    variant: DPOVariant, given: Mapping[str, float | None], flag: Callable[[str], str] = str
+) -> dict[str, float]:
     """The keyword arguments of ``variant.fn``: each hyperparameter it declares, ``given`` or its
     default, checked against its range.
 
@@ -288,8 +297,10 @@ def resolve_hyperparams(variant: DPOVariant, given: Mapping[str, float | None],
         if value is None or variant.hyperparam(name) is not None:
             continue
         if {v.hyperparam(name).default for v in users} != {value}:
-            raise ValueError(f"{flag('loss_type')} {variant.name!r} does not use {flag(name)} (got {value}); "
-                             f"it applies to {sorted(v.name for v in users)}")
+            raise ValueError(
+                f"{flag('loss_type')} {variant.name!r} does not use {flag(name)} (got {value}); "
+                f"it applies to {sorted(v.name for v in users)}"
+            )
     resolved = {}
     for h in variant.hyperparams:
         value = given.get(h.name)

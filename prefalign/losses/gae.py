@@ -19,9 +19,7 @@ from torch import Tensor
 from prefalign.losses.stats import check_same_shape
 
 
-def gae(
-    rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float
-) -> tuple[Tensor, Tensor]:
+def gae(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
     """Advantages and returns by GAE, vectorised over the batch.
 
     Args:
@@ -81,11 +79,11 @@ def gae(
 
     B, T = rewards.shape
     zero = torch.zeros(B, dtype=values.dtype, device=values.device)  # (B,)
-    next_adv = zero                                                   # (B,) A_{t+1}
-    advantages = torch.zeros_like(values)                             # (B, T)
+    next_adv = zero  # (B,) A_{t+1}
+    advantages = torch.zeros_like(values)  # (B, T)
     for t in reversed(range(T)):
         if t + 1 < T:
-            inside = keep[:, t + 1]                                   # (B,) is t+1 in the episode?
+            inside = keep[:, t + 1]  # (B,) is t+1 in the episode?
             # where, not multiply: padded values/advantages may be nan, and nan * 0 is nan.
             next_value = torch.where(inside, values[:, t + 1], zero)
             next_adv = torch.where(inside, next_adv, zero)

@@ -50,11 +50,7 @@ def kl_k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     return torch.expm1(log_r) - log_r
 
 
-KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
-    "k1": kl_k1,
-    "k2": kl_k2,
-    "k3": kl_k3,
-}
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": kl_k1, "k2": kl_k2, "k3": kl_k3}
 """Estimator name -> function ``(logp, ref_logp) -> per-token KL estimate``."""
 
 
@@ -74,8 +70,6 @@ def kl_penalty(logp: Tensor, ref_logp: Tensor, estimator: str) -> Tensor:
     """
     fn = KL_ESTIMATORS.get(estimator)
     if fn is None:
-        raise ValueError(
-            f"unknown KL estimator {estimator!r}; choose one of {sorted(KL_ESTIMATORS)}"
-        )
+        raise ValueError(f"unknown KL estimator {estimator!r}; choose one of {sorted(KL_ESTIMATORS)}")
     check_same_shape(logp=logp, ref_logp=ref_logp)
     return fn(logp, ref_logp)

@@ -24,8 +24,9 @@ AGGREGATIONS = ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm")
 """The loss aggregations, as `aggregate_loss` names them."""
 
 
-def clipped_policy_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float,
-                              eps_high: float) -> tuple[Tensor, dict[str, Tensor]]:
+def clipped_policy_token_loss(
+    logp: Tensor, old_logp: Tensor, advantages: Tensor, mask: Tensor, eps_low: float, eps_high: float
+) -> tuple[Tensor, dict[str, Tensor]]:
     """Per-token negated clipped surrogate with an asymmetric clip range (DAPO's clip-higher, Yu et al. 2025).
 
     With ``r = exp(logp - old_logp)``::
@@ -64,8 +65,12 @@ def clipped_policy_token_loss(logp: Tensor, old_logp: Tensor, advantages: Tensor
     with torch.no_grad():
         low = ((advantages < 0) & (ratio < 1.0 - eps_low)).to(logp.dtype)
         high = ((advantages > 0) & (ratio > 1.0 + eps_high)).to(logp.dtype)
-        stats = {"clipfrac_low": masked_mean(low, mask), "clipfrac_high": masked_mean(high, mask),
-                 "approxkl": masked_mean(0.5 * log_ratio**2, mask), "ratio": masked_mean(ratio, mask)}
+        stats = {
+            "clipfrac_low": masked_mean(low, mask),
+            "clipfrac_high": masked_mean(high, mask),
+            "approxkl": masked_mean(0.5 * log_ratio**2, mask),
+            "ratio": masked_mean(ratio, mask),
+        }
         stats["clipfrac"] = stats["clipfrac_low"] + stats["clipfrac_high"]
     return token_loss, stats
 
@@ -79,8 +84,15 @@ def kl_loss_term(logp: Tensor, ref_logp: Tensor, mask: Tensor) -> Tensor:
     return kl_k3(logp.masked_fill(pad, 0.0), ref_logp.detach().masked_fill(pad, 0.0)).masked_fill(pad, 0.0)
 
 
-def aggregate_loss(token_loss: Tensor, mask: Tensor, mode: str, *, max_len: int | None = None,
-                   total_tokens: float | None = None, total_rows: float | None = None) -> Tensor:
+def aggregate_loss(
+    token_loss: Tensor,
+    mask: Tensor,
+    mode: str,
+    *,
+    max_len: int | None = None,
+    total_tokens: float | None = None,
+    total_rows: float | None = None,
+) -> Tensor:
     """One 0-dim loss from ``(B, T)`` per-token losses by ``mode`` (see the module docstring).
 
     Args:
@@ -120,8 +132,9 @@ def informative_groups(scores: Tensor, group_size: int) -> Tensor:
     len(set(scores[g*K:(g+1)*K])) > 1``.
     """
     if group_size < 2 or scores.shape[0] % group_size:
-        raise ValueError(f"dynamic sampling needs group_size >= 2 dividing the batch; got {group_size} for "
-                         f"{scores.shape[0]} rows")
+        raise ValueError(
+            f"dynamic sampling needs group_size >= 2 dividing the batch; got {group_size} for {scores.shape[0]} rows"
+        )
     g = scores.view(-1, group_size)
     varied = (g != g[:, :1]).any(1)  # (G,)
     return varied.repeat_interleave(group_size)

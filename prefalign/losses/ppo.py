@@ -58,11 +58,7 @@ def ppo_policy_loss(
 
 
 def ppo_value_loss(
-    values: Tensor,
-    old_values: Tensor,
-    returns: Tensor,
-    mask: Tensor,
-    clip_range: float | None,
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Value loss, optionally clipped around the rollout-time values.
 
@@ -99,13 +95,13 @@ def ppo_value_loss(
     old_values = old_values.detach().masked_fill(pad, 0.0)
     returns = returns.detach().masked_fill(pad, 0.0)
 
-    loss_unclipped = (values - returns) ** 2                           # (B, T)
+    loss_unclipped = (values - returns) ** 2  # (B, T)
     if clip_range is None:
         loss = 0.5 * masked_mean(loss_unclipped, mask)
         clipfrac = torch.zeros((), dtype=values.dtype, device=values.device)
     else:
         values_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
-        loss_clipped = (values_clipped - returns) ** 2                 # (B, T)
+        loss_clipped = (values_clipped - returns) ** 2  # (B, T)
         loss = 0.5 * masked_mean(torch.maximum(loss_unclipped, loss_clipped), mask)
         with torch.no_grad():
             clipfrac = masked_mean((loss_clipped > loss_unclipped).to(values.dtype), mask)

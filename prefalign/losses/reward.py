@@ -10,10 +10,7 @@ from prefalign.losses.stats import check_same_shape
 
 
 def bradley_terry_loss(
-    chosen_rewards: Tensor,
-    rejected_rewards: Tensor,
-    margin: Tensor | float | None = None,
-    center_coef: float = 0.0,
+    chosen_rewards: Tensor, rejected_rewards: Tensor, margin: Tensor | float | None = None, center_coef: float = 0.0
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Negative log-likelihood of the preferences under Bradley-Terry, plus reward centering.
 
@@ -56,7 +53,7 @@ def bradley_terry_loss(
     if not center_coef >= 0.0:
         raise ValueError(f"center_coef must be >= 0, got {center_coef}")
 
-    diff = chosen_rewards - rejected_rewards                           # (B,)
+    diff = chosen_rewards - rejected_rewards  # (B,)
     logits = diff if margin is None else diff - margin
     loss = -F.logsigmoid(logits).mean()
     if center_coef > 0.0:

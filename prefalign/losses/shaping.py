@@ -55,8 +55,14 @@ def kl_shaped_rewards(
     return rewards, kl, non_score
 
 
-def explained_variance(values: Tensor, returns: Tensor, mask: Tensor, *, var_returns: Tensor | None = None,
-                       var_residual: Tensor | None = None) -> Tensor:
+def explained_variance(
+    values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    *,
+    var_returns: Tensor | None = None,
+    var_residual: Tensor | None = None,
+) -> Tensor:
     """``1 - Var(returns - values) / Var(returns)`` over masked tokens: 1 is a perfect critic, <= 0 useless.
 
     ``var_returns`` / ``var_residual``: precomputed unbiased variances of ``returns`` and ``returns - values``

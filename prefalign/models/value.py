@@ -14,8 +14,10 @@ def backbone_and_score(model):
     base = base_model(model)
     head = getattr(base, "score", None)
     if head is None:
-        raise UserError(f"{type(base).__name__} has no linear `score` head; value models need a decoder "
-                        "sequence-classification model (Llama, Qwen, Mistral, GPT-2, ...)")
+        raise UserError(
+            f"{type(base).__name__} has no linear `score` head; value models need a decoder "
+            "sequence-classification model (Llama, Qwen, Mistral, GPT-2, ...)"
+        )
     return base.base_model, head
 
 
@@ -54,8 +56,12 @@ def token_values(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, c
     same context the policy saw when it sampled token ``t``.
     """
     backbone, head = backbone_and_score(model)
-    hidden = backbone(input_ids=input_ids, attention_mask=attention_mask,
-                      position_ids=position_ids_from_mask(attention_mask), use_cache=False).last_hidden_state
+    hidden = backbone(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
     select = completion_mask[:, 1:].bool()  # (B, T-1)
     v = head(hidden[:, :-1][select]).float().squeeze(-1)  # (N,)
     out = v.new_zeros(select.shape).masked_scatter(select, v)

@@ -20,14 +20,17 @@ def resource_path(name: str) -> Path:
     """The file ``name`` of this folder as a filesystem path (a `UserError` if there is no such file)."""
     entry = resources.files(__name__) / name
     if not entry.is_file():
-        known = sorted(e.name for e in resources.files(__name__).iterdir()
-                       if e.is_file() and not e.name.startswith(("_", ".")))
+        known = sorted(
+            e.name for e in resources.files(__name__).iterdir() if e.is_file() and not e.name.startswith(("_", "."))
+        )
         raise UserError(f"no packaged resource {name!r}; available: {', '.join(known)}")
     # A regular install (wheel, editable) unpacks the package, so the entry is already a real path;
     # only a zip import would not be, and prefalign is never installed that way.
     if not isinstance(entry, Path):
-        raise UserError(f"packaged resource {name!r} is not on the filesystem ({entry!r}); "
-                        "install prefalign unzipped (pip install, not a zipapp)")
+        raise UserError(
+            f"packaged resource {name!r} is not on the filesystem ({entry!r}); "
+            "install prefalign unzipped (pip install, not a zipapp)"
+        )
     return entry
 
 

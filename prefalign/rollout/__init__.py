@@ -11,5 +11,13 @@ from prefalign.rollout.generate import (
     truncate_at_eos,
 )
 
-__all__ = ["Generation", "SamplingConfig", "cut_at_stop", "eos_token_ids", "generate", "refresh_sampling_copy",
-           "sampling_copy", "truncate_at_eos"]
+__all__ = [
+    "Generation",
+    "SamplingConfig",
+    "cut_at_stop",
+    "eos_token_ids",
+    "generate",
+    "refresh_sampling_copy",
+    "sampling_copy",
+    "truncate_at_eos",
+]

@@ -142,8 +142,15 @@ class KeyedSampler:
     ``token[b] = argmax(filtered_logits(scores)[b] - log(-log(rand(V, generator=g))))``.
     """
 
-    def __init__(self, seed: int, row_keys: list[int], prompt_width: int, temperature: float = 1.0,
-                 top_k: int = 0, top_p: float = 1.0):
+    def __init__(
+        self,
+        seed: int,
+        row_keys: list[int],
+        prompt_width: int,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+    ):
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.seed, self.row_keys, self.prompt_width = seed, [int(k) for k in row_keys], prompt_width
@@ -210,9 +217,19 @@ def refresh_sampling_copy(copy_model, model) -> None:
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
-             *, eos_ids: list[int], pad_id: int, tokenizer=None, row_keys: list[int] | None = None,
-             seed: int = 0, synced: bool = False) -> Generation:
+def generate(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    sampling: SamplingConfig,
+    *,
+    eos_ids: list[int],
+    pad_id: int,
+    tokenizer=None,
+    row_keys: list[int] | None = None,
+    seed: int = 0,
+    synced: bool = False,
+) -> Generation:
     """Sample one completion per (left-padded) prompt row; see `Generation` for the shapes.
 
     With ``row_keys`` (one int per row), sampling goes through `KeyedSampler`: row ``b``'s completion depends
@@ -240,8 +257,9 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samplin
     )
     processors = None
     if keyed:
-        processors = LogitsProcessorList([KeyedSampler(seed, row_keys, prompt_ids.shape[1], sampling.temperature,
-                                                       sampling.top_k, sampling.top_p)])
+        processors = LogitsProcessorList(
+            [KeyedSampler(seed, row_keys, prompt_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p)]
+        )
     was_training = model.training
     model.eval()
     try:
@@ -255,16 +273,23 @@ def generate(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, samplin
         )
     finally:
         model.train(was_training)
-    raw = out[:, prompt_ids.shape[1]:]
+    raw = out[:, prompt_ids.shape[1] :]
     ids, mask, ended = truncate_at_eos(raw, eos_ids, pad_id)
     if sampling.stop and tokenizer is not None:
         ids, mask, ended = _end_at_stop_strings(raw, ids, mask, ended, sampling.stop, tokenizer, pad_id)
     width = int(mask.sum(1).max().item()) if mask.numel() else 0
-    return Generation(prompt_ids, prompt_mask, ids[:, :max(width, 1)], mask[:, :max(width, 1)], ended)
+    return Generation(prompt_ids, prompt_mask, ids[:, : max(width, 1)], mask[:, : max(width, 1)], ended)
 
 
-def _end_at_stop_strings(raw: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor,
-                         stop: list[str], tokenizer, pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _end_at_stop_strings(
+    raw: torch.Tensor,
+    ids: torch.Tensor,
+    mask: torch.Tensor,
+    ended: torch.Tensor,
+    stop: list[str],
+    tokenizer,
+    pad_id: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(ids, mask, ended)`` of `truncate_at_eos` with the rows whose text holds a stop string ended there.
 
     HF stops a row as soon as its text contains a stop string; that row is "ended" too. From the next step on,

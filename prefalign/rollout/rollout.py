@@ -44,5 +44,16 @@ class Rollout:
 
     def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         """The tensors the update needs for rows ``idx``."""
-        return {k: getattr(self, k)[idx] for k in ("query_response", "attention_mask", "completion_mask",
-                                                    "response_mask", "logps", "values", "advantages", "returns")}
+        return {
+            k: getattr(self, k)[idx]
+            for k in (
+                "query_response",
+                "attention_mask",
+                "completion_mask",
+                "response_mask",
+                "logps",
+                "values",
+                "advantages",
+                "returns",
+            )
+        }

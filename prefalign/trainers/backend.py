@@ -77,9 +77,11 @@ def make_accelerator(precision: str):
         acc = Accelerator(mixed_precision=mixed, kwargs_handlers=handlers)
         stage = acc.state.deepspeed_plugin.zero_stage
         if stage not in (1, 2, 3):
-            raise UserError(f"DeepSpeed zero_stage {stage}: prefalign runs ZeRO stages 1-3 (stage 0 reports no "
-                            "gradient norm and applies non-finite steps); use DDP (examples/accelerate/ddp.yaml) "
-                            "for no sharding")
+            raise UserError(
+                f"DeepSpeed zero_stage {stage}: prefalign runs ZeRO stages 1-3 (stage 0 reports no "
+                "gradient norm and applies non-finite steps); use DDP (examples/accelerate/ddp.yaml) "
+                "for no sharding"
+            )
         return acc
     # Without a GPU, say cpu=True: under torchrun (`accelerate launch --multi_gpu --num_processes N`) that
     # makes accelerate join a gloo process group on the CPU instead of silently running N copies alone.
@@ -201,8 +203,7 @@ class AccelerateBackend:
     def backward(self, trained: Trained, loss: torch.Tensor, boundary: bool) -> None:
         self.acc.backward(loss)
 
-    def step(self, models: list[Trained], max_grad_norm: float | None,
-             losses_finite: bool) -> tuple[list[float], bool]:
+    def step(self, models: list[Trained], max_grad_norm: float | None, losses_finite: bool) -> tuple[list[float], bool]:
         """Clip each model's gradients, then step every optimizer and schedule only if every gradient norm is
         finite and ``losses_finite`` holds on every process; gradients are zeroed either way.
         Returns ``(pre-clip gradient norms, stepped)``. The decision is agreed across processes (one small gather)
@@ -223,8 +224,9 @@ class AccelerateBackend:
         whole (a collective when sharded)."""
         return full_model_state(trained.model) if self.sharded else None
 
-    def checkpoint_objects(self, models: list[Trained], ckpts: CheckpointManager,
-                           step: int) -> tuple[dict, Path | None]:
+    def checkpoint_objects(
+        self, models: list[Trained], ckpts: CheckpointManager, step: int
+    ) -> tuple[dict, Path | None]:
         """``(objects, staging dir or None)``: each model's trainable weights and optimizer state, unsharded and
         keyed by name (collectives under FSDP)."""
         objects = {}
@@ -234,13 +236,16 @@ class AccelerateBackend:
 
     def load_checkpoint(self, models: list[Trained], path: Path, objects: dict) -> None:
         for t in models:
-            load_training_state(t.model, inner_optimizer(t.optimizer), objects[t.name], objects[t.key("optimizer")],
-                                path)
+            load_training_state(
+                t.model, inner_optimizer(t.optimizer), objects[t.name], objects[t.key("optimizer")], path
+            )
 
     def check_resumable(self, path: Path, state: dict) -> None:
         if (path / DEEPSPEED_TAG).is_dir():
-            raise UserError(f"{path}: written with DeepSpeed; resume it under the same kind of launch (DeepSpeed "
-                            "checkpoints hold DeepSpeed's own sharded optimizer files)")
+            raise UserError(
+                f"{path}: written with DeepSpeed; resume it under the same kind of launch (DeepSpeed "
+                "checkpoints hold DeepSpeed's own sharded optimizer files)"
+            )
 
 
 DEEPSPEED_TAG = "deepspeed"
@@ -268,8 +273,12 @@ class DeepSpeedBackend(AccelerateBackend):
         DeepSpeed sees one micro-batch per step, and clips to --max-grad-norm: the config's own values are
         replaced."""
         ds = self.acc.state.deepspeed_plugin.deepspeed_config
-        ds.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=1,
-                  train_batch_size=micro_batch * self.acc.num_processes, gradient_clipping=max_grad_norm or 0.0)
+        ds.update(
+            train_micro_batch_size_per_gpu=micro_batch,
+            gradient_accumulation_steps=1,
+            train_batch_size=micro_batch * self.acc.num_processes,
+            gradient_clipping=max_grad_norm or 0.0,
+        )
 
     def accumulate(self, models: list[Trained], boundary: bool):
         return nullcontext()  # the boundary set in `backward` decides when DeepSpeed reduces
@@ -279,8 +288,7 @@ class DeepSpeedBackend(AccelerateBackend):
         trained.engine.set_gradient_accumulation_boundary(boundary)
         trained.engine.backward(loss, scale_wrt_gas=False)
 
-    def step(self, models: list[Trained], max_grad_norm: float | None,
-             losses_finite: bool) -> tuple[list[float], bool]:
+    def step(self, models: list[Trained], max_grad_norm: float | None, losses_finite: bool) -> tuple[list[float], bool]:
         """A non-finite loss is caught before the engine's step and the step not taken (its gradients dropped); a
         non-finite gradient, which ZeRO detects itself, shows as a step it did not apply."""
         [t] = models
@@ -305,13 +313,15 @@ class DeepSpeedBackend(AccelerateBackend):
         try:  # a collective; needs the config's zero3_save_16bit_model: true
             state = self.acc.get_state_dict(trained.engine)
         except ValueError as e:  # accelerate: the gather is off in the config
-            raise UserError(f"final/ under ZeRO-3: {e}; set zero3_save_16bit_model: true in the accelerate "
-                            "config") from None
+            raise UserError(
+                f"final/ under ZeRO-3: {e}; set zero3_save_16bit_model: true in the accelerate config"
+            ) from None
         # the main process gets the weights (keyed through `Forward`), the others None
         return without_tied_aliases(trained.model, {k.removeprefix("model."): v for k, v in (state or {}).items()})
 
-    def checkpoint_objects(self, models: list[Trained], ckpts: CheckpointManager,
-                           step: int) -> tuple[dict, Path | None]:
+    def checkpoint_objects(
+        self, models: list[Trained], ckpts: CheckpointManager, step: int
+    ) -> tuple[dict, Path | None]:
         """DeepSpeed's own format: each process writes its shards of the optimizer state into a staging directory
         the main process created."""
         [t] = models
@@ -324,18 +334,26 @@ class DeepSpeedBackend(AccelerateBackend):
     def load_checkpoint(self, models: list[Trained], path: Path, objects: dict) -> None:
         [t] = models
         # not strict: the checkpoint holds the trainable weights only (frozen ones come from --model)
-        t.engine.load_checkpoint(str(path), tag=DEEPSPEED_TAG, load_optimizer_states=True,
-                                 load_lr_scheduler_states=False, load_module_strict=False)
+        t.engine.load_checkpoint(
+            str(path),
+            tag=DEEPSPEED_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=False,
+            load_module_strict=False,
+        )
 
     def check_resumable(self, path: Path, state: dict) -> None:
         processes = self.acc.num_processes
         if not (path / DEEPSPEED_TAG).is_dir():
-            raise UserError(f"{path}: written without DeepSpeed; resume it under the same kind of launch (DeepSpeed "
-                            "checkpoints hold DeepSpeed's own sharded optimizer files)")
+            raise UserError(
+                f"{path}: written without DeepSpeed; resume it under the same kind of launch (DeepSpeed "
+                "checkpoints hold DeepSpeed's own sharded optimizer files)"
+            )
         if state.get("processes", processes) != processes:
-            raise UserError(f"{path}: written by {state['processes']} DeepSpeed processes; resume it on as many (its "
-                            f"optimizer state is sharded {state['processes']} ways), not {processes}")
-
+            raise UserError(
+                f"{path}: written by {state['processes']} DeepSpeed processes; resume it on as many (its "
+                f"optimizer state is sharded {state['processes']} ways), not {processes}"
+            )
 
 
 def make_backend(precision: str) -> AccelerateBackend:
@@ -358,12 +376,16 @@ def check_still_tied(model) -> None:
     if out is None or not getattr(base.config, "tie_word_embeddings", False):
         return
     if out.weight is not base.get_input_embeddings().weight:
-        raise UserError("the model's tied input/output embeddings were untied while preparing it for distributed "
-                        "training; with FSDP set fsdp_cpu_ram_efficient_loading: false in the accelerate config")
+        raise UserError(
+            "the model's tied input/output embeddings were untied while preparing it for distributed "
+            "training; with FSDP set fsdp_cpu_ram_efficient_loading: false in the accelerate config"
+        )
 
 
 def check_mergeable(backend: AccelerateBackend, merge_lora: bool) -> None:
     if merge_lora and backend.sharded:
-        raise UserError("--merge-lora: under FSDP or ZeRO-3 the model is sharded over the processes and cannot be "
-                        "merged in place; drop the flag (final/ holds the adapter) and merge it on one process "
-                        "afterwards (peft: PeftModel.from_pretrained(base, 'final').merge_and_unload())")
+        raise UserError(
+            "--merge-lora: under FSDP or ZeRO-3 the model is sharded over the processes and cannot be "
+            "merged in place; drop the flag (final/ holds the adapter) and merge it on one process "
+            "afterwards (peft: PeftModel.from_pretrained(base, 'final').merge_and_unload())"
+        )

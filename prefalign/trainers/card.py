@@ -133,9 +133,13 @@ def card_metadata(facts: CardFacts, source: str | None, adapter: bool) -> ModelC
 
     dataset = hub_dataset_id(source)
     lora = ["lora"] if adapter or facts.merged else []
-    return ModelCardData(base_model=hub_model_id(facts.base), library_name="peft" if adapter else "transformers",
-                         tags=["prefalign", *facts.method.tags, *lora], datasets=[dataset] if dataset else None,
-                         pipeline_tag=facts.method.pipeline_tag)
+    return ModelCardData(
+        base_model=hub_model_id(facts.base),
+        library_name="peft" if adapter else "transformers",
+        tags=["prefalign", *facts.method.tags, *lora],
+        datasets=[dataset] if dataset else None,
+        pipeline_tag=facts.method.pipeline_tag,
+    )
 
 
 def _cell(value: Any) -> str:
@@ -158,16 +162,29 @@ def _intro(facts: CardFacts, adapter: bool, base_id: str | None) -> list[str]:
     else:
         what = "A model in Hugging Face format"
     hub = f" (on the Hub: `{base_id}`)" if base_id and base_id != facts.base else ""
-    return [f"# {facts.run_name}: {facts.method.name}", "",
-            f"{what}, trained with prefalign: `prefalign {facts.command}` from "
-            f"`{facts.base}`{hub}.", ""]
+    return [
+        f"# {facts.run_name}: {facts.method.name}",
+        "",
+        f"{what}, trained with prefalign: `prefalign {facts.command}` from `{facts.base}`{hub}.",
+        "",
+    ]
 
 
 def _method(facts: CardFacts, run: dict[str, Any]) -> list[str]:
     """The method, its loss and paper, and the run's derived facts (run.json less its data)."""
     m = facts.method
-    return ["## Method", "", f"**{m.name}**", "", f"Loss: {m.formula}", "", f"References: {m.paper}.", "",
-            *_table(("run.json", "value"), {k: v for k, v in run.items() if k != "data"}), ""]
+    return [
+        "## Method",
+        "",
+        f"**{m.name}**",
+        "",
+        f"Loss: {m.formula}",
+        "",
+        f"References: {m.paper}.",
+        "",
+        *_table(("run.json", "value"), {k: v for k, v in run.items() if k != "data"}),
+        "",
+    ]
 
 
 def _data(info: dict[str, Any] | None) -> list[str]:
@@ -179,17 +196,28 @@ def _data(info: dict[str, Any] | None) -> list[str]:
     dropped = info.get("dropped", {})
     reasons = ", ".join(f"{reason} {n}" for reason, n in dropped.items())
     split = ", ".join(f"{info[k]} {k}" for k in ("train", "eval") if k in info)
-    return ["## Data", "", f"`{source}` ({where}): {info.get('rows')} rows read, {info.get('kept')} kept, "
-            f"{sum(dropped.values())} dropped{f' ({reasons})' if reasons else ''}"
-            f"{f'; {split}' if split else ''}.", ""]
+    return [
+        "## Data",
+        "",
+        f"`{source}` ({where}): {info.get('rows')} rows read, {info.get('kept')} kept, "
+        f"{sum(dropped.values())} dropped{f' ({reasons})' if reasons else ''}"
+        f"{f'; {split}' if split else ''}.",
+        "",
+    ]
 
 
 def _metrics(step: int | None, metrics: dict[str, Any]) -> list[str]:
     """The final metrics of `final_metrics`, exactly as logged."""
     if step is None:
         return ["## Final metrics", "", "None logged.", ""]
-    return [f"## Final metrics (step {step})", "", "The last step's rows of `metrics.jsonl` (names in "
-            "prefalign's docs/metrics.md):", "", *_table(("metric", "value"), metrics), ""]
+    return [
+        f"## Final metrics (step {step})",
+        "",
+        "The last step's rows of `metrics.jsonl` (names in prefalign's docs/metrics.md):",
+        "",
+        *_table(("metric", "value"), metrics),
+        "",
+    ]
 
 
 def _reproduce(facts: CardFacts, config: dict[str, Any], run: dict[str, Any]) -> list[str]:
@@ -197,11 +225,23 @@ def _reproduce(facts: CardFacts, config: dict[str, Any], run: dict[str, Any]) ->
     processes = int(run.get("processes", 1))
     launcher = f"accelerate launch --num_processes {processes} -m prefalign" if processes > 1 else "prefalign"
     kept = {k: v for k, v in config.items() if k not in RUN_ONLY}
-    return ["## Reproduce", "", f"Save the config below as `config.yaml` and run (paths in it are as given to the "
-            "run, relative to the directory it started in):", "", "```bash",
-            f"{launcher} {facts.command} --config config.yaml --output runs/{facts.run_name}", "```", "",
-            f"The run's resolved config (its `{CONFIG_FILE}` less {', '.join(RUN_ONLY)}):", "", "```yaml",
-            yaml.safe_dump(kept, sort_keys=False).rstrip(), "```", ""]
+    return [
+        "## Reproduce",
+        "",
+        f"Save the config below as `config.yaml` and run (paths in it are as given to the "
+        "run, relative to the directory it started in):",
+        "",
+        "```bash",
+        f"{launcher} {facts.command} --config config.yaml --output runs/{facts.run_name}",
+        "```",
+        "",
+        f"The run's resolved config (its `{CONFIG_FILE}` less {', '.join(RUN_ONLY)}):",
+        "",
+        "```yaml",
+        yaml.safe_dump(kept, sort_keys=False).rstrip(),
+        "```",
+        "",
+    ]
 
 
 def write_model_card(model_dir: Path, facts: CardFacts) -> ModelCard:
@@ -213,9 +253,16 @@ def write_model_card(model_dir: Path, facts: CardFacts) -> ModelCard:
     config = yaml.safe_load((facts.run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     adapter = (model_dir / ADAPTER_CONFIG).is_file()
     data = card_metadata(facts, (run.get("data") or {}).get("source"), adapter)
-    body = [*_intro(facts, adapter, data.base_model), *_method(facts, run), *_data(run.get("data")),
-            *_metrics(*final_metrics(facts.run_dir / METRICS_FILE)), *_reproduce(facts, config, run),
-            "## Versions", "", *_table(("package", "version"), versions())]
+    body = [
+        *_intro(facts, adapter, data.base_model),
+        *_method(facts, run),
+        *_data(run.get("data")),
+        *_metrics(*final_metrics(facts.run_dir / METRICS_FILE)),
+        *_reproduce(facts, config, run),
+        "## Versions",
+        "",
+        *_table(("package", "version"), versions()),
+    ]
     card = ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(body) + "\n")
     card.save(model_dir / CARD_FILE)
     return card

@@ -47,10 +47,17 @@ def rng_state() -> dict:
 
     py_version, py_words, py_gauss = random.getstate()
     np_kind, np_words, np_pos, np_has_gauss, np_gauss = np.random.get_state()
-    state = {"torch": torch.get_rng_state(),
-             "python": {"version": py_version, "words": torch.tensor(py_words, dtype=torch.int64), "gauss": py_gauss},
-             "numpy": {"kind": str(np_kind), "words": torch.from_numpy(np_words.astype(np.int64)), "pos": int(np_pos),
-                       "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)}}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": {"version": py_version, "words": torch.tensor(py_words, dtype=torch.int64), "gauss": py_gauss},
+        "numpy": {
+            "kind": str(np_kind),
+            "words": torch.from_numpy(np_words.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+    }
     if torch.cuda.is_available():  # dropout on a GPU draws from its own generators
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -63,8 +70,9 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     py, npy = state["python"], state["numpy"]
     random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
-    np.random.set_state((npy["kind"], npy["words"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
-                         npy["gauss"]))
+    np.random.set_state(
+        (npy["kind"], npy["words"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"], npy["gauss"])
+    )
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
@@ -82,13 +90,17 @@ def load_tensors_only(path: Path):
         except (ValueError, RuntimeError, OSError):  # not torch's zip format: prefalign never writes a bare pickle
             found = ["a bare pickle"]
     if path.name == "rng.pt" and found and all(name.startswith("numpy.") for name in found):
-        raise UnsafeCheckpoint(f"{path}: written by prefalign before checkpoints held tensors only (its RNG state "
-                               "holds numpy objects, which prefalign no longer unpickles); finish that run with the "
-                               "prefalign version that wrote it, or start it again without --resume") from None
+        raise UnsafeCheckpoint(
+            f"{path}: written by prefalign before checkpoints held tensors only (its RNG state "
+            "holds numpy objects, which prefalign no longer unpickles); finish that run with the "
+            "prefalign version that wrote it, or start it again without --resume"
+        ) from None
     names = ", ".join(found[:4]) or "content torch's safe loader refuses"
-    raise UnsafeCheckpoint(f"{path}: holds objects that could run code when loaded ({names}); prefalign loads only "
-                           "tensors and plain values, so it refuses this checkpoint: resume only from checkpoints "
-                           "prefalign wrote, or start again without --resume") from None
+    raise UnsafeCheckpoint(
+        f"{path}: holds objects that could run code when loaded ({names}); prefalign loads only "
+        "tensors and plain values, so it refuses this checkpoint: resume only from checkpoints "
+        "prefalign wrote, or start again without --resume"
+    ) from None
 
 
 def _options(**kw):
@@ -134,19 +146,17 @@ def without_tied_aliases(model, state: dict[str, torch.Tensor]) -> dict[str, tor
 
 def load_training_state(model, optimizer, params: dict[str, torch.Tensor], optim: dict, where: Path) -> None:
     """Put a `training_state` back: every process passes the full state; under FSDP each keeps its shard."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
 
     names = {n for n, _ in model.named_parameters(remove_duplicate=False)}  # tied aliases too
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     missing = sorted(trainable - params.keys())
     unknown = sorted(params.keys() - names)
     if missing or unknown:
-        raise UserError(f"{where}: checkpoint does not match this model (missing {missing[:3]}, unexpected "
-                        f"{unknown[:3]}); resume with the same --model and LoRA settings")
+        raise UserError(
+            f"{where}: checkpoint does not match this model (missing {missing[:3]}, unexpected "
+            f"{unknown[:3]}); resume with the same --model and LoRA settings"
+        )
     opts = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: frozen weights are not in it
     set_model_state_dict(model, params, options=opts)
     set_optimizer_state_dict(model, optimizer, optim, options=opts)
@@ -183,9 +193,11 @@ class CheckpointManager:
             shutil.rmtree(tmp, ignore_errors=True)
             free = shutil.disk_usage(self.root).free / 2**30
             first = (str(e).splitlines() or [""])[0][:160]
-            raise UserError(f"{final}: could not write the checkpoint ({type(e).__name__}: {first}); {free:.1f} GiB "
-                            "free on that disk. Free space (or lower --save-total-limit) and rerun with "
-                            "--resume latest: the previous checkpoints are intact") from None
+            raise UserError(
+                f"{final}: could not write the checkpoint ({type(e).__name__}: {first}); {free:.1f} GiB "
+                "free on that disk. Free space (or lower --save-total-limit) and rerun with "
+                "--resume latest: the previous checkpoints are intact"
+            ) from None
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self._prune()
@@ -220,8 +232,10 @@ class CheckpointManager:
             return found[-1]
         path = Path(resume)
         if not (path / STATE_FILE).is_file():
-            raise UserError(f"{resume}: not a complete checkpoint (no {STATE_FILE}); use --resume latest or a "
-                            f"directory under {self.root}")
+            raise UserError(
+                f"{resume}: not a complete checkpoint (no {STATE_FILE}); use --resume latest or a "
+                f"directory under {self.root}"
+            )
         return path
 
     def load_for_resume(self, resume: str) -> tuple[Path, dict, dict]:
@@ -238,8 +252,10 @@ class CheckpointManager:
                 raise
             except UserError as e:
                 log.warning("skipping unreadable checkpoint: %s", e)
-        raise UserError(f"{self.root}: no readable checkpoint to resume from ({len(candidates)} found, all "
-                        "unreadable); start again without --resume")
+        raise UserError(
+            f"{self.root}: no readable checkpoint to resume from ({len(candidates)} found, all "
+            "unreadable); start again without --resume"
+        )
 
     @staticmethod
     def load(path: Path) -> tuple[dict, dict]:
@@ -248,6 +264,7 @@ class CheckpointManager:
             state = json.loads((path / STATE_FILE).read_text())
             objects = {p.stem: load_tensors_only(p) for p in sorted(path.glob("*.pt"))}
         except (OSError, ValueError, RuntimeError, EOFError) as e:
-            raise UserError(f"{path}: checkpoint unreadable ({type(e).__name__}: {e}); resume from an older one "
-                            "with --resume <dir>") from None
+            raise UserError(
+                f"{path}: checkpoint unreadable ({type(e).__name__}: {e}); resume from an older one with --resume <dir>"
+            ) from None
         return state, objects

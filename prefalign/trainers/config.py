@@ -132,8 +132,16 @@ class TrainConfig(CommonConfig):
 
     def validate(self):
         super().validate()
-        require_at_least_one(self, "batch_size", "grad_accum", "max_length", "max_steps", "eval_steps",
-                             "max_prompt_length", "forward_batch_size")
+        require_at_least_one(
+            self,
+            "batch_size",
+            "grad_accum",
+            "max_length",
+            "max_steps",
+            "eval_steps",
+            "max_prompt_length",
+            "forward_batch_size",
+        )
         if self.max_steps is None and self.epochs <= 0:
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         if not 0 <= self.eval_split < 1:

@@ -29,8 +29,9 @@ def pooled_mean_across_processes(acc, sums: dict[str, float], weights: dict[str,
     """``sum(sums[k]) / sum(weights[k])`` over processes, per key: the mean over every process's rows, however
     unevenly they are split (every process the same keys; a key of zero total weight is left out)."""
     keys = sorted(sums)
-    t = torch.tensor([[float(sums[k]) for k in keys], [float(weights[k]) for k in keys]], device=acc.device,
-                     dtype=torch.float64)
+    t = torch.tensor(
+        [[float(sums[k]) for k in keys], [float(weights[k]) for k in keys]], device=acc.device, dtype=torch.float64
+    )
     total, weight = sum_across_processes(acc, t)
     return {k: (s / w).item() for k, s, w in zip(keys, total, weight) if w > 0}
 

@@ -99,11 +99,14 @@ class DPOConfig(TrainConfig):
             raise ValueError(f"--loss-type must be one of {', '.join(DPO_LOSSES)}, got {self.loss_type!r}")
         resolve_hyperparams(self.variant, self._given_hyperparams(), flag=flag)  # ranges; refuses an unused one
         if self.ref is not None and self.lora_r:
-            raise ValueError("--ref conflicts with LoRA: with --lora-r the reference is the model with its adapter "
-                             "off; drop --ref or --lora-r")
+            raise ValueError(
+                "--ref conflicts with LoRA: with --lora-r the reference is the model with its adapter "
+                "off; drop --ref or --lora-r"
+            )
         if self.ref is not None and not self.uses_reference:
-            raise ValueError(f"--ref is unused by --loss-type {self.loss_type} (it takes no reference); drop one of "
-                             "them")
+            raise ValueError(
+                f"--ref is unused by --loss-type {self.loss_type} (it takes no reference); drop one of them"
+            )
 
     @property
     def variant(self) -> DPOVariant:
@@ -151,11 +154,14 @@ class DPOTrainer(Trainer):
         self.collator = IndexedCollator(PreferenceCollator(self.tokenizer.pad_token_id))
         if cfg.uses_reference and not cfg.lora_r:
             if self.backend.zero3:
-                raise UserError("dpo under DeepSpeed ZeRO-3 needs --lora-r (the reference is the adapter-off "
-                                "policy): a separate reference model would be loaded partitioned, outside any engine; "
-                                "or shard with FSDP (examples/accelerate/fsdp.yaml), which keeps it whole")
-            self.ref_model = load_reference(cfg.ref or cfg.model, self.accelerator.device,
-                                            autocast_dtype(self.accelerator))
+                raise UserError(
+                    "dpo under DeepSpeed ZeRO-3 needs --lora-r (the reference is the adapter-off "
+                    "policy): a separate reference model would be loaded partitioned, outside any engine; "
+                    "or shard with FSDP (examples/accelerate/fsdp.yaml), which keeps it whole"
+                )
+            self.ref_model = load_reference(
+                cfg.ref or cfg.model, self.accelerator.device, autocast_dtype(self.accelerator)
+            )
             if len(self.ref_model.get_input_embeddings().weight) != len(self.model.get_input_embeddings().weight):
                 raise UserError(f"--ref {cfg.ref}: its vocabulary differs from --model's; DPO needs the same tokenizer")
 
@@ -198,8 +204,12 @@ class DPOTrainer(Trainer):
         data = self.train_data + self.eval_data
         cache = torch.zeros(len(data), 2)
         bs = self.cfg.batch_size
-        for lo in ProgressBar(range(0, len(data), bs), desc="reference log-probs", unit="batch",
-                              disable=not self.accelerator.is_main_process):
+        for lo in ProgressBar(
+            range(0, len(data), bs),
+            desc="reference log-probs",
+            unit="batch",
+            disable=not self.accelerator.is_main_process,
+        ):
             batch = self._to_device(self.collate(data[lo : lo + bs]))
             with self.accelerator.autocast():
                 ref = self.reference_logps(batch).float().cpu()
@@ -213,9 +223,12 @@ class DPOTrainer(Trainer):
         seq = self._seq_logps(None, batch)  # (2N,)
         ref = self.reference_logps(batch) if self.cfg.uses_reference else None
         loss, stats = dpo_loss(
-            seq[:n], seq[n:],
-            None if ref is None else ref[:n], None if ref is None else ref[n:],
-            loss_type=self.cfg.loss_type, **self.cfg.loss_hyperparams,
+            seq[:n],
+            seq[n:],
+            None if ref is None else ref[:n],
+            None if ref is None else ref[n:],
+            loss_type=self.cfg.loss_type,
+            **self.cfg.loss_hyperparams,
         )
         stats["logps/chosen"] = seq[:n].detach().mean()
         stats["logps/rejected"] = seq[n:].detach().mean()

@@ -13,8 +13,14 @@ from prefalign.trainers.backend import AccelerateBackend, Trained
 from prefalign.trainers.card import CardFacts, write_model_card
 
 
-def save_final_model(backend: AccelerateBackend, path: Path, trained: Trained, tokenizer, merged: bool = False,
-                     card: CardFacts | None = None) -> None:
+def save_final_model(
+    backend: AccelerateBackend,
+    path: Path,
+    trained: Trained,
+    tokenizer,
+    merged: bool = False,
+    card: CardFacts | None = None,
+) -> None:
     """Write ``trained``'s model to ``path`` from the main process; with ``merged``, also the LoRA adapter merged
     into its base as ``<path>-merged``; each with its model card when ``card`` is given. Every process calls it:
     when parameters are sharded the full weights are gathered collectively."""
@@ -22,14 +28,18 @@ def save_final_model(backend: AccelerateBackend, path: Path, trained: Trained, t
     if backend.acc.is_main_process:
         save_pretrained_atomic(path, trained.model, tokenizer, state, card=card)
         if merged:
-            save_pretrained_atomic(path.parent / f"{path.name}-merged",
-                                   copy.deepcopy(trained.model).merge_and_unload(), tokenizer,
-                                   card=card and dataclasses.replace(card, merged=True))
+            save_pretrained_atomic(
+                path.parent / f"{path.name}-merged",
+                copy.deepcopy(trained.model).merge_and_unload(),
+                tokenizer,
+                card=card and dataclasses.replace(card, merged=True),
+            )
     backend.acc.wait_for_everyone()
 
 
-def save_pretrained_atomic(path: Path, model, tokenizer, state: dict | None = None,
-                           card: CardFacts | None = None) -> None:
+def save_pretrained_atomic(
+    path: Path, model, tokenizer, state: dict | None = None, card: CardFacts | None = None
+) -> None:
     """``model.save_pretrained`` (weights from ``state`` if given: a gathered full state dict) and, with ``card``,
     its model card (in place of the one peft writes for an adapter) into a temp directory renamed to ``path``."""
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))

@@ -58,8 +58,9 @@ class GracefulStop:
             return
         path = checkpoint()
         name = signal.Signals(self.signum).name
-        raise StopRequested(f"{name}: stopped after step {step} of {total}; checkpoint {path}; resume with: "
-                            f"{resume_hint}", self.signum)
+        raise StopRequested(
+            f"{name}: stopped after step {step} of {total}; checkpoint {path}; resume with: {resume_hint}", self.signum
+        )
 
 
 class NonFiniteGuard:
@@ -81,6 +82,8 @@ class NonFiniteGuard:
         self.in_a_row += 1
         self.skipped += 1
         if self.in_a_row >= self.limit:
-            raise UserError(f"non-finite loss or gradients for {self.in_a_row} steps in a row (last at step {step}); "
-                            f"stopped. Last good checkpoint: {last_good}. Lower --learning-rate, check the data, or "
-                            "try --precision fp32")
+            raise UserError(
+                f"non-finite loss or gradients for {self.in_a_row} steps in a row (last at step {step}); "
+                f"stopped. Last good checkpoint: {last_good}. Lower --learning-rate, check the data, or "
+                "try --precision fp32"
+            )

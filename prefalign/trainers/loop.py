@@ -120,8 +120,10 @@ class Trainer(Run):
         n, world = len(self.train_data), self.world
         global_batch = cfg.batch_size * cfg.grad_accum * world
         if n < global_batch:
-            raise UserError(f"{n} training examples are fewer than one global batch ({global_batch} = batch_size "
-                            f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes); lower --batch-size")
+            raise UserError(
+                f"{n} training examples are fewer than one global batch ({global_batch} = batch_size "
+                f"{cfg.batch_size} x grad_accum {cfg.grad_accum} x {world} processes); lower --batch-size"
+            )
 
     def build(self) -> None:
         cfg, acc = self.cfg, self.accelerator
@@ -150,10 +152,16 @@ class Trainer(Run):
 
     def run_info(self) -> dict:
         s = self.sizes
-        return {"train_examples": s.n_train, "eval_examples": len(self.eval_data), "global_batch": s.global_batch,
-                "steps_per_epoch": s.steps_per_epoch, "total_steps": s.total_steps,
-                "forward_batch_size": self.forward_batch or f"auto ({FORWARD_POSITIONS} padded positions)",
-                "trainable_parameters": self.n_trainable, **self.extra_run_info()}
+        return {
+            "train_examples": s.n_train,
+            "eval_examples": len(self.eval_data),
+            "global_batch": s.global_batch,
+            "steps_per_epoch": s.steps_per_epoch,
+            "total_steps": s.total_steps,
+            "forward_batch_size": self.forward_batch or f"auto ({FORWARD_POSITIONS} padded positions)",
+            "trainable_parameters": self.n_trainable,
+            **self.extra_run_info(),
+        }
 
     def checkpoint_state(self) -> dict:
         return {"global_batch": self.sizes.global_batch}
@@ -162,9 +170,11 @@ class Trainer(Run):
         """Refuse a checkpoint written with another global batch: data order and schedule would not continue."""
         global_batch = self.sizes.global_batch
         if state.get("global_batch", global_batch) != global_batch:
-            raise UserError(f"{path}: written with a global batch of {state['global_batch']} (batch size x grad "
-                            f"accum x processes), now {global_batch}; resume with the same, so data order and "
-                            "schedule continue")
+            raise UserError(
+                f"{path}: written with a global batch of {state['global_batch']} (batch size x grad "
+                f"accum x processes), now {global_batch}; resume with the same, so data order and "
+                "schedule continue"
+            )
 
     def train_step(self, step: int) -> None:
         """One optimizer step: every micro-batch's forward chunks and backward, then the guarded step."""
@@ -173,16 +183,21 @@ class Trainer(Run):
             self.t_last = time.perf_counter()
         micro_batches = [self._forward_chunks(self.batch_for(step, m)) for m in range(cfg.grad_accum)]
         # what the step's loss averages over (examples; SFT: completion tokens), on every process
-        step_weight = float(sum_across_processes(acc, torch.tensor(
-            sum(self.loss_weight(b) for chunks in micro_batches for b in chunks), device=acc.device)))
+        step_weight = float(
+            sum_across_processes(
+                acc,
+                torch.tensor(sum(self.loss_weight(b) for chunks in micro_batches for b in chunks), device=acc.device),
+            )
+        )
         step_stats = RunningMean()
         for m, chunks in enumerate(micro_batches):
             self.tokens += self.forward_backward(chunks, step_weight, step_stats, sync=m == cfg.grad_accum - 1)
         self.lr = self.trained_model.scheduler.get_last_lr()[0]
         # the loss of every process (a local NaN must stop every process's step, or they drift apart)
         loss_sum = float(sum_across_processes(acc, torch.tensor(step_stats.sums["loss"], device=acc.device)))
-        [grad_norm], finite = self.backend.step([self.trained_model], cfg.max_grad_norm,
-                                                NonFiniteGuard.finite(loss_sum))
+        [grad_norm], finite = self.backend.step(
+            [self.trained_model], cfg.max_grad_norm, NonFiniteGuard.finite(loss_sum)
+        )
         if finite:
             self.running.merge(step_stats)
             self.running.add({"grad_norm": grad_norm})
@@ -190,8 +205,12 @@ class Trainer(Run):
 
     def log_row(self, done: int) -> dict[str, float]:
         now = time.perf_counter()
-        self.last_row = {**self.pooled_mean(self.running), "lr": self.lr, "epoch": done / self.sizes.steps_per_epoch,
-                         "tokens_per_second": self.tokens * self.world / max(now - self.t_last, 1e-9)}
+        self.last_row = {
+            **self.pooled_mean(self.running),
+            "lr": self.lr,
+            "epoch": done / self.sizes.steps_per_epoch,
+            "tokens_per_second": self.tokens * self.world / max(now - self.t_last, 1e-9),
+        }
         self.tokens, self.t_last = 0, now
         return self.last_row
 
@@ -201,8 +220,14 @@ class Trainer(Run):
     def save_final(self, out: Path) -> None:
         """``final/`` in Hugging Face format (adapter for LoRA), plus ``final-merged/`` with --merge-lora; each with
         its model card."""
-        save_final_model(self.backend, out / "final", self.trained_model, self.tokenizer, merged=self.cfg.merge_lora,
-                         card=self.card())
+        save_final_model(
+            self.backend,
+            out / "final",
+            self.trained_model,
+            self.tokenizer,
+            merged=self.cfg.merge_lora,
+            card=self.card(),
+        )
 
     # -- the step's parts --
     def batch_for(self, step: int, micro: int) -> list:

@@ -20,9 +20,15 @@ class MetricsLogger:
     resumed step are cut so the file reads as one uninterrupted run. Disabled (a process other than the main one),
     it writes nothing and opens no tracker."""
 
-    def __init__(self, out_dir: Path, resume_step: int | None = None, enabled: bool = True,
-                 trackers: tuple[str, ...] = (DEFAULT_REPORT_TO,), run_name: str | None = None,
-                 config: dict[str, Any] | None = None):
+    def __init__(
+        self,
+        out_dir: Path,
+        resume_step: int | None = None,
+        enabled: bool = True,
+        trackers: tuple[str, ...] = (DEFAULT_REPORT_TO,),
+        run_name: str | None = None,
+        config: dict[str, Any] | None = None,
+    ):
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
         self.trackers: list[Tracker] = []
@@ -31,8 +37,11 @@ class MetricsLogger:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = [line for line in self.path.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            kept = [
+                line
+                for line in self.path.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+            ]
             self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             if kept:
                 self.offset = float(json.loads(kept[-1]).get("wall_seconds", 0.0))

@@ -29,8 +29,10 @@ def make_optimizer(model, cfg, learning_rate: float, total_steps: int):
     """``(optimizer, lr_scheduler)``: AdamW over the trainable parameters (no decay on biases and norms)."""
     params = [p for p in model.parameters() if p.requires_grad]
     ndim = {id(p): param_ndim(p) for p in params}
-    groups = [{"params": [p for p in params if ndim[id(p)] >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if ndim[id(p)] < 2], "weight_decay": 0.0}]
+    groups = [
+        {"params": [p for p in params if ndim[id(p)] >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for p in params if ndim[id(p)] < 2], "weight_decay": 0.0},
+    ]
     groups = [g for g in groups if g["params"]]  # LoRA has no 1-D weights; DeepSpeed drops empty groups
     # the fused kernel steps all tensors at once, far faster than the per-tensor loop on CPU (BENCHMARKS.md)
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)

@@ -58,14 +58,18 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
     def check_backend(self) -> None:
         cfg = self.cfg
         if self.backend.deepspeed:
-            raise UserError("ppo does not run under DeepSpeed yet (DeepSpeed would have to step its two models' "
-                            "optimizers); shard PPO with FSDP (examples/accelerate/fsdp.yaml) or launch it with DDP "
-                            "(examples/accelerate/ddp.yaml)")
+            raise UserError(
+                "ppo does not run under DeepSpeed yet (DeepSpeed would have to step its two models' "
+                "optimizers); shard PPO with FSDP (examples/accelerate/fsdp.yaml) or launch it with DDP "
+                "(examples/accelerate/ddp.yaml)"
+            )
         rows_per_step = cfg.num_minibatches * cfg.grad_accum * self.world
         if cfg.rollout_batch_size % rows_per_step:
-            raise UserError(f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by --num-minibatches "
-                            f"x --grad-accum x processes = {cfg.num_minibatches} x {cfg.grad_accum} x {self.world} = "
-                            f"{rows_per_step}, so every process takes an equal share of every minibatch")
+            raise UserError(
+                f"--rollout-batch-size {cfg.rollout_batch_size} must be divisible by --num-minibatches "
+                f"x --grad-accum x processes = {cfg.num_minibatches} x {cfg.grad_accum} x {self.world} = "
+                f"{rows_per_step}, so every process takes an equal share of every minibatch"
+            )
 
     def setup(self) -> None:
         """Prompts, reward source, policy, reference and value model (LoRA on both when asked)."""
@@ -76,23 +80,28 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         cfg = self.cfg
         self.tokenizer = tok = load_tokenizer(cfg.model)
         # the rows' other columns (name -> one value per prompt) go to a module:function reward
-        self.prompts, self.prompt_columns, report = load_prompt_rows_reported(cfg.prompts, tok, chat=cfg.chat,
-                                                                              split=cfg.prompts_split)
+        self.prompts, self.prompt_columns, report = load_prompt_rows_reported(
+            cfg.prompts, tok, chat=cfg.chat, split=cfg.prompts_split
+        )
         self.data_info = {"source": cfg.prompts, "rows": report.total, "kept": report.kept, "dropped": report.counts}
         self.prompt_ids = tokenize_prompts(self.prompts, tok, cfg.max_prompt_length)
         if len(self.prompts) < cfg.rollout_batch_size:
-            raise UserError(f"{cfg.prompts}: {len(self.prompts)} prompts are fewer than one rollout batch "
-                            f"({cfg.rollout_batch_size}); lower --rollout-batch-size")
+            raise UserError(
+                f"{cfg.prompts}: {len(self.prompts)} prompts are fewer than one rollout batch "
+                f"({cfg.rollout_batch_size}); lower --rollout-batch-size"
+            )
         if self.reward_source is None:
-            self.reward_source = load_reward_source(cfg.reward, batch_size=cfg.reward_batch_size,
-                                                    device=str(self.accelerator.device))
+            self.reward_source = load_reward_source(
+                cfg.reward, batch_size=cfg.reward_batch_size, device=str(self.accelerator.device)
+            )
         self.policy = load_causal_lm(cfg.model)
         if cfg.lora_r:
             self.policy = apply_lora(self.policy, cfg)
             self.ref_model = None  # the reference is the policy with its adapter off
         else:
-            self.ref_model = load_reference(cfg.ref or cfg.model, self.accelerator.device,
-                                            autocast_dtype(self.accelerator))
+            self.ref_model = load_reference(
+                cfg.ref or cfg.model, self.accelerator.device, autocast_dtype(self.accelerator)
+            )
         self.value = self.load_value()
         if cfg.gradient_checkpointing:
             for m in (self.policy, self.value):
@@ -152,11 +161,15 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
 
     def run_info(self) -> dict:
         cfg = self.cfg
-        return {"prompts": len(self.prompts), "data": self.data_info, "total_iterations": self.total_steps,
-                "episodes": self.total_steps * cfg.rollout_batch_size,
-                "reward": getattr(self.reward_source, "name", cfg.reward),
-                "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
-                "value_trainable_parameters": sum(p.numel() for p in self.value.parameters() if p.requires_grad)}
+        return {
+            "prompts": len(self.prompts),
+            "data": self.data_info,
+            "total_iterations": self.total_steps,
+            "episodes": self.total_steps * cfg.rollout_batch_size,
+            "reward": getattr(self.reward_source, "name", cfg.reward),
+            "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
+            "value_trainable_parameters": sum(p.numel() for p in self.value.parameters() if p.requires_grad),
+        }
 
     def checkpoint_state(self) -> dict:
         return {"kl_controller": self.kl_ctl.state_dict()}
@@ -170,8 +183,11 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         self.metrics = metrics
         self.samples_path = self.out_dir / "samples.jsonl"
         if self.accelerator.is_main_process and self.samples_path.exists():
-            kept = [r for r in self.samples_path.read_text(encoding="utf-8").splitlines()
-                    if self.cfg.resume is not None and r.strip() and json.loads(r)["step"] <= start]
+            kept = [
+                r
+                for r in self.samples_path.read_text(encoding="utf-8").splitlines()
+                if self.cfg.resume is not None and r.strip() and json.loads(r)["step"] <= start
+            ]
             self.samples_path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
 
     def prompt_batch(self, step: int) -> list[int]:
@@ -202,7 +218,8 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         #    the batch layout or the process count; each is cut after its first EOS (generate() does it)
         # 2. masks: the response of every row starts at column P
         gen, query_response, attention_mask, completion_mask = self.sample(
-            idx, [key_seed(step, i) for i in idx], timing)
+            idx, [key_seed(step, i) for i in idx], timing
+        )
         response_mask = gen.response_mask  # (B, R)
         # 3. old log-probs (at the sampling temperature), reference log-probs, values
         t1 = time.perf_counter()
@@ -213,15 +230,33 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         # 4. score the decoded text with the reward source; 5. clip, then penalise responses that never ended
         prompts, texts, scores = self.score_completions(idx, gen, timing, f"--reward {cfg.reward}")
         # 6. per-token rewards: -kl_coef * KL on every token, the score on the last real token
-        rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, response_mask, self.kl_ctl.coef,
-                                                   cfg.kl_estimator)
+        rewards, kl, non_score = kl_shaped_rewards(
+            scores, logps, ref_logps, response_mask, self.kl_ctl.coef, cfg.kl_estimator
+        )
         if cfg.whiten_rewards:
             rewards = self.whiten(rewards, response_mask, shift_mean=False)
         # 7. GAE on the critic's values, advantages whitened over the whole batch (all processes)
         advantages, returns = gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
         advantages = self.whiten(advantages, response_mask)
-        return Rollout(query_response, attention_mask, completion_mask, response_mask, gen.ended, logps, ref_logps,
-                       values, entropy, scores, kl, non_score, rewards, advantages, returns, prompts, texts)
+        return Rollout(
+            query_response,
+            attention_mask,
+            completion_mask,
+            response_mask,
+            gen.ended,
+            logps,
+            ref_logps,
+            values,
+            entropy,
+            scores,
+            kl,
+            non_score,
+            rewards,
+            advantages,
+            returns,
+            prompts,
+            texts,
+        )
 
     def score_completions(self, prompt_rows: list[int], gen, timing: dict, where: str):
         """``(prompts, texts, scores)`` of a rollout's completions ``gen`` of ``prompt_rows``: the decoded text cut at
@@ -255,9 +290,18 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         batch = PromptCollator(tok.pad_token_id)([self.prompt_ids[i] for i in prompt_rows])
         with acc.autocast():
             gen = self.trained_policy.frozen_forward(
-                generate, batch["input_ids"].to(dev), batch["attention_mask"].to(dev), self.sampling,
-                model=self.sampler, eos_ids=self.eos_ids, pad_id=tok.pad_token_id, tokenizer=tok, seed=self.cfg.seed,
-                synced=self.backend.sharded, row_keys=row_keys)
+                generate,
+                batch["input_ids"].to(dev),
+                batch["attention_mask"].to(dev),
+                self.sampling,
+                model=self.sampler,
+                eos_ids=self.eos_ids,
+                pad_id=tok.pad_token_id,
+                tokenizer=tok,
+                seed=self.cfg.seed,
+                synced=self.backend.sharded,
+                row_keys=row_keys,
+            )
         timing["time/generation"] = time.perf_counter() - t0
         query_response = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P+R)
         attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P+R)
@@ -273,8 +317,9 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         logps = entropy = None
         with self.accelerator.autocast():
             if policy:
-                logps, entropy = self.trained_policy.frozen_forward(completion_logprobs, *args,
-                                                                    temperature=temperature, return_entropy=True)
+                logps, entropy = self.trained_policy.frozen_forward(
+                    completion_logprobs, *args, temperature=temperature, return_entropy=True
+                )
             if self.ref_model is not None:  # a whole frozen copy on every process
                 ref_logps = completion_logprobs(self.ref_model, *args, temperature=temperature)
             else:
@@ -311,7 +356,18 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         """``final/`` (the policy; adapter with LoRA, plus ``final-merged/`` with --merge-lora) and ``value/`` (the
         value model), Hugging Face format, each with its model card. Every process calls it (under FSDP the weights
         are gathered)."""
-        save_final_model(self.backend, out / "final", self.trained_policy, self.tokenizer, merged=self.cfg.merge_lora,
-                         card=self.card())
-        save_final_model(self.backend, out / "value", self.trained_value, self.tokenizer,
-                         card=self.card(METHODS["value"], base=self.value_base))
+        save_final_model(
+            self.backend,
+            out / "final",
+            self.trained_policy,
+            self.tokenizer,
+            merged=self.cfg.merge_lora,
+            card=self.card(),
+        )
+        save_final_model(
+            self.backend,
+            out / "value",
+            self.trained_value,
+            self.tokenizer,
+            card=self.card(METHODS["value"], base=self.value_base),
+        )

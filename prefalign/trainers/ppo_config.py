@@ -106,8 +106,13 @@ class PPOConfig(CommonConfig):
         """The rollouts' `SamplingConfig` (its fields were checked by `validate`)."""
         from prefalign.rollout.generate import SamplingConfig
 
-        return SamplingConfig(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
-                              top_k=self.top_k, stop=list(self.stop))
+        return SamplingConfig(
+            max_new_tokens=self.max_new_tokens,
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            stop=list(self.stop),
+        )
 
     def validate(self):
         super().validate()
@@ -116,14 +121,26 @@ class PPOConfig(CommonConfig):
             raise ValueError("--prompts is required (a prompt file or hub dataset id)")
         if not self.reward:
             raise ValueError("--reward is required (a reward-model directory, vader, or module:function)")
-        require_at_least_one(self, "rollout_batch_size", "num_minibatches", "grad_accum", "ppo_epochs",
-                             "max_prompt_length", "reward_batch_size", "sample_every", "kl_horizon", "max_steps",
-                             "episodes")
+        require_at_least_one(
+            self,
+            "rollout_batch_size",
+            "num_minibatches",
+            "grad_accum",
+            "ppo_epochs",
+            "max_prompt_length",
+            "reward_batch_size",
+            "sample_every",
+            "kl_horizon",
+            "max_steps",
+            "episodes",
+        )
         if self.max_steps is not None and self.episodes is not None:
             raise ValueError("give --max-steps or --episodes, not both")
         if self.rollout_batch_size % (self.num_minibatches * self.grad_accum):
-            raise ValueError(f"--rollout-batch-size {self.rollout_batch_size} must be divisible by --num-minibatches "
-                             f"x --grad-accum = {self.num_minibatches * self.grad_accum}")
+            raise ValueError(
+                f"--rollout-batch-size {self.rollout_batch_size} must be divisible by --num-minibatches "
+                f"x --grad-accum = {self.num_minibatches * self.grad_accum}"
+            )
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"--clip-eps must be in (0, 1), got {self.clip_eps}")
         if self.vf_clip is not None and self.vf_clip <= 0:
@@ -137,8 +154,10 @@ class PPOConfig(CommonConfig):
         if self.target_kl <= 0:
             raise ValueError(f"--target-kl must be > 0, got {self.target_kl}")
         if self.ref is not None and self.lora_r:
-            raise ValueError("--ref conflicts with LoRA: with --lora-r the reference is the policy with its adapter "
-                             "off; drop --ref or --lora-r")
+            raise ValueError(
+                "--ref conflicts with LoRA: with --lora-r the reference is the policy with its adapter "
+                "off; drop --ref or --lora-r"
+            )
 
     @property
     def total_steps(self) -> int:

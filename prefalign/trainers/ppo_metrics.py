@@ -20,13 +20,16 @@ class PPOMetrics:
         and response length, and its counts (``num_eos``, ``tokens``): what `iteration_metrics` averages."""
         mask = rollout.response_mask
         non_score = (rollout.non_score_rewards * mask).sum(1)  # (b,)
-        return {"objective/scores": rollout.scores.mean().item(),
-                "objective/kl": (rollout.kl * mask).sum(1).mean().item(),
-                "objective/entropy": (rollout.entropy * mask).sum(1).mean().item(),
-                "objective/non_score_reward": non_score.mean().item(),
-                "objective/rlhf_reward": (rollout.scores + non_score).mean().item(),
-                "val/response_length": mask.sum(1).float().mean().item(),
-                "num_eos": float(rollout.ended.sum()), "tokens": float(mask.sum())}
+        return {
+            "objective/scores": rollout.scores.mean().item(),
+            "objective/kl": (rollout.kl * mask).sum(1).mean().item(),
+            "objective/entropy": (rollout.entropy * mask).sum(1).mean().item(),
+            "objective/non_score_reward": non_score.mean().item(),
+            "objective/rlhf_reward": (rollout.scores + non_score).mean().item(),
+            "val/response_length": mask.sum(1).float().mean().item(),
+            "num_eos": float(rollout.ended.sum()),
+            "tokens": float(mask.sum()),
+        }
 
     def iteration_metrics(self, rollout: Rollout, update_stats: dict, timing: dict, done: int) -> dict[str, float]:
         """The iteration's metrics over every process (a collective)."""
@@ -36,11 +39,20 @@ class PPOMetrics:
         _, var_returns = masked_mean_var(acc, rollout.returns, mask)
         _, var_residual = masked_mean_var(acc, rollout.returns - rollout.values, mask)
         return {
-            **{k: means[k] for k in ("objective/scores", "objective/kl", "objective/entropy",
-                                     "objective/non_score_reward", "objective/rlhf_reward")},
+            **{
+                k: means[k]
+                for k in (
+                    "objective/scores",
+                    "objective/kl",
+                    "objective/entropy",
+                    "objective/non_score_reward",
+                    "objective/rlhf_reward",
+                )
+            },
             **{k: means[k] for k in update_stats},
-            "val/explained_variance": explained_variance(rollout.values, rollout.returns, mask,
-                                                         var_returns=var_returns, var_residual=var_residual).item(),
+            "val/explained_variance": explained_variance(
+                rollout.values, rollout.returns, mask, var_returns=var_returns, var_residual=var_residual
+            ).item(),
             "val/num_eos": round(means["num_eos"] * self.world),
             "val/response_length": means["val/response_length"],
             "kl_coef": self.kl_ctl.coef,
@@ -55,15 +67,25 @@ class PPOMetrics:
 
     def progress(self) -> dict[str, str]:
         row = self.last_row
-        return {"score": f"{row['objective/scores']:.3f}", "kl": f"{row['objective/kl']:.2f}",
-                "s/it": f"{self.seconds_per_iteration:.1f}"}
+        return {
+            "score": f"{row['objective/scores']:.3f}",
+            "kl": f"{row['objective/kl']:.2f}",
+            "s/it": f"{self.seconds_per_iteration:.1f}",
+        }
 
     def log_samples(self, step: int, rollout: Rollout, n: int = 4) -> None:
         """The first ``n`` prompts and completions of this iteration into ``samples.jsonl`` and the trackers."""
         if self.samples_path is None:  # not started by the run skeleton (a direct call): nowhere to write
             return
-        rows = [{"step": step, "prompt": rollout.prompts[i], "completion": rollout.completions[i],
-                 "score": round(rollout.scores[i].item(), 4)} for i in range(min(n, len(rollout.prompts)))]
+        rows = [
+            {
+                "step": step,
+                "prompt": rollout.prompts[i],
+                "completion": rollout.completions[i],
+                "score": round(rollout.scores[i].item(), 4),
+            }
+            for i in range(min(n, len(rollout.prompts)))
+        ]
         with self.samples_path.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         self.metrics.log_table(step, "samples", rows)

@@ -80,14 +80,16 @@ class PPOUpdate:
                     break
         return stats.pop()
 
-    def minibatch_step(self, rollout: Rollout, mb_idx: torch.Tensor, mb_tokens: float,
-                       done: int) -> tuple[dict | None, dict]:
+    def minibatch_step(
+        self, rollout: Rollout, mb_idx: torch.Tensor, mb_tokens: float, done: int
+    ) -> tuple[dict | None, dict]:
         """Accumulate the minibatch's micro-batches, then one guarded step of both models: ``(stats, pre-clip
         gradient norms)``, stats None when the step was skipped as non-finite."""
         cfg = self.cfg
         got = self.accumulate_minibatch(rollout, mb_idx, mb_tokens)
-        (norm_p, norm_v), finite = self.backend.step(self.trained, cfg.max_grad_norm, NonFiniteGuard.finite(
-            got["loss/policy"], got["loss/value"]))
+        (norm_p, norm_v), finite = self.backend.step(
+            self.trained, cfg.max_grad_norm, NonFiniteGuard.finite(got["loss/policy"], got["loss/value"])
+        )
         self.record_step(finite, done)
         return (got if finite else None), {"policy/grad_norm": norm_p, "val/grad_norm": norm_v}
 
@@ -104,8 +106,9 @@ class PPOUpdate:
                 mb_stats[k] += v
         return dict(mb_stats)
 
-    def micro_batch_backward(self, rows: dict[str, torch.Tensor], prompt_width: int, mb_tokens: float,
-                             sync: bool) -> dict[str, float]:
+    def micro_batch_backward(
+        self, rows: dict[str, torch.Tensor], prompt_width: int, mb_tokens: float, sync: bool
+    ) -> dict[str, float]:
         """Policy and value losses of one micro-batch (``rows``: `Rollout.rows`), backward scaled by its token
         share; returns its share-weighted stats."""
         cfg, acc = self.cfg, self.accelerator
@@ -115,21 +118,37 @@ class PPOUpdate:
         # 1 / grad_accum would weigh a short micro-batch's tokens more, and 2 processes split rows unlike 1)
         token_share = float(mask.sum()) * self.world / mb_tokens
         with self.backend.accumulate(self.trained, sync), acc.autocast():
-            out = self.trained_policy.forward(completion_logprobs, rows["query_response"], rows["attention_mask"],
-                                              rows["completion_mask"], temperature=cfg.temperature,
-                                              return_entropy=cfg.ent_coef > 0)
+            out = self.trained_policy.forward(
+                completion_logprobs,
+                rows["query_response"],
+                rows["attention_mask"],
+                rows["completion_mask"],
+                temperature=cfg.temperature,
+                return_entropy=cfg.ent_coef > 0,
+            )
             new_logps, entropy = out if cfg.ent_coef > 0 else (out, None)
-            new_values = self.trained_value.forward(token_values, rows["query_response"], rows["attention_mask"],
-                                                    rows["completion_mask"])
-        pg_loss, pg = ppo_policy_loss(new_logps[:, prompt_width:].float(), rows["logps"], rows["advantages"], mask,
-                                      cfg.clip_eps)
-        vf_loss, vf = ppo_value_loss(new_values[:, prompt_width:].float(), rows["values"], rows["returns"], mask,
-                                     cfg.vf_clip)
+            new_values = self.trained_value.forward(
+                token_values, rows["query_response"], rows["attention_mask"], rows["completion_mask"]
+            )
+        pg_loss, pg = ppo_policy_loss(
+            new_logps[:, prompt_width:].float(), rows["logps"], rows["advantages"], mask, cfg.clip_eps
+        )
+        vf_loss, vf = ppo_value_loss(
+            new_values[:, prompt_width:].float(), rows["values"], rows["returns"], mask, cfg.vf_clip
+        )
         loss = pg_loss + cfg.vf_coef * vf_loss
         if entropy is not None:
             loss = loss - cfg.ent_coef * masked_mean(entropy[:, prompt_width:].float(), mask)
         # one backward through both models: DDP all-reduces each engine's gradients when it syncs
         self.backend.backward(self.trained_policy, loss * token_share, sync)
-        return {k: float(v) * token_share for k, v in (
-            ("loss/policy", pg_loss.detach()), ("loss/value", vf_loss.detach()), ("policy/approxkl", pg["approxkl"]),
-            ("policy/clipfrac", pg["clipfrac"]), ("val/ratio", pg["ratio"]), ("val/clipfrac", vf["vf_clipfrac"]))}
+        return {
+            k: float(v) * token_share
+            for k, v in (
+                ("loss/policy", pg_loss.detach()),
+                ("loss/value", vf_loss.detach()),
+                ("policy/approxkl", pg["approxkl"]),
+                ("policy/clipfrac", pg["clipfrac"]),
+                ("val/ratio", pg["ratio"]),
+                ("val/clipfrac", vf["vf_clipfrac"]),
+            )
+        }

@@ -77,28 +77,36 @@ def load_reward_backbone(name: str, pad_token_id: int, head_init_std: float | No
     path = resolve_model(name)
     try:
         model, info = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, pad_token_id=pad_token_id, dtype=torch.float32, output_loading_info=True)
+            path, num_labels=1, pad_token_id=pad_token_id, dtype=torch.float32, output_loading_info=True
+        )
     except (OSError, ValueError) as e:
         raise _hub_error(name, e) from None
     except RuntimeError as e:  # transformers raises this for a head of another shape (num_labels != 1)
         if "mismatch" not in str(e):
             raise
-        raise UserError(f"--model {name}: its classification head does not have one output; a reward model "
-                        "needs a scalar head (start from a causal LM or a reward model)") from None
+        raise UserError(
+            f"--model {name}: its classification head does not have one output; a reward model "
+            "needs a scalar head (start from a causal LM or a reward model)"
+        ) from None
     if not pools_last_token(model):
-        raise UserError(f"--model {name}: {type(model).__name__} has no linear `score` head on a decoder; the "
-                        "reward trainer needs a decoder LM (Llama, Mistral, Qwen, GPT-2, ...)")
+        raise UserError(
+            f"--model {name}: {type(model).__name__} has no linear `score` head on a decoder; the "
+            "reward trainer needs a decoder LM (Llama, Mistral, Qwen, GPT-2, ...)"
+        )
     head_keys = {f"score.{n}" for n, _ in model.score.named_parameters()}
     missing = set(info["missing_keys"])
     if missing - head_keys:
-        raise UserError(f"--model {name}: weights {', '.join(sorted(missing - head_keys)[:3])} are missing from "
-                        "the checkpoint; it does not match its architecture")
+        raise UserError(
+            f"--model {name}: weights {', '.join(sorted(missing - head_keys)[:3])} are missing from "
+            "the checkpoint; it does not match its architecture"
+        )
     disable_dropout(model)
     model.config.pad_token_id = pad_token_id  # saved with the model: scorers need it
     if not missing & head_keys:
         if head_init_std is not None:
-            raise UserError(f"--head-init-std: --model {name} already has a trained score head, which is kept; "
-                            "drop --head-init-std")
+            raise UserError(
+                f"--head-init-std: --model {name} already has a trained score head, which is kept; drop --head-init-std"
+            )
         return model, {"new": False, "init_std": None}
     std = head_init_std or 1.0 / math.sqrt(model.score.in_features + 1)
     gen = torch.Generator().manual_seed(seed)
@@ -131,8 +139,9 @@ class RewardTrainer(Trainer):
 
         cfg = self.cfg
         self.tokenizer = load_tokenizer(cfg.model)
-        self.model, self.head_info = load_reward_backbone(cfg.model, self.tokenizer.pad_token_id,
-                                                          cfg.head_init_std, cfg.seed)
+        self.model, self.head_info = load_reward_backbone(
+            cfg.model, self.tokenizer.pad_token_id, cfg.head_init_std, cfg.seed
+        )
         if self.head_info["new"]:
             log.info("new score head: weight ~ normal(0, %.3g), trained from scratch", self.head_info["init_std"])
         self.train_data, self.eval_data, self.data_info = load_preference_splits(cfg, self.tokenizer)

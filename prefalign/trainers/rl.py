@@ -50,8 +50,21 @@ class GroupRollout(Rollout):
     score_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> (B,) unweighted scores
 
     def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
-        return {"index": idx, **{k: getattr(self, k)[idx] for k in (
-            "query_response", "attention_mask", "completion_mask", "loss_mask", "logps", "ref_logps", "advantages")}}
+        return {
+            "index": idx,
+            **{
+                k: getattr(self, k)[idx]
+                for k in (
+                    "query_response",
+                    "attention_mask",
+                    "completion_mask",
+                    "loss_mask",
+                    "logps",
+                    "ref_logps",
+                    "advantages",
+                )
+            },
+        }
 
 
 class RLTrainer(RLUpdate, PPOTrainer):
@@ -70,11 +83,13 @@ class RLTrainer(RLUpdate, PPOTrainer):
 
         cfg = self.cfg
         if self.reward_source is None:
-            self.reward_source = WeightedRewards.load(cfg.reward, cfg.weights, batch_size=cfg.reward_batch_size,
-                                                      device=str(self.accelerator.device))
+            self.reward_source = WeightedRewards.load(
+                cfg.reward, cfg.weights, batch_size=cfg.reward_batch_size, device=str(self.accelerator.device)
+            )
         elif not isinstance(self.reward_source, WeightedRewards):
-            self.reward_source = WeightedRewards({getattr(self.reward_source, "name", "reward"): self.reward_source},
-                                                 [1.0])
+            self.reward_source = WeightedRewards(
+                {getattr(self.reward_source, "name", "reward"): self.reward_source}, [1.0]
+            )
         super().setup()
 
     def load_value(self):
@@ -92,17 +107,29 @@ class RLTrainer(RLUpdate, PPOTrainer):
 
     def run_info(self) -> dict:
         cfg = self.cfg
-        return {"prompts": len(self.prompts), "data": self.data_info, "total_iterations": self.total_steps,
-                "estimator": cfg.estimator,
-                "num_generations": cfg.num_generations, "loss_aggregation": cfg.aggregation,
-                "episodes": self.total_steps * cfg.completions_per_iteration, "reward": self.reward_source.name,
-                "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad)}
+        return {
+            "prompts": len(self.prompts),
+            "data": self.data_info,
+            "total_iterations": self.total_steps,
+            "estimator": cfg.estimator,
+            "num_generations": cfg.num_generations,
+            "loss_aggregation": cfg.aggregation,
+            "episodes": self.total_steps * cfg.completions_per_iteration,
+            "reward": self.reward_source.name,
+            "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
+        }
 
     def save_final(self, out: Path) -> None:
         """``final/``: the policy (adapter with LoRA, plus ``final-merged/`` with --merge-lora) with its model card;
         no critic."""
-        save_final_model(self.backend, out / "final", self.trained_policy, self.tokenizer, merged=self.cfg.merge_lora,
-                         card=self.card())
+        save_final_model(
+            self.backend,
+            out / "final",
+            self.trained_policy,
+            self.tokenizer,
+            merged=self.cfg.merge_lora,
+            card=self.card(),
+        )
 
     def card_method(self) -> Method:
         """The critic-free loss with the --estimator's line of `ADVANTAGE_ESTIMATORS` (its formula and paper)."""
@@ -120,7 +147,8 @@ class RLTrainer(RLUpdate, PPOTrainer):
         # 2. masks: the response of every row starts at column P
         rows = [i for i in idx for _ in range(k)]
         gen, query_response, attention_mask, completion_mask = self.sample(
-            rows, [key_seed(step, i, j) for i in idx for j in range(k)], timing)
+            rows, [key_seed(step, i, j) for i in idx for j in range(k)], timing
+        )
         response_mask = gen.response_mask  # (B, R)
         # 3. old and reference log-probs (at the sampling temperature), entropy
         logps, entropy, ref_logps = self.rollout_logprobs(gen, query_response, attention_mask, completion_mask, timing)
@@ -130,15 +158,37 @@ class RLTrainer(RLUpdate, PPOTrainer):
         kl_coef = 0.0 if cfg.kl_in_loss else self.kl_ctl.coef
         rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, response_mask, kl_coef, cfg.kl_estimator)
         # 7. advantages by the estimator's table entry; 8. groups of equal scores out of the loss (DAPO)
-        advantages, returns = self.estimator.fn(AdvantageInputs(
-            rewards, response_mask, k, gamma=cfg.gamma, batch_stats=lambda x, m: masked_mean_var(acc, x, m)))
+        advantages, returns = self.estimator.fn(
+            AdvantageInputs(
+                rewards, response_mask, k, gamma=cfg.gamma, batch_stats=lambda x, m: masked_mean_var(acc, x, m)
+            )
+        )
         kept = informative_groups(scores, k) if cfg.dynamic_sampling else torch.ones_like(gen.ended, device=dev)
         loss_mask = response_mask * kept[:, None].to(response_mask.dtype)
         loss_lengths = acc.gather(loss_mask.sum(1)).view(self.world, -1).cpu()
-        return GroupRollout(query_response, attention_mask, completion_mask, response_mask, gen.ended, logps,
-                            ref_logps, torch.zeros_like(logps), entropy, scores, kl, non_score, rewards, advantages,
-                            returns, prompts, texts, loss_mask=loss_mask, kept=kept.bool(), loss_lengths=loss_lengths,
-                            score_parts={n: p.to(dev) for n, p in self.reward_source.last_parts.items()})
+        return GroupRollout(
+            query_response,
+            attention_mask,
+            completion_mask,
+            response_mask,
+            gen.ended,
+            logps,
+            ref_logps,
+            torch.zeros_like(logps),
+            entropy,
+            scores,
+            kl,
+            non_score,
+            rewards,
+            advantages,
+            returns,
+            prompts,
+            texts,
+            loss_mask=loss_mask,
+            kept=kept.bool(),
+            loss_lengths=loss_lengths,
+            score_parts={n: p.to(dev) for n, p in self.reward_source.last_parts.items()},
+        )
 
     def rollout_logprobs(self, gen, query_response, attention_mask, completion_mask, timing: dict):
         """``(logps, entropy, ref_logps)`` of the responses, each ``(B, R)``: the rollout's old and reference
@@ -147,11 +197,15 @@ class RLTrainer(RLUpdate, PPOTrainer):
         ``time/logprobs``."""
         t0 = time.perf_counter()
         width, skip = gen.prompt_ids.shape[1], self.one_step_on_policy
-        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask,
-                                                         policy=not skip)
+        logps, entropy, ref_logps = self.policy_forwards(
+            query_response, attention_mask, completion_mask, policy=not skip
+        )
         ref_logps = ref_logps[:, width:].float()
-        logps, entropy = ((ref_logps.clone(), torch.zeros_like(ref_logps)) if skip
-                          else (logps[:, width:].float(), entropy[:, width:].float()))
+        logps, entropy = (
+            (ref_logps.clone(), torch.zeros_like(ref_logps))
+            if skip
+            else (logps[:, width:].float(), entropy[:, width:].float())
+        )
         timing["time/logprobs"] = time.perf_counter() - t0
         return logps, entropy, ref_logps
 
@@ -171,23 +225,36 @@ class RLTrainer(RLUpdate, PPOTrainer):
             self.fill_on_policy(rollout)
         k = cfg.num_generations
         groups = rollout.scores.view(-1, k)  # (b / K, K)
-        means = mean_across_processes(acc, {
-            **self.rollout_means(rollout),
-            **{f"objective/scores/{n}": p.mean().item() for n, p in rollout.score_parts.items()},
-            "rl/group_score_std": groups.std(1).mean().item() if k > 1 else 0.0,
-            "rl/groups_dropped": float((~rollout.kept).sum()) / k,
-            # a sum: over tokens, divided below by every process's tokens (processes hold unequal token counts)
-            "advantage_abs_sum": (rollout.advantages.abs() * mask).sum().item(), **update_stats, **timing,
-        })
-        out = {key: v for key, v in means.items()
-               if key not in ("num_eos", "tokens", "rl/groups_dropped", "advantage_abs_sum")}
+        means = mean_across_processes(
+            acc,
+            {
+                **self.rollout_means(rollout),
+                **{f"objective/scores/{n}": p.mean().item() for n, p in rollout.score_parts.items()},
+                "rl/group_score_std": groups.std(1).mean().item() if k > 1 else 0.0,
+                "rl/groups_dropped": float((~rollout.kept).sum()) / k,
+                # a sum: over tokens, divided below by every process's tokens (processes hold unequal token counts)
+                "advantage_abs_sum": (rollout.advantages.abs() * mask).sum().item(),
+                **update_stats,
+                **timing,
+            },
+        )
+        out = {
+            key: v
+            for key, v in means.items()
+            if key not in ("num_eos", "tokens", "rl/groups_dropped", "advantage_abs_sum")
+        }
         dropped = round(means["rl/groups_dropped"] * self.world)
-        return {**out, "rl/groups_dropped": dropped, "rl/groups_dropped_fraction": dropped / cfg.rollout_batch_size,
-                "rl/advantage_abs": means["advantage_abs_sum"] / means["tokens"] if means["tokens"] else 0.0,
-                "val/num_eos": round(means["num_eos"] * self.world), "kl_coef": self.kl_ctl.coef,
-                "lr": self.trained_policy.scheduler.get_last_lr()[0],
-                "episodes": done * cfg.completions_per_iteration,
-                "tokens_per_second": means["tokens"] * self.world / max(means["time/generation"], 1e-9)}
+        return {
+            **out,
+            "rl/groups_dropped": dropped,
+            "rl/groups_dropped_fraction": dropped / cfg.rollout_batch_size,
+            "rl/advantage_abs": means["advantage_abs_sum"] / means["tokens"] if means["tokens"] else 0.0,
+            "val/num_eos": round(means["num_eos"] * self.world),
+            "kl_coef": self.kl_ctl.coef,
+            "lr": self.trained_policy.scheduler.get_last_lr()[0],
+            "episodes": done * cfg.completions_per_iteration,
+            "tokens_per_second": means["tokens"] * self.world / max(means["time/generation"], 1e-9),
+        }
 
     def fill_on_policy(self, rollout: GroupRollout) -> None:
         """The policy's log-probs and entropy the rollout skipped (`one_step_on_policy`), and the KL from them: the
@@ -195,8 +262,10 @@ class RLTrainer(RLUpdate, PPOTrainer):
         unchanged policy does."""
         if not self.filled:
             width = rollout.query_response.shape[1] - rollout.response_mask.shape[1]
-            logps, entropy, _ = self.policy_forwards(rollout.query_response, rollout.attention_mask,
-                                                     rollout.completion_mask)
+            logps, entropy, _ = self.policy_forwards(
+                rollout.query_response, rollout.attention_mask, rollout.completion_mask
+            )
             rollout.logps, rollout.entropy = logps[:, width:].float(), entropy[:, width:].float()
-        rollout.kl = kl_shaped_rewards(rollout.scores, rollout.logps, rollout.ref_logps, rollout.response_mask, 0.0,
-                                       self.cfg.kl_estimator)[1]
+        rollout.kl = kl_shaped_rewards(
+            rollout.scores, rollout.logps, rollout.ref_logps, rollout.response_mask, 0.0, self.cfg.kl_estimator
+        )[1]

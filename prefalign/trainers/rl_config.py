@@ -76,12 +76,15 @@ class RLConfig(PPOConfig):
             raise ValueError(f"--num-generations must be >= 1, got {self.num_generations}")
         if (est.needs_groups or self.dynamic_sampling) and self.num_generations < 2:
             why = f"--estimator {self.estimator}" if est.needs_groups else "--dynamic-sampling"
-            raise ValueError(f"{why} compares the completions of a prompt: --num-generations must be >= 2, "
-                             f"got {self.num_generations}")
+            raise ValueError(
+                f"{why} compares the completions of a prompt: --num-generations must be >= 2, "
+                f"got {self.num_generations}"
+            )
         self._check_rewards()
         if not 0 < self.eps_low < 1 or self.eps_high <= 0:
-            raise ValueError(f"--clip-eps-low must be in (0, 1) and --clip-eps-high > 0, got {self.eps_low}, "
-                             f"{self.eps_high}")
+            raise ValueError(
+                f"--clip-eps-low must be in (0, 1) and --clip-eps-high > 0, got {self.eps_low}, {self.eps_high}"
+            )
         if self.loss_agg is not None and self.loss_agg not in AGGREGATIONS:
             raise ValueError(f"--loss-agg must be one of {', '.join(AGGREGATIONS)}, got {self.loss_agg!r}")
 
@@ -89,8 +92,10 @@ class RLConfig(PPOConfig):
         defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
         for name in VALUE_ONLY:
             if getattr(self, name) != defaults[name]:
-                raise ValueError(f"{name} belongs to the value model, which prefalign rl does not have; "
-                                 "drop it (or run prefalign ppo)")
+                raise ValueError(
+                    f"{name} belongs to the value model, which prefalign rl does not have; "
+                    "drop it (or run prefalign ppo)"
+                )
 
     def _check_rewards(self) -> None:
         if len(set(self.reward)) != len(self.reward):
@@ -98,8 +103,10 @@ class RLConfig(PPOConfig):
         if self.reward_weights is None:
             return
         if len(self.reward_weights) != len(self.reward):
-            raise ValueError(f"--reward-weights has {len(self.reward_weights)} values for {len(self.reward)} "
-                             "--reward sources; give one weight per source, in their order")
+            raise ValueError(
+                f"--reward-weights has {len(self.reward_weights)} values for {len(self.reward)} "
+                "--reward sources; give one weight per source, in their order"
+            )
         if not all(math.isfinite(w) for w in self.reward_weights):
             raise ValueError(f"--reward-weights must be finite numbers, got {self.reward_weights}")
 

@@ -37,8 +37,9 @@ class RLUpdate(PPOUpdate):
         self.record_step(finite, done)
         return (got if finite else None), {"policy/grad_norm": norm}
 
-    def micro_batch_backward(self, rows: dict[str, torch.Tensor], prompt_width: int, totals: dict[str, float],
-                             sync: bool) -> dict[str, float]:
+    def micro_batch_backward(
+        self, rows: dict[str, torch.Tensor], prompt_width: int, totals: dict[str, float], sync: bool
+    ) -> dict[str, float]:
         """One micro-batch's loss (``rows``: `GroupRollout.rows`), its part of the minibatch aggregate, backward;
         returns its parts of the losses and its token-share-weighted diagnostics."""
         cfg, acc = self.cfg, self.accelerator
@@ -47,9 +48,14 @@ class RLUpdate(PPOUpdate):
         fill = self.on_policy_rollout  # one step on-policy: this forward gives the rollout's log-probs (ratio 1)
         with_entropy = cfg.ent_coef > 0 or fill is not None
         with self.backend.accumulate(self.trained, sync), acc.autocast():
-            out = self.trained_policy.forward(completion_logprobs, rows["query_response"], rows["attention_mask"],
-                                              rows["completion_mask"], temperature=cfg.temperature,
-                                              return_entropy=with_entropy)
+            out = self.trained_policy.forward(
+                completion_logprobs,
+                rows["query_response"],
+                rows["attention_mask"],
+                rows["completion_mask"],
+                temperature=cfg.temperature,
+                return_entropy=with_entropy,
+            )
         new_logps, entropy = out if with_entropy else (out, None)
         new_logps = new_logps[:, prompt_width:].float()  # (b, R)
         old_logps = rows["logps"]
@@ -57,8 +63,9 @@ class RLUpdate(PPOUpdate):
             old_logps = fill.logps[rows["index"]] = new_logps.detach()
             fill.entropy[rows["index"]] = entropy[:, prompt_width:].detach().float()
             self.filled = True
-        pg_tokens, pg = clipped_policy_token_loss(new_logps, old_logps, rows["advantages"], mask, cfg.eps_low,
-                                                  cfg.eps_high)
+        pg_tokens, pg = clipped_policy_token_loss(
+            new_logps, old_logps, rows["advantages"], mask, cfg.eps_low, cfg.eps_high
+        )
         agg = dict(max_len=cfg.max_new_tokens, **totals)
         pg_loss = aggregate_loss(pg_tokens, mask, cfg.aggregation, **agg)
         loss, parts = pg_loss, {"loss/policy": pg_loss}
@@ -70,8 +77,13 @@ class RLUpdate(PPOUpdate):
         # DDP averages gradients over the N processes; each holds a part of the sum, so scale by N
         self.backend.backward(self.trained_policy, loss * self.world, sync)
         stats = {k: float(v.detach()) * self.world for k, v in parts.items()}
-        diag = (("policy/approxkl", "approxkl"), ("policy/clipfrac", "clipfrac"), ("policy/clipfrac_low",
-                "clipfrac_low"), ("policy/clipfrac_high", "clipfrac_high"), ("val/ratio", "ratio"))
+        diag = (
+            ("policy/approxkl", "approxkl"),
+            ("policy/clipfrac", "clipfrac"),
+            ("policy/clipfrac_low", "clipfrac_low"),
+            ("policy/clipfrac_high", "clipfrac_high"),
+            ("val/ratio", "ratio"),
+        )
         # a micro-batch whose groups were all dropped has no token to average over: it adds nothing
         stats.update({name: float(pg[k]) * token_share if token_share else 0.0 for name, k in diag})
         return stats

@@ -154,11 +154,24 @@ class Run:
         start = self._resume() if cfg.resume is not None else 0
         if acc.is_main_process:
             write_config(out, cfg)
-            write_json(out / "run.json", {"precision": self.precision, "processes": self.world,
-                                          "backend": self.backend.name, **self.run_info(),
-                                          "resumed_from_step": start if cfg.resume else None})
-        metrics = MetricsLogger(out, resume_step=start if cfg.resume else None, enabled=acc.is_main_process,
-                                trackers=cfg.trackers, run_name=cfg.output, config=to_plain(cfg))
+            write_json(
+                out / "run.json",
+                {
+                    "precision": self.precision,
+                    "processes": self.world,
+                    "backend": self.backend.name,
+                    **self.run_info(),
+                    "resumed_from_step": start if cfg.resume else None,
+                },
+            )
+        metrics = MetricsLogger(
+            out,
+            resume_step=start if cfg.resume else None,
+            enabled=acc.is_main_process,
+            trackers=cfg.trackers,
+            run_name=cfg.output,
+            config=to_plain(cfg),
+        )
         self.on_start(start, metrics)
         if self.evaluate_now(start, first=True):
             metrics.log(0, self.evaluate())
@@ -178,9 +191,16 @@ class Run:
         hint = f"prefalign {self.command} --config {self.out_dir / 'config.yaml'} --resume latest"
         last_logged: dict[str, float] = {}
         # the bar closes before an error propagates, so the error stays the last line on the terminal
-        with (ProgressBar(total=total, initial=start, desc=self.command, unit=self.unit,
-                          disable=not self.accelerator.is_main_process) as bar,
-              GracefulStop(self.accelerator) as stop):
+        with (
+            ProgressBar(
+                total=total,
+                initial=start,
+                desc=self.command,
+                unit=self.unit,
+                disable=not self.accelerator.is_main_process,
+            ) as bar,
+            GracefulStop(self.accelerator) as stop,
+        ):
             for step in range(start, total):
                 self.train_step(step)
                 done = step + 1
@@ -226,9 +246,17 @@ class Run:
         acc.wait_for_everyone()
         path = self.ckpts.root / f"{PREFIX}{step:07d}"
         if acc.is_main_process:
-            path = self.ckpts.save(step, objects, {"total_steps": self.total_steps,
-                                                   "skipped_steps": self.guard.skipped, "processes": self.world,
-                                                   **self.checkpoint_state()}, into=into)
+            path = self.ckpts.save(
+                step,
+                objects,
+                {
+                    "total_steps": self.total_steps,
+                    "skipped_steps": self.guard.skipped,
+                    "processes": self.world,
+                    **self.checkpoint_state(),
+                },
+                into=into,
+            )
         acc.wait_for_everyone()
         self.last_good = str(path)
         return path

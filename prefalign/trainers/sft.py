@@ -54,6 +54,7 @@ class SFTTrainer(Trainer):
         return float(batch["completion_mask"].sum())  # the loss is a token-level mean
 
     def compute_loss(self, batch):
-        logps = self.train_forward(completion_logprobs, batch["input_ids"], batch["attention_mask"],
-                                   batch["completion_mask"])
+        logps = self.train_forward(
+            completion_logprobs, batch["input_ids"], batch["attention_mask"], batch["completion_mask"]
+        )
         return sft_loss(logps, batch["completion_mask"])

@@ -7,8 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefalign.eval.report.tables import (comparison_table, cost_table, results_table, samples_table, settings_table,
-                                          sweep_table)
+from prefalign.eval.report.tables import (
+    comparison_table,
+    cost_table,
+    results_table,
+    samples_table,
+    settings_table,
+    sweep_table,
+)
 from prefalign.eval.report.values import CURVE_METRICS, trained
 
 HOW_TO_READ = (
@@ -22,7 +28,8 @@ HOW_TO_READ = (
     "reference can exploit a learned reward model's mistakes or collapse onto a few stock phrases, so a gold "
     "gain is only worth the KL it cost. Compare arms on the gold-vs-KL plot (up and to the left is better), "
     "not by gold alone. Proxy, where present, is the learned reward model's score: a proxy that rises while "
-    "gold does not is reward hacking.")
+    "gold does not is reward hacking."
+)
 
 DEFAULT_TITLE = "PPO-RLHF vs DPO"
 
@@ -33,23 +40,33 @@ def blocks(summary: dict, plots: dict[str, Path]) -> list[tuple]:
     settings = summary.get("settings") or {}
     seed_count = max(len(arm.get("seeds") or []) for arm in arms)
     document: list[tuple] = [("h1", summary.get("title") or DEFAULT_TITLE)]
-    meta = [f"created {summary['created']}" if summary.get("created") else "",
-            *(f"{key} {settings[key]}" for key in ("model", "judge", "preset") if key in settings)]
+    meta = [
+        f"created {summary['created']}" if summary.get("created") else "",
+        *(f"{key} {settings[key]}" for key in ("model", "judge", "preset") if key in settings),
+    ]
     document.append(("note", " · ".join(item for item in meta if item)))
     document += [("h2", "How to read this report"), ("p", HOW_TO_READ)]
     document += [("h2", "PPO-RLHF vs DPO"), ("table", comparison_table(arms))]
-    spread = (f"Numbers are means over {seed_count} seeds; ± is the standard deviation across seeds." if seed_count > 1
-              else "One seed: no spread across seeds is shown.")
+    spread = (
+        f"Numbers are means over {seed_count} seeds; ± is the standard deviation across seeds."
+        if seed_count > 1
+        else "One seed: no spread across seeds is shown."
+    )
     document += [("note", spread + " Gold gain per 100 pairs = (arm gold − start gold) / pairs used × 100.")]
-    document += [("h2", "Results per arm (held-out prompts)"), ("table", results_table(arms)),
-                 ("note", spread + " Gold std and KL std are the spread over completions.")]
+    document += [
+        ("h2", "Results per arm (held-out prompts)"),
+        ("table", results_table(arms)),
+        ("note", spread + " Gold std and KL std are the spread over completions."),
+    ]
     if any(arm.get("cost") for arm in trained(arms)):
         document += [("h2", "Costs"), ("table", cost_table(arms))]
     document += _frontier_section(summary, plots)
     document += _curves_section(arms, plots)
     if summary.get("samples"):
-        document += [("h2", "Sample completions (held-out prompts)"),
-                     ("table", samples_table(summary["samples"], arms))]
+        document += [
+            ("h2", "Sample completions (held-out prompts)"),
+            ("table", samples_table(summary["samples"], arms)),
+        ]
     if settings:
         document += [("h2", "Settings"), ("table", settings_table(settings))]
     return document
@@ -62,12 +79,19 @@ def _frontier_section(summary: dict, plots: dict[str, Path]) -> list[tuple]:
         section.append(("img", plots["gold_vs_kl"], "gold score vs KL to the starting policy, one point per arm"))
     if summary.get("sweep"):
         labels = {arm["name"]: arm["label"] for arm in summary["arms"]}
-        section += [("note", "Sweep: arms retrained at other settings; the dashed line joins them into a frontier. "
-                             "A frontier above and left of another buys more gold for the same drift."),
-                    ("table", sweep_table(summary["sweep"], labels))]
+        section += [
+            (
+                "note",
+                "Sweep: arms retrained at other settings; the dashed line joins them into a frontier. "
+                "A frontier above and left of another buys more gold for the same drift.",
+            ),
+            ("table", sweep_table(summary["sweep"], labels)),
+        ]
     if "gold_vs_wall_time" in plots:
-        section += [("h2", "Gold reward vs wall time"),
-                    ("img", plots["gold_vs_wall_time"], "gold score vs total wall time per arm")]
+        section += [
+            ("h2", "Gold reward vs wall time"),
+            ("img", plots["gold_vs_wall_time"], "gold score vs total wall time per arm"),
+        ]
     return section
 
 
@@ -76,5 +100,7 @@ def _curves_section(arms: list[dict], plots: dict[str, Path]) -> list[tuple]:
     if "training_curves" not in plots:
         return section + [("note", "No training curves in the summary.")]
     used = dict.fromkeys(arm.get("curve_metric", "metric") for arm in arms if arm.get("curve"))
-    return section + [("img", plots["training_curves"], "training curves per arm"),
-                      ("note", "; ".join(f"{metric}: {CURVE_METRICS.get(metric, 'as logged')}" for metric in used))]
+    return section + [
+        ("img", plots["training_curves"], "training curves per arm"),
+        ("note", "; ".join(f"{metric}: {CURVE_METRICS.get(metric, 'as logged')}" for metric in used)),
+    ]

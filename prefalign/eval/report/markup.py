@@ -56,8 +56,9 @@ def _html_cell(cell) -> str:
     rendered = []
     for part in _parts(cell):
         text = html.escape(part, quote=True).replace("\r\n", "\n").replace("\n", "<br>")
-        rendered.append(f"<code>{text}</code>" if isinstance(part, Code) else f"<b>{text}</b>"
-                        if isinstance(part, Bold) else text)
+        rendered.append(
+            f"<code>{text}</code>" if isinstance(part, Code) else f"<b>{text}</b>" if isinstance(part, Bold) else text
+        )
     return "".join(rendered)
 
 
@@ -119,5 +120,7 @@ def render_html(blocks: list[tuple], title: str) -> str:
             data = base64.b64encode(content[0].read_bytes()).decode("ascii")
             rendered.append(f'<img src="data:image/png;base64,{data}" alt="{html.escape(content[1], quote=True)}">')
     body = "\n".join(rendered)
-    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
-            f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n")
+    return (
+        f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{html.escape(title)}</title>\n'
+        f"<style>{CSS}</style>\n</head>\n<body>\n{body}\n</body>\n</html>\n"
+    )

@@ -31,17 +31,38 @@ def _draw_sweeps(ax, sweep: list[dict], colors: dict, labels: dict[str, str]) ->
     """One dashed frontier per swept (arm, parameter), in KL order; False when no point has both numbers."""
     drawn = False
     for arm, param in dict.fromkeys((point["arm"], point["param"]) for point in sweep):
-        points = sorted((point for point in sweep if (point["arm"], point["param"]) == (arm, param)
-                         and is_number(point.get("kl_mean")) and is_number(point.get("gold_mean"))),
-                        key=lambda point: point["kl_mean"])
+        points = sorted(
+            (
+                point
+                for point in sweep
+                if (point["arm"], point["param"]) == (arm, param)
+                and is_number(point.get("kl_mean"))
+                and is_number(point.get("gold_mean"))
+            ),
+            key=lambda point: point["kl_mean"],
+        )
         if not points:
             continue
-        ax.plot([point["kl_mean"] for point in points], [point["gold_mean"] for point in points], "--", marker="s",
-                ms=4, alpha=0.75, color=colors.get(arm, "0.5"), label=f"{labels.get(arm, arm)}: sweep over {param}",
-                zorder=2)
+        ax.plot(
+            [point["kl_mean"] for point in points],
+            [point["gold_mean"] for point in points],
+            "--",
+            marker="s",
+            ms=4,
+            alpha=0.75,
+            color=colors.get(arm, "0.5"),
+            label=f"{labels.get(arm, arm)}: sweep over {param}",
+            zorder=2,
+        )
         for point in points:
-            ax.annotate(f"{param}={point['value']:g}", (point["kl_mean"], point["gold_mean"]),
-                        textcoords="offset points", xytext=(5, -11), fontsize=7, color="0.3")
+            ax.annotate(
+                f"{param}={point['value']:g}",
+                (point["kl_mean"], point["gold_mean"]),
+                textcoords="offset points",
+                xytext=(5, -11),
+                fontsize=7,
+                color="0.3",
+            )
         drawn = True
     return drawn
 
@@ -54,16 +75,32 @@ def _plot_gold_vs_kl(arms: list[dict], sweep: list[dict], colors: dict, gold_axi
         (kl, kl_std), (gold, gold_std) = stat(arm, "kl_mean"), stat(arm, "gold_mean")
         if kl is None or gold is None:
             continue
-        ax.errorbar(kl, gold, xerr=kl_std, yerr=gold_std, fmt="o", ms=8, capsize=3,
-                    color=colors.get(arm["name"], "0.5"), label=arm["label"], zorder=3)
+        ax.errorbar(
+            kl,
+            gold,
+            xerr=kl_std,
+            yerr=gold_std,
+            fmt="o",
+            ms=8,
+            capsize=3,
+            color=colors.get(arm["name"], "0.5"),
+            label=arm["label"],
+            zorder=3,
+        )
         ax.annotate(arm["label"], (kl, gold), textcoords="offset points", xytext=(7, 6), fontsize=9)
         drawn = True
     drawn = _draw_sweeps(ax, sweep, colors, {arm["name"]: arm["label"] for arm in arms}) or drawn
     if not drawn:
         return False
     ax.axvline(0, color="0.8", lw=0.8, zorder=1)
-    _finish(fig, ax, "KL(policy || start), nats per completion", gold_axis,
-            "Gold reward vs KL to the starting policy (up and left is better)", path)
+    _finish(
+        fig,
+        ax,
+        "KL(policy || start), nats per completion",
+        gold_axis,
+        "Gold reward vs KL to the starting policy (up and left is better)",
+        path,
+    )
     return True
 
 
@@ -91,16 +128,24 @@ def _plot_curves(arms: list[dict], colors: dict, path: Path) -> bool:
         for arm in curved:
             if arm.get("curve_metric", "metric") != metric:
                 continue
-            points = [(point["step"], point["metric"]) for point in arm["curve"]
-                      if is_number(point.get("step")) and is_number(point.get("metric"))]
-            ax.plot([step for step, _ in points], [value for _, value in points],
-                    marker="." if len(points) <= 40 else None, color=colors.get(arm["name"], "0.5"), label=arm["label"])
+            points = [
+                (point["step"], point["metric"])
+                for point in arm["curve"]
+                if is_number(point.get("step")) and is_number(point.get("metric"))
+            ]
+            ax.plot(
+                [step for step, _ in points],
+                [value for _, value in points],
+                marker="." if len(points) <= 40 else None,
+                color=colors.get(arm["name"], "0.5"),
+                label=arm["label"],
+            )
         ax.set_xlabel("training step")
         ax.set_ylabel(metric)
         ax.set_title(CURVE_METRICS.get(metric, metric), fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in axes[len(metrics):]:
+    for ax in axes[len(metrics) :]:
         ax.set_visible(False)
     fig.suptitle("Training curves, one line per arm")
     fig.savefig(path)
@@ -115,16 +160,26 @@ def _plot_gold_vs_wall(arms: list[dict], colors: dict, gold_axis: str, path: Pat
     fig = _figure(7.5, 5.2)
     ax = fig.add_subplot()
     for arm, seconds, gold, gold_std in points:
-        ax.errorbar(seconds, gold, yerr=gold_std, fmt="o", ms=8, capsize=3, color=colors.get(arm["name"], "0.5"),
-                    label=arm["label"], zorder=3)
+        ax.errorbar(
+            seconds,
+            gold,
+            yerr=gold_std,
+            fmt="o",
+            ms=8,
+            capsize=3,
+            color=colors.get(arm["name"], "0.5"),
+            label=arm["label"],
+            zorder=3,
+        )
         ax.annotate(arm["label"], (seconds, gold), textcoords="offset points", xytext=(7, 6), fontsize=9)
     start = next((arm for arm in arms if arm["name"] == START), None)
     start_gold = stat(start, "gold_mean")[0] if start is not None else None
     if start_gold is not None:
         ax.axhline(start_gold, ls="--", color=colors[START], lw=1, label=f"{start['label']} (no training)")
     ax.set_xlim(left=0, right=max(point[1] for point in points) * 1.15 or 1)
-    _finish(fig, ax, "total wall time, s (pairs + reward model + policy)", gold_axis, "Gold reward vs wall-clock cost",
-            path)
+    _finish(
+        fig, ax, "total wall time, s (pairs + reward model + policy)", gold_axis, "Gold reward vs wall-clock cost", path
+    )
     return True
 
 
@@ -133,7 +188,9 @@ def draw_plots(summary: dict, out_dir: Path) -> dict[str, Path]:
     arms, sweep = summary["arms"], summary.get("sweep") or []
     colors = _colors(arms)
     gold_axis = f"gold score, mean ({(summary.get('settings') or {}).get('judge', 'gold judge')})"
-    jobs = {"gold_vs_kl": lambda path: _plot_gold_vs_kl(arms, sweep, colors, gold_axis, path),
-            "training_curves": lambda path: _plot_curves(arms, colors, path),
-            "gold_vs_wall_time": lambda path: _plot_gold_vs_wall(arms, colors, gold_axis, path)}
+    jobs = {
+        "gold_vs_kl": lambda path: _plot_gold_vs_kl(arms, sweep, colors, gold_axis, path),
+        "training_curves": lambda path: _plot_curves(arms, colors, path),
+        "gold_vs_wall_time": lambda path: _plot_gold_vs_wall(arms, colors, gold_axis, path),
+    }
     return {name: out_dir / f"{name}.png" for name, draw in jobs.items() if draw(out_dir / f"{name}.png")}

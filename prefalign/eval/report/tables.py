@@ -8,9 +8,15 @@ from prefalign.eval.report.markup import Bold, Code, Table
 from prefalign.eval.report.values import fmt, fmt_stat, is_number, start_gold, stat, trained, wall
 
 EVAL_COLUMNS = [  # (key, header, format)
-    ("gold_mean", "gold mean", "+.3f"), ("gold_std", "gold std", ".3f"), ("proxy_mean", "proxy mean", "+.3f"),
-    ("kl_mean", "KL mean (nats)", ".3f"), ("kl_std", "KL std (nats)", ".3f"), ("win_rate", "win rate vs start", ".3f"),
-    ("length_mean", "length (tokens)", ".1f"), ("eos_rate", "EOS rate", ".2f"), ("n", "n", ".0f"),
+    ("gold_mean", "gold mean", "+.3f"),
+    ("gold_std", "gold std", ".3f"),
+    ("proxy_mean", "proxy mean", "+.3f"),
+    ("kl_mean", "KL mean (nats)", ".3f"),
+    ("kl_std", "KL std (nats)", ".3f"),
+    ("win_rate", "win rate vs start", ".3f"),
+    ("length_mean", "length (tokens)", ".1f"),
+    ("eos_rate", "EOS rate", ".2f"),
+    ("n", "n", ".0f"),
 ]
 
 COMPARISON_ROWS = ("Reward model", "Policy update", "Loss", "Compute cost", "Sample efficiency", "Result")
@@ -20,8 +26,11 @@ def method_cells(name: str) -> dict[str, list]:
     """What an arm is, from the arm table: its "Reward model", "Policy update" and "Loss" cells (an arm the
     table does not know: "—")."""
     if name == START:
-        return {"Reward model": ["—"], "Policy update": ["none: the starting policy (also the KL reference)"],
-                "Loss": ["—"]}
+        return {
+            "Reward model": ["—"],
+            "Policy update": ["none: the starting policy (also the KL reference)"],
+            "Loss": ["—"],
+        }
     arm = ARMS.get(name)
     if arm is None:
         return {"Reward model": ["—"], "Policy update": ["—"], "Loss": ["—"]}
@@ -33,8 +42,11 @@ def comparison_table(arms: list[dict]) -> Table:
     """The classic "PPO-RLHF vs DPO" table, one column per arm, filled with the measured numbers."""
     gold_of_start = start_gold(arms)
     columns = [_comparison_column(arm, gold_of_start) for arm in arms]
-    return Table([""] + [arm["label"] for arm in arms],
-                 [[Bold(row)] + [column[row] for column in columns] for row in COMPARISON_ROWS], "compare")
+    return Table(
+        [""] + [arm["label"] for arm in arms],
+        [[Bold(row)] + [column[row] for column in columns] for row in COMPARISON_ROWS],
+        "compare",
+    )
 
 
 def _tokens_note(name: str, pairs_used) -> str:
@@ -51,8 +63,10 @@ def _comparison_column(arm: dict, gold_of_start: float | None) -> dict[str, list
     """One arm's cells of the comparison table, by row label."""
     cost = arm.get("cost") or {}
     column = {**method_cells(arm["name"]), "Compute cost": ["—"], "Sample efficiency": ["—"]}
-    column["Result"] = [f"gold {fmt_stat(arm, 'gold_mean', '+.3f')}\nKL {fmt_stat(arm, 'kl_mean', '.3f')} nats\n"
-                        f"win rate {fmt_stat(arm, 'win_rate', '.3f')}"]
+    column["Result"] = [
+        f"gold {fmt_stat(arm, 'gold_mean', '+.3f')}\nKL {fmt_stat(arm, 'kl_mean', '.3f')} nats\n"
+        f"win rate {fmt_stat(arm, 'win_rate', '.3f')}"
+    ]
     if arm["name"] == START or not cost:
         return column
     if is_number(cost.get("rm_heldout_accuracy")):
@@ -61,11 +75,13 @@ def _comparison_column(arm: dict, gold_of_start: float | None) -> dict[str, list
     if is_number(tokens):
         column["Policy update"].append(f"\n{tokens:,} tokens sampled{_tokens_note(arm['name'], pairs)}")
     seconds = {part: fmt(wall(arm, part), ".0f") for part in ("total", "pairs", "reward_model", "policy")}
-    column["Compute cost"] = [f"{seconds['total']} s wall (pairs {seconds['pairs']} s, reward model "
-                              f"{seconds['reward_model']} s, policy {seconds['policy']} s)\n"
-                              f"peak RSS {fmt(cost.get('peak_rss_mb'), ',.0f')} MiB\n"
-                              f"{fmt(cost.get('gradient_steps'), ',.0f')} gradient steps\n"
-                              f"{fmt(tokens, ',.0f')} tokens generated"]
+    column["Compute cost"] = [
+        f"{seconds['total']} s wall (pairs {seconds['pairs']} s, reward model "
+        f"{seconds['reward_model']} s, policy {seconds['policy']} s)\n"
+        f"peak RSS {fmt(cost.get('peak_rss_mb'), ',.0f')} MiB\n"
+        f"{fmt(cost.get('gradient_steps'), ',.0f')} gradient steps\n"
+        f"{fmt(tokens, ',.0f')} tokens generated"
+    ]
     gold = stat(arm, "gold_mean")[0]
     if is_number(pairs) and pairs > 0:
         gain = fmt(None if gold is None or gold_of_start is None else 100 * (gold - gold_of_start) / pairs, "+.4f")
@@ -78,8 +94,10 @@ def _comparison_column(arm: dict, gold_of_start: float | None) -> dict[str, list
 def results_table(arms: list[dict]) -> Table:
     has_proxy = any(is_number(arm["eval"].get("proxy_mean")) for arm in arms)
     columns = [column for column in EVAL_COLUMNS if column[0] != "proxy_mean" or has_proxy]
-    return Table(["arm"] + [header for _, header, _ in columns],
-                 [[arm["label"]] + [fmt_stat(arm, key, spec) for key, _, spec in columns] for arm in arms])
+    return Table(
+        ["arm"] + [header for _, header, _ in columns],
+        [[arm["label"]] + [fmt_stat(arm, key, spec) for key, _, spec in columns] for arm in arms],
+    )
 
 
 def cost_table(arms: list[dict]) -> Table:
@@ -87,19 +105,49 @@ def cost_table(arms: list[dict]) -> Table:
     for arm in trained(arms):
         cost = arm.get("cost") or {}
         seconds = (fmt(wall(arm, part), ".1f") for part in ("pairs", "reward_model", "policy", "total"))
-        rows.append([arm["label"], *seconds,
-                     fmt(cost.get("peak_rss_mb"), ",.0f"), fmt(cost.get("gradient_steps"), ",.0f"),
-                     fmt(cost.get("tokens_generated"), ",.0f"), fmt(cost.get("pairs_used"), ",.0f"),
-                     fmt(cost.get("rm_heldout_accuracy"), ".3f")])
-    return Table(["arm", "pairs (s)", "reward model (s)", "policy (s)", "total (s)", "peak RSS (MiB)",
-                  "gradient steps", "tokens generated", "pairs used", "RM held-out accuracy"], rows)
+        rows.append(
+            [
+                arm["label"],
+                *seconds,
+                fmt(cost.get("peak_rss_mb"), ",.0f"),
+                fmt(cost.get("gradient_steps"), ",.0f"),
+                fmt(cost.get("tokens_generated"), ",.0f"),
+                fmt(cost.get("pairs_used"), ",.0f"),
+                fmt(cost.get("rm_heldout_accuracy"), ".3f"),
+            ]
+        )
+    return Table(
+        [
+            "arm",
+            "pairs (s)",
+            "reward model (s)",
+            "policy (s)",
+            "total (s)",
+            "peak RSS (MiB)",
+            "gradient steps",
+            "tokens generated",
+            "pairs used",
+            "RM held-out accuracy",
+        ],
+        rows,
+    )
 
 
 def sweep_table(sweep: list[dict], labels: dict[str, str]) -> Table:
     points = sorted(sweep, key=lambda point: (point["arm"], point["param"], point["value"]))
-    return Table(["arm", "parameter", "value", "gold mean", "KL mean (nats)"],
-                 [[labels.get(point["arm"], point["arm"]), point["param"], f"{point['value']:g}",
-                   fmt(point.get("gold_mean"), "+.3f"), fmt(point.get("kl_mean"), ".3f")] for point in points])
+    return Table(
+        ["arm", "parameter", "value", "gold mean", "KL mean (nats)"],
+        [
+            [
+                labels.get(point["arm"], point["arm"]),
+                point["param"],
+                f"{point['value']:g}",
+                fmt(point.get("gold_mean"), "+.3f"),
+                fmt(point.get("kl_mean"), ".3f"),
+            ]
+            for point in points
+        ],
+    )
 
 
 def samples_table(samples: list[dict], arms: list[dict]) -> Table:
