@@ -16,6 +16,7 @@ divided by the episodes (completions) of one iteration. Results: ``--out`` (``ra
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import statistics
@@ -55,7 +56,7 @@ def without_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
 
 def iteration_figures(metrics: list[dict]) -> dict:
     """Median seconds per iteration (first dropped), episodes per iteration and the median phase split."""
-    walls = [b["wall_seconds"] - a["wall_seconds"] for a, b in zip(metrics, metrics[1:])]
+    walls = [b["wall_seconds"] - a["wall_seconds"] for a, b in itertools.pairwise(metrics)]
     if not walls:
         raise ValueError("need at least 2 iterations to time one after the warm-up")
     episodes = metrics[1]["episodes"] - metrics[0]["episodes"]

@@ -158,10 +158,7 @@ class Comparison:
 def compare(workload: str, precision: str, ours: Figures, base: Figures, check: Figures | None = None) -> Comparison:
     """``check``: the baseline's replay run (`REPLAYED` workloads), whose first-step figures replace the timed
     runs' in the same-math check; a `SAMPLED` workload without one is not checked."""
-    if workload in GENERATION:
-        speed = ours.tokens_per_s / base.tokens_per_s
-    else:
-        speed = base.step_median / ours.step_median
+    speed = ours.tokens_per_s / base.tokens_per_s if workload in GENERATION else base.step_median / ours.step_median
     math_base = check if check is not None else (None if workload in SAMPLED else base)
     loss_diff = logps_diff = grad_diff = None
     if math_base is not None and ours.first_loss is not None and math_base.first_loss is not None:

@@ -314,26 +314,31 @@ def run_rollout(args, batch: int) -> dict:
     return {"step_seconds": secs, "items_per_step": batch, "tokens": toks, "extra": {}}
 
 
+def _use_fused_adamw() -> None:
+    """prefalign builds torch.optim.AdamW with its defaults: on CPU that is the per-tensor for-loop; this patches
+    both trainers' make_optimizer to the fused kernel."""
+    import torch
+
+    import prefalign.trainers.loop as loop
+    import prefalign.trainers.ppo as ppo
+
+    original = loop.make_optimizer  # the one in prefalign.trainers.optim, as both trainers import it
+
+    def fused(model, cfg, learning_rate, total_steps):
+        optimizer, scheduler = original(model, cfg, learning_rate, total_steps)
+        groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
+        fused_opt = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(cfg.adam_betas), fused=True)
+        sched = type(scheduler)(fused_opt, scheduler.lr_lambdas[0])
+        return fused_opt, sched
+
+    loop.make_optimizer = ppo.make_optimizer = fused
+
+
 def apply_experiments(names: list[str]) -> None:
     """What-if patches for BENCHMARKS.md's "what would move it" (never used in the race)."""
     for name in names:
         if name == "fused_adamw":
-            # prefalign builds torch.optim.AdamW with its defaults: on CPU that is the per-tensor for-loop
-            import torch
-
-            import prefalign.trainers.loop as loop
-            import prefalign.trainers.ppo as ppo
-
-            original = loop.make_optimizer  # the one in prefalign.trainers.optim, as both trainers import it
-
-            def fused(model, cfg, learning_rate, total_steps):
-                optimizer, scheduler = original(model, cfg, learning_rate, total_steps)
-                groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
-                fused_opt = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(cfg.adam_betas), fused=True)
-                sched = type(scheduler)(fused_opt, scheduler.lr_lambdas[0])
-                return fused_opt, sched
-
-            loop.make_optimizer = ppo.make_optimizer = fused
+            _use_fused_adamw()
         else:
             raise SystemExit(f"unknown --exp {name!r}")
 

@@ -21,16 +21,7 @@ from pathlib import Path
 
 # the repo root replaces this script's own folder on the path: bench/*.py must not shadow stdlib modules
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
-from bench.common import (  # noqa: E402
-    HPARAMS,
-    StepClock,
-    emit,
-    load_prefixes,
-    model_path,
-    parse_args,
-    quiet,
-    setup_process,
-)
+from bench.common import HPARAMS, StepClock, emit, load_prefixes, model_path, parse_args, quiet, setup_process  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -38,10 +29,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     setup_process(args.threads)
     import torch
+    import trl.experimental.ppo.ppo_trainer as pt
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
-
-    import trl.experimental.ppo.ppo_trainer as pt
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
     path, rm_dir = model_path(args.data), str(Path(args.data) / "rm-init")

@@ -9,6 +9,7 @@ and leave out what does not (metrics, logs, tokenizer files) and activations (th
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -117,10 +118,8 @@ def bytes_under(path: str | os.PathLike) -> int:
     total = 0
     for root, _, files in os.walk(path):
         for name in files:
-            try:
+            with contextlib.suppress(OSError):  # removed meanwhile
                 total += os.lstat(os.path.join(root, name)).st_size
-            except OSError:  # removed meanwhile
-                pass
     return total
 
 

@@ -40,7 +40,6 @@ import torch
 from prefalign.errors import UserError
 from prefalign.models.value import last_token_rewards, pools_last_token
 
-
 Columns = dict[str, list[Any]]
 """A prompt row's other dataset columns for a batch: name -> one value per completion."""
 
@@ -183,7 +182,7 @@ def _import_target(spec: str):
             raise UserError(
                 f"reward function {spec!r}: module {module_part!r} not found; make it importable "
                 f"(PYTHONPATH) or give a file path, e.g. path/to/{module_part.split('.')[-1]}.py:{attr}"
-            )
+            ) from None
         raise UserError(f"reward function {spec!r}: importing {module_part} failed: ModuleNotFoundError: {e}") from e
     except Exception as e:
         raise UserError(

@@ -5,8 +5,8 @@ one subprocess run at the end checks the real console behaviour.
 """
 
 import pytest
-
 from conftest import learnable_pairs, run_cli, write_jsonl
+
 from prefalign.cli import main
 
 
@@ -101,7 +101,9 @@ def test_invalid_utf8(capsys, tmp_path, model):
 
 
 def test_chat_message_with_unknown_role(capsys, tmp_path, model):
-    msgs = lambda text: [{"role": "user", "content": "hi"}, {"role": "robot", "content": text}]
+    def msgs(text):
+        return [{"role": "user", "content": "hi"}, {"role": "robot", "content": text}]
+
     f = write_jsonl(tmp_path / "chat.jsonl", [{"chosen": msgs("a"), "rejected": msgs("b")}])
     _bad(capsys, tmp_path, _dpo(f, model), "chat.jsonl", "robot")
 

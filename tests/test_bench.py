@@ -10,8 +10,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is a folder of the repo, not installed
 
-from bench import report  # noqa: E402
-from bench.common import StepClock, pair_tokens_per_step, real_response_tokens  # noqa: E402
+from bench import report
+from bench.common import StepClock, pair_tokens_per_step, real_response_tokens
 
 GIB_KIB = 1024 * 1024
 

@@ -3,11 +3,11 @@
 import ast
 import dataclasses
 import inspect
+import itertools
 import json
 import re
 
 import pytest
-
 from conftest import learnable_pairs, run_cli, write_jsonl
 
 
@@ -18,7 +18,7 @@ def field_docs(cls) -> dict[str, str]:
         if not dataclasses.is_dataclass(klass):
             continue
         body = ast.parse(inspect.getsource(klass)).body[0].body
-        for stmt, after in zip(body, body[1:]):
+        for stmt, after in itertools.pairwise(body):
             documented = isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)
             if isinstance(stmt, ast.AnnAssign) and documented:
                 docs[stmt.target.id] = after.value.value

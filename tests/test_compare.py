@@ -1,9 +1,9 @@
 import json
 
 import pytest
-
 from conftest import run_cli
-from prefalign.compare import CompareConfig, PRESETS
+
+from prefalign.compare import PRESETS, CompareConfig
 
 TINY_BUDGET = [
     "--num-prompts",

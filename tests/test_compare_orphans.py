@@ -1,6 +1,7 @@
 """A stage ends with its comparison: ``kill -9`` on ``compare`` leaves nothing running, and ``--resume`` redoes
 only the unfinished stage."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,7 +10,6 @@ import sys
 import time
 
 import psutil
-
 from conftest import run_cli
 
 WATCH = "import time; from prefalign.compare.stages import exit_with_parent; exit_with_parent(-1, 0.05); time.sleep(60)"
@@ -50,10 +50,8 @@ def _gone(pids, timeout):
     """Whether every process in ``pids`` has ended (reaped, or a zombie) within ``timeout`` seconds."""
     procs = []
     for pid in pids:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             procs.append(psutil.Process(pid))
-        except psutil.NoSuchProcess:
-            pass
     deadline = time.time() + timeout
     while time.time() < deadline:
         alive = [p for p in procs if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]

@@ -13,7 +13,6 @@ import subprocess
 import sys
 import termios
 import time
-from pathlib import Path
 
 import pytest
 
@@ -150,7 +149,7 @@ def test_a_failed_stage_prints_its_last_lines_and_its_log(tmp_path, capsys):
     assert not (tmp_path / "logs" / "seed-0_rm.progress.json").exists() and not (tmp_path / "stages.json").exists()
 
 
-# ---------------------------------------------------------------------------------------------- a tiny race on a terminal
+# -------------------------------------------------------------------------------------------- a tiny race on a terminal
 
 PROMPTS, SAMPLES, EVAL_PROMPTS = 16, 4, 2
 BUDGET = [

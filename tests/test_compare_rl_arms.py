@@ -3,10 +3,11 @@ model, the charge for it, and that the arguments parse as a valid `prefalign rl`
 
 from pathlib import Path
 
+from test_compare_arms import auto_precision_is_bf16, plan_of, stage_args  # noqa: F401  (a fixture)
+
 from prefalign.cli._args import parse
 from prefalign.compare.arms import ARMS, DEFAULT_ARMS
 from prefalign.trainers.rl_config import RLConfig
-from test_compare_arms import auto_precision_is_bf16, plan_of, stage_args  # noqa: F401  (a fixture)
 
 
 def test_grpo_and_rloo_train_against_the_ppo_arms_reward_model_on_its_budget():

@@ -69,7 +69,7 @@ def test_max_prompt_length_and_bos_survives_left_truncation():
 
 
 def test_all_too_long_is_an_error(tokenizer):
-    with pytest.raises(UserError, match="all 1 rows were dropped.*too_long.*raise max_length"):
+    with pytest.raises(UserError, match=r"all 1 rows were dropped.*too_long.*raise max_length"):
         tokenize_preferences([PreferenceExample("Hello", " world world world", " there")], tokenizer, max_length=3)
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from conftest import learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
+
 from prefalign.losses.dpo import DPO_LOSSES, HYPERPARAM_NAMES, dpo_loss
 
 D = torch.float64
@@ -63,7 +63,7 @@ def test_each_entry_declares_what_the_trainer_reads():
 @pytest.mark.parametrize("variant", DPO_LOSSES.values(), ids=lambda v: v.name)
 def test_each_function_takes_exactly_its_declared_hyperparameters(variant):
     params = inspect.signature(variant.fn).parameters
-    assert list(params)[0] == "p"
+    assert next(iter(params)) == "p"
     assert {n for n, p in params.items() if p.kind is p.KEYWORD_ONLY} == {h.name for h in variant.hyperparams}
     for h in variant.hyperparams:
         h.check(h.default)  # every default is in its own range
@@ -377,7 +377,7 @@ def test_simpo_and_orpo_train_without_a_reference(tmp_path, tiny_model_dir, loss
     # the trainer feeds per-token means and the table's hyperparameters: its loss is the naive one
     batch = trainer._to_device(trainer.collate(trainer.train_data[:6]))
     with torch.no_grad():
-        loss, stats = trainer.compute_loss(batch)
+        loss, _ = trainer.compute_loss(batch)
     assert loss.item() == pytest.approx(_naive_loss(trainer, batch), rel=1e-5)
     if loss_type == "simpo":  # rewards are beta * the per-token mean, beta the table's 2
         for r in rows:

@@ -80,7 +80,7 @@ def test_load_policy_refuses_an_adapter_whose_base_is_missing(adapter_dir, tmp_p
     cfg_path = moved / "adapter_config.json"
     cfg = json.loads(cfg_path.read_text())
     cfg_path.write_text(json.dumps({**cfg, "base_model_name_or_path": str(tmp_path / "gone")}))
-    with pytest.raises(UserError, match="needs its base model .*gone.*base_model_name_or_path"):
+    with pytest.raises(UserError, match=r"needs its base model .*gone.*base_model_name_or_path"):
         load_policy(str(moved))
     cfg_path.write_text(json.dumps({**cfg, "task_type": "SEQ_CLS"}))
     with pytest.raises(UserError, match="SEQ_CLS adapter"):
@@ -205,7 +205,7 @@ def test_eval_refuses_a_missing_policy_before_writing_anything(tmp_path, tiny_mo
         judge=gold,
         output=str(tmp_path / "out"),
     )
-    with pytest.raises(UserError, match="--policies gone=.*unknown model"):
+    with pytest.raises(UserError, match=r"--policies gone=.*unknown model"):
         evaluate(cfg)
     assert not (tmp_path / "out").exists()
 

@@ -14,7 +14,6 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import (
     assert_same_tensors,
     final_weights,

@@ -104,7 +104,7 @@ def test_completions_do_not_depend_on_the_batch_layout(tiny_model, tokenizer, sa
         assert any(ended)
         for c, e in zip(whole, ended):  # a stopped row ends on its own token, not on the pad HF appends
             text = tokenizer.decode(c, skip_special_tokens=True)
-            assert not e or "e" in text and "e" not in tokenizer.decode(c[:-1], skip_special_tokens=True)
+            assert not e or ("e" in text and "e" not in tokenizer.decode(c[:-1], skip_special_tokens=True))
 
 
 def test_ppo_rollouts_do_not_depend_on_the_batch_layout(tmp_path, tiny_model_dir, tokenizer):

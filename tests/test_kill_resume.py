@@ -19,7 +19,6 @@ import signal
 
 import pytest
 import torch
-
 from conftest import final_weights, learnable_pairs, read_metrics, write_jsonl
 
 # What a launch imports (prefalign's commands import their heavy modules inside main): the fork server imports

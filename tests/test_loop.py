@@ -1,5 +1,6 @@
-"""The run skeleton and the dataset step (prefalign/trainers/run.py, loop.py): schedule, accumulation, clipping, resume, run length,
-evaluation data and outputs, driven through the dpo and sft trainers on a tiny model for a few steps."""
+"""The run skeleton and the dataset step (prefalign/trainers/run.py, loop.py): schedule, accumulation, clipping,
+resume, run length, evaluation data and outputs, driven through the dpo and sft trainers on a tiny model for a few
+steps."""
 
 import json
 import math
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import learnable_pairs, read_metrics, trainer_kwargs, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import learnable_pairs, read_metrics, trainer_kwargs, write_jsonl
 from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 from prefalign.trainers.optim import lr_lambda
 from prefalign.trainers.reward import RewardConfig, RewardTrainer

@@ -5,9 +5,10 @@ import math
 import pytest
 import torch
 
-from prefalign.losses.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
 from prefalign.losses.advantages import (
+    ADVANTAGE_ESTIMATORS,
     GROUP_STD_EPS,
+    AdvantageInputs,
     dr_grpo_advantages,
     grpo_advantages,
     reinforce_pp_advantages,

@@ -67,7 +67,7 @@ def test_aggregation_refusals():
         aggregate_loss(torch.ones(3, 4), MASK, "seq_sum")
     with pytest.raises(ValueError, match="seq_mean_token_sum_norm needs max_len >= 1"):
         aggregate_loss(torch.ones(3, 4), MASK, "seq_mean_token_sum_norm")
-    with pytest.raises(ValueError, match="0 < eps_low < 1 and eps_high > 0, got 0.2, 0.0"):
+    with pytest.raises(ValueError, match=r"0 < eps_low < 1 and eps_high > 0, got 0\.2, 0\.0"):
         clipped_policy_token_loss(torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(3, 4), MASK, 0.2, 0.0)
 
 

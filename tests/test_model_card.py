@@ -11,10 +11,10 @@ import re
 import pytest
 import torch
 import yaml
+from conftest import learnable_pairs, read_metrics, trainer_kwargs, write_jsonl
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.utils import validate_repo_id
 
-from conftest import learnable_pairs, read_metrics, trainer_kwargs, write_jsonl
 from prefalign.cli._args import parse
 from prefalign.losses.advantages import ADVANTAGE_ESTIMATORS
 from prefalign.losses.dpo import DPO_LOSSES, NOTATION

@@ -2,8 +2,7 @@ import pytest
 import torch
 
 from prefalign.errors import UserError
-from prefalign.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, resolve_model, tiny_causal_lm
-from prefalign.models import loading
+from prefalign.models import DEFAULT_MODEL, load_causal_lm, load_tokenizer, loading, resolve_model, tiny_causal_lm
 from prefalign.rollout import SamplingConfig, cut_at_stop, eos_token_ids, generate, truncate_at_eos
 
 
@@ -107,7 +106,7 @@ def test_tokenizer_without_pad_gets_eos(tmp_path, tokenizer):
 
 
 def test_tiny_model_uses_default_vocab_and_has_no_dropout(tokenizer):
-    model, tok = tiny_causal_lm(tokenizer, layers=2, hidden=32)
+    model, _ = tiny_causal_lm(tokenizer, layers=2, hidden=32)
     assert model.config.vocab_size == len(tokenizer)
     assert model.config.attention_dropout == 0.0
     assert sum(p.numel() for p in model.parameters()) < 3_000_000

@@ -4,7 +4,6 @@ import json
 import shutil
 
 import pytest
-
 from conftest import EXAMPLES, launch, learnable_pairs, ppo_flags, read_metrics, write_jsonl
 
 CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import final_weights, learnable_pairs, write_jsonl
+
 from prefalign.cli import main
 from prefalign.errors import UserError
 from prefalign.runio import LOCK_FILE, claimed_output_dir, prepare_output_dir
@@ -44,9 +44,8 @@ def _names_holder(pid: int) -> str:
 def test_a_second_holder_is_refused_even_with_overwrite_and_nothing_is_deleted(holder):
     proc, out = holder
     for overwrite in (False, True):
-        with pytest.raises(UserError, match=_names_holder(proc.pid)):
-            with claimed_output_dir(out, overwrite=overwrite):
-                raise AssertionError("the body must not run")
+        with pytest.raises(UserError, match=_names_holder(proc.pid)), claimed_output_dir(out, overwrite=overwrite):
+            raise AssertionError("the body must not run")
     with pytest.raises(UserError, match=_names_holder(proc.pid)):
         prepare_output_dir(out, overwrite=True)  # a library call (no claim) checks the lock too
     assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE, "metrics.jsonl"]
@@ -75,9 +74,8 @@ def test_a_launch_that_made_the_directory_but_lost_the_lock_deletes_nothing(tmp_
         raise BlockingIOError(11, "Resource temporarily unavailable")
 
     monkeypatch.setattr(fcntl, "flock", taken)
-    with pytest.raises(UserError, match="another prefalign run is writing here"):
-        with claimed_output_dir(out):
-            pass
+    with pytest.raises(UserError, match="another prefalign run is writing here"), claimed_output_dir(out):
+        pass
     assert out.is_dir()
 
 

@@ -6,16 +6,16 @@ import shutil
 from collections import namedtuple
 
 import pytest
-
 from conftest import trainer_kwargs
+
 from prefalign import preflight
 from prefalign.errors import UserError
 from prefalign.preflight import (
     CHECKPOINT_BYTES,
     WEIGHT_BYTES,
     TrainedModel,
-    checkpoints_on_disk,
     check_disk,
+    checkpoints_on_disk,
     race_bytes,
     run_disk_bytes,
     training_memory_bytes,

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import learnable_pairs, nan_at_trainer, read_metrics, trainer_kwargs, write_jsonl
 from safetensors.torch import load_file
 
-from conftest import learnable_pairs, nan_at_trainer, read_metrics, trainer_kwargs, write_jsonl
 from prefalign.errors import UserError
 from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 
@@ -110,9 +110,10 @@ def test_sigkill_at_a_random_step_then_resume_equals_uninterrupted(tmp_path, tin
     _assert_same_weights(tmp_path / "full" / final, killed / final)
     if command == "ppo":
         _assert_same_weights(tmp_path / "full" / "value", killed / "value")
-    strip = lambda rows: [
-        {k: v for k, v in r.items() if not k.startswith(("wall", "time/", "tokens_per"))} for r in rows
-    ]
+
+    def strip(rows):
+        return [{k: v for k, v in r.items() if not k.startswith(("wall", "time/", "tokens_per"))} for r in rows]
+
     assert strip(read_metrics(tmp_path / "full")) == strip(read_metrics(killed))
 
 

@@ -88,5 +88,5 @@ def test_wheel_contains_the_resources(tmp_path):
 def test_bad_names_are_user_errors():
     with pytest.raises(UserError, match="train, heldout"):
         movie_prefixes("test")
-    with pytest.raises(UserError, match="movie_prefixes_train.txt"):
+    with pytest.raises(UserError, match=r"movie_prefixes_train\.txt"):
         resource_path("nope.txt")

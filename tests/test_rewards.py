@@ -2,8 +2,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import tiny_reward_model
+
 from prefalign.errors import UserError
 from prefalign.rewards import (
     JUDGES,
@@ -179,7 +179,7 @@ def test_check_scores_accepts_sequences_and_arrays():
     for values in ([1, 2.5], (1, 2.5), torch.tensor([1.0, 2.5]), np.array([1.0, 2.5])):
         out = check_scores(values, 2, "test")
         assert out.dtype == torch.float32 and out.tolist() == [1.0, 2.5]
-    with pytest.raises(UserError, match="^test returned str"):
+    with pytest.raises(UserError, match=r"^test returned str"):
         check_scores("12", 2, "test")
 
 

@@ -7,7 +7,6 @@ loss is normalised by the minibatch's totals over every process (tokens, rows), 
 is the 1-process aggregate, whatever lengths the responses have (--stop k ends some early)."""
 
 import pytest
-
 from conftest import EXAMPLES, assert_same_tensors, final_weights, launch, ppo_flags, read_metrics
 
 CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"

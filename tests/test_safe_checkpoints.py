@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 import torch
-
 from conftest import run_cli, trainer_kwargs
+
 from prefalign.trainers.checkpoint import CheckpointManager, UnsafeCheckpoint, rng_state, set_rng_state
 from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 

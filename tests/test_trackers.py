@@ -12,8 +12,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from conftest import learnable_pairs, read_metrics, trainer_kwargs, write_jsonl
+
 from prefalign.cli._args import parse
 from prefalign.compare import CompareConfig
 from prefalign.compare.plan import plan_stages

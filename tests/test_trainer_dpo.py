@@ -5,12 +5,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_resume_is_exact, learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import assert_resume_is_exact, learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
 from prefalign.errors import UserError
 from prefalign.trainers.dpo import DPOConfig, DPOTrainer
-
 
 _metrics = read_metrics
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -3,8 +3,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import run_cli, tiny_reward_model
+
 from prefalign.trainers.ppo import KLController, PPOConfig, PPOTrainer
 
 

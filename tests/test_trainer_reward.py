@@ -3,14 +3,13 @@ import math
 
 import pytest
 import torch
+from conftest import assert_resume_is_exact, learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
 from transformers import AutoModelForSequenceClassification
 
-from conftest import assert_resume_is_exact, learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
 from prefalign.data import TokenizedPair, load_preferences, tokenize_preferences
 from prefalign.losses.reward import bradley_terry_loss
 from prefalign.rewards import last_token_rewards, load_reward_source
 from prefalign.trainers.reward import RewardConfig, RewardTrainer, load_reward_backbone, without_final_token
-
 
 _metrics = read_metrics
 

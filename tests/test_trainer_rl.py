@@ -6,11 +6,11 @@ import shutil
 
 import pytest
 import torch
-
 from conftest import TOY_REWARD, read_metrics, run_cli
-from prefalign.trainers.rl import RLConfig, RLTrainer
 from test_loop import _documented
 from test_trainer_ppo import LowIdReward, peaked_model_dir  # noqa: F401  (a fixture)
+
+from prefalign.trainers.rl import RLConfig, RLTrainer
 
 
 @pytest.fixture()

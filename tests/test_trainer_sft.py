@@ -3,9 +3,9 @@ import math
 
 import pytest
 import torch
+from conftest import learnable_pairs, run_cli, write_jsonl
 from transformers import AutoModelForCausalLM
 
-from conftest import learnable_pairs, run_cli, write_jsonl
 from prefalign.trainers.sft import SFTConfig, SFTTrainer
 
 

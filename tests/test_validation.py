@@ -27,7 +27,7 @@ def test_require_at_least_one_skips_unset_values():
         steps, episodes = None, 0
 
     require_at_least_one(Cfg, "steps")
-    with pytest.raises(ValueError, match="^--episodes must be >= 1, got 0$"):
+    with pytest.raises(ValueError, match=r"^--episodes must be >= 1, got 0$"):
         require_at_least_one(Cfg, "steps", "episodes")
 
 

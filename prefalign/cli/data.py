@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-
-from prefalign.validation import Validated
 from typing import Annotated, Literal
 
 import tyro
+
+from prefalign.validation import Validated
 
 USAGE = """usage: prefalign data <command> [flags]   (prefalign data <command> --help for its flags)
 

@@ -2,7 +2,7 @@
 
 Examples::
 
-    prefalign ppo --prompts prompts.txt --reward runs/rm/final --output runs/ppo     # reward model from `prefalign reward`
+    prefalign ppo --prompts prompts.txt --reward runs/rm/final --output runs/ppo  # reward model from `prefalign reward`
     prefalign ppo --prompts ../shared/data/rt-polarity/rt-polarity.neg --reward vader \\
         --max-new-tokens 24 --rollout-batch-size 8 --max-steps 20 --output runs/ppo-vader
     prefalign ppo --prompts prompts.jsonl --reward mymodule:score --lora-r 16 --learning-rate 1e-4 --output runs/ppo

@@ -19,9 +19,10 @@ need it. A sweep retrains the arm at other values of one parameter (``seed-S/dpo
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from prefalign.compare.argv import pair_training_args, ppo_args, run_args, sampling_args
 from prefalign.methods import PPO_OBJECTIVE as _PPO_LOSS

@@ -206,7 +206,7 @@ class CompareConfig(Validated):
         """The tracker names of --report-to (derived, never written back)."""
         return parse_report_to(self.report_to)
 
-    def resolved(self) -> "CompareConfig":
+    def resolved(self) -> CompareConfig:
         """A copy with every unset budget filled from the preset (the user's values win)."""
         import dataclasses
 

@@ -23,6 +23,7 @@ only whitespace counts as empty.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from dataclasses import dataclass, field
@@ -200,10 +201,8 @@ class _Getter:
             )
         value = self.row["margin"]
         if isinstance(value, str):  # CSV cells are strings
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise UserError(
                 f"{self.source}: {self.where}: 'margin' must be a finite number, got {value!r}; "

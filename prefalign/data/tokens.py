@@ -21,8 +21,8 @@ Truncation (completions are never cut)
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from prefalign.data.io import progress
 from prefalign.data.preferences import PreferenceExample

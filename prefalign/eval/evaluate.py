@@ -239,10 +239,8 @@ def _sample_reference(cfg: EvalConfig, tokenizer, prompt_ids, runs: list[_Policy
 
 def _policy_metrics(run: _PolicyRun, ref: _PolicyRun) -> dict:
     """One policy's row of eval.json (the reference's KL is 0 by definition)."""
-    if run.logps is None:
-        kl = torch.zeros(len(run.samples))
-    else:
-        kl = run.logps - run.ref_logps  # (N,) sequence-level k1 estimate per sample
+    # (N,) sequence-level k1 estimate per sample
+    kl = torch.zeros(len(run.samples)) if run.logps is None else run.logps - run.ref_logps
     rate, counts = win_rate(run.gold, ref.gold)
     lengths = torch.tensor([len(s.response_ids) for s in run.samples], dtype=torch.float64)
     has_proxy = run.proxy is not None

@@ -21,8 +21,8 @@ is what replaces the critic. Outcome estimators broadcast one number per row to 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

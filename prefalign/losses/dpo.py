@@ -20,8 +20,8 @@ field, with a docstring, in `prefalign.trainers.dpo.DPOConfig`).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F

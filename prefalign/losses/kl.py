@@ -15,7 +15,7 @@ averaging are the caller's job (see `prefalign.losses.stats.masked_mean`).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor

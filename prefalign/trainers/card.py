@@ -228,7 +228,7 @@ def _reproduce(facts: CardFacts, config: dict[str, Any], run: dict[str, Any]) ->
     return [
         "## Reproduce",
         "",
-        f"Save the config below as `config.yaml` and run (paths in it are as given to the "
+        "Save the config below as `config.yaml` and run (paths in it are as given to the "
         "run, relative to the directory it started in):",
         "",
         "```bash",

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 from prefalign.trackers import DEFAULT_REPORT_TO, parse_report_to
 from prefalign.validation import Validated, require_at_least_one
-from dataclasses import dataclass, field
 
 
 @dataclass

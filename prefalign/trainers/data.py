@@ -7,8 +7,9 @@ anything computed per example once (precomputed reference log-probs).
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 

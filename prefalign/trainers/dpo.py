@@ -15,16 +15,16 @@ from typing import Annotated
 import torch
 import tyro
 
+from prefalign.data import PreferenceCollator
 from prefalign.errors import UserError
 from prefalign.losses import dpo_loss
 from prefalign.losses.dpo import DPO_LOSSES, HYPERPARAM_NAMES, NOTATION, DPOVariant, owners, resolve_hyperparams
 from prefalign.methods import METHODS, Method
 from prefalign.models.logprobs import completion_logprobs, sequence_logprobs
 from prefalign.trainers.config import TrainConfig
-from prefalign.data import PreferenceCollator
 from prefalign.trainers.data import IndexedCollator, load_preference_splits
-from prefalign.trainers.lora import adapter_off
 from prefalign.trainers.loop import Trainer
+from prefalign.trainers.lora import adapter_off
 from prefalign.validation import flag
 
 log = logging.getLogger(__name__)

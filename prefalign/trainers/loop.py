@@ -16,7 +16,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -69,7 +69,7 @@ class Trainer(Run):
     """
 
     lora_task_type = "CAUSAL_LM"
-    lora_modules_to_save: list[str] | None = None
+    lora_modules_to_save: ClassVar[list[str] | None] = None
     key_metric = "loss"
 
     def __init__(self, cfg: TrainConfig):

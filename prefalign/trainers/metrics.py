@@ -90,7 +90,7 @@ class RunningMean:
             self.sums[k] += float(v) * weight
             self.counts[k] += weight
 
-    def merge(self, other: "RunningMean") -> None:
+    def merge(self, other: RunningMean) -> None:
         """Add ``other``'s sums and weights to this one."""
         for k in other.sums:
             self.sums[k] += other.sums[k]

@@ -20,14 +20,14 @@ from pathlib import Path
 import torch
 
 from prefalign.errors import UserError
-from prefalign.methods import METHODS
 from prefalign.losses import apply_missing_eos_penalty, gae, kl_shaped_rewards, masked_whiten
+from prefalign.methods import METHODS
+from prefalign.models.frozen import load_reference
 from prefalign.models.logprobs import completion_logprobs
 from prefalign.models.value import token_values
 from prefalign.rollout import cut_at_stop, eos_token_ids, generate, refresh_sampling_copy, sampling_copy
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
-from prefalign.models.frozen import load_reference
 from prefalign.trainers.backend import autocast_dtype
 from prefalign.trainers.dist import masked_mean_var
 from prefalign.trainers.final import save_final_model

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -127,7 +128,7 @@ def without_final_token(attention_mask: torch.Tensor) -> torch.Tensor:
 class RewardTrainer(Trainer):
     command = "reward"
     lora_task_type = "SEQ_CLS"
-    lora_modules_to_save = ["score"]  # the new head must train, not just the adapters
+    lora_modules_to_save: ClassVar[list[str] | None] = ["score"]  # the new head must train, not just the adapters
     key_metric = "accuracy"
 
     def __init__(self, cfg: RewardConfig):

@@ -25,6 +25,7 @@ and optionally ``check_backend``, ``run_info``, ``progress``, ``has_eval`` / ``e
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ class Run:
                 bar.set_postfix(self.progress())
                 bar.update(1, metrics=last_logged)  # compare shows the metric its arm table names
                 if done < total:
-                    stop.check(done, total, lambda: self.save_checkpoint(done), hint)
+                    stop.check(done, total, functools.partial(self.save_checkpoint, done), hint)
         return last_logged
 
     def evaluate_now(self, done: int, first: bool = False) -> bool:
