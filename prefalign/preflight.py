@@ -113,7 +113,7 @@ def free_disk_bytes(path: str | os.PathLike) -> int:
     return shutil.disk_usage(where).free
 
 
-def bytes_under(path: str | os.PathLike) -> int:
+def bytes_under(path: str | os.PathLike[str]) -> int:
     """Bytes of the files under ``path`` already (0 if absent): a resumed or overwritten run reuses their space."""
     total = 0
     for root, _, files in os.walk(path):
@@ -181,7 +181,7 @@ def held_models(run, device_type: str) -> tuple[list[TrainedModel], int, int]:
     counted once. The dataset trainers apply LoRA in `build`, so their adapter is estimated (`lora_parameters`)."""
     import torch
 
-    cfg, seen = run.cfg, set()
+    cfg, seen = run.cfg, set[int]()
     trained, frozen, loaded = [], 0, 0
     held = [*vars(run).values(), *(getattr(v, "model", None) for v in vars(run).values())]
     for module in (m for m in held if isinstance(m, torch.nn.Module)):

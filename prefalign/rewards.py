@@ -166,6 +166,8 @@ def _import_target(spec: str):
             # A private module name, so a user file called e.g. json.py cannot shadow a real module.
             mod_name = f"_prefalign_reward_{path.stem}"
             mod_spec = importlib.util.spec_from_file_location(mod_name, path)
+            if mod_spec is None or mod_spec.loader is None:  # no loader for its suffix
+                raise UserError(f"reward function {spec!r}: {module_part} is not a Python file; name a .py file")
             module = importlib.util.module_from_spec(mod_spec)
             sys.modules[mod_name] = module  # dataclasses / pickling inside the file look it up here
             try:

@@ -238,7 +238,19 @@ class WandbTracker(_WandbStyleTracker):
         _restore_env(self.undo_env)
 
 
-TRACKERS: dict[str, type] = {"tensorboard": TensorBoardTracker, "trackio": TrackioTracker, "wandb": WandbTracker}
+class TrackerClass(Protocol):
+    """A tracker class of `TRACKERS`: ``load_package`` imports its package (or stops), a call opens a `Tracker`."""
+
+    def load_package(self, out_dir: Path) -> object: ...
+
+    def __call__(self, run: TrackedRun) -> Tracker: ...
+
+
+TRACKERS: dict[str, TrackerClass] = {
+    "tensorboard": TensorBoardTracker,
+    "trackio": TrackioTracker,
+    "wandb": WandbTracker,
+}
 
 
 def load_tracker_packages(names: tuple[str, ...], out_dir: str | os.PathLike) -> None:

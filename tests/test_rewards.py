@@ -131,6 +131,13 @@ def test_callable_file_not_found(tmp_path):
         load_reward_source(f"{tmp_path}/missing.py:fn")
 
 
+def test_callable_file_without_py_suffix_is_one_line(tmp_path):
+    """A path Python has no loader for (no .py): a one-line error naming it, not a NoneType traceback."""
+    (tmp_path / "rewards_file").write_text("def fn(prompts, completions):\n    return [1.0] * len(prompts)\n")
+    with pytest.raises(UserError, match=r"rewards_file is not a Python file; name a \.py file"):
+        load_reward_source(f"{tmp_path}/rewards_file:fn")
+
+
 def test_callable_module_whose_own_import_fails(tmp_path, monkeypatch):
     (tmp_path / "broken_rewards.py").write_text("import no_such_dependency_xyz\n")
     monkeypatch.syspath_prepend(str(tmp_path))

@@ -12,14 +12,23 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, ClassVar, Protocol, TypeVar, cast
 
 import yaml
 
 from prefalign.errors import UserError
 from prefalign.validation import deferred_validation
 
-T = TypeVar("T")
+
+class _Config(Protocol):
+    """What `parse` builds: a config dataclass with ``validate()`` (every config is a `Validated` dataclass)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]
+
+    def validate(self) -> None: ...
+
+
+T = TypeVar("T", bound=_Config)
 
 
 def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
@@ -78,7 +87,8 @@ def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str 
     # Validation is deferred while tyro builds the config (tyro would print a ValueError as a box) and
     # run here, so a bad value is one line and exit 2 like every other user error.
     with deferred_validation():
-        cfg = tyro.cli(cls, args=rest, default=default, prog=prog, description=desc)
+        # tyro types default as the config itself; None (no --config) means no default, and the result is a cls
+        cfg = cast(T, tyro.cli(cls, args=rest, default=default, prog=prog, description=desc))
     try:
         cfg.validate()
     except (TypeError, ValueError) as e:
@@ -87,7 +97,7 @@ def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str 
 
 
 def train_command(
-    config_cls: type,
+    config_cls: type[Any],
     trainer_cls: type,
     argv: Sequence[str] | None,
     prog: str,

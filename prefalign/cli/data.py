@@ -56,7 +56,7 @@ def percentiles(values: list[int]) -> list[int | None]:
         return [None] * 4
     s = sorted(values)
     rank = [max(0, -(-p * len(s) // 100) - 1) for p in (50, 90, 99)]  # ceil(p/100 * n) - 1
-    return [s[i] for i in rank] + [s[-1]]
+    return [*(s[i] for i in rank), s[-1]]
 
 
 def _length_table(columns: dict[str, list[int]]) -> list[str]:
@@ -76,6 +76,7 @@ def inspect(cfg: InspectConfig) -> list[str]:
     from prefalign.models import load_tokenizer
 
     table = read_table(cfg.path, split=cfg.split, text_column=cfg.column)
+    fmt: str
     if cfg.format != "auto":
         fmt, how = cfg.format, "forced"
     elif table.kind == "text":

@@ -80,7 +80,7 @@ def run(cfg: GenerateConfig) -> list[dict]:
         }
         for s in samples
     ]
-    new_tokens = sum(r["num_tokens"] for r in rows)
+    new_tokens = sum(len(s.response_ids) for s in samples)
     write_jsonl(out_dir / "generations.jsonl", rows)
     write_json(
         out_dir / "metrics.json",
@@ -89,7 +89,7 @@ def run(cfg: GenerateConfig) -> list[dict]:
             "new_tokens": new_tokens,
             "seconds": round(seconds, 3),
             "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 2),
-            "eos_rate": sum(r["ended"] for r in rows) / max(len(rows), 1),
+            "eos_rate": sum(s.ended for s in samples) / max(len(rows), 1),
         },
     )
     return rows

@@ -12,17 +12,17 @@ from typing import TYPE_CHECKING
 from prefalign.trackers import DEFAULT_REPORT_TO
 
 if TYPE_CHECKING:
-    from prefalign.compare.config import CompareConfig
+    from prefalign.compare.config import ResolvedConfig
 
 
-def run_args(cfg: CompareConfig, seed: int) -> list:
+def run_args(cfg: ResolvedConfig, seed: int) -> list:
     """Model, seed, precision and trackers of a training stage (--report-to only when not the default, which the
     trainers share: the default race's command lines stay as they were)."""
     trackers = [] if cfg.report_to == DEFAULT_REPORT_TO else ["--report-to", cfg.report_to]
     return ["--model", cfg.model, "--seed", seed, "--precision", cfg.precision, *trackers]
 
 
-def sampling_args(cfg: CompareConfig) -> list:
+def sampling_args(cfg: ResolvedConfig) -> list:
     """How completions are drawn: the same everywhere (pairs, PPO rollouts, evaluation)."""
     return [
         "--max-new-tokens",
@@ -40,12 +40,12 @@ def sampler_dtype(precision: str) -> str:
     return "bfloat16" if resolve_precision(precision) == "bf16" else "float32"
 
 
-def sampler_args(cfg: CompareConfig) -> list:
+def sampler_args(cfg: ResolvedConfig) -> list:
     """prefs / eval: sampling batch and weights dtype."""
     return ["--batch-size", cfg.sample_batch_size, "--dtype", sampler_dtype(cfg.precision)]
 
 
-def pair_training_args(cfg: CompareConfig, seed: int, pairs: Path, learning_rate: float, steps: int) -> list:
+def pair_training_args(cfg: ResolvedConfig, seed: int, pairs: Path, learning_rate: float, steps: int) -> list:
     """A run trained on the shared pairs (reward model, DPO and its relatives), same held-out split for all."""
     return [
         *run_args(cfg, seed),
@@ -66,7 +66,7 @@ def pair_training_args(cfg: CompareConfig, seed: int, pairs: Path, learning_rate
     ]
 
 
-def ppo_args(cfg: CompareConfig, seed: int, prompts: Path, reward: str, kl_coef: float) -> list:
+def ppo_args(cfg: ResolvedConfig, seed: int, prompts: Path, reward: str, kl_coef: float) -> list:
     """A PPO run on the training prompts against ``reward`` (a reward-model directory or the gold judge)."""
     return [
         *run_args(cfg, seed),

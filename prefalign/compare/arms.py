@@ -28,7 +28,7 @@ from prefalign.compare.argv import pair_training_args, ppo_args, run_args, sampl
 from prefalign.methods import PPO_OBJECTIVE as _PPO_LOSS
 
 if TYPE_CHECKING:
-    from prefalign.compare.config import CompareConfig
+    from prefalign.compare.config import CompareConfig, ResolvedConfig
 
 START = "start"
 """The starting policy's name in the evaluation and the summary: not an arm, the reference of them all."""
@@ -39,7 +39,7 @@ START_LABEL = "Starting policy"
 class StageInputs:
     """What a stage's command line is built from."""
 
-    cfg: CompareConfig
+    cfg: ResolvedConfig
     """The resolved config: every budget is set."""
     seed: int
     seed_dir: Path
@@ -60,7 +60,7 @@ class Stage:
     command: str
     args: Callable[[StageInputs], list]
     """The command line after ``prefalign COMMAND`` (the runner adds ``--output`` and ``--overwrite``)."""
-    steps: Callable[[CompareConfig], int]
+    steps: Callable[[ResolvedConfig], int]
     """Gradient steps it takes (charged to the arm)."""
     charged_as: str
     """Which part of the arm's wall time it is: "policy" or "reward_model"."""
@@ -78,7 +78,7 @@ class Family:
     name: str
     """"ppo" or "dpo": the kind of method, PPO-RLHF-like or DPO-like."""
     command: str
-    steps: Callable[[CompareConfig], int]
+    steps: Callable[[ResolvedConfig], int]
     online: bool
     """Samples its own completions while training (the rollouts count as tokens generated) instead of
     reading the shared pairs."""
@@ -96,9 +96,9 @@ class Sweep:
     """Its name in summary.json's sweep points ("beta", "kl_coef")."""
     tag: str
     """Its name in the stage name (``dpo@beta=0.05``)."""
-    values: Callable[[CompareConfig], list[float]]
+    values: Callable[[ResolvedConfig], list[float]]
     """The values to retrain at (besides the arm's own)."""
-    base: Callable[[CompareConfig], float]
+    base: Callable[[ResolvedConfig], float]
     """The arm's own value: the run without a sweep, and a point of the frontier."""
 
     def stage_name(self, arm: str, value: float) -> str:
@@ -179,6 +179,7 @@ REWARD_MODEL = Stage(
 
 def _ppo_on_reward_model(inputs: StageInputs) -> list:
     reward = str(final_model(inputs.seed_dir, REWARD_MODEL.name))
+    assert inputs.setting is not None, "the ppo arm sweeps kl_coef: Arm.args sets it"
     return ppo_args(inputs.cfg, inputs.seed, inputs.train_prompts, reward, kl_coef=inputs.setting)
 
 
@@ -332,7 +333,7 @@ def selected_arms(cfg: CompareConfig) -> list[Arm]:
     return [arm for arm in ARMS.values() if arm.name in cfg.arms]
 
 
-def sweep_runs(cfg: CompareConfig) -> list[tuple[str, Arm, float]]:
+def sweep_runs(cfg: ResolvedConfig) -> list[tuple[str, Arm, float]]:
     """``(stage name, arm, value)`` of every sweep run of ``--sweep``, in stage-name order (the order the
     evaluation lists them; the first version read them back from the sorted run directories)."""
     runs: dict[str, tuple[Arm, float]] = {}

@@ -7,7 +7,7 @@ values are written to ``config.yaml`` in the output directory.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, cast
 
 import tyro
 
@@ -206,9 +206,36 @@ class CompareConfig(Validated):
         """The tracker names of --report-to (derived, never written back)."""
         return parse_report_to(self.report_to)
 
-    def resolved(self) -> CompareConfig:
+    def resolved(self) -> ResolvedConfig:
         """A copy with every unset budget filled from the preset (the user's values win)."""
         import dataclasses
 
         preset = PRESETS[self.preset]
-        return dataclasses.replace(self, **{key: value for key, value in preset.items() if getattr(self, key) is None})
+        filled = {key: value for key, value in preset.items() if getattr(self, key) is None}
+        return cast("ResolvedConfig", dataclasses.replace(self, **filled))
+
+
+if TYPE_CHECKING:
+
+    class ResolvedConfig(CompareConfig):
+        """For the type checker: a `CompareConfig.resolved` config, whose budgets (PRESETS' keys) are all set. The
+        stages, their arguments and the summary read this."""
+
+        num_prompts: int
+        samples_per_prompt: int
+        max_new_tokens: int
+        eval_prompts: int
+        eval_samples: int
+        batch_size: int
+        rm_steps: int
+        rm_lr: float
+        ppo_steps: int
+        ppo_rollout_batch: int
+        ppo_epochs: int
+        ppo_lr: float
+        ppo_value_lr: float
+        ppo_kl_coef: float
+        dpo_steps: int
+        dpo_lr: float
+        dpo_beta: float
+        dpo_rf_beta: float

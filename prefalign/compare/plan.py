@@ -10,10 +10,13 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefalign.compare.argv import sampler_args, sampling_args
 from prefalign.compare.arms import START, StageInputs, final_model, selected_arms, sweep_runs
-from prefalign.compare.config import CompareConfig
+
+if TYPE_CHECKING:
+    from prefalign.compare.config import ResolvedConfig
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,7 @@ def seed_dir(out: Path, seed: int) -> Path:
     return out / f"seed-{seed}"
 
 
-def plan_stages(cfg: CompareConfig, out: Path, train_prompts: Path, heldout_prompts: Path) -> list[PlannedStage]:
+def plan_stages(cfg: ResolvedConfig, out: Path, train_prompts: Path, heldout_prompts: Path) -> list[PlannedStage]:
     """Every stage of the race for the resolved ``cfg``: pairs, then per seed the arms' stages (shared ones
     once), the sweep (first seed only) and the evaluation."""
     plan = [PlannedStage("pairs", "prefs", _pairs_args(cfg, train_prompts))]
@@ -67,18 +70,18 @@ def plan_stages(cfg: CompareConfig, out: Path, train_prompts: Path, heldout_prom
     return plan
 
 
-def evaluated_policies(cfg: CompareConfig, with_sweep: bool) -> list[str]:
+def evaluated_policies(cfg: ResolvedConfig, with_sweep: bool) -> list[str]:
     """The trained policies a seed's evaluation scores: the arms in ``--arms`` order, then the sweep runs."""
     return [*cfg.arms, *(name for name, _, _ in sweep_runs(cfg) if with_sweep)]
 
 
-def reward_model_stage(cfg: CompareConfig) -> str | None:
+def reward_model_stage(cfg: ResolvedConfig) -> str | None:
     """The shared reward-model stage some arm trains (the evaluation's proxy reward), or None."""
     shared = (stage for arm in selected_arms(cfg) for stage in arm.needs if stage.charged_as == "reward_model")
     return next((stage.name for stage in shared), None)
 
 
-def _pairs_args(cfg: CompareConfig, train_prompts: Path) -> list:
+def _pairs_args(cfg: ResolvedConfig, train_prompts: Path) -> list:
     return [
         "--model",
         cfg.model,
@@ -99,7 +102,7 @@ def _pairs_args(cfg: CompareConfig, train_prompts: Path) -> list:
     ]
 
 
-def _eval_args(cfg: CompareConfig, inputs: StageInputs, heldout_prompts: Path, with_sweep: bool) -> list:
+def _eval_args(cfg: ResolvedConfig, inputs: StageInputs, heldout_prompts: Path, with_sweep: bool) -> list:
     policies = [f"{START}={cfg.model}"]
     policies += [f"{name}={final_model(inputs.seed_dir, name)}" for name in evaluated_policies(cfg, with_sweep)]
     args = [

@@ -7,13 +7,16 @@ import datetime
 import json
 import statistics
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefalign.compare.arms import ARMS, START, START_LABEL, Arm, selected_arms, sweep_runs
-from prefalign.compare.config import CompareConfig
 from prefalign.compare.plan import seed_dir
 from prefalign.compare.stages import StageResult
 from prefalign.runio import to_plain
 from prefalign.trackers import TrackedRun, open_trackers
+
+if TYPE_CHECKING:
+    from prefalign.compare.config import ResolvedConfig
 
 EVAL_KEYS = ("gold_mean", "gold_std", "proxy_mean", "kl_mean", "kl_std", "win_rate", "length_mean", "eos_rate", "n")
 
@@ -22,7 +25,7 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def summarize(cfg: CompareConfig, out: Path, results: dict[str, StageResult]) -> dict:
+def summarize(cfg: ResolvedConfig, out: Path, results: dict[str, StageResult]) -> dict:
     """The summary of a finished comparison of the resolved ``cfg`` in ``out``; ``results``: every stage's
     measured run, by stage name."""
     seeds = [cfg.seed + index for index in range(cfg.seeds)]
@@ -52,7 +55,7 @@ def summarize(cfg: CompareConfig, out: Path, results: dict[str, StageResult]) ->
     }
 
 
-def log_summary(cfg: CompareConfig, out: Path, summary: dict) -> None:
+def log_summary(cfg: ResolvedConfig, out: Path, summary: dict) -> None:
     """The race's own entry in the --report-to trackers (in ``out``, beside the stages' runs): a ``results`` table,
     one row per arm: its held-out gold score, KL to the reference, win rate and total wall seconds."""
     rows = [
@@ -73,18 +76,17 @@ def _eval_of(evaluation: dict, name: str) -> dict:
     return {key: scores.get(key) for key in EVAL_KEYS}
 
 
-def _sweep_points(cfg: CompareConfig, evaluation: dict) -> list[dict]:
+def _sweep_points(cfg: ResolvedConfig, evaluation: dict) -> list[dict]:
     """The frontier of every swept arm: its sweep runs, then (arms in name order) its own setting."""
-    points = []
-    for name, arm, value in sweep_runs(cfg):
-        points.append(_sweep_point(arm, float(value), _eval_of(evaluation, name)))
-    swept = sorted((arm for arm in selected_arms(cfg) if arm.sweep is not None), key=lambda arm: arm.name)
-    for arm in swept:
-        points.append(_sweep_point(arm, arm.sweep.base(cfg), _eval_of(evaluation, arm.name)))
+    points = [_sweep_point(arm, float(value), _eval_of(evaluation, name)) for name, arm, value in sweep_runs(cfg)]
+    for arm in sorted(selected_arms(cfg), key=lambda arm: arm.name):
+        if arm.sweep is not None:
+            points.append(_sweep_point(arm, arm.sweep.base(cfg), _eval_of(evaluation, arm.name)))
     return points
 
 
 def _sweep_point(arm: Arm, value: float, scores: dict) -> dict:
+    assert arm.sweep is not None, f"{arm.name} has no sweep"  # only swept arms have frontier points
     return {
         "arm": arm.name,
         "param": arm.sweep.param,
@@ -98,7 +100,7 @@ class _Costs:
     """What an arm cost: its stages' wall time and peak memory, plus the shared pair making when it trains
     on the pairs; tokens generated, gradient steps, pairs used, reward-model accuracy."""
 
-    def __init__(self, cfg: CompareConfig, out: Path, results: dict[str, StageResult]):
+    def __init__(self, cfg: ResolvedConfig, out: Path, results: dict[str, StageResult]):
         self.cfg = cfg
         self.out = out
         self.results = results
@@ -170,7 +172,7 @@ def _curve(out: Path, arm: Arm, seed: int) -> tuple[str, list[dict]]:
     ]
 
 
-def _samples(cfg: CompareConfig, out: Path, seed: int, count: int = 6) -> list[dict]:
+def _samples(cfg: ResolvedConfig, out: Path, seed: int, count: int = 6) -> list[dict]:
     """The first ``count`` held-out prompts with every shown policy's first completion and its gold score."""
     shown = {START, *cfg.arms}
     rows = read_jsonl(seed_dir(out, seed) / "eval" / "completions.jsonl")
@@ -188,7 +190,7 @@ def mean_over_seeds(items: list[dict]) -> dict:
     """Mean of numeric leaves across seeds (nested dicts kept); one seed: itself."""
     if len(items) == 1:
         return items[0]
-    mean = {}
+    mean: dict = {}
     for key, value in items[0].items():
         if isinstance(value, dict):
             mean[key] = mean_over_seeds([item[key] for item in items])

@@ -146,6 +146,7 @@ def parse_preferences(
     out: list[PreferenceExample] = []
     for where, row in progress(table.rows, "parse"):
         get = _Getter(table.source, where, row, fmt)
+        parsed: _Parsed | None
         if fmt == "explicit":
             parsed = _explicit(get, report)
         elif fmt == "implicit":

@@ -139,6 +139,7 @@ def parse_prompt_rows(
         if column not in row:
             raise UserError(f"{table.source}: {where}: missing column {column!r}; every row needs a prompt")
         value = row[column]
+        messages: list[dict] | None
         if isinstance(value, list):
             messages = chatlib.check_messages(value, column, where, table.source)
             chatlib.require_template(tokenizer, table.source)

@@ -106,9 +106,10 @@ def fit_prompt(
     return left_truncate(ids, room, bos)
 
 
-def _limits(max_length: int | None, max_prompt_length: int | None) -> tuple[int | None, int | None]:
+def _limits(max_length: int | None, max_prompt_length: int | None) -> tuple[int, int] | None:
+    """``(max_length, max_prompt_length)`` checked, the prompt's default half; None: no limit."""
     if max_length is None:
-        return None, None
+        return None
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (one prompt and one completion token), got {max_length}")
     max_prompt_length = max_length // 2 if max_prompt_length is None else max_prompt_length
@@ -127,15 +128,16 @@ def _fit_rows(
     report: DropReport,
 ) -> list:
     """Apply `fit_prompt` to every row; the one loop behind preference, SFT and pair re-fitting."""
-    max_length, max_prompt_length = _limits(max_length, max_prompt_length)
+    limits = _limits(max_length, max_prompt_length)
     kept = []
     for row in rows:
         if not row.prompt_ids:
             report.drop("empty_prompt", row.where, "prompt has no tokens; a completion needs a token before it")
             continue
-        if max_length is None:
+        if limits is None:
             kept.append(row)
             continue
+        max_length, max_prompt_length = limits
         longest = max(len(c) for c in completions_of(row))
         prompt = fit_prompt(row.prompt_ids, longest, max_length, max_prompt_length, bos)
         if prompt is None:

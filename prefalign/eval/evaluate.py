@@ -237,20 +237,27 @@ def _sample_reference(cfg: EvalConfig, tokenizer, prompt_ids, runs: list[_Policy
     return _PolicyRun(REFERENCE, cfg.reference, samples)
 
 
+def _kl(run: _PolicyRun) -> torch.Tensor:
+    """(N,) sequence-level k1 estimate per sample; the reference's is 0 by definition."""
+    if run.logps is None:
+        return torch.zeros(len(run.samples))
+    assert run.ref_logps is not None, "a policy's log-probs come with the reference's"
+    return run.logps - run.ref_logps
+
+
 def _policy_metrics(run: _PolicyRun, ref: _PolicyRun) -> dict:
     """One policy's row of eval.json (the reference's KL is 0 by definition)."""
-    # (N,) sequence-level k1 estimate per sample
-    kl = torch.zeros(len(run.samples)) if run.logps is None else run.logps - run.ref_logps
+    assert run.gold is not None and ref.gold is not None, "every policy is scored before its metrics"
+    kl = _kl(run)
     rate, counts = win_rate(run.gold, ref.gold)
     lengths = torch.tensor([len(s.response_ids) for s in run.samples], dtype=torch.float64)
-    has_proxy = run.proxy is not None
     return {
         "model": run.path,
         "n": len(run.samples),
         "gold_mean": float(run.gold.double().mean()),
         "gold_std": _std(run.gold),
-        "proxy_mean": float(run.proxy.double().mean()) if has_proxy else None,
-        "proxy_std": _std(run.proxy) if has_proxy else None,
+        "proxy_mean": float(run.proxy.double().mean()) if run.proxy is not None else None,
+        "proxy_std": _std(run.proxy) if run.proxy is not None else None,
         "kl_mean": float(kl.double().mean()),
         "kl_std": _std(kl),
         "win_rate": rate,
@@ -263,7 +270,8 @@ def _policy_metrics(run: _PolicyRun, ref: _PolicyRun) -> dict:
 def _completion_rows(prompts: list[str], runs: list[_PolicyRun]) -> list[dict]:
     rows = []
     for run in runs:
-        kl = (run.logps - run.ref_logps).tolist() if run.logps is not None else [0.0] * len(run.samples)
+        assert run.gold is not None, "every policy is scored before its rows"
+        kl = _kl(run).tolist()
         for n, s in enumerate(run.samples):
             rows.append(
                 {

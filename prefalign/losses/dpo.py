@@ -53,6 +53,8 @@ class PairLogps:
 
     def log_ratios(self) -> tuple[Tensor, Tensor]:
         """``(log(pi_c / ref_c), log(pi_r / ref_r))``, each ``(B,)``; the reference is a constant."""
+        if self.ref_chosen is None or self.ref_rejected is None:
+            raise ValueError("log_ratios needs the reference log-probs ref_chosen and ref_rejected")
         return self.chosen - self.ref_chosen.detach(), self.rejected - self.ref_rejected.detach()
 
 
@@ -114,6 +116,13 @@ class DPOVariant:
 
     def hyperparam(self, name: str) -> HyperParam | None:
         return next((h for h in self.hyperparams if h.name == name), None)
+
+    def declared(self, name: str) -> HyperParam:
+        """Hyperparameter ``name`` of a variant that declares it (one of `owners`); KeyError otherwise."""
+        h = self.hyperparam(name)
+        if h is None:
+            raise KeyError(f"DPO loss_type {self.name!r} has no hyperparameter {name!r}")
+        return h
 
 
 # ---------------------------------------------------------------- the per-pair functions
@@ -296,7 +305,7 @@ def resolve_hyperparams(
             raise ValueError(f"unknown DPO hyperparameter {flag(name)}; known: {known}")
         if value is None or variant.hyperparam(name) is not None:
             continue
-        if {v.hyperparam(name).default for v in users} != {value}:
+        if {v.declared(name).default for v in users} != {value}:
             raise ValueError(
                 f"{flag('loss_type')} {variant.name!r} does not use {flag(name)} (got {value}); "
                 f"it applies to {sorted(v.name for v in users)}"
@@ -351,14 +360,13 @@ def dpo_loss(
     kwargs = resolve_hyperparams(variant, hyperparams)
 
     refs = (ref_chosen_logps, ref_rejected_logps)
+    tensors = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps}
     if not variant.uses_reference:
         if any(r is not None for r in refs):
             raise ValueError(f"loss_type {loss_type!r} takes no reference log-probs; pass None for both")
-    elif any(r is None for r in refs):
+    elif ref_chosen_logps is None or ref_rejected_logps is None:
         raise ValueError(f"loss_type {loss_type!r} needs both ref_chosen_logps and ref_rejected_logps")
-
-    tensors = {"policy_chosen_logps": policy_chosen_logps, "policy_rejected_logps": policy_rejected_logps}
-    if variant.uses_reference:
+    else:
         tensors.update(ref_chosen_logps=ref_chosen_logps, ref_rejected_logps=ref_rejected_logps)
     check_same_shape(**tensors)
     if policy_chosen_logps.dim() != 1:

@@ -123,7 +123,7 @@ def masked_whiten(
     """
     if (mean is None) != (var is None):
         raise ValueError("masked_whiten: give both mean and var, or neither")
-    if mean is None:
+    if mean is None or var is None:  # both (checked above)
         mean = masked_mean(x, mask)
         var = masked_var(x, mask, unbiased=True)
     whitened = (x - mean) * torch.rsqrt(var + eps)

@@ -19,7 +19,8 @@ def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
     """Store the weights (and biases) of ``model``'s ``nn.Linear`` layers in ``dtype``, except a layer whose weight
     is the input embedding (a tied LM head). Only for a frozen model run under autocast to ``dtype``: outside
     autocast a float32 input would meet a ``dtype`` weight. Returns the bytes saved."""
-    embedding = model.get_input_embeddings().weight if hasattr(model, "get_input_embeddings") else None
+    input_embeddings = getattr(model, "get_input_embeddings", None)  # a transformers model's
+    embedding = input_embeddings().weight if input_embeddings is not None else None
     saved = 0
     for module in model.modules():
         if not isinstance(module, nn.Linear) or module.weight is embedding:

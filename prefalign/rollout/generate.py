@@ -256,7 +256,7 @@ def generate(
         use_cache=True,
     )
     processors = None
-    if keyed:
+    if keyed and row_keys is not None:  # keyed implies row keys
         processors = LogitsProcessorList(
             [KeyedSampler(seed, row_keys, prompt_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p)]
         )

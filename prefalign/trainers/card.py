@@ -153,8 +153,8 @@ def _table(header: tuple[str, str], rows: dict[str, Any]) -> list[str]:
     return [f"| {header[0]} | {header[1]} |", "|---|---|", *(f"| {k} | {_cell(v)} |" for k, v in rows.items())]
 
 
-def _intro(facts: CardFacts, adapter: bool, base_id: str | None) -> list[str]:
-    """Title and what the model is."""
+def _intro(facts: CardFacts, adapter: bool, base_id: str | list[str] | None) -> list[str]:
+    """Title and what the model is; ``base_id``: the metadata's ``base_model`` (a Hub id or None here)."""
     if adapter:
         what = "A LoRA adapter (load it onto its base model with `peft.PeftModel.from_pretrained`)"
     elif facts.merged:

@@ -24,6 +24,7 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
+from typing import cast
 
 import torch
 
@@ -46,7 +47,9 @@ def rng_state() -> dict:
     import numpy as np
 
     py_version, py_words, py_gauss = random.getstate()
-    np_kind, np_words, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    # legacy=True is the default; numpy's stub types the no-argument call as the dict of legacy=False
+    np_state = cast("tuple[str, np.ndarray, int, int, float]", np.random.get_state(legacy=True))
+    np_kind, np_words, np_pos, np_has_gauss, np_gauss = np_state
     state = {
         "torch": torch.get_rng_state(),
         "python": {"version": py_version, "words": torch.tensor(py_words, dtype=torch.int64), "gauss": py_gauss},
@@ -121,7 +124,8 @@ def training_state(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    params = get_model_state_dict(model, options=_options(ignore_frozen_params=True))
+    # torch types every state dict as dict[str, ValueType]; a model's holds tensors
+    params = cast("dict[str, torch.Tensor]", get_model_state_dict(model, options=_options(ignore_frozen_params=True)))
     optim = get_optimizer_state_dict(model, optimizer, options=_options(ignore_frozen_params=True))
     return without_tied_aliases(model, params), optim
 
@@ -130,7 +134,8 @@ def full_model_state(model) -> dict[str, torch.Tensor]:
     """Every parameter and buffer of ``model``, unsharded, on the main process's CPU (a collective under FSDP)."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
-    return without_tied_aliases(model, get_model_state_dict(model, options=_options()))
+    state = cast("dict[str, torch.Tensor]", get_model_state_dict(model, options=_options()))  # tensors (see above)
+    return without_tied_aliases(model, state)
 
 
 def without_tied_aliases(model, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -158,7 +163,7 @@ def load_training_state(model, optimizer, params: dict[str, torch.Tensor], optim
             f"{unknown[:3]}); resume with the same --model and LoRA settings"
         )
     opts = StateDictOptions(full_state_dict=True, strict=False)  # strict=False: frozen weights are not in it
-    set_model_state_dict(model, params, options=opts)
+    set_model_state_dict(model, params, options=opts)  # type: ignore[arg-type]  # torch: dict[str, ValueType]
     set_optimizer_state_dict(model, optimizer, optim, options=opts)
 
 

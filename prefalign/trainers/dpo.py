@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Any
 
 import torch
 import tyro
@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 def _default(name: str) -> float:
     """The one default a hyperparameter has in every variant that declares it (a config field default)."""
-    [default] = {v.hyperparam(name).default for v in owners(name)}
+    [default] = {v.declared(name).default for v in owners(name)}
     return default
 
 
@@ -47,8 +47,8 @@ def _hyperparam_hint(name: str) -> str:
     by_default: dict[float, list[str]] = {}
     by_help: dict[str, list[str]] = {}
     for v in users:
-        by_default.setdefault(v.hyperparam(name).default, []).append(v.name)
-        by_help.setdefault(v.hyperparam(name).help, []).append(v.name)
+        by_default.setdefault(v.declared(name).default, []).append(v.name)
+        by_help.setdefault(v.declared(name).help, []).append(v.name)
     if len(by_default) == 1:
         default = f"default: {next(iter(by_default)):g}"
     else:
@@ -56,7 +56,7 @@ def _hyperparam_hint(name: str) -> str:
     others = len(users) < len(DPO_LOSSES)
     refused = "; another --loss-type refuses a value other than the default" if others else ""
     lines = [f"  {', '.join(names)}: {text}" for text, names in by_help.items()]
-    return f"({default}; must be {users[0].hyperparam(name).allowed()}{refused})\n" + "\n".join(lines)
+    return f"({default}; must be {users[0].declared(name).allowed()}{refused})\n" + "\n".join(lines)
 
 
 def _hint(name: str):
@@ -139,7 +139,7 @@ class DPOTrainer(Trainer):
     def __init__(self, cfg: DPOConfig):
         super().__init__(cfg)
         self.cfg: DPOConfig = cfg
-        self.ref_model = None
+        self.ref_model: Any = None  # a frozen reference model (setup); None: adapter-off policy or precomputed
         self.ref_cache: torch.Tensor | None = None  # (num_pairs, 2): reference log-probs, chosen and rejected
 
     def setup(self) -> None:

@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 import torch
 
 from prefalign.errors import UserError
-from prefalign.trainers.backend import param_numel
+from prefalign.trainers.backend import Trained, param_numel
 from prefalign.trainers.config import TrainConfig
 from prefalign.trainers.dist import max_across_processes, pooled_mean_across_processes, sum_across_processes
 from prefalign.trainers.final import save_final_model
@@ -74,9 +74,9 @@ class Trainer(Run):
 
     def __init__(self, cfg: TrainConfig):
         super().__init__(cfg)
-        self.model = None
-        self.trained_model = None  # the `Trained` model, once built
-        self.tokenizer = None
+        self.model: Any = None  # a transformers (or peft) model, set by setup()
+        self.trained_model: Trained | None = None  # the `Trained` model, once built
+        self.tokenizer: Any = None
         self.train_data: list = []
         self.eval_data: list = []
 
@@ -106,6 +106,13 @@ class Trainer(Run):
         if self.trained_model is None:
             return fn(self.model, *args, **kwargs)
         return self.trained_model.forward(fn, *args, **kwargs)
+
+    @property
+    def prepared(self) -> Trained:
+        """The `Trained` model `build` prepared: what the steps and the final save go through."""
+        if self.trained_model is None:
+            raise RuntimeError(f"{type(self).__name__}: the model is not built yet (build() prepares it)")
+        return self.trained_model
 
     # -- the run skeleton's hooks --
     @property
@@ -147,7 +154,8 @@ class Trainer(Run):
         self.before_train()
         self.running = RunningMean()
         # throughput is timed from the first step (not from before resume, run.json and the step-0 evaluation)
-        self.tokens, self.t_last, self.lr = 0, None, 0.0
+        self.tokens, self.lr = 0, 0.0
+        self.t_last: float | None = None
         self.last_row: dict[str, float] = {}
 
     def run_info(self) -> dict:
@@ -192,12 +200,10 @@ class Trainer(Run):
         step_stats = RunningMean()
         for m, chunks in enumerate(micro_batches):
             self.tokens += self.forward_backward(chunks, step_weight, step_stats, sync=m == cfg.grad_accum - 1)
-        self.lr = self.trained_model.scheduler.get_last_lr()[0]
+        self.lr = self.prepared.scheduler.get_last_lr()[0]
         # the loss of every process (a local NaN must stop every process's step, or they drift apart)
         loss_sum = float(sum_across_processes(acc, torch.tensor(step_stats.sums["loss"], device=acc.device)))
-        [grad_norm], finite = self.backend.step(
-            [self.trained_model], cfg.max_grad_norm, NonFiniteGuard.finite(loss_sum)
-        )
+        [grad_norm], finite = self.backend.step([self.prepared], cfg.max_grad_norm, NonFiniteGuard.finite(loss_sum))
         if finite:
             self.running.merge(step_stats)
             self.running.add({"grad_norm": grad_norm})
@@ -205,6 +211,7 @@ class Trainer(Run):
 
     def log_row(self, done: int) -> dict[str, float]:
         now = time.perf_counter()
+        assert self.t_last is not None, "train_step starts the clock"
         self.last_row = {
             **self.pooled_mean(self.running),
             "lr": self.lr,
@@ -221,12 +228,7 @@ class Trainer(Run):
         """``final/`` in Hugging Face format (adapter for LoRA), plus ``final-merged/`` with --merge-lora; each with
         its model card."""
         save_final_model(
-            self.backend,
-            out / "final",
-            self.trained_model,
-            self.tokenizer,
-            merged=self.cfg.merge_lora,
-            card=self.card(),
+            self.backend, out / "final", self.prepared, self.tokenizer, merged=self.cfg.merge_lora, card=self.card()
         )
 
     # -- the step's parts --
@@ -257,10 +259,10 @@ class Trainer(Run):
         for i, batch in enumerate(chunks):
             weight = self.loss_weight(batch)
             boundary = sync and i == len(chunks) - 1
-            with self.backend.accumulate([self.trained_model], boundary), acc.autocast():
+            with self.backend.accumulate([self.prepared], boundary), acc.autocast():
                 loss, chunk_stats = self.compute_loss(batch)
             # backward even on a NaN loss: every process must join the gradient all-reduce
-            self.backend.backward(self.trained_model, loss * (weight * acc.num_processes / step_weight), boundary)
+            self.backend.backward(self.prepared, loss * (weight * acc.num_processes / step_weight), boundary)
             stats.add({"loss": loss.detach(), **chunk_stats}, weight=weight)
             tokens += self.count_tokens(batch)
         return tokens

@@ -14,7 +14,7 @@ def apply_lora(model, cfg: CommonConfig, task_type: str = "CAUSAL_LM", modules_t
     targets = cfg.lora_target_modules
     lora = LoraConfig(
         r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
+        lora_alpha=cfg.lora_alpha,  # type: ignore[arg-type]  # peft annotates int; a float scales as alpha / r
         lora_dropout=cfg.lora_dropout,
         target_modules="all-linear" if targets == ["all-linear"] else list(targets),
         task_type=task_type,

@@ -4,15 +4,38 @@ bar's fields, and a few samples into ``samples.jsonl`` and the trackers."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prefalign.losses import explained_variance
 from prefalign.rollout.rollout import Rollout
 from prefalign.trainers.dist import masked_mean_var, mean_across_processes
 
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from prefalign.trainers.backend import Trained
+    from prefalign.trainers.metrics import MetricsLogger
+    from prefalign.trainers.ppo_config import PPOConfig
+    from prefalign.trainers.ppo_update import KLController
+
 
 class PPOMetrics:
     """The metrics half of `prefalign.trainers.ppo.PPOTrainer` (a mixin: it reads the trainer's rollout, models
     and controllers)."""
+
+    if TYPE_CHECKING:  # what it reads of the trainer (`Run`, `PPOTrainer`)
+        accelerator: Accelerator
+        world: int
+        trained_policy: Trained
+        kl_ctl: KLController
+        last_row: dict[str, float]
+        seconds_per_iteration: float
+        metrics: MetricsLogger | None
+        samples_path: Path | None
+
+        @property
+        def cfg(self) -> PPOConfig: ...
 
     @staticmethod
     def rollout_means(rollout: Rollout) -> dict[str, float]:
@@ -75,7 +98,7 @@ class PPOMetrics:
 
     def log_samples(self, step: int, rollout: Rollout, n: int = 4) -> None:
         """The first ``n`` prompts and completions of this iteration into ``samples.jsonl`` and the trackers."""
-        if self.samples_path is None:  # not started by the run skeleton (a direct call): nowhere to write
+        if self.samples_path is None or self.metrics is None:  # not started by the run skeleton: nowhere to write
             return
         rows = [
             {

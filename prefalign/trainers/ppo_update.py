@@ -8,6 +8,7 @@ the minibatch's rows, whichever rows the micro-batches and processes hold.
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +20,12 @@ from prefalign.rollout.rollout import Rollout
 from prefalign.trainers.dist import mean_across_processes
 from prefalign.trainers.guard import NonFiniteGuard
 from prefalign.trainers.metrics import RunningMean
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
+
+    from prefalign.trainers.backend import AccelerateBackend, Trained
+    from prefalign.trainers.ppo_config import PPOConfig
 
 
 class KLController:
@@ -45,6 +52,19 @@ class KLController:
 
 class PPOUpdate:
     """The update half of `prefalign.trainers.ppo.PPOTrainer` (a mixin: it reads the trainer's models)."""
+
+    if TYPE_CHECKING:  # what it reads of the trainer (`Run`, `PPOTrainer`)
+        accelerator: Accelerator
+        backend: AccelerateBackend
+        world: int
+        trained: list[Trained]
+        trained_policy: Trained
+        trained_value: Trained
+
+        @property
+        def cfg(self) -> PPOConfig: ...
+
+        def record_step(self, finite: bool, done: int) -> None: ...
 
     def update(self, rollout: Rollout, done: int) -> dict[str, float]:
         """``ppo_epochs`` passes of minibatch updates over this process's rows; one optimizer step per minibatch.

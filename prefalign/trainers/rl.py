@@ -44,9 +44,9 @@ class GroupRollout(Rollout):
     ``returns`` are the estimator's (R_i on every token for outcome estimators, the return-to-go for
     reinforce_pp), logged only."""
 
-    loss_mask: torch.Tensor = None  # (B, R) response_mask with the rows of dropped groups zeroed
-    kept: torch.Tensor = None  # (B,) bool: the row's group is in the loss (all True without --dynamic-sampling)
-    loss_lengths: torch.Tensor = None  # (N, B) tokens of loss_mask per row of every process (the normalisers)
+    loss_mask: torch.Tensor  # (B, R) response_mask with the rows of dropped groups zeroed
+    kept: torch.Tensor  # (B,) bool: the row's group is in the loss (all True without --dynamic-sampling)
+    loss_lengths: torch.Tensor  # (N, B) tokens of loss_mask per row of every process (the normalisers)
     score_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> (B,) unweighted scores
 
     def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -218,7 +218,9 @@ class RLTrainer(RLUpdate, PPOTrainer):
         return cfg.ppo_epochs == 1 and cfg.num_minibatches == 1 and cfg.kl_in_loss
 
     # ---------------------------------------------------------------- metrics
-    def iteration_metrics(self, rollout: GroupRollout, update_stats: dict, timing: dict, done: int) -> dict:
+    def iteration_metrics(  # type: ignore[override]  # an RLTrainer's rollouts are GroupRollouts
+        self, rollout: GroupRollout, update_stats: dict, timing: dict, done: int
+    ) -> dict:
         """The iteration's metrics over every process (a collective); every process holds as many rows."""
         cfg, acc, mask = self.cfg, self.accelerator, rollout.response_mask
         if self.one_step_on_policy:

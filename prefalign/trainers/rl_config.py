@@ -25,7 +25,8 @@ class RLConfig(PPOConfig):
     """Optimise a policy with a critic-free online RL estimator (GRPO, Dr. GRPO, RLOO, REINFORCE++) against one or
     more reward sources, K completions per prompt, a KL to a reference in the reward or in the loss."""
 
-    reward: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)
+    # several sources where PPOConfig.reward is one: the field's type changes, on purpose
+    reward: Annotated[list[str], tyro.conf.UseAppendAction] = field(default_factory=list)  # type: ignore[assignment]
     """Reward source, repeatable (--reward vader --reward mymod:fn): a reward-model directory or hub id, a built-in
     judge (vader), or module:function. Several are summed after weighting by --reward-weights."""
     reward_weights: list[float] | None = None

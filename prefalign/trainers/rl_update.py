@@ -10,16 +10,31 @@ hold (the same argument as PPO's token share; DDP's average over N processes is 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 
 from prefalign.losses.policy import aggregate_loss, clipped_policy_token_loss, kl_loss_term
 from prefalign.models.logprobs import completion_logprobs
 from prefalign.trainers.guard import NonFiniteGuard
-from prefalign.trainers.ppo_update import PPOUpdate
+from prefalign.trainers.ppo_update import KLController, PPOUpdate
+
+if TYPE_CHECKING:
+    from prefalign.trainers.rl import GroupRollout
+    from prefalign.trainers.rl_config import RLConfig
 
 
 class RLUpdate(PPOUpdate):
     """A mixin: the trainer's ``cfg`` (an `RLConfig`), ``trained_policy``, ``backend``, ``world``."""
+
+    if TYPE_CHECKING:  # what it reads of `RLTrainer` beyond PPOUpdate's
+        kl_ctl: KLController
+
+        @property
+        def cfg(self) -> RLConfig: ...
+
+        @property
+        def one_step_on_policy(self) -> bool: ...
 
     def minibatch_step(self, rollout, mb_idx: torch.Tensor, mb_tokens: float, done: int) -> tuple[dict | None, dict]:
         """Accumulate the minibatch's micro-batches, then one guarded step: ``(stats, {"policy/grad_norm": ..})``,
@@ -27,7 +42,8 @@ class RLUpdate(PPOUpdate):
         group dropped by --dynamic-sampling: no optimizer step). ``mb_tokens`` (PPO's response tokens) is not
         used: the normalisers count the loss mask's tokens and rows."""
         cfg = self.cfg
-        self.filled, self.on_policy_rollout = False, rollout if self.one_step_on_policy else None
+        self.filled = False
+        self.on_policy_rollout: GroupRollout | None = rollout if self.one_step_on_policy else None
         lengths = rollout.loss_lengths[:, mb_idx.cpu()]  # (N, mb rows) kept tokens of each row on every process
         totals = {"total_tokens": float(lengths.sum()), "total_rows": float((lengths > 0).sum())}
         if totals["total_rows"] == 0:  # the same on every process: all skip together
@@ -37,7 +53,7 @@ class RLUpdate(PPOUpdate):
         self.record_step(finite, done)
         return (got if finite else None), {"policy/grad_norm": norm}
 
-    def micro_batch_backward(
+    def micro_batch_backward(  # type: ignore[override]  # takes the minibatch's totals, not PPO's token count
         self, rows: dict[str, torch.Tensor], prompt_width: int, totals: dict[str, float], sync: bool
     ) -> dict[str, float]:
         """One micro-batch's loss (``rows``: `GroupRollout.rows`), its part of the minibatch aggregate, backward;
@@ -59,20 +75,20 @@ class RLUpdate(PPOUpdate):
         new_logps, entropy = out if with_entropy else (out, None)
         new_logps = new_logps[:, prompt_width:].float()  # (b, R)
         old_logps = rows["logps"]
-        if fill is not None:
+        if fill is not None and entropy is not None:  # (filling asks for the entropy)
             old_logps = fill.logps[rows["index"]] = new_logps.detach()
             fill.entropy[rows["index"]] = entropy[:, prompt_width:].detach().float()
             self.filled = True
         pg_tokens, pg = clipped_policy_token_loss(
             new_logps, old_logps, rows["advantages"], mask, cfg.eps_low, cfg.eps_high
         )
-        agg = dict(max_len=cfg.max_new_tokens, **totals)
+        agg: dict[str, Any] = dict(max_len=cfg.max_new_tokens, **totals)
         pg_loss = aggregate_loss(pg_tokens, mask, cfg.aggregation, **agg)
         loss, parts = pg_loss, {"loss/policy": pg_loss}
         if cfg.kl_in_loss:
             kl_loss = aggregate_loss(kl_loss_term(new_logps, rows["ref_logps"], mask), mask, cfg.aggregation, **agg)
             loss, parts["loss/kl"] = loss + self.kl_ctl.coef * kl_loss, kl_loss
-        if cfg.ent_coef > 0:
+        if cfg.ent_coef > 0 and entropy is not None:  # (asked for)
             loss = loss - cfg.ent_coef * aggregate_loss(entropy[:, prompt_width:].float(), mask, cfg.aggregation, **agg)
         # DDP averages gradients over the N processes; each holds a part of the sum, so scale by N
         self.backend.backward(self.trained_policy, loss * self.world, sync)

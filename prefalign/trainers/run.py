@@ -225,7 +225,9 @@ class Run:
             return False
         if first:
             return done == 0
-        return bool(self.eval_steps) and done % self.eval_steps == 0 and done != self.total_steps
+        if not self.eval_steps:
+            return False
+        return done % self.eval_steps == 0 and done != self.total_steps
 
     @property
     def has_eval(self) -> bool:

@@ -23,7 +23,7 @@ def _figure(width: float, height: float):
 def _colors(arms: list[dict]) -> dict[str, object]:
     from matplotlib import colormaps
 
-    palette = colormaps["tab10"].colors
+    palette = colormaps["tab10"].colors  # type: ignore[attr-defined]  # tab10 is a ListedColormap
     return {START: "0.35", **{arm["name"]: palette[index % len(palette)] for index, arm in enumerate(trained(arms))}}
 
 
@@ -174,7 +174,7 @@ def _plot_gold_vs_wall(arms: list[dict], colors: dict, gold_axis: str, path: Pat
         ax.annotate(arm["label"], (seconds, gold), textcoords="offset points", xytext=(7, 6), fontsize=9)
     start = next((arm for arm in arms if arm["name"] == START), None)
     start_gold = stat(start, "gold_mean")[0] if start is not None else None
-    if start_gold is not None:
+    if start is not None and start_gold is not None:
         ax.axhline(start_gold, ls="--", color=colors[START], lw=1, label=f"{start['label']} (no training)")
     ax.set_xlim(left=0, right=max(point[1] for point in points) * 1.15 or 1)
     _finish(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import statistics
+from typing import TypeGuard
 
 from prefalign.compare.arms import START
 
@@ -15,7 +16,7 @@ CURVE_METRICS = {
 }
 
 
-def is_number(value) -> bool:
+def is_number(value) -> TypeGuard[int | float]:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
