@@ -12,7 +12,7 @@ DEEPSPEED := deepspeed==0.19.8
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean bench docs lock
+.PHONY: install test lint demo clean bench docs lock
 
 install: $(STAMP)
 
@@ -73,6 +73,13 @@ docs: $(DOCS_STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# ruff's lint rules and its format check over prefalign/, tests/, bench/ and docs/hooks.py, then mypy on prefalign/
+# (pyproject.toml's [tool.ruff] and [tool.mypy]); the first to fail stops it, non-zero. `ruff format` fixes layout.
+lint: $(STAMP)
+	$(BIN)/ruff check
+	$(BIN)/ruff format --check
+	$(BIN)/mypy
 
 # The main job: PPO-RLHF vs DPO on the embedded default (report in runs/demo/report.md).
 demo: $(STAMP)
