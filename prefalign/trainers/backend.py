@@ -40,11 +40,11 @@ def cpu_has_bf16() -> bool:
 
 
 def autocast_dtype(accelerator) -> torch.dtype | None:
-    """The dtype ``accelerator.autocast()`` computes matmuls in on its device, or None where it does not autocast
-    (fp32; a DeepSpeed engine, which runs bf16 itself)."""
-    device = accelerator.device.type
-    with accelerator.autocast():
-        return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    """The dtype ``accelerator.autocast()`` computes matmuls in, or None where it does not autocast (fp32; under
+    DeepSpeed, whose engine runs bf16 itself): accelerate autocasts exactly when it set ``native_amp``."""
+    if not getattr(accelerator, "native_amp", False):
+        return None
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
 
 
 def resolve_precision(precision: str) -> str:
