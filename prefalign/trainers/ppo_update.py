@@ -126,6 +126,19 @@ class PPOUpdate:
                 mb_stats[k] += v
         return dict(mb_stats)
 
+    def policy_train_forward(self, rows: dict[str, torch.Tensor], with_entropy: bool):
+        """``(logps, entropy or None)``, each ``(b, P+R)``: the policy's forward with gradients on a micro-batch's
+        ``rows``, at the sampling temperature (call it inside the backend's accumulate and autocast contexts)."""
+        out = self.trained_policy.forward(
+            completion_logprobs,
+            rows["query_response"],
+            rows["attention_mask"],
+            rows["completion_mask"],
+            temperature=self.cfg.temperature,
+            return_entropy=with_entropy,
+        )
+        return out if with_entropy else (out, None)
+
     def micro_batch_backward(
         self, rows: dict[str, torch.Tensor], prompt_width: int, mb_tokens: float, sync: bool
     ) -> dict[str, float]:
@@ -138,15 +151,7 @@ class PPOUpdate:
         # 1 / grad_accum would weigh a short micro-batch's tokens more, and 2 processes split rows unlike 1)
         token_share = float(mask.sum()) * self.world / mb_tokens
         with self.backend.accumulate(self.trained, sync), acc.autocast():
-            out = self.trained_policy.forward(
-                completion_logprobs,
-                rows["query_response"],
-                rows["attention_mask"],
-                rows["completion_mask"],
-                temperature=cfg.temperature,
-                return_entropy=cfg.ent_coef > 0,
-            )
-            new_logps, entropy = out if cfg.ent_coef > 0 else (out, None)
+            new_logps, entropy = self.policy_train_forward(rows, with_entropy=cfg.ent_coef > 0)
             new_values = self.trained_value.forward(
                 token_values, rows["query_response"], rows["attention_mask"], rows["completion_mask"]
             )

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from prefalign.losses.policy import aggregate_loss, clipped_policy_token_loss, kl_loss_term
-from prefalign.models.logprobs import completion_logprobs
 from prefalign.trainers.guard import NonFiniteGuard
 from prefalign.trainers.ppo_update import KLController, PPOUpdate
 
@@ -64,15 +63,7 @@ class RLUpdate(PPOUpdate):
         fill = self.on_policy_rollout  # one step on-policy: this forward gives the rollout's log-probs (ratio 1)
         with_entropy = cfg.ent_coef > 0 or fill is not None
         with self.backend.accumulate(self.trained, sync), acc.autocast():
-            out = self.trained_policy.forward(
-                completion_logprobs,
-                rows["query_response"],
-                rows["attention_mask"],
-                rows["completion_mask"],
-                temperature=cfg.temperature,
-                return_entropy=with_entropy,
-            )
-        new_logps, entropy = out if with_entropy else (out, None)
+            new_logps, entropy = self.policy_train_forward(rows, with_entropy)
         new_logps = new_logps[:, prompt_width:].float()  # (b, R)
         old_logps = rows["logps"]
         if fill is not None and entropy is not None:  # (filling asks for the entropy)
