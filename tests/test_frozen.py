@@ -58,3 +58,18 @@ def test_load_reference_holds_linears_in_bf16_only_under_autocast(tiny_model_dir
     assert {p.dtype for p in fp32.parameters()} == {torch.float32}
     assert bf16.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     assert bf16.model.embed_tokens.weight.dtype == torch.float32
+
+
+def test_no_float32_weight_keeps_a_shared_checkpoint_buffer_alive(tokenizer):
+    """A checkpoint loaded from one memory-mapped file gives views of one storage: if the float32 weights left
+    after the conversion still viewed it, the old linear weights would stay resident beside their bf16 copies."""
+    model, _ = tiny_causal_lm(tokenizer, layers=2, hidden=32, seed=1)
+    params = list(model.parameters())
+    buffer = torch.cat([p.detach().flatten() for p in params])  # one storage, as a mapped safetensors file
+    offset = 0
+    for p in params:
+        p.data = buffer[offset : offset + p.numel()].view_as(p)
+        offset += p.numel()
+    assert all(p.untyped_storage().nbytes() == buffer.nbytes for p in params)
+    hold_linear_weights_in(model, torch.bfloat16)
+    assert all(p.untyped_storage().nbytes() == p.numel() * p.element_size() for p in model.parameters())

@@ -30,6 +30,11 @@ def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
                 continue
             saved += param.numel() * (param.element_size() - torch.empty((), dtype=dtype).element_size())
             setattr(module, name, nn.Parameter(param.detach().to(dtype), requires_grad=False))
+    # the checkpoint's tensors can be views of one storage (a memory-mapped file): while any float32 weight still
+    # views it, the whole of it stays resident beside the new bf16 copies; owning copies of the rest release it
+    for param in model.parameters():
+        if param.dtype != dtype:
+            param.data = param.data.clone()
     return saved
 
 
