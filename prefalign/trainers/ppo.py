@@ -218,7 +218,7 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         #    the batch layout or the process count; each is cut after its first EOS (generate() does it)
         # 2. masks: the response of every row starts at column P
         gen, query_response, attention_mask, completion_mask = self.sample(
-            idx, [key_seed(step, i) for i in idx], timing
+            [self.prompt_ids[i] for i in idx], [key_seed(step, i) for i in idx], timing
         )
         response_mask = gen.response_mask  # (B, R)
         # 3. old log-probs (at the sampling temperature), reference log-probs, values
@@ -269,8 +269,7 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         cfg, dev = self.cfg, self.accelerator.device
         t0 = time.perf_counter()
         prompts = [self.prompts[i] for i in prompt_rows]
-        decoded = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
-        texts = [cut_at_stop(t, cfg.stop) for t in decoded]
+        texts = self.decode_completions(gen)
         # a row's other columns once per completion, as its prompt
         scores = score_with_columns(self.reward_source, prompts, texts, take_rows(self.prompt_columns, prompt_rows))
         scores = check_scores(scores, len(texts), where).to(dev)
@@ -279,15 +278,20 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
             scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
         return prompts, texts, apply_missing_eos_penalty(scores, gen.ended.to(dev), cfg.missing_eos_penalty)
 
-    def sample(self, prompt_rows: list[int], row_keys: list[int], timing: dict):
-        """``(gen, query_response, attention_mask, completion_mask)``: one completion per entry of ``prompt_rows``
-        (prompt indices), row r drawn from the stream keyed ``row_keys[r]``; the masks are ``(B, P+R)``, the
-        response of every row starting at column P. Records ``time/generation``."""
+    def decode_completions(self, gen) -> list[str]:
+        """The text of each completion of ``gen``, cut before the first --stop string: what a reward scores."""
+        decoded = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
+        return [cut_at_stop(t, self.cfg.stop) for t in decoded]
+
+    def sample(self, prompt_ids: list[list[int]], row_keys: list[int], timing: dict):
+        """``(gen, query_response, attention_mask, completion_mask)``: one completion per prompt of ``prompt_ids``
+        (token id lists), row r drawn from the stream keyed ``row_keys[r]``; the masks are ``(B, P+R)``, the
+        response of every row starting at column P. Records ``time/generation``. A collective under FSDP."""
         from prefalign.data import PromptCollator
 
         acc, tok, dev = self.accelerator, self.tokenizer, self.accelerator.device
         t0 = time.perf_counter()
-        batch = PromptCollator(tok.pad_token_id)([self.prompt_ids[i] for i in prompt_rows])
+        batch = PromptCollator(tok.pad_token_id)(prompt_ids)
         with acc.autocast():
             gen = self.trained_policy.frozen_forward(
                 generate,

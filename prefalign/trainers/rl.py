@@ -147,7 +147,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
         # 2. masks: the response of every row starts at column P
         rows = [i for i in idx for _ in range(k)]
         gen, query_response, attention_mask, completion_mask = self.sample(
-            rows, [key_seed(step, i, j) for i in idx for j in range(k)], timing
+            [self.prompt_ids[i] for i in rows], [key_seed(step, i, j) for i in idx for j in range(k)], timing
         )
         response_mask = gen.response_mask  # (B, R)
         # 3. old and reference log-probs (at the sampling temperature), entropy
