@@ -9,6 +9,7 @@ Under ``accelerate launch`` with N processes, each process samples, scores and t
 so a response is the same whichever process draws it; whitening, explained variance, the KL controller, the
 ``--early-stop-kl`` decision and every logged metric use statistics over all processes. Only the main process
 writes files.
+With ``--heldout-prompts``, `prefalign.trainers.heldout.HeldoutEval` logs gold, proxy and KL on held-out prompts.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from prefalign.rollout.rollout import Rollout
 from prefalign.trainers.backend import autocast_dtype
 from prefalign.trainers.dist import masked_mean_var
 from prefalign.trainers.final import save_final_model
+from prefalign.trainers.heldout import HeldoutEval
 from prefalign.trainers.lora import adapter_off, apply_lora
 from prefalign.trainers.metrics import MetricsLogger
 from prefalign.trainers.optim import make_optimizer
@@ -42,7 +44,7 @@ from prefalign.trainers.run import Run
 __all__ = ["KLController", "PPOConfig", "PPOTrainer"]
 
 
-class PPOTrainer(PPOUpdate, PPOMetrics, Run):
+class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
     command = "ppo"
     unit = "iter"
 
@@ -72,7 +74,8 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
             )
 
     def setup(self) -> None:
-        """Prompts, reward source, policy, reference and value model (LoRA on both when asked)."""
+        """Prompts, reward source, held-out prompts and judge, policy, reference and value model (LoRA on both when
+        asked)."""
         from prefalign.data import load_prompt_rows_reported, tokenize_prompts
         from prefalign.models import load_causal_lm, load_tokenizer
         from prefalign.rewards import load_reward_source
@@ -94,6 +97,7 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
             self.reward_source = load_reward_source(
                 cfg.reward, batch_size=cfg.reward_batch_size, device=str(self.accelerator.device)
             )
+        self.setup_heldout()
         self.policy = load_causal_lm(cfg.model)
         if cfg.lora_r:
             self.policy = apply_lora(self.policy, cfg)
@@ -154,10 +158,12 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         self.last_row: dict[str, float] = {}
 
     def check_inputs(self) -> None:
-        """A reward function that needs a column the prompt rows lack is refused before the output exists."""
+        """A reward function (or held-out judge) that needs a column the prompt rows (or held-out rows) lack is
+        refused before the output exists."""
         from prefalign.rewards import check_reward_columns
 
         check_reward_columns(self.reward_source, self.prompt_columns)
+        self.check_heldout_inputs()
 
     def run_info(self) -> dict:
         cfg = self.cfg
@@ -169,6 +175,7 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
             "reward": getattr(self.reward_source, "name", cfg.reward),
             "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
             "value_trainable_parameters": sum(p.numel() for p in self.value.parameters() if p.requires_grad),
+            **self.heldout_info(),
         }
 
     def checkpoint_state(self) -> dict:
@@ -179,7 +186,8 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
         refresh_sampling_copy(self.sampler, self.policy)
 
     def on_start(self, start: int, metrics: MetricsLogger) -> None:
-        """``samples.jsonl``: a fresh run starts it empty; a resumed one drops the rows after its checkpoint."""
+        """``samples.jsonl``: a fresh run starts it empty; a resumed one drops the rows after its checkpoint. A fresh
+        run's held-out starting point (a collective)."""
         self.metrics = metrics
         self.samples_path = self.out_dir / "samples.jsonl"
         if self.accelerator.is_main_process and self.samples_path.exists():
@@ -189,6 +197,11 @@ class PPOTrainer(PPOUpdate, PPOMetrics, Run):
                 if self.cfg.resume is not None and r.strip() and json.loads(r)["step"] <= start
             ]
             self.samples_path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
+        self.heldout_start(start, metrics)
+
+    def log_row(self, done: int) -> dict[str, float]:
+        """The iteration's metrics, with its held-out point when one is due (a collective)."""
+        return {**self.last_row, **self.heldout_row(done)}
 
     def prompt_batch(self, step: int) -> list[int]:
         """Prompt indices of iteration ``step``: a seeded permutation per pass over the prompts."""

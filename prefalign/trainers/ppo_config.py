@@ -102,6 +102,24 @@ class PPOConfig(CommonConfig):
     sample_every: int = 10
     """Log sample completions with their scores every this many iterations (samples.jsonl, TensorBoard)."""
 
+    # -- held-out evaluation: gold and proxy against KL while training (Gao, Schulman, Hilton 2022) --
+    heldout_prompts: str | None = None
+    """Held-out prompts, in --prompts' formats (their other columns go to --heldout-judge and --reward, as
+    --prompts' go to --reward): before the first update, every --heldout-every iterations and after the last, one
+    completion per prompt from the current policy, scored by --heldout-judge (gold) and --reward (proxy), with its
+    KL to the reference (heldout/* in metrics.jsonl). Under N processes each takes a contiguous 1/N of the
+    prompts; the remainder (count mod N) is left out."""
+    heldout_split: str = "train"
+    """Split of --heldout-prompts when it is a hub dataset id, e.g. test (a local file has none)."""
+    heldout_judge: str | None = None
+    """Gold judge of the held-out evaluation: a built-in judge (vader), module:function, or a reward-model
+    directory or hub id; required with --heldout-prompts."""
+    heldout_every: int = 0
+    """Iterations between held-out evaluations (0: off; needs --heldout-prompts otherwise); a multiple of
+    --logging-steps, since each point is logged in its iteration's row."""
+    heldout_limit: int | None = None
+    """Evaluate the first M held-out prompts only (default, or fewer prompts than M: all of them)."""
+
     def sampling(self):
         """The rollouts' `SamplingConfig` (its fields were checked by `validate`)."""
         from prefalign.rollout.generate import SamplingConfig
@@ -157,6 +175,30 @@ class PPOConfig(CommonConfig):
             raise ValueError(
                 "--ref conflicts with LoRA: with --lora-r the reference is the policy with its adapter "
                 "off; drop --ref or --lora-r"
+            )
+        self._check_heldout()
+
+    def _check_heldout(self) -> None:
+        """The held-out evaluation's flags: all or none of prompts, judge and cadence."""
+        if self.heldout_prompts and not self.heldout_judge:
+            raise ValueError("--heldout-prompts needs --heldout-judge (the gold judge of the held-out completions)")
+        if self.heldout_judge and not self.heldout_prompts:
+            raise ValueError("--heldout-judge needs --heldout-prompts (the prompts whose completions it judges)")
+        if self.heldout_every < 0:
+            raise ValueError(f"--heldout-every must be >= 0 (0: off), got {self.heldout_every}")
+        if self.heldout_limit is not None and self.heldout_limit < 1:
+            raise ValueError(f"--heldout-limit must be >= 1, got {self.heldout_limit}")
+        if self.heldout_prompts and not self.heldout_every:
+            raise ValueError(
+                "--heldout-prompts is given but --heldout-every is 0 (off): set --heldout-every N (iterations "
+                "between held-out evaluations) or drop --heldout-prompts and --heldout-judge"
+            )
+        if not self.heldout_prompts and (self.heldout_every or self.heldout_limit is not None):
+            raise ValueError("--heldout-every and --heldout-limit need --heldout-prompts and --heldout-judge")
+        if self.heldout_every % self.logging_steps:
+            raise ValueError(
+                f"--heldout-every {self.heldout_every} must be a multiple of --logging-steps {self.logging_steps}: "
+                "each held-out point is logged in its iteration's metrics row"
             )
 
     @property
