@@ -2,10 +2,11 @@
 
 Every source has a ``name`` and ``score(prompts, completions, columns=None) -> (B,)`` float32 CPU tensor.
 Inputs are decoded text, the completion already cut at EOS / stop string; ``columns`` are the prompt rows'
-other dataset columns (name -> B values aligned with the completions), which only a callable reads. Three
-kinds, chosen by :func:`load_reward_source` from one string:
+other dataset columns (name -> B values aligned with the completions), which a callable and the ``arithmetic``
+judge read. Three kinds, chosen by :func:`load_reward_source` from one string:
 
-* a built-in judge from :data:`JUDGES` (``vader``: the gold judge of the sentiment task);
+* a built-in judge from :data:`JUDGES` (`prefalign.judges`): ``vader``, the gold judge of controlled sentiment
+  generation, or ``arithmetic``, exact match with the prompt row's ``answer`` column;
 * a Python callable, ``module:function`` or ``path/to/file.py:function``, called as
   ``fn(prompts, completions, **columns)`` (TRL's reward-function convention) and returning one number per
   completion; it gets the columns its signature names (all of them with ``**kwargs``; none: ``fn(prompts,
@@ -33,15 +34,13 @@ import numbers
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, runtime_checkable
 
 import torch
 
 from prefalign.errors import UserError
+from prefalign.judges import ArithmeticJudge, Columns, VaderJudge, check_pairs
 from prefalign.models.value import last_token_rewards, pools_last_token
-
-Columns = dict[str, list[Any]]
-"""A prompt row's other dataset columns for a batch: name -> one value per completion."""
 
 
 @runtime_checkable
@@ -54,14 +53,6 @@ class RewardSource(Protocol):
         """Return ``(B,)`` float32 scores on CPU, one per pair; ``columns``: the prompt rows' other columns, each B
         values aligned with the completions (a source may ignore them)."""
         ...
-
-
-def _check_pairs(prompts: list[str], completions: list[str], columns: Columns | None = None) -> None:
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    for name, values in (columns or {}).items():
-        if len(values) != len(completions):
-            raise ValueError(f"column {name!r} has {len(values)} values for {len(completions)} completions")
 
 
 def _keyword_params(fn: Callable, skip: int) -> tuple[set[str], dict[str, bool], bool]:
@@ -124,28 +115,8 @@ def check_scores(values, n: int, where: str) -> torch.Tensor:
 
 # ---------------------------------------------------------------------------------------------- judges
 
-
-class VaderJudge:
-    """VADER compound sentiment of the completion alone, in [-1, 1] (the prompt is never scored)."""
-
-    name = "vader"
-
-    def __init__(self):
-        try:
-            from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
-        except ImportError:
-            raise UserError(
-                "the vader judge needs the vaderSentiment package: run `pip install vaderSentiment`"
-            ) from None
-        self._analyzer = SentimentIntensityAnalyzer()
-
-    def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
-        _check_pairs(prompts, completions, columns)
-        scores = [self._analyzer.polarity_scores(c)["compound"] for c in completions]
-        return torch.tensor(scores, dtype=torch.float32)
-
-
-JUDGES: dict[str, Callable[[], RewardSource]] = {"vader": VaderJudge}
+# The judges themselves are in prefalign.judges (imported from here as before).
+JUDGES: dict[str, Callable[[], RewardSource]] = {"vader": VaderJudge, "arithmetic": ArithmeticJudge}
 """Built-in judges by name; each entry builds a source with no arguments."""
 
 
@@ -232,7 +203,7 @@ class CallableReward:
         return {c: list(columns[c]) for c in wanted if c in columns}
 
     def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
-        _check_pairs(prompts, completions, columns)
+        check_pairs(prompts, completions, columns)
         where = f"reward function {self.name!r}"
         kwargs = self.column_kwargs(columns)
         try:
@@ -312,7 +283,7 @@ class RewardModel:
         return last_token_rewards(self.model, enc["input_ids"], enc["attention_mask"])
 
     def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
-        _check_pairs(prompts, completions, columns)
+        check_pairs(prompts, completions, columns)
         texts = [p + c for p, c in zip(prompts, completions)]
         parts = [self._score_batch(texts[i : i + self.batch_size]) for i in range(0, len(texts), self.batch_size)]
         if not parts:
@@ -356,11 +327,14 @@ def reward_key(spec: str) -> str:
 
 
 def check_reward_columns(source: RewardSource, columns: Columns) -> None:
-    """Refuse, before a run writes anything, a ``module:function`` reward (alone or inside `WeightedRewards`) that
-    requires a keyword argument the prompt rows have no column for: the `UserError` its first call would raise."""
+    """Refuse, before a run writes anything, a reward (alone or inside `WeightedRewards`) that needs a column the
+    prompt rows lack: a ``module:function`` requiring a keyword argument, or a judge's ``required_columns`` (the
+    ``arithmetic`` judge's ``answer``): the `UserError` its first call would raise."""
     for src in getattr(source, "sources", {"": source}).values():
         if isinstance(src, CallableReward):
             src.column_kwargs({c: [] for c in columns})
+        if any(name not in columns for name in getattr(src, "required_columns", ())):
+            raise src.missing_column(columns)  # type: ignore[attr-defined]  # a judge with required_columns has it
 
 
 class WeightedRewards:

@@ -97,14 +97,28 @@ def read_prompts(values: list[str], tokenizer=None, chat: bool = False, *, flag:
     Empty input is a one-line `UserError`: no values at all (naming ``flag``), an empty or blank value
     (naming ``flag`` and which value), a file with no prompt (naming the file).
     """
+    return read_prompt_rows(values, tokenizer, chat, flag=flag)[0]
+
+
+def read_prompt_rows(
+    values: list[str], tokenizer=None, chat: bool = False, *, flag: str = "--prompts"
+) -> tuple[list[str], dict[str, list[Any]]]:
+    """`read_prompts` with the files' other columns (`load_prompt_rows`), each a list aligned with all the prompts:
+    ``None`` where a prompt's file lacks the column, and for every literal prompt (a literal has no columns)."""
     if not values:
         raise UserError(f"no prompts: give {flag} FILE or literal prompt texts")
     texts: list[str] = []
+    columns: dict[str, list[Any]] = {}
     for n, value in enumerate(values, start=1):
         if not str(value).strip():  # Path("") is the working directory: refuse before it is read as one
             raise UserError(f"{flag}: value {n} is empty; give a prompt file or a non-empty prompt text")
-        texts += load_prompts(value if Path(value).exists() else [value], tokenizer, chat=chat)
-    return texts
+        prompts, found = load_prompt_rows(value if Path(value).exists() else [value], tokenizer, chat=chat)
+        for name in found:
+            columns.setdefault(name, [None] * len(texts))  # a column new here: the earlier prompts lack it
+        for name, column in columns.items():
+            column += found.get(name, [None] * len(prompts))
+        texts += prompts
+    return texts, columns
 
 
 def parse_prompts(

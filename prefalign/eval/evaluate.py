@@ -8,7 +8,8 @@ policy, in this order (one model in memory at a time):
    under the policy (at the sampling temperature); free it;
 2. load the reference; sample its own completions; sum the log-probs of every policy's responses under
    the reference, in the same batches as step 1;
-3. score every completion with the gold judge (and the proxy reward model);
+3. score every completion with the gold judge (and the proxy reward model), which also get the prompt rows'
+   other columns (e.g. the ``answer`` the ``arithmetic`` judge checks against);
 4. per policy: KL to the reference = mean over samples of ``sum_t logp_policy - logp_ref`` (the k1
    estimator of KL(policy || reference) on sequences sampled from the policy); win rate against the
    reference's completion of the same prompt and sample index by the gold judge.
@@ -40,7 +41,8 @@ class EvalConfig(SamplingRunConfig):
     """Prompt files (.txt one per line, .jsonl/.json/.csv/.parquet with a `prompt` column) or literal prompt
     texts; a value that is not an existing path is a prompt."""
     judge: str = ""
-    """Gold judge: a built-in judge (vader), module:function / file.py:function, or a reward model."""
+    """Gold judge: a built-in judge (vader, arithmetic), module:function / file.py:function, or a reward model; it
+    gets the prompt files' other columns (arithmetic: their answer column)."""
     proxy: str | None = None
     """Optional proxy reward (typically the reward model PPO trained against); same kinds as --judge."""
     num_samples: int = 1
@@ -128,10 +130,11 @@ def evaluate(cfg: EvalConfig) -> dict:
     """
     import time
 
-    from prefalign.data import read_prompts, tokenize_prompts
+    from prefalign.data import tokenize_prompts
+    from prefalign.data.prompts import read_prompt_rows
     from prefalign.eval.sampling import device, score_samples
     from prefalign.models import load_tokenizer, policy_base
-    from prefalign.rewards import load_reward_source
+    from prefalign.rewards import check_reward_columns, load_reward_source
     from prefalign.runio import atomic_write_text, prepare_output_dir, to_plain, write_config, write_json, write_jsonl
 
     specs = cfg.policy_specs
@@ -142,7 +145,10 @@ def evaluate(cfg: EvalConfig) -> dict:
     tokenizer = load_tokenizer(policy_base(cfg.reference)[0])
     for name, path in specs:
         _check_same_tokenizer(tokenizer, path, name)
-    prompts = read_prompts(cfg.prompts, tokenizer, cfg.chat)
+    prompts, columns = read_prompt_rows(cfg.prompts, tokenizer, cfg.chat)
+    check_reward_columns(gold, columns)
+    if proxy is not None:
+        check_reward_columns(proxy, columns)
     prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
     out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
     write_config(out_dir, cfg)
@@ -151,9 +157,9 @@ def evaluate(cfg: EvalConfig) -> dict:
     runs = [_sample_policy(cfg, name, path, tokenizer, prompt_ids, dev) for name, path in specs]  # step 1
     ref = _sample_reference(cfg, tokenizer, prompt_ids, runs, dev)  # step 2
     for run in [ref, *runs]:  # step 3
-        run.gold = score_samples(gold, f"--judge {cfg.judge}", prompts, run.samples)
+        run.gold = score_samples(gold, f"--judge {cfg.judge}", prompts, run.samples, columns)
         if proxy is not None:
-            run.proxy = score_samples(proxy, f"--proxy {cfg.proxy}", prompts, run.samples)
+            run.proxy = score_samples(proxy, f"--proxy {cfg.proxy}", prompts, run.samples, columns)
     seconds = time.perf_counter() - start
 
     metrics = {run.name: _policy_metrics(run, ref) for run in [ref, *runs]}  # step 4

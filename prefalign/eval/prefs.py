@@ -24,8 +24,8 @@ class PrefsConfig(SamplingRunConfig):
     """Prompt files (.txt one per line, .jsonl/.json/.csv/.parquet with a `prompt` column) or literal prompt
     texts; a value that is not an existing path is a prompt."""
     judge: str = ""
-    """What scores a completion: a built-in judge (vader), module:function / file.py:function, or a reward
-    model directory / hub id."""
+    """What scores a completion: a built-in judge (vader, arithmetic), module:function / file.py:function, or a
+    reward model directory / hub id; it gets the prompt files' other columns (arithmetic: their answer column)."""
     num_samples: int = 4
     """Completions per prompt (K >= 2: a pair needs two)."""
     pair_rule: Literal["best_worst", "all"] = "best_worst"
@@ -118,10 +118,11 @@ def make_preferences(cfg: PrefsConfig) -> dict:
 
     import torch
 
-    from prefalign.data import read_prompts, tokenize_prompts
+    from prefalign.data import tokenize_prompts
+    from prefalign.data.prompts import read_prompt_rows
     from prefalign.eval.sampling import device, sample_completions, score_samples
     from prefalign.models import load_policy, load_tokenizer, policy_base
-    from prefalign.rewards import load_reward_source
+    from prefalign.rewards import check_reward_columns, load_reward_source
     from prefalign.runio import prepare_output_dir, write_config, write_json, write_jsonl
 
     log = logging.getLogger(__name__)
@@ -129,7 +130,8 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     # Everything that can fail on bad input loads before the output directory is made and sampling starts.
     judge = load_reward_source(cfg.judge, batch_size=cfg.batch_size, device=torch_device)
     tokenizer = load_tokenizer(policy_base(cfg.model)[0])
-    prompts = read_prompts(cfg.prompts, tokenizer, cfg.chat)
+    prompts, columns = read_prompt_rows(cfg.prompts, tokenizer, cfg.chat)
+    check_reward_columns(judge, columns)
     prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
     out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
     model = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype)).to(torch_device)
@@ -140,7 +142,7 @@ def make_preferences(cfg: PrefsConfig) -> dict:
         model, tokenizer, prompt_ids, cfg, cfg.num_samples, cfg.batch_size, cfg.seed, desc="prefs"
     )
     del model  # the judge may be a reward model: one model's weights at a time past this point
-    scores = score_samples(judge, f"--judge {cfg.judge}", prompts, samples).tolist()
+    scores = score_samples(judge, f"--judge {cfg.judge}", prompts, samples, columns).tolist()
 
     pairs, skipped = _pair_every_prompt(prompts, [sample.text for sample in samples], scores, cfg)
     seconds = time.perf_counter() - start

@@ -124,11 +124,20 @@ def sequence_logps(
     return torch.cat(sums) if sums else torch.zeros(0)
 
 
-def score_samples(source, name: str, prompts: list[str], samples: list[Sample]) -> torch.Tensor:
-    """``(N,)`` scores of the samples' texts by a reward source; ``name`` (``"--judge vader"``) names it in errors."""
-    from prefalign.rewards import check_scores
+def score_samples(
+    source, name: str, prompts: list[str], samples: list[Sample], columns: dict[str, list] | None = None
+) -> torch.Tensor:
+    """``(N,)`` scores of the samples' texts by a reward source; ``name`` (``"--judge vader"``) names it in errors.
+
+    ``columns``: the prompt rows' other columns, one value per prompt (`prefalign.data.prompts.read_prompt_rows`);
+    each sample gets its prompt's values (the ``answer`` of the ``arithmetic`` judge, a ``module:function``'s
+    keyword arguments)."""
+    from prefalign.data import take_rows
+    from prefalign.rewards import check_scores, score_with_columns
 
     if not samples:
         return torch.zeros(0)
+    rows = [s.prompt for s in samples]
     texts = [s.text for s in samples]
-    return check_scores(source.score([prompts[s.prompt] for s in samples], texts), len(texts), name)
+    sample_columns = take_rows(columns, rows) if columns is not None else None
+    return check_scores(score_with_columns(source, [prompts[i] for i in rows], texts, sample_columns), len(texts), name)
