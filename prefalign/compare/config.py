@@ -12,11 +12,15 @@ from typing import TYPE_CHECKING, Annotated, cast
 import tyro
 
 from prefalign.compare.arms import ARMS, DEFAULT_ARMS, arms_help
+from prefalign.compare.tasks import TASKS, tasks_help
 from prefalign.trackers import DEFAULT_REPORT_TO, parse_report_to
 from prefalign.validation import Validated, flag
 
-# Budgets per preset. quick: a smoke run of every stage; default: the race the README reports; paper:
-# larger, for a GPU.
+# Budgets per preset. quick: a smoke run of every stage; default: the race the README reports, three seeds in
+# the wall time one seed of the earlier default took (24 tokens, 256 prompts, 60 reward-model and DPO steps, 32 PPO
+# iterations of 2 epochs): shorter completions, fewer prompts for pairs, half the optimizer steps at about twice
+# the learning rate (lr x steps, how far Adam moves the weights, kept), PPO on-policy (1 epoch); paper: larger,
+# for a GPU.
 PRESETS: dict[str, dict] = {
     "quick": dict(
         num_prompts=32,
@@ -37,26 +41,30 @@ PRESETS: dict[str, dict] = {
         dpo_beta=0.1,
         dpo_rf_beta=1.0,
         batch_size=4,
+        seeds=1,
+        curve_prompts=8,
     ),
     "default": dict(
-        num_prompts=256,
+        num_prompts=160,
         samples_per_prompt=4,
-        max_new_tokens=24,
+        max_new_tokens=16,
         eval_prompts=100,
         eval_samples=1,
-        rm_steps=60,
-        rm_lr=1e-5,
-        ppo_steps=32,
+        rm_steps=30,
+        rm_lr=2e-5,
+        ppo_steps=16,
         ppo_rollout_batch=16,
-        ppo_epochs=2,
-        ppo_lr=3e-5,
+        ppo_epochs=1,
+        ppo_lr=1e-4,
         ppo_value_lr=1e-4,
         ppo_kl_coef=0.05,
-        dpo_steps=60,
-        dpo_lr=4e-5,
+        dpo_steps=30,
+        dpo_lr=8e-5,
         dpo_beta=0.1,
         dpo_rf_beta=1.0,
         batch_size=8,
+        seeds=3,
+        curve_prompts=32,
     ),
     "paper": dict(
         num_prompts=324,
@@ -77,6 +85,8 @@ PRESETS: dict[str, dict] = {
         dpo_beta=0.1,
         dpo_rf_beta=1.0,
         batch_size=16,
+        seeds=3,
+        curve_prompts=100,
     ),
 }
 
@@ -86,21 +96,28 @@ class CompareConfig(Validated):
     """Race PPO-RLHF against DPO on the same preference pairs and measure everything."""
 
     preset: str = "default"
-    """Budget preset: quick (~3 min on 2 CPU cores), default (~15 min), paper (larger, for a GPU)."""
+    """Budget preset: quick (a smoke run of every stage, ~3 min on 2 CPU cores), default (PPO-RLHF and DPO, 3 seeds,
+    ~15 min), paper (larger, for a GPU)."""
+    task: Annotated[str, tyro.conf.arg(help=tasks_help())] = "sentiment"
+    """Built-in task (the ``--task`` help is built from the task table, `prefalign.compare.tasks.TASKS`): the
+    packaged prompts and the gold judge used where --train-prompts, --heldout-prompts or --judge are not given."""
     model: str = "smollm2-135m"
     """Starting policy (and reference) for every arm."""
-    judge: str = "vader"
-    """Gold judge: a built-in judge, module:function, or a reward-model directory."""
+    judge: str | None = None
+    """Gold judge: a built-in judge (vader, arithmetic), module:function, or a reward-model directory (default: the
+    task's judge)."""
     train_prompts: str | None = None
-    """Prompts for pair making and PPO (default: the packaged movie-review prefixes, train split)."""
+    """Prompts for pair making and PPO, a file whose other columns (e.g. answer) reach the judge (default: the
+    task's packaged prompts, train split)."""
     heldout_prompts: str | None = None
-    """Prompts for evaluation (default: the packaged movie-review prefixes, held-out split)."""
+    """Prompts for evaluation, read like --train-prompts (default: the task's packaged prompts, held-out split)."""
     chat: bool = False
     """Wrap prompts in the chat template (off: plain continuation, the sentiment task)."""
     arms: Annotated[list[str], tyro.conf.arg(help=arms_help())] = field(default_factory=lambda: list(DEFAULT_ARMS))
     """Arms to train (the ``--arms`` help is built from the arm table, `prefalign.compare.arms.ARMS`)."""
-    seeds: int = 1
-    """Repeat every arm with this many seeds and report mean and spread."""
+    seeds: int | None = None
+    """Train every arm this many times (seed, seed + 1, ...) and report the mean with 95% intervals across seeds
+    and held-out prompts (the default preset: 3)."""
     sweep: bool = False
     """Also train DPO at --sweep-betas and PPO at --sweep-kl-coefs: a gold-vs-KL frontier per method."""
     sweep_betas: list[float] = field(default_factory=lambda: [0.05, 0.5])
@@ -168,17 +185,24 @@ class CompareConfig(Validated):
     """DPO beta."""
     dpo_rf_beta: float | None = None
     """Beta of the reference-free arm (1 = the plain pairwise likelihood loss -log sigmoid(logp(x+) - logp(x-)))."""
+    curve_prompts: int | None = None
+    """Held-out prompts every online arm evaluates while it trains (gold, proxy and KL: the over-optimisation
+    curve; at most --eval-prompts)."""
+    curve_points: int = 4
+    """Held-out evaluations of every online arm during training, evenly spaced (plus one before training)."""
     eval_split: float = 0.1
     """Fraction of pairs held out (reward-model accuracy, DPO eval metrics); the same pairs for every arm."""
 
     def validate(self) -> None:
         if self.preset not in PRESETS:
             raise ValueError(f"--preset must be one of {', '.join(PRESETS)}, got {self.preset!r}")
+        if self.task not in TASKS:
+            raise ValueError(f"--task must be one of {', '.join(TASKS)}, got {self.task!r}")
         unknown = [name for name in self.arms if name not in ARMS]
         if unknown or not self.arms:
             raise ValueError(f"--arms takes some of {', '.join(ARMS)}; got {' '.join(self.arms) or 'none'}")
-        if self.seeds < 1:
-            raise ValueError(f"--seeds must be >= 1, got {self.seeds}")
+        if self.curve_points < 1:
+            raise ValueError(f"--curve-points must be >= 1, got {self.curve_points}")
         if self.overwrite and self.resume:
             raise ValueError("--overwrite and --resume contradict each other; choose one")
         if self.pair_rule not in ("best_worst", "all"):
@@ -207,11 +231,14 @@ class CompareConfig(Validated):
         return parse_report_to(self.report_to)
 
     def resolved(self) -> ResolvedConfig:
-        """A copy with every unset budget filled from the preset (the user's values win)."""
+        """A copy with every unset budget filled from the preset and an unset --judge from the task (the user's
+        values win)."""
         import dataclasses
 
         preset = PRESETS[self.preset]
         filled = {key: value for key, value in preset.items() if getattr(self, key) is None}
+        if self.judge is None:
+            filled["judge"] = TASKS[self.task].judge
         return cast("ResolvedConfig", dataclasses.replace(self, **filled))
 
 
@@ -221,6 +248,9 @@ if TYPE_CHECKING:
         """For the type checker: a `CompareConfig.resolved` config, whose budgets (PRESETS' keys) are all set. The
         stages, their arguments and the summary read this."""
 
+        judge: str
+        seeds: int
+        curve_prompts: int
         num_prompts: int
         samples_per_prompt: int
         max_new_tokens: int

@@ -25,23 +25,29 @@ from prefalign.compare.plan import plan_stages
 from prefalign.compare.progress import RaceProgress
 from prefalign.compare.stages import StageRunner
 from prefalign.compare.summary import log_summary, summarize
+from prefalign.compare.tasks import TASKS
 from prefalign.errors import UserError
 from prefalign.preflight import preflight_race
 from prefalign.runio import claimed_output_dir, write_config, write_jsonl
 from prefalign.trackers import load_tracker_packages
 
 
-def _prompts(source: str | None, split: str, count: int, tokenizer) -> list[str]:
-    from prefalign.data import load_prompts
-    from prefalign.resources import movie_prefixes
+def _prompts(source: str | None, resource: str, count: int, tokenizer) -> list[dict]:
+    """The first ``count`` prompt rows of ``source`` (default: the packaged file ``resource``), each with every
+    column of its row: the judge of every stage reads them (the arithmetic judge its ``answer``)."""
+    from prefalign.data import load_prompt_rows
+    from prefalign.resources import resource_path
 
-    prompts = movie_prefixes(split) if source is None else load_prompts(source, tokenizer)
+    prompts, columns = load_prompt_rows(resource_path(resource) if source is None else source, tokenizer)
     if len(prompts) < count:
         raise UserError(
-            f"{source or f'packaged {split} prefixes'}: {len(prompts)} prompts, fewer than the {count} "
+            f"{source or f'packaged {resource}'}: {len(prompts)} prompts, fewer than the {count} "
             "asked for; lower --num-prompts / --eval-prompts or give more prompts"
         )
-    return prompts[:count]
+    return [
+        {"prompt": prompt, **{name: values[i] for name, values in columns.items()}}
+        for i, prompt in enumerate(prompts[:count])
+    ]
 
 
 class Comparison:
@@ -79,7 +85,8 @@ class Comparison:
         return summary
 
     def _write_prompts(self, out: Path) -> tuple[Path, Path]:
-        """The training and held-out prompts as files every stage reads (kept as they are on --resume)."""
+        """The training and held-out prompts (the task's packaged ones unless given), every column of their rows, as
+        files every stage reads (kept as they are on --resume)."""
         from prefalign.models import load_tokenizer
 
         cfg = self.cfg
@@ -87,16 +94,8 @@ class Comparison:
         (out / "prompts").mkdir(exist_ok=True)
         train_prompts = out / "prompts" / "train.jsonl"
         heldout_prompts = out / "prompts" / "heldout.jsonl"
+        task = TASKS[cfg.task]
         if not (cfg.resume and train_prompts.exists()):
-            write_jsonl(
-                train_prompts,
-                [{"prompt": prompt} for prompt in _prompts(cfg.train_prompts, "train", cfg.num_prompts, tokenizer)],
-            )
-            write_jsonl(
-                heldout_prompts,
-                [
-                    {"prompt": prompt}
-                    for prompt in _prompts(cfg.heldout_prompts, "heldout", cfg.eval_prompts, tokenizer)
-                ],
-            )
+            write_jsonl(train_prompts, _prompts(cfg.train_prompts, task.train, cfg.num_prompts, tokenizer))
+            write_jsonl(heldout_prompts, _prompts(cfg.heldout_prompts, task.heldout, cfg.eval_prompts, tokenizer))
         return train_prompts, heldout_prompts
