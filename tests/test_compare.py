@@ -34,7 +34,12 @@ TINY_BUDGET = [
 
 
 def test_compare_end_to_end_on_a_tiny_model_then_resume(tmp_path, tiny_model_dir):
+    """Two seeds: the report carries 95% intervals, paired differences, the over-optimisation curves and the
+    verdict per claim, and the terminal prints the verdict."""
+    from prefalign.compare.verdict import VERDICTS
+
     out = tmp_path / "cmp"
+    arms = ["ppo", "dpo"]
     r = run_cli(
         "compare",
         "--preset",
@@ -42,10 +47,9 @@ def test_compare_end_to_end_on_a_tiny_model_then_resume(tmp_path, tiny_model_dir
         "--model",
         tiny_model_dir,
         "--arms",
-        "ppo",
-        "dpo",
-        "dpo_rf",
-        "ppo_gt",
+        *arms,
+        "--seeds",
+        "2",
         *TINY_BUDGET,
         "--output",
         out,
@@ -53,46 +57,53 @@ def test_compare_end_to_end_on_a_tiny_model_then_resume(tmp_path, tiny_model_dir
     )
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
-    assert [a["name"] for a in summary["arms"]] == ["start", "ppo", "dpo", "dpo_rf", "ppo_gt"]
-    start = summary["arms"][0]["eval"]
-    assert start["kl_mean"] == 0.0 and start["win_rate"] == 0.5  # the start compared with itself
+    assert [a["name"] for a in summary["arms"]] == ["start", *arms]
+    start = summary["arms"][0]
+    assert start["eval"]["kl_mean"] == 0.0 and start["eval"]["win_rate"] == 0.5  # the start compared with itself
+    assert start["intervals"]["win_rate"] == {"mean": 0.5, "low": 0.5, "high": 0.5}
     for arm in summary["arms"][1:]:
         cost = arm["cost"]
         assert cost["wall_seconds"]["total"] > 0 and cost["peak_rss_mb"] > 0 and cost["gradient_steps"] > 0
         assert set(arm["eval"]) >= {"gold_mean", "kl_mean", "win_rate", "length_mean", "eos_rate", "n"}
-        assert arm["eval"]["n"] == 6
+        assert arm["eval"]["n"] == 6 and len(arm["seeds"]) == 2 and len(arm["seed_costs"]) == 2
+        for key in ("gold_mean", "kl_mean", "win_rate"):
+            found = arm["intervals"][key]
+            assert found["low"] <= found["mean"] <= found["high"], (arm["name"], key, found)
+        gain = arm["vs_start"]["gold"]
+        assert gain["mean"] == pytest.approx(arm["eval"]["gold_mean"] - start["eval"]["gold_mean"], abs=1e-9)
+    assert [(d["a"], d["b"]) for d in summary["differences"]] == [("ppo", "dpo")]
     by = {a["name"]: a for a in summary["arms"]}
     assert (
         by["ppo"]["cost"]["wall_seconds"]["reward_model"] > 0 and by["ppo"]["cost"]["rm_heldout_accuracy"] is not None
     )
-    assert by["ppo_gt"]["cost"]["pairs_used"] == 0 and by["ppo_gt"]["cost"]["wall_seconds"]["pairs"] == 0
+    assert by["dpo"]["cost"]["implicit_reward_heldout_accuracy"] is not None
     assert by["dpo"]["cost"]["pairs_used"] == 4  # 2 steps x 2 pairs
-    report = (out / "report.md").read_text()
-    for label in (
+    assert by["dpo"]["cost"]["tokens_generated_training"] == 0 < by["ppo"]["cost"]["tokens_generated_training"]
+    # held-out points before training and after each of the 2 iterations (--ppo-steps 2 / --curve-points 4 -> 1)
+    curves = {curve["arm"]: curve["points"] for curve in summary["overoptimisation"]}
+    assert list(curves) == ["ppo"] and [point["step"] for point in curves["ppo"]] == [0, 1, 2]
+    verdict = summary["verdict"]
+    assert [row["topic"] for row in verdict] == [
         "Reward model",
         "Policy update",
         "Loss",
-        "Compute cost",
-        "Sample efficiency",
-        "PPO-RLHF",
-        "DPO",
-        "DPO (reference-free)",
-        "PPO on the gold judge",
-    ):
+        "Compute cost and sample efficiency",
+    ]
+    assert all(row["verdict"] in VERDICTS for row in verdict)
+    assert verdict[1]["verdict"] == "holds"  # PPO sampled while training, DPO did not: the mechanism itself
+    report = (out / "report.md").read_text()
+    assert report.index("## Verdict") < report.index("## How to read this report")
+    for label in ("Paired differences", "PPO-RLHF vs Starting policy", "PPO-RLHF vs DPO", "Over-optimisation"):
         assert label in report, label
-    for png in ("gold_vs_kl.png", "training_curves.png", "gold_vs_wall_time.png"):
+    for png in ("gold_vs_kl.png", "training_curves.png", "gold_vs_wall_time.png", "overoptimisation.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "<|im_start|>" not in report  # plain continuation: prompts are not chat-templated
+    # the answer on the terminal: every row's verdict, in order
+    printed = r.stdout[r.stdout.index("Verdict, claim by claim") :]
+    positions = [printed.index(f"{n}. {row['topic']} - {row['verdict']}:") for n, row in enumerate(verdict, 1)]
+    assert positions == sorted(positions)
     stages = json.loads((out / "stages.json").read_text())
-    assert set(stages) == {
-        "pairs",
-        "seed-0/rm",
-        "seed-0/ppo",
-        "seed-0/dpo",
-        "seed-0/dpo_rf",
-        "seed-0/ppo_gt",
-        "seed-0/eval",
-    }
+    assert set(stages) == {"pairs"} | {f"seed-{s}/{n}" for s in (0, 1) for n in ("rm", "ppo", "dpo", "eval")}
     # finished stages keep their models, not their optimizer checkpoints (never resumed; ~2 GB per arm at 135M)
     assert not list(out.rglob("checkpoints")) and (out / "seed-0" / "dpo" / "final" / "config.json").is_file()
 
@@ -105,10 +116,9 @@ def test_compare_end_to_end_on_a_tiny_model_then_resume(tmp_path, tiny_model_dir
         "--model",
         tiny_model_dir,
         "--arms",
-        "ppo",
-        "dpo",
-        "dpo_rf",
-        "ppo_gt",
+        *arms,
+        "--seeds",
+        "2",
         *TINY_BUDGET,
         "--output",
         out,

@@ -48,8 +48,9 @@ def test_plan_is_the_recorded_plan(scenario):
     assert plan_of(*golden["flags"]) == golden["stages"]
 
 
-def test_default_race_is_unchanged_by_the_new_arms():
-    assert DEFAULT_ARMS == ["ppo", "dpo", "dpo_rf"] == CompareConfig().arms
+def test_the_default_race_is_the_classic_table():
+    """PPO-RLHF and DPO, three seeds each (reference-free DPO and the rest are one --arms away)."""
+    assert DEFAULT_ARMS == ["ppo", "dpo"] == CompareConfig().arms and CompareConfig().resolved().seeds == 3
     assert list(ARMS) == ["ppo", "dpo", "dpo_rf", "ppo_gt", "simpo", "orpo", "grpo", "rloo", "grpo_gt"]
 
 
@@ -90,8 +91,7 @@ def test_simpo_and_orpo_run_dpo_with_their_loss_on_the_dpo_budget():
     assert stage_args(plan, "seed-0/orpo") == [*budget, "--loss-type", "orpo"]
     evaluation = stage_args(plan, "seed-0/eval")
     policies = evaluation[evaluation.index("--policies") + 1 : evaluation.index("--reference")]
-    assert policies == [
-        "start=smollm2-135m",
+    assert policies == [  # the starting policy is --reference, sampled once
         "dpo=OUT/seed-0/dpo/final",
         "simpo=OUT/seed-0/simpo/final",
         "orpo=OUT/seed-0/orpo/final",
@@ -183,12 +183,17 @@ def _fake_race(out: Path, cfg: CompareConfig) -> dict[str, StageResult]:
     (out / "pairs" / "metrics.json").write_text(json.dumps({"new_tokens": 1000}))
     results = {"pairs": StageResult("pairs", str(out / "pairs"), 60.0, 2000.0)}
     seed_dir = out / "seed-0"
-    policies = {name: {"gold_mean": 0.1, "kl_mean": 1.0, "win_rate": 0.6, "n": 4} for name in ["start", *cfg.arms]}
+    # the starting policy is the evaluation's reference
+    policies = {name: {"gold_mean": 0.1, "kl_mean": 1.0, "win_rate": 0.6, "n": 4} for name in ["reference", *cfg.arms]}
     (seed_dir / "eval").mkdir(parents=True)
     (seed_dir / "eval" / "eval.json").write_text(json.dumps({"policies": policies}))
     _write_jsonl(
         seed_dir / "eval" / "completions.jsonl",
-        [{"policy": name, "prompt": "p", "sample": 0, "completion": f" {name}", "gold": 0.5} for name in policies],
+        [
+            {"policy": name, "prompt": prompt, "sample": 0, "completion": f" {name}", "gold": 0.5, "kl": 1.0}
+            for name in policies
+            for prompt in ("p", "q")
+        ],
     )
     for index, stage in enumerate(["rm", *cfg.arms]):
         run = final_model(seed_dir, stage).parent
@@ -212,6 +217,8 @@ def test_costs_are_charged_by_stage(tmp_path):
     cfg = CompareConfig(preset="quick", arms=["ppo", "simpo", "ppo_gt"]).resolved()
     summary = summarize(cfg, tmp_path, _fake_race(tmp_path, cfg))
     by_name = {arm["name"]: arm for arm in summary["arms"]}
+    assert by_name["ppo"]["vs_start"]["gold"] == {"mean": 0.0, "low": 0.0, "high": 0.0}  # every gold 0.5
+    assert summary["verdict"] == []  # no DPO arm: the table compares PPO-RLHF with DPO
     assert [arm["label"] for arm in summary["arms"]] == [
         "Starting policy",
         "PPO-RLHF",

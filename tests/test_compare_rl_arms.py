@@ -71,5 +71,5 @@ def test_grpo_gt_is_on_the_gold_judge_and_no_arm_joins_the_default_race():
     assert [name for name, _, _ in plan] == ["pairs", "seed-0/grpo_gt", "seed-0/eval"]
     args = stage_args(plan, "seed-0/grpo_gt")
     assert args[args.index("--reward") + 1] == "vader"
-    assert DEFAULT_ARMS == ["ppo", "dpo", "dpo_rf"]
+    assert DEFAULT_ARMS == ["ppo", "dpo"]
     assert Path("OUT/seed-0/rm/final").as_posix() not in args

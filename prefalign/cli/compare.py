@@ -24,13 +24,31 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = parse(CompareConfig, argv, prog="prefalign compare", description=__doc__)
     summary = Comparison(cfg).run()
-    width = max(len(arm["label"]) for arm in summary["arms"])
-    print(f"\n{'arm':<{width}}  gold    KL     win    wall s")
-    for arm in summary["arms"]:
-        scores, cost = arm["eval"], arm["cost"]
-        print(
-            f"{arm['label']:<{width}}  {scores['gold_mean']:+.3f}  {scores['kl_mean']:5.2f}  "
-            f"{scores['win_rate']:.2f}  {cost['wall_seconds']['total']:7.1f}"
-        )
+    print("\n" + results_text(summary))
+    if summary.get("verdict"):
+        print("\n" + verdict_text(summary["verdict"]))
     print(f"\nreport: {cfg.output}/report.md (and report.html, summary.json, plots)")
     return 0
+
+
+def results_text(summary: dict) -> str:
+    """The arms on a terminal: gold, KL and win rate against the start with their 95% intervals, wall time."""
+    from prefalign.eval.report.values import fmt_stat, wall
+
+    width = max(len(arm["label"]) for arm in summary["arms"])
+    lines = [f"{'arm':<{width}}  {'gold [95% interval]':<26}{'KL, nats':<23}{'win rate vs start':<24}wall"]
+    for arm in summary["arms"]:
+        seconds = wall(arm, "total") or 0.0
+        lines.append(
+            f"{arm['label']:<{width}}  {fmt_stat(arm, 'gold_mean', '+.3f'):<26}{fmt_stat(arm, 'kl_mean', '.2f'):<23}"
+            f"{fmt_stat(arm, 'win_rate', '.3f'):<24}{seconds / 60:.1f} min"
+        )
+    return "\n".join(lines)
+
+
+def verdict_text(rows: list[dict]) -> str:
+    """summary.json's verdict rows as `prefalign.compare.verdict.verdict_text` prints them."""
+    from prefalign.compare.verdict import VerdictRow
+    from prefalign.compare.verdict import verdict_text as render
+
+    return "Verdict, claim by claim (PPO-RLHF vs DPO):\n\n" + render([VerdictRow(**row) for row in rows])

@@ -66,8 +66,25 @@ def pair_training_args(cfg: ResolvedConfig, seed: int, pairs: Path, learning_rat
     ]
 
 
-def ppo_args(cfg: ResolvedConfig, seed: int, prompts: Path, reward: str, kl_coef: float) -> list:
-    """A PPO run on the training prompts against ``reward`` (a reward-model directory or the gold judge)."""
+def heldout_args(cfg: ResolvedConfig, heldout: Path) -> list:
+    """An online run's held-out evaluations while it trains (before the first update, then every ``ppo_steps /
+    curve_points`` iterations): the gold judge and the run's own reward (the proxy) on the first ``curve_prompts``
+    held-out prompts, with KL to the reference: the over-optimisation curve (Gao, Schulman, Hilton 2022)."""
+    return [
+        "--heldout-prompts",
+        heldout,
+        "--heldout-judge",
+        cfg.judge,
+        "--heldout-every",
+        max(1, cfg.ppo_steps // cfg.curve_points),
+        "--heldout-limit",
+        min(cfg.curve_prompts, cfg.eval_prompts),
+    ]
+
+
+def ppo_args(cfg: ResolvedConfig, seed: int, prompts: Path, heldout: Path, reward: str, kl_coef: float) -> list:
+    """A PPO run on the training prompts against ``reward`` (a reward-model directory or the gold judge), with its
+    held-out curve (`heldout_args`)."""
     return [
         *run_args(cfg, seed),
         "--prompts",
@@ -91,4 +108,5 @@ def ppo_args(cfg: ResolvedConfig, seed: int, prompts: Path, reward: str, kl_coef
         "constant",
         "--sample-every",
         max(1, cfg.ppo_steps // 4),
+        *heldout_args(cfg, heldout),
     ]

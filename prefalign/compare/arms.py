@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefalign.compare.argv import pair_training_args, ppo_args, run_args, sampling_args
+from prefalign.compare.argv import heldout_args, pair_training_args, ppo_args, run_args, sampling_args
 from prefalign.methods import PPO_OBJECTIVE as _PPO_LOSS
 
 if TYPE_CHECKING:
@@ -45,6 +45,8 @@ class StageInputs:
     seed_dir: Path
     """``OUT/seed-S``: every run of this seed, the shared ones included (the reward model is ``rm/final``)."""
     train_prompts: Path
+    heldout_prompts: Path
+    """The held-out prompts (the evaluation's, and the online arms' curve during training)."""
     pairs: Path
     """The shared preference pairs (``OUT/pairs/pairs.jsonl``)."""
     setting: float | None = None
@@ -180,12 +182,14 @@ REWARD_MODEL = Stage(
 def _ppo_on_reward_model(inputs: StageInputs) -> list:
     reward = str(final_model(inputs.seed_dir, REWARD_MODEL.name))
     assert inputs.setting is not None, "the ppo arm sweeps kl_coef: Arm.args sets it"
-    return ppo_args(inputs.cfg, inputs.seed, inputs.train_prompts, reward, kl_coef=inputs.setting)
+    return ppo_args(
+        inputs.cfg, inputs.seed, inputs.train_prompts, inputs.heldout_prompts, reward, kl_coef=inputs.setting
+    )
 
 
 def _ppo_on_gold_judge(inputs: StageInputs) -> list:
     cfg = inputs.cfg
-    return ppo_args(cfg, inputs.seed, inputs.train_prompts, cfg.judge, kl_coef=cfg.ppo_kl_coef)
+    return ppo_args(cfg, inputs.seed, inputs.train_prompts, inputs.heldout_prompts, cfg.judge, kl_coef=cfg.ppo_kl_coef)
 
 
 def _dpo_budget(inputs: StageInputs) -> list:
@@ -246,6 +250,7 @@ def _critic_free(estimator: str, gold: bool) -> Callable[[StageInputs], list]:
             "constant",
             "--sample-every",
             max(1, cfg.ppo_steps // 4),
+            *heldout_args(cfg, inputs.heldout_prompts),
         ]
 
     return args
@@ -293,7 +298,7 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
         sweep=Sweep("beta", "beta", values=lambda cfg: cfg.sweep_betas, base=lambda cfg: cfg.dpo_beta),
         reward_model="none: implicit in the policy", loss="-log sigmoid(beta((logp_c - ref_c) - (logp_r - ref_r)))"),
     Arm("dpo_rf", "DPO (reference-free)", "DPO without a reference model, at --dpo-rf-beta", DPO_LIKE,
-        _dpo_reference_free, in_default_race=True, reward_model="none: implicit in the policy, no reference model",
+        _dpo_reference_free, reward_model="none: implicit in the policy, no reference model",
         loss="-log sigmoid(logp(x+) - logp(x-))"),
     Arm("ppo_gt", "PPO on the gold judge", "PPO straight on the gold judge, an upper reference", PPO_RLHF,
         _ppo_on_gold_judge, reward_model="none: optimises the gold judge directly (an upper bound, not a fair race)",

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prefalign.compare.argv import sampler_args, sampling_args
-from prefalign.compare.arms import START, StageInputs, final_model, selected_arms, sweep_runs
+from prefalign.compare.arms import StageInputs, final_model, selected_arms, sweep_runs
 
 if TYPE_CHECKING:
     from prefalign.compare.config import ResolvedConfig
@@ -40,11 +40,11 @@ def seed_dir(out: Path, seed: int) -> Path:
 
 def plan_stages(cfg: ResolvedConfig, out: Path, train_prompts: Path, heldout_prompts: Path) -> list[PlannedStage]:
     """Every stage of the race for the resolved ``cfg``: pairs, then per seed the arms' stages (shared ones
-    once), the sweep (first seed only) and the evaluation."""
+    once), the sweep and the evaluation."""
     plan = [PlannedStage("pairs", "prefs", _pairs_args(cfg, train_prompts))]
     for index in range(cfg.seeds):
         seed = cfg.seed + index
-        inputs = StageInputs(cfg, seed, seed_dir(out, seed), train_prompts, pairs_path(out))
+        inputs = StageInputs(cfg, seed, seed_dir(out, seed), train_prompts, heldout_prompts, pairs_path(out))
         planned: set[str] = set()
         for arm in selected_arms(cfg):
             for stage in arm.stages:
@@ -55,8 +55,7 @@ def plan_stages(cfg: ResolvedConfig, out: Path, train_prompts: Path, heldout_pro
                             f"seed-{seed}/{stage.name}", stage.command, stage.args(arm.inputs_for(inputs)), stage.metric
                         )
                     )
-        with_sweep = cfg.sweep and index == 0
-        if with_sweep:
+        if cfg.sweep:
             for name, arm, value in sweep_runs(cfg):
                 plan.append(
                     PlannedStage(
@@ -66,13 +65,13 @@ def plan_stages(cfg: ResolvedConfig, out: Path, train_prompts: Path, heldout_pro
                         arm.policy_stage.metric,
                     )
                 )
-        plan.append(PlannedStage(f"seed-{seed}/eval", "eval", _eval_args(cfg, inputs, heldout_prompts, with_sweep)))
+        plan.append(PlannedStage(f"seed-{seed}/eval", "eval", _eval_args(cfg, inputs, heldout_prompts)))
     return plan
 
 
-def evaluated_policies(cfg: ResolvedConfig, with_sweep: bool) -> list[str]:
+def evaluated_policies(cfg: ResolvedConfig) -> list[str]:
     """The trained policies a seed's evaluation scores: the arms in ``--arms`` order, then the sweep runs."""
-    return [*cfg.arms, *(name for name, _, _ in sweep_runs(cfg) if with_sweep)]
+    return [*cfg.arms, *(name for name, _, _ in sweep_runs(cfg) if cfg.sweep)]
 
 
 def reward_model_stage(cfg: ResolvedConfig) -> str | None:
@@ -102,9 +101,12 @@ def _pairs_args(cfg: ResolvedConfig, train_prompts: Path) -> list:
     ]
 
 
-def _eval_args(cfg: ResolvedConfig, inputs: StageInputs, heldout_prompts: Path, with_sweep: bool) -> list:
-    policies = [f"{START}={cfg.model}"]
-    policies += [f"{name}={final_model(inputs.seed_dir, name)}" for name in evaluated_policies(cfg, with_sweep)]
+def _eval_args(cfg: ResolvedConfig, inputs: StageInputs, heldout_prompts: Path) -> list:
+    # The starting policy is the evaluation's reference (its row: KL 0, win rate 1/2), not a policy sampled twice.
+    # Every seed's evaluation samples with the base seed: the starting policy's completions are the same in each,
+    # and every policy of every seed draws the same random numbers for the same prompt (common random numbers),
+    # so arm-vs-arm and arm-vs-start differences pair up across seeds (`prefalign.compare.stats`).
+    policies = [f"{name}={final_model(inputs.seed_dir, name)}" for name in evaluated_policies(cfg)]
     args = [
         "--policies",
         *policies,
@@ -119,7 +121,7 @@ def _eval_args(cfg: ResolvedConfig, inputs: StageInputs, heldout_prompts: Path, 
         *sampling_args(cfg),
         *sampler_args(cfg),
         "--seed",
-        inputs.seed,
+        cfg.seed,
     ]
     proxy = reward_model_stage(cfg)
     if proxy is not None:

@@ -9,9 +9,14 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from prefalign.compare.arms import ARMS, START, START_LABEL, Arm, selected_arms, sweep_runs
+from prefalign.compare.arms import ARMS, START, START_LABEL, Arm
+from prefalign.compare.curves import overoptimisation, read_jsonl, sweep_points
+from prefalign.compare.evidence import Evidence, gather
 from prefalign.compare.plan import seed_dir
 from prefalign.compare.stages import StageResult
+from prefalign.compare.stats import REFERENCE_POLICY
+from prefalign.compare.verdict import verdict_inputs, verdict_rows
+from prefalign.eval.report.values import trained
 from prefalign.runio import to_plain
 from prefalign.trackers import TrackedRun, open_trackers
 
@@ -21,38 +26,67 @@ if TYPE_CHECKING:
 EVAL_KEYS = ("gold_mean", "gold_std", "proxy_mean", "kl_mean", "kl_std", "win_rate", "length_mean", "eos_rate", "n")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def summarize(cfg: ResolvedConfig, out: Path, results: dict[str, StageResult]) -> dict:
     """The summary of a finished comparison of the resolved ``cfg`` in ``out``; ``results``: every stage's
     measured run, by stage name."""
     seeds = [cfg.seed + index for index in range(cfg.seeds)]
     evals = {seed: json.loads((seed_dir(out, seed) / "eval" / "eval.json").read_text()) for seed in seeds}
     costs = _Costs(cfg, out, results)
+    evidence = gather(out, seeds, list(cfg.arms))
     arms = []
     for name in [START, *cfg.arms]:
-        per_seed = [_eval_of(evals[seed], name) for seed in seeds]
+        policy = REFERENCE_POLICY if name == START else name  # the start is every evaluation's reference
+        per_seed = [_eval_of(evals[seed], policy) for seed in seeds]
+        seed_costs = [costs.of(ARMS.get(name), seed) for seed in seeds]
         arm = {
             "name": name,
             "label": START_LABEL if name == START else ARMS[name].label,
             "eval": mean_over_seeds(per_seed),
-            "cost": mean_over_seeds([costs.of(ARMS.get(name), seed) for seed in seeds]),
+            "intervals": evidence.intervals[name],
+            "cost": mean_over_seeds(seed_costs),
         }
         if len(seeds) > 1:
             arm["seeds"] = per_seed
+            arm["seed_costs"] = seed_costs
         if name != START:
+            arm["vs_start"] = evidence.vs_start[name]
             arm["curve_metric"], arm["curve"] = _curve(out, ARMS[name], seeds[0])
         arms.append(arm)
-    return {
+    summary = {
         "title": "PPO-RLHF vs DPO",
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "settings": dict(vars(cfg)),
         "arms": arms,
-        "sweep": _sweep_points(cfg, evals[seeds[0]]) if cfg.sweep else [],
+        "differences": evidence.differences,
+        "overoptimisation": overoptimisation(cfg, out, seeds),
+        "sweep": sweep_points(cfg, evals) if cfg.sweep else [],
         "samples": _samples(cfg, out, seeds[0]),
     }
+    summary["verdict"] = verdict_of(summary, evidence)
+    return summary
+
+
+def verdict_of(summary: dict, evidence: Evidence) -> list[dict]:
+    """The verdict per claim of the PPO-RLHF vs DPO table (`prefalign.compare.verdict`), from every arm's per-seed
+    costs and the evaluation's paired scores; [] without a PPO-RLHF and a DPO arm."""
+    costs, rm_accuracy, dpo_accuracy = {}, [], []
+    for arm in trained(summary["arms"]):
+        seed_costs = arm.get("seed_costs") or [arm["cost"]]
+        costs[arm["name"]] = [
+            {
+                **cost,
+                "wall_seconds": cost["wall_seconds"]["total"],
+                "rm_wall_seconds": cost["wall_seconds"]["reward_model"],
+                "rm_gradient_steps": cost["rm_gradient_steps"],
+            }
+            for cost in seed_costs
+        ]
+        if arm["name"] == "ppo":
+            rm_accuracy = [cost["rm_heldout_accuracy"] for cost in seed_costs]
+        if arm["name"] == "dpo":
+            dpo_accuracy = [cost["implicit_reward_heldout_accuracy"] for cost in seed_costs]
+    inputs = verdict_inputs(list(costs), costs, evidence.scores, rm_accuracy, dpo_accuracy)
+    return [row.to_dict() for row in verdict_rows(inputs)]
 
 
 def log_summary(cfg: ResolvedConfig, out: Path, summary: dict) -> None:
@@ -76,26 +110,6 @@ def _eval_of(evaluation: dict, name: str) -> dict:
     return {key: scores.get(key) for key in EVAL_KEYS}
 
 
-def _sweep_points(cfg: ResolvedConfig, evaluation: dict) -> list[dict]:
-    """The frontier of every swept arm: its sweep runs, then (arms in name order) its own setting."""
-    points = [_sweep_point(arm, float(value), _eval_of(evaluation, name)) for name, arm, value in sweep_runs(cfg)]
-    for arm in sorted(selected_arms(cfg), key=lambda arm: arm.name):
-        if arm.sweep is not None:
-            points.append(_sweep_point(arm, arm.sweep.base(cfg), _eval_of(evaluation, arm.name)))
-    return points
-
-
-def _sweep_point(arm: Arm, value: float, scores: dict) -> dict:
-    assert arm.sweep is not None, f"{arm.name} has no sweep"  # only swept arms have frontier points
-    return {
-        "arm": arm.name,
-        "param": arm.sweep.param,
-        "value": value,
-        "gold_mean": scores["gold_mean"],
-        "kl_mean": scores["kl_mean"],
-    }
-
-
 class _Costs:
     """What an arm cost: its stages' wall time and peak memory, plus the shared pair making when it trains
     on the pairs; tokens generated, gradient steps, pairs used, reward-model accuracy."""
@@ -114,9 +128,12 @@ class _Costs:
                 "wall_seconds": {"pairs": 0.0, "reward_model": 0.0, "policy": 0.0, "total": 0.0},
                 "peak_rss_mb": 0.0,
                 "tokens_generated": 0,
+                "tokens_generated_training": 0,
                 "gradient_steps": 0,
+                "rm_gradient_steps": 0,
                 "pairs_used": 0,
                 "rm_heldout_accuracy": None,
+                "implicit_reward_heldout_accuracy": None,
             }
         runs = {stage.charged_as: (stage, self.results[f"seed-{seed}/{stage.name}"]) for stage in arm.stages}
         policy = runs["policy"][1]
@@ -129,10 +146,17 @@ class _Costs:
         }
         wall["total"] = round(sum(wall.values()), 3)
         measured = [policy] + ([reward_model] if reward_model else []) + ([self.pairs_run] if uses_pairs else [])
-        tokens = self.pairs_tokens if uses_pairs else 0
+        rows = read_jsonl(Path(policy.out_dir) / "metrics.jsonl")
+        training_tokens = 0  # sampled by the arm's own training run (rollouts), besides the shared pairs
         if arm.family.online:
-            rows = read_jsonl(Path(policy.out_dir) / "metrics.jsonl")
-            tokens += int(sum(row["val/response_length"] * self.cfg.ppo_rollout_batch for row in rows))
+            training_tokens = int(
+                sum(
+                    row["val/response_length"] * self.cfg.ppo_rollout_batch
+                    for row in rows
+                    if "val/response_length" in row
+                )
+            )
+        tokens = training_tokens + (self.pairs_tokens if uses_pairs else 0)
         pairs_used = max(
             (
                 _pairs_seen(Path(run.out_dir), stage.steps(self.cfg))
@@ -145,9 +169,15 @@ class _Costs:
             "wall_seconds": wall,
             "peak_rss_mb": max(run.peak_rss_mb for run in measured),
             "tokens_generated": tokens,
+            "tokens_generated_training": training_tokens,
             "gradient_steps": sum(stage.steps(self.cfg) for stage in arm.stages),
+            "rm_gradient_steps": sum(
+                stage.steps(self.cfg) for stage in arm.stages if stage.charged_as == "reward_model"
+            ),
             "pairs_used": pairs_used,
             "rm_heldout_accuracy": _heldout_accuracy(reward_model),
+            # a DPO-like arm's implicit reward, beta * log(pi / pi_ref), ranking the held-out pairs
+            "implicit_reward_heldout_accuracy": None if arm.family.online else _last(rows, "eval/rewards/accuracies"),
         }
 
 
@@ -160,8 +190,13 @@ def _heldout_accuracy(reward_model: StageResult | None) -> float | None:
     """The reward model's last held-out pair accuracy (None: no reward model, or it never evaluated)."""
     if reward_model is None:
         return None
-    evaluations = [row for row in read_jsonl(Path(reward_model.out_dir) / "metrics.jsonl") if "eval/accuracy" in row]
-    return evaluations[-1]["eval/accuracy"] if evaluations else None
+    return _last(read_jsonl(Path(reward_model.out_dir) / "metrics.jsonl"), "eval/accuracy")
+
+
+def _last(rows: list[dict], key: str) -> float | None:
+    """The last logged value of ``key`` (None: never logged)."""
+    values = [row[key] for row in rows if key in row]
+    return values[-1] if values else None
 
 
 def _curve(out: Path, arm: Arm, seed: int) -> tuple[str, list[dict]]:
@@ -174,15 +209,16 @@ def _curve(out: Path, arm: Arm, seed: int) -> tuple[str, list[dict]]:
 
 def _samples(cfg: ResolvedConfig, out: Path, seed: int, count: int = 6) -> list[dict]:
     """The first ``count`` held-out prompts with every shown policy's first completion and its gold score."""
-    shown = {START, *cfg.arms}
+    shown = {REFERENCE_POLICY: START, **{name: name for name in cfg.arms}}  # the evaluation's names -> the summary's
     rows = read_jsonl(seed_dir(out, seed) / "eval" / "completions.jsonl")
     by_prompt: dict[str, dict] = {}
     for row in rows:
         if row.get("sample", 0) != 0 or row["policy"] not in shown:
             continue
+        name = shown[row["policy"]]
         entry = by_prompt.setdefault(row["prompt"], {"prompt": row["prompt"], "completions": {}, "gold": {}})
-        entry["completions"][row["policy"]] = row["completion"]
-        entry["gold"][row["policy"]] = row["gold"]
+        entry["completions"][name] = row["completion"]
+        entry["gold"][name] = row["gold"]
     return list(by_prompt.values())[:count]
 
 

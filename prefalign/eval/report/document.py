@@ -10,10 +10,12 @@ from pathlib import Path
 from prefalign.eval.report.tables import (
     comparison_table,
     cost_table,
+    differences_table,
     results_table,
     samples_table,
     settings_table,
     sweep_table,
+    verdict_table,
 )
 from prefalign.eval.report.values import CURVE_METRICS, trained
 
@@ -31,6 +33,28 @@ HOW_TO_READ = (
     "gold does not is reward hacking."
 )
 
+PAIRED_NOTE = (
+    "Every policy drew the same random numbers for the same held-out prompt, so differences are taken prompt by "
+    "prompt (paired), which removes most of the prompt-to-prompt noise. Each interval is a 95% percentile "
+    "bootstrap that resamples the held-out prompts and the training seeds together (scipy.stats.bootstrap). "
+    "* marks a difference whose interval excludes 0 (a win rate: excludes 1/2)."
+)
+
+OVEROPTIMISATION_NOTE = (
+    "Each online arm evaluated its current policy on held-out prompts before training and at evenly spaced "
+    "iterations: the gold judge's score, the proxy (the reward the arm optimises: the reward model for PPO-RLHF, "
+    "GRPO and RLOO) and KL to the start. Gao, Schulman and Hilton (2022) found the proxy keeps rising with KL "
+    "while gold peaks and falls: a gold curve that bends down while the proxy still climbs is over-optimisation. "
+    "Bars: 95% intervals across seeds."
+)
+
+VERDICT_NOTE = (
+    "The classic comparison (PPO-RLHF: a separate reward model, an RL update, an advantage-weighted loss, "
+    "relatively large compute cost and low sample efficiency; DPO: no reward model, a supervised update, a "
+    "preference loss, relatively small cost and high sample efficiency), each claim checked against this run. "
+    "holds / does not hold: the 95% intervals decide it; inconclusive at this budget: they do not."
+)
+
 DEFAULT_TITLE = "PPO-RLHF vs DPO"
 
 
@@ -45,12 +69,15 @@ def blocks(summary: dict, plots: dict[str, Path]) -> list[tuple]:
         *(f"{key} {settings[key]}" for key in ("model", "judge", "preset") if key in settings),
     ]
     document.append(("note", " · ".join(item for item in meta if item)))
+    document += _verdict_section(summary)
     document += [("h2", "How to read this report"), ("p", HOW_TO_READ)]
     document += [("h2", "PPO-RLHF vs DPO"), ("table", comparison_table(arms))]
     spread = (
-        f"Numbers are means over {seed_count} seeds; ± is the standard deviation across seeds."
+        f"Numbers are means over {seed_count} seeds; [low, high] is a 95% interval (a bootstrap over held-out "
+        "prompts and seeds); ± is the standard deviation across seeds."
         if seed_count > 1
-        else "One seed: no spread across seeds is shown."
+        else "One seed: [low, high] is a 95% bootstrap interval over held-out prompts; nothing measures how "
+        "another training seed would move it."
     )
     document += [("note", spread + " Gold gain per 100 pairs = (arm gold − start gold) / pairs used × 100.")]
     document += [
@@ -58,9 +85,21 @@ def blocks(summary: dict, plots: dict[str, Path]) -> list[tuple]:
         ("table", results_table(arms)),
         ("note", spread + " Gold std and KL std are the spread over completions."),
     ]
+    if any(arm.get("vs_start") for arm in arms):
+        document += [
+            ("h2", "Paired differences (held-out prompts)"),
+            ("table", differences_table(arms, summary.get("differences") or [])),
+            ("note", PAIRED_NOTE),
+        ]
     if any(arm.get("cost") for arm in trained(arms)):
         document += [("h2", "Costs"), ("table", cost_table(arms))]
     document += _frontier_section(summary, plots)
+    if "overoptimisation" in plots:
+        document += [
+            ("h2", "Over-optimisation: gold and proxy during training"),
+            ("img", plots["overoptimisation"], "held-out gold and proxy against KL at points during training"),
+            ("note", OVEROPTIMISATION_NOTE),
+        ]
     document += _curves_section(arms, plots)
     if summary.get("samples"):
         document += [
@@ -70,6 +109,18 @@ def blocks(summary: dict, plots: dict[str, Path]) -> list[tuple]:
     if settings:
         document += [("h2", "Settings"), ("table", settings_table(settings))]
     return document
+
+
+def _verdict_section(summary: dict) -> list[tuple]:
+    """The verdict per claim, first: what a reader came for (absent when the race had no PPO-RLHF or no DPO arm)."""
+    rows = summary.get("verdict") or []
+    if not rows:
+        return []
+    return [
+        ("h2", "Verdict: the PPO-RLHF vs DPO table, claim by claim"),
+        ("p", VERDICT_NOTE),
+        ("table", verdict_table(rows)),
+    ]
 
 
 def _frontier_section(summary: dict, plots: dict[str, Path]) -> list[tuple]:

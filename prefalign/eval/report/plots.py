@@ -1,4 +1,5 @@
-"""The report's PNG plots: gold vs KL (with the sweep's frontiers), training curves, gold vs wall time.
+"""The report's PNG plots: gold vs KL (with the sweep's frontiers), training curves, gold vs wall time, the online
+arms' over-optimisation curves.
 
 Matplotlib is imported inside the functions: importing the report must not load it (or choose a backend).
 """
@@ -7,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefalign.eval.report.values import CURVE_METRICS, START, is_number, stat, trained, wall
+from prefalign.eval.report.values import CURVE_METRICS, START, error_bar, is_number, stat, trained, wall
 
 
 def _figure(width: float, height: float):
@@ -43,12 +44,15 @@ def _draw_sweeps(ax, sweep: list[dict], colors: dict, labels: dict[str, str]) ->
         )
         if not points:
             continue
-        ax.plot(
+        ax.errorbar(
             [point["kl_mean"] for point in points],
             [point["gold_mean"] for point in points],
-            "--",
+            xerr=_seed_errors(points, "kl"),
+            yerr=_seed_errors(points, "gold"),
+            fmt="--",
             marker="s",
             ms=4,
+            capsize=2,
             alpha=0.75,
             color=colors.get(arm, "0.5"),
             label=f"{labels.get(arm, arm)}: sweep over {param}",
@@ -67,19 +71,72 @@ def _draw_sweeps(ax, sweep: list[dict], colors: dict, labels: dict[str, str]) ->
     return drawn
 
 
+def _seed_errors(points: list[dict], key: str) -> list[list[float]] | None:
+    """Asymmetric error bars of ``point[key]`` seed intervals (None when a point has none: one seed, old summaries)."""
+    found = [point.get(key) or {} for point in points]
+    if not all(is_number(f.get("low")) and is_number(f.get("high")) and is_number(f.get("mean")) for f in found):
+        return None
+    return [[f["mean"] - f["low"] for f in found], [f["high"] - f["mean"] for f in found]]
+
+
+def _plot_overoptimisation(arms: list[dict], curves: list[dict], colors: dict, gold_axis: str, path: Path) -> bool:
+    """Per online arm, gold (left) and proxy (right) on the held-out prompts against KL at the points its training
+    evaluated (Gao, Schulman, Hilton 2022: the proxy keeps rising while gold peaks); seed intervals on both axes."""
+    if not curves:
+        return False
+    labels = {arm["name"]: arm["label"] for arm in arms}
+    fig = _figure(11, 4.6)
+    panels = fig.subplots(1, 2)
+    for ax, key, ylabel in (
+        (panels[0], "gold", gold_axis),
+        (panels[1], "proxy", "proxy score (the reward trained on)"),
+    ):
+        for curve in curves:
+            points = curve["points"]
+            ax.errorbar(
+                [point["kl"]["mean"] for point in points],
+                [point[key]["mean"] for point in points],
+                xerr=_seed_errors(points, "kl"),
+                yerr=_seed_errors(points, key),
+                fmt="-",
+                marker="o",
+                ms=4,
+                capsize=2,
+                color=colors.get(curve["arm"], "0.5"),
+                label=labels.get(curve["arm"], curve["arm"]),
+            )
+            for point in (points[0], points[-1]):
+                ax.annotate(
+                    f"step {point['step']}",
+                    (point["kl"]["mean"], point[key]["mean"]),
+                    textcoords="offset points",
+                    xytext=(5, -11),
+                    fontsize=7,
+                    color="0.3",
+                )
+        ax.set_xlabel("KL(policy || start) on held-out prompts, nats per completion")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Over-optimisation: held-out gold and proxy during training, against KL")
+    fig.savefig(path)
+    return True
+
+
 def _plot_gold_vs_kl(arms: list[dict], sweep: list[dict], colors: dict, gold_axis: str, path: Path) -> bool:
     fig = _figure(7.5, 5.2)
     ax = fig.add_subplot()
     drawn = False
     for arm in arms:
-        (kl, kl_std), (gold, gold_std) = stat(arm, "kl_mean"), stat(arm, "gold_mean")
-        if kl is None or gold is None:
+        kl_bar, gold_bar = error_bar(arm, "kl_mean"), error_bar(arm, "gold_mean")
+        if kl_bar is None or gold_bar is None:
             continue
+        (kl, kl_err), (gold, gold_err) = kl_bar, gold_bar
         ax.errorbar(
             kl,
             gold,
-            xerr=kl_std,
-            yerr=gold_std,
+            xerr=kl_err,
+            yerr=gold_err,
             fmt="o",
             ms=8,
             capsize=3,
@@ -153,8 +210,8 @@ def _plot_curves(arms: list[dict], colors: dict, path: Path) -> bool:
 
 
 def _plot_gold_vs_wall(arms: list[dict], colors: dict, gold_axis: str, path: Path) -> bool:
-    points = [(arm, wall(arm, "total"), *stat(arm, "gold_mean")) for arm in trained(arms)]
-    points = [point for point in points if is_number(point[1]) and point[2] is not None]
+    bars = [(arm, wall(arm, "total"), error_bar(arm, "gold_mean")) for arm in trained(arms)]
+    points = [(arm, seconds, *bar) for arm, seconds, bar in bars if is_number(seconds) and bar is not None]
     if not points:
         return False
     fig = _figure(7.5, 5.2)
@@ -192,5 +249,8 @@ def draw_plots(summary: dict, out_dir: Path) -> dict[str, Path]:
         "gold_vs_kl": lambda path: _plot_gold_vs_kl(arms, sweep, colors, gold_axis, path),
         "training_curves": lambda path: _plot_curves(arms, colors, path),
         "gold_vs_wall_time": lambda path: _plot_gold_vs_wall(arms, colors, gold_axis, path),
+        "overoptimisation": lambda path: _plot_overoptimisation(
+            arms, summary.get("overoptimisation") or [], colors, gold_axis, path
+        ),
     }
     return {name: out_dir / f"{name}.png" for name, draw in jobs.items() if draw(out_dir / f"{name}.png")}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prefalign.compare.arms import ARMS, START
 from prefalign.eval.report.markup import Bold, Code, Table
-from prefalign.eval.report.values import fmt, fmt_stat, is_number, start_gold, stat, trained, wall
+from prefalign.eval.report.values import fmt, fmt_interval, fmt_stat, is_number, start_gold, stat, trained, wall
 
 EVAL_COLUMNS = [  # (key, header, format)
     ("gold_mean", "gold mean", "+.3f"),
@@ -73,7 +73,7 @@ def _comparison_column(arm: dict, gold_of_start: float | None) -> dict[str, list
         column["Reward model"].append(f"\nheld-out pair accuracy {cost['rm_heldout_accuracy']:.3f}")
     tokens, pairs = cost.get("tokens_generated"), cost.get("pairs_used")
     if is_number(tokens):
-        column["Policy update"].append(f"\n{tokens:,} tokens sampled{_tokens_note(arm['name'], pairs)}")
+        column["Policy update"].append(f"\n{tokens:,.0f} tokens sampled{_tokens_note(arm['name'], pairs)}")
     seconds = {part: fmt(wall(arm, part), ".0f") for part in ("total", "pairs", "reward_model", "policy")}
     column["Compute cost"] = [
         f"{seconds['total']} s wall (pairs {seconds['pairs']} s, reward model "
@@ -85,7 +85,8 @@ def _comparison_column(arm: dict, gold_of_start: float | None) -> dict[str, list
     gold = stat(arm, "gold_mean")[0]
     if is_number(pairs) and pairs > 0:
         gain = fmt(None if gold is None or gold_of_start is None else 100 * (gold - gold_of_start) / pairs, "+.4f")
-        column["Sample efficiency"] = [f"{pairs:,} preference pairs used\ngold gain over start per 100 pairs: {gain}"]
+        used = f"{pairs:,.0f} preference pairs used"
+        column["Sample efficiency"] = [f"{used}\ngold gain over start per 100 pairs: {gain}"]
     elif pairs == 0:
         column["Sample efficiency"] = ["no preference pairs used"]
     return column
@@ -142,12 +143,47 @@ def sweep_table(sweep: list[dict], labels: dict[str, str]) -> Table:
                 labels.get(point["arm"], point["arm"]),
                 point["param"],
                 f"{point['value']:g}",
-                fmt(point.get("gold_mean"), "+.3f"),
-                fmt(point.get("kl_mean"), ".3f"),
+                fmt_interval(point["gold"], "+.3f") if point.get("gold") else fmt(point.get("gold_mean"), "+.3f"),
+                fmt_interval(point["kl"], ".3f") if point.get("kl") else fmt(point.get("kl_mean"), ".3f"),
             ]
             for point in points
         ],
     )
+
+
+def _marked(found: dict | None, spec: str, null: float) -> str:
+    """An interval, with ``*`` when it excludes ``null`` (a difference the data resolve)."""
+    text = fmt_interval(found, spec)
+    if text != "—" and found and (found["low"] > null or found["high"] < null):
+        text += " *"
+    return text
+
+
+def differences_table(arms: list[dict], differences: list[dict]) -> Table:
+    """Paired differences with their 95% intervals: every trained arm against the start, then every pair of arms
+    (gold a - b, KL a - b, head-to-head win rate of a over b); ``*``: the interval excludes 0 (win rate: 1/2)."""
+    labels = {arm["name"]: arm["label"] for arm in arms}
+    start = next((arm["label"] for arm in arms if arm["name"] == START), "start")
+    rows = [
+        [
+            f"{arm['label']} vs {start}",
+            _marked(arm["vs_start"].get("gold"), "+.3f", 0.0),
+            _marked(arm["vs_start"].get("kl"), "+.2f", 0.0),
+            _marked(arm["vs_start"].get("win_rate"), ".3f", 0.5),
+        ]
+        for arm in trained(arms)
+        if arm.get("vs_start")
+    ]
+    rows += [
+        [
+            f"{labels.get(d['a'], d['a'])} vs {labels.get(d['b'], d['b'])}",
+            _marked(d.get("gold"), "+.3f", 0.0),
+            _marked(d.get("kl"), "+.2f", 0.0),
+            _marked(d.get("win_rate"), ".3f", 0.5),
+        ]
+        for d in differences
+    ]
+    return Table(["a vs b", "gold a − b", "KL a − b (nats)", "win rate of a over b"], rows)
 
 
 def samples_table(samples: list[dict], arms: list[dict]) -> Table:
@@ -174,3 +210,23 @@ def settings_table(settings: dict) -> Table:
         return "—" if value is None else str(value)
 
     return Table(["setting", "value"], [[key, show(value)] for key, value in settings.items()])
+
+
+def verdict_table(rows: list[dict]) -> Table:
+    """The verdict per claim (summary.json's ``verdict``, `prefalign.compare.verdict`): the claim for PPO-RLHF and
+    for DPO, what was measured per arm, the verdict and the numbers that decide it."""
+    labels = list(dict.fromkeys(label for row in rows for label in row["measured"]))
+    return Table(
+        ["", "PPO-RLHF claim", "DPO claim", *(f"{label}: measured" for label in labels), "verdict"],
+        [
+            [
+                Bold(f"{number}. {row['topic']}"),
+                row["claim_ppo"],
+                row["claim_dpo"],
+                *(row["measured"].get(label, "—") for label in labels),
+                [Bold(row["verdict"]), f": {row['reason']}"],
+            ]
+            for number, row in enumerate(rows, 1)
+        ],
+        "verdict",
+    )

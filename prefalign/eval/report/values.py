@@ -33,11 +33,41 @@ def stat(arm: dict, key: str) -> tuple[float | None, float | None]:
     return (value if is_number(value) else None), None
 
 
+def interval(arm: dict, key: str) -> tuple[float, float, float] | None:
+    """``(mean, low, high)`` of an eval key's 95% interval (a bootstrap over prompts and seeds), or None."""
+    found = (arm.get("intervals") or {}).get(key) or {}
+    values = (found.get("mean"), found.get("low"), found.get("high"))
+    return values if all(is_number(value) for value in values) else None  # type: ignore[return-value]
+
+
+def fmt_interval(found: dict | None, spec: str) -> str:
+    """``mean [low, high]`` of an ``Interval.to_dict()``; "—" when missing."""
+    found = found or {}
+    if not all(is_number(found.get(key)) for key in ("mean", "low", "high")):
+        return "—"
+    return f"{found['mean']:{spec}} [{found['low']:{spec}}, {found['high']:{spec}}]"
+
+
 def fmt_stat(arm: dict, key: str, spec: str) -> str:
+    """``mean [low, high]`` where the summary has the key's interval, else ``mean ± std`` across seeds, else the
+    value."""
+    if interval(arm, key) is not None:
+        return fmt_interval(arm["intervals"][key], spec)
     mean, std = stat(arm, key)
     if mean is None:
         return "—"
     return f"{mean:{spec}} ± {std:{spec.lstrip('+')}}" if std is not None else format(mean, spec)
+
+
+def error_bar(arm: dict, key: str) -> tuple[float, list[list[float]] | float | None] | None:
+    """``(centre, matplotlib error)`` of an eval key: the interval as asymmetric error where there is one, else
+    the mean and its std across seeds (None: one seed); None when the key has no number."""
+    found = interval(arm, key)
+    if found is not None:
+        mean, low, high = found
+        return mean, [[mean - low], [high - mean]]
+    centre, std = stat(arm, key)
+    return None if centre is None else (centre, std)
 
 
 def wall(arm: dict, part: str):
