@@ -1,14 +1,18 @@
 """``prefalign compare``: race PPO-RLHF against DPO on the same preference pairs and measure everything.
 
 The default task is controlled sentiment generation (offline): the policy continues movie-review
-prefixes; the gold judge is VADER's sentiment of the continuation. Pairs come from the starting policy
-(best vs worst of K samples by the judge); every arm trains on the same pairs; every policy is
-evaluated on held-out prefixes. Output: report.md, report.html, summary.json and plots in --output.
+prefixes; the gold judge is VADER's sentiment of the continuation; --task arithmetic is two-digit addition with an
+exact-match judge. Pairs come from the starting policy (pairs of K samples scored apart by the judge); every arm
+trains on the same pairs, with 3 seeds by default; every policy is evaluated on held-out prompts with the same
+random numbers, so differences are paired, with 95% bootstrap intervals over prompts and seeds. The classic
+PPO-RLHF vs DPO table is decided claim by claim (holds / does not hold / inconclusive at this budget) and printed
+at the end. Output: report.md, report.html, summary.json and plots in --output.
 
 Examples::
 
     prefalign compare --preset quick --output runs/compare-quick          # a smoke run of every stage
-    prefalign compare --output runs/compare                               # the default race
+    prefalign compare --output runs/compare                               # the default race (3 seeds)
+    prefalign compare --task arithmetic --output runs/compare-arith       # exact answers: 1 or 0
     prefalign compare --arms ppo dpo ppo_gt --seeds 3 --sweep --output runs/compare-full
     prefalign compare --arms dpo simpo orpo --output runs/compare-offline # DPO and two relatives, same pairs
     prefalign compare --model my/model --judge mymod:score --train-prompts p.txt --heldout-prompts h.txt
