@@ -334,7 +334,7 @@ def check_reward_columns(source: RewardSource, columns: Columns) -> None:
         if isinstance(src, CallableReward):
             src.column_kwargs({c: [] for c in columns})
         if any(name not in columns for name in getattr(src, "required_columns", ())):
-            raise src.missing_column(columns)  # type: ignore[attr-defined]  # a judge with required_columns has it
+            raise src.missing_column(columns)  # a judge with required_columns words its own refusal
 
 
 class WeightedRewards:
