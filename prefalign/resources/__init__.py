@@ -3,6 +3,9 @@
 The movie-review prefixes are the prompts of the default task, controlled sentiment generation:
 the policy continues a prefix and VADER scores the continuation. ``train`` feeds training (PPO
 rollouts, preference pairs), ``heldout`` only evaluation; the two never share a line.
+
+``arithmetic_{train,heldout}.jsonl`` are the prompts of the arithmetic task (rows ``{"prompt", "answer"}``,
+checked by the ``arithmetic`` judge), written by `prefalign.resources.make_arithmetic`.
 """
 
 from __future__ import annotations
