@@ -133,7 +133,8 @@ def test_compare_refuses_a_previous_comparison_without_resume_or_overwrite(tmp_p
     out = tmp_path / "cmp"
     out.mkdir()
     (out / "stages.json").write_text("{}")
-    r = run_cli("compare", "--output", out)
+    # the quick preset: the default race's disk preflight (13 stages) must not be what refuses it on a small disk
+    r = run_cli("compare", "--preset", "quick", "--output", out)
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
 
 
