@@ -294,6 +294,11 @@ class RewardModel:
 # ------------------------------------------------------------------------------------------- dispatch
 
 
+def is_reward_model(spec: str) -> bool:
+    """Whether `load_reward_source` reads ``spec`` as a reward model (neither a judge name nor a callable)."""
+    return spec not in JUDGES and not (":" in spec and not Path(spec).expanduser().exists())
+
+
 def load_reward_source(
     spec: str, *, batch_size: int = 16, device: str = "cpu", max_length: int = 1024, dtype=None
 ) -> RewardSource:
@@ -306,7 +311,7 @@ def load_reward_source(
     """
     if spec in JUDGES:
         return JUDGES[spec]()
-    if ":" in spec and not Path(spec).expanduser().exists():
+    if not is_reward_model(spec):
         return CallableReward(spec)
     return RewardModel(spec, batch_size=batch_size, device=device, max_length=max_length, dtype=dtype)
 

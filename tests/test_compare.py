@@ -138,6 +138,17 @@ def test_compare_refuses_a_previous_comparison_without_resume_or_overwrite(tmp_p
     assert r.returncode == 2 and "--resume" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_an_arithmetic_race_without_answers_is_refused_before_its_directory_exists(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "sums.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": f"{i} + 1 ="}) + "\n" for i in range(30)))
+    out = tmp_path / "cmp"
+    flags = ["--task", "arithmetic", "--train-prompts", prompts, "--model", tiny_model_dir, "--seeds", "1"]
+    r = run_cli("compare", *flags, *TINY_BUDGET, "--output", out)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "judge 'arithmetic' needs an 'answer' column in the prompt rows (found columns: none)" in r.stderr
+    assert "Traceback" not in r.stderr and not out.exists()
+
+
 def test_presets_fill_only_unset_budgets():
     cfg = CompareConfig(preset="quick", dpo_steps=3).resolved()
     assert cfg.dpo_steps == 3 and cfg.rm_steps == PRESETS["quick"]["rm_steps"]

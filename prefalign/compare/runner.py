@@ -65,16 +65,17 @@ class Comparison:
         stages = plan_stages(cfg, Path(cfg.output), Path("train.jsonl"), Path("heldout.jsonl"))
         preflight_race(cfg.output, [stage.command for stage in stages], cfg.model)
         load_tracker_packages(cfg.trackers, cfg.output)  # a missing extra stops the race, not its first trainer
+        rows = self._prompt_rows()  # a bad --model or prompt file stops the race before its directory exists
         with claimed_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, keep_on_error=True) as out:
-            return self._race(out)
+            return self._race(out, rows)
 
-    def _race(self, out: Path) -> dict:
+    def _race(self, out: Path, rows: tuple[list[dict], list[dict]]) -> dict:
         from prefalign.eval.report import write_report
 
         cfg = self.cfg
         write_config(out, self.user_cfg)
         write_config(out / "resolved", cfg)
-        train_prompts, heldout_prompts = self._write_prompts(out)
+        train_prompts, heldout_prompts = self._write_prompts(out, rows)
         plan = plan_stages(cfg, out, train_prompts, heldout_prompts)
         with RaceProgress(plan) as race:  # closed before an error propagates: the error stays the last line
             runner = StageRunner(out, resume=cfg.resume, monitor=race)
@@ -84,18 +85,30 @@ class Comparison:
         log_summary(cfg, out, summary)
         return summary
 
-    def _write_prompts(self, out: Path) -> tuple[Path, Path]:
-        """The training and held-out prompts (the task's packaged ones unless given), every column of their rows, as
-        files every stage reads (kept as they are on --resume)."""
+    def _prompt_rows(self) -> tuple[list[dict], list[dict]]:
+        """The training and held-out prompt rows (the task's packaged ones unless given), every column kept; a
+        built-in or callable judge that needs a column the rows lack (the arithmetic judge's ``answer``) is refused
+        here, not in the first stage."""
         from prefalign.models import load_tokenizer
+        from prefalign.rewards import check_reward_columns, is_reward_model, load_reward_source
 
         cfg = self.cfg
-        tokenizer = load_tokenizer(cfg.model)  # also stops on a bad --model before any stage starts
+        tokenizer = load_tokenizer(cfg.model)
+        task = TASKS[cfg.task]
+        train = _prompts(cfg.train_prompts, task.train, cfg.num_prompts, tokenizer)
+        heldout = _prompts(cfg.heldout_prompts, task.heldout, cfg.eval_prompts, tokenizer)
+        if not is_reward_model(cfg.judge):  # a reward model is not loaded here only to be loaded again per stage
+            judge = load_reward_source(cfg.judge)
+            for rows in (train, heldout):
+                check_reward_columns(judge, {name: [] for name in rows[0] if name != "prompt"})
+        return train, heldout
+
+    def _write_prompts(self, out: Path, rows: tuple[list[dict], list[dict]]) -> tuple[Path, Path]:
+        """``rows`` as the files every stage reads (kept as they are on --resume)."""
         (out / "prompts").mkdir(exist_ok=True)
         train_prompts = out / "prompts" / "train.jsonl"
         heldout_prompts = out / "prompts" / "heldout.jsonl"
-        task = TASKS[cfg.task]
-        if not (cfg.resume and train_prompts.exists()):
-            write_jsonl(train_prompts, _prompts(cfg.train_prompts, task.train, cfg.num_prompts, tokenizer))
-            write_jsonl(heldout_prompts, _prompts(cfg.heldout_prompts, task.heldout, cfg.eval_prompts, tokenizer))
+        if not (self.cfg.resume and train_prompts.exists()):
+            write_jsonl(train_prompts, rows[0])
+            write_jsonl(heldout_prompts, rows[1])
         return train_prompts, heldout_prompts
