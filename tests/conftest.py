@@ -133,6 +133,13 @@ def launch(args, config=None, script=None, timeout=600):
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def launch_ok(args, config=None, script=None):
+    """`launch`, asserting it exited 0 (the end of its stderr in the failure)."""
+    r = launch(args, config=config, script=script)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
 def two_process_config(name, tmp_path, **overrides):
     """The shipped ``examples/accelerate/NAME.yaml`` on 2 CPU processes in fp32, ``overrides`` applied to its
     fsdp_config / deepspeed_config; written into ``tmp_path``, returns its path."""

@@ -15,6 +15,7 @@ from conftest import (
     assert_same_tensors,
     final_weights,
     launch,
+    launch_ok,
     learnable_pairs,
     read_metrics,
     two_process_config,
@@ -36,17 +37,6 @@ nan_at_trainer()(parse(DPOConfig, sys.argv[1:], prog="prefalign dpo"), bad_steps
 """
 # 2 processes vs 1, same global batch: gradients averaged over processes in float32 and summed in another order
 TOL = 1e-5
-
-
-def _two(config, args):
-    r = launch(args, config=config)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return r
-
-
-def _one(args):
-    r = launch(args)
-    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def _assert_same_losses(a, b, keys=("loss", "eval/loss", "grad_norm")):
@@ -87,8 +77,8 @@ def test_zero2_dpo_with_chunks_and_accumulation_matches_one_process_and_resumes(
         "--max-grad-norm",
         "0.5",
     ]
-    _one([*common, "--batch-size", "2", "--output", tmp_path / "one"])
-    _two(config, [*common, "--batch-size", "1", "--output", tmp_path / "two"])  # same global batch: 1 x 2 x 2
+    launch_ok([*common, "--batch-size", "2", "--output", tmp_path / "one"])
+    launch_ok([*common, "--batch-size", "1", "--output", tmp_path / "two"], config)  # same global batch: 1 x 2 x 2
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     _assert_same_losses(a, b)
     assert a[1]["grad_norm"] > 0.5  # clipping was active: the logged norm is the one before clipping
@@ -99,7 +89,7 @@ def test_zero2_dpo_with_chunks_and_accumulation_matches_one_process_and_resumes(
 
     shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-0000004")
     shutil.rmtree(tmp_path / "two" / "final")
-    _two(config, [*common, "--batch-size", "1", "--output", tmp_path / "two", "--resume", "latest"])
+    launch_ok([*common, "--batch-size", "1", "--output", tmp_path / "two", "--resume", "latest"], config)
     assert_same_tensors(final_weights(tmp_path / "two"), final, TOL)
     assert read_metrics(tmp_path / "two")[-1]["eval/loss"] == pytest.approx(b[-1]["eval/loss"], abs=TOL)
 
@@ -131,8 +121,8 @@ def test_zero3_lora_dpo_and_reward_write_whole_models(tmp_path, tiny_model_dir, 
         if command == "dpo"
         else ["--learning-rate", "1e-3", "--weight-decay", "0.5"]
     )
-    _one([*common, "--batch-size", "4", "--output", tmp_path / "one"])
-    _two(config, [*common, "--batch-size", "2", "--output", tmp_path / "two"])
+    launch_ok([*common, "--batch-size", "4", "--output", tmp_path / "one"])
+    launch_ok([*common, "--batch-size", "2", "--output", tmp_path / "two"], config)
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     _assert_same_losses(a, b)
     assert a[-1]["eval/loss"] < a[0]["eval/loss"] - 1e-3
@@ -147,7 +137,7 @@ def test_zero3_lora_dpo_and_reward_write_whole_models(tmp_path, tiny_model_dir, 
         assert sum(f.stat().st_size for f in ckpt.rglob("*") if f.is_file()) < 5e6  # the base alone is ~6.3 MB
         shutil.rmtree(tmp_path / "two" / "checkpoints" / "step-0000003")
         shutil.rmtree(tmp_path / "two" / "final")
-        _two(config, [*common, "--batch-size", "2", "--output", tmp_path / "two", "--resume", "latest"])
+        launch_ok([*common, "--batch-size", "2", "--output", tmp_path / "two", "--resume", "latest"], config)
         assert_same_tensors(final_weights(tmp_path / "two"), two, TOL)
 
 

@@ -7,7 +7,7 @@ loss is normalised by the minibatch's totals over every process (tokens, rows), 
 is the 1-process aggregate, whatever lengths the responses have (--stop k ends some early)."""
 
 import pytest
-from conftest import EXAMPLES, assert_same_tensors, final_weights, launch, ppo_flags, read_metrics
+from conftest import EXAMPLES, assert_same_tensors, final_weights, launch_ok, ppo_flags, read_metrics
 
 CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"
 # What is left is float32 rounding (forwards over other batch shapes, sums in another order) carried through
@@ -18,16 +18,28 @@ CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"
 REL, ABS = 1e-5, 1e-5
 # metrics that measure the machine, not the run
 TIMINGS = ("time/", "tokens_per_second", "wall_seconds")
-EXACT = ("step", "episodes", "val/num_eos", "rl/groups_dropped")
+EXACT = (
+    "step",
+    "episodes",
+    "val/num_eos",
+    "rl/groups_dropped",
+    "rl/groups_refilled",
+    "rl/completions_sampled",
+    "rl/resample_rounds",
+)
+# a score of 0 or 1 (the toy reward above one half): many groups of K = 4 are all 0 or all 1, for DAPO to refill
+COARSE_REWARD = """
+def score(prompts, completions):
+    return [float(sum(c.isalpha() for c in t) / max(len(t), 1) > 0.5) for t in completions]
+"""
 
 
 def _run(tmp_path, processes, name, flags):
-    r = launch([*flags, "--output", tmp_path / name], config=CPU_CONFIG if processes == 2 else None)
-    assert r.returncode == 0, r.stderr[-3000:]
+    launch_ok([*flags, "--output", tmp_path / name], CPU_CONFIG if processes == 2 else None)
     return read_metrics(tmp_path / name)
 
 
-@pytest.mark.parametrize("variant", ["grpo", "rloo-grad-accum"])
+@pytest.mark.parametrize("variant", ["grpo", "rloo-grad-accum", "dapo-refill"])
 def test_rl_two_processes_give_the_numbers_of_one(tmp_path, tiny_model_dir, variant):
     flags = {
         # seq_mean_token_mean: each row's token mean, over the minibatch's rows on every process
@@ -35,6 +47,8 @@ def test_rl_two_processes_give_the_numbers_of_one(tmp_path, tiny_model_dir, vari
         # token_mean, and 2 micro-batches per minibatch (DDP's no_sync on the first) that hold other rows than on
         # 1 process; a group straddles the two micro-batches
         "rloo-grad-accum": ["--estimator", "rloo", "--grad-accum", "2"],
+        # each slot's refill chain depends on its place in the global batch, not on which process holds it
+        "dapo-refill": ["--dynamic-sampling", "--resample-rounds", "2"],
     }[variant]
     # PPO's small run (16 prompts, toy reward, --stop k), with 4 prompts x K=4 completions per iteration: each
     # process holds 2 whole groups
@@ -50,6 +64,9 @@ def test_rl_two_processes_give_the_numbers_of_one(tmp_path, tiny_model_dir, vari
         *flags,
     ]
     common[common.index("--rollout-batch-size") + 1] = "4"
+    if variant == "dapo-refill":
+        (tmp_path / "coarse_reward.py").write_text(COARSE_REWARD)
+        common[common.index("--reward") + 1] = f"{tmp_path / 'coarse_reward.py'}:score"
     a = _run(tmp_path, 1, "one", common)
     b = _run(tmp_path, 2, "two", common)
 
@@ -75,6 +92,8 @@ def test_rl_two_processes_give_the_numbers_of_one(tmp_path, tiny_model_dir, vari
     lengths = [r["val/response_length"] for r in a]
     assert any(0 < r["val/num_eos"] < 16 for r in a) and any(x != int(x) for x in lengths), lengths
     assert any(r["loss/policy"] != 0 for r in a) and any(r["rl/advantage_abs"] > 0 for r in a)
+    if variant == "dapo-refill":  # the processes had groups to refill, and refilled some
+        assert sum(r["rl/groups_refilled"] for r in a) > 0, [r["rl/groups_dropped"] for r in a]
     # the updates moved the policy the same way on 2 processes as on 1
     one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
     assert_same_tensors(two, one, tol=1e-5)

@@ -180,6 +180,8 @@ def test_several_rewards_are_weighted_summed_and_logged(tmp_path, tiny_model_dir
         (dict(vf_coef=0.5), "vf_coef belongs to the value model"),
         (dict(loss_agg="sum"), "--loss-agg must be one of token_mean"),
         (dict(clip_eps_high=0.0), "--clip-eps-high > 0, got 0.2, 0.0"),
+        (dict(resample_rounds=2), "--resample-rounds .* needs --dynamic-sampling .*got 2 without --dynamic-sampling"),
+        (dict(resample_rounds=-1, dynamic_sampling=True), r"--resample-rounds must be >= 0 .*got -1$"),
     ],
 )
 def test_config_refuses_bad_input(prompts, kw, match):
@@ -263,6 +265,47 @@ def test_dynamic_sampling_counts_the_groups_it_drops(tmp_path, tiny_model_dir, p
     assert [r["rl/groups_dropped"] for r in rows] == reward.constant_groups
     assert [r["rl/groups_dropped_fraction"] for r in rows] == [n / 4 for n in reward.constant_groups]
     assert sum(reward.constant_groups) > 0
+
+
+class EvenConstantReward:
+    """`HalfConstantReward`'s rule (even prompt i: 1.0 whatever the completion; odd: its length), recording the
+    prompt index of every group it scores, call by call (K = 4 rows per prompt)."""
+
+    name = "even-constant"
+
+    def __init__(self):
+        self.calls: list[list[int]] = []
+
+    def score(self, prompts, completions):
+        index = [int(p.split()[1].rstrip(":")) for p in prompts]
+        self.calls.append(index[::4])
+        return torch.tensor([1.0 if i % 2 == 0 else float(len(c)) for i, c in zip(index, completions)])
+
+
+def test_resample_rounds_refill_the_groups_dynamic_sampling_drops(tmp_path, tiny_model_dir, prompts):
+    reward = EvenConstantReward()
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts, max_steps=4, dynamic_sampling=True, resample_rounds=3)
+    RLTrainer(cfg, reward_source=reward).train()
+    rows = read_metrics(tmp_path / "run")
+    calls = iter(reward.calls)
+    for row in rows:
+        # this iteration's scoring calls: its batch, then one per refill round, until its completions are counted
+        first = next(calls)
+        assert len(first) == 4
+        rounds, sampled = [], len(first) * 4
+        while sampled < row["rl/completions_sampled"]:
+            rounds.append(next(calls))
+            sampled += len(rounds[-1]) * 4
+        assert sampled == row["rl/completions_sampled"] and row["rl/resample_rounds"] == len(rounds) <= 3
+        # round r samples one new prompt for each slot still even; an odd one fills its slot for good
+        missing = sum(i % 2 == 0 for i in first)
+        for drawn in rounds:
+            assert len(drawn) == missing
+            missing = sum(i % 2 == 0 for i in drawn)
+        assert row["rl/groups_dropped"] == missing
+        assert row["rl/groups_refilled"] == sum(i % 2 == 0 for i in first) - missing
+    assert next(calls, None) is None
+    assert sum(r["rl/groups_refilled"] for r in rows) > 0 and sum(r["rl/resample_rounds"] for r in rows) > 0
 
 
 def _close_runs(a: list[dict], b: list[dict]) -> None:

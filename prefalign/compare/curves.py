@@ -41,7 +41,11 @@ def heldout_points(rows: list[dict]) -> dict[int, dict[str, float]]:
 
 def overoptimisation(cfg: ResolvedConfig, out: Path, seeds: list[int]) -> list[dict]:
     """Per online arm (in ``--arms`` order), its held-out points at the steps every seed evaluated:
-    ``{"arm", "points": [{"step", "gold", "proxy", "kl"}]}``, each value a seed interval."""
+    ``{"arm", "points": [{"step", "gold", "proxy", "proxy_gain", "kl"}]}``, each value a seed interval.
+
+    ``proxy_gain`` is each seed's proxy score minus its own at the first point (step 0): every seed trains its own
+    reward model, whose scale and offset are arbitrary (a Bradley-Terry score is defined up to a constant), so raw
+    proxy scores of different seeds are not on one scale while their gains are."""
     curves = []
     for name in cfg.arms:
         if not ARMS[name].family.online:
@@ -49,7 +53,11 @@ def overoptimisation(cfg: ResolvedConfig, out: Path, seeds: list[int]) -> list[d
         runs = [heldout_points(read_jsonl(seed_dir(out, seed) / name / "metrics.jsonl")) for seed in seeds]
         steps = sorted(set.intersection(*(set(run) for run in runs))) if runs else []
         points = [
-            {"step": step, **{key: _interval([run[step][key] for run in runs]) for key in HELDOUT_KEYS}}
+            {
+                "step": step,
+                **{key: _interval([run[step][key] for run in runs]) for key in HELDOUT_KEYS},
+                "proxy_gain": _interval([run[step]["proxy"] - run[steps[0]]["proxy"] for run in runs]),
+            }
             for step in steps
         ]
         if points:

@@ -82,6 +82,14 @@ class Generation:
     response_mask: torch.Tensor
     ended: torch.Tensor
 
+    def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(query_response, attention_mask, completion_mask)``, each ``(B, P+R)``: prompt and response side by
+        side, every response starting at column P; the completion mask is the response mask there, 0 on prompts."""
+        query_response = torch.cat([self.prompt_ids, self.response_ids], dim=1)
+        attention_mask = torch.cat([self.prompt_mask, self.response_mask], dim=1)
+        completion_mask = torch.cat([torch.zeros_like(self.prompt_mask), self.response_mask], dim=1)
+        return query_response, attention_mask, completion_mask
+
 
 def eos_token_ids(model, tokenizer) -> list[int]:
     """Every id that ends a completion: the tokenizer's EOS and the model's generation-config EOS."""

@@ -320,10 +320,7 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
                 row_keys=row_keys,
             )
         timing["time/generation"] = time.perf_counter() - t0
-        query_response = torch.cat([gen.prompt_ids, gen.response_ids], dim=1)  # (B, P+R)
-        attention_mask = torch.cat([gen.prompt_mask, gen.response_mask], dim=1)  # (B, P+R)
-        completion_mask = torch.cat([torch.zeros_like(gen.prompt_mask), gen.response_mask], dim=1)  # (B, P+R)
-        return gen, query_response, attention_mask, completion_mask
+        return (gen, *gen.sequences())
 
     def policy_forwards(self, query_response, attention_mask, completion_mask, policy: bool = True):
         """``(logps, entropy, ref_logps)``, each ``(B, P+R)``: the rollout's no-gradient policy and reference

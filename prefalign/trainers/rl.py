@@ -32,6 +32,7 @@ from prefalign.trainers.dist import masked_mean_var, mean_across_processes
 from prefalign.trainers.final import save_final_model
 from prefalign.trainers.optim import make_optimizer
 from prefalign.trainers.ppo import PPOTrainer
+from prefalign.trainers.refill import Groups, refill
 from prefalign.trainers.rl_config import RLConfig
 from prefalign.trainers.rl_update import RLUpdate
 
@@ -48,6 +49,7 @@ class GroupRollout(Rollout):
     kept: torch.Tensor  # (B,) bool: the row's group is in the loss (all True without --dynamic-sampling)
     loss_lengths: torch.Tensor  # (N, B) tokens of loss_mask per row of every process (the normalisers)
     score_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> (B,) unweighted scores
+    refill: dict[str, float] = field(default_factory=dict)  # this process's refill stats (--resample-rounds)
 
     def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
         return {
@@ -144,21 +146,20 @@ class RLTrainer(RLUpdate, PPOTrainer):
         collective: reinforce_pp's whitening and the loss normalisers use every process's rows."""
         cfg, acc = self.cfg, self.accelerator
         k, dev = cfg.num_generations, acc.device
-        # 1. sample K responses per prompt, consecutive rows, each keyed by (iteration, prompt, k)
-        # 2. masks: the response of every row starts at column P
-        rows = [i for i in idx for _ in range(k)]
-        gen, query_response, attention_mask, completion_mask = self.sample(
-            [self.prompt_ids[i] for i in rows], [key_seed(step, i, j) for i in idx for j in range(k)], timing
-        )
+        # 1. sample K responses per prompt, consecutive rows, each keyed by (iteration, prompt, k); 2. score them
+        #    with every reward source, weighted and summed, clipped, missing EOS penalised; 3. --resample-rounds:
+        #    groups of equal scores replaced by new ones (DAPO)
+        groups, refill_stats = self.sample_groups(idx, step, timing)
+        gen, prompts, texts, scores = groups.gen, groups.prompts, groups.texts, groups.scores
+        # 4. masks: the response of every row starts at column P
+        query_response, attention_mask, completion_mask = gen.sequences()
         response_mask = gen.response_mask  # (B, R)
-        # 3. old and reference log-probs (at the sampling temperature), entropy
+        # 5. old and reference log-probs (at the sampling temperature), entropy
         logps, entropy, ref_logps = self.rollout_logprobs(gen, query_response, attention_mask, completion_mask, timing)
-        # 4. score with every reward source, weighted and summed; 5. clip, then penalise responses that never ended
-        prompts, texts, scores = self.score_completions(rows, gen, timing, "--reward")
         # 6. per-token rewards: the KL penalty (unless it is a loss term) on every token, the score on the last
         kl_coef = 0.0 if cfg.kl_in_loss else self.kl_ctl.coef
         rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, response_mask, kl_coef, cfg.kl_estimator)
-        # 7. advantages by the estimator's table entry; 8. groups of equal scores out of the loss (DAPO)
+        # 7. advantages by the estimator's table entry; 8. groups still of equal scores out of the loss (DAPO)
         advantages, returns = self.estimator.fn(
             AdvantageInputs(
                 rewards, response_mask, k, gamma=cfg.gamma, batch_stats=lambda x, m: masked_mean_var(acc, x, m)
@@ -188,8 +189,44 @@ class RLTrainer(RLUpdate, PPOTrainer):
             loss_mask=loss_mask,
             kept=kept.bool(),
             loss_lengths=loss_lengths,
-            score_parts={n: p.to(dev) for n, p in self.reward_source.last_parts.items()},
+            score_parts=groups.parts,
+            refill=refill_stats,
         )
+
+    def sample_groups(self, idx: list[int], step: int, timing: dict) -> tuple[Groups, dict[str, float]]:
+        """The scored K completions of every prompt of ``idx`` (this process's shard) and, with --dynamic-sampling
+        and --resample-rounds, the refill of its groups of equal scores (`prefalign.trainers.refill`) with its
+        stats. Rounds add to ``timing``'s generation and scoring times. A collective with --resample-rounds."""
+        cfg, acc = self.cfg, self.accelerator
+        first = self.sample_round(idx, step, 0, timing)
+        if not (cfg.dynamic_sampling and cfg.resample_rounds):
+            return first, {}
+        offset, n = acc.process_index * len(idx), len(self.prompts)  # this process's first slot of the batch
+
+        def sample(r: int, slots: list[int]) -> Groups:
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(key_seed(cfg.seed, step, r)))
+            times: dict[str, float] = {}
+            groups = self.sample_round([int(order[(offset + g) % n]) for g in slots], step, r, times)
+            for key, seconds in times.items():
+                timing[key] += seconds
+            return groups
+
+        def anyone_missing(count: int) -> bool:
+            return bool(acc.gather(torch.tensor([count], device=acc.device)).max() > 0)
+
+        k, pad = cfg.num_generations, self.tokenizer.pad_token_id
+        return refill(first, k, cfg.resample_rounds, sample, anyone_missing, pad, keep_busy=self.backend.sharded)
+
+    def sample_round(self, idx: list[int], step: int, r: int, timing: dict) -> Groups:
+        """K scored completions of each prompt of ``idx``, completion ``j`` of prompt ``i`` keyed by ``(step, i,
+        j)`` in round 0 and ``(step, i, j, r)`` in refill round ``r``. Records generation and scoring times."""
+        k = self.cfg.num_generations
+        rows = [i for i in idx for _ in range(k)]
+        keys = [key_seed(step, i, j, *((r,) if r else ())) for i in idx for j in range(k)]
+        gen = self.sample([self.prompt_ids[i] for i in rows], keys, timing)[0]
+        prompts, texts, scores = self.score_completions(rows, gen, timing, "--reward")
+        parts = {name: part.to(self.accelerator.device) for name, part in self.reward_source.last_parts.items()}
+        return Groups(gen, rows, prompts, texts, scores, parts)
 
     def rollout_logprobs(self, gen, query_response, attention_mask, completion_mask, timing: dict):
         """``(logps, entropy, ref_logps)`` of the responses, each ``(B, R)``: the rollout's old and reference
@@ -237,6 +274,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
                 "rl/groups_dropped": float((~rollout.kept).sum()) / k,
                 # a sum: over tokens, divided below by every process's tokens (processes hold unequal token counts)
                 "advantage_abs_sum": (rollout.advantages.abs() * mask).sum().item(),
+                **rollout.refill,
                 **update_stats,
                 **timing,
             },
@@ -244,9 +282,13 @@ class RLTrainer(RLUpdate, PPOTrainer):
         out = {
             key: v
             for key, v in means.items()
-            if key not in ("num_eos", "tokens", "rl/groups_dropped", "advantage_abs_sum")
+            if key not in ("num_eos", "tokens", "rl/groups_dropped", "advantage_abs_sum") and "refill/" not in key
         }
         dropped = round(means["rl/groups_dropped"] * self.world)
+        if rollout.refill:  # totals over processes; the rounds are the same on every process
+            out["rl/groups_refilled"] = round(means["refill/groups"] * self.world)
+            out["rl/completions_sampled"] = round(means["refill/completions"] * self.world)
+            out["rl/resample_rounds"] = means["refill/rounds"]
         return {
             **out,
             "rl/groups_dropped": dropped,

@@ -54,8 +54,12 @@ class RLConfig(PPOConfig):
     kl_in_loss: bool = False
     """Put the KL in the loss as kl_coef x k3 per token (GRPO, Shao et al. 2024) instead of in the reward."""
     dynamic_sampling: bool = False
-    """Drop groups whose K scores are all equal from the loss (DAPO); counted in rl/groups_dropped. They are not
-    replaced by new samples."""
+    """Take groups whose K scores are all equal out of the loss (DAPO, Yu et al. 2025); with --resample-rounds they
+    are first replaced by new groups. Those left are counted in rl/groups_dropped."""
+    resample_rounds: int = 0
+    """With --dynamic-sampling: up to this many more rounds of sampling per iteration, each replacing every group
+    still of equal scores with the K completions of another prompt drawn at random (DAPO's refill of the batch);
+    0: drop them without replacing. Refilled groups: rl/groups_refilled."""
 
     value_model: tyro.conf.Suppress[str | None] = None
     value_learning_rate: tyro.conf.Suppress[float | None] = None
@@ -80,6 +84,11 @@ class RLConfig(PPOConfig):
             raise ValueError(
                 f"{why} compares the completions of a prompt: --num-generations must be >= 2, "
                 f"got {self.num_generations}"
+            )
+        if self.resample_rounds < 0 or (self.resample_rounds and not self.dynamic_sampling):
+            raise ValueError(
+                f"--resample-rounds must be >= 0 and needs --dynamic-sampling (it refills the groups that drops), "
+                f"got {self.resample_rounds}" + ("" if self.dynamic_sampling else " without --dynamic-sampling")
             )
         self._check_rewards()
         if not 0 < self.eps_low < 1 or self.eps_high <= 0:

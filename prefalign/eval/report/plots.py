@@ -80,16 +80,19 @@ def _seed_errors(points: list[dict], key: str) -> list[list[float]] | None:
 
 
 def _plot_overoptimisation(arms: list[dict], curves: list[dict], colors: dict, gold_axis: str, path: Path) -> bool:
-    """Per online arm, gold (left) and proxy (right) on the held-out prompts against KL at the points its training
-    evaluated (Gao, Schulman, Hilton 2022: the proxy keeps rising while gold peaks); seed intervals on both axes."""
+    """Per online arm, gold (left) and the proxy's gain over step 0 (right; each seed's own reward model, so its own
+    offset) on the held-out prompts against KL at the points its training evaluated (Gao, Schulman, Hilton 2022: the
+    proxy keeps rising while gold peaks); seed intervals on both axes. Summaries without ``proxy_gain`` plot the raw
+    proxy."""
     if not curves:
         return False
     labels = {arm["name"]: arm["label"] for arm in arms}
     fig = _figure(11, 4.6)
     panels = fig.subplots(1, 2)
+    gain = all("proxy_gain" in point for curve in curves for point in curve["points"])
     for ax, key, ylabel in (
         (panels[0], "gold", gold_axis),
-        (panels[1], "proxy", "proxy score (the reward trained on)"),
+        (panels[1], *(("proxy_gain", "proxy gain over step 0") if gain else ("proxy", "proxy score"))),
     ):
         for curve in curves:
             points = curve["points"]
