@@ -273,7 +273,8 @@ def test_compare_writes_the_tasks_prompts_with_every_column(tmp_path, tiny_model
     from prefalign.compare import CompareConfig, Comparison
 
     cfg = CompareConfig(task=task, preset="quick", model=str(tiny_model_dir), output=str(tmp_path / "cmp"))
-    train, heldout = Comparison(cfg)._write_prompts(tmp_path)
+    comparison = Comparison(cfg)
+    train, heldout = comparison._write_prompts(tmp_path, comparison._prompt_rows())
     written = {path: [json.loads(line) for line in path.read_text().splitlines()] for path in (train, heldout)}
     n_train, n_heldout = cfg.resolved().num_prompts, cfg.resolved().eval_prompts
     if task == "arithmetic":

@@ -79,5 +79,8 @@ def test_training_prints_the_drop_summary(tmp_path, tiny_model_dir, command, row
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert f"{data}: {summary}" in r.stderr.splitlines(), r.stderr[-2000:]
+    # saving final/ did not import DeepSpeed (make install installs it) in a run that never used it: its import
+    # announces the accelerator it found, from deepspeed/accelerator/real_accelerator.py
+    assert "real_accelerator" not in r.stderr, r.stderr[-2000:]
     info = json.loads((out / "run.json").read_text())["data"]
     assert (info["rows"], info["kept"], info["dropped"]) == (6, 5, dropped)

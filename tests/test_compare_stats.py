@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy import stats
 
 from prefalign.compare import arms
 from prefalign.compare.stats import (
@@ -180,6 +181,15 @@ def test_one_seed_is_a_point():
 
 def test_equal_seeds_have_no_spread():
     assert seed_interval([3.0, 3.0]) == Interval(3.0, 3.0, 3.0)
+
+
+def test_seed_interval_is_cut_to_the_bounds_of_its_quantity():
+    # three accuracies: the t-interval (t = 4.303 for 2 degrees of freedom) runs past 1, which no accuracy reaches
+    half = stats.t.ppf(0.975, df=2) * np.std([0.5, 0.95, 0.95], ddof=1) / np.sqrt(3)
+    free = seed_interval([0.5, 0.95, 0.95])
+    assert free.high == pytest.approx(0.8 + half) and free.high > 1
+    cut = seed_interval([0.5, 0.95, 0.95], bounds=(0.0, 1.0))
+    assert cut.mean == pytest.approx(0.8) and cut.low == pytest.approx(0.8 - half) and cut.high == 1.0
 
 
 def test_seed_interval_needs_values():

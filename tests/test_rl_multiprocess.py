@@ -27,10 +27,11 @@ EXACT = (
     "rl/completions_sampled",
     "rl/resample_rounds",
 )
-# a score of 0 or 1 (the toy reward above one half): many groups of K = 4 are all 0 or all 1, for DAPO to refill
+# even prompt i: 1.0 whatever the completion (a group of equal scores, to refill); odd i: the parity of the
+# completion's length (a group of 4 is all equal 1 time in 8)
 COARSE_REWARD = """
 def score(prompts, completions):
-    return [float(sum(c.isalpha() for c in t) / max(len(t), 1) > 0.5) for t in completions]
+    return [1.0 if int(p.split()[1].rstrip(":")) % 2 == 0 else float(len(c) % 2) for p, c in zip(prompts, completions)]
 """
 
 

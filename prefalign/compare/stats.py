@@ -188,10 +188,14 @@ def win_rate(a_gold: np.ndarray, b_gold: np.ndarray, *, seed: int = 0) -> Interv
     return mean_interval(wins.mean(axis=-1), seed=seed)
 
 
-def seed_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> Interval:
+def seed_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE, bounds: tuple[float, float] | None = None
+) -> Interval:
     """Mean and Student-t interval across seeds of a per-seed quantity with no prompt axis (wall time, peak
     memory, a reward model's held-out accuracy).
 
+    ``bounds``: the range the quantity cannot leave (an accuracy's [0, 1]); the interval is cut to it, as three
+    seeds' t-interval (t = 4.30) easily runs past it.
     One value carries no uncertainty: low = high = mean, and callers must treat it as a point, not as an
     interval that excludes everything but itself.
     """
@@ -202,7 +206,10 @@ def seed_interval(values: Sequence[float], confidence: float = CONFIDENCE) -> In
     if x.size == 1:
         return Interval(mean, mean, mean)
     half = float(stats.t.ppf((1 + confidence) / 2, df=x.size - 1)) * float(x.std(ddof=1)) / math.sqrt(x.size)
-    return Interval(mean, mean - half, mean + half)
+    low, high = mean - half, mean + half
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Interval(mean, low, high)
 
 
 def efficiency_difference(

@@ -169,7 +169,7 @@ def _reward_model_verdict(rm: tuple[float, ...], dpo: tuple[float, ...]) -> tupl
     if not rm or not dpo:
         missing = " and ".join(name for name, acc in (("the reward model", rm), ("DPO", dpo)) if not acc)
         return INCONCLUSIVE, f"the held-out pair accuracy of {missing} was not measured.", {}
-    diff = seed_interval([d - r for d, r in zip(dpo, rm)])
+    diff = seed_interval([d - r for d, r in zip(dpo, rm)], bounds=(-1.0, 1.0))
     evidence = {"accuracy_difference": diff.to_dict()}
     said = "DPO's implicit reward minus the reward model in held-out pair accuracy: "
     if len(rm) == 1:
@@ -285,7 +285,7 @@ def _signed(x: float) -> str:
 def _accuracy(values: tuple[float, ...]) -> str:
     if not values:
         return "not measured"
-    acc = seed_interval(values)
+    acc = seed_interval(values, bounds=(0.0, 1.0))
     return f"{acc.mean:.3f}" if len(values) == 1 else f"{_bounds(acc, lambda x: f'{x:.3f}')} ({len(values)} seeds)"
 
 

@@ -3,11 +3,14 @@ absent."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import shutil
+import sys
 import tempfile
 from pathlib import Path
+from unittest import mock
 
 from prefalign.trainers.backend import AccelerateBackend, Trained
 from prefalign.trainers.card import CardFacts, write_model_card
@@ -44,7 +47,8 @@ def save_pretrained_atomic(
     its model card (in place of the one peft writes for an adapter) into a temp directory renamed to ``path``."""
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
-        model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
+        with _unwrap_without_importing_deepspeed():
+            model.save_pretrained(tmp, **({} if state is None else {"state_dict": state}))
         tokenizer.save_pretrained(tmp)
         if card is not None:
             write_model_card(tmp, card)
@@ -53,3 +57,15 @@ def save_pretrained_atomic(
         tmp.rename(path)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _unwrap_without_importing_deepspeed():
+    """transformers' ``save_pretrained`` unwraps the model with accelerate's ``extract_model_from_parallel``, which
+    imports DeepSpeed whenever it is installed, only to test ``isinstance(model, DeepSpeedEngine)``: seconds of
+    imports and a warning line in a run that never used DeepSpeed. A model cannot be an instance of a class whose
+    module was never imported, so until something imported DeepSpeed (its backend does) the test is skipped."""
+    if "deepspeed" in sys.modules:
+        return contextlib.nullcontext()
+    from accelerate.utils import other
+
+    return mock.patch.object(other, "is_deepspeed_available", lambda: False)
