@@ -69,7 +69,7 @@ class Comparison:
         with claimed_output_dir(cfg.output, overwrite=cfg.overwrite, resume=cfg.resume, keep_on_error=True) as out:
             return self._race(out, rows)
 
-    def _race(self, out: Path, rows: tuple[list[dict], list[dict]]) -> dict:
+    def _race(self, out: Path, rows: tuple[list[dict], list[dict]] | None) -> dict:
         from prefalign.eval.report import write_report
 
         cfg = self.cfg
@@ -85,15 +85,18 @@ class Comparison:
         log_summary(cfg, out, summary)
         return summary
 
-    def _prompt_rows(self) -> tuple[list[dict], list[dict]]:
+    def _prompt_rows(self) -> tuple[list[dict], list[dict]] | None:
         """The training and held-out prompt rows (the task's packaged ones unless given), every column kept; a
         built-in or callable judge that needs a column the rows lack (the arithmetic judge's ``answer``) is refused
-        here, not in the first stage."""
+        here, not in the first stage. None on --resume of a race that wrote its prompts: it keeps those (its
+        prompt files need not still exist)."""
         from prefalign.models import load_tokenizer
         from prefalign.rewards import check_reward_columns, is_reward_model, load_reward_source
 
         cfg = self.cfg
-        tokenizer = load_tokenizer(cfg.model)
+        tokenizer = load_tokenizer(cfg.model)  # also stops on a bad --model
+        if cfg.resume and _prompt_files(Path(cfg.output))[0].exists():
+            return None
         task = TASKS[cfg.task]
         train = _prompts(cfg.train_prompts, task.train, cfg.num_prompts, tokenizer)
         heldout = _prompts(cfg.heldout_prompts, task.heldout, cfg.eval_prompts, tokenizer)
@@ -103,12 +106,16 @@ class Comparison:
                 check_reward_columns(judge, {name: [] for name in rows[0] if name != "prompt"})
         return train, heldout
 
-    def _write_prompts(self, out: Path, rows: tuple[list[dict], list[dict]]) -> tuple[Path, Path]:
-        """``rows`` as the files every stage reads (kept as they are on --resume)."""
-        (out / "prompts").mkdir(exist_ok=True)
-        train_prompts = out / "prompts" / "train.jsonl"
-        heldout_prompts = out / "prompts" / "heldout.jsonl"
-        if not (self.cfg.resume and train_prompts.exists()):
+    def _write_prompts(self, out: Path, rows: tuple[list[dict], list[dict]] | None) -> tuple[Path, Path]:
+        """``rows`` as the files every stage reads (None: the files a resumed race wrote, kept as they are)."""
+        train_prompts, heldout_prompts = _prompt_files(out)
+        if rows is not None:
+            train_prompts.parent.mkdir(exist_ok=True)
             write_jsonl(train_prompts, rows[0])
             write_jsonl(heldout_prompts, rows[1])
         return train_prompts, heldout_prompts
+
+
+def _prompt_files(out: Path) -> tuple[Path, Path]:
+    """The training and held-out prompt files of the race in ``out``."""
+    return out / "prompts" / "train.jsonl", out / "prompts" / "heldout.jsonl"
