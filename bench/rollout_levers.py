@@ -1,19 +1,24 @@
-"""What-if for the rollout target (BENCHMARKS.md): how fast can sampling from the default model get on this
-CPU, and with which lever? Not part of ``make bench``; run with the project venv:
+"""What-if for the rollout target (BENCHMARKS.md, "The decode path"): how fast can sampling from the default model
+get on this CPU, and with which lever? Not part of ``make bench``; run with the project venv:
 
-    .venv/bin/python -m bench.rollout_levers --batch 8 --calls 3
+    .venv/bin/python -m bench.rollout_levers --batch 8 --calls 4
+    .venv/bin/python -m bench.rollout_levers --variants prefalign-generate-fp32,prefalign-loop-fp32 --rounds 3
 
-Every variant samples the same prompt batches (movie-review prefixes, 40 new tokens, temperature 0.7,
-top-k off, stop at EOS) and reports real response tokens per second over the calls after the first
-(warm-up). Variants:
+Every variant samples the same prompt batches (movie-review train prefixes, 40 new tokens, temperature 0.7, top-k
+off, stop at EOS) and reports real response tokens per second over the calls after the first (warm-up: the first
+call of a compiled variant compiles; its seconds are reported apart). With ``--rounds N`` the variants run in
+turn N times (A B C, A B C, ...) and each reports its best round, so drift of the shared machine lands on all.
+Variants:
 
-- ``hf fp32``: plain ``model.generate``, fp32 weights, dynamic KV cache (what prefalign does now);
-- ``hf bf16-autocast``: the same under ``torch.autocast(bfloat16)`` (prefalign's bf16 PPO rollouts):
-  every weight is cast fp32 -> bf16 again at every decode step;
-- ``hf bf16-weights``: ``generate`` on a bf16 *copy* of the model (cast once; a PPO trainer would refresh
-  the copy after each update, ~0.1 s for 135M parameters);
-- ``loop bf16-weights``: a minimal decode loop (one prefill, then one-token steps on the KV cache, sampling
-  with ``torch.multinomial``), no ``generate`` machinery: the per-step Python overhead of ``generate``.
+- ``hf-fp32``: plain ``model.generate``, fp32 weights (the baseline of the rollout rows of ``make bench``);
+- ``hf-bf16-autocast``: the same under ``torch.autocast(bfloat16)``: every weight re-cast at every decode step;
+- ``hf-bf16-weights``: ``generate`` on a bf16 *copy* of the model (cast once);
+- ``prefalign-generate-{fp32,bf16}``: ``prefalign.rollout.generate`` with ``--decoder generate`` (keyed sampling
+  over ``model.generate``), on the fp32 model / its bf16 sampling copy;
+- ``prefalign-loop-{fp32,bf16}``: the same with ``--decoder loop`` (prefalign's decode loop, linear weights
+  prepacked for oneDNN, packed once per call as a trainer does);
+- ``compiled-static-bf16``: a one-token step over a pre-allocated ``StaticCache`` (128 positions) compiled with
+  ``torch.compile(fullgraph=True)``, greedy, on the bf16 copy (the path issue 13 proposed; measured slower here).
 """
 
 from __future__ import annotations
@@ -21,119 +26,138 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
-from bench.common import load_prefixes, model_path, real_response_tokens
-
-DATA = Path(__file__).resolve().parent.parent / ".bench" / "data"
-
-
-def batches(tok, prompts: list[str], batch: int, calls: int):
-    for b in range(calls):
-        yield tok(prompts[b * batch : (b + 1) * batch], add_special_tokens=False, padding=True, return_tensors="pt")
+VARIANTS = (
+    "hf-fp32,hf-bf16-autocast,hf-bf16-weights,prefalign-generate-fp32,prefalign-loop-fp32,"
+    "prefalign-generate-bf16,prefalign-loop-bf16,compiled-static-bf16"
+)
+NEW_TOKENS = 40
+STATIC_LEN = 128  # prompt (<= 60 tokens here) + 40 new tokens fit; one length, so one compilation
 
 
-def hf_generate(model, enc, new_tokens: int, eos: list[int], pad: int):
+def hf_generate(model, enc, eos: list[int], pad: int):
     return model.generate(
         **enc,
         do_sample=True,
         temperature=0.7,
         top_k=0,
         top_p=1.0,
-        max_new_tokens=new_tokens,
+        max_new_tokens=NEW_TOKENS,
         eos_token_id=eos,
         pad_token_id=pad,
     )[:, enc["input_ids"].shape[1] :]
 
 
-@torch.no_grad()
-def loop_generate(model, enc, new_tokens: int, eos: list[int], pad: int):
-    """Prefill, then one token per step on the KV cache; stops early when every row has ended."""
-    from transformers import DynamicCache
+def prefalign_generate(model, enc, eos: list[int], pad: int, decoder: str, call: int):
+    from prefalign.rollout import SamplingConfig, generate
+    from prefalign.rollout.generate import key_seed
 
-    ids, mask = enc["input_ids"], enc["attention_mask"]
-    b, p = ids.shape
-    cache = DynamicCache()
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    full_mask = torch.cat([mask, torch.ones(b, new_tokens, dtype=mask.dtype)], dim=1)
-    out = model(
-        input_ids=ids,
-        attention_mask=full_mask[:, :p],
-        position_ids=pos,
-        past_key_values=cache,
-        use_cache=True,
-        logits_to_keep=1,
-        cache_position=torch.arange(p),
-    )
-    logits = out.logits[:, -1].float()
-    done = torch.zeros(b, dtype=torch.bool)
-    eos_t = torch.tensor(eos)
-    tokens = []
-    next_pos = pos[:, -1:] + 1
-    for t in range(new_tokens):
-        nxt = torch.multinomial(torch.softmax(logits / 0.7, -1), 1)  # (b, 1)
-        nxt = torch.where(done[:, None], torch.full_like(nxt, pad), nxt)
-        tokens.append(nxt)
-        done |= torch.isin(nxt[:, 0], eos_t)
-        if bool(done.all()) or t == new_tokens - 1:
-            break
-        out = model(
-            input_ids=nxt,
-            attention_mask=full_mask[:, : p + t + 1],
-            position_ids=next_pos,
-            past_key_values=cache,
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.7, decoder=decoder)
+    keys = [key_seed(call, r) for r in range(enc["input_ids"].shape[0])]
+    gen = generate(model, enc["input_ids"], enc["attention_mask"], sampling, eos_ids=eos, pad_id=pad, row_keys=keys)
+    return gen.response_ids
+
+
+class CompiledStatic:
+    """Greedy decoding with a compiled one-token step over a static cache (compiled on the first call)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.step = torch.compile(self._step, dynamic=False, fullgraph=True)
+
+    def _step(self, token, cache, position, cache_position):
+        return self.model(
+            input_ids=token, position_ids=position, cache=cache, cache_position=cache_position, use_cache=True
+        ).logits[:, -1]
+
+    @torch.no_grad()
+    def __call__(self, enc, eos: list[int], pad: int):
+        from transformers import StaticCache
+
+        ids, mask = enc["input_ids"], enc["attention_mask"]
+        b, p = ids.shape
+        cache = StaticCache(config=self.model.config, max_cache_len=STATIC_LEN)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        logits = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            cache=cache,
+            cache_position=torch.arange(p),
             use_cache=True,
-            cache_position=torch.tensor([p + t]),
-        )
-        logits = out.logits[:, -1].float()
-        next_pos = next_pos + 1
-    return torch.cat(tokens, dim=1)
+            logits_to_keep=1,
+        ).logits[:, -1]
+        done, tokens, eos_t = torch.zeros(b, dtype=torch.bool), [], torch.tensor(eos)
+        for t in range(NEW_TOKENS):
+            token = torch.where(done, pad, logits.argmax(-1))
+            tokens.append(token)
+            done |= torch.isin(token, eos_t)
+            if bool(done.all()) or t == NEW_TOKENS - 1:
+                break
+            # the pads of a left-padded prompt are attended here (no mask: one graph); greedy speed only
+            logits = self.step(token[:, None], cache, pos[:, -1:] + 1 + t, torch.tensor([p + t]))
+        return torch.stack(tokens, 1)
 
 
 def main(argv=None) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from prefalign.models import load_causal_lm, load_tokenizer
+    from prefalign.resources import movie_prefixes
+    from prefalign.rollout import eos_token_ids, sampling_copy
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--calls", type=int, default=3)
+    ap.add_argument("--calls", type=int, default=4)
+    ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", default="hf-fp32,hf-bf16-autocast,hf-bf16-weights,loop-bf16")
+    ap.add_argument("--variants", default=VARIANTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = model_path(str(DATA))
-    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    fp32 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    bf16 = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
-    prompts, eos, pad = load_prefixes(str(DATA)), [tok.eos_token_id], tok.pad_token_id
-    results = {}
-    for name in args.variants.split(","):
-        secs, toks = [], []
-        for i, enc in enumerate(batches(tok, prompts, args.batch, args.calls)):
-            torch.manual_seed(i)
-            t = time.perf_counter()
-            with torch.no_grad():
-                if name == "hf-fp32":
-                    resp = hf_generate(fp32, enc, 40, eos, pad)
-                elif name == "hf-bf16-autocast":
-                    with torch.autocast("cpu", dtype=torch.bfloat16):
-                        resp = hf_generate(fp32, enc, 40, eos, pad)
-                elif name == "hf-bf16-weights":
-                    resp = hf_generate(bf16, enc, 40, eos, pad)
-                elif name == "loop-bf16":
-                    resp = loop_generate(bf16, enc, 40, eos, pad)
-                else:
-                    raise SystemExit(f"unknown variant {name}")
-            secs.append(time.perf_counter() - t)
-            toks.append(real_response_tokens(resp, eos))
-        rate = sum(toks[1:]) / sum(secs[1:])
-        results[name] = {"tokens_per_s": round(rate, 1), "seconds": [round(s, 2) for s in secs], "tokens": toks}
-        print(json.dumps({name: results[name]}), flush=True)
-    base = results.get("hf-fp32", {}).get("tokens_per_s")
-    if base:
-        for name, r in results.items():
-            print(f"{name:22s} {r['tokens_per_s']:8.1f} tokens/s  x{r['tokens_per_s'] / base:.2f}")
+    tok = load_tokenizer()
+    tok.padding_side = "left"
+    fp32 = load_causal_lm().eval()
+    bf16 = sampling_copy(fp32, torch.bfloat16)
+    eos, pad = eos_token_ids(fp32, tok), tok.pad_token_id
+    prompts = movie_prefixes("train")
+    encs = [
+        tok(prompts[c * args.batch : (c + 1) * args.batch], add_special_tokens=False, padding=True, return_tensors="pt")
+        for c in range(args.calls)
+    ]
+    compiled = CompiledStatic(bf16) if "compiled-static-bf16" in args.variants else None
+    rates: dict[str, list[float]] = {}
+    for _ in range(args.rounds):
+        for name in args.variants.split(","):
+            secs, toks = [], []
+            for call, enc in enumerate(encs):
+                torch.manual_seed(call)
+                t = time.perf_counter()
+                with torch.no_grad():
+                    if name == "hf-fp32":
+                        resp = hf_generate(fp32, enc, eos, pad)
+                    elif name == "hf-bf16-autocast":
+                        with torch.autocast("cpu", dtype=torch.bfloat16):
+                            resp = hf_generate(fp32, enc, eos, pad)
+                    elif name == "hf-bf16-weights":
+                        resp = hf_generate(bf16, enc, eos, pad)
+                    elif name.startswith("prefalign-"):
+                        _, decoder, dtype = name.split("-")
+                        resp = prefalign_generate(fp32 if dtype == "fp32" else bf16, enc, eos, pad, decoder, call)
+                    elif name == "compiled-static-bf16" and compiled is not None:
+                        resp = compiled(enc, eos, pad)
+                    else:
+                        raise SystemExit(f"unknown variant {name}")
+                secs.append(time.perf_counter() - t)
+                is_eos = torch.isin(resp, torch.tensor(eos))
+                toks.append(int(((torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0).sum()))
+            rate = sum(toks[1:]) / sum(secs[1:])
+            rates.setdefault(name, []).append(rate)
+            row = {"tokens_per_s": round(rate, 1), "first_call_s": round(secs[0], 2), "tokens": toks}
+            print(json.dumps({name: row}), flush=True)
+    base = max(rates.get("hf-fp32", [0.0]))
+    for name, rs in rates.items():
+        ratio = f"x{max(rs) / base:.2f} hf-fp32" if base else ""
+        print(f"{name:24s} {max(rs):8.1f} tokens/s (best of {len(rs)})  {ratio}")
 
 
 if __name__ == "__main__":

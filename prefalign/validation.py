@@ -68,3 +68,5 @@ def check_sampling(cfg) -> None:
         raise ValueError(f"--top-k must be >= 0, got {cfg.top_k}")
     if "" in getattr(cfg, "stop", ()):
         raise ValueError("--stop strings must not be empty (an empty one would cut every completion to nothing)")
+    if getattr(cfg, "decoder", "loop") not in ("loop", "generate"):
+        raise ValueError(f"--decoder must be loop or generate, got {cfg.decoder!r}")

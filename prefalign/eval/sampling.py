@@ -56,6 +56,7 @@ def sample_completions(
     """
     from prefalign.data import PromptCollator
     from prefalign.rollout import cut_at_stop, eos_token_ids, generate
+    from prefalign.rollout.decode import PackedLinears
     from prefalign.rollout.generate import key_seed
 
     dev = next(model.parameters()).device
@@ -63,6 +64,7 @@ def sample_completions(
     eos = eos_token_ids(model, tokenizer)
     jobs = [(i, k) for i in range(len(prompt_ids)) for k in range(num_samples)]
     out: list[Sample] = []
+    packed = PackedLinears(model, batch_hint=batch_size)  # the weights do not change here: pack once, not per batch
     with ProgressBar(total=len(jobs), desc=desc, unit="completion") as bar:
         for lo in range(0, len(jobs), batch_size):
             chunk = jobs[lo : lo + batch_size]
@@ -77,6 +79,7 @@ def sample_completions(
                 tokenizer=tokenizer,
                 row_keys=[key_seed(i, k) for i, k in chunk],
                 seed=seed,
+                packed=packed,
             )
             texts = tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
             ids = gen.response_ids.cpu()  # (b, R)
@@ -84,6 +87,7 @@ def sample_completions(
             for row, ((i, k), text, n, ended) in enumerate(zip(chunk, texts, lengths, gen.ended.tolist())):
                 out.append(Sample(i, k, cut_at_stop(text, sampling.stop), ids[row, : int(n)].tolist(), bool(ended)))
             bar.update(len(chunk))
+    packed.release()
     return out
 
 

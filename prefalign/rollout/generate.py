@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from prefalign.rollout.decode import PackedLinears, decode, loop_fallback
 from prefalign.validation import Validated, check_sampling, require_at_least_one
 
 
@@ -32,6 +33,10 @@ class SamplingConfig(Validated):
     """Take the most likely token instead of sampling."""
     stop: list[str] = field(default_factory=list)
     """Extra stop strings; a completion is cut before the first one."""
+    decoder: str = "loop"
+    """loop: prefalign's decode loop (KV cache, early exit, linear weights prepacked for oneDNN on CPU: 2-3x
+    model.generate in float32, BENCHMARKS.md); generate: transformers' model.generate. Both draw the same tokens up
+    to float rounding; stop strings, and generation configs that switch on other processors, use generate."""
 
     def validate(self):
         check_sampling(self)
@@ -184,13 +189,16 @@ class KeyedSampler:
         u = torch.rand(vocab, generator=g, device=device).clamp_(min=torch.finfo(torch.float32).tiny)
         return -torch.log(-torch.log(u))
 
-    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    def choose(self, scores: torch.Tensor, position: int) -> torch.Tensor:
+        """``(B,)`` the tokens drawn from ``scores (B, V)`` at response position ``position``."""
         b, v = scores.shape
         if b != len(self.row_keys):
             raise ValueError(f"KeyedSampler has {len(self.row_keys)} row keys for a batch of {b} rows")
-        t = input_ids.shape[1] - self.prompt_width  # response position of the token being drawn
-        noise = torch.stack([self.gumbel(k, t, v, scores.device) for k in self.row_keys])  # (B, V)
-        choice = (self.filtered_logits(scores) + noise).argmax(dim=-1)  # (B,)
+        noise = torch.stack([self.gumbel(k, position, v, scores.device) for k in self.row_keys])  # (B, V)
+        return (self.filtered_logits(scores) + noise).argmax(dim=-1)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        choice = self.choose(scores, input_ids.shape[1] - self.prompt_width)  # the response position being drawn
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, choice[:, None], 0.0)
 
@@ -237,6 +245,7 @@ def generate(
     row_keys: list[int] | None = None,
     seed: int = 0,
     synced: bool = False,
+    packed: PackedLinears | None = None,
 ) -> Generation:
     """Sample one completion per (left-padded) prompt row; see `Generation` for the shapes.
 
@@ -245,16 +254,56 @@ def generate(
     batch size. Without, Hugging Face samples from the global torch RNG. ``greedy`` ignores both. ``synced``
     (a collective: every process calls it): every process keeps decoding until all are done, as a sharded
     model (FSDP) needs every process in every forward.
-    """
-    from transformers import GenerationConfig, LogitsProcessorList
 
+    ``sampling.decoder`` "loop" decodes with `prefalign.rollout.decode.decode` (``model.generate`` where
+    `loop_fallback` names a reason), on ``packed`` (a `PackedLinears` of ``model`` a caller keeps across calls
+    while the weights do not change) or on packs made for this call and dropped after it.
+    """
     if row_keys is not None and len(row_keys) != prompt_ids.shape[0]:
         raise ValueError(f"{len(row_keys)} row keys for {prompt_ids.shape[0]} prompts")
     keyed = row_keys is not None and not sampling.greedy
     hf_samples = not (sampling.greedy or keyed)
+    sampler = None
+    if keyed and row_keys is not None:  # keyed implies row keys
+        sampler = KeyedSampler(
+            seed, row_keys, prompt_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p
+        )
+    was_training = model.training
+    model.eval()
+    try:
+        if (
+            sampling.decoder == "loop"
+            and loop_fallback(model, stop=sampling.stop, sampled_by_hf=hf_samples, synced=synced) is None
+        ):
+            choose = sampler.choose if sampler is not None else _argmax
+            with packed if packed is not None else PackedLinears(model, batch_hint=prompt_ids.shape[0]):
+                raw = decode(
+                    model, prompt_ids, prompt_mask, sampling.max_new_tokens, choose, eos_ids=eos_ids, pad_id=pad_id
+                )
+        else:
+            raw = _hf_generate(model, prompt_ids, prompt_mask, sampling, sampler, eos_ids, pad_id, tokenizer, synced)
+    finally:
+        model.train(was_training)
+    ids, mask, ended = truncate_at_eos(raw, eos_ids, pad_id)
+    if sampling.stop and tokenizer is not None:
+        ids, mask, ended = _end_at_stop_strings(raw, ids, mask, ended, sampling.stop, tokenizer, pad_id)
+    width = int(mask.sum(1).max().item()) if mask.numel() else 0
+    return Generation(prompt_ids, prompt_mask, ids[:, : max(width, 1)], mask[:, : max(width, 1)], ended)
+
+
+def _argmax(logits: torch.Tensor, position: int) -> torch.Tensor:
+    return logits.argmax(dim=-1)
+
+
+def _hf_generate(model, prompt_ids, prompt_mask, sampling, sampler, eos_ids, pad_id, tokenizer, synced):
+    """Raw response tokens ``(B, R)`` from ``model.generate`` (``sampler``: greedy over `KeyedSampler`'s one finite
+    score per row; None: greedy, or Hugging Face's own sampling when ``sampling`` is not greedy)."""
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    hf_samples = sampler is None and not sampling.greedy
     gen_config = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
-        do_sample=hf_samples,  # keyed: greedy over KeyedSampler's one finite score per row
+        do_sample=hf_samples,
         temperature=sampling.temperature if hf_samples else None,
         top_p=sampling.top_p if hf_samples else None,  # 1.0 = off, explicitly
         top_k=sampling.top_k if hf_samples else None,  # 0 = off; None would mean transformers default 50
@@ -263,30 +312,15 @@ def generate(
         stop_strings=sampling.stop or None,
         use_cache=True,
     )
-    processors = None
-    if keyed and row_keys is not None:  # keyed implies row keys
-        processors = LogitsProcessorList(
-            [KeyedSampler(seed, row_keys, prompt_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p)]
-        )
-    was_training = model.training
-    model.eval()
-    try:
-        out = model.generate(
-            input_ids=prompt_ids,
-            attention_mask=prompt_mask,
-            generation_config=gen_config,
-            logits_processor=processors,
-            tokenizer=tokenizer if sampling.stop else None,
-            synced_gpus=synced,
-        )
-    finally:
-        model.train(was_training)
-    raw = out[:, prompt_ids.shape[1] :]
-    ids, mask, ended = truncate_at_eos(raw, eos_ids, pad_id)
-    if sampling.stop and tokenizer is not None:
-        ids, mask, ended = _end_at_stop_strings(raw, ids, mask, ended, sampling.stop, tokenizer, pad_id)
-    width = int(mask.sum(1).max().item()) if mask.numel() else 0
-    return Generation(prompt_ids, prompt_mask, ids[:, : max(width, 1)], mask[:, : max(width, 1)], ended)
+    out = model.generate(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        generation_config=gen_config,
+        logits_processor=LogitsProcessorList([sampler]) if sampler is not None else None,
+        tokenizer=tokenizer if sampling.stop else None,
+        synced_gpus=synced,
+    )
+    return out[:, prompt_ids.shape[1] :]
 
 
 def _end_at_stop_strings(

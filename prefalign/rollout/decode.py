@@ -1,0 +1,208 @@
+"""prefalign's decode loop: one prefill, then one token per step on the KV cache, with the linear layers' weights
+prepacked for oneDNN on CPU.
+
+Why not only ``model.generate``: on a CPU a batch-8 decode step of the 135M default is a few dozen small-M GEMMs
+(8 rows against each weight matrix). ``F.linear`` runs them at ~12 GB/s in float32 (~20 in bfloat16) where the
+machine reads memory at ~65 GB/s; the same products against weights reordered once into oneDNN's blocked layout
+(``torch.ops.mkldnn._reorder_linear_weight``, what inductor's CPU freezing pass uses) run 3-5x faster in float32 and
+~1.6x in bfloat16. Once the GEMMs are fast, ``generate``'s per-step machinery (mask building, cache bookkeeping,
+processors, stopping criteria) becomes a third of the step, so the loop is our own. ``torch.compile`` of the
+one-token step over a static cache was measured too and was *slower* on this CPU (BENCHMARKS.md, "The decode path").
+
+The contract is `generate`'s: left-padded prompts in, raw response tokens out (rows that ended are padded with
+``pad_id``, as ``generate`` pads them), the loop stops when every row has ended, positions skip padding. Greedy
+tokens equal ``model.generate``'s and keyed sampling draws the same tokens as ``generate`` with `KeyedSampler`,
+up to the float rounding of the packed GEMMs (tested token for token on tiny models).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+# generation-config fields whose non-neutral values make ``model.generate`` add a logits processor or a stopping
+# rule the loop does not implement: a model that sets one is sampled by ``model.generate`` (see `loop_fallback`)
+_NEUTRAL = {
+    "repetition_penalty": 1.0,
+    "encoder_repetition_penalty": 1.0,
+    "no_repeat_ngram_size": 0,
+    "encoder_no_repeat_ngram_size": 0,
+    "min_length": 0,
+    "min_new_tokens": 0,
+    "bad_words_ids": None,
+    "suppress_tokens": None,
+    "begin_suppress_tokens": None,
+    "forced_bos_token_id": None,
+    "forced_eos_token_id": None,
+    "sequence_bias": None,
+    "exponential_decay_length_penalty": None,
+    "guidance_scale": 1.0,
+    "renormalize_logits": False,
+    "max_time": None,
+    "stop_strings": None,
+}
+
+
+def loop_fallback(model, *, stop: list[str], sampled_by_hf: bool, synced: bool) -> str | None:
+    """Why the decode loop cannot sample this call (``model.generate`` does it instead), or None when it can.
+
+    The loop implements greedy and keyed sampling (`KeyedSampler`), EOS and early exit; stop strings, Hugging
+    Face's own (unkeyed) sampling, synced decoding for a sharded model (every process in every forward) and the
+    processors a model's generation config may switch on stay with ``model.generate``.
+    """
+    if stop:
+        return "stop strings"
+    if sampled_by_hf:
+        return "unkeyed sampling"
+    if synced:
+        return "synced decoding (sharded model)"
+    config = getattr(model, "generation_config", None)
+    for name, neutral in _NEUTRAL.items():
+        value = getattr(config, name, None)
+        if value is not None and value != neutral and not (neutral == 0 and value == 0):
+            return f"generation_config.{name}={value!r}"
+    return None
+
+
+@torch.no_grad()
+def decode(
+    model,
+    prompt_ids: torch.Tensor,
+    prompt_mask: torch.Tensor,
+    max_new_tokens: int,
+    choose: Callable[[torch.Tensor, int], torch.Tensor],
+    *,
+    eos_ids: list[int],
+    pad_id: int,
+) -> torch.Tensor:
+    """Raw response tokens ``(B, R)``, ``R <= max_new_tokens``: row ``b``'s tokens up to its first EOS, then
+    ``pad_id``; ``R`` is the step at which every row had ended (or ``max_new_tokens``).
+
+    Args:
+        prompt_ids: ``(B, P)`` left-padded prompts; prompt_mask: ``(B, P)`` 1 on real tokens.
+        choose: ``(logits (B, V) float32, position t) -> (B,)`` the next token of every row (greedy: argmax;
+            keyed: `KeyedSampler.choose`). Called at t = 0 .. R-1.
+    """
+    from transformers import DynamicCache
+
+    from prefalign.models.loading import base_model
+    from prefalign.models.logprobs import position_ids_from_mask
+
+    b = prompt_ids.shape[0]
+    dev = prompt_ids.device
+    # transformers 5.2x renamed past_key_values to cache (the old name warns); 4.x knows only the old one
+    cache_arg = "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
+    eos = torch.tensor(eos_ids, device=dev)
+    cache = DynamicCache(config=getattr(model, "config", None))
+    # positions skip the left padding, as generate's do; a pad's own position does not matter (it is masked)
+    positions = position_ids_from_mask(prompt_mask)  # (B, P)
+    logits = model(
+        input_ids=prompt_ids,
+        attention_mask=prompt_mask,
+        position_ids=positions,
+        use_cache=True,
+        logits_to_keep=1,
+        **{cache_arg: cache},
+    ).logits[:, -1]
+    # the attention mask grows by one column of ones per step (ended rows keep attending, as in generate)
+    mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], dim=1)
+    next_position = positions[:, -1:] + 1  # (B, 1)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    tokens = []
+    for t in range(max_new_tokens):
+        token = choose(logits.float(), t)  # (B,)
+        token = torch.where(done, torch.full_like(token, pad_id), token)
+        tokens.append(token)
+        done = done | torch.isin(token, eos)
+        if t == max_new_tokens - 1 or bool(done.all()):
+            break
+        logits = model(
+            input_ids=token[:, None],
+            attention_mask=mask[:, : prompt_ids.shape[1] + t + 1],
+            position_ids=next_position + t,
+            use_cache=True,
+            **{cache_arg: cache},
+        ).logits[:, -1]
+    return torch.stack(tokens, dim=1)
+
+
+def packing_available(dtype: torch.dtype) -> bool:
+    """oneDNN's prepacked linear exists in this torch build (and, for bfloat16, this CPU runs it natively)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and ops is not None):
+        return False
+    if not (hasattr(ops, "_reorder_linear_weight") and hasattr(ops, "_linear_pointwise")):
+        return False
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and bool(ops._is_mkldnn_bf16_supported()))
+
+
+def _packable(module: nn.Module) -> bool:
+    """A plain CPU float linear: not a DTensor (FSDP) shard, not a meta or quantised weight."""
+    w = getattr(module, "weight", None)
+    return (
+        isinstance(module, nn.Linear)
+        and type(w) in (nn.Parameter, torch.Tensor)
+        and w.device.type == "cpu"
+        and w.dim() == 2
+        and w.dtype in (torch.float32, torch.bfloat16)
+    )
+
+
+def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "")
+
+
+class PackedLinears:
+    """While entered, every plain CPU ``nn.Linear`` of ``model`` runs on a oneDNN-prepacked copy of its weight
+    (inference only: the copy has no autograd). Packs are kept between entries and repacked only for weights
+    changed in place since (``Tensor._version``: an optimizer step, `refresh_sampling_copy`, ``load_state_dict``)
+    or replaced. Under CPU autocast the packs take the autocast dtype, as autocast's per-call cast would.
+
+    Memory: one packed copy of the linear weights while packs are held; `release` drops them (a trainer whose
+    weights change every iteration packs per call instead of holding a copy through its update).
+    """
+
+    def __init__(self, model: nn.Module, batch_hint: int = 8):
+        self.modules = [m for m in model.modules() if _packable(m)]
+        self.batch_hint = batch_hint
+        self.packs: dict[nn.Module, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
+
+    def _dtype(self, module: nn.Module) -> torch.dtype:
+        if torch.is_autocast_enabled("cpu"):
+            return torch.get_autocast_dtype("cpu")
+        return module.weight.dtype
+
+    def _pack(self) -> list[nn.Module]:
+        packed = []
+        for m in self.modules:
+            dtype = self._dtype(m)
+            if not packing_available(dtype):
+                continue
+            w = m.weight
+            key = (w._version, w.data_ptr(), dtype)
+            if m not in self.packs or self.packs[m][0] != key:
+                weight = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), self.batch_hint)
+                bias = None if m.bias is None else m.bias.detach().to(dtype)
+                self.packs[m] = (key, weight, bias)
+            packed.append(m)
+        return packed
+
+    def __enter__(self) -> PackedLinears:
+        self._patched = self._pack()
+        for m in self._patched:
+            _, weight, bias = self.packs[m]
+            m.forward = functools.partial(_packed_forward, weight, bias)  # an instance attribute shadows the class's
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for m in self._patched:
+            m.__dict__.pop("forward", None)
+        self._patched = []
+
+    def release(self) -> None:
+        """Drop the packed copies (the next entry packs again)."""
+        self.packs.clear()
