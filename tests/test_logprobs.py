@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from prefalign.models.logprobs import completion_logprobs, position_ids_from_mask, sequence_logprobs
@@ -94,3 +95,91 @@ def test_completion_at_position_zero_is_refused(tiny_model):
         assert "position 0" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def _peaked_model(tokenizer):
+    # a peaked next-token distribution (init_std 0.5, like a trained LM): near-uniform logits would give
+    # entropies ~ln V and gradients so small that a 1e-5 tolerance could not tell chunked from plain apart
+    from prefalign.models import tiny_causal_lm
+
+    return tiny_causal_lm(tokenizer, layers=2, hidden=32, seed=5, init_std=0.5)[0]
+
+
+def test_chunked_logprobs_and_entropy_match_one_chunk(tokenizer):
+    model = _peaked_model(tokenizer)
+    vocab = model.config.vocab_size
+    seen = []  # output shapes of the LM head's calls
+    hook = model.get_output_embeddings().register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    try:
+        for pad_left in (False, True):
+            ids, mask, comp = _batch(pad_left)
+            with torch.no_grad():
+                want, want_ent = completion_logprobs(model, ids, mask, comp, temperature=0.7, return_entropy=True)
+                for chunk in (1, 3):
+                    seen.clear()
+                    got, ent = completion_logprobs(
+                        model, ids, mask, comp, temperature=0.7, return_entropy=True, chunk_size=chunk
+                    )
+                    # 7 completion tokens: the head really ran in chunks (3, 3, 1 or seven 1s), not once
+                    assert [tuple(shape) for shape in seen] == [(min(chunk, 7 - i), vocab) for i in range(0, 7, chunk)]
+                    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+                    torch.testing.assert_close(ent, want_ent, rtol=0, atol=1e-5)
+                    assert (got[comp == 0] == 0).all() and (ent[comp == 0] == 0).all()
+            assert want_ent[comp == 1].max() < torch.log(torch.tensor(float(vocab))) - 2  # far from uniform
+    finally:
+        hook.remove()
+
+
+def _param_grads(model, ids, mask, comp, chunk_size):
+    """Gradients of a weighted sum of log-probs and entropies (PPO's policy loss and entropy bonus)."""
+    model.zero_grad(set_to_none=True)
+    logps, ent = completion_logprobs(
+        model, ids, mask, comp, temperature=0.7, return_entropy=True, chunk_size=chunk_size
+    )
+    # distinct weights per position, so a chunk's outputs landing in the wrong place changes the gradient
+    w = torch.arange(1, ids.numel() + 1, dtype=torch.float32).view(ids.shape) / ids.numel()
+    ((logps * w).sum() - 0.3 * (ent * w.flip(-1)).sum()).backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def test_chunked_gradients_match_one_chunk(tokenizer):
+    model = _peaked_model(tokenizer)
+    for pad_left in (False, True):
+        ids, mask, comp = _batch(pad_left)
+        want = _param_grads(model, ids, mask, comp, chunk_size=None)
+        got = _param_grads(model, ids, mask, comp, chunk_size=3)
+        assert want.keys() == got.keys()
+        for name, g in want.items():
+            assert g.abs().max() > 1e-4, name  # every parameter gets a gradient big enough to compare
+            torch.testing.assert_close(got[name], g, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def _largest_saved_logits(model, ids, mask, comp, chunk_size):
+    """Rows of the largest ``(rows, V)`` tensor autograd saves for backward during the forward."""
+    vocab = model.config.vocab_size
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}  # the head saves its (H, V) weight
+    rows = [0]
+
+    def pack(t):
+        if t.dim() == 2 and t.shape[-1] == vocab and t.untyped_storage().data_ptr() not in weights:
+            rows.append(t.shape[0])
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        completion_logprobs(model, ids, mask, comp, return_entropy=True, chunk_size=chunk_size)
+    return max(rows)
+
+
+def test_chunked_forward_keeps_no_full_logits_for_backward(tiny_model):
+    ids, mask, comp = _batch(pad_left=True)
+    n = int(comp.sum())
+    # the probe sees the full logits when they are kept (one plain chunk) ...
+    assert _largest_saved_logits(tiny_model, ids, mask, comp, chunk_size=None) == n
+    # ... and with chunks checkpointed backward recomputes them: no chunk's logits are kept at all
+    assert _largest_saved_logits(tiny_model, ids, mask, comp, chunk_size=3) == 0
+
+
+def test_chunk_size_below_one_is_refused(tiny_model):
+    ids, mask, comp = _batch(False)
+    with pytest.raises(ValueError, match="chunk_size must be at least 1"):
+        completion_logprobs(tiny_model, ids, mask, comp, chunk_size=0)

@@ -7,13 +7,27 @@ completion token. Naive equivalent (what the tests check against)::
     logits = model(input_ids, attention_mask).logits            # (B, T, V)
     logps = log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None])[..., 0]
     logps = logps * completion_mask[:, 1:]                     # then shifted back to align with tokens
+
+Even the N selected positions' float32 logits are large (N x V x 4 bytes: 1.6 GB for 8k completion
+tokens), and with grad on autograd would keep them, and the softmax for the entropy, until backward. So
+past ``CHUNK_SIZE`` positions the head, logsumexp, gather and entropy run ``CHUNK_SIZE`` positions at a
+time, and with grad on each chunk is activation-checkpointed: backward recomputes its logits instead of
+storing them, so at most one chunk's logits exist at a time (the cost: one more head GEMM per chunk).
 """
 
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from prefalign.models.loading import base_model
+
+CHUNK_SIZE = 1024
+"""Positions whose logits ``completion_logprobs`` computes at once. 1024 x 49,152 x 4 bytes = 201 MB of
+float32 logits per chunk (twice that with the entropy's softmax, and again in backward for their grads):
+small beside a 135M model's weights and optimiser state, while a chunk still fills a GEMM, so the extra
+kernel launches and the recompute cost little. A batch with at most this many completion tokens runs as one
+plain computation (no checkpoint), exactly as before chunking."""
 
 
 def unwrap_backbone(model):
@@ -39,6 +53,7 @@ def completion_logprobs(
     *,
     temperature: float = 1.0,
     return_entropy: bool = False,
+    chunk_size: int | None = None,
 ):
     """Log-probs of the completion tokens of a padded (prompt + completion) batch.
 
@@ -48,12 +63,15 @@ def completion_logprobs(
         completion_mask: ``(B, T)`` 1 on completion tokens (never position 0: a completion needs a prompt).
         temperature: logits are divided by it (PPO scores the tokens as they were sampled).
         return_entropy: also return the per-token entropy of the (tempered) next-token distribution.
+        chunk_size: positions per LM-head chunk (default ``CHUNK_SIZE``); tests set it small to exercise chunking.
 
     Returns:
         ``logps (B, T)`` float32, ``logps[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` where
         ``completion_mask[b, t]`` is 1, else 0. With ``return_entropy``, ``(logps, entropy)``,
         entropy ``(B, T)`` aligned the same way.
     """
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1 position, got {chunk_size}")
     if completion_mask[:, 0].any():
         raise ValueError("completion_mask marks position 0: every completion needs at least one prompt token")
     backbone, head = unwrap_backbone(model)
@@ -66,18 +84,47 @@ def completion_logprobs(
     # hidden[:, t] predicts token t+1: select the states whose next token is a completion token.
     select = completion_mask[:, 1:].bool()  # (B, T-1)
     h = hidden[:, :-1][select]  # (N, H), N = number of completion tokens in the batch
-    logits = head(h).float()  # (N, V): the only place the LM head runs
-    if temperature != 1.0:
-        logits = logits / temperature
     targets = input_ids[:, 1:][select]  # (N,)
-    lse = torch.logsumexp(logits, dim=-1)
-    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (N,)
-    out = _scatter_back(token_logps, select)
+    stats = _chunked_head_stats(head, h, targets, temperature, return_entropy, chunk_size or CHUNK_SIZE)
+    out = _scatter_back(stats[0], select)
     if not return_entropy:
         return out
+    return out, _scatter_back(stats[1], select)
+
+
+def _head_stats(
+    head, h: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool
+) -> tuple[torch.Tensor, ...]:
+    """``(token_logps,)`` or ``(token_logps, entropy)``, each ``(n,)`` float32, from hidden states ``h (n, H)``
+    and their next tokens ``targets (n,)``; the ``(n, V)`` logits live only inside this call."""
+    logits = head(h).float()  # (n, V): the only place the LM head runs
+    if temperature != 1.0:
+        logits = logits / temperature
+    lse = torch.logsumexp(logits, dim=-1)
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - lse  # (n,)
+    if not return_entropy:
+        return (token_logps,)
     # H = logsumexp(z) - sum p z; differentiable when grad is on (PPO's entropy bonus needs it).
     entropy = lse - (torch.softmax(logits, dim=-1) * logits).sum(-1)
-    return out, _scatter_back(entropy, select)
+    return token_logps, entropy
+
+
+def _chunked_head_stats(
+    head, h: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool, chunk_size: int
+) -> tuple[torch.Tensor, ...]:
+    """``_head_stats`` over ``h (N, H)`` in chunks of ``chunk_size`` positions, concatenated: ``(N,)`` each.
+
+    With grad on, each chunk is checkpointed, so autograd saves its ``(chunk, H)`` input rather than its
+    ``(chunk, V)`` logits and recomputes them in backward, one chunk at a time.
+    """
+    if h.shape[0] <= chunk_size:
+        return _head_stats(head, h, targets, temperature, return_entropy)
+    grad = torch.is_grad_enabled()
+    chunks = []
+    for start in range(0, h.shape[0], chunk_size):
+        args = (head, h[start : start + chunk_size], targets[start : start + chunk_size], temperature, return_entropy)
+        chunks.append(checkpoint(_head_stats, *args, use_reentrant=False) if grad else _head_stats(*args))
+    return tuple(torch.cat(parts) for parts in zip(*chunks))
 
 
 def _scatter_back(values: torch.Tensor, select: torch.Tensor) -> torch.Tensor:
