@@ -40,6 +40,7 @@ import torch
 
 from prefalign.errors import UserError
 from prefalign.judges import ArithmeticJudge, Columns, VaderJudge, check_pairs
+from prefalign.models.frozen import frozen_autocast, hold_linear_weights_in
 from prefalign.models.value import last_token_rewards, pools_last_token
 
 
@@ -230,9 +231,21 @@ class RewardModel:
 
     The text is concatenated without re-templating (a chat-templated prompt stays as it was built);
     inputs longer than ``max_length`` tokens lose their *start* so the completion is always scored.
+    ``autocast_dtype`` bf16 (PPO's --frozen-dtype): the linear weights held in bf16
+    (`prefalign.models.frozen.hold_linear_weights_in`, embeddings and norms stay as loaded) and every batch scored
+    under autocast to it, scores within bf16 rounding of float32's; None or float32: scored as loaded, no autocast.
     """
 
-    def __init__(self, spec: str, *, batch_size: int = 16, device: str = "cpu", max_length: int = 1024, dtype=None):
+    def __init__(
+        self,
+        spec: str,
+        *,
+        batch_size: int = 16,
+        device: str = "cpu",
+        max_length: int = 1024,
+        dtype=None,
+        autocast_dtype: torch.dtype | None = None,
+    ):
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
         from prefalign.models.loading import _hub_error, disable_dropout, load_tokenizer, resolve_model
@@ -264,7 +277,11 @@ class RewardModel:
                 f"from the checkpoint (architecture {(config.architectures or ['?'])[0]})"
             )
         disable_dropout(model)
-        self.model = model.eval().requires_grad_(False).to(device)
+        model.eval().requires_grad_(False)
+        self.autocast_dtype = autocast_dtype
+        if autocast_dtype is not None and autocast_dtype != torch.float32:
+            hold_linear_weights_in(model, autocast_dtype)
+        self.model = model.to(device)
         self.tokenizer = load_tokenizer(spec)  # its own tokenizer; EOS stands in for a missing pad
         self.tokenizer.padding_side = "right"  # last real token at mask.sum() - 1
         self.tokenizer.truncation_side = "left"  # keep the completion, drop the start of the prompt
@@ -278,9 +295,11 @@ class RewardModel:
         lengths = enc["attention_mask"].sum(-1)  # (b,)
         if (lengths == 0).any():
             raise ValueError(f"empty text at batch index {int((lengths == 0).nonzero()[0])}")
-        if not self._own_pooling:
-            return self.model(**enc).logits[:, 0]
-        return last_token_rewards(self.model, enc["input_ids"], enc["attention_mask"])
+        # bf16-held linear weights need bf16 inputs: an autocast of this model's own (a float32 run has none)
+        with frozen_autocast(self.device, self.autocast_dtype):
+            if not self._own_pooling:
+                return self.model(**enc).logits[:, 0]
+            return last_token_rewards(self.model, enc["input_ids"], enc["attention_mask"])
 
     def score(self, prompts: list[str], completions: list[str], columns: Columns | None = None) -> torch.Tensor:
         check_pairs(prompts, completions, columns)
@@ -300,20 +319,28 @@ def is_reward_model(spec: str) -> bool:
 
 
 def load_reward_source(
-    spec: str, *, batch_size: int = 16, device: str = "cpu", max_length: int = 1024, dtype=None
+    spec: str,
+    *,
+    batch_size: int = 16,
+    device: str = "cpu",
+    max_length: int = 1024,
+    dtype=None,
+    autocast_dtype: torch.dtype | None = None,
 ) -> RewardSource:
     """Build a reward source from one string, tried in this order:
 
     1. a judge name from :data:`JUDGES` (``vader``);
     2. contains ``:`` and is not an existing path: a callable, ``module:function`` or ``file.py:function``;
     3. otherwise a reward-model directory or hub id (``batch_size``, ``device``, ``max_length``,
-       ``dtype`` apply only here).
+       ``dtype`` and ``autocast_dtype`` apply only here: `RewardModel`).
     """
     if spec in JUDGES:
         return JUDGES[spec]()
     if not is_reward_model(spec):
         return CallableReward(spec)
-    return RewardModel(spec, batch_size=batch_size, device=device, max_length=max_length, dtype=dtype)
+    return RewardModel(
+        spec, batch_size=batch_size, device=device, max_length=max_length, dtype=dtype, autocast_dtype=autocast_dtype
+    )
 
 
 # ------------------------------------------------------------------------------------------- several

@@ -6,13 +6,27 @@ linear weights can therefore be stored in bfloat16 once: each call skips the cas
 Embeddings and norms are *not* autocast ops; they stay float32, so the residual stream and the normalisations are
 computed exactly as before. An LM head tied to the input embedding is that embedding and stays float32 too (autocast
 casts it per call, as before). For SmolLM2-135M this holds 106M of the 135M parameters in half the bytes: ~212 MB
-less per frozen copy.
+less per frozen copy. A frozen model held so in a run without autocast (`prefalign ppo --frozen-dtype bfloat16` at
+fp32 precision) runs its forwards under an autocast of its own (`frozen_autocast`).
 """
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
+
+FROZEN_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""What a frozen model's linear weights can be held in, by the name --frozen-dtype takes (besides auto)."""
+
+
+def resolve_frozen_dtype(frozen_dtype: str, precision: str) -> torch.dtype:
+    """What --frozen-dtype holds the frozen models' linear weights in at the run's resolved ``precision`` (fp32 or
+    bf16): auto follows the precision (bf16 autocast casts a float32 weight to the same bf16 bits on every call)."""
+    if frozen_dtype == "auto":
+        return torch.bfloat16 if precision == "bf16" else torch.float32
+    return FROZEN_DTYPES[frozen_dtype]
 
 
 def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
@@ -38,13 +52,23 @@ def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
     return saved
 
 
+def frozen_autocast(device, dtype: torch.dtype | None):
+    """The context a frozen model whose linear weights `hold_linear_weights_in` holds in ``dtype`` runs its forward
+    in: autocast to ``dtype`` on ``device``'s type (inside the run's own autocast to the same dtype it changes no
+    bit); None or float32: nothing of its own, since float32 weights meet any input."""
+    if dtype is None or dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=dtype)
+
+
 def load_reference(name_or_path: str, device, autocast_dtype: torch.dtype | None):
-    """A frozen reference model on ``device`` (eval mode, no gradients); with ``autocast_dtype`` (the run's
-    autocast, bf16) its linear weights held in that dtype (`hold_linear_weights_in`: the same log-probs)."""
+    """A frozen reference model on ``device`` (eval mode, no gradients); with ``autocast_dtype`` bf16 (the run's
+    autocast, or --frozen-dtype) its linear weights held in that dtype (`hold_linear_weights_in`: the same log-probs
+    under autocast to it); None or float32: as loaded."""
     from prefalign.models.loading import load_causal_lm
 
     model = load_causal_lm(name_or_path).requires_grad_(False).eval()
-    if autocast_dtype is not None:
+    if autocast_dtype is not None and autocast_dtype != torch.float32:
         hold_linear_weights_in(model, autocast_dtype)
     # accelerate places only what it prepares: the frozen reference goes to the device by hand
     return model.to(device)

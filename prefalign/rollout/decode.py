@@ -142,10 +142,11 @@ def packing_available(dtype: torch.dtype) -> bool:
 
 def _packable(module: nn.Module) -> bool:
     """A plain CPU float linear: not a DTensor (FSDP) shard, not a meta or quantised weight."""
-    w = getattr(module, "weight", None)
+    if not isinstance(module, nn.Linear):
+        return False
+    w = module.weight
     return (
-        isinstance(module, nn.Linear)
-        and type(w) in (nn.Parameter, torch.Tensor)
+        type(w) in (nn.Parameter, torch.Tensor)
         and w.device.type == "cpu"
         and w.dim() == 2
         and w.dtype in (torch.float32, torch.bfloat16)
@@ -167,16 +168,17 @@ class PackedLinears:
     """
 
     def __init__(self, model: nn.Module, batch_hint: int = 8):
-        self.modules = [m for m in model.modules() if _packable(m)]
+        self.modules: list[nn.Linear] = [m for m in model.modules() if isinstance(m, nn.Linear) and _packable(m)]
         self.batch_hint = batch_hint
-        self.packs: dict[nn.Module, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
+        self.packs: dict[nn.Linear, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
+        self._patched: list[nn.Linear] = []
 
-    def _dtype(self, module: nn.Module) -> torch.dtype:
+    def _dtype(self, module: nn.Linear) -> torch.dtype:
         if torch.is_autocast_enabled("cpu"):
             return torch.get_autocast_dtype("cpu")
         return module.weight.dtype
 
-    def _pack(self) -> list[nn.Module]:
+    def _pack(self) -> list[nn.Linear]:
         packed = []
         for m in self.modules:
             dtype = self._dtype(m)
@@ -195,7 +197,8 @@ class PackedLinears:
         self._patched = self._pack()
         for m in self._patched:
             _, weight, bias = self.packs[m]
-            m.forward = functools.partial(_packed_forward, weight, bias)  # an instance attribute shadows the class's
+            # an instance attribute shadows the class's forward
+            m.forward = functools.partial(_packed_forward, weight, bias)  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc) -> None:

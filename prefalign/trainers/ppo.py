@@ -23,13 +23,12 @@ import torch
 from prefalign.errors import UserError
 from prefalign.losses import apply_missing_eos_penalty, gae, kl_shaped_rewards, masked_whiten
 from prefalign.methods import METHODS
-from prefalign.models.frozen import load_reference
+from prefalign.models.frozen import frozen_autocast, load_reference, resolve_frozen_dtype
 from prefalign.models.logprobs import completion_logprobs
 from prefalign.models.value import token_values
 from prefalign.rollout import cut_at_stop, eos_token_ids, generate, refresh_sampling_copy, sampling_copy
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
-from prefalign.trainers.backend import autocast_dtype
 from prefalign.trainers.dist import masked_mean_var
 from prefalign.trainers.final import save_final_model
 from prefalign.trainers.heldout import HeldoutEval
@@ -57,6 +56,16 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
         self.seconds_per_iteration = 0.0
 
     # ---------------------------------------------------------------- setup
+    def init_backend(self) -> None:
+        """The skeleton's precision and backend, then what --frozen-dtype resolves to at that precision."""
+        super().init_backend()
+        self.frozen_dtype = resolve_frozen_dtype(self.cfg.frozen_dtype, self.precision)
+
+    @property
+    def frozen_dtype_name(self) -> str:
+        """The resolved --frozen-dtype as run.json records it: float32 or bfloat16."""
+        return str(self.frozen_dtype).removeprefix("torch.")
+
     def check_backend(self) -> None:
         cfg = self.cfg
         if self.backend.deepspeed:
@@ -95,7 +104,10 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
             )
         if self.reward_source is None:
             self.reward_source = load_reward_source(
-                cfg.reward, batch_size=cfg.reward_batch_size, device=str(self.accelerator.device)
+                cfg.reward,
+                batch_size=cfg.reward_batch_size,
+                device=str(self.accelerator.device),
+                autocast_dtype=self.frozen_dtype,
             )
         self.setup_heldout()
         self.policy = load_causal_lm(cfg.model)
@@ -103,9 +115,7 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
             self.policy = apply_lora(self.policy, cfg)
             self.ref_model = None  # the reference is the policy with its adapter off
         else:
-            self.ref_model = load_reference(
-                cfg.ref or cfg.model, self.accelerator.device, autocast_dtype(self.accelerator)
-            )
+            self.ref_model = load_reference(cfg.ref or cfg.model, self.accelerator.device, self.frozen_dtype)
         self.value = self.load_value()
         if cfg.gradient_checkpointing:
             for m in (self.policy, self.value):
@@ -173,6 +183,7 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
             "total_iterations": self.total_steps,
             "episodes": self.total_steps * cfg.rollout_batch_size,
             "reward": getattr(self.reward_source, "name", cfg.reward),
+            "frozen_dtype": self.frozen_dtype_name,
             "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
             "value_trainable_parameters": sum(p.numel() for p in self.value.parameters() if p.requires_grad),
             **self.heldout_info(),
@@ -335,7 +346,8 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
                     completion_logprobs, *args, temperature=temperature, return_entropy=True
                 )
             if self.ref_model is not None:  # a whole frozen copy on every process
-                ref_logps = completion_logprobs(self.ref_model, *args, temperature=temperature)
+                with frozen_autocast(self.accelerator.device, self.frozen_dtype):
+                    ref_logps = completion_logprobs(self.ref_model, *args, temperature=temperature)
             else:
                 with adapter_off(self.policy):
                     ref_logps = self.trained_policy.frozen_forward(completion_logprobs, *args, temperature=temperature)

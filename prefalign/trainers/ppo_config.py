@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from prefalign.losses.kl import KL_ESTIMATORS
+from prefalign.models.frozen import FROZEN_DTYPES
 from prefalign.trainers.config import CommonConfig
 from prefalign.validation import check_sampling, require_at_least_one
 
@@ -25,6 +26,12 @@ class PPOConfig(CommonConfig):
     """Wrap plain-text prompts in the chat template as a user turn (off: plain continuation)."""
     ref: str | None = None
     """Reference policy (default: a frozen copy of --model; with LoRA, the policy with its adapter off)."""
+    frozen_dtype: str = "auto"
+    """What the frozen models (the reference: --ref or a copy of --model; a reward model given as --reward) hold
+    their linear weights in: auto (bfloat16 when --precision resolves to bf16, else float32), float32, or bfloat16
+    (about half their memory; at fp32 precision they then run under a bf16 autocast of their own). Under bf16
+    precision the reference gives the same log-probs either way; a reward model's scores move by bf16 rounding.
+    --heldout-judge stays float32."""
     value_model: str | None = None
     """Value model init (default: the reward model when --reward is one, as in the N+ details; else --model
     with a new scalar head)."""
@@ -60,6 +67,9 @@ class PPOConfig(CommonConfig):
     """Top-k sampling (0 = off)."""
     stop: list[str] = field(default_factory=list)
     """Stop strings: a response is cut before the first one and counts as ended."""
+    decoder: str = "loop"
+    """loop: prefalign's decode loop (KV cache, early exit, oneDNN-prepacked linear weights on CPU);
+    generate: transformers' model.generate (the same tokens up to float rounding)."""
     missing_eos_penalty: float | None = None
     """Subtract this from the score of responses that did not end (no EOS or stop string)."""
 
@@ -130,6 +140,7 @@ class PPOConfig(CommonConfig):
             top_p=self.top_p,
             top_k=self.top_k,
             stop=list(self.stop),
+            decoder=self.decoder,
         )
 
     def validate(self):
@@ -165,6 +176,8 @@ class PPOConfig(CommonConfig):
             raise ValueError(f"--vf-clip must be > 0, got {self.vf_clip}")
         if self.kl_coef < 0 or self.vf_coef < 0 or self.ent_coef < 0:
             raise ValueError("--kl-coef, --vf-coef and --ent-coef must be >= 0")
+        if self.frozen_dtype != "auto" and self.frozen_dtype not in FROZEN_DTYPES:
+            raise ValueError(f"--frozen-dtype must be auto, float32 or bfloat16, got {self.frozen_dtype!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):

@@ -86,7 +86,11 @@ class RLTrainer(RLUpdate, PPOTrainer):
         cfg = self.cfg
         if self.reward_source is None:
             self.reward_source = WeightedRewards.load(
-                cfg.reward, cfg.weights, batch_size=cfg.reward_batch_size, device=str(self.accelerator.device)
+                cfg.reward,
+                cfg.weights,
+                batch_size=cfg.reward_batch_size,
+                device=str(self.accelerator.device),
+                autocast_dtype=self.frozen_dtype,
             )
         elif not isinstance(self.reward_source, WeightedRewards):
             self.reward_source = WeightedRewards(
@@ -118,6 +122,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
             "loss_aggregation": cfg.aggregation,
             "episodes": self.total_steps * cfg.completions_per_iteration,
             "reward": self.reward_source.name,
+            "frozen_dtype": self.frozen_dtype_name,
             "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
             **self.heldout_info(),
         }
