@@ -3,6 +3,8 @@ get on this CPU, and with which lever? Not part of ``make bench``; run with the 
 
     .venv/bin/python -m bench.rollout_levers --batch 8 --calls 4
     .venv/bin/python -m bench.rollout_levers --variants prefalign-generate-fp32,prefalign-loop-fp32 --rounds 3
+    .venv/bin/python -m bench.rollout_levers --gemms        # 8-row GEMMs: F.linear against oneDNN-packed weights
+    .venv/bin/python -m bench.rollout_levers --profile prefalign-loop-bf16   # torch.profiler over one call
 
 Every variant samples the same prompt batches (movie-review train prefixes, 40 new tokens, temperature 0.7, top-k
 off, stop at EOS) and reports real response tokens per second over the calls after the first (warm-up: the first
@@ -24,6 +26,8 @@ Variants:
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
 import time
 
@@ -101,6 +105,33 @@ class CompiledStatic:
         return torch.stack(tokens, 1)
 
 
+def _products(kind: str, x: torch.Tensor, weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    if kind == "linear":
+        return [torch.nn.functional.linear(x, w) for w in weights]
+    return [torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "") for w in weights]
+
+
+def gemms(batch: int) -> None:
+    """GB/s of weight read by ``batch``-row products against the default model's linear shapes: ``F.linear`` and
+    oneDNN-prepacked weights (30 distinct weights per shape, as the 30 layers are, so none stays in cache)."""
+    for dtype in (torch.float32, torch.bfloat16):
+        for out_f, in_f in ((1536, 576), (576, 1536), (576, 576), (49152, 576)):
+            n = 30 if out_f < 10000 else 1
+            weights = [torch.randn(out_f, in_f, dtype=dtype) for _ in range(n)]
+            packed = [torch.ops.mkldnn._reorder_linear_weight(w, batch) for w in weights]
+            x = torch.randn(batch, in_f, dtype=dtype)
+            row = {}
+            for name in ("linear", "packed"):
+                fn = functools.partial(_products, name, x, weights if name == "linear" else packed)
+                fn()
+                t = time.perf_counter()
+                for _ in range(20):
+                    fn()
+                us = (time.perf_counter() - t) / 20 / n * 1e6
+                row[name] = f"{us:.0f} us, {out_f * in_f * x.element_size() / us / 1e3:.1f} GB/s"
+            print(f"{dtype!s:15s} {out_f}x{in_f}: " + "; ".join(f"{k} {v}" for k, v in row.items()), flush=True)
+
+
 def main(argv=None) -> None:
     from prefalign.models import load_causal_lm, load_tokenizer
     from prefalign.resources import movie_prefixes
@@ -112,8 +143,14 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=VARIANTS)
+    ap.add_argument("--gemms", action="store_true", help="only the GEMM table")
+    ap.add_argument("--profile", default=None, help="one variant: torch.profiler's top ops over its second call")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.gemms:
+        return gemms(args.batch)
+    if args.profile:
+        args.variants, args.calls, args.rounds = args.profile, 2, 1
     tok = load_tokenizer()
     tok.padding_side = "left"
     fp32 = load_causal_lm().eval()
@@ -131,8 +168,9 @@ def main(argv=None) -> None:
             secs, toks = [], []
             for call, enc in enumerate(encs):
                 torch.manual_seed(call)
+                prof = torch.profiler.profile() if args.profile and call == 1 else contextlib.nullcontext()
                 t = time.perf_counter()
-                with torch.no_grad():
+                with torch.no_grad(), prof:
                     if name == "hf-fp32":
                         resp = hf_generate(fp32, enc, eos, pad)
                     elif name == "hf-bf16-autocast":
@@ -148,6 +186,8 @@ def main(argv=None) -> None:
                     else:
                         raise SystemExit(f"unknown variant {name}")
                 secs.append(time.perf_counter() - t)
+                if isinstance(prof, torch.profiler.profile):
+                    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
                 is_eos = torch.isin(resp, torch.tensor(eos))
                 toks.append(int(((torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0).sum()))
             rate = sum(toks[1:]) / sum(secs[1:])

@@ -311,7 +311,8 @@ def run_rollout(args, batch: int) -> dict:
             )
         secs.append(time.perf_counter() - t)
         toks.append(int(gen.response_mask.sum()))
-    return {"step_seconds": secs, "items_per_step": batch, "tokens": toks, "extra": {}}
+    # the decoder is prefalign's default (the loop since issue 13; model.generate before): recorded with the run
+    return {"step_seconds": secs, "items_per_step": batch, "tokens": toks, "extra": {"decoder": sampling.decoder}}
 
 
 def _use_fused_adamw() -> None:

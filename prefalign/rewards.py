@@ -40,7 +40,7 @@ import torch
 
 from prefalign.errors import UserError
 from prefalign.judges import ArithmeticJudge, Columns, VaderJudge, check_pairs
-from prefalign.models.frozen import frozen_autocast, hold_linear_weights_in
+from prefalign.models.frozen import frozen_autocast, hold_linear_weights_in, is_reduced
 from prefalign.models.value import last_token_rewards, pools_last_token
 
 
@@ -279,7 +279,7 @@ class RewardModel:
         disable_dropout(model)
         model.eval().requires_grad_(False)
         self.autocast_dtype = autocast_dtype
-        if autocast_dtype is not None and autocast_dtype != torch.float32:
+        if is_reduced(autocast_dtype):
             hold_linear_weights_in(model, autocast_dtype)
         self.model = model.to(device)
         self.tokenizer = load_tokenizer(spec)  # its own tokenizer; EOS stands in for a missing pad

@@ -33,12 +33,20 @@ def _hf_greedy(model, ids, mask, new, eos, pad):
 
 
 def _loop_greedy(model, ids, mask, new, eos, pad, pack=True):
-    with PackedLinears(model) if pack else torch.no_grad():
+    if not pack:
         return decode(model, ids, mask, new, lambda logits, t: logits.argmax(-1), eos_ids=eos, pad_id=pad)
+    with PackedLinears(model) as packed:
+        out = decode(model, ids, mask, new, lambda logits, t: logits.argmax(-1), eos_ids=eos, pad_id=pad)
+    assert len(packed.packs) == sum(isinstance(m, nn.Linear) for m in model.modules())  # every linear ran packed
+    return out
+
+
+PACKS = torch.backends.mkldnn.is_available() and packing_available(torch.float32)
+needs_packing = pytest.mark.skipif(not PACKS, reason="this torch build has no oneDNN packed linear")
 
 
 @pytest.mark.parametrize("new_tokens", [1, 5, 17])
-@pytest.mark.parametrize("pack", [True, False], ids=["packed", "plain"])
+@pytest.mark.parametrize("pack", [pytest.param(True, marks=needs_packing), False], ids=["packed", "plain"])
 def test_greedy_loop_is_generates_greedy_decode(peaked, tokenizer, new_tokens, pack):
     ids, mask = _batch(PROMPTS, tokenizer.pad_token_id)
     assert (mask[:, 0] == 0).any()  # left padding is exercised
@@ -49,18 +57,18 @@ def test_greedy_loop_is_generates_greedy_decode(peaked, tokenizer, new_tokens, p
 
 def test_rows_that_end_are_padded_and_the_loop_stops_when_all_have(peaked, tokenizer):
     ids, mask = _batch(PROMPTS, tokenizer.pad_token_id)
-    free = _loop_greedy(peaked, ids, mask, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id)
+    free = _loop_greedy(peaked, ids, mask, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id, pack=PACKS)
     # make row 0's third greedy token an EOS: that row ends mid-batch, the others run on
     eos = [int(free[0, 2])]
     assert not (free[1:, :3] == eos[0]).any(), "pick a token only row 0 emits by step 3"
     pad = 0
     want = _hf_greedy(peaked, ids, mask, 12, eos, pad)
-    got = _loop_greedy(peaked, ids, mask, 12, eos, pad)
+    got = _loop_greedy(peaked, ids, mask, 12, eos, pad, pack=PACKS)
     assert torch.equal(got, want)
     assert (got[0, 3:] == pad).all() and got[0, 2] == eos[0]
     # when every row's next token is an EOS the loop stops at once: one column
     every = sorted({int(t) for t in free[:, 0]})
-    assert _loop_greedy(peaked, ids, mask, 12, every, pad).shape == (4, 1)
+    assert _loop_greedy(peaked, ids, mask, 12, every, pad, pack=PACKS).shape == (4, 1)
 
 
 def test_keyed_sampling_draws_generates_tokens_whatever_the_batch(peaked, tokenizer):
@@ -167,3 +175,98 @@ def test_a_processor_in_the_models_generation_config_is_still_applied(peaked, to
 def test_bad_decoder_is_refused():
     with pytest.raises(ValueError, match="--decoder must be loop or generate, got 'vllm'"):
         SamplingConfig(decoder="vllm")
+
+
+def _keyed(model, tokenizer, decoder, rows=PROMPTS):
+    pad = tokenizer.pad_token_id
+    ids, mask = _batch(rows, pad)
+    sampling = SamplingConfig(max_new_tokens=9, temperature=1.0, decoder=decoder)
+    keys = [key_seed(i, 1) for i in range(len(rows))]
+    return generate(model, ids, mask, sampling, eos_ids=[tokenizer.eos_token_id], pad_id=pad, row_keys=keys, seed=5)
+
+
+def test_a_lora_policy_decodes_as_with_generate(tokenizer):
+    """PPO --lora-r samples from a peft model: its LoRA layers run (packed or not) exactly as under generate."""
+    from peft import LoraConfig, get_peft_model
+
+    model, _ = tiny_causal_lm(tokenizer, hidden=32, layers=2, init_std=0.5, seed=2)
+    lora = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0))
+    with torch.no_grad():  # a trained adapter: B is zero at init, which would hide a LoRA path the loop skipped
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    loop, hf = _keyed(lora, tokenizer, "loop"), _keyed(lora, tokenizer, "generate")
+    assert torch.equal(loop.response_ids, hf.response_ids)
+    with lora.disable_adapter():
+        off = _keyed(lora, tokenizer, "loop")
+    assert not torch.equal(loop.response_ids, off.response_ids)  # the adapter changed what was sampled
+
+
+def test_a_bf16_sampling_copy_under_autocast_decodes_as_with_generate(peaked, tokenizer):
+    """PPO's bf16 path: a bf16 copy of the policy sampled under the run's bf16 autocast."""
+    from prefalign.rollout import sampling_copy
+
+    copy = sampling_copy(peaked, torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loop, hf = _keyed(copy, tokenizer, "loop"), _keyed(copy, tokenizer, "generate")
+    assert torch.equal(loop.response_ids, hf.response_ids)
+
+
+@needs_packing
+def test_forwards_are_restored_when_decoding_fails(peaked):
+    ids = torch.tensor([[5, 6, 7]])
+
+    def boom(logits, t):
+        raise RuntimeError("sampler failed")
+
+    with pytest.raises(RuntimeError, match="sampler failed"), PackedLinears(peaked):
+        decode(peaked, ids, torch.ones_like(ids), 4, boom, eos_ids=[2], pad_id=0)
+    assert not any("forward" in m.__dict__ for m in peaked.modules())
+
+
+@needs_packing
+def test_a_bias_changed_in_place_is_repacked():
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 8)
+    x = torch.randn(3, 16)
+    packed = PackedLinears(layer)
+    with torch.no_grad():
+        with packed:
+            layer(x)
+        layer.bias.add_(1.0)  # the weight untouched
+        with packed:
+            got = layer(x)
+    assert torch.allclose(got, layer(x), atol=1e-5)
+
+
+class Scaled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+@needs_packing
+def test_linears_with_a_forward_of_their_own_are_left_alone():
+    torch.manual_seed(0)
+    model = nn.Sequential(Scaled(4, 4), nn.Linear(4, 4), nn.Linear(4, 4))
+
+    def hooked(x):  # what a hook library (accelerate's device_map hooks) puts on an instance
+        return torch.zeros(1)
+
+    model[2].forward = hooked
+    x = torch.randn(2, 4)
+    with torch.no_grad():
+        want = model[0](x)
+        with PackedLinears(model) as packed:
+            assert torch.allclose(model[0](x), want)  # the subclass still doubles
+            assert model[2].forward is hooked
+        assert list(packed.packs) == [model[1]]
+    assert model[2].forward is hooked and "forward" not in model[1].__dict__
+
+
+def test_ppo_and_rl_pass_their_decoder_to_the_sampler():
+    from prefalign.trainers.ppo_config import PPOConfig
+
+    cfg = PPOConfig(prompts="p.txt", reward="vader", decoder="generate")
+    assert cfg.sampling().decoder == "generate"
+    with pytest.raises(ValueError, match="--decoder must be loop or generate, got 'fast'"):
+        PPOConfig(prompts="p.txt", reward="vader", decoder="fast")

@@ -13,6 +13,7 @@ fp32 precision) runs its forwards under an autocast of its own (`frozen_autocast
 from __future__ import annotations
 
 import contextlib
+from typing import TypeGuard
 
 import torch
 from torch import nn
@@ -27,6 +28,11 @@ def resolve_frozen_dtype(frozen_dtype: str, precision: str) -> torch.dtype:
     if frozen_dtype == "auto":
         return torch.bfloat16 if precision == "bf16" else torch.float32
     return FROZEN_DTYPES[frozen_dtype]
+
+
+def is_reduced(dtype: torch.dtype | None) -> TypeGuard[torch.dtype]:
+    """A frozen model is held in ``dtype`` (bf16) and runs under autocast to it; None or float32: kept as loaded."""
+    return dtype is not None and dtype != torch.float32
 
 
 def hold_linear_weights_in(model: nn.Module, dtype: torch.dtype) -> int:
@@ -56,7 +62,7 @@ def frozen_autocast(device, dtype: torch.dtype | None):
     """The context a frozen model whose linear weights `hold_linear_weights_in` holds in ``dtype`` runs its forward
     in: autocast to ``dtype`` on ``device``'s type (inside the run's own autocast to the same dtype it changes no
     bit); None or float32: nothing of its own, since float32 weights meet any input."""
-    if dtype is None or dtype == torch.float32:
+    if not is_reduced(dtype):
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=dtype)
 
@@ -68,7 +74,7 @@ def load_reference(name_or_path: str, device, autocast_dtype: torch.dtype | None
     from prefalign.models.loading import load_causal_lm
 
     model = load_causal_lm(name_or_path).requires_grad_(False).eval()
-    if autocast_dtype is not None and autocast_dtype != torch.float32:
+    if is_reduced(autocast_dtype):
         hold_linear_weights_in(model, autocast_dtype)
     # accelerate places only what it prepares: the frozen reference goes to the device by hand
     return model.to(device)

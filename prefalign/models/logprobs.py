@@ -123,7 +123,11 @@ def _chunked_head_stats(
     chunks = []
     for start in range(0, h.shape[0], chunk_size):
         args = (head, h[start : start + chunk_size], targets[start : start + chunk_size], temperature, return_entropy)
-        chunks.append(checkpoint(_head_stats, *args, use_reentrant=False) if grad else _head_stats(*args))
+        chunks.append(
+            checkpoint(_head_stats, *args, use_reentrant=False, preserve_rng_state=False)
+            if grad
+            else _head_stats(*args)
+        )
     return tuple(torch.cat(parts) for parts in zip(*chunks))
 
 

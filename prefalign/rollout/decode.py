@@ -25,8 +25,16 @@ import torch
 from torch import nn
 
 # generation-config fields whose non-neutral values make ``model.generate`` add a logits processor or a stopping
-# rule the loop does not implement: a model that sets one is sampled by ``model.generate`` (see `loop_fallback`)
+# rule, or pick a search (beams, contrastive, DoLa), the loop does not implement: ``model.generate`` fills every field
+# we leave unset from the model's own generation config, so a model that sets one is sampled by ``model.generate``
+# (see `loop_fallback`)
 _NEUTRAL = {
+    "num_beams": 1,
+    "num_beam_groups": 1,
+    "diversity_penalty": 0.0,
+    "penalty_alpha": None,
+    "dola_layers": None,
+    "watermarking_config": None,
     "repetition_penalty": 1.0,
     "encoder_repetition_penalty": 1.0,
     "no_repeat_ngram_size": 0,
@@ -63,7 +71,7 @@ def loop_fallback(model, *, stop: list[str], sampled_by_hf: bool, synced: bool) 
     config = getattr(model, "generation_config", None)
     for name, neutral in _NEUTRAL.items():
         value = getattr(config, name, None)
-        if value is not None and value != neutral and not (neutral == 0 and value == 0):
+        if value is not None and value != neutral:
             return f"generation_config.{name}={value!r}"
     return None
 
@@ -141,8 +149,10 @@ def packing_available(dtype: torch.dtype) -> bool:
 
 
 def _packable(module: nn.Module) -> bool:
-    """A plain CPU float linear: not a DTensor (FSDP) shard, not a meta or quantised weight."""
-    if not isinstance(module, nn.Linear):
+    """A plain CPU float linear: ``nn.Linear``'s own forward (not a subclass that computes something else, not one
+    whose forward a hook library already replaced on the instance), not a DTensor (FSDP) shard, not a meta,
+    quantised or inference-mode weight (whose version counter cannot be read)."""
+    if type(module).forward is not nn.Linear.forward or "forward" in module.__dict__:
         return False
     w = module.weight
     return (
@@ -150,6 +160,7 @@ def _packable(module: nn.Module) -> bool:
         and w.device.type == "cpu"
         and w.dim() == 2
         and w.dtype in (torch.float32, torch.bfloat16)
+        and not w.is_inference()
     )
 
 
@@ -159,16 +170,20 @@ def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Te
 
 class PackedLinears:
     """While entered, every plain CPU ``nn.Linear`` of ``model`` runs on a oneDNN-prepacked copy of its weight
-    (inference only: the copy has no autograd). Packs are kept between entries and repacked only for weights
-    changed in place since (``Tensor._version``: an optimizer step, `refresh_sampling_copy`, ``load_state_dict``)
-    or replaced. Under CPU autocast the packs take the autocast dtype, as autocast's per-call cast would.
+    (inference only: the copy has no autograd). Packs are kept between entries and repacked only for weights or
+    biases changed in place since (``Tensor._version``: an optimizer step, `refresh_sampling_copy`,
+    ``load_state_dict``) or replaced. A write through ``.data`` (peft's ``merge_adapter``) bumps no version: call
+    `release` after one. Under CPU autocast the packs take the autocast dtype, as autocast's per-call cast would.
 
-    Memory: one packed copy of the linear weights while packs are held; `release` drops them (a trainer whose
-    weights change every iteration packs per call instead of holding a copy through its update).
+    Memory: one packed copy of the linear weights (a tied LM head included) while packs are held; `release` drops
+    them. A trainer, whose weights change every iteration, packs per call rather than holding a copy through its
+    update (at fp32 precision the sampler is the policy itself: the copy exists during generation only).
+    The forwards are patched on the module instances: another thread running the same model meanwhile would run
+    on the packs, without autograd (nothing in prefalign does).
     """
 
     def __init__(self, model: nn.Module, batch_hint: int = 8):
-        self.modules: list[nn.Linear] = [m for m in model.modules() if isinstance(m, nn.Linear) and _packable(m)]
+        self.modules: list[nn.Linear] = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.batch_hint = batch_hint
         self.packs: dict[nn.Linear, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
         self._patched: list[nn.Linear] = []
@@ -182,10 +197,10 @@ class PackedLinears:
         packed = []
         for m in self.modules:
             dtype = self._dtype(m)
-            if not packing_available(dtype):
+            if not (_packable(m) and packing_available(dtype)):  # checked per entry: the model may have moved
                 continue
-            w = m.weight
-            key = (w._version, w.data_ptr(), dtype)
+            w, b = m.weight, m.bias
+            key = (w._version, w.data_ptr(), dtype, None if b is None else (b._version, b.data_ptr()))
             if m not in self.packs or self.packs[m][0] != key:
                 weight = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), self.batch_hint)
                 bias = None if m.bias is None else m.bias.detach().to(dtype)

@@ -34,9 +34,10 @@ class SamplingConfig(Validated):
     stop: list[str] = field(default_factory=list)
     """Extra stop strings; a completion is cut before the first one."""
     decoder: str = "loop"
-    """loop: prefalign's decode loop (KV cache, early exit, linear weights prepacked for oneDNN on CPU: 2-3x
-    model.generate in float32, BENCHMARKS.md); generate: transformers' model.generate. Both draw the same tokens up
-    to float rounding; stop strings, and generation configs that switch on other processors, use generate."""
+    """loop: prefalign's decode loop (KV cache, early exit, linear weights prepacked for oneDNN on CPU: 2.0-2.1x
+    model.generate's tokens/s in float32, 1.5-1.6x in bfloat16, BENCHMARKS.md); generate: transformers'
+    model.generate. Both draw the same tokens up to float rounding; stop strings, and generation configs that switch
+    on other processors or searches, use generate."""
 
     def validate(self):
         check_sampling(self)
@@ -281,7 +282,9 @@ def generate(
                     model, prompt_ids, prompt_mask, sampling.max_new_tokens, choose, eos_ids=eos_ids, pad_id=pad_id
                 )
         else:
-            raw = _hf_generate(model, prompt_ids, prompt_mask, sampling, sampler, eos_ids, pad_id, tokenizer, synced)
+            raw = _hf_generate(
+                model, prompt_ids, prompt_mask, sampling, sampler, hf_samples, eos_ids, pad_id, tokenizer, synced
+            )
     finally:
         model.train(was_training)
     ids, mask, ended = truncate_at_eos(raw, eos_ids, pad_id)
@@ -295,12 +298,11 @@ def _argmax(logits: torch.Tensor, position: int) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def _hf_generate(model, prompt_ids, prompt_mask, sampling, sampler, eos_ids, pad_id, tokenizer, synced):
+def _hf_generate(model, prompt_ids, prompt_mask, sampling, sampler, hf_samples, eos_ids, pad_id, tokenizer, synced):
     """Raw response tokens ``(B, R)`` from ``model.generate`` (``sampler``: greedy over `KeyedSampler`'s one finite
-    score per row; None: greedy, or Hugging Face's own sampling when ``sampling`` is not greedy)."""
+    score per row; None: greedy, or Hugging Face's own sampling where ``hf_samples``)."""
     from transformers import GenerationConfig, LogitsProcessorList
 
-    hf_samples = sampler is None and not sampling.greedy
     gen_config = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
         do_sample=hf_samples,

@@ -30,8 +30,9 @@ class PPOConfig(CommonConfig):
     """What the frozen models (the reference: --ref or a copy of --model; a reward model given as --reward) hold
     their linear weights in: auto (bfloat16 when --precision resolves to bf16, else float32), float32, or bfloat16
     (about half their memory; at fp32 precision they then run under a bf16 autocast of their own). Under bf16
-    precision the reference gives the same log-probs either way; a reward model's scores move by bf16 rounding.
-    --heldout-judge stays float32."""
+    precision the reference computes in bf16 either way (the run's autocast; float32 changes only its storage) and
+    gives the same log-probs; a reward model's scores move by bf16 rounding. With --lora-r the reference is the
+    policy with its adapter off, which this does not touch. --heldout-judge stays float32."""
     value_model: str | None = None
     """Value model init (default: the reward model when --reward is one, as in the N+ details; else --model
     with a new scalar head)."""
