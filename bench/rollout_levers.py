@@ -18,7 +18,8 @@ Variants:
 - ``prefalign-generate-{fp32,bf16}``: ``prefalign.rollout.generate`` with ``--decoder generate`` (keyed sampling
   over ``model.generate``), on the fp32 model / its bf16 sampling copy;
 - ``prefalign-loop-{fp32,bf16}``: the same with ``--decoder loop`` (prefalign's decode loop, linear weights
-  prepacked for oneDNN, packed once per call as a trainer does);
+  prepacked for oneDNN where `worth_packing` says so, packed per call as a trainer does);
+- ``prefalign-loopnopack-{fp32,bf16}``: the loop on the model's own (unpacked) linears;
 - ``compiled-static-bf16``: a one-token step over a pre-allocated ``StaticCache`` (128 positions) compiled with
   ``torch.compile(fullgraph=True)``, greedy, on the bf16 copy (the path issue 13 proposed; measured slower here).
 """
@@ -56,10 +57,17 @@ def hf_generate(model, enc, eos: list[int], pad: int):
 
 def prefalign_generate(model, enc, eos: list[int], pad: int, decoder: str, call: int):
     from prefalign.rollout import SamplingConfig, generate
-    from prefalign.rollout.generate import key_seed
+    from prefalign.rollout.generate import KeyedSampler, key_seed
 
-    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.7, decoder=decoder)
     keys = [key_seed(call, r) for r in range(enc["input_ids"].shape[0])]
+    if decoder == "loopnopack":  # the loop on the model's own linears (what generate's loop does without packs)
+        from prefalign.rollout.decode import decode
+
+        sampler = KeyedSampler(0, keys, enc["input_ids"].shape[1], temperature=0.7)
+        return decode(
+            model, enc["input_ids"], enc["attention_mask"], NEW_TOKENS, sampler.choose, eos_ids=eos, pad_id=pad
+        )
+    sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.7, decoder=decoder)
     gen = generate(model, enc["input_ids"], enc["attention_mask"], sampling, eos_ids=eos, pad_id=pad, row_keys=keys)
     return gen.response_ids
 
@@ -133,6 +141,7 @@ def gemms(batch: int) -> None:
 
 
 def main(argv=None) -> None:
+    global NEW_TOKENS
     from prefalign.models import load_causal_lm, load_tokenizer
     from prefalign.resources import movie_prefixes
     from prefalign.rollout import eos_token_ids, sampling_copy
@@ -143,10 +152,12 @@ def main(argv=None) -> None:
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variants", default=VARIANTS)
+    ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     ap.add_argument("--gemms", action="store_true", help="only the GEMM table")
     ap.add_argument("--profile", default=None, help="one variant: torch.profiler's top ops over its second call")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
+    NEW_TOKENS = args.new_tokens
     if args.gemms:
         return gemms(args.batch)
     if args.profile:
