@@ -2,13 +2,13 @@
 prepacked for oneDNN on CPU.
 
 Why not only ``model.generate``: on a CPU a batch-8 decode step of the 135M default is a few dozen small-M GEMMs
-(8 rows against each weight matrix). ``F.linear`` reads the weights at 8-14 GB/s in float32 (12-18 in bfloat16)
-far below what the machine streams (BENCHMARKS.md); the same products against weights reordered once into oneDNN's blocked layout
-(``torch.ops.mkldnn._reorder_linear_weight``, what inductor's CPU freezing pass uses) run 2-4x faster in float32 and
-1.5-2x in bfloat16. The gain is the packing (the loop on unpacked weights measured no faster than ``generate``); the
-loop is our own so that packing, keyed sampling and early exit sit in one short function we test token for token
-against ``generate``. ``torch.compile`` of the one-token step over a static cache was measured too and was *slower*
-on this CPU (BENCHMARKS.md, "The decode path").
+(8 rows against each weight matrix). ``F.linear`` reads the weights at 8-14 GB/s in float32 (12-18 in bfloat16),
+far below what the machine streams (BENCHMARKS.md); the same products against weights reordered once into oneDNN's
+blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's CPU freezing pass uses) run 2-4x faster
+in float32 and 1.5-2x in bfloat16. The gain is the packing (the loop on unpacked weights measured no faster than
+``generate``); the loop is our own so that packing, keyed sampling and early exit sit in one short function we test
+token for token against ``generate``. ``torch.compile`` of the one-token step over a static cache was measured too
+and was *slower* on this CPU (BENCHMARKS.md, "The decode path").
 
 The contract is `generate`'s: left-padded prompts in, raw response tokens out (rows that ended are padded with
 ``pad_id``, as ``generate`` pads them), the loop stops when every row has ended, positions skip padding. Greedy
