@@ -204,7 +204,7 @@ class PackedLinears:
             key = (w._version, w.data_ptr(), dtype, None if b is None else (b._version, b.data_ptr()))
             if m not in self.packs or self.packs[m][0] != key:
                 weight = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), self.batch_hint)
-                bias = None if m.bias is None else m.bias.detach().to(dtype)
+                bias = None if b is None else b.detach().to(dtype)
                 self.packs[m] = (key, weight, bias)
             packed.append(m)
         return packed
