@@ -311,3 +311,64 @@ def test_frozen_reference_and_reward_model_go_to_the_accelerator_device(
         trainer.setup()
     assert {p.device for p in trainer.ref_model.parameters()} == {torch.device("meta")}
     assert {p.device for p in trainer.reward_source.model.parameters()} == {torch.device("meta")}
+
+
+def test_policy_backward_runs_before_the_value_forward_and_gives_the_joint_losss_gradients(
+    tmp_path, tiny_model_dir, prompts, tokenizer
+):
+    # the update frees the policy's activations before the value model's forward (peak memory: one model's
+    # activations, not two); the gradients must still be those of one backward of pg + vf_coef * vf - ent
+    from prefalign.losses import masked_mean, ppo_policy_loss, ppo_value_loss
+    from prefalign.models.value import token_values
+
+    seen: dict = {}
+
+    class Probe(PPOTrainer):
+        def models(self):
+            unwrap = self.accelerator.unwrap_model
+            return unwrap(self.policy), unwrap(self.value)
+
+        def grads(self):
+            return {(i, n): p.grad.clone() for i, m in enumerate(self.models()) for n, p in m.named_parameters()}
+
+        def joint_grads(self, rows, prompt_width, mb_tokens):
+            """The gradients of the one joint backward (the update before the split), then zeroed."""
+            cfg, mask = self.cfg, rows["response_mask"]
+            token_share = float(mask.sum()) * self.world / mb_tokens
+            logps, entropy = self.policy_train_forward(rows, with_entropy=True)
+            values = self.trained_value.forward(
+                token_values, rows["query_response"], rows["attention_mask"], rows["completion_mask"]
+            )
+            pg, _ = ppo_policy_loss(logps[:, prompt_width:], rows["logps"], rows["advantages"], mask, cfg.clip_eps)
+            vf, _ = ppo_value_loss(values[:, prompt_width:], rows["values"], rows["returns"], mask, cfg.vf_clip)
+            loss = pg + cfg.vf_coef * vf - cfg.ent_coef * masked_mean(entropy[:, prompt_width:], mask)
+            (loss * token_share).backward()
+            grads = self.grads()
+            for m in self.models():
+                m.zero_grad(set_to_none=True)
+            return grads
+
+        def micro_batch_backward(self, rows, prompt_width, mb_tokens, sync):
+            if "joint" in seen:
+                return super().micro_batch_backward(rows, prompt_width, mb_tokens, sync)
+            seen["joint"] = self.joint_grads(rows, prompt_width, mb_tokens)
+            policy, value = self.models()
+
+            def at_value_forward(module, args, kwargs):
+                seen.setdefault("policy_grads_at_value_forward", all(p.grad is not None for p in policy.parameters()))
+
+            hook = value.base_model.register_forward_pre_hook(at_value_forward, with_kwargs=True)
+            out = super().micro_batch_backward(rows, prompt_width, mb_tokens, sync)
+            hook.remove()
+            seen["split"] = self.grads()
+            return out
+
+    trainer = Probe(
+        _cfg(tmp_path, tiny_model_dir, prompts, max_steps=1, ent_coef=0.01), reward_source=LowIdReward(tokenizer)
+    )
+    trainer.train()
+    assert seen["policy_grads_at_value_forward"] is True
+    assert seen["split"].keys() == seen["joint"].keys()
+    assert {i for i, _ in seen["split"]} == {0, 1}  # both models' parameters compared
+    for key, g in seen["split"].items():
+        assert torch.equal(g, seen["joint"][key]), key
