@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 
+from prefalign.allocator import tune_malloc
 from prefalign.errors import UserError
 
 # command name -> (module, one-line summary)
@@ -59,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # ours are the progress bars that matter
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    tune_malloc()  # sampling commands (generate, prefs, eval) churn KV caches and logits like a training step
     module = importlib.import_module(COMMANDS[name][0])
     try:
         return int(module.main(argv[1:]) or 0)

@@ -30,6 +30,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from prefalign.allocator import tune_malloc
 from prefalign.methods import METHODS, Method
 from prefalign.preflight import preflight_run
 from prefalign.progress import ProgressBar
@@ -139,6 +140,7 @@ class Run:
     def prepare(self) -> None:
         """The backend, `setup`, `check_inputs`, the output directory, `build`: a run ready to resume or start."""
         cfg = self.cfg
+        self.malloc = tune_malloc()  # before the models load: their copies and every step's tensors reuse the heap
         self.init_backend()
         load_tracker_packages(cfg.trackers, cfg.output)  # a missing extra stops the run before models load
         self.setup()  # models and data first: bad input fails before anything is written
@@ -161,6 +163,7 @@ class Run:
                     "precision": self.precision,
                     "processes": self.world,
                     "backend": self.backend.name,
+                    "malloc": self.malloc,
                     **self.run_info(),
                     "resumed_from_step": start if cfg.resume else None,
                 },
