@@ -378,6 +378,13 @@ def cpu_name() -> str:
     return platform.processor()
 
 
+def untimed(meta: dict) -> str:
+    """``"1; ppo 2"``: the warm-up steps dropped from every run, the common count first."""
+    counts = {w: meta["warmup"][w] for w in meta["steps"]}
+    common = max(set(counts.values()), key=list(counts.values()).count)
+    return "; ".join([str(common), *(f"{w} {n}" for w, n in counts.items() if n != common)])
+
+
 def render(meta: dict, comps: list, runs: list[dict]) -> str:
     v = meta["versions"]
     lines = [
@@ -385,7 +392,7 @@ def render(meta: dict, comps: list, runs: list[dict]) -> str:
         "",
         f"`{meta['command']}` — {meta['wall_seconds'] / 60:.1f} min, {meta['cpu']}, {meta['threads']} torch threads "
         f"per side, {meta['repeats']} repeat(s) per side alternating A/B, steps per run {meta['steps']} "
-        f"(first {1} not timed). Matmul peak (best of 7): fp32 {meta['peak_gflops']['fp32']} GFLOP/s, "
+        f"(untimed first steps: {untimed(meta)}). Matmul peak (best of 7): fp32 {meta['peak_gflops']['fp32']} GFLOP/s, "
         f"bf16 {meta['peak_gflops']['bf16']} GFLOP/s.",
         "",
         "Versions: " + "; ".join(f"{k}: " + ", ".join(f"{p} {x}" for p, x in d.items()) for k, d in v.items()),

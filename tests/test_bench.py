@@ -81,6 +81,20 @@ def test_compare_ratios_and_verdicts():
     assert not slow.speed_met and not slow.rss_met
 
 
+def test_ppo_targets_follow_the_precision_and_the_header_names_each_warmup():
+    from bench.__main__ import untimed
+
+    # 1.6x TRL's episodes/s at 0.75x its memory: meets fp32's 1.5x, misses bf16's 2x; <= 0.8 memory in both
+    ours = report.figures([run(workload="ppo", steps=(9, 9, 5.0, 5.0), rss_gib=3.0)], 2)
+    base = report.figures([run(side="trl", workload="ppo", steps=(9, 9, 8.0, 8.0), rss_gib=4.0)], 2)
+    fp32, bf16 = (report.compare("ppo", p, ours, base) for p in ("fp32", "bf16"))
+    assert (fp32.speed_target, bf16.speed_target) == (1.5, 2.0)
+    assert fp32.speed_met and not bf16.speed_met
+    assert fp32.rss_target == 0.8 and fp32.rss_met
+    meta = {"steps": {"dpo": 2, "reward": 3, "ppo": 4}, "warmup": {"dpo": 1, "reward": 1, "ppo": 2, "grpo": 1}}
+    assert untimed(meta) == "1; ppo 2"
+
+
 def test_generation_speed_is_tokens_per_second_and_has_no_rss_target():
     ours = report.figures([run(workload="rollout8", steps=(1, 1.0), tokens=(0, 300))], 1)
     base = report.figures([run(side="hf-generate", workload="rollout8", steps=(1, 1.0), tokens=(0, 100))], 1)
