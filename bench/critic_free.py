@@ -39,7 +39,10 @@ def stage_command(race: Path, arm: str, seed: int = 0) -> list[str]:
     if not first.startswith("$ "):
         raise SystemExit(f"{log}: the first line is not the stage's command ('$ python -m prefalign ...')")
     argv = first[2:].split()
-    return without_flags(argv[argv.index("prefalign") + 1 :], {"--output": 1, "--overwrite": 0, "--max-steps": 1})
+    # the held-out evaluation is the race's measurement, not training: the arms are timed and weighed without it
+    heldout = {"--heldout-prompts": 1, "--heldout-judge": 1, "--heldout-every": 1, "--heldout-limit": 1}
+    drop = {"--output": 1, "--overwrite": 0, "--max-steps": 1, **heldout}
+    return without_flags(argv[argv.index("prefalign") + 1 :], drop)
 
 
 def without_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
@@ -55,7 +58,9 @@ def without_flags(argv: list[str], flags: dict[str, int]) -> list[str]:
 
 
 def iteration_figures(metrics: list[dict]) -> dict:
-    """Median seconds per iteration (first dropped), episodes per iteration and the median phase split."""
+    """Median seconds per iteration (first dropped), episodes per iteration and the median phase split (of the
+    training rows: a row without ``episodes``, an evaluation's, is not an iteration)."""
+    metrics = [m for m in metrics if "episodes" in m]
     walls = [b["wall_seconds"] - a["wall_seconds"] for a, b in itertools.pairwise(metrics)]
     if not walls:
         raise ValueError("need at least 2 iterations to time one after the warm-up")

@@ -221,13 +221,14 @@ def test_critic_free_reads_the_race_command_and_times_iterations_after_the_first
 
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "seed-0_grpo.log").write_text(
-        "$ /v/bin/python3 -m prefalign rl --model m --max-steps 32 --estimator grpo --output /r/seed-0/grpo "
-        "--overwrite\nrl: 100%\n"
+        "$ /v/bin/python3 -m prefalign rl --model m --max-steps 32 --estimator grpo --heldout-prompts h.jsonl "
+        "--heldout-judge arithmetic --heldout-every 4 --heldout-limit 32 --output /r/seed-0/grpo --overwrite\nrl: 100%\n"
     )
     assert critic_free.stage_command(tmp_path, "grpo") == ["rl", "--model", "m", "--estimator", "grpo"]
     with pytest.raises(SystemExit, match=r"seed-0_ppo.log: no such stage log"):
         critic_free.stage_command(tmp_path, "ppo")
     metrics = [
+        {"wall_seconds": 4.0, "heldout/gold": 0.5, "time/heldout": 4.0},  # an evaluation's row: not an iteration
         {"wall_seconds": 9.0, "episodes": 16, "time/update": 5.0},
         {"wall_seconds": 12.0, "episodes": 32, "time/update": 2.0},
         {"wall_seconds": 16.0, "episodes": 48, "time/update": 3.0},
