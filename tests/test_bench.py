@@ -222,7 +222,8 @@ def test_critic_free_reads_the_race_command_and_times_iterations_after_the_first
     (tmp_path / "logs").mkdir()
     (tmp_path / "logs" / "seed-0_grpo.log").write_text(
         "$ /v/bin/python3 -m prefalign rl --model m --max-steps 32 --estimator grpo --heldout-prompts h.jsonl "
-        "--heldout-judge arithmetic --heldout-every 4 --heldout-limit 32 --output /r/seed-0/grpo --overwrite\nrl: 100%\n"
+        "--heldout-judge arithmetic --heldout-every 4 --heldout-limit 32 --output /r/seed-0/grpo "
+        "--overwrite\nrl: 100%\n"
     )
     assert critic_free.stage_command(tmp_path, "grpo") == ["rl", "--model", "m", "--estimator", "grpo"]
     with pytest.raises(SystemExit, match=r"seed-0_ppo.log: no such stage log"):
