@@ -259,10 +259,12 @@ class Trainer(Run):
         for i, batch in enumerate(chunks):
             weight = self.loss_weight(batch)
             boundary = sync and i == len(chunks) - 1
-            with self.backend.accumulate([self.prepared], boundary), acc.autocast():
-                loss, chunk_stats = self.compute_loss(batch)
-            # backward even on a NaN loss: every process must join the gradient all-reduce
-            self.backend.backward(self.prepared, loss * (weight * acc.num_processes / step_weight), boundary)
+            # backward inside the accumulate context too: FSDP2 reads its no-sync flag during backward (DDP at forward)
+            with self.backend.accumulate([self.prepared], boundary):
+                with acc.autocast():
+                    loss, chunk_stats = self.compute_loss(batch)
+                # backward even on a NaN loss: every process must join the gradient all-reduce
+                self.backend.backward(self.prepared, loss * (weight * acc.num_processes / step_weight), boundary)
             stats.add({"loss": loss.detach(), **chunk_stats}, weight=weight)
             tokens += self.count_tokens(batch)
         return tokens

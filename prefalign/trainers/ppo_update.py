@@ -152,24 +152,26 @@ class PPOUpdate:
         token_share = float(mask.sum()) * self.world / mb_tokens
         # policy, then value: each model's backward runs before the other's forward, so only one model's
         # activations (~1 GB for the default model at a rollout batch of 8) are alive at a time; the models share
-        # no parameter, so each gradient is the one of `pg_loss + vf_coef * vf_loss`, bit for bit
-        with self.backend.accumulate(self.trained, sync), acc.autocast():
-            new_logps, entropy = self.policy_train_forward(rows, with_entropy=cfg.ent_coef > 0)
-        pg_loss, pg = ppo_policy_loss(
-            new_logps[:, prompt_width:].float(), rows["logps"], rows["advantages"], mask, cfg.clip_eps
-        )
-        policy_loss = pg_loss
-        if entropy is not None:
-            policy_loss = policy_loss - cfg.ent_coef * masked_mean(entropy[:, prompt_width:].float(), mask)
-        self.backend.backward(self.trained_policy, policy_loss * token_share, sync)
-        with self.backend.accumulate(self.trained, sync), acc.autocast():
-            new_values = self.trained_value.forward(
-                token_values, rows["query_response"], rows["attention_mask"], rows["completion_mask"]
+        # no parameter, so each gradient is the one of `pg_loss + vf_coef * vf_loss`, bit for bit. Backward inside
+        # the accumulate context: FSDP2 reads its no-sync flag during backward (DDP at forward)
+        with self.backend.accumulate(self.trained, sync):
+            with acc.autocast():
+                new_logps, entropy = self.policy_train_forward(rows, with_entropy=cfg.ent_coef > 0)
+            pg_loss, pg = ppo_policy_loss(
+                new_logps[:, prompt_width:].float(), rows["logps"], rows["advantages"], mask, cfg.clip_eps
             )
-        vf_loss, vf = ppo_value_loss(
-            new_values[:, prompt_width:].float(), rows["values"], rows["returns"], mask, cfg.vf_clip
-        )
-        self.backend.backward(self.trained_value, cfg.vf_coef * vf_loss * token_share, sync)
+            policy_loss = pg_loss
+            if entropy is not None:
+                policy_loss = policy_loss - cfg.ent_coef * masked_mean(entropy[:, prompt_width:].float(), mask)
+            self.backend.backward(self.trained_policy, policy_loss * token_share, sync)
+            with acc.autocast():
+                new_values = self.trained_value.forward(
+                    token_values, rows["query_response"], rows["attention_mask"], rows["completion_mask"]
+                )
+            vf_loss, vf = ppo_value_loss(
+                new_values[:, prompt_width:].float(), rows["values"], rows["returns"], mask, cfg.vf_clip
+            )
+            self.backend.backward(self.trained_value, cfg.vf_coef * vf_loss * token_share, sync)
         return {
             k: float(v) * token_share
             for k, v in (

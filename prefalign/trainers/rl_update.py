@@ -62,27 +62,31 @@ class RLUpdate(PPOUpdate):
         token_share = float(mask.sum()) * self.world / totals["total_tokens"]  # for the token-mean diagnostics
         fill = self.on_policy_rollout  # one step on-policy: this forward gives the rollout's log-probs (ratio 1)
         with_entropy = cfg.ent_coef > 0 or fill is not None
-        with self.backend.accumulate(self.trained, sync), acc.autocast():
-            new_logps, entropy = self.policy_train_forward(rows, with_entropy)
-        new_logps = new_logps[:, prompt_width:].float()  # (b, R)
-        old_logps = rows["logps"]
-        if fill is not None and entropy is not None:  # (filling asks for the entropy)
-            old_logps = fill.logps[rows["index"]] = new_logps.detach()
-            fill.entropy[rows["index"]] = entropy[:, prompt_width:].detach().float()
-            self.filled = True
-        pg_tokens, pg = clipped_policy_token_loss(
-            new_logps, old_logps, rows["advantages"], mask, cfg.eps_low, cfg.eps_high
-        )
-        agg: dict[str, Any] = dict(max_len=cfg.max_new_tokens, **totals)
-        pg_loss = aggregate_loss(pg_tokens, mask, cfg.aggregation, **agg)
-        loss, parts = pg_loss, {"loss/policy": pg_loss}
-        if cfg.kl_in_loss:
-            kl_loss = aggregate_loss(kl_loss_term(new_logps, rows["ref_logps"], mask), mask, cfg.aggregation, **agg)
-            loss, parts["loss/kl"] = loss + self.kl_ctl.coef * kl_loss, kl_loss
-        if cfg.ent_coef > 0 and entropy is not None:  # (asked for)
-            loss = loss - cfg.ent_coef * aggregate_loss(entropy[:, prompt_width:].float(), mask, cfg.aggregation, **agg)
-        # DDP averages gradients over the N processes; each holds a part of the sum, so scale by N
-        self.backend.backward(self.trained_policy, loss * self.world, sync)
+        # backward inside the accumulate context: FSDP2 reads its no-sync flag during backward (DDP at forward)
+        with self.backend.accumulate(self.trained, sync):
+            with acc.autocast():
+                new_logps, entropy = self.policy_train_forward(rows, with_entropy)
+            new_logps = new_logps[:, prompt_width:].float()  # (b, R)
+            old_logps = rows["logps"]
+            if fill is not None and entropy is not None:  # (filling asks for the entropy)
+                old_logps = fill.logps[rows["index"]] = new_logps.detach()
+                fill.entropy[rows["index"]] = entropy[:, prompt_width:].detach().float()
+                self.filled = True
+            pg_tokens, pg = clipped_policy_token_loss(
+                new_logps, old_logps, rows["advantages"], mask, cfg.eps_low, cfg.eps_high
+            )
+            agg: dict[str, Any] = dict(max_len=cfg.max_new_tokens, **totals)
+            pg_loss = aggregate_loss(pg_tokens, mask, cfg.aggregation, **agg)
+            loss, parts = pg_loss, {"loss/policy": pg_loss}
+            if cfg.kl_in_loss:
+                kl_loss = aggregate_loss(kl_loss_term(new_logps, rows["ref_logps"], mask), mask, cfg.aggregation, **agg)
+                loss, parts["loss/kl"] = loss + self.kl_ctl.coef * kl_loss, kl_loss
+            if cfg.ent_coef > 0 and entropy is not None:  # (asked for)
+                loss = loss - cfg.ent_coef * aggregate_loss(
+                    entropy[:, prompt_width:].float(), mask, cfg.aggregation, **agg
+                )
+            # DDP averages gradients over the N processes; each holds a part of the sum, so scale by N
+            self.backend.backward(self.trained_policy, loss * self.world, sync)
         stats = {k: float(v.detach()) * self.world for k, v in parts.items()}
         diag = (
             ("policy/approxkl", "approxkl"),
