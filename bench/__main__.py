@@ -3,16 +3,20 @@
     python -m bench                 # the full race (make bench): every workload, fp32 and bf16, 3 repeats
     python -m bench --quick         # a few-minute smoke: fp32, 1 repeat, 2 steps per run
     python -m bench --workloads dpo,reward --precisions fp32 --repeats 5
+    python -m bench --device cuda --python-from-env --quick      # on a GPU machine (bench/gpu.sh: the GPU table)
 
 Each timed run is a fresh subprocess (its peak RSS is the ``wait4`` rusage of that child alone). For every
 (workload, precision) the repeats alternate sides, A B, B A, A B, ..., so drift of this shared machine
 lands on both. Results: ``.bench/results/<stamp>/`` (``raw.jsonl`` one line per run, ``results.md``,
-``results.json``) and the tables on stdout. See BENCHMARKS.md for what the figures mean.
+``results.json``) and the tables on stdout. See BENCHMARKS.md for what the figures mean. ``--device``,
+``--model`` and ``--python-from-env`` choose the device, the model and the interpreters (`bench.device`,
+`bench.models`); their defaults are the CPU race as it always ran.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -21,11 +25,13 @@ import sys
 import time
 from pathlib import Path
 
-from bench import envs, report
+from bench import device, envs, report
 from bench.common import PRECISIONS, RESULT_PREFIX, WORKLOADS
+from bench.device import CPU, Where
+from bench.models import MODELS
 
 ROOT = envs.ROOT
-DATA_DIR = envs.BENCH_DIR / "data"
+DATA_DIR = CPU.data_dir
 N_PAIRS = 64  # enough pairs for 8 steps of 8; each run reads the first steps x 8 in file order
 MAX_LENGTH = 256
 
@@ -51,7 +57,10 @@ def runner(workload: str, side: str) -> tuple[str, Path]:
     return "trl-1.16", ROOT / "bench" / "run_trl.py"
 
 
-def child_env(threads: int, workload: str, side: str, precision: str) -> dict[str, str]:
+def child_env(threads: int, workload: str, side: str, precision: str, device: str = "cpu") -> dict[str, str]:
+    """A runner's environment: this one's, less accelerate's settings, with the race's threads, offline and quiet.
+    On the CPU the GPU is hidden (a GPU machine's CPU race stays a CPU race); on cuda the children see what this
+    process sees (``CUDA_VISIBLE_DEVICES`` as the user set it)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ACCELERATE_")}
     env.update(
         OMP_NUM_THREADS=str(threads),
@@ -59,10 +68,11 @@ def child_env(threads: int, workload: str, side: str, precision: str) -> dict[st
         TOKENIZERS_PARALLELISM="false",
         HF_HUB_OFFLINE="1",
         HF_DATASETS_OFFLINE="1",
-        CUDA_VISIBLE_DEVICES="",
         PYTHONUNBUFFERED="1",
         HF_HUB_DISABLE_TELEMETRY="1",
     )
+    if device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     if workload == "ppo" and side == "trl" and precision == "bf16":
         # TRL 1.12's PPOTrainer builds Accelerator() without the config's precision; this is how it gets bf16
         env["ACCELERATE_MIXED_PRECISION"] = "bf16"
@@ -107,13 +117,14 @@ def run_one(
     index: int,
     busy_before: float | None = None,
     extra: list[str] = (),
+    where: Where = CPU,
 ) -> dict:
     """One fresh process; returns its result line plus wait4 figures. Raises on a failed run."""
     venv, script = runner(workload, side)
     work = out / "work" / f"{index:03d}-{workload}-{precision}-{side}"
     work.mkdir(parents=True, exist_ok=True)
     cmd = [
-        str(envs.venv_python(venv)),
+        str(where.python(venv)),
         str(script),
         "--workload",
         workload,
@@ -122,11 +133,12 @@ def run_one(
         "--steps",
         str(steps),
         "--data",
-        str(DATA_DIR),
+        str(where.data_dir),
         "--work",
         str(work),
         "--threads",
         str(threads),
+        *where.runner_args,
         *extra,
     ]
     log_path = work / "log.txt"
@@ -134,7 +146,11 @@ def run_one(
     t = time.perf_counter()
     with log_path.open("w") as log:
         proc = subprocess.Popen(
-            cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=child_env(threads, workload, side, precision)
+            cmd,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=child_env(threads, workload, side, precision, where.device),
         )
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
@@ -157,7 +173,9 @@ def run_one(
     return res
 
 
-def replay_check(workload: str, precision: str, runs: list[dict], threads: int, out: Path, index: int, log):
+def replay_check(
+    workload: str, precision: str, runs: list[dict], threads: int, out: Path, index: int, log, where: Where = CPU
+):
     """The same-math run of a sampling workload (grpo, fp32): the baseline trains on the completions that the
     first prefalign run of ``(workload, precision)`` sampled, recorded in its ``rollouts.json``. None when
     there is nothing to replay (no prefalign run, or the workload is not checked that way)."""
@@ -170,7 +188,7 @@ def replay_check(workload: str, precision: str, runs: list[dict], threads: int, 
     path = Path(recorded[0]["work"]) / "rollouts.json"
     steps = len(json.loads(path.read_text()))
     log(f"[bench] {workload:9s} {precision} {base:11s} same-math replay of {path} ({steps} steps) ...")
-    res = run_one(workload, base, precision, steps, threads, out, index, extra=["--replay", str(path)])
+    res = run_one(workload, base, precision, steps, threads, out, index, extra=["--replay", str(path)], where=where)
     x, ref = res["extra"], recorded[0]
     # the later steps' gradient norms check the update too (same completions, after the same AdamW steps)
     log(
@@ -184,14 +202,26 @@ def replay_check(workload: str, precision: str, runs: list[dict], threads: int, 
     return res
 
 
-def ensure_data(log) -> None:
-    stamp = DATA_DIR / "stamp.json"
-    want = {"pairs": N_PAIRS, "max_length": MAX_LENGTH, "prepare": (ROOT / "bench" / "prepare.py").stat().st_mtime}
+def ensure_data(log, where: Where = CPU) -> None:
+    """Prepare ``where``'s inputs (bench.prepare) unless its stamp says they were made by this prepare.py for this
+    model (a random model also by this bench/models.py): switching the model re-prepares."""
+    data = where.data_dir
+    stamp = data / "stamp.json"
+    want = {
+        "pairs": N_PAIRS,
+        "max_length": MAX_LENGTH,
+        "prepare": (ROOT / "bench" / "prepare.py").stat().st_mtime,
+        "model": where.model,
+    }
+    # the default's own prepare command, unchanged; a random model is named, and its builder's version kept
+    model_arg = [] if where.model == "default" else [where.model]
+    if model_arg:
+        want["builder"] = (ROOT / "bench" / "models.py").stat().st_mtime
     if stamp.exists() and json.loads(stamp.read_text()) == want:
         return
-    log(f"[bench] preparing inputs in {DATA_DIR} ...")
+    log(f"[bench] preparing inputs in {data} ...")
     subprocess.run(
-        [str(envs.PROJECT_PY), "-m", "bench.prepare", str(DATA_DIR), str(N_PAIRS), str(MAX_LENGTH)],
+        [str(where.python("prefalign")), "-m", "bench.prepare", str(data), str(N_PAIRS), str(MAX_LENGTH), *model_arg],
         cwd=ROOT,
         check=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
@@ -215,6 +245,32 @@ def parse(argv=None) -> argparse.Namespace:
         help="seconds to wait before each run for other work on the machine to stop (0: never wait)",
     )
     ap.add_argument("--out", default=None, help="results directory (default .bench/results/<stamp>)")
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="cpu: every run on the CPU with the GPU hidden (the race as it always ran); cuda: the models on the "
+        "first visible GPU, peak GPU memory in the table",
+    )
+    ap.add_argument(
+        "--model",
+        default=None,
+        choices=MODELS,
+        help="default: the embedded SmolLM2-135M weights; random-135m / random-1b: a seeded random Llama of the "
+        "default's shape / of a 1.07e9-parameter shape (bench/models.py). Unset: default, or random-135m under "
+        "--device cuda where the default's weights are not here",
+    )
+    ap.add_argument(
+        "--python-from-env",
+        action="store_true",
+        help="run every side with this interpreter instead of the project and TRL venvs (nothing is built); a "
+        "baseline whose TRL version is not installed here is skipped, its reason in the table",
+    )
+    ap.add_argument(
+        "--data",
+        default=None,
+        help="prepared inputs directory (default .bench/data; a random model: .bench/data-MODEL)",
+    )
     args = ap.parse_args(argv)
     args.workloads = [w for w in args.workloads.split(",") if w]
     args.precisions = args.precisions.split(",") if args.precisions else (["fp32"] if args.quick else list(PRECISIONS))
@@ -234,20 +290,27 @@ def main(argv=None) -> int:
     args = parse(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
     t_start = time.perf_counter()
+    # refused (one line) before anything is written: a GPU race where no GPU is seen, an interpreter without prefalign
+    where = Where(args.device, from_env=args.python_from_env, data=Path(args.data) if args.data else None)
+    gpu = device.check(where)
+    model, note = device.pick_model(args.model, args.device)
+    where = dataclasses.replace(where, model=model)
+    if note:
+        log(f"[bench] {note}")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out = Path(args.out) if args.out else envs.BENCH_DIR / "results" / stamp
     out.mkdir(parents=True, exist_ok=True)
 
-    envs.ensure_project_venv()
-    needed = {runner(w, s)[0] for w in args.workloads for s in report.sides(w)} - {"prefalign"}
-    for name in sorted(needed):
-        envs.ensure_trl_venv(name, log)
-    ensure_data(log)
-    versions = {name: envs.installed_versions(name) for name in ["prefalign", *sorted(needed)]}
+    venvs, skipped = prepare_sides(args.workloads, where, log)
+    ensure_data(log, where)
+    if where.from_env:
+        versions = {sys.executable: envs.installed_versions("prefalign", where.python("prefalign"))}
+    else:
+        versions = {name: envs.installed_versions(name) for name in ["prefalign", *venvs]}
     log("[bench] measuring the matmul peak ...")
     peaks = json.loads(
         subprocess.run(
-            [str(envs.PROJECT_PY), "-m", "bench.flops", "--threads", str(args.threads)],
+            [str(where.python("prefalign")), "-m", "bench.flops", "--threads", str(args.threads), *where.runner_args],
             cwd=ROOT,
             check=True,
             capture_output=True,
@@ -256,10 +319,9 @@ def main(argv=None) -> int:
     )
     steps = {w: args.steps or (QUICK_STEPS if args.quick else STEPS)[w] for w in args.workloads}
 
-    runs, failures = race(args, steps, out, log)
+    runs, failures = race(args, steps, out, log, where, skipped)
 
-    params = model_params(runs)
-    comps = report.comparisons(runs, WARMUP)
+    comps, solos = report.comparisons(runs, WARMUP), report.solos(runs, WARMUP, skipped)
     meta = {
         "stamp": stamp,
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
@@ -269,38 +331,24 @@ def main(argv=None) -> int:
         "steps": steps,
         "warmup": WARMUP,
         "peak_gflops": peaks,
-        "params": params,
+        "params": model_params(runs, where.data_dir),
         "cpu": cpu_name(),
         "python": platform.python_version(),
         "versions": versions,
     }
-    md = render(meta, comps, runs) + "".join(f"\nFAILED RUN: {f}\n" for f in failures)
+    # only what differs from the CPU race as it always ran, so that race's results.json keeps its fields
+    if gpu:
+        meta["gpu"] = gpu
+    if where.model != "default":
+        meta["model"] = where.model
+    if where.from_env:
+        meta["python_from_env"] = sys.executable
+    md = report.render(meta, comps, runs, solos) + "".join(f"\nFAILED RUN: {f}\n" for f in failures)
     (out / "results.md").write_text(md)
-    (out / "results.json").write_text(
-        json.dumps(
-            {
-                "meta": meta,
-                "comparisons": [
-                    {
-                        "workload": c.workload,
-                        "precision": c.precision,
-                        "speed_ratio": c.speed_ratio,
-                        "rss_ratio": c.rss_ratio,
-                        "speed_met": c.speed_met,
-                        "rss_met": c.rss_met,
-                        "same_math": c.same_math,
-                        "loss_diff": c.loss_diff,
-                        "logps_diff": c.logps_diff,
-                        "grad_norm_diff": c.grad_norm_diff,
-                        "ours": vars(c.ours),
-                        "base": vars(c.base),
-                    }
-                    for c in comps
-                ],
-            },
-            indent=1,
-        )
-    )
+    results = {"meta": meta, "comparisons": [report.comparison_json(c) for c in comps]}
+    if solos:
+        results["skipped"] = [report.solo_json(s) for s in solos]
+    (out / "results.json").write_text(json.dumps(results, indent=1))
     print(md)
     log(f"[bench] done in {meta['wall_seconds'] / 60:.1f} min; results in {out}")
     failed = [c for c in comps if c.same_math is False]
@@ -312,9 +360,32 @@ def main(argv=None) -> int:
     return 1 if failed or failures else 0
 
 
-def race(args, steps: dict[str, int], out: Path, log) -> tuple[list[dict], list[str]]:
+def prepare_sides(workloads: list[str], where: Where, log) -> tuple[list[str], dict[str, str]]:
+    """``(TRL venvs built, {workload: why its baseline is skipped})``: the venvs the baselines need are built
+    (`bench.envs`); with ``--python-from-env`` nothing is built and a baseline whose TRL is missing is skipped."""
+    if not where.from_env:
+        envs.ensure_project_venv()
+    needed = sorted({runner(w, s)[0] for w in workloads for s in report.sides(w)} - {"prefalign"})
+    skipped = {}
+    for w in workloads:
+        reason = device.skip_reason(runner(w, report.sides(w)[1])[0], where)
+        if reason:
+            skipped[w] = reason
+            log(f"[bench] {w}: baseline skipped: {reason}")
+    if where.from_env:
+        return [], skipped
+    for name in needed:
+        envs.ensure_trl_venv(name, log)
+    return needed, skipped
+
+
+def race(
+    args, steps: dict[str, int], out: Path, log, where: Where = CPU, skipped: dict[str, str] | None = None
+) -> tuple[list[dict], list[str]]:
     """Every run of the race, alternating sides per repeat, then each workload's same-math replay (if it has
-    one); ``(runs, failures)``. Each run's line goes to ``raw.jsonl`` as soon as it ends."""
+    one); ``(runs, failures)``. A workload in ``skipped`` runs our side alone. Each run's line goes to
+    ``raw.jsonl`` as soon as it ends."""
+    skipped = skipped or {}
     runs: list[dict] = []
     failures: list[str] = []
     index = 0
@@ -326,30 +397,43 @@ def race(args, steps: dict[str, int], out: Path, log) -> tuple[list[dict], list[
             raw.flush()
 
         for workload in args.workloads:
-            ours, base = report.sides(workload)
+            both = report.sides(workload)
+            sides = both[:1] if workload in skipped else both
             for precision in args.precisions:
                 for rep in range(args.repeats):
-                    for side in (ours, base) if rep % 2 == 0 else (base, ours):
+                    for side in sides if rep % 2 == 0 else sides[::-1]:
                         log(f"[bench] {workload:9s} {precision} {side:11s} repeat {rep + 1}/{args.repeats} ...")
                         busy = wait_for_quiet(args.max_wait, log) if args.max_wait > 0 else None
                         index += 1
                         try:
                             res = run_one(
-                                workload, side, precision, steps[workload], args.threads, out, index - 1, busy
+                                workload,
+                                side,
+                                precision,
+                                steps[workload],
+                                args.threads,
+                                out,
+                                index - 1,
+                                busy,
+                                where=where,
                             )
                         except RuntimeError as e:  # keep racing the rest; listed, and it fails the exit code
                             log(f"[bench] RUN FAILED: {e}")
                             failures.append(f"{workload} {precision} {side} repeat {rep + 1}: {str(e).splitlines()[0]}")
                             continue
                         keep(res)
+                        gpu = res.get("peak_gpu_bytes")
                         log(
                             f"          steps {', '.join(f'{s:.1f}' for s in res['step_seconds'])} s, "
-                            f"peak RSS {res['peak_rss_kib'] / report.GIB:.2f} GiB, CPU share "
+                            + ("" if gpu is None else f"peak GPU {gpu / report.GIB_BYTES:.2f} GiB, ")
+                            + f"peak RSS {res['peak_rss_kib'] / report.GIB:.2f} GiB, CPU share "
                             f"{res['cpu_seconds'] / res['wall']:.2f}, other work at start "
                             f"{'-' if busy is None else f'{busy:.2f}'} cores"
                         )
+                if workload in skipped:  # the replay is the baseline's run
+                    continue
                 try:
-                    res = replay_check(workload, precision, runs, args.threads, out, index, log)
+                    res = replay_check(workload, precision, runs, args.threads, out, index, log, where)
                 except RuntimeError as e:
                     log(f"[bench] REPLAY FAILED: {e}")
                     failures.append(f"{workload} {precision} same-math replay: {str(e).splitlines()[0]}")
@@ -360,11 +444,15 @@ def race(args, steps: dict[str, int], out: Path, log) -> tuple[list[dict], list[
     return runs, failures
 
 
-def model_params(runs: list[dict]) -> int:
-    """Total parameters of the default model (a full fine-tuning run trains all of them)."""
+def model_params(runs: list[dict], data: Path = DATA_DIR) -> int:
+    """Total parameters of the raced model (a full fine-tuning run trains all of them): a full-DPO run's count,
+    else bench.prepare's."""
     for r in runs:
         if r["workload"] == "dpo" and r.get("trainable_params"):
             return int(r["trainable_params"])
+    info = data / "model.json"
+    if info.exists():
+        return int(json.loads(info.read_text())["params"])
     return 134_515_008  # SmolLM2-135M (tied embeddings), as reported by a full-DPO run
 
 
@@ -376,56 +464,6 @@ def cpu_name() -> str:
     except OSError:
         pass
     return platform.processor()
-
-
-def untimed(meta: dict) -> str:
-    """``"1; ppo 2"``: the warm-up steps dropped from every run, the common count first."""
-    counts = {w: meta["warmup"][w] for w in meta["steps"]}
-    common = max(set(counts.values()), key=list(counts.values()).count)
-    return "; ".join([str(common), *(f"{w} {n}" for w, n in counts.items() if n != common)])
-
-
-def render(meta: dict, comps: list, runs: list[dict]) -> str:
-    v = meta["versions"]
-    lines = [
-        f"## Results {meta['stamp']}",
-        "",
-        f"`{meta['command']}` — {meta['wall_seconds'] / 60:.1f} min, {meta['cpu']}, {meta['threads']} torch threads "
-        f"per side, {meta['repeats']} repeat(s) per side alternating A/B, steps per run {meta['steps']} "
-        f"(untimed first steps: {untimed(meta)}). Matmul peak (best of 7): fp32 {meta['peak_gflops']['fp32']} GFLOP/s, "
-        f"bf16 {meta['peak_gflops']['bf16']} GFLOP/s.",
-        "",
-        "Versions: " + "; ".join(f"{k}: " + ", ".join(f"{p} {x}" for p, x in d.items()) for k, d in v.items()),
-        "",
-        "Speed × = prefalign throughput / baseline throughput (> 1: prefalign faster); RSS × = prefalign peak RSS / "
-        "baseline peak RSS (< 1: prefalign leaner). Baseline: TRL 1.16 (dpo, dpo_lora, reward; grpo: "
-        "`GRPOTrainer`), TRL 1.12 `trl.experimental.ppo` (ppo), plain `model.generate` (rollout8/16, batch 8/16). "
-        "grpo's same math: TRL trained on prefalign's first-step completions (`--replay`).",
-        "",
-        report.main_table(comps, meta["params"], meta["peak_gflops"]),
-    ]
-    for workload in ("ppo", "grpo"):
-        if any(r["workload"] == workload for r in runs):
-            lines += [
-                "",
-                f"{workload.upper()} time split, median seconds per iteration:",
-                "",
-                report.ppo_split_table(runs, meta["warmup"][workload], workload),
-            ]
-    shares = report.group(runs)
-    lines += [
-        "",
-        "CPU share of the runs (CPU seconds / wall seconds; 2.0 = both cores busy the whole run; well "
-        "below that = other work on the machine took the cores):",
-        "",
-    ]
-    lines.append(
-        ", ".join(
-            f"{w} {p} {s} {sum(r['cpu_seconds'] for r in rs) / sum(r['wall'] for r in rs):.2f}"
-            for (w, p, s), rs in shares.items()
-        )
-    )
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -9,6 +9,11 @@ A runner is one fresh process that sets up one library on one workload, runs ``s
     losses         list[float] per step (training workloads)
     extra          dict of workload-specific figures (first-step log-probs, PPO / GRPO time split, ...)
     replay         true on a same-math check run (``--replay``): not timed, only its first-step figures count
+
+and, run with ``--device cuda`` (`emit`): ``device``, ``gpu`` (its name), ``peak_gpu_bytes``
+(``torch.cuda.max_memory_allocated``: tensors' peak) and ``peak_gpu_reserved_bytes`` (the caching allocator's).
+On a GPU every time mark waits for the device first (`now`): kernels run asynchronously, and a clock read
+without it would time their launches, not the step.
 """
 
 from __future__ import annotations
@@ -53,6 +58,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data", required=True, help="the prepared inputs (bench.prepare)")
     ap.add_argument("--work", required=True, help="a scratch directory for this run")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where the models run (cuda: the first visible GPU; its peak memory is reported)",
+    )
     ap.add_argument(
         "--set",
         action="append",
@@ -103,16 +114,41 @@ def load_rollouts(path: str) -> list[dict]:
     return json.loads(Path(path).read_text())
 
 
-def setup_process(threads: int) -> None:
+def setup_process(threads: int, device: str = "cpu") -> None:
     import torch
 
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device cuda: torch {torch.__version__} sees no CUDA device")
     torch.set_num_threads(threads)
     torch.manual_seed(HPARAMS["seed"])
 
 
+def sync(device: str) -> None:
+    """Wait until the device has run every kernel queued so far (a no-op on the CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def now(device: str = "cpu") -> float:
+    """``time.perf_counter()`` once the device's queued work is done: a time mark that counts the kernels."""
+    sync(device)
+    return time.perf_counter()
+
+
 def model_path(data: str) -> str:
-    """The default model's local HF directory (written by bench.prepare from ``resolve_model(None)``)."""
+    """The raced causal LM's local HF directory (written by bench.prepare)."""
     return (Path(data) / "model_path.txt").read_text().strip()
+
+
+def prefalign_model(data: str) -> dict:
+    """The ``model=`` a prefalign config gets: none for the default (the configs' own default, as the race always
+    ran), the prepared directory for a random model (`bench.models`)."""
+    info = Path(data) / "model.json"
+    if info.exists() and json.loads(info.read_text())["name"] != "default":
+        return {"model": model_path(data)}
+    return {}
 
 
 def load_pairs(data: str) -> list[dict]:
@@ -137,23 +173,24 @@ def real_response_tokens(response_ids, eos_ids: list[int]) -> int:
     """Tokens up to and including each row's first EOS (all of them when it has none)."""
     import torch
 
-    is_eos = torch.isin(response_ids, torch.tensor(eos_ids))
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))
     before = torch.cumsum(is_eos.long(), 1) - is_eos.long()
     return int((before == 0).sum())
 
 
 class StepClock:
-    """Wall time between marks: ``start()`` once, then ``mark()`` at the end of every step."""
+    """Wall time between marks: ``start()`` once, then ``mark()`` at the end of every step (`now` on ``device``)."""
 
-    def __init__(self):
+    def __init__(self, device: str = "cpu"):
+        self.device = device
         self.t0 = None
         self.marks: list[float] = []
 
     def start(self) -> None:
-        self.t0 = time.perf_counter()
+        self.t0 = now(self.device)
 
     def mark(self) -> None:
-        self.marks.append(time.perf_counter())
+        self.marks.append(now(self.device))
 
     def seconds(self) -> list[float]:
         out, prev = [], self.t0
@@ -163,10 +200,20 @@ class StepClock:
         return out
 
 
-def emit(result: dict) -> None:
+def emit(result: dict, device: str = "cpu") -> None:
     import torch
 
     result.setdefault("threads", torch.get_num_threads())
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated()
+        if peak == 0:  # a runner that left its model on the CPU would otherwise pass for a GPU run
+            raise SystemExit("--device cuda: this run allocated no GPU memory; its models stayed on the CPU")
+        result.update(
+            device="cuda",
+            gpu=torch.cuda.get_device_name(),
+            peak_gpu_bytes=peak,
+            peak_gpu_reserved_bytes=torch.cuda.max_memory_reserved(),
+        )
     sys.stdout.write(RESULT_PREFIX + json.dumps(result) + "\n")
     sys.stdout.flush()
 

@@ -62,8 +62,8 @@ def ensure_trl_venv(name: str, log=print) -> Path:
     return venv_python(name)
 
 
-def installed_versions(name: str) -> dict[str, str]:
-    """Versions of the relevant packages inside one venv (for the report)."""
+def installed_versions(name: str, python: Path | None = None) -> dict[str, str]:
+    """Versions of the relevant packages inside one venv, or of ``python`` where given (for the report)."""
     pkgs = ("torch", "transformers", "peft", "accelerate", "trl", "prefalign")
     code = (
         "import json, importlib.metadata as m\nout = {}\n"
@@ -72,5 +72,7 @@ def installed_versions(name: str) -> dict[str, str]:
         "    except m.PackageNotFoundError: pass\n"
         "print(json.dumps(out))"
     )
-    out = subprocess.run([str(venv_python(name)), "-c", code], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [str(python or venv_python(name)), "-c", code], check=True, capture_output=True, text=True
+    ).stdout
     return json.loads(out)

@@ -1,6 +1,6 @@
 """Inputs both sides of the race read, built once per machine with prefalign's venv (deterministic).
 
-Run as ``python -m bench.prepare OUT_DIR N_PAIRS MAX_LENGTH`` from the project venv. Writes:
+Run as ``python -m bench.prepare OUT_DIR N_PAIRS MAX_LENGTH [MODEL]`` from the project venv. Writes:
 
 - ``pairs.jsonl``: explicit ``{"prompt", "chosen", "rejected"}`` rows from the shared HH-RLHF
   harmless-base test file, in file order, keeping only pairs that (a) prefalign keeps *untruncated*
@@ -10,10 +10,15 @@ Run as ``python -m bench.prepare OUT_DIR N_PAIRS MAX_LENGTH`` from the project v
   truncates and both see identical token ids; each row also stores those ids (``ids``) so the TRL
   runner can assert it.
 - ``prefixes.txt``: the packaged movie-review train prefixes (PPO and rollout prompts).
-- ``rm-init/``: the default model as a one-output sequence-classification model whose new score head
+- ``rm-init/``: the raced model as a one-output sequence-classification model whose new score head
   is drawn exactly as ``prefalign reward`` draws it (normal(0, 1/sqrt(H+1)), seed 0). Both reward
   trainers start from it (same initial weights), and PPO on both sides uses it as reward model and
   value-model init.
+- ``model_path.txt``: the raced causal LM's directory, which both sides load; ``model.json``: its name (a key of
+  `bench.models.MODELS`) and parameter count.
+
+``MODEL`` (an optional fourth argument, default ``default``): a random model of `bench.models` is written to
+``model/`` first (seeded), and everything above is built from it; the tokenizer and ids are the default's either way.
 """
 
 from __future__ import annotations
@@ -22,14 +27,14 @@ import json
 import sys
 from pathlib import Path
 
-HH_RLHF = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "hh-rlhf" / "harmless-base-test.jsonl.gz"
+from bench.models import hh_rlhf_file, save_random
 
 
 def joint_ids(tok, prompt: str, completion: str) -> list[int]:
     return tok(prompt + completion + tok.eos_token, add_special_tokens=False)["input_ids"]
 
 
-def main(out: Path, n_pairs: int, max_length: int) -> None:
+def main(out: Path, n_pairs: int, max_length: int, model: str = "default") -> None:
     from prefalign.data import load_preferences, tokenize_preferences
     from prefalign.models import load_tokenizer
     from prefalign.models.loading import resolve_model
@@ -37,8 +42,10 @@ def main(out: Path, n_pairs: int, max_length: int) -> None:
     from prefalign.trainers.reward import load_reward_backbone
 
     out.mkdir(parents=True, exist_ok=True)
-    tok = load_tokenizer(None)
-    examples, _ = load_preferences(str(HH_RLHF), tok)
+    # None: the embedded default, as prefalign's own None resolves it
+    model_dir = None if model == "default" else save_random(model, out / "model")
+    tok = load_tokenizer(model_dir)
+    examples, _ = load_preferences(str(hh_rlhf_file()), tok)
     # max_length None: every pair tokenised whole; the fit test below is prefalign's "kept untruncated"
     pairs, _ = tokenize_preferences(examples, tok, None)
     kept = []
@@ -67,10 +74,13 @@ def main(out: Path, n_pairs: int, max_length: int) -> None:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
     (out / "prefixes.txt").write_text("\n".join(movie_prefixes("train")) + "\n", encoding="utf-8")
 
-    model, _ = load_reward_backbone(None, tok.pad_token_id, seed=0)
-    model.save_pretrained(out / "rm-init")
+    rm, _ = load_reward_backbone(model_dir, tok.pad_token_id, seed=0)
+    rm.save_pretrained(out / "rm-init")
     tok.save_pretrained(out / "rm-init")
-    (out / "model_path.txt").write_text(resolve_model(None))
+    (out / "model_path.txt").write_text(resolve_model(model_dir))
+    # the backbone's parameters are the causal LM's (tied embeddings: no separate output layer), for the MFU
+    params = sum(p.numel() for n, p in rm.named_parameters() if not n.startswith("score."))
+    (out / "model.json").write_text(json.dumps({"name": model, "params": params}))
     stats = [len(r["ids"][0]) + max(len(r["ids"][1]), len(r["ids"][2])) for r in kept]
     print(
         json.dumps(
@@ -85,4 +95,4 @@ def main(out: Path, n_pairs: int, max_length: int) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))
+    main(Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

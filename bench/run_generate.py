@@ -10,7 +10,6 @@ the first EOS), the same count prefalign's ``response_mask`` gives.
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 # the repo root replaces this script's own folder on the path: bench/*.py must not shadow stdlib modules
@@ -20,6 +19,7 @@ from bench.common import (  # noqa: E402
     emit,
     load_prefixes,
     model_path,
+    now,
     parse_args,
     quiet,
     real_response_tokens,
@@ -30,14 +30,14 @@ from bench.common import (  # noqa: E402
 def main(argv=None) -> None:
     quiet()
     args = parse_args(argv)
-    setup_process(args.threads)
+    setup_process(args.threads, args.device)
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     batch = int(args.workload.removeprefix("rollout"))
     path = model_path(args.data)
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(args.device).eval()
     prefixes = load_prefixes(args.data)
     # the stop set prefalign uses (`eos_token_ids`): the tokenizer's EOS and the generation config's
     gen_eos = model.generation_config.eos_token_id
@@ -45,9 +45,10 @@ def main(argv=None) -> None:
     secs, toks = [], []
     for b in range(args.steps):
         enc = tok(prefixes[b * batch : (b + 1) * batch], add_special_tokens=False, padding=True, return_tensors="pt")
+        enc = enc.to(args.device)
         torch.manual_seed(HPARAMS["seed"] + b)
-        t = time.perf_counter()
-        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        t = now(args.device)
+        with torch.no_grad(), torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             out = model.generate(
                 **enc,
                 do_sample=True,
@@ -58,7 +59,7 @@ def main(argv=None) -> None:
                 eos_token_id=eos,
                 pad_token_id=tok.pad_token_id,
             )
-        secs.append(time.perf_counter() - t)
+        secs.append(now(args.device) - t)
         toks.append(real_response_tokens(out[:, enc["input_ids"].shape[1] :], eos))
     emit(
         {
@@ -69,7 +70,8 @@ def main(argv=None) -> None:
             "items_per_step": batch,
             "tokens": toks,
             "extra": {},
-        }
+        },
+        args.device,
     )
 
 

@@ -9,14 +9,16 @@ Harness-only subclasses, no change to what a step computes:
   ~2 GB of checkpoint after the last step is not the race;
 - grpo: ``prompt_batch`` reads the prompts in file order (TRL's ``shuffle_dataset=False``), and ``rollout``
   also records what each step sampled (``rollouts.json``, for TRL's same-math ``--replay``).
-Step times come from ``metrics.jsonl`` (``wall_seconds`` of consecutive rows, logging every step).
+Step times come from ``metrics.jsonl`` (``wall_seconds`` of consecutive rows, logging every step). prefalign
+puts its models on the GPU by itself when one is visible (accelerate's device); with ``--device cuda`` each step
+also ends with a synchronize (`_synced`), so the row's host clock counts the step's kernels, and the rollout
+workloads move their model and batches to the GPU.
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 # the repo root replaces this script's own folder on the path: bench/*.py must not shadow stdlib modules
@@ -26,11 +28,14 @@ from bench.common import (  # noqa: E402
     emit,
     load_pairs,
     load_prefixes,
+    now,
     pair_tokens_per_step,
     parse_args,
+    prefalign_model,
     quiet,
     save_rollouts,
     setup_process,
+    sync,
 )
 
 
@@ -48,6 +53,21 @@ def _sequential(cls):
             pass
 
     return Sequential
+
+
+def _synced(cls, device: str):
+    """``cls`` whose every step ends once ``device`` has run it: metrics.jsonl's host clock is read right after the
+    step, and CUDA kernels run asynchronously. The class itself on the CPU (the CPU race unchanged)."""
+    if device == "cpu":
+        return cls
+
+    class Synced(cls):
+        def train_step(self, step):
+            out = super().train_step(step)
+            sync(device)
+            return out
+
+    return Synced
 
 
 def _rows(out: Path) -> list[dict]:
@@ -84,7 +104,7 @@ def run_pairs(args, kind: str) -> dict:
         cfg = RewardConfig(
             model=str(Path(args.data) / "rm-init"), learning_rate=HPARAMS["lr_reward"], **{**common, **args.overrides}
         )
-        trainer = _sequential(RewardTrainer)(cfg)
+        trainer = _synced(_sequential(RewardTrainer), args.device)(cfg)
     else:
         from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 
@@ -95,9 +115,9 @@ def run_pairs(args, kind: str) -> dict:
             learning_rate=HPARAMS["lr_dpo_lora" if lora else "lr_dpo"],
             lora_r=HPARAMS["lora_r"] if lora else 0,
             lora_alpha=HPARAMS["lora_alpha"],
-            **{**common, **args.overrides},
+            **{**common, **prefalign_model(args.data), **args.overrides},
         )
-        trainer = _sequential(DPOTrainer)(cfg)
+        trainer = _synced(_sequential(DPOTrainer), args.device)(cfg)
     trainer.train()
     rows = _rows(out)
     n = HPARAMS["batch_size"]
@@ -146,7 +166,7 @@ def run_ppo(args) -> dict:
         sample_every=10**6,
         max_grad_norm=HPARAMS["max_grad_norm"],
     )
-    cfg = PPOConfig(**{**kw, **args.overrides})
+    cfg = PPOConfig(**{**kw, **prefalign_model(args.data), **args.overrides})
 
     class NoSave(PPOTrainer):
         def save_checkpoint(self, step):
@@ -161,7 +181,7 @@ def run_ppo(args) -> dict:
             self._resp.append(int(ro.response_mask.sum()))
             return ro
 
-    trainer = NoSave(cfg)
+    trainer = _synced(NoSave, args.device)(cfg)
     trainer._tokens, trainer._resp = [], []
     trainer.train()
     rows = _rows(out)
@@ -209,7 +229,7 @@ def grpo_config(args, out: Path):
         sample_every=10**6,
         max_grad_norm=HPARAMS["max_grad_norm"],
     )
-    return RLConfig(**{**kw, **args.overrides})
+    return RLConfig(**{**kw, **prefalign_model(args.data), **args.overrides})
 
 
 def run_grpo(args) -> dict:
@@ -235,7 +255,7 @@ def run_grpo(args) -> dict:
             recorded.append(_record(self, ro, idx))
             return ro
 
-    Recording(cfg).train()
+    _synced(Recording, args.device)(cfg).train()
     rows = _rows(out)
     save_rollouts(Path(args.work) / "rollouts.json", recorded)
     split = {k: [r[f"time/{k}"] for r in rows] for k in ("generation", "logprobs", "scoring", "update")}
@@ -285,20 +305,22 @@ def run_rollout(args, batch: int) -> dict:
     from prefalign.rollout import SamplingConfig, eos_token_ids, generate, sampling_copy
     from prefalign.rollout.generate import key_seed
 
-    tok = load_tokenizer(None)
-    model = load_causal_lm(None).eval()
+    name = prefalign_model(args.data).get("model")  # None: the embedded default
+    tok = load_tokenizer(name)
+    model = load_causal_lm(name).to(args.device).eval()
     prefixes = load_prefixes(args.data)
     ids = tokenize_prompts(prefixes, tok, 128)
     sampling = SamplingConfig(max_new_tokens=HPARAMS["max_new_tokens"], temperature=HPARAMS["temperature"])
     eos = eos_token_ids(model, tok)
     # prefalign's rollout path (PPO, prefs, eval): under bf16 a bf16 copy of the weights, keyed sampling
     sampler = sampling_copy(model, torch.bfloat16) if args.precision == "bf16" else model
+    collate = PromptCollator(tok.pad_token_id)
     secs, toks = [], []
     for b in range(args.steps):
-        batch_ids = PromptCollator(tok.pad_token_id)(ids[b * batch : (b + 1) * batch])
+        batch_ids = {k: v.to(args.device) for k, v in collate(ids[b * batch : (b + 1) * batch]).items()}
         torch.manual_seed(HPARAMS["seed"] + b)
-        t = time.perf_counter()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.precision == "bf16"):
+        t = now(args.device)
+        with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.precision == "bf16"):
             gen = generate(
                 sampler,
                 batch_ids["input_ids"],
@@ -309,7 +331,7 @@ def run_rollout(args, batch: int) -> dict:
                 row_keys=[key_seed(b, i) for i in range(batch)],
                 seed=HPARAMS["seed"],
             )
-        secs.append(time.perf_counter() - t)
+        secs.append(now(args.device) - t)
         toks.append(int(gen.response_mask.sum()))
     # the decoder is prefalign's default (the loop since issue 13; model.generate before): recorded with the run
     return {"step_seconds": secs, "items_per_step": batch, "tokens": toks, "extra": {"decoder": sampling.decoder}}
@@ -347,7 +369,7 @@ def apply_experiments(names: list[str]) -> None:
 def main(argv=None) -> None:
     quiet()
     args = parse_args(argv)
-    setup_process(args.threads)
+    setup_process(args.threads, args.device)
     apply_experiments(args.exp)
     import logging
 
@@ -368,7 +390,8 @@ def main(argv=None) -> None:
             **res,
             "overrides": args.overrides,
             "experiments": args.exp,
-        }
+        },
+        args.device,
     )
 
 

@@ -8,6 +8,7 @@ from TRL's defaults, and why:
 - ``bf16`` set from ``--precision`` (TRL defaults to bf16 on).
 - ``train_sampling_strategy="sequential"``: the same batches as prefalign's runner, in file order.
 - ``save_strategy="no"``, ``report_to="none"``: nothing written during the race.
+- ``use_cpu`` unless ``--device cuda``: the CPU race hides the GPU from its children anyway; this says it.
 Step times: a callback marks ``on_train_begin`` and every ``on_step_end``.
 """
 
@@ -34,7 +35,7 @@ from bench.common import (  # noqa: E402
 def main(argv=None) -> None:
     quiet()
     args = parse_args(argv)
-    setup_process(args.threads)
+    setup_process(args.threads, args.device)
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
@@ -45,7 +46,7 @@ def main(argv=None) -> None:
     ds = Dataset.from_list(
         [{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in pairs[: args.steps * n]]
     )
-    clock = StepClock()
+    clock = StepClock(args.device)
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -70,7 +71,7 @@ def main(argv=None) -> None:
         logging_steps=1,
         save_strategy="no",
         report_to="none",
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         seed=HPARAMS["seed"],
         train_sampling_strategy="sequential",
         max_length=HPARAMS["max_length"],
@@ -152,7 +153,8 @@ def main(argv=None) -> None:
             "tokens": pair_tokens_per_step(pairs, n, args.steps),
             "extra": extra,
             "trainable_params": trainable,
-        }
+        },
+        args.device,
     )
 
 

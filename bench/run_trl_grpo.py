@@ -31,7 +31,6 @@ step's end: the loss forward, backward and optimizer step).
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 # the repo root replaces this script's own folder on the path: bench/*.py must not shadow stdlib modules
@@ -44,6 +43,7 @@ from bench.common import (  # noqa: E402
     load_prefixes,
     load_rollouts,
     model_path,
+    now,
     parse_args,
     quiet,
     setup_process,
@@ -79,7 +79,7 @@ def grpo_config(args):
         max_steps=args.steps,
         bf16=args.precision == "bf16",
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         report_to="none",
         save_strategy="no",
         seed=HPARAMS["seed"],
@@ -92,8 +92,9 @@ def grpo_config(args):
 class Probe:
     """What the runner measures around TRL's methods: step times and their split, tokens, first-step figures."""
 
-    def __init__(self, replay: list[dict] | None):
-        self.clock = StepClock()
+    def __init__(self, replay: list[dict] | None, device: str = "cpu"):
+        self.device = device
+        self.clock = StepClock(device)
         self.replay = replay
         self.split = {"generation": [], "logprobs": [], "scoring": [], "update": []}
         self.cur = {"generation": 0.0, "scoring": 0.0, "prepare": 0.0, "prepared_at": None}
@@ -114,28 +115,28 @@ class Probe:
         prepare, logps = trainer._generate_and_score_completions, trainer._get_per_token_logps_and_entropies
 
         def timed_generation(prompt_ids, *a, **k):
-            t = time.perf_counter()
+            t = now(self.device)
             if self.replay is None:
                 completion_ids, sampled_logps = generate(prompt_ids, *a, **k)
             else:  # the same-math check: prefalign's completions for this step, after checking the prompts
                 step = self.replay[len(self.tokens)]
                 self.mismatches += sum(list(p) != q for p, q in zip(prompt_ids, step["prompt_ids"]))
                 completion_ids, sampled_logps = [list(c) for c in step["completion_ids"]], None
-            self.cur["generation"] += time.perf_counter() - t
+            self.cur["generation"] += now(self.device) - t
             self.response_tokens.append(sum(len(c) for c in completion_ids))
             self.tokens.append(sum(len(p) for p in prompt_ids) + self.response_tokens[-1])
             return completion_ids, sampled_logps
 
         def timed_rewards(*a, **k):
-            t = time.perf_counter()
+            t = now(self.device)
             out = rewards(*a, **k)
-            self.cur["scoring"] += time.perf_counter() - t
+            self.cur["scoring"] += now(self.device) - t
             return out
 
         def timed_prepare(*a, **k):
-            t = time.perf_counter()
+            t = now(self.device)
             out = prepare(*a, **k)
-            self.cur["prepared_at"] = time.perf_counter()
+            self.cur["prepared_at"] = now(self.device)
             self.cur["prepare"] += self.cur["prepared_at"] - t
             return out
 
@@ -171,7 +172,7 @@ class Probe:
 def main(argv=None) -> None:
     quiet()
     args = parse_args(argv)
-    setup_process(args.threads)
+    setup_process(args.threads, args.device)
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
@@ -181,7 +182,7 @@ def main(argv=None) -> None:
     tok = AutoTokenizer.from_pretrained(path)
     policy = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     train = Dataset.from_dict({"prompt": load_prefixes(args.data)})
-    probe = Probe(load_rollouts(args.replay) if args.replay else None)
+    probe = Probe(load_rollouts(args.replay) if args.replay else None, args.device)
 
     class Clock(TrainerCallback):
         def on_train_begin(self, *a, **k):
@@ -222,7 +223,8 @@ def main(argv=None) -> None:
             "tokens": probe.tokens,
             "replay": args.replay is not None,
             "extra": extras(trainer, probe),
-        }
+        },
+        args.device,
     )
 
 

@@ -16,18 +16,17 @@ Time split: the module's ``batch_generation`` (generation), ``get_reward`` with 
 from __future__ import annotations
 
 import sys
-import time
 from pathlib import Path
 
 # the repo root replaces this script's own folder on the path: bench/*.py must not shadow stdlib modules
 sys.path[0] = str(Path(__file__).resolve().parent.parent)
-from bench.common import HPARAMS, StepClock, emit, load_prefixes, model_path, parse_args, quiet, setup_process  # noqa: E402
+from bench.common import HPARAMS, StepClock, emit, load_prefixes, model_path, now, parse_args, quiet, setup_process  # noqa: E402
 
 
 def main(argv=None) -> None:
     quiet()
     args = parse_args(argv)
-    setup_process(args.threads)
+    setup_process(args.threads, args.device)
     import torch
     import trl.experimental.ppo.ppo_trainer as pt
     from datasets import Dataset
@@ -61,7 +60,7 @@ def main(argv=None) -> None:
         num_sample_generations=0,
         bf16=args.precision == "bf16",
         gradient_checkpointing=False,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         report_to="none",
         save_strategy="no",
         seed=HPARAMS["seed"],
@@ -69,15 +68,15 @@ def main(argv=None) -> None:
         disable_tqdm=True,
     )
 
-    clock = StepClock()
+    clock = StepClock(args.device)
     split = {"generation": [], "scoring": [], "update": []}
     cur = {"generation": 0.0, "scoring": 0.0, "update_start": None}
     tokens, resp_tokens = [], []
 
     def timed_generation(*a, **k):
-        t = time.perf_counter()
+        t = now(args.device)
         out = orig_batch_generation(*a, **k)
-        cur["generation"] += time.perf_counter() - t
+        cur["generation"] += now(args.device) - t
         qr, queries = out[0], a[1]
         ctx = queries.shape[1]
         real_q = int((queries != tok.pad_token_id).sum())
@@ -90,15 +89,15 @@ def main(argv=None) -> None:
         return out
 
     def timed_reward(model, *a, **k):
-        t = time.perf_counter()
+        t = now(args.device)
         out = orig_get_reward(model, *a, **k)
         if model is trainer.reward_model:
-            cur["scoring"] += time.perf_counter() - t
+            cur["scoring"] += now(args.device) - t
         return out
 
     def timed_forward(model, *a, **k):
         if torch.is_grad_enabled() and cur["update_start"] is None:
-            cur["update_start"] = time.perf_counter()
+            cur["update_start"] = now(args.device)
         return orig_forward(model, *a, **k)
 
     orig_batch_generation, orig_get_reward, orig_forward = pt.batch_generation, pt.get_reward, pt.forward
@@ -147,7 +146,8 @@ def main(argv=None) -> None:
                 "response_tokens": resp_tokens,
                 "mixed_precision": trainer.accelerator.mixed_precision,
             },
-        }
+        },
+        args.device,
     )
 
 

@@ -1,8 +1,12 @@
-"""The benchmark harness's pure helpers (bench/report.py, bench/common.py): aggregation, ratios, verdicts,
-tables. Nothing here installs or imports TRL, and nothing loads a model."""
+"""The benchmark harness: its pure helpers (bench/report.py, bench/common.py: aggregation, ratios, verdicts,
+tables), the GPU path's pieces (bench/device.py, bench/models.py: device, model and interpreter choices) and one
+real CPU smoke of `python -m bench`. Nothing here installs or imports TRL."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -13,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # bench/ is a f
 from bench import report
 from bench.common import StepClock, pair_tokens_per_step, real_response_tokens
 
+ROOT = Path(__file__).resolve().parent.parent
 GIB_KIB = 1024 * 1024
 
 
@@ -66,7 +71,7 @@ def statistics_median(xs):
 
 
 def test_figures_refuses_no_runs():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="no runs to aggregate"):
         report.figures([], 1)
 
 
@@ -82,8 +87,6 @@ def test_compare_ratios_and_verdicts():
 
 
 def test_ppo_targets_follow_the_precision_and_the_header_names_each_warmup():
-    from bench.__main__ import untimed
-
     # 1.6x TRL's episodes/s at 0.75x its memory: meets fp32's 1.5x, misses bf16's 2x; <= 0.8 memory in both
     ours = report.figures([run(workload="ppo", steps=(9, 9, 5.0, 5.0), rss_gib=3.0)], 2)
     base = report.figures([run(side="trl", workload="ppo", steps=(9, 9, 8.0, 8.0), rss_gib=4.0)], 2)
@@ -92,7 +95,7 @@ def test_ppo_targets_follow_the_precision_and_the_header_names_each_warmup():
     assert fp32.speed_met and not bf16.speed_met
     assert fp32.rss_target == 0.8 and fp32.rss_met
     meta = {"steps": {"dpo": 2, "reward": 3, "ppo": 4}, "warmup": {"dpo": 1, "reward": 1, "ppo": 2, "grpo": 1}}
-    assert untimed(meta) == "1; ppo 2"
+    assert report.untimed(meta) == "1; ppo 2"
 
 
 def test_generation_speed_is_tokens_per_second_and_has_no_rss_target():
@@ -237,3 +240,246 @@ def test_critic_free_reads_the_race_command_and_times_iterations_after_the_first
     ]
     fig = critic_free.iteration_figures(metrics)
     assert fig == {"s_per_iteration": 3.0, "episodes_per_iteration": 16, "s_per_episode": 3.0 / 16, "time/update": 2.0}
+
+
+# ------------------------------------------------------------------------------------------- the GPU path
+
+
+def test_parse_takes_device_model_and_interpreter_with_the_cpu_race_as_default(capsys):
+    from bench.__main__ import parse
+
+    args = parse([])
+    assert (args.device, args.model, args.python_from_env, args.data) == ("cpu", None, False, None)
+    args = parse(["--device", "cuda", "--model", "random-1b", "--python-from-env", "--data", "/d"])
+    assert (args.device, args.model, args.python_from_env, args.data) == ("cuda", "random-1b", True, "/d")
+    with pytest.raises(SystemExit, match=r"^2$"):
+        parse(["--model", "random-7b"])
+    assert "invalid choice: 'random-7b'" in capsys.readouterr().err
+
+
+def test_device_cuda_without_a_gpu_is_refused_in_one_line_before_anything_is_written(tmp_path):
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "bench", "--device", "cuda", "--out", str(tmp_path / "out")]
+    done = subprocess.run(
+        [*cmd, "--data", str(tmp_path / "data")], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 1
+    [line] = done.stderr.strip().splitlines()
+    assert line.startswith("python -m bench --device cuda: ") and "sees no CUDA device" in line
+    assert "--python-from-env" in line  # the project venv holds the CPU torch: the line says what to do
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_where_keeps_the_cpu_race_commands_and_names_the_gpu_race_ones():
+    from bench import envs
+    from bench.device import CPU, Where
+
+    assert CPU.runner_args == [] and CPU.python("trl-1.16") == envs.venv_python("trl-1.16")
+    assert CPU.data_dir == envs.BENCH_DIR / "data"  # where the CPU race's inputs always were
+    gpu = Where(device="cuda", model="random-1b", from_env=True)
+    assert gpu.runner_args == ["--device", "cuda"]
+    assert gpu.python("trl-1.12") == gpu.python("prefalign") == Path(sys.executable)
+    assert gpu.data_dir == envs.BENCH_DIR / "data-random-1b"  # each model keeps its own prepared inputs
+
+
+def test_child_env_hides_the_gpu_on_cpu_and_passes_it_through_on_cuda(monkeypatch):
+    from bench.__main__ import child_env
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")
+    cpu = child_env(2, "dpo", "prefalign", "fp32")
+    assert cpu["CUDA_VISIBLE_DEVICES"] == "" and cpu["OMP_NUM_THREADS"] == "2"
+    assert "ACCELERATE_MIXED_PRECISION" not in cpu  # the orchestrator's accelerate settings never leak
+    assert child_env(2, "dpo", "prefalign", "fp32", "cuda")["CUDA_VISIBLE_DEVICES"] == "1"  # the user's choice
+    assert child_env(2, "ppo", "trl", "bf16", "cuda")["ACCELERATE_MIXED_PRECISION"] == "bf16"
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
+    assert "CUDA_VISIBLE_DEVICES" not in child_env(2, "dpo", "prefalign", "fp32", "cuda")
+
+
+def test_pick_model_falls_back_to_random_135m_on_a_gpu_without_the_default_weights(monkeypatch):
+    from bench import device
+
+    monkeypatch.setattr(device, "default_weights_present", lambda: False)
+    model, note = device.pick_model(None, "cuda")
+    assert model == "random-135m" and "not here" in note
+    assert device.pick_model(None, "cpu") == ("default", None)  # the CPU race never changes model by itself
+    assert device.pick_model("default", "cuda") == ("default", None)  # asked for: kept (prepare then says why not)
+    monkeypatch.setattr(device, "default_weights_present", lambda: True)
+    assert device.pick_model(None, "cuda") == ("default", None)
+
+
+def test_a_baseline_without_its_trl_is_skipped_with_the_reason_only_from_the_env(monkeypatch):
+    import importlib.metadata
+
+    from bench.device import CPU, Where, skip_reason
+
+    installed = {}
+
+    def version(name):
+        if name not in installed:
+            raise importlib.metadata.PackageNotFoundError(name)
+        return installed[name]
+
+    monkeypatch.setattr(importlib.metadata, "version", version)
+    env = Where(from_env=True)
+    assert skip_reason("trl-1.16", env) == f"trl==1.16.0 is not installed in {sys.executable}"
+    assert skip_reason("prefalign", env) is None  # the rollout baseline (model.generate) needs no TRL
+    installed["trl"] = "1.17.0"
+    assert skip_reason("trl-1.12", env) == f"trl==1.12.0 is not installed in {sys.executable} (it has trl 1.17.0)"
+    installed["trl"] = "1.16.0"
+    assert skip_reason("trl-1.16", env) is None
+    assert skip_reason("trl-1.12", CPU) is None  # with venvs, the orchestrator builds it
+
+
+def test_a_skipped_baseline_gets_our_row_with_its_reason():
+    runs = [run(steps=(1, 2.0), rss_gib=1.0), run(workload="rollout8"), run(workload="rollout8", side="hf-generate")]
+    skipped = {"dpo": "trl==1.16.0 is not installed in /py"}
+    [solo] = report.solos(runs, {"dpo": 1}, skipped)
+    assert (solo.workload, solo.precision, solo.ours.step_median) == ("dpo", "fp32", 2.0)
+    comps = report.comparisons(runs, {"dpo": 1})
+    assert [c.workload for c in comps] == ["rollout8"]  # no comparison for a one-sided workload
+    lines = report.main_table(comps, 100, {"fp32": 1.0}, [solo]).splitlines()
+    assert lines[-1].startswith("| dpo | fp32 | 2.00 [2.00–2.00] | – | 4.000 pairs/s | – | baseline skipped: trl==")
+    assert lines[-1].count("|") == lines[0].count("|")
+    assert report.solo_json(solo)["skipped"] == skipped["dpo"] and report.solo_json(solo)["ours"]["step_median"] == 2.0
+
+
+def test_gpu_runs_compare_peak_gpu_memory_and_the_cpu_results_keep_their_fields():
+    def gpu_run(side, gib):
+        return {**run(side=side, steps=(1, 2.0)), "peak_gpu_bytes": gib * report.GIB_BYTES, "device": "cuda"}
+
+    ours, base = report.figures([gpu_run("prefalign", 3.0)], 1), report.figures([gpu_run("trl", 6.0)], 1)
+    c = report.compare("dpo", "bf16", ours, base)
+    assert (ours.gpu_gib, c.gpu_ratio, c.gpu_met) == (3.0, 0.5, True)
+    lines = report.main_table([c], 100, {"bf16": 1.0}, gpu=True).splitlines()
+    assert "| peak GPU GiB prefalign / baseline | GPU mem × (target) | peak RSS GiB" in lines[0]
+    assert "| 3.00 / 6.00 | **0.50** (≤ 0.5: met) | 2.00 / 2.00 |" in lines[2]
+    assert lines[2].count("|") == lines[0].count("|") == 13
+    assert report.comparison_json(c)["gpu_ratio"] == 0.5 and report.comparison_json(c)["ours"]["gpu_gib"] == 3.0
+    cpu = report.compare("dpo", "fp32", report.figures([run()], 1), report.figures([run(side="trl")], 1))
+    js = report.comparison_json(cpu)
+    assert "gpu_ratio" not in js and "gpu_gib" not in js["ours"]  # a CPU race's results.json, field for field
+    meta = {
+        "stamp": "s",
+        "command": "python -m bench --device cuda",
+        "wall_seconds": 60.0,
+        "threads": 16,
+        "repeats": 1,
+        "steps": {"dpo": 2},
+        "warmup": {"dpo": 1},
+        "peak_gflops": {"fp32": 5e4, "bf16": 7e5},
+        "params": 1_073_809_408,
+        "cpu": "host CPU",
+        "versions": {"/py": {"torch": "2.11.0"}},
+        "gpu": {"gpu": "NVIDIA H200", "gpu_memory_gib": 139.8, "torch": "2.11.0", "cuda_version": "13.0"},
+        "model": "random-1b",
+    }
+    page = report.render(meta, [c], [gpu_run("prefalign", 3.0), gpu_run("trl", 6.0)])
+    assert "GPU **NVIDIA H200** (139.8 GiB; torch 2.11.0, CUDA 13.0), host host CPU, model random-1b (1.07B" in page
+    assert "GPU matmul peak (best of 7; fp32 without TF32, as both sides run it): fp32 50000.0 GFLOP/s" in page
+
+
+def test_time_marks_and_the_prefalign_model_argument(tmp_path):
+    from bench.common import StepClock, now, prefalign_model
+
+    clock = StepClock()  # the CPU: no device to wait for
+    clock.start()
+    clock.mark()
+    assert clock.device == "cpu" and 0 <= clock.seconds()[0] < 1 and now() >= clock.marks[0]
+    assert prefalign_model(str(tmp_path)) == {}  # inputs prepared before model.json: the default
+    (tmp_path / "model_path.txt").write_text("/cache/smollm2-135m")
+    (tmp_path / "model.json").write_text(json.dumps({"name": "default", "params": 1}))
+    assert prefalign_model(str(tmp_path)) == {}  # the configs' own default, as the CPU race always ran
+    (tmp_path / "model_path.txt").write_text(str(tmp_path / "model"))
+    (tmp_path / "model.json").write_text(json.dumps({"name": "random-1b", "params": 1}))
+    assert prefalign_model(str(tmp_path)) == {"model": str(tmp_path / "model")}
+
+
+def test_prepared_inputs_are_keyed_by_model(tmp_path, monkeypatch):
+    import bench.__main__ as bench_main
+    from bench.device import Where
+
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd[2:])
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setattr(bench_main.subprocess, "run", fake_run)
+    where = Where(model="random-135m", data=tmp_path)
+    bench_main.ensure_data(lambda m: None, where)
+    bench_main.ensure_data(lambda m: None, where)  # prepared: nothing to do
+    assert calls == [["bench.prepare", str(tmp_path), "64", "256", "random-135m"]]
+    assert json.loads((tmp_path / "stamp.json").read_text())["model"] == "random-135m"
+    bench_main.ensure_data(lambda m: None, Where(model="random-1b", data=tmp_path))  # another model: again
+    bench_main.ensure_data(lambda m: None, Where(data=tmp_path))  # the default: its command as it always was
+    assert calls[1:] == [["bench.prepare", str(tmp_path), "64", "256", "random-1b"], calls[0][:4]]
+
+
+def test_random_135m_has_the_default_models_exact_config():
+    from bench.models import SMOLLM2_135M, random_config
+    from prefalign.models import DEFAULT_MODEL, cache_dir
+
+    config = random_config("random-135m").to_dict()
+    cached = cache_dir() / DEFAULT_MODEL / "config.json"
+    if not cached.is_file():
+        pytest.skip("the default model was never converted on this machine")
+    default = json.loads(cached.read_text())
+    metadata = {"_model_name_or_path", "transformers_version", "architectures", "dtype"}
+    assert {k: config.get(k) for k in default if k not in metadata} == {
+        k: v for k, v in default.items() if k not in metadata
+    }
+    assert SMOLLM2_135M["vocab_size"] == default["vocab_size"] == 49152
+
+
+def test_random_1b_is_a_1b_llama_on_the_default_vocabulary():
+    import torch
+    from transformers import LlamaForCausalLM
+
+    from bench.models import random_config
+
+    config = random_config("random-1b")
+    shape = (config.hidden_size, config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads)
+    assert shape == (2048, 16, 32, 8) and config.intermediate_size == 8192 and config.head_dim == 64
+    assert config.tie_word_embeddings and config.vocab_size == 49152 and config.eos_token_id == 2
+    with torch.device("meta"):  # counted without drawing 4 GB of weights
+        params = sum(p.numel() for p in LlamaForCausalLM(config).parameters())
+    assert 0.9e9 <= params <= 1.3e9 and params == 1_073_809_408
+
+
+def test_random_weights_are_the_seeds():
+    from bench.models import build_random
+
+    a, b = build_random("random-135m", seed=0).state_dict(), build_random("random-135m", seed=0).state_dict()
+    assert a.keys() == b.keys() and all(torch_equal(a[k], b[k]) for k in a)
+    other = build_random("random-135m", seed=1).state_dict()
+    assert not torch_equal(a["model.layers.0.mlp.up_proj.weight"], other["model.layers.0.mlp.up_proj.weight"])
+    assert sum(v.numel() for k, v in a.items() if k != "lm_head.weight") == 134_515_008  # the default's count
+
+
+def torch_equal(x, y) -> bool:
+    import torch
+
+    return bool(torch.equal(x, y))
+
+
+@pytest.mark.slow
+def test_smoke_random_135m_from_the_env_on_the_cpu(tmp_path):
+    """The whole path on a real (random) model: prepare writes it, both rollout sides load it, the table names it."""
+    out, data = tmp_path / "out", tmp_path / "data"
+    cmd = [sys.executable, "-m", "bench", "--quick", "--model", "random-135m", "--python-from-env"]
+    cmd += ["--workloads", "rollout8", "--threads", "2", "--max-wait", "0", "--out", str(out), "--data", str(data)]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    meta = results["meta"]
+    assert (meta["model"], meta["python_from_env"], meta["params"]) == ("random-135m", sys.executable, 134_515_008)
+    assert "gpu" not in meta and "skipped" not in results  # the CPU, and rollout's baseline needs no TRL
+    [c] = results["comparisons"]
+    assert (c["workload"], c["precision"]) == ("rollout8", "fp32") and c["ours"]["tokens_per_s"] > 0
+    assert "gpu_ratio" not in c and "gpu_gib" not in c["ours"]
+    runs = [json.loads(line) for line in (out / "raw.jsonl").read_text().splitlines()]
+    assert sorted(r["side"] for r in runs) == ["hf-generate", "prefalign"] and not any("device" in r for r in runs)
+    assert json.loads((data / "model.json").read_text()) == {"name": "random-135m", "params": 134_515_008}
+    assert (data / "model_path.txt").read_text() == str(data / "model")
+    assert "model random-135m (0.13B parameters)" in (out / "results.md").read_text()
