@@ -155,6 +155,50 @@ def two_process_config(name, tmp_path, **overrides):
     return path
 
 
+def chunk_probe(chunk_size: int) -> str:
+    """Python source to put at the top of a worker script: `completion_logprobs` runs the LM head in chunks of
+    ``chunk_size`` positions (its module's ``CHUNK_SIZE``, read at every call), and each process counts the chunks it
+    activation-checkpoints (the chunked path with grad), written at exit to ``OUTPUT/checkpointed-rankR.json``
+    (OUTPUT: the launch's ``--output``; read it with `checkpointed_chunks`). Processes out of step in a collective
+    hang rather than fail: a watchdog ends the worker with every thread's stack on stderr before the launch times
+    out."""
+    return f"""
+import atexit
+import faulthandler
+import json
+import os
+import sys
+
+import prefalign.models.logprobs as logprobs
+
+faulthandler.dump_traceback_later(240, exit=True)
+logprobs.CHUNK_SIZE = {chunk_size}
+checkpointed = [0]
+plain_checkpoint = logprobs.checkpoint
+
+
+def counting_checkpoint(*args, **kwargs):
+    checkpointed[0] += 1
+    return plain_checkpoint(*args, **kwargs)
+
+
+def write_count(out=sys.argv[sys.argv.index("--output") + 1], rank=os.environ.get("RANK", "0")):
+    with open(os.path.join(out, f"checkpointed-rank{{rank}}.json"), "w") as f:
+        json.dump(checkpointed[0], f)
+
+
+logprobs.checkpoint = counting_checkpoint
+atexit.register(write_count)
+"""
+
+
+def checkpointed_chunks(out, processes: int) -> list[int]:
+    """Per process, the chunks a `chunk_probe` worker activation-checkpointed in the run written to ``out``."""
+    import json
+
+    return [json.loads((out / f"checkpointed-rank{rank}.json").read_text()) for rank in range(processes)]
+
+
 def final_weights(out, part="final"):
     """``OUT/final``'s (or ``OUT/PART``'s: PPO's value/) weights (model.safetensors, or adapter_model.safetensors
     for LoRA) as a dict of tensors."""

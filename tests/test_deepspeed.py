@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 from conftest import (
     assert_same_tensors,
+    checkpointed_chunks,
+    chunk_probe,
     final_weights,
     launch,
     launch_ok,
@@ -34,6 +36,14 @@ from prefalign.cli._args import parse
 from prefalign.trainers.dpo import DPOConfig
 
 nan_at_trainer()(parse(DPOConfig, sys.argv[1:], prog="prefalign dpo"), bad_steps=[2]).train()
+"""
+# `prefalign` itself, after `chunk_probe`'s source
+CLI_WORKER = """
+import sys
+
+from prefalign.cli import main
+
+sys.exit(main(sys.argv[1:]))
 """
 # 2 processes vs 1, same global batch: gradients averaged over processes in float32 and summed in another order
 TOL = 1e-5
@@ -139,6 +149,35 @@ def test_zero3_lora_dpo_and_reward_write_whole_models(tmp_path, tiny_model_dir, 
         shutil.rmtree(tmp_path / "two" / "final")
         launch_ok([*common, "--batch-size", "2", "--output", tmp_path / "two", "--resume", "latest"], config)
         assert_same_tensors(final_weights(tmp_path / "two"), two, TOL)
+
+
+def test_zero3_runs_the_head_in_one_call(tmp_path, tiny_model_dir):
+    """ZeRO-3 all-gathers the partitioned LM head at every call of it, so processes running different numbers of
+    chunks would wait in gathers the others never join. `completion_logprobs` runs such a head in one call: with a
+    chunk size far below the completion tokens, LoRA DPO on 2 ZeRO-3 processes checkpoints no chunk and gives the
+    losses and adapter of 1 process that ran the head in checkpointed chunks. With the one-call rule off, this run
+    hung (measured) at the step-0 evaluation (5 and 4 examples a process) and, with no evaluation, in the first
+    training forward: chosen completions of 3 to 7 tokens (EOS included) make it 18 and 16 completion tokens, 5
+    and 4 chunks of 4."""
+    pairs = [
+        {"prompt": f"Review {i}: the film was", "chosen": " good" + " and fun" * (i % 3) + ".", "rejected": " bad."}
+        for i in range(33)
+    ]
+    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    common = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "3", "--precision", "fp32"]
+    common += ["--eval-split", "0.28", "--lr-scheduler", "constant", "--lora-r", "4", "--learning-rate", "1e-2"]
+    (tmp_path / "worker.py").write_text(chunk_probe(4) + CLI_WORKER)
+    launch_ok([*common, "--batch-size", "4", "--output", tmp_path / "one"], script=tmp_path / "worker.py")
+    config = two_process_config("deepspeed_zero3", tmp_path)
+    launch_ok([*common, "--batch-size", "2", "--output", tmp_path / "two"], config, script=tmp_path / "worker.py")
+    assert checkpointed_chunks(tmp_path / "one", 1)[0] > 0
+    assert checkpointed_chunks(tmp_path / "two", 2) == [0, 0]
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    keys = ("loss", "eval/loss", "rewards/margins", "grad_norm")
+    assert all(any(key in r for r in a) for key in keys)
+    _assert_same_losses(a, b, keys)
+    assert a[-1]["eval/loss"] < a[0]["eval/loss"] - 1e-3
+    assert_same_tensors(final_weights(tmp_path / "two"), final_weights(tmp_path / "one"), TOL)
 
 
 @pytest.mark.parametrize(

@@ -16,6 +16,8 @@ import pytest
 import torch
 from conftest import (
     assert_same_tensors,
+    checkpointed_chunks,
+    chunk_probe,
     final_weights,
     launch,
     launch_ok,
@@ -56,11 +58,12 @@ TOL = 1e-5
 
 @pytest.fixture
 def fsdp(tmp_path):
-    """``run(args, ok=True, **fsdp_config)``: the CLI on 2 FSDP processes (the shipped config on 2 CPU processes,
-    fp32; ``fsdp_config`` overrides its fsdp_config keys). Asserts success unless ``ok=False``."""
-    (tmp_path / "fsdp_worker.py").write_text(WORKER)
+    """``run(args, ok=True, prelude="", **fsdp_config)``: the CLI on 2 FSDP processes (the shipped config on 2 CPU
+    processes, fp32; ``fsdp_config`` overrides its fsdp_config keys), the worker's code after ``prelude`` (source
+    run first, such as `chunk_probe`'s). Asserts success unless ``ok=False``."""
 
-    def run(args, ok=True, **fsdp_config):
+    def run(args, ok=True, prelude="", **fsdp_config):
+        (tmp_path / "fsdp_worker.py").write_text(prelude + WORKER)
         r = launch(args, config=two_process_config("fsdp", tmp_path, **fsdp_config), script=tmp_path / "fsdp_worker.py")
         if ok:
             assert r.returncode == 0, r.stderr[-3000:]
@@ -243,3 +246,39 @@ def test_fsdp_ppo_matches_one_process(tmp_path, tiny_model_dir, fsdp, lora):
         assert abs(b[1]["objective/kl"]) > 1e-3
     for part in ("final", "value"):
         assert_same_tensors(final_weights(tmp_path / "two", part), final_weights(tmp_path / "one", part), TOL)
+
+
+@pytest.mark.parametrize("command", ["dpo", "ppo-lora"])
+def test_fsdp_chunked_logprobs_match_one_chunk(tmp_path, tiny_model_dir, fsdp, command):
+    """The LM head in chunks of a few positions (the path of batches past `CHUNK_SIZE` completion tokens), each
+    chunk checkpointed and recomputed in backward while the policy is sharded: the losses, metrics and whole final
+    weights of the same 2-process run with the head in one call. dpo: full fine-tuning, the (tied) head trains;
+    ppo with LoRA: the head is frozen, an entropy bonus takes the entropy's gradient through the chunks too, and
+    the processes run different numbers of chunks (their responses stop at different lengths)."""
+    if command == "dpo":
+        data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(40))
+        args = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "3", "--batch-size", "2"]
+        args += ["--learning-rate", "1e-3", "--precision", "fp32", "--eval-split", "0.2", "--lr-scheduler", "constant"]
+        keys, parts, chunk = ("loss", "eval/loss", "rewards/margins", "grad_norm"), ("final",), 3
+    else:
+        flags = ppo_flags(tmp_path, tiny_model_dir)
+        flags[flags.index("--max-new-tokens") + 1] = "12"  # seed 5: responses of unequal lengths (the test above)
+        args = ["ppo", *flags, "--seed", "5", "--max-steps", "2", "--ppo-epochs", "2", "--lora-r", "4"]
+        args += ["--learning-rate", "1e-2", "--ent-coef", "0.01"]
+        keys, parts, chunk = PPO_KEYS, ("final", "value"), 5
+    fsdp([*args, "--output", tmp_path / "one-chunk"], prelude=chunk_probe(1024))
+    fsdp([*args, "--output", tmp_path / "chunked"], prelude=chunk_probe(chunk))
+    assert checkpointed_chunks(tmp_path / "one-chunk", 2) == [0, 0]
+    chunks = checkpointed_chunks(tmp_path / "chunked", 2)
+    assert min(chunks) > 0, chunks
+    if command == "ppo-lora":
+        assert chunks[0] != chunks[1], chunks  # measured: 22 and 26
+    a, b = read_metrics(tmp_path / "one-chunk"), read_metrics(tmp_path / "chunked")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    assert all(any(key in r for r in a) for key in keys)
+    for ra, rb in zip(a, b):
+        for key in keys:
+            if key in ra:
+                assert rb[key] == pytest.approx(ra[key], rel=TOL, abs=TOL), (ra["step"], key)
+    for part in parts:
+        assert_same_tensors(final_weights(tmp_path / "chunked", part), final_weights(tmp_path / "one-chunk", part), TOL)

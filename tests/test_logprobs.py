@@ -197,3 +197,26 @@ def test_chunked_gradients_match_one_chunk_under_bf16_autocast(tokenizer):
         assert g.abs().max() > 1e-4, name
         # the chunks' head GEMMs take fewer rows than the plain one: bf16 products may round apart, no more
         torch.testing.assert_close(got[name], g, rtol=2e-2, atol=2e-3, msg=name)
+
+
+def test_a_head_partitioned_by_zero3_runs_in_one_call(tiny_model):
+    """DeepSpeed ZeRO-3 marks each parameter it manages with ``ds_id``, and ``ds_persist`` on the small ones it keeps
+    whole; a partitioned weight is all-gathered at every call of its module, a collective the processes must all
+    join. Marked so (no DeepSpeed needed), the head runs once, on every completion position, with the log-probs of
+    the default; a persistent weight gathers nothing, and chunks as usual."""
+    ids, mask, comp = _batch(pad_left=True)
+    head = tiny_model.get_output_embeddings()
+    n, vocab = int(comp.sum()), tiny_model.config.vocab_size
+    want = completion_logprobs(tiny_model, ids, mask, comp)
+    seen = []
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    try:
+        for persist, calls in ((False, [(n, vocab)]), (True, [(3, vocab), (3, vocab), (1, vocab)])):
+            head.weight.ds_id, head.weight.ds_persist = 0, persist
+            seen.clear()
+            got = completion_logprobs(tiny_model, ids, mask, comp, chunk_size=3)
+            assert seen == calls, persist
+            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+    finally:
+        hook.remove()
+        del head.weight.ds_id, head.weight.ds_persist

@@ -13,6 +13,18 @@ tokens), and with grad on autograd would keep them, and the softmax for the entr
 past ``CHUNK_SIZE`` positions the head, logsumexp, gather and entropy run ``CHUNK_SIZE`` positions at a
 time, and with grad on each chunk is activation-checkpointed: backward recomputes its logits instead of
 storing them, so at most one chunk's logits exist at a time (the cost: one more head GEMM per chunk).
+
+Under FSDP2 the head's weight belongs to the sharded root (the shipped config wraps only the decoder layers),
+gathered before the root's forward and again before its backward, not at each call of the head: the chunks, and
+their recompute in backward, are plain matmuls on it, and processes may run different numbers of them
+(``tests/test_fsdp.py::test_fsdp_chunked_logprobs_match_one_chunk``). Under DeepSpeed ZeRO-3 every call of the
+head module all-gathers its partitioned weight, a collective: processes holding different numbers of completion
+tokens would run different numbers of chunks, and one would wait forever in a gather the other never joins (seen
+on 2 processes, DeepSpeed 0.19.8, from the step-0 evaluation on; with equal counts the checkpointed chunks of a
+frozen LoRA head do run there, and match). So a head whose weight ZeRO-3 partitions runs in one call, as before
+chunking, with its full ``(N, V)`` logits: bound ``N`` with ``--forward-batch-size`` there
+(``tests/test_deepspeed.py::test_zero3_runs_the_head_in_one_call``). An FSDP wrap policy that made the head its
+own unit would gather at each call too: not handled here (the shipped config does not).
 """
 
 from __future__ import annotations
@@ -64,6 +76,7 @@ def completion_logprobs(
         temperature: logits are divided by it (PPO scores the tokens as they were sampled).
         return_entropy: also return the per-token entropy of the (tempered) next-token distribution.
         chunk_size: positions per LM-head chunk (default ``CHUNK_SIZE``); tests set it small to exercise chunking.
+            A head whose weight DeepSpeed ZeRO-3 partitions runs in one call whatever it is (module docstring).
 
     Returns:
         ``logps (B, T)`` float32, ``logps[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` where
@@ -85,11 +98,22 @@ def completion_logprobs(
     select = completion_mask[:, 1:].bool()  # (B, T-1)
     h = hidden[:, :-1][select]  # (N, H), N = number of completion tokens in the batch
     targets = input_ids[:, 1:][select]  # (N,)
-    stats = _chunked_head_stats(head, h, targets, temperature, return_entropy, chunk_size or CHUNK_SIZE)
+    size = chunk_size or CHUNK_SIZE
+    if _gathers_per_call(head):
+        size = max(h.shape[0], 1)  # one head call on every process, so ZeRO-3's gathers pair up (module docstring)
+    stats = _chunked_head_stats(head, h, targets, temperature, return_entropy, size)
     out = _scatter_back(stats[0], select)
     if not return_entropy:
         return out
     return out, _scatter_back(stats[1], select)
+
+
+def _gathers_per_call(head) -> bool:
+    """Whether each call of ``head`` is a collective: its weight is partitioned by DeepSpeed ZeRO-3, whose module
+    hook all-gathers it before every call and frees it after. ZeRO-3 marks its parameters with ``ds_id``; a
+    ``ds_persist`` one (below ``stage3_param_persistence_threshold`` elements) stays whole and gathers nothing."""
+    weight = getattr(head, "weight", None)
+    return hasattr(weight, "ds_id") and not getattr(weight, "ds_persist", False)
 
 
 def _head_stats(
