@@ -137,6 +137,28 @@ def now(device: str = "cpu") -> float:
     return time.perf_counter()
 
 
+def trl_training_args(precision: str, device: str = "cpu") -> dict:
+    """The ``TrainingArguments`` fields every TRL runner shares: the race's AdamW (betas 0.9 / 0.999, no weight
+    decay), linear decay without warmup, clipping, precision, no gradient checkpointing (TRL's configs default to
+    it on, prefalign's to off), a log row every step, nothing saved or reported, progress bars off."""
+    return dict(
+        lr_scheduler_type="linear",
+        warmup_steps=0,
+        weight_decay=0.0,
+        adam_beta1=0.9,
+        adam_beta2=0.999,
+        max_grad_norm=HPARAMS["max_grad_norm"],
+        bf16=precision == "bf16",
+        gradient_checkpointing=False,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=device == "cpu",
+        seed=HPARAMS["seed"],
+        disable_tqdm=True,
+    )
+
+
 def model_path(data: str) -> str:
     """The raced causal LM's local HF directory (written by bench.prepare)."""
     return (Path(data) / "model_path.txt").read_text().strip()

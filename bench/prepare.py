@@ -34,12 +34,22 @@ def joint_ids(tok, prompt: str, completion: str) -> list[int]:
     return tok(prompt + completion + tok.eos_token, add_special_tokens=False)["input_ids"]
 
 
+def write_rm_init(model: str | None, tok, path: Path):
+    """``model`` as a one-output sequence-classification model with prefalign's seeded score-head draw (seed 0),
+    saved with ``tok`` to ``path``: the one start of both sides' reward models. Returns the model."""
+    from prefalign.trainers.reward import load_reward_backbone
+
+    rm, _ = load_reward_backbone(model, tok.pad_token_id, seed=0)
+    rm.save_pretrained(path)
+    tok.save_pretrained(path)
+    return rm
+
+
 def main(out: Path, n_pairs: int, max_length: int, model: str = "default") -> None:
     from prefalign.data import load_preferences, tokenize_preferences
     from prefalign.models import load_tokenizer
     from prefalign.models.loading import resolve_model
     from prefalign.resources import movie_prefixes
-    from prefalign.trainers.reward import load_reward_backbone
 
     out.mkdir(parents=True, exist_ok=True)
     # None: the embedded default, as prefalign's own None resolves it
@@ -74,9 +84,7 @@ def main(out: Path, n_pairs: int, max_length: int, model: str = "default") -> No
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
     (out / "prefixes.txt").write_text("\n".join(movie_prefixes("train")) + "\n", encoding="utf-8")
 
-    rm, _ = load_reward_backbone(model_dir, tok.pad_token_id, seed=0)
-    rm.save_pretrained(out / "rm-init")
-    tok.save_pretrained(out / "rm-init")
+    rm = write_rm_init(model_dir, tok, out / "rm-init")
     (out / "model_path.txt").write_text(resolve_model(model_dir))
     # the backbone's parameters are the causal LM's (tied embeddings: no separate output layer), for the MFU
     params = sum(p.numel() for n, p in rm.named_parameters() if not n.startswith("score."))

@@ -29,6 +29,7 @@ from bench.common import (  # noqa: E402
     parse_args,
     quiet,
     setup_process,
+    trl_training_args,
 )
 
 
@@ -60,22 +61,9 @@ def main(argv=None) -> None:
         per_device_train_batch_size=n,
         gradient_accumulation_steps=1,
         max_steps=args.steps,
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        max_grad_norm=HPARAMS["max_grad_norm"],
-        bf16=args.precision == "bf16",
-        gradient_checkpointing=False,
-        logging_steps=1,
-        save_strategy="no",
-        report_to="none",
-        use_cpu=args.device == "cpu",
-        seed=HPARAMS["seed"],
         train_sampling_strategy="sequential",
         max_length=HPARAMS["max_length"],
-        disable_tqdm=True,
+        **trl_training_args(args.precision, args.device),
     )
     common.update(args.overrides)  # what-if experiments only
     losses: list[float] = []

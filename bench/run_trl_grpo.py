@@ -47,6 +47,7 @@ from bench.common import (  # noqa: E402
     parse_args,
     quiet,
     setup_process,
+    trl_training_args,
 )
 
 
@@ -70,21 +71,8 @@ def grpo_config(args):
         scale_rewards="group",
         shuffle_dataset=False,
         learning_rate=HPARAMS["lr_grpo"],
-        lr_scheduler_type="linear",
-        warmup_steps=0,
-        weight_decay=0.0,
-        adam_beta1=0.9,
-        adam_beta2=0.999,
-        max_grad_norm=HPARAMS["max_grad_norm"],
         max_steps=args.steps,
-        bf16=args.precision == "bf16",
-        gradient_checkpointing=False,
-        use_cpu=args.device == "cpu",
-        report_to="none",
-        save_strategy="no",
-        seed=HPARAMS["seed"],
-        logging_steps=1,
-        disable_tqdm=True,
+        **trl_training_args(args.precision, args.device),
     )
     return GRPOConfig(**{**kw, **args.overrides})
 

@@ -1,8 +1,9 @@
 """``prefalign reward``: train a reward model (a scalar head on --model) on preference pairs.
 
-The reward is read at the completion's final EOS, as in training; `prefalign.rewards` (``--reward
-<output>/final``) pools the last real token, so give it completions that end with the EOS text.
-Hugging Face's own sequence-classification forward pools the token before a trailing EOS when pad == EOS.
+The reward is read at the completion's last token before its EOS (training hides the final EOS): the token that
+Hugging Face's own sequence-classification forward pools when pad == EOS, and the last token of the decoded text
+that PPO, prefs and eval score. `prefalign.rewards` (``--reward <output>/final``) pools the last real token, so
+give it completions without the EOS text.
 
 Examples::
 
