@@ -115,6 +115,16 @@ def tiny_reward_model(tokenizer, num_labels=1, seed=0):
     return LlamaForSequenceClassification(config).eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_reward_model_dir(tmp_path_factory, tokenizer):
+    """`tiny_reward_model` (seed 1) saved with the default tokenizer: a reward model directory for --reward or
+    `prefalign.rewards.RewardModel`."""
+    path = tmp_path_factory.mktemp("rm")
+    tiny_reward_model(tokenizer, seed=1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_reward_model
 
 from bench import quality
 from prefalign.data.preferences import PreferenceExample
@@ -51,15 +50,7 @@ def test_length_rules_counted_per_library(tokenizer, lengths_ok):
     }
 
 
-@pytest.fixture(scope="module")
-def reward_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("rm")
-    tiny_reward_model(tokenizer, seed=3).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
-
-
-def test_reward_margins_read_where_both_libraries_train(reward_dir, tokenizer):
+def test_reward_margins_read_where_both_libraries_train(tiny_reward_model_dir, tokenizer):
     """The scorer reads the head at the completion's last token before its EOS: what Hugging Face's own forward gives
     for prompt + completion + EOS with pad == EOS (TRL's RewardTrainer) and what prefalign's RewardTrainer trains
     (its collated batch, the final EOS masked); the head at the EOS itself is a different number."""
@@ -71,7 +62,7 @@ def test_reward_margins_read_where_both_libraries_train(reward_dir, tokenizer):
     from prefalign.trainers.reward import without_final_token
 
     held = [PreferenceExample(" Hi there,", " a kind answer.", " no."), PreferenceExample(" Q:", " yes", " maybe so")]
-    model = AutoModelForSequenceClassification.from_pretrained(reward_dir).eval()
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_reward_model_dir).eval()
     assert tokenizer.pad_token_id == tokenizer.eos_token_id
 
     def hf(text):  # one unpadded row: Hugging Face's pooling, as TRL trains it
@@ -88,7 +79,7 @@ def test_reward_margins_read_where_both_libraries_train(reward_dir, tokenizer):
         r = last_token_rewards(model, batch["input_ids"], without_final_token(batch["attention_mask"]))
         want_ours = (r[:2] - r[2:]).numpy()
         at_eos_margins = [at_eos(e.prompt + e.chosen) - at_eos(e.prompt + e.rejected) for e in held]
-    got = quality.reward_margins(str(reward_dir), held)
+    got = quality.reward_margins(str(tiny_reward_model_dir), held)
     np.testing.assert_allclose(got, want_trl, atol=1e-5)
     np.testing.assert_allclose(got, want_ours, atol=1e-5)
     assert np.abs(got - np.array(at_eos_margins)).max() > 1e-3  # a readout at the EOS would differ

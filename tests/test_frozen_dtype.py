@@ -6,21 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import tiny_reward_model
 
 from prefalign.errors import UserError
 from prefalign.models.frozen import resolve_frozen_dtype
 from prefalign.rewards import RewardModel
 from prefalign.trainers.ppo import PPOConfig, PPOTrainer
 from prefalign.trainers.rl import RLConfig, RLTrainer
-
-
-@pytest.fixture(scope="module")
-def reward_model_dir(tmp_path_factory, tokenizer):
-    path = tmp_path_factory.mktemp("rm")
-    tiny_reward_model(tokenizer, seed=1).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 @pytest.fixture()
@@ -74,11 +65,11 @@ def test_auto_follows_the_precision():
 
 
 def test_bf16_precision_holds_both_frozen_models_in_bf16_and_the_first_kl_is_zero(
-    tmp_path, tiny_model_dir, prompts, reward_model_dir
+    tmp_path, tiny_model_dir, prompts, tiny_reward_model_dir
 ):
     """Under bf16 autocast the policy casts its float32 linear weights to the same bf16 bits the reference holds:
     before the first update the two give identical log-probs, so the first iteration's KL is exactly 0."""
-    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, str(reward_model_dir), precision="bf16"))
+    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, str(tiny_reward_model_dir), precision="bf16"))
     trainer.train()
     assert _linear_and_embedding_dtypes(trainer.ref_model) == ({torch.bfloat16}, {torch.float32})
     assert _linear_and_embedding_dtypes(trainer.reward_source.model) == ({torch.bfloat16}, {torch.float32})
@@ -93,11 +84,11 @@ def test_bf16_precision_holds_both_frozen_models_in_bf16_and_the_first_kl_is_zer
 
 
 def test_fp32_precision_with_bf16_frozen_models_runs_them_under_their_own_autocast(
-    tmp_path, tiny_model_dir, prompts, reward_model_dir
+    tmp_path, tiny_model_dir, prompts, tiny_reward_model_dir
 ):
     """Without autocast a float32 input would meet a bf16 weight (a dtype error) in the reference's forward and the
     reward model's: both run under autocast of their own, the policy stays float32."""
-    cfg = _cfg(tmp_path, tiny_model_dir, prompts, str(reward_model_dir), precision="fp32", frozen_dtype="bfloat16")
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts, str(tiny_reward_model_dir), precision="fp32", frozen_dtype="bfloat16")
     trainer = PPOTrainer(cfg)
     trainer.train()
     assert _linear_and_embedding_dtypes(trainer.ref_model) == ({torch.bfloat16}, {torch.float32})
@@ -109,14 +100,14 @@ def test_fp32_precision_with_bf16_frozen_models_runs_them_under_their_own_autoca
     assert run["precision"] == "fp32" and run["frozen_dtype"] == "bfloat16"
 
 
-def test_rl_with_bf16_frozen_models_at_fp32(tmp_path, tiny_model_dir, prompts, reward_model_dir):
+def test_rl_with_bf16_frozen_models_at_fp32(tmp_path, tiny_model_dir, prompts, tiny_reward_model_dir):
     """`prefalign rl` loads its reward models through `WeightedRewards` and may run the reference alone
     (--kl-in-loss): both paths see --frozen-dtype."""
     cfg = _cfg(
         tmp_path,
         tiny_model_dir,
         prompts,
-        [str(reward_model_dir)],
+        [str(tiny_reward_model_dir)],
         cls=RLConfig,
         precision="fp32",
         frozen_dtype="bfloat16",
@@ -132,7 +123,9 @@ def test_rl_with_bf16_frozen_models_at_fp32(tmp_path, tiny_model_dir, prompts, r
     assert json.loads((tmp_path / "run" / "run.json").read_text())["frozen_dtype"] == "bfloat16"
 
 
-def test_fp32_default_keeps_the_frozen_models_float32(tmp_path, tiny_model_dir, prompts, reward_model_dir, monkeypatch):
+def test_fp32_default_keeps_the_frozen_models_float32(
+    tmp_path, tiny_model_dir, prompts, tiny_reward_model_dir, monkeypatch
+):
     """fp32 precision, --frozen-dtype auto: nothing is held in bf16 (setup stops before the value model loads)."""
     import prefalign.models.value as value_module
 
@@ -143,7 +136,7 @@ def test_fp32_default_keeps_the_frozen_models_float32(tmp_path, tiny_model_dir, 
         raise Loaded
 
     monkeypatch.setattr(value_module, "load_value_model", stop)
-    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, str(reward_model_dir), precision="fp32"))
+    trainer = PPOTrainer(_cfg(tmp_path, tiny_model_dir, prompts, str(tiny_reward_model_dir), precision="fp32"))
     with pytest.raises(Loaded):
         trainer.init_backend()
         trainer.setup()
@@ -152,11 +145,11 @@ def test_fp32_default_keeps_the_frozen_models_float32(tmp_path, tiny_model_dir, 
     assert {p.dtype for p in trainer.reward_source.model.parameters()} == {torch.float32}
 
 
-def test_reward_model_held_in_bf16_scores_close_to_float32(reward_model_dir):
+def test_reward_model_held_in_bf16_scores_close_to_float32(tiny_reward_model_dir):
     prompts = ["the movie was", "a long prompt about nothing in particular, and", "x"]
     completions = [" great fun", " then it ended", " y z w v u"]
-    fp32 = RewardModel(str(reward_model_dir), batch_size=2)
-    bf16 = RewardModel(str(reward_model_dir), batch_size=2, autocast_dtype=torch.bfloat16)
+    fp32 = RewardModel(str(tiny_reward_model_dir), batch_size=2)
+    bf16 = RewardModel(str(tiny_reward_model_dir), batch_size=2, autocast_dtype=torch.bfloat16)
     assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
     linear, embedding = _linear_and_embedding_dtypes(bf16.model)
     assert linear == {torch.bfloat16} and embedding == {torch.float32}
