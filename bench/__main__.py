@@ -107,6 +107,24 @@ def wait_for_quiet(max_wait: float, log, threshold: float = 0.3) -> float:
     return busy
 
 
+def launch(cmd: list[str], log_path: Path, env: dict[str, str]):
+    """Run ``cmd`` as a fresh process, its output to ``log_path``: ``(its last BENCH_RESULT dict or None, wall
+    seconds, its own rusage)`` (``wait4``: the peak RSS and CPU time of that child alone). Raises with the log's
+    tail when it exits non-zero."""
+    t = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t
+    text = log_path.read_text(errors="replace")
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        tail = "\n".join(text.splitlines()[-25:])
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit {code}); log {log_path}:\n{tail}")
+    lines = [ln for ln in text.splitlines() if ln.startswith(RESULT_PREFIX)]
+    return (json.loads(lines[-1][len(RESULT_PREFIX) :]) if lines else None), wall, usage
+
+
 def run_one(
     workload: str,
     side: str,
@@ -141,26 +159,10 @@ def run_one(
         *where.runner_args,
         *extra,
     ]
-    log_path = work / "log.txt"
     load = os.getloadavg()[0]
-    t = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(
-            cmd,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            env=child_env(threads, workload, side, precision, where.device),
-        )
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-    wall = time.perf_counter() - t
-    text = log_path.read_text(errors="replace")
-    lines = [ln for ln in text.splitlines() if ln.startswith(RESULT_PREFIX)]
-    if proc.returncode != 0 or not lines:
-        tail = "\n".join(text.splitlines()[-25:])
-        raise RuntimeError(f"{' '.join(cmd)} failed (exit {proc.returncode}); log {log_path}:\n{tail}")
-    res = json.loads(lines[-1][len(RESULT_PREFIX) :])
+    res, wall, usage = launch(cmd, work / "log.txt", child_env(threads, workload, side, precision, where.device))
+    if res is None:
+        raise RuntimeError(f"{' '.join(cmd)} failed (exit 0, no {RESULT_PREFIX.strip()} line); log {work / 'log.txt'}")
     res.update(
         peak_rss_kib=usage.ru_maxrss,
         wall=wall,

@@ -36,14 +36,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from bench import envs
-from bench.common import HPARAMS, RESULT_PREFIX
+from bench.common import HPARAMS
 
 KINDS = ("reward", "dpo_lora")
 SIDES = ("prefalign", "trl")
@@ -159,29 +158,13 @@ def train_usage(examples, tok, max_length: int) -> dict[str, dict[str, int]]:
 # ------------------------------------------------------------------------------------------- training
 
 
-def launch(cmd: list[str], log_path: Path, env: dict[str, str]) -> tuple[dict | None, float, int]:
-    """Run ``cmd`` (its output to ``log_path``); ``(BENCH_RESULT dict or None, wall seconds, peak RSS KiB)``.
-
-    Raises with the log's tail when it fails. The peak RSS is the child's own (``wait4``)."""
-    t = time.perf_counter()
-    with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=envs.ROOT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t
-    text = log_path.read_text(errors="replace")
-    if os.waitstatus_to_exitcode(status) != 0:
-        tail = "\n".join(text.splitlines()[-20:])
-        raise RuntimeError(f"{' '.join(cmd)} failed; log {log_path}:\n{tail}")
-    lines = [ln for ln in text.splitlines() if ln.startswith(RESULT_PREFIX)]
-    return (json.loads(lines[-1][len(RESULT_PREFIX) :]) if lines else None), wall, usage.ru_maxrss
-
-
 def train_command(kind: str, side: str, opts: Options, start: str, work: Path) -> list[str]:
     """The command that trains ``kind`` on ``side``: prefalign's own CLI, or TRL's trainer (bench/quality_trl.py)."""
     train = str(opts.out / "data" / "train.jsonl")
     if side == "trl":
-        py = envs.venv_python("trl-1.16")
-        return [str(py), str(envs.ROOT / "bench" / "quality_trl.py"), "--kind", kind, "--train", train]
+        cmd = [str(envs.venv_python("trl-1.16")), str(envs.ROOT / "bench" / "quality_trl.py"), "--kind", kind]
+        cmd += ["--train", train, "--model", start, "--out", str(work), "--precision", opts.precision]
+        return cmd + ["--max-length", str(opts.max_length), "--threads", str(opts.threads)]
     lr = HPARAMS["lr_reward" if kind == "reward" else "lr_dpo_lora"]
     cmd = [str(envs.PROJECT_PY), "-m", "prefalign", "reward" if kind == "reward" else "dpo", "--model", start]
     cmd += ["--data", train, "--output", str(work), "--max-length", str(opts.max_length), "--epochs", "1"]
@@ -196,18 +179,17 @@ def train_command(kind: str, side: str, opts: Options, start: str, work: Path) -
 
 def train_one(kind: str, side: str, opts: Options, start: str, log) -> dict:
     """Train ``kind`` on ``side``; returns its figures and where its final model is."""
-    from bench.__main__ import child_env
+    from bench.__main__ import child_env, launch
 
     work = opts.out / "runs" / f"{kind}-{side}"
     work.parent.mkdir(parents=True, exist_ok=True)
     cmd = train_command(kind, side, opts, start, work)
-    if side == "trl":
-        cmd += ["--model", start, "--out", str(work), "--precision", opts.precision]
-        cmd += ["--max-length", str(opts.max_length), "--threads", str(opts.threads)]
+    if side == "trl":  # prefalign creates its own --output (and refuses one that is not empty)
         work.mkdir(parents=True, exist_ok=True)
     log(f"[quality] training {kind} with {side} ...")
     env = child_env(opts.threads, kind, side, opts.precision)
-    res, wall, rss = launch(cmd, opts.out / "runs" / f"{kind}-{side}.log", env)
+    res, wall, usage = launch(cmd, opts.out / "runs" / f"{kind}-{side}.log", env)
+    rss = usage.ru_maxrss
     if side == "prefalign":
         rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if x.strip()]
         res = {"losses": [r["loss"] for r in rows if "loss" in r]}
