@@ -151,14 +151,14 @@ def test_zero3_lora_dpo_and_reward_write_whole_models(tmp_path, tiny_model_dir, 
         assert_same_tensors(final_weights(tmp_path / "two"), two, TOL)
 
 
-def test_zero3_runs_the_head_in_one_call(tmp_path, tiny_model_dir):
+def test_zero3_processes_agree_on_the_chunk_count(tmp_path, tiny_model_dir):
     """ZeRO-3 all-gathers the partitioned LM head at every call of it, so processes running different numbers of
-    chunks would wait in gathers the others never join. `completion_logprobs` runs such a head in one call: with a
-    chunk size far below the completion tokens, LoRA DPO on 2 ZeRO-3 processes checkpoints no chunk and gives the
-    losses and adapter of 1 process that ran the head in checkpointed chunks. With the one-call rule off, this run
-    hung (measured) at the step-0 evaluation (5 and 4 examples a process) and, with no evaluation, in the first
-    training forward: chosen completions of 3 to 7 tokens (EOS included) make it 18 and 16 completion tokens, 5
-    and 4 chunks of 4."""
+    chunks would wait in gathers the others never join: without an agreement this run hung (measured) at the step-0
+    evaluation (5 and 4 examples a process) and, with no evaluation, in the first training forward: chosen
+    completions of 3 to 7 tokens (EOS included) make it 18 and 16 completion tokens, 5 and 4 chunks of 4.
+    `completion_logprobs` makes every process run the most chunks any needs (empty ones where it has fewer tokens):
+    LoRA DPO on 2 ZeRO-3 processes checkpoints as many chunks on each and gives the losses and adapter of 1
+    process."""
     pairs = [
         {"prompt": f"Review {i}: the film was", "chosen": " good" + " and fun" * (i % 3) + ".", "rejected": " bad."}
         for i in range(33)
@@ -171,7 +171,8 @@ def test_zero3_runs_the_head_in_one_call(tmp_path, tiny_model_dir):
     config = two_process_config("deepspeed_zero3", tmp_path)
     launch_ok([*common, "--batch-size", "2", "--output", tmp_path / "two"], config, script=tmp_path / "worker.py")
     assert checkpointed_chunks(tmp_path / "one", 1)[0] > 0
-    assert checkpointed_chunks(tmp_path / "two", 2) == [0, 0]
+    two_chunks = checkpointed_chunks(tmp_path / "two", 2)
+    assert two_chunks[0] == two_chunks[1] > 0, two_chunks
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     keys = ("loss", "eval/loss", "rewards/margins", "grad_norm")
     assert all(any(key in r for r in a) for key in keys)

@@ -199,24 +199,41 @@ def test_chunked_gradients_match_one_chunk_under_bf16_autocast(tokenizer):
         torch.testing.assert_close(got[name], g, rtol=2e-2, atol=2e-3, msg=name)
 
 
-def test_a_head_partitioned_by_zero3_runs_in_one_call(tiny_model):
+def test_a_head_partitioned_by_zero3_runs_the_agreed_number_of_chunks(tokenizer, monkeypatch):
     """DeepSpeed ZeRO-3 marks each parameter it manages with ``ds_id``, and ``ds_persist`` on the small ones it keeps
     whole; a partitioned weight is all-gathered at every call of its module, a collective the processes must all
-    join. Marked so (no DeepSpeed needed), the head runs once, on every completion position, with the log-probs of
-    the default; a persistent weight gathers nothing, and chunks as usual."""
+    join. Marked so (no DeepSpeed needed), the head runs as many chunks as the processes agreed on (here: told the
+    others need 2 more than its 3), the extra ones empty, with the log-probs, entropies and gradients of one chunk;
+    a persistent weight gathers nothing and asks nobody."""
+    import prefalign.models.logprobs as logprobs
+
+    model = _peaked_model(tokenizer)
     ids, mask, comp = _batch(pad_left=True)
-    head = tiny_model.get_output_embeddings()
-    n, vocab = int(comp.sum()), tiny_model.config.vocab_size
-    want = completion_logprobs(tiny_model, ids, mask, comp)
+    head = model.get_output_embeddings()
+    vocab = model.config.vocab_size
+    with torch.no_grad():
+        want = completion_logprobs(model, ids, mask, comp, temperature=0.7, return_entropy=True)
+    want_grads = _param_grads(model, ids, mask, comp, chunk_size=None)
+    asked = []
+    monkeypatch.setattr(logprobs, "_agreed_chunk_count", lambda n, device: asked.append(n) or n + 2)
     seen = []
     hook = head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
+    chunks = [(3, vocab), (3, vocab), (1, vocab)]  # 7 completion tokens, chunks of 3
     try:
-        for persist, calls in ((False, [(n, vocab)]), (True, [(3, vocab), (3, vocab), (1, vocab)])):
+        for persist, calls in ((False, chunks + [(0, vocab)] * 2), (True, chunks)):
             head.weight.ds_id, head.weight.ds_persist = 0, persist
+            seen.clear(), asked.clear()
+            with torch.no_grad():
+                got = completion_logprobs(model, ids, mask, comp, temperature=0.7, return_entropy=True, chunk_size=3)
+            assert seen == calls and asked == ([] if persist else [3]), persist
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
             seen.clear()
-            got = completion_logprobs(tiny_model, ids, mask, comp, chunk_size=3)
-            assert seen == calls, persist
-            torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+            grads = _param_grads(model, ids, mask, comp, chunk_size=3)
+            # forward, then backward's recompute of every chunk, empty ones too (in reverse order)
+            assert seen == calls + calls[::-1], persist
+            for name, g in want_grads.items():
+                torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-5, msg=name)
     finally:
         hook.remove()
         del head.weight.ds_id, head.weight.ds_persist

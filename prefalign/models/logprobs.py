@@ -20,11 +20,12 @@ their recompute in backward, are plain matmuls on it, and processes may run diff
 (``tests/test_fsdp.py::test_fsdp_chunked_logprobs_match_one_chunk``). Under DeepSpeed ZeRO-3 every call of the
 head module all-gathers its partitioned weight, a collective: processes holding different numbers of completion
 tokens would run different numbers of chunks, and one would wait forever in a gather the other never joins (seen
-on 2 processes, DeepSpeed 0.19.8, from the step-0 evaluation on; with equal counts the checkpointed chunks of a
-frozen LoRA head do run there, and match). So a head whose weight ZeRO-3 partitions runs in one call, as before
-chunking, with its full ``(N, V)`` logits: bound ``N`` with ``--forward-batch-size`` there
-(``tests/test_deepspeed.py::test_zero3_runs_the_head_in_one_call``). An FSDP wrap policy that made the head its
-own unit would gather at each call too: not handled here (the shipped config does not).
+on 2 processes, DeepSpeed 0.19.8, from the step-0 evaluation on). So for a head whose weight ZeRO-3 partitions,
+the processes first agree on the number of chunks (a MAX all-reduce of their counts); a process with fewer
+completion tokens runs empty chunks to match, each a head call, checkpointed like the others, so its forward and
+the recompute in backward join every gather
+(``tests/test_deepspeed.py::test_zero3_processes_agree_on_the_chunk_count``). An FSDP wrap policy that made the
+head its own unit would gather at each call too: not handled here (the shipped config does not).
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def completion_logprobs(
         temperature: logits are divided by it (PPO scores the tokens as they were sampled).
         return_entropy: also return the per-token entropy of the (tempered) next-token distribution.
         chunk_size: positions per LM-head chunk (default ``CHUNK_SIZE``); tests set it small to exercise chunking.
-            A head whose weight DeepSpeed ZeRO-3 partitions runs in one call whatever it is (module docstring).
+            With a head whose weight DeepSpeed ZeRO-3 partitions every process runs the most chunks any needs (a
+            collective; module docstring).
 
     Returns:
         ``logps (B, T)`` float32, ``logps[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` where
@@ -99,9 +101,11 @@ def completion_logprobs(
     h = hidden[:, :-1][select]  # (N, H), N = number of completion tokens in the batch
     targets = input_ids[:, 1:][select]  # (N,)
     size = chunk_size or CHUNK_SIZE
+    chunks = -(-h.shape[0] // size)  # ceil
     if _gathers_per_call(head):
-        size = max(h.shape[0], 1)  # one head call on every process, so ZeRO-3's gathers pair up (module docstring)
-    stats = _chunked_head_stats(head, h, targets, temperature, return_entropy, size)
+        # every head call is a collective: every process runs as many, the most any needs (module docstring)
+        chunks = _agreed_chunk_count(chunks, h.device)
+    stats = _chunked_head_stats(head, h, targets, temperature, return_entropy, size, max(chunks, 1))
     out = _scatter_back(stats[0], select)
     if not return_entropy:
         return out
@@ -114,6 +118,18 @@ def _gathers_per_call(head) -> bool:
     ``ds_persist`` one (below ``stage3_param_persistence_threshold`` elements) stays whole and gathers nothing."""
     weight = getattr(head, "weight", None)
     return hasattr(weight, "ds_id") and not getattr(weight, "ds_persist", False)
+
+
+def _agreed_chunk_count(chunks: int, device: torch.device) -> int:
+    """The most chunks any process needs (a collective: a MAX all-reduce over the default process group; the
+    count itself without one)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return chunks
+    count = torch.tensor([chunks], device=device)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
 
 
 def _head_stats(
@@ -134,18 +150,25 @@ def _head_stats(
 
 
 def _chunked_head_stats(
-    head, h: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool, chunk_size: int
+    head,
+    h: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float,
+    return_entropy: bool,
+    chunk_size: int,
+    n_chunks: int,
 ) -> tuple[torch.Tensor, ...]:
-    """``_head_stats`` over ``h (N, H)`` in chunks of ``chunk_size`` positions, concatenated: ``(N,)`` each.
+    """``_head_stats`` over ``h (N, H)`` in ``n_chunks`` chunks of ``chunk_size`` positions, concatenated: ``(N,)``
+    each. ``n_chunks`` >= ceil(N / chunk_size); the chunks past N are empty (0 positions) but still call the head.
 
     With grad on, each chunk is checkpointed, so autograd saves its ``(chunk, H)`` input rather than its
     ``(chunk, V)`` logits and recomputes them in backward, one chunk at a time.
     """
-    if h.shape[0] <= chunk_size:
+    if n_chunks == 1:
         return _head_stats(head, h, targets, temperature, return_entropy)
     grad = torch.is_grad_enabled()
     chunks = []
-    for start in range(0, h.shape[0], chunk_size):
+    for start in range(0, n_chunks * chunk_size, chunk_size):
         args = (head, h[start : start + chunk_size], targets[start : start + chunk_size], temperature, return_entropy)
         chunks.append(
             checkpoint(_head_stats, *args, use_reentrant=False, preserve_rng_state=False)
