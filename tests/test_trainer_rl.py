@@ -351,3 +351,41 @@ def test_one_step_on_policy_only_when_one_step_and_kl_in_the_loss(tmp_path, tiny
     assert RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, **on)).one_step_on_policy
     for change in (dict(kl_in_loss=False), dict(ppo_epochs=2), dict(num_minibatches=2)):
         assert not RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, **{**on, **change})).one_step_on_policy
+
+
+class ConstantReward:
+    """1.0 for every completion: every group has equal scores, so --dynamic-sampling drops them all."""
+
+    name = "constant"
+
+    def score(self, prompts, completions):
+        return torch.ones(len(completions))
+
+
+def test_one_step_on_policy_with_every_group_dropped_fills_from_a_forward(
+    tmp_path, tiny_model_dir, prompts, monkeypatch
+):
+    """No row is in the loss, so the update runs no forward: the skipped log-probs and entropy come from a
+    no-gradient forward of the (unchanged) policy, as a rollout that did not skip them has them."""
+    from prefalign.trainers.backend import Trained
+
+    calls = []
+    plain = Trained.frozen_forward
+
+    def counted(self, fn, *a, **k):
+        calls.append(fn.__name__ == "completion_logprobs" and k.get("return_entropy", False))
+        return plain(self, fn, *a, **k)
+
+    monkeypatch.setattr(Trained, "frozen_forward", counted)
+    kw = dict(max_steps=2, kl_in_loss=True, ppo_epochs=1, num_minibatches=1, dynamic_sampling=True)
+    runs = {}
+    for name, skip in (("skip", True), ("full", False)):
+        monkeypatch.setattr(RLTrainer, "one_step_on_policy", property(lambda self, s=skip: s))
+        calls.clear()
+        RLTrainer(_cfg(tmp_path / name, tiny_model_dir, prompts, **kw), reward_source=ConstantReward()).train()
+        runs[name] = (read_metrics(tmp_path / name / "run"), sum(calls))
+    (skip_rows, skip_calls), (full_rows, full_calls) = runs["skip"], runs["full"]
+    assert [r["rl/groups_dropped"] for r in skip_rows] == [4, 4]
+    assert (skip_calls, full_calls) == (2, 2)  # skipped at sampling, run after the update that took no step
+    assert all(r["objective/entropy"] > 0 for r in skip_rows)  # not the placeholder zeros
+    _close_runs(skip_rows, full_rows)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 
 
-@dataclass
+@dataclass(kw_only=True)  # built by keyword: several fields are (B, R) float tensors a positional slip would swap
 class Rollout:
     """B sampled responses and everything the PPO update needs about them.
 

@@ -39,7 +39,7 @@ from prefalign.trainers.rl_update import RLUpdate
 __all__ = ["GroupRollout", "RLConfig", "RLTrainer"]
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GroupRollout(Rollout):
     """A `Rollout` of B = prompts x K rows, K consecutive rows per prompt. ``values`` are zeros (no critic);
     ``returns`` are the estimator's (R_i on every token for outcome estimators, the return-to-go for
@@ -48,12 +48,19 @@ class GroupRollout(Rollout):
     loss_mask: torch.Tensor  # (B, R) response_mask with the rows of dropped groups zeroed
     kept: torch.Tensor  # (B,) bool: the row's group is in the loss (all True without --dynamic-sampling)
     loss_lengths: torch.Tensor  # (N, B) tokens of loss_mask per row of every process (the normalisers)
+    # the rollout skipped the policy's forward (`RLTrainer.one_step_on_policy`): ``logps`` and ``entropy`` are
+    # placeholders until the update's forward writes them (`RLUpdate.micro_batch_backward`)
+    policy_pending: bool = False
     score_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # source -> (B,) unweighted scores
     refill: dict[str, float] = field(default_factory=dict)  # this process's refill stats (--resample-rounds)
 
     def rows(self, idx: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Rows ``idx`` of the update's tensors, ``index`` (b,) = idx; with ``policy_pending`` also the whole
+        (B, R) ``fill_logps`` / ``fill_entropy`` (this rollout's own tensors, written at ``index``)."""
+        fill = {"fill_logps": self.logps, "fill_entropy": self.entropy} if self.policy_pending else {}
         return {
             "index": idx,
+            **fill,
             **{
                 k: getattr(self, k)[idx]
                 for k in (
@@ -174,26 +181,27 @@ class RLTrainer(RLUpdate, PPOTrainer):
         loss_mask = response_mask * kept[:, None].to(response_mask.dtype)
         loss_lengths = acc.gather(loss_mask.sum(1)).view(self.world, -1).cpu()
         return GroupRollout(
-            query_response,
-            attention_mask,
-            completion_mask,
-            response_mask,
-            gen.ended,
-            logps,
-            ref_logps,
-            torch.zeros_like(logps),
-            entropy,
-            scores,
-            kl,
-            non_score,
-            rewards,
-            advantages,
-            returns,
-            prompts,
-            texts,
+            query_response=query_response,
+            attention_mask=attention_mask,
+            completion_mask=completion_mask,
+            response_mask=response_mask,
+            ended=gen.ended,
+            logps=logps,
+            ref_logps=ref_logps,
+            values=torch.zeros_like(logps),
+            entropy=entropy,
+            scores=scores,
+            kl=kl,
+            non_score_rewards=non_score,
+            rewards=rewards,
+            advantages=advantages,
+            returns=returns,
+            prompts=prompts,
+            completions=texts,
             loss_mask=loss_mask,
             kept=kept.bool(),
             loss_lengths=loss_lengths,
+            policy_pending=self.one_step_on_policy,
             score_parts=groups.parts,
             refill=refill_stats,
         )
@@ -308,9 +316,9 @@ class RLTrainer(RLUpdate, PPOTrainer):
 
     def fill_on_policy(self, rollout: GroupRollout) -> None:
         """The policy's log-probs and entropy the rollout skipped (`one_step_on_policy`), and the KL from them: the
-        update's forward filled them in; when it took no step (every group dropped), a no-gradient forward of the
-        unchanged policy does."""
-        if not self.filled:
+        update's forward filled them in; when it took no step (every group dropped: its one minibatch holds every
+        row, so no row anywhere is in the loss), a no-gradient forward of the unchanged policy does."""
+        if not rollout.loss_lengths.any():
             width = rollout.query_response.shape[1] - rollout.response_mask.shape[1]
             logps, entropy, _ = self.policy_forwards(
                 rollout.query_response, rollout.attention_mask, rollout.completion_mask

@@ -19,7 +19,6 @@ from prefalign.trainers.guard import NonFiniteGuard
 from prefalign.trainers.ppo_update import KLController, PPOUpdate
 
 if TYPE_CHECKING:
-    from prefalign.trainers.rl import GroupRollout
     from prefalign.trainers.rl_config import RLConfig
 
 
@@ -32,17 +31,12 @@ class RLUpdate(PPOUpdate):
         @property
         def cfg(self) -> RLConfig: ...
 
-        @property
-        def one_step_on_policy(self) -> bool: ...
-
     def minibatch_step(self, rollout, mb_idx: torch.Tensor, mb_tokens: float, done: int) -> tuple[dict | None, dict]:
         """Accumulate the minibatch's micro-batches, then one guarded step: ``(stats, {"policy/grad_norm": ..})``,
         stats None when the step was skipped as non-finite or when no row of the minibatch is in the loss (every
         group dropped by --dynamic-sampling: no optimizer step). ``mb_tokens`` (PPO's response tokens) is not
         used: the normalisers count the loss mask's tokens and rows."""
         cfg = self.cfg
-        self.filled = False
-        self.on_policy_rollout: GroupRollout | None = rollout if self.one_step_on_policy else None
         lengths = rollout.loss_lengths[:, mb_idx.cpu()]  # (N, mb rows) kept tokens of each row on every process
         totals = {"total_tokens": float(lengths.sum()), "total_rows": float((lengths > 0).sum())}
         if totals["total_rows"] == 0:  # the same on every process: all skip together
@@ -60,18 +54,17 @@ class RLUpdate(PPOUpdate):
         cfg, acc = self.cfg, self.accelerator
         mask = rows["loss_mask"]  # (b, R)
         token_share = float(mask.sum()) * self.world / totals["total_tokens"]  # for the token-mean diagnostics
-        fill = self.on_policy_rollout  # one step on-policy: this forward gives the rollout's log-probs (ratio 1)
-        with_entropy = cfg.ent_coef > 0 or fill is not None
+        fill = "fill_logps" in rows  # one step on-policy: this forward gives the rollout's log-probs (ratio 1)
+        with_entropy = cfg.ent_coef > 0 or fill
         # backward inside the accumulate context: FSDP2 reads its no-sync flag during backward (DDP at forward)
         with self.backend.accumulate(self.trained, sync):
             with acc.autocast():
                 new_logps, entropy = self.policy_train_forward(rows, with_entropy)
             new_logps = new_logps[:, prompt_width:].float()  # (b, R)
             old_logps = rows["logps"]
-            if fill is not None and entropy is not None:  # (filling asks for the entropy)
-                old_logps = fill.logps[rows["index"]] = new_logps.detach()
-                fill.entropy[rows["index"]] = entropy[:, prompt_width:].detach().float()
-                self.filled = True
+            if fill and entropy is not None:  # (filling asks for the entropy)
+                old_logps = rows["fill_logps"][rows["index"]] = new_logps.detach()
+                rows["fill_entropy"][rows["index"]] = entropy[:, prompt_width:].detach().float()
             pg_tokens, pg = clipped_policy_token_loss(
                 new_logps, old_logps, rows["advantages"], mask, cfg.eps_low, cfg.eps_high
             )
