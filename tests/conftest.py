@@ -54,6 +54,15 @@ def learnable_pairs(n: int = 48):
     return [{"prompt": f"Review {i}: the film was", "chosen": " good.", "rejected": " bad."} for i in range(n)]
 
 
+def uneven_pairs(n: int = 33):
+    """`learnable_pairs` whose chosen completions run 3 to 7 tokens (EOS included): consecutive rows differ in
+    length, so processes holding different rows hold different numbers of completion tokens."""
+    return [
+        {"prompt": f"Review {i}: the film was", "chosen": " good" + " and fun" * (i % 3) + ".", "rejected": " bad."}
+        for i in range(n)
+    ]
+
+
 def run_cli(*args, timeout=300):
     """Run ``python -m prefalign ARGS`` in a subprocess; returns CompletedProcess (text)."""
     import subprocess

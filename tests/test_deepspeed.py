@@ -21,6 +21,7 @@ from conftest import (
     learnable_pairs,
     read_metrics,
     two_process_config,
+    uneven_pairs,
     write_jsonl,
 )
 
@@ -159,11 +160,7 @@ def test_zero3_processes_agree_on_the_chunk_count(tmp_path, tiny_model_dir):
     `completion_logprobs` makes every process run the most chunks any needs (empty ones where it has fewer tokens):
     LoRA DPO on 2 ZeRO-3 processes checkpoints as many chunks on each and gives the losses and adapter of 1
     process."""
-    pairs = [
-        {"prompt": f"Review {i}: the film was", "chosen": " good" + " and fun" * (i % 3) + ".", "rejected": " bad."}
-        for i in range(33)
-    ]
-    data = write_jsonl(tmp_path / "pairs.jsonl", pairs)
+    data = write_jsonl(tmp_path / "pairs.jsonl", uneven_pairs(33))
     common = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "3", "--precision", "fp32"]
     common += ["--eval-split", "0.28", "--lr-scheduler", "constant", "--lora-r", "4", "--learning-rate", "1e-2"]
     (tmp_path / "worker.py").write_text(chunk_probe(4) + CLI_WORKER)
