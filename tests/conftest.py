@@ -177,8 +177,9 @@ def two_process_config(name, tmp_path, **overrides):
 def chunk_probe(chunk_size: int) -> str:
     """Python source to put at the top of a worker script: `completion_logprobs` runs the LM head in chunks of
     ``chunk_size`` positions (its module's ``CHUNK_SIZE``, read at every call), and each process counts the chunks it
-    activation-checkpoints (the chunked path with grad), written at exit to ``OUTPUT/checkpointed-rankR.json``
-    (OUTPUT: the launch's ``--output``; read it with `checkpointed_chunks`). Processes out of step in a collective
+    activation-checkpoints (the chunked path with grad), and of those the empty ones (0 positions: run only to match
+    another process's chunk count), written at exit to ``OUTPUT/checkpointed-rankR.json`` (OUTPUT: the launch's
+    ``--output``; read it with `checkpointed_chunks`). Processes out of step in a collective
     hang rather than fail: a watchdog ends the worker with every thread's stack on stderr before the launch times
     out."""
     return f"""
@@ -192,18 +193,19 @@ import prefalign.models.logprobs as logprobs
 
 faulthandler.dump_traceback_later(240, exit=True)
 logprobs.CHUNK_SIZE = {chunk_size}
-checkpointed = [0]
+checkpointed = {{"all": 0, "empty": 0}}
 plain_checkpoint = logprobs.checkpoint
 
 
-def counting_checkpoint(*args, **kwargs):
-    checkpointed[0] += 1
-    return plain_checkpoint(*args, **kwargs)
+def counting_checkpoint(fn, head, h, *args, **kwargs):
+    checkpointed["all"] += 1
+    checkpointed["empty"] += h.shape[0] == 0
+    return plain_checkpoint(fn, head, h, *args, **kwargs)
 
 
 def write_count(out=sys.argv[sys.argv.index("--output") + 1], rank=os.environ.get("RANK", "0")):
     with open(os.path.join(out, f"checkpointed-rank{{rank}}.json"), "w") as f:
-        json.dump(checkpointed[0], f)
+        json.dump(checkpointed, f)
 
 
 logprobs.checkpoint = counting_checkpoint
@@ -211,11 +213,12 @@ atexit.register(write_count)
 """
 
 
-def checkpointed_chunks(out, processes: int) -> list[int]:
-    """Per process, the chunks a `chunk_probe` worker activation-checkpointed in the run written to ``out``."""
+def checkpointed_chunks(out, processes: int, which: str = "all") -> list[int]:
+    """Per process, the chunks a `chunk_probe` worker activation-checkpointed in the run written to ``out``: all of
+    them, or (``which="empty"``) the empty ones."""
     import json
 
-    return [json.loads((out / f"checkpointed-rank{rank}.json").read_text()) for rank in range(processes)]
+    return [json.loads((out / f"checkpointed-rank{rank}.json").read_text())[which] for rank in range(processes)]
 
 
 def final_weights(out, part="final"):

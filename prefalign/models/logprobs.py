@@ -24,7 +24,9 @@ on 2 processes, DeepSpeed 0.19.8, from the step-0 evaluation on). So for a head 
 the processes first agree on the number of chunks (a MAX all-reduce of their counts); a process with fewer
 completion tokens runs empty chunks to match, each a head call, checkpointed like the others, so its forward and
 the recompute in backward join every gather
-(``tests/test_deepspeed.py::test_zero3_processes_agree_on_the_chunk_count``). An FSDP wrap policy that made the
+(``tests/test_deepspeed.py::test_zero3_processes_agree_on_the_chunk_count``). The cost is communication: each chunk
+gathers the head's weight in forward and again in backward's recompute (once each in one call), traded for never
+holding more than one chunk's ``(chunk, V)`` logits. An FSDP wrap policy that made the
 head its own unit would gather at each call too: not handled here (the shipped config does not).
 """
 
@@ -40,7 +42,8 @@ CHUNK_SIZE = 1024
 float32 logits per chunk (twice that with the entropy's softmax, and again in backward for their grads):
 small beside a 135M model's weights and optimiser state, while a chunk still fills a GEMM, so the extra
 kernel launches and the recompute cost little. A batch with at most this many completion tokens runs as one
-plain computation (no checkpoint), exactly as before chunking."""
+plain computation (no checkpoint), exactly as before chunking, except under ZeRO-3 when another process needs
+more chunks (module docstring)."""
 
 
 def unwrap_backbone(model):
@@ -164,6 +167,8 @@ def _chunked_head_stats(
     With grad on, each chunk is checkpointed, so autograd saves its ``(chunk, H)`` input rather than its
     ``(chunk, V)`` logits and recomputes them in backward, one chunk at a time.
     """
+    if n_chunks * chunk_size < h.shape[0]:
+        raise ValueError(f"{n_chunks} chunks of {chunk_size} positions cannot hold {h.shape[0]} positions")
     if n_chunks == 1:
         return _head_stats(head, h, targets, temperature, return_entropy)
     grad = torch.is_grad_enabled()

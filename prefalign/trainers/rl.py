@@ -274,7 +274,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
     ) -> dict:
         """The iteration's metrics over every process (a collective); every process holds as many rows."""
         cfg, acc, mask = self.cfg, self.accelerator, rollout.response_mask
-        if self.one_step_on_policy:
+        if rollout.policy_pending:
             self.fill_on_policy(rollout)
         k = cfg.num_generations
         groups = rollout.scores.view(-1, k)  # (b / K, K)
@@ -316,8 +316,9 @@ class RLTrainer(RLUpdate, PPOTrainer):
 
     def fill_on_policy(self, rollout: GroupRollout) -> None:
         """The policy's log-probs and entropy the rollout skipped (`one_step_on_policy`), and the KL from them: the
-        update's forward filled them in; when it took no step (every group dropped: its one minibatch holds every
-        row, so no row anywhere is in the loss), a no-gradient forward of the unchanged policy does."""
+        update's forward filled them in; when it ran no forward (every group dropped: one step on-policy means one
+        epoch of one minibatch, which holds every row, so no row of any process was in the loss), a no-gradient
+        forward of the unchanged policy does."""
         if not rollout.loss_lengths.any():
             width = rollout.query_response.shape[1] - rollout.response_mask.shape[1]
             logps, entropy, _ = self.policy_forwards(
