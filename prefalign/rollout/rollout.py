@@ -38,6 +38,27 @@ class Rollout:
     prompts: list[str]
     completions: list[str]
 
+    @classmethod
+    def of_samples(cls, gen, sequences: tuple[torch.Tensor, ...], shaped: tuple[torch.Tensor, ...], **fields):
+        """The rollout of the sampled batch ``gen`` (`prefalign.rollout.generate.Generation`: its response mask and
+        ``ended``) with ``sequences`` = its ``gen.sequences()`` (query_response, attention_mask, completion_mask)
+        and ``shaped`` = (rewards, kl, non_score_rewards) of `kl_shaped_rewards`; ``fields``: the model outputs,
+        scores, advantages, text and a subclass's own fields, by keyword. The one place both the PPO and the
+        critic-free rollouts are assembled."""
+        query_response, attention_mask, completion_mask = sequences
+        rewards, kl, non_score_rewards = shaped
+        return cls(
+            query_response=query_response,
+            attention_mask=attention_mask,
+            completion_mask=completion_mask,
+            response_mask=gen.response_mask,
+            ended=gen.ended,
+            rewards=rewards,
+            kl=kl,
+            non_score_rewards=non_score_rewards,
+            **fields,
+        )
+
     @property
     def prompt_width(self) -> int:
         return self.query_response.shape[1] - self.response_mask.shape[1]

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from prefalign.collectives import process_max
 from prefalign.errors import UserError
 from prefalign.trainers.checkpoint import (
     CheckpointManager,
@@ -28,7 +29,6 @@ from prefalign.trainers.checkpoint import (
     training_state,
     without_tied_aliases,
 )
-from prefalign.trainers.dist import max_across_processes
 
 
 def cpu_has_bf16() -> bool:
@@ -212,7 +212,7 @@ class AccelerateBackend:
         norms = [self.acc.clip_grad_norm_(t.engine.parameters(), max_grad_norm or float("inf")) for t in models]
         # the norms come from all-reduced gradients (the same everywhere); a loss may be local: agree on one branch
         local = losses_finite and all(math.isfinite(float(n)) for n in norms)
-        finite = max_across_processes(self.acc, int(not local)) == 0
+        finite = process_max(int(not local), self.acc.device) == 0
         for t in models:
             if finite:
                 t.optimizer.step()
@@ -293,7 +293,7 @@ class DeepSpeedBackend(AccelerateBackend):
         """A non-finite loss is caught before the engine's step and the step not taken (its gradients dropped); a
         non-finite gradient, which ZeRO detects itself, shows as a step it did not apply."""
         [t] = models
-        finite_loss = max_across_processes(self.acc, int(not losses_finite)) == 0
+        finite_loss = process_max(int(not losses_finite), self.acc.device) == 0
         if not finite_loss:
             t.engine.zero_grad()
             zero = getattr(t.engine.optimizer, "zero_grad", None)  # DeepSpeed keeps gradients in its own buffers

@@ -36,13 +36,6 @@ def pooled_mean_across_processes(acc, sums: dict[str, float], weights: dict[str,
     return {k: (s / w).item() for k, s, w in zip(keys, total, weight) if w > 0}
 
 
-def max_across_processes(acc, value: int) -> int:
-    """The largest ``value`` of any process (e.g. a pending signal number, 0 for none)."""
-    if acc.num_processes == 1:
-        return value
-    return int(acc.gather(torch.tensor([value], device=acc.device)).max().item())
-
-
 def masked_mean_var(acc, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     """Mean and unbiased variance of ``x`` over the masked positions of every process, as 0-dim tensors of
     ``x``'s dtype: the statistics of the concatenated batch, for `masked_whiten` / `explained_variance`.

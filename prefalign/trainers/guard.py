@@ -51,9 +51,9 @@ class GracefulStop:
         """If a stop was requested (on any process): write a checkpoint (``checkpoint()`` returns its path) and
         raise."""
         if self._acc is not None:
-            from prefalign.trainers.dist import max_across_processes
+            from prefalign.collectives import process_max
 
-            self.signum = max_across_processes(self._acc, self.signum or 0) or None
+            self.signum = process_max(self.signum or 0, self._acc.device) or None
         if self.signum is None:
             return
         path = checkpoint()

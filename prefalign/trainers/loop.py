@@ -20,10 +20,11 @@ from typing import Any, ClassVar
 
 import torch
 
+from prefalign.collectives import process_max
 from prefalign.errors import UserError
 from prefalign.trainers.backend import Trained, param_numel
 from prefalign.trainers.config import TrainConfig
-from prefalign.trainers.dist import max_across_processes, pooled_mean_across_processes, sum_across_processes
+from prefalign.trainers.dist import pooled_mean_across_processes, sum_across_processes
 from prefalign.trainers.final import save_final_model
 from prefalign.trainers.guard import NonFiniteGuard
 from prefalign.trainers.lora import apply_lora
@@ -276,7 +277,7 @@ class Trainer(Run):
         if size is None:
             full = self.collate(examples)  # token ids only: cheap
             # every process runs as many forwards (FSDP gathers the weights in each): the largest count of any
-            n_chunks = max_across_processes(self.accelerator, math.ceil(full["input_ids"].numel() / FORWARD_POSITIONS))
+            n_chunks = process_max(math.ceil(full["input_ids"].numel() / FORWARD_POSITIONS), self.accelerator.device)
             if n_chunks <= 1:
                 return [self._to_device(full)]
             size = math.ceil(len(examples) / n_chunks)
@@ -292,7 +293,7 @@ class Trainer(Run):
         shard = self.eval_data[acc.process_index :: acc.num_processes]
         # as many forwards on every process (under FSDP each one is a collective): a process whose shard is
         # shorter runs a batch again and counts it with weight 0
-        n_batches = max_across_processes(acc, math.ceil(len(shard) / bs))
+        n_batches = process_max(math.ceil(len(shard) / bs), acc.device)
         for i in range(n_batches):
             chunk = shard[i * bs : (i + 1) * bs]
             batch = self._to_device(self.collate(chunk or self.eval_data[:bs]))

@@ -262,20 +262,15 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
         # 7. GAE on the critic's values, advantages whitened over the whole batch (all processes)
         advantages, returns = gae(rewards, values, response_mask, cfg.gamma, cfg.lam)
         advantages = self.whiten(advantages, response_mask)
-        return Rollout(
-            query_response=query_response,
-            attention_mask=attention_mask,
-            completion_mask=completion_mask,
-            response_mask=response_mask,
-            ended=gen.ended,
+        return Rollout.of_samples(
+            gen,
+            (query_response, attention_mask, completion_mask),
+            (rewards, kl, non_score),
             logps=logps,
             ref_logps=ref_logps,
             values=values,
             entropy=entropy,
             scores=scores,
-            kl=kl,
-            non_score_rewards=non_score,
-            rewards=rewards,
             advantages=advantages,
             returns=returns,
             prompts=prompts,

@@ -180,20 +180,15 @@ class RLTrainer(RLUpdate, PPOTrainer):
         kept = informative_groups(scores, k) if cfg.dynamic_sampling else torch.ones_like(gen.ended, device=dev)
         loss_mask = response_mask * kept[:, None].to(response_mask.dtype)
         loss_lengths = acc.gather(loss_mask.sum(1)).view(self.world, -1).cpu()
-        return GroupRollout(
-            query_response=query_response,
-            attention_mask=attention_mask,
-            completion_mask=completion_mask,
-            response_mask=response_mask,
-            ended=gen.ended,
+        return GroupRollout.of_samples(
+            gen,
+            (query_response, attention_mask, completion_mask),
+            (rewards, kl, non_score),
             logps=logps,
             ref_logps=ref_logps,
             values=torch.zeros_like(logps),
             entropy=entropy,
             scores=scores,
-            kl=kl,
-            non_score_rewards=non_score,
-            rewards=rewards,
             advantages=advantages,
             returns=returns,
             prompts=prompts,

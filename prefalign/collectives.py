@@ -1,0 +1,18 @@
+"""Collectives over the default process group that need no accelerate object: usable from `models/` (the chunked
+log-probs under ZeRO-3) as from the trainers. With no process group (one process) each is the local value."""
+
+from __future__ import annotations
+
+import torch
+
+
+def process_max(value: int, device: torch.device | str) -> int:
+    """The largest ``value`` of any process: a MAX all-reduce of one integer on ``device`` (the backend's device:
+    gloo reduces CPU tensors, NCCL CUDA ones). A collective: every process must call it, in the same order."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    count = torch.tensor([value], device=device, dtype=torch.int64)
+    dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return int(count.item())
