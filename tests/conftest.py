@@ -178,10 +178,10 @@ def chunk_probe(chunk_size: int) -> str:
     """Python source to put at the top of a worker script: `completion_logprobs` runs the LM head in chunks of
     ``chunk_size`` positions (its module's ``CHUNK_SIZE``, read at every call), and each process counts the chunks it
     activation-checkpoints (the chunked path with grad), and of those the empty ones (0 positions: run only to match
-    another process's chunk count), written at exit to ``OUTPUT/checkpointed-rankR.json`` (OUTPUT: the launch's
-    ``--output``; read it with `checkpointed_chunks`). Processes out of step in a collective
-    hang rather than fail: a watchdog ends the worker with every thread's stack on stderr before the launch times
-    out."""
+    another process's chunk count), and notes the head's class name (``head``), written at exit to
+    ``OUTPUT/checkpointed-rankR.json`` (OUTPUT: the launch's ``--output``; read it with `checkpointed_chunks`).
+    Processes out of step in a collective hang rather than fail: a watchdog ends the worker with every thread's
+    stack on stderr before the launch times out."""
     return f"""
 import atexit
 import faulthandler
@@ -200,6 +200,7 @@ plain_checkpoint = logprobs.checkpoint
 def counting_checkpoint(fn, head, h, *args, **kwargs):
     checkpointed["all"] += 1
     checkpointed["empty"] += h.shape[0] == 0
+    checkpointed["head"] = type(head).__name__
     return plain_checkpoint(fn, head, h, *args, **kwargs)
 
 
@@ -213,9 +214,9 @@ atexit.register(write_count)
 """
 
 
-def checkpointed_chunks(out, processes: int, which: str = "all") -> list[int]:
+def checkpointed_chunks(out, processes: int, which: str = "all") -> list:
     """Per process, the chunks a `chunk_probe` worker activation-checkpointed in the run written to ``out``: all of
-    them, or (``which="empty"``) the empty ones."""
+    them, or (``which="empty"``) the empty ones; ``which="head"``: the head's class name."""
     import json
 
     return [json.loads((out / f"checkpointed-rank{rank}.json").read_text())[which] for rank in range(processes)]

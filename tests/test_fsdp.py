@@ -249,15 +249,22 @@ def test_fsdp_ppo_matches_one_process(tmp_path, tiny_model_dir, fsdp, lora):
         assert_same_tensors(final_weights(tmp_path / "two", part), final_weights(tmp_path / "one", part), TOL)
 
 
-@pytest.mark.parametrize("command", ["dpo", "ppo-lora"])
-def test_fsdp_chunked_logprobs_match_one_chunk(tmp_path, tiny_model_dir, fsdp, command):
+@pytest.mark.parametrize("command", ["dpo", "dpo-head-unit", "ppo-lora"])
+def test_fsdp_chunked_logprobs_match_one_chunk(tmp_path, tiny_model_dir, tokenizer, fsdp, command):
     """The LM head in chunks of a few positions (the path of batches past `CHUNK_SIZE` completion tokens), each
     chunk checkpointed and recomputed in backward while the policy is sharded: the losses, metrics and whole final
-    weights of the same 2-process run with the head in one call. dpo: full fine-tuning, the (tied) head trains;
-    ppo with LoRA: the head is frozen, an entropy bonus takes the entropy's gradient through the chunks too, and
-    processes run different numbers of chunks in both (dpo: chosen completions of different lengths; ppo: responses
-    stop at different lengths)."""
-    if command == "dpo":
+    weights of the same 2-process run with the head in one call. The processes hold different numbers of completion
+    tokens (dpo: chosen completions of different lengths; ppo: responses stop at different lengths). dpo: full
+    fine-tuning, the (tied) head trains; ppo with LoRA: the head is frozen, an entropy bonus takes the entropy's
+    gradient through the chunks too. In both the head belongs to the root unit (a plain Linear): the processes run
+    different numbers of chunks. dpo-head-unit: an untied head that the wrap policy makes an FSDP unit of its own,
+    which gathers its weight at every call and reduce-scatters after every call's backward (without agreeing on the
+    chunk count the worker hangs): the processes run as many chunks, the one with fewer tokens some empty ones."""
+    wrap = {}
+    if command == "dpo-head-unit":
+        tiny_model_dir = untied_model_dir(tmp_path / "untied", tokenizer)
+        wrap = {"fsdp_transformer_layer_cls_to_wrap": "LlamaDecoderLayer,Linear"}
+    if command.startswith("dpo"):
         data = write_jsonl(tmp_path / "pairs.jsonl", uneven_pairs(33))
         args = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "3", "--batch-size", "2"]
         args += ["--learning-rate", "1e-3", "--precision", "fp32", "--eval-split", "0.2", "--lr-scheduler", "constant"]
@@ -268,12 +275,20 @@ def test_fsdp_chunked_logprobs_match_one_chunk(tmp_path, tiny_model_dir, fsdp, c
         args = ["ppo", *flags, "--seed", "5", "--max-steps", "2", "--ppo-epochs", "2", "--lora-r", "4"]
         args += ["--learning-rate", "1e-2", "--ent-coef", "0.01"]
         keys, parts, chunk = PPO_KEYS, ("final", "value"), 5
-    fsdp([*args, "--output", tmp_path / "one-chunk"], prelude=chunk_probe(1024))
-    fsdp([*args, "--output", tmp_path / "chunked"], prelude=chunk_probe(chunk))
+    fsdp([*args, "--output", tmp_path / "one-chunk"], prelude=chunk_probe(1024), **wrap)
+    fsdp([*args, "--output", tmp_path / "chunked"], prelude=chunk_probe(chunk), **wrap)
     assert checkpointed_chunks(tmp_path / "one-chunk", 2) == [0, 0]
+    own_unit = command == "dpo-head-unit"
+    assert checkpointed_chunks(tmp_path / "chunked", 2, "head") == ["FSDPLinear" if own_unit else "Linear"] * 2
     chunks = checkpointed_chunks(tmp_path / "chunked", 2)
-    assert min(chunks) > 0 and chunks[0] != chunks[1], chunks  # measured: dpo 16 and 18, ppo 22 and 26
-    assert checkpointed_chunks(tmp_path / "chunked", 2, "empty") == [0, 0]  # FSDP2 needs no agreement
+    empty = checkpointed_chunks(tmp_path / "chunked", 2, "empty")
+    real = [c - e for c, e in zip(chunks, empty)]
+    # chunks with positions in them, measured: dpo 16 and 18, ppo 22 and 26
+    assert min(real) > 0 and real[0] != real[1], (chunks, empty)
+    if own_unit:
+        assert chunks[0] == chunks[1], chunks
+    else:  # the root gathered the head's weight once: no agreement, no empty chunks
+        assert empty == [0, 0], empty
     a, b = read_metrics(tmp_path / "one-chunk"), read_metrics(tmp_path / "chunked")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert all(any(key in r for r in a) for key in keys)
@@ -283,3 +298,15 @@ def test_fsdp_chunked_logprobs_match_one_chunk(tmp_path, tiny_model_dir, fsdp, c
                 assert rb[key] == pytest.approx(ra[key], rel=TOL, abs=TOL), (ra["step"], key)
     for part in parts:
         assert_same_tensors(final_weights(tmp_path / "chunked", part), final_weights(tmp_path / "one-chunk", part), TOL)
+
+
+def untied_model_dir(path, tokenizer):
+    """A tiny random Llama like ``tiny_model_dir`` with its LM head untied from the input embeddings."""
+    from prefalign.models import tiny_causal_lm
+
+    model, tok = tiny_causal_lm(tokenizer, layers=2, hidden=32, seed=0)
+    model.config.tie_word_embeddings = False
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

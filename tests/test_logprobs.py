@@ -215,7 +215,7 @@ def test_a_head_partitioned_by_zero3_runs_the_agreed_number_of_chunks(tokenizer,
         want = completion_logprobs(model, ids, mask, comp, temperature=0.7, return_entropy=True)
     want_grads = _param_grads(model, ids, mask, comp, chunk_size=None)
     asked = []
-    monkeypatch.setattr(logprobs, "_agreed_chunk_count", lambda n, device: asked.append(n) or n + 2)
+    monkeypatch.setattr(logprobs, "process_max", lambda n, device: asked.append(n) or n + 2)
     seen = []
     hook = head.register_forward_hook(lambda module, args, out: seen.append(tuple(out.shape)))
     chunks = [(3, vocab), (3, vocab), (1, vocab)]  # 7 completion tokens, chunks of 3

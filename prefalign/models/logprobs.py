@@ -14,20 +14,26 @@ past ``CHUNK_SIZE`` positions the head, logsumexp, gather and entropy run ``CHUN
 time, and with grad on each chunk is activation-checkpointed: backward recomputes its logits instead of
 storing them, so at most one chunk's logits exist at a time (the cost: one more head GEMM per chunk).
 
-Under FSDP2 the head's weight belongs to the sharded root (the shipped config wraps only the decoder layers),
-gathered before the root's forward and again before its backward, not at each call of the head: the chunks, and
-their recompute in backward, are plain matmuls on it, and processes may run different numbers of them
-(``tests/test_fsdp.py::test_fsdp_chunked_logprobs_match_one_chunk``). Under DeepSpeed ZeRO-3 every call of the
-head module all-gathers its partitioned weight, a collective: processes holding different numbers of completion
-tokens would run different numbers of chunks, and one would wait forever in a gather the other never joins (seen
-on 2 processes, DeepSpeed 0.19.8, from the step-0 evaluation on). So for a head whose weight ZeRO-3 partitions,
-the processes first agree on the number of chunks (a MAX all-reduce of their counts); a process with fewer
+Processes hold different numbers of completion tokens, so they would run different numbers of chunks; where a
+call of the head is a collective, one process then waits forever in a gather the other never joins:
+
+- under DeepSpeed ZeRO-3 every call of the head module all-gathers its partitioned weight (seen on 2 processes,
+  DeepSpeed 0.19.8, from the step-0 evaluation on);
+- under FSDP2 a wrap policy that names the head's class (``LlamaDecoderLayer,Linear`` for an untied Llama) makes
+  the head a unit of its own, which all-gathers its weight at every call and reduce-scatters its gradient after
+  every call's backward (the worker hung on 2 processes, torch 2.13). With the shipped config the head belongs to
+  the sharded root (prefalign prepares a wrapper module, so accelerate's own grouping of the head with the final
+  norm does not apply): gathered before the root's forward and again before its backward, not at each call, and
+  processes may run different numbers of chunks (``tests/test_fsdp.py::test_fsdp_chunked_logprobs_match_one_chunk``).
+
+So for an FSDP2 head unit or a head whose weight ZeRO-3 partitions, the processes first agree on the
+number of chunks (`prefalign.collectives.process_max`, a MAX all-reduce of their counts); a process with fewer
 completion tokens runs empty chunks to match, each a head call, checkpointed like the others, so its forward and
-the recompute in backward join every gather
-(``tests/test_deepspeed.py::test_zero3_processes_agree_on_the_chunk_count``). The cost is communication: each chunk
-gathers the head's weight in forward and again in backward's recompute (once each in one call), traded for never
-holding more than one chunk's ``(chunk, V)`` logits. An FSDP wrap policy that made the
-head its own unit would gather at each call too: not handled here (the shipped config does not).
+the recompute in backward join every gather (``tests/test_fsdp.py::test_fsdp_chunked_logprobs_match_one_chunk``,
+``tests/test_deepspeed.py::test_zero3_processes_agree_on_the_chunk_count``). The cost is communication: under
+ZeRO-3 (and for an FSDP2 head unit) each chunk gathers the head's weight in forward and again in
+backward's recompute (once each in one call), traded for never holding more than one chunk's ``(chunk, V)``
+logits; plus one all-reduce of an integer per call.
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from __future__ import annotations
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from prefalign.collectives import process_max
 from prefalign.models.loading import base_model
 
 CHUNK_SIZE = 1024
@@ -42,8 +49,8 @@ CHUNK_SIZE = 1024
 float32 logits per chunk (twice that with the entropy's softmax, and again in backward for their grads):
 small beside a 135M model's weights and optimiser state, while a chunk still fills a GEMM, so the extra
 kernel launches and the recompute cost little. A batch with at most this many completion tokens runs as one
-plain computation (no checkpoint), exactly as before chunking, except under ZeRO-3 when another process needs
-more chunks (module docstring)."""
+plain computation (no checkpoint), exactly as before chunking, except for an FSDP2 head unit or under ZeRO-3
+when another process needs more chunks (module docstring)."""
 
 
 def unwrap_backbone(model):
@@ -80,8 +87,8 @@ def completion_logprobs(
         temperature: logits are divided by it (PPO scores the tokens as they were sampled).
         return_entropy: also return the per-token entropy of the (tempered) next-token distribution.
         chunk_size: positions per LM-head chunk (default ``CHUNK_SIZE``); tests set it small to exercise chunking.
-            With a head whose weight DeepSpeed ZeRO-3 partitions every process runs the most chunks any needs (a
-            collective; module docstring).
+            With an FSDP2 head unit or a head whose weight DeepSpeed ZeRO-3 partitions every process runs the most
+            chunks any needs (a collective; module docstring).
 
     Returns:
         ``logps (B, T)`` float32, ``logps[b, t] = log p(input_ids[b, t] | input_ids[b, :t])`` where
@@ -107,7 +114,7 @@ def completion_logprobs(
     chunks = -(-h.shape[0] // size)  # ceil
     if _gathers_per_call(head):
         # every head call is a collective: every process runs as many, the most any needs (module docstring)
-        chunks = _agreed_chunk_count(chunks, h.device)
+        chunks = process_max(chunks, h.device)
     stats = _chunked_head_stats(head, h, targets, temperature, return_entropy, size, max(chunks, 1))
     out = _scatter_back(stats[0], select)
     if not return_entropy:
@@ -116,23 +123,21 @@ def completion_logprobs(
 
 
 def _gathers_per_call(head) -> bool:
-    """Whether each call of ``head`` is a collective: its weight is partitioned by DeepSpeed ZeRO-3, whose module
-    hook all-gathers it before every call and frees it after. ZeRO-3 marks its parameters with ``ds_id``; a
-    ``ds_persist`` one (below ``stage3_param_persistence_threshold`` elements) stays whole and gathers nothing."""
+    """Whether a call of ``head`` may be a collective, so every process must make as many (module docstring):
+
+    - DeepSpeed ZeRO-3 partitions its weight: its module hook all-gathers it before every call and frees it
+      after. ZeRO-3 marks its parameters with ``ds_id``; a ``ds_persist`` one (below
+      ``stage3_param_persistence_threshold`` elements) stays whole and gathers nothing.
+    - FSDP2 made it a unit of its own (`torch.distributed.fsdp.FSDPModule`; a wrap policy naming its class): it
+      all-gathers its weight at every call and reduce-scatters after every call's backward. (Whether a unit
+      reshards after forward lives in FSDP2's private state, so any head unit agrees.)
+    """
     weight = getattr(head, "weight", None)
-    return hasattr(weight, "ds_id") and not getattr(weight, "ds_persist", False)
+    if hasattr(weight, "ds_id"):
+        return not getattr(weight, "ds_persist", False)
+    from torch.distributed.fsdp import FSDPModule
 
-
-def _agreed_chunk_count(chunks: int, device: torch.device) -> int:
-    """The most chunks any process needs (a collective: a MAX all-reduce over the default process group; the
-    count itself without one)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return chunks
-    count = torch.tensor([chunks], device=device)
-    dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return int(count.item())
+    return isinstance(head, FSDPModule)
 
 
 def _head_stats(
