@@ -55,6 +55,31 @@ def test_take_trims_the_response_width_to_the_rows_kept():
     assert kept.scores.tolist() == [1.0, 0.0, 3.0]
 
 
+def _recorded(g: Groups, base: float) -> Groups:
+    """``g`` with decode-time log-probs ``-(base + 0.1 * column)`` and entropies ``base + column`` on its responses,
+    0 past them."""
+    r = g.gen.response_ids.shape[1]
+    col = torch.arange(r, dtype=torch.float32).expand_as(g.gen.response_mask)
+    on = g.gen.response_mask.bool()
+    g.gen.logps = torch.where(on, -(base + 0.1 * col), 0.0)
+    g.gen.entropy = torch.where(on, base + col, 0.0)
+    return g
+
+
+def test_recorded_logprobs_follow_their_rows_through_cat_and_take():
+    a = _recorded(_groups([7], [0.0, 1.0], responses=[[5], [6]]), 1.0)
+    b = _recorded(_groups([8], [2.0, 3.0], responses=[[1, 2, 3], [4]]), 2.0)
+    both = Groups.cat([a, b], PAD)
+    want = torch.tensor([[-1.0, 0.0, 0.0], [-1.0, 0.0, 0.0], [-2.0, -2.1, -2.2], [-2.0, 0.0, 0.0]])
+    torch.testing.assert_close(both.gen.logps, want, rtol=0, atol=0)
+    assert both.gen.entropy.tolist() == [[1.0, 0, 0], [1.0, 0, 0], [2.0, 3.0, 4.0], [2.0, 0, 0]]
+    kept = both.take([3, 0])  # both one token wide: the width shrinks to 1
+    assert kept.gen.logps.tolist() == [[-2.0], [-1.0]] and kept.gen.entropy.tolist() == [[2.0], [1.0]]
+    # a piece sampled by model.generate records nothing: the batch has no recording (its rollout runs the forward)
+    assert Groups.cat([a, _groups([9], [0.0, 1.0])], PAD).gen.logps is None
+    assert _groups([9], [0.0, 1.0]).take([1]).gen.logps is None
+
+
 def test_refill_replaces_each_equal_group_from_its_own_chain():
     # slots 0 and 2 of 3 are equal; round 1 refills slot 2 and not slot 0; round 2 refills slot 0
     first = _groups([10, 11, 12], [1.0, 1.0, 0.0, 1.0, 5.0, 5.0])

@@ -372,3 +372,64 @@ def test_policy_backward_runs_before_the_value_forward_and_gives_the_joint_losss
     assert {i for i, _ in seen["split"]} == {0, 1}  # both models' parameters compared
     for key, g in seen["split"].items():
         assert torch.equal(g, seen["joint"][key]), key
+
+
+def spy_rollout_forwards(trainer):
+    """Record, per rollout, whether the policy's no-grad forward ran (``policy_forwards``' ``policy``) and the
+    policy's own fresh log-probs and entropy of the rollout's responses, taken before the update moves it."""
+    from prefalign.models.logprobs import completion_logprobs
+
+    seen = {"policy_forward": [], "fresh": []}
+    forwards, update = trainer.policy_forwards, trainer.update
+
+    def policy_forwards(*args, **kwargs):
+        seen["policy_forward"].append(args[3] if len(args) > 3 else kwargs.get("policy", True))
+        return forwards(*args, **kwargs)
+
+    def checked_update(rollout, done):
+        with torch.no_grad(), trainer.accelerator.autocast():
+            logps, entropy = completion_logprobs(
+                trainer.policy,
+                rollout.query_response,
+                rollout.attention_mask,
+                rollout.completion_mask,
+                temperature=trainer.cfg.temperature,
+                return_entropy=True,
+            )
+        width = rollout.prompt_width
+        seen["fresh"].append((rollout, logps[:, width:].float(), entropy[:, width:].float()))
+        return update(rollout, done)
+
+    trainer.policy_forwards, trainer.update = policy_forwards, checked_update
+    return seen
+
+
+@pytest.mark.parametrize(
+    "precision, decoder, recorded", [("fp32", "loop", True), ("fp32", "generate", False), ("bf16", "loop", False)]
+)
+def test_old_logprobs_come_from_the_decode_loop_when_the_policy_samples(
+    tmp_path, peaked_model_dir, prompts, tokenizer, precision, decoder, recorded
+):
+    """fp32 on the decode loop: the policy itself samples, and the rollout takes its old log-probs and entropies
+    from the decode's recording (two forwards after sampling, reference and value, not three), equal to the
+    policy's fresh forward to float32 rounding; model.generate records nothing, and a bf16 sampling copy's
+    recording would differ from the policy by bf16 rounding: both run the policy's forward (then exactly the
+    fresh one)."""
+    cfg = _cfg(tmp_path, peaked_model_dir, prompts, precision=precision, decoder=decoder, temperature=0.7)
+    trainer = PPOTrainer(cfg, reward_source=LowIdReward(tokenizer))
+    seen = spy_rollout_forwards(trainer)
+    trainer.train()
+    assert trainer.old_logprobs_from_decode == (precision == "fp32")
+    assert seen["policy_forward"] == [not recorded] * 2
+    for rollout, logps, entropy in seen["fresh"]:
+        mask = rollout.response_mask.bool()
+        assert mask.sum() > 8  # responses of several tokens
+        # a cached decode against a full forward, on logits of tens of nats (init std 1.0): measured 2.7e-5 at most;
+        # the forward path is the fresh forward itself
+        tol = 1e-4 if recorded else 0.0
+        torch.testing.assert_close(rollout.logps[mask], logps[mask], rtol=tol, atol=tol)
+        torch.testing.assert_close(rollout.entropy[mask], entropy[mask], rtol=tol, atol=tol)
+        assert (rollout.logps[~mask] == 0).all() and (rollout.entropy[~mask] == 0).all()
+    # the first minibatch's ratio is 1 up to that rounding (measured 0.999998 recorded), nothing clipped
+    first = trainer.minibatch_stats[0]
+    assert first["val/ratio"] == pytest.approx(1.0, abs=1e-4) and first["policy/clipfrac"] == 0.0

@@ -333,17 +333,45 @@ def test_one_step_on_policy_skips_the_rollouts_policy_forward(
     monkeypatch.setattr(Trained, "frozen_forward", counted)
     kw = dict(max_steps=2, kl_in_loss=True, ppo_epochs=1, num_minibatches=1, grad_accum=2, kl_coef=0.1)
     runs = {}
-    for name, skip in (("skip", True), ("full", False)):
+    # skip: one step on-policy; full: the rollout's policy forward; recorded: the old log-probs the decode loop
+    # recorded (what fp32 does when not one step on-policy)
+    for name, skip, record in (("skip", True, False), ("full", False, False), ("recorded", False, True)):
         monkeypatch.setattr(RLTrainer, "one_step_on_policy", property(lambda self, s=skip: s))
+        monkeypatch.setattr(RLTrainer, "old_logprobs_from_decode", property(lambda self, r=record: r))
         calls.clear()
         cfg = _cfg(tmp_path / name, tiny_model_dir, prompts, **kw)
         RLTrainer(cfg, reward_source=LowIdReward(tokenizer)).train()
         runs[name] = (read_metrics(tmp_path / name / "run"), sum(calls))
-    (skip_rows, skip_calls), (full_rows, full_calls) = runs["skip"], runs["full"]
-    assert (skip_calls, full_calls) == (0, 2)  # the rollout's policy forward, once per iteration, is gone
+    assert [runs[n][1] for n in ("skip", "full", "recorded")] == [0, 2, 0]  # the policy forward per iteration
+    skip_rows, full_rows = runs["skip"][0], runs["full"][0]
     assert all(r["val/ratio"] == 1.0 and r["policy/approxkl"] == 0.0 for r in skip_rows)
     assert skip_rows[1]["objective/kl"] != 0.0  # the KL of the second rollout, from the log-probs the update filled
     _close_runs(skip_rows, full_rows)  # the same run otherwise: the update's forward is the policy that sampled
+    _close_runs(runs["recorded"][0], full_rows)  # and the decode loop's recording is that policy's log-probs
+
+
+def test_old_logprobs_recorded_unless_one_step_on_policy(tmp_path, peaked_model_dir, prompts, tokenizer):  # noqa: F811
+    """fp32, 2 epochs: the rollout takes the old log-probs the decode loop recorded (no policy forward), equal
+    to the policy's fresh forward to float32 rounding; one step on-policy records nothing (the update fills them)."""
+    from test_trainer_ppo import spy_rollout_forwards
+
+    for name, kw, recorded in (
+        ("epochs", {}, True),
+        ("one-step", dict(kl_in_loss=True, ppo_epochs=1, num_minibatches=1), False),
+    ):
+        trainer = RLTrainer(
+            _cfg(tmp_path / name, peaked_model_dir, prompts, temperature=0.7, **kw),
+            reward_source=LowIdReward(tokenizer),
+        )
+        seen = spy_rollout_forwards(trainer)
+        trainer.train()
+        assert trainer.old_logprobs_from_decode == recorded and trainer.one_step_on_policy == (not recorded)
+        assert seen["policy_forward"] == [False] * 2  # recorded, or left for the update to fill
+        if recorded:
+            for rollout, logps, entropy in seen["fresh"]:
+                mask = rollout.response_mask.bool()
+                torch.testing.assert_close(rollout.logps[mask], logps[mask], rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(rollout.entropy[mask], entropy[mask], rtol=1e-4, atol=1e-4)
 
 
 def test_one_step_on_policy_only_when_one_step_and_kl_in_the_loss(tmp_path, tiny_model_dir, prompts):
@@ -377,6 +405,7 @@ def test_one_step_on_policy_with_every_group_dropped_fills_from_a_forward(
         return plain(self, fn, *a, **k)
 
     monkeypatch.setattr(Trained, "frozen_forward", counted)
+    monkeypatch.setattr(RLTrainer, "old_logprobs_from_decode", property(lambda self: False))  # "full": a forward
     kw = dict(max_steps=2, kl_in_loss=True, ppo_epochs=1, num_minibatches=1, dynamic_sampling=True)
     runs = {}
     for name, skip in (("skip", True), ("full", False)):

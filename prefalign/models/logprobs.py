@@ -145,7 +145,17 @@ def _head_stats(
 ) -> tuple[torch.Tensor, ...]:
     """``(token_logps,)`` or ``(token_logps, entropy)``, each ``(n,)`` float32, from hidden states ``h (n, H)``
     and their next tokens ``targets (n,)``; the ``(n, V)`` logits live only inside this call."""
-    logits = head(h).float()  # (n, V): the only place the LM head runs
+    return token_stats(head(h), targets, temperature, return_entropy)  # the only place the LM head runs
+
+
+def token_stats(
+    logits: torch.Tensor, targets: torch.Tensor, temperature: float, return_entropy: bool = True
+) -> tuple[torch.Tensor, ...]:
+    """``(token_logps,)`` or ``(token_logps, entropy)``, each ``(n,)`` float32: ``log softmax(logits / T)`` at
+    ``targets (n,)`` and the entropy of ``softmax(logits / T)``, from ``logits (n, V)`` (any float dtype; computed
+    in float32). The one formula for the log-probs of the update, the rollout's forwards and the decode loop's
+    recording (`prefalign.rollout.generate.LogprobRecorder`)."""
+    logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature
     lse = torch.logsumexp(logits, dim=-1)

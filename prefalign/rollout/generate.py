@@ -9,10 +9,12 @@ real tokens.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
+from prefalign.models.logprobs import token_stats
 from prefalign.rollout.decode import PackedLinears, decode, loop_fallback
 from prefalign.validation import Validated, check_sampling, require_at_least_one
 
@@ -80,6 +82,9 @@ class Generation:
         response_ids: ``(B, R)`` right-padded response tokens, cut after the first EOS.
         response_mask: ``(B, R)`` 1 on real response tokens (the EOS included).
         ended: ``(B,)`` bool, the response ended with EOS (not by running out of tokens).
+        logps, entropy: ``(B, R)`` float32, recorded while decoding (``generate(record_logprobs=True)`` on the
+            decode loop; else None): the log-prob of each response token and the entropy at its position under
+            ``softmax(logits / temperature)`` of the model that sampled it, 0 past the response.
     """
 
     prompt_ids: torch.Tensor
@@ -87,6 +92,8 @@ class Generation:
     response_ids: torch.Tensor
     response_mask: torch.Tensor
     ended: torch.Tensor
+    logps: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(query_response, attention_mask, completion_mask)``, each ``(B, P+R)``: prompt and response side by
@@ -204,6 +211,34 @@ class KeyedSampler:
         return out.scatter_(1, choice[:, None], 0.0)
 
 
+class LogprobRecorder:
+    """A `decode` choose function that also records, at every step, the log-prob of the token it chose and the
+    entropy of ``softmax(logits / temperature)`` (`prefalign.models.logprobs.token_stats`: the distribution before
+    top-k / top-p, as `completion_logprobs` scores it). A fresh forward over the finished sequences gives the same
+    numbers up to the rounding of a cached decode against a full forward (float32: at most 3e-5 measured on tiny
+    models whose logits run to tens, tested); PPO's rollout takes its old log-probs from here instead of running
+    that forward (as TRL's PPO and GRPO do)."""
+
+    def __init__(self, choose: Callable[[torch.Tensor, int], torch.Tensor], temperature: float):
+        self.choose, self.temperature = choose, temperature
+        self.logps: list[torch.Tensor] = []  # per step (B,)
+        self.entropy: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, position: int) -> torch.Tensor:
+        token = self.choose(logits, position)
+        logps, entropy = token_stats(logits, token, self.temperature)
+        self.logps.append(logps)
+        self.entropy.append(entropy)
+        return token
+
+    def stats(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps, entropy)``, each ``(B, R)`` for the response mask ``mask (B, R)``, 0 where it is 0."""
+        width = mask.shape[1]  # <= the steps decoded: the responses were cut from them
+        logps, entropy = (torch.stack(x, dim=1)[:, :width] for x in (self.logps, self.entropy))
+        keep = mask.bool()
+        return logps.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0)
+
+
 def sampling_copy(model, dtype: torch.dtype):
     """The model to sample from: ``model`` itself when it already holds ``dtype`` weights, else a copy cast to
     ``dtype`` (eval mode; call it under no_grad). Decoding is bound by reading the weights every token: a bf16
@@ -247,6 +282,7 @@ def generate(
     seed: int = 0,
     synced: bool = False,
     packed: PackedLinears | None = None,
+    record_logprobs: bool = False,
 ) -> Generation:
     """Sample one completion per (left-padded) prompt row; see `Generation` for the shapes.
 
@@ -258,11 +294,14 @@ def generate(
 
     ``sampling.decoder`` "loop" decodes with `prefalign.rollout.decode.decode` (``model.generate`` where
     `loop_fallback` names a reason), on ``packed`` (a `PackedLinears` of ``model`` a caller keeps across calls
-    while the weights do not change) or on packs made for this call and dropped after it.
+    while the weights do not change) or on packs made for this call and dropped after it. ``record_logprobs``:
+    the decode loop also records each response token's log-prob and entropy at ``sampling.temperature``
+    (`LogprobRecorder`; `Generation.logps` / ``entropy``); ``model.generate`` records nothing (they stay None).
     """
     if row_keys is not None and len(row_keys) != prompt_ids.shape[0]:
         raise ValueError(f"{len(row_keys)} row keys for {prompt_ids.shape[0]} prompts")
     keyed = row_keys is not None and not sampling.greedy
+    recorder: LogprobRecorder | None = None
     hf_samples = not (sampling.greedy or keyed)
     sampler = None
     if keyed and row_keys is not None:  # keyed implies row keys
@@ -277,6 +316,8 @@ def generate(
             and loop_fallback(model, stop=sampling.stop, sampled_by_hf=hf_samples, synced=synced) is None
         ):
             choose = sampler.choose if sampler is not None else _argmax
+            if record_logprobs:
+                choose = recorder = LogprobRecorder(choose, sampling.temperature)
             with packed if packed is not None else PackedLinears(model, batch_hint=prompt_ids.shape[0]):
                 raw = decode(
                     model, prompt_ids, prompt_mask, sampling.max_new_tokens, choose, eos_ids=eos_ids, pad_id=pad_id
@@ -290,8 +331,11 @@ def generate(
     ids, mask, ended = truncate_at_eos(raw, eos_ids, pad_id)
     if sampling.stop and tokenizer is not None:
         ids, mask, ended = _end_at_stop_strings(raw, ids, mask, ended, sampling.stop, tokenizer, pad_id)
-    width = int(mask.sum(1).max().item()) if mask.numel() else 0
-    return Generation(prompt_ids, prompt_mask, ids[:, : max(width, 1)], mask[:, : max(width, 1)], ended)
+    width = max(int(mask.sum(1).max().item()) if mask.numel() else 0, 1)
+    gen = Generation(prompt_ids, prompt_mask, ids[:, :width], mask[:, :width], ended)
+    if recorder is not None:
+        gen.logps, gen.entropy = recorder.stats(gen.response_mask)
+    return gen
 
 
 def _argmax(logits: torch.Tensor, position: int) -> torch.Tensor:

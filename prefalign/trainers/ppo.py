@@ -245,11 +245,15 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
             [self.prompt_ids[i] for i in idx], [key_seed(step, i) for i in idx], timing
         )
         response_mask = gen.response_mask  # (B, R)
-        # 3. old log-probs (at the sampling temperature), reference log-probs, values
+        # 3. old log-probs (at the sampling temperature; recorded while decoding where they could be), reference
+        #    log-probs, values
         t1 = time.perf_counter()
-        logps, entropy, ref_logps, values = self.rollout_forwards(query_response, attention_mask, completion_mask)
+        logps, entropy, ref_logps, values = self.rollout_forwards(
+            query_response, attention_mask, completion_mask, policy=gen.logps is None
+        )
         prompt_width = gen.prompt_ids.shape[1]
-        logps, entropy, ref_logps, values = (x[:, prompt_width:].float() for x in (logps, entropy, ref_logps, values))
+        ref_logps, values = (x[:, prompt_width:].float() for x in (ref_logps, values))
+        logps, entropy = self.old_logprobs(gen, logps, entropy)
         timing["time/logprobs"] = time.perf_counter() - t1
         # 4. score the decoded text with the reward source; 5. clip, then penalise responses that never ended
         prompts, texts, scores = self.score_completions(idx, gen, timing, f"--reward {cfg.reward}")
@@ -324,6 +328,7 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
                 seed=self.cfg.seed,
                 synced=self.backend.sharded,
                 row_keys=row_keys,
+                record_logprobs=self.old_logprobs_from_decode,
             )
         timing["time/generation"] = time.perf_counter() - t0
         return (gen, *gen.sequences())
@@ -348,9 +353,27 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
                     ref_logps = self.trained_policy.frozen_forward(completion_logprobs, *args, temperature=temperature)
         return logps, entropy, ref_logps
 
-    def rollout_forwards(self, query_response, attention_mask, completion_mask):
-        """``(logps, entropy, ref_logps, values)``, each ``(B, P+R)``: `policy_forwards` and the value model's."""
-        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask)
+    @property
+    def old_logprobs_from_decode(self) -> bool:
+        """Whether rollouts take the policy's old log-probs and entropy from the decode loop's recording
+        (`prefalign.rollout.generate.LogprobRecorder`) instead of a forward after sampling: when the policy itself
+        samples (float32 precision). A bf16 sampling copy's would differ from the policy's own forward by bf16
+        rounding, which the update's ratio would read as a policy change, so there the forward stays; so it does
+        where the sample falls back to ``model.generate`` (`prefalign.rollout.decode.loop_fallback`)."""
+        return self.sampler is self.policy
+
+    def old_logprobs(self, gen, logps, entropy) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps, entropy)``, each ``(B, R)`` float32: the sampling policy's, recorded while decoding ``gen``,
+        else the response columns of the rollout forward's ``(B, P+R)`` ``logps`` and ``entropy``."""
+        if gen.logps is not None:
+            return gen.logps, gen.entropy
+        width = gen.prompt_ids.shape[1]
+        return logps[:, width:].float(), entropy[:, width:].float()
+
+    def rollout_forwards(self, query_response, attention_mask, completion_mask, policy: bool = True):
+        """``(logps, entropy, ref_logps, values)``, each ``(B, P+R)``: `policy_forwards` (``policy=False``: the
+        reference's only, ``logps`` and ``entropy`` None) and the value model's."""
+        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask, policy)
         with self.accelerator.autocast():
             values = self.trained_value.frozen_forward(token_values, query_response, attention_mask, completion_mask)
         return logps, entropy, ref_logps, values

@@ -45,7 +45,12 @@ class Groups:
         mask = g.response_mask[index]
         width = max(int(mask.sum(1).max().item()) if len(rows) else 0, 1)
         gen = Generation(
-            g.prompt_ids[index], g.prompt_mask[index], g.response_ids[index, :width], mask[:, :width], g.ended[index]
+            g.prompt_ids[index],
+            g.prompt_mask[index],
+            g.response_ids[index, :width],
+            mask[:, :width],
+            g.ended[index],
+            *(None if x is None else x[index, :width] for x in (g.logps, g.entropy)),
         )
         return Groups(
             gen,
@@ -74,6 +79,11 @@ class Groups:
             torch.cat([pad(p.gen.response_mask, width_r, 0, False) for p in pieces]),
             torch.cat([p.gen.ended for p in pieces]),
         )
+        recorded = [(p.gen.logps, p.gen.entropy) for p in pieces]
+        if all(logps is not None and entropy is not None for logps, entropy in recorded):
+            # recorded while decoding (every round decodes alike): padded with 0 like every row past its response
+            gen.logps = torch.cat([pad(logps, width_r, 0, False) for logps, _ in recorded])  # type: ignore[arg-type]
+            gen.entropy = torch.cat([pad(ent, width_r, 0, False) for _, ent in recorded])  # type: ignore[arg-type]
         return Groups(
             gen,
             [r for p in pieces for r in p.prompt_rows],

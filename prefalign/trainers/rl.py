@@ -244,16 +244,19 @@ class RLTrainer(RLUpdate, PPOTrainer):
         t0 = time.perf_counter()
         width, skip = gen.prompt_ids.shape[1], self.one_step_on_policy
         logps, entropy, ref_logps = self.policy_forwards(
-            query_response, attention_mask, completion_mask, policy=not skip
+            query_response, attention_mask, completion_mask, policy=not skip and gen.logps is None
         )
         ref_logps = ref_logps[:, width:].float()
         logps, entropy = (
-            (ref_logps.clone(), torch.zeros_like(ref_logps))
-            if skip
-            else (logps[:, width:].float(), entropy[:, width:].float())
+            (ref_logps.clone(), torch.zeros_like(ref_logps)) if skip else self.old_logprobs(gen, logps, entropy)
         )
         timing["time/logprobs"] = time.perf_counter() - t0
         return logps, entropy, ref_logps
+
+    @property
+    def old_logprobs_from_decode(self) -> bool:
+        """As PPO's, except one step on-policy, where the update's own forward gives them exactly."""
+        return super().old_logprobs_from_decode and not self.one_step_on_policy
 
     @property
     def one_step_on_policy(self) -> bool:
