@@ -1,5 +1,6 @@
 """Collectives over the default process group that need no accelerate object: usable from `models/` (the chunked
-log-probs under ZeRO-3) as from the trainers. With no process group (one process) each is the local value."""
+log-probs' agreement on a chunk count under ZeRO-3 or for an FSDP2 head unit) as from the trainers. With no
+process group (one process) each is the local value."""
 
 from __future__ import annotations
 

@@ -289,15 +289,19 @@ def test_recorded_logprobs_are_a_fresh_forwards(peaked, tokenizer, pack):
     eos = [int(free.response_ids[0, 2])]  # row 0 ends at its third token, the others run on
     assert not (free.response_ids[1:, :3] == eos[0]).any()
     run = dict(eos_ids=eos, pad_id=pad, row_keys=keys, seed=3)
-    if pack:
-        gen = generate(peaked, ids, mask, sampling, **run, record_logprobs=True)
-    else:  # no oneDNN: generate's own packs would not apply; the recorder reads the plain linears' logits
-        import sys
+    with pytest.MonkeyPatch.context() as mp:
+        if not pack:  # the recorder reads the plain linears' logits (no oneDNN packs)
+            import contextlib
+            import sys
 
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(sys.modules["prefalign.rollout.generate"], "PackedLinears", lambda model, batch_hint: _NoPacks())
-            gen = generate(peaked, ids, mask, sampling, **run, record_logprobs=True)
-    assert torch.equal(gen.response_ids, generate(peaked, ids, mask, sampling, **run).response_ids)
+            mp.setattr(
+                sys.modules["prefalign.rollout.generate"],
+                "PackedLinears",
+                lambda m, batch_hint: contextlib.nullcontext(),
+            )
+        gen = generate(peaked, ids, mask, sampling, **run, record_logprobs=True)
+        unrecorded = generate(peaked, ids, mask, sampling, **run)
+    assert torch.equal(gen.response_ids, unrecorded.response_ids) and unrecorded.logps is None
     assert int(gen.response_mask[0].sum()) == 3 and gen.response_mask[1:].sum() > 3 * 3
     qr, am, cm = gen.sequences()
     with torch.no_grad():
@@ -308,15 +312,6 @@ def test_recorded_logprobs_are_a_fresh_forwards(peaked, tokenizer, pack):
         torch.testing.assert_close(got, want[:, width:], rtol=1e-5, atol=1e-5)
         assert (got[gen.response_mask == 0] == 0).all()
     assert (gen.logps[gen.response_mask == 1] < 0).all()
-    assert generate(peaked, ids, mask, sampling, **run).logps is None
     hf = SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=40, decoder="generate")
     fallback = generate(peaked, ids, mask, hf, **run, record_logprobs=True)
     assert fallback.logps is None and fallback.entropy is None
-
-
-class _NoPacks:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return None

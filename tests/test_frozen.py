@@ -24,10 +24,8 @@ def _batch(tok, n=3, length=12, seed=0):
 
 @pytest.mark.parametrize("tied", [True, False])
 def test_bf16_linear_weights_give_the_same_log_probs_under_autocast(tokenizer, tied):
-    model, tok = tiny_causal_lm(tokenizer, layers=2, hidden=32, seed=3, init_std=0.5)
-    if not tied:  # an untied head is an ordinary linear layer: held in bf16 too
-        model.config.tie_word_embeddings = False
-        model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    # an untied head is an ordinary linear layer: held in bf16 too
+    model, tok = tiny_causal_lm(tokenizer, layers=2, hidden=32, seed=3, init_std=0.5, tied=tied)
     model.eval()
     held = copy.deepcopy(model)
     linear = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]

@@ -302,11 +302,13 @@ def test_fsdp_chunked_logprobs_match_one_chunk(tmp_path, tiny_model_dir, tokeniz
 
 def untied_model_dir(path, tokenizer):
     """A tiny random Llama like ``tiny_model_dir`` with its LM head untied from the input embeddings."""
+    from transformers import AutoModelForCausalLM
+
     from prefalign.models import tiny_causal_lm
 
-    model, tok = tiny_causal_lm(tokenizer, layers=2, hidden=32, seed=0)
-    model.config.tie_word_embeddings = False
-    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+    model, tok = tiny_causal_lm(tokenizer, layers=2, hidden=32, seed=0, tied=False)
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    loaded = AutoModelForCausalLM.from_pretrained(path)
+    assert loaded.lm_head.weight is not loaded.model.embed_tokens.weight  # stays untied through save and load
     return path

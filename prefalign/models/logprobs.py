@@ -135,8 +135,10 @@ def _gathers_per_call(head) -> bool:
     weight = getattr(head, "weight", None)
     if hasattr(weight, "ds_id"):
         return not getattr(weight, "ds_persist", False)
-    from torch.distributed.fsdp import FSDPModule
-
+    try:
+        from torch.distributed.fsdp import FSDPModule  # public since torch 2.6; FSDP2 needs it
+    except ImportError:
+        return False
     return isinstance(head, FSDPModule)
 
 

@@ -217,7 +217,7 @@ class LogprobRecorder:
     top-k / top-p, as `completion_logprobs` scores it). A fresh forward over the finished sequences gives the same
     numbers up to the rounding of a cached decode against a full forward (float32: at most 3e-5 measured on tiny
     models whose logits run to tens, tested); PPO's rollout takes its old log-probs from here instead of running
-    that forward (as TRL's PPO and GRPO do)."""
+    that forward (as TRL's PPO takes them from its sampling logits)."""
 
     def __init__(self, choose: Callable[[torch.Tensor, int], torch.Tensor], temperature: float):
         self.choose, self.temperature = choose, temperature

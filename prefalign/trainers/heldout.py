@@ -63,6 +63,8 @@ class HeldoutEval:
 
         def policy_forwards(self, query_response, attention_mask, completion_mask, policy: bool = True) -> tuple: ...
 
+        def old_logprobs(self, gen, logps, entropy) -> tuple: ...
+
         def decode_completions(self, gen) -> list[str]: ...
 
     # ---------------------------------------------------------------- setup
@@ -174,10 +176,14 @@ class HeldoutEval:
         gen, query_response, attention_mask, completion_mask = self.sample(
             [self.heldout_ids[i] for i in rows], keys, {}
         )
-        # k1 per token at the sampling temperature, summed over the response: `prefalign eval`'s KL
-        logps, _, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask)
+        # k1 per token at the sampling temperature, summed over the response: `prefalign eval`'s KL; the policy's
+        # log-probs recorded while decoding where they were (`old_logprobs_from_decode`)
+        logps, entropy, ref_logps = self.policy_forwards(
+            query_response, attention_mask, completion_mask, gen.logps is None
+        )
+        logps, _ = self.old_logprobs(gen, logps, entropy)
         width = gen.prompt_ids.shape[1]
-        kl = ((logps[:, width:].float() - ref_logps[:, width:].float()) * gen.response_mask).sum(1)  # (b,)
+        kl = ((logps - ref_logps[:, width:].float()) * gen.response_mask).sum(1)  # (b,)
         prompts, texts = [self.heldout_texts[i] for i in rows], self.decode_completions(gen)
         columns = take_rows(self.heldout_columns, rows)
         proxy = score_with_columns(self.reward_source, prompts, texts, columns)

@@ -360,7 +360,7 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
         samples (float32 precision). A bf16 sampling copy's would differ from the policy's own forward by bf16
         rounding, which the update's ratio would read as a policy change, so there the forward stays; so it does
         where the sample falls back to ``model.generate`` (`prefalign.rollout.decode.loop_fallback`)."""
-        return self.sampler is self.policy
+        return self.sampler is self.policy and self.precision == "fp32"
 
     def old_logprobs(self, gen, logps, entropy) -> tuple[torch.Tensor, torch.Tensor]:
         """``(logps, entropy)``, each ``(B, R)`` float32: the sampling policy's, recorded while decoding ``gen``,

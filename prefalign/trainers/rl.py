@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from prefalign.collectives import process_max
 from prefalign.losses import ADVANTAGE_ESTIMATORS, AdvantageInputs, kl_shaped_rewards
 from prefalign.losses.policy import informative_groups
 from prefalign.methods import METHODS, Method
@@ -220,7 +221,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
             return groups
 
         def anyone_missing(count: int) -> bool:
-            return bool(acc.gather(torch.tensor([count], device=acc.device)).max() > 0)
+            return process_max(count, acc.device) > 0
 
         k, pad = cfg.num_generations, self.tokenizer.pad_token_id
         return refill(first, k, cfg.resample_rounds, sample, anyone_missing, pad, keep_busy=self.backend.sharded)
