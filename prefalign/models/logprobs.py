@@ -156,7 +156,7 @@ def token_stats(
     """``(token_logps,)`` or ``(token_logps, entropy)``, each ``(n,)`` float32: ``log softmax(logits / T)`` at
     ``targets (n,)`` and the entropy of ``softmax(logits / T)``, from ``logits (n, V)`` (any float dtype; computed
     in float32). The one formula for the log-probs of the update, the rollout's forwards and the decode loop's
-    recording (`prefalign.rollout.generate.LogprobRecorder`)."""
+    recording (`prefalign.rollout.decode.LogprobRecorder`)."""
     logits = logits.float()
     if temperature != 1.0:
         logits = logits / temperature

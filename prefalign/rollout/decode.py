@@ -25,6 +25,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from prefalign.models.logprobs import token_stats
+
 # generation-config fields whose non-neutral values make ``model.generate`` add a logits processor or a stopping
 # rule, or pick a search (beams, contrastive, DoLa), the loop does not implement: ``model.generate`` fills every field
 # we leave unset from the model's own generation config, so a model that sets one is sampled by ``model.generate``
@@ -137,6 +139,34 @@ def decode(
             **{cache_arg: cache},
         ).logits[:, -1]
     return torch.stack(tokens, dim=1)
+
+
+class LogprobRecorder:
+    """A `decode` choose function that also records, at every step, the log-prob of the token it chose and the
+    entropy of ``softmax(logits / temperature)`` (`prefalign.models.logprobs.token_stats`: the distribution before
+    top-k / top-p, as `completion_logprobs` scores it); ``generate(record_logprobs=True)`` uses it. A fresh forward
+    over the finished sequences gives the same numbers up to the rounding of a cached decode against a full forward
+    (float32: at most 3e-5 measured on tiny models whose logits run to tens, tested); PPO's rollout takes its old
+    log-probs from here instead of running that forward (as TRL's PPO takes them from its sampling logits)."""
+
+    def __init__(self, choose: Callable[[torch.Tensor, int], torch.Tensor], temperature: float):
+        self.choose, self.temperature = choose, temperature
+        self.logps: list[torch.Tensor] = []  # per step (B,)
+        self.entropy: list[torch.Tensor] = []
+
+    def __call__(self, logits: torch.Tensor, position: int) -> torch.Tensor:
+        token = self.choose(logits, position)
+        logps, entropy = token_stats(logits, token, self.temperature)
+        self.logps.append(logps)
+        self.entropy.append(entropy)
+        return token
+
+    def stats(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(logps, entropy)``, each ``(B, R)`` for the response mask ``mask (B, R)``, 0 where it is 0."""
+        width = mask.shape[1]  # <= the steps decoded: the responses were cut from them
+        logps, entropy = (torch.stack(x, dim=1)[:, :width] for x in (self.logps, self.entropy))
+        keep = mask.bool()
+        return logps.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0)
 
 
 def packing_available(dtype: torch.dtype) -> bool:

@@ -9,13 +9,11 @@ real tokens.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-from prefalign.models.logprobs import token_stats
-from prefalign.rollout.decode import PackedLinears, decode, loop_fallback
+from prefalign.rollout.decode import LogprobRecorder, PackedLinears, decode, loop_fallback
 from prefalign.validation import Validated, check_sampling, require_at_least_one
 
 
@@ -209,34 +207,6 @@ class KeyedSampler:
         choice = self.choose(scores, input_ids.shape[1] - self.prompt_width)  # the response position being drawn
         out = torch.full_like(scores, float("-inf"))
         return out.scatter_(1, choice[:, None], 0.0)
-
-
-class LogprobRecorder:
-    """A `decode` choose function that also records, at every step, the log-prob of the token it chose and the
-    entropy of ``softmax(logits / temperature)`` (`prefalign.models.logprobs.token_stats`: the distribution before
-    top-k / top-p, as `completion_logprobs` scores it). A fresh forward over the finished sequences gives the same
-    numbers up to the rounding of a cached decode against a full forward (float32: at most 3e-5 measured on tiny
-    models whose logits run to tens, tested); PPO's rollout takes its old log-probs from here instead of running
-    that forward (as TRL's PPO takes them from its sampling logits)."""
-
-    def __init__(self, choose: Callable[[torch.Tensor, int], torch.Tensor], temperature: float):
-        self.choose, self.temperature = choose, temperature
-        self.logps: list[torch.Tensor] = []  # per step (B,)
-        self.entropy: list[torch.Tensor] = []
-
-    def __call__(self, logits: torch.Tensor, position: int) -> torch.Tensor:
-        token = self.choose(logits, position)
-        logps, entropy = token_stats(logits, token, self.temperature)
-        self.logps.append(logps)
-        self.entropy.append(entropy)
-        return token
-
-    def stats(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logps, entropy)``, each ``(B, R)`` for the response mask ``mask (B, R)``, 0 where it is 0."""
-        width = mask.shape[1]  # <= the steps decoded: the responses were cut from them
-        logps, entropy = (torch.stack(x, dim=1)[:, :width] for x in (self.logps, self.entropy))
-        keep = mask.bool()
-        return logps.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0)
 
 
 def sampling_copy(model, dtype: torch.dtype):

@@ -28,44 +28,27 @@ import torch
 from prefalign.errors import UserError
 from prefalign.rollout.generate import key_seed
 from prefalign.trainers.checkpoint import rng_state, set_rng_state
+from prefalign.trainers.ppo_sampling import RolloutSampling
 
 if TYPE_CHECKING:
-    from accelerate import Accelerator
-
     from prefalign.rewards import RewardSource
     from prefalign.trainers.metrics import MetricsLogger
-    from prefalign.trainers.ppo_config import PPOConfig
 
 HELDOUT_STREAM = -1
 """First part of a held-out prompt's sampling key, ``key_seed(HELDOUT_STREAM, i)``: a rollout's keys start with
 the iteration, which is never negative, so no training row draws from a held-out stream."""
 
 
-class HeldoutEval:
+class HeldoutEval(RolloutSampling):
     """The held-out half of `prefalign.trainers.ppo.PPOTrainer` (a mixin: it samples, scores and runs forwards
-    through the trainer)."""
+    through the trainer's `RolloutSampling`)."""
 
     heldout_judge: RewardSource | None = None
     """The gold judge; None: no held-out evaluation."""
 
-    if TYPE_CHECKING:  # what it reads of the trainer (`Run`, `PPOTrainer`)
-        accelerator: Accelerator
+    if TYPE_CHECKING:  # what it reads of the trainer (`Run`, `PPOTrainer`) beyond `RolloutSampling`'s
         world: int
         total_steps: int
-        tokenizer: Any
-        policy: Any
-        reward_source: Any
-
-        @property
-        def cfg(self) -> PPOConfig: ...
-
-        def sample(self, prompt_ids: list[list[int]], row_keys: list[int], timing: dict) -> tuple: ...
-
-        def policy_forwards(self, query_response, attention_mask, completion_mask, policy: bool = True) -> tuple: ...
-
-        def old_logprobs(self, gen, logps, entropy) -> tuple: ...
-
-        def decode_completions(self, gen) -> list[str]: ...
 
     # ---------------------------------------------------------------- setup
     def setup_heldout(self) -> None:

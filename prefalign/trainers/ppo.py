@@ -21,18 +21,16 @@ from pathlib import Path
 import torch
 
 from prefalign.errors import UserError
-from prefalign.losses import apply_missing_eos_penalty, gae, kl_shaped_rewards, masked_whiten
+from prefalign.losses import gae, kl_shaped_rewards, masked_whiten
 from prefalign.methods import METHODS
-from prefalign.models.frozen import frozen_autocast, load_reference, resolve_frozen_dtype
-from prefalign.models.logprobs import completion_logprobs
-from prefalign.models.value import token_values
-from prefalign.rollout import cut_at_stop, eos_token_ids, generate, refresh_sampling_copy, sampling_copy
+from prefalign.models.frozen import load_reference, resolve_frozen_dtype
+from prefalign.rollout import eos_token_ids, refresh_sampling_copy, sampling_copy
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
 from prefalign.trainers.dist import masked_mean_var
 from prefalign.trainers.final import save_final_model
 from prefalign.trainers.heldout import HeldoutEval
-from prefalign.trainers.lora import adapter_off, apply_lora
+from prefalign.trainers.lora import apply_lora
 from prefalign.trainers.metrics import MetricsLogger
 from prefalign.trainers.optim import make_optimizer
 from prefalign.trainers.ppo_config import PPOConfig
@@ -280,103 +278,6 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
             prompts=prompts,
             completions=texts,
         )
-
-    def score_completions(self, prompt_rows: list[int], gen, timing: dict, where: str):
-        """``(prompts, texts, scores)`` of a rollout's completions ``gen`` of ``prompt_rows``: the decoded text cut at
-        the stop strings, scored by the reward source with the rows' other columns (``where`` names it in a bad
-        score's error), clipped to --score-clip, with --missing-eos-penalty on rows that never ended. Records
-        ``time/scoring``."""
-        from prefalign.data import take_rows
-        from prefalign.rewards import check_scores, score_with_columns
-
-        cfg, dev = self.cfg, self.accelerator.device
-        t0 = time.perf_counter()
-        prompts = [self.prompts[i] for i in prompt_rows]
-        texts = self.decode_completions(gen)
-        # a row's other columns once per completion, as its prompt
-        scores = score_with_columns(self.reward_source, prompts, texts, take_rows(self.prompt_columns, prompt_rows))
-        scores = check_scores(scores, len(texts), where).to(dev)
-        timing["time/scoring"] = time.perf_counter() - t0
-        if cfg.score_clip is not None:
-            scores = scores.clamp(-cfg.score_clip, cfg.score_clip)
-        return prompts, texts, apply_missing_eos_penalty(scores, gen.ended.to(dev), cfg.missing_eos_penalty)
-
-    def decode_completions(self, gen) -> list[str]:
-        """The text of each completion of ``gen``, cut before the first --stop string: what a reward scores."""
-        decoded = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
-        return [cut_at_stop(t, self.cfg.stop) for t in decoded]
-
-    def sample(self, prompt_ids: list[list[int]], row_keys: list[int], timing: dict):
-        """``(gen, query_response, attention_mask, completion_mask)``: one completion per prompt of ``prompt_ids``
-        (token id lists), row r drawn from the stream keyed ``row_keys[r]``; the masks are ``(B, P+R)``, the
-        response of every row starting at column P. Records ``time/generation``. A collective under FSDP."""
-        from prefalign.data import PromptCollator
-
-        acc, tok, dev = self.accelerator, self.tokenizer, self.accelerator.device
-        t0 = time.perf_counter()
-        batch = PromptCollator(tok.pad_token_id)(prompt_ids)
-        with acc.autocast():
-            gen = self.trained_policy.frozen_forward(
-                generate,
-                batch["input_ids"].to(dev),
-                batch["attention_mask"].to(dev),
-                self.sampling,
-                model=self.sampler,
-                eos_ids=self.eos_ids,
-                pad_id=tok.pad_token_id,
-                tokenizer=tok,
-                seed=self.cfg.seed,
-                synced=self.backend.sharded,
-                row_keys=row_keys,
-                record_logprobs=self.old_logprobs_from_decode,
-            )
-        timing["time/generation"] = time.perf_counter() - t0
-        return (gen, *gen.sequences())
-
-    def policy_forwards(self, query_response, attention_mask, completion_mask, policy: bool = True):
-        """``(logps, entropy, ref_logps)``, each ``(B, P+R)``: the rollout's no-gradient policy and reference
-        forwards (at the sampling temperature), shared by PPO and the critic-free family. ``policy=False``: the
-        reference's only (``logps`` and ``entropy`` None)."""
-        temperature = self.cfg.temperature
-        args = (query_response, attention_mask, completion_mask)
-        logps = entropy = None
-        with self.accelerator.autocast():
-            if policy:
-                logps, entropy = self.trained_policy.frozen_forward(
-                    completion_logprobs, *args, temperature=temperature, return_entropy=True
-                )
-            if self.ref_model is not None:  # a whole frozen copy on every process
-                with frozen_autocast(self.accelerator.device, self.frozen_dtype):
-                    ref_logps = completion_logprobs(self.ref_model, *args, temperature=temperature)
-            else:
-                with adapter_off(self.policy):
-                    ref_logps = self.trained_policy.frozen_forward(completion_logprobs, *args, temperature=temperature)
-        return logps, entropy, ref_logps
-
-    @property
-    def old_logprobs_from_decode(self) -> bool:
-        """Whether rollouts take the policy's old log-probs and entropy from the decode loop's recording
-        (`prefalign.rollout.generate.LogprobRecorder`) instead of a forward after sampling: when the policy itself
-        samples (float32 precision). A bf16 sampling copy's would differ from the policy's own forward by bf16
-        rounding, which the update's ratio would read as a policy change, so there the forward stays; so it does
-        where the sample falls back to ``model.generate`` (`prefalign.rollout.decode.loop_fallback`)."""
-        return self.sampler is self.policy and self.precision == "fp32"
-
-    def old_logprobs(self, gen, logps, entropy) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logps, entropy)``, each ``(B, R)`` float32: the sampling policy's, recorded while decoding ``gen``,
-        else the response columns of the rollout forward's ``(B, P+R)`` ``logps`` and ``entropy``."""
-        if gen.logps is not None:
-            return gen.logps, gen.entropy
-        width = gen.prompt_ids.shape[1]
-        return logps[:, width:].float(), entropy[:, width:].float()
-
-    def rollout_forwards(self, query_response, attention_mask, completion_mask, policy: bool = True):
-        """``(logps, entropy, ref_logps, values)``, each ``(B, P+R)``: `policy_forwards` (``policy=False``: the
-        reference's only, ``logps`` and ``entropy`` None) and the value model's."""
-        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask, policy)
-        with self.accelerator.autocast():
-            values = self.trained_value.frozen_forward(token_values, query_response, attention_mask, completion_mask)
-        return logps, entropy, ref_logps, values
 
     # ---------------------------------------------------------------- one iteration
     def train_step(self, step: int) -> None:
