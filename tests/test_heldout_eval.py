@@ -134,6 +134,34 @@ def test_points_at_step_0_every_n_and_the_end_without_changing_training(
     _check_repeatable(trainer, rows[4])
 
 
+def test_the_kl_reads_the_decode_loops_log_probs_without_its_entropy(
+    tmp_path, tiny_model_dir, prompts, tokenizer, heldout, monkeypatch
+):
+    """fp32: the held-out KL takes the policy's log-probs the decode loop recorded, with no entropy (it reads
+    none), and equals the KL of a policy forward after sampling to float32 rounding; same completions, same
+    scores."""
+    import prefalign.trainers.ppo_sampling as sampling
+
+    trainer = _ppo(tmp_path, "run", tiny_model_dir, prompts, tokenizer, **_heldout_kw(heldout))
+    assert trainer.old_logprobs_from_decode
+    seen, generate = [], sampling.generate
+
+    def spy(*args, **kwargs):
+        gen = generate(*args, **kwargs)
+        seen.append((gen.logps is not None, gen.entropy is None))
+        return gen
+
+    monkeypatch.setattr(sampling, "generate", spy)
+    rows = list(range(len(ANSWERS)))
+    recorded = trainer.heldout_batch(rows)
+    monkeypatch.setattr(PPOTrainer, "old_logprobs_from_decode", property(lambda self: False))
+    forward = trainer.heldout_batch(rows)
+    assert seen == [(True, True), (False, True)]
+    assert torch.equal(recorded[:, :2], forward[:, :2])  # gold and proxy of the same completions
+    assert (forward[:, 2].abs() > 1e-3).all()  # the trained policy is off the reference
+    torch.testing.assert_close(recorded[:, 2], forward[:, 2], rtol=1e-4, atol=1e-4)
+
+
 def test_training_with_lora_dropout_is_unchanged(tmp_path, tiny_model_dir, prompts, tokenizer, heldout):
     # LoRA dropout is the one part of training that draws from the global RNG: an evaluation that drew from it too
     # would change the training's masks

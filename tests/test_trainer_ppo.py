@@ -375,16 +375,28 @@ def test_policy_backward_runs_before_the_value_forward_and_gives_the_joint_losss
 
 
 def spy_rollout_forwards(trainer):
-    """Record, per rollout, whether the policy's no-grad forward ran (``policy_forwards``' ``policy``) and the
-    policy's own fresh log-probs and entropy of the rollout's responses, taken before the update moves it."""
+    """Record, per rollout, whether the policy's no-grad forward ran after sampling (``completion_logprobs`` on
+    the policy inside ``response_forwards``) and the policy's own fresh log-probs and entropy of the rollout's
+    responses, taken before the update moves it."""
+    import prefalign.trainers.ppo_sampling as sampling
     from prefalign.models.logprobs import completion_logprobs
 
     seen = {"policy_forward": [], "fresh": []}
-    forwards, update = trainer.policy_forwards, trainer.update
+    forwards, update = trainer.response_forwards, trainer.update
 
-    def policy_forwards(*args, **kwargs):
-        seen["policy_forward"].append(args[3] if len(args) > 3 else kwargs.get("policy", True))
-        return forwards(*args, **kwargs)
+    def counting(model, *args, **kwargs):
+        calls.append(model is trainer.policy and kwargs.get("return_entropy", False))
+        return completion_logprobs(model, *args, **kwargs)
+
+    calls: list[bool] = []
+
+    def response_forwards(*args, **kwargs):
+        calls.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(sampling, "completion_logprobs", counting)
+            out = forwards(*args, **kwargs)
+        seen["policy_forward"].append(any(calls))
+        return out
 
     def checked_update(rollout, done):
         with torch.no_grad(), trainer.accelerator.autocast():
@@ -400,7 +412,7 @@ def spy_rollout_forwards(trainer):
         seen["fresh"].append((rollout, logps[:, width:].float(), entropy[:, width:].float()))
         return update(rollout, done)
 
-    trainer.policy_forwards, trainer.update = policy_forwards, checked_update
+    trainer.response_forwards, trainer.update = response_forwards, checked_update
     return seen
 
 

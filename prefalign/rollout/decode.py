@@ -147,26 +147,30 @@ class LogprobRecorder:
     top-k / top-p, as `completion_logprobs` scores it); ``generate(record_logprobs=True)`` uses it. A fresh forward
     over the finished sequences gives the same numbers up to the rounding of a cached decode against a full forward
     (float32: at most 3e-5 measured on tiny models whose logits run to tens, tested); PPO's rollout takes its old
-    log-probs from here instead of running that forward (as TRL's PPO takes them from its sampling logits)."""
+    log-probs from here instead of running that forward (as TRL's PPO takes them from its sampling logits).
+    ``entropy=False`` records the log-probs only."""
 
-    def __init__(self, choose: Callable[[torch.Tensor, int], torch.Tensor], temperature: float):
-        self.choose, self.temperature = choose, temperature
+    def __init__(self, choose: Callable[[torch.Tensor, int], torch.Tensor], temperature: float, entropy: bool = True):
+        self.choose, self.temperature, self.with_entropy = choose, temperature, entropy
         self.logps: list[torch.Tensor] = []  # per step (B,)
         self.entropy: list[torch.Tensor] = []
 
     def __call__(self, logits: torch.Tensor, position: int) -> torch.Tensor:
         token = self.choose(logits, position)
-        logps, entropy = token_stats(logits, token, self.temperature)
-        self.logps.append(logps)
-        self.entropy.append(entropy)
+        stats = token_stats(logits, token, self.temperature, self.with_entropy)
+        self.logps.append(stats[0])
+        if self.with_entropy:
+            self.entropy.append(stats[1])
         return token
 
-    def stats(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logps, entropy)``, each ``(B, R)`` for the response mask ``mask (B, R)``, 0 where it is 0."""
-        width = mask.shape[1]  # <= the steps decoded: the responses were cut from them
-        logps, entropy = (torch.stack(x, dim=1)[:, :width] for x in (self.logps, self.entropy))
-        keep = mask.bool()
-        return logps.masked_fill(~keep, 0.0), entropy.masked_fill(~keep, 0.0)
+    def stats(self, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(logps, entropy)``, each ``(B, R)`` for the response mask ``mask (B, R)``, 0 where it is 0; the
+        entropy None when not recorded."""
+        width, keep = mask.shape[1], mask.bool()  # width <= the steps decoded: the responses were cut from them
+        logps, entropy = (
+            torch.stack(x, dim=1)[:, :width].masked_fill(~keep, 0.0) if x else None for x in (self.logps, self.entropy)
+        )
+        return logps, entropy
 
 
 def packing_available(dtype: torch.dtype) -> bool:

@@ -81,8 +81,9 @@ class Generation:
         response_mask: ``(B, R)`` 1 on real response tokens (the EOS included).
         ended: ``(B,)`` bool, the response ended with EOS (not by running out of tokens).
         logps, entropy: ``(B, R)`` float32, recorded while decoding (``generate(record_logprobs=True)`` on the
-            decode loop; else None): the log-prob of each response token and the entropy at its position under
-            ``softmax(logits / temperature)`` of the model that sampled it, 0 past the response.
+            decode loop; else None; the entropy also None under ``record_entropy=False``): the log-prob of each
+            response token and the entropy at its position under ``softmax(logits / temperature)`` of the model
+            that sampled it, 0 past the response.
     """
 
     prompt_ids: torch.Tensor
@@ -92,6 +93,11 @@ class Generation:
     ended: torch.Tensor
     logps: torch.Tensor | None = None
     entropy: torch.Tensor | None = None
+
+    @property
+    def recorded(self) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """``(logps, entropy)`` the decode loop recorded, None where it recorded nothing."""
+        return None if self.logps is None else (self.logps, self.entropy)
 
     def sequences(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(query_response, attention_mask, completion_mask)``, each ``(B, P+R)``: prompt and response side by
@@ -253,6 +259,7 @@ def generate(
     synced: bool = False,
     packed: PackedLinears | None = None,
     record_logprobs: bool = False,
+    record_entropy: bool = True,
 ) -> Generation:
     """Sample one completion per (left-padded) prompt row; see `Generation` for the shapes.
 
@@ -266,7 +273,9 @@ def generate(
     `loop_fallback` names a reason), on ``packed`` (a `PackedLinears` of ``model`` a caller keeps across calls
     while the weights do not change) or on packs made for this call and dropped after it. ``record_logprobs``:
     the decode loop also records each response token's log-prob and entropy at ``sampling.temperature``
-    (`LogprobRecorder`; `Generation.logps` / ``entropy``); ``model.generate`` records nothing (they stay None).
+    (`LogprobRecorder`; `Generation.logps` / ``entropy``), the entropy unless ``record_entropy`` is off (a softmax
+    over the vocabulary per step saved where only the log-probs are read); ``model.generate`` records nothing (they
+    stay None).
     """
     if row_keys is not None and len(row_keys) != prompt_ids.shape[0]:
         raise ValueError(f"{len(row_keys)} row keys for {prompt_ids.shape[0]} prompts")
@@ -287,7 +296,7 @@ def generate(
         ):
             choose = sampler.choose if sampler is not None else _argmax
             if record_logprobs:
-                choose = recorder = LogprobRecorder(choose, sampling.temperature)
+                choose = recorder = LogprobRecorder(choose, sampling.temperature, record_entropy)
             with packed if packed is not None else PackedLinears(model, batch_hint=prompt_ids.shape[0]):
                 raw = decode(
                     model, prompt_ids, prompt_mask, sampling.max_new_tokens, choose, eos_ids=eos_ids, pad_id=pad_id

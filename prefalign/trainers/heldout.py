@@ -156,17 +156,13 @@ class HeldoutEval(RolloutSampling):
         cfg, judge = self.cfg, self.heldout_judge
         assert judge is not None, "setup_heldout loaded the judge"
         keys = [key_seed(HELDOUT_STREAM, i) for i in rows]  # the same at every point: common random numbers
-        gen, query_response, attention_mask, completion_mask = self.sample(
-            [self.heldout_ids[i] for i in rows], keys, {}
-        )
+        gen, *seqs = self.sample([self.heldout_ids[i] for i in rows], keys, {}, entropy=False)
         # k1 per token at the sampling temperature, summed over the response: `prefalign eval`'s KL; the policy's
-        # log-probs recorded while decoding where they were (`old_logprobs_from_decode`)
-        logps, entropy, ref_logps = self.policy_forwards(
-            query_response, attention_mask, completion_mask, gen.logps is None
+        # log-probs recorded while decoding where they were (`old_logprobs_from_decode`); no entropy
+        logps, _, ref_logps, _ = self.response_forwards(
+            tuple(seqs), gen.prompt_ids.shape[1], gen.recorded, entropy=False
         )
-        logps, _ = self.old_logprobs(gen, logps, entropy)
-        width = gen.prompt_ids.shape[1]
-        kl = ((logps - ref_logps[:, width:].float()) * gen.response_mask).sum(1)  # (b,)
+        kl = ((logps - ref_logps) * gen.response_mask).sum(1)  # (b,)
         prompts, texts = [self.heldout_texts[i] for i in rows], self.decode_completions(gen)
         columns = take_rows(self.heldout_columns, rows)
         proxy = score_with_columns(self.reward_source, prompts, texts, columns)

@@ -246,12 +246,10 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
         # 3. old log-probs (at the sampling temperature; recorded while decoding where they could be), reference
         #    log-probs, values
         t1 = time.perf_counter()
-        logps, entropy, ref_logps, values = self.rollout_forwards(
-            query_response, attention_mask, completion_mask, policy=gen.logps is None
+        seqs = (query_response, attention_mask, completion_mask)
+        logps, entropy, ref_logps, values = self.response_forwards(
+            seqs, gen.prompt_ids.shape[1], gen.recorded, value=True
         )
-        prompt_width = gen.prompt_ids.shape[1]
-        ref_logps, values = (x[:, prompt_width:].float() for x in (ref_logps, values))
-        logps, entropy = self.old_logprobs(gen, logps, entropy)
         timing["time/logprobs"] = time.perf_counter() - t1
         # 4. score the decoded text with the reward source; 5. clip, then penalise responses that never ended
         prompts, texts, scores = self.score_completions(idx, gen, timing, f"--reward {cfg.reward}")

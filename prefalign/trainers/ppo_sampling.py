@@ -72,10 +72,12 @@ class RolloutSampling:
         decoded = self.tokenizer.batch_decode(gen.response_ids, skip_special_tokens=True)
         return [cut_at_stop(t, self.cfg.stop) for t in decoded]
 
-    def sample(self, prompt_ids: list[list[int]], row_keys: list[int], timing: dict):
+    def sample(self, prompt_ids: list[list[int]], row_keys: list[int], timing: dict, entropy: bool = True):
         """``(gen, query_response, attention_mask, completion_mask)``: one completion per prompt of ``prompt_ids``
         (token id lists), row r drawn from the stream keyed ``row_keys[r]``; the masks are ``(B, P+R)``, the
-        response of every row starting at column P. Records ``time/generation``. A collective under FSDP."""
+        response of every row starting at column P. Where `old_logprobs_from_decode`, ``gen`` carries the decode
+        loop's log-probs, and its entropies unless ``entropy`` is off. Records ``time/generation``. A collective
+        under FSDP."""
         from prefalign.data import PromptCollator
 
         acc, tok, dev = self.accelerator, self.tokenizer, self.accelerator.device
@@ -95,29 +97,53 @@ class RolloutSampling:
                 synced=self.backend.sharded,
                 row_keys=row_keys,
                 record_logprobs=self.old_logprobs_from_decode,
+                record_entropy=entropy,
             )
         timing["time/generation"] = time.perf_counter() - t0
         return (gen, *gen.sequences())
 
-    def policy_forwards(self, query_response, attention_mask, completion_mask, policy: bool = True):
-        """``(logps, entropy, ref_logps)``, each ``(B, P+R)``: the rollout's no-gradient policy and reference
-        forwards (at the sampling temperature), shared by PPO and the critic-free family. ``policy=False``: the
-        reference's only (``logps`` and ``entropy`` None)."""
-        temperature = self.cfg.temperature
-        args = (query_response, attention_mask, completion_mask)
-        logps = entropy = None
+    def response_forwards(
+        self,
+        seqs: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+        width: int,
+        recorded: tuple[torch.Tensor, torch.Tensor | None] | None = None,
+        *,
+        policy: bool = True,
+        entropy: bool = True,
+        reference: bool = True,
+        value: bool = False,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """``(logps, entropy, ref_logps, values)``, each ``(B, R)`` float32 over the response columns (from the
+        prompt width ``width`` on) of a rollout's ``seqs`` = ``(query_response, attention_mask, completion_mask)``
+        (`prefalign.rollout.Generation.sequences`, each ``(B, P+R)``): the no-gradient forwards after sampling, at
+        the sampling temperature, shared by PPO, the critic-free family and the held-out evaluation.
+
+        The policy's log-probs and entropy are ``recorded`` (`Generation.recorded`: the decode loop's, where
+        `old_logprobs_from_decode`) when given, else a forward's; ``entropy=False`` leaves the forward's entropy
+        out. None where ``policy`` / ``entropy`` / ``reference`` / ``value`` is off (``value``: the value model's)."""
+        temperature, dev = self.cfg.temperature, self.accelerator.device
+        logps = ent = ref_logps = values = None
         with self.accelerator.autocast():
-            if policy:
-                logps, entropy = self.trained_policy.frozen_forward(
-                    completion_logprobs, *args, temperature=temperature, return_entropy=True
+            if policy and recorded is None:
+                out = self.trained_policy.frozen_forward(
+                    completion_logprobs, *seqs, temperature=temperature, return_entropy=entropy
                 )
-            if self.ref_model is not None:  # a whole frozen copy on every process
-                with frozen_autocast(self.accelerator.device, self.frozen_dtype):
-                    ref_logps = completion_logprobs(self.ref_model, *args, temperature=temperature)
-            else:
+                logps, ent = out if entropy else (out, None)
+            if reference and self.ref_model is not None:  # a whole frozen copy on every process
+                with frozen_autocast(dev, self.frozen_dtype):
+                    ref_logps = completion_logprobs(self.ref_model, *seqs, temperature=temperature)
+            elif reference:
                 with adapter_off(self.policy):
-                    ref_logps = self.trained_policy.frozen_forward(completion_logprobs, *args, temperature=temperature)
-        return logps, entropy, ref_logps
+                    ref_logps = self.trained_policy.frozen_forward(completion_logprobs, *seqs, temperature=temperature)
+            if value:
+                values = self.trained_value.frozen_forward(token_values, *seqs)
+        if policy and recorded is not None:
+            return (
+                recorded[0],
+                recorded[1] if entropy else None,
+                *(response_columns(x, width) for x in (ref_logps, values)),
+            )
+        return tuple(response_columns(x, width) for x in (logps, ent, ref_logps, values))
 
     @property
     def old_logprobs_from_decode(self) -> bool:
@@ -128,18 +154,7 @@ class RolloutSampling:
         where the sample falls back to ``model.generate`` (`prefalign.rollout.decode.loop_fallback`)."""
         return self.sampler is self.policy and self.precision == "fp32"
 
-    def old_logprobs(self, gen, logps, entropy) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(logps, entropy)``, each ``(B, R)`` float32: the sampling policy's, recorded while decoding ``gen``,
-        else the response columns of the rollout forward's ``(B, P+R)`` ``logps`` and ``entropy``."""
-        if gen.logps is not None:
-            return gen.logps, gen.entropy
-        width = gen.prompt_ids.shape[1]
-        return logps[:, width:].float(), entropy[:, width:].float()
 
-    def rollout_forwards(self, query_response, attention_mask, completion_mask, policy: bool = True):
-        """``(logps, entropy, ref_logps, values)``, each ``(B, P+R)``: `policy_forwards` (``policy=False``: the
-        reference's only, ``logps`` and ``entropy`` None) and the value model's."""
-        logps, entropy, ref_logps = self.policy_forwards(query_response, attention_mask, completion_mask, policy)
-        with self.accelerator.autocast():
-            values = self.trained_value.frozen_forward(token_values, query_response, attention_mask, completion_mask)
-        return logps, entropy, ref_logps, values
+def response_columns(x: torch.Tensor | None, width: int) -> torch.Tensor | None:
+    """The response columns (from ``width`` on) of a ``(B, P+R)`` forward's output, float32; None stays None."""
+    return None if x is None else x[:, width:].float()

@@ -165,10 +165,10 @@ class RLTrainer(RLUpdate, PPOTrainer):
         groups, refill_stats = self.sample_groups(idx, step, timing)
         gen, prompts, texts, scores = groups.gen, groups.prompts, groups.texts, groups.scores
         # 4. masks: the response of every row starts at column P
-        query_response, attention_mask, completion_mask = gen.sequences()
+        seqs = gen.sequences()  # (query_response, attention_mask, completion_mask)
         response_mask = gen.response_mask  # (B, R)
         # 5. old and reference log-probs (at the sampling temperature), entropy
-        logps, entropy, ref_logps = self.rollout_logprobs(gen, query_response, attention_mask, completion_mask, timing)
+        logps, entropy, ref_logps = self.rollout_logprobs(gen, seqs, timing)
         # 6. per-token rewards: the KL penalty (unless it is a loss term) on every token, the score on the last
         kl_coef = 0.0 if cfg.kl_in_loss else self.kl_ctl.coef
         rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, response_mask, kl_coef, cfg.kl_estimator)
@@ -183,7 +183,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
         loss_lengths = acc.gather(loss_mask.sum(1)).view(self.world, -1).cpu()
         return GroupRollout.of_samples(
             gen,
-            (query_response, attention_mask, completion_mask),
+            seqs,
             (rewards, kl, non_score),
             logps=logps,
             ref_logps=ref_logps,
@@ -237,20 +237,18 @@ class RLTrainer(RLUpdate, PPOTrainer):
         parts = {name: part.to(self.accelerator.device) for name, part in self.reward_source.last_parts.items()}
         return Groups(gen, rows, prompts, texts, scores, parts)
 
-    def rollout_logprobs(self, gen, query_response, attention_mask, completion_mask, timing: dict):
-        """``(logps, entropy, ref_logps)`` of the responses, each ``(B, R)``: the rollout's old and reference
-        log-probs (at the sampling temperature) and entropy. One step on-policy: the reference's only, and
-        placeholders for the policy's that the update's own forward fills in (RLUpdate). Records
-        ``time/logprobs``."""
+    def rollout_logprobs(self, gen, seqs: tuple[torch.Tensor, ...], timing: dict):
+        """``(logps, entropy, ref_logps)`` of the responses of ``gen`` (its ``sequences()`` ``seqs``), each
+        ``(B, R)``: the rollout's old and reference log-probs (at the sampling temperature) and entropy. One step
+        on-policy: the reference's only, and placeholders for the policy's that the update's own forward fills in
+        (RLUpdate). Records ``time/logprobs``."""
         t0 = time.perf_counter()
-        width, skip = gen.prompt_ids.shape[1], self.one_step_on_policy
-        logps, entropy, ref_logps = self.policy_forwards(
-            query_response, attention_mask, completion_mask, policy=not skip and gen.logps is None
+        skip = self.one_step_on_policy
+        logps, entropy, ref_logps, _ = self.response_forwards(
+            seqs, gen.prompt_ids.shape[1], gen.recorded, policy=not skip
         )
-        ref_logps = ref_logps[:, width:].float()
-        logps, entropy = (
-            (ref_logps.clone(), torch.zeros_like(ref_logps)) if skip else self.old_logprobs(gen, logps, entropy)
-        )
+        if skip:
+            logps, entropy = ref_logps.clone(), torch.zeros_like(ref_logps)
         timing["time/logprobs"] = time.perf_counter() - t0
         return logps, entropy, ref_logps
 
@@ -319,11 +317,8 @@ class RLTrainer(RLUpdate, PPOTrainer):
         epoch of one minibatch, which holds every row, so no row of any process was in the loss), a no-gradient
         forward of the unchanged policy does."""
         if not rollout.loss_lengths.any():
-            width = rollout.query_response.shape[1] - rollout.response_mask.shape[1]
-            logps, entropy, _ = self.policy_forwards(
-                rollout.query_response, rollout.attention_mask, rollout.completion_mask
-            )
-            rollout.logps, rollout.entropy = logps[:, width:].float(), entropy[:, width:].float()
+            seqs = (rollout.query_response, rollout.attention_mask, rollout.completion_mask)
+            rollout.logps, rollout.entropy, _, _ = self.response_forwards(seqs, rollout.prompt_width, reference=False)
         rollout.kl = kl_shaped_rewards(
             rollout.scores, rollout.logps, rollout.ref_logps, rollout.response_mask, 0.0, self.cfg.kl_estimator
         )[1]
