@@ -167,10 +167,11 @@ class LogprobRecorder:
         """``(logps, entropy)``, each ``(B, R)`` for the response mask ``mask (B, R)``, 0 where it is 0; the
         entropy None when not recorded."""
         width, keep = mask.shape[1], mask.bool()  # width <= the steps decoded: the responses were cut from them
-        logps, entropy = (
-            torch.stack(x, dim=1)[:, :width].masked_fill(~keep, 0.0) if x else None for x in (self.logps, self.entropy)
-        )
-        return logps, entropy
+
+        def response(steps: list[torch.Tensor]) -> torch.Tensor:
+            return torch.stack(steps, dim=1)[:, :width].masked_fill(~keep, 0.0)
+
+        return response(self.logps), response(self.entropy) if self.with_entropy else None
 
 
 def packing_available(dtype: torch.dtype) -> bool:

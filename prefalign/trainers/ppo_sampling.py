@@ -112,7 +112,7 @@ class RolloutSampling:
         entropy: bool = True,
         reference: bool = True,
         value: bool = False,
-    ) -> tuple[torch.Tensor | None, ...]:
+    ) -> tuple[Any, Any, Any, Any]:  # (B, R) tensors; which are None, the switches say
         """``(logps, entropy, ref_logps, values)``, each ``(B, R)`` float32 over the response columns (from the
         prompt width ``width`` on) of a rollout's ``seqs`` = ``(query_response, attention_mask, completion_mask)``
         (`prefalign.rollout.Generation.sequences`, each ``(B, P+R)``): the no-gradient forwards after sampling, at
@@ -137,13 +137,10 @@ class RolloutSampling:
                     ref_logps = self.trained_policy.frozen_forward(completion_logprobs, *seqs, temperature=temperature)
             if value:
                 values = self.trained_value.frozen_forward(token_values, *seqs)
+        ref_logps, values = response_columns(ref_logps, width), response_columns(values, width)
         if policy and recorded is not None:
-            return (
-                recorded[0],
-                recorded[1] if entropy else None,
-                *(response_columns(x, width) for x in (ref_logps, values)),
-            )
-        return tuple(response_columns(x, width) for x in (logps, ent, ref_logps, values))
+            return recorded[0], recorded[1] if entropy else None, ref_logps, values
+        return response_columns(logps, width), response_columns(ent, width), ref_logps, values
 
     @property
     def old_logprobs_from_decode(self) -> bool:

@@ -237,7 +237,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
         parts = {name: part.to(self.accelerator.device) for name, part in self.reward_source.last_parts.items()}
         return Groups(gen, rows, prompts, texts, scores, parts)
 
-    def rollout_logprobs(self, gen, seqs: tuple[torch.Tensor, ...], timing: dict):
+    def rollout_logprobs(self, gen, seqs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], timing: dict):
         """``(logps, entropy, ref_logps)`` of the responses of ``gen`` (its ``sequences()`` ``seqs``), each
         ``(B, R)``: the rollout's old and reference log-probs (at the sampling temperature) and entropy. One step
         on-policy: the reference's only, and placeholders for the policy's that the update's own forward fills in
