@@ -303,7 +303,8 @@ def test_recorded_logprobs_are_a_fresh_forwards(peaked, tokenizer, pack):
         unrecorded = generate(peaked, ids, mask, sampling, **run)
         no_entropy = generate(peaked, ids, mask, sampling, **run, record_logprobs=True, record_entropy=False)
     assert torch.equal(gen.response_ids, unrecorded.response_ids) and unrecorded.logps is None
-    assert unrecorded.recorded is None and gen.recorded == (gen.logps, gen.entropy)
+    assert unrecorded.recorded is None
+    assert gen.recorded is not None and gen.recorded[0] is gen.logps and gen.recorded[1] is gen.entropy
     # log-probs only: the same tokens and log-probs, no entropy
     assert torch.equal(no_entropy.response_ids, gen.response_ids) and torch.equal(no_entropy.logps, gen.logps)
     assert no_entropy.entropy is None

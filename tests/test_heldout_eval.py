@@ -144,22 +144,39 @@ def test_the_kl_reads_the_decode_loops_log_probs_without_its_entropy(
 
     trainer = _ppo(tmp_path, "run", tiny_model_dir, prompts, tokenizer, **_heldout_kw(heldout))
     assert trainer.old_logprobs_from_decode
-    seen, generate = [], sampling.generate
+    seen, policy_forwards, generate, logprobs = [], [], sampling.generate, sampling.completion_logprobs
 
     def spy(*args, **kwargs):
         gen = generate(*args, **kwargs)
         seen.append((gen.logps is not None, gen.entropy is None))
         return gen
 
+    def counting(model, *args, **kwargs):
+        if model is trainer.policy:  # the reference is a model of its own (full fine-tuning)
+            policy_forwards[-1].append(kwargs.get("return_entropy", False))
+        return logprobs(model, *args, **kwargs)
+
     monkeypatch.setattr(sampling, "generate", spy)
+    monkeypatch.setattr(sampling, "completion_logprobs", counting)
     rows = list(range(len(ANSWERS)))
+    policy_forwards.append([])
     recorded = trainer.heldout_batch(rows)
     monkeypatch.setattr(PPOTrainer, "old_logprobs_from_decode", property(lambda self: False))
+    policy_forwards.append([])
     forward = trainer.heldout_batch(rows)
     assert seen == [(True, True), (False, True)]
+    # recorded: no policy forward (the KL can only read the recording); else one, without entropy
+    assert policy_forwards == [[], [False]]
     assert torch.equal(recorded[:, :2], forward[:, :2])  # gold and proxy of the same completions
     assert (forward[:, 2].abs() > 1e-3).all()  # the trained policy is off the reference
     torch.testing.assert_close(recorded[:, 2], forward[:, 2], rtol=1e-4, atol=1e-4)
+    # a recording without entropy does not serve a caller asking for entropy: the policy's forward runs
+    monkeypatch.setattr(PPOTrainer, "old_logprobs_from_decode", property(lambda self: True))
+    gen, *seqs = trainer.sample([trainer.heldout_ids[i] for i in rows], rows, {}, entropy=False)
+    policy_forwards.append([])
+    logps, entropy, _, _ = trainer.response_forwards(tuple(seqs), gen.prompt_ids.shape[1], gen.recorded)
+    assert gen.logps is not None and gen.entropy is None and entropy is not None and policy_forwards[-1] == [True]
+    torch.testing.assert_close(logps, gen.logps, rtol=1e-4, atol=1e-4)
 
 
 def test_training_with_lora_dropout_is_unchanged(tmp_path, tiny_model_dir, prompts, tokenizer, heldout):

@@ -78,6 +78,11 @@ def test_recorded_logprobs_follow_their_rows_through_cat_and_take():
     # a piece sampled by model.generate records nothing: the batch has no recording (its rollout runs the forward)
     assert Groups.cat([a, _groups([9], [0.0, 1.0])], PAD).gen.logps is None
     assert _groups([9], [0.0, 1.0]).take([1]).gen.logps is None
+    # log-probs recorded without entropy (generate(record_entropy=False)): the log-probs carried, no entropy
+    a.gen.entropy = b.gen.entropy = None
+    logps_only = Groups.cat([a, b], PAD)
+    torch.testing.assert_close(logps_only.gen.logps, want, rtol=0, atol=0)
+    assert logps_only.gen.entropy is None and logps_only.take([3, 0]).gen.entropy is None
 
 
 def test_refill_replaces_each_equal_group_from_its_own_chain():

@@ -374,7 +374,7 @@ def test_policy_backward_runs_before_the_value_forward_and_gives_the_joint_losss
         assert torch.equal(g, seen["joint"][key]), key
 
 
-def spy_rollout_forwards(trainer):
+def spy_response_forwards(trainer):
     """Record, per rollout, whether the policy's no-grad forward ran after sampling (``completion_logprobs`` on
     the policy inside ``response_forwards``) and the policy's own fresh log-probs and entropy of the rollout's
     responses, taken before the update moves it."""
@@ -429,7 +429,7 @@ def test_old_logprobs_come_from_the_decode_loop_when_the_policy_samples(
     fresh one)."""
     cfg = _cfg(tmp_path, peaked_model_dir, prompts, precision=precision, decoder=decoder, temperature=0.7)
     trainer = PPOTrainer(cfg, reward_source=LowIdReward(tokenizer))
-    seen = spy_rollout_forwards(trainer)
+    seen = spy_response_forwards(trainer)
     trainer.train()
     assert trainer.old_logprobs_from_decode == (precision == "fp32")
     assert seen["policy_forward"] == [not recorded] * 2

@@ -353,7 +353,7 @@ def test_one_step_on_policy_skips_the_rollouts_policy_forward(
 def test_old_logprobs_recorded_unless_one_step_on_policy(tmp_path, peaked_model_dir, prompts, tokenizer):  # noqa: F811
     """fp32, 2 epochs: the rollout takes the old log-probs the decode loop recorded (no policy forward), equal
     to the policy's fresh forward to float32 rounding; one step on-policy records nothing (the update fills them)."""
-    from test_trainer_ppo import spy_rollout_forwards
+    from test_trainer_ppo import spy_response_forwards
 
     for name, kw, recorded in (
         ("epochs", {}, True),
@@ -363,7 +363,7 @@ def test_old_logprobs_recorded_unless_one_step_on_policy(tmp_path, peaked_model_
             _cfg(tmp_path / name, peaked_model_dir, prompts, temperature=0.7, **kw),
             reward_source=LowIdReward(tokenizer),
         )
-        seen = spy_rollout_forwards(trainer)
+        seen = spy_response_forwards(trainer)
         trainer.train()
         assert trainer.old_logprobs_from_decode == recorded and trainer.one_step_on_policy == (not recorded)
         assert seen["policy_forward"] == [False] * 2  # recorded, or left for the update to fill

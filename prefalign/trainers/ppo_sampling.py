@@ -119,9 +119,12 @@ class RolloutSampling:
         the sampling temperature, shared by PPO, the critic-free family and the held-out evaluation.
 
         The policy's log-probs and entropy are ``recorded`` (`Generation.recorded`: the decode loop's, where
-        `old_logprobs_from_decode`) when given, else a forward's; ``entropy=False`` leaves the forward's entropy
-        out. None where ``policy`` / ``entropy`` / ``reference`` / ``value`` is off (``value``: the value model's)."""
+        `old_logprobs_from_decode`) when given and holding what is asked (a recording without entropy does not
+        serve ``entropy``), else a forward's; ``entropy=False`` leaves the entropy out. None where ``policy`` /
+        ``entropy`` / ``reference`` / ``value`` is off (``value``: the value model's)."""
         temperature, dev = self.cfg.temperature, self.accelerator.device
+        if recorded is not None and entropy and recorded[1] is None:
+            recorded = None
         logps = ent = ref_logps = values = None
         with self.accelerator.autocast():
             if policy and recorded is None:

@@ -79,11 +79,12 @@ class Groups:
             torch.cat([pad(p.gen.response_mask, width_r, 0, False) for p in pieces]),
             torch.cat([p.gen.ended for p in pieces]),
         )
-        recorded = [(p.gen.logps, p.gen.entropy) for p in pieces]
-        if all(logps is not None and entropy is not None for logps, entropy in recorded):
-            # recorded while decoding (every round decodes alike): padded with 0 like every row past its response
-            gen.logps = torch.cat([pad(logps, width_r, 0, False) for logps, _ in recorded])  # type: ignore[arg-type]
-            gen.entropy = torch.cat([pad(ent, width_r, 0, False) for _, ent in recorded])  # type: ignore[arg-type]
+        # recorded while decoding (every round decodes alike): padded with 0 like every row past its response; each
+        # of log-probs and entropy kept where every piece has it
+        for field in ("logps", "entropy"):
+            parts = [getattr(p.gen, field) for p in pieces]
+            if all(x is not None for x in parts):
+                setattr(gen, field, torch.cat([pad(x, width_r, 0, False) for x in parts]))
         return Groups(
             gen,
             [r for p in pieces for r in p.prompt_rows],
