@@ -49,6 +49,8 @@ def _naive_outcome(inp, per_group):
 def _grpo_group(rs, eps=GROUP_STD_EPS, divide=True):
     mu = sum(rs) / len(rs)
     sd = math.sqrt(sum((x - mu) ** 2 for x in rs) / (len(rs) - 1))
+    if divide and all(x == rs[0] for x in rs):
+        return [0.0] * len(rs)
     return [(x - mu) / (sd + eps) if divide else x - mu for x in rs]
 
 
@@ -83,6 +85,64 @@ def test_group_advantages_sum_to_zero_within_a_group_and_vanish_for_equal_reward
     adv = fn(AdvantageInputs(rewards, inp.mask, K))[0]
     assert torch.equal(adv[:K], torch.zeros_like(adv[:K]))
     assert adv[K:].abs().sum() > 0
+
+
+@pytest.mark.parametrize("k", [4, 8, 16])
+def test_grpo_gives_exactly_zero_to_a_float32_group_of_equal_scores(k):
+    # the float32 mean of K copies of 0.7 is off by an ulp for K = 8 and 16: divided by (std 0 + eps) that ulp was
+    # an advantage of ~0.06 on every row of the group
+    mask = torch.ones(4 * k, 3)
+    for score in (0.7, 0.1, -1.3, 12.345):
+        rewards = torch.zeros(4 * k, 3)
+        rewards[:, -1] = score
+        inp = AdvantageInputs(rewards, mask, k)
+        assert torch.equal(grpo_advantages(inp)[0], torch.zeros_like(rewards))
+        assert torch.equal(grpo_advantages(AdvantageInputs(rewards, mask, k, scores=rewards[:, -1]))[0], 0 * rewards)
+
+
+def _kl_shaped(scores, penalty_per_token, lengths, t=5):
+    """Rewards as the trainer builds them: a per-token KL penalty and the score on the last real token."""
+    mask = torch.tensor([[1.0] * n + [0.0] * (t - n) for n in lengths], dtype=torch.float64)
+    rewards = penalty_per_token * mask
+    for b, n in enumerate(lengths):
+        if n:
+            rewards[b, n - 1] += scores[b]
+    return rewards, mask
+
+
+def test_grpo_normalises_the_scores_and_only_centres_the_kl_penalty():
+    g = torch.Generator().manual_seed(7)
+    scores = torch.tensor([0.5, 0.5, 0.5, 0.5, 1.0, -1.0, 2.0, 0.0], dtype=torch.float64)  # group 0: equal scores
+    kl = torch.rand(8, 5, generator=g, dtype=torch.float64)
+    lengths = [4, 2, 5, 3, 1, 5, 2, 4]
+    for kl_coef in (0.05, 0.0005):
+        rewards, mask = _kl_shaped(scores, -kl_coef * kl, lengths)
+        adv, ret = grpo_advantages(AdvantageInputs(rewards, mask, 4, scores=scores))
+        penalty = [-kl_coef * kl[b, :n].sum().item() for b, n in enumerate(lengths)]
+        for grp in range(2):
+            rows = range(4 * grp, 4 * grp + 4)
+            ss, ps = [scores[b].item() for b in rows], [penalty[b] for b in rows]
+            norm = _grpo_group(ss)
+            for j, b in enumerate(rows):
+                want = norm[j] + ps[j] - sum(ps) / 4
+                torch.testing.assert_close(adv[b], torch.where(mask[b].bool(), want, 0.0).to(adv.dtype))
+                torch.testing.assert_close(ret[b, 0].item(), ss[j] + ps[j])
+    # the equal-score group's advantages are its KL penalty, centred: kl_coef scales them (before the split, GRPO
+    # divided that penalty by its own std: the same unit-variance advantages at either coefficient)
+    small = grpo_advantages(AdvantageInputs(*_kl_shaped(scores, -0.0005 * kl, lengths), 4, scores=scores))[0]
+    large = grpo_advantages(AdvantageInputs(*_kl_shaped(scores, -0.05 * kl, lengths), 4, scores=scores))[0]
+    torch.testing.assert_close(large[:4], 100 * small[:4])
+    assert large[:4, 0].abs().max() < 0.05 * 5
+
+
+def test_scores_keep_an_empty_row_in_its_group():
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.0], dtype=torch.float64)
+    rewards, mask = _kl_shaped(scores, torch.full((4, 5), -0.1, dtype=torch.float64), [2, 0, 3, 1])
+    inp = AdvantageInputs(rewards, mask, 2, scores=scores)
+    # row 1 has no token: the rewards carry neither its score nor a penalty, the sequence reward keeps the score
+    torch.testing.assert_close(inp.sequence_rewards(), torch.tensor([0.8, 3.0, 1.7, 1.9], dtype=torch.float64))
+    torch.testing.assert_close(inp.penalties(), torch.tensor([-0.2, 0.0, -0.3, -0.1], dtype=torch.float64))
+    torch.testing.assert_close(rloo_advantages(inp)[0][0, 0].item(), 0.8 - 3.0)  # 0.8 - 0 without the scores
 
 
 def test_dr_grpo_is_grpo_times_the_group_std():

@@ -34,15 +34,26 @@ def test_clip_higher_by_hand():
     assert logp.grad.tolist() == [[0.0, -1.0, 0.0]]  # clipped tokens get no gradient
 
 
-def test_symmetric_clip_with_token_mean_is_ppo():
+def test_symmetric_clip_with_token_mean_is_ppo_by_a_naive_loop():
     g = torch.Generator().manual_seed(0)
-    logp, old, adv = (torch.randn(3, 4, generator=g) * 0.3 for _ in range(3))
+    logp, old, adv = (torch.randn(3, 4, generator=g, dtype=torch.float64) * 0.3 for _ in range(3))
+    logp[0, 0], logp[2, 1] = old[0, 0] + 0.4, old[2, 1] - 0.4  # ratios 1.49 / 0.67: outside the clip range
     logp[~MASK.bool()] = float("-inf")  # padding never reaches the loss
     token_loss, st = clipped_policy_token_loss(logp, old, adv, MASK, 0.2, 0.2)
     ppo, ppo_st = ppo_policy_loss(logp, old, adv, MASK, 0.2)
-    assert torch.equal(aggregate_loss(token_loss, MASK, "token_mean"), ppo)
-    torch.testing.assert_close(st["clipfrac"], ppo_st["clipfrac"])
-    torch.testing.assert_close(st["approxkl"], ppo_st["approxkl"])
+    losses, held = [], []
+    for b in range(3):
+        for t in range(4):
+            if MASK[b, t]:
+                r, a = math.exp(logp[b, t] - old[b, t]), adv[b, t].item()
+                losses.append(max(-a * r, -a * min(max(r, 0.8), 1.2)))
+                held.append(-a * min(max(r, 0.8), 1.2) > -a * r)  # the clipped branch: no gradient
+    want = torch.tensor(sum(losses) / len(losses), dtype=torch.float64)
+    torch.testing.assert_close(ppo, want)
+    torch.testing.assert_close(aggregate_loss(token_loss, MASK, "token_mean"), want)
+    assert 0 < sum(held) < len(held)
+    assert ppo_st["clipfrac"].item() == pytest.approx(sum(held) / len(held))
+    assert st["clipfrac"].item() == pytest.approx(sum(held) / len(held))
 
 
 def test_aggregations_by_hand():

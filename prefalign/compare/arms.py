@@ -313,14 +313,16 @@ ARMS: dict[str, Arm] = {arm.name: arm for arm in [
     Arm("grpo", "GRPO", "a reward model on the pairs, then GRPO against it (rl --estimator grpo, K = 4)",
         CRITIC_FREE, _critic_free("grpo", gold=False), needs=(REWARD_MODEL,),
         reward_model="trained explicitly (Bradley-Terry on the pairs)", loss=_PPO_LOSS,
-        loss_note=" with A = (R - mean_group R) / std_group R over the prompt's K completions, R: score minus KL"),
+        loss_note=" with A = (s - mean_group s) / std_group s + (P - mean_group P) over the prompt's K completions, "
+        "s: score, P: minus the sequence KL"),
     Arm("rloo", "RLOO", "a reward model on the pairs, then RLOO against it (rl --estimator rloo, K = 4)",
         CRITIC_FREE, _critic_free("rloo", gold=False), needs=(REWARD_MODEL,),
         reward_model="trained explicitly (Bradley-Terry on the pairs)", loss=_PPO_LOSS,
         loss_note=" with A = R_i - mean of the prompt's other K - 1 completions' R, R: score minus KL"),
     Arm("grpo_gt", "GRPO on the gold judge", "GRPO straight on the gold judge, an upper reference", CRITIC_FREE,
         _critic_free("grpo", gold=True), reward_model="none: optimises the gold judge directly (an upper bound, "
-        "not a fair race)", loss=_PPO_LOSS, loss_note=" with A = (R - mean_group R) / std_group R"),
+        "not a fair race)", loss=_PPO_LOSS,
+        loss_note=" with A = (s - mean_group s) / std_group s + (P - mean_group P)"),
 ]}
 """Every arm by name, in the order their stages run within a seed."""
 # fmt: on

@@ -11,12 +11,16 @@ Group estimators read the batch as ``B / K`` groups of ``K`` consecutive rows, t
 is what replaces the critic. Outcome estimators broadcast one number per row to every real token of it.
 
     gae           A_t by GAE on the critic's values (Schulman et al. 2016): PPO-RLHF, `prefalign ppo`
-    grpo          (R_i - mean_g R) / (std_g R + eps)   (Shao et al. 2024, DeepSeekMath)
+    grpo          (s_i - mean_g s) / (std_g s + eps) + (P_i - mean_g P)   (Shao et al. 2024, DeepSeekMath)
     dr_grpo       R_i - mean_g R                       (Liu et al. 2025, "Understanding R1-Zero-like training")
     rloo          R_i - mean_{j != i in g} R_j         (Ahmadian et al. 2024, "Back to Basics")
     reinforce_pp  return-to-go sum_{s >= t} gamma^(s-t) r_s, whitened over the whole batch (Hu 2025, REINFORCE++)
 
-``std_g`` is the unbiased standard deviation over the group's K rewards, as in DeepSeekMath's GRPO code.
+``std_g`` is the unbiased standard deviation over the group's K scores, as in DeepSeekMath's GRPO code. ``R_i =
+s_i + P_i``: the row's score and its KL penalty (``P_i = -kl_coef * KL_i``, 0 when the KL is a loss term). GRPO
+divides the scores alone by their std: dividing ``R`` would scale each group's KL penalty by ``1 / std_g s``, so
+``kl_coef`` would lose its meaning and a group of equal scores would get its KL noise as unit-variance advantages
+(measured before the split: the same advantages at kl_coef 0.05 and 0.0005).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from prefalign.losses.gae import gae
 from prefalign.losses.stats import check_same_shape, masked_mean, masked_var
 
 GROUP_STD_EPS = 1e-6
-"""GRPO's ``eps``: keeps a group of equal rewards (std 0) at advantage 0 instead of 0 / 0."""
+"""GRPO's ``eps``: bounds the weight of a group whose scores barely differ. A group of exactly equal scores gets
+advantage 0 by a test of its own: in float32 the mean of K equal values can be off by an ulp, which ``eps`` alone
+would turn into the same advantage of up to ~0.2 on every row of the group."""
 
 
 @dataclass(frozen=True)
@@ -45,6 +51,9 @@ class AdvantageInputs:
     gamma, lam: discount and GAE lambda (``gae``; ``reinforce_pp`` reads ``gamma``).
     batch_stats: ``(x, mask) -> (mean, unbiased var)`` over the whole batch, for ``reinforce_pp``'s whitening
         (the trainer passes the statistics over every process's shard); None: this tensor's own.
+    scores: ``(B,)`` each row's score, the part of ``R_i`` that is not KL penalty (the trainer passes what
+        `kl_shaped_rewards` put on the last token). With it ``R_i = scores_i + P_i``, ``P_i`` the row's masked
+        sum of rewards less its score, so a row with no real token keeps its score; None: all of ``R_i`` is score.
     """
 
     rewards: Tensor
@@ -54,15 +63,30 @@ class AdvantageInputs:
     gamma: float = 1.0
     lam: float = 0.95
     batch_stats: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]] | None = None
+    scores: Tensor | None = None
 
-    def sequence_rewards(self) -> Tensor:
-        """``(B,)`` each row's masked sum of rewards, ``R_i``."""
+    def _masked_sum(self) -> Tensor:
         check_same_shape(rewards=self.rewards, mask=self.mask)
         return torch.where(self.mask.bool(), self.rewards, torch.zeros_like(self.rewards)).sum(-1)
 
-    def groups(self) -> Tensor:
-        """``(B / K, K)`` the sequence rewards, one prompt's group per row."""
-        r = self.sequence_rewards()
+    def sequence_scores(self) -> Tensor:
+        """``(B,)`` each row's score ``s_i``: ``scores``, or (without them) the masked sum of rewards."""
+        return self._masked_sum() if self.scores is None else self.scores.to(self.rewards.dtype)
+
+    def penalties(self) -> Tensor:
+        """``(B,)`` each row's KL penalty ``P_i = R_i - s_i`` (0 without ``scores``)."""
+        if self.scores is None:
+            return torch.zeros_like(self._masked_sum())
+        has_token = self.mask.bool().any(-1)  # a row without a real token carries no score in the rewards
+        return self._masked_sum() - torch.where(has_token, self.sequence_scores(), 0.0)
+
+    def sequence_rewards(self) -> Tensor:
+        """``(B,)`` each row's ``R_i = s_i + P_i``: without ``scores``, the masked sum of its rewards."""
+        return self._masked_sum() if self.scores is None else self.sequence_scores() + self.penalties()
+
+    def groups(self, per_row: Tensor | None = None) -> Tensor:
+        """``(B / K, K)`` a per-row quantity (default: the sequence rewards), one prompt's group per row."""
+        r = self.sequence_rewards() if per_row is None else per_row
         k = self.group_size
         if k < 2 or r.shape[0] % k:
             raise ValueError(
@@ -82,18 +106,23 @@ def _outcome(per_row: Tensor, inp: AdvantageInputs) -> tuple[Tensor, Tensor]:
 
 
 def grpo_advantages(inp: AdvantageInputs, eps: float = GROUP_STD_EPS) -> tuple[Tensor, Tensor]:
-    """GRPO (Shao et al. 2024): ``A_i = (R_i - mean_g R) / (std_g R + eps)`` on every token of row ``i``.
+    """GRPO (Shao et al. 2024): ``A_i = (s_i - mean_g s) / (std_g s + eps) + (P_i - mean_g P)`` on every token of
+    row ``i``: the scores normalised within the group (0 for a group of equal scores), the KL penalty (0 when the
+    KL is a loss term, as in the paper) centred but not scaled, so ``kl_coef`` weighs it against one score std.
 
     Naive loop::
 
         for g in range(B // K):
-            rs = [R[g*K + j] for j in range(K)]
-            mu = sum(rs) / K;  sd = sqrt(sum((x - mu) ** 2 for x in rs) / (K - 1))
-            for j in range(K):  A[g*K + j, t] = (rs[j] - mu) / (sd + eps)  for every real t
+            ss = [s[g*K + j] for j in range(K)];  ps = [P[g*K + j] for j in range(K)]
+            mu = sum(ss) / K;  sd = sqrt(sum((x - mu) ** 2 for x in ss) / (K - 1))
+            for j in range(K):
+                norm = 0 if all(x == ss[0] for x in ss) else (ss[j] - mu) / (sd + eps)
+                A[g*K + j, t] = norm + ps[j] - sum(ps) / K   for every real t
     """
-    g = inp.groups()  # (G, K)
-    adv = (g - g.mean(1, keepdim=True)) / (g.std(1, keepdim=True) + eps)
-    return _outcome(adv.reshape(-1), inp)
+    s, p = inp.groups(inp.sequence_scores()), inp.groups(inp.penalties())  # (G, K) each
+    equal = (s == s[:, :1]).all(1, keepdim=True)
+    norm = torch.where(equal, 0.0, (s - s.mean(1, keepdim=True)) / (s.std(1, keepdim=True) + eps))
+    return _outcome((norm + p - p.mean(1, keepdim=True)).reshape(-1), inp)
 
 
 def dr_grpo_advantages(inp: AdvantageInputs) -> tuple[Tensor, Tensor]:
@@ -194,7 +223,8 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
         AdvantageEstimator(
             "grpo",
             grpo_advantages,
-            "GRPO, Shao et al. 2024: (R - mean_group R) / (std_group R + eps)",
+            "GRPO, Shao et al. 2024: (s - mean_group s) / (std_group s + eps) on the scores s, plus the KL penalty "
+            "less its group mean",
             needs_values=False,
             needs_groups=True,
             aggregation="seq_mean_token_mean",

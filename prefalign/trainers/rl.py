@@ -175,7 +175,12 @@ class RLTrainer(RLUpdate, PPOTrainer):
         # 7. advantages by the estimator's table entry; 8. groups still of equal scores out of the loss (DAPO)
         advantages, returns = self.estimator.fn(
             AdvantageInputs(
-                rewards, response_mask, k, gamma=cfg.gamma, batch_stats=lambda x, m: masked_mean_var(acc, x, m)
+                rewards,
+                response_mask,
+                k,
+                gamma=cfg.gamma,
+                batch_stats=lambda x, m: masked_mean_var(acc, x, m),
+                scores=scores,
             )
         )
         kept = informative_groups(scores, k) if cfg.dynamic_sampling else torch.ones_like(gen.ended, device=dev)
