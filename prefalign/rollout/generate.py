@@ -35,7 +35,8 @@ class SamplingConfig(Validated):
     """Extra stop strings; a completion is cut before the first one."""
     decoder: str = "loop"
     """loop: prefalign's decode loop (KV cache, early exit, linear weights prepacked for oneDNN on CPU: 2.0-2.1x
-    model.generate's tokens/s in float32, 1.5-1.6x in bfloat16, BENCHMARKS.md); generate: transformers'
+    model.generate's tokens/s in float32 and 1.5-1.6x in bfloat16 on an AMD Zen 5, 1.2-1.6x in float32 on an Intel
+    Xeon without avx512_bf16; BENCHMARKS.md); generate: transformers'
     model.generate. Both draw the same tokens up to float rounding; stop strings, and generation configs that switch
     on other processors or searches, use generate."""
 
