@@ -5,6 +5,7 @@ import pytest
 import torch
 from conftest import run_cli, tiny_reward_model
 
+from prefalign.errors import UserError
 from prefalign.trainers.ppo import KLController, PPOConfig, PPOTrainer
 
 
@@ -171,6 +172,23 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_mode
     assert resumed.kl_ctl.coef == full.kl_ctl.coef != 0.05  # the adaptive controller state came back
     ma, mb = _metrics(tmp_path / "full"), _metrics(tmp_path / "cut")
     assert [r["objective/scores"] for r in ma] == [r["objective/scores"] for r in mb]
+    # each a checkpoint this launch cannot continue: refused before any step, nothing written
+    metrics = (tmp_path / "cut" / "metrics.jsonl").read_text()
+    for flag, old, new in (("rollout_batch_size", 8, 16), ("num_minibatches", 2, 4), ("ppo_epochs", 2, 1)):
+        cli = "--" + flag.replace("_", "-")
+        with pytest.raises(UserError, match=rf"step-0000004: written with {cli} {old}, now {new}; resume with"):
+            PPOTrainer(
+                _cfg(
+                    tmp_path,
+                    tiny_model_dir,
+                    prompts,
+                    output=str(tmp_path / "cut"),
+                    resume="latest",
+                    **{**kw, flag: new},
+                ),
+                reward_source=LowIdReward(tokenizer),
+            ).train()
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == metrics
 
 
 def test_lora_policy_uses_adapter_off_reference(tmp_path, tiny_model_dir, prompts, tokenizer):

@@ -10,6 +10,7 @@ from conftest import TOY_REWARD, read_metrics, run_cli
 from test_loop import _documented
 from test_trainer_ppo import LowIdReward, peaked_model_dir  # noqa: F401  (a fixture)
 
+from prefalign.errors import UserError
 from prefalign.trainers.rl import RLConfig, RLTrainer
 
 
@@ -140,6 +141,11 @@ def test_resume_is_exact(tmp_path, tiny_model_dir, prompts, tokenizer):
     a, b = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["loss/policy"] for r in a] == [r["loss/policy"] for r in b]
     assert [r["kl_coef"] for r in a] == [r["kl_coef"] for r in b]
+    # another K keys other completions: refused before any step, nothing written
+    metrics = (tmp_path / "cut" / "metrics.jsonl").read_text()
+    with pytest.raises(UserError, match=r"step-0000004: written with --num-generations 4, now 2; resume with the same"):
+        run("cut", resume="latest", num_generations=2)
+    assert (tmp_path / "cut" / "metrics.jsonl").read_text() == metrics
 
 
 def test_several_rewards_are_weighted_summed_and_logged(tmp_path, tiny_model_dir, prompts):
@@ -190,7 +196,6 @@ def test_config_refuses_bad_input(prompts, kw, match):
 
 
 def test_a_reward_returning_the_wrong_length_is_one_line(tmp_path, tiny_model_dir, prompts):
-    from prefalign.errors import UserError
 
     (tmp_path / "bad.py").write_text("def score(prompts, completions):\n    return [1.0]\n")
     with pytest.raises(

@@ -187,8 +187,31 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
             **self.heldout_info(),
         }
 
+    def resume_shape(self) -> dict[str, int]:
+        """Flags a resumed run must share with its checkpoint to continue it: the prompts each iteration reads and
+        the completions' keys (the rollout batch), the optimizer steps per iteration, and with several minibatches
+        the process count (each process cuts its minibatches from its own rows). --max-steps may change (a run is
+        extended as the dataset trainers' are)."""
+        cfg = self.cfg
+        shape = {
+            "--rollout-batch-size": cfg.rollout_batch_size,
+            "--ppo-epochs": cfg.ppo_epochs,
+            "--num-minibatches": cfg.num_minibatches,
+        }
+        return shape | ({"processes": self.world} if cfg.num_minibatches > 1 else {})
+
     def checkpoint_state(self) -> dict:
-        return {"kl_controller": self.kl_ctl.state_dict()}
+        return {"kl_controller": self.kl_ctl.state_dict(), "resume_shape": self.resume_shape()}
+
+    def check_resumable(self, path: Path, state: dict) -> None:
+        """Refuse a checkpoint written with another `resume_shape` (checkpoints older than the check carry none)."""
+        saved, now = state.get("resume_shape", {}), self.resume_shape()
+        for name in saved.keys() & now.keys():
+            if saved[name] != now[name]:
+                raise UserError(
+                    f"{path}: written with {name} {saved[name]}, now {now[name]}; resume with the same, so the "
+                    "prompts, completion keys and optimizer steps of each iteration continue"
+                )
 
     def load_state(self, state: dict) -> None:
         self.kl_ctl.load_state_dict(state["kl_controller"])

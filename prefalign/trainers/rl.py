@@ -147,6 +147,10 @@ class RLTrainer(RLUpdate, PPOTrainer):
             card=self.card(),
         )
 
+    def resume_shape(self) -> dict[str, int]:
+        """PPO's, and K: a completion's key holds its index in the group."""
+        return super().resume_shape() | {"--num-generations": self.cfg.num_generations}
+
     def card_method(self) -> Method:
         """The critic-free loss with the --estimator's line of `ADVANTAGE_ESTIMATORS` (its formula and paper)."""
         rl = METHODS["rl"]
