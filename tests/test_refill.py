@@ -88,7 +88,10 @@ def test_recorded_logprobs_follow_their_rows_through_cat_and_take():
 def test_refill_replaces_each_equal_group_from_its_own_chain():
     # slots 0 and 2 of 3 are equal; round 1 refills slot 2 and not slot 0; round 2 refills slot 0
     first = _groups([10, 11, 12], [1.0, 1.0, 0.0, 1.0, 5.0, 5.0])
-    offered = {1: _groups([20, 22], [3.0, 3.0, 0.0, 2.0]), 2: _groups([30], [1.0, 0.0])}
+    offered = {
+        1: _groups([20, 22], [3.0, 3.0, 0.0, 2.0], responses=[[1, 2], [3], [4, 5, 6], [7]]),
+        2: _groups([30], [1.0, 0.0]),
+    }
     calls = []
 
     def sample(r, slots):
@@ -100,7 +103,8 @@ def test_refill_replaces_each_equal_group_from_its_own_chain():
     assert batch.prompt_rows == [30, 30, 11, 11, 22, 22]
     assert batch.scores.tolist() == [1.0, 0.0, 0.0, 1.0, 0.0, 2.0]
     assert batch.texts == ["c30.0", "c30.1", "c11.0", "c11.1", "c22.0", "c22.1"]
-    assert stats == {"refill/rounds": 2.0, "refill/groups": 2.0, "refill/completions": 12.0}
+    # tokens: 6 of round 0 (one per row), 2 + 1 + 3 + 1 of round 1, 2 of round 2: every round's sampling
+    assert stats == {"refill/rounds": 2.0, "refill/groups": 2.0, "refill/completions": 12.0, "refill/tokens": 15.0}
     assert all(group_varied(batch.scores, K))
 
 
@@ -108,7 +112,7 @@ def test_refill_keeps_an_equal_group_when_the_rounds_run_out():
     first = _groups([10, 11], [1.0, 1.0, 0.0, 1.0])
     batch, stats = refill(first, K, 2, lambda r, slots: _groups([20 + r], [4.0, 4.0]), lambda n: n > 0, PAD)
     assert batch.prompt_rows == [10, 10, 11, 11] and batch.scores.tolist() == [1.0, 1.0, 0.0, 1.0]
-    assert stats == {"refill/rounds": 2.0, "refill/groups": 0.0, "refill/completions": 8.0}
+    assert stats == {"refill/rounds": 2.0, "refill/groups": 0.0, "refill/completions": 8.0, "refill/tokens": 8.0}
 
 
 @pytest.mark.parametrize("keep_busy, sampled", [(False, []), (True, [(1, [0]), (2, [0])])])
@@ -122,5 +126,6 @@ def test_a_full_process_waits_for_the_others_and_samples_only_when_kept_busy(kee
 
     batch, stats = refill(first, K, 5, sample, lambda n: next(others), PAD, keep_busy=keep_busy)
     assert calls == sampled and batch is first
-    assert stats == {"refill/rounds": 2.0, "refill/groups": 0.0, "refill/completions": 2.0 + 2 * len(sampled)}
+    n = 2.0 + 2 * len(sampled)  # one token per completion: the kept-busy rounds' tokens count too
+    assert stats == {"refill/rounds": 2.0, "refill/groups": 0.0, "refill/completions": n, "refill/tokens": n}
     assert next(others, "done") == "done"  # asked once per round, the third answer ending the rounds

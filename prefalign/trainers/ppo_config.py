@@ -98,7 +98,9 @@ class PPOConfig(CommonConfig):
     vf_clip: float | None = 0.2
     """Value clip range (none: unclipped value loss)."""
     vf_coef: float = 0.1
-    """Weight of the value loss."""
+    """Weight of the value loss. The value model has its own AdamW, which divides out a constant scale of its
+    gradient: this weight changes its update only through gradient clipping (--max-grad-norm, per model) and AdamW's
+    eps; --value-learning-rate sets its step size."""
     ent_coef: float = 0.0
     """Weight of the entropy bonus."""
     gamma: float = 1.0

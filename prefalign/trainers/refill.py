@@ -121,11 +121,13 @@ def refill(
             sharded model needs every process in every generation.
     Returns:
         ``(groups, stats)``: the batch (the same G slots in order) and ``refill/rounds``, ``refill/groups``
-        (slots refilled), ``refill/completions`` (every completion sampled, round 0 included).
+        (slots refilled), ``refill/completions`` (every completion sampled, round 0 included), ``refill/tokens``
+        (their response tokens).
     """
     pieces, picks = [first], [(0, g) for g in range(len(first.texts) // k)]
     missing = [g for g, varied in enumerate(group_varied(first.scores, k)) if not varied]
     sampled, ran = len(first.texts), 0
+    tokens = float(first.gen.response_mask.sum())  # every round's, as the generation time counts every round
     for r in range(1, rounds + 1):
         if not anyone_missing(len(missing)):
             break
@@ -135,6 +137,7 @@ def refill(
         slots = list(missing)
         new = sample(r, slots or [0])
         sampled += len(new.texts)
+        tokens += float(new.gen.response_mask.sum())
         if not slots:
             continue  # sampled only to keep a sharded model's processes in step
         pieces.append(new)
@@ -146,6 +149,7 @@ def refill(
         "refill/rounds": float(ran),
         "refill/groups": float(sum(piece > 0 for piece, _ in picks)),
         "refill/completions": float(sampled),
+        "refill/tokens": tokens,
     }
     if len(pieces) == 1:
         return first, stats

@@ -317,7 +317,10 @@ class RLTrainer(RLUpdate, PPOTrainer):
             "kl_coef": self.kl_ctl.coef,
             "lr": self.trained_policy.scheduler.get_last_lr()[0],
             "episodes": done * cfg.completions_per_iteration,
-            "tokens_per_second": means["tokens"] * self.world / max(means["time/generation"], 1e-9),
+            # every round's tokens: time/generation counts every refill round
+            "tokens_per_second": means.get("refill/tokens", means["tokens"])
+            * self.world
+            / max(means["time/generation"], 1e-9),
         }
 
     def fill_on_policy(self, rollout: GroupRollout) -> None:
