@@ -152,6 +152,21 @@ def load_tokenizer(name_or_path: str | None = None):
     return tok
 
 
+def require_same_vocabulary(model, name_or_path: str, tokenizer, what: str) -> None:
+    """Refuse ``model`` (loaded from ``name_or_path``) as a reader of ``tokenizer``'s token ids: its own tokenizer,
+    where the directory has one, maps tokens to other ids, or it has fewer token embeddings than ids.
+    ``what``: the flag and its role, which start the one-line error (``"--ref runs/x"``)."""
+    try:
+        own = load_tokenizer(name_or_path)
+    except UserError:  # weights without tokenizer files: only the embedding count can be checked
+        own = None
+    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{what}: its tokenizer's vocabulary differs from --model's; it must read the policy's tokens")
+    rows = model.get_input_embeddings().weight.shape[0]
+    if rows < len(tokenizer):
+        raise UserError(f"{what}: {rows} token embeddings for --model's {len(tokenizer)} tokens; use one of its family")
+
+
 def _is_dropout_rate(name: str, value) -> bool:
     """A float named like a dropout probability: ``attention_dropout``, ``hidden_dropout_prob``, ``resid_pdrop``."""
     return isinstance(value, float) and ("dropout" in name or name.endswith("pdrop"))

@@ -145,6 +145,7 @@ class DPOTrainer(Trainer):
     def setup(self) -> None:
         from prefalign.models import load_causal_lm, load_tokenizer
         from prefalign.models.frozen import load_reference
+        from prefalign.models.loading import require_same_vocabulary
         from prefalign.trainers.backend import autocast_dtype
 
         cfg = self.cfg
@@ -162,8 +163,8 @@ class DPOTrainer(Trainer):
             self.ref_model = load_reference(
                 cfg.ref or cfg.model, self.accelerator.device, autocast_dtype(self.accelerator)
             )
-            if len(self.ref_model.get_input_embeddings().weight) != len(self.model.get_input_embeddings().weight):
-                raise UserError(f"--ref {cfg.ref}: its vocabulary differs from --model's; DPO needs the same tokenizer")
+            if cfg.ref:
+                require_same_vocabulary(self.ref_model, cfg.ref, self.tokenizer, f"--ref {cfg.ref}")
 
     def extra_run_info(self) -> dict:
         return {"data": self.data_info, **self.cfg.loss_hyperparams}

@@ -24,6 +24,7 @@ from prefalign.errors import UserError
 from prefalign.losses import gae, kl_shaped_rewards, masked_whiten
 from prefalign.methods import METHODS
 from prefalign.models.frozen import load_reference, resolve_frozen_dtype
+from prefalign.models.loading import require_same_vocabulary
 from prefalign.rollout import eos_token_ids, refresh_sampling_copy, sampling_copy
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
@@ -114,6 +115,8 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
             self.ref_model = None  # the reference is the policy with its adapter off
         else:
             self.ref_model = load_reference(cfg.ref or cfg.model, self.accelerator.device, self.frozen_dtype)
+            if cfg.ref:
+                require_same_vocabulary(self.ref_model, cfg.ref, tok, f"--ref {cfg.ref}")
         self.value = self.load_value()
         if cfg.gradient_checkpointing:
             for m in (self.policy, self.value):
@@ -130,9 +133,13 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
         if cfg.value_model:
             self.value_base = cfg.value_model
             value = load_value_model(cfg.value_model)
+            require_same_vocabulary(value, cfg.value_model, self.tokenizer, f"--value-model {cfg.value_model}")
         elif isinstance(self.reward_source, RewardModel):
             self.value_base = cfg.reward
             value = load_value_model(cfg.reward)
+            # a reward model scores with its own tokenizer, but the critic reads the policy's token ids
+            what = f"--reward {cfg.reward} (the critic's initialisation: pass --value-model, e.g. {cfg.model})"
+            require_same_vocabulary(value, cfg.reward, self.tokenizer, what)
         else:
             self.value_base = cfg.model
             value = load_value_model(cfg.model, head_init_std=cfg.head_init_std)
