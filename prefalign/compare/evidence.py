@@ -2,9 +2,9 @@
 
 Every seed's evaluation samples the same held-out prompts with the same random numbers (keyed by prompt and sample,
 base seed), and the starting policy is each evaluation's reference, so its completions are the same in every seed:
-one matrix ``[seed, prompt]`` per arm and one row for the start line up prompt by prompt. Each interval is a crossed
-bootstrap over seeds and prompts (`prefalign.compare.stats`): how much a number could move with other prompts and
-other training seeds.
+one matrix ``[seed, prompt]`` per arm and one row for the start line up prompt by prompt. Each interval is crossed
+over seeds and prompts (`prefalign.compare.stats.crossed_interval`): how much a number could move with other prompts
+and other training seeds.
 """
 
 from __future__ import annotations

@@ -13,9 +13,9 @@ GRPO and RLOO columns are notes. Decision rules (intervals from `prefalign.compa
 3. Loss: both losses raise the gold score over the start: holds if PPO-RLHF's and DPO's paired gain
    intervals both lie above 0, does not hold if either lies below 0 (that loss lowered it), else inconclusive.
 4. Cost and sample efficiency: (a) PPO-RLHF's wall time and peak memory above DPO's (seed intervals of the
-   per-seed differences; one seed: the points decide); (b) DPO's gold gain per preference pair above
-   PPO-RLHF's (`efficiency_difference`). Holds if (a) and (b) hold; does not hold if either is reversed
-   (its interval lies on the wrong side of 0); else inconclusive.
+   per-seed differences; one seed: inconclusive, as a point says nothing of the seed-to-seed noise); (b) DPO's
+   gold gain per preference pair above PPO-RLHF's (`efficiency_difference`). Holds if (a) and (b) hold; does not
+   hold if either is reversed (its interval lies on the wrong side of 0); else inconclusive.
 
 Everything here reads plain dicts and arrays: the caller (the summary) reads the files.
 """
@@ -236,10 +236,11 @@ def _cost_row(inputs: VerdictInputs, gains: dict[str, Interval]) -> VerdictRow:
         for key in ("wall_seconds", "peak_rss_mb")
     }
     wall, memory = diff["wall_seconds"], diff["peak_rss_mb"]
-    cost = _part(wall.above() and memory.above(), wall.below() or memory.below())
+    one_seed = len(inputs.costs["ppo"]) == 1  # a point: nothing measures how another seed's run would move it
+    cost = INCONCLUSIVE if one_seed else _part(wall.above() and memory.above(), wall.below() or memory.below())
     cost_said = (
         f"PPO-RLHF minus DPO: wall {_bounds(wall, _signed_seconds)}, peak memory {_bounds(memory, _signed_gib)}"
-        + (" (one seed: the measured points decide)" if len(inputs.costs["ppo"]) == 1 else "")
+        + (" from one seed, points with no interval" if one_seed else "")
     )
     evidence = {"wall_seconds_difference": wall.to_dict(), "peak_rss_mb_difference": memory.to_dict()}
     pairs_dpo, pairs_ppo = inputs.per_seed("dpo", "pairs_used"), inputs.per_seed("ppo", "pairs_used")

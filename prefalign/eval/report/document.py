@@ -35,8 +35,9 @@ HOW_TO_READ = (
 
 PAIRED_NOTE = (
     "Every policy drew the same random numbers for the same held-out prompt, so differences are taken prompt by "
-    "prompt (paired), which removes most of the prompt-to-prompt noise. Each interval is a 95% percentile "
-    "bootstrap that resamples the held-out prompts and the training seeds together (scipy.stats.bootstrap). "
+    "prompt (paired), which removes most of the prompt-to-prompt noise. Each interval is a 95% Student-t interval "
+    "whose variance adds the spread of the seed means and of the prompt means (crossed; Welch-Satterthwaite "
+    "degrees of freedom). "
     "* marks a difference whose interval excludes 0 (a win rate: excludes 1/2)."
 )
 
@@ -73,10 +74,10 @@ def blocks(summary: dict, plots: dict[str, Path]) -> list[tuple]:
     document += [("h2", "How to read this report"), ("p", HOW_TO_READ)]
     document += [("h2", "PPO-RLHF vs DPO"), ("table", comparison_table(arms))]
     spread = (
-        f"Numbers are means over {seed_count} seeds; [low, high] is a 95% interval (a bootstrap over held-out "
+        f"Numbers are means over {seed_count} seeds; [low, high] is a 95% interval (crossed over held-out "
         "prompts and seeds); ± is the standard deviation across seeds."
         if seed_count > 1
-        else "One seed: [low, high] is a 95% bootstrap interval over held-out prompts; nothing measures how "
+        else "One seed: [low, high] is a 95% t-interval over held-out prompts; nothing measures how "
         "another training seed would move it."
     )
     document += [("note", spread + " Gold gain per 100 pairs = (arm gold − start gold) / pairs used × 100.")]

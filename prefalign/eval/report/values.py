@@ -34,7 +34,7 @@ def stat(arm: dict, key: str) -> tuple[float | None, float | None]:
 
 
 def interval(arm: dict, key: str) -> tuple[float, float, float] | None:
-    """``(mean, low, high)`` of an eval key's 95% interval (a bootstrap over prompts and seeds), or None."""
+    """``(mean, low, high)`` of an eval key's 95% interval (crossed over prompts and seeds), or None."""
     found = (arm.get("intervals") or {}).get(key) or {}
     values = (found.get("mean"), found.get("low"), found.get("high"))
     return values if all(is_number(value) for value in values) else None  # type: ignore[return-value]
