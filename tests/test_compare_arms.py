@@ -131,6 +131,24 @@ def test_config_and_help_read_the_table():
     ):
         CompareConfig(arms=["sft"])
     assert CompareConfig(arms=["simpo", "orpo"]).arms == ["simpo", "orpo"]
+    # the evaluation names each arm's policy once: a repeated arm would fail only there, after every stage
+    with pytest.raises(ValueError, match=r"^--arms names dpo, ppo twice; name each arm once$"):
+        CompareConfig(arms=["ppo", "dpo", "ppo", "dpo"])
+    with pytest.raises(ValueError, match=r"^--eval-prompts must be >= 2 \(the intervals vary over prompts\), got 1$"):
+        CompareConfig(eval_prompts=1)
+
+
+def test_a_repeated_prompt_is_refused_before_the_race(tmp_path):
+    from prefalign.compare.runner import _prompts
+    from prefalign.errors import UserError
+
+    f = tmp_path / "heldout.txt"
+    f.write_text("Great film\nBad\nGreat film\n")
+    with pytest.raises(
+        UserError, match=r"heldout.txt: prompt 3 repeats prompt 1 \('Great film'\); give each prompt once$"
+    ):
+        _prompts(str(f), "unused", 3, None)
+    assert [row["prompt"] for row in _prompts(str(f), "unused", 2, None)] == ["Great film", "Bad"]  # only the first 2
 
 
 def test_every_entry_is_complete():

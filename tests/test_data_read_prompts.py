@@ -63,3 +63,16 @@ def test_directory(tmp_path):
     d = tmp_path / "prompts"
     d.mkdir()
     assert _error([str(d)]).startswith(f"{d}: ")
+
+
+@pytest.mark.parametrize("value", ["missing.jsonl", "runs/x/prompts.txt", "data/neg", "prompts.csv.gz", "p.parquet"])
+def test_a_missing_file_is_not_sampled_as_the_prompt_text(value):
+    assert _error(["a prompt", value]) == (
+        f"--prompts {value}: file not found; give an existing prompt file (.txt, .jsonl, .json, .csv, .parquet) "
+        "or a prompt text"
+    )
+
+
+@pytest.mark.parametrize("value", ["2+2=", "Hello.", "the file prompts.jsonl", "What is 1/2 of 4?"])
+def test_texts_that_are_not_paths_stay_prompts(value):
+    assert read_prompts([value]) == [value]

@@ -201,6 +201,8 @@ class CompareConfig(Validated):
         unknown = [name for name in self.arms if name not in ARMS]
         if unknown or not self.arms:
             raise ValueError(f"--arms takes some of {', '.join(ARMS)}; got {' '.join(self.arms) or 'none'}")
+        if twice := sorted({name for name in self.arms if self.arms.count(name) > 1}):
+            raise ValueError(f"--arms names {', '.join(twice)} twice; name each arm once")
         if self.curve_points < 1:
             raise ValueError(f"--curve-points must be >= 1, got {self.curve_points}")
         if self.overwrite and self.resume:
@@ -219,6 +221,8 @@ class CompareConfig(Validated):
             value = getattr(self, budget.name)
             if budget.name in PRESETS["default"] and value is not None and value <= 0:
                 raise ValueError(f"{flag(budget.name)} must be > 0, got {value}")
+        if self.eval_prompts is not None and self.eval_prompts < 2:  # an interval over prompts needs two
+            raise ValueError(f"--eval-prompts must be >= 2 (the intervals vary over prompts), got {self.eval_prompts}")
         if self.sweep and any(beta <= 0 for beta in self.sweep_betas):
             raise ValueError("--sweep-betas must all be > 0")
         if self.sweep and any(kl_coef < 0 for kl_coef in self.sweep_kl_coefs):

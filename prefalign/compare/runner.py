@@ -39,6 +39,13 @@ def _prompts(source: str | None, resource: str, count: int, tokenizer) -> list[d
     from prefalign.resources import resource_path
 
     prompts, columns = load_prompt_rows(resource_path(resource) if source is None else source, tokenizer)
+    seen: dict[str, int] = {}
+    for n, prompt in enumerate(prompts[:count], start=1):
+        if (first := seen.setdefault(prompt, n)) != n:  # the evaluation pairs policies by prompt text
+            raise UserError(
+                f"{source or f'packaged {resource}'}: prompt {n} repeats prompt {first} ({prompt[:40]!r}); "
+                "give each prompt once"
+            )
     if len(prompts) < count:
         raise UserError(
             f"{source or f'packaged {resource}'}: {len(prompts)} prompts, fewer than the {count} "

@@ -20,11 +20,12 @@ prompt list and a preference file (whose prompts come from its pairs) have no ot
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
 from prefalign.data import chat as chatlib  # `chat` is also a flag name below
-from prefalign.data.io import DEFAULT_SPLIT, Table, progress, read_table, type_name
+from prefalign.data.io import DEFAULT_SPLIT, STRUCTURED, Table, progress, read_table, type_name
 from prefalign.data.preferences import FORMATS, detect_format, parse_preferences
 from prefalign.data.report import DropReport
 from prefalign.errors import UserError
@@ -112,6 +113,11 @@ def read_prompt_rows(
     for n, value in enumerate(values, start=1):
         if not str(value).strip():  # Path("") is the working directory: refuse before it is read as one
             raise UserError(f"{flag}: value {n} is empty; give a prompt file or a non-empty prompt text")
+        if not Path(value).exists() and _names_a_file(str(value)):
+            raise UserError(
+                f"{flag} {value}: file not found; give an existing prompt file (.txt, .jsonl, .json, .csv, .parquet) "
+                "or a prompt text"
+            )
         prompts, found = load_prompt_rows(value if Path(value).exists() else [value], tokenizer, chat=chat)
         for name in found:
             columns.setdefault(name, [None] * len(texts))  # a column new here: the earlier prompts lack it
@@ -119,6 +125,15 @@ def read_prompt_rows(
             column += found.get(name, [None] * len(prompts))
         texts += prompts
     return texts, columns
+
+
+def _names_a_file(value: str) -> bool:
+    """A value meant as a path, not as a prompt: one word with a directory separator or a data file's suffix
+    (``prompts.jsonl``, ``data/neg``), so that a typo is refused instead of sampled as the prompt text."""
+    if any(c.isspace() for c in value):
+        return False
+    suffixes = [x.lower() for x in Path(value).suffixes]
+    return "/" in value or os.sep in value or any(x in (*STRUCTURED, ".gz", ".txt", ".tsv") for x in suffixes)
 
 
 def parse_prompts(
