@@ -82,6 +82,11 @@ def _make_dirs(out: Path) -> list[Path]:
             made.append(path)
         except FileExistsError:
             pass
+        except OSError as e:  # a parent that is a file, no permission, a read-only or virtual file system
+            for done in reversed(made):
+                with contextlib.suppress(OSError):
+                    os.rmdir(done)
+            raise UserError(f"--output {out}: cannot create {path} ({e.strerror}); choose another --output") from None
     return made
 
 

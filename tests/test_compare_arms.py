@@ -263,3 +263,13 @@ def test_costs_are_charged_by_stage(tmp_path):
     assert simpo_column["Loss"] == (
         "-log sigmoid(beta (avg_logp_c - avg_logp_r) - gamma) (avg_logp: per-token mean log-prob)"
     )
+
+
+def test_a_misspelt_judge_is_refused_before_the_output_exists(tmp_path):
+    from prefalign.compare.runner import Comparison
+    from prefalign.errors import UserError
+
+    out = tmp_path / "race"
+    with pytest.raises(UserError, match=r"^unknown reward source 'vadr': not a built-in judge \(vader, arithmetic\)"):
+        Comparison(CompareConfig(judge="vadr", output=str(out))).run()
+    assert not out.exists()

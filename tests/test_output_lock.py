@@ -16,7 +16,7 @@ from conftest import final_weights, learnable_pairs, write_jsonl
 
 from prefalign.cli import main
 from prefalign.errors import UserError
-from prefalign.runio import LOCK_FILE, claimed_output_dir, prepare_output_dir
+from prefalign.runio import LOCK_FILE, claimed_output_dir, lock_output_dir, prepare_output_dir
 
 HOLD = (
     "import sys, time; from prefalign.runio import lock_output_dir; lock_output_dir(sys.argv[1]); "
@@ -180,3 +180,10 @@ def test_two_launches_at_once_one_runs_the_other_refuses(tmp_path, tiny_model_di
     assert winner_weights.keys() == lone_weights.keys()
     assert all(torch.equal(winner_weights[k], lone_weights[k]) for k in lone_weights)
     assert (out / "metrics.jsonl").read_text().count("\n") == (lone / "metrics.jsonl").read_text().count("\n")
+
+
+def test_an_output_under_a_file_is_one_line_and_makes_nothing(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"^--output .*afile/sub/run: cannot create .*afile/sub \(Not a directory\)"):
+        lock_output_dir(tmp_path / "afile" / "sub" / "run")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]

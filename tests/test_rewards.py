@@ -302,8 +302,9 @@ def test_dispatch(reward_module, reward_dir, tmp_path):
     colon_dir = tmp_path / "rm:v1"
     colon_dir.symlink_to(reward_dir[0], target_is_directory=True)
     assert isinstance(load_reward_source(str(colon_dir)), RewardModel)
-    with pytest.raises(UserError, match="unknown model 'no-such-judge'"):
-        load_reward_source("no-such-judge")
+    for typo in ("vadr", "Vader", "runs/rm/final/"):  # a misspelt judge, a missing directory
+        with pytest.raises(UserError, match=f"^unknown reward source '{typo}': not a built-in judge \\(vader, arith"):
+            load_reward_source(typo)
 
 
 def test_reward_model_without_a_score_head_uses_its_own_forward(tokenizer, tmp_path):

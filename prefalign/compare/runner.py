@@ -98,7 +98,7 @@ class Comparison:
         here, not in the first stage. None on --resume of a race that wrote its prompts: it keeps those (its
         prompt files need not still exist)."""
         from prefalign.models import load_tokenizer
-        from prefalign.rewards import check_reward_columns, is_reward_model, load_reward_source
+        from prefalign.rewards import check_reward_columns, check_reward_model_name, is_reward_model, load_reward_source
 
         cfg = self.cfg
         tokenizer = load_tokenizer(cfg.model)  # also stops on a bad --model
@@ -107,7 +107,9 @@ class Comparison:
         task = TASKS[cfg.task]
         train = _prompts(cfg.train_prompts, task.train, cfg.num_prompts, tokenizer)
         heldout = _prompts(cfg.heldout_prompts, task.heldout, cfg.eval_prompts, tokenizer)
-        if not is_reward_model(cfg.judge):  # a reward model is not loaded here only to be loaded again per stage
+        if is_reward_model(cfg.judge):  # not loaded here only to be loaded again per stage: its name is checked
+            check_reward_model_name(cfg.judge)
+        else:
             judge = load_reward_source(cfg.judge)
             for rows in (train, heldout):
                 check_reward_columns(judge, {name: [] for name in rows[0] if name != "prompt"})
