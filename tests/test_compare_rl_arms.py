@@ -73,3 +73,33 @@ def test_grpo_gt_is_on_the_gold_judge_and_no_arm_joins_the_default_race():
     assert args[args.index("--reward") + 1] == "vader"
     assert DEFAULT_ARMS == ["ppo", "dpo"]
     assert Path("OUT/seed-0/rm/final").as_posix() not in args
+
+
+def test_a_critic_free_arm_is_charged_the_completions_it_sampled(tmp_path):
+    """--ppo-rollout-batch 2: PPO-RLHF samples 2 completions per iteration, GRPO K = 4 x max(1, 2 // 4) = 4 (what
+    its run.json records); its tokens are each iteration's mean response length times those 4."""
+    import json
+
+    from prefalign.compare.config import CompareConfig
+    from prefalign.compare.stages import StageResult
+    from prefalign.compare.summary import _Costs
+
+    cfg = CompareConfig(preset="quick", arms=["grpo"], ppo_rollout_batch=2, ppo_steps=2).resolved()
+    dirs = {name: tmp_path / name for name in ("pairs", "rm", "grpo")}
+    for d in dirs.values():
+        d.mkdir()
+    (dirs["pairs"] / "metrics.json").write_text(json.dumps({"new_tokens": 100}))
+    (dirs["rm"] / "run.json").write_text(json.dumps({"train_examples": 10, "global_batch": 2}))
+    (dirs["rm"] / "metrics.jsonl").write_text("")
+    (dirs["grpo"] / "run.json").write_text(json.dumps({"episodes": 8, "total_iterations": 2}))
+    (dirs["grpo"] / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": i, "val/response_length": n}) + "\n" for i, n in ((1, 5.0), (2, 7.5)))
+    )
+    results = {
+        "pairs": StageResult("pairs", str(dirs["pairs"]), 1.0, 10.0),
+        "seed-0/rm": StageResult("seed-0/rm", str(dirs["rm"]), 2.0, 20.0),
+        "seed-0/grpo": StageResult("seed-0/grpo", str(dirs["grpo"]), 3.0, 30.0),
+    }
+    cost = _Costs(cfg, tmp_path, results).of(ARMS["grpo"], 0)
+    assert cost["tokens_generated_training"] == (5.0 + 7.5) * 4  # not x 2, PPO-RLHF's rollout batch
+    assert cost["tokens_generated"] == 50 + 100  # and the shared pairs' tokens, through the reward model

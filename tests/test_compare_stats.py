@@ -136,6 +136,11 @@ def test_win_rate_against_the_start_row():
     assert (got.mean, got.low, got.high) == pytest.approx((0.5, 0.5 - T975[1] * 0.5, 0.5 + T975[1] * 0.5))
 
 
+def test_win_rate_refuses_a_nan_score():
+    with pytest.raises(ValueError, match=r"^win_rate: a gold score is non-finite \(NaN or inf\)$"):
+        win_rate(np.array([[[np.nan, 1.0], [0.0, 1.0]]]), np.zeros((1, 2, 2)))
+
+
 def test_win_rate_refuses_unpaired_samples():
     with pytest.raises(ValueError, match="win_rate: shapes"):
         win_rate(np.zeros((1, 2, 3)), np.zeros((1, 2, 2)))

@@ -252,6 +252,8 @@ def test_config_refuses_bad_numbers(prompts):
         ({"max_steps": 3, "episodes": 10}, "not both"),
         ({"stop": ["k", ""]}, "stop strings must not be empty"),
         ({"temperature": 0.0}, "temperature"),
+        ({"vf_coef": -0.5}, r"^--vf-coef must be >= 0, got -0.5$"),
+        ({"lam": 1.5}, r"^--lam must be in \[0, 1\], got 1.5$"),
     ]:
         with pytest.raises(ValueError, match=msg):
             PPOConfig(**{"prompts": str(prompts), "reward": "vader", **kw})

@@ -138,6 +138,8 @@ def win_rate(a_gold: np.ndarray, b_gold: np.ndarray) -> Interval:
     a_gold, b_gold = np.asarray(a_gold, dtype=float), np.asarray(b_gold, dtype=float)
     if a_gold.ndim != 3 or b_gold.shape[1:] != a_gold.shape[1:] or b_gold.shape[0] not in (1, a_gold.shape[0]):
         raise ValueError(f"win_rate: shapes {a_gold.shape} and {b_gold.shape} do not pair (S, P, K) with (S|1, P, K)")
+    if not (np.all(np.isfinite(a_gold)) and np.all(np.isfinite(b_gold))):  # a NaN compares as neither: a loss
+        raise ValueError("win_rate: a gold score is non-finite (NaN or inf)")
     wins = np.where(a_gold > b_gold, 1.0, np.where(a_gold == b_gold, 0.5, 0.0))
     return mean_interval(wins.mean(axis=-1))
 

@@ -149,12 +149,11 @@ class _Costs:
         rows = read_jsonl(Path(policy.out_dir) / "metrics.jsonl")
         training_tokens = 0  # sampled by the arm's own training run (rollouts), besides the shared pairs
         if arm.family.online:
-            training_tokens = int(
-                sum(
-                    row["val/response_length"] * self.cfg.ppo_rollout_batch
-                    for row in rows
-                    if "val/response_length" in row
-                )
+            # completions per iteration from the run itself: a critic-free arm samples K x max(1, batch // K)
+            info = json.loads((Path(policy.out_dir) / "run.json").read_text())
+            per_iteration = info["episodes"] / info["total_iterations"]
+            training_tokens = round(
+                sum(row["val/response_length"] * per_iteration for row in rows if "val/response_length" in row)
             )
         tokens = training_tokens + (self.pairs_tokens if uses_pairs else 0)
         pairs_used = max(

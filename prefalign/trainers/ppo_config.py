@@ -177,14 +177,16 @@ class PPOConfig(CommonConfig):
             raise ValueError(f"--clip-eps must be in (0, 1), got {self.clip_eps}")
         if self.vf_clip is not None and self.vf_clip <= 0:
             raise ValueError(f"--vf-clip must be > 0, got {self.vf_clip}")
-        if self.kl_coef < 0 or self.vf_coef < 0 or self.ent_coef < 0:
-            raise ValueError("--kl-coef, --vf-coef and --ent-coef must be >= 0")
+        for name in ("kl_coef", "vf_coef", "ent_coef"):  # each named alone: rl has no --vf-coef
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.frozen_dtype != "auto" and self.frozen_dtype not in FROZEN_DTYPES:
             raise ValueError(f"--frozen-dtype must be auto, float32 or bfloat16, got {self.frozen_dtype!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
-        if not (0 <= self.gamma <= 1 and 0 <= self.lam <= 1):
-            raise ValueError("--gamma and --lam must be in [0, 1]")
+        for name in ("gamma", "lam"):  # rl has no --lam
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
         if self.target_kl <= 0:
             raise ValueError(f"--target-kl must be > 0, got {self.target_kl}")
         if self.ref is not None and self.lora_r:
