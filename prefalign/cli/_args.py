@@ -7,9 +7,12 @@ A YAML file gives defaults, flags override it. An unknown YAML key or a value of
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sys
+import types
+import typing
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, TypeVar, cast
@@ -67,11 +70,64 @@ def load_yaml_config(cls: type[T], path: str) -> T:
     unknown = sorted(set(data) - names)
     if unknown:
         raise UserError(f"{path}: unknown key {unknown[0]!r} for this command (known keys: {', '.join(sorted(names))})")
+    hints = typing.get_type_hints(cls, include_extras=True)
+    for key, value in data.items():
+        if isinstance(value, str) and _has_type(0.5, hints.get(key, Any)) and not _has_type(value, hints[key]):
+            # YAML 1.1 reads 1e-5 (no dot) as a string: a float field takes it as the number it spells
+            with contextlib.suppress(ValueError):
+                data[key] = value = float(value)
+        if not _has_type(value, hints.get(key, Any)):
+            raise UserError(f"{path}: {key}: expected {_type_name(hints[key])}, got {value!r}")
     try:
         with deferred_validation():  # flags may still fix a value; parse() validates the final config
             return cls(**data)
     except TypeError as e:
         raise UserError(f"{path}: {e}") from None
+
+
+def _bare(hint: Any) -> Any:
+    """``hint`` without ``Annotated[...]`` (tyro's markers)."""
+    while typing.get_origin(hint) is typing.Annotated:
+        hint = typing.get_args(hint)[0]
+    return hint
+
+
+def _has_type(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a config field's annotation (bool, int, float, str, lists, Literal, Optional);
+    an annotation it does not know passes (the dataclass and `validate` still check)."""
+    hint = _bare(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, a) for a in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(v, args[0] if args else Any) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    hint = _bare(hint)
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in args)
+    if origin is list:
+        plural = {bool: "booleans", int: "integers", float: "numbers", str: "strings"}
+        return f"a list of {plural.get(_bare(args[0]), 'values') if args else 'values'}"
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    names = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
 def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str | None = None) -> T:
