@@ -136,3 +136,11 @@ def test_a_checkpoint_from_before_tensor_only_rng_is_refused_with_what_to_do(dpo
         r"tensors only .*version that wrote it, or start it again",
     ):
         CheckpointManager(out, keep=2).load_for_resume("latest")
+
+
+def test_resume_latest_without_any_checkpoint_says_so(tmp_path):
+    from prefalign.errors import UserError
+
+    (tmp_path / "checkpoints").mkdir()
+    with pytest.raises(UserError, match=r"checkpoints: no checkpoint to resume from; start again without --resume$"):
+        CheckpointManager(tmp_path, keep=2).load_for_resume("latest")

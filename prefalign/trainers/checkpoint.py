@@ -250,6 +250,8 @@ class CheckpointManager:
             path = self.resolve(resume)
             return (path, *self.load(path))
         candidates = self.complete()
+        if not candidates:
+            raise UserError(f"{self.root}: no checkpoint to resume from; start again without --resume")
         for path in reversed(candidates):
             try:
                 return (path, *self.load(path))
