@@ -84,3 +84,11 @@ def test_cli_bad_file_is_one_error_line(tmp_path):
 def test_cli_data_without_subcommand_prints_usage():
     out = _run("data")
     assert out.returncode == 2 and "inspect" in out.stdout
+
+
+def test_cli_inspect_of_data_without_a_usable_row_exits_1(tmp_path):
+    same = tmp_path / "same.jsonl"
+    same.write_text('{"prompt": "p", "chosen": "a", "rejected": "a"}\n')  # chosen == rejected: dropped
+    out = _run("data", "inspect", str(same))
+    assert out.returncode == 1, out.stderr
+    assert "warning: no usable rows: training on this data would stop with an error" in out.stdout.splitlines()

@@ -108,13 +108,16 @@ def inspect(cfg: InspectConfig) -> list[str]:
         too_long = sum(n > cap for n in lengths["prompt"])
         lines.append(f"  {too_long} prompts longer than {cap} tokens would keep only their last {cap}")
     if not report.kept:
-        lines.append("warning: no usable rows: training on this data would stop with an error")
+        lines.append(NO_USABLE_ROWS)
     notes = ([] if fmt == PROMPT_ONLY else ["completions include the final EOS"]) + (
         ["before truncation"] if cfg.max_length else []
     )
     lines.append(f"token lengths with the {cfg.model} tokenizer" + (f" ({'; '.join(notes)})" if notes else "") + ":")
     lines += _length_table(lengths)
     return lines
+
+
+NO_USABLE_ROWS = "warning: no usable rows: training on this data would stop with an error"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -128,5 +131,6 @@ def main(argv: list[str] | None = None) -> int:
     if argv[0] != "inspect":
         raise UserError(f"unknown data command {argv[0]!r}; choose one of: inspect")
     cfg = parse(InspectConfig, argv[1:], prog="prefalign data inspect", description=__doc__)
-    print("\n".join(inspect(cfg)))
-    return 0
+    lines = inspect(cfg)
+    print("\n".join(lines))
+    return 1 if NO_USABLE_ROWS in lines else 0  # the report is printed; the exit says the data cannot train
