@@ -257,3 +257,14 @@ def test_a_tiny_race_on_a_terminal_shows_each_stages_step_counter(tmp_path, tiny
     ]
     log = (out / "logs" / "seed-0_ppo.log").read_text()
     assert log.startswith("$ ") and "\r" not in log  # the full output, with no bar refreshes in it
+
+
+def test_a_stage_s_gpu_peak_is_read_from_its_run_json(tmp_path):
+    from prefalign.compare.stages import recorded_gpu_peak
+
+    assert recorded_gpu_peak(tmp_path) is None  # a sampling stage: no run.json
+    (tmp_path / "run.json").write_text('{"precision": "fp32"}')
+    assert recorded_gpu_peak(tmp_path) is None  # a CPU run records none
+    (tmp_path / "run.json").write_text('{"precision": "bf16", "peak_gpu_allocated_mb": 10240.5}')
+    assert recorded_gpu_peak(tmp_path) == 10240.5
+    assert StageResult("x", "OUT/x", 1.0, 2.0).peak_gpu_mb is None  # stages.json of an older race loads

@@ -262,6 +262,18 @@ def test_one_seed_costs_are_inconclusive_even_when_the_points_are_decisive():
     )
 
 
+def test_a_gpu_race_compares_gpu_memory():
+    # host RSS as in the defaults (PPO-RLHF 2 GiB above DPO), but on the GPU PPO-RLHF held less: the GPU decides
+    gpu = {("ppo", "peak_gpu_mb"): [1024.0, 1024.0], ("dpo", "peak_gpu_mb"): [3072.0, 3072.0]}
+    row = _row(4, costs=gpu)
+    assert row.verdict == DOES_NOT_HOLD
+    assert "PPO-RLHF minus DPO: wall +8m00s, peak GPU memory -2.00 GiB" in row.reason
+    assert row.measured["PPO-RLHF"].startswith("wall 10m00s, peak 4.00 GiB (GPU 1.00 GiB), 100 steps")
+    assert "peak_gpu_mb_difference" in row.evidence
+    # a CPU race (no GPU peak in some seed): host RSS, as before
+    assert "peak memory +2.00 GiB" in _row(4, costs={("ppo", "peak_gpu_mb"): [1024.0, 1024.0]}).reason
+
+
 def test_an_interval_of_the_cost_difference_is_shown():
     reason = _row(4, costs={("ppo", "wall_seconds"): [600.0, 100.0]}).reason
     # differences +480 s and -20 s: 230 s -/+ t(0.975, 1) 12.706 x 353.6 / sqrt(2) = 230 -/+ 3176.6 s

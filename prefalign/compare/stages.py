@@ -93,6 +93,8 @@ class StageResult:
     out_dir: str
     wall_seconds: float
     peak_rss_mb: float
+    peak_gpu_mb: float | None = None
+    """A trainer's ``peak_gpu_allocated_mb`` (run.json) on CUDA; None on CPU and for the sampling stages."""
 
 
 class StageMonitor(Protocol):
@@ -146,7 +148,9 @@ class StageRunner:
         progress_file.unlink(missing_ok=True)
         if returncode != 0:
             _report_failure(name, returncode, log)
-        result = StageResult(name, str(out), round(wall, 3), round(usage.ru_maxrss / 1024, 1))  # ru_maxrss: KiB
+        result = StageResult(  # ru_maxrss: KiB
+            name, str(out), round(wall, 3), round(usage.ru_maxrss / 1024, 1), recorded_gpu_peak(out)
+        )
         # a finished stage is never resumed: its optimizer checkpoints are dead weight (several times the
         # model's size); final/ (and value/ for PPO) stay. Deleted after the wall time is taken, so not charged
         # to the stage.
@@ -155,6 +159,13 @@ class StageRunner:
         atomic_write_text(self.state_path, json.dumps(self.done, indent=2))
         self.monitor.finished(name, result)
         return result
+
+
+def recorded_gpu_peak(out: Path) -> float | None:
+    """A trainer stage's GPU peak in MiB (``peak_gpu_allocated_mb`` of its run.json, written on CUDA); None for a
+    CPU run and for the sampling stages, which write no run.json."""
+    info = out / "run.json"
+    return json.loads(info.read_text()).get("peak_gpu_allocated_mb") if info.is_file() else None
 
 
 def _run_logged(cmd: list[str], env: dict[str, str], log: Path) -> tuple[int, float, resource.struct_rusage]:

@@ -127,6 +127,7 @@ class _Costs:
             return {
                 "wall_seconds": {"pairs": 0.0, "reward_model": 0.0, "policy": 0.0, "total": 0.0},
                 "peak_rss_mb": 0.0,
+                "peak_gpu_mb": None,
                 "tokens_generated": 0,
                 "tokens_generated_training": 0,
                 "gradient_steps": 0,
@@ -167,6 +168,8 @@ class _Costs:
         return {
             "wall_seconds": wall,
             "peak_rss_mb": max(run.peak_rss_mb for run in measured),
+            # on CUDA the trainers' GPU peak (None on CPU, or when no stage of the arm recorded one)
+            "peak_gpu_mb": max((run.peak_gpu_mb for run in measured if run.peak_gpu_mb is not None), default=None),
             "tokens_generated": tokens,
             "tokens_generated_training": training_tokens,
             "gradient_steps": sum(stage.steps(self.cfg) for stage in arm.stages),

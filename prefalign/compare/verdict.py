@@ -231,18 +231,21 @@ def _loss_row(inputs: VerdictInputs, gains: dict[str, Interval]) -> VerdictRow:
 
 def _cost_row(inputs: VerdictInputs, gains: dict[str, Interval]) -> VerdictRow:
     measured = {_label(arm): _cost_cell(inputs, arm, gains[arm].mean) for arm in inputs.arms}
+    # a GPU race compares GPU memory (every PPO-RLHF and DPO seed recorded its peak); a CPU race host RSS
+    gpu = all(cost.get("peak_gpu_mb") is not None for arm in ("ppo", "dpo") for cost in inputs.costs[arm])
+    memory_key = "peak_gpu_mb" if gpu else "peak_rss_mb"
     diff = {
         key: seed_interval([p - d for p, d in zip(inputs.per_seed("ppo", key), inputs.per_seed("dpo", key))])
-        for key in ("wall_seconds", "peak_rss_mb")
+        for key in ("wall_seconds", memory_key)
     }
-    wall, memory = diff["wall_seconds"], diff["peak_rss_mb"]
+    wall, memory = diff["wall_seconds"], diff[memory_key]
     one_seed = len(inputs.costs["ppo"]) == 1  # a point: nothing measures how another seed's run would move it
     cost = INCONCLUSIVE if one_seed else _part(wall.above() and memory.above(), wall.below() or memory.below())
     cost_said = (
-        f"PPO-RLHF minus DPO: wall {_bounds(wall, _signed_seconds)}, peak memory {_bounds(memory, _signed_gib)}"
-        + (" from one seed, points with no interval" if one_seed else "")
+        f"PPO-RLHF minus DPO: wall {_bounds(wall, _signed_seconds)}, peak {'GPU ' if gpu else ''}memory "
+        f"{_bounds(memory, _signed_gib)}" + (" from one seed, points with no interval" if one_seed else "")
     )
-    evidence = {"wall_seconds_difference": wall.to_dict(), "peak_rss_mb_difference": memory.to_dict()}
+    evidence = {"wall_seconds_difference": wall.to_dict(), f"{memory_key}_difference": memory.to_dict()}
     pairs_dpo, pairs_ppo = inputs.per_seed("dpo", "pairs_used"), inputs.per_seed("ppo", "pairs_used")
     if min(pairs_dpo + pairs_ppo) > 0:
         eff = efficiency_difference(inputs.gain("dpo"), pairs_dpo, inputs.gain("ppo"), pairs_ppo)
@@ -260,6 +263,12 @@ def _cost_row(inputs: VerdictInputs, gains: dict[str, Interval]) -> VerdictRow:
     return VerdictRow("Compute cost and sample efficiency", *claims, measured, verdict, reason, evidence)
 
 
+def _gpu(inputs: VerdictInputs, arm: str) -> str:
+    """`` (GPU x GiB)``: the arm's mean GPU peak where every seed recorded one."""
+    peaks = [cost.get("peak_gpu_mb") for cost in inputs.costs[arm]]
+    return "" if None in peaks or not peaks else f" (GPU {_gib(float(np.mean(peaks)))})"
+
+
 def _part(holds: bool, reversed_: bool) -> str:
     """One part of row 4: holds, does not hold (reversed), or inconclusive."""
     return HOLDS if holds else DOES_NOT_HOLD if reversed_ else INCONCLUSIVE
@@ -269,7 +278,7 @@ def _cost_cell(inputs: VerdictInputs, arm: str, gain: float) -> str:
     costs = {key: inputs.mean(arm, key) for key in COST_KEYS}
     per = {"pair": costs["pairs_used"], "step": costs["gradient_steps"], "minute": costs["wall_seconds"] / 60}
     return (
-        f"wall {_seconds(costs['wall_seconds'])}, peak {_gib(costs['peak_rss_mb'])}, "
+        f"wall {_seconds(costs['wall_seconds'])}, peak {_gib(costs['peak_rss_mb'])}{_gpu(inputs, arm)}, "
         f"{_count(costs['gradient_steps'])} steps, {_count(costs['tokens_generated_training'])} tokens, "
         f"{_count(costs['pairs_used'])} pairs; gold gain "
         + ", ".join(f"per {unit} {_efficiency(gain / cost) if cost > 0 else 'n/a'}" for unit, cost in per.items())

@@ -186,8 +186,27 @@ class Run:
         metrics.close()
         acc.wait_for_everyone()
         self.save_final(out)
+        self._record_gpu_peak(out / "run.json")
         acc.wait_for_everyone()
         return {**last_logged, **final_eval}
+
+    def _record_gpu_peak(self, run_json: Path) -> None:
+        """On CUDA, ``peak_gpu_allocated_mb`` in run.json: the largest ``torch.cuda.max_memory_allocated`` of any
+        process (MiB), the memory a GPU race compares (`prefalign compare`); host RSS says little there. A
+        collective; nothing on CPU."""
+        import json
+
+        import torch
+
+        from prefalign.collectives import process_max
+
+        device = self.accelerator.device
+        if device.type != "cuda":
+            return
+        peak = process_max(torch.cuda.max_memory_allocated(device), device)
+        if self.accelerator.is_main_process:
+            info = json.loads(run_json.read_text())
+            write_json(run_json, {**info, "peak_gpu_allocated_mb": round(peak / 2**20, 1)})
 
     def _steps(self, start: int, metrics: MetricsLogger) -> dict[str, float]:
         """Steps ``start`` .. total: the step, its metrics, evaluation and checkpoint cadence, a stop on a signal."""

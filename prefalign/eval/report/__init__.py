@@ -45,6 +45,8 @@ The summary schema (units in brackets)::
       "wall_seconds": {"pairs": s, "reward_model": s, "policy": s, "total": s},  # wall clock [s];
                                      # pairs: making the preference pairs; total: the sum
       "peak_rss_mb":         float,  # largest peak resident memory of the arm's stages [MiB]
+      "peak_gpu_mb":         float | None,  # on CUDA: the largest torch.cuda.max_memory_allocated of its
+                                     # trainers [MiB] (what row 4 compares there); None on CPU
       "tokens_generated":    int,    # tokens sampled to train the arm: pair making + PPO rollouts
       "gradient_steps":      int,    # optimizer steps of every model the arm trained (RM + policy)
       "pairs_used":          int,    # preference pairs the arm trained on (0: none)
