@@ -33,6 +33,7 @@ def test_a_value_of_the_wrong_type_names_the_file_and_the_key(tmp_path, cls, tex
 def test_values_of_the_right_type_load_and_an_exponent_without_a_dot_is_a_number(tmp_path):
     path = tmp_path / "run.yaml"
     # YAML 1.1 reads 1e-5 as the string '1e-5'; an integer is a valid float
-    path.write_text("seeds: 2\narms: [ppo, dpo]\nppo_lr: 1e-5\ndpo_lr: 3\njudge: null\n")
+    path.write_text("seeds: 2\narms: [ppo, dpo]\nppo_lr: 1e-5\ndpo_lr: 3\njudge: null\nsweep_kl_coefs: [1e-3, 0.01]\n")
     cfg = load_yaml_config(CompareConfig, str(path))
     assert (cfg.seeds, cfg.arms, cfg.ppo_lr, cfg.dpo_lr, cfg.judge) == (2, ["ppo", "dpo"], 1e-5, 3, None)
+    assert cfg.sweep_kl_coefs == [1e-3, 0.01]

@@ -66,13 +66,17 @@ def test_directory(tmp_path):
 
 
 @pytest.mark.parametrize("value", ["missing.jsonl", "runs/x/prompts.txt", "data/neg", "prompts.csv.gz", "p.parquet"])
-def test_a_missing_file_is_not_sampled_as_the_prompt_text(value):
+def test_a_missing_file_is_not_sampled_as_the_prompt_text(value, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data").mkdir()  # data/neg: a missing file in a directory that exists
     assert _error(["a prompt", value]) == (
         f"--prompts {value}: file not found; give an existing prompt file (.txt, .jsonl, .json, .csv, .parquet) "
         "or a prompt text"
     )
 
 
-@pytest.mark.parametrize("value", ["2+2=", "Hello.", "the file prompts.jsonl", "What is 1/2 of 4?"])
+@pytest.mark.parametrize(
+    "value", ["2+2=", "Hello.", "the file prompts.jsonl", "What is 1/2 of 4?", "3/4+1/4=", "and/or"]
+)
 def test_texts_that_are_not_paths_stay_prompts(value):
     assert read_prompts([value]) == [value]

@@ -16,25 +16,42 @@ from prefalign.trainers.ppo import PPOConfig, PPOTrainer
 
 @pytest.fixture(scope="module")
 def other_tokenizer(tokenizer):
-    """The default tokenizer with one token more: every shared token keeps its id, the vocabularies still differ."""
-    tok = copy.deepcopy(tokenizer)
-    tok.add_tokens(["<prefalign-extra-token>"])
+    """A word-level tokenizer of a few words: the policy's token ids mean other tokens (or nothing) to it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["<pad>", "<eos>", "the", "movie", "was", "good", "bad"]
+    raw = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<pad>"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>")
     return tok
 
 
 @pytest.fixture(scope="module")
-def other_lm_dir(tmp_path_factory, other_tokenizer):
+def extended_dir(tmp_path_factory, tokenizer):
+    """The default tokenizer with one token added (as a reward model's [PAD]): every policy id keeps its token."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["<prefalign-extra-token>"])
+    path = tmp_path_factory.mktemp("extended")
+    model, _ = tiny_causal_lm(tok)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def other_lm_dir(tmp_path_factory, tokenizer, other_tokenizer):
     path = tmp_path_factory.mktemp("other-lm")
-    model, _ = tiny_causal_lm(other_tokenizer)
+    model, _ = tiny_causal_lm(tokenizer)  # enough embeddings: only the tokenizer's mapping differs
     model.save_pretrained(path)
     other_tokenizer.save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="module")
-def other_rm_dir(tmp_path_factory, other_tokenizer):
+def other_rm_dir(tmp_path_factory, tokenizer, other_tokenizer):
     path = tmp_path_factory.mktemp("other-rm")
-    tiny_reward_model(other_tokenizer).save_pretrained(path)
+    tiny_reward_model(tokenizer).save_pretrained(path)
     other_tokenizer.save_pretrained(path)
     return path
 
@@ -48,8 +65,9 @@ def _weights_only(path, vocab):
     return path
 
 
-def test_require_same_vocabulary_by_case(tmp_path, tokenizer, tiny_model_dir, other_lm_dir):
+def test_require_same_vocabulary_by_case(tmp_path, tokenizer, tiny_model_dir, other_lm_dir, extended_dir):
     require_same_vocabulary(load_causal_lm(str(tiny_model_dir)), str(tiny_model_dir), tokenizer, "--ref same")
+    require_same_vocabulary(load_causal_lm(str(extended_dir)), str(extended_dir), tokenizer, "--ref extended")
     with pytest.raises(UserError, match=r"^--ref x: its tokenizer's vocabulary differs from --model's; it must read"):
         require_same_vocabulary(load_causal_lm(str(other_lm_dir)), str(other_lm_dir), tokenizer, "--ref x")
     # no tokenizer files: the embedding count is what can be checked

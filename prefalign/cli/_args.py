@@ -72,10 +72,7 @@ def load_yaml_config(cls: type[T], path: str) -> T:
         raise UserError(f"{path}: unknown key {unknown[0]!r} for this command (known keys: {', '.join(sorted(names))})")
     hints = typing.get_type_hints(cls, include_extras=True)
     for key, value in data.items():
-        if isinstance(value, str) and _has_type(0.5, hints.get(key, Any)) and not _has_type(value, hints[key]):
-            # YAML 1.1 reads 1e-5 (no dot) as a string: a float field takes it as the number it spells
-            with contextlib.suppress(ValueError):
-                data[key] = value = float(value)
+        data[key] = value = _yaml11_numbers(value, hints.get(key, Any))
         if not _has_type(value, hints.get(key, Any)):
             raise UserError(f"{path}: {key}: expected {_type_name(hints[key])}, got {value!r}")
     try:
@@ -114,6 +111,26 @@ def _has_type(value: Any, hint: Any) -> bool:
     if hint is str:
         return isinstance(value, str)
     return True
+
+
+def _yaml11_numbers(value: Any, hint: Any) -> Any:
+    """YAML 1.1 reads ``1e-5`` (no dot) as a string: where a number is what the field takes (a float, or the
+    items of a list of floats), the string becomes the number it spells."""
+    if isinstance(value, list):
+        items = [args[0] for a in _members(hint) if typing.get_origin(a) is list and (args := typing.get_args(a))]
+        return [_yaml11_numbers(v, items[0]) for v in value] if items else value
+    if isinstance(value, str) and _has_type(0.5, hint) and not _has_type(value, hint):
+        with contextlib.suppress(ValueError):
+            return float(value)
+    return value
+
+
+def _members(hint: Any) -> tuple[Any, ...]:
+    """A union's members (without Annotated), or the hint itself."""
+    hint = _bare(hint)
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return tuple(_bare(a) for a in typing.get_args(hint))
+    return (hint,)
 
 
 def _type_name(hint: Any) -> str:

@@ -36,7 +36,8 @@ class GenerateConfig(SamplingRunConfig):
     (smollm2-135m)."""
     prompts: list[str] = field(default_factory=list)
     """Prompt files (.txt one per line, .jsonl/.json/.csv/.parquet with a `prompt` column) or literal prompt
-    texts; a value that is not an existing path is a prompt. Empty: a few built-in prompts."""
+    texts; a value that is not an existing path is a prompt, unless it is one word naming a missing file (a data
+    suffix, or a path in an existing directory): that is an error. Empty: a few built-in prompts."""
     num_samples: int = 1
     """Completions per prompt."""
     output: str = "runs/generate"

@@ -14,7 +14,8 @@ design estimates, Owen 2007; it counts the seed x prompt interaction twice, so i
 interval with Welch-Satterthwaite degrees of freedom. With three seeds the seed part has 2 degrees of freedom
 (t = 4.30): a percentile bootstrap over 3 seeds, used before, never reaches past the extreme seed means and put 0
 outside its "95%" interval of a zero effect in 10-28% of simulated races of 3 seeds x 50 prompts, this interval in
-4.5-7% (2,000 races per setting; with 2 seeds up to 12%: Welch-Satterthwaite is rough at 1 degree of freedom).
+4.5-8% (2,000-6,000 races per setting; ~8% where seed and prompt variances are alike, as Welch-Satterthwaite then
+overstates the degrees of freedom; with 2 seeds up to 12%).
 A difference of two policies is the interval of their cell-by-cell difference: paired by seed and prompt.
 
 Everything here is numpy and scipy: arrays in, `Interval` out.

@@ -266,7 +266,8 @@ def _cost_row(inputs: VerdictInputs, gains: dict[str, Interval]) -> VerdictRow:
 def _gpu(inputs: VerdictInputs, arm: str) -> str:
     """`` (GPU x GiB)``: the arm's mean GPU peak where every seed recorded one."""
     peaks = [cost.get("peak_gpu_mb") for cost in inputs.costs[arm]]
-    return "" if None in peaks or not peaks else f" (GPU {_gib(float(np.mean(peaks)))})"
+    known = [float(p) for p in peaks if p is not None]
+    return f" (GPU {_gib(float(np.mean(known)))})" if known and len(known) == len(peaks) else ""
 
 
 def _part(holds: bool, reversed_: bool) -> str:

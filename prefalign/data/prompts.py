@@ -128,12 +128,15 @@ def read_prompt_rows(
 
 
 def _names_a_file(value: str) -> bool:
-    """A value meant as a path, not as a prompt: one word with a directory separator or a data file's suffix
-    (``prompts.jsonl``, ``data/neg``), so that a typo is refused instead of sampled as the prompt text."""
+    """A value meant as a path, not as a prompt: one word with a data file's suffix (``prompts.jsonl``) or in a
+    directory that exists (``data/neg`` with ``data/`` there), so that a typo is refused instead of sampled as the
+    prompt text; ``3/4+1/4=`` stays a prompt."""
     if any(c.isspace() for c in value):
         return False
     suffixes = [x.lower() for x in Path(value).suffixes]
-    return "/" in value or os.sep in value or any(x in (*STRUCTURED, ".gz", ".txt", ".tsv") for x in suffixes)
+    if any(x in (*STRUCTURED, ".gz", ".txt", ".tsv") for x in suffixes):
+        return True
+    return ("/" in value or os.sep in value) and Path(value).parent.is_dir()
 
 
 def parse_prompts(

@@ -39,7 +39,8 @@ class EvalConfig(SamplingRunConfig):
     """Reference policy (what KL and win rate are measured against); any model spec or adapter directory."""
     prompts: list[str] = field(default_factory=list)
     """Prompt files (.txt one per line, .jsonl/.json/.csv/.parquet with a `prompt` column) or literal prompt
-    texts; a value that is not an existing path is a prompt."""
+    texts; a value that is not an existing path is a prompt, unless it is one word naming a missing file (a data
+    suffix, or a path in an existing directory): that is an error."""
     judge: str = ""
     """Gold judge: a built-in judge (vader, arithmetic), module:function / file.py:function, or a reward model; it
     gets the prompt files' other columns (arithmetic: their answer column)."""

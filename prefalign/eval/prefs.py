@@ -22,7 +22,8 @@ class PrefsConfig(SamplingRunConfig):
     """Policy: hub id, local model directory, a LoRA run's final/ adapter directory, or an embedded name."""
     prompts: list[str] = field(default_factory=list)
     """Prompt files (.txt one per line, .jsonl/.json/.csv/.parquet with a `prompt` column) or literal prompt
-    texts; a value that is not an existing path is a prompt."""
+    texts; a value that is not an existing path is a prompt, unless it is one word naming a missing file (a data
+    suffix, or a path in an existing directory): that is an error."""
     judge: str = ""
     """What scores a completion: a built-in judge (vader, arithmetic), module:function / file.py:function, or a
     reward model directory / hub id; it gets the prompt files' other columns (arithmetic: their answer column)."""

@@ -126,7 +126,8 @@ def aggregate_loss(
 
 def informative_groups(scores: Tensor, group_size: int) -> Tensor:
     """``(B,)`` bool: False on every row of a group whose K scores are all equal (DAPO's dynamic sampling, Yu
-    et al. 2025). Such a group has zero advantage under GRPO and RLOO, so it only adds noise to the normaliser.
+    et al. 2025). Such a group has no score signal: zero advantage under GRPO and RLOO when the KL is a loss term,
+    only its centred KL penalty when it is in the reward; it adds little but noise and weight to the normaliser.
 
     Args: scores ``(B,)``, grouped as K consecutive rows per prompt. Naive loop: ``for g: keep rows of g iff
     len(set(scores[g*K:(g+1)*K])) > 1``.

@@ -154,13 +154,15 @@ def load_tokenizer(name_or_path: str | None = None):
 
 def require_same_vocabulary(model, name_or_path: str, tokenizer, what: str) -> None:
     """Refuse ``model`` (loaded from ``name_or_path``) as a reader of ``tokenizer``'s token ids: its own tokenizer,
-    where the directory has one, maps tokens to other ids, or it has fewer token embeddings than ids.
+    where the directory has one, gives one of them another id (tokens it adds, as a reward model's ``[PAD]``, do not
+    matter), or it has fewer token embeddings than ids.
     ``what``: the flag and its role, which start the one-line error (``"--ref runs/x"``)."""
     try:
         own = load_tokenizer(name_or_path)
     except UserError:  # weights without tokenizer files: only the embedding count can be checked
         own = None
-    if own is not None and own.get_vocab() != tokenizer.get_vocab():
+    mapping = own.get_vocab() if own is not None else None
+    if mapping is not None and any(mapping.get(token) != i for token, i in tokenizer.get_vocab().items()):
         raise UserError(f"{what}: its tokenizer's vocabulary differs from --model's; it must read the policy's tokens")
     rows = model.get_input_embeddings().weight.shape[0]
     if rows < len(tokenizer):
