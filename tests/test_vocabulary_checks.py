@@ -27,33 +27,29 @@ def other_tokenizer(tokenizer):
     return tok
 
 
-@pytest.fixture(scope="module")
-def extended_dir(tmp_path_factory, tokenizer):
-    """The default tokenizer with one token added (as a reward model's [PAD]): every policy id keeps its token."""
-    tok = copy.deepcopy(tokenizer)
-    tok.add_tokens(["<prefalign-extra-token>"])
-    path = tmp_path_factory.mktemp("extended")
-    model, _ = tiny_causal_lm(tok)
+def _saved(path, model, tok):
     model.save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
 
 @pytest.fixture(scope="module")
+def extended_dir(tmp_path_factory, tokenizer):
+    """The default tokenizer with one token added (as a reward model's [PAD]): every policy id keeps its token."""
+    tok = copy.deepcopy(tokenizer)
+    tok.add_tokens(["<prefalign-extra-token>"])
+    return _saved(tmp_path_factory.mktemp("extended"), tiny_causal_lm(tok)[0], tok)
+
+
+@pytest.fixture(scope="module")
 def other_lm_dir(tmp_path_factory, tokenizer, other_tokenizer):
-    path = tmp_path_factory.mktemp("other-lm")
-    model, _ = tiny_causal_lm(tokenizer)  # enough embeddings: only the tokenizer's mapping differs
-    model.save_pretrained(path)
-    other_tokenizer.save_pretrained(path)
-    return path
+    # enough embeddings for the policy's ids: only the tokenizer's mapping differs
+    return _saved(tmp_path_factory.mktemp("other-lm"), tiny_causal_lm(tokenizer)[0], other_tokenizer)
 
 
 @pytest.fixture(scope="module")
 def other_rm_dir(tmp_path_factory, tokenizer, other_tokenizer):
-    path = tmp_path_factory.mktemp("other-rm")
-    tiny_reward_model(tokenizer).save_pretrained(path)
-    other_tokenizer.save_pretrained(path)
-    return path
+    return _saved(tmp_path_factory.mktemp("other-rm"), tiny_reward_model(tokenizer), other_tokenizer)
 
 
 def _weights_only(path, vocab):
