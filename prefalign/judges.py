@@ -8,7 +8,7 @@
 
 Each judge scores like every reward source (`prefalign.rewards`): ``score(prompts, completions, columns=None) ->
 (B,)`` float32 on CPU. A judge that reads a column names it in ``required_columns`` and words its refusal in
-``missing_column(columns)``, so `prefalign.rewards.check_reward_columns` refuses prompt rows without it before a run
+``missing_column(columns)``, so `prefalign.reward_mix.check_reward_columns` refuses prompt rows without it before a run
 writes anything.
 """
 

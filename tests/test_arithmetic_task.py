@@ -12,14 +12,8 @@ from conftest import run_cli, write_jsonl
 from prefalign.errors import UserError
 from prefalign.judges import ArithmeticJudge, first_integer
 from prefalign.resources import make_arithmetic, movie_prefixes, resource_path
-from prefalign.rewards import (
-    JUDGES,
-    VaderJudge,
-    WeightedRewards,
-    check_reward_columns,
-    load_reward_source,
-    score_with_columns,
-)
+from prefalign.reward_mix import WeightedRewards, check_reward_columns
+from prefalign.rewards import JUDGES, VaderJudge, load_reward_source, score_with_columns
 
 # ------------------------------------------------------------------------------------------------ judge
 

@@ -9,7 +9,8 @@ import torch
 
 from prefalign.data import load_prompt_rows, load_prompts, parse_prompts, read_table, take_rows
 from prefalign.errors import UserError
-from prefalign.rewards import CallableReward, VaderJudge, WeightedRewards, score_with_columns
+from prefalign.reward_mix import WeightedRewards
+from prefalign.rewards import CallableReward, VaderJudge, score_with_columns
 from prefalign.trainers.ppo import PPOConfig, PPOTrainer
 from prefalign.trainers.rl import RLConfig, RLTrainer
 

@@ -98,7 +98,8 @@ class Comparison:
         here, not in the first stage. None on --resume of a race that wrote its prompts: it keeps those (its
         prompt files need not still exist)."""
         from prefalign.models import load_tokenizer
-        from prefalign.rewards import check_reward_columns, check_reward_model_name, is_reward_model, load_reward_source
+        from prefalign.reward_mix import check_reward_columns
+        from prefalign.rewards import check_reward_model_name, is_reward_model, load_reward_source
 
         cfg = self.cfg
         tokenizer = load_tokenizer(cfg.model)  # also stops on a bad --model

@@ -135,7 +135,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     from prefalign.data.prompts import read_prompt_rows
     from prefalign.eval.sampling import device, score_samples
     from prefalign.models import load_tokenizer, policy_base
-    from prefalign.rewards import check_reward_columns, load_reward_source
+    from prefalign.reward_mix import check_reward_columns
+    from prefalign.rewards import load_reward_source
     from prefalign.runio import atomic_write_text, prepare_output_dir, to_plain, write_config, write_json, write_jsonl
 
     specs = cfg.policy_specs

@@ -123,7 +123,7 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     from prefalign.data.prompts import read_prompt_rows
     from prefalign.eval.sampling import device, sample_completions, score_samples
     from prefalign.models import load_policy, load_tokenizer, policy_base
-    from prefalign.rewards import check_reward_columns, load_reward_source
+    from prefalign.reward_mix import check_reward_columns, load_reward_source
     from prefalign.runio import prepare_output_dir, write_config, write_json, write_jsonl
 
     log = logging.getLogger(__name__)

@@ -83,7 +83,7 @@ class HeldoutEval(RolloutSampling):
     def check_heldout_inputs(self) -> None:
         """A judge or reward function that needs a column the held-out rows lack is refused before the output
         exists."""
-        from prefalign.rewards import check_reward_columns
+        from prefalign.reward_mix import check_reward_columns
 
         if self.heldout_judge is None:
             return

@@ -175,7 +175,7 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
     def check_inputs(self) -> None:
         """A reward function (or held-out judge) that needs a column the prompt rows (or held-out rows) lack is
         refused before the output exists."""
-        from prefalign.rewards import check_reward_columns
+        from prefalign.reward_mix import check_reward_columns
 
         check_reward_columns(self.reward_source, self.prompt_columns)
         self.check_heldout_inputs()

@@ -10,7 +10,7 @@ epoch/minibatch loop (`PPOUpdate.update`). What differs is here and in `prefalig
 - advantages come from the table `prefalign.losses.advantages.ADVANTAGE_ESTIMATORS` by ``--estimator``;
 - the policy loss has clip-higher, a choice of aggregation and optionally the KL as a loss term
   (`prefalign.losses.policy`); ``--dynamic-sampling`` takes groups of equal scores out of the loss;
-- several reward sources, weighted and summed (`prefalign.rewards.WeightedRewards`), each logged.
+- several reward sources, weighted and summed (`prefalign.reward_mix.WeightedRewards`), each logged.
 
 PPO's own code paths are untouched: `prefalign ppo` gives the same numbers as before this module existed.
 """
@@ -89,7 +89,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
     # ---------------------------------------------------------------- setup
     def setup(self) -> None:
         """PPO's setup (tokenizer, prompts, policy, reference) with every reward source, and no value model."""
-        from prefalign.rewards import WeightedRewards
+        from prefalign.reward_mix import WeightedRewards
 
         cfg = self.cfg
         if self.reward_source is None:
