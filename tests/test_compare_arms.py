@@ -226,7 +226,10 @@ def _fake_race(out: Path, cfg: CompareConfig) -> dict[str, StageResult]:
             {"step": 2, "wall_seconds": 2.0, "val/response_length": 0.0, "eval/accuracy": 0.75},
         ]
         _write_jsonl(run / "metrics.jsonl", rows)
-        (run / "run.json").write_text(json.dumps({"train_examples": 100, "global_batch": cfg.batch_size}))
+        info = {"train_examples": 100, "global_batch": cfg.batch_size}  # a dataset trainer's run.json
+        # an online trainer's: its completions per iteration (PPO-RLHF: the rollout batch)
+        info |= {"episodes": cfg.ppo_steps * cfg.ppo_rollout_batch, "total_iterations": cfg.ppo_steps}
+        (run / "run.json").write_text(json.dumps(info))
         results[f"seed-0/{stage}"] = StageResult(f"seed-0/{stage}", str(run), 10.0 * (index + 1), 3000.0 + index)
     return results
 
