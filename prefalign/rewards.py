@@ -41,7 +41,7 @@ import torch
 from prefalign.errors import UserError
 from prefalign.judges import ArithmeticJudge, Columns, VaderJudge, check_pairs
 from prefalign.models.frozen import frozen_autocast, hold_linear_weights_in, is_reduced
-from prefalign.models.loading import EMBEDDED
+from prefalign.models.loading import EMBEDDED, is_hub_id
 from prefalign.models.value import last_token_rewards, pools_last_token
 
 
@@ -322,8 +322,7 @@ def is_reward_model(spec: str) -> bool:
 def check_reward_model_name(spec: str) -> None:
     """Refuse, without loading anything, a spec read as a reward model that is neither an existing path, a hub id
     (``org/name``) nor an embedded model: most likely a misspelt judge or a missing directory."""
-    hub_id = spec.count("/") == 1 and not spec.startswith((".", "/", "~"))
-    if not (Path(spec).expanduser().exists() or hub_id or spec in EMBEDDED):
+    if not (Path(spec).expanduser().exists() or is_hub_id(spec) or spec in EMBEDDED):
         raise UserError(
             f"unknown reward source {spec!r}: not a built-in judge ({', '.join(JUDGES)}), a module:function, a "
             "reward-model directory or a hub id (org/name)"

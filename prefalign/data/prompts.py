@@ -113,12 +113,13 @@ def read_prompt_rows(
     for n, value in enumerate(values, start=1):
         if not str(value).strip():  # Path("") is the working directory: refuse before it is read as one
             raise UserError(f"{flag}: value {n} is empty; give a prompt file or a non-empty prompt text")
-        if not Path(value).exists() and _names_a_file(str(value)):
+        exists = Path(value).exists()
+        if not exists and _names_a_file(str(value)):
             raise UserError(
                 f"{flag} {value}: file not found; give an existing prompt file (.txt, .jsonl, .json, .csv, .parquet) "
                 "or a prompt text"
             )
-        prompts, found = load_prompt_rows(value if Path(value).exists() else [value], tokenizer, chat=chat)
+        prompts, found = load_prompt_rows(value if exists else [value], tokenizer, chat=chat)
         for name in found:
             columns.setdefault(name, [None] * len(texts))  # a column new here: the earlier prompts lack it
         for name, column in columns.items():

@@ -96,6 +96,11 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def is_hub_id(name: str) -> bool:
+    """``org/name``: what `resolve_model` hands to ``from_pretrained`` as a hub id when no such path exists."""
+    return name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
 def resolve_model(name_or_path: str | None) -> str:
     """Return what ``from_pretrained`` should load: a local directory or a hub id.
 
@@ -117,8 +122,8 @@ def resolve_model(name_or_path: str | None) -> str:
                 f"directory, a hub id, or one of: {', '.join(EMBEDDED)}"
             )
         return str(path)
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")):
-        return name  # a hub id; from_pretrained resolves it (offline: only from the local HF cache)
+    if is_hub_id(name):
+        return name  # from_pretrained resolves it (offline: only from the local HF cache)
     raise UserError(
         f"unknown model {name!r}: not a directory, not a hub id (org/name), not one of: {', '.join(EMBEDDED)}"
     )
