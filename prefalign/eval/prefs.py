@@ -7,9 +7,12 @@ The output ``pairs.jsonl`` is explicit-format preference data (``prompt``, ``cho
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from prefalign.rollout.generate import SamplingRunConfig
+
+if TYPE_CHECKING:  # for the annotation only: make_preferences imports what it runs when it runs
+    from prefalign.eval.sampling import Sample
 
 PAIR_RULES = ("best_worst", "all")
 
@@ -123,7 +126,8 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     from prefalign.data.prompts import read_prompt_rows
     from prefalign.eval.sampling import device, sample_completions, score_samples
     from prefalign.models import load_policy, load_tokenizer, policy_base
-    from prefalign.reward_mix import check_reward_columns, load_reward_source
+    from prefalign.reward_mix import check_reward_columns
+    from prefalign.rewards import load_reward_source
     from prefalign.runio import prepare_output_dir, write_config, write_json, write_jsonl
 
     log = logging.getLogger(__name__)
@@ -148,9 +152,30 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     pairs, skipped = _pair_every_prompt(prompts, [sample.text for sample in samples], scores, cfg)
     seconds = time.perf_counter() - start
 
+    metrics = _metrics(prompts, samples, scores, pairs, skipped, seconds)
+    write_jsonl(out_dir / "pairs.jsonl", pairs)
+    write_json(out_dir / "metrics.json", metrics)
+    if not pairs:
+        log.warning(
+            "no pairs: every prompt's completions tied, or no two scores differ by more than --min-gap "
+            "%s; raise --num-samples or --temperature, or lower --min-gap",
+            cfg.min_gap,
+        )
+    return metrics
+
+
+def _metrics(
+    prompts: list[str],
+    samples: list[Sample],
+    scores: list[float],
+    pairs: list[dict],
+    skipped: dict[str, int],
+    seconds: float,
+) -> dict:
+    """``metrics.json`` of one `make_preferences` run (names in docs/metrics.md)."""
     new_tokens = sum(len(sample.response_ids) for sample in samples)
     gaps = [pair["score_chosen"] - pair["score_rejected"] for pair in pairs]
-    metrics = {
+    return {
         "prompts": len(prompts),
         "completions": len(samples),
         "pairs": len(pairs),
@@ -164,15 +189,6 @@ def make_preferences(cfg: PrefsConfig) -> dict:
         "seconds": round(seconds, 3),
         "tokens_per_second": round(new_tokens / max(seconds, 1e-9), 2),
     }
-    write_jsonl(out_dir / "pairs.jsonl", pairs)
-    write_json(out_dir / "metrics.json", metrics)
-    if not pairs:
-        log.warning(
-            "no pairs: every prompt's completions tied, or no two scores differ by more than --min-gap "
-            "%s; raise --num-samples or --temperature, or lower --min-gap",
-            cfg.min_gap,
-        )
-    return metrics
 
 
 def _pair_every_prompt(
