@@ -1,12 +1,12 @@
 """``prefalign compare``: race PPO-RLHF against DPO on the same preference pairs and measure everything.
 
-The default task is controlled sentiment generation (offline): the policy continues movie-review
-prefixes; the gold judge is VADER's sentiment of the continuation; --task arithmetic is two-digit addition with an
+The default task is controlled sentiment generation (offline): the policy continues movie-review prefixes; the gold
+judge is VADER's sentiment of the continuation; --task arithmetic is addition of two integers from 1 to 25 with an
 exact-match judge. Pairs come from the starting policy (pairs of K samples scored apart by the judge); every arm
 trains on the same pairs, with 3 seeds by default; every policy is evaluated on held-out prompts with the same
-random numbers, so differences are paired, with 95% intervals over prompts and seeds. The classic
-PPO-RLHF vs DPO table is decided claim by claim (holds / does not hold / inconclusive at this budget) and printed
-at the end. Output: report.md, report.html, summary.json and plots in --output.
+random numbers, so differences are paired, with 95% intervals over prompts and seeds. The classic PPO-RLHF vs DPO
+table is decided claim by claim (holds / does not hold / inconclusive at this budget) and printed at the end.
+Output: report.md, report.html, summary.json and plots in --output.
 
 Examples::
 

@@ -145,7 +145,7 @@ class CompareConfig(Validated):
     num_prompts: int | None = None
     """Training prompts used to make pairs."""
     samples_per_prompt: int | None = None
-    """Completions sampled per prompt when making pairs (best vs worst by the judge becomes a pair)."""
+    """Completions sampled per prompt when making pairs (which of them pair up: --pair-rule)."""
     pair_rule: str = "all"
     """best_worst (one pair per prompt) or all (every pair of a prompt's completions whose gold scores differ
     by more than --min-gap): more pairs from the same samples."""

@@ -40,8 +40,8 @@ TASKS: dict[str, Task] = {
         ),
         Task(
             "arithmetic",
-            "two-digit addition after two solved lines, in plain completion; gold = 1 if the first integer of "
-            "the completion's first line is the sum, else 0",
+            "addition of two integers from 1 to 25 after two solved lines, in plain completion; gold = 1 if the first "
+            "integer of the completion's first line is the sum, else 0",
             "arithmetic_train.jsonl",
             "arithmetic_heldout.jsonl",
             "arithmetic",
