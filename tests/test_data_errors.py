@@ -187,6 +187,52 @@ def test_csv_row_with_too_many_fields(tmp_path):
     _file_error(path, "line 3", "more fields")
 
 
+def test_json_file_holding_one_object_is_not_rows(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps({"train": [OK]}, indent=2))
+    _file_error(path, "holds one JSON object (keys: train), not rows", "an array of row objects")
+
+
+def test_csv_header_naming_a_column_twice(tmp_path):
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,chosen,rejected,chosen\np,a,b,c\n")
+    _file_error(path, "line 1", "the header names 'chosen' more than once")
+
+
+def test_csv_rows_after_blank_lines_are_named_by_their_own_line(tmp_path):
+    path = tmp_path / "p.csv"
+    # line 3 has an empty chosen; line 6 opens a quoted prompt whose own blank line (7) is not a row boundary
+    path.write_text('prompt,chosen,rejected\n\np,,b\n\n\n"q\n\nx",a,a\nr,a,b\n')
+    examples, report = load_preferences(path)
+    assert [e.where for e in examples] == ["line 9"]
+    assert report.first == {
+        "empty_chosen": "line 3: chosen reply is empty",
+        "identical": "line 6: chosen and rejected are identical",
+    }
+
+
+def test_a_column_first_seen_on_a_later_row_is_a_column(tmp_path):
+    # the margin on line 2 is not ignored: line 1 lacks it, so the file is refused at line 1
+    path = _jsonl(tmp_path / "p.jsonl", [OK, dict(OK, margin=2.0)])
+    _file_error(path, "line 1", "missing column 'margin' (the data has a margin column")
+
+
+def test_a_prompt_column_first_seen_on_a_later_row_is_refused_on_the_row_without_it(tmp_path):
+    path = _jsonl(tmp_path / "p.jsonl", [{"chosen": "x", "rejected": "y"}, OK])
+    _file_error(path, "line 1", "missing column 'prompt'")
+
+
+def test_pair_whose_completions_tokenise_alike_is_dropped(tmp_path, tokenizer):
+    # " a" gets the EOS appended; " a<|im_end|>" already ends with it: both are [264, 2]
+    rows = [OK, dict(OK, rejected=" a<|im_end|>")]
+    examples, _ = load_preferences(_jsonl(tmp_path / "p.jsonl", rows))
+    pairs, report = tokenize_preferences(examples, tokenizer, max_length=16, source="p.jsonl")
+    assert [p.where for p in pairs] == ["line 1"] and report.counts == {"identical": 1}
+    assert report.first["identical"] == "line 2: chosen and rejected are the same tokens"
+    msg = _error(tokenize_preferences, examples[1:], tokenizer, 16, source="p.jsonl")
+    assert msg.startswith("p.jsonl: all 1 rows were dropped (identical 1, first at line 2)"), msg
+
+
 def test_margin_not_a_number(tmp_path):
     _file_error(
         _jsonl(tmp_path / "p.jsonl", [dict(OK, margin=1), dict(OK, margin="big")]),

@@ -1,5 +1,6 @@
 """Each format and file type, parsed from small hand-made files into exact values."""
 
+import copy
 import gzip
 import io
 import json
@@ -76,6 +77,12 @@ def test_json_array_and_json_lines_in_a_json_file(tmp_path):
     assert load_preferences(_write(tmp_path / "lines.json", _jsonl(ROWS)))[0] == EXPECTED
 
 
+def test_json_array_after_a_byte_order_mark(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(ROWS, indent=2).encode())
+    assert load_preferences(path)[0] == EXPECTED
+
+
 def test_explicit_csv_with_quoting_and_string_margin(tmp_path):
     path = _write(tmp_path / "p.csv", CSV)
     examples, _ = load_preferences(path)
@@ -136,6 +143,68 @@ def test_conversational_with_prompt_column(tmp_path, tokenizer):
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n"
     )
     assert (ex.chosen, ex.rejected) == ("4<|im_end|>", "5<|im_end|>")
+
+
+def test_whole_conversations_beside_a_prompt_column(tmp_path, tokenizer):
+    # UltraFeedback's binarized rows: a prompt string, and chosen/rejected that repeat the user's turn
+    user = {"role": "user", "content": "2+2?"}
+    whole = {
+        "chosen": [user, {"role": "assistant", "content": "4"}],
+        "rejected": [user, {"role": "assistant", "content": "5"}],
+    }
+    rows = [
+        {"prompt": "2+2?", **whole},
+        {"prompt": [user], **whole},  # the prompt as the messages before the reply: the same pair
+        {"prompt": "3+3?", **whole},  # a prompt that is not the conversation's: dropped, not guessed
+    ]
+    examples, report = load_preferences(_write(tmp_path / "uf.jsonl", _jsonl(rows)), tokenizer)
+    want = PreferenceExample(
+        SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", "4<|im_end|>", "5<|im_end|>"
+    )
+    assert examples == [want, want]
+    assert report.counts == {"prompt_mismatch": 1} and report.first["prompt_mismatch"].startswith(
+        "line 3: the prompt column"
+    )
+
+
+def test_conversation_with_no_words_before_the_reply_is_an_empty_prompt(tmp_path, tokenizer):
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": " "}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+        {
+            "prompt": [{"role": "user", "content": "q"}],
+            "chosen": [{"role": "assistant", "content": "a"}],
+            "rejected": [{"role": "assistant", "content": "b"}],
+        },
+    ]
+    examples, report = load_preferences(_write(tmp_path / "c.jsonl", _jsonl(rows)), tokenizer)
+    assert [e.where for e in examples] == ["line 2"] and report.counts == {"empty_prompt": 1}
+
+
+def test_whitespace_after_an_end_of_turn_that_is_not_the_eos_is_left_off(tmp_path, tokenizer):
+    # Gemma-style turns: <end_of_turn> closes a reply, the EOS is another token, and the template writes a newline
+    turns = copy.deepcopy(tokenizer)
+    turns.chat_template = (
+        "{% for m in messages %}<start>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+        "{% if add_generation_prompt %}<start>assistant\n{% endif %}"
+    )
+    assert turns.eos_token != "<end_of_turn>"
+    rows = [
+        {
+            "prompt": [{"role": "user", "content": "hi"}],
+            "chosen": [{"role": "assistant", "content": "yo"}],
+            "rejected": [{"role": "assistant", "content": "no"}],
+        }
+    ]
+    (ex,), _ = load_preferences(_write(tmp_path / "c.jsonl", _jsonl(rows)), turns)
+    assert (ex.prompt, ex.chosen, ex.rejected) == (
+        "<start>user\nhi<end_of_turn>\n<start>assistant\n",
+        "yo<end_of_turn>",
+        "no<end_of_turn>",
+    )
 
 
 def test_forced_format_overrides_detection(tmp_path):

@@ -80,3 +80,11 @@ def test_a_missing_file_is_not_sampled_as_the_prompt_text(value, tmp_path, monke
 )
 def test_texts_that_are_not_paths_stay_prompts(value):
     assert read_prompts([value]) == [value]
+
+
+def test_a_column_the_first_row_lacks_reaches_the_reward(tmp_path):
+    from prefalign.data.prompts import load_prompt_rows
+
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "1+1="}\n{"prompt": "2+2=", "answer": 4}\n')
+    assert load_prompt_rows(str(f)) == (["1+1=", "2+2="], {"answer": [None, 4]})

@@ -82,5 +82,14 @@ def test_tokenize_sft_shares_the_policy(tokenizer):
     assert report.first["too_long"].startswith("example 2:")
 
 
+def test_tokenize_sft_names_dropped_rows_by_file_and_line(tokenizer):
+    rows, report = tokenize_sft(
+        ["a", "b"], [" x", " word" * 30], tokenizer, max_length=8, wheres=["line 3", "line 7"], source="sft.jsonl"
+    )
+    assert [r.where for r in rows] == ["line 3"] and report.first["too_long"].startswith("line 7:")
+    with pytest.raises(UserError, match=r"^sft\.jsonl: all 1 rows were dropped \(too_long 1, first at line 7\)"):
+        tokenize_sft(["b"], [" word" * 30], tokenizer, max_length=8, wheres=["line 7"], source="sft.jsonl")
+
+
 def test_tokenize_prompts_left_truncates(tokenizer):
     assert tokenize_prompts(["Q: one two three four five six", "Hello"], tokenizer, 3) == [[1876, 2531, 2976], [19556]]

@@ -92,7 +92,9 @@ def inspect(cfg: InspectConfig) -> list[str]:
         lengths = {"prompt": [len(ids) for ids in tokenize_prompts(prompts, tokenizer, sys.maxsize)]}
     else:
         examples, report = parse_preferences(table, fmt, tokenizer)
-        pairs, _ = tokenize_preferences(examples, tokenizer, max_length=None) if examples else ([], None)
+        pairs, tokenized = tokenize_preferences(examples, tokenizer, None, source=cfg.path) if examples else ([], None)
+        if tokenized is not None:
+            report.merge(tokenized)  # pairs whose two completions tokenise the same
         lengths = {
             "prompt": [len(p.prompt_ids) for p in pairs],
             "chosen": [len(p.chosen_ids) for p in pairs],

@@ -6,9 +6,10 @@ sense when the first rendering starts with the second; when a template renders t
 (some strip earlier reasoning, or insert a date), the row is dropped with reason
 ``template_prefix_mismatch``.
 
-Whitespace a template writes *after* the end-of-turn token (ChatML's ``<|im_end|>\\n``) is left off
-the completion: the model stops at EOS and never generates it, so training on it would teach nothing
-and would make the EOS not the last completion token.
+Whitespace a template writes *after* the end-of-turn token (ChatML's ``<|im_end|>\\n``, Gemma's
+``<end_of_turn>\\n``) is left off the completion, whether or not that token is the tokenizer's EOS: the model
+stops at the end of its turn and never generates it, so training on it would teach nothing and would put
+whitespace between the end of turn and the EOS appended after it.
 """
 
 from __future__ import annotations
@@ -85,11 +86,9 @@ def render_completion(
     full = render(tokenizer, prompt + completion, add_generation_prompt=False, where=where, source=source)
     if not full.startswith(prompt_text):
         return None
-    text = full[len(prompt_text) :]
-    eos = tokenizer.eos_token
-    if eos and text.rstrip().endswith(eos):
-        text = text.rstrip()
-    return text
+    # Whatever the end-of-turn token is (ChatML's <|im_end|> is SmolLM2's EOS; Gemma's <end_of_turn> is not
+    # its <eos>), whitespace after it is never generated: the EOS the tokeniser appends must follow it directly.
+    return full[len(prompt_text) :].rstrip()
 
 
 def last_assistant(messages: list[dict]) -> int | None:

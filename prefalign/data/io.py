@@ -38,7 +38,7 @@ class Table:
     kind: str
     """``jsonl``, ``json``, ``csv``, ``parquet``, ``text`` or ``hub``."""
     columns: list[str]
-    """Column names (for JSON lines: the keys of the first row)."""
+    """Column names (for JSON: every key of any row, in order of first appearance; a row may lack some)."""
     rows: list[tuple[str, dict[str, Any]]]
     """``(where, row)`` pairs, ``where`` like ``"line 3"``."""
 
@@ -94,7 +94,7 @@ def read_table(source: str | Path, *, split: str = DEFAULT_SPLIT, text_column: s
         return _parse_parquet(data, src)
     if kind == "csv":
         return _parse_csv(data, src)
-    if kind == "json" and data.lstrip().startswith(b"["):
+    if kind == "json" and _strip_bom(data)[0].lstrip().startswith(b"["):
         return _parse_json_array(data, src)
     if kind in ("json", "jsonl"):  # a .json file that is not an array is taken as JSON lines
         return _parse_jsonl(data, src, kind)
@@ -148,13 +148,36 @@ def _parse_jsonl(data: bytes, src: str, kind: str) -> Table:
         try:
             row = json.loads(text)
         except json.JSONDecodeError as e:
+            _refuse_one_object(data, src, kind)
             raise UserError(
                 f"{src}: line {lineno}: invalid JSON ({e.msg} at column {e.colno}); each line must be one JSON object"
             ) from None
         if not isinstance(row, dict):
             raise UserError(f"{src}: line {lineno}: expected a JSON object per line, got {type_name(row)}")
         rows.append((f"line {lineno}", row))
-    return Table(src, kind, list(rows[0][1]) if rows else [], rows)
+    return Table(src, kind, _all_keys(rows), rows)
+
+
+def _all_keys(rows: list[tuple[str, dict]]) -> list[str]:
+    """Every key of any row, in order of first appearance: a column the first row omits is still a column."""
+    return list(dict.fromkeys(key for _, row in rows for key in row))
+
+
+def _refuse_one_object(data: bytes, src: str, kind: str) -> None:
+    """A .json file holding one object over several lines (``{"train": [...]}``) is not rows: say so, rather
+    than report its second line as bad JSON lines."""
+    if kind != "json":
+        return
+    try:
+        whole = json.loads(_strip_bom(data)[0])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return
+    if isinstance(whole, dict):
+        keys = ", ".join(list(whole)[:5])
+        raise UserError(
+            f"{src}: holds one JSON object (keys: {keys}), not rows; a .json file must be an array of row "
+            "objects ([{...}, {...}]) or JSON lines (one object per line): extract the rows into such a file"
+        )
 
 
 def _parse_json_array(data: bytes, src: str) -> Table:
@@ -177,7 +200,7 @@ def _parse_json_array(data: bytes, src: str) -> Table:
                 "a .json file must be an array of row objects"
             )
         rows.append((f"row {i}", row))
-    return Table(src, "json", list(items[0]), rows)
+    return Table(src, "json", _all_keys(rows), rows)
 
 
 def _parse_csv(data: bytes, src: str) -> Table:
@@ -186,11 +209,23 @@ def _parse_csv(data: bytes, src: str) -> Table:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # HH-style transcripts exceed the 128 KiB default
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
+    lines = text.splitlines()
     try:
         columns = list(reader.fieldnames or [])
-        start = reader.line_num + 1
+        duplicated = sorted({name for name in columns if columns.count(name) > 1})
+        if duplicated:
+            raise UserError(
+                f"{src}: line {reader.line_num}: the header names {', '.join(map(repr, duplicated))} more than once; "
+                "rename or drop the repeated columns (a later one would overwrite the first)"
+            )
+        end = reader.line_num
         for row in reader:
-            where = f"line {start}"
+            # the reader skips blank lines between records: the record starts at the first non-blank line after
+            # the previous one (a quoted field's blank lines come after its first line)
+            start = end + 1
+            while start < reader.line_num and not lines[start - 1].strip():
+                start += 1
+            end, where = reader.line_num, f"line {start}"
             if None in row:
                 raise UserError(
                     f"{src}: {where}: more fields than the header's {len(columns)}; quote fields that contain commas"
@@ -202,7 +237,6 @@ def _parse_csv(data: bytes, src: str) -> Table:
                     "every row needs one value per column"
                 )
             rows.append((where, row))
-            start = reader.line_num + 1
     except csv.Error as e:
         raise UserError(f"{src}: line {reader.line_num}: malformed CSV ({e}); check the quoting") from None
     if not rows:

@@ -6,8 +6,10 @@ Formats (detected from the columns of the first row, or forced with ``format=``)
     ``prompt``, ``chosen``, ``rejected`` strings; the completions follow the prompt as given.
 ``conversational``
     ``chosen``/``rejected`` (and optional ``prompt``) are lists of ``{role, content}`` messages,
-    rendered with the tokenizer's chat template (see `prefalign.data.chat`). Without ``prompt``, the
-    prompt is every message before the last assistant message, and chosen and rejected must share it.
+    rendered with the tokenizer's chat template (see `prefalign.data.chat`). Without ``prompt``, or when
+    chosen opens with a user or system message (whole conversations, as in UltraFeedback's binarized rows),
+    the prompt is every message before the last assistant message, and chosen and rejected must share it; a
+    ``prompt`` column beside whole conversations must be those messages or the last one's text (a string).
 ``implicit``
     ``chosen``/``rejected`` are whole transcripts (Anthropic HH-RLHF style ``\\n\\nHuman: ...
     \\n\\nAssistant: ...``). The prompt is the chosen transcript up to and including its last
@@ -154,7 +156,7 @@ def parse_preferences(
         else:
             parsed = _conversational(get, report, tokenizer, "prompt" in table.columns)
         margin = get.margin() if has_margin else None  # checked on every row, dropped or not
-        if parsed is None or not _keep(parsed, get, report, check_prompt=fmt == "explicit"):
+        if parsed is None or not _keep(parsed, get, report):
             continue
         out.append(PreferenceExample(parsed.prompt, parsed.chosen, parsed.rejected, margin, where))
     return out, report
@@ -166,6 +168,7 @@ class _Parsed(NamedTuple):
     rejected: str
     chosen_body: str  # what the emptiness check looks at: the reply without template tokens
     rejected_body: str
+    prompt_body: str  # the prompt without template tokens: a conversation with no words before the reply is empty
 
 
 class _Getter:
@@ -214,7 +217,8 @@ class _Getter:
 
 def _explicit(get: _Getter, report: DropReport) -> _Parsed:
     chosen, rejected = get.text("chosen"), get.text("rejected")
-    return _Parsed(get.text("prompt"), chosen, rejected, chosen, rejected)
+    prompt = get.text("prompt")
+    return _Parsed(prompt, chosen, rejected, chosen, rejected, prompt)
 
 
 def _implicit(get: _Getter, report: DropReport) -> _Parsed | None:
@@ -232,26 +236,21 @@ def _implicit(get: _Getter, report: DropReport) -> _Parsed | None:
         )
         return None
     chosen, rejected = chosen[len(prompt) :], rejected[len(prompt) :]
-    return _Parsed(prompt, chosen, rejected, chosen, rejected)
+    return _Parsed(prompt, chosen, rejected, chosen, rejected, prompt)
 
 
 def _conversational(get: _Getter, report: DropReport, tokenizer, has_prompt: bool) -> _Parsed | None:
     chosen, rejected = get.messages("chosen"), get.messages("rejected")
-    if has_prompt:
+    # chosen opening with the user's (or system's) turn is the whole conversation, as in UltraFeedback's binarized
+    # rows: the prompt is what precedes its last assistant message, and a prompt column only restates it
+    if has_prompt and chosen[0]["role"] == "assistant":
         prompt = get.messages("prompt")
         chosen_tail, rejected_tail = chosen, rejected
     else:
-        i, j = chat.last_assistant(chosen), chat.last_assistant(rejected)
-        if i is None or j is None:
-            report.drop(
-                "no_assistant_turn", get.where, f"{'chosen' if i is None else 'rejected'} has no assistant message"
-            )
+        split = _split_conversations(get, report, chosen, rejected)
+        if split is None:
             return None
-        prompt = chosen[:i]
-        if rejected[:j] != prompt:
-            report.drop("prompt_mismatch", get.where, "chosen and rejected differ before their last assistant message")
-            return None
-        chosen_tail, rejected_tail = chosen[i:], rejected[j:]
+        prompt, chosen_tail, rejected_tail = split
     where, src = get.where, get.source
     prompt_text = chat.render(tokenizer, prompt, add_generation_prompt=True, where=where, source=src)
     texts = []
@@ -266,12 +265,40 @@ def _conversational(get: _Getter, report: DropReport, tokenizer, has_prompt: boo
             return None
         texts.append(text)
     bodies = ["".join(m["content"] for m in tail) for tail in (chosen_tail, rejected_tail)]
-    return _Parsed(prompt_text, texts[0], texts[1], *bodies)
+    return _Parsed(prompt_text, texts[0], texts[1], *bodies, "".join(m["content"] for m in prompt))
 
 
-def _keep(parsed: _Parsed, get: _Getter, report: DropReport, check_prompt: bool) -> bool:
+def _split_conversations(
+    get: _Getter, report: DropReport, chosen: list[dict], rejected: list[dict]
+) -> tuple[list[dict], list[dict], list[dict]] | None:
+    """``(prompt, chosen tail, rejected tail)`` of two whole conversations, cut before each one's last assistant
+    message, or None when the row is dropped (no assistant message, the two differ before it, or a ``prompt``
+    column that is neither those messages nor the last one's text)."""
+    i, j = chat.last_assistant(chosen), chat.last_assistant(rejected)
+    if i is None or j is None:
+        report.drop("no_assistant_turn", get.where, f"{'chosen' if i is None else 'rejected'} has no assistant message")
+        return None
+    prompt = chosen[:i]
+    if rejected[:j] != prompt:
+        report.drop("prompt_mismatch", get.where, "chosen and rejected differ before their last assistant message")
+        return None
+    if "prompt" in get.row:
+        given = get.row["prompt"]
+        last = prompt[-1]["content"] if prompt else ""
+        if not (given == prompt or (isinstance(given, str) and given.strip() == last.strip())):
+            report.drop(
+                "prompt_mismatch",
+                get.where,
+                "the prompt column is neither the messages before chosen's last assistant message nor the last "
+                "one's text",
+            )
+            return None
+    return prompt, chosen[i:], rejected[j:]
+
+
+def _keep(parsed: _Parsed, get: _Getter, report: DropReport) -> bool:
     """Drop empty fields and identical completions; True if the row survives."""
-    if check_prompt and not parsed.prompt.strip():
+    if not parsed.prompt_body.strip():
         report.drop("empty_prompt", get.where, "prompt is empty")
     elif not parsed.chosen_body.strip():
         report.drop("empty_chosen", get.where, "chosen reply is empty")

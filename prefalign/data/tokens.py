@@ -161,9 +161,11 @@ def truncate_pairs(
     max_length: int | None,
     max_prompt_length: int | None = None,
     bos_token_id: int | None = None,
+    source: str = "",
 ) -> tuple[list[TokenizedPair], DropReport]:
-    """Apply the truncation policy to already tokenised pairs (``max_length=None``: keep all as they are)."""
-    report = DropReport(total=len(pairs))
+    """Apply the truncation policy to already tokenised pairs (``max_length=None``: keep all as they are).
+    ``source`` names the data in messages."""
+    report = DropReport(source=source, total=len(pairs))
     kept = _fit_rows(
         pairs,
         lambda p: (p.chosen_ids, p.rejected_ids),
@@ -177,9 +179,14 @@ def truncate_pairs(
 
 
 def tokenize_preferences(
-    examples: list[PreferenceExample], tokenizer, max_length: int | None, max_prompt_length: int | None = None
+    examples: list[PreferenceExample],
+    tokenizer,
+    max_length: int | None,
+    max_prompt_length: int | None = None,
+    source: str = "",
 ) -> tuple[list[TokenizedPair], DropReport]:
-    """Token ids of every pair, fitted to ``max_length`` (None: no limit); too-long pairs are dropped.
+    """Token ids of every pair, fitted to ``max_length`` (None: no limit); too-long pairs and pairs whose two
+    completions tokenise the same are dropped. ``source`` (the data's path or id) names it in messages.
 
     Raises `UserError` if every pair is dropped.
     """
@@ -194,7 +201,17 @@ def tokenize_preferences(
         )
         for i, e in enumerate(examples)
     ]
-    kept, report = truncate_pairs(pairs, max_length, max_prompt_length, bos)
+    # different texts can tokenise alike (one ends in the EOS's text, the other gets the EOS appended): such a
+    # pair carries no preference
+    report = DropReport(source=source, total=n)
+    distinct = []
+    for pair in pairs:
+        if pair.chosen_ids == pair.rejected_ids:
+            report.drop("identical", pair.where, "chosen and rejected are the same tokens")
+        else:
+            distinct.append(pair)
+    kept, fit = truncate_pairs(distinct, max_length, max_prompt_length, bos, source)
+    report.merge(fit)
     report.require_some_kept(f"raise max_length (now {max_length}) or use shorter data")
     return kept, report
 
@@ -205,15 +222,22 @@ def tokenize_sft(
     tokenizer,
     max_length: int | None,
     max_prompt_length: int | None = None,
+    wheres: Sequence[str] | None = None,
+    source: str = "",
 ) -> tuple[list[TokenizedSFT], DropReport]:
-    """Token ids of (prompt, completion) pairs with the same special-token and truncation policy."""
+    """Token ids of (prompt, completion) pairs with the same special-token and truncation policy. ``wheres``
+    (each row's place in ``source``, e.g. ``"line 7"``; default ``"example i"``) and ``source`` name a dropped
+    row in messages."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if wheres is not None and len(wheres) != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts but {len(wheres)} wheres")
     eos, bos = _eos(tokenizer), leading_bos(tokenizer)
     n = len(prompts)
     ids = encode(tokenizer, list(prompts) + list(completions))
-    rows = [TokenizedSFT(_with_bos(ids[i], bos), _with_eos(ids[n + i], eos), f"example {i + 1}") for i in range(n)]
-    report = DropReport(total=n)
+    wheres = [f"example {i + 1}" for i in range(n)] if wheres is None else wheres
+    rows = [TokenizedSFT(_with_bos(ids[i], bos), _with_eos(ids[n + i], eos), wheres[i]) for i in range(n)]
+    report = DropReport(source=source, total=n)
     kept = _fit_rows(
         rows,
         lambda r: (r.completion_ids,),

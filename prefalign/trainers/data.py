@@ -40,7 +40,7 @@ def _load_tokenized_pairs(source: str, split: str, cfg, tokenizer) -> tuple[list
     from prefalign.data import load_preferences, tokenize_preferences
 
     examples, report = load_preferences(source, tokenizer, format=getattr(cfg, "data_format", None), split=split)
-    pairs, fit = tokenize_preferences(examples, tokenizer, cfg.max_length, cfg.prompt_budget)
+    pairs, fit = tokenize_preferences(examples, tokenizer, cfg.max_length, cfg.prompt_budget, source)
     if fit.dropped:
         log.warning("%s: %s", source, fit.summary())
     return pairs, {"rows": report.total, "kept": len(pairs), "dropped": {**report.counts, **fit.counts}}
@@ -62,10 +62,11 @@ def load_preference_splits(cfg, tokenizer):
     return _splits(_load_tokenized_pairs, cfg, tokenizer)
 
 
-def _prompt_completion_rows(table) -> tuple[list[str], list[str], DropReport]:
-    """The prompt and completion strings of ``table``; empty ones are dropped, counted and logged."""
+def _prompt_completion_rows(table) -> tuple[list[str], list[str], list[str], DropReport]:
+    """The prompt and completion strings of ``table`` and where each is; empty ones are dropped, counted and
+    logged."""
     report = DropReport(source=table.source, total=len(table.rows))
-    prompts, completions = [], []
+    prompts, completions, wheres = [], [], []
     for where, row in table.rows:
         p, c = row.get("prompt"), row.get("completion")
         if not isinstance(p, str) or not isinstance(c, str):
@@ -77,10 +78,11 @@ def _prompt_completion_rows(table) -> tuple[list[str], list[str], DropReport]:
         else:
             prompts.append(p)
             completions.append(c)
+            wheres.append(where)
     report.require_some_kept("fix the rows")
     if report.dropped:
         log.warning("%s: %s", table.source, report.summary())
-    return prompts, completions, report
+    return prompts, completions, wheres, report
 
 
 def _load_tokenized_sft(source: str, split: str, cfg, tokenizer) -> tuple[list, dict]:
@@ -89,11 +91,12 @@ def _load_tokenized_sft(source: str, split: str, cfg, tokenizer) -> tuple[list, 
 
     table = read_table(source, split=split)
     if {"prompt", "completion"} <= set(table.columns):
-        prompts, completions, report = _prompt_completion_rows(table)
+        prompts, completions, wheres, report = _prompt_completion_rows(table)
     else:
         examples, report = load_preferences(table, tokenizer, format=getattr(cfg, "data_format", None))
         prompts, completions = [e.prompt for e in examples], [e.chosen for e in examples]
-    items, fit = tokenize_sft(prompts, completions, tokenizer, cfg.max_length, cfg.prompt_budget)
+        wheres = [e.where for e in examples]
+    items, fit = tokenize_sft(prompts, completions, tokenizer, cfg.max_length, cfg.prompt_budget, wheres, source)
     if fit.dropped:
         log.warning("%s: %s", source, fit.summary())
     return items, {"rows": report.total, "kept": len(items), "dropped": {**report.counts, **fit.counts}}
