@@ -124,13 +124,19 @@ def kept_whole(examples, tok, max_length: int) -> dict[str, list[bool]]:
     prefalign: its own truncation leaves the pair's ids unchanged. TRL tokenises ``prompt + completion + EOS``
     as one text (bench.prepare.joint_ids); RewardTrainer keeps a pair when both sequences fit, DPOTrainer
     truncates a sequence that does not fit (and drops a pair whose prompt alone fills max_length)."""
+    from dataclasses import replace
+
     from bench.prepare import joint_ids
     from prefalign.data.tokens import tokenize_preferences, truncate_pairs
 
-    whole, _ = tokenize_preferences(examples, tok, None)
+    # each pair named by its index: tokenisation may drop one (completions that tokenise alike), so the
+    # tokenised list need not line up with ``examples``
+    named = [replace(e, where=str(i)) for i, e in enumerate(examples)]
+    whole, _ = tokenize_preferences(named, tok, None)
     cut, _ = truncate_pairs(whole, max_length, None, None)
-    unchanged = {id(p) for p in cut}  # truncate_pairs returns the very object when it leaves a pair alone
-    ours = [id(p) in unchanged for p in whole]
+    untouched = {id(p) for p in whole}  # truncate_pairs returns the very object when it leaves a pair alone
+    unchanged = {p.where for p in cut if id(p) in untouched}
+    ours = [str(i) in unchanged for i in range(len(examples))]
     fits = [
         max(len(joint_ids(tok, e.prompt, e.chosen)), len(joint_ids(tok, e.prompt, e.rejected))) <= max_length
         for e in examples

@@ -32,11 +32,12 @@ def test_length_rules_counted_per_library(tokenizer, lengths_ok):
     # max_length 20: prefalign's prompt limit is 10; TRL counts prompt + completion + EOS as one sequence
     examples = [
         PreferenceExample(words(5), words(5), words(3)),  # 5 + 6 <= 20: whole everywhere
-        PreferenceExample(words(12), words(3), words(3)),  # prefalign cuts the prompt to 10; TRL: 16 fits
+        PreferenceExample(words(12), words(3), words(2)),  # prefalign cuts the prompt to 10; TRL: 16 fits
         PreferenceExample(words(8), words(15), words(2)),  # 8 + 16 > 20: TRL drops / cuts; prefalign drops (4 < 8)
         PreferenceExample(words(4), words(19), words(2)),  # completion 20 > 20 - 1: prefalign drops
-        PreferenceExample(words(21), words(2), words(2)),  # the prompt alone fills 20: TRL's DPOTrainer drops
+        PreferenceExample(words(21), words(2), words(1)),  # the prompt alone fills 20: TRL's DPOTrainer drops
     ]
+    # (chosen and rejected differ in every pair: a pair whose completions tokenise alike is dropped before truncation)
     flags = quality.kept_whole(examples, tokenizer, 20)
     assert flags == {
         "prefalign": [True, False, False, False, False],
@@ -48,6 +49,12 @@ def test_length_rules_counted_per_library(tokenizer, lengths_ok):
         "trl_reward": {"whole": 2, "dropped": 3},
         "trl_dpo": {"whole": 2, "end_cut": 2, "dropped": 1},
     }
+
+
+def test_length_flags_stay_aligned_when_tokenisation_drops_a_pair(tokenizer, lengths_ok):
+    # the first pair's completions tokenise alike (" a" + EOS both ways): prefalign never trains on it
+    examples = [PreferenceExample(words(3), " a", " a<|im_end|>"), PreferenceExample(words(3), words(2), words(1))]
+    assert quality.kept_whole(examples, tokenizer, 20)["prefalign"] == [False, True]
 
 
 def test_reward_margins_read_where_both_libraries_train(tiny_reward_model_dir, tokenizer):
