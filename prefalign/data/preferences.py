@@ -264,8 +264,10 @@ def _conversational(get: _Getter, report: DropReport, tokenizer, has_prompt: boo
             )
             return None
         texts.append(text)
-    bodies = ["".join(m["content"] for m in tail) for tail in (chosen_tail, rejected_tail)]
-    return _Parsed(prompt_text, texts[0], texts[1], *bodies, "".join(m["content"] for m in prompt))
+    chosen_body, rejected_body, prompt_body = (
+        "".join(m["content"] for m in ms) for ms in (chosen_tail, rejected_tail, prompt)
+    )
+    return _Parsed(prompt_text, texts[0], texts[1], chosen_body, rejected_body, prompt_body)
 
 
 def _split_conversations(
