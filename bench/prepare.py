@@ -34,6 +34,18 @@ def joint_ids(tok, prompt: str, completion: str) -> list[int]:
     return tok(prompt + completion + tok.eos_token, add_special_tokens=False)["input_ids"]
 
 
+def tokenize_by_index(examples, tok) -> list:
+    """prefalign's token ids of each example, whole (no ``max_length``), or None where prefalign drops the pair
+    at tokenisation (completions that tokenise alike): one entry per example, in its order."""
+    from dataclasses import replace
+
+    from prefalign.data.tokens import tokenize_preferences
+
+    named = [replace(e, where=str(i)) for i, e in enumerate(examples)]
+    by_index = {int(p.where): p for p in tokenize_preferences(named, tok, None)[0]}
+    return [by_index.get(i) for i in range(len(examples))]
+
+
 def write_rm_init(model: str | None, tok, path: Path):
     """``model`` as a one-output sequence-classification model with prefalign's seeded score-head draw (seed 0),
     saved with ``tok`` to ``path``: the one start of both sides' reward models. Returns the model."""
@@ -46,7 +58,7 @@ def write_rm_init(model: str | None, tok, path: Path):
 
 
 def main(out: Path, n_pairs: int, max_length: int, model: str = "default") -> None:
-    from prefalign.data import load_preferences, tokenize_preferences
+    from prefalign.data import load_preferences
     from prefalign.models import load_tokenizer
     from prefalign.models.loading import resolve_model
     from prefalign.resources import movie_prefixes
@@ -57,9 +69,10 @@ def main(out: Path, n_pairs: int, max_length: int, model: str = "default") -> No
     tok = load_tokenizer(model_dir)
     examples, _ = load_preferences(str(hh_rlhf_file()), tok)
     # max_length None: every pair tokenised whole; the fit test below is prefalign's "kept untruncated"
-    pairs, _ = tokenize_preferences(examples, tok, None)
     kept = []
-    for e, p in zip(examples, pairs):
+    for e, p in zip(examples, tokenize_by_index(examples, tok)):
+        if p is None:
+            continue
         longest = max(len(p.chosen_ids), len(p.rejected_ids))
         if len(p.prompt_ids) > max_length // 2 or len(p.prompt_ids) + longest > max_length:
             continue

@@ -124,19 +124,13 @@ def kept_whole(examples, tok, max_length: int) -> dict[str, list[bool]]:
     prefalign: its own truncation leaves the pair's ids unchanged. TRL tokenises ``prompt + completion + EOS``
     as one text (bench.prepare.joint_ids); RewardTrainer keeps a pair when both sequences fit, DPOTrainer
     truncates a sequence that does not fit (and drops a pair whose prompt alone fills max_length)."""
-    from dataclasses import replace
+    from bench.prepare import joint_ids, tokenize_by_index
+    from prefalign.data.tokens import truncate_pairs
 
-    from bench.prepare import joint_ids
-    from prefalign.data.tokens import tokenize_preferences, truncate_pairs
-
-    # each pair named by its index: tokenisation may drop one (completions that tokenise alike), so the
-    # tokenised list need not line up with ``examples``
-    named = [replace(e, where=str(i)) for i, e in enumerate(examples)]
-    whole, _ = tokenize_preferences(named, tok, None)
-    cut, _ = truncate_pairs(whole, max_length, None, None)
-    untouched = {id(p) for p in whole}  # truncate_pairs returns the very object when it leaves a pair alone
-    unchanged = {p.where for p in cut if id(p) in untouched}
-    ours = [str(i) in unchanged for i in range(len(examples))]
+    whole = tokenize_by_index(examples, tok)  # None where prefalign drops the pair before truncation
+    cut, _ = truncate_pairs([p for p in whole if p is not None], max_length, None, None)
+    unchanged = {id(p) for p in cut}  # truncate_pairs returns the very object when it leaves a pair alone
+    ours = [p is not None and id(p) in unchanged for p in whole]
     fits = [
         max(len(joint_ids(tok, e.prompt, e.chosen)), len(joint_ids(tok, e.prompt, e.rejected))) <= max_length
         for e in examples
@@ -256,6 +250,8 @@ def dpo_margins(base: str, finals: dict[str, str], held, tok) -> dict[str, objec
 
     # longest first: the batches' padding stays small and a memory problem shows at once
     pairs, _ = tokenize_preferences(held, tok, None)
+    if len(pairs) != len(held):  # bench.prepare keeps only pairs prefalign tokenises: a margin per held pair
+        raise ValueError(f"{len(held) - len(pairs)} held-out pairs drop at tokenisation; re-run bench.prepare")
     order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i].prompt_ids) - len(pairs[i].chosen_ids))
     ordered = [pairs[i] for i in order]
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()

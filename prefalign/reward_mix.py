@@ -32,8 +32,15 @@ def check_reward_columns(source: RewardSource, columns: Columns) -> None:
     for src in getattr(source, "sources", {"": source}).values():
         if isinstance(src, CallableReward):
             src.column_kwargs({c: [] for c in columns})
-        if any(name not in columns for name in getattr(src, "required_columns", ())):
-            raise src.missing_column(columns)  # a judge with required_columns words its own refusal
+        for name in getattr(src, "required_columns", ()):
+            if name not in columns:
+                raise src.missing_column(columns)  # a judge with required_columns words its own refusal
+            lacking = [i for i, value in enumerate(columns[name]) if value is None]
+            if lacking:  # a column some rows of the file have and others do not
+                raise UserError(
+                    f"judge {src.name!r} needs {name!r} in every prompt row, but {len(lacking)} of "
+                    f"{len(columns[name])} lack it (the first: prompt {lacking[0] + 1}); give every row one"
+                )
 
 
 class WeightedRewards:

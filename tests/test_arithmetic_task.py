@@ -75,6 +75,21 @@ def test_check_reward_columns_refuses_the_arithmetic_judge_without_the_column():
     check_reward_columns(VaderJudge(), {})  # vader reads no column
 
 
+def test_check_reward_columns_refuses_rows_that_lack_a_column_other_rows_have(tmp_path):
+    # a prompt file whose first row has no answer: the column exists (later rows), the row's value is None
+    from prefalign.data.prompts import load_prompt_rows
+
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"prompt": "1 + 1 ="}\n{"prompt": "2 + 2 =", "answer": 4}\n{"prompt": "3 + 3 ="}\n')
+    _, columns = load_prompt_rows(str(path))
+    with pytest.raises(
+        UserError,
+        match=r"^judge 'arithmetic' needs 'answer' in every prompt row, but 2 of 3 lack "
+        r"it \(the first: prompt 1\); give every row one$",
+    ):
+        check_reward_columns(ArithmeticJudge(), columns)
+
+
 def test_score_with_columns_hands_the_answers_to_the_judge():
     assert score_with_columns(ArithmeticJudge(), ["p", "q"], [" 4", " 4"], {"answer": ["4", "5"]}).tolist() == [1, 0]
 

@@ -190,7 +190,7 @@ def test_csv_row_with_too_many_fields(tmp_path):
 def test_json_file_holding_one_object_is_not_rows(tmp_path):
     path = tmp_path / "p.json"
     path.write_text(json.dumps({"train": [OK]}, indent=2))
-    _file_error(path, "holds one JSON object (keys: train), not rows", "an array of row objects")
+    _file_error(path, "holds one JSON object (keys: 'train'), not rows", "an array of row objects")
 
 
 def test_csv_header_naming_a_column_twice(tmp_path):
@@ -222,6 +222,30 @@ def test_a_prompt_column_first_seen_on_a_later_row_is_refused_on_the_row_without
     _file_error(path, "line 1", "missing column 'prompt'")
 
 
+def test_csv_header_with_trailing_commas_still_reads(tmp_path):
+    # spreadsheet exports end rows with empty columns: '' twice is no column to overwrite
+    path = tmp_path / "p.csv"
+    path.write_text("prompt,chosen,rejected,,\np, a, b,,\n")
+    assert [(e.prompt, e.chosen, e.rejected) for e in load_preferences(path)[0]] == [("p", " a", " b")]
+
+
+def test_csv_line_numbers_ignore_unicode_line_separators(tmp_path):
+    # U+2028 inside a field is no line break to the CSV reader: the next record still starts on line 3
+    path = tmp_path / "p.csv"
+    path.write_text('prompt,chosen,rejected\nx\u2028\u2028y, a, b\n"p\nq",,b\n', encoding="utf-8")
+    _, report = load_preferences(path)
+    assert report.first == {"empty_chosen": "line 3: chosen reply is empty"}
+
+
+def test_conversational_row_without_the_prompt_other_rows_have(tmp_path, tokenizer):
+    a, b = {"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}
+    rows = [
+        {"prompt": [{"role": "user", "content": "q"}], "chosen": [a], "rejected": [b]},
+        {"chosen": [a], "rejected": [b]},
+    ]
+    _file_error(_jsonl(tmp_path / "c.jsonl", rows), "line 2: no 'prompt' (other rows have one)", tokenizer=tokenizer)
+
+
 def test_pair_whose_completions_tokenise_alike_is_dropped(tmp_path, tokenizer):
     # " a" gets the EOS appended; " a<|im_end|>" already ends with it: both are [264, 2]
     rows = [OK, dict(OK, rejected=" a<|im_end|>")]
@@ -230,7 +254,10 @@ def test_pair_whose_completions_tokenise_alike_is_dropped(tmp_path, tokenizer):
     assert [p.where for p in pairs] == ["line 1"] and report.counts == {"identical": 1}
     assert report.first["identical"] == "line 2: chosen and rejected are the same tokens"
     msg = _error(tokenize_preferences, examples[1:], tokenizer, 16, source="p.jsonl")
-    assert msg.startswith("p.jsonl: all 1 rows were dropped (identical 1, first at line 2)"), msg
+    assert msg == (
+        "p.jsonl: all 1 rows were dropped (identical 1, first at line 2); fix the rows: a prompt needs tokens, and "
+        "chosen and rejected must differ as token ids"
+    )
 
 
 def test_margin_not_a_number(tmp_path):

@@ -162,9 +162,8 @@ def test_whole_conversations_beside_a_prompt_column(tmp_path, tokenizer):
         SYSTEM + "<|im_start|>user\n2+2?<|im_end|>\n<|im_start|>assistant\n", "4<|im_end|>", "5<|im_end|>"
     )
     assert examples == [want, want]
-    assert report.counts == {"prompt_mismatch": 1} and report.first["prompt_mismatch"].startswith(
-        "line 3: the prompt column"
-    )
+    assert report.counts == {"prompt_column_mismatch": 1}
+    assert report.first["prompt_column_mismatch"].startswith("line 3: the prompt column is neither")
 
 
 def test_conversation_with_no_words_before_the_reply_is_an_empty_prompt(tmp_path, tokenizer):

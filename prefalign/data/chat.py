@@ -6,9 +6,10 @@ sense when the first rendering starts with the second; when a template renders t
 (some strip earlier reasoning, or insert a date), the row is dropped with reason
 ``template_prefix_mismatch``.
 
-Whitespace a template writes *after* the end-of-turn token (ChatML's ``<|im_end|>\\n``, Gemma's
-``<end_of_turn>\\n``) is left off the completion, whether or not that token is the tokenizer's EOS: the model
-stops at the end of its turn and never generates it, so training on it would teach nothing and would put
+A rendered completion's trailing whitespace is left off: what a template writes *after* the end-of-turn token
+(ChatML's ``<|im_end|>\\n``, Gemma's ``<end_of_turn>\\n``, whether or not that token is the tokenizer's EOS),
+and with a template that writes no end-of-turn token, the reply's own trailing whitespace. The model stops at the
+end of its turn and never generates what follows it, so training on it would teach nothing and would put
 whitespace between the end of turn and the EOS appended after it.
 """
 

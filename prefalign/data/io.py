@@ -173,7 +173,7 @@ def _refuse_one_object(data: bytes, src: str, kind: str) -> None:
     except (json.JSONDecodeError, UnicodeDecodeError):
         return
     if isinstance(whole, dict):
-        keys = ", ".join(list(whole)[:5])
+        keys = ", ".join(map(repr, list(whole)[:5]))
         raise UserError(
             f"{src}: holds one JSON object (keys: {keys}), not rows; a .json file must be an array of row "
             "objects ([{...}, {...}]) or JSON lines (one object per line): extract the rows into such a file"
@@ -209,10 +209,10 @@ def _parse_csv(data: bytes, src: str) -> Table:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))  # HH-style transcripts exceed the 128 KiB default
     reader = csv.DictReader(io.StringIO(text, newline=""))
     rows = []
-    lines = text.splitlines()
+    lines = io.StringIO(text, newline="").readlines()  # split where the reader splits (not at \u2028 etc.)
     try:
         columns = list(reader.fieldnames or [])
-        duplicated = sorted({name for name in columns if columns.count(name) > 1})
+        duplicated = sorted({name for name in columns if name and columns.count(name) > 1})  # '': trailing commas
         if duplicated:
             raise UserError(
                 f"{src}: line {reader.line_num}: the header names {', '.join(map(repr, duplicated))} more than once; "

@@ -19,7 +19,8 @@ Formats (detected from the columns of the first row, or forced with ``format=``)
 
 An optional numeric ``margin`` column is kept per pair. Malformed input is a `UserError`; usable-but-
 bad rows are dropped and counted (reasons: ``empty_prompt``, ``empty_chosen``, ``empty_rejected``,
-``identical``, ``no_assistant_turn``, ``prompt_mismatch``, ``template_prefix_mismatch``). A reply of
+``identical``, ``no_assistant_turn``, ``prompt_mismatch``, ``prompt_column_mismatch``,
+``template_prefix_mismatch``). A reply of
 only whitespace counts as empty.
 """
 
@@ -244,6 +245,11 @@ def _conversational(get: _Getter, report: DropReport, tokenizer, has_prompt: boo
     # chosen opening with the user's (or system's) turn is the whole conversation, as in UltraFeedback's binarized
     # rows: the prompt is what precedes its last assistant message, and a prompt column only restates it
     if has_prompt and chosen[0]["role"] == "assistant":
+        if "prompt" not in get.row:
+            raise UserError(
+                f"{get.source}: {get.where}: no 'prompt' (other rows have one) and chosen opens with the assistant's "
+                "reply; give the row its prompt messages"
+            )
         prompt = get.messages("prompt")
         chosen_tail, rejected_tail = chosen, rejected
     else:
@@ -289,7 +295,7 @@ def _split_conversations(
         last = prompt[-1]["content"] if prompt else ""
         if not (given == prompt or (isinstance(given, str) and given.strip() == last.strip())):
             report.drop(
-                "prompt_mismatch",
+                "prompt_column_mismatch",
                 get.where,
                 "the prompt column is neither the messages before chosen's last assistant message nor the last "
                 "one's text",

@@ -212,7 +212,11 @@ def tokenize_preferences(
             distinct.append(pair)
     kept, fit = truncate_pairs(distinct, max_length, max_prompt_length, bos, source)
     report.merge(fit)
-    report.require_some_kept(f"raise max_length (now {max_length}) or use shorter data")
+    report.require_some_kept(
+        f"raise max_length (now {max_length}) or use shorter data"
+        if "too_long" in report.counts
+        else "fix the rows: a prompt needs tokens, and chosen and rejected must differ as token ids"
+    )
     return kept, report
 
 

@@ -43,7 +43,8 @@ def _load_tokenized_pairs(source: str, split: str, cfg, tokenizer) -> tuple[list
     pairs, fit = tokenize_preferences(examples, tokenizer, cfg.max_length, cfg.prompt_budget, source)
     if fit.dropped:
         log.warning("%s: %s", source, fit.summary())
-    return pairs, {"rows": report.total, "kept": len(pairs), "dropped": {**report.counts, **fit.counts}}
+    report.merge(fit)  # both stages may drop for one reason (identical as text, then as tokens): counts add
+    return pairs, {"rows": report.total, "kept": len(pairs), "dropped": report.counts}
 
 
 def _splits(load, cfg, tokenizer):
@@ -99,7 +100,8 @@ def _load_tokenized_sft(source: str, split: str, cfg, tokenizer) -> tuple[list, 
     items, fit = tokenize_sft(prompts, completions, tokenizer, cfg.max_length, cfg.prompt_budget, wheres, source)
     if fit.dropped:
         log.warning("%s: %s", source, fit.summary())
-    return items, {"rows": report.total, "kept": len(items), "dropped": {**report.counts, **fit.counts}}
+    report.merge(fit)
+    return items, {"rows": report.total, "kept": len(items), "dropped": report.counts}
 
 
 def load_sft_splits(cfg, tokenizer):
