@@ -243,6 +243,24 @@ def assert_same_tensors(a: dict, b: dict, tol: float):
         assert torch.allclose(a[k], b[k], atol=tol), (k, (a[k] - b[k]).abs().max().item())
 
 
+def assert_same_adamw_weights(a: dict, b: dict, tol: float, lr: float, steps: int):
+    """Final weights after ``steps`` AdamW steps at ``lr`` from the same start by two summation orders (2 processes
+    and 1, or the LM head in chunks and in one call): ``assert_same_tensors`` to ``tol`` except where AdamW divides a
+    gradient near its eps (1e-8) by itself. There an update is lr * g / (|g| + eps), whose slope in g is up to lr/eps:
+    the float32 rounding of a sum of terms of ~1e-3 (~1e-10) becomes ~1e-5 of lr per step. Measured on an AMD EPYC:
+    one element in 1,024 to 1.6M of a tensor, 2.7e-5 after 3 steps at lr 1e-2 and 8.1e-5 at 1e-3, whose updates were
+    0.4-0.6 of the lr * steps of the elements around them (unsaturated, so their gradients were near eps). So at most
+    one element in 1,000 of a tensor (one in a smaller one) may pass ``tol``, and none by more than 0.05 * lr per step:
+    a wrong gradient moves every element of its tensor, a lost one moves an element by lr a step."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].shape == b[k].shape, k
+        diff = (a[k] - b[k]).abs()
+        past = int((diff > tol).sum())
+        assert past <= max(1, diff.numel() // 1000), (k, past, diff.numel())
+        assert diff.max().item() <= 0.05 * lr * steps, (k, diff.max().item())
+
+
 def nan_at_trainer():
     """The class `NaNAt(cfg, bad_steps)`: a DPOTrainer whose loss is NaN on the given steps (imported lazily)."""
     from prefalign.trainers.dpo import DPOTrainer
