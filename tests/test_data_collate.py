@@ -62,3 +62,9 @@ def test_prompt_collator_pads_on_the_left():
     batch = PromptCollator(0, pad_to_multiple_of=4)([[5, 6, 7], [8]])
     assert torch.equal(batch["input_ids"], torch.tensor([[0, 5, 6, 7], [0, 0, 0, 8]]))
     assert torch.equal(batch["attention_mask"], torch.tensor([[0, 1, 1, 1], [0, 0, 0, 1]]))
+
+
+def test_prompt_collator_refuses_an_empty_prompt():
+    """Parsing drops empty prompts first; a caller passing one would get an all-padding row to sample from."""
+    with pytest.raises(ValueError, match="prompt 1 of the batch has no tokens"):
+        PromptCollator(0)([[5, 6], []])

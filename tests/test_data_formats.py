@@ -166,6 +166,19 @@ def test_whole_conversations_beside_a_prompt_column(tmp_path, tokenizer):
     assert report.first["prompt_column_mismatch"].startswith("line 3: the prompt column is neither")
 
 
+def test_whole_conversation_with_a_message_after_the_reply_is_dropped(tmp_path, tokenizer):
+    # the tail after the last assistant message would train the policy to write the user's next turn
+    user, reply = {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}
+    rows = [
+        {"chosen": [user, reply], "rejected": [user, {"role": "assistant", "content": "5"}]},
+        {"chosen": [user, reply], "rejected": [user, {"role": "assistant", "content": "5"}, user]},
+    ]
+    examples, report = load_preferences(_write(tmp_path / "t.jsonl", _jsonl(rows)), tokenizer)
+    assert [(e.chosen, e.rejected) for e in examples] == [("4<|im_end|>", "5<|im_end|>")]
+    assert report.counts == {"after_last_assistant": 1}
+    assert report.first["after_last_assistant"] == "line 2: rejected has a user message after its last assistant one"
+
+
 def test_conversation_with_no_words_before_the_reply_is_an_empty_prompt(tmp_path, tokenizer):
     rows = [
         {

@@ -83,11 +83,13 @@ class PromptCollator:
     pad_to_multiple_of: int | None = None
 
     def __call__(self, prompts: list[list[int]]) -> dict[str, torch.Tensor]:
+        empty = [b for b, ids in enumerate(prompts) if not ids]
+        if empty:  # an all-padding row: nothing to condition on, and no prompt token before the completion
+            raise ValueError(f"prompt {empty[0]} of the batch has no tokens: every completion needs a prompt token")
         t = _width([len(p) for p in prompts], self.pad_to_multiple_of)
         input_ids = torch.full((len(prompts), t), self.pad_token_id, dtype=torch.long)  # (N, T)
         attention_mask = torch.zeros((len(prompts), t), dtype=torch.long)  # (N, T) 1 on real tokens
         for b, ids in enumerate(prompts):
-            if ids:
-                input_ids[b, t - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[b, t - len(ids) :] = 1
+            input_ids[b, t - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[b, t - len(ids) :] = 1
         return {"input_ids": input_ids, "attention_mask": attention_mask}

@@ -19,8 +19,8 @@ Formats (detected from the columns of the first row, or forced with ``format=``)
 
 An optional numeric ``margin`` column is kept per pair. Malformed input is a `UserError`; usable-but-
 bad rows are dropped and counted (reasons: ``empty_prompt``, ``empty_chosen``, ``empty_rejected``,
-``identical``, ``no_assistant_turn``, ``prompt_mismatch``, ``prompt_column_mismatch``,
-``template_prefix_mismatch``). A reply of
+``identical``, ``no_assistant_turn``, ``after_last_assistant``, ``prompt_mismatch``,
+``prompt_column_mismatch``, ``template_prefix_mismatch``). A reply of
 only whitespace counts as empty.
 """
 
@@ -280,12 +280,17 @@ def _split_conversations(
     get: _Getter, report: DropReport, chosen: list[dict], rejected: list[dict]
 ) -> tuple[list[dict], list[dict], list[dict]] | None:
     """``(prompt, chosen tail, rejected tail)`` of two whole conversations, cut before each one's last assistant
-    message, or None when the row is dropped (no assistant message, the two differ before it, or a ``prompt``
-    column that is neither those messages nor the last one's text)."""
+    message, or None when the row is dropped (no assistant message, a message after it, the two differ before it,
+    or a ``prompt`` column that is neither those messages nor the last one's text)."""
     i, j = chat.last_assistant(chosen), chat.last_assistant(rejected)
     if i is None or j is None:
         report.drop("no_assistant_turn", get.where, f"{'chosen' if i is None else 'rejected'} has no assistant message")
         return None
+    for name, messages, k in (("chosen", chosen, i), ("rejected", rejected, j)):
+        if k < len(messages) - 1:  # a user or tool message after the reply: not a reply the policy should write
+            role = messages[k + 1]["role"]
+            report.drop("after_last_assistant", get.where, f"{name} has a {role} message after its last assistant one")
+            return None
     prompt = chosen[:i]
     if rejected[:j] != prompt:
         report.drop("prompt_mismatch", get.where, "chosen and rejected differ before their last assistant message")
