@@ -226,11 +226,14 @@ def sampling_copy(model, dtype: torch.dtype):
 
     if next(model.parameters()).dtype == dtype:
         return model
-    # buffers are cast too, as .to() does (RoPE's inv_freq: the rotary angles are still computed in float32 from
-    # it; log-probs differ from the float32 model by ~0.005 nats/token either way). requires_grad stays as it was
-    # although sampling runs under no_grad: bf16 weights with requires_grad=False decoded slower on a CPU
-    # (apparently another kernel path; measured in BENCHMARKS.md, "Measured design notes")
-    out = copy.deepcopy(model).to(dtype).eval()
+    # parameters only: buffers keep their dtype, as in a model loaded in bf16. `.to(dtype)` would also round RoPE's
+    # float32 inv_freq to bf16, whose relative error (up to 0.4%) turns the rotary angle by ~0.2 rad at position
+    # 1000: the copy's log-probs drifted from the float32 model's with position (tests/test_sampling_copy.py).
+    # requires_grad stays as it was although sampling runs under no_grad: bf16 weights with requires_grad=False
+    # decoded slower on a CPU (apparently another kernel path; measured in BENCHMARKS.md, "Measured design notes")
+    out = copy.deepcopy(model).eval()
+    for p in out.parameters():  # tied weights are one Parameter: cast once, still tied
+        p.data = p.data.to(dtype)
     out.config.dtype = dtype
     return out
 
