@@ -197,7 +197,9 @@ class KeyedSampler:
         return z
 
     def gumbel(self, key: int, position: int, vocab: int, device) -> torch.Tensor:
-        """``(V,)`` Gumbel(0, 1) noise of one row at one response position."""
+        """``(V,)`` Gumbel(0, 1) noise of one row at one response position. The same on every process and batch
+        layout of one device type; a CPU (MT19937) and a CUDA generator (Philox) draw different noise from one key,
+        so a run on a GPU does not repeat a CPU run's completions."""
         g = torch.Generator(device=device).manual_seed(key_seed(self.seed, key, position))
         u = torch.rand(vocab, generator=g, device=device).clamp_(min=torch.finfo(torch.float32).tiny)
         return -torch.log(-torch.log(u))
