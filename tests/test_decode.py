@@ -71,6 +71,17 @@ def test_rows_that_end_are_padded_and_the_loop_stops_when_all_have(peaked, token
     assert _loop_greedy(peaked, ids, mask, 12, every, pad, pack=PACKS).shape == (4, 1)
 
 
+def test_a_row_that_ends_at_its_first_token_while_the_others_run_on(peaked, tokenizer):
+    ids, mask = _batch(PROMPTS, tokenizer.pad_token_id)
+    free = _loop_greedy(peaked, ids, mask, 8, [tokenizer.eos_token_id], tokenizer.pad_token_id, pack=PACKS)
+    eos = [int(free[0, 0])]
+    assert not (free[1:, :1] == eos[0]).any(), "pick a first token only row 0 emits"
+    pad = 0
+    got = _loop_greedy(peaked, ids, mask, 8, eos, pad, pack=PACKS)
+    assert torch.equal(got, _hf_greedy(peaked, ids, mask, 8, eos, pad))
+    assert got[0, 0] == eos[0] and (got[0, 1:] == pad).all() and got.shape[1] > 1
+
+
 def test_keyed_sampling_draws_generates_tokens_whatever_the_batch(peaked, tokenizer):
     s_loop = SamplingConfig(max_new_tokens=9, temperature=1.0, top_k=40, decoder="loop")
     s_hf = SamplingConfig(max_new_tokens=9, temperature=1.0, top_k=40, decoder="generate")
@@ -272,19 +283,21 @@ def test_ppo_and_rl_pass_their_decoder_to_the_sampler():
         PPOConfig(prompts="p.txt", reward="vader", decoder="fast")
 
 
+@pytest.mark.parametrize("filters", [dict(top_k=40), dict(top_p=0.8)], ids=["top-k", "top-p"])
 @pytest.mark.parametrize("pack", [pytest.param(True, marks=needs_packing), False], ids=["packed", "plain"])
-def test_recorded_logprobs_are_a_fresh_forwards(peaked, tokenizer, pack):
-    """The log-probs and entropies recorded while decoding (keyed sampling at temperature 0.7 with top-k: scored
-    under the tempered distribution before the filter) equal `completion_logprobs` over the finished sequences,
-    left padding and a row that ends mid-batch included, to float32 rounding (measured: at most 1.6e-5 absolute,
-    4.4e-6 relative, on this peaked model's log-probs of a few nats; a cached decode against a full forward); 0
-    past every response; and nothing is recorded unless asked, or when model.generate samples."""
+def test_recorded_logprobs_are_a_fresh_forwards(peaked, tokenizer, pack, filters):
+    """The log-probs and entropies recorded while decoding (keyed sampling at temperature 0.7 with top-k or top-p:
+    scored under the tempered distribution before the filter, as the update's forward scores them) equal
+    `completion_logprobs` over the finished sequences, left padding and a row that ends mid-batch included, to
+    float32 rounding (measured: at most 1.6e-5 absolute, 4.4e-6 relative, on this peaked model's log-probs of a few
+    nats; a cached decode against a full forward); 0 past every response; and nothing is recorded unless asked, or
+    when model.generate samples."""
     from prefalign.models.logprobs import completion_logprobs
 
     pad = tokenizer.pad_token_id
     ids, mask = _batch(PROMPTS, pad)
     keys = [key_seed(i, 0) for i in range(4)]
-    sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=40, decoder="loop")
+    sampling = SamplingConfig(max_new_tokens=10, temperature=0.7, decoder="loop", **filters)
     free = generate(peaked, ids, mask, sampling, eos_ids=[tokenizer.eos_token_id], pad_id=pad, row_keys=keys, seed=3)
     eos = [int(free.response_ids[0, 2])]  # row 0 ends at its third token, the others run on
     assert not (free.response_ids[1:, :3] == eos[0]).any()
