@@ -284,6 +284,51 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
+TRAINING_OUTPUTS = ("checkpoints", "final", "final-merged", "value", "tensorboard", "metrics.jsonl", "samples.jsonl")
+"""What a training run writes that outlives it and that a later run would not replace at its start: left from an
+earlier run, its checkpoints would be pruned in with (and resumed instead of) the new run's, its final weights would
+stand beside the new config until the new run ends, and its TensorBoard events would mix into the new curves."""
+
+
+def clear_previous_training(out_dir: str | os.PathLike) -> list[str]:
+    """Remove an earlier training run's `TRAINING_OUTPUTS` from ``out_dir`` (``--overwrite``: its files are
+    replaced, not merged); nothing else in the directory is touched. Returns the names removed."""
+    removed = []
+    for name in TRAINING_OUTPUTS:
+        path = Path(out_dir) / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+        else:
+            continue
+        removed.append(name)
+    if removed:
+        log.info("--overwrite: removed the earlier run's %s from %s", ", ".join(removed), out_dir)
+    return removed
+
+
+def keep_rows_through(path: str | os.PathLike, step: int) -> list[dict]:
+    """Cut a run's JSON-lines log (metrics.jsonl, samples.jsonl) to its rows up to ``step`` on resume, rewritten
+    atomically; returns them. A line that does not parse (torn by a kill or a full disk mid-append) is dropped with
+    a warning: it stopped the resume with a traceback."""
+    rows, torn = [], 0
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            torn += 1
+            continue
+        if row.get("step", 0) <= step:
+            rows.append(row)
+    if torn:
+        log.warning("%s: dropped %d line(s) that do not parse (a write cut short)", path, torn)
+    write_jsonl(path, rows)
+    return rows
+
+
 def write_config(out_dir: str | os.PathLike, cfg: Any) -> Path:
     """Write the resolved config as YAML; it can be fed back with ``--config``."""
     path = Path(out_dir) / CONFIG_FILE

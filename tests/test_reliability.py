@@ -220,3 +220,78 @@ def test_a_checkpoint_that_cannot_be_written_is_one_clear_error_and_keeps_the_pr
     assert "\n" not in str(err.value)
     assert ckpts.complete() == [first]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [first.name]  # no temp directory left
+
+
+def test_a_damaged_pickle_is_skipped_for_the_previous_checkpoint(tmp_path, tiny_model_dir, pairs, caplog):
+    """A damaged data.pkl inside a checkpoint file (a flipped byte) is unreadable, not unsafe: skipped like a
+    truncated file (it stopped the resume with a raw UnpicklingError)."""
+    import zipfile
+
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=3, save_steps=1, save_total_limit=2)).train()
+    rng_pt = tmp_path / "run" / "checkpoints" / "step-0000003" / "rng.pt"
+    with zipfile.ZipFile(rng_pt) as z:
+        entries = {i.filename: z.read(i) for i in z.infolist()}
+    pkl = next(name for name in entries if name.endswith("data.pkl"))
+    entries[pkl] = entries[pkl][:2] + b"\xff" + entries[pkl][3:]  # an opcode no pickle has
+    with zipfile.ZipFile(rng_pt, "w", zipfile.ZIP_STORED) as z:
+        for name, data in entries.items():
+            z.writestr(name, data)
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=3, save_steps=1, resume="latest")).train()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["resumed_from_step"] == 2
+    assert "rng.pt: checkpoint unreadable (UnpicklingError" in caplog.text
+
+
+def test_overwrite_removes_the_earlier_runs_checkpoints_and_outputs_only(tmp_path, tiny_model_dir, pairs):
+    """--overwrite replaces a run: the earlier run's checkpoints were kept, pruned in with the new run's (the newest
+    by name survived: the new run's were deleted as soon as written) and then resumed by --resume latest."""
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=4)).train()
+    run = tmp_path / "run"
+    (run / "notes.txt").write_text("mine")
+    assert (run / "final").is_dir() and (run / "tensorboard").is_dir()
+    cfg = _dpo(tmp_path, tiny_model_dir, pairs, max_steps=2, save_steps=1, save_total_limit=2, overwrite=True)
+    DPOTrainer(cfg).train()
+    ckpts = sorted((run / "checkpoints").glob("step-*"))
+    assert [c.name for c in ckpts] == ["step-0000001", "step-0000002"]
+    assert all(json.loads((c / "state.json").read_text())["total_steps"] == 2 for c in ckpts)
+    assert [r["step"] for r in read_metrics(run)] == [1, 2]
+    assert len(list((run / "tensorboard").rglob("events.*"))) == 1
+    assert (run / "notes.txt").read_text() == "mine"  # not a file a run writes: left alone
+
+
+def test_resume_with_changed_training_settings_is_refused(tmp_path, tiny_model_dir, pairs):
+    """The optimizer and schedule come back from the checkpoint: a new learning rate was ignored while config.yaml
+    said otherwise. How long to train, and what to log or save, may change."""
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=2, save_steps=1)).train()
+    changed = _dpo(tmp_path, tiny_model_dir, pairs, max_steps=3, resume="latest", learning_rate=5e-2, beta=0.2)
+    with pytest.raises(UserError, match=r"step-0000002: written with --beta None, now 0\.2 \(also --learning-rate\)"):
+        DPOTrainer(changed).train()
+    extended = _dpo(tmp_path, tiny_model_dir, pairs, max_steps=3, resume="latest", logging_steps=2, save_steps=3)
+    DPOTrainer(extended).train()
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["resumed_from_step"] == 2
+
+
+def test_a_checkpoint_between_log_rows_keeps_their_mean(tmp_path, tiny_model_dir, pairs):
+    """Checkpoint at step 3, rows every 4 steps: the resumed run's row 4 is the mean over steps 1-4, as in the run
+    that was never stopped (it was the mean of step 4 alone)."""
+    kw = dict(max_steps=4, save_steps=3, save_total_limit=2, logging_steps=4)
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, **kw)).train()
+    whole = read_metrics(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000004")
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, **kw, resume="latest")).train()
+    resumed = read_metrics(tmp_path / "run")
+    assert [r["step"] for r in resumed] == [r["step"] for r in whole] == [4]
+    for key in ("loss", "rewards/accuracies", "grad_norm"):
+        assert resumed[0][key] == pytest.approx(whole[0][key], rel=1e-6, abs=1e-9), key
+
+
+def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path, tiny_model_dir, pairs, caplog):
+    """A kill or a full disk mid-append leaves half a JSON line: the resume drops it (it raised JSONDecodeError)."""
+    kw = dict(max_steps=3, save_steps=1, save_total_limit=3)
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, **kw)).train()
+    run = tmp_path / "run"
+    shutil.rmtree(run / "checkpoints" / "step-0000003")
+    metrics = run / "metrics.jsonl"
+    metrics.write_text("".join(metrics.read_text().splitlines(keepends=True)[:2]) + '{"step": 3, "lo')
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, **kw, resume="latest")).train()
+    assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+    assert "metrics.jsonl: dropped 1 line(s) that do not parse" in caplog.text

@@ -35,6 +35,53 @@ STATE_FILE = "state.json"
 PREFIX = "step-"
 
 
+RESUME_MAY_CHANGE = frozenset(
+    # where the run writes and how long it trains (a resumed run may be extended: the schedule follows the new
+    # length), and what it logs, saves, evaluates or how it chunks the same computation
+    [
+        "output",
+        "overwrite",
+        "resume",
+        "max_steps",
+        "epochs",
+        "episodes",
+        "logging_steps",
+        "report_to",
+        "save_steps",
+        "save_total_limit",
+        "max_nonfinite_steps",
+        "merge_lora",
+        "forward_batch_size",
+        "gradient_checkpointing",
+        "eval_steps",
+        "sample_every",
+        "heldout_every",
+        "heldout_limit",
+        "reward_batch_size",
+        "decoder",
+    ]
+)
+"""Config fields a resumed run may change; any other change is refused (`check_same_settings`)."""
+
+
+def check_same_settings(path: Path, saved: dict | None, now: dict) -> None:
+    """Refuse a resume whose training settings differ from those the checkpoint was written with: the optimizer and
+    schedule come back from the checkpoint, so a new --learning-rate would be ignored while config.yaml said
+    otherwise, and a new --data, --seed or loss would continue another run. ``saved``/``now``: the configs as plain
+    JSON values (`prefalign.runio.to_plain`); None (a checkpoint written before they were recorded): not checked."""
+    if saved is None:
+        return
+    changed = sorted(k for k in saved.keys() | now.keys() if k not in RESUME_MAY_CHANGE and saved.get(k) != now.get(k))
+    if not changed:
+        return
+    flags = ["--" + k.replace("_", "-") for k in changed]
+    more = f" (also {', '.join(flags[1:])})" if len(flags) > 1 else ""
+    raise UserError(
+        f"{path}: written with {flags[0]} {saved.get(changed[0])!r}, now {now.get(changed[0])!r}{more}; resume with "
+        "the settings in the run's config.yaml, or start a new --output"
+    )
+
+
 class UnsafeCheckpoint(UserError):
     """A checkpoint file that holds more than tensors and plain values: refused, never skipped for an older one."""
 
@@ -92,6 +139,10 @@ def load_tensors_only(path: Path):
             found = get_unsafe_globals_in_checkpoint(path)
         except (ValueError, RuntimeError, OSError):  # not torch's zip format: prefalign never writes a bare pickle
             found = ["a bare pickle"]
+        except pickle.UnpicklingError as e:  # a damaged pickle (a flipped byte): unreadable, not unsafe
+            raise UserError(
+                f"{path}: checkpoint unreadable (UnpicklingError: {e}); resume from an older one with --resume <dir>"
+            ) from None
     if path.name == "rng.pt" and found and all(name.startswith("numpy.") for name in found):
         raise UnsafeCheckpoint(
             f"{path}: written by prefalign before checkpoints held tensors only (its RNG state "

@@ -17,7 +17,8 @@ class CommonConfig(Validated):
     output: str = "runs/train"
     """Output directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, final/."""
     overwrite: bool = False
-    """Replace a previous run's files in --output (default: refuse a non-empty output directory)."""
+    """Replace a previous run's files in --output (default: refuse a non-empty output directory): its checkpoints,
+    final weights, metrics and TensorBoard events are removed when this run starts; other files are left."""
     resume: str | None = None
     """Continue a run: 'latest' (newest complete checkpoint in --output) or a checkpoint directory."""
     seed: int = 0

@@ -173,7 +173,24 @@ class Trainer(Run):
         }
 
     def checkpoint_state(self) -> dict:
-        return {"global_batch": self.sizes.global_batch}
+        """The global batch, and the stats averaged since the last log row, summed over processes (a collective):
+        a checkpoint between two rows (a signal, --save-steps not a multiple of --logging-steps) would otherwise
+        make the resumed run's next row the mean of its own steps only."""
+        keys, acc = sorted(self.running.sums), self.accelerator
+        sums, counts = (
+            sum_across_processes(acc, torch.tensor([d[k] for k in keys], dtype=torch.float64, device=acc.device))
+            for d in (self.running.sums, self.running.counts)
+        )
+        running = {"sums": dict(zip(keys, sums.tolist())), "counts": dict(zip(keys, counts.tolist()))}
+        return {"global_batch": self.sizes.global_batch, "running": running}
+
+    def load_state(self, state: dict) -> None:
+        """The running stats go to the main process only: the next row pools every process's sums."""
+        saved = state.get("running", {"sums": {}, "counts": {}})  # older checkpoints: none
+        if self.accelerator.is_main_process:
+            for k, v in saved["sums"].items():
+                self.running.sums[k] += v
+                self.running.counts[k] += saved["counts"][k]
 
     def check_resumable(self, path: Path, state: dict) -> None:
         """Refuse a checkpoint written with another global batch: data order and schedule would not continue."""

@@ -10,6 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from prefalign.runio import keep_rows_through
 from prefalign.trackers import DEFAULT_REPORT_TO, TrackedRun, Tracker, finite_scalars, open_trackers
 
 METRICS_FILE = "metrics.jsonl"
@@ -37,14 +38,9 @@ class MetricsLogger:
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = [
-                line
-                for line in self.path.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
-            ]
-            self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            kept = keep_rows_through(self.path, resume_step)
             if kept:
-                self.offset = float(json.loads(kept[-1]).get("wall_seconds", 0.0))
+                self.offset = float(kept[-1].get("wall_seconds", 0.0))
         elif self.path.exists():
             self.path.unlink()
         run = TrackedRun(Path(out_dir), run_name or str(out_dir), config or {}, resume_step)

@@ -14,7 +14,6 @@ With ``--heldout-prompts``, `prefalign.trainers.heldout.HeldoutEval` logs gold, 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from prefalign.models.loading import require_same_vocabulary
 from prefalign.rollout import eos_token_ids, refresh_sampling_copy, sampling_copy
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
+from prefalign.runio import keep_rows_through
 from prefalign.trainers.dist import masked_mean_var
 from prefalign.trainers.final import save_final_model
 from prefalign.trainers.heldout import HeldoutEval
@@ -230,12 +230,7 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
         self.metrics = metrics
         self.samples_path = self.out_dir / "samples.jsonl"
         if self.accelerator.is_main_process and self.samples_path.exists():
-            kept = [
-                r
-                for r in self.samples_path.read_text(encoding="utf-8").splitlines()
-                if self.cfg.resume is not None and r.strip() and json.loads(r)["step"] <= start
-            ]
-            self.samples_path.write_text("".join(r + "\n" for r in kept), encoding="utf-8")
+            keep_rows_through(self.samples_path, start if self.cfg.resume is not None else -1)
         self.heldout_start(start, metrics)
 
     def log_row(self, done: int) -> dict[str, float]:

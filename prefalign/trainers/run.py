@@ -26,6 +26,7 @@ and optionally ``check_backend``, ``run_info``, ``progress``, ``has_eval`` / ``e
 from __future__ import annotations
 
 import functools
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,18 @@ from prefalign.allocator import tune_malloc
 from prefalign.methods import METHODS, Method
 from prefalign.preflight import preflight_run
 from prefalign.progress import ProgressBar
-from prefalign.runio import prepare_output_dir, run_in_output_dir, to_plain, write_config, write_json
+from prefalign.runio import (
+    clear_previous_training,
+    prepare_output_dir,
+    run_in_output_dir,
+    to_plain,
+    write_config,
+    write_json,
+)
 from prefalign.trackers import load_tracker_packages
 from prefalign.trainers.backend import Trained, check_mergeable, make_backend, resolve_precision
 from prefalign.trainers.card import CardFacts
-from prefalign.trainers.checkpoint import PREFIX, CheckpointManager, rng_state, set_rng_state
+from prefalign.trainers.checkpoint import PREFIX, CheckpointManager, check_same_settings, rng_state, set_rng_state
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.metrics import MetricsLogger
 
@@ -95,7 +103,8 @@ class Run:
         return getattr(self.cfg, "eval_steps", None)
 
     def checkpoint_state(self) -> dict[str, Any]:
-        """JSON-able state saved in every checkpoint beside the skeleton's."""
+        """JSON-able state saved in every checkpoint beside the skeleton's (called on every process; the main
+        process's is written, so it may gather from the others)."""
         return {}
 
     def load_state(self, state: dict[str, Any]) -> None:
@@ -153,6 +162,9 @@ class Run:
     def _run(self) -> dict[str, float]:
         self.prepare()
         cfg, acc, out = self.cfg, self.accelerator, self.out_dir
+        if cfg.overwrite and cfg.resume is None and acc.is_main_process:
+            clear_previous_training(out)  # an earlier run's checkpoints would be pruned in with and resumed as ours
+        acc.wait_for_everyone()
         self.ckpts = CheckpointManager(out, cfg.save_total_limit)
         start = self._resume() if cfg.resume is not None else 0
         if acc.is_main_process:
@@ -270,27 +282,29 @@ class Run:
         objects.update(weights)
         acc.wait_for_everyone()
         path = self.ckpts.root / f"{PREFIX}{step:07d}"
+        state = {
+            "total_steps": self.total_steps,
+            "skipped_steps": self.guard.skipped,
+            "processes": self.world,
+            "config": self.plain_config(),
+            **self.checkpoint_state(),  # on every process: it may be a collective
+        }
         if acc.is_main_process:
-            path = self.ckpts.save(
-                step,
-                objects,
-                {
-                    "total_steps": self.total_steps,
-                    "skipped_steps": self.guard.skipped,
-                    "processes": self.world,
-                    **self.checkpoint_state(),
-                },
-                into=into,
-            )
+            path = self.ckpts.save(step, objects, state, into=into)
         acc.wait_for_everyone()
         self.last_good = str(path)
         return path
+
+    def plain_config(self) -> dict:
+        """The config as JSON values, as a checkpoint's state.json holds it."""
+        return json.loads(json.dumps(to_plain(self.cfg)))
 
     def _resume(self) -> int:
         """Restore the checkpoint named by --resume; returns its step."""
         path, state, objects = self.ckpts.load_for_resume(self.cfg.resume)
         self.backend.check_resumable(path, state)
         self.check_resumable(path, state)
+        check_same_settings(path, state.get("config"), self.plain_config())
         self.backend.load_checkpoint(self.trained, path, objects)
         for t in self.trained:
             t.scheduler.load_state_dict(objects[t.key("scheduler")])
