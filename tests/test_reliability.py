@@ -295,3 +295,13 @@ def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path, tiny_model_di
     DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, **kw, resume="latest")).train()
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
     assert "metrics.jsonl: dropped 1 line(s) that do not parse" in caplog.text
+
+
+def test_a_streak_of_nan_steps_counts_across_a_resume(tmp_path, tiny_model_dir, pairs):
+    """Steps 3 and 4 non-finite, a checkpoint at 4, resumed: the third in a row (step 5) stops the run (the streak
+    restarted at 0 after a resume)."""
+    kw = dict(save_steps=1, save_total_limit=2, max_nonfinite_steps=3)
+    NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, **kw), bad_steps=[3, 4]).train()
+    resumed = NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=6, resume="latest", **kw), bad_steps=[3, 4, 5])
+    with pytest.raises(UserError, match=r"non-finite loss or gradients for 3 steps in a row \(last at step 5\)"):
+        resumed.train()

@@ -285,6 +285,7 @@ class Run:
         state = {
             "total_steps": self.total_steps,
             "skipped_steps": self.guard.skipped,
+            "nonfinite_in_a_row": self.guard.in_a_row,
             "processes": self.world,
             "config": self.plain_config(),
             **self.checkpoint_state(),  # on every process: it may be a collective
@@ -310,6 +311,7 @@ class Run:
             t.scheduler.load_state_dict(objects[t.key("scheduler")])
         set_rng_state(objects["rng"])
         self.guard.skipped = int(state.get("skipped_steps", 0))
+        self.guard.in_a_row = int(state.get("nonfinite_in_a_row", 0))  # a streak across the stop still counts
         self.load_state(state)
         self.last_good = str(path)
         start = int(state["step"])
