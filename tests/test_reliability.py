@@ -298,10 +298,19 @@ def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path, tiny_model_di
 
 
 def test_a_streak_of_nan_steps_counts_across_a_resume(tmp_path, tiny_model_dir, pairs):
-    """Steps 3 and 4 non-finite, a checkpoint at 4, resumed: the third in a row (step 5) stops the run (the streak
-    restarted at 0 after a resume)."""
-    kw = dict(save_steps=1, save_total_limit=2, max_nonfinite_steps=3)
-    NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, **kw), bad_steps=[3, 4]).train()
-    resumed = NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=6, resume="latest", **kw), bad_steps=[3, 4, 5])
+    """Steps 3 and 4 non-finite, SIGTERM during step 4 (its stop checkpoint is the one written inside a streak),
+    resumed: the third in a row (step 5) stops the run (the streak restarted at 0 after a resume)."""
+    from prefalign.trainers.guard import StopRequested
+
+    class TermAt4(NaNAt):
+        def compute_loss(self, batch):
+            if self.current == 4 and self.model.training:
+                os.kill(os.getpid(), signal.SIGTERM)  # GracefulStop: finish the step, checkpoint, stop
+            return super().compute_loss(batch)
+
+    kw = dict(max_steps=6, save_steps=1, save_total_limit=2, max_nonfinite_steps=3)
+    with pytest.raises(StopRequested, match="stopped after step 4 of 6"):
+        TermAt4(_dpo(tmp_path, tiny_model_dir, pairs, **kw), bad_steps=[3, 4]).train()
+    resumed = NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, resume="latest", **kw), bad_steps=[3, 4, 5])
     with pytest.raises(UserError, match=r"non-finite loss or gradients for 3 steps in a row \(last at step 5\)"):
         resumed.train()
