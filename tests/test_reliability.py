@@ -314,3 +314,15 @@ def test_a_streak_of_nan_steps_counts_across_a_resume(tmp_path, tiny_model_dir, 
     resumed = NaNAt(_dpo(tmp_path, tiny_model_dir, pairs, resume="latest", **kw), bad_steps=[3, 4, 5])
     with pytest.raises(UserError, match=r"non-finite loss or gradients for 3 steps in a row \(last at step 5\)"):
         resumed.train()
+
+
+def test_a_run_resumed_at_its_end_logs_its_final_evaluation_once(tmp_path, tiny_model_dir, pairs):
+    """Killed while saving final/ (after its last checkpoint and final evaluation), resumed: one final eval row."""
+    kw = dict(max_steps=2, save_steps=1, eval_split=0.2)
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, **kw)).train()
+    whole = read_metrics(tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "final")
+    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, **kw, resume="latest")).train()
+    assert read_metrics(tmp_path / "run") == whole
+    assert sum("eval/loss" in r and r["step"] == 2 for r in whole) == 1
+    assert (tmp_path / "run" / "final").is_dir()

@@ -35,16 +35,21 @@ class MetricsLogger:
         self.trackers: list[Tracker] = []
         self.start = time.perf_counter()
         self.offset = 0.0  # wall seconds of the run before a resume
+        self.kept: list[dict] = []  # the rows a resumed run keeps (main process)
         if not enabled:
             return
         if resume_step is not None and self.path.exists():
-            kept = keep_rows_through(self.path, resume_step)
+            self.kept = kept = keep_rows_through(self.path, resume_step)
             if kept:
                 self.offset = float(kept[-1].get("wall_seconds", 0.0))
         elif self.path.exists():
             self.path.unlink()
         run = TrackedRun(Path(out_dir), run_name or str(out_dir), config or {}, resume_step)
         self.trackers = open_trackers(trackers, run)
+
+    def kept_row_with(self, step: int, prefix: str) -> bool:
+        """Whether a kept row of ``step`` holds a metric named ``prefix...`` (main process; False elsewhere)."""
+        return any(r.get("step") == step and any(k.startswith(prefix) for k in r) for r in self.kept)
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:

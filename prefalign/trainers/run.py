@@ -193,7 +193,8 @@ class Run:
             metrics.log(0, self.evaluate())
         last_logged = self._steps(start, metrics)
         final_eval = self.evaluate() if self.has_eval else {}
-        if final_eval:
+        # a run resumed at its end (killed while saving final/) has its final evaluation's row already
+        if final_eval and not (start == self.total_steps and metrics.kept_row_with(start, "eval/")):
             metrics.log(self.total_steps, final_eval)
         metrics.close()
         acc.wait_for_everyone()
