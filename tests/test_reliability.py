@@ -326,3 +326,25 @@ def test_a_run_resumed_at_its_end_logs_its_final_evaluation_once(tmp_path, tiny_
     assert read_metrics(tmp_path / "run") == whole
     assert sum("eval/loss" in r and r["step"] == 2 for r in whole) == 1
     assert (tmp_path / "run" / "final").is_dir()
+
+
+def test_a_signal_on_a_save_step_writes_its_checkpoint_once(tmp_path, tiny_model_dir, pairs, monkeypatch):
+    """SIGTERM during step 2 of a run saving every step: the stop uses step 2's checkpoint (a second write replaced
+    it by removing it first: with --save-total-limit 1 a kill between the two left no checkpoint)."""
+    from prefalign.trainers.checkpoint import CheckpointManager
+    from prefalign.trainers.guard import StopRequested
+
+    saved, save = [], CheckpointManager.save
+    monkeypatch.setattr(
+        CheckpointManager, "save", lambda self, step, *a, **k: saved.append(step) or save(self, step, *a, **k)
+    )
+
+    class TermAt2(DPOTrainer):
+        def batch_for(self, step, micro):
+            if step == 1:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return super().batch_for(step, micro)
+
+    with pytest.raises(StopRequested, match=r"stopped after step 2 of 4; checkpoint .*step-0000002"):
+        TermAt2(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=1)).train()
+    assert saved == [1, 2]

@@ -66,6 +66,7 @@ class Run:
         self.trained: list[Trained] = []
         self.total_steps = 0
         self.last_good = "none yet"
+        self.saved_at: int | None = None  # the step of the checkpoint written last by this process's run
         self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)  # its count of skipped steps is saved and resumed
 
     # -- hooks --
@@ -251,7 +252,7 @@ class Run:
                 bar.set_postfix(self.progress())
                 bar.update(1, metrics=last_logged)  # compare shows the metric its arm table names
                 if done < total:
-                    stop.check(done, total, functools.partial(self.save_checkpoint, done), hint)
+                    stop.check(done, total, functools.partial(self.stop_checkpoint, done), hint)
         return last_logged
 
     def evaluate_now(self, done: int, first: bool = False) -> bool:
@@ -271,6 +272,11 @@ class Run:
     def record_step(self, finite: bool, done: int) -> None:
         """Count an optimizer step skipped for a non-finite loss or gradient; stop after too many in a row."""
         self.guard.record(finite, done, self.last_good)
+
+    def stop_checkpoint(self, step: int) -> Path:
+        """The checkpoint a signal stops at: this step's, written now unless it was just saved (a second write would
+        replace it by removing it first, leaving none if killed between, with --save-total-limit 1)."""
+        return Path(self.last_good) if self.saved_at == step else self.save_checkpoint(step)
 
     def save_checkpoint(self, step: int) -> Path:
         """Every trained model's weights and optimizer, schedules, RNG and state as checkpoint ``step``: collectives
@@ -294,7 +300,7 @@ class Run:
         if acc.is_main_process:
             path = self.ckpts.save(step, objects, state, into=into)
         acc.wait_for_everyone()
-        self.last_good = str(path)
+        self.last_good, self.saved_at = str(path), step
         return path
 
     def plain_config(self) -> dict:
