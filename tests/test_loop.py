@@ -151,6 +151,15 @@ def test_resume_from_a_given_checkpoint_with_lora_dropout_equals_the_uninterrupt
     assert [r["loss"] for r in rows_again] == [r["loss"] for r in rows]
 
 
+def test_resuming_an_older_checkpoint_removes_the_later_ones(tmp_path, tiny_model_dir, pairs, caplog):
+    """Left in place, the abandoned run's step-4 would be what a later --resume latest continues."""
+    _dpo(tmp_path, tiny_model_dir, pairs, "run", max_steps=4, save_steps=2)
+    ckpts = tmp_path / "run" / "checkpoints"
+    _dpo(tmp_path, tiny_model_dir, pairs, "run", max_steps=3, save_steps=2, resume=str(ckpts / "step-0000002"))
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000002", "step-0000003"]
+    assert "resumed from step 2: removed the later checkpoints step-0000004" in caplog.text
+
+
 # ---------------------------------------------------------------- run length, evaluation file, outputs
 EVAL_ROWS = [{"prompt": f"Film {i} was", "chosen": " great" * (1 + i), "rejected": " dull."} for i in range(5)]
 

@@ -265,6 +265,22 @@ class CheckpointManager:
         for junk in self.root.glob(".tmp-*"):
             shutil.rmtree(junk, ignore_errors=True)
 
+    def drop_newer_than(self, step: int) -> list[str]:
+        """Remove the checkpoints after ``step`` (a run resumed from an older checkpoint abandons them: left in
+        place, a later ``--resume latest`` would continue the abandoned run); returns their names."""
+        newer = sorted(
+            d
+            for d in self.root.glob(f"{PREFIX}*")
+            if d.name[len(PREFIX) :].isdigit() and int(d.name[len(PREFIX) :]) > step
+        )
+        for d in newer:
+            shutil.rmtree(d)
+        if newer:
+            log.warning(
+                "resumed from step %d: removed the later checkpoints %s", step, ", ".join(d.name for d in newer)
+            )
+        return [d.name for d in newer]
+
     def complete(self) -> list[Path]:
         """Complete checkpoints, oldest first; incomplete or unreadable ones are reported and skipped."""
         if not self.root.is_dir():

@@ -322,5 +322,8 @@ class Run:
         self.load_state(state)
         self.last_good = str(path)
         start = int(state["step"])
+        if self.accelerator.is_main_process and path.resolve().parent == self.ckpts.root.resolve():
+            self.ckpts.drop_newer_than(start)
+        self.accelerator.wait_for_everyone()
         log.info("resuming from %s (%s %d of %d)", path, self.unit, start, self.total_steps)
         return start
