@@ -37,8 +37,11 @@ PREFIX = "step-"
 
 RESUME_MAY_CHANGE = frozenset(
     # where the run writes and how long it trains (a resumed run may be extended: the schedule follows the new
-    # length), and what it logs, saves, evaluates or how it chunks the same computation
+    # length), what it logs, saves, evaluates or how it chunks the same computation, and how the global batch is
+    # split (on another number of processes: the global batch itself is checked, `check_resumable`)
     [
+        "batch_size",
+        "grad_accum",
         "output",
         "overwrite",
         "resume",
