@@ -230,7 +230,7 @@ def sampling_copy(model, dtype: torch.dtype):
         return model
     # parameters only: buffers keep their dtype, as in a model loaded in bf16. `.to(dtype)` would also round RoPE's
     # float32 inv_freq to bf16, whose relative error (up to 0.4%) turns the rotary angle by ~0.2 rad at position
-    # 1000: the copy's log-probs drifted from the float32 model's with position (tests/test_sampling_copy.py).
+    # 1000: the copy's log-probs drifted from the float32 model's with position (tests/test_eval.py).
     # requires_grad stays as it was although sampling runs under no_grad: bf16 weights with requires_grad=False
     # decoded slower on a CPU (apparently another kernel path; measured in BENCHMARKS.md, "Measured design notes")
     out = copy.deepcopy(model).eval()

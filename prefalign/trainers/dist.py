@@ -25,15 +25,24 @@ def mean_across_processes(acc, stats: dict[str, float]) -> dict[str, float]:
     return dict(zip(keys, (sum_across_processes(acc, t) / acc.num_processes).tolist()))
 
 
-def pooled_mean_across_processes(acc, sums: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
-    """``sum(sums[k]) / sum(weights[k])`` over processes, per key: the mean over every process's rows, however
-    unevenly they are split (every process the same keys; a key of zero total weight is left out)."""
+def sums_and_weights_across_processes(
+    acc, sums: dict[str, float], weights: dict[str, float]
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``(sum(sums[k]), sum(weights[k]))`` over processes, per key, in one all-reduce (every process the same
+    keys)."""
     keys = sorted(sums)
     t = torch.tensor(
         [[float(sums[k]) for k in keys], [float(weights[k]) for k in keys]], device=acc.device, dtype=torch.float64
     )
-    total, weight = sum_across_processes(acc, t)
-    return {k: (s / w).item() for k, s, w in zip(keys, total, weight) if w > 0}
+    total, weight = sum_across_processes(acc, t).tolist() if keys else ([], [])
+    return dict(zip(keys, total)), dict(zip(keys, weight))
+
+
+def pooled_mean_across_processes(acc, sums: dict[str, float], weights: dict[str, float]) -> dict[str, float]:
+    """``sum(sums[k]) / sum(weights[k])`` over processes, per key: the mean over every process's rows, however
+    unevenly they are split (every process the same keys; a key of zero total weight is left out)."""
+    total, weight = sums_and_weights_across_processes(acc, sums, weights)
+    return {k: total[k] / weight[k] for k in total if weight[k] > 0}
 
 
 def masked_mean_var(acc, x: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:

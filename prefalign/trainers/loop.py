@@ -24,7 +24,11 @@ from prefalign.collectives import process_max
 from prefalign.errors import UserError
 from prefalign.trainers.backend import Trained, param_numel
 from prefalign.trainers.config import TrainConfig
-from prefalign.trainers.dist import pooled_mean_across_processes, sum_across_processes
+from prefalign.trainers.dist import (
+    pooled_mean_across_processes,
+    sum_across_processes,
+    sums_and_weights_across_processes,
+)
 from prefalign.trainers.final import save_final_model
 from prefalign.trainers.guard import NonFiniteGuard
 from prefalign.trainers.lora import apply_lora
@@ -176,13 +180,8 @@ class Trainer(Run):
         """The global batch, and the stats averaged since the last log row, summed over processes (a collective):
         a checkpoint between two rows (a signal, --save-steps not a multiple of --logging-steps) would otherwise
         make the resumed run's next row the mean of its own steps only."""
-        keys, acc = sorted(self.running.sums), self.accelerator
-        sums, counts = (
-            sum_across_processes(acc, torch.tensor([d[k] for k in keys], dtype=torch.float64, device=acc.device))
-            for d in (self.running.sums, self.running.counts)
-        )
-        running = {"sums": dict(zip(keys, sums.tolist())), "counts": dict(zip(keys, counts.tolist()))}
-        return {"global_batch": self.sizes.global_batch, "running": running}
+        sums, counts = sums_and_weights_across_processes(self.accelerator, self.running.sums, self.running.counts)
+        return {"global_batch": self.sizes.global_batch, "running": {"sums": sums, "counts": counts}}
 
     def load_state(self, state: dict) -> None:
         """The running stats go to the main process only: the next row pools every process's sums."""

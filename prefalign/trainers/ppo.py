@@ -225,12 +225,13 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
         refresh_sampling_copy(self.sampler, self.policy)
 
     def on_start(self, start: int, metrics: MetricsLogger) -> None:
-        """``samples.jsonl``: a fresh run starts it empty; a resumed one drops the rows after its checkpoint. A fresh
+        """``samples.jsonl``: a resumed run drops the rows after its checkpoint. A fresh
         run's held-out starting point (a collective)."""
         self.metrics = metrics
         self.samples_path = self.out_dir / "samples.jsonl"
-        if self.accelerator.is_main_process and self.samples_path.exists():
-            keep_rows_through(self.samples_path, start if self.cfg.resume is not None else -1)
+        # a fresh run finds none: the output directory was empty, or --overwrite removed it
+        if self.accelerator.is_main_process and self.cfg.resume is not None and self.samples_path.exists():
+            keep_rows_through(self.samples_path, start)
         self.heldout_start(start, metrics)
 
     def log_row(self, done: int) -> dict[str, float]:
