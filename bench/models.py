@@ -105,7 +105,8 @@ def tokenizer_source() -> str | None:
     the portable copy; a one-line error saying how to make that copy when neither is."""
     if default_weights_present():
         return None
-    if (INPUTS / "tokenizer" / "tokenizer.json").is_file():
+    # config.json too: prefalign loads a tokenizer only from a model directory (`resolve_model`)
+    if all((INPUTS / "tokenizer" / f).is_file() for f in ("tokenizer.json", "config.json")):
         return str(INPUTS / "tokenizer")
     raise SystemExit(
         f"bench: no default tokenizer here (neither the default model nor {INPUTS / 'tokenizer'}); on a machine with "
@@ -139,11 +140,14 @@ def save_random(name: str, target: Path, seed: int = RANDOM_SEED) -> str:
 
 
 def save_inputs(out: Path = INPUTS) -> None:
-    """Copy the default tokenizer and the HH-RLHF test file to ``out``: what a machine without them needs."""
+    """Copy the default tokenizer (with the default's config.json, which makes its folder a model directory that
+    prefalign's `load_tokenizer` takes) and the HH-RLHF test file to ``out``: what a machine without them needs."""
     from prefalign.models import load_tokenizer
+    from prefalign.models.loading import resolve_model
 
     out.mkdir(parents=True, exist_ok=True)
     load_tokenizer(None).save_pretrained(out / "tokenizer")
+    shutil.copyfile(Path(resolve_model(None)) / "config.json", out / "tokenizer" / "config.json")
     shutil.copyfile(HH_RLHF, out / HH_RLHF_NAME)
     print(f"wrote {out}: the default tokenizer and {HH_RLHF_NAME}")
 

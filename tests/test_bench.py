@@ -416,6 +416,28 @@ def test_prepared_inputs_are_keyed_by_model(tmp_path, monkeypatch):
     assert calls[1:] == [["bench.prepare", str(tmp_path), "64", "256", "random-1b"], calls[0][:4]]
 
 
+def test_portable_inputs_give_the_default_tokenizer_where_the_default_is_missing(tmp_path, monkeypatch):
+    # a GPU machine has neither the default's weights nor ../shared: bench.prepare loads the tokenizer from the
+    # copy through prefalign's load_tokenizer, which takes only a model directory (config.json)
+    from bench import models
+    from prefalign.models import load_tokenizer
+
+    monkeypatch.setattr(models, "INPUTS", tmp_path / "inputs")
+    models.save_inputs(tmp_path / "inputs")
+    monkeypatch.setattr(models, "default_weights_present", lambda: False)
+    source = models.tokenizer_source()
+    assert source == str(tmp_path / "inputs" / "tokenizer")
+    tok, default = load_tokenizer(source), load_tokenizer(None)
+    assert len(tok) == len(default) == 49152
+    text = "Human: how do I bake bread?\n\nAssistant: Mix flour, water and yeast."
+    assert tok(text)["input_ids"] == default(text)["input_ids"]
+    assert (tok.eos_token_id, tok.pad_token_id) == (default.eos_token_id, default.pad_token_id)
+    # a copy made before config.json was written is refused with the command that remakes it
+    (tmp_path / "inputs" / "tokenizer" / "config.json").unlink()
+    with pytest.raises(SystemExit, match="--save-inputs"):
+        models.tokenizer_source()
+
+
 def test_random_135m_has_the_default_models_exact_config():
     from bench.models import SMOLLM2_135M, random_config
     from prefalign.models import DEFAULT_MODEL, cache_dir
