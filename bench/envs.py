@@ -11,6 +11,7 @@ change of pins rebuilds it.
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -29,11 +30,9 @@ def venv_python(name: str) -> Path:
     return PROJECT_PY if name == "prefalign" else BENCH_DIR / name / "bin" / "python"
 
 
-def project_versions() -> dict[str, str]:
-    """Versions of ``SHARED`` (and torch) in the project venv (which ``make install`` built)."""
-    code = (
-        f"import json, importlib.metadata as m; print(json.dumps({{p: m.version(p) for p in {('torch',) + SHARED!r}}}))"
-    )
+def project_versions(packages: tuple[str, ...] = ("torch", *SHARED)) -> dict[str, str]:
+    """Versions of ``packages`` (by default ``SHARED`` and torch) in the project venv (which ``make install`` built)."""
+    code = f"import json, importlib.metadata as m; print(json.dumps({{p: m.version(p) for p in {packages!r}}}))"
     out = subprocess.run([str(PROJECT_PY), "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out)
 
@@ -76,3 +75,62 @@ def installed_versions(name: str, python: Path | None = None) -> dict[str, str]:
         [str(python or venv_python(name)), "-c", code], check=True, capture_output=True, text=True
     ).stdout
     return json.loads(out)
+
+
+# What a GPU machine without a package index lacks to run both sides (`gpu_wheels`): the model code at the project
+# venv's versions, and prefalign's and TRL's dependencies that such an image (PyTorch, numpy, pandas, pyarrow, the
+# Hugging Face hub) does not hold. Pinned to the project venv's versions, so both races run the same code.
+GPU_WHEELS = (
+    *SHARED,
+    "datasets",
+    "dill",
+    "multiprocess",
+    "fsspec",
+    "regex",
+    "tyro",
+    "docstring_parser",
+    "typeguard",
+    "typing_extensions",
+    "gguf",
+    "vaderSentiment",
+)
+# manylinux tags pip matches exactly: a compiled wheel (tokenizers, safetensors, regex) carries one of these
+MANYLINUX = ("manylinux2014", "manylinux_2_17", "manylinux_2_24", "manylinux_2_27", "manylinux_2_28", "manylinux_2_34")
+
+
+def gpu_wheel_commands(target: Path, versions: dict[str, str], python_version: str) -> list[list[str]]:
+    """The ``pip download`` commands that fill ``target``: ``common/`` (``GPU_WHEELS`` at ``versions``),
+    ``trl116/`` and ``trl112/`` (one TRL each: two versions of one package cannot share a folder on a path)."""
+    base = [str(PROJECT_PY), "-m", "pip", "download", "--quiet", "--no-deps", "--only-binary=:all:"]
+    base += ["--python-version", python_version, "--implementation", "cp"]
+    base += [arg for tag in MANYLINUX for arg in ("--platform", f"{tag}_x86_64")]
+    folders = {"common": [f"{p}=={versions[p]}" for p in GPU_WHEELS]}
+    folders.update({name.replace("-", "").replace(".", ""): [pin] for name, pin in TRL_VENVS.items()})
+    return [base + ["--dest", str(target / folder), *pins] for folder, pins in folders.items()]
+
+
+def gpu_wheels(target: Path, python_version: str = "3.12") -> None:
+    """Download the wheels `bench/gpu.sh` installs with ``WHEELS=target`` on a GPU machine without a package index
+    (x86-64 Linux, CPython ``python_version``)."""
+    versions = project_versions(GPU_WHEELS)
+    for cmd in gpu_wheel_commands(target, versions, python_version):
+        subprocess.run(cmd, check=True)
+    size = sum(f.stat().st_size for f in target.rglob("*.whl")) / 2**20
+    print(
+        f"wrote {target}: {', '.join(f'{p} {v}' for p, v in versions.items())}, {', '.join(TRL_VENVS.values())} "
+        f"({size:.0f} MiB)"
+    )
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.envs", description="The benchmark's environments.")
+    ap.add_argument(
+        "--gpu-wheels", metavar="DIR", required=True, help="download the wheels bench/gpu.sh's WHEELS takes"
+    )
+    ap.add_argument("--python-version", default="3.12", help="the GPU machine's CPython (default 3.12)")
+    args = ap.parse_args(argv)
+    gpu_wheels(Path(args.gpu_wheels), args.python_version)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,16 +1,26 @@
 #!/usr/bin/env bash
-# The GPU table (BENCHMARKS.md, "The GPU path"): every workload of `python -m bench` on one CUDA device, fp32 and
-# bf16, on two model shapes: the default's (its real weights where they are here, else random-135m) and random-1b.
-# Quick settings (1 repeat, 2 steps per run: one warm-up, one timed) so the whole table fits in ~8 minutes on an
-# H200; every side runs with this machine's python (--python-from-env: a GPU machine without a package index
-# cannot build the TRL venvs), so a baseline whose TRL is not installed here is skipped with its reason.
+# The GPU table (BENCHMARKS.md, "The GPU path"): the workloads of `python -m bench` on one CUDA device, on two model
+# shapes: the default's (its real weights where they are here, else random-135m) in fp32 and bf16, and random-1b in
+# bf16. Every side runs with this machine's python (--python-from-env: a GPU machine without a package index cannot
+# build the TRL venvs); a baseline whose TRL is not importable is skipped with its reason.
 #
 #   bash bench/gpu.sh OUT_DIR [more `python -m bench` flags]
 #
-# Writes OUT_DIR/<model>/{results.md,results.json,raw.jsonl,work/} per shape and OUT_DIR/results.md (both tables).
-# PYTHON (default python3) is the interpreter; WORKLOADS_135M / WORKLOADS_1B override each shape's workloads.
-# rollout8 is left out by default (rollout16 times the same decoder at the larger batch), and the 1B shape skips
-# dpo_lora and reward, whose steps are dpo's forward and backward again: both to keep inside the ~8 minutes.
+# Four stages, in this order, each one `python -m bench` writing OUT_DIR/<stage>/{results.md,results.json,raw.jsonl,
+# work/}: 135m-ppo, 135m (the other workloads), 1b-ppo, 1b. PPO is a stage of its own because its baseline is TRL
+# 1.12 (the last release with PPO) while the others' is TRL 1.16. A stage whose results.md exists is skipped, so the
+# command can be run again to finish what a deadline cut.
+#
+# Environment:
+#   PYTHON        interpreter (python3)
+#   WHEELS        a folder written here by `.venv/bin/python -m bench.envs --gpu-wheels DIR` (the project venv's
+#                 transformers/peft/accelerate and the rest of prefalign's missing dependencies in common/, TRL
+#                 1.16 and 1.12 in trl116/ and trl112/): installed under /tmp and put on PYTHONPATH, each stage
+#                 with its TRL. Unset: the packages installed there are used as they are.
+#   DEADLINE      seconds from the start: a stage starts only with 45 s left and is stopped at the deadline (unset:
+#                 none)
+#   STEPS         steps per run (3: one warm-up, two timed; PPO's two warm-up iterations leave one)
+#   WORKLOADS_135M, WORKLOADS_1B, PRECISIONS_135M, PRECISIONS_1B   change each shape's lists
 set -uo pipefail
 out=${1:?usage: bash bench/gpu.sh OUT_DIR [python -m bench flags]}
 shift
@@ -18,15 +28,46 @@ py=${PYTHON:-python3}
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$out"
+t0=$(date +%s)
 status=0
-# "" = no --model: the default where its weights are here, random-135m where they are not (bench says which)
-for model in "" random-1b; do
-  if [ "$model" = random-1b ]; then workloads=${WORKLOADS_1B:-dpo,ppo,grpo,rollout16}; name=random-1b
-  else workloads=${WORKLOADS_135M:-dpo,dpo_lora,reward,ppo,grpo,rollout16}; name=135m; fi
-  start=$(date +%s)
-  "$py" -m bench --device cuda --python-from-env ${model:+--model "$model"} --quick --precisions fp32,bf16 \
-    --workloads "$workloads" --max-wait 0 --out "$out/$name" "$@" || status=1
-  echo "[gpu.sh] $name: $(( $(date +%s) - start )) s" >&2
-done
-cat "$out"/135m/results.md "$out"/random-1b/results.md > "$out/results.md" 2>/dev/null || status=1
+
+site() {  # the PYTHONPATH of a stage whose baseline is TRL $1 (116 or 112)
+  if [ -n "${WHEELS:-}" ]; then echo "/tmp/prefalign-wheels/trl$1:/tmp/prefalign-wheels/common${PYTHONPATH:+:$PYTHONPATH}"
+  else echo "${PYTHONPATH:-}"; fi
+}
+if [ -n "${WHEELS:-}" ]; then
+  for d in common trl116 trl112; do
+    "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target "/tmp/prefalign-wheels/$d" "$WHEELS/$d"/*.whl || { echo "[gpu.sh] installing $WHEELS/$d failed" >&2; exit 1; }
+  done
+fi
+
+stage() {  # stage NAME TRL MODEL PRECISIONS WORKLOADS [flags]
+  local name=$1 trl=$2 model=$3 precisions=$4 workloads=$5 limit=()
+  shift 5
+  if [ -f "$out/$name/results.md" ]; then echo "[gpu.sh] $name: done in an earlier run" >&2; return; fi
+  if [ -n "${DEADLINE:-}" ]; then
+    local left=$((DEADLINE - ($(date +%s) - t0)))
+    if [ "$left" -lt 45 ]; then echo "[gpu.sh] $name: not started, $left s left" >&2; status=1; return; fi
+    limit=(timeout -k 5 "$left")
+  fi
+  local start=$(date +%s)
+  PYTHONPATH=$(site "$trl") "${limit[@]}" "$py" -m bench --device cuda --python-from-env ${model:+--model "$model"} \
+    --quick --steps "${STEPS:-3}" --precisions "$precisions" --workloads "$workloads" --max-wait 0 \
+    --out "$out/$name" "$@" || status=1
+  echo "[gpu.sh] $name: $(($(date +%s) - start)) s" >&2
+}
+
+# "" = no --model: the default where its weights are here, random-135m where they are not (bench says which).
+# rollout8 is left out (rollout16 times the same decoder at the larger batch); the 1B shape skips dpo_lora and reward,
+# whose steps are dpo's forward and backward again.
+p135=${PRECISIONS_135M:-fp32,bf16}
+p1b=${PRECISIONS_1B:-bf16}
+w135=${WORKLOADS_135M:-rollout16,dpo,grpo,reward,dpo_lora}
+w1b=${WORKLOADS_1B:-rollout16,dpo,grpo}
+stage 135m-ppo 112 "" "$p135" ppo "$@"
+stage 135m 116 "" "$p135" "$w135" "$@"
+stage 1b-ppo 112 random-1b "$p1b" ppo "$@"
+stage 1b 116 random-1b "$p1b" "$w1b" "$@"
+cat "$out"/{135m-ppo,135m,1b-ppo,1b}/results.md > "$out/results.md" 2>/dev/null || status=1
 exit $status

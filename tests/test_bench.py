@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -505,3 +506,86 @@ def test_smoke_random_135m_from_the_env_on_the_cpu(tmp_path):
     assert json.loads((data / "model.json").read_text()) == {"name": "random-135m", "params": 134_515_008}
     assert (data / "model_path.txt").read_text() == str(data / "model")
     assert "model random-135m (0.13B parameters)" in (out / "results.md").read_text()
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+# records each call; as `-m bench` it writes its --out's results.md
+echo "PYTHONPATH=${PYTHONPATH:-} $*" >> "$CALLS"
+if [ "$2" = bench ]; then
+  while [ $# -gt 0 ]; do [ "$1" = --out ] && { mkdir -p "$2"; echo "table of $2" > "$2/results.md"; }; shift; done
+fi
+"""
+
+
+def run_gpu_sh(tmp_path, **env):
+    fake = tmp_path / "python"
+    fake.write_text(FAKE_PYTHON)
+    fake.chmod(0o755)
+    calls = tmp_path / "calls.txt"
+    calls.write_text("")
+    env = {**os.environ, "PYTHON": str(fake), "CALLS": str(calls), **env}
+    env.pop("PYTHONPATH", None)
+    done = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu.sh"), str(tmp_path / "out")], env=env, text=True, capture_output=True
+    )
+    return done, calls.read_text().splitlines()
+
+
+def test_gpu_sh_runs_four_stages_each_with_its_trl_and_finishes_a_cut_run(tmp_path):
+    wheels = tmp_path / "wheels"
+    for folder in ("common", "trl116", "trl112"):
+        (wheels / folder).mkdir(parents=True)
+        (wheels / folder / f"{folder}-0-py3-none-any.whl").write_text("")
+    done, calls = run_gpu_sh(tmp_path, WHEELS=str(wheels))
+    assert done.returncode == 0, done.stderr
+    installs, races = calls[:3], calls[3:]
+    for line, folder in zip(installs, ("common", "trl116", "trl112")):
+        assert f"--target /tmp/prefalign-wheels/{folder} {wheels}/{folder}/{folder}-0-py3-none-any.whl" in line
+    site = (
+        "PYTHONPATH=/tmp/prefalign-wheels/trl{}:/tmp/prefalign-wheels/common -m bench --device cuda --python-from-env"
+    )
+    out = tmp_path / "out"
+    assert races == [
+        f"{site.format(112)} --quick --steps 3 --precisions fp32,bf16 --workloads ppo --max-wait 0 "
+        f"--out {out}/135m-ppo",
+        f"{site.format(116)} --quick --steps 3 --precisions fp32,bf16 --workloads rollout16,dpo,grpo,reward,dpo_lora "
+        f"--max-wait 0 --out {out}/135m",
+        f"{site.format(112)} --model random-1b --quick --steps 3 --precisions bf16 --workloads ppo --max-wait 0 "
+        f"--out {out}/1b-ppo",
+        f"{site.format(116)} --model random-1b --quick --steps 3 --precisions bf16 --workloads rollout16,dpo,grpo "
+        f"--max-wait 0 --out {out}/1b",
+    ]
+    assert (out / "results.md").read_text().split("\n")[:4] == [
+        f"table of {out}/{s}" for s in ("135m-ppo", "135m", "1b-ppo", "1b")
+    ]
+    # a second run finds every stage done and races nothing
+    (out / "1b" / "results.md").unlink()
+    done, calls = run_gpu_sh(tmp_path, STEPS="4")
+    assert done.returncode == 0 and done.stderr.count("done in an earlier run") == 3
+    assert calls == [
+        f"PYTHONPATH= -m bench --device cuda --python-from-env --model random-1b --quick --steps 4 "
+        f"--precisions bf16 --workloads rollout16,dpo,grpo --max-wait 0 --out {out}/1b"
+    ]
+
+
+def test_gpu_sh_starts_no_stage_past_its_deadline(tmp_path):
+    done, calls = run_gpu_sh(tmp_path, DEADLINE="30")
+    assert done.returncode == 1 and calls == []
+    assert done.stderr.count("not started, ") == 4
+    assert re.search(r"135m-ppo: not started, (30|29) s left", done.stderr)
+
+
+def test_gpu_wheels_pin_the_project_venvs_versions_and_keep_each_trl_apart(tmp_path):
+    from bench import envs
+
+    versions = {p: f"{i}.0" for i, p in enumerate(envs.GPU_WHEELS)}
+    cmds = envs.gpu_wheel_commands(tmp_path, versions, "3.12")
+    by_dest = {c[c.index("--dest") + 1]: c[c.index("--dest") + 2 :] for c in cmds}
+    assert by_dest == {
+        str(tmp_path / "common"): [f"{p}=={i}.0" for i, p in enumerate(envs.GPU_WHEELS)],
+        str(tmp_path / "trl116"): ["trl==1.16.0"],
+        str(tmp_path / "trl112"): ["trl==1.12.0"],
+    }
+    for c in cmds:  # wheels for the GPU machine's interpreter, not this one's, and nothing pulled in unpinned
+        assert c[c.index("--python-version") + 1] == "3.12" and "--no-deps" in c and "--only-binary=:all:" in c
+        assert "manylinux_2_17_x86_64" in c and "transformers" in " ".join(cmds[0])
