@@ -6,7 +6,7 @@
 #
 #   bash bench/gpu.sh OUT_DIR [more `python -m bench` flags]
 #
-# Four stages, in this order, each one `python -m bench` writing OUT_DIR/<stage>/{results.md,results.json,raw.jsonl,
+# Four stages (and the rollout levers after each shape), in this order, each one `python -m bench` writing OUT_DIR/<stage>/{results.md,results.json,raw.jsonl,
 # work/}: 135m-ppo, 135m (the other workloads), 1b-ppo, 1b. PPO is a stage of its own because its baseline is TRL
 # 1.12 (the last release with PPO) while the others' is TRL 1.16. A stage whose results.md exists is skipped, so the
 # command can be run again to finish what a deadline cut.
@@ -20,6 +20,8 @@
 #   DEADLINE      seconds from the start: a stage starts only with 45 s left and is stopped at the deadline (unset:
 #                 none)
 #   STEPS         steps per run (3: one warm-up, two timed; PPO's two warm-up iterations leave one)
+#   LEVERS        0: skip `bench.rollout_levers` after each shape's stages (OUT_DIR/levers-<shape>.txt: the decode
+#                 loop with and without keyed sampling beside `model.generate`, batch 16, 3 rounds; LEVER_VARIANTS)
 #   WORKLOADS_135M, WORKLOADS_1B, PRECISIONS_135M, PRECISIONS_1B   change each shape's lists
 set -uo pipefail
 out=${1:?usage: bash bench/gpu.sh OUT_DIR [python -m bench flags]}
@@ -58,6 +60,23 @@ stage() {  # stage NAME TRL MODEL PRECISIONS WORKLOADS [flags]
   echo "[gpu.sh] $name: $(($(date +%s) - start)) s" >&2
 }
 
+levers() {  # levers SHAPE: bench.rollout_levers on the model the stages raced (what the decode loop costs on a GPU)
+  local shape=$1 model=.bench/data-random-$1/model left limit=()
+  [ "$shape" = 135m ] && [ ! -d "$model" ] && model=  # the default's weights were here: the default
+  [ -f "$out/levers-$shape.txt" ] && return
+  [ "${LEVERS:-1}" = 0 ] && return 0
+  if [ -n "${DEADLINE:-}" ]; then
+    left=$((DEADLINE - ($(date +%s) - t0)))
+    if [ "$left" -lt 45 ]; then echo "[gpu.sh] levers-$shape: not started, $left s left" >&2; status=1; return; fi
+    limit=(timeout -k 5 "$left")
+  fi
+  PYTHONPATH=$(site 116) "${limit[@]}" "$py" -m bench.rollout_levers --device cuda ${model:+--model "$model"} \
+    --batch 16 --rounds 3 --variants "$LEVER_VARIANTS" > "$out/levers-$shape.tmp" && \
+    mv "$out/levers-$shape.tmp" "$out/levers-$shape.txt" || status=1
+}
+# the loop with and without keyed sampling beside model.generate (on CUDA the loop has no packed linears: loopnopack)
+LEVER_VARIANTS=${LEVER_VARIANTS:-hf-fp32,hf-bf16-weights,prefalign-loopnopack-fp32,prefalign-loopunkeyed-fp32,prefalign-loopnopack-bf16,prefalign-loopunkeyed-bf16}
+
 # "" = no --model: the default where its weights are here, random-135m where they are not (bench says which).
 # rollout8 is left out (rollout16 times the same decoder at the larger batch); the 1B shape skips dpo_lora and reward,
 # whose steps are dpo's forward and backward again.
@@ -67,7 +86,9 @@ w135=${WORKLOADS_135M:-rollout16,dpo,grpo,reward,dpo_lora}
 w1b=${WORKLOADS_1B:-rollout16,dpo,grpo}
 stage 135m-ppo 112 "" "$p135" ppo "$@"
 stage 135m 116 "" "$p135" "$w135" "$@"
+levers 135m
 stage 1b-ppo 112 random-1b "$p1b" ppo "$@"
 stage 1b 116 random-1b "$p1b" "$w1b" "$@"
+levers 1b
 cat "$out"/{135m-ppo,135m,1b-ppo,1b}/results.md > "$out/results.md" 2>/dev/null || status=1
 exit $status

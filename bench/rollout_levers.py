@@ -5,6 +5,9 @@ get on this CPU, and with which lever? Not part of ``make bench``; run with the 
     .venv/bin/python -m bench.rollout_levers --variants prefalign-generate-fp32,prefalign-loop-fp32 --rounds 3
     .venv/bin/python -m bench.rollout_levers --gemms        # 8-row GEMMs: F.linear against oneDNN-packed weights
     .venv/bin/python -m bench.rollout_levers --profile prefalign-loop-bf16   # torch.profiler over one call
+    .venv/bin/python -m bench.rollout_levers --variants prefalign-loopnopack-fp32,prefalign-loopunkeyed-fp32 --rounds 3
+    python3 -m bench.rollout_levers --device cuda --model .bench/data-random-1b/model --batch 16 \
+        --variants hf-bf16-weights,prefalign-loop-bf16,prefalign-loopunkeyed-bf16 --rounds 3   # on a GPU machine
 
 Every variant samples the same prompt batches (movie-review train prefixes, 40 new tokens, temperature 0.7, top-k
 off, stop at EOS) and reports real response tokens per second over the calls after the first (warm-up: the first
@@ -20,6 +23,10 @@ Variants:
 - ``prefalign-loop-{fp32,bf16}``: the same with ``--decoder loop`` (prefalign's decode loop, linear weights
   prepacked for oneDNN where `worth_packing` says so, packed per call as a trainer does);
 - ``prefalign-loopnopack-{fp32,bf16}``: the loop on the model's own (unpacked) linears;
+- ``prefalign-loopunkeyed-{fp32,bf16}``: that loop drawing the batch's tokens with one ``torch.multinomial`` (what
+  ``model.generate`` does) instead of keyed sampling's one generator and one ``(V,)`` noise row per row per token:
+  against ``loopnopack``, the cost of keyed sampling (not a variant prefalign offers: its completions would depend
+  on the batch);
 - ``compiled-static-bf16``: a one-token step over a pre-allocated ``StaticCache`` (128 positions) compiled with
   ``torch.compile(fullgraph=True)``, greedy, on the bf16 copy (the path issue 13 proposed; measured slower here).
 """
@@ -39,6 +46,7 @@ VARIANTS = (
     "prefalign-generate-bf16,prefalign-loop-bf16,compiled-static-bf16"
 )
 NEW_TOKENS = 40
+DEVICE = "cpu"
 STATIC_LEN = 128  # prompt (<= 60 tokens here) + 40 new tokens fit; one length, so one compilation
 
 
@@ -60,16 +68,27 @@ def prefalign_generate(model, enc, eos: list[int], pad: int, decoder: str, call:
     from prefalign.rollout.generate import KeyedSampler, key_seed
 
     keys = [key_seed(call, r) for r in range(enc["input_ids"].shape[0])]
-    if decoder == "loopnopack":  # the loop on the model's own linears (what generate's loop does without packs)
+    if decoder in ("loopnopack", "loopunkeyed"):  # the loop on the model's own linears (as generate's runs)
         from prefalign.rollout.decode import decode
 
         sampler = KeyedSampler(0, keys, enc["input_ids"].shape[1], temperature=0.7)
-        return decode(
-            model, enc["input_ids"], enc["attention_mask"], NEW_TOKENS, sampler.choose, eos_ids=eos, pad_id=pad
-        )
+        choose = sampler.choose if decoder == "loopnopack" else unkeyed
+        return decode(model, enc["input_ids"], enc["attention_mask"], NEW_TOKENS, choose, eos_ids=eos, pad_id=pad)
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.7, decoder=decoder)
     gen = generate(model, enc["input_ids"], enc["attention_mask"], sampling, eos_ids=eos, pad_id=pad, row_keys=keys)
     return gen.response_ids
+
+
+def unkeyed(scores: torch.Tensor, position: int) -> torch.Tensor:
+    """``(B,)`` tokens drawn for the whole batch by one ``torch.multinomial`` at temperature 0.7."""
+    return torch.multinomial((scores.float() / 0.7).softmax(dim=-1), 1)[:, 0]
+
+
+def synced_clock() -> float:
+    """``time.perf_counter()`` after the GPU's queued work (a CUDA call returns before its kernels end)."""
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
 
 
 class CompiledStatic:
@@ -97,11 +116,12 @@ class CompiledStatic:
             attention_mask=mask,
             position_ids=pos,
             cache=cache,
-            cache_position=torch.arange(p),
+            cache_position=torch.arange(p, device=ids.device),
             use_cache=True,
             logits_to_keep=1,
         ).logits[:, -1]
-        done, tokens, eos_t = torch.zeros(b, dtype=torch.bool), [], torch.tensor(eos)
+        dev = ids.device
+        done, tokens, eos_t = torch.zeros(b, dtype=torch.bool, device=dev), [], torch.tensor(eos, device=dev)
         for t in range(NEW_TOKENS):
             token = torch.where(done, pad, logits.argmax(-1))
             tokens.append(token)
@@ -109,7 +129,7 @@ class CompiledStatic:
             if bool(done.all()) or t == NEW_TOKENS - 1:
                 break
             # the pads of a left-padded prompt are attended here (no mask: one graph); greedy speed only
-            logits = self.step(token[:, None], cache, pos[:, -1:] + 1 + t, torch.tensor([p + t]))
+            logits = self.step(token[:, None], cache, pos[:, -1:] + 1 + t, torch.tensor([p + t], device=dev))
         return torch.stack(tokens, 1)
 
 
@@ -141,7 +161,7 @@ def gemms(batch: int) -> None:
 
 
 def main(argv=None) -> None:
-    global NEW_TOKENS
+    global NEW_TOKENS, DEVICE
     from prefalign.models import load_causal_lm, load_tokenizer
     from prefalign.resources import movie_prefixes
     from prefalign.rollout import eos_token_ids, sampling_copy
@@ -155,21 +175,27 @@ def main(argv=None) -> None:
     ap.add_argument("--new-tokens", type=int, default=NEW_TOKENS)
     ap.add_argument("--gemms", action="store_true", help="only the GEMM table")
     ap.add_argument("--profile", default=None, help="one variant: torch.profiler's top ops over its second call")
+    ap.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the models and batches live")
+    ap.add_argument("--model", default=None, help="a model directory (default: the embedded default)")
     args = ap.parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench.rollout_levers --device cuda: this torch sees no CUDA device")
     torch.set_num_threads(args.threads)
-    NEW_TOKENS = args.new_tokens
+    NEW_TOKENS, DEVICE = args.new_tokens, args.device
     if args.gemms:
         return gemms(args.batch)
     if args.profile:
         args.variants, args.calls, args.rounds = args.profile, 2, 1
-    tok = load_tokenizer()
+    tok = load_tokenizer(args.model)
     tok.padding_side = "left"
-    fp32 = load_causal_lm().eval()
+    fp32 = load_causal_lm(args.model).eval().to(args.device)
     bf16 = sampling_copy(fp32, torch.bfloat16)
     eos, pad = eos_token_ids(fp32, tok), tok.pad_token_id
     prompts = movie_prefixes("train")
     encs = [
-        tok(prompts[c * args.batch : (c + 1) * args.batch], add_special_tokens=False, padding=True, return_tensors="pt")
+        tok(
+            prompts[c * args.batch : (c + 1) * args.batch], add_special_tokens=False, padding=True, return_tensors="pt"
+        ).to(args.device)
         for c in range(args.calls)
     ]
     compiled = CompiledStatic(bf16) if "compiled-static-bf16" in args.variants else None
@@ -180,12 +206,12 @@ def main(argv=None) -> None:
             for call, enc in enumerate(encs):
                 torch.manual_seed(call)
                 prof = torch.profiler.profile() if args.profile and call == 1 else contextlib.nullcontext()
-                t = time.perf_counter()
+                t = synced_clock()
                 with torch.no_grad(), prof:
                     if name == "hf-fp32":
                         resp = hf_generate(fp32, enc, eos, pad)
                     elif name == "hf-bf16-autocast":
-                        with torch.autocast("cpu", dtype=torch.bfloat16):
+                        with torch.autocast(args.device, dtype=torch.bfloat16):
                             resp = hf_generate(fp32, enc, eos, pad)
                     elif name == "hf-bf16-weights":
                         resp = hf_generate(bf16, enc, eos, pad)
@@ -196,9 +222,10 @@ def main(argv=None) -> None:
                         resp = compiled(enc, eos, pad)
                     else:
                         raise SystemExit(f"unknown variant {name}")
-                secs.append(time.perf_counter() - t)
-                if isinstance(prof, torch.profiler.profile):
+                secs.append(synced_clock() - t)
+                if isinstance(prof, torch.profiler.profile):  # profile() records CUDA kernels too where there are
                     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+                resp = resp.cpu()
                 is_eos = torch.isin(resp, torch.tensor(eos))
                 toks.append(int(((torch.cumsum(is_eos.long(), 1) - is_eos.long()) == 0).sum()))
             rate = sum(toks[1:]) / sum(secs[1:])

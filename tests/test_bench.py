@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -518,6 +519,10 @@ fi
 
 
 def run_gpu_sh(tmp_path, **env):
+    # a copy of the script in a folder of its own: it runs from its repository root, here tmp_path/repo, where the
+    # test decides which prepared models exist
+    (tmp_path / "repo" / "bench").mkdir(parents=True, exist_ok=True)
+    shutil.copy(ROOT / "bench" / "gpu.sh", tmp_path / "repo" / "bench" / "gpu.sh")
     fake = tmp_path / "python"
     fake.write_text(FAKE_PYTHON)
     fake.chmod(0o755)
@@ -525,9 +530,8 @@ def run_gpu_sh(tmp_path, **env):
     calls.write_text("")
     env = {**os.environ, "PYTHON": str(fake), "CALLS": str(calls), **env}
     env.pop("PYTHONPATH", None)
-    done = subprocess.run(
-        ["bash", str(ROOT / "bench" / "gpu.sh"), str(tmp_path / "out")], env=env, text=True, capture_output=True
-    )
+    script = tmp_path / "repo" / "bench" / "gpu.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path / "out")], env=env, text=True, capture_output=True)
     return done, calls.read_text().splitlines()
 
 
@@ -536,34 +540,39 @@ def test_gpu_sh_runs_four_stages_each_with_its_trl_and_finishes_a_cut_run(tmp_pa
     for folder in ("common", "trl116", "trl112"):
         (wheels / folder).mkdir(parents=True)
         (wheels / folder / f"{folder}-0-py3-none-any.whl").write_text("")
+    (tmp_path / "repo" / ".bench" / "data-random-135m" / "model").mkdir(parents=True)  # no default weights there
     done, calls = run_gpu_sh(tmp_path, WHEELS=str(wheels))
     assert done.returncode == 0, done.stderr
     installs, races = calls[:3], calls[3:]
     for line, folder in zip(installs, ("common", "trl116", "trl112")):
         assert f"--target /tmp/prefalign-wheels/{folder} {wheels}/{folder}/{folder}-0-py3-none-any.whl" in line
-    site = (
-        "PYTHONPATH=/tmp/prefalign-wheels/trl{}:/tmp/prefalign-wheels/common -m bench --device cuda --python-from-env"
-    )
+    site = "PYTHONPATH=/tmp/prefalign-wheels/trl{}:/tmp/prefalign-wheels/common -m"
+    race = site + " bench --device cuda --python-from-env"
+    levers = site.format(116) + " bench.rollout_levers --device cuda --model .bench/data-random-{}/model --batch 16 "
+    levers += "--rounds 3 --variants hf-fp32,hf-bf16-weights,prefalign-loopnopack-fp32,prefalign-loopunkeyed-fp32,"
+    levers += "prefalign-loopnopack-bf16,prefalign-loopunkeyed-bf16"
     out = tmp_path / "out"
     assert races == [
-        f"{site.format(112)} --quick --steps 3 --precisions fp32,bf16 --workloads ppo --max-wait 0 "
+        f"{race.format(112)} --quick --steps 3 --precisions fp32,bf16 --workloads ppo --max-wait 0 "
         f"--out {out}/135m-ppo",
-        f"{site.format(116)} --quick --steps 3 --precisions fp32,bf16 --workloads rollout16,dpo,grpo,reward,dpo_lora "
+        f"{race.format(116)} --quick --steps 3 --precisions fp32,bf16 --workloads rollout16,dpo,grpo,reward,dpo_lora "
         f"--max-wait 0 --out {out}/135m",
-        f"{site.format(112)} --model random-1b --quick --steps 3 --precisions bf16 --workloads ppo --max-wait 0 "
+        levers.format("135m"),
+        f"{race.format(112)} --model random-1b --quick --steps 3 --precisions bf16 --workloads ppo --max-wait 0 "
         f"--out {out}/1b-ppo",
-        f"{site.format(116)} --model random-1b --quick --steps 3 --precisions bf16 --workloads rollout16,dpo,grpo "
+        f"{race.format(116)} --model random-1b --quick --steps 3 --precisions bf16 --workloads rollout16,dpo,grpo "
         f"--max-wait 0 --out {out}/1b",
+        levers.format("1b"),
     ]
-    assert (out / "results.md").read_text().split("\n")[:4] == [
-        f"table of {out}/{s}" for s in ("135m-ppo", "135m", "1b-ppo", "1b")
-    ]
-    # a second run finds every stage done and races nothing
+    assert (out / "levers-1b.txt").exists() and not list(out.glob("*.tmp"))
+    stages = ("135m-ppo", "135m", "1b-ppo", "1b")
+    assert (out / "results.md").read_text().split("\n")[:4] == [f"table of {out}/{s}" for s in stages]
+    # a second run finds every finished stage done and races only the one whose results are gone
     (out / "1b" / "results.md").unlink()
     done, calls = run_gpu_sh(tmp_path, STEPS="4")
     assert done.returncode == 0 and done.stderr.count("done in an earlier run") == 3
     assert calls == [
-        f"PYTHONPATH= -m bench --device cuda --python-from-env --model random-1b --quick --steps 4 "
+        "PYTHONPATH= -m bench --device cuda --python-from-env --model random-1b --quick --steps 4 "
         f"--precisions bf16 --workloads rollout16,dpo,grpo --max-wait 0 --out {out}/1b"
     ]
 
@@ -571,7 +580,7 @@ def test_gpu_sh_runs_four_stages_each_with_its_trl_and_finishes_a_cut_run(tmp_pa
 def test_gpu_sh_starts_no_stage_past_its_deadline(tmp_path):
     done, calls = run_gpu_sh(tmp_path, DEADLINE="30")
     assert done.returncode == 1 and calls == []
-    assert done.stderr.count("not started, ") == 4
+    assert done.stderr.count("not started, ") == 6
     assert re.search(r"135m-ppo: not started, (30|29) s left", done.stderr)
 
 
@@ -589,3 +598,39 @@ def test_gpu_wheels_pin_the_project_venvs_versions_and_keep_each_trl_apart(tmp_p
     for c in cmds:  # wheels for the GPU machine's interpreter, not this one's, and nothing pulled in unpinned
         assert c[c.index("--python-version") + 1] == "3.12" and "--no-deps" in c and "--only-binary=:all:" in c
         assert "manylinux_2_17_x86_64" in c and "transformers" in " ".join(cmds[0])
+
+
+def test_rollout_levers_unkeyed_variant_runs_on_a_model_directory(tiny_model_dir, capsys):
+    # the variant that prices keyed sampling, on any model directory (a GPU machine has only random ones)
+    from bench import rollout_levers
+
+    variants = "prefalign-loopnopack-fp32,prefalign-loopunkeyed-fp32"
+    rollout_levers.main(["--model", str(tiny_model_dir), "--variants", variants, "--calls", "2", "--batch", "3"])
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [next(iter(r)) for r in rows] == variants.split(",")
+    for r in rows:
+        row = next(iter(r.values()))
+        assert len(row["tokens"]) == 2 and all(0 < n <= 3 * rollout_levers.NEW_TOKENS for n in row["tokens"])
+
+
+def test_rollout_levers_unkeyed_draws_from_the_tempered_softmax():
+    import torch
+
+    from bench.rollout_levers import unkeyed
+
+    torch.manual_seed(0)
+    scores = torch.tensor([[0.0, 30.0, 0.0], [1.0, 0.0, 0.0]]).repeat(20000, 1)
+    tokens = unkeyed(scores, 0).view(20000, 2)
+    assert (tokens[:, 0] == 1).all()  # a 30-logit gap at temperature 0.7: certain
+    p0 = 1 / (1 + 2 * torch.exp(torch.tensor(-1 / 0.7)))  # softmax of [1, 0, 0] / 0.7 at token 0: 0.676
+    assert abs((tokens[:, 1] == 0).float().mean() - p0) < 0.015  # 4.5 binomial standard deviations
+
+
+def test_rollout_levers_refuses_cuda_without_a_gpu(monkeypatch):
+    import torch
+
+    from bench import rollout_levers
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit, match="--device cuda: this torch sees no CUDA device"):
+        rollout_levers.main(["--device", "cuda"])
