@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,8 +79,9 @@ def installed_versions(name: str, python: Path | None = None) -> dict[str, str]:
 
 
 # What a GPU machine without a package index lacks to run both sides (`gpu_wheels`): the model code at the project
-# venv's versions, and prefalign's and TRL's dependencies that such an image (PyTorch, numpy, pandas, pyarrow, the
-# Hugging Face hub) does not hold. Pinned to the project venv's versions, so both races run the same code.
+# venv's versions, and prefalign's and TRL's dependencies that the lent H200's image does not hold (its package list:
+# PyTorch, numpy, pandas, pyarrow, xxhash, rich, the Hugging Face hub ... are there, and are not carried). Pinned to
+# the project venv's versions, so both races run the same code.
 GPU_WHEELS = (
     *SHARED,
     "datasets",
@@ -114,6 +116,8 @@ def gpu_wheels(target: Path, python_version: str = "3.12") -> None:
     (x86-64 Linux, CPython ``python_version``)."""
     versions = project_versions(GPU_WHEELS)
     for cmd in gpu_wheel_commands(target, versions, python_version):
+        # only this download's wheels in the folder: gpu.sh installs every one it finds there
+        shutil.rmtree(cmd[cmd.index("--dest") + 1], ignore_errors=True)
         subprocess.run(cmd, check=True)
     size = sum(f.stat().st_size for f in target.rglob("*.whl")) / 2**20
     print(

@@ -6,10 +6,11 @@
 #
 #   bash bench/gpu.sh OUT_DIR [more `python -m bench` flags]
 #
-# Four stages (and the rollout levers after each shape), in this order, each one `python -m bench` writing OUT_DIR/<stage>/{results.md,results.json,raw.jsonl,
-# work/}: 135m-ppo, 135m (the other workloads), 1b-ppo, 1b. PPO is a stage of its own because its baseline is TRL
-# 1.12 (the last release with PPO) while the others' is TRL 1.16. A stage whose results.md exists is skipped, so the
-# command can be run again to finish what a deadline cut.
+# Four stages, in this order, each one `python -m bench` writing OUT_DIR/<stage>/{results.md,results.json,raw.jsonl,
+# work/} and its exit status to OUT_DIR/<stage>/rc: 135m-ppo, 135m (the other workloads), 1b-ppo, 1b; after each
+# shape's stages, `bench.rollout_levers` (LEVERS below). PPO is a stage of its own because its baseline is TRL 1.12
+# (the last release with PPO) while the others' is TRL 1.16. A stage whose rc is 0 is skipped, so the command can be
+# run again to finish what a deadline cut or to re-race a stage that failed.
 #
 # Environment:
 #   PYTHON        interpreter (python3)
@@ -17,16 +18,21 @@
 #                 transformers/peft/accelerate and the rest of prefalign's missing dependencies in common/, TRL
 #                 1.16 and 1.12 in trl116/ and trl112/): installed under /tmp and put on PYTHONPATH, each stage
 #                 with its TRL. Unset: the packages installed there are used as they are.
-#   DEADLINE      seconds from the start: a stage starts only with 45 s left and is stopped at the deadline (unset:
-#                 none)
+#   DEADLINE      whole seconds from the start (the wheels' install counts): a stage or lever run starts only with
+#                 45 s left and is stopped at the deadline, killed 5 s later if it has not ended (unset: none)
 #   STEPS         steps per run (3: one warm-up, two timed; PPO's two warm-up iterations leave one)
 #   LEVERS        0: skip `bench.rollout_levers` after each shape's stages (OUT_DIR/levers-<shape>.txt: the decode
 #                 loop with and without keyed sampling beside `model.generate`, batch 16, 3 rounds; LEVER_VARIANTS)
 #   WORKLOADS_135M, WORKLOADS_1B, PRECISIONS_135M, PRECISIONS_1B   change each shape's lists
 set -uo pipefail
-out=${1:?usage: bash bench/gpu.sh OUT_DIR [python -m bench flags]}
+out=$(realpath -m "${1:?usage: bash bench/gpu.sh OUT_DIR [python -m bench flags]}")
 shift
 py=${PYTHON:-python3}
+if [ -n "${WHEELS:-}" ]; then WHEELS=$(realpath -m "$WHEELS"); fi  # both given from where the command runs
+if [ -n "${DEADLINE:-}" ] && ! [[ $DEADLINE =~ ^[1-9][0-9]*$ ]]; then
+  echo "bench/gpu.sh: DEADLINE=$DEADLINE: give whole seconds, e.g. DEADLINE=550" >&2
+  exit 2
+fi
 cd "$(dirname "$0")/.."
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 mkdir -p "$out"
@@ -38,6 +44,7 @@ site() {  # the PYTHONPATH of a stage whose baseline is TRL $1 (116 or 112)
   else echo "${PYTHONPATH:-}"; fi
 }
 if [ -n "${WHEELS:-}" ]; then
+  rm -rf /tmp/prefalign-wheels  # no package left from another WHEELS
   for d in common trl116 trl112; do
     "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
       --target "/tmp/prefalign-wheels/$d" "$WHEELS/$d"/*.whl || { echo "[gpu.sh] installing $WHEELS/$d failed" >&2; exit 1; }
@@ -47,7 +54,8 @@ fi
 stage() {  # stage NAME TRL MODEL PRECISIONS WORKLOADS [flags]
   local name=$1 trl=$2 model=$3 precisions=$4 workloads=$5 limit=()
   shift 5
-  if [ -f "$out/$name/results.md" ]; then echo "[gpu.sh] $name: done in an earlier run" >&2; return; fi
+  # done: its `python -m bench` exited 0 (a stage with a failed run or check is raced again)
+  if [ "$(cat "$out/$name/rc" 2>/dev/null)" = 0 ]; then echo "[gpu.sh] $name: done in an earlier run" >&2; return; fi
   if [ -n "${DEADLINE:-}" ]; then
     local left=$((DEADLINE - ($(date +%s) - t0)))
     if [ "$left" -lt 45 ]; then echo "[gpu.sh] $name: not started, $left s left" >&2; status=1; return; fi
@@ -56,15 +64,21 @@ stage() {  # stage NAME TRL MODEL PRECISIONS WORKLOADS [flags]
   local start=$(date +%s)
   PYTHONPATH=$(site "$trl") "${limit[@]}" "$py" -m bench --device cuda --python-from-env ${model:+--model "$model"} \
     --quick --steps "${STEPS:-3}" --precisions "$precisions" --workloads "$workloads" --max-wait 0 \
-    --out "$out/$name" "$@" || status=1
-  echo "[gpu.sh] $name: $(($(date +%s) - start)) s" >&2
+    --out "$out/$name" "$@"
+  local rc=$?
+  mkdir -p "$out/$name" && echo $rc > "$out/$name/rc"
+  [ $rc = 0 ] || status=1
+  echo "[gpu.sh] $name: exit status $rc, $(($(date +%s) - start)) s" >&2
 }
 
 levers() {  # levers SHAPE: bench.rollout_levers on the model the stages raced (what the decode loop costs on a GPU)
-  local shape=$1 model=.bench/data-random-$1/model left limit=()
-  [ "$shape" = 135m ] && [ ! -d "$model" ] && model=  # the default's weights were here: the default
-  [ -f "$out/levers-$shape.txt" ] && return
+  local shape=$1 model="" left limit=()
   [ "${LEVERS:-1}" = 0 ] && return 0
+  [ -f "$out/levers-$shape.txt" ] && return 0
+  # the model the shape's last stage raced, from its results.json (a race of the default names none)
+  local results=$out/$shape/results.json
+  if [ ! -f "$results" ]; then echo "[gpu.sh] levers-$shape: not started, $shape's stage has no results" >&2; status=1; return; fi
+  if grep -q '"model": "random-' "$results"; then model=.bench/data-random-$shape/model; fi
   if [ -n "${DEADLINE:-}" ]; then
     left=$((DEADLINE - ($(date +%s) - t0)))
     if [ "$left" -lt 45 ]; then echo "[gpu.sh] levers-$shape: not started, $left s left" >&2; status=1; return; fi

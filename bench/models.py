@@ -109,7 +109,8 @@ def tokenizer_source() -> str | None:
     if all((INPUTS / "tokenizer" / f).is_file() for f in ("tokenizer.json", "config.json")):
         return str(INPUTS / "tokenizer")
     raise SystemExit(
-        f"bench: no default tokenizer here (neither the default model nor {INPUTS / 'tokenizer'}); on a machine with "
+        f"bench: no default tokenizer here (neither the default model nor a complete {INPUTS / 'tokenizer'}: "
+        "tokenizer.json and config.json); on a machine with "
         "the default model run `.venv/bin/python -m bench.models --save-inputs` and bring .bench/inputs/ along"
     )
 

@@ -1,5 +1,6 @@
 """What-if for the rollout target (BENCHMARKS.md, "The decode path"): how fast can sampling from the default model
-get on this CPU, and with which lever? Not part of ``make bench``; run with the project venv:
+(or ``--model DIR``) get on this CPU or a GPU (``--device cuda``), and with which lever? Not part of ``make bench``;
+run with the project venv (on a GPU machine, with its python: `bench/gpu.sh` runs it after each shape's stages):
 
     .venv/bin/python -m bench.rollout_levers --batch 8 --calls 4
     .venv/bin/python -m bench.rollout_levers --variants prefalign-generate-fp32,prefalign-loop-fp32 --rounds 3
@@ -180,6 +181,8 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench.rollout_levers --device cuda: this torch sees no CUDA device")
+    if args.device == "cuda" and args.gemms:
+        raise SystemExit("bench.rollout_levers --gemms times oneDNN's packed CPU GEMMs: run it without --device cuda")
     torch.set_num_threads(args.threads)
     NEW_TOKENS, DEVICE = args.new_tokens, args.device
     if args.gemms:

@@ -425,6 +425,8 @@ def test_portable_inputs_give_the_default_tokenizer_where_the_default_is_missing
     from prefalign.models import load_tokenizer
 
     monkeypatch.setattr(models, "INPUTS", tmp_path / "inputs")
+    monkeypatch.setattr(models, "HH_RLHF", tmp_path / models.HH_RLHF_NAME)  # copied along; its rows do not matter here
+    models.HH_RLHF.write_bytes(b"")
     models.save_inputs(tmp_path / "inputs")
     monkeypatch.setattr(models, "default_weights_present", lambda: False)
     source = models.tokenizer_source()
@@ -510,11 +512,22 @@ def test_smoke_random_135m_from_the_env_on_the_cpu(tmp_path):
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-# records each call; as `-m bench` it writes its --out's results.md
+# records each call; as `-m bench` it writes its --out's results.md and results.json (the model raced: --model, else
+# FAKE_MODEL, the machine's pick) and exits 1 where --out ends in FAKE_FAIL
 echo "PYTHONPATH=${PYTHONPATH:-} $*" >> "$CALLS"
-if [ "$2" = bench ]; then
-  while [ $# -gt 0 ]; do [ "$1" = --out ] && { mkdir -p "$2"; echo "table of $2" > "$2/results.md"; }; shift; done
-fi
+[ "$2" = bench ] || exit 0
+model=${FAKE_MODEL:-}
+while [ $# -gt 0 ]; do
+  case $1 in --model) model=$2 ;; --out) out=$2 ;; esac
+  shift
+done
+mkdir -p "$out"
+echo "table of $out" > "$out/results.md"
+m=""
+[ -n "$model" ] && m='"model": "'$model'"'
+printf '{"meta": {%s}}\\n' "$m" > "$out/results.json"
+[ -n "${FAKE_FAIL:-}" ] && [ "${out%$FAKE_FAIL}" != "$out" ] && exit 1
+exit 0
 """
 
 
@@ -540,8 +553,7 @@ def test_gpu_sh_runs_four_stages_each_with_its_trl_and_finishes_a_cut_run(tmp_pa
     for folder in ("common", "trl116", "trl112"):
         (wheels / folder).mkdir(parents=True)
         (wheels / folder / f"{folder}-0-py3-none-any.whl").write_text("")
-    (tmp_path / "repo" / ".bench" / "data-random-135m" / "model").mkdir(parents=True)  # no default weights there
-    done, calls = run_gpu_sh(tmp_path, WHEELS=str(wheels))
+    done, calls = run_gpu_sh(tmp_path, WHEELS=str(wheels), FAKE_MODEL="random-135m")  # no default weights there
     assert done.returncode == 0, done.stderr
     installs, races = calls[:3], calls[3:]
     for line, folder in zip(installs, ("common", "trl116", "trl112")):
@@ -567,21 +579,41 @@ def test_gpu_sh_runs_four_stages_each_with_its_trl_and_finishes_a_cut_run(tmp_pa
     assert (out / "levers-1b.txt").exists() and not list(out.glob("*.tmp"))
     stages = ("135m-ppo", "135m", "1b-ppo", "1b")
     assert (out / "results.md").read_text().split("\n")[:4] == [f"table of {out}/{s}" for s in stages]
-    # a second run finds every finished stage done and races only the one whose results are gone
-    (out / "1b" / "results.md").unlink()
-    done, calls = run_gpu_sh(tmp_path, STEPS="4")
-    assert done.returncode == 0 and done.stderr.count("done in an earlier run") == 3
+    assert [(out / s / "rc").read_text() for s in stages] == ["0\n"] * 4
+
+
+def test_gpu_sh_races_again_only_a_stage_that_failed_or_never_ended(tmp_path):
+    out = tmp_path / "out"
+    done, _ = run_gpu_sh(tmp_path, FAKE_FAIL="/135m", LEVERS="0")  # a failed run in the 135m stage
+    assert done.returncode == 1 and (out / "135m" / "rc").read_text() == "1\n"
+    assert "135m: exit status 1" in done.stderr
+    (out / "1b" / "rc").unlink()  # as if the deadline's timeout had stopped it before its status was written
+    done, calls = run_gpu_sh(tmp_path, STEPS="4", LEVERS="0")
+    assert done.returncode == 0 and done.stderr.count("done in an earlier run") == 2
+    race = "PYTHONPATH= -m bench --device cuda --python-from-env"
     assert calls == [
-        "PYTHONPATH= -m bench --device cuda --python-from-env --model random-1b --quick --steps 4 "
-        f"--precisions bf16 --workloads rollout16,dpo,grpo --max-wait 0 --out {out}/1b"
+        f"{race} --quick --steps 4 --precisions fp32,bf16 --workloads rollout16,dpo,grpo,reward,dpo_lora --max-wait 0 "
+        f"--out {out}/135m",
+        f"{race} --model random-1b --quick --steps 4 --precisions bf16 --workloads rollout16,dpo,grpo --max-wait 0 "
+        f"--out {out}/1b",
     ]
+
+
+def test_gpu_sh_levers_time_the_default_where_the_race_had_its_weights(tmp_path):
+    done, calls = run_gpu_sh(tmp_path, WORKLOADS_135M="dpo")  # FAKE_MODEL unset: the race named no random model
+    assert done.returncode == 0, done.stderr
+    levers = [c for c in calls if "bench.rollout_levers" in c]
+    assert len(levers) == 2 and "--model" not in levers[0]
+    assert "--model .bench/data-random-1b/model" in levers[1]
 
 
 def test_gpu_sh_starts_no_stage_past_its_deadline(tmp_path):
     done, calls = run_gpu_sh(tmp_path, DEADLINE="30")
     assert done.returncode == 1 and calls == []
-    assert done.stderr.count("not started, ") == 6
+    assert done.stderr.count("not started, ") == 6  # four stages, and the levers of two shapes with no results
     assert re.search(r"135m-ppo: not started, (30|29) s left", done.stderr)
+    done, calls = run_gpu_sh(tmp_path, DEADLINE="9m")
+    assert done.returncode == 2 and calls == [] and "DEADLINE=9m: give whole seconds" in done.stderr
 
 
 def test_gpu_wheels_pin_the_project_venvs_versions_and_keep_each_trl_apart(tmp_path):
@@ -602,10 +634,25 @@ def test_gpu_wheels_pin_the_project_venvs_versions_and_keep_each_trl_apart(tmp_p
 
 def test_rollout_levers_unkeyed_variant_runs_on_a_model_directory(tiny_model_dir, capsys):
     # the variant that prices keyed sampling, on any model directory (a GPU machine has only random ones)
+    import torch
+
     from bench import rollout_levers
 
     variants = "prefalign-loopnopack-fp32,prefalign-loopunkeyed-fp32"
-    rollout_levers.main(["--model", str(tiny_model_dir), "--variants", variants, "--calls", "2", "--batch", "3"])
+    threads = str(torch.get_num_threads())  # main sets the process's threads: keep this test process's
+    argv = [
+        "--model",
+        str(tiny_model_dir),
+        "--variants",
+        variants,
+        "--calls",
+        "2",
+        "--batch",
+        "3",
+        "--threads",
+        threads,
+    ]
+    rollout_levers.main(argv)
     rows = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
     assert [next(iter(r)) for r in rows] == variants.split(",")
     for r in rows:
