@@ -308,11 +308,12 @@ def clear_previous_training(out_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
-def keep_rows_through(path: str | os.PathLike, step: int) -> list[dict]:
+def keep_rows_through(path: str | os.PathLike, step: int) -> tuple[list[dict], int | None]:
     """Cut a run's JSON-lines log (metrics.jsonl, samples.jsonl) to its rows up to ``step`` on resume, rewritten
-    atomically; returns them. A line that does not parse (torn by a kill or a full disk mid-append) is dropped with
-    a warning: it stopped the resume with a traceback."""
-    rows, torn = [], 0
+    atomically; returns them and the last step the file held before the cut (None: no row). A line that does not
+    parse (torn by a kill or a full disk mid-append) is dropped with a warning: it stopped the resume with a
+    traceback."""
+    rows, torn, last = [], 0, None
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -323,10 +324,11 @@ def keep_rows_through(path: str | os.PathLike, step: int) -> list[dict]:
             continue
         if row.get("step", 0) <= step:
             rows.append(row)
+        last = row.get("step", 0) if last is None else max(last, row.get("step", 0))
     if torn:
         log.warning("%s: dropped %d line(s) that do not parse (a write cut short)", path, torn)
     write_jsonl(path, rows)
-    return rows
+    return rows, last
 
 
 def write_config(out_dir: str | os.PathLike, cfg: Any) -> Path:

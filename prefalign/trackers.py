@@ -58,6 +58,9 @@ class TrackedRun:
     """The resolved config, plain values (`prefalign.runio.to_plain`)."""
     resume_step: int | None = None
     """The checkpoint step a resumed run continues from; None: a fresh run."""
+    logged_through: int | None = None
+    """A resumed run: the last step the run it resumes logged (metrics.jsonl's last row before the cut). Steps after
+    the checkpoint up to it are logged again; a tracker that cannot drop what it holds skips them."""
 
 
 class Tracker(Protocol):
@@ -137,16 +140,23 @@ def trackio_dir(out_dir: Path) -> Path:
 
 class _WandbStyleTracker:
     """What trackio and wandb share (trackio copies wandb's API): ``run.log(values, step=)`` and
-    ``module.Table(columns=, data=)``. A subclass opens ``self.run`` of ``self.module`` and closes it."""
+    ``module.Table(columns=, data=)``. A subclass opens ``self.run`` of ``self.module`` and closes it.
+
+    Neither can drop rows it holds (TensorBoard's ``purge_step`` can), so a resumed run does not log again the
+    steps that the run it resumed logged after its checkpoint (``skip_through``, `TrackedRun.logged_through`):
+    an exact resume recomputes the same values; where it cannot (several GPUs) these trackers keep the first
+    run's rows for those steps, metrics.jsonl the resumed run's."""
 
     module: ModuleType
     run: Any
+    skip_through: int | None = None
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        self.run.log(scalars, step=step)
+        if self.skip_through is None or step > self.skip_through:
+            self.run.log(scalars, step=step)
 
     def log_table(self, step: int, tag: str, rows: list[dict[str, Any]]) -> None:
-        if rows:
+        if rows and (self.skip_through is None or step > self.skip_through):
             table = self.module.Table(columns=list(rows[0]), data=[list(row.values()) for row in rows])
             self.run.log({tag: table}, step=step)
 
@@ -156,6 +166,7 @@ class TrackioTracker(_WandbStyleTracker):
 
     def __init__(self, run: TrackedRun):
         self.module = self.load_package(run.out_dir)
+        self.skip_through = run.logged_through
         # embed=False: never launch the dashboard server, even inside a notebook. Its banner is kept off the
         # terminal, as wandb's is: the `trackio show` it suggests would miss OUT/trackio without TRACKIO_DIR.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -205,6 +216,7 @@ class WandbTracker(_WandbStyleTracker):
 
     def __init__(self, run: TrackedRun):
         wandb = self.module = self.load_package(run.out_dir)
+        self.skip_through = run.logged_through
         home = run.out_dir / "wandb"
         self.undo_env = _set_env(
             {

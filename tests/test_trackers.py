@@ -283,3 +283,46 @@ def test_compare_logs_its_results_table(tmp_path):
     }
     log_summary(CompareConfig(output=str(tmp_path / "quiet"), report_to="none"), tmp_path / "quiet", summary)
     assert not (tmp_path / "quiet").exists()
+
+
+def test_a_resumed_run_does_not_log_again_what_trackio_holds(tmp_path):
+    """Killed after logging steps 1-4 with its checkpoint at step 2, the run resumes and logs 3 and 4 again (as an
+    exact resume recomputes them) and 5: metrics.jsonl and trackio each hold every step once, TensorBoard too."""
+    from prefalign.trainers.metrics import MetricsLogger
+
+    out = tmp_path / "run"
+    out.mkdir()
+    row = lambda step: {"loss": 1.0 / step, "lr": 0.1}  # noqa: E731
+    first = MetricsLogger(out, trackers=("trackio", "tensorboard"), run_name=str(out))
+    for step in (1, 2, 3, 4):
+        first.log(step, row(step))
+    first.log_table(4, "samples", [{"prompt": "a", "completion": "b"}])
+    first.close()
+    resumed = MetricsLogger(out, resume_step=2, trackers=("trackio", "tensorboard"), run_name=str(out))
+    assert [r["step"] for r in resumed.kept] == [1, 2]
+    for step in (3, 4, 5):
+        resumed.log(step, row(step))
+    resumed.log_table(4, "samples", [{"prompt": "a", "completion": "b"}])
+    resumed.close()
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
+    db = Path(os.environ["TRACKIO_DIR"]) / "prefalign.db"
+    steps = [step for step, metrics in trackio_rows(db, str(out)) if "loss" in metrics]
+    assert steps == [1, 2, 3, 4, 5]
+    assert sorted(tensorboard_scalars(out / "tensorboard")) == [1, 2, 3, 4, 5]
+
+
+def test_wandb_style_trackers_skip_only_the_steps_the_resumed_run_logged():
+    from prefalign.trackers import _WandbStyleTracker
+
+    calls = []
+    tracker = _WandbStyleTracker()
+    tracker.run = SimpleNamespace(log=lambda values, step: calls.append((step, sorted(values))))
+    tracker.module = SimpleNamespace(Table=lambda columns, data: (columns, data))
+    tracker.skip_through = 4
+    for step in (3, 4, 5):
+        tracker.log(step, {"loss": 1.0})
+        tracker.log_table(step, "samples", [{"prompt": "a"}])
+    assert calls == [(5, ["loss"]), (5, ["samples"])]
+    tracker.skip_through = None  # a fresh run logs everything
+    tracker.log(1, {"loss": 1.0})
+    assert calls[-1] == (1, ["loss"])

@@ -38,13 +38,14 @@ class MetricsLogger:
         self.kept: list[dict] = []  # the rows a resumed run keeps (main process)
         if not enabled:
             return
+        logged_through = None  # the last step the run being resumed logged (its trackers hold it already)
         if resume_step is not None and self.path.exists():
-            self.kept = kept = keep_rows_through(self.path, resume_step)
-            if kept:
-                self.offset = float(kept[-1].get("wall_seconds", 0.0))
+            self.kept, logged_through = keep_rows_through(self.path, resume_step)
+            if self.kept:
+                self.offset = float(self.kept[-1].get("wall_seconds", 0.0))
         elif self.path.exists():
             self.path.unlink()
-        run = TrackedRun(Path(out_dir), run_name or str(out_dir), config or {}, resume_step)
+        run = TrackedRun(Path(out_dir), run_name or str(out_dir), config or {}, resume_step, logged_through)
         self.trackers = open_trackers(trackers, run)
 
     def kept_row_with(self, step: int, prefix: str) -> bool:
