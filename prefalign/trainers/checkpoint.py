@@ -226,10 +226,14 @@ class CheckpointManager:
         self.root = Path(out_dir) / "checkpoints"
         self.keep = keep
 
+    def path(self, step: int) -> Path:
+        """Where checkpoint ``step`` lives once written: ``checkpoints/step-0000042``."""
+        return self.root / f"{PREFIX}{step:07d}"
+
     def staging_dir(self, step: int, create: bool) -> Path:
         """A temp directory every process can name (``create`` on the main process only, before the others write
         into it): for checkpoints whose shards each process writes itself (DeepSpeed), then `save` ``into`` it."""
-        tmp = self.root / f".tmp-{PREFIX}{step:07d}-shared"
+        tmp = self.root / f".tmp-{self.path(step).name}-shared"
         if create:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
@@ -239,7 +243,7 @@ class CheckpointManager:
         """Write ``objects`` (name -> state dict) and ``state`` (JSON) as checkpoint ``step``, in a temp directory
         (``into``: a `staging_dir` already holding other files) renamed into place."""
         self.root.mkdir(parents=True, exist_ok=True)
-        final = self.root / f"{PREFIX}{step:07d}"
+        final = self.path(step)
         tmp = into or Path(tempfile.mkdtemp(prefix=f".tmp-{final.name}-", dir=self.root))
         try:
             for name, obj in objects.items():

@@ -46,7 +46,7 @@ from prefalign.runio import (
 from prefalign.trackers import load_tracker_packages
 from prefalign.trainers.backend import Trained, check_mergeable, make_backend, resolve_precision
 from prefalign.trainers.card import CardFacts
-from prefalign.trainers.checkpoint import PREFIX, CheckpointManager, check_same_settings, rng_state, set_rng_state
+from prefalign.trainers.checkpoint import CheckpointManager, check_same_settings, rng_state, set_rng_state
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.metrics import MetricsLogger
 
@@ -288,7 +288,7 @@ class Run:
         weights, into = self.backend.checkpoint_objects(self.trained, self.ckpts, step)
         objects.update(weights)
         acc.wait_for_everyone()
-        path = self.ckpts.root / f"{PREFIX}{step:07d}"
+        path = self.ckpts.path(step)
         state = {
             "total_steps": self.total_steps,
             "skipped_steps": self.guard.skipped,
