@@ -88,8 +88,11 @@ levers() {  # levers SHAPE: bench.rollout_levers on the model the stages raced (
     --batch 16 --rounds 3 --variants "$LEVER_VARIANTS" > "$out/levers-$shape.tmp" && \
     mv "$out/levers-$shape.tmp" "$out/levers-$shape.txt" || status=1
 }
-# the loop with and without keyed sampling beside model.generate (on CUDA the loop has no packed linears: loopnopack)
-LEVER_VARIANTS=${LEVER_VARIANTS:-hf-fp32,hf-bf16-weights,prefalign-loopnopack-fp32,prefalign-loopunkeyed-fp32,prefalign-loopnopack-bf16,prefalign-loopunkeyed-bf16}
+# the loop with and without keyed sampling beside model.generate, and keyed sampling over model.generate
+# (--decoder generate: the choice a GPU default would make if the loop loses there); on CUDA the loop has no packed
+# linears (loopnopack)
+LEVER_VARIANTS=${LEVER_VARIANTS:-hf-fp32,hf-bf16-weights,prefalign-generate-fp32,prefalign-loopnopack-fp32,\
+prefalign-loopunkeyed-fp32,prefalign-generate-bf16,prefalign-loopnopack-bf16,prefalign-loopunkeyed-bf16}
 
 # "" = no --model: the default where its weights are here, random-135m where they are not (bench says which).
 # rollout8 is left out (rollout16 times the same decoder at the larger batch); the 1B shape skips dpo_lora and reward,

@@ -561,8 +561,8 @@ def test_gpu_sh_runs_four_stages_each_with_its_trl_and_finishes_a_cut_run(tmp_pa
     site = "PYTHONPATH=/tmp/prefalign-wheels/trl{}:/tmp/prefalign-wheels/common -m"
     race = site + " bench --device cuda --python-from-env"
     levers = site.format(116) + " bench.rollout_levers --device cuda --model .bench/data-random-{}/model --batch 16 "
-    levers += "--rounds 3 --variants hf-fp32,hf-bf16-weights,prefalign-loopnopack-fp32,prefalign-loopunkeyed-fp32,"
-    levers += "prefalign-loopnopack-bf16,prefalign-loopunkeyed-bf16"
+    levers += "--rounds 3 --variants hf-fp32,hf-bf16-weights,prefalign-generate-fp32,prefalign-loopnopack-fp32,"
+    levers += "prefalign-loopunkeyed-fp32,prefalign-generate-bf16,prefalign-loopnopack-bf16,prefalign-loopunkeyed-bf16"
     out = tmp_path / "out"
     assert races == [
         f"{race.format(112)} --quick --steps 3 --precisions fp32,bf16 --workloads ppo --max-wait 0 "
