@@ -308,12 +308,13 @@ def clear_previous_training(out_dir: str | os.PathLike) -> list[str]:
     return removed
 
 
-def keep_rows_through(path: str | os.PathLike, step: int) -> tuple[list[dict], int | None]:
+def keep_rows_through(path: str | os.PathLike, step: int) -> tuple[list[dict], list[dict]]:
     """Cut a run's JSON-lines log (metrics.jsonl, samples.jsonl) to its rows up to ``step`` on resume, rewritten
-    atomically; returns them and the last step the file held before the cut (None: no row). A line that does not
-    parse (torn by a kill or a full disk mid-append) is dropped with a warning: it stopped the resume with a
-    traceback."""
-    rows, torn, last = [], 0, None
+    atomically; returns ``(kept rows, cut rows)``. A line that does not parse (torn by a kill or a full disk
+    mid-append) is dropped with a warning: it stopped the resume with a traceback."""
+    rows: list[dict] = []
+    cut: list[dict] = []
+    torn = 0
     for line in Path(path).read_text(encoding="utf-8").splitlines():
         if not line.strip():
             continue
@@ -322,13 +323,11 @@ def keep_rows_through(path: str | os.PathLike, step: int) -> tuple[list[dict], i
         except ValueError:
             torn += 1
             continue
-        if row.get("step", 0) <= step:
-            rows.append(row)
-        last = row.get("step", 0) if last is None else max(last, row.get("step", 0))
+        (rows if row.get("step", 0) <= step else cut).append(row)
     if torn:
         log.warning("%s: dropped %d line(s) that do not parse (a write cut short)", path, torn)
     write_jsonl(path, rows)
-    return rows, last
+    return rows, cut
 
 
 def write_config(out_dir: str | os.PathLike, cfg: Any) -> Path:

@@ -19,15 +19,20 @@ from __future__ import annotations
 import contextlib
 import importlib
 import io
+import json
+import logging
 import math
 import os
+import sqlite3
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Protocol
 
 from prefalign.errors import UserError
+
+log = logging.getLogger(__name__)
 
 TRACKER_NAMES = ("tensorboard", "trackio", "wandb")
 DEFAULT_REPORT_TO = "tensorboard"
@@ -58,9 +63,10 @@ class TrackedRun:
     """The resolved config, plain values (`prefalign.runio.to_plain`)."""
     resume_step: int | None = None
     """The checkpoint step a resumed run continues from; None: a fresh run."""
-    logged_through: int | None = None
-    """A resumed run: the last step the run it resumes logged (metrics.jsonl's last row before the cut). Steps after
-    the checkpoint up to it are logged again; a tracker that cannot drop what it holds skips them."""
+    logged_after_checkpoint: dict[int, frozenset[str]] = field(default_factory=dict)
+    """A resumed run: the metric names, per step, that the run it resumes wrote to metrics.jsonl after the
+    checkpoint (the rows the resume cut). The resumed run logs those steps again; a tracker that cannot drop
+    what it holds and that the killed run wrote to skips what it already has."""
 
 
 class Tracker(Protocol):
@@ -142,21 +148,25 @@ class _WandbStyleTracker:
     """What trackio and wandb share (trackio copies wandb's API): ``run.log(values, step=)`` and
     ``module.Table(columns=, data=)``. A subclass opens ``self.run`` of ``self.module`` and closes it.
 
-    Neither can drop rows it holds (TensorBoard's ``purge_step`` can), so a resumed run does not log again the
-    steps that the run it resumed logged after its checkpoint (``skip_through``, `TrackedRun.logged_through`):
-    an exact resume recomputes the same values; where it cannot (several GPUs) these trackers keep the first
-    run's rows for those steps, metrics.jsonl the resumed run's."""
+    Neither can drop rows it holds (TensorBoard's ``purge_step`` can), so a resumed run does not send again what
+    the run it resumed sent after its checkpoint: ``held`` names, per step, the metrics this tracker has (a
+    subclass fills it); a step's table is skipped with its metrics. An exact resume recomputes the same values;
+    where it cannot (several GPUs) these trackers keep the first run's values for those steps, metrics.jsonl the
+    resumed run's."""
 
     module: ModuleType
     run: Any
-    skip_through: int | None = None
+    held: dict[int, frozenset[str]]
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
-        if self.skip_through is None or step > self.skip_through:
-            self.run.log(scalars, step=step)
+        held = self.held.get(step, frozenset())
+        fresh = {k: v for k, v in scalars.items() if k not in held}
+        if fresh:
+            self.run.log(fresh, step=step)
 
     def log_table(self, step: int, tag: str, rows: list[dict[str, Any]]) -> None:
-        if rows and (self.skip_through is None or step > self.skip_through):
+        # a step's samples are logged before its metrics (PPO), so a step with metrics held had its table sent
+        if rows and step not in self.held:
             table = self.module.Table(columns=list(rows[0]), data=[list(row.values()) for row in rows])
             self.run.log({tag: table}, step=step)
 
@@ -166,7 +176,9 @@ class TrackioTracker(_WandbStyleTracker):
 
     def __init__(self, run: TrackedRun):
         self.module = self.load_package(run.out_dir)
-        self.skip_through = run.logged_through
+        self.held = {}
+        if run.resume_step is not None:
+            self.held = trackio_held(trackio_dir(run.out_dir) / f"{PROJECT}.db", run.name, run.resume_step)
         # embed=False: never launch the dashboard server, even inside a notebook. Its banner is kept off the
         # terminal, as wandb's is: the `trackio show` it suggests would miss OUT/trackio without TRACKIO_DIR.
         with contextlib.redirect_stdout(io.StringIO()):
@@ -203,6 +215,27 @@ class TrackioTracker(_WandbStyleTracker):
             self.module.finish()  # the module's, not the run's: it also clears what trackio's atexit would redo
 
 
+def trackio_held(db: Path, run_name: str, after_step: int) -> dict[int, frozenset[str]]:
+    """The metric names, per step after ``after_step``, that trackio's database holds for ``run_name``: what the
+    killed run's trackio actually stored (it writes from a background thread, so a kill can lose its last rows
+    that metrics.jsonl has). Read with sqlite3 from trackio's ``metrics`` table; where that table cannot be read
+    (another trackio schema), nothing counts as held: a row logged twice rather than one lost."""
+    if not db.exists():
+        return {}
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as connection:
+            rows = connection.execute(
+                "SELECT step, metrics FROM metrics WHERE run_name = ? AND step > ?", (run_name, after_step)
+            ).fetchall()
+        held: dict[int, set[str]] = {}
+        for step, metrics in rows:
+            held.setdefault(int(step), set()).update(json.loads(metrics))
+    except (sqlite3.Error, ValueError, TypeError) as e:
+        log.warning("%s: could not read what trackio holds (%s); a resumed run may log some rows twice", db, e)
+        return {}
+    return {step: frozenset(names) for step, names in held.items()}
+
+
 def _wandb_run_id(out_dir: Path) -> str | None:
     """The id of the newest wandb run in ``OUT/wandb`` (its directory ends in ``-<id>``), to resume it."""
     runs = sorted((out_dir / "wandb").glob("*run-*-*"), key=lambda path: path.name.split("-")[-2])
@@ -216,7 +249,7 @@ class WandbTracker(_WandbStyleTracker):
 
     def __init__(self, run: TrackedRun):
         wandb = self.module = self.load_package(run.out_dir)
-        self.skip_through = run.logged_through
+        self.held = {}
         home = run.out_dir / "wandb"
         self.undo_env = _set_env(
             {
@@ -227,6 +260,8 @@ class WandbTracker(_WandbStyleTracker):
             }
         )
         run_id = None if run.resume_step is None else _wandb_run_id(run.out_dir)
+        if run_id is not None:  # the killed run logged to wandb: it holds what metrics.jsonl held after the cut
+            self.held = run.logged_after_checkpoint
         # console off: wandb leaves stdout/stderr alone (the progress bar, compare's stage logs)
         self.run = wandb.init(
             project=os.environ.get("WANDB_PROJECT", PROJECT),

@@ -285,44 +285,115 @@ def test_compare_logs_its_results_table(tmp_path):
     assert not (tmp_path / "quiet").exists()
 
 
+def trackio_log(out: Path) -> list[tuple[int, str]]:
+    """(step, metric) of every metric trackio holds for the run ``out``, in the order written (tables left out)."""
+    db = Path(os.environ["TRACKIO_DIR"]) / "prefalign.db"
+    return [(step, k) for step, metrics in trackio_rows(db, str(out)) for k in metrics if k != "samples"]
+
+
+def kill_and_resume(out: Path, first: list, resumed: list, resume_step: int = 2, trackers=(("trackio",),) * 2):
+    """A run logs ``first`` ((step, metrics) or (step, "table")), is killed, and resumes at ``resume_step`` to log
+    ``resumed``: the two loggers a killed and a resumed run open, with ``trackers`` (the killed run's, the
+    resumed run's)."""
+    from prefalign.trainers.metrics import MetricsLogger
+
+    for calls, resume in ((first, None), (resumed, resume_step)):
+        logger = MetricsLogger(
+            out, resume_step=resume, trackers=trackers[0 if resume is None else 1], run_name=str(out)
+        )
+        for step, what in calls:
+            if what == "table":
+                logger.log_table(step, "samples", [{"prompt": "a", "completion": "b"}])
+            else:
+                logger.log(step, what)
+        logger.close()
+
+
 def test_a_resumed_run_does_not_log_again_what_trackio_holds(tmp_path):
     """Killed after logging steps 1-4 with its checkpoint at step 2, the run resumes and logs 3 and 4 again (as an
     exact resume recomputes them) and 5: metrics.jsonl and trackio each hold every step once, TensorBoard too."""
-    from prefalign.trainers.metrics import MetricsLogger
-
     out = tmp_path / "run"
     out.mkdir()
-    row = lambda step: {"loss": 1.0 / step, "lr": 0.1}  # noqa: E731
-    first = MetricsLogger(out, trackers=("trackio", "tensorboard"), run_name=str(out))
-    for step in (1, 2, 3, 4):
-        first.log(step, row(step))
-    first.log_table(4, "samples", [{"prompt": "a", "completion": "b"}])
-    first.close()
-    resumed = MetricsLogger(out, resume_step=2, trackers=("trackio", "tensorboard"), run_name=str(out))
-    assert [r["step"] for r in resumed.kept] == [1, 2]
-    for step in (3, 4, 5):
-        resumed.log(step, row(step))
-    resumed.log_table(4, "samples", [{"prompt": "a", "completion": "b"}])
-    resumed.close()
+    loss = {step: {"loss": 1.0 / step} for step in range(1, 6)}
+    both = ("trackio", "tensorboard")
+    first = [(1, loss[1]), (2, loss[2]), (3, loss[3]), (4, "table"), (4, loss[4])]
+    kill_and_resume(out, first, [(3, loss[3]), (4, "table"), (4, loss[4]), (5, loss[5])], trackers=(both, both))
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3, 4, 5]
+    assert trackio_log(out) == [(1, "loss"), (2, "loss"), (3, "loss"), (4, "loss"), (5, "loss")]
     db = Path(os.environ["TRACKIO_DIR"]) / "prefalign.db"
-    steps = [step for step, metrics in trackio_rows(db, str(out)) if "loss" in metrics]
-    assert steps == [1, 2, 3, 4, 5]
+    assert [step for step, metrics in trackio_rows(db, str(out)) if "samples" in metrics] == [4]
     assert sorted(tensorboard_scalars(out / "tensorboard")) == [1, 2, 3, 4, 5]
 
 
-def test_wandb_style_trackers_skip_only_the_steps_the_resumed_run_logged():
+def test_a_resumed_run_sends_trackio_what_it_does_not_hold(tmp_path):
+    """What the resumed run logs at an already-logged step under another name (the final evaluation of a run killed
+    during it), at steps the killed run did not log (another --logging-steps), at steps trackio lost (its writer
+    thread died with the process), and everything to a tracker the killed run did not have."""
+    out = tmp_path / "run"
+    out.mkdir()
+    row = lambda step: {"loss": 1.0 / step}  # noqa: E731
+    kill_and_resume(out, [(2, row(2)), (4, row(4))], [(3, row(3)), (4, row(4)), (4, {"eval/loss": 0.5})])
+    assert trackio_log(out) == [(2, "loss"), (4, "loss"), (3, "loss"), (4, "eval/loss")]
+
+    lost = tmp_path / "lost"
+    lost.mkdir()
+    kill_and_resume(lost, [(2, row(2)), (3, row(3)), (4, row(4))], [])
+    db = Path(os.environ["TRACKIO_DIR"]) / "prefalign.db"
+    with sqlite3.connect(db) as connection:  # the last row never reached the database
+        connection.execute("DELETE FROM metrics WHERE run_name = ? AND step = 4", (str(lost),))
+    (lost / "metrics.jsonl").write_text("".join(json.dumps({"step": s, **row(s)}) + "\n" for s in (2, 3, 4)))
+    kill_and_resume(lost, [], [(3, row(3)), (4, row(4))], resume_step=2)
+    assert trackio_log(lost) == [(2, "loss"), (3, "loss"), (4, "loss")]
+
+    added = tmp_path / "added"
+    added.mkdir()
+    kill_and_resume(
+        added, [(2, row(2)), (3, row(3))], [(3, row(3)), (4, row(4))], trackers=(("tensorboard",), ("trackio",))
+    )
+    assert trackio_log(added) == [(3, "loss"), (4, "loss")]
+
+
+def test_wandb_style_trackers_skip_only_what_they_hold():
     from prefalign.trackers import _WandbStyleTracker
 
     calls = []
     tracker = _WandbStyleTracker()
     tracker.run = SimpleNamespace(log=lambda values, step: calls.append((step, sorted(values))))
     tracker.module = SimpleNamespace(Table=lambda columns, data: (columns, data))
-    tracker.skip_through = 4
+    tracker.held = {3: frozenset({"loss"}), 4: frozenset({"loss", "lr"})}
     for step in (3, 4, 5):
-        tracker.log(step, {"loss": 1.0})
         tracker.log_table(step, "samples", [{"prompt": "a"}])
-    assert calls == [(5, ["loss"]), (5, ["samples"])]
-    tracker.skip_through = None  # a fresh run logs everything
-    tracker.log(1, {"loss": 1.0})
-    assert calls[-1] == (1, ["loss"])
+        tracker.log(step, {"loss": 1.0, "lr": 0.1})
+        tracker.log(step, {"eval/loss": 1.0})
+    assert calls == [
+        (3, ["lr"]),
+        (3, ["eval/loss"]),
+        (4, ["eval/loss"]),
+        (5, ["samples"]),
+        (5, ["loss", "lr"]),
+        (5, ["eval/loss"]),
+    ]
+
+
+def test_the_resume_cut_hands_the_trackers_what_the_killed_run_logged_per_step(tmp_path):
+    from prefalign.trainers.metrics import MetricsLogger
+
+    out = tmp_path / "run"
+    out.mkdir()
+    rows = [
+        {"step": 1, "loss": 1},
+        {"step": 3, "loss": 1},
+        {"step": 4, "loss": 1, "lr": 1},
+        {"step": 4, "eval/loss": 1},
+    ]
+    (out / "metrics.jsonl").write_text("".join(json.dumps({**r, "wall_seconds": 1.0}) + "\n" for r in rows))
+    seen = []
+    import prefalign.trainers.metrics as metrics
+
+    original = metrics.open_trackers
+    metrics.open_trackers = lambda names, run: seen.append(run) or []
+    try:
+        MetricsLogger(out, resume_step=2, trackers=("wandb",))
+    finally:
+        metrics.open_trackers = original
+    assert seen[0].logged_after_checkpoint == {3: {"loss"}, 4: {"loss", "lr", "eval/loss"}}

@@ -38,14 +38,14 @@ class MetricsLogger:
         self.kept: list[dict] = []  # the rows a resumed run keeps (main process)
         if not enabled:
             return
-        logged_through = None  # the last step the run being resumed logged (its trackers hold it already)
+        cut: list[dict] = []  # rows the run being resumed logged after its checkpoint: its trackers hold them
         if resume_step is not None and self.path.exists():
-            self.kept, logged_through = keep_rows_through(self.path, resume_step)
+            self.kept, cut = keep_rows_through(self.path, resume_step)
             if self.kept:
                 self.offset = float(self.kept[-1].get("wall_seconds", 0.0))
         elif self.path.exists():
             self.path.unlink()
-        run = TrackedRun(Path(out_dir), run_name or str(out_dir), config or {}, resume_step, logged_through)
+        run = TrackedRun(Path(out_dir), run_name or str(out_dir), config or {}, resume_step, keys_by_step(cut))
         self.trackers = open_trackers(trackers, run)
 
     def kept_row_with(self, step: int, prefix: str) -> bool:
@@ -72,6 +72,14 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
+
+
+def keys_by_step(rows: list[dict]) -> dict[int, frozenset[str]]:
+    """The metric names each step's rows hold (a step may have several rows: training, then evaluation)."""
+    keys: dict[int, set[str]] = defaultdict(set)
+    for row in rows:
+        keys[int(row.get("step", 0))].update(k for k in row if k not in ("step", "wall_seconds"))
+    return {step: frozenset(names) for step, names in keys.items()}
 
 
 def _clean(v):
