@@ -258,6 +258,33 @@ def test_sampling_copy_is_bf16_keeps_float_buffers_and_refreshes(tiny_model):
         assert torch.equal(p, p0.detach().to(torch.bfloat16)), name
 
 
+def test_sampling_copy_never_duplicates_the_float32_weights(tokenizer, monkeypatch):
+    """The copy is built from parameters cast one by one, never from a deepcopy of the float32 ones (which held a
+    second float32 model at its peak); ties, requires_grad and the values survive, and no storage is shared."""
+    from prefalign.models import tiny_causal_lm
+    from prefalign.rollout import sampling_copy
+
+    model, _ = tiny_causal_lm(tokenizer, tied=True)
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    model.model.norm.weight.data = model.model.norm.weight.data.to(torch.bfloat16)  # one already in bf16
+
+    def refuse(self, memo):
+        raise AssertionError(f"deepcopy of a {self.dtype} parameter of shape {tuple(self.shape)}")
+
+    monkeypatch.setattr(torch.nn.Parameter, "__deepcopy__", refuse)
+    copy = sampling_copy(model, torch.bfloat16)
+    monkeypatch.undo()
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight  # still tied
+    assert (
+        not copy.model.layers[0].mlp.up_proj.weight.requires_grad
+        and copy.model.layers[1].mlp.up_proj.weight.requires_grad
+    )
+    originals = dict(model.named_parameters())
+    for name, p in copy.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, originals[name].detach().to(torch.bfloat16)), name
+        assert p.data_ptr() != originals[name].data_ptr(), name  # refresh_sampling_copy writes into the copy only
+
+
 def test_bf16_sampling_copy_does_not_drift_from_float32_with_position(tokenizer):
     """A copy whose inv_freq was rounded to bf16 (what `.to(bfloat16)` does) turns RoPE's angles by up to 0.4% of
     the position. Measured here, mean |logp - float32 logp| at positions 1-99 and 700-899: the copy 0.067 and 0.086,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -233,9 +234,16 @@ def sampling_copy(model, dtype: torch.dtype):
     # 1000: the copy's log-probs drifted from the float32 model's with position (tests/test_eval.py).
     # requires_grad stays as it was although sampling runs under no_grad: bf16 weights with requires_grad=False
     # decoded slower on a CPU (apparently another kernel path; measured in BENCHMARKS.md, "Measured design notes")
-    out = copy.deepcopy(model).eval()
-    for p in out.parameters():  # tied weights are one Parameter: cast once, still tied
-        p.data = p.data.to(dtype)
+    # Each parameter goes into deepcopy's memo already cast, so the float32 weights are never duplicated: a plain
+    # deepcopy-then-cast held a second float32 copy at its peak (the bf16 rollout's peak GPU memory on an H200:
+    # 8.2 GiB against model.generate's 6.1 for a 1B model; BENCHMARKS.md, "The GPU path"). Tied weights are one
+    # Parameter, so one memo entry: still tied. copy=True: a parameter already in ``dtype`` gets its own storage
+    # too, which `refresh_sampling_copy` writes into.
+    memo: dict[int, Any] = {
+        id(p): torch.nn.Parameter(p.detach().to(dtype, copy=True), requires_grad=p.requires_grad)
+        for p in model.parameters()
+    }
+    out = copy.deepcopy(model, memo).eval()
     out.config.dtype = dtype
     return out
 
