@@ -244,6 +244,9 @@ def sampling_copy(model, dtype: torch.dtype):
         for p in model.parameters()
     }
     out = copy.deepcopy(model, memo).eval()
+    for p in out.parameters():  # a module whose own __deepcopy__ bypassed the memo: cast what it copied
+        if p.dtype != dtype:
+            p.data = p.data.to(dtype)
     out.config.dtype = dtype
     return out
 
