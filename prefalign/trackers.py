@@ -227,13 +227,18 @@ def trackio_held(db: Path, run_name: str, after_step: int) -> dict[int, frozense
             rows = connection.execute(
                 "SELECT step, metrics FROM metrics WHERE run_name = ? AND step > ?", (run_name, after_step)
             ).fetchall()
-        held: dict[int, set[str]] = {}
-        for step, metrics in rows:
-            held.setdefault(int(step), set()).update(json.loads(metrics))
+        return keys_by_step([{**json.loads(metrics), "step": step} for step, metrics in rows])
     except (sqlite3.Error, ValueError, TypeError) as e:
         log.warning("%s: could not read what trackio holds (%s); a resumed run may log some rows twice", db, e)
         return {}
-    return {step: frozenset(names) for step, names in held.items()}
+
+
+def keys_by_step(rows: list[dict]) -> dict[int, frozenset[str]]:
+    """The metric names each step's rows hold (a step may have several rows: training, then evaluation)."""
+    keys: dict[int, set[str]] = {}
+    for row in rows:
+        keys.setdefault(int(row.get("step", 0)), set()).update(k for k in row if k not in ("step", "wall_seconds"))
+    return {step: frozenset(names) for step, names in keys.items()}
 
 
 def _wandb_run_id(out_dir: Path) -> str | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.runio import keep_rows_through
-from prefalign.trackers import DEFAULT_REPORT_TO, TrackedRun, Tracker, finite_scalars, open_trackers
+from prefalign.trackers import DEFAULT_REPORT_TO, TrackedRun, Tracker, finite_scalars, keys_by_step, open_trackers
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -72,14 +72,6 @@ class MetricsLogger:
         for tracker in self.trackers:
             tracker.close()
         self.trackers = []
-
-
-def keys_by_step(rows: list[dict]) -> dict[int, frozenset[str]]:
-    """The metric names each step's rows hold (a step may have several rows: training, then evaluation)."""
-    keys: dict[int, set[str]] = defaultdict(set)
-    for row in rows:
-        keys[int(row.get("step", 0))].update(k for k in row if k not in ("step", "wall_seconds"))
-    return {step: frozenset(names) for step, names in keys.items()}
 
 
 def _clean(v):
