@@ -51,16 +51,20 @@ if [ -n "${WHEELS:-}" ]; then
   done
 fi
 
+within_deadline() {  # within_deadline NAME: sets `limit`, the timeout prefix of a run started now; 1 (said) if <45 s
+  limit=()
+  [ -n "${DEADLINE:-}" ] || return 0
+  local left=$((DEADLINE - ($(date +%s) - t0)))
+  if [ "$left" -lt 45 ]; then echo "[gpu.sh] $1: not started, $left s left" >&2; status=1; return 1; fi
+  limit=(timeout -k 5 "$left")
+}
+
 stage() {  # stage NAME TRL MODEL PRECISIONS WORKLOADS [flags]
-  local name=$1 trl=$2 model=$3 precisions=$4 workloads=$5 limit=()
+  local name=$1 trl=$2 model=$3 precisions=$4 workloads=$5
   shift 5
   # done: its `python -m bench` exited 0 (a stage with a failed run or check is raced again)
   if [ "$(cat "$out/$name/rc" 2>/dev/null)" = 0 ]; then echo "[gpu.sh] $name: done in an earlier run" >&2; return; fi
-  if [ -n "${DEADLINE:-}" ]; then
-    local left=$((DEADLINE - ($(date +%s) - t0)))
-    if [ "$left" -lt 45 ]; then echo "[gpu.sh] $name: not started, $left s left" >&2; status=1; return; fi
-    limit=(timeout -k 5 "$left")
-  fi
+  within_deadline "$name" || return
   local start=$(date +%s)
   PYTHONPATH=$(site "$trl") "${limit[@]}" "$py" -m bench --device cuda --python-from-env ${model:+--model "$model"} \
     --quick --steps "${STEPS:-3}" --precisions "$precisions" --workloads "$workloads" --max-wait 0 \
@@ -72,18 +76,14 @@ stage() {  # stage NAME TRL MODEL PRECISIONS WORKLOADS [flags]
 }
 
 levers() {  # levers SHAPE: bench.rollout_levers on the model the stages raced (what the decode loop costs on a GPU)
-  local shape=$1 model="" left limit=()
+  local shape=$1 model=""
   [ "${LEVERS:-1}" = 0 ] && return 0
   [ -f "$out/levers-$shape.txt" ] && return 0
   # the model the shape's last stage raced, from its results.json (a race of the default names none)
   local results=$out/$shape/results.json
   if [ ! -f "$results" ]; then echo "[gpu.sh] levers-$shape: not started, $shape's stage has no results" >&2; status=1; return; fi
   if grep -q '"model": "random-' "$results"; then model=.bench/data-random-$shape/model; fi
-  if [ -n "${DEADLINE:-}" ]; then
-    left=$((DEADLINE - ($(date +%s) - t0)))
-    if [ "$left" -lt 45 ]; then echo "[gpu.sh] levers-$shape: not started, $left s left" >&2; status=1; return; fi
-    limit=(timeout -k 5 "$left")
-  fi
+  within_deadline "levers-$shape" || return
   PYTHONPATH=$(site 116) "${limit[@]}" "$py" -m bench.rollout_levers --device cuda ${model:+--model "$model"} \
     --batch 16 --rounds 3 --variants "$LEVER_VARIANTS" > "$out/levers-$shape.tmp" && \
     mv "$out/levers-$shape.tmp" "$out/levers-$shape.txt" || status=1
