@@ -56,6 +56,7 @@ RESUME_MAY_CHANGE = frozenset(
         "merge_lora",
         "forward_batch_size",
         "gradient_checkpointing",
+        "lean_activations",
         "eval_steps",
         "sample_every",
         "heldout_every",

@@ -22,6 +22,7 @@ import torch
 
 from prefalign.collectives import process_max
 from prefalign.errors import UserError
+from prefalign.models.lean import save_activation_memory
 from prefalign.trainers.backend import Trained, param_numel
 from prefalign.trainers.config import TrainConfig
 from prefalign.trainers.dist import (
@@ -141,8 +142,9 @@ class Trainer(Run):
         cfg, acc = self.cfg, self.accelerator
         if cfg.lora_r:
             self.model = apply_lora(self.model, cfg, self.lora_task_type, self.lora_modules_to_save)
-        if cfg.gradient_checkpointing:
-            self.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.activations = save_activation_memory(
+            self.model, gradient_checkpointing=cfg.gradient_checkpointing, lean=cfg.lean_activations
+        )
         self.model.train()
         n, world = len(self.train_data), self.world
         total = cfg.max_steps or max(1, math.ceil(cfg.epochs * (n // (cfg.batch_size * cfg.grad_accum * world))))
@@ -173,6 +175,7 @@ class Trainer(Run):
             "total_steps": s.total_steps,
             "forward_batch_size": self.forward_batch or f"auto ({FORWARD_POSITIONS} padded positions)",
             "trainable_parameters": self.n_trainable,
+            "activations": self.activations,
             **self.extra_run_info(),
         }
 

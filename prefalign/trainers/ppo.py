@@ -23,6 +23,7 @@ from prefalign.errors import UserError
 from prefalign.losses import gae, kl_shaped_rewards, masked_whiten
 from prefalign.methods import METHODS
 from prefalign.models.frozen import load_reference, resolve_frozen_dtype
+from prefalign.models.lean import save_activation_memory
 from prefalign.models.loading import require_same_vocabulary
 from prefalign.rollout import eos_token_ids, refresh_sampling_copy, sampling_copy
 from prefalign.rollout.generate import key_seed
@@ -118,11 +119,11 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
             if cfg.ref:
                 require_same_vocabulary(self.ref_model, cfg.ref, tok, f"--ref {cfg.ref}")
         self.value = self.load_value()
-        if cfg.gradient_checkpointing:
-            for m in (self.policy, self.value):
-                if m is None:  # a critic-free subclass (prefalign rl) loads no value model
-                    continue
-                m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for m in (self.policy, self.value):
+            if m is not None:  # a critic-free subclass (prefalign rl) loads no value model
+                self.activations = save_activation_memory(
+                    m, gradient_checkpointing=cfg.gradient_checkpointing, lean=cfg.lean_activations
+                )
 
     def load_value(self):
         """The critic: --value-model, else the reward model (N+ implementation details), else --model."""
@@ -189,6 +190,7 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
             "episodes": self.total_steps * cfg.rollout_batch_size,
             "reward": getattr(self.reward_source, "name", cfg.reward),
             "frozen_dtype": self.frozen_dtype_name,
+            "activations": self.activations,
             "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
             "value_trainable_parameters": sum(p.numel() for p in self.value.parameters() if p.requires_grad),
             **self.heldout_info(),

@@ -131,6 +131,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
             "episodes": self.total_steps * cfg.completions_per_iteration,
             "reward": self.reward_source.name,
             "frozen_dtype": self.frozen_dtype_name,
+            "activations": self.activations,
             "policy_trainable_parameters": sum(p.numel() for p in self.policy.parameters() if p.requires_grad),
             **self.heldout_info(),
         }
