@@ -7,6 +7,8 @@ step times after warm-up). Not part of ``make bench``.
                                              # gradient checkpointing
     python -m bench.levers dpo-chunks        # prefalign DPO full fp32: the 8 pairs of a step forwarded as
                                              # 8, 2 or 1 pair(s) at a time (grad accumulation: same math)
+    python -m bench.levers reward-memory     # prefalign reward fp32: lean activations and longest-first chunks,
+                                             # each off, and both (the step before them), alternating
     python -m bench.levers ppo-optimizer     # prefalign PPO fp32: baseline vs fused AdamW
     python -m bench.levers adamw             # one AdamW step over 134.5M parameters: for-loop, foreach, fused
 """
@@ -20,6 +22,9 @@ import time
 
 from bench import envs, report
 from bench.__main__ import ensure_data, run_one, wait_for_quiet
+
+_BEFORE = ["--set", "lean_activations=false", "--exp", "chunks_in_data_order"]
+"""The reward and DPO steps before the lean activations and the longest-first forward chunks."""
 
 STUDIES = {
     "dpo-memory": (
@@ -68,6 +73,21 @@ STUDIES = {
                 ["--set", "batch_size=1", "--set", "grad_accum=8", "--exp", "fused_adamw"],
             ),
             ("trl", "as raced", []),
+        ],
+    ),
+    "reward-memory": (
+        "reward",
+        "fp32",
+        4,
+        [
+            ("prefalign", "as raced", []),
+            ("prefalign", "before: transformers' forwards, chunks in data order", _BEFORE),
+            ("prefalign", "transformers' forwards", ["--set", "lean_activations=false"]),
+            ("prefalign", "chunks in data order", ["--exp", "chunks_in_data_order"]),
+            ("prefalign", "before: transformers' forwards, chunks in data order", _BEFORE),
+            ("prefalign", "as raced", []),
+            ("prefalign", "chunks in data order", ["--exp", "chunks_in_data_order"]),
+            ("prefalign", "transformers' forwards", ["--set", "lean_activations=false"]),
         ],
     ),
     "ppo-optimizer": (

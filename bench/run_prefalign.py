@@ -357,13 +357,22 @@ def _use_fused_adamw() -> None:
     loop.make_optimizer = ppo.make_optimizer = fused
 
 
+def _chunks_in_data_order() -> None:
+    """Forward chunks filled in the micro-batch's data order, as before they went longest first."""
+    from prefalign.trainers import loop
+
+    loop.Trainer.longest_first = lambda self, examples: examples
+
+
+EXPERIMENTS = {"fused_adamw": _use_fused_adamw, "chunks_in_data_order": _chunks_in_data_order}
+
+
 def apply_experiments(names: list[str]) -> None:
     """What-if patches for BENCHMARKS.md's "what would move it" (never used in the race)."""
     for name in names:
-        if name == "fused_adamw":
-            _use_fused_adamw()
-        else:
+        if name not in EXPERIMENTS:
             raise SystemExit(f"unknown --exp {name!r}")
+        EXPERIMENTS[name]()
 
 
 def main(argv=None) -> None:

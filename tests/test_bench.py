@@ -681,3 +681,21 @@ def test_rollout_levers_refuses_cuda_without_a_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(SystemExit, match="--device cuda: this torch sees no CUDA device"):
         rollout_levers.main(["--device", "cuda"])
+
+
+def test_lever_experiments_patch_what_they_name_and_refuse_others(monkeypatch):
+    from bench import levers
+    from bench.run_prefalign import apply_experiments
+    from prefalign.trainers import loop
+
+    monkeypatch.setattr(loop.Trainer, "longest_first", loop.Trainer.longest_first)  # undone after the test
+    examples = [("short", 1), ("long", 2)]
+    apply_experiments(["chunks_in_data_order"])
+    assert loop.Trainer.longest_first(None, examples) is examples
+    with pytest.raises(SystemExit, match="unknown --exp 'nope'"):
+        apply_experiments(["nope"])
+    # every study's flags are --set or a known --exp
+    extras = [extra for *_, variants in levers.STUDIES.values() for *_, extra in variants]
+    assert all(set(extra[0::2]) <= {"--set", "--exp"} for extra in extras)
+    exps = {v for extra in extras for f, v in zip(extra[0::2], extra[1::2]) if f == "--exp"}
+    assert exps == {"fused_adamw", "chunks_in_data_order"}

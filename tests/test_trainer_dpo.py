@@ -332,6 +332,11 @@ def test_auto_forward_chunks_follow_the_padded_positions(tmp_path, tiny_model_di
     assert len(chunks) == 4  # ceil(8 / ceil(positions / (positions // 3))) pairs each -> 4 chunks of 2
     assert [len(c["index"]) for c in chunks] == [2, 2, 2, 2]
     assert sum(c["input_ids"].numel() for c in chunks) <= positions  # each padded to its own longest row
+    # longest first: each chunk holds the two longest pairs left, so it is padded to the longer of its own two
+    alone = sorted((trainer.collate([e])["input_ids"].shape[-1] for e in examples), reverse=True)
+    assert [c["input_ids"].shape[-1] for c in chunks] == alone[::2]
+    in_order = [trainer.collate(examples[lo : lo + 2])["input_ids"].numel() for lo in range(0, 8, 2)]
+    assert sum(c["input_ids"].numel() for c in chunks) < sum(in_order)  # less padding than chunks in data order
 
 
 def _python_blocks(markdown: str, section: str) -> list[str]:

@@ -291,7 +291,10 @@ class Trainer(Run):
 
     def _forward_chunks(self, examples: list) -> list[dict]:
         """The micro-batch as collated chunks on the device: ``forward_batch`` examples each, or (auto) as few
-        equal chunks as keep each under ~FORWARD_POSITIONS padded positions (rows x length)."""
+        equal chunks as keep each under ~FORWARD_POSITIONS padded positions (rows x length). Examples go into
+        chunks longest first, so a chunk holds rows of similar length (less padding) and the first forward is
+        the largest: the heap blocks its activations free then hold every later chunk's (allocated in another
+        order, glibc's heap grows for a longer chunk's blocks between the step's gradients: BENCHMARKS.md)."""
         size = self.forward_batch
         if size is None:
             full = self.collate(examples)  # token ids only: cheap
@@ -300,7 +303,13 @@ class Trainer(Run):
             if n_chunks <= 1:
                 return [self._to_device(full)]
             size = math.ceil(len(examples) / n_chunks)
+        if size < len(examples):
+            examples = self.longest_first(examples)
         return [self._to_device(self.collate(examples[lo : lo + size])) for lo in range(0, len(examples), size)]
+
+    def longest_first(self, examples: list) -> list:
+        """``examples`` by their collated length, longest first (stable: equal lengths keep their order)."""
+        return sorted(examples, key=lambda e: self.collate([e])["input_ids"].shape[-1], reverse=True)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
