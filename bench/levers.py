@@ -8,7 +8,7 @@ step times after warm-up). Not part of ``make bench``.
     python -m bench.levers dpo-chunks        # prefalign DPO full fp32: the 8 pairs of a step forwarded as
                                              # 8, 2 or 1 pair(s) at a time (grad accumulation: same math)
     python -m bench.levers reward-memory     # prefalign reward fp32: lean activations and longest-first chunks,
-                                             # each off, and both (the step before them), alternating
+                                             # each off, both off (the step before them), 1 pair per forward
     python -m bench.levers ppo-optimizer     # prefalign PPO fp32: baseline vs fused AdamW
     python -m bench.levers adamw             # one AdamW step over 134.5M parameters: for-loop, foreach, fused
 """
@@ -82,12 +82,12 @@ STUDIES = {
         [
             ("prefalign", "as raced", []),
             ("prefalign", "before: transformers' forwards, chunks in data order", _BEFORE),
+            ("prefalign", "1 pair per forward", ["--set", "forward_batch_size=1"]),
             ("prefalign", "transformers' forwards", ["--set", "lean_activations=false"]),
             ("prefalign", "chunks in data order", ["--exp", "chunks_in_data_order"]),
+            ("prefalign", "1 pair per forward", ["--set", "forward_batch_size=1"]),
             ("prefalign", "before: transformers' forwards, chunks in data order", _BEFORE),
             ("prefalign", "as raced", []),
-            ("prefalign", "chunks in data order", ["--exp", "chunks_in_data_order"]),
-            ("prefalign", "transformers' forwards", ["--set", "lean_activations=false"]),
         ],
     ),
     "ppo-optimizer": (
