@@ -11,6 +11,8 @@ step times after warm-up). Not part of ``make bench``.
                                              # each off, both off (the step before them), 1 pair per forward
     python -m bench.levers ppo-optimizer     # prefalign PPO fp32: baseline vs fused AdamW
     python -m bench.levers adamw             # one AdamW step over 134.5M parameters: for-loop, foreach, fused
+    python -m bench.levers held-activations  # what one fp32 training forward of the default model leaves for its
+                                             # backward, per token and layer: transformers' forwards vs lean
 """
 
 from __future__ import annotations
@@ -132,13 +134,42 @@ def adamw_micro(threads: int = 2, steps: int = 5) -> None:
         del opt
 
 
+def held_activations(rows: int = 2, length: int = 256) -> None:
+    """What one training forward of the default model (float32, ``rows`` x ``length`` random tokens, as a causal
+    LM) leaves allocated for its backward (the logits not counted), per token and decoder layer, with transformers'
+    forwards and with prefalign's lean ones: torch's profiler, the bytes allocated and not freed while the output
+    is held."""
+    import copy
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from bench.common import model_path
+    from prefalign.models.lean import lean_activations
+
+    stock = AutoModelForCausalLM.from_pretrained(model_path(str(envs.BENCH_DIR / "data")))
+    lean = copy.deepcopy(stock)
+    lean_activations(lean)
+    ids = torch.randint(0, stock.config.vocab_size, (rows, length), generator=torch.Generator().manual_seed(0))
+    per = rows * length * stock.config.num_hidden_layers * 4
+    for name, model in (("transformers' forwards", stock), ("lean activations", lean)):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = model(input_ids=ids)
+        held = sum(e.self_cpu_memory_usage for e in prof.events()) - out.logits.nbytes  # the output is not kept
+        del out
+        print(f"{name}: {held / 2**20:.1f} MiB held for the backward, {held / per:,.0f} floats per token and layer")
+
+
 def main(argv=None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "adamw":
         ensure_data(print)
         return adamw_micro()
+    if argv and argv[0] == "held-activations":
+        ensure_data(print)
+        return held_activations()
     if not argv or argv[0] not in STUDIES:
-        raise SystemExit(f"usage: python -m bench.levers {{{','.join(STUDIES)},adamw}}")
+        raise SystemExit(f"usage: python -m bench.levers {{{','.join(STUDIES)},adamw,held-activations}}")
     workload, precision, steps, variants = STUDIES[argv[0]]
     ensure_data(print)
     out = envs.BENCH_DIR / "levers" / f"{argv[0]}-{time.strftime('%Y%m%d-%H%M%S')}"

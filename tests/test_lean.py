@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from conftest import trainer_kwargs
+from torch.multiprocessing.reductions import StorageWeakRef
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP, LlamaRMSNorm
 
@@ -15,15 +16,16 @@ from prefalign.models.tiny import tiny_causal_lm
 from prefalign.trainers.reward import RewardConfig, RewardTrainer
 
 
-def _grads(module, *inputs, precision="fp32", seed=2):
+def _grads(module, *inputs, precision="fp32", seed=2, watch=()):
     module.zero_grad()
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = module(*inputs)
     out = out.logits if hasattr(out, "logits") else out
+    alive = [not ref.expired() for ref, _ in watch]  # between the forward and the backward
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed))
     out.float().backward(g)
     grads = {n: p.grad.clone() for n, p in module.named_parameters() if p.grad is not None}
-    return out.detach(), grads
+    return (out.detach(), grads, alive) if watch else (out.detach(), grads)
 
 
 def _input(shape, dtype=torch.float32):
@@ -45,34 +47,46 @@ def test_rms_norm_output_and_gradients_are_transformers_bit_for_bit(dtype):
     assert torch.equal(g1["weight"], g2["weight"])
 
 
+def _down_inputs(mlps) -> list[tuple[StorageWeakRef, int]]:
+    """A weak reference to, and the address of, the storage of each down_proj input (the MLP product h) of the
+    next forward of ``mlps``."""
+    refs = []
+
+    def record(module, inputs):
+        storage = inputs[0].untyped_storage()
+        refs.append((StorageWeakRef(storage), storage.data_ptr()))
+
+    for mlp in mlps:
+        mlp.down_proj.register_forward_pre_hook(record)
+    return refs
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 48), (7, 48)])  # 3-D: down_proj's GEMM keeps a (B*T, f) view of h
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_mlp_output_and_gradients_are_transformers_bit_for_bit(precision):
+def test_mlp_output_and_gradients_are_transformers_bit_for_bit(precision, shape):
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=48, intermediate_size=96, num_attention_heads=4))
     lean = copy.deepcopy(mlp)
     assert lean_activations(lean) == {"rms_norm": 0, "mlp": 1}
-    x1, x2 = _input((3, 7, 48)), _input((3, 7, 48))
-    out1, g1 = _grads(mlp, x1, precision=precision)
-    out2, g2 = _grads(lean, x2, precision=precision)
+    stock_h, lean_h = _down_inputs([mlp]), _down_inputs([lean])
+    x1, x2 = _input(shape), _input(shape)
+    out1, g1, stock_alive = _grads(mlp, x1, precision=precision, watch=stock_h)
+    out2, g2, lean_alive = _grads(lean, x2, precision=precision, watch=lean_h)
+    # between forward and backward: transformers' down_proj keeps h, the lean MLP rebuilds it from gate and up
+    assert (stock_alive, lean_alive) == ([True], [False])
     assert torch.equal(out1, out2)
     assert torch.equal(x1.grad, x2.grad)
     assert g1.keys() == g2.keys() == {"gate_proj.weight", "up_proj.weight", "down_proj.weight"}
     assert all(torch.equal(g1[k], g2[k]) for k in g1)
 
 
-def _saved_bytes(model, ids) -> int:
-    """Bytes of the distinct storages autograd keeps for the backward of one forward, parameters not counted."""
-    storages = {}
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids)
-    return sum(storages.values())
+def _held_bytes(model, ids) -> int:
+    """Bytes a forward allocates and does not free (what its backward will read, and the output), as torch's
+    profiler counts them; no saved-tensor hook involved, so nothing the lean MLP keeps is hidden from it."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = model(input_ids=ids)  # held (with its graph) until the profile ends
+    del out
+    return sum(e.self_cpu_memory_usage for e in prof.events())
 
 
 def test_a_model_keeps_two_hidden_and_two_mlp_rows_fewer_per_token_and_layer(tokenizer):
@@ -83,7 +97,26 @@ def test_a_model_keeps_two_hidden_and_two_mlp_rows_fewer_per_token_and_layer(tok
     d, f, tokens, layers = 32, 64, 2 * 11, 3
     # each layer: the two norms' normalised rows (d each), the MLP's silu(gate) and product (f each); the final norm
     per_token = layers * (2 * d + 2 * f) + d
-    assert _saved_bytes(model, ids) - _saved_bytes(lean, ids) == tokens * per_token * 4
+    assert _held_bytes(model, ids) - _held_bytes(lean, ids) == tokens * per_token * 4
+
+
+def test_under_another_saved_tensor_hook_down_proj_keeps_its_input_where_that_hook_sees_it(tokenizer):
+    """Activation checkpointing and CPU offload work through saved-tensor hooks; only the innermost pair applies,
+    so the lean MLP leaves down_proj's input to an outer pair instead of hiding it."""
+    model, _ = tiny_causal_lm(tokenizer, layers=2, hidden=32)
+    lean_activations(model)
+    inputs = _down_inputs([layer.mlp for layer in model.model.layers])
+    seen = set()
+
+    def pack(t):
+        seen.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(input_ids=torch.randint(0, 1000, (1, 5), generator=torch.Generator().manual_seed(0))).logits
+    assert len(inputs) == 2 and not any(ref.expired() for ref, _ in inputs)  # down_proj keeps h ...
+    assert all(ptr in seen for _, ptr in inputs)  # ... where the outer hook saw it
+    out.sum().backward()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -120,22 +153,24 @@ def test_lora_adapters_get_the_same_gradients(tokenizer):
         assert torch.allclose(g1[k], g2[k], rtol=0, atol=1e-5 * g1[k].abs().max().item()), k
 
 
-def test_a_copy_runs_its_own_weights(tokenizer):
-    """sampling_copy deep-copies the policy: the copy's lean forwards must be bound to the copy, not the original."""
-    model, _ = tiny_causal_lm(tokenizer, layers=2, hidden=32)
+def test_a_copy_runs_its_own_weights_and_a_saved_model_loads(tokenizer, tmp_path):
+    """sampling_copy deep-copies the policy: the copy's lean forwards must run the copy's norms and MLPs."""
+    model, _ = tiny_causal_lm(tokenizer, layers=2, hidden=32, init_std=0.3)
     lean_activations(model)
     twin = copy.deepcopy(model)
-    with torch.no_grad():
-        for p in twin.parameters():
-            p.mul_(1.5)
-    assert twin.model.norm.forward.__self__ is twin.model.norm
-    assert twin.model.layers[0].mlp.forward.__self__ is twin.model.layers[0].mlp
+    with torch.no_grad():  # only what the lean forwards compute with: bound to the original, they would ignore it
+        for name, p in twin.named_parameters():
+            if "norm" in name or "mlp" in name:
+                p.mul_(1.5)
     ids = torch.randint(0, 1000, (1, 5), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        before = model(input_ids=ids).logits
-    assert not torch.equal(twin(input_ids=ids).logits, before)  # with gradients: the lean path
-    with torch.no_grad():
-        assert torch.equal(model(input_ids=ids).logits, before)
+        own = twin(input_ids=ids).logits  # no gradients: transformers' forwards, on the twin's own weights
+        original = model(input_ids=ids).logits
+    assert not torch.equal(own, original)
+    assert torch.equal(twin(input_ids=ids).logits.detach(), own)  # with gradients: the lean forwards
+    torch.save(model, tmp_path / "model.pt")  # the whole module pickled, lean forwards included
+    loaded = torch.load(tmp_path / "model.pt", weights_only=False)
+    assert torch.equal(loaded(input_ids=ids).logits.detach(), original)
 
 
 def test_other_forwards_and_activations_keep_their_own():

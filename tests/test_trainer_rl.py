@@ -105,7 +105,9 @@ def test_one_iteration_changes_every_parameter_and_logs_every_metric(tmp_path, t
     keys, _ = _documented("`prefalign rl`")  # docs/metrics.md names every logged key
     assert not {k for k in row if not k.startswith("objective/scores/")} - keys
     assert not (tmp_path / "run" / "value").exists()
-    assert json.loads((tmp_path / "run" / "run.json").read_text())["loss_aggregation"] == "seq_mean_token_mean"
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["loss_aggregation"] == "seq_mean_token_mean"
+    assert info["activations"] == {"policy": "lean (5 RMSNorm, 2 SwiGLU MLP layers)"}  # no value model
 
 
 def test_a_group_does_not_depend_on_the_batch_layout(tmp_path, tiny_model_dir, prompts, tokenizer):

@@ -11,11 +11,11 @@ keep (d = hidden size, f = MLP width; SmolLM2-135M: d = 576, f = 1536):
 Here the norm keeps its input and the per-row ``rsqrt`` only, and rebuilds the normalised row in its backward; the
 MLP keeps ``gate(x)`` and ``up(x)`` only, and rebuilds ``silu(gate(x))`` and the product from them when the backward
 needs them (elementwise work, against the layer's three (d x f) GEMMs). That is 2d + 2f floats fewer per token and
-layer: for SmolLM2-135M in float32, 6,960 instead of 11,210 (-38%; measured on 2 x 256 tokens, `tests/test_lean.py`
-checks the count on a tiny Llama). The forward runs the same ops in the same order, so outputs are bitwise
-transformers'; so are each layer's gradients (its backward is autograd's chain for the same ops). A whole model's
-gradients agree to float32 rounding: the residual stream adds the norm's and the skip path's gradients in
-another order.
+layer: for SmolLM2-135M in float32, 6,964 floats held for the backward instead of 11,207 (-38%; `python -m
+bench.levers held-activations`; `tests/test_lean.py` checks the count on a tiny Llama). The forward runs the same
+ops in the same order, so outputs are bitwise transformers'; so are each layer's gradients (its backward is
+autograd's chain for the same ops). A whole model's gradients agree to float32 rounding: the residual stream adds
+the norm's and the skip path's gradients in another order.
 
 Applied per module, and only where it is exact: a module whose class's ``forward`` has the same source text as
 transformers' ``LlamaRMSNorm.forward`` / ``LlamaMLP.forward`` (about 130 model families copy those; anything else,
@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import types
 from typing import Any
 
 import torch
@@ -86,27 +85,43 @@ def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
     return _RMSNorm.apply(hidden_states, self.weight, self.variance_epsilon)
 
 
+def _outer_saved_tensor_hooks() -> bool:
+    """Whether saved-tensor hooks are already active (activation checkpointing, CPU offload): only the innermost
+    pair applies, so the MLP's own pair would hide down_proj's saved input from them."""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is None or top(False) is not None  # unknown in another torch: assume there may be some
+
+
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     if not torch.is_grad_enabled():
         return type(self).forward(self, x)
     gate, up = self.gate_proj(x), self.up_proj(x)
     h = _SiLUGate.apply(gate, up)
+    if _outer_saved_tensor_hooks() or not h.is_contiguous():
+        return self.down_proj(h)
+    return _down_keeping_gate_and_up(self.down_proj, h, gate, up)
 
-    # down_proj (and a LoRA adapter on it) keeps its input h for the weight gradient: keep (gate, up) instead, which
-    # _SiLUGate holds anyway, and rebuild h with the same kernels when the backward asks for it
+
+def _down_keeping_gate_and_up(down_proj: nn.Module, h: torch.Tensor, gate: torch.Tensor, up: torch.Tensor):
+    """``down_proj(h)``, where whatever down_proj (or a LoRA adapter on it) keeps of h for its backward, h itself or
+    a view of it (a 3-D input reaches the GEMM as a (B*T, f) view), is kept as (gate, up), which _SiLUGate holds
+    anyway, and rebuilt with the same kernels when the backward asks for it. The hooks hold h's address, never h:
+    h is freed when the forward returns."""
+    address, numel = h.untyped_storage().data_ptr(), h.numel()
+
     def pack(t: torch.Tensor):
-        if t is h or (t.data_ptr() == h.data_ptr() and t.shape == h.shape and t.dtype == h.dtype):
-            return (gate, up)
+        if t.untyped_storage().data_ptr() == address and t.untyped_storage().nbytes() == numel * t.element_size():
+            return (gate, up, t.size(), t.stride(), t.storage_offset())
         return t
 
     def unpack(saved):
         if isinstance(saved, tuple):
-            g, u = saved
-            return F.silu(g) * u
+            g, u, size, stride, offset = saved
+            return (F.silu(g) * u).as_strided(size, stride, offset)
         return saved
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        return self.down_proj(h)
+        return down_proj(h)
 
 
 @functools.cache
@@ -164,7 +179,8 @@ def lean_activations(model: nn.Module) -> dict[str, int]:
         forward = _lean_forward(module)
         if forward is None:
             continue
-        module.forward = types.MethodType(forward, module)
+        # a partial, not a bound method: it pickles (torch.save of the model) and deep-copies onto the copy
+        module.forward = functools.partial(forward, module)
         counts["rms_norm" if forward is _norm_forward else "mlp"] += 1
     return counts
 

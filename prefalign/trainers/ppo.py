@@ -119,11 +119,14 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
             if cfg.ref:
                 require_same_vocabulary(self.ref_model, cfg.ref, tok, f"--ref {cfg.ref}")
         self.value = self.load_value()
-        for m in (self.policy, self.value):
-            if m is not None:  # a critic-free subclass (prefalign rl) loads no value model
-                self.activations = save_activation_memory(
-                    m, gradient_checkpointing=cfg.gradient_checkpointing, lean=cfg.lean_activations
-                )
+        # per trained model, for run.json; a critic-free subclass (prefalign rl) loads no value model
+        self.activations = {
+            name: save_activation_memory(
+                m, gradient_checkpointing=cfg.gradient_checkpointing, lean=cfg.lean_activations
+            )
+            for name, m in (("policy", self.policy), ("value", self.value))
+            if m is not None
+        }
 
     def load_value(self):
         """The critic: --value-model, else the reward model (N+ implementation details), else --model."""
