@@ -181,8 +181,13 @@ def main(argv=None) -> None:
         secs = report.timed(r["step_seconds"], 1)
         (out / "raw.jsonl").open("a").write(json.dumps({**r, "variant": label}) + "\n")
         split = r.get("extra", {}).get("split")
-        if split:  # PPO: the update phase is where the optimizer runs
-            label += f" (update {statistics.median(report.timed(split['update'], 1)):.2f} s)"
+        if split:  # PPO: the phases a lever may move
+            phase = {
+                k: statistics.median(report.timed(split[k], 1))
+                for k in ("generation", "logprobs", "update")
+                if k in split
+            }
+            label += " (" + ", ".join(f"{k} {v:.2f} s" for k, v in phase.items()) + ")"
         rows.append(
             f"| {side} | {label} | {statistics.median(secs):.2f} ({', '.join(f'{s:.1f}' for s in secs)}) "
             f"| {r['peak_rss_kib'] / report.GIB:.2f} | {r['losses'][0] if r.get('losses') else '–'} |"
