@@ -10,6 +10,8 @@ step times after warm-up). Not part of ``make bench``.
     python -m bench.levers reward-memory     # prefalign reward fp32: lean activations and longest-first chunks,
                                              # each off, both off (the step before them), 1 pair per forward
     python -m bench.levers ppo-optimizer     # prefalign PPO fp32: baseline vs fused AdamW
+    python -m bench.levers ppo-sampler-copy  # prefalign PPO bf16 (grpo-sampler-copy: GRPO bf16): the bf16 sampling
+                                             # copy's weights freed during the update (as raced) vs kept
     python -m bench.levers adamw             # one AdamW step over 134.5M parameters: for-loop, foreach, fused
     python -m bench.levers held-activations  # what one fp32 training forward of the default model leaves for its
                                              # backward, per token and layer: transformers' forwards vs lean
@@ -92,6 +94,20 @@ STUDIES = {
             ("prefalign", "as raced", []),
         ],
     ),
+    **{
+        f"{workload}-sampler-copy": (
+            workload,
+            "bf16",
+            3,
+            [
+                ("prefalign", "as raced: the copy freed during the update", []),
+                ("prefalign", "the copy kept through the update", ["--exp", "keep_sampling_copy"]),
+                ("prefalign", "the copy kept through the update", ["--exp", "keep_sampling_copy"]),
+                ("prefalign", "as raced: the copy freed during the update", []),
+            ],
+        )
+        for workload in ("ppo", "grpo")
+    },
     "ppo-optimizer": (
         "ppo",
         "fp32",

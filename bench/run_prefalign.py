@@ -364,7 +364,18 @@ def _chunks_in_data_order() -> None:
     loop.Trainer.longest_first = lambda self, examples: examples
 
 
-EXPERIMENTS = {"fused_adamw": _use_fused_adamw, "chunks_in_data_order": _chunks_in_data_order}
+def _keep_sampling_copy() -> None:
+    """The bf16 sampling copy keeps its weights through the update, as before `release_sampling_copy`."""
+    import prefalign.trainers.ppo as ppo
+
+    ppo.release_sampling_copy = lambda copy_model, model: None
+
+
+EXPERIMENTS = {
+    "fused_adamw": _use_fused_adamw,
+    "chunks_in_data_order": _chunks_in_data_order,
+    "keep_sampling_copy": _keep_sampling_copy,
+}
 
 
 def apply_experiments(names: list[str]) -> None:

@@ -684,18 +684,25 @@ def test_rollout_levers_refuses_cuda_without_a_gpu(monkeypatch):
 
 
 def test_lever_experiments_patch_what_they_name_and_refuse_others(monkeypatch):
+    import torch
+
+    import prefalign.trainers.ppo as ppo
     from bench import levers
     from bench.run_prefalign import apply_experiments
     from prefalign.trainers import loop
 
     monkeypatch.setattr(loop.Trainer, "longest_first", loop.Trainer.longest_first)  # undone after the test
+    monkeypatch.setattr(ppo, "release_sampling_copy", ppo.release_sampling_copy)
     examples = [("short", 1), ("long", 2)]
-    apply_experiments(["chunks_in_data_order"])
+    apply_experiments(["chunks_in_data_order", "keep_sampling_copy"])
     assert loop.Trainer.longest_first(None, examples) is examples
+    model = torch.nn.Linear(2, 2)
+    ppo.release_sampling_copy(model, None)  # kept: not freed
+    assert model.weight.numel() == 4
     with pytest.raises(SystemExit, match="unknown --exp 'nope'"):
         apply_experiments(["nope"])
     # every study's flags are --set or a known --exp
     extras = [extra for *_, variants in levers.STUDIES.values() for *_, extra in variants]
     assert all(set(extra[0::2]) <= {"--set", "--exp"} for extra in extras)
     exps = {v for extra in extras for f, v in zip(extra[0::2], extra[1::2]) if f == "--exp"}
-    assert exps == {"fused_adamw", "chunks_in_data_order"}
+    assert exps == {"fused_adamw", "chunks_in_data_order", "keep_sampling_copy"}

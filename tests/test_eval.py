@@ -285,6 +285,35 @@ def test_sampling_copy_never_duplicates_the_float32_weights(tokenizer, monkeypat
         assert p.data_ptr() != originals[name].data_ptr(), name  # refresh_sampling_copy writes into the copy only
 
 
+def test_a_released_sampling_copy_holds_nothing_until_the_refresh_writes_it_whole(tokenizer):
+    """A trainer frees its copy's weights for the update; the refresh allocates them again in the copy's dtype,
+    with the model's current values, ties and requires_grad kept, and decodes as a copy never released."""
+    from prefalign.models import tiny_causal_lm
+    from prefalign.rollout import refresh_sampling_copy, release_sampling_copy, sampling_copy
+
+    model, _ = tiny_causal_lm(tokenizer, tied=True)
+    model.model.layers[0].mlp.up_proj.weight.requires_grad_(False)
+    copy, kept = sampling_copy(model, torch.bfloat16), sampling_copy(model, torch.bfloat16)
+    release_sampling_copy(copy, model)
+    assert sum(p.numel() for p in copy.parameters()) == 0 < sum(p.numel() for p in kept.parameters())
+    with torch.no_grad():
+        for p in model.parameters():  # an optimizer step
+            p.add_(0.01)
+    refresh_sampling_copy(copy, model)
+    refresh_sampling_copy(kept, model)
+    assert copy.lm_head.weight is copy.model.embed_tokens.weight  # still tied
+    assert not copy.model.layers[0].mlp.up_proj.weight.requires_grad and copy.model.norm.weight.requires_grad
+    originals, same = dict(model.named_parameters()), dict(kept.named_parameters())
+    for name, p in copy.named_parameters():
+        assert p.dtype == torch.bfloat16 and torch.equal(p, originals[name].detach().to(torch.bfloat16)), name
+        assert torch.equal(p, same[name]) and p.data_ptr() != originals[name].data_ptr(), name
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        assert torch.equal(copy(ids).logits, kept(ids).logits)
+    release_sampling_copy(model, model)  # the model itself samples: nothing to free
+    assert all(p.numel() > 0 for p in model.parameters())
+
+
 def test_bf16_sampling_copy_does_not_drift_from_float32_with_position(tokenizer):
     """A copy whose inv_freq was rounded to bf16 (what `.to(bfloat16)` does) turns RoPE's angles by up to 0.4% of
     the position. Measured here, mean |logp - float32 logp| at positions 1-99 and 700-899: the copy 0.067 and 0.086,

@@ -294,7 +294,15 @@ def test_bf16_rollouts_sample_from_a_copy_refreshed_after_every_update(tmp_path,
     trainer = PPOTrainer(
         _cfg(tmp_path, tiny_model_dir, prompts, max_steps=2, precision="bf16"), reward_source=LowIdReward(tokenizer)
     )
+    held, update = [], trainer.update
+
+    def spy(rollout, done):  # the copy's weights are freed while the update runs (its memory serves the update)
+        held.append(sum(p.numel() for p in trainer.sampler.parameters()))
+        return update(rollout, done)
+
+    trainer.update = spy
     trainer.train()
+    assert held == [0, 0]
     assert trainer.sampler is not trainer.policy
     for (name, p), (_, p0) in zip(trainer.sampler.named_parameters(), trainer.policy.named_parameters()):
         assert p.dtype == torch.bfloat16 and p0.dtype == torch.float32, name

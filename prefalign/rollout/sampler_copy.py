@@ -39,10 +39,24 @@ def sampling_copy(model, dtype: torch.dtype):
 
 
 @torch.no_grad()
+def release_sampling_copy(copy_model, model) -> None:
+    """Free the weights of ``model``'s sampling copy until `refresh_sampling_copy` writes them again; a no-op when
+    they are one. A trainer's copy goes stale at its optimizer step and nothing samples before the refresh after
+    it, so its storage (half the policy's in bf16) is better spent on the update, whose peak sets the run's."""
+    if copy_model is model:
+        return
+    for p in copy_model.parameters():
+        p.data = p.data.new_empty(0)
+
+
+@torch.no_grad()
 def refresh_sampling_copy(copy_model, model) -> None:
-    """Copy ``model``'s current weights into its sampling copy (cast on the way); a no-op when they are one."""
+    """Copy ``model``'s current weights into its sampling copy (cast on the way), allocating those
+    `release_sampling_copy` freed; a no-op when they are one."""
     if copy_model is model:
         return
     dst = dict(copy_model.named_parameters())
     for name, p in model.named_parameters():
+        if dst[name].shape != p.shape:  # released
+            dst[name].data = torch.empty(p.shape, dtype=dst[name].dtype, device=p.device)
         dst[name].copy_(p)

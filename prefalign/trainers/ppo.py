@@ -25,7 +25,7 @@ from prefalign.methods import METHODS
 from prefalign.models.frozen import load_reference, resolve_frozen_dtype
 from prefalign.models.lean import save_activation_memory
 from prefalign.models.loading import require_same_vocabulary
-from prefalign.rollout import eos_token_ids, refresh_sampling_copy, sampling_copy
+from prefalign.rollout import eos_token_ids, refresh_sampling_copy, release_sampling_copy, sampling_copy
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
 from prefalign.runio import keep_rows_through
@@ -316,6 +316,7 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
         timing: dict[str, float] = {}
         rollout = self.rollout(self.shard(self.prompt_batch(step)), step, timing)
         t_update = time.perf_counter()
+        release_sampling_copy(self.sampler, self.policy)  # a bf16 copy's storage serves the update meanwhile
         update_stats = self.update(rollout, step + 1)
         refresh_sampling_copy(self.sampler, self.policy)
         timing["time/update"] = time.perf_counter() - t_update
