@@ -9,6 +9,8 @@ step times after warm-up). Not part of ``make bench``.
                                              # 8, 2 or 1 pair(s) at a time (grad accumulation: same math)
     python -m bench.levers reward-memory     # prefalign reward fp32: lean activations and longest-first chunks,
                                              # each off, both off (the step before them), 1 pair per forward
+    python -m bench.levers reward-embedding-grad  # prefalign reward fp32 (dpo-, ppo-embedding-grad: DPO, PPO fp32):
+                                             # the input embedding's sparse backward into a kept gradient vs dense
     python -m bench.levers ppo-optimizer     # prefalign PPO fp32: baseline vs fused AdamW
     python -m bench.levers ppo-sampler-copy  # prefalign PPO bf16 (grpo-sampler-copy: GRPO bf16): the bf16 sampling
                                              # copy's weights freed during the update (as raced) vs kept
@@ -107,6 +109,20 @@ STUDIES = {
             ],
         )
         for workload in ("ppo", "grpo")
+    },
+    **{
+        f"{workload}-embedding-grad": (
+            workload,
+            precision,
+            steps,
+            [
+                ("prefalign", "as raced: sparse embedding backward into a kept gradient", []),
+                ("prefalign", "dense embedding backward", ["--exp", "dense_embedding_backward"]),
+                ("prefalign", "dense embedding backward", ["--exp", "dense_embedding_backward"]),
+                ("prefalign", "as raced: sparse embedding backward into a kept gradient", []),
+            ],
+        )
+        for workload, precision, steps in (("reward", "fp32", 3), ("dpo", "fp32", 3), ("ppo", "fp32", 4))
     },
     "ppo-optimizer": (
         "ppo",

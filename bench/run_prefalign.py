@@ -371,10 +371,19 @@ def _keep_sampling_copy() -> None:
     ppo.release_sampling_copy = lambda copy_model, model: None
 
 
+def _dense_embedding_backward() -> None:
+    """The input embedding's backward dense again (a zero-filled table-sized gradient per backward, freed after
+    each step), as before `sparse_embedding_backward`."""
+    import prefalign.trainers.backend as backend
+
+    backend.sparse_embedding_backward = lambda model: []
+
+
 EXPERIMENTS = {
     "fused_adamw": _use_fused_adamw,
     "chunks_in_data_order": _chunks_in_data_order,
     "keep_sampling_copy": _keep_sampling_copy,
+    "dense_embedding_backward": _dense_embedding_backward,
 }
 
 

@@ -689,20 +689,24 @@ def test_lever_experiments_patch_what_they_name_and_refuse_others(monkeypatch):
     import prefalign.trainers.ppo as ppo
     from bench import levers
     from bench.run_prefalign import apply_experiments
-    from prefalign.trainers import loop
+    from prefalign.trainers import backend, loop
 
     monkeypatch.setattr(loop.Trainer, "longest_first", loop.Trainer.longest_first)  # undone after the test
     monkeypatch.setattr(ppo, "release_sampling_copy", ppo.release_sampling_copy)
+    monkeypatch.setattr(backend, "sparse_embedding_backward", backend.sparse_embedding_backward)
     examples = [("short", 1), ("long", 2)]
-    apply_experiments(["chunks_in_data_order", "keep_sampling_copy"])
+    apply_experiments(["chunks_in_data_order", "keep_sampling_copy", "dense_embedding_backward"])
     assert loop.Trainer.longest_first(None, examples) is examples
     model = torch.nn.Linear(2, 2)
     ppo.release_sampling_copy(model, None)  # kept: not freed
     assert model.weight.numel() == 4
+    table = torch.nn.Embedding(4, 2)
+    table.get_input_embeddings = lambda: table
+    assert backend.sparse_embedding_backward(table) == [] and not table.sparse  # the dense backward, as before
     with pytest.raises(SystemExit, match="unknown --exp 'nope'"):
         apply_experiments(["nope"])
     # every study's flags are --set or a known --exp
     extras = [extra for *_, variants in levers.STUDIES.values() for *_, extra in variants]
     assert all(set(extra[0::2]) <= {"--set", "--exp"} for extra in extras)
     exps = {v for extra in extras for f, v in zip(extra[0::2], extra[1::2]) if f == "--exp"}
-    assert exps == {"fused_adamw", "chunks_in_data_order", "keep_sampling_copy"}
+    assert exps == {"fused_adamw", "chunks_in_data_order", "keep_sampling_copy", "dense_embedding_backward"}

@@ -351,6 +351,7 @@ def test_policy_backward_runs_before_the_value_forward_and_gives_the_joint_losss
     # activations, not two); the gradients must still be those of one backward of pg + vf_coef * vf - ent
     from prefalign.losses import masked_mean, ppo_policy_loss, ppo_value_loss
     from prefalign.models.value import token_values
+    from prefalign.trainers.embedding_grad import dense_grads_ready
 
     seen: dict = {}
 
@@ -373,6 +374,8 @@ def test_policy_backward_runs_before_the_value_forward_and_gives_the_joint_losss
             pg, _ = ppo_policy_loss(logps[:, prompt_width:], rows["logps"], rows["advantages"], mask, cfg.clip_eps)
             vf, _ = ppo_value_loss(values[:, prompt_width:], rows["values"], rows["returns"], mask, cfg.vf_clip)
             loss = pg + cfg.vf_coef * vf - cfg.ent_coef * masked_mean(entropy[:, prompt_width:], mask)
+            for t in self.trained:  # as the backend's backward: the embeddings' sparse rows add into dense grads
+                dense_grads_ready(t.sparse_embeddings)
             (loss * token_share).backward()
             grads = self.grads()
             for m in self.models():

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import os
 from contextlib import ExitStack, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from prefalign.trainers.checkpoint import (
     training_state,
     without_tied_aliases,
 )
+from prefalign.trainers.embedding_grad import dense_grads_ready, sparse_embedding_backward, zero_grads
 
 
 def cpu_has_bf16() -> bool:
@@ -121,6 +122,7 @@ class Trained:
     optimizer: Any
     scheduler: Any
     sharded: bool = False
+    sparse_embeddings: list = field(default_factory=list)  # `sparse_embedding_backward`'s: zeroed, never freed
 
     def forward(self, fn, *args, **kwargs):
         """``fn(model, *args)`` with gradients, through the engine."""
@@ -189,7 +191,8 @@ class AccelerateBackend:
         model at a time)."""
         engine, optimizer = self.acc.prepare(Forward(model), optimizer)
         check_still_tied(model)
-        return Trained(name, model, engine, optimizer, scheduler, sharded=self.sharded)
+        sparse = sparse_embedding_backward(model) if self.name == "single" else []
+        return Trained(name, model, engine, optimizer, scheduler, sharded=self.sharded, sparse_embeddings=sparse)
 
     def accumulate(self, models: list[Trained], boundary: bool):
         """A context for a forward and backward of ``models`` that all-reduces gradients only at the accumulation
@@ -202,6 +205,7 @@ class AccelerateBackend:
         return stack
 
     def backward(self, trained: Trained, loss: torch.Tensor, boundary: bool) -> None:
+        dense_grads_ready(trained.sparse_embeddings)
         self.acc.backward(loss)
 
     def step(self, models: list[Trained], max_grad_norm: float | None, losses_finite: bool) -> tuple[list[float], bool]:
@@ -217,7 +221,7 @@ class AccelerateBackend:
             if finite:
                 t.optimizer.step()
                 t.scheduler.step()
-            t.optimizer.zero_grad(set_to_none=True)
+            zero_grads(t.optimizer, t.sparse_embeddings)
         return [float(n) for n in norms], finite
 
     def full_state(self, trained: Trained) -> dict | None:

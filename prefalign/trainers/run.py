@@ -47,6 +47,7 @@ from prefalign.trackers import load_tracker_packages
 from prefalign.trainers.backend import Trained, check_mergeable, make_backend, resolve_precision
 from prefalign.trainers.card import CardFacts
 from prefalign.trainers.checkpoint import CheckpointManager, check_same_settings, rng_state, set_rng_state
+from prefalign.trainers.embedding_grad import dense_embedding_backward
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.metrics import MetricsLogger
 
@@ -194,6 +195,8 @@ class Run:
             metrics.log(0, self.evaluate())
         last_logged = self._steps(start, metrics)
         final_eval = self.evaluate() if self.has_eval else {}
+        for t in self.trained:
+            dense_embedding_backward(t.sparse_embeddings)  # the model trains like any other once handed back
         # a run resumed at its end (killed while saving final/) has its final evaluation's row already
         if final_eval and not (start == self.total_steps and metrics.kept_row_with(start, "eval/")):
             metrics.log(self.total_steps, final_eval)
