@@ -10,7 +10,9 @@ step times after warm-up). Not part of ``make bench``.
     python -m bench.levers reward-memory     # prefalign reward fp32: lean activations and longest-first chunks,
                                              # each off, both off (the step before them), 1 pair per forward
     python -m bench.levers reward-embedding-grad  # prefalign reward fp32 (dpo-, ppo-embedding-grad: DPO, PPO fp32):
-                                             # the input embedding's sparse backward into a kept gradient vs dense
+                                             # the input embedding's sparse backward vs dense
+    python -m bench.levers ppo-bf16-policy-first  # prefalign PPO bf16 (ppo-fp32-policy-first: fp32): the policy
+                                             # stepped before the value model's forward vs both after both backwards
     python -m bench.levers ppo-optimizer     # prefalign PPO fp32: baseline vs fused AdamW
     python -m bench.levers ppo-sampler-copy  # prefalign PPO bf16 (grpo-sampler-copy: GRPO bf16): the bf16 sampling
                                              # copy's weights freed during the update (as raced) vs kept
@@ -116,13 +118,27 @@ STUDIES = {
             precision,
             steps,
             [
-                ("prefalign", "as raced: sparse embedding backward into a kept gradient", []),
+                ("prefalign", "as raced: sparse embedding backward", []),
                 ("prefalign", "dense embedding backward", ["--exp", "dense_embedding_backward"]),
                 ("prefalign", "dense embedding backward", ["--exp", "dense_embedding_backward"]),
-                ("prefalign", "as raced: sparse embedding backward into a kept gradient", []),
+                ("prefalign", "as raced: sparse embedding backward", []),
             ],
         )
         for workload, precision, steps in (("reward", "fp32", 3), ("dpo", "fp32", 3), ("ppo", "fp32", 4))
+    },
+    **{
+        f"ppo-{precision}-policy-first": (
+            "ppo",
+            precision,
+            4,
+            [
+                ("prefalign", "as raced: the policy stepped before the value forward", []),
+                ("prefalign", "both stepped after both backwards", ["--exp", "joint_ppo_step"]),
+                ("prefalign", "both stepped after both backwards", ["--exp", "joint_ppo_step"]),
+                ("prefalign", "as raced: the policy stepped before the value forward", []),
+            ],
+        )
+        for precision in ("fp32", "bf16")
     },
     "ppo-optimizer": (
         "ppo",

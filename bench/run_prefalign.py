@@ -379,11 +379,31 @@ def _dense_embedding_backward() -> None:
     backend.sparse_embedding_backward = lambda model: []
 
 
+def _joint_ppo_step() -> None:
+    """PPO's two models stepped together after both backwards, as before the policy stepped first (its gradients
+    alive through the value model's forward and backward)."""
+    from prefalign.trainers.guard import NonFiniteGuard
+    from prefalign.trainers.ppo_update import PPOUpdate
+
+    def minibatch_step(self, rollout, mb_idx, mb_tokens, done):
+        def both(*args):
+            return {**self.policy_backward(*args), **self.value_backward(*args)}
+
+        got = self.accumulate_minibatch(rollout, mb_idx, mb_tokens, both)
+        finite_losses = NonFiniteGuard.finite(got["loss/policy"], got["loss/value"])
+        (norm_p, norm_v), finite = self.backend.step(self.trained, self.cfg.max_grad_norm, finite_losses)
+        self.record_step(finite, done)
+        return (got if finite else None), {"policy/grad_norm": norm_p, "val/grad_norm": norm_v}
+
+    PPOUpdate.minibatch_step = minibatch_step
+
+
 EXPERIMENTS = {
     "fused_adamw": _use_fused_adamw,
     "chunks_in_data_order": _chunks_in_data_order,
     "keep_sampling_copy": _keep_sampling_copy,
     "dense_embedding_backward": _dense_embedding_backward,
+    "joint_ppo_step": _joint_ppo_step,
 }
 
 

@@ -690,12 +690,16 @@ def test_lever_experiments_patch_what_they_name_and_refuse_others(monkeypatch):
     from bench import levers
     from bench.run_prefalign import apply_experiments
     from prefalign.trainers import backend, loop
+    from prefalign.trainers.ppo_update import PPOUpdate
 
     monkeypatch.setattr(loop.Trainer, "longest_first", loop.Trainer.longest_first)  # undone after the test
     monkeypatch.setattr(ppo, "release_sampling_copy", ppo.release_sampling_copy)
     monkeypatch.setattr(backend, "sparse_embedding_backward", backend.sparse_embedding_backward)
+    monkeypatch.setattr(PPOUpdate, "minibatch_step", PPOUpdate.minibatch_step)
+    policy_first = PPOUpdate.minibatch_step
     examples = [("short", 1), ("long", 2)]
-    apply_experiments(["chunks_in_data_order", "keep_sampling_copy", "dense_embedding_backward"])
+    apply_experiments(["chunks_in_data_order", "keep_sampling_copy", "dense_embedding_backward", "joint_ppo_step"])
+    assert PPOUpdate.minibatch_step is not policy_first
     assert loop.Trainer.longest_first(None, examples) is examples
     model = torch.nn.Linear(2, 2)
     ppo.release_sampling_copy(model, None)  # kept: not freed
@@ -709,4 +713,10 @@ def test_lever_experiments_patch_what_they_name_and_refuse_others(monkeypatch):
     extras = [extra for *_, variants in levers.STUDIES.values() for *_, extra in variants]
     assert all(set(extra[0::2]) <= {"--set", "--exp"} for extra in extras)
     exps = {v for extra in extras for f, v in zip(extra[0::2], extra[1::2]) if f == "--exp"}
-    assert exps == {"fused_adamw", "chunks_in_data_order", "keep_sampling_copy", "dense_embedding_backward"}
+    assert exps == {
+        "fused_adamw",
+        "chunks_in_data_order",
+        "keep_sampling_copy",
+        "dense_embedding_backward",
+        "joint_ppo_step",
+    }

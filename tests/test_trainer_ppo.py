@@ -344,24 +344,21 @@ def test_frozen_reference_and_reward_model_go_to_the_accelerator_device(
     assert {p.device for p in trainer.reward_source.model.parameters()} == {torch.device("meta")}
 
 
-def test_policy_backward_runs_before_the_value_forward_and_gives_the_joint_losss_gradients(
+def test_the_policy_steps_before_the_value_forward_and_each_model_gets_the_joint_losss_gradients(
     tmp_path, tiny_model_dir, prompts, tokenizer
 ):
-    # the update frees the policy's activations before the value model's forward (peak memory: one model's
-    # activations, not two); the gradients must still be those of one backward of pg + vf_coef * vf - ent
+    # the update steps the policy (freeing its gradients) before the value model's forward: peak memory holds one
+    # model's activations and gradients, not two; each gradient must still be that of one backward of
+    # pg + vf_coef * vf - ent
     from prefalign.losses import masked_mean, ppo_policy_loss, ppo_value_loss
     from prefalign.models.value import token_values
-    from prefalign.trainers.embedding_grad import dense_grads_ready
 
-    seen: dict = {}
+    seen: dict = {"events": [], "stepped": {}}
 
     class Probe(PPOTrainer):
         def models(self):
             unwrap = self.accelerator.unwrap_model
             return unwrap(self.policy), unwrap(self.value)
-
-        def grads(self):
-            return {(i, n): p.grad.clone() for i, m in enumerate(self.models()) for n, p in m.named_parameters()}
 
         def joint_grads(self, rows, prompt_width, mb_tokens):
             """The gradients of the one joint backward (the update before the split), then zeroed."""
@@ -374,38 +371,78 @@ def test_policy_backward_runs_before_the_value_forward_and_gives_the_joint_losss
             pg, _ = ppo_policy_loss(logps[:, prompt_width:], rows["logps"], rows["advantages"], mask, cfg.clip_eps)
             vf, _ = ppo_value_loss(values[:, prompt_width:], rows["values"], rows["returns"], mask, cfg.vf_clip)
             loss = pg + cfg.vf_coef * vf - cfg.ent_coef * masked_mean(entropy[:, prompt_width:], mask)
-            for t in self.trained:  # as the backend's backward: the embeddings' sparse rows add into dense grads
-                dense_grads_ready(t.sparse_embeddings)
             (loss * token_share).backward()
-            grads = self.grads()
+            grads = {(i, n): p.grad.clone() for i, m in enumerate(self.models()) for n, p in m.named_parameters()}
             for m in self.models():
                 m.zero_grad(set_to_none=True)
             return grads
 
-        def micro_batch_backward(self, rows, prompt_width, mb_tokens, sync):
-            if "joint" in seen:
-                return super().micro_batch_backward(rows, prompt_width, mb_tokens, sync)
-            seen["joint"] = self.joint_grads(rows, prompt_width, mb_tokens)
-            policy, value = self.models()
+        def policy_backward(self, rows, prompt_width, mb_tokens, sync):
+            if "joint" not in seen:
+                seen["joint"] = self.joint_grads(rows, prompt_width, mb_tokens)
+                policy, value = self.models()
+                index = {id(t): i for i, t in enumerate(self.trained)}
+                step = self.backend.step
 
-            def at_value_forward(module, args, kwargs):
-                seen.setdefault("policy_grads_at_value_forward", all(p.grad is not None for p in policy.parameters()))
+                def at_value_forward(module, args, kwargs):
+                    held = {n for n, p in policy.named_parameters() if p.grad is not None}
+                    seen["events"].append(("value forward", held))
 
-            hook = value.base_model.register_forward_pre_hook(at_value_forward, with_kwargs=True)
-            out = super().micro_batch_backward(rows, prompt_width, mb_tokens, sync)
-            hook.remove()
-            seen["split"] = self.grads()
-            return out
+                def stepping(models, *args, **kwargs):  # the gradients as accumulated, before clipping
+                    for t in models:
+                        i = index[id(t)]
+                        seen["events"].append((f"step {i}", None))
+                        named = self.models()[i].named_parameters()
+                        seen["stepped"].setdefault(i, {(i, n): p.grad.clone() for n, p in named})
+                    return step(models, *args, **kwargs)
+
+                self.backend.step = stepping
+                self.hook = value.base_model.register_forward_pre_hook(at_value_forward, with_kwargs=True)
+            return super().policy_backward(rows, prompt_width, mb_tokens, sync)
 
     trainer = Probe(
         _cfg(tmp_path, tiny_model_dir, prompts, max_steps=1, ent_coef=0.01), reward_source=LowIdReward(tokenizer)
     )
-    trainer.train()
-    assert seen["policy_grads_at_value_forward"] is True
-    assert seen["split"].keys() == seen["joint"].keys()
-    assert {i for i, _ in seen["split"]} == {0, 1}  # both models' parameters compared
-    for key, g in seen["split"].items():
+    try:
+        trainer.train()
+    finally:
+        trainer.hook.remove()
+    names = [name for name, _ in seen["events"][:3]]
+    assert names == ["step 0", "value forward", "step 1"]
+    assert seen["events"][1][1] == set()  # at the value model's forward the policy holds no gradient
+    split = {**seen["stepped"][0], **seen["stepped"][1]}
+    assert split.keys() == seen["joint"].keys()
+    assert {i for i, _ in split} == {0, 1}  # both models' parameters compared
+    for key, g in split.items():
         assert torch.equal(g, seen["joint"][key]), key
+
+
+def test_a_non_finite_value_loss_skips_the_value_step_and_keeps_the_policys(
+    tmp_path, tiny_model_dir, prompts, tokenizer
+):
+    start: list = []
+
+    class NaNValue(PPOTrainer):
+        def policy_backward(self, rows, prompt_width, mb_tokens, sync):
+            if not start:  # before the first step: both models' starting weights
+                start.extend(
+                    {n: p.detach().clone() for n, p in m.named_parameters()} for m in (self.policy, self.value)
+                )
+            return super().policy_backward(rows, prompt_width, mb_tokens, sync)
+
+        def value_backward(self, rows, prompt_width, mb_tokens, sync):
+            nan_returns = {**rows, "returns": rows["returns"] * float("nan")}
+            return super().value_backward(nan_returns, prompt_width, mb_tokens, sync)
+
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts, max_steps=1, ppo_epochs=1, num_minibatches=1)
+    trainer = NaNValue(cfg, reward_source=LowIdReward(tokenizer))
+    trainer.train()
+    assert _metrics(tmp_path / "run")[-1]["skipped_steps"] == 1  # counted: one of the two models did not step
+    policy0, value0 = start
+    for name, p in trainer.policy.named_parameters():
+        assert not torch.equal(p.detach(), policy0[name]), f"policy {name} did not step"
+    for name, p in trainer.value.named_parameters():
+        assert torch.equal(p.detach(), value0[name]), f"value {name} stepped on a NaN loss"
 
 
 def spy_response_forwards(trainer):

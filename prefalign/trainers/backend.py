@@ -29,7 +29,7 @@ from prefalign.trainers.checkpoint import (
     training_state,
     without_tied_aliases,
 )
-from prefalign.trainers.embedding_grad import dense_grads_ready, sparse_embedding_backward, zero_grads
+from prefalign.trainers.embedding_grad import sparse_embedding_backward
 
 
 def cpu_has_bf16() -> bool:
@@ -122,7 +122,7 @@ class Trained:
     optimizer: Any
     scheduler: Any
     sharded: bool = False
-    sparse_embeddings: list = field(default_factory=list)  # `sparse_embedding_backward`'s: zeroed, never freed
+    sparse_embeddings: list = field(default_factory=list)  # what `sparse_embedding_backward` set, to undo
 
     def forward(self, fn, *args, **kwargs):
         """``fn(model, *args)`` with gradients, through the engine."""
@@ -205,7 +205,6 @@ class AccelerateBackend:
         return stack
 
     def backward(self, trained: Trained, loss: torch.Tensor, boundary: bool) -> None:
-        dense_grads_ready(trained.sparse_embeddings)
         self.acc.backward(loss)
 
     def step(self, models: list[Trained], max_grad_norm: float | None, losses_finite: bool) -> tuple[list[float], bool]:
@@ -221,7 +220,7 @@ class AccelerateBackend:
             if finite:
                 t.optimizer.step()
                 t.scheduler.step()
-            zero_grads(t.optimizer, t.sparse_embeddings)
+            t.optimizer.zero_grad(set_to_none=True)
         return [float(n) for n in norms], finite
 
     def full_state(self, trained: Trained) -> dict | None:

@@ -8,6 +8,7 @@ the minibatch's rows, whichever rows the micro-batches and processes hold.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -103,26 +104,39 @@ class PPOUpdate:
     def minibatch_step(
         self, rollout: Rollout, mb_idx: torch.Tensor, mb_tokens: float, done: int
     ) -> tuple[dict | None, dict]:
-        """Accumulate the minibatch's micro-batches, then one guarded step of both models: ``(stats, pre-clip
-        gradient norms)``, stats None when the step was skipped as non-finite."""
+        """The policy's micro-batches and its guarded step, then the value model's: ``(stats, pre-clip gradient
+        norms)``, stats None when either step was skipped as non-finite.
+
+        The models share no parameter, so each gets the gradient of ``pg_loss + vf_coef * vf_loss``; stepping the
+        policy before the value model's first forward frees its gradients (0.5 GB for the default in float32)
+        before the value model's backward, where PPO's update peaked. Each step is guarded by its own loss and
+        gradient norm (a non-finite value loss leaves the policy's finite step applied); the step counts as
+        skipped (`record_step`) when either was."""
         cfg = self.cfg
-        got = self.accumulate_minibatch(rollout, mb_idx, mb_tokens)
-        (norm_p, norm_v), finite = self.backend.step(
-            self.trained, cfg.max_grad_norm, NonFiniteGuard.finite(got["loss/policy"], got["loss/value"])
+        got = self.accumulate_minibatch(rollout, mb_idx, mb_tokens, self.policy_backward)
+        (norm_p,), policy_ok = self.backend.step(
+            [self.trained_policy], cfg.max_grad_norm, NonFiniteGuard.finite(got["loss/policy"])
         )
+        got |= self.accumulate_minibatch(rollout, mb_idx, mb_tokens, self.value_backward)
+        (norm_v,), value_ok = self.backend.step(
+            [self.trained_value], cfg.max_grad_norm, NonFiniteGuard.finite(got["loss/value"])
+        )
+        finite = policy_ok and value_ok
         self.record_step(finite, done)
         return (got if finite else None), {"policy/grad_norm": norm_p, "val/grad_norm": norm_v}
 
-    def accumulate_minibatch(self, rollout: Rollout, mb_idx: torch.Tensor, norm) -> dict[str, float]:
-        """Forward and backward of the minibatch's ``grad_accum`` micro-batches (gradients synced on the last);
-        returns the sums of their `micro_batch_backward` stats. ``norm``: what every micro-batch divides by (the
-        minibatch's tokens for PPO; its totals for the critic-free family)."""
+    def accumulate_minibatch(
+        self, rollout: Rollout, mb_idx: torch.Tensor, norm, backward: Callable[..., dict[str, float]]
+    ) -> dict[str, float]:
+        """Forward and backward of the minibatch's ``grad_accum`` micro-batches (gradients synced on the last),
+        each by ``backward(rows, prompt_width, norm, sync)``; returns the sums of their stats. ``norm``: what
+        every micro-batch divides by (the minibatch's tokens for PPO; its totals for the critic-free family)."""
         micro_rows = len(mb_idx) // self.cfg.grad_accum
         mb_stats: dict[str, float] = defaultdict(float)  # share-weighted sums over the micro-batches
         for micro in range(self.cfg.grad_accum):
             rows = rollout.rows(mb_idx[micro * micro_rows : (micro + 1) * micro_rows])
             sync = micro == self.cfg.grad_accum - 1
-            for k, v in self.micro_batch_backward(rows, rollout.prompt_width, norm, sync).items():
+            for k, v in backward(rows, rollout.prompt_width, norm, sync).items():
                 mb_stats[k] += v
         return dict(mb_stats)
 
@@ -139,22 +153,22 @@ class PPOUpdate:
         )
         return out if with_entropy else (out, None)
 
-    def micro_batch_backward(
+    def token_share(self, rows: dict[str, torch.Tensor], mb_tokens: float) -> float:
+        """A micro-batch's weight: N x its share of the minibatch's response tokens. DDP averages gradients over
+        processes; weighting each micro-batch's token mean by this makes the accumulated average the token mean
+        over the whole minibatch (a plain 1 / grad_accum would weigh a short micro-batch's tokens more, and 2
+        processes split rows unlike 1)."""
+        return float(rows["response_mask"].sum()) * self.world / mb_tokens
+
+    def policy_backward(
         self, rows: dict[str, torch.Tensor], prompt_width: int, mb_tokens: float, sync: bool
     ) -> dict[str, float]:
-        """Policy and value losses of one micro-batch (``rows``: `Rollout.rows`), backward scaled by its token
-        share; returns its share-weighted stats."""
+        """The clipped policy loss (minus ``ent_coef`` x entropy) of one micro-batch (``rows``: `Rollout.rows`),
+        backward scaled by its token share; returns its share-weighted stats. Backward inside the accumulate
+        context: FSDP2 reads its no-sync flag during backward (DDP at forward)."""
         cfg, acc = self.cfg, self.accelerator
-        mask = rows["response_mask"]
-        # DDP averages gradients over processes; weighting each micro-batch's token mean by N x its share of the
-        # minibatch's tokens makes the accumulated average the token mean over the whole minibatch (a plain
-        # 1 / grad_accum would weigh a short micro-batch's tokens more, and 2 processes split rows unlike 1)
-        token_share = float(mask.sum()) * self.world / mb_tokens
-        # policy, then value: each model's backward runs before the other's forward, so only one model's
-        # activations (~1 GB for the default model at a rollout batch of 8) are alive at a time; the models share
-        # no parameter, so each gradient is the one of `pg_loss + vf_coef * vf_loss`, bit for bit. Backward inside
-        # the accumulate context: FSDP2 reads its no-sync flag during backward (DDP at forward)
-        with self.backend.accumulate(self.trained, sync):
+        mask, token_share = rows["response_mask"], self.token_share(rows, mb_tokens)
+        with self.backend.accumulate([self.trained_policy], sync):
             with acc.autocast():
                 new_logps, entropy = self.policy_train_forward(rows, with_entropy=cfg.ent_coef > 0)
             pg_loss, pg = ppo_policy_loss(
@@ -164,6 +178,24 @@ class PPOUpdate:
             if entropy is not None:
                 policy_loss = policy_loss - cfg.ent_coef * masked_mean(entropy[:, prompt_width:].float(), mask)
             self.backend.backward(self.trained_policy, policy_loss * token_share, sync)
+        return {
+            k: float(v) * token_share
+            for k, v in (
+                ("loss/policy", pg_loss.detach()),
+                ("policy/approxkl", pg["approxkl"]),
+                ("policy/clipfrac", pg["clipfrac"]),
+                ("val/ratio", pg["ratio"]),
+            )
+        }
+
+    def value_backward(
+        self, rows: dict[str, torch.Tensor], prompt_width: int, mb_tokens: float, sync: bool
+    ) -> dict[str, float]:
+        """``vf_coef`` x the clipped value loss of one micro-batch, backward scaled by its token share; returns its
+        share-weighted stats."""
+        cfg, acc = self.cfg, self.accelerator
+        mask, token_share = rows["response_mask"], self.token_share(rows, mb_tokens)
+        with self.backend.accumulate([self.trained_value], sync):
             with acc.autocast():
                 new_values = self.trained_value.forward(
                     token_values, rows["query_response"], rows["attention_mask"], rows["completion_mask"]
@@ -173,13 +205,6 @@ class PPOUpdate:
             )
             self.backend.backward(self.trained_value, cfg.vf_coef * vf_loss * token_share, sync)
         return {
-            k: float(v) * token_share
-            for k, v in (
-                ("loss/policy", pg_loss.detach()),
-                ("loss/value", vf_loss.detach()),
-                ("policy/approxkl", pg["approxkl"]),
-                ("policy/clipfrac", pg["clipfrac"]),
-                ("val/ratio", pg["ratio"]),
-                ("val/clipfrac", vf["vf_clipfrac"]),
-            )
+            "loss/value": float(vf_loss.detach()) * token_share,
+            "val/clipfrac": float(vf["vf_clipfrac"]) * token_share,
         }

@@ -41,12 +41,12 @@ class RLUpdate(PPOUpdate):
         totals = {"total_tokens": float(lengths.sum()), "total_rows": float((lengths > 0).sum())}
         if totals["total_rows"] == 0:  # the same on every process: all skip together
             return None, {}
-        got = self.accumulate_minibatch(rollout, mb_idx, totals)
+        got = self.accumulate_minibatch(rollout, mb_idx, totals, self.micro_batch_backward)
         (norm,), finite = self.backend.step(self.trained, cfg.max_grad_norm, NonFiniteGuard.finite(got["loss/policy"]))
         self.record_step(finite, done)
         return (got if finite else None), {"policy/grad_norm": norm}
 
-    def micro_batch_backward(  # type: ignore[override]  # takes the minibatch's totals, not PPO's token count
+    def micro_batch_backward(
         self, rows: dict[str, torch.Tensor], prompt_width: int, totals: dict[str, float], sync: bool
     ) -> dict[str, float]:
         """One micro-batch's loss (``rows``: `GroupRollout.rows`), its part of the minibatch aggregate, backward;
