@@ -93,3 +93,18 @@ def test_a_reward_run_steps_on_dense_gradients_and_hands_the_model_back_dense(tm
         handle.remove()
     assert seen == [(True, {torch.strided})] * 3  # the sparse backward, and only dense gradients stepped
     assert not trainer.model.get_input_embeddings().sparse
+
+
+def test_a_failed_run_also_hands_the_model_back_dense(tmp_path, tiny_model_dir, pairs):
+    import pytest
+    from conftest import nan_at_trainer
+
+    from prefalign.errors import UserError
+    from prefalign.trainers.dpo import DPOConfig
+
+    cfg = DPOConfig(**trainer_kwargs(tmp_path, tiny_model_dir, pairs, max_steps=4, max_nonfinite_steps=2))
+    trainer = nan_at_trainer()(cfg, bad_steps=range(1, 100))
+    with pytest.raises(UserError, match="non-finite loss or gradients for 2 steps in a row"):
+        trainer.train()
+    emb = trainer.model.get_input_embeddings()
+    assert not emb.sparse and not emb.weight._post_accumulate_grad_hooks  # flag and hook both undone

@@ -134,7 +134,11 @@ class Run:
     # -- the skeleton --
     def train(self) -> dict[str, float]:
         """Run the whole training; a user error before the first checkpoint leaves no output directory."""
-        return run_in_output_dir(self.cfg, self._run)
+        try:
+            return run_in_output_dir(self.cfg, self._run)
+        finally:  # finished or failed, the model handed back trains like any other
+            for t in self.trained:
+                dense_embedding_backward(t.sparse_embeddings)
 
     def init_backend(self) -> None:
         """The precision, the backend (and its accelerator) of this launch, the checks on it, the seed."""
@@ -195,8 +199,6 @@ class Run:
             metrics.log(0, self.evaluate())
         last_logged = self._steps(start, metrics)
         final_eval = self.evaluate() if self.has_eval else {}
-        for t in self.trained:
-            dense_embedding_backward(t.sparse_embeddings)  # the model trains like any other once handed back
         # a run resumed at its end (killed while saving final/) has its final evaluation's row already
         if final_eval and not (start == self.total_steps and metrics.kept_row_with(start, "eval/")):
             metrics.log(self.total_steps, final_eval)
