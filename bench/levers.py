@@ -13,6 +13,8 @@ step times after warm-up). Not part of ``make bench``.
                                              # the input embedding's sparse backward vs dense
     python -m bench.levers ppo-bf16-policy-first  # prefalign PPO bf16 (ppo-fp32-policy-first: fp32): the policy
                                              # stepped before the value model's forward vs both after both backwards
+    python -m bench.levers reward-norm-outputs  # prefalign reward fp32 (dpo-, ppo-norm-outputs: DPO, PPO fp32): the
+                                             # RMSNorm outputs rebuilt from the norms' inputs vs kept by the GEMMs
     python -m bench.levers ppo-optimizer     # prefalign PPO fp32: baseline vs fused AdamW
     python -m bench.levers ppo-sampler-copy  # prefalign PPO bf16 (grpo-sampler-copy: GRPO bf16): the bf16 sampling
                                              # copy's weights freed during the update (as raced) vs kept
@@ -139,6 +141,20 @@ STUDIES = {
             ],
         )
         for precision in ("fp32", "bf16")
+    },
+    **{
+        f"{workload}-norm-outputs": (
+            workload,
+            "fp32",
+            steps,
+            [
+                ("prefalign", "as raced: norm outputs rebuilt from the norms' inputs", []),
+                ("prefalign", "norm outputs kept by the projections", ["--exp", "norm_outputs_kept"]),
+                ("prefalign", "norm outputs kept by the projections", ["--exp", "norm_outputs_kept"]),
+                ("prefalign", "as raced: norm outputs rebuilt from the norms' inputs", []),
+            ],
+        )
+        for workload, steps in (("reward", 4), ("dpo", 3), ("ppo", 4))
     },
     "ppo-optimizer": (
         "ppo",

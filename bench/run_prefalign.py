@@ -398,12 +398,23 @@ def _joint_ppo_step() -> None:
     PPOUpdate.minibatch_step = minibatch_step
 
 
+def _norm_outputs_kept() -> None:
+    """The projections after each RMSNorm keep its output themselves, as before the lean forwards rebuilt it from
+    the norm's input and rsqrt."""
+    import contextlib
+
+    import prefalign.models.lean as lean
+
+    lean._rebuilt_from_norm_inputs = lambda y: contextlib.nullcontext()
+
+
 EXPERIMENTS = {
     "fused_adamw": _use_fused_adamw,
     "chunks_in_data_order": _chunks_in_data_order,
     "keep_sampling_copy": _keep_sampling_copy,
     "dense_embedding_backward": _dense_embedding_backward,
     "joint_ppo_step": _joint_ppo_step,
+    "norm_outputs_kept": _norm_outputs_kept,
 }
 
 

@@ -4,6 +4,7 @@ real CPU smoke of `python -m bench`. Nothing here installs or imports TRL."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -686,6 +687,7 @@ def test_rollout_levers_refuses_cuda_without_a_gpu(monkeypatch):
 def test_lever_experiments_patch_what_they_name_and_refuse_others(monkeypatch):
     import torch
 
+    import prefalign.models.lean as lean
     import prefalign.trainers.ppo as ppo
     from bench import levers
     from bench.run_prefalign import apply_experiments
@@ -698,7 +700,9 @@ def test_lever_experiments_patch_what_they_name_and_refuse_others(monkeypatch):
     monkeypatch.setattr(PPOUpdate, "minibatch_step", PPOUpdate.minibatch_step)
     policy_first = PPOUpdate.minibatch_step
     examples = [("short", 1), ("long", 2)]
-    apply_experiments(["chunks_in_data_order", "keep_sampling_copy", "dense_embedding_backward", "joint_ppo_step"])
+    monkeypatch.setattr(lean, "_rebuilt_from_norm_inputs", lean._rebuilt_from_norm_inputs)
+    named = ["chunks_in_data_order", "keep_sampling_copy", "dense_embedding_backward", "joint_ppo_step"]
+    apply_experiments([*named, "norm_outputs_kept"])
     assert PPOUpdate.minibatch_step is not policy_first
     assert loop.Trainer.longest_first(None, examples) is examples
     model = torch.nn.Linear(2, 2)
@@ -707,6 +711,9 @@ def test_lever_experiments_patch_what_they_name_and_refuse_others(monkeypatch):
     table = torch.nn.Embedding(4, 2)
     table.get_input_embeddings = lambda: table
     assert backend.sparse_embedding_backward(table) == [] and not table.sparse  # the dense backward, as before
+    y = torch.ones(2, requires_grad=True) * 2
+    y._lean_norm_inputs = (torch.ones(2), torch.ones(2), torch.ones(1))
+    assert isinstance(lean._rebuilt_from_norm_inputs(y), contextlib.nullcontext)  # the GEMMs keep it, as before
     with pytest.raises(SystemExit, match="unknown --exp 'nope'"):
         apply_experiments(["nope"])
     # every study's flags are --set or a known --exp
@@ -719,4 +726,5 @@ def test_lever_experiments_patch_what_they_name_and_refuse_others(monkeypatch):
         "keep_sampling_copy",
         "dense_embedding_backward",
         "joint_ppo_step",
+        "norm_outputs_kept",
     }

@@ -1,5 +1,5 @@
-"""--lean-activations: Llama-family RMSNorm and SwiGLU MLP layers keep fewer tensors for the backward pass; the forward
-is bitwise transformers', each layer's gradients too, and a whole model's to float32 rounding."""
+"""--lean-activations: Llama-family RMSNorm, SwiGLU MLP and attention layers keep fewer tensors for the backward pass;
+the forward is bitwise transformers', each layer's gradients too, and a whole model's to float32 rounding."""
 
 import copy
 import json
@@ -38,7 +38,7 @@ def test_rms_norm_output_and_gradients_are_transformers_bit_for_bit(dtype):
     norm = LlamaRMSNorm(48, eps=1e-5)
     norm.weight.data = torch.randn(48, generator=torch.Generator().manual_seed(0))
     lean = copy.deepcopy(norm)
-    assert lean_activations(lean) == {"rms_norm": 1, "mlp": 0}
+    assert lean_activations(lean) == {"rms_norm": 1, "mlp": 0, "attention": 0}
     x1, x2 = _input((3, 7, 48), dtype), _input((3, 7, 48), dtype)
     out1, g1 = _grads(norm, x1)
     out2, g2 = _grads(lean, x2)
@@ -67,7 +67,7 @@ def test_mlp_output_and_gradients_are_transformers_bit_for_bit(precision, shape)
     torch.manual_seed(0)
     mlp = LlamaMLP(LlamaConfig(hidden_size=48, intermediate_size=96, num_attention_heads=4))
     lean = copy.deepcopy(mlp)
-    assert lean_activations(lean) == {"rms_norm": 0, "mlp": 1}
+    assert lean_activations(lean) == {"rms_norm": 0, "mlp": 1, "attention": 0}
     stock_h, lean_h = _down_inputs([mlp]), _down_inputs([lean])
     x1, x2 = _input(shape), _input(shape)
     out1, g1, stock_alive = _grads(mlp, x1, precision=precision, watch=stock_h)
@@ -89,14 +89,16 @@ def _held_bytes(model, ids) -> int:
     return sum(e.self_cpu_memory_usage for e in prof.events())
 
 
-def test_a_model_keeps_two_hidden_and_two_mlp_rows_fewer_per_token_and_layer(tokenizer):
+def test_a_model_keeps_four_hidden_and_two_mlp_rows_fewer_per_token_and_layer(tokenizer):
     model, _ = tiny_causal_lm(tokenizer, layers=3, hidden=32)
     lean = copy.deepcopy(model)
-    assert lean_activations(lean) == {"rms_norm": 7, "mlp": 3}  # 2 norms a layer and the final one
+    # 2 norms a layer and the final one
+    assert lean_activations(lean) == {"rms_norm": 7, "mlp": 3, "attention": 3}
     ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(0))
     d, f, tokens, layers = 32, 64, 2 * 11, 3
-    # each layer: the two norms' normalised rows (d each), the MLP's silu(gate) and product (f each); the final norm
-    per_token = layers * (2 * d + 2 * f) + d
+    # each layer: the two norms' normalised rows and their outputs, the GEMMs' input (d each), the MLP's silu(gate)
+    # and product (f each); the final norm's normalised row (the head keeps its output)
+    per_token = layers * (4 * d + 2 * f) + d
     assert _held_bytes(model, ids) - _held_bytes(lean, ids) == tokens * per_token * 4
 
 
@@ -117,6 +119,70 @@ def test_under_another_saved_tensor_hook_down_proj_keeps_its_input_where_that_ho
     assert len(inputs) == 2 and not any(ref.expired() for ref, _ in inputs)  # down_proj keeps h ...
     assert all(ptr in seen for _, ptr in inputs)  # ... where the outer hook saw it
     out.sum().backward()
+
+
+def _norm_outputs(norms) -> list[tuple[StorageWeakRef, int]]:
+    """Like `_down_inputs`, for the outputs of the next forward of ``norms``."""
+    refs = []
+
+    def record(module, inputs, output):
+        storage = output.untyped_storage()
+        refs.append((StorageWeakRef(storage), storage.data_ptr()))
+
+    for norm in norms:
+        norm.register_forward_hook(record)
+    return refs
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_projections_keep_a_norm_output_as_the_norms_inputs_and_get_the_same_gradients(tokenizer, precision):
+    """q/k/v_proj and gate/up_proj keep their input, a norm's output, for their weight gradient: the lean model
+    keeps it as the norm's input and rsqrt (held anyway) and rebuilds it bit for bit; under bf16 autocast the
+    GEMMs keep a bf16 copy instead, and the norm's output is freed on either side."""
+    model, _ = tiny_causal_lm(tokenizer, layers=2, hidden=32, init_std=0.3)
+    lean = copy.deepcopy(model)
+    lean_activations(lean)
+    watched = [
+        _norm_outputs([n for layer in m.model.layers for n in (layer.input_layernorm, layer.post_attention_layernorm)])
+        for m in (model, lean)
+    ]
+    ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
+    out1, g1, stock_alive = _grads(model, ids, precision=precision, watch=watched[0])
+    out2, g2, lean_alive = _grads(lean, ids, precision=precision, watch=watched[1])
+    assert stock_alive == [precision == "fp32"] * 4 and lean_alive == [False] * 4
+    assert torch.equal(out1, out2)
+    for k in g1:  # the rebuilt rows are the same bits: only the residual stream's summation order differs
+        tol = 1e-5 if precision == "fp32" else 2e-3
+        assert torch.allclose(g1[k], g2[k], rtol=0, atol=tol * g1[k].abs().max().item()), k
+
+
+def test_each_norm_output_is_rebuilt_once_per_backward_and_a_retained_graph_backs_up_twice(tokenizer, monkeypatch):
+    from prefalign.models import lean as lean_module
+
+    model, _ = tiny_causal_lm(tokenizer, layers=2, hidden=32, init_std=0.3)
+    lean_activations(model)
+    calls = []
+    original = lean_module._normalise
+    monkeypatch.setattr(lean_module, "_normalise", lambda *a: calls.append(1) or original(*a))
+    out = model(input_ids=torch.randint(0, 1000, (2, 5), generator=torch.Generator().manual_seed(0))).logits
+    forward_calls = len(calls)  # every norm's forward: 2 a layer and the final one
+    out.sum().backward(retain_graph=True)
+    first = {n: p.grad.clone() for n, p in model.named_parameters()}
+    # q, k and v_proj keep the first norm's output, gate and up_proj the second's: one rebuild each, not five
+    assert (forward_calls, len(calls) - forward_calls) == (5, 4)
+    model.zero_grad()
+    out.sum().backward()
+    assert all(torch.equal(p.grad, first[n]) for n, p in model.named_parameters())
+
+
+def test_a_norm_weight_changed_in_place_before_the_backward_fails_it(tokenizer):
+    model, _ = tiny_causal_lm(tokenizer, layers=1, hidden=32, init_std=0.3)
+    lean_activations(model)
+    out = model(input_ids=torch.randint(0, 1000, (1, 5), generator=torch.Generator().manual_seed(0))).logits
+    with torch.no_grad():
+        model.model.layers[0].post_attention_layernorm.weight.mul_(2)
+    with pytest.raises(RuntimeError, match="lean activations rebuild from was modified in place"):
+        out.sum().backward()
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
@@ -143,7 +209,7 @@ def test_lora_adapters_get_the_same_gradients(tokenizer):
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["down_proj", "up_proj", "q_proj"], init_lora_weights=False)
     model = get_peft_model(copy.deepcopy(base), cfg)
     lean = copy.deepcopy(model)
-    assert lean_activations(lean) == {"rms_norm": 5, "mlp": 2}
+    assert lean_activations(lean) == {"rms_norm": 5, "mlp": 2, "attention": 2}
     ids = torch.randint(0, 1000, (2, 9), generator=torch.Generator().manual_seed(0))
     out1, g1 = _grads(model, ids)
     out2, g2 = _grads(lean, ids)
@@ -183,7 +249,7 @@ def test_other_forwards_and_activations_keep_their_own():
     )
     scaled = Scaled(LlamaConfig(hidden_size=16, intermediate_size=32, num_attention_heads=4))
     model = torch.nn.Sequential(gelu, scaled)
-    assert lean_activations(model) == {"rms_norm": 0, "mlp": 0}
+    assert lean_activations(model) == {"rms_norm": 0, "mlp": 0, "attention": 0}
     assert "forward" not in vars(gelu) and "forward" not in vars(scaled)
 
 
@@ -196,7 +262,7 @@ def test_gradient_checkpointing_wins_and_off_leaves_the_model_alone(tokenizer):
     other, _ = tiny_causal_lm(tokenizer, layers=2, hidden=32)
     assert (
         save_activation_memory(other, gradient_checkpointing=False, lean=True)
-        == "lean (5 RMSNorm, 2 SwiGLU MLP layers)"
+        == "lean (5 RMSNorm, 2 SwiGLU MLP, 2 attention layers)"
     )
 
 
@@ -210,7 +276,7 @@ def test_a_reward_run_is_the_same_run_and_says_which(tmp_path, tiny_model_dir, p
         rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         runs[lean] = ([r["loss"] for r in rows if "loss" in r], json.loads((out / "run.json").read_text()))
     (lean_losses, lean_info), (stock_losses, stock_info) = runs[True], runs[False]
-    assert lean_info["activations"] == "lean (5 RMSNorm, 2 SwiGLU MLP layers)"
+    assert lean_info["activations"] == "lean (5 RMSNorm, 2 SwiGLU MLP, 2 attention layers)"
     assert stock_info["activations"] == "transformers' forwards"
     assert len(lean_losses) == 3 and lean_losses[0] == stock_losses[0]  # the first step's forward: the same bits
     assert lean_losses == pytest.approx(stock_losses, rel=1e-5)

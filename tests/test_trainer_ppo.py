@@ -166,7 +166,8 @@ def test_resume_ends_exactly_where_an_uninterrupted_run_ends(tmp_path, tiny_mode
     resumed.train()
     info = json.loads((tmp_path / "cut" / "run.json").read_text())
     assert info["resumed_from_step"] == 2
-    lean = "lean (5 RMSNorm, 2 SwiGLU MLP layers)"  # policy and value: the tiny Llama's backbone, each its own
+    # policy and value: the tiny Llama's backbone, each its own
+    lean = "lean (5 RMSNorm, 2 SwiGLU MLP, 2 attention layers)"
     assert info["activations"] == {"policy": lean, "value": lean}
     for a, b in ((full.policy, resumed.policy), (full.value, resumed.value)):
         want = dict(a.named_parameters())

@@ -107,7 +107,7 @@ def test_one_iteration_changes_every_parameter_and_logs_every_metric(tmp_path, t
     assert not (tmp_path / "run" / "value").exists()
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["loss_aggregation"] == "seq_mean_token_mean"
-    assert info["activations"] == {"policy": "lean (5 RMSNorm, 2 SwiGLU MLP layers)"}  # no value model
+    assert info["activations"] == {"policy": "lean (5 RMSNorm, 2 SwiGLU MLP, 2 attention layers)"}  # no value model
 
 
 def test_a_group_does_not_depend_on_the_batch_layout(tmp_path, tiny_model_dir, prompts, tokenizer):
