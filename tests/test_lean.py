@@ -97,9 +97,10 @@ def test_a_model_keeps_four_hidden_and_two_mlp_rows_fewer_per_token_and_layer(to
     ids = torch.randint(0, 1000, (2, 11), generator=torch.Generator().manual_seed(0))
     d, f, tokens, layers = 32, 64, 2 * 11, 3
     # each layer: the two norms' normalised rows and their outputs, the GEMMs' input (d each), the MLP's silu(gate)
-    # and product (f each); the final norm's normalised row (the head keeps its output)
+    # and product (f each); the final norm's normalised row (the head keeps its output). Held instead: a copy of each
+    # norm's weight (d floats a norm, not a token)
     per_token = layers * (4 * d + 2 * f) + d
-    assert _held_bytes(model, ids) - _held_bytes(lean, ids) == tokens * per_token * 4
+    assert _held_bytes(model, ids) - _held_bytes(lean, ids) == (tokens * per_token - 7 * d) * 4
 
 
 def test_under_another_saved_tensor_hook_down_proj_keeps_its_input_where_that_hook_sees_it(tokenizer):
@@ -175,14 +176,48 @@ def test_each_norm_output_is_rebuilt_once_per_backward_and_a_retained_graph_back
     assert all(torch.equal(p.grad, first[n]) for n, p in model.named_parameters())
 
 
-def test_a_norm_weight_changed_in_place_before_the_backward_fails_it(tokenizer):
-    model, _ = tiny_causal_lm(tokenizer, layers=1, hidden=32, init_std=0.3)
-    lean_activations(model)
-    out = model(input_ids=torch.randint(0, 1000, (1, 5), generator=torch.Generator().manual_seed(0))).logits
+def test_a_norm_input_changed_in_place_before_the_backward_fails_it():
+    """What the GEMMs' input is rebuilt from is checked as autograd checks what it saves; the GEMMs' backward runs
+    before the norm's, so it is the rebuild that finds the change."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=48, intermediate_size=96, num_attention_heads=4)
+    norm, mlp = LlamaRMSNorm(48), LlamaMLP(config)
+    lean_activations(norm)
+    lean_activations(mlp)
+    x = _input((2, 5, 48)) * 1.0  # not a leaf: an in-place change is allowed
+    out = mlp(norm(x))
     with torch.no_grad():
-        model.model.layers[0].post_attention_layernorm.weight.mul_(2)
+        x.mul_(2)
     with pytest.raises(RuntimeError, match="lean activations rebuild from was modified in place"):
         out.sum().backward()
+
+
+def test_the_rebuild_uses_the_norm_weight_the_forward_saw(tokenizer):
+    """FSDP and ZeRO-3 gather a module's weights for its own backward; the GEMMs after a norm run theirs first, so
+    the norm's weight is copied (d floats) at the forward, and a weight swapped out meanwhile changes nothing."""
+    model, _ = tiny_causal_lm(tokenizer, layers=1, hidden=32, init_std=0.3)
+    lean = copy.deepcopy(model)
+    lean_activations(lean)
+    ids = torch.randint(0, 1000, (1, 5), generator=torch.Generator().manual_seed(0))
+    _, expected = _grads(lean, ids)
+    lean.zero_grad()
+    norm = lean.model.layers[0].input_layernorm
+    kept = norm.weight.data
+    calls = []
+
+    def gather(grad):  # the norm output's gradient is complete: every GEMM after it has run its backward
+        calls.append(1)
+        norm.weight.data = kept
+
+    def watch(module, inputs, output):
+        output.register_hook(gather)
+
+    norm.register_forward_hook(watch)
+    out = lean(input_ids=ids).logits
+    norm.weight.data = torch.empty(0)  # as a sharded weight outside its module's forward and backward
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(2)))
+    assert calls == [1]  # the weight came back only for the norm's own backward
+    assert all(torch.equal(p.grad, expected[n]) for n, p in lean.named_parameters())
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

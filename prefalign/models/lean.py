@@ -55,8 +55,10 @@ class _RMSNorm(torch.autograd.Function):
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         out = _normalise(x, weight, rstd)
-        # what rebuilds ``out`` (`_rebuilt_from_norm_inputs`): x, weight and rstd, which this backward keeps anyway
-        out._lean_norm_inputs = (x, weight, rstd)  # type: ignore[attr-defined]
+        # what rebuilds ``out`` (`_rebuilt_from_norm_inputs`): x and rstd, which this backward keeps anyway, and a
+        # copy of the weight's d values as this forward saw them: the rebuild runs in the backward of the GEMMs
+        # after the norm, before the norm's own, when FSDP or ZeRO-3 may not have gathered the norm's weight yet
+        out._lean_norm_inputs = (x, weight.detach().clone(), rstd)  # type: ignore[attr-defined]
         return out
 
     @staticmethod
@@ -129,14 +131,14 @@ def _attention_forward(self, *args, **kwargs):
 
 def _rebuilt_from_norm_inputs(y: torch.Tensor):
     """A context in which whatever a forward keeps of ``y``, when ``y`` is a lean RMSNorm's output, is kept as the
-    norm's input, weight and ``rsqrt`` (held for the norm's own backward anyway) and rebuilt by the norm's last ops
-    (`_normalise`, the same bits) when the backward asks for it: d floats fewer per token for each norm output
+    norm's input and ``rsqrt`` (held for the norm's own backward anyway) and weight, and rebuilt by the norm's last
+    ops (`_normalise`, the same bits) when the backward asks for it: d floats fewer per token for each norm output
     a GEMM keeps. Does nothing for another tensor, without gradients, or under an outer saved-tensor hook."""
     inputs = getattr(y, "_lean_norm_inputs", None)
     if inputs is None or not torch.is_grad_enabled() or _outer_saved_tensor_hooks():
         return contextlib.nullcontext()
     x, weight, rstd = inputs
-    return _kept_as(y, lambda: _normalise(x, weight, rstd), (x, weight))
+    return _kept_as(y, lambda: _normalise(x, weight, rstd), (x,))
 
 
 def _kept_as(t: torch.Tensor, rebuild, sources: tuple[torch.Tensor, ...]):
