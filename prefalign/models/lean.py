@@ -103,7 +103,7 @@ def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
 
 def _outer_saved_tensor_hooks() -> bool:
     """Whether saved-tensor hooks are already active (activation checkpointing, CPU offload): only the innermost
-    pair applies, so the MLP's own pair would hide down_proj's saved input from them."""
+    pair applies, so `_kept_as`'s own pair would hide what the GEMMs save from them."""
     top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
     return top is None or top(False) is not None  # unknown in another torch: assume there may be some
 
@@ -114,8 +114,6 @@ def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
     with _rebuilt_from_norm_inputs(x):
         gate, up = self.gate_proj(x), self.up_proj(x)
     h = _SiLUGate.apply(gate, up)
-    if _outer_saved_tensor_hooks():
-        return self.down_proj(h)
     # whatever down_proj (or a LoRA adapter on it) keeps of h is kept as (gate, up), which _SiLUGate holds anyway
     with _kept_as(h, lambda: F.silu(gate) * up, (gate, up)):
         return self.down_proj(h)
@@ -133,9 +131,9 @@ def _rebuilt_from_norm_inputs(y: torch.Tensor):
     """A context in which whatever a forward keeps of ``y``, when ``y`` is a lean RMSNorm's output, is kept as the
     norm's input and ``rsqrt`` (held for the norm's own backward anyway) and weight, and rebuilt by the norm's last
     ops (`_normalise`, the same bits) when the backward asks for it: d floats fewer per token for each norm output
-    a GEMM keeps. Does nothing for another tensor, without gradients, or under an outer saved-tensor hook."""
+    a GEMM keeps. Does nothing for another tensor (and what `_kept_as` leaves alone)."""
     inputs = getattr(y, "_lean_norm_inputs", None)
-    if inputs is None or not torch.is_grad_enabled() or _outer_saved_tensor_hooks():
+    if inputs is None:
         return contextlib.nullcontext()
     x, weight, rstd = inputs
     return _kept_as(y, lambda: _normalise(x, weight, rstd), (x,))
@@ -147,10 +145,13 @@ def _kept_as(t: torch.Tensor, rebuild, sources: tuple[torch.Tensor, ...]):
     and rebuilt with the same kernels when the backward asks for it: once for all the views kept under these hooks
     (q, k and v_proj each keep one), held until the last of them is unpacked. The hooks hold t's address, never t:
     t is freed when its forward returns. A source changed in place before the backward fails it, as autograd's own
-    version check would."""
+    version check would. No hooks (nothing changes) without gradients, under an outer saved-tensor hook, or when t
+    is not its storage's whole (what shares the storage is not t's to rebuild)."""
+    if not torch.is_grad_enabled() or _outer_saved_tensor_hooks():
+        return contextlib.nullcontext()
     address, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
     if not t.is_contiguous() or t.storage_offset() != 0 or t.numel() * t.element_size() != nbytes:
-        return contextlib.nullcontext()  # t is not its storage's whole: what shares the storage is not t's to rebuild
+        return contextlib.nullcontext()
     versions = [s._version for s in sources]
     state: dict[str, Any] = {"pending": 0, "rebuilt": None}
 
