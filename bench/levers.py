@@ -36,6 +36,13 @@ from bench.__main__ import ensure_data, run_one, wait_for_quiet
 _BEFORE = ["--set", "lean_activations=false", "--exp", "chunks_in_data_order"]
 """The reward and DPO steps before the lean activations and the longest-first forward chunks."""
 
+
+def _raced_against(raced: str, label: str, exp: str) -> list[tuple[str, str, list[str]]]:
+    """prefalign as raced against one ``--exp`` what-if, in the order A B B A (drift lands on both)."""
+    other = ("prefalign", label, ["--exp", exp])
+    return [("prefalign", f"as raced: {raced}", []), other, other, ("prefalign", f"as raced: {raced}", [])]
+
+
 STUDIES = {
     "dpo-memory": (
         "dpo",
@@ -105,12 +112,9 @@ STUDIES = {
             workload,
             "bf16",
             3,
-            [
-                ("prefalign", "as raced: the copy freed during the update", []),
-                ("prefalign", "the copy kept through the update", ["--exp", "keep_sampling_copy"]),
-                ("prefalign", "the copy kept through the update", ["--exp", "keep_sampling_copy"]),
-                ("prefalign", "as raced: the copy freed during the update", []),
-            ],
+            _raced_against(
+                "the copy freed during the update", "the copy kept through the update", "keep_sampling_copy"
+            ),
         )
         for workload in ("ppo", "grpo")
     },
@@ -119,12 +123,7 @@ STUDIES = {
             workload,
             precision,
             steps,
-            [
-                ("prefalign", "as raced: sparse embedding backward", []),
-                ("prefalign", "dense embedding backward", ["--exp", "dense_embedding_backward"]),
-                ("prefalign", "dense embedding backward", ["--exp", "dense_embedding_backward"]),
-                ("prefalign", "as raced: sparse embedding backward", []),
-            ],
+            _raced_against("sparse embedding backward", "dense embedding backward", "dense_embedding_backward"),
         )
         for workload, precision, steps in (("reward", "fp32", 3), ("dpo", "fp32", 3), ("ppo", "fp32", 4))
     },
@@ -133,12 +132,9 @@ STUDIES = {
             "ppo",
             precision,
             4,
-            [
-                ("prefalign", "as raced: the policy stepped before the value forward", []),
-                ("prefalign", "both stepped after both backwards", ["--exp", "joint_ppo_step"]),
-                ("prefalign", "both stepped after both backwards", ["--exp", "joint_ppo_step"]),
-                ("prefalign", "as raced: the policy stepped before the value forward", []),
-            ],
+            _raced_against(
+                "the policy stepped before the value forward", "both stepped after both backwards", "joint_ppo_step"
+            ),
         )
         for precision in ("fp32", "bf16")
     },
@@ -147,12 +143,11 @@ STUDIES = {
             workload,
             "fp32",
             steps,
-            [
-                ("prefalign", "as raced: norm outputs rebuilt from the norms' inputs", []),
-                ("prefalign", "norm outputs kept by the projections", ["--exp", "norm_outputs_kept"]),
-                ("prefalign", "norm outputs kept by the projections", ["--exp", "norm_outputs_kept"]),
-                ("prefalign", "as raced: norm outputs rebuilt from the norms' inputs", []),
-            ],
+            _raced_against(
+                "norm outputs rebuilt from the norms' inputs",
+                "norm outputs kept by the projections",
+                "norm_outputs_kept",
+            ),
         )
         for workload, steps in (("reward", 4), ("dpo", 3), ("ppo", 4))
     },
