@@ -21,8 +21,11 @@ Variants:
 - ``hf-bf16-weights``: ``generate`` on a bf16 *copy* of the model (cast once);
 - ``prefalign-generate-{fp32,bf16}``: ``prefalign.rollout.generate`` with ``--decoder generate`` (keyed sampling
   over ``model.generate``), on the fp32 model / its bf16 sampling copy;
-- ``prefalign-loop-{fp32,bf16}``: the same with ``--decoder loop`` (prefalign's decode loop, linear weights
-  prepacked for oneDNN where `worth_packing` says so, packed per call as a trainer does);
+- ``prefalign-loop-{fp32,bf16}``: the same with ``--decoder loop`` (prefalign's decode loop; for a Llama the fused
+  step of `prefalign.rollout.fused_llama`, q/k/v and gate/up each one oneDNN-prepacked GEMM; packed per call as a
+  trainer does);
+- ``prefalign-loopunfused-{fp32,bf16}``: the loop through the model's own forward, each linear on its own oneDNN
+  pack (the loop before the fused step);
 - ``prefalign-loopnopack-{fp32,bf16}``: the loop on the model's own (unpacked) linears;
 - ``prefalign-loopunkeyed-{fp32,bf16}``: that loop drawing the batch's tokens with one ``torch.multinomial`` (what
   ``model.generate`` does) instead of keyed sampling's one generator and one ``(V,)`` noise row per row per token:
@@ -75,8 +78,15 @@ def prefalign_generate(model, enc, eos: list[int], pad: int, decoder: str, call:
         sampler = KeyedSampler(0, keys, enc["input_ids"].shape[1], temperature=0.7)
         choose = sampler.choose if decoder == "loopnopack" else unkeyed
         return decode(model, enc["input_ids"], enc["attention_mask"], NEW_TOKENS, choose, eos_ids=eos, pad_id=pad)
+    packed = None
+    if decoder == "loopunfused":  # one oneDNN pack per linear, the model's own forward (before the fused step)
+        from prefalign.rollout.decode import PackedLinears
+
+        decoder, packed = "loop", PackedLinears(model, batch_hint=enc["input_ids"].shape[0], fuse=False)
     sampling = SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.7, decoder=decoder)
-    gen = generate(model, enc["input_ids"], enc["attention_mask"], sampling, eos_ids=eos, pad_id=pad, row_keys=keys)
+    gen = generate(
+        model, enc["input_ids"], enc["attention_mask"], sampling, eos_ids=eos, pad_id=pad, row_keys=keys, packed=packed
+    )
     return gen.response_ids
 
 

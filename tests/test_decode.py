@@ -32,21 +32,45 @@ def _hf_greedy(model, ids, mask, new, eos, pad):
     return out[:, ids.shape[1] :]
 
 
-def _loop_greedy(model, ids, mask, new, eos, pad, pack=True):
-    if not pack:
-        return decode(model, ids, mask, new, lambda logits, t: logits.argmax(-1), eos_ids=eos, pad_id=pad)
-    with PackedLinears(model) as packed:
-        out = decode(model, ids, mask, new, lambda logits, t: logits.argmax(-1), eos_ids=eos, pad_id=pad)
-    assert len(packed.packs) == sum(isinstance(m, nn.Linear) for m in model.modules())  # every linear ran packed
+def _loop_greedy(model, ids, mask, new, eos, pad, pack="fused"):
+    """The loop's greedy tokens: on the fused Llama step ("fused"), on one pack per linear ("packed") or on the
+    model's own linears ("plain")."""
+    argmax = lambda logits, t: logits.argmax(-1)  # noqa: E731
+    if pack == "plain":
+        return decode(model, ids, mask, new, argmax, eos_ids=eos, pad_id=pad)
+    with PackedLinears(model, fuse=pack == "fused") as packed:
+        fused = packed.fused
+        out = decode(model, ids, mask, new, argmax, eos_ids=eos, pad_id=pad, fused=fused)
+    if pack == "fused":
+        assert fused is not None and packed.packs == {}  # the fused step ran, no linear was packed alone
+    else:
+        assert len(packed.packs) == sum(isinstance(m, nn.Linear) for m in model.modules())  # every linear ran packed
     return out
 
 
 PACKS = torch.backends.mkldnn.is_available() and packing_available(torch.float32)
 needs_packing = pytest.mark.skipif(not PACKS, reason="this torch build has no oneDNN packed linear")
+LOOP = "fused" if PACKS else "plain"  # what generate's loop runs for a Llama on this machine
+PACK_MODES = [pytest.param(m, marks=needs_packing) for m in ("fused", "packed")] + ["plain"]
+
+
+class _Unpacked:
+    """A stand-in for PackedLinears in generate: the loop runs the model's own linears."""
+
+    fused = None
+
+    def __init__(self, model, batch_hint):
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return None
 
 
 @pytest.mark.parametrize("new_tokens", [1, 5, 17])
-@pytest.mark.parametrize("pack", [pytest.param(True, marks=needs_packing), False], ids=["packed", "plain"])
+@pytest.mark.parametrize("pack", PACK_MODES)
 def test_greedy_loop_is_generates_greedy_decode(peaked, tokenizer, new_tokens, pack):
     ids, mask = _batch(PROMPTS, tokenizer.pad_token_id)
     assert (mask[:, 0] == 0).any()  # left padding is exercised
@@ -57,27 +81,27 @@ def test_greedy_loop_is_generates_greedy_decode(peaked, tokenizer, new_tokens, p
 
 def test_rows_that_end_are_padded_and_the_loop_stops_when_all_have(peaked, tokenizer):
     ids, mask = _batch(PROMPTS, tokenizer.pad_token_id)
-    free = _loop_greedy(peaked, ids, mask, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id, pack=PACKS)
+    free = _loop_greedy(peaked, ids, mask, 12, [tokenizer.eos_token_id], tokenizer.pad_token_id, pack=LOOP)
     # make row 0's third greedy token an EOS: that row ends mid-batch, the others run on
     eos = [int(free[0, 2])]
     assert not (free[1:, :3] == eos[0]).any(), "pick a token only row 0 emits by step 3"
     pad = 0
     want = _hf_greedy(peaked, ids, mask, 12, eos, pad)
-    got = _loop_greedy(peaked, ids, mask, 12, eos, pad, pack=PACKS)
+    got = _loop_greedy(peaked, ids, mask, 12, eos, pad, pack=LOOP)
     assert torch.equal(got, want)
     assert (got[0, 3:] == pad).all() and got[0, 2] == eos[0]
     # when every row's next token is an EOS the loop stops at once: one column
     every = sorted({int(t) for t in free[:, 0]})
-    assert _loop_greedy(peaked, ids, mask, 12, every, pad, pack=PACKS).shape == (4, 1)
+    assert _loop_greedy(peaked, ids, mask, 12, every, pad, pack=LOOP).shape == (4, 1)
 
 
 def test_a_row_that_ends_at_its_first_token_while_the_others_run_on(peaked, tokenizer):
     ids, mask = _batch(PROMPTS, tokenizer.pad_token_id)
-    free = _loop_greedy(peaked, ids, mask, 8, [tokenizer.eos_token_id], tokenizer.pad_token_id, pack=PACKS)
+    free = _loop_greedy(peaked, ids, mask, 8, [tokenizer.eos_token_id], tokenizer.pad_token_id, pack=LOOP)
     eos = [int(free[0, 0])]
     assert not (free[1:, :1] == eos[0]).any(), "pick a first token only row 0 emits"
     pad = 0
-    got = _loop_greedy(peaked, ids, mask, 8, eos, pad, pack=PACKS)
+    got = _loop_greedy(peaked, ids, mask, 8, eos, pad, pack=LOOP)
     assert torch.equal(got, _hf_greedy(peaked, ids, mask, 8, eos, pad))
     assert got[0, 0] == eos[0] and (got[0, 1:] == pad).all() and got.shape[1] > 1
 
@@ -284,7 +308,7 @@ def test_ppo_and_rl_pass_their_decoder_to_the_sampler():
 
 
 @pytest.mark.parametrize("filters", [dict(top_k=40), dict(top_p=0.8)], ids=["top-k", "top-p"])
-@pytest.mark.parametrize("pack", [pytest.param(True, marks=needs_packing), False], ids=["packed", "plain"])
+@pytest.mark.parametrize("pack", PACK_MODES)
 def test_recorded_logprobs_are_a_fresh_forwards(peaked, tokenizer, pack, filters):
     """The log-probs and entropies recorded while decoding (keyed sampling at temperature 0.7 with top-k or top-p:
     scored under the tempered distribution before the filter, as the update's forward scores them) equal
@@ -303,14 +327,15 @@ def test_recorded_logprobs_are_a_fresh_forwards(peaked, tokenizer, pack, filters
     assert not (free.response_ids[1:, :3] == eos[0]).any()
     run = dict(eos_ids=eos, pad_id=pad, row_keys=keys, seed=3)
     with pytest.MonkeyPatch.context() as mp:
-        if not pack:  # the recorder reads the plain linears' logits (no oneDNN packs)
-            import contextlib
-            import sys
+        import sys
 
+        if pack == "plain":  # the recorder reads the plain linears' logits (no oneDNN packs)
+            mp.setattr(sys.modules["prefalign.rollout.generate"], "PackedLinears", _Unpacked)
+        elif pack == "packed":  # one pack per linear, the model's own forward
             mp.setattr(
                 sys.modules["prefalign.rollout.generate"],
                 "PackedLinears",
-                lambda m, batch_hint: contextlib.nullcontext(),
+                lambda m, batch_hint: PackedLinears(m, batch_hint, fuse=False),
             )
         gen = generate(peaked, ids, mask, sampling, **run, record_logprobs=True)
         unrecorded = generate(peaked, ids, mask, sampling, **run)

@@ -21,11 +21,15 @@ from __future__ import annotations
 import functools
 import inspect
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from prefalign.models.logprobs import token_stats
+
+if TYPE_CHECKING:  # fused_llama imports this module
+    from prefalign.rollout.fused_llama import FusedLlama
 
 # generation-config fields whose non-neutral values make ``model.generate`` add a logits processor or a stopping
 # rule, or pick a search (beams, contrastive, DoLa), the loop does not implement: ``model.generate`` fills every field
@@ -89,6 +93,7 @@ def decode(
     *,
     eos_ids: list[int],
     pad_id: int,
+    fused: FusedLlama | None = None,
 ) -> torch.Tensor:
     """Raw response tokens ``(B, R)``, ``R <= max_new_tokens``: row ``b``'s tokens up to its first EOS, then
     ``pad_id``; ``R`` is the step at which every row had ended (or ``max_new_tokens``).
@@ -97,6 +102,8 @@ def decode(
         prompt_ids: ``(B, P)`` left-padded prompts; prompt_mask: ``(B, P)`` 1 on real tokens.
         choose: ``(logits (B, V) float32, position t) -> (B,)`` the next token of every row (greedy: argmax;
             keyed: `KeyedSampler.choose`). Called at t = 0 .. R-1.
+        fused: the model's `FusedLlama` (`PackedLinears.fused`): prefill and steps run on it instead of the
+            model's forward.
     """
     from transformers import DynamicCache
 
@@ -111,16 +118,21 @@ def decode(
     cache = DynamicCache(config=getattr(model, "config", None))
     # positions skip the left padding, as generate's do; a pad's own position does not matter (it is masked)
     positions = position_ids_from_mask(prompt_mask)  # (B, P)
-    logits = model(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
-        position_ids=positions,
-        use_cache=True,
-        logits_to_keep=1,
-        **{cache_arg: cache},
-    ).logits[:, -1]
     # the attention mask grows by one column of ones per step (ended rows keep attending, as in generate)
     mask = torch.cat([prompt_mask, prompt_mask.new_ones(b, max_new_tokens)], dim=1)
+    p, slots = prompt_ids.shape[1], mask.bool()
+    if fused is not None:
+        fused_cache = fused.new_cache()
+        logits = fused(prompt_ids, positions, fused_cache, 0, mask.shape[1], slots)
+    else:
+        logits = model(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            position_ids=positions,
+            use_cache=True,
+            logits_to_keep=1,
+            **{cache_arg: cache},
+        ).logits[:, -1]
     next_position = positions[:, -1:] + 1  # (B, 1)
     done = torch.zeros(b, dtype=torch.bool, device=dev)
     tokens = []
@@ -131,9 +143,12 @@ def decode(
         done = done | torch.isin(token, eos)
         if t == max_new_tokens - 1 or bool(done.all()):
             break
+        if fused is not None:
+            logits = fused(token[:, None], next_position + t, fused_cache, p + t, mask.shape[1], slots)
+            continue
         logits = model(
             input_ids=token[:, None],
-            attention_mask=mask[:, : prompt_ids.shape[1] + t + 1],
+            attention_mask=mask[:, : p + t + 1],
             position_ids=next_position + t,
             use_cache=True,
             **{cache_arg: cache},
@@ -184,7 +199,7 @@ def packing_available(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (dtype == torch.bfloat16 and bool(ops._is_mkldnn_bf16_supported()))
 
 
-def _packable(module: nn.Module) -> bool:
+def packable(module: nn.Module) -> bool:
     """A plain CPU float linear: ``nn.Linear``'s own forward (not a subclass that computes something else, not one
     whose forward a hook library already replaced on the instance), not a DTensor (FSDP) shard, not a meta,
     quantised or inference-mode weight (whose version counter cannot be read)."""
@@ -216,13 +231,19 @@ class PackedLinears:
     update (at fp32 precision the sampler is the policy itself: the copy exists during generation only).
     The forwards are patched on the module instances: another thread running the same model meanwhile would run
     on the packs, without autograd (nothing in prefalign does).
+
+    A Llama model (`prefalign.rollout.fused_llama.fused_unsupported` is None) is packed as a `FusedLlama` instead
+    (``fuse=False``: per linear, as above): nothing is patched, and `decode` runs ``self.fused`` while entered.
     """
 
-    def __init__(self, model: nn.Module, batch_hint: int = 8):
+    def __init__(self, model: nn.Module, batch_hint: int = 8, fuse: bool = True):
+        self.model, self.fuse = model, fuse
         self.modules: list[nn.Linear] = [m for m in model.modules() if isinstance(m, nn.Linear)]
         self.batch_hint = batch_hint
         self.packs: dict[nn.Linear, tuple[tuple, torch.Tensor, torch.Tensor | None]] = {}
         self._patched: list[nn.Linear] = []
+        self.fused: FusedLlama | None = None  # while entered: the fused step `decode` runs instead of the model
+        self._fused_packs: FusedLlama | None = None
 
     def _dtype(self, module: nn.Linear) -> torch.dtype:
         if torch.is_autocast_enabled("cpu"):
@@ -233,7 +254,7 @@ class PackedLinears:
         packed = []
         for m in self.modules:
             dtype = self._dtype(m)
-            if not (_packable(m) and packing_available(dtype)):  # checked per entry: the model may have moved
+            if not (packable(m) and packing_available(dtype)):  # checked per entry: the model may have moved
                 continue
             w, b = m.weight, m.bias
             key = (w._version, w.data_ptr(), dtype, None if b is None else (b._version, b.data_ptr()))
@@ -244,7 +265,26 @@ class PackedLinears:
             packed.append(m)
         return packed
 
+    def _fused(self) -> FusedLlama | None:
+        """The model's `FusedLlama`, packed again when a weight changed; None where `fused_unsupported` says."""
+        from prefalign.rollout.fused_llama import FusedLlama, fused_key, fused_unsupported
+
+        if not (self.fuse and self.modules):
+            return None
+        dtype = self._dtype(self.modules[0])
+        if fused_unsupported(self.model, dtype) is not None:
+            self._fused_packs = None
+            return None
+        if self._fused_packs is None or self._fused_packs.key != fused_key(self.model, dtype):
+            self._fused_packs = None  # the stale packs go before the new ones are made
+            self._fused_packs = FusedLlama(self.model, dtype, self.batch_hint)
+        self.packs.clear()
+        return self._fused_packs
+
     def __enter__(self) -> PackedLinears:
+        self.fused = self._fused()
+        if self.fused is not None:  # decode runs the fused step: no linear needs its own pack
+            return self
         self._patched = self._pack()
         for m in self._patched:
             _, weight, bias = self.packs[m]
@@ -255,8 +295,9 @@ class PackedLinears:
     def __exit__(self, *exc) -> None:
         for m in self._patched:
             m.__dict__.pop("forward", None)
-        self._patched = []
+        self._patched, self.fused = [], None
 
     def release(self) -> None:
         """Drop the packed copies (the next entry packs again)."""
         self.packs.clear()
+        self._fused_packs = None

@@ -271,9 +271,16 @@ def generate(
             choose = sampler.choose if sampler is not None else _argmax
             if record_logprobs:
                 choose = recorder = LogprobRecorder(choose, sampling.temperature, record_entropy)
-            with packed if packed is not None else PackedLinears(model, batch_hint=prompt_ids.shape[0]):
+            with packed if packed is not None else PackedLinears(model, batch_hint=prompt_ids.shape[0]) as packs:
                 raw = decode(
-                    model, prompt_ids, prompt_mask, sampling.max_new_tokens, choose, eos_ids=eos_ids, pad_id=pad_id
+                    model,
+                    prompt_ids,
+                    prompt_mask,
+                    sampling.max_new_tokens,
+                    choose,
+                    eos_ids=eos_ids,
+                    pad_id=pad_id,
+                    fused=packs.fused,
                 )
         else:
             raw = _hf_generate(
