@@ -7,8 +7,11 @@ far below what the machine streams (BENCHMARKS.md); the same products against we
 blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, what inductor's CPU freezing pass uses) run 2-4x faster
 in float32 and 1.5-2x in bfloat16. The gain is the packing (the loop on unpacked weights measured no faster than
 ``generate``); the loop is our own so that packing, keyed sampling and early exit sit in one short function we test
-token for token against ``generate``. ``torch.compile`` of the one-token step over a static cache was measured too
-and was *slower* on this CPU (BENCHMARKS.md, "The decode path").
+token for token against ``generate``. For a Llama (`prefalign.rollout.fused_llama`) the loop runs its own fused
+step instead of the model's forward: q/k/v one packed GEMM, gate/up another, keys and values in buffers allocated
+once per call (another 1.14x in float32, 1.18x in bfloat16; BENCHMARKS.md, "The fused Llama step").
+``torch.compile`` of the one-token step over a static cache was measured too and was *slower* on this CPU
+(BENCHMARKS.md, "The decode path"); compiling the fused step measured no faster than running it eagerly.
 
 The contract is `generate`'s: left-padded prompts in, raw response tokens out (rows that ended are padded with
 ``pad_id``, as ``generate`` pads them), the loop stops when every row has ended, positions skip padding. Greedy

@@ -17,6 +17,7 @@ forward) is decoded through its own forward instead; `fused_unsupported` says wh
 
 from __future__ import annotations
 
+import functools
 import inspect
 from typing import Any
 
@@ -33,6 +34,7 @@ _SOURCES: dict[type, str | None] = {}
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
+@functools.cache
 def _reference() -> dict[str, str] | None:
     try:
         from transformers.models.llama import modeling_llama as llama
