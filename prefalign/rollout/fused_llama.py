@@ -4,9 +4,9 @@ included, for a model whose every layer computes exactly transformers' Llama for
 Why: on a CPU a batch-8 decode step of the 135M default is ~210 small-M GEMMs plus transformers' per-step work
 (mask building, cache bookkeeping, one module call per projection). Here q/k/v are one GEMM and gate/up another (121
 GEMMs a step instead of 211: the same bytes read, in wider products), the keys and values go into buffers allocated
-once per call, and nothing but the arithmetic runs per layer. Measured 1.2x the per-projection packed loop in
-float32 and bfloat16 on the default model (BENCHMARKS.md, "The fused Llama step"); ``torch.compile`` of this very
-step measured no faster, so it stays eager.
+once per call, and nothing but the arithmetic runs per layer. Measured 1.12-1.18x the per-projection packed loop
+in float32 and bfloat16 on the default model at batch 8-16 (BENCHMARKS.md, "The fused Llama step");
+``torch.compile`` of this very step measured no faster, so it stays eager.
 
 Exactness: the same operations as transformers' `LlamaRMSNorm`, `LlamaAttention` (RoPE, grouped-query SDPA),
 `LlamaMLP` and `LlamaDecoderLayer`, in the same order and dtypes; only the fused GEMMs round differently (float32

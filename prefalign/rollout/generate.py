@@ -271,17 +271,7 @@ def generate(
             choose = sampler.choose if sampler is not None else _argmax
             if record_logprobs:
                 choose = recorder = LogprobRecorder(choose, sampling.temperature, record_entropy)
-            with packed if packed is not None else PackedLinears(model, batch_hint=prompt_ids.shape[0]) as packs:
-                raw = decode(
-                    model,
-                    prompt_ids,
-                    prompt_mask,
-                    sampling.max_new_tokens,
-                    choose,
-                    eos_ids=eos_ids,
-                    pad_id=pad_id,
-                    fused=packs.fused,
-                )
+            raw = _loop_decode(model, prompt_ids, prompt_mask, sampling, choose, eos_ids, pad_id, packed)
         else:
             raw = _hf_generate(
                 model, prompt_ids, prompt_mask, sampling, sampler, hf_samples, eos_ids, pad_id, tokenizer, synced
@@ -296,6 +286,13 @@ def generate(
     if recorder is not None:
         gen.logps, gen.entropy = recorder.stats(gen.response_mask)
     return gen
+
+
+def _loop_decode(model, prompt_ids, prompt_mask, sampling, choose, eos_ids, pad_id, packed):
+    """`decode` on ``packed`` (or on packs made for this call): the fused Llama step where it has one."""
+    with packed if packed is not None else PackedLinears(model, batch_hint=prompt_ids.shape[0]) as packs:
+        new = sampling.max_new_tokens
+        return decode(model, prompt_ids, prompt_mask, new, choose, eos_ids=eos_ids, pad_id=pad_id, fused=packs.fused)
 
 
 def _argmax(logits: torch.Tensor, position: int) -> torch.Tensor:
