@@ -91,10 +91,9 @@ def test_fused_bf16_logits_are_the_models_own_to_bf16_rounding():
 def test_a_float32_model_under_bf16_autocast_is_fused_in_bf16():
     """Autocast's dtypes: bf16 GEMMs, the residual stream, norms and RoPE in float32, as the model's own forward."""
     model = _llama()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        with PackedLinears(model) as packed:
-            assert packed.fused is not None and packed.fused.head[0].dtype == torch.bfloat16
-            got, want = _steps(model, packed.fused, new=3)
+    with torch.autocast("cpu", dtype=torch.bfloat16), PackedLinears(model) as packed:
+        assert packed.fused is not None and packed.fused.head[0].dtype == torch.bfloat16
+        got, want = _steps(model, packed.fused, new=3)
     # measured equal to the bit; allowed: 2 bf16 steps at the logits' magnitude (4-8: steps of 1/32)
     torch.testing.assert_close(got.float(), want.float(), atol=1 / 16, rtol=0)
     assert (got.float().argmax(-1) == want.float().argmax(-1)).float().mean() > 0.9
