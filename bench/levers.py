@@ -9,6 +9,8 @@ step times after warm-up). Not part of ``make bench``.
                                              # 8, 2 or 1 pair(s) at a time (grad accumulation: same math)
     python -m bench.levers reward-memory     # prefalign reward fp32: lean activations and longest-first chunks,
                                              # each off, both off (the step before them), 1 pair per forward
+    python -m bench.levers reward-bf16-speed # prefalign reward bf16: as raced, lean activations off, 2 and 4
+                                             # pairs per forward; TRL 1.16 (A B C D E E D C B A)
     python -m bench.levers reward-embedding-grad  # prefalign reward fp32 (dpo-, ppo-embedding-grad: DPO, PPO fp32):
                                              # the input embedding's sparse backward vs dense
     python -m bench.levers ppo-bf16-policy-first  # prefalign PPO bf16 (ppo-fp32-policy-first: fp32): the policy
@@ -104,6 +106,23 @@ STUDIES = {
             ("prefalign", "chunks in data order", ["--exp", "chunks_in_data_order"]),
             ("prefalign", "1 pair per forward", ["--set", "forward_batch_size=1"]),
             ("prefalign", "before: transformers' forwards, chunks in data order", _BEFORE),
+            ("prefalign", "as raced", []),
+        ],
+    ),
+    "reward-bf16-speed": (
+        "reward",
+        "bf16",
+        4,
+        [
+            ("prefalign", "as raced", []),
+            ("prefalign", "transformers' forwards", ["--set", "lean_activations=false"]),
+            ("prefalign", "2 pairs per forward", ["--set", "forward_batch_size=2"]),
+            ("prefalign", "4 pairs per forward", ["--set", "forward_batch_size=4"]),
+            ("trl", "as raced", []),
+            ("trl", "as raced", []),
+            ("prefalign", "4 pairs per forward", ["--set", "forward_batch_size=4"]),
+            ("prefalign", "2 pairs per forward", ["--set", "forward_batch_size=2"]),
+            ("prefalign", "transformers' forwards", ["--set", "lean_activations=false"]),
             ("prefalign", "as raced", []),
         ],
     ),

@@ -634,12 +634,13 @@ def test_gpu_wheels_pin_the_project_venvs_versions_and_keep_each_trl_apart(tmp_p
 
 
 def test_rollout_levers_unkeyed_variant_runs_on_a_model_directory(tiny_model_dir, capsys):
-    # the variant that prices keyed sampling, on any model directory (a GPU machine has only random ones)
+    # the variant that prices keyed sampling, on any model directory (a GPU machine has only random ones), and the
+    # loop on the fused Llama step against one pack per linear
     import torch
 
     from bench import rollout_levers
 
-    variants = "prefalign-loopnopack-fp32,prefalign-loopunkeyed-fp32"
+    variants = "prefalign-loopnopack-fp32,prefalign-loopunkeyed-fp32,prefalign-loopunfused-fp32,prefalign-loop-fp32"
     threads = str(torch.get_num_threads())  # main sets the process's threads: keep this test process's
     argv = [
         "--model",
