@@ -195,7 +195,7 @@ def _reference_sources() -> tuple[str, ...] | None:
 _SOURCES: dict[type, str | None] = {}
 
 
-def _forward_source(cls: type) -> str | None:
+def forward_source(cls: type) -> str | None:
     """The source text of the ``forward`` a class defines itself (None: inherited or unreadable); read once."""
     if cls not in _SOURCES:
         forward = cls.__dict__.get("forward")
@@ -209,12 +209,12 @@ def _forward_source(cls: type) -> str | None:
 def _lean_forward(module: nn.Module):
     """The lean forward for ``module``, or None where it would not compute exactly what the module's own does."""
     ref = _reference_sources()
-    src = _forward_source(type(module))
+    src = forward_source(type(module))
     if ref is None or src is None:
         return None
     if src == ref[0]:
         return _norm_forward
-    if src == ref[1] and isinstance(getattr(module, "act_fn", None), nn.SiLU | _silu_class()):
+    if src == ref[1] and isinstance(getattr(module, "act_fn", None), nn.SiLU | silu_class()):
         return _mlp_forward
     if src == ref[2]:
         return _attention_forward
@@ -222,7 +222,7 @@ def _lean_forward(module: nn.Module):
 
 
 @functools.cache
-def _silu_class() -> type:
+def silu_class() -> type:
     try:
         from transformers.activations import SiLUActivation
 

@@ -25,12 +25,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from prefalign.models.lean import forward_source, silu_class
 from prefalign.rollout.decode import packable, packing_available
 
-# transformers' classes whose forward the step reimplements; a module is accepted when its class's forward has the
-# same source text (a copy under another name, e.g. a fine-tune's custom code, passes; any change does not)
+# transformers' classes whose forward the step reimplements; a module is accepted when its class defines a forward
+# with the same source text (a copy under another name, e.g. a fine-tune's custom code, passes; any change, or a
+# subclass that only inherits it, does not)
 _CLASSES = ("LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttention", "LlamaMLP", "LlamaRMSNorm")
-_SOURCES: dict[type, str | None] = {}
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -44,21 +45,10 @@ def _reference() -> dict[str, str] | None:
         return None
 
 
-def _source(cls: type) -> str | None:
-    """The source of the ``forward`` the class (or the first class in its MRO that defines one) runs; read once."""
-    if cls not in _SOURCES:
-        owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), None)
-        try:
-            _SOURCES[cls] = None if owner is None else inspect.getsource(owner.__dict__["forward"])
-        except (OSError, TypeError):
-            _SOURCES[cls] = None
-    return _SOURCES[cls]
-
-
 def _own_forward(module: Any, ref: str) -> bool:
     """``module`` runs ``ref``: its class's forward has that source and no instance forward replaces it (the lean
     training forwards of `prefalign.models.lean` compute the same and are accepted)."""
-    if _source(type(module)) != ref:
+    if forward_source(type(module)) != ref:
         return False
     forward = module.__dict__.get("forward")
     return forward is None or getattr(getattr(forward, "func", None), "__module__", "") == "prefalign.models.lean"
@@ -86,7 +76,7 @@ def fused_unsupported(model: Any, dtype: torch.dtype) -> str | None:
         parts += [(n, "LlamaRMSNorm") for n in (layer.input_layernorm, layer.post_attention_layernorm)]
         if not all(_own_forward(m, ref[name]) for m, name in parts):
             return f"layer {i} differs from Llama's"
-        if not isinstance(mlp.act_fn, nn.SiLU | _silu_class()):
+        if not isinstance(mlp.act_fn, nn.SiLU | silu_class()):
             return f"layer {i}'s MLP activation is not SiLU"
     if not _own_forward(base.norm, ref["LlamaRMSNorm"]):
         return "the final norm differs from Llama's"
@@ -107,12 +97,6 @@ def fused_unsupported(model: Any, dtype: torch.dtype) -> str | None:
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "global module forward hooks are registered"
     return None
-
-
-def _silu_class() -> type:
-    from prefalign.models.lean import _silu_class as silu
-
-    return silu()
 
 
 def _rms_norm(norm: Any, h: torch.Tensor) -> torch.Tensor:
