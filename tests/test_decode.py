@@ -337,9 +337,15 @@ def test_recorded_logprobs_are_a_fresh_forwards(peaked, tokenizer, pack, filters
                 "PackedLinears",
                 lambda m, batch_hint: PackedLinears(m, batch_hint, fuse=False),
             )
+        from prefalign.rollout.fused_llama import FusedLlama
+
+        fused_calls = []
+        step = FusedLlama.__call__
+        mp.setattr(FusedLlama, "__call__", lambda *a, **k: fused_calls.append(1) or step(*a, **k))
         gen = generate(peaked, ids, mask, sampling, **run, record_logprobs=True)
         unrecorded = generate(peaked, ids, mask, sampling, **run)
         no_entropy = generate(peaked, ids, mask, sampling, **run, record_logprobs=True, record_entropy=False)
+    assert bool(fused_calls) == (pack == "fused")  # generate ran the fused Llama step, and only where it should
     assert torch.equal(gen.response_ids, unrecorded.response_ids) and unrecorded.logps is None
     assert unrecorded.recorded is None
     assert gen.recorded is not None and gen.recorded[0] is gen.logps and gen.recorded[1] is gen.entropy

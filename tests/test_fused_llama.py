@@ -51,11 +51,19 @@ def _steps(model, fused, new):
     out = [fused(IDS, positions, cache, 0, p + new, slots)]
     for t in range(new):
         out.append(fused(feed[:, t : t + 1], positions[:, -1:] + 1 + t, cache, p + t, p + new, slots))
-    full_ids = torch.cat([IDS, feed], 1)
-    full_mask = slots.long()
+    # the model's own decoding of the same tokens: its prefill, then one cached forward per token (a full forward
+    # over the whole sequence gives the same logits, but for dynamic RoPE, whose frequencies follow the longest
+    # position of each call)
+    from transformers import DynamicCache
+
+    cache, want = DynamicCache(config=model.config), []
     with torch.no_grad():
-        want = model(input_ids=full_ids, attention_mask=full_mask, position_ids=position_ids_from_mask(full_mask))
-    return torch.stack(out, 1), want.logits[:, p - 1 :]
+        for lo, hi in [(0, p)] + [(p + t, p + t + 1) for t in range(new)]:
+            ids = torch.cat([IDS, feed], 1)[:, lo:hi]
+            pos = position_ids_from_mask(slots.long())[:, lo:hi]
+            out_ = model(input_ids=ids, attention_mask=slots[:, :hi].long(), position_ids=pos, cache=cache)
+            want.append(out_.logits[:, -1])
+    return torch.stack(out, 1), torch.stack(want, 1)
 
 
 @pytest.mark.parametrize(
@@ -64,17 +72,39 @@ def _steps(model, fused, new):
         {},
         dict(attention_bias=True, mlp_bias=True, tie_word_embeddings=False),
         dict(rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 500.0}),
+        dict(rope_parameters={"rope_type": "dynamic", "factor": 2.0, "rope_theta": 500.0}, max_position_embeddings=8),
+        dict(
+            rope_parameters={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 16,
+                "rope_theta": 500.0,
+            }
+        ),
         dict(num_key_value_heads=6, head_dim=16),
+        dict(attn_implementation="eager"),
     ],
-    ids=["gqa", "biases-untied", "linear-rope", "mha-head-dim"],
+    ids=["gqa", "biases-untied", "linear-rope", "dynamic-rope-past-max", "llama3-rope", "mha-head-dim", "eager"],
 )
 def test_fused_logits_are_the_models_own_at_every_step(overrides):
+    from prefalign.models.logprobs import position_ids_from_mask
+
     model = _llama(**overrides)
     assert fused_unsupported(model, torch.float32) is None
     got, want = _steps(model, FusedLlama(model, torch.float32), new=4)
     assert got.shape == want.shape == (3, 5, VOCAB)
     assert want.abs().max() > 2.0  # logits of a few units: the 1e-5 below is relative to real numbers
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    if "dynamic" not in str(overrides):  # and one full forward gives them too
+        feed = torch.tensor([[11, 12, 13, 14], [21, 22, 23, 24], [31, 32, 33, 34]])
+        mask = torch.cat([MASK, torch.ones(3, 4, dtype=torch.long)], 1)
+        with torch.no_grad():
+            full = model(
+                input_ids=torch.cat([IDS, feed], 1), attention_mask=mask, position_ids=position_ids_from_mask(mask)
+            )
+        torch.testing.assert_close(got, full.logits[:, IDS.shape[1] - 1 :], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.skipif(not packing_available(torch.bfloat16), reason="this CPU has no native bf16 oneDNN path")
@@ -152,7 +182,7 @@ def test_models_that_differ_from_llama_are_refused_with_the_reason():
     from peft import LoraConfig, get_peft_model
     from transformers import GPT2Config, GPT2LMHeadModel
 
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2))
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=2)).eval()
     assert fused_unsupported(gpt2, torch.float32) == "GPT2LMHeadModel is not a Llama causal LM"
     odd = _llama()
     odd.model.layers[1].mlp = _DoubledMLP(odd.model.layers[1].mlp)
@@ -160,7 +190,7 @@ def test_models_that_differ_from_llama_are_refused_with_the_reason():
     hooked = _llama()
     hooked.model.layers[0].self_attn.register_forward_hook(lambda m, i, o: o)
     assert fused_unsupported(hooked, torch.float32) == "a module has forward hooks"
-    lora = get_peft_model(_llama(), LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0))
+    lora = get_peft_model(_llama(), LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.0)).eval()
     assert fused_unsupported(lora, torch.float32) == "PeftModel is not a Llama causal LM"
     # the Llama inside: its q_proj is a LoRA layer around an nn.Linear, whose delta a fused q/k/v GEMM would drop
     assert fused_unsupported(lora.base_model.model, torch.float32) == "a projection is not a plain CPU float nn.Linear"
@@ -173,3 +203,67 @@ def test_models_that_differ_from_llama_are_refused_with_the_reason():
     # a refused model decodes through its own forward: PackedLinears packs its linears one by one
     with PackedLinears(odd) as packed:
         assert packed.fused is None and len(packed.packs) == sum(isinstance(m, nn.Linear) for m in odd.modules())
+
+
+def test_configs_the_step_does_not_compute_are_refused():
+    training = _llama(attention_dropout=0.1).train()
+    assert fused_unsupported(training, torch.float32) == "the model is in training mode (dropout)"
+    bidirectional = _llama()
+    bidirectional.config.is_causal = False
+    assert fused_unsupported(bidirectional, torch.float32) == "config.is_causal is False (bidirectional attention)"
+    # eager attention's softmax is float32 either way: accepted for float32 GEMMs (the logits test above), not bf16
+    eager = _llama(attn_implementation="eager").to(torch.bfloat16)
+    assert fused_unsupported(eager, torch.bfloat16) == (
+        "attention implementation 'eager' with torch.bfloat16 (the step runs SDPA)"
+    )
+    narrow = _llama()
+    narrow.model.layers[1].mlp.gate_proj = nn.Linear(48, 40, bias=False)
+    narrow.model.layers[1].mlp.up_proj = nn.Linear(48, 40, bias=False)
+    narrow.model.layers[1].mlp.down_proj = nn.Linear(40, 48, bias=False)
+    assert fused_unsupported(narrow, torch.float32) == "layer 1's projection shapes differ from the config's heads"
+
+
+def test_another_transformers_llama_decodes_through_its_own_forward(monkeypatch):
+    import transformers
+
+    import prefalign.rollout.fused_llama as fused_llama
+
+    monkeypatch.setattr(fused_llama, "_VERIFIED", {})
+    fused_llama._reference.cache_clear()
+    try:
+        assert fused_unsupported(_llama(), torch.float32) == (
+            f"transformers {transformers.__version__}'s Llama forwards are not those the fused step was checked on"
+        )
+    finally:
+        monkeypatch.undo()
+        fused_llama._reference.cache_clear()
+    assert fused_unsupported(_llama(), torch.float32) is None
+
+
+def test_fewer_layers_in_the_config_repack_and_run_fewer_layers():
+    model = _llama(num_hidden_layers=3)
+    packed = PackedLinears(model)
+    with packed:
+        first = packed.fused
+        assert len(first.layers) == 3
+    model.config.num_hidden_layers = 2  # the model's forward now runs two layers
+    with packed:
+        assert packed.fused is not first and len(packed.fused.layers) == 2
+        got, want = _steps(model, packed.fused, new=2)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_generate_refuses_the_packs_of_another_model():
+    from prefalign.rollout import SamplingConfig, generate
+
+    model, other = _llama(), _llama(seed=1)
+    with pytest.raises(ValueError, match="packed holds the packs of another model than the one sampled"):
+        generate(
+            model,
+            IDS,
+            MASK,
+            SamplingConfig(max_new_tokens=2, greedy=True),
+            eos_ids=[1],
+            pad_id=0,
+            packed=PackedLinears(other),
+        )

@@ -18,6 +18,7 @@ forward) is decoded through its own forward instead; `fused_unsupported` says wh
 from __future__ import annotations
 
 import functools
+import hashlib
 import inspect
 from typing import Any
 
@@ -35,14 +36,27 @@ _CLASSES = ("LlamaForCausalLM", "LlamaModel", "LlamaDecoderLayer", "LlamaAttenti
 _MLP = ("gate_proj", "up_proj", "down_proj")
 
 
+# sha256 of those forwards' sources and RoPE's two helpers, in transformers releases whose Llama the step was checked
+# against (tests/test_fused_llama.py): another release's Llama may compute something else (a cast, a norm, a
+# soft-cap) while still matching itself, so it decodes through its own forward until checked and added here
+_VERIFIED = {"4e5a79e50150bf6ab2224a601dbdbc155ae8411fdd22e5581d84eea686edecd1": "5.24.0"}
+
+
 @functools.cache
-def _reference() -> dict[str, str] | None:
+def _reference() -> dict[str, str] | str:
+    """The installed transformers' Llama forward sources by class name, or why they cannot be used."""
     try:
+        import transformers
         from transformers.models.llama import modeling_llama as llama
 
-        return {name: inspect.getsource(getattr(llama, name).forward) for name in _CLASSES}
+        ref = {name: inspect.getsource(getattr(llama, name).forward) for name in _CLASSES}
+        helpers = [inspect.getsource(llama.apply_rotary_pos_emb), inspect.getsource(llama.rotate_half)]
     except (ImportError, OSError, TypeError, AttributeError):
-        return None
+        return "this transformers has no Llama forwards to match"
+    digest = hashlib.sha256("\n".join([*ref.values(), *helpers]).encode()).hexdigest()
+    if digest not in _VERIFIED:
+        return f"transformers {transformers.__version__}'s Llama forwards are not those the fused step was checked on"
+    return ref
 
 
 def _own_forward(module: Any, ref: str) -> bool:
@@ -57,10 +71,14 @@ def _own_forward(module: Any, ref: str) -> bool:
 def fused_unsupported(model: Any, dtype: torch.dtype) -> str | None:
     """Why `FusedLlama` cannot decode ``model`` with ``dtype`` GEMMs (None: it can)."""
     ref = _reference()
-    if ref is None:
-        return "this transformers has no Llama forwards to match"
+    if isinstance(ref, str):
+        return ref
     if not packing_available(dtype):
         return f"no oneDNN packed {dtype} linear here"
+    if getattr(model, "training", False):
+        return "the model is in training mode (dropout)"
+    if tuple(int(v) for v in torch.__version__.split(".")[:2]) < (2, 5):
+        return f"torch {torch.__version__} has no grouped-query SDPA (enable_gqa: torch 2.5)"
     if not _own_forward(model, ref["LlamaForCausalLM"]):
         return f"{type(model).__name__} is not a Llama causal LM"
     base = model.model
@@ -68,8 +86,15 @@ def fused_unsupported(model: Any, dtype: torch.dtype) -> str | None:
         return f"{type(base).__name__} does not run Llama's model forward"
     if base.embed_tokens.max_norm is not None or base.embed_tokens.__dict__.get("forward") is not None:
         return "the token embedding is not a plain lookup"
-    if len(base.layers) < model.config.num_hidden_layers:
+    config = model.config
+    if len(base.layers) < config.num_hidden_layers:
         return "fewer layers than config.num_hidden_layers"
+    if not getattr(config, "is_causal", True):
+        return "config.is_causal is False (bidirectional attention)"
+    attention = getattr(config, "_attn_implementation", None)
+    # SDPA is what the step runs; eager attention's float32 softmax differs from it by float32 rounding only
+    if not (attention == "sdpa" or (attention == "eager" and dtype == torch.float32)):
+        return f"attention implementation {attention!r} with {dtype} (the step runs SDPA)"
     for i, layer in enumerate(base.layers[: model.config.num_hidden_layers]):
         attn, mlp = layer.self_attn, layer.mlp
         parts = [(layer, "LlamaDecoderLayer"), (attn, "LlamaAttention"), (mlp, "LlamaMLP")]
@@ -78,6 +103,10 @@ def fused_unsupported(model: Any, dtype: torch.dtype) -> str | None:
             return f"layer {i} differs from Llama's"
         if not isinstance(mlp.act_fn, nn.SiLU | silu_class()):
             return f"layer {i}'s MLP activation is not SiLU"
+        if not getattr(attn, "is_causal", True):
+            return f"layer {i}'s attention is not causal"
+        if _shapes(layer) != _shapes(base.layers[0]) or _shapes(layer)[:3] != _config_shapes(config, attn):
+            return f"layer {i}'s projection shapes differ from the config's heads"
     if not _own_forward(base.norm, ref["LlamaRMSNorm"]):
         return "the final norm differs from Llama's"
     # the projections the step packs, each a plain nn.Linear (a LoRA layer wrapping one is not: its delta would be
@@ -97,6 +126,19 @@ def fused_unsupported(model: Any, dtype: torch.dtype) -> str | None:
     if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
         return "global module forward hooks are registered"
     return None
+
+
+def _shapes(layer: Any) -> tuple:
+    """Output widths of q, k, v, o, gate, up (None where a projection is not a linear)."""
+    attn, mlp = layer.self_attn, layer.mlp
+    projections = (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj)
+    return tuple(getattr(p, "out_features", None) for p in projections)
+
+
+def _config_shapes(config: Any, attn: Any) -> tuple:
+    """The q, k, v widths the config's head counts and the attention's head_dim give."""
+    q, kv = config.num_attention_heads * attn.head_dim, config.num_key_value_heads * attn.head_dim
+    return (q, kv, kv)
 
 
 def _rms_norm(norm: Any, h: torch.Tensor) -> torch.Tensor:
@@ -199,8 +241,11 @@ class FusedLlama:
 
 
 def fused_key(model: nn.Module, dtype: torch.dtype) -> tuple:
-    """Changes when any packed weight or bias changes in place (``_version``) or is replaced (``data_ptr``)."""
-    return (dtype,) + tuple(
+    """Changes when any packed weight or bias changes in place (``_version``) or is replaced (``data_ptr``), or the
+    config's layer or head counts change."""
+    config = model.config
+    shape = (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads)
+    return (dtype, shape) + tuple(
         (p._version, p.data_ptr())
         for m in model.modules()
         if isinstance(m, nn.Linear)

@@ -290,6 +290,8 @@ def generate(
 
 def _loop_decode(model, prompt_ids, prompt_mask, sampling, choose, eos_ids, pad_id, packed):
     """`decode` on ``packed`` (or on packs made for this call): the fused Llama step where it has one."""
+    if packed is not None and packed.model is not model:
+        raise ValueError("generate: packed holds the packs of another model than the one sampled")
     with packed if packed is not None else PackedLinears(model, batch_hint=prompt_ids.shape[0]) as packs:
         new = sampling.max_new_tokens
         return decode(model, prompt_ids, prompt_mask, new, choose, eos_ids=eos_ids, pad_id=pad_id, fused=packs.fused)
