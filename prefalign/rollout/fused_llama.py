@@ -240,7 +240,7 @@ class FusedLlama:
         return _linear(_rms_norm(base.norm, h[:, -1]), self.head)
 
 
-def fused_key(model: nn.Module, dtype: torch.dtype) -> tuple:
+def fused_key(model: Any, dtype: torch.dtype) -> tuple:
     """Changes when any packed weight or bias changes in place (``_version``) or is replaced (``data_ptr``), or the
     config's layer or head counts change."""
     config = model.config
