@@ -218,7 +218,13 @@ def packable(module: nn.Module) -> bool:
     )
 
 
-def _packed_forward(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+def pack_weight(weight: torch.Tensor, dtype: torch.dtype, batch_hint: int) -> torch.Tensor:
+    """A linear weight ``(out, in)`` reordered once into oneDNN's blocked layout for ``batch_hint``-row inputs."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), batch_hint)
+
+
+def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` on `pack_weight`'s ``packed`` (``x`` cast to its dtype)."""
     return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "")
 
 
@@ -262,7 +268,7 @@ class PackedLinears:
             w, b = m.weight, m.bias
             key = (w._version, w.data_ptr(), dtype, None if b is None else (b._version, b.data_ptr()))
             if m not in self.packs or self.packs[m][0] != key:
-                weight = torch.ops.mkldnn._reorder_linear_weight(w.detach().to(dtype), self.batch_hint)
+                weight = pack_weight(w, dtype, self.batch_hint)
                 bias = None if b is None else b.detach().to(dtype)
                 self.packs[m] = (key, weight, bias)
             packed.append(m)
@@ -292,7 +298,7 @@ class PackedLinears:
         for m in self._patched:
             _, weight, bias = self.packs[m]
             # an instance attribute shadows the class's forward
-            m.forward = functools.partial(_packed_forward, weight, bias)  # type: ignore[method-assign]
+            m.forward = functools.partial(packed_linear, weight, bias)  # type: ignore[method-assign]
         return self
 
     def __exit__(self, *exc) -> None:

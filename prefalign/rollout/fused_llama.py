@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefalign.models.lean import forward_source, silu_class
-from prefalign.rollout.decode import packable, packing_available
+from prefalign.rollout.decode import pack_weight, packable, packed_linear, packing_available
 
 # transformers' classes whose forward the step reimplements; a module is accepted when its class defines a forward
 # with the same source text (a copy under another name, e.g. a fine-tune's custom code, passes; any change, or a
@@ -150,17 +150,16 @@ def _rms_norm(norm: Any, h: torch.Tensor) -> torch.Tensor:
 
 def _pack(dtype: torch.dtype, batch_hint: int, *linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One prepacked weight for the linears' outputs side by side (and their biases, zeros for a bias-less one)."""
-    weight = torch.cat([m.weight.detach() for m in linears]).to(dtype)
+    weight = torch.cat([m.weight.detach() for m in linears])
     bias = None
     if any(m.bias is not None for m in linears):
         parts = [m.bias.detach() if m.bias is not None else m.weight.new_zeros(m.out_features) for m in linears]
         bias = torch.cat(parts).to(dtype)
-    return torch.ops.mkldnn._reorder_linear_weight(weight, batch_hint), bias
+    return pack_weight(weight, dtype, batch_hint), bias
 
 
 def _linear(x: torch.Tensor, packed: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
-    weight, bias = packed
-    return torch.ops.mkldnn._linear_pointwise(x.to(weight.dtype), weight, bias, "none", [], "")
+    return packed_linear(*packed, x)
 
 
 class FusedLlama:
@@ -170,7 +169,7 @@ class FusedLlama:
     the embedding and RoPE are the model's own. ``dtype``: the GEMMs' (the model's, or CPU autocast's)."""
 
     def __init__(self, model: Any, dtype: torch.dtype, batch_hint: int = 8):
-        self.model, self.dtype = model, dtype
+        self.model = model
         base = model.model
         self.layers = []
         for layer in base.layers[: model.config.num_hidden_layers]:
@@ -186,7 +185,7 @@ class FusedLlama:
         self.head = _pack(dtype, batch_hint, model.lm_head)
         attn = base.layers[0].self_attn
         self.heads, self.kv_heads = model.config.num_attention_heads, model.config.num_key_value_heads
-        self.head_dim, self.scaling = attn.head_dim, attn.scaling
+        self.head_dim = attn.head_dim
         self.intermediate = base.layers[0].mlp.gate_proj.out_features
         self.key = fused_key(model, dtype)
 
