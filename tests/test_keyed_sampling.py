@@ -58,6 +58,24 @@ def test_a_draw_depends_on_seed_key_and_position_only():
     assert key_seed(1, 2) != key_seed(2, 1) and key_seed(0, 5) == key_seed(0, 5)
 
 
+@pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (50, 1.0), (0, 0.9)])
+def test_batched_draw_equals_the_naive_loop_over_rows(top_k, top_p):
+    """`KeyedSampler.choose` (the whole batch's noise in one buffer, one max) against its docstring's loop: per row
+    a fresh generator seeded by key_seed(seed, key, t), argmax(filtered_logits - log(-log(rand(V)))); a
+    vocabulary of the default model's size, where near-ties are plenty."""
+    gen = torch.Generator().manual_seed(0)
+    keys = [key_seed(5, r) for r in range(6)]
+    sampler = KeyedSampler(seed=11, row_keys=keys, prompt_width=4, temperature=0.7, top_k=top_k, top_p=top_p)
+    for position in range(3):
+        scores = torch.randn(len(keys), 49152, generator=gen) * 4
+        want = []
+        for b, key in enumerate(keys):
+            g = torch.Generator().manual_seed(key_seed(11, key, position))
+            u = torch.rand(49152, generator=g).clamp(min=torch.finfo(torch.float32).tiny)
+            want.append(int((sampler.filtered_logits(scores)[b] - torch.log(-torch.log(u))).argmax()))
+        assert sampler.choose(scores, position).tolist() == want, position
+
+
 def _prompts(tokenizer):
     texts = ["The film was", "I watched it twice and", "Honestly,", "A long, slow and strangely moving story that"]
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
