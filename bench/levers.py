@@ -39,10 +39,14 @@ _BEFORE = ["--set", "lean_activations=false", "--exp", "chunks_in_data_order"]
 """The reward and DPO steps before the lean activations and the longest-first forward chunks."""
 
 
+def _there_and_back(runs: list[tuple[str, str, list[str]]]) -> list[tuple[str, str, list[str]]]:
+    """``runs`` in order, then in reverse (A B C C B A): a drift through the study lands on every variant alike."""
+    return runs + runs[::-1]
+
+
 def _raced_against(raced: str, label: str, exp: str) -> list[tuple[str, str, list[str]]]:
-    """prefalign as raced against one ``--exp`` what-if, in the order A B B A (drift lands on both)."""
-    other = ("prefalign", label, ["--exp", exp])
-    return [("prefalign", f"as raced: {raced}", []), other, other, ("prefalign", f"as raced: {raced}", [])]
+    """prefalign as raced against one ``--exp`` what-if, in the order A B B A."""
+    return _there_and_back([("prefalign", f"as raced: {raced}", []), ("prefalign", label, ["--exp", exp])])
 
 
 STUDIES = {
@@ -113,18 +117,15 @@ STUDIES = {
         "reward",
         "bf16",
         4,
-        [
-            ("prefalign", "as raced", []),
-            ("prefalign", "transformers' forwards", ["--set", "lean_activations=false"]),
-            ("prefalign", "2 pairs per forward", ["--set", "forward_batch_size=2"]),
-            ("prefalign", "4 pairs per forward", ["--set", "forward_batch_size=4"]),
-            ("trl", "as raced", []),
-            ("trl", "as raced", []),
-            ("prefalign", "4 pairs per forward", ["--set", "forward_batch_size=4"]),
-            ("prefalign", "2 pairs per forward", ["--set", "forward_batch_size=2"]),
-            ("prefalign", "transformers' forwards", ["--set", "lean_activations=false"]),
-            ("prefalign", "as raced", []),
-        ],
+        _there_and_back(
+            [
+                ("prefalign", "as raced", []),
+                ("prefalign", "transformers' forwards", ["--set", "lean_activations=false"]),
+                ("prefalign", "2 pairs per forward", ["--set", "forward_batch_size=2"]),
+                ("prefalign", "4 pairs per forward", ["--set", "forward_batch_size=4"]),
+                ("trl", "as raced", []),
+            ]
+        ),
     ),
     **{
         f"{workload}-sampler-copy": (
