@@ -223,6 +223,13 @@ def pack_weight(weight: torch.Tensor, dtype: torch.dtype, batch_hint: int) -> to
     return torch.ops.mkldnn._reorder_linear_weight(weight.detach().to(dtype), batch_hint)
 
 
+def linear_key(module: nn.Linear, dtype: torch.dtype) -> tuple:
+    """What a pack of ``module`` for ``dtype`` GEMMs was made from: changes when its weight or bias changes in place
+    (``_version``: an optimizer step, `refresh_sampling_copy`, ``load_state_dict``) or is replaced (``data_ptr``)."""
+    w, b = module.weight, module.bias
+    return (w._version, w.data_ptr(), dtype, None if b is None else (b._version, b.data_ptr()))
+
+
 def packed_linear(packed: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` on `pack_weight`'s ``packed`` (``x`` cast to its dtype)."""
     return torch.ops.mkldnn._linear_pointwise(x.to(packed.dtype), packed, bias, "none", [], "")
@@ -265,11 +272,10 @@ class PackedLinears:
             dtype = self._dtype(m)
             if not (packable(m) and packing_available(dtype)):  # checked per entry: the model may have moved
                 continue
-            w, b = m.weight, m.bias
-            key = (w._version, w.data_ptr(), dtype, None if b is None else (b._version, b.data_ptr()))
+            key = linear_key(m, dtype)
             if m not in self.packs or self.packs[m][0] != key:
-                weight = pack_weight(w, dtype, self.batch_hint)
-                bias = None if b is None else b.detach().to(dtype)
+                weight = pack_weight(m.weight, dtype, self.batch_hint)
+                bias = None if m.bias is None else m.bias.detach().to(dtype)
                 self.packs[m] = (key, weight, bias)
             packed.append(m)
         return packed

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from prefalign.models.lean import forward_source, silu_class
-from prefalign.rollout.decode import pack_weight, packable, packed_linear, packing_available
+from prefalign.rollout.decode import linear_key, pack_weight, packable, packed_linear, packing_available
 
 # transformers' classes whose forward the step reimplements; a module is accepted when its class defines a forward
 # with the same source text (a copy under another name, e.g. a fine-tune's custom code, passes; any change, or a
@@ -240,14 +240,8 @@ class FusedLlama:
 
 
 def fused_key(model: Any, dtype: torch.dtype) -> tuple:
-    """Changes when any packed weight or bias changes in place (``_version``) or is replaced (``data_ptr``), or the
-    config's layer or head counts change."""
+    """Changes when any linear's `linear_key` changes (a weight or bias written in place or replaced, another
+    dtype), or the config's layer or head counts change."""
     config = model.config
     shape = (config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads)
-    return (dtype, shape) + tuple(
-        (p._version, p.data_ptr())
-        for m in model.modules()
-        if isinstance(m, nn.Linear)
-        for p in (m.weight, m.bias)
-        if p is not None
-    )
+    return (shape, *(linear_key(m, dtype) for m in model.modules() if isinstance(m, nn.Linear)))
