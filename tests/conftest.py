@@ -137,6 +137,15 @@ def tiny_reward_model_dir(tmp_path_factory, tokenizer):
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "accelerate"
 
 
+def free_port() -> int:
+    """A TCP port free on this machine now (the OS picks it), for a launch's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def launch(args, config=None, script=None, timeout=600):
     """``prefalign ARGS`` (or ``python SCRIPT ARGS``) in a subprocess: alone, or with ``config`` under
     ``accelerate launch --config_file CONFIG``. Returns the CompletedProcess (text); progress bars off."""
@@ -148,7 +157,9 @@ def launch(args, config=None, script=None, timeout=600):
     if config is None:
         cmd = [sys.executable, *target]
     else:
-        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), *target]
+        # A port of its own: launches running at once (pytest -n, or another user's job) must not meet on 29500.
+        port = ["--main_process_port", str(free_port())]
+        cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(config), *port, *target]
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -157,6 +168,20 @@ def launch_ok(args, config=None, script=None):
     r = launch(args, config=config, script=script)
     assert r.returncode == 0, r.stderr[-3000:]
     return r
+
+
+def run_here(args):
+    """``prefalign ARGS`` on 1 process, inside this one (its command's ``main``), asserting it returned 0.
+
+    The 1-process side of a "2 processes give the numbers of 1" test: a launch would spend ~5 s of this machine's
+    time importing torch and transformers again, which pytest has done. The 2-process side stays a real launch, and
+    tests that check the command line itself (exit codes, stderr, a fresh interpreter) launch it."""
+    import importlib
+
+    from prefalign.cli import COMMANDS
+
+    command, *rest = map(str, args)
+    assert importlib.import_module(COMMANDS[command][0]).main(rest) == 0
 
 
 def two_process_config(name, tmp_path, **overrides):

@@ -21,6 +21,7 @@ from conftest import (
     launch_ok,
     learnable_pairs,
     read_metrics,
+    run_here,
     two_process_config,
     uneven_pairs,
     write_jsonl,
@@ -89,7 +90,7 @@ def test_zero2_dpo_with_chunks_and_accumulation_matches_one_process_and_resumes(
         "--max-grad-norm",
         "0.5",
     ]
-    launch_ok([*common, "--batch-size", "2", "--output", tmp_path / "one"])
+    run_here([*common, "--batch-size", "2", "--output", tmp_path / "one"])
     launch_ok([*common, "--batch-size", "1", "--output", tmp_path / "two"], config)  # same global batch: 1 x 2 x 2
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     _assert_same_losses(a, b)
@@ -133,7 +134,7 @@ def test_zero3_lora_dpo_and_reward_write_whole_models(tmp_path, tiny_model_dir, 
         if command == "dpo"
         else ["--learning-rate", "1e-3", "--weight-decay", "0.5"]
     )
-    launch_ok([*common, "--batch-size", "4", "--output", tmp_path / "one"])
+    run_here([*common, "--batch-size", "4", "--output", tmp_path / "one"])
     launch_ok([*common, "--batch-size", "2", "--output", tmp_path / "two"], config)
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     _assert_same_losses(a, b)

@@ -21,10 +21,10 @@ from conftest import (
     chunk_probe,
     final_weights,
     launch,
-    launch_ok,
     learnable_pairs,
     ppo_flags,
     read_metrics,
+    run_here,
     two_process_config,
     uneven_pairs,
     write_jsonl,
@@ -99,7 +99,7 @@ def test_fsdp_dpo_matches_one_process_and_resumes(tmp_path, tiny_model_dir, fsdp
         "--forward-batch-size",
         "1",
     ]  # 2 forwards a micro-batch: the no_sync path under FSDP
-    launch_ok([*common, "--batch-size", "4", "--output", tmp_path / "one"])
+    run_here([*common, "--batch-size", "4", "--output", tmp_path / "one"])
     fsdp([*common, "--batch-size", "2", "--output", tmp_path / "two"])
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b]
@@ -122,7 +122,7 @@ def test_fsdp_dpo_matches_one_process_and_resumes(tmp_path, tiny_model_dir, fsdp
         shutil.rmtree(out / "checkpoints" / "step-0000004")
         shutil.rmtree(out / "final", ignore_errors=True)
         args = [*common, "--output", out, "--resume", "latest"]
-        fsdp([*args, "--batch-size", "2"]) if run else launch_ok([*args, "--batch-size", "4"])
+        fsdp([*args, "--batch-size", "2"]) if run else run_here([*args, "--batch-size", "4"])
         assert_same_tensors(final_weights(out), final, TOL)
         assert read_metrics(out)[-1]["eval/loss"] == pytest.approx(b[-1]["eval/loss"], abs=TOL)
 
@@ -152,7 +152,7 @@ def test_fsdp_lora_and_reward_write_whole_models(tmp_path, tiny_model_dir, fsdp,
     # --precompute-ref: the adapter-off reference runs before any policy forward has gathered the sharded root
     lora = ["--lora-r", "4", "--learning-rate", "1e-2", "--precompute-ref"]
     common += lora if command == "dpo" else ["--learning-rate", "1e-3"]
-    launch_ok([*common, "--batch-size", "4", "--output", tmp_path / "one"])
+    run_here([*common, "--batch-size", "4", "--output", tmp_path / "one"])
     fsdp([*common, "--batch-size", "2", "--output", tmp_path / "two"])
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert json.loads((tmp_path / "two" / "run.json").read_text())["eval_examples"] == 9
@@ -235,7 +235,7 @@ def test_fsdp_ppo_matches_one_process(tmp_path, tiny_model_dir, fsdp, lora):
         "2",
         *(["--lora-r", "4", "--learning-rate", "1e-2"] if lora else []),
     ]
-    launch_ok([*common, "--output", tmp_path / "one"])
+    run_here([*common, "--output", tmp_path / "one"])
     fsdp([*common, "--output", tmp_path / "two"])
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]

@@ -7,7 +7,17 @@ import shutil
 
 import pytest
 import torch
-from conftest import EXAMPLES, final_weights, launch, ppo_flags, read_metrics, run_cli, two_process_config, write_jsonl
+from conftest import (
+    EXAMPLES,
+    final_weights,
+    launch,
+    ppo_flags,
+    read_metrics,
+    run_cli,
+    run_here,
+    two_process_config,
+    write_jsonl,
+)
 from test_fsdp import WORKER as FSDP_WORKER
 from test_loop import _documented
 from test_trainer_ppo import LowIdReward
@@ -285,8 +295,7 @@ def test_two_processes_log_the_points_of_one(tmp_path, tiny_model_dir, heldout, 
         "--heldout-every",
         "2",
     ]
-    r = launch([*common, "--output", tmp_path / "one"])
-    assert r.returncode == 0, r.stderr[-3000:]
+    run_here([*common, "--output", tmp_path / "one"])
     if backend == "fsdp":
         (tmp_path / "fsdp_worker.py").write_text(FSDP_WORKER)
         config, script = two_process_config("fsdp", tmp_path), tmp_path / "fsdp_worker.py"

@@ -2,9 +2,10 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, launch, launch_ok, learnable_pairs, ppo_flags, read_metrics, write_jsonl
+from conftest import EXAMPLES, launch, launch_ok, learnable_pairs, ppo_flags, read_metrics, run_here, write_jsonl
 
 CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"
 # Tolerance: the 2-process gradient is the mean of two half-batch means, all-reduced in float32;
@@ -38,8 +39,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir, command)
         "--lr-scheduler",
         "constant",
     ]
-    one = _launch(1, [*common, "--batch-size", "4", "--output", tmp_path / "one"])
-    assert one.returncode == 0, one.stderr[-3000:]
+    run_here([*common, "--batch-size", "4", "--output", tmp_path / "one"])
     two = _launch(2, [*common, "--batch-size", "2", "--output", tmp_path / "two"])  # same global batch: 2 x 2
     assert two.returncode == 0, two.stderr[-3000:]
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -52,32 +52,41 @@ def test_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir, command)
     assert (tmp_path / "two" / "final" / "config.json").is_file()
 
 
-# Two processes that each run PPO on half of every rollout batch: the real launcher and gloo. The CLI's own
-# parse and trainer, plus one line per process that saves its final parameters (only the main process writes
-# final/), so the test can check that DDP kept both copies identical and compare them with a 1-process run.
-# Processes out of step (one skips a collective the other waits in) hang rather than fail: the watchdog ends
-# the worker with every thread's stack on stderr well before the launch timeout.
-PPO_WORKER = """
+def ppo_and_save(argv):
+    """`prefalign ppo ARGV` (the CLI's own parse and trainer), then this process's trainable parameters of the
+    policy and value model into ``OUTPUT/params-rankR.pt`` (only the main process writes final/)."""
+    import torch
+
+    from prefalign.cli._args import parse
+    from prefalign.trainers.ppo import PPOConfig, PPOTrainer
+
+    def trainable(model):
+        return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    cfg = parse(PPOConfig, [str(a) for a in argv], prog="prefalign ppo")
+    trainer = PPOTrainer(cfg)
+    trainer.train()
+    torch.save(
+        {"policy": trainable(trainer.policy), "value": trainable(trainer.value)},
+        f"{cfg.output}/params-rank{trainer.accelerator.process_index}.pt",
+    )
+
+
+# Two processes that each run PPO on half of every rollout batch: the real launcher and gloo, running
+# `ppo_and_save`, so the test can check that DDP kept both copies identical and compare them with a 1-process run
+# (`ppo_and_save` in this process). Processes out of step (one skips a collective the other waits in) hang rather
+# than fail: the watchdog ends the worker with every thread's stack on stderr well before the launch timeout.
+PPO_WORKER = f"""
 import faulthandler
 import sys
 
-import torch
-
-from prefalign.cli._args import parse
-from prefalign.trainers.ppo import PPOConfig, PPOTrainer
-
-
-def trainable(model):
-    return {n: p.detach().cpu().clone() for n, p in model.named_parameters() if p.requires_grad}
-
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_multiprocess import ppo_and_save
 
 faulthandler.dump_traceback_later(240, exit=True)
-cfg = parse(PPOConfig, sys.argv[1:], prog="prefalign ppo")
-trainer = PPOTrainer(cfg)
-trainer.train()
-torch.save({"policy": trainable(trainer.policy), "value": trainable(trainer.value)},
-           f"{cfg.output}/params-rank{trainer.accelerator.process_index}.pt")
+ppo_and_save(sys.argv[1:])
 """
+
 # Tolerance of 2 processes vs 1: keyed sampling draws the same tokens, each process weights its token means by
 # its share of the minibatch's tokens (so DDP's average is the 1-process token mean, responses of any lengths),
 # and whitening uses statistics of both shards. What is left is float32 rounding (forwards over other batch
@@ -95,8 +104,10 @@ def _ppo_flags(tmp_path, model_dir):
 
 def _run_ppo(tmp_path, processes, name, flags):
     """The worker on ``processes`` processes into ``tmp_path / name``; its metrics.jsonl rows."""
-    config = CPU_CONFIG if processes == 2 else None
-    launch_ok([*flags, "--output", tmp_path / name], config, script=tmp_path / "ppo_worker.py")
+    if processes == 1:
+        ppo_and_save([*flags, "--output", tmp_path / name])
+    else:
+        launch_ok([*flags, "--output", tmp_path / name], CPU_CONFIG, script=tmp_path / "ppo_worker.py")
     return read_metrics(tmp_path / name)
 
 

@@ -7,7 +7,7 @@ loss is normalised by the minibatch's totals over every process (tokens, rows), 
 is the 1-process aggregate, whatever lengths the responses have (--stop k ends some early)."""
 
 import pytest
-from conftest import EXAMPLES, assert_same_tensors, final_weights, launch_ok, ppo_flags, read_metrics
+from conftest import EXAMPLES, assert_same_tensors, final_weights, launch_ok, ppo_flags, read_metrics, run_here
 
 CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"
 # What is left is float32 rounding (forwards over other batch shapes, sums in another order) carried through
@@ -36,7 +36,10 @@ def score(prompts, completions):
 
 
 def _run(tmp_path, processes, name, flags):
-    launch_ok([*flags, "--output", tmp_path / name], CPU_CONFIG if processes == 2 else None)
+    if processes == 1:
+        run_here([*flags, "--output", tmp_path / name])
+    else:
+        launch_ok([*flags, "--output", tmp_path / name], CPU_CONFIG)
     return read_metrics(tmp_path / name)
 
 
