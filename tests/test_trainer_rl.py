@@ -276,6 +276,31 @@ def test_dynamic_sampling_counts_the_groups_it_drops(tmp_path, tiny_model_dir, p
     assert sum(reward.constant_groups) > 0
 
 
+def test_reinforce_pp_whitens_over_the_groups_dynamic_sampling_keeps(tmp_path, tiny_model_dir, prompts):
+    """The advantages in the loss are mean 0, variance 1 (unbiased) over the kept tokens: the dropped groups'
+    returns (score 1.0 against completion lengths of ~10-30) are not in the statistics. A batch with every group
+    dropped trains on no token and still rolls out."""
+    from prefalign.losses.stats import masked_mean, masked_var
+
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts, estimator="reinforce_pp", dynamic_sampling=True)
+    trainer = RLTrainer(cfg, reward_source=HalfConstantReward())
+    trainer.prepare()
+    r = trainer.rollout([0, 1, 2, 3], step=1, timing={})
+    assert r.kept.tolist() == [False] * 4 + [True] * 4 + [False] * 4 + [True] * 4  # even prompts: equal scores
+    mask = r.loss_mask.bool()
+    assert masked_mean(r.advantages, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert masked_var(r.advantages, mask).item() == pytest.approx(1.0, rel=1e-5)
+    everything = r.response_mask.bool()
+    assert abs(masked_mean(r.advantages, everything).item()) > 0.1  # the dropped rows sit apart
+    trainer = RLTrainer(
+        _cfg(tmp_path / "none", tiny_model_dir, prompts, estimator="reinforce_pp", dynamic_sampling=True),
+        reward_source=ConstantReward(),
+    )
+    trainer.prepare()
+    none = trainer.rollout([0, 1], step=1, timing={})
+    assert not none.kept.any() and none.loss_mask.sum() == 0 and torch.isfinite(none.advantages).all()
+
+
 class EvenConstantReward:
     """`HalfConstantReward`'s rule (even prompt i: 1.0 whatever the completion; odd: its length), recording the
     prompt index of every group it scores, call by call (K = 4 rows per prompt)."""

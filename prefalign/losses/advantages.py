@@ -16,7 +16,7 @@ is what replaces the critic. Outcome estimators broadcast one number per row to 
     rloo          R_i - mean_{j != i in g} R_j         (Ahmadian et al. 2024, "Back to Basics")
     reinforce_pp  return-to-go sum_{s >= t} gamma^(s-t) r_s, whitened over the whole batch (Hu 2025, REINFORCE++)
 
-``std_g`` is the unbiased standard deviation over the group's K scores, as in DeepSeekMath's GRPO code. ``R_i =
+``std_g`` is the unbiased standard deviation over the group's K scores, as TRL's ``GRPOTrainer`` takes it. ``R_i =
 s_i + P_i``: the row's score and its KL penalty (``P_i = -kl_coef * KL_i``, 0 when the KL is a loss term). GRPO
 divides the scores alone by their std: dividing ``R`` would scale each group's KL penalty by ``1 / std_g s``, so
 ``kl_coef`` would lose its meaning and a group of equal scores would get its KL noise as unit-variance advantages

@@ -29,7 +29,7 @@ from prefalign.losses.policy import informative_groups
 from prefalign.methods import METHODS, Method
 from prefalign.rollout.generate import key_seed
 from prefalign.rollout.rollout import Rollout
-from prefalign.trainers.dist import masked_mean_var, mean_across_processes
+from prefalign.trainers.dist import masked_mean_var, mean_across_processes, sum_across_processes
 from prefalign.trainers.final import save_final_model
 from prefalign.trainers.optim import make_optimizer
 from prefalign.trainers.ppo import PPOTrainer
@@ -177,19 +177,19 @@ class RLTrainer(RLUpdate, PPOTrainer):
         # 6. per-token rewards: the KL penalty (unless it is a loss term) on every token, the score on the last
         kl_coef = 0.0 if cfg.kl_in_loss else self.kl_ctl.coef
         rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, response_mask, kl_coef, cfg.kl_estimator)
-        # 7. advantages by the estimator's table entry; 8. groups still of equal scores out of the loss (DAPO)
+        # 7. groups still of equal scores out of the loss (DAPO); 8. advantages by the estimator's table entry
+        kept = informative_groups(scores, k) if cfg.dynamic_sampling else torch.ones_like(gen.ended, device=dev)
+        loss_mask = response_mask * kept[:, None].to(response_mask.dtype)
         advantages, returns = self.estimator.fn(
             AdvantageInputs(
                 rewards,
                 response_mask,
                 k,
                 gamma=cfg.gamma,
-                batch_stats=lambda x, m: masked_mean_var(acc, x, m),
+                batch_stats=lambda x, m: masked_mean_var(acc, x, self.whitened_over(m, loss_mask)),
                 scores=scores,
             )
         )
-        kept = informative_groups(scores, k) if cfg.dynamic_sampling else torch.ones_like(gen.ended, device=dev)
-        loss_mask = response_mask * kept[:, None].to(response_mask.dtype)
         loss_lengths = acc.gather(loss_mask.sum(1)).view(self.world, -1).cpu()
         return GroupRollout.of_samples(
             gen,
@@ -211,6 +211,16 @@ class RLTrainer(RLUpdate, PPOTrainer):
             score_parts=groups.parts,
             refill=refill_stats,
         )
+
+    def whitened_over(self, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+        """The tokens a batch-whitening estimator (reinforce_pp) takes its mean and variance over: those in the loss,
+        so the advantages it trains on are mean 0, variance 1 (DAPO drops its groups before the advantages, as
+        verl's recipe filters them first). Every process's count decides, so all take the same mask; with fewer
+        than 2 kept tokens in the batch no token is trained on, and the whole ``mask`` is used."""
+        if not self.cfg.dynamic_sampling:
+            return mask
+        kept = int(sum_across_processes(self.accelerator, loss_mask.sum().double()).item())
+        return loss_mask if kept >= 2 else mask
 
     def sample_groups(self, idx: list[int], step: int, timing: dict) -> tuple[Groups, dict[str, float]]:
         """The scored K completions of every prompt of ``idx`` (this process's shard) and, with --dynamic-sampling

@@ -35,8 +35,9 @@ class RLConfig(PPOConfig):
     """Advantage estimator: grpo (GRPO, Shao et al. 2024: (s - mean_group s) / (std_group s + eps) + P - mean_group
     P), dr_grpo (Dr. GRPO, Liu et al. 2025: R - mean_group R, constant loss normaliser), rloo (RLOO, Ahmadian et
     al. 2024: R_i - mean of the group's other R_j), reinforce_pp (REINFORCE++, Hu 2025: return-to-go of the
-    KL-shaped token rewards, whitened over the batch). R = s + P: a completion's score s plus its KL penalty P
-    (P = 0 with --kl-in-loss); grpo divides the scores alone by their std, so --kl-coef keeps its meaning."""
+    KL-shaped token rewards, whitened over the batch's tokens in the loss). R = s + P: a completion's score s plus
+    its KL penalty P (P = 0 with --kl-in-loss); grpo divides the scores alone by their std, so --kl-coef keeps its
+    meaning."""
     num_generations: int = 4
     """K: completions sampled per prompt (a group); grpo, dr_grpo and rloo need K >= 2. Each is keyed by (seed,
     iteration, prompt, k), so it does not depend on the batch layout or the process count."""
