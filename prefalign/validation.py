@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
+import math
 
 _deferred = contextvars.ContextVar("prefalign_deferred_validation", default=False)
 
@@ -21,7 +23,12 @@ class Validated:
 
     def __post_init__(self):
         if not _deferred.get():
-            self.validate()
+            self.check()
+
+    def check(self) -> None:
+        """Every check of this config: no field holds a non-finite number (`require_finite`), then `validate`."""
+        require_finite(self)
+        self.validate()
 
     def validate(self) -> None:
         """Raise ValueError with a one-line message naming the flag when a value is invalid."""
@@ -39,6 +46,18 @@ def deferred_validation():
 def flag(name: str) -> str:
     """The command-line flag of a config field, as errors name it: ``max_new_tokens`` -> ``--max-new-tokens``."""
     return "--" + name.replace("_", "-")
+
+
+def require_finite(cfg) -> None:
+    """Refuse a field (or an element of a list or tuple field) holding NaN or an infinity, naming its flag.
+
+    No option of prefalign takes one (an unset limit is None), and they pass every range check written as
+    ``x <= 0`` or ``x < 0``: an infinite learning rate trained an all-NaN model and exited 0."""
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        for x in value if isinstance(value, (list, tuple)) else (value,):
+            if isinstance(x, float) and not math.isfinite(x):
+                raise ValueError(f"{flag(f.name)} must be a finite number, got {value}")
 
 
 def require_at_least_one(cfg, *names: str) -> None:

@@ -10,7 +10,7 @@ from prefalign.validation import check_sampling, flag, require_at_least_one
 SAMPLING_ERRORS = [  # (field values, the message's start)
     ({"max_new_tokens": 0}, "--max-new-tokens must be >= 1, got 0"),
     ({"temperature": 0.0}, "--temperature must be > 0"),
-    ({"temperature": float("nan")}, "--temperature must be > 0"),
+    ({"temperature": float("nan")}, "--temperature must be a finite number, got nan"),
     ({"top_p": 0.0}, "--top-p must be in (0, 1], got 0.0"),
     ({"top_p": 1.5}, "--top-p must be in (0, 1], got 1.5"),
     ({"top_k": -1}, "--top-k must be >= 0, got -1"),

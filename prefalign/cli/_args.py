@@ -24,11 +24,11 @@ from prefalign.validation import deferred_validation
 
 
 class _Config(Protocol):
-    """What `parse` builds: a config dataclass with ``validate()`` (every config is a `Validated` dataclass)."""
+    """What `parse` builds: a config dataclass with ``check()`` (every config is a `Validated` dataclass)."""
 
     __dataclass_fields__: ClassVar[dict[str, Any]]
 
-    def validate(self) -> None: ...
+    def check(self) -> None: ...
 
 
 T = TypeVar("T", bound=_Config)
@@ -80,6 +80,33 @@ def load_yaml_config(cls: type[T], path: str) -> T:
             return cls(**data)
     except TypeError as e:
         raise UserError(f"{path}: {e}") from None
+
+
+def refuse_repeated_flags(cls: type, argv: Sequence[str]) -> None:
+    """Refuse a flag given twice unless its field collects repeats (``--reward a --reward b`` in rl): the parser
+    would keep the last one and drop the others without a word (``ppo --reward a --reward b`` scored with b
+    alone; ``--stop a --stop b`` stopped at b only)."""
+    hints = typing.get_type_hints(cls, include_extras=True)
+    seen: set[str] = set()
+    for arg in argv:
+        name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else ""
+        name = name[3:] if name.startswith("no_") and name[3:] in hints else name  # --no-flag of a boolean
+        if name not in hints or _collects_repeats(hints[name]):
+            continue
+        if name in seen:
+            option = "--" + name.replace("_", "-")
+            listed = typing.get_origin(_bare(hints[name])) is list
+            raise UserError(f"{option} given more than once; give it once" + (f" ({option} A B)" if listed else ""))
+        seen.add(name)
+
+
+def _collects_repeats(hint: Any) -> bool:
+    """Whether a field's annotation carries tyro's ``UseAppendAction`` (its flag may repeat, each adding one)."""
+    import tyro
+
+    return typing.get_origin(hint) is typing.Annotated and any(
+        m is tyro.conf.UseAppendAction for m in typing.get_args(hint)[1:]
+    )
 
 
 def _bare(hint: Any) -> Any:
@@ -153,6 +180,7 @@ def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str 
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg_path, rest = _split_config_flag(argv)
+    refuse_repeated_flags(cls, rest)
     default = load_yaml_config(cls, cfg_path) if cfg_path else None
     desc = (description or (cls.__doc__ or "")).strip()
     desc += "\n\nAll fields can also come from a YAML file: --config FILE (flags override it)."
@@ -163,7 +191,7 @@ def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str 
         # tyro types default as the config itself; None (no --config) means no default, and the result is a cls
         cfg = cast(T, tyro.cli(cls, args=rest, default=default, prog=prog, description=desc))
     try:
-        cfg.validate()
+        cfg.check()
     except (TypeError, ValueError) as e:
         raise UserError(str(e)) from None
     return cfg

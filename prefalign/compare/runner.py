@@ -28,7 +28,7 @@ from prefalign.compare.summary import log_summary, summarize
 from prefalign.compare.tasks import TASKS
 from prefalign.errors import UserError
 from prefalign.preflight import preflight_race
-from prefalign.runio import claimed_output_dir, write_config, write_jsonl
+from prefalign.runio import CONFIG_FILE, claimed_output_dir, write_config, write_jsonl
 from prefalign.trackers import load_tracker_packages
 
 
@@ -68,6 +68,8 @@ class Comparison:
         The race holds its output directory's lock throughout (each stage locks its own directory); a failed
         race keeps its directory, to be resumed."""
         cfg = self.cfg
+        if cfg.resume and not (Path(cfg.output) / CONFIG_FILE).is_file():  # written as a race starts
+            raise UserError(f"--resume: {cfg.output} holds no comparison to resume; drop --resume to start one there")
         # before the directory exists; the plan's prompt paths are placeholders: only its commands are counted
         stages = plan_stages(cfg, Path(cfg.output), Path("train.jsonl"), Path("heldout.jsonl"))
         preflight_race(cfg.output, [stage.command for stage in stages], cfg.model)

@@ -89,8 +89,16 @@ class CommonConfig(Validated):
             raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        if not all(0 <= b < 1 for b in self.adam_betas):
+            raise ValueError(f"--adam-betas must each be in [0, 1), got {' '.join(map(str, self.adam_betas))}")
         if self.lora_r < 0:
             raise ValueError(f"--lora-r must be >= 0, got {self.lora_r}")
+        if self.lora_r and not self.lora_alpha > 0:
+            raise ValueError(f"--lora-alpha must be > 0 (the update is scaled by alpha / r), got {self.lora_alpha}")
+        if not 0 <= self.lora_dropout < 1:
+            raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.resume is not None and self.overwrite:
+            raise ValueError("--resume and --overwrite contradict each other (continue the run, or replace it)")
         if self.merge_lora and self.lora_r == 0:
             raise ValueError("--merge-lora needs LoRA (--lora-r > 0)")
         parse_report_to(self.report_to)
@@ -155,6 +163,11 @@ class TrainConfig(CommonConfig):
             raise ValueError(f"--eval-split must be in [0, 1), got {self.eval_split}")
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError("--max-prompt-length must be smaller than --max-length")
+        from prefalign.data.preferences import FORMATS
+
+        fmt = getattr(self, "data_format", None)  # sft, dpo and reward have one
+        if fmt not in (None, "auto", *FORMATS):
+            raise ValueError(f"--data-format must be one of {', '.join(FORMATS)} (default: detected), got {fmt!r}")
 
     @property
     def prompt_budget(self) -> int:

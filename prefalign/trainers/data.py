@@ -92,6 +92,11 @@ def _load_tokenized_sft(source: str, split: str, cfg, tokenizer) -> tuple[list, 
 
     table = read_table(source, split=split)
     if {"prompt", "completion"} <= set(table.columns):
+        if getattr(cfg, "data_format", None) not in (None, "auto"):
+            raise UserError(
+                f"{source}: --data-format {cfg.data_format} reads preference data, and this file has prompt and "
+                "completion columns; drop --data-format"
+            )
         prompts, completions, wheres, report = _prompt_completion_rows(table)
     else:
         examples, report = load_preferences(table, tokenizer, format=getattr(cfg, "data_format", None))

@@ -175,8 +175,9 @@ class PPOConfig(CommonConfig):
             )
         if not 0 < self.clip_eps < 1:
             raise ValueError(f"--clip-eps must be in (0, 1), got {self.clip_eps}")
-        if self.vf_clip is not None and self.vf_clip <= 0:
-            raise ValueError(f"--vf-clip must be > 0, got {self.vf_clip}")
+        for name in ("vf_clip", "score_clip", "value_learning_rate"):  # None: off, or --learning-rate's
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         for name in ("kl_coef", "vf_coef", "ent_coef"):  # each named alone: rl has no --vf-coef
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")

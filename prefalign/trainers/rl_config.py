@@ -5,7 +5,6 @@ there) without the value model's fields, plus the estimator, the group size and 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -109,6 +108,8 @@ class RLConfig(PPOConfig):
                 )
 
     def _check_rewards(self) -> None:
+        if "" in self.reward:
+            raise ValueError("--reward must not be empty: name a reward-model directory, vader, or module:function")
         if len(set(self.reward)) != len(self.reward):
             raise ValueError(f"--reward given twice: {' '.join(self.reward)}; give each source once")
         if self.reward_weights is None:
@@ -118,8 +119,6 @@ class RLConfig(PPOConfig):
                 f"--reward-weights has {len(self.reward_weights)} values for {len(self.reward)} "
                 "--reward sources; give one weight per source, in their order"
             )
-        if not all(math.isfinite(w) for w in self.reward_weights):
-            raise ValueError(f"--reward-weights must be finite numbers, got {self.reward_weights}")
 
     @property
     def weights(self) -> list[float]:

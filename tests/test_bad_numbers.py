@@ -1,0 +1,76 @@
+"""Bad numbers and contradicting flags: exit 2, one line naming the flag, nothing written (as in
+tests/test_bad_input.py, whose helpers run each command in-process through ``prefalign.cli.main``).
+
+A non-finite number passes every range check written ``x <= 0``: before `prefalign.validation.require_finite`,
+``--learning-rate inf`` trained an all-NaN model and exited 0, and ``compare --ppo-lr inf`` ran its stages before
+failing in the summary."""
+
+import pytest
+from conftest import learnable_pairs, write_jsonl
+from test_bad_input import _bad, _dpo, _ppo
+
+
+@pytest.fixture()
+def model(tiny_model_dir):
+    return tiny_model_dir
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--learning-rate", "inf"], "--learning-rate must be a finite number, got inf"),
+        (["--learning-rate", "nan"], "--learning-rate must be a finite number, got nan"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number, got nan"),
+        (["--weight-decay", "nan"], "--weight-decay must be a finite number, got nan"),
+        (["--epochs", "inf"], "--epochs must be a finite number, got inf"),
+        (["--adam-betas", "0.9", "nan"], "--adam-betas must be a finite number, got (0.9, nan)"),
+        (["--adam-betas", "1.5", "0.9"], "--adam-betas must each be in [0, 1), got 1.5 0.9"),
+        (["--lora-r", "2", "--lora-alpha", "0"], "--lora-alpha must be > 0 (the update is scaled by alpha / r), got 0"),
+        (["--lora-r", "4", "--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1), got 1.5"),
+        (["--resume", "latest", "--overwrite"], "--resume and --overwrite contradict each other"),
+        (["--beta", "0.1", "--beta", "0.2"], "--beta given more than once; give it once"),
+        (["--overwrite", "--no-overwrite"], "--overwrite given more than once; give it once"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_dpo_refuses(capsys, tmp_path, model, extra, needle):
+    data = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
+    _bad(capsys, tmp_path, _dpo(data, model, *extra), needle)
+
+
+@pytest.mark.parametrize(
+    "extra,needle",
+    [
+        (["--value-learning-rate", "-1"], "--value-learning-rate must be > 0, got -1.0"),
+        (["--score-clip", "-1"], "--score-clip must be > 0, got -1.0"),
+        (["--kl-coef", "nan"], "--kl-coef must be a finite number, got nan"),
+        (["--reward", "vader"], "--reward given more than once; give it once"),  # ppo scores with one source
+        (["--stop", "a", "--stop", "b"], "--stop given more than once; give it once (--stop A B)"),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_ppo_refuses(capsys, tmp_path, model, extra, needle):
+    _bad(capsys, tmp_path, _ppo(tmp_path, model, "vader", *extra), needle)
+
+
+def test_rl_refuses_an_empty_reward_and_takes_repeated_ones(capsys, tmp_path, model):
+    argv = _ppo(tmp_path, model, "vader", "--reward", "", "--num-generations", "2")
+    _bad(capsys, tmp_path, ["rl", *argv[1:]], "--reward must not be empty: name a reward-model directory")
+    argv = _ppo(tmp_path, model, "vader", "--reward", "vader", "--num-generations", "2")
+    _bad(capsys, tmp_path, ["rl", *argv[1:]], "--reward given twice: vader vader")  # repeats collect, then checked
+
+
+def test_sft_refuses_a_data_format_it_cannot_read(capsys, tmp_path, model):
+    pairs = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
+    sft = ["sft", "--model", model, "--max-steps", "1", "--batch-size", "2", "--precision", "fp32"]
+    _bad(capsys, tmp_path, [*sft, "--data", pairs, "--data-format", "bogus"], "--data-format must be one of explicit")
+    completions = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "a", "completion": " b"}] * 4)
+    _bad(capsys, tmp_path, [*sft, "--data", completions, "--data-format", "implicit"], "c.jsonl", "drop --data-format")
+
+
+def test_compare_refuses_an_infinite_rate_before_any_stage(capsys, tmp_path, model):
+    _bad(capsys, tmp_path, ["compare", "--model", model, "--ppo-lr", "inf"], "--ppo-lr must be a finite number")
+
+
+def test_compare_refuses_to_resume_a_directory_with_no_race(capsys, tmp_path, model):
+    _bad(capsys, tmp_path, ["compare", "--model", model, "--resume"], "--resume:", "holds no comparison to resume")
