@@ -167,9 +167,10 @@ def _check_not_locked(out: Path) -> None:
         os.close(fd)
 
 
-def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> bool:
+def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool | None = None) -> bool:
     """Refuse a path that is a file, is locked by another process, or holds another run (unless ``overwrite`` or
-    ``resume``); the lock file alone is no run.
+    ``resume``); the lock file alone is no run. ``resume=None``: the command has no --resume, so the refusal
+    does not suggest it.
 
     Returns True when the directory does not exist yet (this run will create it). Under ``accelerate launch``
     only the main process checks (and returns False elsewhere): the others may start late and find the directory
@@ -184,14 +185,15 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume
         _check_not_locked(out)
     holds_run = out.is_dir() and any(p.name != LOCK_FILE for p in out.iterdir())
     if holds_run and not (overwrite or resume):
+        or_resume = "" if resume is None else " or --resume to continue it"
         raise UserError(
             f"{out}: output directory is not empty (another run?); pass --overwrite to replace "
-            "its files or --resume to continue it, or choose another --output"
+            f"its files{or_resume}, or choose another --output"
         )
     return not out.exists()
 
 
-def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False) -> Path:
+def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resume: bool | None = None) -> Path:
     """The output directory, checked and created. Inside `claimed_output_dir` (every command run from the CLI)
     it was checked when it was locked, so this returns it as it is. Otherwise (a library call) `check_output_dir`,
     then create it. The main process of a launch does both: the others write nothing before it does, and must
@@ -225,7 +227,7 @@ def remove_on_user_error(path: str | os.PathLike, created: bool):
 
 @contextlib.contextmanager
 def claimed_output_dir(
-    path: str | os.PathLike, *, overwrite: bool = False, resume: bool = False, keep_on_error: bool = False
+    path: str | os.PathLike, *, overwrite: bool = False, resume: bool | None = None, keep_on_error: bool = False
 ):
     """Hold ``path`` for the whole ``with`` block: lock it (creating it), then refuse it if it holds another run
     (unless ``overwrite`` or ``resume``); yields its `Path`. Taken before any model loads, so two launches into

@@ -36,6 +36,7 @@ def test_generate_smoke_from_file_and_literal(tmp_path, tiny_model_dir):
     # a second run into the same directory is refused, with one line
     again = run_cli("generate", "--model", tiny_model_dir, "--prompts", "x", "--output", out)
     assert again.returncode == 2 and "not empty" in again.stderr and "Traceback" not in again.stderr
+    assert "pass --overwrite" in again.stderr and "--resume" not in again.stderr  # generate has no --resume
 
 
 def test_generate_chat_mode_wraps_prompts_in_the_template(tmp_path, tiny_model_dir):
@@ -158,3 +159,12 @@ def test_no_prompts_samples_the_built_in_ones(tmp_path, tiny_model_dir):
 
     rows = _run(tmp_path, tiny_model_dir, "builtin", prompts=[], num_samples=1, max_new_tokens=2, greedy=True)
     assert [r["prompt"] for r in rows] == BUILTIN_PROMPTS
+
+
+def test_a_prompt_file_without_a_prompt_column_says_what_to_do(tmp_path, tiny_model_dir):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"text": "hi"}\n')
+    r = run_cli("generate", "--model", tiny_model_dir, "--prompts", prompts, "--output", tmp_path / "gen")
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
+    assert f"{prompts}: missing column 'prompt' (found columns: text); rename the column" in r.stderr
+    assert "column=" not in r.stderr  # not a flag of generate, rl or ppo

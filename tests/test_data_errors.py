@@ -297,7 +297,10 @@ def test_plain_text_is_not_preference_data(tmp_path):
 
 
 def test_prompt_file_without_prompt_column(tmp_path):
-    _file_error(_jsonl(tmp_path / "p.jsonl", [{"text": "hi"}]), "missing column 'prompt'", "text", fn=load_prompts)
+    path = _jsonl(tmp_path / "p.jsonl", [{"text": "hi"}])
+    msg = _file_error(path, "missing column 'prompt'", "(found columns: text)", fn=load_prompts)
+    hint = "rename the column that holds the prompts to 'prompt', or give a .txt file with one prompt per line"
+    assert msg.endswith(f"; {hint}"), msg  # `column=` is no flag of generate, rl or ppo
 
 
 def test_all_rows_dropped_is_an_error(tmp_path):

@@ -81,6 +81,16 @@ def test_cli_bad_file_is_one_error_line(tmp_path):
     assert str(bad) in out.stderr and "Traceback" not in out.stderr
 
 
+@pytest.mark.parametrize("rows", ['{"prompt": "p"}', '{"chosen": "a", "rejected": "b"}'])
+def test_cli_inspect_names_the_prompt_column_asked_for(tmp_path, rows):
+    data = tmp_path / "d.jsonl"
+    data.write_text(rows + "\n")
+    out = _run("data", "inspect", str(data), "--format", "prompt", "--column", "nope")
+    assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+    assert out.stderr.startswith(f"error: {data}: missing column 'nope' (found columns: ")
+    assert out.stderr.rstrip().endswith("pass --column with the name of the prompt column")
+
+
 def test_cli_data_without_subcommand_prints_usage():
     out = _run("data")
     assert out.returncode == 2 and "inspect" in out.stdout

@@ -187,3 +187,13 @@ def test_an_output_under_a_file_is_one_line_and_makes_nothing(tmp_path):
     with pytest.raises(UserError, match=r"^--output .*afile/sub/run: cannot create .*afile/sub \(Not a directory\)"):
         lock_output_dir(tmp_path / "afile" / "sub" / "run")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_run_in_the_directory_is_refused_suggesting_resume_only_to_a_command_that_has_it(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(UserError, match=r"pass --overwrite to replace its files, or choose another --output$"):
+        prepare_output_dir(out)  # generate, prefs, eval: no --resume
+    with pytest.raises(UserError, match=r"pass --overwrite to replace its files or --resume to continue it, "):
+        prepare_output_dir(out, resume=False)  # a training command

@@ -70,9 +70,10 @@ def _length_table(columns: dict[str, list[int]]) -> list[str]:
 def inspect(cfg: InspectConfig) -> list[str]:
     """The report's lines (printed by `main`)."""
     from prefalign.data import read_table
-    from prefalign.data.preferences import PROMPT_ONLY, check_columns, detect_format, parse_preferences
+    from prefalign.data.preferences import PROMPT_ONLY, detect_format, parse_preferences
     from prefalign.data.prompts import parse_prompts
     from prefalign.data.tokens import leading_bos, tokenize_preferences, tokenize_prompts, truncate_pairs
+    from prefalign.errors import UserError
     from prefalign.models import load_tokenizer
 
     table = read_table(cfg.path, split=cfg.split, text_column=cfg.column)
@@ -84,7 +85,11 @@ def inspect(cfg: InspectConfig) -> list[str]:
     else:
         fmt, how = detect_format(table), "detected"
     if fmt == PROMPT_ONLY and table.kind != "text" and cfg.column not in table.columns:
-        check_columns(table, fmt)  # a clear "missing column" rather than a fall-back to pair prompts
+        # refused here, not left to a fall-back to pair prompts, and naming the column asked for
+        raise UserError(
+            f"{cfg.path}: missing column {cfg.column!r} (found columns: {', '.join(table.columns)}); "
+            "pass --column with the name of the prompt column"
+        )
     tokenizer = load_tokenizer(cfg.model)
     lines = [f"source: {cfg.path}", f"format: {fmt} ({how})"]
     if fmt == PROMPT_ONLY:

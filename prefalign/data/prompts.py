@@ -161,7 +161,7 @@ def parse_prompt_rows(
                 return [p.prompt for p in pairs], {}, report
         raise UserError(
             f"{table.source}: missing column {column!r} (found columns: {', '.join(table.columns)}); "
-            "a prompt dataset needs a column of prompts (choose it with column=)"
+            f"rename the column that holds the prompts to {column!r}, or give a .txt file with one prompt per line"
         )
     if chat:
         chatlib.require_template(tokenizer, table.source)
