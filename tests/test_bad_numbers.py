@@ -74,3 +74,33 @@ def test_compare_refuses_an_infinite_rate_before_any_stage(capsys, tmp_path, mod
 
 def test_compare_refuses_to_resume_a_directory_with_no_race(capsys, tmp_path, model):
     _bad(capsys, tmp_path, ["compare", "--model", model, "--resume"], "--resume:", "holds no comparison to resume")
+
+
+@pytest.mark.parametrize(
+    "argv,line",
+    [
+        (["dpo", "--bogus-flag", "3"], "error: Unrecognized options: --bogus-flag, 3; see prefalign dpo --help"),
+        (
+            ["dpo", "--batch-szie", "3"],
+            "error: Unrecognized options: --batch-szie, 3 (did you mean --batch-size?); see prefalign dpo --help",
+        ),
+        (
+            ["dpo", "--batch-size", "abc"],
+            "error: Error parsing --batch-size: invalid literal for int() with base 10: 'abc'; "
+            "see prefalign dpo --help",
+        ),
+        (
+            ["prefs", "--pair-rule", "bogus"],
+            "error: invalid choice 'bogus' for argument '--pair-rule'. Expected one of ('best_worst', 'all'); "
+            "see prefalign prefs --help",
+        ),
+    ],
+    ids=lambda v: " ".join(v) if isinstance(v, list) else "",
+)
+def test_the_parsers_own_refusals_are_one_line(capsys, tmp_path, argv, line):
+    """tyro draws these as boxes of 5-9 lines; `prefalign.cli._args.parse` makes each one line."""
+    from prefalign.cli import main
+
+    assert main([*argv, "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.splitlines() == [line]
+    assert not (tmp_path / "out").exists()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import os
 import sys
 import types
@@ -80,6 +81,32 @@ def load_yaml_config(cls: type[T], path: str) -> T:
             return cls(**data)
     except TypeError as e:
         raise UserError(f"{path}: {e}") from None
+
+
+def parser_error_line(box: str, prog: str) -> str | None:
+    """tyro's error box (a title, then sections between rules: the message, "Perhaps you meant:" with similar flags,
+    the help pointer) as one line: the message, the flags it suggests, and ``PROG --help``. rich draws it with box
+    characters on a UTF-8 stream and in ASCII otherwise (its title then stands alone above the first rule). None if
+    ``box`` is neither (it is then shown as it is)."""
+    lines = [raw.strip() for raw in box.splitlines() if raw.strip()]
+    sections: list[list[str]] = [[]]
+    for raw in lines:
+        line = raw.strip("│").strip()
+        if raw[:1] in ("╭", "╰"):
+            continue
+        if set(line) <= {"─", "-"}:
+            sections.append([])
+        else:
+            sections[-1].append(line)
+    if lines and not lines[0].startswith("╭"):
+        sections = sections[1:]
+    if len(sections) < 2 or not sections[0] or "--help" not in " ".join(sections[-1]):
+        return None
+    message = " ".join(sections[0]).rstrip(".")
+    similar = [s[1:] for s in sections if s and s[0].startswith("Perhaps you meant")]
+    flags = [line.split()[0] for lines in similar for line in lines if line.startswith("--")]
+    maybe = f" (did you mean {' or '.join(dict.fromkeys(flags))}?)" if flags else ""
+    return f"{message}{maybe}; see {prog} --help"
 
 
 def refuse_repeated_flags(cls: type, argv: Sequence[str]) -> None:
@@ -186,10 +213,20 @@ def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str 
     desc += "\n\nAll fields can also come from a YAML file: --config FILE (flags override it)."
     os.environ.setdefault("COLUMNS", "100")  # stable --help width in pipes and CI logs
     # Validation is deferred while tyro builds the config (tyro would print a ValueError as a box) and
-    # run here, so a bad value is one line and exit 2 like every other user error.
-    with deferred_validation():
-        # tyro types default as the config itself; None (no --config) means no default, and the result is a cls
-        cfg = cast(T, tyro.cli(cls, args=rest, default=default, prog=prog, description=desc))
+    # run here, so a bad value is one line and exit 2 like every other user error. tyro's own refusals (an
+    # unknown flag, a value of the wrong type) are boxes on stderr: caught there and made one line too.
+    err = io.StringIO()
+    try:
+        with deferred_validation(), contextlib.redirect_stderr(err):
+            # tyro types default as the config itself; None (no --config) means no default, the result is a cls
+            cfg = cast(T, tyro.cli(cls, args=rest, default=default, prog=prog, description=desc))
+    except SystemExit as e:
+        line = parser_error_line(err.getvalue(), prog) if e.code not in (0, None) else None
+        if line is None:
+            sys.stderr.write(err.getvalue())
+            raise
+        raise UserError(line) from None
+    sys.stderr.write(err.getvalue())  # what tyro warned about while parsing
     try:
         cfg.check()
     except (TypeError, ValueError) as e:
