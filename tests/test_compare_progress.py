@@ -142,7 +142,11 @@ def test_a_failed_stage_prints_its_last_lines_and_its_log(tmp_path, capsys):
             runner.run(RM.name, "reward", ["--no-such-flag"])
     log = tmp_path / "logs" / "seed-0_rm.log"
     tail = log_tail(log)
-    assert len(tail) >= 3 and any("--no-such-flag" in line for line in tail)
+    # the command line, then the parser's refusal (one line)
+    assert tail[0].startswith("$ ") and tail[0].endswith(
+        "reward --no-such-flag --output " + str(tmp_path / "seed-0" / "rm") + " --overwrite"
+    )
+    assert tail[1:] == ["error: Unrecognized options: --no-such-flag; see prefalign reward --help"]
     err = capsys.readouterr().err
     expected = "".join(f"  | {line}\n" for line in tail)
     assert f"stage seed-0/rm failed (exit 2); the last {len(tail)} lines of {log}:\n{expected}" in err

@@ -183,7 +183,7 @@ def test_several_rewards_are_weighted_summed_and_logged(tmp_path, tiny_model_dir
         (dict(estimator="gae"), r"gae needs a value model: run prefalign ppo"),
         (dict(estimator="ppo"), "--estimator must be one of grpo, dr_grpo, rloo, reinforce_pp, got 'ppo'"),
         (dict(reward=["a:f", "b:g"], reward_weights=[1.0]), "--reward-weights has 1 values for 2 --reward sources"),
-        (dict(reward=["a:f"], reward_weights=[float("nan")]), "--reward-weights must be finite"),
+        (dict(reward=["a:f"], reward_weights=[float("nan")]), r"--reward-weights must be a finite number, got \[nan\]"),
         (dict(reward=["a:f", "a:f"]), "--reward given twice"),
         (dict(vf_coef=0.5), "vf_coef belongs to the value model"),
         (dict(loss_agg="sum"), "--loss-agg must be one of token_mean"),

@@ -110,19 +110,20 @@ def parser_error_line(box: str, prog: str) -> str | None:
 
 
 def refuse_repeated_flags(cls: type, argv: Sequence[str]) -> None:
-    """Refuse a flag given twice unless its field collects repeats (``--reward a --reward b`` in rl): the parser
-    would keep the last one and drop the others without a word (``ppo --reward a --reward b`` scored with b
-    alone; ``--stop a --stop b`` stopped at b only)."""
+    """Refuse a repeated flag whose repeat would drop values without a word: a list flag (``--stop a --stop b``
+    stopped at b alone; its values go after one flag) and a field the config names in ``ONE_VALUE`` (ppo's
+    ``--reward``: rl collects several, ppo scored with the last alone). Any other flag given twice takes its last
+    value, as argparse does and as flags override a --config file."""
     hints = typing.get_type_hints(cls, include_extras=True)
+    refused = set(getattr(cls, "ONE_VALUE", ()))
     seen: set[str] = set()
     for arg in argv:
         name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else ""
-        name = name[3:] if name.startswith("no_") and name[3:] in hints else name  # --no-flag of a boolean
         if name not in hints or _collects_repeats(hints[name]):
             continue
-        if name in seen:
+        listed = typing.get_origin(_bare(hints[name])) is list
+        if name in seen and (listed or name in refused):
             option = "--" + name.replace("_", "-")
-            listed = typing.get_origin(_bare(hints[name])) is list
             raise UserError(f"{option} given more than once; give it once" + (f" ({option} A B)" if listed else ""))
         seen.add(name)
 

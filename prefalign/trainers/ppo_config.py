@@ -4,6 +4,7 @@ of RLHF with PPO", and TRL's PPO defaults where those are silent)."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from prefalign.losses.kl import KL_ESTIMATORS
 from prefalign.models.frozen import FROZEN_DTYPES
@@ -14,6 +15,8 @@ from prefalign.validation import check_sampling, require_at_least_one
 @dataclass
 class PPOConfig(CommonConfig):
     """Optimise a policy with PPO against a reward source, with a per-token KL penalty to a reference."""
+
+    ONE_VALUE: ClassVar[tuple[str, ...]] = ("reward",)  # refused when repeated (`refuse_repeated_flags`)
 
     prompts: str = ""
     """Prompts: .txt (one per line), .jsonl/.json/.csv/.parquet with a `prompt` column (strings or chat
