@@ -339,3 +339,24 @@ def test_bf16_sampling_copy_does_not_drift_from_float32_with_position(tokenizer)
         errors = [(completion_logprobs(m, ids, mask, completion) - ref).abs() for m in (copy, rounded)]
     early, late = ([e[:, lo:hi].mean().item() for e in errors] for lo, hi in ((1, 100), (700, 900)))
     assert late[0] < late[1] / 3 and early[1] < late[1] / 3, (early, late)
+
+
+def test_a_policy_with_nan_weights_is_one_line_and_nothing_written(tmp_path, tiny_model_dir, tokenizer, capsys):
+    """Its log-probs are NaN: refused, not written into eval.json as a bare NaN (which is not JSON)."""
+    import torch
+
+    from prefalign.cli import main
+    from prefalign.models import tiny_causal_lm
+
+    broken = tmp_path / "broken"
+    model, _ = tiny_causal_lm(tokenizer, seed=1)
+    with torch.no_grad():
+        model.model.norm.weight.fill_(float("nan"))
+    model.save_pretrained(broken)
+    tokenizer.save_pretrained(broken)
+    gold, _ = _judges(tmp_path)
+    argv = ["eval", "--policies", f"nan={broken}", "--reference", str(tiny_model_dir), "--prompts", "x", "y"]
+    assert main([*argv, "--judge", gold, "--max-new-tokens", "3", "--output", str(tmp_path / "out")]) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"error: --policies nan={broken}: kl_mean, kl_std not finite")
+    assert not (tmp_path / "out").exists()

@@ -165,6 +165,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     seconds = time.perf_counter() - start
 
     metrics = {run.name: _policy_metrics(run, ref) for run in [ref, *runs]}  # step 4
+    _refuse_non_finite(metrics)
     result = {
         "reference": REFERENCE,
         "policies": metrics,
@@ -273,6 +274,24 @@ def _policy_metrics(run: _PolicyRun, ref: _PolicyRun) -> dict:
         "length_mean": float(lengths.mean()),
         "eos_rate": sum(s.ended for s in run.samples) / len(run.samples),
     }
+
+
+def _refuse_non_finite(metrics: dict[str, dict]) -> None:
+    """A policy whose weights hold NaN or an infinity samples from NaN logits and has NaN log-probs: refused in one
+    line (the CLI then removes the output directory it made), not written into eval.json as a bare NaN, which is
+    not JSON."""
+    import math
+
+    from prefalign.errors import UserError
+
+    for name, row in metrics.items():
+        bad = [key for key, value in row.items() if isinstance(value, float) and not math.isfinite(value)]
+        if bad:
+            what = "--reference" if name == REFERENCE else f"--policies {name}={row['model']}"
+            raise UserError(
+                f"{what}: {', '.join(bad)} not finite; its weights may hold NaN or inf (see the metrics.jsonl of "
+                "the run that wrote them)"
+            )
 
 
 def _completion_rows(prompts: list[str], runs: list[_PolicyRun]) -> list[dict]:
