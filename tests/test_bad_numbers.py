@@ -6,7 +6,7 @@ A non-finite number passes every range check written ``x <= 0``: before `prefali
 failing in the summary."""
 
 import pytest
-from conftest import learnable_pairs, write_jsonl
+from conftest import learnable_pairs, read_metrics, write_jsonl
 from test_bad_input import _bad, _dpo, _ppo
 
 
@@ -54,6 +54,13 @@ def test_ppo_refuses(capsys, tmp_path, model, extra, needle):
 def test_rl_refuses_an_empty_reward_and_takes_repeated_ones(capsys, tmp_path, model):
     argv = _ppo(tmp_path, model, "vader", "--reward", "", "--num-generations", "2")
     _bad(capsys, tmp_path, ["rl", *argv[1:]], "--reward must not be empty: name a reward-model directory")
+    argv = _ppo(tmp_path, model, "vader", "--reward-weights", "1", "--reward-weights", "2")  # list[float] | None
+    _bad(
+        capsys,
+        tmp_path,
+        ["rl", *argv[1:]],
+        "--reward-weights given more than once; give it once (--reward-weights A B)",
+    )
     argv = _ppo(tmp_path, model, "vader", "--reward", "vader", "--num-generations", "2")
     _bad(capsys, tmp_path, ["rl", *argv[1:]], "--reward given twice: vader vader")  # repeats collect, then checked
 
@@ -111,3 +118,28 @@ def test_a_scalar_flag_given_twice_takes_the_last_value():
 
     cfg = parse(DPOConfig, ["--data", "p.jsonl", "--beta", "0.1", "--beta", "0.2"], prog="prefalign dpo")
     assert cfg.beta == 0.2
+
+
+def test_a_run_started_with_overwrite_resumes_through_its_config_file(tmp_path, model):
+    """What an interrupted run prints: ``--config OUT/config.yaml --resume latest``. Its config.yaml holds the
+    ``overwrite: true`` it started with: only --resume and --overwrite given together as flags are refused."""
+    from prefalign.cli import main
+
+    data = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(8))
+    out = tmp_path / "run"
+    assert main([str(a) for a in _dpo(data, model, "--output", out, "--overwrite", "--save-steps", "1")]) == 0
+    assert "overwrite: true" in (out / "config.yaml").read_text()
+    assert main(["dpo", "--config", str(out / "config.yaml"), "--resume", "latest", "--max-steps", "2"]) == 0
+    assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
+
+
+def test_a_coloured_parser_box_is_one_line_too(capsys, tmp_path, monkeypatch):
+    """tyro colours its boxes when stdout is a terminal (as in any interactive shell): the codes go first."""
+    import tyro._fmtlib
+
+    from prefalign.cli import main
+
+    monkeypatch.setattr(tyro._fmtlib, "_FORCE_ANSI", True)
+    assert main(["dpo", "--batch-szie", "3", "--output", str(tmp_path / "out")]) == 2
+    line = "error: Unrecognized options: --batch-szie, 3 (did you mean --batch-size?); see prefalign dpo --help"
+    assert capsys.readouterr().err.splitlines() == [line]

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import re
 import sys
 import types
 import typing
@@ -83,29 +84,39 @@ def load_yaml_config(cls: type[T], path: str) -> T:
         raise UserError(f"{path}: {e}") from None
 
 
+ANSI_CODE = re.compile(r"\x1b\[[0-9;]*m")
+SIMILAR = ("Perhaps you meant", "Arguments similar to")  # tyro's headers of the flags like an unknown one
+
+
 def parser_error_line(box: str, prog: str) -> str | None:
-    """tyro's error box (a title, then sections between rules: the message, "Perhaps you meant:" with similar flags,
-    the help pointer) as one line: the message, the flags it suggests, and ``PROG --help``. rich draws it with box
-    characters on a UTF-8 stream and in ASCII otherwise (its title then stands alone above the first rule). None if
-    ``box`` is neither (it is then shown as it is)."""
-    lines = [raw.strip() for raw in box.splitlines() if raw.strip()]
+    """tyro's error box (a title, then sections between rules: the message, the similar flags, the help pointer)
+    as one line: the message, the flags it suggests, and ``PROG --help``. tyro draws it with box characters on a
+    UTF-8 stream and in ASCII otherwise (the title then stands alone above the first rule), coloured when stdout is
+    a terminal (the codes are removed first). None if ``box`` is neither (it is then shown as it is)."""
+    rows = [row for raw in box.splitlines() if (row := ANSI_CODE.sub("", raw).rstrip()).strip()]
+    boxed = bool(rows) and rows[0].lstrip().startswith("╭")
     sections: list[list[str]] = [[]]
-    for raw in lines:
-        line = raw.strip("│").strip()
-        if raw[:1] in ("╭", "╰"):
+    for row in rows:
+        if row.lstrip()[:1] in ("╭", "╰"):
             continue
-        if set(line) <= {"─", "-"}:
+        inner = row.strip().strip("│").rstrip() if boxed else row  # keeps the indentation inside the box
+        if not inner.strip():
+            continue
+        if set(inner.strip()) <= {"─", "-"}:
             sections.append([])
         else:
-            sections[-1].append(line)
-    if lines and not lines[0].startswith("╭"):
+            sections[-1].append(inner)
+    if not boxed:
         sections = sections[1:]
     if len(sections) < 2 or not sections[0] or "--help" not in " ".join(sections[-1]):
         return None
-    message = " ".join(sections[0]).rstrip(".")
-    similar = [s[1:] for s in sections if s and s[0].startswith("Perhaps you meant")]
-    flags = [line.split()[0] for lines in similar for line in lines if line.startswith("--")]
-    maybe = f" (did you mean {' or '.join(dict.fromkeys(flags))}?)" if flags else ""
+    message = " ".join(line.strip() for line in sections[0]).rstrip(".")
+    flags: list[str] = []
+    for _head, *lines in (section for section in sections if section and section[0].strip().startswith(SIMILAR)):
+        indent = min((len(line) - len(line.lstrip()) for line in lines), default=0)  # flag rows; help is deeper
+        flags += [line.split()[0].rstrip(",") for line in lines if len(line) - len(line.lstrip()) == indent]
+    flags = [flag for flag in dict.fromkeys(flags) if flag.startswith("--")]
+    maybe = f" (did you mean {' or '.join(flags)}?)" if flags else ""
     return f"{message}{maybe}; see {prog} --help"
 
 
@@ -121,7 +132,7 @@ def refuse_repeated_flags(cls: type, argv: Sequence[str]) -> None:
         name = arg[2:].split("=", 1)[0].replace("-", "_") if arg.startswith("--") else ""
         if name not in hints or _collects_repeats(hints[name]):
             continue
-        listed = typing.get_origin(_bare(hints[name])) is list
+        listed = any(typing.get_origin(m) is list for m in _members(hints[name]))  # list[float] | None too
         if name in seen and (listed or name in refused):
             option = "--" + name.replace("_", "-")
             raise UserError(f"{option} given more than once; give it once" + (f" ({option} A B)" if listed else ""))
@@ -209,6 +220,11 @@ def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg_path, rest = _split_config_flag(argv)
     refuse_repeated_flags(cls, rest)
+    given = {arg.split("=", 1)[0] for arg in rest}
+    # as flags only: a run's config.yaml holds the overwrite it started with, and resuming through it
+    # (`--config OUT/config.yaml --resume latest`, what an interrupted run prints) must not be refused
+    if {"--resume", "--overwrite"} <= given:
+        raise UserError("--resume and --overwrite contradict each other (continue the run, or replace it)")
     default = load_yaml_config(cls, cfg_path) if cfg_path else None
     desc = (description or (cls.__doc__ or "")).strip()
     desc += "\n\nAll fields can also come from a YAML file: --config FILE (flags override it)."

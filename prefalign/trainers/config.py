@@ -97,8 +97,6 @@ class CommonConfig(Validated):
             raise ValueError(f"--lora-alpha must be > 0 (the update is scaled by alpha / r), got {self.lora_alpha}")
         if not 0 <= self.lora_dropout < 1:
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
-        if self.resume is not None and self.overwrite:
-            raise ValueError("--resume and --overwrite contradict each other (continue the run, or replace it)")
         if self.merge_lora and self.lora_r == 0:
             raise ValueError("--merge-lora needs LoRA (--lora-r > 0)")
         parse_report_to(self.report_to)

@@ -216,7 +216,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
         """The tokens a batch-whitening estimator (reinforce_pp) takes its mean and variance over: those in the loss,
         so the advantages it trains on are mean 0, variance 1 (DAPO drops its groups before the advantages, as
         verl's recipe filters them first). Every process's count decides, so all take the same mask; with fewer
-        than 2 kept tokens in the batch no token is trained on, and the whole ``mask`` is used."""
+        than 2 kept tokens in the batch (too few for a variance) the whole ``mask`` is used."""
         if not self.cfg.dynamic_sampling:
             return mask
         kept = int(sum_across_processes(self.accelerator, loss_mask.sum().double()).item())
