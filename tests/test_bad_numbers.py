@@ -143,3 +143,13 @@ def test_a_coloured_parser_box_is_one_line_too(capsys, tmp_path, monkeypatch):
     assert main(["dpo", "--batch-szie", "3", "--output", str(tmp_path / "out")]) == 2
     line = "error: Unrecognized options: --batch-szie, 3 (did you mean --batch-size?); see prefalign dpo --help"
     assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_data_inspect_refuses_a_prompt_cap_over_the_length(capsys, tmp_path):
+    """It reported rows dropped for a truncation policy no trainer would run (they refuse the same pair)."""
+    from prefalign.cli import main
+
+    data = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
+    assert main(["data", "inspect", str(data), "--max-length", "10", "--max-prompt-length", "20"]) == 2
+    line = "error: --max-prompt-length must be smaller than --max-length (as the trainers refuse it)"
+    assert capsys.readouterr().err.splitlines() == [line]

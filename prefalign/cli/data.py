@@ -48,6 +48,8 @@ class InspectConfig(Validated):
             raise ValueError(f"--max-length must be >= 2, got {self.max_length}")
         if self.max_prompt_length is not None and self.max_prompt_length < 1:
             raise ValueError(f"--max-prompt-length must be >= 1, got {self.max_prompt_length}")
+        if self.max_length is not None and (self.max_prompt_length or 0) >= self.max_length:
+            raise ValueError("--max-prompt-length must be smaller than --max-length (as the trainers refuse it)")
 
 
 def percentiles(values: list[int]) -> list[int | None]:
