@@ -13,12 +13,6 @@ CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"
 TOL = 1e-5
 
 
-def _launch(processes, args, script=None):
-    """``prefalign ARGS`` (or ``python SCRIPT ARGS``) on 1 process, or on 2 under the shipped CPU config."""
-    assert processes in (1, 2)
-    return launch(args, config=CPU_CONFIG if processes == 2 else None, script=script)
-
-
 @pytest.mark.parametrize("command", ["sft", "dpo", "reward"])
 def test_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir, command):
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(40))
@@ -40,8 +34,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir, command)
         "constant",
     ]
     run_here([*common, "--batch-size", "4", "--output", tmp_path / "one"])
-    two = _launch(2, [*common, "--batch-size", "2", "--output", tmp_path / "two"])  # same global batch: 2 x 2
-    assert two.returncode == 0, two.stderr[-3000:]
+    launch_ok([*common, "--batch-size", "2", "--output", tmp_path / "two"], CPU_CONFIG)  # same global batch: 2 x 2
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     for ra, rb in zip(a, b):
@@ -203,8 +196,7 @@ def test_ppo_variants_on_two_processes_give_the_losses_of_one(tmp_path, tiny_mod
 def test_ppo_refuses_a_batch_the_processes_cannot_share(tmp_path, tiny_model_dir):
     prompts = tmp_path / "p.txt"
     prompts.write_text("a\nb\nc\nd\n")
-    r = _launch(
-        2,
+    r = launch(
         [
             "ppo",
             "--prompts",
@@ -220,6 +212,7 @@ def test_ppo_refuses_a_batch_the_processes_cannot_share(tmp_path, tiny_model_dir
             "--output",
             tmp_path / "ppo",
         ],
+        config=CPU_CONFIG,
     )
     assert r.returncode != 0
     assert "error: --rollout-batch-size 3 must be divisible by --num-minibatches x --grad-accum x processes" in r.stderr

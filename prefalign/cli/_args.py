@@ -22,7 +22,7 @@ from typing import Any, ClassVar, Protocol, TypeVar, cast
 import yaml
 
 from prefalign.errors import UserError
-from prefalign.validation import deferred_validation
+from prefalign.validation import deferred_validation, flag
 
 
 class _Config(Protocol):
@@ -134,7 +134,7 @@ def refuse_repeated_flags(cls: type, argv: Sequence[str]) -> None:
             continue
         listed = any(typing.get_origin(m) is list for m in _members(hints[name]))  # list[float] | None too
         if name in seen and (listed or name in refused):
-            option = "--" + name.replace("_", "-")
+            option = flag(name)
             raise UserError(f"{option} given more than once; give it once" + (f" ({option} A B)" if listed else ""))
         seen.add(name)
 

@@ -9,7 +9,7 @@ from typing import ClassVar
 from prefalign.losses.kl import KL_ESTIMATORS
 from prefalign.models.frozen import FROZEN_DTYPES
 from prefalign.trainers.config import CommonConfig
-from prefalign.validation import check_sampling, require_at_least_one
+from prefalign.validation import check_sampling, flag, require_at_least_one
 
 
 @dataclass
@@ -180,17 +180,17 @@ class PPOConfig(CommonConfig):
             raise ValueError(f"--clip-eps must be in (0, 1), got {self.clip_eps}")
         for name in ("vf_clip", "score_clip", "value_learning_rate"):  # None: off, or --learning-rate's
             if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be > 0, got {getattr(self, name)}")
         for name in ("kl_coef", "vf_coef", "ent_coef"):  # each named alone: rl has no --vf-coef
             if getattr(self, name) < 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.frozen_dtype != "auto" and self.frozen_dtype not in FROZEN_DTYPES:
             raise ValueError(f"--frozen-dtype must be auto, float32 or bfloat16, got {self.frozen_dtype!r}")
         if self.kl_estimator not in KL_ESTIMATORS:
             raise ValueError(f"--kl-estimator must be one of {', '.join(KL_ESTIMATORS)}, got {self.kl_estimator!r}")
         for name in ("gamma", "lam"):  # rl has no --lam
             if not 0 <= getattr(self, name) <= 1:
-                raise ValueError(f"--{name} must be in [0, 1], got {getattr(self, name)}")
+                raise ValueError(f"{flag(name)} must be in [0, 1], got {getattr(self, name)}")
         if self.target_kl <= 0:
             raise ValueError(f"--target-kl must be > 0, got {self.target_kl}")
         if self.ref is not None and self.lora_r:
