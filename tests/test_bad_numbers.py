@@ -44,11 +44,22 @@ def test_dpo_refuses(capsys, tmp_path, model, extra, needle):
         (["--kl-coef", "nan"], "--kl-coef must be a finite number, got nan"),
         (["--reward", "vader"], "--reward given more than once; give it once"),  # ppo scores with one source
         (["--stop", "a", "--stop", "b"], "--stop given more than once; give it once (--stop A B)"),
+        # on-policy: the update's log-probs must be those of the distribution that sampled
+        (["--top-p", "0.9"], "--top-p 0.9 / --top-k 0: on-policy RL samples the full distribution at --temperature"),
+        (["--top-k", "50"], "--top-p 1.0 / --top-k 50: on-policy RL samples the full distribution"),
+        (["--lora-r", "4", "--lora-dropout", "0.1"], "--lora-dropout must be 0 in on-policy RL, got 0.1"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )
 def test_ppo_refuses(capsys, tmp_path, model, extra, needle):
     _bad(capsys, tmp_path, _ppo(tmp_path, model, "vader", *extra), needle)
+
+
+def test_rl_refuses_sampling_off_the_policy(capsys, tmp_path, model):
+    argv = _ppo(tmp_path, model, "vader", "--num-generations", "2", "--top-p", "0.5")
+    _bad(capsys, tmp_path, ["rl", *argv[1:]], "--top-p 0.5 / --top-k 0: on-policy RL samples the full distribution")
+    argv = _ppo(tmp_path, model, "vader", "--num-generations", "2", "--lora-r", "2", "--lora-dropout", "0.05")
+    _bad(capsys, tmp_path, ["rl", *argv[1:]], "--lora-dropout must be 0 in on-policy RL, got 0.05")
 
 
 def test_rl_refuses_an_empty_reward_and_takes_repeated_ones(capsys, tmp_path, model):

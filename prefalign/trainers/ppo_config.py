@@ -66,9 +66,10 @@ class PPOConfig(CommonConfig):
     temperature: float = 0.7
     """Sampling temperature; log-probs are computed at the same temperature."""
     top_p: float = 1.0
-    """Nucleus sampling (1.0 = off)."""
+    """Nucleus sampling: must stay 1.0 (off). The ratio and the KL penalty are computed on the full softmax at
+    --temperature, so completions drawn from a truncated distribution would make the update off-policy."""
     top_k: int = 0
-    """Top-k sampling (0 = off)."""
+    """Top-k sampling: must stay 0 (off), for the same reason as --top-p."""
     stop: list[str] = field(default_factory=list)
     """Stop strings: a response is cut before the first one and counts as ended."""
     decoder: str = "loop"
@@ -198,7 +199,24 @@ class PPOConfig(CommonConfig):
                 "--ref conflicts with LoRA: with --lora-r the reference is the policy with its adapter "
                 "off; drop --ref or --lora-r"
             )
+        self._check_on_policy()
         self._check_heldout()
+
+    def _check_on_policy(self) -> None:
+        """What would make the update's log-probs differ from those of the policy that sampled: the ratio must
+        be exactly 1 on the first minibatch (the N+ details turn dropout off for this reason)."""
+        if self.top_p != 1.0 or self.top_k != 0:
+            raise ValueError(
+                f"--top-p {self.top_p} / --top-k {self.top_k}: on-policy RL samples the full distribution at "
+                "--temperature, the one whose log-probs the ratio and the KL penalty use; leave --top-p 1 and "
+                "--top-k 0"
+            )
+        if self.lora_dropout:
+            raise ValueError(
+                f"--lora-dropout must be 0 in on-policy RL, got {self.lora_dropout}: dropout in the update's "
+                "forward makes its log-probs differ from the sampling policy's (the ratio is not 1 before any "
+                "step); drop --lora-dropout"
+            )
 
     def _check_heldout(self) -> None:
         """The held-out evaluation's flags: all or none of prompts, judge and cadence."""
