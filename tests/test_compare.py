@@ -104,6 +104,17 @@ def test_compare_end_to_end_on_a_tiny_model_then_resume(tmp_path, tiny_model_dir
     assert positions == sorted(positions)
     stages = json.loads((out / "stages.json").read_text())
     assert set(stages) == {"pairs"} | {f"seed-{s}/{n}" for s in (0, 1) for n in ("rm", "ppo", "dpo", "eval")}
+    # evaluations while training (held-out pairs, PPO's curve) are measurement: subtracted, reported apart
+    for seed in (0, 1):
+        for arm, parts in (("ppo", {"reward_model": "rm", "policy": "ppo"}), ("dpo", {"policy": "dpo"})):
+            wall, evaluation = by[arm]["seed_costs"][seed]["wall_seconds"], 0.0
+            for part, stage in parts.items():
+                rows = [json.loads(x) for x in (out / f"seed-{seed}" / stage / "metrics.jsonl").read_text().split()]
+                spent = sum(r.get("eval/seconds", 0) + r.get("time/heldout", 0) for r in rows)
+                assert spent > 0 and wall[part] == pytest.approx(stages[f"seed-{seed}/{stage}"]["wall_seconds"] - spent)
+                evaluation += spent
+            assert wall["evaluation"] == pytest.approx(evaluation, abs=1e-3)
+            assert wall["total"] == pytest.approx(wall["pairs"] + wall["reward_model"] + wall["policy"], abs=1e-3)
     # finished stages keep their models, not their optimizer checkpoints (never resumed; ~2 GB per arm at 135M)
     assert not list(out.rglob("checkpoints")) and (out / "seed-0" / "dpo" / "final" / "config.json").is_file()
 

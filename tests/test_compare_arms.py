@@ -4,6 +4,7 @@ table), the SimPO and ORPO arms, costs charged by stage, and that one entry is a
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prefalign.cli._args import parse
@@ -11,7 +12,7 @@ from prefalign.compare import CompareConfig
 from prefalign.compare.arms import ARMS, DEFAULT_ARMS, DPO_LIKE, Arm, arms_help, final_model
 from prefalign.compare.plan import plan_stages
 from prefalign.compare.stages import StageResult
-from prefalign.compare.summary import summarize
+from prefalign.compare.summary import mean_over_seeds, summarize
 from prefalign.eval.report.tables import comparison_table, method_cells
 
 GOLDEN = Path(__file__).with_name("compare_argv_golden.json")
@@ -224,6 +225,8 @@ def _fake_race(out: Path, cfg: CompareConfig) -> dict[str, StageResult]:
                 "rewards/margins": 0.25,
             },
             {"step": 2, "wall_seconds": 2.0, "val/response_length": 0.0, "eval/accuracy": 0.75},
+            # evaluations while training: a loop's held-out pairs, an online run's curve point
+            {"step": 2, "eval/seconds": 1.5, "time/heldout": 0.25},
         ]
         _write_jsonl(run / "metrics.jsonl", rows)
         info = {"train_examples": 100, "global_batch": cfg.batch_size}  # a dataset trainer's run.json
@@ -247,17 +250,33 @@ def test_costs_are_charged_by_stage(tmp_path):
         "PPO on the gold judge",
     ]
     ppo, simpo, ppo_gt = by_name["ppo"]["cost"], by_name["simpo"]["cost"], by_name["ppo_gt"]["cost"]
-    assert ppo["wall_seconds"] == {"pairs": 60.0, "reward_model": 10.0, "policy": 20.0, "total": 90.0}
+    # each stage's 1.75 s of evaluation taken out of its wall time, reported apart
+    assert ppo["wall_seconds"] == {
+        "pairs": 60.0,
+        "reward_model": 10.0 - 1.75,
+        "policy": 20.0 - 1.75,
+        "total": 60.0 + 8.25 + 18.25,
+        "evaluation": 3.5,
+    }
     assert ppo["gradient_steps"] == cfg.rm_steps + cfg.ppo_steps * cfg.ppo_epochs
     assert ppo["pairs_used"] == min(100, cfg.rm_steps * cfg.batch_size) and ppo["rm_heldout_accuracy"] == 0.75
     assert ppo["tokens_generated"] == 1000 + 10 * cfg.ppo_rollout_batch  # pairs + one rollout batch of 10 tokens
-    assert simpo["wall_seconds"] == {"pairs": 60.0, "reward_model": 0.0, "policy": 30.0, "total": 90.0}
+    assert simpo["wall_seconds"] == {
+        "pairs": 60.0,
+        "reward_model": 0.0,
+        "policy": 30.0 - 1.75,
+        "total": 88.25,
+        "evaluation": 1.75,
+    }
     assert simpo["gradient_steps"] == cfg.dpo_steps and simpo["pairs_used"] == cfg.dpo_steps * cfg.batch_size
     assert simpo["tokens_generated"] == 1000 and simpo["rm_heldout_accuracy"] is None
     assert ppo_gt["pairs_used"] == 0 and ppo_gt["wall_seconds"]["pairs"] == 0.0 and ppo_gt["peak_rss_mb"] == 3003.0
     assert by_name["simpo"]["curve_metric"] == "rewards/margins" and by_name["simpo"]["curve"][0]["metric"] == 0.25
     assert by_name["ppo"]["curve_metric"] == "objective/scores"
     assert summary["samples"][0]["completions"]["simpo"] == " simpo"
+    # seeds' costs averaged leaf by leaf; a number some seeds lack is None, not the others' mean
+    assert mean_over_seeds([{"a": 1.0, "b": {"c": 2}}, {"a": 3.0, "b": {"c": 4}}]) == {"a": 2.0, "b": {"c": 3.0}}
+    assert mean_over_seeds([{"a": 0.9, "n": "x"}, {"a": None, "n": "y"}, {"a": 0.6, "n": "z"}]) == {"a": None, "n": "x"}
 
     table = comparison_table(summary["arms"])
     simpo_column = {row[0]: "".join(row[table.header.index("SimPO")]) for row in table.rows}
@@ -266,6 +285,42 @@ def test_costs_are_charged_by_stage(tmp_path):
     assert simpo_column["Loss"] == (
         "-log sigmoid(beta (avg_logp_c - avg_logp_r) - gamma) (avg_logp: per-token mean log-prob)"
     )
+
+
+def test_sweep_points_carry_the_crossed_interval_of_the_results_table(tmp_path):
+    """A sweep point is read from the evaluation's completions with the interval over seeds and prompts, as the
+    arm's own result is: DPO at its own beta gets the same interval in both (a seed-only interval of the seeds'
+    means, which prompts shared by every seed leave nearly constant, was narrower)."""
+    from prefalign.compare.curves import sweep_points
+    from prefalign.compare.evidence import gather
+    from prefalign.compare.stats import mean_interval
+
+    cfg = CompareConfig(preset="quick", arms=["dpo"], sweep=True, seeds=2, sweep_betas=[0.3]).resolved()
+    prompts = ["p", "q", "r"]
+    gold = {  # (seed, policy) -> per-prompt gold; the prompts differ far more than the seeds
+        (0, "dpo"): [0.0, 1.0, 2.0],
+        (1, "dpo"): [0.1, 1.1, 2.0],
+        (0, "dpo@beta=0.3"): [0.5, 1.5, 2.5],
+        (1, "dpo@beta=0.3"): [0.4, 1.5, 2.6],
+    }
+    for seed in (0, 1):
+        rows = [{"policy": "reference", "prompt": p, "sample": 0, "gold": 0.0, "kl": 0.0} for p in prompts]
+        rows += [
+            {"policy": name, "prompt": p, "sample": 0, "gold": gold[seed, name][i], "kl": 1.0 + i + seed}
+            for name in ("dpo", "dpo@beta=0.3")
+            for i, p in enumerate(prompts)
+        ]
+        _write_jsonl(tmp_path / f"seed-{seed}" / "eval" / "completions.jsonl", rows)
+    points = sweep_points(cfg, tmp_path, [0, 1])
+    assert [(pt["arm"], pt["param"], pt["value"]) for pt in points] == [
+        ("dpo", "beta", 0.3),
+        ("dpo", "beta", cfg.dpo_beta),
+    ]
+    swept = mean_interval(np.array([gold[0, "dpo@beta=0.3"], gold[1, "dpo@beta=0.3"]])).to_dict()
+    assert points[0]["gold"] == pytest.approx(swept) and points[0]["gold_mean"] == pytest.approx(1.5)
+    assert points[0]["kl"] == pytest.approx(mean_interval(np.array([[1.0, 2.0, 3.0], [2.0, 3.0, 4.0]])).to_dict())
+    own = gather(tmp_path, [0, 1], ["dpo"]).intervals["dpo"]["gold_mean"]
+    assert points[1]["gold"] == pytest.approx(own) and own["high"] - own["low"] > 1.0  # prompts' spread in it
 
 
 def test_a_misspelt_judge_is_refused_before_the_output_exists(tmp_path):

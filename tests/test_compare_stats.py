@@ -125,15 +125,33 @@ def test_win_rate_by_hand():
     prompts' 0.75 and 0.5 (variance 0.03125 / 2 prompts, 1 degree of freedom)."""
     a = np.array([[[1.0, 0.0], [2.0, 2.0]]])
     b = np.array([[[0.0, 0.0], [1.0, 3.0]]])
+    got = win_rate(a, b)  # 0.625 +- 12.71 x 0.125 runs past both ends: cut to [0, 1]
+    assert (got.mean, got.low, got.high) == pytest.approx((0.625, 0.0, 1.0))
+    # four prompts at 1/2, 1/2, 3/4, 1/4: variance 0.25^2 x 2 / 3 over 4 prompts, 3 degrees of freedom, inside [0, 1]
+    a = np.array([[[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]]])
+    b = np.array([[[0.0, 1.0], [0.0, 1.0], [0.0, 1.0], [1.0, 0.0]]])
+    half = stats.t.ppf(0.975, 3) * np.sqrt(0.25**2 * 2 / 3 / 4)
     got = win_rate(a, b)
-    assert (got.mean, got.low, got.high) == pytest.approx((0.625, 0.625 - T975[1] * 0.125, 0.625 + T975[1] * 0.125))
+    assert (got.mean, got.low, got.high) == pytest.approx((0.5, 0.5 - half, 0.5 + half))
+    assert 0 < got.low < got.high < 1
+
+
+def test_win_rate_interval_stays_within_0_and_1():
+    """3 seeds of 20 prompts, 58 wins of 60: the t-interval's high end, 1.028 uncut, is 1."""
+    a = np.ones((3, 20, 1))
+    a[0, :2] = -1.0  # seed 0 loses two prompts
+    got = win_rate(a, np.zeros((1, 20, 1)))
+    uncut = mean_interval(np.where(a > 0, 1.0, 0.0)[..., 0])
+    assert uncut.high > 1 and (got.mean, got.low, got.high) == pytest.approx((58 / 60, uncut.low, 1.0))
 
 
 def test_win_rate_against_the_start_row():
     a = np.array([[[1.0], [1.0]], [[-1.0], [-1.0]]])  # seed 0 beats the start everywhere, seed 1 loses everywhere
     start = np.zeros((1, 2, 1))
     got = win_rate(a, start)  # seed means 1 and 0: the seeds' spread alone, 1 degree of freedom
-    assert (got.mean, got.low, got.high) == pytest.approx((0.5, 0.5 - T975[1] * 0.5, 0.5 + T975[1] * 0.5))
+    uncut = mean_interval(np.array([[1.0, 1.0], [0.0, 0.0]]))
+    assert (uncut.low, uncut.high) == pytest.approx((0.5 - T975[1] * 0.5, 0.5 + T975[1] * 0.5))
+    assert (got.mean, got.low, got.high) == pytest.approx((0.5, 0.0, 1.0))  # cut to [0, 1]
 
 
 def test_win_rate_refuses_a_nan_score():

@@ -245,7 +245,7 @@ def _documented(trainer_heading: str) -> tuple[set[str], set[str]]:
     shared = [v for k, v in sections.items() if k in ("Every row", "Every training row") or "(the shared loop)" in k]
     own = sections[trainer_heading]
     keys = {k for text in [*shared, own] for k in re.findall(r"`([\w/]+)`", text)}
-    evals = {k for k in re.findall(r"`(eval/[\w/]+)`", own)}
+    evals = {k for text in [*shared, own] for k in re.findall(r"`(eval/[\w/]+)`", text)}
     if "`eval/<key>`" in own:  # "eval/<key>: loss and any of the above"
         evals |= {f"eval/{k}" for k in keys}
     return keys, evals

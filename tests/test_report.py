@@ -35,6 +35,7 @@ def _cost(pairs_s, rm_s, policy_s, pairs_used, rm_acc=None, tokens=40_000):
             "reward_model": rm_s,
             "policy": policy_s,
             "total": pairs_s + rm_s + policy_s,
+            "evaluation": 7.0 if rm_s else 3.0,
         },
         "peak_rss_mb": 2100.0,
         "tokens_generated": tokens,
@@ -155,6 +156,7 @@ def test_every_arm_and_row_label_in_both_reports(full_report):
             assert label in text
         assert "How to read this report" in text
     assert "held-out pair accuracy 0.810" in md  # the PPO reward model's measured accuracy
+    assert "+ 7 s of evaluation while training, not charged" in md  # reported apart from the charged wall time
     # the comparison table has one column per arm and the six rows, in order
     rows = _md_table_rows(md, "PPO-RLHF vs DPO")
     assert rows[0].count(" | ") == len(summary["arms"])

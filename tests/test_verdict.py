@@ -256,9 +256,24 @@ def test_cost_rules(costs, gains, verdict):
 def test_one_seed_costs_are_inconclusive_even_when_the_points_are_decisive():
     row = _row(4, n_seeds=1)
     assert row.verdict == INCONCLUSIVE
-    assert row.reason.startswith(
+    assert row.reason == (
         "cost inconclusive at this budget (PPO-RLHF minus DPO: wall +8m00s, peak memory +2.00 GiB from one seed,"
-        " points with no interval); sample efficiency holds"
+        " points with no interval); sample efficiency inconclusive at this budget (DPO minus PPO-RLHF in gold gain"
+        " per preference pair: +0.0001 from one seed: its interval holds the prompts' variance, not the"
+        " seed-to-seed one)."
+    )
+    # reversed points too: one seed decides neither part
+    assert _row(4, n_seeds=1, costs={("ppo", "wall_seconds"): [100.0]}, gains={"dpo": 0.1}).verdict == INCONCLUSIVE
+
+
+@pytest.mark.parametrize("gains", [{}, {"dpo": -0.1}], ids=["both-above", "dpo-below"])
+def test_one_seed_loss_is_inconclusive_even_when_the_intervals_are_decisive(gains):
+    row = _row(3, n_seeds=1, gains=gains)
+    dpo = "+0.300" if not gains else "-0.100"
+    assert (row.verdict, row.reason) == (
+        INCONCLUSIVE,
+        f"gold gain over the start: PPO-RLHF +0.200, DPO {dpo} from one seed: its interval holds the prompts'"
+        " variance, not the seed-to-seed one.",
     )
 
 

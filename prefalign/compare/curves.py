@@ -1,8 +1,12 @@
-"""What the summary reads out of the training runs as points with seed intervals: the online arms' held-out
-over-optimisation curves (gold and proxy against KL during training) and the ``--sweep`` frontier.
+"""What the summary reads out of the runs as points with intervals: the online arms' held-out over-optimisation
+curves (gold and proxy against KL during training) and the ``--sweep`` frontier.
 
-Each point is the mean over seeds with a 95% t-interval across them (`prefalign.compare.stats.seed_interval`):
-``{"mean": float, "low": float, "high": float}``; one seed gives low = high = mean.
+A curve point is the mean over seeds with a 95% t-interval across them (`prefalign.compare.stats.seed_interval`):
+the runs log only each point's mean over the held-out prompts, and every seed evaluates the same prompts with the
+same random numbers, so this interval holds the seeds' variance, not the prompts'. A sweep point is read from the
+evaluation's completions like every arm's result, with the crossed interval over seeds and prompts
+(`prefalign.compare.stats.mean_interval`), so a policy in both the sweep and the results table has one interval.
+Each interval is ``{"mean": float, "low": float, "high": float}``; one seed of a curve gives low = high = mean.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from typing import TYPE_CHECKING
 
 from prefalign.compare.arms import ARMS, Arm, selected_arms, sweep_runs
 from prefalign.compare.plan import seed_dir
-from prefalign.compare.stats import seed_interval
+from prefalign.compare.stats import REFERENCE_POLICY, START, from_completions, mean_interval, policy_name, seed_interval
 
 if TYPE_CHECKING:
     from prefalign.compare.config import ResolvedConfig
@@ -65,21 +69,37 @@ def overoptimisation(cfg: ResolvedConfig, out: Path, seeds: list[int]) -> list[d
     return curves
 
 
-def sweep_points(cfg: ResolvedConfig, evals: dict[int, dict]) -> list[dict]:
-    """The frontier of every swept arm: its sweep runs, then (arms in name order) its own setting; ``evals``: each
-    seed's eval.json. Gold and KL are seed intervals (``gold_mean`` / ``kl_mean``: their means)."""
-    points = [_sweep_point(arm, float(value), name, evals) for name, arm, value in sweep_runs(cfg)]
+def sweep_points(cfg: ResolvedConfig, out: Path, seeds: list[int]) -> list[dict]:
+    """The frontier of every swept arm: its sweep runs, then (arms in name order) its own setting, read from each
+    seed's evaluation completions. Gold and KL are crossed intervals over seeds and prompts (``gold_mean`` /
+    ``kl_mean``: their means)."""
+    points = [(arm, float(value), name) for name, arm, value in sweep_runs(cfg)]
     for arm in sorted(selected_arms(cfg), key=lambda arm: arm.name):
         if arm.sweep is not None:
-            points.append(_sweep_point(arm, arm.sweep.base(cfg), arm.name, evals))
-    return points
+            points.append((arm, arm.sweep.base(cfg), arm.name))
+    if not points:
+        return []
+    names = [name for _, _, name in points]
+    scores = from_completions(policy_rows(out, seeds, names), [START, *names], seeds)
+    return [_sweep_point(arm, value, scores[name]) for arm, value, name in points]
 
 
-def _sweep_point(arm: Arm, value: float, policy: str, evals: dict[int, dict]) -> dict:
+def policy_rows(out: Path, seeds: list[int], policies: list[str]) -> list[dict]:
+    """Every evaluated completion of ``policies`` (renamed ``NAME/seed-S``) and of the start (``reference``, taken
+    from the first seed's evaluation: the others hold the same completions)."""
+    rows = []
+    for index, seed in enumerate(seeds):
+        for row in read_jsonl(seed_dir(out, seed) / "eval" / "completions.jsonl"):
+            if row["policy"] == REFERENCE_POLICY and index == 0:
+                rows.append(row)
+            elif row["policy"] in policies:
+                rows.append({**row, "policy": policy_name(row["policy"], seed)})
+    return rows
+
+
+def _sweep_point(arm: Arm, value: float, scores) -> dict:
     assert arm.sweep is not None, f"{arm.name} has no sweep"  # only swept arms have frontier points
-    per_seed = [evaluation["policies"][policy] for evaluation in evals.values()]
-    gold = _interval([scores["gold_mean"] for scores in per_seed])
-    kl = _interval([scores["kl_mean"] for scores in per_seed])
+    gold, kl = mean_interval(scores.gold_per_prompt).to_dict(), mean_interval(scores.kl_per_prompt).to_dict()
     return {
         "arm": arm.name,
         "param": arm.sweep.param,

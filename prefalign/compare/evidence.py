@@ -13,18 +13,8 @@ import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
-from prefalign.compare.curves import read_jsonl
-from prefalign.compare.plan import seed_dir
-from prefalign.compare.stats import (
-    REFERENCE_POLICY,
-    START,
-    PolicyScores,
-    from_completions,
-    mean_interval,
-    paired_difference,
-    policy_name,
-    win_rate,
-)
+from prefalign.compare.curves import policy_rows
+from prefalign.compare.stats import START, PolicyScores, from_completions, mean_interval, paired_difference, win_rate
 
 
 @dataclass
@@ -38,19 +28,6 @@ class Evidence:
     differences: list[dict]
     """Every pair of trained arms ``(a, b)`` in ``--arms`` order: paired ``gold`` and ``kl`` differences a - b and
     the head-to-head ``win_rate`` of a over b."""
-
-
-def policy_rows(out: Path, seeds: list[int], arms: list[str]) -> list[dict]:
-    """Every evaluated completion of ``arms`` (renamed ``ARM/seed-S``) and of the start (``reference``, taken from
-    the first seed's evaluation: the others hold the same completions)."""
-    rows = []
-    for index, seed in enumerate(seeds):
-        for row in read_jsonl(seed_dir(out, seed) / "eval" / "completions.jsonl"):
-            if row["policy"] == REFERENCE_POLICY and index == 0:
-                rows.append(row)
-            elif row["policy"] in arms:
-                rows.append({**row, "policy": policy_name(row["policy"], seed)})
-    return rows
 
 
 def gather(out: Path, seeds: list[int], arms: list[str]) -> Evidence:

@@ -134,7 +134,7 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> Interval:
 
 def win_rate(a_gold: np.ndarray, b_gold: np.ndarray) -> Interval:
     """How often ``a`` beats ``b``: 1 / 0.5 / 0 when a's sample k of a prompt scores above / equal to / below b's
-    sample k of the same prompt and seed, averaged, with its `crossed_interval` (0.5: no difference,
+    sample k of the same prompt and seed, averaged, with its `crossed_interval` cut to [0, 1] (0.5: no difference,
     ``excludes(0.5)``: a significant one). ``a_gold`` (S, P, K); ``b_gold`` (S, P, K) or (1, P, K)."""
     a_gold, b_gold = np.asarray(a_gold, dtype=float), np.asarray(b_gold, dtype=float)
     if a_gold.ndim != 3 or b_gold.shape[1:] != a_gold.shape[1:] or b_gold.shape[0] not in (1, a_gold.shape[0]):
@@ -142,7 +142,9 @@ def win_rate(a_gold: np.ndarray, b_gold: np.ndarray) -> Interval:
     if not (np.all(np.isfinite(a_gold)) and np.all(np.isfinite(b_gold))):  # a NaN compares as neither: a loss
         raise ValueError("win_rate: a gold score is non-finite (NaN or inf)")
     wins = np.where(a_gold > b_gold, 1.0, np.where(a_gold == b_gold, 0.5, 0.0))
-    return mean_interval(wins.mean(axis=-1))
+    rate = mean_interval(wins.mean(axis=-1))
+    # a rate's t-interval runs past 1 (or 0) near a clean sweep: cut to what a rate can be, as `seed_interval`'s
+    return Interval(rate.mean, max(rate.low, 0.0), min(rate.high, 1.0))
 
 
 def seed_interval(

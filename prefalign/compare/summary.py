@@ -59,7 +59,7 @@ def summarize(cfg: ResolvedConfig, out: Path, results: dict[str, StageResult]) -
         "arms": arms,
         "differences": evidence.differences,
         "overoptimisation": overoptimisation(cfg, out, seeds),
-        "sweep": sweep_points(cfg, evals) if cfg.sweep else [],
+        "sweep": sweep_points(cfg, out, seeds) if cfg.sweep else [],
         "samples": _samples(cfg, out, seeds[0]),
     }
     summary["verdict"] = verdict_of(summary, evidence)
@@ -140,14 +140,18 @@ class _Costs:
         policy = runs["policy"][1]
         reward_model = runs["reward_model"][1] if "reward_model" in runs else None
         uses_pairs = any(stage.trains_on_pairs for stage in arm.stages)
+        rows = read_jsonl(Path(policy.out_dir) / "metrics.jsonl")
+        # evaluations while training (held-out pairs, the over-optimisation curve) are the race's measurement,
+        # not the method's cost: charged to no arm, reported apart
+        evaluation = {"reward_model": _evaluation_seconds(reward_model), "policy": _evaluation_seconds(policy, rows)}
         wall = {
             "pairs": self.pairs_run.wall_seconds if uses_pairs else 0.0,
-            "reward_model": reward_model.wall_seconds if reward_model else 0.0,
-            "policy": policy.wall_seconds,
+            "reward_model": reward_model.wall_seconds - evaluation["reward_model"] if reward_model else 0.0,
+            "policy": policy.wall_seconds - evaluation["policy"],
         }
         wall["total"] = round(sum(wall.values()), 3)
+        wall["evaluation"] = round(sum(evaluation.values()), 3)
         measured = [policy] + ([reward_model] if reward_model else []) + ([self.pairs_run] if uses_pairs else [])
-        rows = read_jsonl(Path(policy.out_dir) / "metrics.jsonl")
         training_tokens = 0  # sampled by the arm's own training run (rollouts), besides the shared pairs
         if arm.family.online:
             # completions per iteration from the run itself: a critic-free arm samples K x max(1, batch // K)
@@ -181,6 +185,19 @@ class _Costs:
             # a DPO-like arm's implicit reward, beta * log(pi / pi_ref), ranking the held-out pairs
             "implicit_reward_heldout_accuracy": None if arm.family.online else _last(rows, "eval/rewards/accuracies"),
         }
+
+
+EVALUATION_KEYS = ("eval/seconds", "time/heldout")
+"""Seconds a training run spent evaluating, per metrics row: the shared loop's held-out pairs, PPO's and rl's
+held-out curve."""
+
+
+def _evaluation_seconds(run: StageResult | None, rows: list[dict] | None = None) -> float:
+    """The seconds ``run`` logged under `EVALUATION_KEYS` (0 without a run); ``rows``: its metrics, when read."""
+    if run is None:
+        return 0.0
+    rows = read_jsonl(Path(run.out_dir) / "metrics.jsonl") if rows is None else rows
+    return sum(float(row[key]) for row in rows for key in EVALUATION_KEYS if key in row)
 
 
 def _pairs_seen(run_dir: Path, steps: int) -> int:
@@ -225,19 +242,20 @@ def _samples(cfg: ResolvedConfig, out: Path, seed: int, count: int = 6) -> list[
 
 
 def mean_over_seeds(items: list[dict]) -> dict:
-    """Mean of numeric leaves across seeds (nested dicts kept); one seed: itself."""
+    """Mean of numeric leaves across seeds (nested dicts kept); None where some seeds have a number and others
+    None (a mean of the seeds that measured it would pass for all of them); one seed: itself."""
     if len(items) == 1:
         return items[0]
     mean: dict = {}
     for key, value in items[0].items():
+        values = [item[key] for item in items]
+        numeric = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in values]
         if isinstance(value, dict):
-            mean[key] = mean_over_seeds([item[key] for item in items])
-        elif (
-            isinstance(value, (int, float))
-            and not isinstance(value, bool)
-            and all(item[key] is not None for item in items)
-        ):
-            mean[key] = statistics.fmean(item[key] for item in items)
+            mean[key] = mean_over_seeds(values)
+        elif all(numeric):
+            mean[key] = statistics.fmean(values)
+        elif any(numeric) and all(n or v is None for n, v in zip(numeric, values)):
+            mean[key] = None
         else:
             mean[key] = value
     return mean

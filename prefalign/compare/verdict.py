@@ -11,11 +11,13 @@ GRPO and RLOO columns are notes. Decision rules (intervals from `prefalign.compa
 2. Policy update: holds if every online arm generated tokens while training (every seed) and DPO none
    beyond the shared pairs; otherwise does not hold.
 3. Loss: both losses raise the gold score over the start: holds if PPO-RLHF's and DPO's paired gain
-   intervals both lie above 0, does not hold if either lies below 0 (that loss lowered it), else inconclusive.
+   intervals both lie above 0, does not hold if either lies below 0 (that loss lowered it), else inconclusive;
+   one seed: inconclusive (a one-seed interval holds the prompts' variance alone, not the seeds').
 4. Cost and sample efficiency: (a) PPO-RLHF's wall time and peak memory above DPO's (seed intervals of the
    per-seed differences; one seed: inconclusive, as a point says nothing of the seed-to-seed noise); (b) DPO's
-   gold gain per preference pair above PPO-RLHF's (`efficiency_difference`). Holds if (a) and (b) hold; does not
-   hold if either is reversed (its interval lies on the wrong side of 0); else inconclusive.
+   gold gain per preference pair above PPO-RLHF's (`efficiency_difference`; one seed: inconclusive, as in 3).
+   Holds if (a) and (b) hold; does not hold if either is reversed (its interval lies on the wrong side of 0);
+   else inconclusive.
 
 Everything here reads plain dicts and arrays: the caller (the summary) reads the files.
 """
@@ -214,7 +216,9 @@ def _loss_row(inputs: VerdictInputs, gains: dict[str, Interval]) -> VerdictRow:
     }
     ppo, dpo = gains["ppo"], gains["dpo"]
     said = f"gold gain over the start: PPO-RLHF {_bounds(ppo, _signed)}, DPO {_bounds(dpo, _signed)}"
-    if ppo.above() and dpo.above():
+    if _one_seed(inputs):
+        verdict, reason = INCONCLUSIVE, f"{said} from one seed: {ONE_SEED}."
+    elif ppo.above() and dpo.above():
         verdict, reason = HOLDS, f"{said}: both above 0."
     elif ppo.below() or dpo.below():
         lowered = " and ".join(name for name, gain in (("PPO-RLHF", ppo), ("DPO", dpo)) if gain.below())
@@ -239,7 +243,7 @@ def _cost_row(inputs: VerdictInputs, gains: dict[str, Interval]) -> VerdictRow:
         for key in ("wall_seconds", memory_key)
     }
     wall, memory = diff["wall_seconds"], diff[memory_key]
-    one_seed = len(inputs.costs["ppo"]) == 1  # a point: nothing measures how another seed's run would move it
+    one_seed = _one_seed(inputs)  # a point: nothing measures how another seed's run would move it
     cost = INCONCLUSIVE if one_seed else _part(wall.above() and memory.above(), wall.below() or memory.below())
     cost_said = (
         f"PPO-RLHF minus DPO: wall {_bounds(wall, _signed_seconds)}, peak {'GPU ' if gpu else ''}memory "
@@ -249,8 +253,10 @@ def _cost_row(inputs: VerdictInputs, gains: dict[str, Interval]) -> VerdictRow:
     pairs_dpo, pairs_ppo = inputs.per_seed("dpo", "pairs_used"), inputs.per_seed("ppo", "pairs_used")
     if min(pairs_dpo + pairs_ppo) > 0:
         eff = efficiency_difference(inputs.gain("dpo"), pairs_dpo, inputs.gain("ppo"), pairs_ppo)
-        efficiency = _part(eff.above(), eff.below())
-        eff_said = f"DPO minus PPO-RLHF in gold gain per preference pair: {_bounds(eff, _efficiency)}"
+        efficiency = INCONCLUSIVE if one_seed else _part(eff.above(), eff.below())
+        eff_said = f"DPO minus PPO-RLHF in gold gain per preference pair: {_bounds(eff, _efficiency)}" + (
+            f" from one seed: {ONE_SEED}" if one_seed else ""
+        )
         evidence["gain_per_pair_difference"] = eff.to_dict()
     else:
         efficiency, eff_said = INCONCLUSIVE, "gain per pair not measured (a pair count is 0)"
@@ -261,6 +267,14 @@ def _cost_row(inputs: VerdictInputs, gains: dict[str, Interval]) -> VerdictRow:
     reason = f"cost {cost} ({cost_said}); sample efficiency {efficiency} ({eff_said})."
     claims = ("relatively large compute cost, low sample efficiency", "relatively small cost, high sample efficiency")
     return VerdictRow("Compute cost and sample efficiency", *claims, measured, verdict, reason, evidence)
+
+
+ONE_SEED = "its interval holds the prompts' variance, not the seed-to-seed one"
+"""Why one seed decides no row: a training run's own chance is what a claim about a method must outlast."""
+
+
+def _one_seed(inputs: VerdictInputs) -> bool:
+    return len(inputs.costs["ppo"]) == 1
 
 
 def _gpu(inputs: VerdictInputs, arm: str) -> str:

@@ -313,8 +313,10 @@ class Trainer(Run):
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Mean of the loss stats over the eval set, prefixed ``eval/``."""
+        """Mean of the loss stats over the eval set, prefixed ``eval/``, and ``eval/seconds``: the evaluation's
+        wall time (`prefalign compare` charges measurement to no arm)."""
         acc = self.accelerator
+        t0 = time.perf_counter()
         self.model.eval()
         running = RunningMean()
         bs = self.cfg.batch_size
@@ -330,7 +332,10 @@ class Trainer(Run):
             running.add({"loss": loss, **stats}, weight=self.loss_weight(batch) if chunk else 0.0)
         self.model.train()
         # the mean over all eval rows (processes may hold one more than others)
-        return {f"eval/{k}": v for k, v in self.pooled_mean(running).items()}
+        return {
+            **{f"eval/{k}": v for k, v in self.pooled_mean(running).items()},
+            "eval/seconds": time.perf_counter() - t0,
+        }
 
     def pooled_mean(self, running: RunningMean) -> dict[str, float]:
         """Empty ``running``: each stat's weighted mean over every process's rows (a collective)."""

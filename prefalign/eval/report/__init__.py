@@ -42,8 +42,10 @@ The summary schema (units in brackets)::
       "n":           int,            # completions evaluated
     }
     cost = {
-      "wall_seconds": {"pairs": s, "reward_model": s, "policy": s, "total": s},  # wall clock [s];
-                                     # pairs: making the preference pairs; total: the sum
+      "wall_seconds": {"pairs": s, "reward_model": s, "policy": s, "total": s, "evaluation": s},
+                                     # wall clock [s]; pairs: making the preference pairs; total: the sum of
+                                     # the three; evaluation: held-out evaluations while training, taken out
+                                     # of reward_model and policy (measurement, charged to no arm)
       "peak_rss_mb":         float,  # largest peak resident memory of the arm's stages [MiB]
       "peak_gpu_mb":         float | None,  # on CUDA: the largest torch.cuda.max_memory_allocated of its
                                      # trainers [MiB] (what row 4 compares there); None on CPU

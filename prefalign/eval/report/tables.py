@@ -75,10 +75,12 @@ def _comparison_column(arm: dict, gold_of_start: float | None) -> dict[str, list
     if is_number(tokens):
         column["Policy update"].append(f"\n{tokens:,.0f} tokens sampled{_tokens_note(arm['name'], pairs)}")
     seconds = {part: fmt(wall(arm, part), ".0f") for part in ("total", "pairs", "reward_model", "policy")}
+    evaluation = wall(arm, "evaluation")  # absent from summaries written before it was taken out
     column["Compute cost"] = [
         f"{seconds['total']} s wall (pairs {seconds['pairs']} s, reward model "
         f"{seconds['reward_model']} s, policy {seconds['policy']} s)\n"
-        f"peak RSS {fmt(cost.get('peak_rss_mb'), ',.0f')} MiB\n"
+        + (f"+ {evaluation:.0f} s of evaluation while training, not charged\n" if is_number(evaluation) else "")
+        + f"peak RSS {fmt(cost.get('peak_rss_mb'), ',.0f')} MiB\n"
         f"{fmt(cost.get('gradient_steps'), ',.0f')} gradient steps\n"
         f"{fmt(tokens, ',.0f')} tokens generated"
     ]
