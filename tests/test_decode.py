@@ -365,3 +365,32 @@ def test_recorded_logprobs_are_a_fresh_forwards(peaked, tokenizer, pack, filters
     hf = SamplingConfig(max_new_tokens=10, temperature=0.7, top_k=40, decoder="generate")
     fallback = generate(peaked, ids, mask, hf, **run, record_logprobs=True)
     assert fallback.logps is None and fallback.entropy is None
+
+
+def test_a_stop_string_begun_in_the_prompt_ends_the_row_whatever_the_batch(peaked, tokenizer):
+    """Hugging Face stops on the token sequence, prompt included: greedy, this model continues "The cat sat on the"
+    with "eks", completing the stop string "theeks". The row ends there, alone or beside a row that runs on (with
+    pad == EOS the padding after the stop was once taken for the row's EOS)."""
+    pad = tokenizer.pad_token_id
+    prompts = [tokenizer("The cat sat on the")["input_ids"], tokenizer("Hello there, how")["input_ids"]]
+    s = SamplingConfig(max_new_tokens=6, greedy=True, stop=["theeks"])
+    both = generate(peaked, *_batch(prompts, pad), s, eos_ids=[pad], pad_id=pad, tokenizer=tokenizer)
+    alone = generate(peaked, *_batch(prompts[:1], pad), s, eos_ids=[pad], pad_id=pad, tokenizer=tokenizer)
+    assert tokenizer.decode(alone.response_ids[0, :1]) == "eks"
+    for gen in (both, alone):
+        assert int(gen.response_mask[0].sum()) == 1 and bool(gen.ended[0]) and gen.response_ids[0, 0] == 3504
+    assert int(both.response_mask[1].sum()) == 6 and not bool(both.ended[1])  # the other row ran on
+
+
+def test_a_special_token_stop_string_ends_the_row_whatever_the_batch(tokenizer):
+    """``<|im_start|>`` (id 1) as a stop string: its text is not in the decoded response (special tokens are
+    skipped), yet Hugging Face stops on it; the row is cut after it and ended, at batch size 1 and 2."""
+    from prefalign.eval.sampling import sample_completions
+
+    model, _ = tiny_causal_lm(tokenizer, hidden=32, layers=2, init_std=0.5, seed=1)
+    prompts = [tokenizer("The cat sat on the")["input_ids"], tokenizer("Hello there, how")["input_ids"]]
+    model.generation_config.sequence_bias = {(prompts[0][-1], 1): 100.0}  # prompt 0 continues with <|im_start|>
+    s = SamplingConfig(max_new_tokens=6, greedy=True, stop=["<|im_start|>"])
+    for batch_size in (2, 1):
+        first = sample_completions(model, tokenizer, prompts, s, 1, batch_size, 0)[0]
+        assert (first.response_ids, first.ended, first.text) == ([1], True, ""), batch_size

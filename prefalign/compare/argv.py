@@ -53,6 +53,8 @@ def pair_training_args(cfg: ResolvedConfig, seed: int, pairs: Path, learning_rat
         pairs,
         "--eval-split",
         cfg.eval_split,
+        "--eval-split-seed",  # every seed's runs hold out the same prompts
+        cfg.seed,
         "--max-steps",
         steps,
         "--learning-rate",

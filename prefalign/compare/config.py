@@ -191,7 +191,8 @@ class CompareConfig(Validated):
     curve_points: int = 4
     """Held-out evaluations of every online arm during training, evenly spaced (plus one before training)."""
     eval_split: float = 0.1
-    """Fraction of pairs held out (reward-model accuracy, DPO eval metrics); the same pairs for every arm."""
+    """Fraction of the pairs' prompts held out with all their pairs (reward-model accuracy, DPO eval metrics); the
+    same prompts for every arm and seed."""
 
     def validate(self) -> None:
         if self.preset not in PRESETS:

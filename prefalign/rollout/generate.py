@@ -266,6 +266,7 @@ def generate(
             seed, row_keys, prompt_ids.shape[1], sampling.temperature, sampling.top_k, sampling.top_p
         )
     was_training = model.training
+    stops: _StopSteps | None = None
     model.eval()
     try:
         if (
@@ -277,14 +278,17 @@ def generate(
                 choose = recorder = LogprobRecorder(choose, sampling.temperature, record_entropy)
             raw = _loop_decode(model, prompt_ids, prompt_mask, sampling, choose, eos_ids, pad_id, packed)
         else:
+            if sampling.stop and tokenizer is None:
+                raise ValueError("generate: stop strings need the tokenizer (pass tokenizer=)")
+            stops = _StopSteps(tokenizer, sampling.stop, prompt_ids.shape) if sampling.stop else None
             raw = _hf_generate(
-                model, prompt_ids, prompt_mask, sampling, sampler, hf_samples, eos_ids, pad_id, tokenizer, synced
+                model, prompt_ids, prompt_mask, sampling, sampler, hf_samples, eos_ids, pad_id, stops, synced
             )
     finally:
         model.train(was_training)
     ids, mask, ended = truncate_at_eos(raw, eos_ids, pad_id)
-    if sampling.stop and tokenizer is not None:
-        ids, mask, ended = _end_at_stop_strings(raw, ids, mask, ended, sampling.stop, tokenizer, pad_id)
+    if stops is not None:
+        ids, mask, ended = stops.end_rows(raw, mask, ended, pad_id)
     width = max(int(mask.sum(1).max().item()) if mask.numel() else 0, 1)
     gen = Generation(prompt_ids, prompt_mask, ids[:, :width], mask[:, :width], ended)
     if recorder is not None:
@@ -305,10 +309,11 @@ def _argmax(logits: torch.Tensor, position: int) -> torch.Tensor:
     return logits.argmax(dim=-1)
 
 
-def _hf_generate(model, prompt_ids, prompt_mask, sampling, sampler, hf_samples, eos_ids, pad_id, tokenizer, synced):
+def _hf_generate(model, prompt_ids, prompt_mask, sampling, sampler, hf_samples, eos_ids, pad_id, stops, synced):
     """Raw response tokens ``(B, R)`` from ``model.generate`` (``sampler``: greedy over `KeyedSampler`'s one finite
-    score per row; None: greedy, or Hugging Face's own sampling where ``hf_samples``)."""
-    from transformers import GenerationConfig, LogitsProcessorList
+    score per row; None: greedy, or Hugging Face's own sampling where ``hf_samples``; ``stops``: the stop strings'
+    criterion, which records where each row stopped)."""
+    from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
     gen_config = GenerationConfig(
         max_new_tokens=sampling.max_new_tokens,
@@ -318,7 +323,6 @@ def _hf_generate(model, prompt_ids, prompt_mask, sampling, sampler, hf_samples, 
         top_k=sampling.top_k if hf_samples else None,  # 0 = off; None would mean transformers default 50
         eos_token_id=eos_ids,
         pad_token_id=pad_id,
-        stop_strings=sampling.stop or None,
         use_cache=True,
     )
     out = model.generate(
@@ -326,36 +330,46 @@ def _hf_generate(model, prompt_ids, prompt_mask, sampling, sampler, hf_samples, 
         attention_mask=prompt_mask,
         generation_config=gen_config,
         logits_processor=LogitsProcessorList([sampler]) if sampler is not None else None,
-        tokenizer=tokenizer if sampling.stop else None,
+        stopping_criteria=StoppingCriteriaList([stops]) if stops is not None else None,
         synced_gpus=synced,
     )
     return out[:, prompt_ids.shape[1] :]
 
 
-def _end_at_stop_strings(
-    raw: torch.Tensor,
-    ids: torch.Tensor,
-    mask: torch.Tensor,
-    ended: torch.Tensor,
-    stop: list[str],
-    tokenizer,
-    pad_id: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(ids, mask, ended)`` of `truncate_at_eos` with the rows whose text holds a stop string ended there.
+class _StopSteps:
+    """Hugging Face's stop-string criterion (``StopStringCriteria``), recording the response step at which each row
+    first matched: `end_rows` ends the rows there.
 
-    HF stops a row as soon as its text contains a stop string; that row is "ended" too. From the next step on,
-    HF pads it; the pad is no sampled token, yet with pad == EOS truncate_at_eos took the first one for the
-    row's EOS (only when the batch ran on: a layout-dependent length). The row ends at its last non-pad token,
-    the one that completed the stop string.
-    """
-    texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
-    stopped = torch.tensor([any(s in t for s in stop) for t in texts], device=raw.device)
-    real = raw != pad_id  # (B, R)
-    length = torch.where(real.any(1), raw.shape[1] - real.flip(1).long().argmax(1), 0)  # (B,) last real + 1
-    stop_mask = (torch.arange(raw.shape[1], device=raw.device) < length[:, None]).long()
-    mask = torch.where(stopped[:, None], stop_mask, mask)
-    ids = torch.where(mask.bool(), raw, torch.full_like(raw, pad_id))
-    return ids, mask, ended | stopped.to(ended.device)
+    HF decides a stop on the token sequence, the prompt's end and special tokens' text included, so whether a row
+    stopped is read from what HF did, not from the decoded response (a stop string begun in the prompt, or a
+    special token such as ``<|im_start|>``, is not in that text). From the next step on, HF pads a stopped row;
+    with pad == EOS, `truncate_at_eos` took the first pad for the row's EOS when the batch ran on (a
+    layout-dependent length and ``ended``)."""
+
+    def __init__(self, tokenizer, stop: list[str], prompt_shape: torch.Size):
+        from transformers import StopStringCriteria
+
+        self.criterion = StopStringCriteria(tokenizer, stop)
+        self.prompt_width = prompt_shape[1]
+        self.step = torch.full((prompt_shape[0],), -1, dtype=torch.long)  # -1: never matched
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **kwargs) -> torch.Tensor:
+        done = self.criterion(input_ids, scores, **kwargs)
+        first = done.cpu() & (self.step < 0)
+        self.step[first] = input_ids.shape[1] - self.prompt_width - 1  # the token just appended
+        return done
+
+    def end_rows(
+        self, raw: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor, pad_id: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids, mask, ended)`` of `truncate_at_eos` with every row that stopped cut after its stopping token and
+        ended (a row that met EOS first keeps its EOS)."""
+        step = self.step.to(raw.device)
+        stopped = step >= 0
+        upto = torch.where(stopped, step, raw.shape[1])[:, None]
+        mask = mask * (torch.arange(raw.shape[1], device=raw.device)[None, :] <= upto).to(mask.dtype)
+        ids = torch.where(mask.bool(), raw, torch.full_like(raw, pad_id))
+        return ids, mask, ended | stopped.to(ended.device)
 
 
 def cut_at_stop(text: str, stop: list[str]) -> str:

@@ -134,7 +134,12 @@ class TrainConfig(CommonConfig):
     max_prompt_length: int | None = None
     """Most prompt tokens (default: max_length // 2)."""
     eval_split: float = 0.0
-    """Fraction of the data held out for evaluation (0: none, unless --eval-data is given)."""
+    """Fraction of the prompts held out for evaluation with every example of theirs (0: none, unless --eval-data
+    is given): a prompt's pairs share text, so a held-out pair whose prompt also trains would be scored on what
+    training saw."""
+    eval_split_seed: int | None = None
+    """Seed of the --eval-split draw (default: --seed); runs of several training seeds that must evaluate on the
+    same held-out prompts (prefalign compare) give one value."""
     eval_data: str | None = None
     """A separate evaluation file (overrides --eval-split)."""
     eval_data_split: str = "train"

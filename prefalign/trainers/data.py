@@ -20,16 +20,25 @@ log = logging.getLogger(__name__)
 
 
 def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
-    """Hold out ``round(fraction * n)`` items chosen by a seeded permutation (at least 1 when fraction > 0)."""
+    """Hold out ``round(fraction * P)`` of the P distinct prompts (at least 1 when fraction > 0), chosen by a seeded
+    permutation of the prompts in order of first appearance, with every item of theirs; items keep their order.
+
+    By prompt, not by item: pairs of one prompt share its text and often a completion, so a held-out pair whose
+    prompt also trains is partly seen (a reward model that learned A > B and B > C ranks A > C for free). With one
+    item per prompt this is the item-level split (the same permutation of as many)."""
     if fraction <= 0:
         return items, []
-    n = len(items)
+    groups: dict[tuple[int, ...], int] = {}
+    of = [groups.setdefault(tuple(item.prompt_ids), len(groups)) for item in items]
+    n = len(groups)
     n_eval = max(1, round(fraction * n))
     if n_eval >= n:
-        raise UserError(f"--eval-split {fraction} leaves no training examples out of {n}; lower it")
+        raise UserError(
+            f"--eval-split {fraction} holds out {n_eval} of {n} distinct prompts and leaves none to train on; lower it"
+        )
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     held = set(perm[:n_eval])
-    return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+    return [x for x, g in zip(items, of) if g not in held], [x for x, g in zip(items, of) if g in held]
 
 
 def _index(train: list, evals: list) -> tuple[list[tuple[int, Any]], list[tuple[int, Any]]]:
@@ -53,7 +62,8 @@ def _splits(load, cfg, tokenizer):
     if cfg.eval_data:
         train, evals = items, load(cfg.eval_data, cfg.eval_data_split, cfg, tokenizer)[0]
     else:
-        train, evals = split_eval(items, cfg.eval_split, cfg.seed)
+        seed = cfg.seed if cfg.eval_split_seed is None else cfg.eval_split_seed
+        train, evals = split_eval(items, cfg.eval_split, seed)
     train, evals = _index(train, evals)
     return train, evals, {"source": cfg.data, **info, "train": len(train), "eval": len(evals)}
 
