@@ -75,6 +75,8 @@ def test_simpo_and_orpo_run_dpo_with_their_loss_on_the_dpo_budget():
         "OUT/pairs/pairs.jsonl",
         "--eval-split",
         "0.1",
+        "--eval-split-seed",
+        "0",
         "--max-steps",
         "7",
         "--learning-rate",
