@@ -17,3 +17,14 @@ def process_max(value: int, device: torch.device | str) -> int:
     count = torch.tensor([value], device=device, dtype=torch.int64)
     dist.all_reduce(count, op=dist.ReduceOp.MAX)
     return int(count.item())
+
+
+def broadcast_object(obj):
+    """The main process's ``obj`` (picklable) on every process. A collective, as `process_max`."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -259,6 +259,14 @@ def run_in_output_dir(cfg, fn):
         return fn()
 
 
+def as_created(path: str | os.PathLike, directory: bool = False) -> None:
+    """Give a temp file or directory (``mkstemp``/``mkdtemp``: 0600/0700) the mode ``open``/``mkdir`` would have
+    given it under the process's umask, before it is renamed into place as a run's output."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     """Write via a temp file in the same directory and rename: readers never see half a file."""
     path = Path(path)
@@ -267,6 +275,7 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        as_created(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -29,6 +29,7 @@ from typing import cast
 import torch
 
 from prefalign.errors import UserError
+from prefalign.runio import as_created
 
 log = logging.getLogger(__name__)
 STATE_FILE = "state.json"
@@ -250,6 +251,7 @@ class CheckpointManager:
             for name, obj in objects.items():
                 torch.save(obj, tmp / f"{name}.pt")
             (tmp / STATE_FILE).write_text(json.dumps({"step": step, **state}, indent=2))
+            as_created(tmp, directory=True)
             if final.exists():
                 shutil.rmtree(final)
             os.rename(tmp, final)
@@ -294,7 +296,8 @@ class CheckpointManager:
         if not self.root.is_dir():
             return []
         good = []
-        for d in sorted(self.root.glob(f"{PREFIX}*")):
+        named = [d for d in self.root.glob(f"{PREFIX}*") if d.name[len(PREFIX) :].isdigit()]
+        for d in sorted(named, key=lambda d: int(d.name[len(PREFIX) :])):  # by step: names pad to 7 digits only
             try:
                 json.loads((d / STATE_FILE).read_text())
             except (OSError, ValueError) as e:

@@ -12,6 +12,7 @@ import tempfile
 from pathlib import Path
 from unittest import mock
 
+from prefalign.runio import as_created
 from prefalign.trainers.backend import AccelerateBackend, Trained
 from prefalign.trainers.card import CardFacts, write_model_card
 
@@ -45,6 +46,8 @@ def save_pretrained_atomic(
 ) -> None:
     """``model.save_pretrained`` (weights from ``state`` if given: a gathered full state dict) and, with ``card``,
     its model card (in place of the one peft writes for an adapter) into a temp directory renamed to ``path``."""
+    for stale in path.parent.glob(f".tmp-{path.name}-*"):  # an earlier write killed before its rename
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{path.name}-", dir=path.parent))
     try:
         with _unwrap_without_importing_deepspeed():
@@ -52,6 +55,7 @@ def save_pretrained_atomic(
         tokenizer.save_pretrained(tmp)
         if card is not None:
             write_model_card(tmp, card)
+        as_created(tmp, directory=True)
         if path.exists():
             shutil.rmtree(path)
         tmp.rename(path)

@@ -187,12 +187,15 @@ class Trainer(Run):
         return {"global_batch": self.sizes.global_batch, "running": {"sums": sums, "counts": counts}}
 
     def load_state(self, state: dict) -> None:
-        """The running stats go to the main process only: the next row pools every process's sums."""
+        """The running stats go to the main process only: the next row pools every process's sums. Every other
+        process holds the same keys at zero: the pooling is one all-reduce over the keys each process holds, so if
+        every step before the next row were skipped (non-finite), processes holding different keys would call
+        different collectives and hang."""
         saved = state.get("running", {"sums": {}, "counts": {}})  # older checkpoints: none
-        if self.accelerator.is_main_process:
-            for k, v in saved["sums"].items():
-                self.running.sums[k] += v
-                self.running.counts[k] += saved["counts"][k]
+        main = self.accelerator.is_main_process
+        for k, v in saved["sums"].items():
+            self.running.sums[k] += v if main else 0.0
+            self.running.counts[k] += saved["counts"][k] if main else 0.0
 
     def check_resumable(self, path: Path, state: dict) -> None:
         """Refuse a checkpoint written with another global batch: data order and schedule would not continue."""

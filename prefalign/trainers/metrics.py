@@ -18,8 +18,8 @@ METRICS_FILE = "metrics.jsonl"
 
 class MetricsLogger:
     """Appends rows to ``metrics.jsonl`` and hands their finite scalars to every tracker; on resume, rows after the
-    resumed step are cut so the file reads as one uninterrupted run. Disabled (a process other than the main one),
-    it writes nothing and opens no tracker."""
+    resumed step are cut so the file reads as one uninterrupted run, and the clock goes on from ``resume_wall`` (the
+    checkpoint's). Disabled (a process other than the main one), it writes nothing and opens no tracker."""
 
     def __init__(
         self,
@@ -29,6 +29,7 @@ class MetricsLogger:
         trackers: tuple[str, ...] = (DEFAULT_REPORT_TO,),
         run_name: str | None = None,
         config: dict[str, Any] | None = None,
+        resume_wall: float | None = None,
     ):
         self.enabled = enabled
         self.path = Path(out_dir) / METRICS_FILE
@@ -41,8 +42,10 @@ class MetricsLogger:
         cut: list[dict] = []  # rows the run being resumed logged after its checkpoint: its trackers hold them
         if resume_step is not None and self.path.exists():
             self.kept, cut = keep_rows_through(self.path, resume_step)
-            if self.kept:
-                self.offset = float(self.kept[-1].get("wall_seconds", 0.0))
+            if resume_wall is not None:  # the clock when the checkpoint was written (`clock`)
+                self.offset = resume_wall
+            elif self.kept:  # a checkpoint written before it recorded the clock: the last row's (the rows
+                self.offset = float(self.kept[-1].get("wall_seconds", 0.0))  # after it are lost time)
         elif self.path.exists():
             self.path.unlink()
         run = TrackedRun(Path(out_dir), run_name or str(out_dir), config or {}, resume_step, keys_by_step(cut))
@@ -52,10 +55,23 @@ class MetricsLogger:
         """Whether a kept row of ``step`` holds a metric named ``prefix...`` (main process; False elsewhere)."""
         return any(r.get("step") == step and any(k.startswith(prefix) for k in r) for r in self.kept)
 
+    def logged_at(self, step: int) -> dict[str, float]:
+        """The kept rows of ``step`` merged, without ``step``, ``wall_seconds`` and the ``eval/`` keys: what the
+        training loop returned for its last step, for a run resumed at its end ({} on other processes)."""
+        merged: dict[str, float] = {}
+        for row in self.kept:
+            if row.get("step") == step:
+                merged.update({k: v for k, v in row.items() if k not in ("step", "wall_seconds") and k[:5] != "eval/"})
+        return merged
+
+    def clock(self) -> float:
+        """Wall-clock seconds since the run started, a resumed run's earlier time included (``wall_seconds``)."""
+        return round(self.offset + time.perf_counter() - self.start, 3)
+
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        wall = round(self.offset + time.perf_counter() - self.start, 3)
+        wall = self.clock()
         row = {"step": step, "wall_seconds": wall, **{k: _clean(v) for k, v in metrics.items()}}
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")

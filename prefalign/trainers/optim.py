@@ -39,3 +39,20 @@ def make_optimizer(model, cfg, learning_rate: float, total_steps: int):
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=tuple(cfg.adam_betas), fused=fused or None)
     multiplier = lr_lambda(cfg.lr_scheduler, cfg.warmup_steps, total_steps)
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def realign_lr(scheduler) -> None:
+    """After a resume, set each parameter group's learning rate from the rebuilt schedule at the restored step.
+
+    The optimizer's state (optimizer.pt) holds the rate the saved run's schedule gave its next step; a run resumed
+    with a longer --max-steps rebuilds the schedule for its new length, which LambdaLR applies only from its next
+    ``step()``, so the first step after the resume would take the old rate. Same length: the same rate, bit for
+    bit (LambdaLR computes ``base_lr * lambda(last_epoch)`` too). ``scheduler``: a LambdaLR, or accelerate's
+    wrapper of one; anything else (DeepSpeed's own) is left as it is."""
+    inner = getattr(scheduler, "scheduler", scheduler)
+    if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
+        return
+    groups = inner.optimizer.param_groups
+    for group, base, multiplier in zip(groups, inner.base_lrs, inner.lr_lambdas):
+        group["lr"] = base * multiplier(inner.last_epoch)
+    inner._last_lr = [group["lr"] for group in groups]

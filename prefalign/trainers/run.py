@@ -28,10 +28,13 @@ from __future__ import annotations
 import functools
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefalign.allocator import tune_malloc
+from prefalign.collectives import broadcast_object
+from prefalign.errors import UserError
 from prefalign.methods import METHODS, Method
 from prefalign.preflight import preflight_run
 from prefalign.progress import ProgressBar
@@ -50,6 +53,7 @@ from prefalign.trainers.checkpoint import CheckpointManager, check_same_settings
 from prefalign.trainers.embedding_grad import dense_embedding_backward
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.metrics import MetricsLogger
+from prefalign.trainers.optim import realign_lr
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +73,8 @@ class Run:
         self.last_good = "none yet"
         self.saved_at: int | None = None  # the step of the checkpoint written last by this process's run
         self.guard = NonFiniteGuard(cfg.max_nonfinite_steps)  # its count of skipped steps is saved and resumed
+        self.resumed_wall: float | None = None  # the checkpoint's clock, on resume
+        self.clock: Callable[[], float] = lambda: 0.0  # the run's wall clock (its metrics logger's, once open)
 
     # -- hooks --
     def check_backend(self) -> None:
@@ -193,11 +199,15 @@ class Run:
             trackers=cfg.trackers,
             run_name=cfg.output,
             config=to_plain(cfg),
+            resume_wall=self.resumed_wall,
         )
+        self.clock = metrics.clock
         self.on_start(start, metrics)
         if self.evaluate_now(start, first=True):
             metrics.log(0, self.evaluate())
         last_logged = self._steps(start, metrics)
+        if start == self.total_steps:  # resumed at its end: no step ran; its last training row was logged before
+            last_logged = broadcast_object(metrics.logged_at(start))
         final_eval = self.evaluate() if self.has_eval else {}
         # a run resumed at its end (killed while saving final/) has its final evaluation's row already
         if final_eval and not (start == self.total_steps and metrics.kept_row_with(start, "eval/")):
@@ -298,6 +308,7 @@ class Run:
             "total_steps": self.total_steps,
             "skipped_steps": self.guard.skipped,
             "nonfinite_in_a_row": self.guard.in_a_row,
+            "wall_seconds": self.clock(),  # where a resumed run's clock goes on (main process: its metrics' clock)
             "processes": self.world,
             "config": self.plain_config(),
             **self.checkpoint_state(),  # on every process: it may be a collective
@@ -315,19 +326,28 @@ class Run:
     def _resume(self) -> int:
         """Restore the checkpoint named by --resume; returns its step."""
         path, state, objects = self.ckpts.load_for_resume(self.cfg.resume)
+        start = int(state["step"])
+        if start > self.total_steps:  # the loop would not run, and final/ would hold the later weights
+            raise UserError(
+                f"{path}: a checkpoint at {self.unit} {start}, past this run's last ({self.total_steps}); resume "
+                f"with a budget of {start} {self.unit}s or more (--max-steps), or from an earlier checkpoint"
+            )
         self.backend.check_resumable(path, state)
         self.check_resumable(path, state)
         check_same_settings(path, state.get("config"), self.plain_config())
         self.backend.load_checkpoint(self.trained, path, objects)
         for t in self.trained:
             t.scheduler.load_state_dict(objects[t.key("scheduler")])
+            realign_lr(t.scheduler)  # a longer --max-steps: the new schedule from the first resumed step
         set_rng_state(objects["rng"])
         self.guard.skipped = int(state.get("skipped_steps", 0))
         self.guard.in_a_row = int(state.get("nonfinite_in_a_row", 0))  # a streak across the stop still counts
+        self.resumed_wall = state.get("wall_seconds")  # None: a checkpoint from before it was recorded
         self.load_state(state)
         self.last_good = str(path)
-        start = int(state["step"])
-        if self.accelerator.is_main_process and path.resolve().parent == self.ckpts.root.resolve():
+        # from --output's own checkpoints or a copy elsewhere alike: the abandoned later ones would be what
+        # --resume latest continues, and what pruning keeps over the checkpoints this run writes
+        if self.accelerator.is_main_process:
             self.ckpts.drop_newer_than(start)
         self.accelerator.wait_for_everyone()
         log.info("resuming from %s (%s %d of %d)", path, self.unit, start, self.total_steps)
