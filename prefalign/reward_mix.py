@@ -68,4 +68,11 @@ class WeightedRewards:
             for k, src in self.sources.items()
         }
         self.last_parts = parts
-        return sum((w * p for w, p in zip(self.weights, parts.values())), torch.zeros(len(completions)))
+        total = sum((w * p for w, p in zip(self.weights, parts.values())), torch.zeros(len(completions)))
+        if not torch.isfinite(total).all():  # each part is a finite float32; their weighted sum may not be
+            i = int((~torch.isfinite(total)).nonzero()[0])
+            raise UserError(
+                f"--reward-weights: the weighted sum of the rewards overflows float32 at completion {i}; scale "
+                "the rewards or their weights down"
+            )
+        return total

@@ -38,6 +38,7 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from prefalign.data.tokens import leading_bos
 from prefalign.errors import UserError
 from prefalign.judges import ArithmeticJudge, Columns, VaderJudge, check_pairs
 from prefalign.models.frozen import frozen_autocast, hold_linear_weights_in, is_reduced
@@ -109,10 +110,18 @@ def check_scores(values, n: int, where: str) -> torch.Tensor:
     for i, v in enumerate(values):
         if not isinstance(v, numbers.Real):
             raise UserError(f"{where} returned a non-number at index {i}: {_short(v)} ({type(v).__name__})")
-        if not math.isfinite(v):
+        if not isinstance(v, numbers.Integral) and not math.isfinite(v):  # an int is finite (and may be huge)
             raise UserError(f"{where} returned a non-finite score at index {i}: {v}")
+        if abs(v) > FLOAT32_MAX:  # scores are float32: 1e39 would be stored as inf; 10**400 has no float at all
+            raise UserError(
+                f"{where} returned a score at index {i} beyond float32's range (3.4e38): {_short(v)}; scale it down"
+            )
         out.append(float(v))
     return torch.tensor(out, dtype=torch.float32)
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+"""The largest score a reward may return: scores are held in float32."""
 
 
 # ---------------------------------------------------------------------------------------------- judges
@@ -227,11 +236,23 @@ def _parse_dtype(dtype) -> torch.dtype | None:
     return value
 
 
+def position_limits(config, tokenizer) -> list[int]:
+    """The most tokens a model can take, as its config and tokenizer state it ([] when neither does): absolute
+    position embeddings (BERT, RoBERTa: 512) fail past theirs. A tokenizer's ``model_max_length`` counts where it is
+    a real limit (transformers sets ~1e30 when unknown); it is RoBERTa's 512 where the config's 514 counts an
+    offset."""
+    limits = [n for n in (getattr(config, "max_position_embeddings", None), getattr(config, "n_positions", None)) if n]
+    if (n := getattr(tokenizer, "model_max_length", None)) and n < 10**7:
+        limits.append(int(n))
+    return limits
+
+
 class RewardModel:
     """A sequence-classification model with a scalar head, scoring ``prompt + completion`` as given.
 
     The text is concatenated without re-templating (a chat-templated prompt stays as it was built);
-    inputs longer than ``max_length`` tokens lose their *start* so the completion is always scored.
+    inputs longer than ``max_length`` tokens (capped at the model's position limit, `position_limits`) lose their
+    *start* so the completion is always scored.
     ``autocast_dtype`` bf16 (PPO's --frozen-dtype): the linear weights held in bf16
     (`prefalign.models.frozen.hold_linear_weights_in`, embeddings and norms stay as loaded) and every batch scored
     under autocast to it, scores within bf16 rounding of float32's; None or float32: scored as loaded, no autocast.
@@ -286,10 +307,16 @@ class RewardModel:
         self.tokenizer = load_tokenizer(spec)  # its own tokenizer; EOS stands in for a missing pad
         self.tokenizer.padding_side = "right"  # last real token at mask.sum() - 1
         self.tokenizer.truncation_side = "left"  # keep the completion, drop the start of the prompt
+        self.max_length = min(max_length, *position_limits(config, self.tokenizer))
+        # a text that starts with the BOS its tokenizer puts in front anyway (a chat template writes it): scored as
+        # prefalign's reward trainer tokenised it, with one BOS, not two
+        self._bos_text = self.tokenizer.bos_token if leading_bos(self.tokenizer) is not None else None
         self._own_pooling = pools_last_token(model)
 
     @torch.no_grad()
     def _score_batch(self, texts: list[str]) -> torch.Tensor:
+        if bos := self._bos_text:
+            texts = [t[len(bos) :] if t.startswith(bos) else t for t in texts]
         enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt").to(
             self.device
         )

@@ -63,6 +63,14 @@ def test_empty_file(capsys, tmp_path, model):
     _bad(capsys, tmp_path, _dpo(f, model), "empty.jsonl")
 
 
+@pytest.mark.parametrize("name", ["empty.txt", "empty.jsonl"])
+def test_a_file_holding_only_a_bom_is_empty(capsys, tmp_path, model, name):
+    """How some editors save an empty UTF-8 file: a prompt file of it gave 0 prompts, 0 pairs and exit 0."""
+    f = tmp_path / name
+    f.write_bytes(b"\xef\xbb\xbf\r\n")
+    _bad(capsys, tmp_path, _ppo(tmp_path, model, "vader", "--prompts", str(f)), f"{name}: file is empty")
+
+
 def test_unknown_format(capsys, tmp_path, model):
     f = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
     _bad(capsys, tmp_path, _dpo(f, model), "odd.jsonl", "question")

@@ -109,7 +109,8 @@ def test_compare_end_to_end_on_a_tiny_model_then_resume(tmp_path, tiny_model_dir
         for arm, parts in (("ppo", {"reward_model": "rm", "policy": "ppo"}), ("dpo", {"policy": "dpo"})):
             wall, evaluation = by[arm]["seed_costs"][seed]["wall_seconds"], 0.0
             for part, stage in parts.items():
-                rows = [json.loads(x) for x in (out / f"seed-{seed}" / stage / "metrics.jsonl").read_text().splitlines()]
+                lines = (out / f"seed-{seed}" / stage / "metrics.jsonl").read_text().splitlines()
+                rows = [json.loads(x) for x in lines]
                 spent = sum(r.get("eval/seconds", 0) + r.get("time/heldout", 0) for r in rows)
                 assert spent > 0 and wall[part] == pytest.approx(stages[f"seed-{seed}/{stage}"]["wall_seconds"] - spent)
                 evaluation += spent

@@ -1,3 +1,4 @@
+import math
 import sys
 
 import pytest
@@ -5,6 +6,7 @@ import torch
 from conftest import tiny_reward_model
 
 from prefalign.errors import UserError
+from prefalign.models.value import last_token_rewards
 from prefalign.rewards import (
     JUDGES,
     CallableReward,
@@ -180,6 +182,25 @@ def test_callable_bad_return_values(reward_module, fn, message):
         load_reward_source(f"my_rewards:{fn}").score(PROMPTS, COMPLETIONS)
 
 
+@pytest.mark.parametrize("value", [1e39, -(10**400)], ids=["float", "int"])
+def test_a_score_beyond_float32_is_refused(value):
+    """Scores are held in float32: 1e39 passed a float64 check and became inf; 10**400 raised OverflowError."""
+    with pytest.raises(UserError, match=r"^test returned a score at index 1 beyond float32's range \(3.4e38\): "):
+        check_scores([0.0, value], 2, "test")
+
+
+def test_a_weighted_sum_that_overflows_float32_is_refused():
+    from prefalign.reward_mix import WeightedRewards
+
+    class Huge:
+        def score(self, prompts, completions):
+            return [3e38] * len(completions)
+
+    mix = WeightedRewards({"a": Huge(), "b": Huge()}, [1.0, 1.0])
+    with pytest.raises(UserError, match=r"^--reward-weights: the weighted sum of the rewards overflows float32 at"):
+        mix.score(PROMPTS, COMPLETIONS)
+
+
 def test_check_scores_accepts_sequences_and_arrays():
     import numpy as np
 
@@ -331,3 +352,47 @@ def test_reward_model_without_a_score_head_uses_its_own_forward(tokenizer, tmp_p
             [model(torch.tensor([tokenizer(p + c).input_ids])).logits[0, 0] for p, c in zip(prompts, completions)]
         )
     torch.testing.assert_close(scores, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_text_starting_with_the_bos_its_tokenizer_adds_is_scored_with_one(tmp_path):
+    """A chat template that writes the BOS itself, under a tokenizer that puts one in front (Llama 3, Gemma): the
+    reward trainer tokenises one BOS; scoring gave two. Now the text with its BOS scores as the text without."""
+    from tokenizers import processors
+
+    from prefalign.models import load_tokenizer
+    from prefalign.rewards import RewardModel
+
+    tok = load_tokenizer()  # a fresh copy: the session's stays as it is
+    bos, bos_id = tok.bos_token, tok.bos_token_id
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, bos_id)]
+    )
+    tiny_reward_model(tok, seed=1).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    rm = RewardModel(str(tmp_path))
+    assert rm.tokenizer("a")["input_ids"][0] == bos_id
+    prompt, completion = "User: hi\nAssistant:", " hello there"
+    with_bos, without = rm.score([bos + prompt, prompt], [completion, completion]).tolist()
+    ids = [bos_id] + rm.tokenizer(prompt + completion, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        trained = float(last_token_rewards(rm.model, torch.tensor([ids]), torch.ones(1, len(ids), dtype=torch.long)))
+    assert with_bos == without == pytest.approx(trained, abs=1e-6)
+
+
+def test_the_length_cap_is_the_model_s_position_limit(tmp_path, tokenizer):
+    """An encoder with absolute positions (BERT: 64 here) scores a longer text on its last 64 tokens instead of
+    failing on the position embedding."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from prefalign.rewards import RewardModel
+
+    config = BertConfig(
+        vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=64, num_labels=1, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    BertForSequenceClassification(config).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    rm = RewardModel(str(tmp_path))
+    assert rm.max_length == 64
+    assert math.isfinite(rm.score(["word " * 100], [" ok"]).item())  # 102 tokens: it raised a RuntimeError

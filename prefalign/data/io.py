@@ -87,7 +87,7 @@ def read_table(source: str | Path, *, split: str = DEFAULT_SPLIT, text_column: s
     if path.is_dir():
         raise UserError(f"{src}: is a directory; give a data file (.jsonl/.json/.csv/.parquet, optionally .gz)")
     data = _read_bytes(path, src)
-    if not data.strip():
+    if not _strip_bom(data)[0].strip():  # a BOM alone is how some editors save an empty UTF-8 file
         raise UserError(f"{src}: file is empty; it needs at least one row")
     kind = file_kind(path)
     if kind == "parquet":
