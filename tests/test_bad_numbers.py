@@ -144,6 +144,18 @@ def test_a_run_started_with_overwrite_resumes_through_its_config_file(tmp_path, 
     assert [r["step"] for r in read_metrics(out) if "loss" in r] == [1, 2]
 
 
+def test_a_race_started_with_overwrite_resumes_through_its_config_file(capsys, tmp_path):
+    """compare, as the trainers: its config.yaml keeps ``overwrite: true``; only the two flags together are refused."""
+    from prefalign.cli._args import parse
+    from prefalign.compare import CompareConfig
+
+    config = tmp_path / "config.yaml"
+    config.write_text(f"output: {tmp_path / 'race'}\noverwrite: true\n")
+    cfg = parse(CompareConfig, ["--config", str(config), "--resume"], prog="prefalign compare")
+    assert cfg.resume and cfg.overwrite
+    _bad(capsys, tmp_path, ["compare", "--resume", "--overwrite"], "--resume and --overwrite contradict each other")
+
+
 def test_a_coloured_parser_box_is_one_line_too(capsys, tmp_path, monkeypatch):
     """tyro colours its boxes when stdout is a terminal (as in any interactive shell): the codes go first."""
     import tyro._fmtlib

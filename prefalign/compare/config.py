@@ -127,7 +127,8 @@ class CompareConfig(Validated):
     output: str = "runs/compare"
     """Output directory: report.md, report.html, summary.json, plots, and every stage's run."""
     overwrite: bool = False
-    """Start over in a directory that holds a previous comparison."""
+    """Start over in a directory that holds a previous comparison (moot with --resume: the two given together as
+    flags are refused, and a race's config.yaml keeps the --overwrite it started with)."""
     resume: bool = False
     """Continue a comparison: finished stages are not redone."""
     precision: str = "auto"
@@ -206,8 +207,6 @@ class CompareConfig(Validated):
             raise ValueError(f"--arms names {', '.join(twice)} twice; name each arm once")
         if self.curve_points < 1:
             raise ValueError(f"--curve-points must be >= 1, got {self.curve_points}")
-        if self.overwrite and self.resume:
-            raise ValueError("--overwrite and --resume contradict each other; choose one")
         if self.pair_rule not in ("best_worst", "all"):
             raise ValueError(f"--pair-rule must be best_worst or all, got {self.pair_rule!r}")
         if not self.min_gap >= 0:
