@@ -7,7 +7,8 @@ tokens at temperature 0.7 over the full vocabulary (top-k 0, top-p 1); reward `b
 group-normalised advantages (``scale_rewards="group"``); the clipped surrogate (epsilon 0.2, one iteration per
 generation, so the ratio is 1 at sampling time) plus beta 0.05 x the k3 KL per token, aggregated per sequence
 (``loss_type="grpo"``, prefalign ``--loss-agg seq_mean_token_mean --kl-in-loss``); AdamW lr 1e-6, linear schedule,
-no warmup, gradient clipping 1.0. No vLLM on either side: both generate with ``model.generate``.
+no warmup, gradient clipping 1.0. No vLLM on either side: TRL generates with ``model.generate``, prefalign with
+its decode loop.
 
 Settings that differ from TRL 1.16's defaults, and why:
 - ``loss_type="grpo"`` (default ``"dapo"``): the race's aggregation, one mean per completion;

@@ -729,3 +729,15 @@ def test_lever_experiments_patch_what_they_name_and_refuse_others(monkeypatch):
         "joint_ppo_step",
         "norm_outputs_kept",
     }
+
+
+def test_every_workload_times_a_step_past_its_warm_up(capsys):
+    """PPO drops its first two iterations: --steps 2 (or --quick's old 2) timed none of them, and the report then
+    counted the warm-up as timed."""
+    from bench.__main__ import QUICK_STEPS, STEPS, WARMUP, parse
+
+    assert all(steps[w] > WARMUP[w] for steps in (STEPS, QUICK_STEPS) for w in steps)
+    with pytest.raises(SystemExit):
+        parse(["--workloads", "dpo,ppo", "--steps", "2"])
+    assert "--steps must be in [3, 8] here: the warm-up steps and a timed one at least" in capsys.readouterr().err
+    assert parse(["--workloads", "dpo", "--steps", "2"]).steps == 2
