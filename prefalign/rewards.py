@@ -112,7 +112,8 @@ def check_scores(values, n: int, where: str) -> torch.Tensor:
             raise UserError(f"{where} returned a non-number at index {i}: {_short(v)} ({type(v).__name__})")
         if not isinstance(v, numbers.Integral) and not math.isfinite(v):  # an int is finite (and may be huge)
             raise UserError(f"{where} returned a non-finite score at index {i}: {v}")
-        if abs(v) > FLOAT32_MAX:  # scores are float32: 1e39 would be stored as inf; 10**400 has no float at all
+        # scores are float32: 1e39 would be stored as inf; 10**400 has no float at all
+        if abs(v) > FLOAT32_MAX:  # type: ignore[operator]  # a numbers.Real compares with a float
             raise UserError(
                 f"{where} returned a score at index {i} beyond float32's range (3.4e38): {_short(v)}; scale it down"
             )

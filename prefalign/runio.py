@@ -261,10 +261,17 @@ def run_in_output_dir(cfg, fn):
 
 def as_created(path: str | os.PathLike, directory: bool = False) -> None:
     """Give a temp file or directory (``mkstemp``/``mkdtemp``: 0600/0700) the mode ``open``/``mkdir`` would have
-    given it under the process's umask, before it is renamed into place as a run's output."""
+    given it under the process's umask, before it is renamed into place as a run's output; a directory's files
+    and subdirectories too (safetensors writes its files 0600)."""
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(path, (0o777 if directory else 0o666) & ~mask)
+    if directory:
+        for root, dirs, files in os.walk(os.fspath(path)):
+            for name in dirs:
+                os.chmod(os.path.join(root, name), 0o777 & ~mask)
+            for name in files:
+                os.chmod(os.path.join(root, name), 0o666 & ~mask)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

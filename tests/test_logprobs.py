@@ -237,3 +237,41 @@ def test_a_head_partitioned_by_zero3_runs_the_agreed_number_of_chunks(tokenizer,
     finally:
         hook.remove()
         del head.weight.ds_id, head.weight.ds_persist
+
+
+def _family(name: str):
+    import transformers
+
+    common = dict(
+        vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, initializer_range=0.5,
+    )  # fmt: skip
+    config, cls = {
+        "llama": (transformers.LlamaConfig(**common), transformers.LlamaForCausalLM),
+        "gemma2-softcapping": (
+            transformers.Gemma2Config(**common, final_logit_softcapping=3.0),
+            transformers.Gemma2ForCausalLM,
+        ),
+        "cohere-logit-scale": (transformers.CohereConfig(**common, logit_scale=0.0625), transformers.CohereForCausalLM),
+        "granite-logits-scaling": (
+            transformers.GraniteConfig(**common, logits_scaling=8.0),
+            transformers.GraniteForCausalLM,
+        ),
+    }[name]
+    torch.manual_seed(0)
+    return cls(config).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2-softcapping", "cohere-logit-scale", "granite-logits-scaling"])
+def test_log_probs_are_those_of_the_model_s_own_logits(family):
+    """Gemma 2's softcapping, Cohere's logit_scale and Granite's logits_scaling transform the LM head's output inside
+    the model's forward: the head alone (the chunked path) was off by 7-8 nats per token."""
+    model = _family(family)
+    ids = torch.randint(1, 300, (2, 8), generator=torch.Generator().manual_seed(0))
+    mask, completion = torch.ones_like(ids), torch.zeros_like(ids)
+    completion[:, 4:] = 1
+    with torch.no_grad():
+        got = completion_logprobs(model, ids, mask, completion, temperature=0.7)
+        logits = model(input_ids=ids, attention_mask=mask).logits.float() / 0.7
+    want = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None])[..., 0] * completion[:, 1:]
+    torch.testing.assert_close(got[:, 1:], want, rtol=0, atol=1e-5)

@@ -1,6 +1,6 @@
 """Resume at the edges of the run skeleton (`prefalign.trainers.run.Run`): a checkpoint past the new budget, a
-longer budget's schedule, the wall clock, a checkpoint copied outside the run, a run resumed at its end, and the
-modes of what a run writes. Each case failed before its fix."""
+longer budget's schedule, the wall clock, a checkpoint copied outside the run, a run resumed at its end; and what a
+run writes: file modes, an adapter's base. Each case failed before its fix."""
 
 import json
 import os
@@ -93,7 +93,9 @@ def test_a_run_resumed_at_its_end_returns_its_last_metrics_and_writes_readable_f
         (run / "config.yaml", 0o666),
         (run / "run.json", 0o666),
         (run / "final", 0o777),
+        (run / "final" / "model.safetensors", 0o666),  # safetensors writes 0600
         (run / "checkpoints" / "step-0000002", 0o777),
+        (run / "checkpoints" / "step-0000002" / "state.json", 0o666),
     ]:
         assert stat.S_IMODE(os.stat(path).st_mode) == mode & ~mask, path  # not mkstemp's 0600 / mkdtemp's 0700
 
@@ -118,3 +120,17 @@ def test_resumed_running_stats_give_every_process_the_same_keys(main):
         if main
         else ({"loss": 0.0, "grad_norm": 0.0}, {"loss": 0.0, "grad_norm": 0.0})
     )
+
+
+def test_an_adapter_names_its_local_base_by_absolute_path(tmp_path, tiny_model_dir, pairs, monkeypatch):
+    """--model given as a relative directory: final/ loaded only from the run's working directory."""
+    from prefalign.models.loading import load_policy
+
+    shutil.copytree(tiny_model_dir, tmp_path / "models" / "tiny")
+    monkeypatch.chdir(tmp_path)
+    cfg = DPOConfig(**trainer_kwargs(tmp_path, "models/tiny", pairs, max_steps=1, lora_r=2))
+    DPOTrainer(cfg).train()
+    adapter = json.loads((tmp_path / "run" / "final" / "adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == str((tmp_path / "models" / "tiny").resolve())
+    monkeypatch.chdir("/")
+    assert load_policy(str(tmp_path / "run" / "final")) is not None

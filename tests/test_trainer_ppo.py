@@ -517,3 +517,17 @@ def test_old_logprobs_come_from_the_decode_loop_when_the_policy_samples(
     # the first minibatch's ratio is 1 up to that rounding (measured 0.999998 recorded), nothing clipped
     first = trainer.minibatch_stats[0]
     assert first["val/ratio"] == pytest.approx(1.0, abs=1e-4) and first["policy/clipfrac"] == 0.0
+
+
+def test_a_causal_lm_value_model_gets_the_new_head_a_reward_model_keeps_its_own(tmp_path, tiny_model_dir, tokenizer):
+    """--head-init-std applies to a head the checkpoint lacks, through --model or --value-model alike (a causal LM
+    given as --value-model got transformers' random head); a trained reward model's head is kept."""
+    from prefalign.models.value import backbone_and_score, load_value_model
+
+    _, head = backbone_and_score(load_value_model(str(tiny_model_dir), head_init_std=0.0))
+    assert head.weight.abs().sum() == 0  # zeros: initial values are 0
+    rm = tiny_reward_model(tokenizer, seed=1)
+    rm.save_pretrained(tmp_path / "rm")
+    tokenizer.save_pretrained(tmp_path / "rm")
+    _, head = backbone_and_score(load_value_model(str(tmp_path / "rm"), head_init_std=0.0))
+    assert torch.equal(head.weight, rm.score.weight)

@@ -69,6 +69,8 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise UserError("reading the embedded GGUF model needs the `gguf` package: run `pip install gguf`")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from prefalign.runio import as_created
+
     log.info("converting %s to safetensors in %s (once per machine)", gguf.name, target)
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
@@ -87,6 +89,7 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     try:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
+        as_created(tmp, directory=True)  # a cache other users of the machine may share (PREFALIGN_CACHE)
         try:
             os.rename(tmp, target)  # atomic: a reader sees the whole model or none
         except OSError:

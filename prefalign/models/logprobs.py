@@ -38,6 +38,8 @@ logits; plus one all-reduce of an integer per call.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch.utils.checkpoint import checkpoint
 
@@ -61,6 +63,22 @@ def unwrap_backbone(model):
     """
     base = base_model(model)
     return base.get_decoder(), base.get_output_embeddings()
+
+
+def logit_transform(model) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """What the model's own forward does to the LM head's output before it returns logits, which the head alone
+    skips (None: nothing): Gemma 2 / 3's ``final_logit_softcapping`` (``c tanh(x / c)``), Cohere's ``logit_scale``
+    (``x * s``), Granite's ``logits_scaling`` (``x / s``). Without it the trained distribution is not the one the
+    model samples from (`tests/test_logprobs.py` checks each against the model's own logits)."""
+    config = base_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if cap := getattr(config, "final_logit_softcapping", None):
+        return lambda x: torch.tanh(x / cap) * cap
+    if (scale := getattr(config, "logit_scale", None)) is not None and scale != 1:
+        return lambda x: x * scale
+    if (scaling := getattr(config, "logits_scaling", None)) is not None and scaling != 1:
+        return lambda x: x / scaling
+    return None
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -115,7 +133,8 @@ def completion_logprobs(
     if _gathers_per_call(head):
         # every head call is a collective: every process runs as many, the most any needs (module docstring)
         chunks = process_max(chunks, h.device)
-    stats = _chunked_head_stats(head, h, targets, temperature, return_entropy, size, max(chunks, 1))
+    head_fn = _with_transform(head, logit_transform(model))
+    stats = _chunked_head_stats(head_fn, h, targets, temperature, return_entropy, size, max(chunks, 1))
     out = _scatter_back(stats[0], select)
     if not return_entropy:
         return out
@@ -140,6 +159,13 @@ def _gathers_per_call(head) -> bool:
     except ImportError:
         return False
     return isinstance(head, FSDPModule)
+
+
+def _with_transform(head, transform):
+    """``head``, or a function running ``head`` then ``transform`` (`logit_transform`)."""
+    if transform is None:
+        return head
+    return lambda h: transform(head(h))
 
 
 def _head_stats(

@@ -24,8 +24,8 @@ def backbone_and_score(model):
 def load_value_model(name_or_path: str, dtype=None, head_init_std: float | None = None):
     """A scalar-head model for values: a reward model as it is, or a causal LM with a new head.
 
-    With ``head_init_std`` the ``score`` head is re-initialised (normal, that std) — for a causal LM
-    whose head would otherwise be random at the library default.
+    With ``head_init_std``, a ``score`` head the checkpoint does not hold (a causal LM's) is initialised normal
+    with that std (0: zeros) instead of at the library's random default; a trained head (a reward model's) is kept.
     """
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
@@ -37,10 +37,13 @@ def load_value_model(name_or_path: str, dtype=None, head_init_std: float | None 
         config.num_labels = 1
         if config.pad_token_id is None:
             config.pad_token_id = load_tokenizer(name_or_path).pad_token_id
-        model = AutoModelForSequenceClassification.from_pretrained(path, config=config, dtype=dtype or torch.float32)
+        model, info = AutoModelForSequenceClassification.from_pretrained(
+            path, config=config, dtype=dtype or torch.float32, output_loading_info=True
+        )
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path, e) from None
-    if head_init_std is not None:
+    new_head = any(key.split(".")[0] == "score" for key in info["missing_keys"])
+    if head_init_std is not None and new_head:
         _, head = backbone_and_score(model)
         torch.nn.init.normal_(head.weight, std=head_init_std)
         if getattr(head, "bias", None) is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 from prefalign.trainers.config import CommonConfig
 
@@ -21,11 +22,17 @@ def apply_lora(model, cfg: CommonConfig, task_type: str = "CAUSAL_LM", modules_t
         modules_to_save=modules_to_save,
     )
     try:
-        return get_peft_model(model, lora)
+        peft_model = get_peft_model(model, lora)
     except ValueError as e:
         from prefalign.errors import UserError
 
         raise UserError(f"--lora-target-modules {' '.join(targets)}: {e}") from None
+    # peft records the base as the model was named: a relative directory would load only from this working
+    # directory (and one with a slash would read as a hub id from anywhere else)
+    base = peft_model.peft_config["default"].base_model_name_or_path
+    if base and Path(base).is_dir():
+        peft_model.peft_config["default"].base_model_name_or_path = str(Path(base).resolve())
+    return peft_model
 
 
 def is_peft(model) -> bool:

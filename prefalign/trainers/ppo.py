@@ -136,7 +136,7 @@ class PPOTrainer(HeldoutEval, PPOUpdate, PPOMetrics, Run):
         cfg = self.cfg
         if cfg.value_model:
             self.value_base = cfg.value_model
-            value = load_value_model(cfg.value_model)
+            value = load_value_model(cfg.value_model, head_init_std=cfg.head_init_std)  # a causal LM's new head
             require_same_vocabulary(value, cfg.value_model, self.tokenizer, f"--value-model {cfg.value_model}")
         elif isinstance(self.reward_source, RewardModel):
             self.value_base = cfg.reward
