@@ -4,13 +4,15 @@ A stage of `prefalign compare` runs in its own process with its output going to 
 would garble that log with carriage-return refreshes, and the race could only scrape them. So the race names a
 file in `PROGRESS_ENV`, and in such a process every `ProgressBar` draws nothing and instead rewrites that file
 (atomically) with one `Progress` record: what it counts, how far it is, since when, and the run's last logged
-metrics. The race reads it back (`prefalign.compare.progress`). Outside a race a `ProgressBar` is a plain tqdm bar.
+metrics. The race reads it back (`prefalign.compare.progress`). Outside a race a `ProgressBar` is a plain tqdm bar,
+drawn at most every `OFF_TERMINAL_SECONDS` when its stream is not a terminal.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,6 +23,9 @@ from tqdm.auto import tqdm
 
 from prefalign.runio import atomic_write_text
 
+OFF_TERMINAL_SECONDS = 30.0
+"""Least time between two draws of a bar whose stream is not a terminal (a redirected log, CI): tqdm's 0.1 s would
+write a carriage-return refresh per unit into the file, tens of thousands in an hour of fast steps."""
 PROGRESS_ENV = "PREFALIGN_PROGRESS_FILE"
 """Set by `prefalign compare` for each stage: the file its bars report to instead of the terminal."""
 MIN_WRITE_SECONDS = 0.2
@@ -80,6 +85,9 @@ class ProgressBar(tqdm):
             if iterable is None:
                 raise TypeError(f"ProgressBar {desc!r}: give a total or a sized iterable")
             total = len(iterable)
+        stream = kwargs.get("file") or sys.stderr
+        if "mininterval" not in kwargs and not (hasattr(stream, "isatty") and stream.isatty()):
+            kwargs["mininterval"] = OFF_TERMINAL_SECONDS
         super().__init__(iterable, desc=desc, total=total, unit=unit, disable=True if path else disable, **kwargs)
         self.report_to = Path(path) if path and disable is not True else None
         self.task, self.counted, self.reported_unit = desc, total, unit

@@ -210,7 +210,8 @@ def prepare_output_dir(path: str | os.PathLike, *, overwrite: bool = False, resu
 def remove_on_user_error(path: str | os.PathLike, created: bool):
     """If a `UserError` ends the run and this run created ``path`` and wrote no checkpoint, remove it:
     bad input leaves nothing half-written behind. A run with a checkpoint is kept (it can resume).
-    Any other error removes it only if it holds nothing but the lock file."""
+    Any other error (Ctrl-C included) removes it only if it holds nothing but the lock file and the run's
+    config.yaml: no output a rerun would have to be told to replace."""
     try:
         yield
     except BaseException as e:
@@ -219,7 +220,7 @@ def remove_on_user_error(path: str | os.PathLike, created: bool):
             if isinstance(e, UserError):
                 remove = not any(out.glob("checkpoints/*/state.json"))
             else:
-                remove = all(p.name == LOCK_FILE for p in out.iterdir())
+                remove = all(p.name in (LOCK_FILE, CONFIG_FILE) for p in out.iterdir())
             if remove:
                 shutil.rmtree(out, ignore_errors=True)
         raise

@@ -168,3 +168,26 @@ def test_a_prompt_file_without_a_prompt_column_says_what_to_do(tmp_path, tiny_mo
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr[-2000:]
     assert f"{prompts}: missing column 'prompt' (found columns: text); rename the column" in r.stderr
     assert "column=" not in r.stderr  # not a flag of generate, rl or ppo
+
+
+def test_a_stopped_run_leaves_no_directory_and_an_overwrite_that_fails_leaves_the_old_run(
+    tmp_path, tiny_model_dir, monkeypatch
+):
+    """config.yaml was written before sampling: Ctrl-C left it alone in a new directory (a rerun was refused as
+    "not empty"), and a failed --overwrite left it beside the previous run's outputs, naming other settings."""
+    import prefalign.eval.sampling as sampling
+    from prefalign.cli import main
+
+    out = tmp_path / "gen"
+    args = ["generate", "--model", str(tiny_model_dir), "--prompts", "a film", "--max-new-tokens", "2", "--output"]
+    assert main([*args, str(out)]) == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sampling, "sample_completions", stop)
+    assert main([*args, str(tmp_path / "new")]) == 130  # "interrupted"
+    assert not (tmp_path / "new").exists()
+    assert main([*args, str(out), "--overwrite", "--max-new-tokens", "3"]) == 130
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.name in before} == before

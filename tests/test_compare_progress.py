@@ -272,3 +272,19 @@ def test_a_stage_s_gpu_peak_is_read_from_its_run_json(tmp_path):
     (tmp_path / "run.json").write_text('{"precision": "bf16", "peak_gpu_allocated_mb": 10240.5}')
     assert recorded_gpu_peak(tmp_path) == 10240.5
     assert StageResult("x", "OUT/x", 1.0, 2.0).peak_gpu_mb is None  # stages.json of an older race loads
+
+
+def test_a_bar_off_a_terminal_draws_rarely():
+    """A redirected log got a carriage-return refresh every 0.1 s of a fast loop; off a terminal a bar draws at
+    most every OFF_TERMINAL_SECONDS (and at its start and end)."""
+    import io
+
+    from prefalign.progress import ProgressBar
+
+    log = io.StringIO()
+    with ProgressBar(total=2000, desc="steps", file=log) as bar:
+        for _ in range(2000):
+            time.sleep(0.0005)  # ~1 s: 10 draws at tqdm's 0.1 s
+            bar.update(1)
+    draws = [d for d in log.getvalue().replace("\r", "\n").splitlines() if d.strip()]
+    assert len(draws) <= 3 and "2000/2000" in draws[-1]

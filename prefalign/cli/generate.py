@@ -64,7 +64,6 @@ def run(cfg: GenerateConfig) -> list[dict]:
     prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
     model = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype)).to(device())
     out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
-    write_config(out_dir, cfg)
 
     start = time.perf_counter()
     samples = sample_completions(
@@ -82,6 +81,8 @@ def run(cfg: GenerateConfig) -> list[dict]:
         for s in samples
     ]
     new_tokens = sum(len(s.response_ids) for s in samples)
+    # the config with the outputs: a run stopped or refused before them leaves an --overwrite'd directory as it was
+    write_config(out_dir, cfg)
     write_jsonl(out_dir / "generations.jsonl", rows)
     write_json(
         out_dir / "metrics.json",

@@ -153,7 +153,6 @@ def evaluate(cfg: EvalConfig) -> dict:
         check_reward_columns(proxy, columns)
     prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
     out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
-    write_config(out_dir, cfg)
 
     start = time.perf_counter()
     runs = [_sample_policy(cfg, name, path, tokenizer, prompt_ids, dev) for name, path in specs]  # step 1
@@ -176,6 +175,8 @@ def evaluate(cfg: EvalConfig) -> dict:
         },
         "seconds": round(seconds, 3),
     }
+    # the config with the outputs: a run stopped or refused before them leaves an --overwrite'd directory as it was
+    write_config(out_dir, cfg)
     write_json(out_dir / "eval.json", result)
     atomic_write_text(out_dir / "eval.md", markdown_table(metrics))
     write_jsonl(out_dir / "completions.jsonl", _completion_rows(prompts, [ref, *runs]))

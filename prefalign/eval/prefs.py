@@ -140,7 +140,6 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     prompt_ids = tokenize_prompts(prompts, tokenizer, cfg.max_prompt_length)
     out_dir = prepare_output_dir(cfg.output, overwrite=cfg.overwrite)
     model = load_policy(cfg.model, dtype=getattr(torch, cfg.dtype)).to(torch_device)
-    write_config(out_dir, cfg)
 
     start = time.perf_counter()
     samples = sample_completions(
@@ -153,6 +152,8 @@ def make_preferences(cfg: PrefsConfig) -> dict:
     seconds = time.perf_counter() - start
 
     metrics = _metrics(prompts, samples, scores, pairs, skipped, seconds)
+    # the config with the outputs: a run stopped or refused before them leaves an --overwrite'd directory as it was
+    write_config(out_dir, cfg)
     write_jsonl(out_dir / "pairs.jsonl", pairs)
     write_json(out_dir / "metrics.json", metrics)
     if not pairs:
