@@ -1,5 +1,6 @@
 """The shared real files, and a subprocess smoke run of ``prefalign data inspect``."""
 
+import json
 import os
 import subprocess
 import sys
@@ -102,3 +103,49 @@ def test_cli_inspect_of_data_without_a_usable_row_exits_1(tmp_path):
     out = _run("data", "inspect", str(same))
     assert out.returncode == 1, out.stderr
     assert "warning: no usable rows: training on this data would stop with an error" in out.stdout.splitlines()
+
+
+def _inspect(*args):
+    from prefalign.cli.data import InspectConfig, inspect
+
+    path, *rest = args
+    flags = dict(zip([a.lstrip("-").replace("-", "_") for a in rest[::2]], rest[1::2]))
+    typed = {k: int(v) if k.startswith("max") else v for k, v in flags.items()}
+    return inspect(InspectConfig(path=str(path), **typed))
+
+
+def test_inspect_reads_sft_rows_as_sft_does(tmp_path):
+    """prompt/completion rows were reported as prompt-only data: their completions never counted or fitted."""
+    rows = [{"prompt": "Say it:", "completion": " word" * (100 if i % 2 else 3)} for i in range(6)]
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = _inspect(data, "--max-length", "64")
+    assert lines[1] == "format: prompt-completion (detected: sft's rows)"
+    assert lines[2] == "rows: 6   kept: 3   dropped: 3"
+    assert lines[3].startswith("  dropped 3 too_long (first: line 2: prompt 3 + completion 101 tokens do not fit")
+    assert [line.split()[0] for line in lines[-2:]] == ["prompt", "completion"]
+
+
+def test_inspect_applies_a_prompt_cap_given_alone_to_prompt_only_data(tmp_path):
+    """ppo, rl, generate and eval take --max-prompt-length alone; inspect reported no truncation without
+    --max-length."""
+    data = tmp_path / "p.txt"
+    data.write_text("a b c d e f g h\nshort\n")
+    assert "  1 prompts longer than 4 tokens would keep only their last 4" in _inspect(data, "--max-prompt-length", "4")
+
+
+def test_inspect_reports_pairs_identical_as_tokens_and_exits_1(tmp_path, capsys):
+    """Different texts, the same tokens (one ends in the EOS's text): inspect stopped with exit 2 and no report."""
+    from prefalign.cli.data import main
+
+    data = tmp_path / "same.jsonl"
+    data.write_text(json.dumps({"prompt": "p", "chosen": " a", "rejected": " a<|im_end|>"}) + "\n")
+    assert main(["inspect", str(data)]) == 1
+    out = capsys.readouterr().out
+    assert "  dropped 1 identical (first: line 1: chosen and rejected are the same tokens)" in out.splitlines()
+
+
+@needs_hh
+def test_inspect_format_prompt_reads_a_pair_file_s_prompts_as_ppo_does():
+    lines = _inspect(HH_RLHF, "--format", "prompt")
+    assert lines[1:3] == ["format: prompt (forced)", "rows: 2312   kept: 2304   dropped: 8"]

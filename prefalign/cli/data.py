@@ -37,7 +37,8 @@ class InspectConfig(Validated):
     max_length: int | None = None
     """Also apply the training truncation policy at this many tokens and report what it drops."""
     max_prompt_length: int | None = None
-    """Prompt cap for the truncation policy (default: max_length // 2)."""
+    """Prompt cap for the truncation policy (default: max_length // 2). For prompt-only data it may come alone: the
+    --max-prompt-length of ppo, rl, generate and eval."""
     split: str = "train"
     """Split of a hub dataset."""
     column: str = "prompt"
@@ -86,20 +87,30 @@ def inspect(cfg: InspectConfig) -> list[str]:
         fmt, how = PROMPT_ONLY, "plain text, one prompt per line"
     else:
         fmt, how = detect_format(table), "detected"
-    if fmt == PROMPT_ONLY and table.kind != "text" and cfg.column not in table.columns:
-        # refused here, not left to a fall-back to pair prompts, and naming the column asked for
+    sft = cfg.format == "auto" and {"prompt", "completion"} <= set(table.columns)  # sft's prompt/completion rows
+    pair_prompts = cfg.column == "prompt" and {"chosen", "rejected"} <= set(table.columns)  # as ppo, rl, eval read
+    if fmt == PROMPT_ONLY and table.kind != "text" and cfg.column not in table.columns and not pair_prompts:
+        # refused here, naming the column asked for (parse_prompts' message names no --column flag)
         raise UserError(
             f"{cfg.path}: missing column {cfg.column!r} (found columns: {', '.join(table.columns)}); "
             "pass --column with the name of the prompt column"
         )
     tokenizer = load_tokenizer(cfg.model)
+    if sft:
+        fmt, how = "prompt-completion", "detected: sft's rows"
     lines = [f"source: {cfg.path}", f"format: {fmt} ({how})"]
-    if fmt == PROMPT_ONLY:
+    if sft:
+        report, lengths = _sft_rows(cfg, table, tokenizer)
+    elif fmt == PROMPT_ONLY:
         prompts, report = parse_prompts(table, tokenizer, column=cfg.column)
         lengths = {"prompt": [len(ids) for ids in tokenize_prompts(prompts, tokenizer, sys.maxsize)]}
     else:
         examples, report = parse_preferences(table, fmt, tokenizer)
-        pairs, tokenized = tokenize_preferences(examples, tokenizer, None, source=cfg.path) if examples else ([], None)
+        pairs, tokenized = (
+            tokenize_preferences(examples, tokenizer, None, source=cfg.path, require_kept=False)
+            if examples
+            else ([], None)
+        )
         if tokenized is not None:
             report.merge(tokenized)  # pairs whose two completions tokenise the same
         lengths = {
@@ -112,13 +123,13 @@ def inspect(cfg: InspectConfig) -> list[str]:
             report.merge(fitted)
     lines.append(f"rows: {report.total}   kept: {report.kept}   dropped: {report.dropped}")
     lines += [f"  {line}" for line in report.lines()]
-    if fmt == PROMPT_ONLY and cfg.max_length is not None:
-        cap = cfg.max_prompt_length or cfg.max_length // 2
+    if fmt == PROMPT_ONLY and not sft and (cfg.max_length is not None or cfg.max_prompt_length is not None):
+        cap = cfg.max_prompt_length or cfg.max_length // 2  # type: ignore[operator]  # one of the two is set
         too_long = sum(n > cap for n in lengths["prompt"])
         lines.append(f"  {too_long} prompts longer than {cap} tokens would keep only their last {cap}")
     if not report.kept:
         lines.append(NO_USABLE_ROWS)
-    notes = ([] if fmt == PROMPT_ONLY else ["completions include the final EOS"]) + (
+    notes = ([] if fmt == PROMPT_ONLY and not sft else ["completions include the final EOS"]) + (
         ["before truncation"] if cfg.max_length else []
     )
     lines.append(f"token lengths with the {cfg.model} tokenizer" + (f" ({'; '.join(notes)})" if notes else "") + ":")
@@ -127,6 +138,23 @@ def inspect(cfg: InspectConfig) -> list[str]:
 
 
 NO_USABLE_ROWS = "warning: no usable rows: training on this data would stop with an error"
+
+
+def _sft_rows(cfg: InspectConfig, table, tokenizer):
+    """``(report, lengths)`` of prompt/completion rows as `prefalign sft` reads them: empty rows and, with
+    --max-length, the rows its truncation policy drops; lengths before truncation."""
+    from prefalign.data.tokens import tokenize_sft
+    from prefalign.trainers.data import prompt_completion_rows
+
+    prompts, completions, wheres, report = prompt_completion_rows(table, require_kept=False)
+    rows, _ = tokenize_sft(prompts, completions, tokenizer, None, None, wheres, cfg.path, require_kept=False)
+    if cfg.max_length is not None:
+        _, fitted = tokenize_sft(
+            prompts, completions, tokenizer, cfg.max_length, cfg.max_prompt_length, wheres, cfg.path, require_kept=False
+        )
+        report.merge(fitted)
+    lengths = {"prompt": [len(r.prompt_ids) for r in rows], "completion": [len(r.completion_ids) for r in rows]}
+    return report, lengths
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -184,11 +184,13 @@ def tokenize_preferences(
     max_length: int | None,
     max_prompt_length: int | None = None,
     source: str = "",
+    *,
+    require_kept: bool = True,
 ) -> tuple[list[TokenizedPair], DropReport]:
     """Token ids of every pair, fitted to ``max_length`` (None: no limit); too-long pairs and pairs whose two
     completions tokenise the same are dropped. ``source`` (the data's path or id) names it in messages.
 
-    Raises `UserError` if every pair is dropped.
+    Raises `UserError` if every pair is dropped (unless ``require_kept`` is off: `prefalign data inspect` reports).
     """
     eos, bos = _eos(tokenizer), leading_bos(tokenizer)
     n = len(examples)
@@ -212,11 +214,12 @@ def tokenize_preferences(
             distinct.append(pair)
     kept, fit = truncate_pairs(distinct, max_length, max_prompt_length, bos, source)
     report.merge(fit)
-    report.require_some_kept(
-        f"raise max_length (now {max_length}) or use shorter data"
-        if "too_long" in report.counts
-        else "fix the rows: a prompt needs tokens, and chosen and rejected must differ as token ids"
-    )
+    if require_kept:
+        report.require_some_kept(
+            f"raise max_length (now {max_length}) or use shorter data"
+            if "too_long" in report.counts
+            else "fix the rows: a prompt needs tokens, and chosen and rejected must differ as token ids"
+        )
     return kept, report
 
 
@@ -228,10 +231,12 @@ def tokenize_sft(
     max_prompt_length: int | None = None,
     wheres: Sequence[str] | None = None,
     source: str = "",
+    *,
+    require_kept: bool = True,
 ) -> tuple[list[TokenizedSFT], DropReport]:
     """Token ids of (prompt, completion) pairs with the same special-token and truncation policy. ``wheres``
     (each row's place in ``source``, e.g. ``"line 7"``; default ``"example i"``) and ``source`` name a dropped
-    row in messages."""
+    row in messages. Raises `UserError` if every row is dropped, unless ``require_kept`` is off."""
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if wheres is not None and len(wheres) != len(prompts):
@@ -251,7 +256,8 @@ def tokenize_sft(
         bos,
         report,
     )
-    report.require_some_kept(f"raise max_length (now {max_length}) or use shorter data")
+    if require_kept:
+        report.require_some_kept(f"raise max_length (now {max_length}) or use shorter data")
     return kept, report
 
 

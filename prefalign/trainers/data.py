@@ -73,9 +73,9 @@ def load_preference_splits(cfg, tokenizer):
     return _splits(_load_tokenized_pairs, cfg, tokenizer)
 
 
-def _prompt_completion_rows(table) -> tuple[list[str], list[str], list[str], DropReport]:
+def prompt_completion_rows(table, require_kept: bool = True) -> tuple[list[str], list[str], list[str], DropReport]:
     """The prompt and completion strings of ``table`` and where each is; empty ones are dropped, counted and
-    logged."""
+    logged (all dropped: a `UserError`, unless ``require_kept`` is off)."""
     report = DropReport(source=table.source, total=len(table.rows))
     prompts, completions, wheres = [], [], []
     for where, row in table.rows:
@@ -90,7 +90,8 @@ def _prompt_completion_rows(table) -> tuple[list[str], list[str], list[str], Dro
             prompts.append(p)
             completions.append(c)
             wheres.append(where)
-    report.require_some_kept("fix the rows")
+    if require_kept:
+        report.require_some_kept("fix the rows")
     if report.dropped:
         log.warning("%s: %s", table.source, report.summary())
     return prompts, completions, wheres, report
@@ -107,7 +108,7 @@ def _load_tokenized_sft(source: str, split: str, cfg, tokenizer) -> tuple[list, 
                 f"{source}: --data-format {cfg.data_format} reads preference data, and this file has prompt and "
                 "completion columns; drop --data-format"
             )
-        prompts, completions, wheres, report = _prompt_completion_rows(table)
+        prompts, completions, wheres, report = prompt_completion_rows(table)
     else:
         examples, report = load_preferences(table, tokenizer, format=getattr(cfg, "data_format", None))
         prompts, completions = [e.prompt for e in examples], [e.chosen for e in examples]
