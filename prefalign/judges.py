@@ -3,7 +3,7 @@
 * ``vader``: VADER's compound sentiment of the completion alone, in [-1, 1] (Hutto and Gilbert, 2014), the gold
   judge of controlled sentiment generation (the first experiment of the DPO paper, Rafailov et al. 2023, done
   offline);
-* ``arithmetic``: exact match, 1.0 or 0.0, of the first integer on the completion's first line with the
+* ``arithmetic``: exact match, 1.0 or 0.0, of the first number on the completion's first line (a whole one) with the
   ``answer`` column of the prompt's row (a verifiable reward: a right answer is checked, not estimated).
 
 Each judge scores like every reward source (`prefalign.rewards`): ``score(prompts, completions, columns=None) ->
@@ -55,19 +55,24 @@ class VaderJudge:
         return torch.tensor(scores, dtype=torch.float32)
 
 
-_INTEGER = re.compile(r"-?\d+")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
 def first_integer(completion: str) -> int | None:
-    """The first integer (an optional ``-`` then digits) of the text before the first newline; ``None`` if none.
+    """The first number (an optional ``-``, digits, an optional decimal part) of the text before the first newline,
+    as an integer; ``None`` if there is none or it is not a whole number.
 
-    ``" 71\\n12 + 5 = 17"`` -> 71; ``" -3 apples"`` -> -3; ``"\\n71"`` -> None (the first line is empty)."""
-    match = _INTEGER.search(completion.split("\n", 1)[0])
-    return int(match.group()) if match else None
+    ``" 71\\n12 + 5 = 17"`` -> 71; ``" -3 apples"`` -> -3; ``" 84."`` -> 84 (a full stop); ``" 25.0"`` -> 25;
+    ``" 25.5"`` -> None (not 25); ``"\\n71"`` -> None (the first line is empty)."""
+    match = _NUMBER.search(completion.split("\n", 1)[0])
+    if match is None:
+        return None
+    whole, _, fraction = match.group().partition(".")
+    return int(whole) if not fraction.strip("0") else None
 
 
 class ArithmeticJudge:
-    """1.0 when the first integer on the completion's first line (`first_integer`) equals the prompt row's
+    """1.0 when the first number on the completion's first line (`first_integer`: a whole one) equals the prompt row's
     ``answer``, else 0.0; a first line without a number (an empty completion too) scores 0.0.
 
     The answers come from the ``answer`` column of the prompt file (a string or an integer per row, e.g.

@@ -35,6 +35,10 @@ from prefalign.rewards import JUDGES, VaderJudge, load_reward_source, score_with
         (" seventy-one", "71", 0.0),  # malformed: no number on the first line
         ("", "71", 0.0),  # empty
         ("   ", "71", 0.0),
+        (" 71.", "71", 1.0),  # a full stop after the number
+        (" 71.0", "71", 1.0),
+        (" 71.5", "71", 0.0),  # a decimal is not the integer it starts with
+        (" 70.99", "71", 0.0),
     ],
 )
 def test_arithmetic_judge_scores_the_first_integer_of_the_first_line(completion, answer, expected):

@@ -5,8 +5,8 @@ continue in plain completion mode (no chat template), and its answer as a decima
 
     {"prompt": "37 + 25 = 62\\n14 + 58 = 72\\n23 + 48 =", "answer": "71"}
 
-The ``arithmetic`` judge (`prefalign.judges.ArithmeticJudge`) scores 1 when the first integer of the
-completion's first line is the answer. Rewrite both files, byte for byte the same, with::
+The ``arithmetic`` judge (`prefalign.judges.ArithmeticJudge`) scores 1 when the first number of the
+completion's first line is the answer (a whole number). Rewrite both files, byte for byte the same, with::
 
     python -m prefalign.resources.make_arithmetic
 
