@@ -86,7 +86,9 @@ class ProgressBar(tqdm):
                 raise TypeError(f"ProgressBar {desc!r}: give a total or a sized iterable")
             total = len(iterable)
         stream = kwargs.get("file") or sys.stderr
-        if "mininterval" not in kwargs and not (hasattr(stream, "isatty") and stream.isatty()):
+        terminal = hasattr(stream, "isatty") and stream.isatty()
+        # a notebook's widget bar (tqdm.auto's choice there) is no stream of text: it keeps tqdm's interval
+        if "mininterval" not in kwargs and not terminal and "notebook" not in tqdm.__module__:
             kwargs["mininterval"] = OFF_TERMINAL_SECONDS
         super().__init__(iterable, desc=desc, total=total, unit=unit, disable=True if path else disable, **kwargs)
         self.report_to = Path(path) if path and disable is not True else None

@@ -42,3 +42,17 @@ def test_a_split_that_leaves_no_training_prompt_is_refused():
     items = [_pair(0, k) for k in range(6)] + [_pair(1, 0)]  # 7 pairs, 2 prompts
     with pytest.raises(UserError, match=r"^--eval-split 0.9 holds out 2 of 2 distinct prompts and leaves none"):
         split_eval(items, 0.9, seed=0)
+
+
+def test_a_prompt_cut_differently_beside_longer_completions_stays_one_group():
+    """A prompt's ids are cut to fit beside each completion: its pairs carry different prompt ids (20 and 12
+    tokens here), and a split by ids sent them to both sides. The split goes by the prompt's text."""
+    from prefalign.data.tokens import truncate_pairs
+
+    text = [TokenizedPair(list(range(1, 21)), [7] * c, [8] * c, prompt="one") for c in (4, 12)]
+    others = [TokenizedPair([50 + i] * 5, [7], [8], prompt=f"p{i}") for i in range(8)]
+    kept, _ = truncate_pairs(text + others, max_length=24, max_prompt_length=20)
+    assert [len(p.prompt_ids) for p in kept[:2]] == [20, 12]
+    for seed in range(20):
+        evals = split_eval(kept, 0.3, seed)[1]
+        assert (kept[0] in evals) == (kept[1] in evals), seed

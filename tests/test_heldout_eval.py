@@ -189,6 +189,37 @@ def test_the_kl_reads_the_decode_loops_log_probs_without_its_entropy(
     torch.testing.assert_close(logps, gen.logps, rtol=1e-4, atol=1e-4)
 
 
+def test_an_evaluation_leaves_every_random_stream_as_it_found_it(tmp_path, tiny_model_dir, prompts, tokenizer, heldout):
+    """The evaluation draws from torch's, Python's and numpy's global generators (sampling falls back to them, a
+    reward function may use them) and restores all three: training code that draws from them (none does in ppo and
+    rl today) gets the numbers it would get without the evaluation."""
+    import random
+
+    import numpy as np
+
+    from prefalign.trainers.heldout import HeldoutEval
+
+    point, batch, seen = HeldoutEval.heldout_point, HeldoutEval.heldout_batch, []
+
+    def drawing_batch(self, rows):
+        torch.rand(3), random.random(), np.random.rand()  # as a judge or a fall-back sampler would
+        return batch(self, rows)
+
+    def checked_point(self):
+        before = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+        out = point(self)
+        after = (torch.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+        seen.append(torch.equal(before[0], after[0]) and before[1] == after[1] and bool((before[2] == after[2]).all()))
+        return out
+
+    HeldoutEval.heldout_point, HeldoutEval.heldout_batch = checked_point, drawing_batch
+    try:
+        _ppo(tmp_path, "run", tiny_model_dir, prompts, tokenizer, max_steps=2, **_heldout_kw(heldout, every=1))
+    finally:
+        HeldoutEval.heldout_point, HeldoutEval.heldout_batch = point, batch
+    assert seen == [True] * 3  # step 0, 1 and 2
+
+
 def test_the_last_iteration_is_evaluated_off_the_cadence_and_the_limit_takes_the_first_prompts(
     tmp_path, tiny_model_dir, prompts, tokenizer, heldout
 ):

@@ -134,3 +134,33 @@ def test_an_adapter_names_its_local_base_by_absolute_path(tmp_path, tiny_model_d
     assert adapter["base_model_name_or_path"] == str((tmp_path / "models" / "tiny").resolve())
     monkeypatch.chdir("/")
     assert load_policy(str(tmp_path / "run" / "final")) is not None
+
+
+def test_a_stale_final_temp_directory_is_removed_by_the_next_write(tmp_path, tiny_model_dir, pairs):
+    """A kill while final/ was being written left .tmp-final-*; the next final/ write removes it."""
+    DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, max_steps=1, save_steps=1)).train()
+    stale = tmp_path / "run" / ".tmp-final-killed"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half")
+    shutil.rmtree(tmp_path / "run" / "final")
+    DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, max_steps=1, save_steps=1, resume="latest")).train()
+    assert not stale.exists() and (tmp_path / "run" / "final" / "config.json").is_file()
+
+
+def test_checkpoints_order_by_step_number_past_seven_digits(tmp_path):
+    from prefalign.trainers.checkpoint import CheckpointManager
+
+    manager = CheckpointManager(tmp_path, 2)
+    for name in ("step-9999999", "step-10000000", "step-0000002"):
+        (tmp_path / "checkpoints" / name).mkdir(parents=True)
+        (tmp_path / "checkpoints" / name / "state.json").write_text("{}")
+    assert [p.name for p in manager.complete()] == ["step-0000002", "step-9999999", "step-10000000"]
+
+
+def test_the_clock_goes_on_from_the_checkpoint_into_a_fresh_output(tmp_path, tiny_model_dir, pairs):
+    """Resumed from a checkpoint elsewhere into an --output without metrics.jsonl: wall_seconds went back to 0."""
+    DPOTrainer(_cfg(tmp_path / "a", tiny_model_dir, pairs, max_steps=3, save_steps=2)).train()
+    ckpt = tmp_path / "a" / "run" / "checkpoints" / "step-0000002"
+    saved = json.loads((ckpt / "state.json").read_text())["wall_seconds"]
+    DPOTrainer(_cfg(tmp_path / "b", tiny_model_dir, pairs, max_steps=3, save_steps=2, resume=str(ckpt))).train()
+    assert read_metrics(tmp_path / "b" / "run")[0]["wall_seconds"] >= saved > 0

@@ -519,13 +519,18 @@ def test_old_logprobs_come_from_the_decode_loop_when_the_policy_samples(
     assert first["val/ratio"] == pytest.approx(1.0, abs=1e-4) and first["policy/clipfrac"] == 0.0
 
 
-def test_a_causal_lm_value_model_gets_the_new_head_a_reward_model_keeps_its_own(tmp_path, tiny_model_dir, tokenizer):
-    """--head-init-std applies to a head the checkpoint lacks, through --model or --value-model alike (a causal LM
-    given as --value-model got transformers' random head); a trained reward model's head is kept."""
+def test_a_causal_lm_value_model_gets_the_new_head_a_reward_model_keeps_its_own(
+    tmp_path, tiny_model_dir, prompts, tokenizer
+):
+    """--head-init-std applies to a head the checkpoint lacks, through --value-model as through --model (a causal
+    LM given as --value-model got transformers' random head); a trained reward model's head is kept."""
     from prefalign.models.value import backbone_and_score, load_value_model
 
-    _, head = backbone_and_score(load_value_model(str(tiny_model_dir), head_init_std=0.0))
-    assert head.weight.abs().sum() == 0  # zeros: initial values are 0
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts, value_model=str(tiny_model_dir), head_init_std=0.0)
+    trainer = PPOTrainer(cfg, reward_source=LowIdReward(tokenizer))
+    trainer.init_backend()
+    trainer.setup()
+    assert backbone_and_score(trainer.value)[1].weight.abs().sum() == 0  # zeros: initial values are 0
     rm = tiny_reward_model(tokenizer, seed=1)
     rm.save_pretrained(tmp_path / "rm")
     tokenizer.save_pretrained(tmp_path / "rm")

@@ -267,7 +267,7 @@ def train_command(
     cfg = parse(config_cls, argv, prog=prog, description=description)
     last = trainer_cls(cfg).train()
     shown = {k: round(last[k], 4) for k in keys if k in last}
-    shown.update({k: round(v, 4) for k, v in last.items() if k.startswith(tuple(prefixes))})
+    shown.update({k: round(v, 4) for k, v in last.items() if k.startswith(tuple(prefixes)) and k != "eval/seconds"})
     what = "policy" if online else "model"
     samples = f", samples in {cfg.output}/samples.jsonl" if online else ""
     print(f"done: {shown}\n{what} in {cfg.output}/final, metrics in {cfg.output}/metrics.jsonl{samples}")

@@ -42,6 +42,9 @@ class TokenizedPair:
     rejected_ids: list[int]
     margin: float | None = None
     where: str = field(default="", compare=False, repr=False)
+    prompt: str = field(default="", compare=False, repr=False)
+    """The prompt's text before any truncation: what --eval-split groups a prompt's pairs by (the ids of one
+    prompt are cut differently beside completions of different lengths)."""
 
 
 @dataclass(frozen=True)
@@ -51,6 +54,8 @@ class TokenizedSFT:
     prompt_ids: list[int]
     completion_ids: list[int]
     where: str = field(default="", compare=False, repr=False)
+    prompt: str = field(default="", compare=False, repr=False)
+    """As `TokenizedPair.prompt`."""
 
 
 def encode(tokenizer, texts: Sequence[str], desc: str = "tokenize") -> list[list[int]]:
@@ -169,7 +174,7 @@ def truncate_pairs(
     kept = _fit_rows(
         pairs,
         lambda p: (p.chosen_ids, p.rejected_ids),
-        lambda p, ids: TokenizedPair(ids, p.chosen_ids, p.rejected_ids, p.margin, p.where),
+        lambda p, ids: TokenizedPair(ids, p.chosen_ids, p.rejected_ids, p.margin, p.where, p.prompt),
         max_length,
         max_prompt_length,
         bos_token_id,
@@ -199,7 +204,12 @@ def tokenize_preferences(
     )
     pairs = [
         TokenizedPair(
-            _with_bos(ids[i], bos), _with_eos(ids[n + i], eos), _with_eos(ids[2 * n + i], eos), e.margin, e.where
+            _with_bos(ids[i], bos),
+            _with_eos(ids[n + i], eos),
+            _with_eos(ids[2 * n + i], eos),
+            e.margin,
+            e.where,
+            e.prompt,
         )
         for i, e in enumerate(examples)
     ]
@@ -245,12 +255,12 @@ def tokenize_sft(
     n = len(prompts)
     ids = encode(tokenizer, list(prompts) + list(completions))
     wheres = [f"example {i + 1}" for i in range(n)] if wheres is None else wheres
-    rows = [TokenizedSFT(_with_bos(ids[i], bos), _with_eos(ids[n + i], eos), wheres[i]) for i in range(n)]
+    rows = [TokenizedSFT(_with_bos(ids[i], bos), _with_eos(ids[n + i], eos), wheres[i], prompts[i]) for i in range(n)]
     report = DropReport(source=source, total=n)
     kept = _fit_rows(
         rows,
         lambda r: (r.completion_ids,),
-        lambda r, p: TokenizedSFT(p, r.completion_ids, r.where),
+        lambda r, p: TokenizedSFT(p, r.completion_ids, r.where, r.prompt),
         max_length,
         max_prompt_length,
         bos,

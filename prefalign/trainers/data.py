@@ -28,8 +28,8 @@ def split_eval(items: list, fraction: float, seed: int) -> tuple[list, list]:
     item per prompt this is the item-level split (the same permutation of as many)."""
     if fraction <= 0:
         return items, []
-    groups: dict[tuple[int, ...], int] = {}
-    of = [groups.setdefault(tuple(item.prompt_ids), len(groups)) for item in items]
+    groups: dict[object, int] = {}  # by the prompt's text before truncation (its ids where an item has none)
+    of = [groups.setdefault(getattr(item, "prompt", "") or tuple(item.prompt_ids), len(groups)) for item in items]
     n = len(groups)
     n_eval = max(1, round(fraction * n))
     if n_eval >= n:

@@ -42,7 +42,8 @@ class MetricsLogger:
         cut: list[dict] = []  # rows the run being resumed logged after its checkpoint: its trackers hold them
         if resume_step is not None and self.path.exists():
             self.kept, cut = keep_rows_through(self.path, resume_step)
-            if resume_wall is not None:  # the clock when the checkpoint was written (`clock`)
+        if resume_step is not None:
+            if resume_wall is not None:  # the clock when the checkpoint was written (`clock`), metrics or not
                 self.offset = resume_wall
             elif self.kept:  # a checkpoint written before it recorded the clock: the last row's (the rows
                 self.offset = float(self.kept[-1].get("wall_seconds", 0.0))  # after it are lost time)

@@ -47,9 +47,9 @@ def realign_lr(scheduler) -> None:
     The optimizer's state (optimizer.pt) holds the rate the saved run's schedule gave its next step; a run resumed
     with a longer --max-steps rebuilds the schedule for its new length, which LambdaLR applies only from its next
     ``step()``, so the first step after the resume would take the old rate. Same length: the same rate, bit for
-    bit (LambdaLR computes ``base_lr * lambda(last_epoch)`` too). ``scheduler``: a LambdaLR, or accelerate's
-    wrapper of one; anything else (DeepSpeed's own) is left as it is."""
-    inner = getattr(scheduler, "scheduler", scheduler)
+    bit (LambdaLR computes ``base_lr * lambda(last_epoch)`` too). ``scheduler``: `make_optimizer`'s LambdaLR (the
+    backends prepare only the model and optimizer, so no wrapper holds it); anything else is left as it is."""
+    inner = getattr(scheduler, "scheduler", scheduler)  # were it wrapped (accelerate's AcceleratedScheduler)
     if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
         return
     groups = inner.optimizer.param_groups
