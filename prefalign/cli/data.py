@@ -73,9 +73,9 @@ def _length_table(columns: dict[str, list[int]]) -> list[str]:
 def inspect(cfg: InspectConfig) -> list[str]:
     """The report's lines (printed by `main`)."""
     from prefalign.data import read_table
-    from prefalign.data.preferences import PROMPT_ONLY, detect_format, parse_preferences
+    from prefalign.data.preferences import PROMPT_ONLY, detect_format
     from prefalign.data.prompts import parse_prompts
-    from prefalign.data.tokens import leading_bos, tokenize_preferences, tokenize_prompts, truncate_pairs
+    from prefalign.data.tokens import tokenize_prompts
     from prefalign.errors import UserError
     from prefalign.models import load_tokenizer
 
@@ -105,22 +105,7 @@ def inspect(cfg: InspectConfig) -> list[str]:
         prompts, report = parse_prompts(table, tokenizer, column=cfg.column)
         lengths = {"prompt": [len(ids) for ids in tokenize_prompts(prompts, tokenizer, sys.maxsize)]}
     else:
-        examples, report = parse_preferences(table, fmt, tokenizer)
-        pairs, tokenized = (
-            tokenize_preferences(examples, tokenizer, None, source=cfg.path, require_kept=False)
-            if examples
-            else ([], None)
-        )
-        if tokenized is not None:
-            report.merge(tokenized)  # pairs whose two completions tokenise the same
-        lengths = {
-            "prompt": [len(p.prompt_ids) for p in pairs],
-            "chosen": [len(p.chosen_ids) for p in pairs],
-            "rejected": [len(p.rejected_ids) for p in pairs],
-        }
-        if cfg.max_length is not None:
-            _, fitted = truncate_pairs(pairs, cfg.max_length, cfg.max_prompt_length, leading_bos(tokenizer))
-            report.merge(fitted)
+        report, lengths = _pair_rows(cfg, table, fmt, tokenizer)
     lines.append(f"rows: {report.total}   kept: {report.kept}   dropped: {report.dropped}")
     lines += [f"  {line}" for line in report.lines()]
     if fmt == PROMPT_ONLY and not sft and (cfg.max_length is not None or cfg.max_prompt_length is not None):
@@ -138,6 +123,28 @@ def inspect(cfg: InspectConfig) -> list[str]:
 
 
 NO_USABLE_ROWS = "warning: no usable rows: training on this data would stop with an error"
+
+
+def _pair_rows(cfg: InspectConfig, table, fmt: str, tokenizer):
+    """``(report, lengths)`` of preference pairs as dpo and reward read them: rows dropped while parsing, pairs
+    identical as tokens and, with --max-length, the pairs the truncation policy drops; lengths before truncation."""
+    from prefalign.data.preferences import parse_preferences
+    from prefalign.data.tokens import leading_bos, tokenize_preferences, truncate_pairs
+
+    examples, report = parse_preferences(table, fmt, tokenizer)
+    pairs: list = []
+    if examples:
+        pairs, tokenized = tokenize_preferences(examples, tokenizer, None, source=cfg.path, require_kept=False)
+        report.merge(tokenized)  # pairs whose two completions tokenise the same
+    lengths = {
+        "prompt": [len(p.prompt_ids) for p in pairs],
+        "chosen": [len(p.chosen_ids) for p in pairs],
+        "rejected": [len(p.rejected_ids) for p in pairs],
+    }
+    if cfg.max_length is not None:
+        _, fitted = truncate_pairs(pairs, cfg.max_length, cfg.max_prompt_length, leading_bos(tokenizer))
+        report.merge(fitted)
+    return report, lengths
 
 
 def _sft_rows(cfg: InspectConfig, table, tokenizer):

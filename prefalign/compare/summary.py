@@ -125,7 +125,7 @@ class _Costs:
         """One seed's cost of ``arm`` (None: the starting policy, which cost nothing)."""
         if arm is None:
             return {
-                "wall_seconds": {"pairs": 0.0, "reward_model": 0.0, "policy": 0.0, "total": 0.0},
+                "wall_seconds": {"pairs": 0.0, "reward_model": 0.0, "policy": 0.0, "total": 0.0, "evaluation": 0.0},
                 "peak_rss_mb": 0.0,
                 "peak_gpu_mb": None,
                 "tokens_generated": 0,
@@ -141,16 +141,7 @@ class _Costs:
         reward_model = runs["reward_model"][1] if "reward_model" in runs else None
         uses_pairs = any(stage.trains_on_pairs for stage in arm.stages)
         rows = read_jsonl(Path(policy.out_dir) / "metrics.jsonl")
-        # evaluations while training (held-out pairs, the over-optimisation curve) are the race's measurement,
-        # not the method's cost: charged to no arm, reported apart
-        evaluation = {"reward_model": _evaluation_seconds(reward_model), "policy": _evaluation_seconds(policy, rows)}
-        wall = {
-            "pairs": self.pairs_run.wall_seconds if uses_pairs else 0.0,
-            "reward_model": reward_model.wall_seconds - evaluation["reward_model"] if reward_model else 0.0,
-            "policy": policy.wall_seconds - evaluation["policy"],
-        }
-        wall["total"] = round(sum(wall.values()), 3)
-        wall["evaluation"] = round(sum(evaluation.values()), 3)
+        wall = self._wall(policy, reward_model, uses_pairs, rows)
         measured = [policy] + ([reward_model] if reward_model else []) + ([self.pairs_run] if uses_pairs else [])
         training_tokens = 0  # sampled by the arm's own training run (rollouts), besides the shared pairs
         if arm.family.online:
@@ -185,6 +176,21 @@ class _Costs:
             # a DPO-like arm's implicit reward, beta * log(pi / pi_ref), ranking the held-out pairs
             "implicit_reward_heldout_accuracy": None if arm.family.online else _last(rows, "eval/rewards/accuracies"),
         }
+
+    def _wall(
+        self, policy: StageResult, reward_model: StageResult | None, uses_pairs: bool, rows: list[dict]
+    ) -> dict[str, float]:
+        """Wall seconds by part and their total. Evaluations while training (held-out pairs, the over-optimisation
+        curve) are the race's measurement, not the method's cost: charged to no arm, reported apart."""
+        evaluation = {"reward_model": _evaluation_seconds(reward_model), "policy": _evaluation_seconds(policy, rows)}
+        wall = {
+            "pairs": self.pairs_run.wall_seconds if uses_pairs else 0.0,
+            "reward_model": reward_model.wall_seconds - evaluation["reward_model"] if reward_model else 0.0,
+            "policy": policy.wall_seconds - evaluation["policy"],
+        }
+        wall["total"] = round(sum(wall.values()), 3)
+        wall["evaluation"] = round(sum(evaluation.values()), 3)
+        return wall
 
 
 EVALUATION_KEYS = ("eval/seconds", "time/heldout")
