@@ -88,7 +88,8 @@ class ProgressBar(tqdm):
         stream = kwargs.get("file") or sys.stderr
         terminal = hasattr(stream, "isatty") and stream.isatty()
         # a notebook's widget bar (tqdm.auto's choice there) is no stream of text: it keeps tqdm's interval
-        if "mininterval" not in kwargs and not terminal and "notebook" not in tqdm.__module__:
+        self.throttled = "mininterval" not in kwargs and not terminal and "notebook" not in tqdm.__module__
+        if self.throttled:
             kwargs["mininterval"] = OFF_TERMINAL_SECONDS
         super().__init__(iterable, desc=desc, total=total, unit=unit, disable=True if path else disable, **kwargs)
         self.report_to = Path(path) if path and disable is not True else None
@@ -111,6 +112,11 @@ class ProgressBar(tqdm):
             self.metrics = metrics
         self._advance(n)
         return shown
+
+    def set_postfix(self, ordered_dict=None, refresh: bool = True, **kwargs) -> None:
+        """tqdm's, without the forced redraw off a terminal (a training loop sets it every step): the postfix shows
+        at the bar's next timed draw."""
+        super().set_postfix(ordered_dict, refresh=refresh and not self.throttled, **kwargs)
 
     def _advance(self, n: float) -> None:
         self.count += int(n)
