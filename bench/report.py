@@ -82,6 +82,7 @@ class Figures:
     cpu_share: float  # CPU seconds / wall seconds of the runs (2.0 = both cores all the time)
     first_loss: float | None
     first_logps: tuple[float, ...] | None
+    second_loss: float | None = None  # after one optimizer step on each side: the update's check
     first_grad_norm: float | None = None
     gpu_gib: float | None = None  # GPU runs: median peak GPU memory (GiB)
 
@@ -114,6 +115,7 @@ def figures(runs: list[dict], warmup: int) -> Figures:
         rss_max_gib=max(rss),
         cpu_share=sum(r["cpu_seconds"] for r in runs) / sum(r["wall"] for r in runs),
         first_loss=first["losses"][0] if first.get("losses") else None,
+        second_loss=first["losses"][1] if len(first.get("losses") or ()) > 1 else None,
         first_logps=logps,
         first_grad_norm=x.get("first_grad_norm"),
         gpu_gib=statistics.median(gpu) if gpu else None,
@@ -137,6 +139,7 @@ class Comparison:
     loss_diff: float | None  # |first-step loss ours - baseline|
     logps_diff: float | None  # max |first-step mean log-prob ours - baseline| (chosen, rejected; grpo: one)
     grad_norm_diff: float | None = None  # |first-step grad norm ours - baseline| / baseline's
+    second_loss_diff: float | None = None  # |second-step loss ours - baseline| (the same batches: dpo, reward)
     gpu_ratio: float | None = None  # GPU runs: ours / baseline peak GPU memory (< 1: we are leaner)
 
     @property
@@ -167,7 +170,7 @@ class Comparison:
         """Checked in fp32 only (bf16 autocast rounds differently on each side by design)."""
         if self.precision != "fp32" or self.loss_diff is None:
             return None
-        worst = max(self.loss_diff, self.logps_diff or 0.0, self.grad_norm_diff or 0.0)
+        worst = max(self.loss_diff, self.logps_diff or 0.0, self.grad_norm_diff or 0.0, self.second_loss_diff or 0.0)
         return worst <= SAME_MATH_TOL
 
 
@@ -184,8 +187,23 @@ def compare(workload: str, precision: str, ours: Figures, base: Figures, check: 
     if math_base is not None and ours.first_grad_norm is not None and math_base.first_grad_norm:
         grad_diff = abs(ours.first_grad_norm - math_base.first_grad_norm) / abs(math_base.first_grad_norm)
     gpu = ours.gpu_gib / base.gpu_gib if ours.gpu_gib and base.gpu_gib else None
+    # the first DPO loss is ln 2 whatever the weights, and a LoRA adapter starts at zero: the second step's loss,
+    # on the same batch order, is what checks the update itself (sampled workloads draw other rows at step 2)
+    second = None
+    if workload not in SAMPLED and math_base is not None and None not in (ours.second_loss, math_base.second_loss):
+        second = abs(ours.second_loss - math_base.second_loss)  # type: ignore[operator]
     return Comparison(
-        workload, precision, ours, base, speed, ours.rss_gib / base.rss_gib, loss_diff, logps_diff, grad_diff, gpu
+        workload,
+        precision,
+        ours,
+        base,
+        speed,
+        ours.rss_gib / base.rss_gib,
+        loss_diff,
+        logps_diff,
+        grad_diff,
+        second_loss_diff=second,
+        gpu_ratio=gpu,
     )
 
 
@@ -261,6 +279,7 @@ def comparison_json(c: Comparison) -> dict:
         "loss_diff": c.loss_diff,
         "logps_diff": c.logps_diff,
         "grad_norm_diff": c.grad_norm_diff,
+        "second_loss_diff": c.second_loss_diff,
         "ours": figures_json(c.ours),
         "base": figures_json(c.base),
     }
@@ -294,7 +313,8 @@ def fmt_diff(x: float | None) -> str:
 
 def fmt_math(c: Comparison) -> str:
     grad = "" if c.grad_norm_diff is None else f", ‖g‖ {c.grad_norm_diff:.1e} rel"
-    return f"{fmt_diff(c.loss_diff)}, {fmt_diff(c.logps_diff)}{grad} ({verdict(c.same_math)})"
+    second = "" if c.second_loss_diff is None else f", step 2 {c.second_loss_diff:.1e}"
+    return f"{fmt_diff(c.loss_diff)}, {fmt_diff(c.logps_diff)}{grad}{second} ({verdict(c.same_math)})"
 
 
 def main_table(
@@ -311,7 +331,7 @@ def main_table(
     head = (
         "| workload | precision | s/step prefalign, median [min–max] | s/step baseline | rate prefalign | "
         f"rate baseline | speed × (target) | {mem} | "
-        "MFU prefalign / baseline | same math: Δloss, Δlogp[, Δ‖g‖] (step 1) |"
+        "MFU prefalign / baseline | same math: Δloss, Δlogp[, Δ‖g‖] (step 1)[, Δloss (step 2)] |"
     )
     rows = [head, "|" + "---|" * (12 if gpu else 11)]
     rows += [_row(c.workload, c.precision, c.ours, c, "", params, peaks, gpu) for c in comps]

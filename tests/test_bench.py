@@ -127,6 +127,28 @@ def test_same_math_checked_in_fp32_only_with_tolerance():
     assert c.loss_diff == 0.0 and c.logps_diff == 0.0
 
 
+def test_same_math_reads_the_second_step_loss_where_both_sides_train_on_the_same_batches():
+    """The first DPO loss is ln 2 whatever the weights (and a LoRA adapter starts at zero): step 2's loss checks
+    the update; a sampled workload (grpo, ppo) draws other rows at step 2 and is not read there."""
+    logps = {"first_logps_chosen": -10.0, "first_logps_rejected": -9.0}
+
+    def pair(workload, second_b):
+        ours = report.figures([run(workload=workload, losses=(0.69, 0.60), extra=logps)], 1)
+        base = report.figures([run(workload=workload, side="trl", losses=(0.69, second_b), extra=logps)], 1)
+        return report.compare(workload, "fp32", ours, base)
+
+    same, off = pair("dpo_lora", 0.60 + 5e-5), pair("dpo_lora", 0.61)
+    assert same.second_loss_diff == pytest.approx(5e-5) and same.same_math is True
+    assert off.loss_diff == 0.0 and off.logps_diff == 0.0 and off.same_math is False  # step 1 alone passed
+    assert "step 2 1.0e-02 (**missed**)" in report.fmt_math(off)
+    assert (
+        report.compare(
+            "ppo", "fp32", *(report.figures([run(workload="ppo", losses=(0.1, x))], 1) for x in (0.2, 0.9))
+        ).second_loss_diff
+        is None
+    )
+
+
 def test_comparisons_pair_sides_per_workload_and_skip_one_sided():
     runs = [
         run(),
