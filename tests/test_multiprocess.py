@@ -217,3 +217,35 @@ def test_ppo_refuses_a_batch_the_processes_cannot_share(tmp_path, tiny_model_dir
     assert r.returncode != 0
     assert "error: --rollout-batch-size 3 must be divisible by --num-minibatches x --grad-accum x processes" in r.stderr
     assert not (tmp_path / "ppo").exists()
+
+
+RESUME_NAN_WORKER = f"""
+import sys
+
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from conftest import nan_at_trainer
+from prefalign.cli._args import parse
+from prefalign.trainers.dpo import DPOConfig
+
+bad, argv = sys.argv[1], sys.argv[2:]
+steps = [int(b) for b in bad.split(",") if b.isdigit()]  # "none": no bad step
+nan_at_trainer()(parse(DPOConfig, argv, prog="prefalign dpo"), bad_steps=steps).train()
+"""
+
+
+def test_a_resume_between_rows_then_only_skipped_steps_logs_on_two_processes(tmp_path, tiny_model_dir):
+    """Resumed from a checkpoint between log rows (step 3, rows every 4): the saved stats go to the main process,
+    and a non-finite step 4 adds nothing, so only the main process held the stats' keys and the row's all-reduce was
+    called by it alone: the launch hung. Every process now holds the keys (the others at zero)."""
+    (tmp_path / "worker.py").write_text(RESUME_NAN_WORKER)
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(16))
+    flags = ["--data", data, "--model", tiny_model_dir, "--max-steps", "4", "--save-steps", "3"]
+    flags += ["--logging-steps", "4", "--save-total-limit", "5", "--batch-size", "2", "--precision", "fp32"]
+    flags += ["--output", tmp_path / "run"]
+    launch_ok(["none", *flags], CPU_CONFIG, script=tmp_path / "worker.py")
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000004")
+    shutil.rmtree(tmp_path / "run" / "final")
+    r = launch(["4", *flags, "--resume", "latest"], CPU_CONFIG, script=tmp_path / "worker.py", timeout=180)
+    assert r.returncode == 0, r.stderr[-3000:]
+    last = read_metrics(tmp_path / "run")[-1]
+    assert last["step"] == 4 and last["skipped_steps"] == 1 and "loss" in last  # steps 1-3's mean, carried over
