@@ -150,15 +150,13 @@ def _pair_rows(cfg: InspectConfig, table, fmt: str, tokenizer):
 def _sft_rows(cfg: InspectConfig, table, tokenizer):
     """``(report, lengths)`` of prompt/completion rows as `prefalign sft` reads them: empty rows and, with
     --max-length, the rows its truncation policy drops; lengths before truncation."""
-    from prefalign.data.tokens import tokenize_sft
+    from prefalign.data.tokens import leading_bos, tokenize_sft, truncate_sft
     from prefalign.trainers.data import prompt_completion_rows
 
     prompts, completions, wheres, report = prompt_completion_rows(table, require_kept=False)
     rows, _ = tokenize_sft(prompts, completions, tokenizer, None, None, wheres, cfg.path, require_kept=False)
     if cfg.max_length is not None:
-        _, fitted = tokenize_sft(
-            prompts, completions, tokenizer, cfg.max_length, cfg.max_prompt_length, wheres, cfg.path, require_kept=False
-        )
+        _, fitted = truncate_sft(rows, cfg.max_length, cfg.max_prompt_length, leading_bos(tokenizer), cfg.path)
         report.merge(fitted)
     lengths = {"prompt": [len(r.prompt_ids) for r in rows], "completion": [len(r.completion_ids) for r in rows]}
     return report, lengths

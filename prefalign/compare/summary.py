@@ -141,7 +141,8 @@ class _Costs:
         reward_model = runs["reward_model"][1] if "reward_model" in runs else None
         uses_pairs = any(stage.trains_on_pairs for stage in arm.stages)
         rows = read_jsonl(Path(policy.out_dir) / "metrics.jsonl")
-        wall = self._wall(policy, reward_model, uses_pairs, rows)
+        rm_rows = read_jsonl(Path(reward_model.out_dir) / "metrics.jsonl") if reward_model else []
+        wall = self._wall(policy, reward_model, uses_pairs, rows, rm_rows)
         measured = [policy] + ([reward_model] if reward_model else []) + ([self.pairs_run] if uses_pairs else [])
         training_tokens = 0  # sampled by the arm's own training run (rollouts), besides the shared pairs
         if arm.family.online:
@@ -172,17 +173,24 @@ class _Costs:
                 stage.steps(self.cfg) for stage in arm.stages if stage.charged_as == "reward_model"
             ),
             "pairs_used": pairs_used,
-            "rm_heldout_accuracy": _heldout_accuracy(reward_model),
+            # the reward model's last held-out pair accuracy (None: no reward model, or it never evaluated)
+            "rm_heldout_accuracy": _last(rm_rows, "eval/accuracy"),
             # a DPO-like arm's implicit reward, beta * log(pi / pi_ref), ranking the held-out pairs
             "implicit_reward_heldout_accuracy": None if arm.family.online else _last(rows, "eval/rewards/accuracies"),
         }
 
     def _wall(
-        self, policy: StageResult, reward_model: StageResult | None, uses_pairs: bool, rows: list[dict]
+        self,
+        policy: StageResult,
+        reward_model: StageResult | None,
+        uses_pairs: bool,
+        rows: list[dict],
+        rm_rows: list[dict],
     ) -> dict[str, float]:
-        """Wall seconds by part and their total. Evaluations while training (held-out pairs, the over-optimisation
-        curve) are the race's measurement, not the method's cost: charged to no arm, reported apart."""
-        evaluation = {"reward_model": _evaluation_seconds(reward_model), "policy": _evaluation_seconds(policy, rows)}
+        """Wall seconds by part and their total (``rows`` / ``rm_rows``: the policy's and the reward model's metrics).
+        Evaluations while training (held-out pairs, the over-optimisation curve) are the race's measurement, not
+        the method's cost: charged to no arm, reported apart."""
+        evaluation = {"reward_model": _evaluation_seconds(rm_rows), "policy": _evaluation_seconds(rows)}
         wall = {
             "pairs": self.pairs_run.wall_seconds if uses_pairs else 0.0,
             "reward_model": reward_model.wall_seconds - evaluation["reward_model"] if reward_model else 0.0,
@@ -198,24 +206,14 @@ EVALUATION_KEYS = ("eval/seconds", "time/heldout")
 held-out curve."""
 
 
-def _evaluation_seconds(run: StageResult | None, rows: list[dict] | None = None) -> float:
-    """The seconds ``run`` logged under `EVALUATION_KEYS` (0 without a run); ``rows``: its metrics, when read."""
-    if run is None:
-        return 0.0
-    rows = read_jsonl(Path(run.out_dir) / "metrics.jsonl") if rows is None else rows
+def _evaluation_seconds(rows: list[dict]) -> float:
+    """The seconds a run's metrics ``rows`` logged under `EVALUATION_KEYS`."""
     return sum(float(row[key]) for row in rows for key in EVALUATION_KEYS if key in row)
 
 
 def _pairs_seen(run_dir: Path, steps: int) -> int:
     info = json.loads((run_dir / "run.json").read_text())
     return min(info["train_examples"], steps * info["global_batch"])
-
-
-def _heldout_accuracy(reward_model: StageResult | None) -> float | None:
-    """The reward model's last held-out pair accuracy (None: no reward model, or it never evaluated)."""
-    if reward_model is None:
-        return None
-    return _last(read_jsonl(Path(reward_model.out_dir) / "metrics.jsonl"), "eval/accuracy")
 
 
 def _last(rows: list[dict], key: str) -> float | None:

@@ -233,6 +233,27 @@ def tokenize_preferences(
     return kept, report
 
 
+def truncate_sft(
+    rows: list[TokenizedSFT],
+    max_length: int | None,
+    max_prompt_length: int | None = None,
+    bos_token_id: int | None = None,
+    source: str = "",
+) -> tuple[list[TokenizedSFT], DropReport]:
+    """`truncate_pairs` for supervised rows: the truncation policy applied to already tokenised rows."""
+    report = DropReport(source=source, total=len(rows))
+    kept = _fit_rows(
+        rows,
+        lambda r: (r.completion_ids,),
+        lambda r, p: TokenizedSFT(p, r.completion_ids, r.where, r.prompt),
+        max_length,
+        max_prompt_length,
+        bos_token_id,
+        report,
+    )
+    return kept, report
+
+
 def tokenize_sft(
     prompts: Sequence[str],
     completions: Sequence[str],
@@ -256,16 +277,7 @@ def tokenize_sft(
     ids = encode(tokenizer, list(prompts) + list(completions))
     wheres = [f"example {i + 1}" for i in range(n)] if wheres is None else wheres
     rows = [TokenizedSFT(_with_bos(ids[i], bos), _with_eos(ids[n + i], eos), wheres[i], prompts[i]) for i in range(n)]
-    report = DropReport(source=source, total=n)
-    kept = _fit_rows(
-        rows,
-        lambda r: (r.completion_ids,),
-        lambda r, p: TokenizedSFT(p, r.completion_ids, r.where, r.prompt),
-        max_length,
-        max_prompt_length,
-        bos,
-        report,
-    )
+    kept, report = truncate_sft(rows, max_length, max_prompt_length, bos, source)
     if require_kept:
         report.require_some_kept(f"raise max_length (now {max_length}) or use shorter data")
     return kept, report

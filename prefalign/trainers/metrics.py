@@ -60,9 +60,9 @@ class MetricsLogger:
         """The kept rows of ``step`` merged, without ``step``, ``wall_seconds`` and the ``eval/`` keys: what the
         training loop returned for its last step, for a run resumed at its end ({} on other processes)."""
         merged: dict[str, float] = {}
-        for row in self.kept:
-            if row.get("step") == step:
-                merged.update({k: v for k, v in row.items() if k not in ("step", "wall_seconds") and k[:5] != "eval/"})
+        skip = ("step", "wall_seconds")
+        for row in (r for r in self.kept if r.get("step") == step):
+            merged.update({k: v for k, v in row.items() if k not in skip and not k.startswith("eval/")})
         return merged
 
     def clock(self) -> float:

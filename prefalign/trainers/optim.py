@@ -48,11 +48,8 @@ def realign_lr(scheduler) -> None:
     with a longer --max-steps rebuilds the schedule for its new length, which LambdaLR applies only from its next
     ``step()``, so the first step after the resume would take the old rate. Same length: the same rate, bit for
     bit (LambdaLR computes ``base_lr * lambda(last_epoch)`` too). ``scheduler``: `make_optimizer`'s LambdaLR (the
-    backends prepare only the model and optimizer, so no wrapper holds it); anything else is left as it is."""
-    inner = getattr(scheduler, "scheduler", scheduler)  # were it wrapped (accelerate's AcceleratedScheduler)
-    if not isinstance(inner, torch.optim.lr_scheduler.LambdaLR):
-        return
-    groups = inner.optimizer.param_groups
-    for group, base, multiplier in zip(groups, inner.base_lrs, inner.lr_lambdas):
-        group["lr"] = base * multiplier(inner.last_epoch)
-    inner._last_lr = [group["lr"] for group in groups]
+    backends prepare only the model and optimizer, so no wrapper holds it)."""
+    groups = scheduler.optimizer.param_groups
+    for group, base, multiplier in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * multiplier(scheduler.last_epoch)
+    scheduler._last_lr = [group["lr"] for group in groups]
