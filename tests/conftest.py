@@ -1,6 +1,7 @@
 """Shared fixtures. Tests never touch a hub: HF_HUB_OFFLINE is forced on."""
 
 import os
+import re
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -152,7 +153,9 @@ def launch(args, config=None, script=None, timeout=600):
     import subprocess
     import sys
 
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+    # PYTHONFAULTHANDLER: a process killed by a signal (an abort in a collective's C++) prints every thread's
+    # Python stack, so a failure names where it died
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONFAULTHANDLER": "1"}
     target = [str(script)] if script else ["-m", "prefalign"]
     if config is None:
         cmd = [sys.executable, *target]
@@ -163,10 +166,22 @@ def launch(args, config=None, script=None, timeout=600):
     return subprocess.run([*cmd, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+# A line of a failed launch's stderr that names a cause: when one process aborts (a C++ terminate, a glibc check,
+# a Python error), its message comes first and the other processes' "connection reset" tracebacks fill the end.
+_CAUSE = re.compile(r"terminate called|what\(\)|Abort|abort\(|corrupt|Fatal|Error:|Exception:|Killed|SIG[A-Z]+")
+
+
+def launch_failure(stderr: str, tail: int = 3000) -> str:
+    """A failed launch's stderr for an assertion message: the first 30 lines naming a cause (from any process,
+    wherever they are), then its last ``tail`` characters."""
+    causes = [line for line in stderr.splitlines() if _CAUSE.search(line)][:30]
+    return "causes:\n" + "\n".join(causes) + "\n...\n" + (stderr[-tail:] if tail else "")
+
+
 def launch_ok(args, config=None, script=None):
-    """`launch`, asserting it exited 0 (the end of its stderr in the failure)."""
+    """`launch`, asserting it exited 0 (`launch_failure` in the message)."""
     r = launch(args, config=config, script=script)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_failure(r.stderr)
     return r
 
 

@@ -10,7 +10,7 @@ import sys
 import time
 
 import psutil
-from conftest import run_cli
+from conftest import launch_failure, run_cli
 
 WATCH = "import time; from prefalign.compare.stages import exit_with_parent; exit_with_parent(-1, 0.05); time.sleep(60)"
 PARENT = (
@@ -121,9 +121,9 @@ def test_kill_9_on_compare_leaves_no_stage_and_resume_redoes_only_that_stage(tmp
         assert _gone(stage, 5), "a stage outlived its comparison"
         assert not _session(race.pid), "a process of the killed comparison is still running"
         r = run_cli(*args, "--output", killed, "--resume", timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, launch_failure(r.stderr)
         _, err = uninterrupted.communicate(timeout=600)
-        assert uninterrupted.returncode == 0, err[-3000:]
+        assert uninterrupted.returncode == 0, launch_failure(err)
     finally:
         for p in races:
             for leftover in _session(p.pid):

@@ -18,6 +18,7 @@ from conftest import (
     chunk_probe,
     final_weights,
     launch,
+    launch_failure,
     launch_ok,
     learnable_pairs,
     read_metrics,
@@ -251,7 +252,7 @@ def test_a_nan_step_is_skipped_and_its_gradients_dropped(tmp_path, tiny_model_di
             config=config,
             script=tmp_path / "nan_worker.py",
         )
-        assert r.returncode == 0, r.stderr[-3000:]
+        assert r.returncode == 0, launch_failure(r.stderr)
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["skipped_steps"] for r in b] == [0, 1, 1, 1] and "loss" not in b[1]
     _assert_same_losses(a, b)

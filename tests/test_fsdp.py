@@ -11,6 +11,8 @@ reference forward of a LoRA policy going through the sharded root.
 
 import json
 import shutil
+import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,6 +23,7 @@ from conftest import (
     chunk_probe,
     final_weights,
     launch,
+    launch_failure,
     learnable_pairs,
     ppo_flags,
     read_metrics,
@@ -66,9 +69,21 @@ def fsdp(tmp_path):
 
     def run(args, ok=True, prelude="", **fsdp_config):
         (tmp_path / "fsdp_worker.py").write_text(prelude + WORKER)
-        r = launch(args, config=two_process_config("fsdp", tmp_path, **fsdp_config), script=tmp_path / "fsdp_worker.py")
+        config = two_process_config("fsdp", tmp_path, **fsdp_config)
+        output = Path(args[args.index("--output") + 1])
+        fresh = not output.exists()
+        r = launch(args, config=config, script=tmp_path / "fsdp_worker.py")
+        if ok and r.returncode != 0 and "SIGABRT" in r.stderr and fresh:
+            # FSDP2 over gloo on CPU is this file's stand-in for GPUs (accelerate runs FSDP only on accelerators).
+            # One process of one launch aborted (SIGABRT, the other's gloo connection reset) in one CI run of the
+            # last 12 (~85 FSDP launches); 70 local repeats of that launch, idle and under load, did not. The abort
+            # is reported as a warning with its causes and the launch runs once more from scratch: every check
+            # below applies to the rerun, and a second abort fails the test.
+            warnings.warn(f"FSDP launch aborted, rerun once: {launch_failure(r.stderr)}", stacklevel=2)
+            shutil.rmtree(output, ignore_errors=True)
+            r = launch(args, config=config, script=tmp_path / "fsdp_worker.py")
         if ok:
-            assert r.returncode == 0, r.stderr[-3000:]
+            assert r.returncode == 0, launch_failure(r.stderr)
         return r
 
     return run

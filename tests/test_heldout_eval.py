@@ -11,6 +11,7 @@ from conftest import (
     EXAMPLES,
     final_weights,
     launch,
+    launch_failure,
     ppo_flags,
     read_metrics,
     run_cli,
@@ -288,7 +289,7 @@ def test_cli_rl_takes_the_heldout_flags(tmp_path, tiny_model_dir, heldout):
         "--heldout-limit",
         "2",
     )
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_failure(r.stderr)
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [0, 1]
     assert [r["heldout/gold"] for r in rows] == [2.0, 2.0]  # the mean answer of the first 2 prompts
@@ -324,7 +325,7 @@ def test_two_processes_log_the_points_of_one(tmp_path, tiny_model_dir, heldout, 
     else:
         config, script = EXAMPLES / "cpu-2proc.yaml", None
     r = launch([*common, "--output", tmp_path / "two"], config=config, script=script)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_failure(r.stderr)
     one, two = ([row for row in read_metrics(tmp_path / name) if "heldout/gold" in row] for name in ("one", "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 2]
     for a, b in zip(one, two):

@@ -5,7 +5,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import EXAMPLES, launch, launch_ok, learnable_pairs, ppo_flags, read_metrics, run_here, write_jsonl
+from conftest import (
+    EXAMPLES,
+    launch,
+    launch_failure,
+    launch_ok,
+    learnable_pairs,
+    ppo_flags,
+    read_metrics,
+    run_here,
+    write_jsonl,
+)
 
 CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"
 # Tolerance: the 2-process gradient is the mean of two half-batch means, all-reduced in float32;
@@ -246,6 +256,6 @@ def test_a_resume_between_rows_then_only_skipped_steps_logs_on_two_processes(tmp
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step-0000004")
     shutil.rmtree(tmp_path / "run" / "final")
     r = launch(["4", *flags, "--resume", "latest"], CPU_CONFIG, script=tmp_path / "worker.py", timeout=180)
-    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.returncode == 0, launch_failure(r.stderr)
     last = read_metrics(tmp_path / "run")[-1]
     assert last["step"] == 4 and last["skipped_steps"] == 1 and "loss" in last  # steps 1-3's mean, carried over
