@@ -129,6 +129,20 @@ def test_everything_longer_than_max_length(capsys, tmp_path, model):
     _bad(capsys, tmp_path, _dpo(f, model, "--max-length", "64"), "max_length")
 
 
+def _sft(data, model):
+    return ["sft", "--data", data, "--model", model, "--max-steps", "1", "--batch-size", "1", "--precision", "fp32"]
+
+
+def test_sft_row_without_a_completion_names_the_missing_column(capsys, tmp_path, model):
+    f = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "q"}])
+    _bad(capsys, tmp_path, _sft(f, model), "sft.jsonl: line 2: missing column 'completion'")
+
+
+def test_sft_completion_of_the_wrong_type_names_the_field_and_its_type(capsys, tmp_path, model):
+    f = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "completion": "c"}, {"prompt": "q", "completion": 3}])
+    _bad(capsys, tmp_path, _sft(f, model), "sft.jsonl: line 2: 'completion' must be a string, got number")
+
+
 def test_model_that_does_not_exist(capsys, tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
     _bad(capsys, tmp_path, _dpo(f, "no-such-model"), "no-such-model")
