@@ -143,6 +143,12 @@ def test_sft_completion_of_the_wrong_type_names_the_field_and_its_type(capsys, t
     _bad(capsys, tmp_path, _sft(f, model), "sft.jsonl: line 2: 'completion' must be a string, got number")
 
 
+def test_sft_data_without_a_completion_column_says_what_sft_reads(capsys, tmp_path, model):
+    f = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "p", "response": "r"}])
+    line = _bad(capsys, tmp_path, _sft(f, model), "sft.jsonl", "found columns: prompt, response")
+    assert "prompt and completion" in line and "prompt-only" not in line, line
+
+
 def test_model_that_does_not_exist(capsys, tmp_path):
     f = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
     _bad(capsys, tmp_path, _dpo(f, "no-such-model"), "no-such-model")

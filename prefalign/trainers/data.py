@@ -118,6 +118,12 @@ def _load_tokenized_sft(source: str, split: str, cfg, tokenizer) -> tuple[list, 
                 "completion columns; drop --data-format"
             )
         prompts, completions, wheres, report = prompt_completion_rows(table)
+    elif not {"chosen", "rejected"} & set(table.columns):
+        # the preference reader's refusal would send an sft user to chosen/rejected or call the file prompt-only
+        raise UserError(
+            f"{source}: sft reads prompt and completion columns, or preference data (its chosen side); found "
+            f"columns: {', '.join(table.columns)}"
+        )
     else:
         examples, report = load_preferences(table, tokenizer, format=getattr(cfg, "data_format", None))
         prompts, completions = [e.prompt for e in examples], [e.chosen for e in examples]
