@@ -263,3 +263,27 @@ def test_every_logged_key_is_documented(tmp_path, tiny_model_dir, pairs, name, t
     assert {k for k in logged if k.startswith("eval/")} and {k for k in logged if not k.startswith("eval/")}
     assert not {k for k in logged if k.startswith("eval/")} - evals
     assert not {k for k in logged if not k.startswith("eval/")} - keys
+
+
+def test_tokens_per_second_sums_every_process_s_tokens(monkeypatch):
+    # two processes that ran 100 and 300 tokens in 2 s: the row says 200 tokens/s (the sum), not this process's
+    # count times the process count (100 x 2 / 2 = 100 on the main process)
+    from types import SimpleNamespace
+
+    from prefalign.trainers import loop
+    from prefalign.trainers.loop import RunSizes, Trainer
+
+    class TwoProcesses:
+        num_processes, device = 2, torch.device("cpu")
+
+        def reduce(self, x, reduction):
+            assert reduction == "sum"
+            return x + 300.0  # the other process's tokens
+
+    trainer = Trainer.__new__(Trainer)
+    trainer.accelerator, trainer.world, trainer.tokens, trainer.t_last, trainer.lr = TwoProcesses(), 2, 100, 10.0, 0.0
+    trainer.sizes = RunSizes(n_train=8, micro_batch=2, grad_accum=1, world=2, total_steps=2)
+    trainer.pooled_mean = lambda running: {}
+    trainer.running = None
+    monkeypatch.setattr(loop, "time", SimpleNamespace(perf_counter=lambda: 12.0))
+    assert trainer.log_row(1)["tokens_per_second"] == 200.0

@@ -235,11 +235,14 @@ class Trainer(Run):
     def log_row(self, done: int) -> dict[str, float]:
         now = time.perf_counter()
         assert self.t_last is not None, "train_step starts the clock"
+        # summed, not this process's count times the processes: each process's examples have their own lengths
+        acc = self.accelerator
+        tokens = float(sum_across_processes(acc, torch.tensor(float(self.tokens), device=acc.device)))
         self.last_row = {
             **self.pooled_mean(self.running),
             "lr": self.lr,
             "epoch": done / self.sizes.steps_per_epoch,
-            "tokens_per_second": self.tokens * self.world / max(now - self.t_last, 1e-9),
+            "tokens_per_second": tokens / max(now - self.t_last, 1e-9),
         }
         self.tokens, self.t_last = 0, now
         return self.last_row
