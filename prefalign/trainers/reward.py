@@ -3,10 +3,10 @@
 Batch (from `PreferenceCollator`, N pairs, T = longest prompt+completion in the batch):
     input_ids, attention_mask, completion_mask: ``(2N, T)``, N chosen rows then N rejected rows, right-padded;
     margin: ``(N,)`` when the data has a margin column; index: ``(N,)``.
-One forward over the 2N rows. A row's reward is the score head at its last real token, which is the EOS
-that ends every completion: :func:`prefalign.models.value.last_token_rewards`, the same function
-`prefalign.rewards` scores with, so the saved model scores at PPO time as it scored here. (With pad ==
-EOS, Hugging Face's own seq-cls forward would pool the token *before* that EOS.)
+One forward over the 2N rows. A row's reward is the score head at its last token before the EOS that ends
+every completion (the EOS is masked out, `RewardTrainer.rewards`), through
+:func:`prefalign.models.value.last_token_rewards`, the same function `prefalign.rewards` scores with on text
+that has no EOS, so the saved model scores at PPO time as it scored here.
 """
 
 from __future__ import annotations
