@@ -398,3 +398,15 @@ def test_empty_prompts_are_dropped(tmp_path):
     _file_error(
         _jsonl(tmp_path / "q.jsonl", [{"prompt": ""}]), "all 1 rows were dropped", "empty_prompt", fn=load_prompts
     )
+
+
+def test_conversational_reply_holding_a_user_turn_is_dropped(tmp_path, tokenizer):
+    # beside a prompt column, a chosen of [assistant, user, assistant] would train the policy to write the user's
+    # turn; a whole conversation with a message after its reply is dropped already (after_last_assistant)
+    user, a, b = ({"role": r, "content": c} for r, c in (("user", "more"), ("assistant", "a"), ("assistant", "b")))
+    row = {"prompt": [{"role": "user", "content": "hi"}], "chosen": [a], "rejected": [b]}
+    rows = [row, row | {"chosen": [a, user, a]}, row | {"rejected": [b, user]}]
+    examples, report = load_preferences(_jsonl(tmp_path / "c.jsonl", rows), tokenizer)
+    assert [e.where for e in examples] == ["line 1"]
+    assert report.counts == {"reply_not_assistant": 2}
+    assert report.first["reply_not_assistant"] == "line 2: chosen holds a user message; a reply is assistant messages"

@@ -20,7 +20,7 @@ Formats (detected from the columns of the first row, or forced with ``format=``)
 An optional numeric ``margin`` column is kept per pair. Malformed input is a `UserError`; usable-but-
 bad rows are dropped and counted (reasons: ``empty_prompt``, ``empty_chosen``, ``empty_rejected``,
 ``identical``, ``no_assistant_turn``, ``after_last_assistant``, ``prompt_mismatch``,
-``prompt_column_mismatch``, ``template_prefix_mismatch``). A reply of
+``prompt_column_mismatch``, ``template_prefix_mismatch``, ``reply_not_assistant``). A reply of
 only whitespace counts as empty.
 """
 
@@ -252,6 +252,15 @@ def _conversational(get: _Getter, report: DropReport, tokenizer, has_prompt: boo
             )
         prompt = get.messages("prompt")
         chosen_tail, rejected_tail = chosen, rejected
+        for name, tail in (("chosen", chosen), ("rejected", rejected)):
+            # a user or tool turn inside the reply would train the policy to write it (a whole conversation's
+            # is dropped as after_last_assistant)
+            other = next((m["role"] for m in tail if m["role"] != "assistant"), None)
+            if other is not None:
+                report.drop(
+                    "reply_not_assistant", get.where, f"{name} holds a {other} message; a reply is assistant messages"
+                )
+                return None
     else:
         split = _split_conversations(get, report, chosen, rejected)
         if split is None:
