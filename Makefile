@@ -85,8 +85,8 @@ lint: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/prefalign compare --output runs/demo --overwrite
 
-# The TRL race (BENCHMARKS.md): builds its own TRL venvs under .bench/ on first use; 19 min on an idle
-# machine with 2 repeats per side (python -m bench alone: 3, ~28 min). BENCH_ARGS=--quick: a smoke of every workload.
+# The TRL race (BENCHMARKS.md): builds its own TRL venvs under .bench/ on first use; 28-35 min since 12-03
+# with 2 repeats per side (python -m bench alone: 3, ~45 min). BENCH_ARGS=--quick: a smoke of every workload.
 BENCH_ARGS ?= --repeats 2
 bench: $(STAMP)
 	$(BIN)/python -m bench $(BENCH_ARGS)
