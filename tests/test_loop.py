@@ -251,18 +251,47 @@ def _documented(trainer_heading: str) -> tuple[set[str], set[str]]:
     return keys, evals
 
 
+def run_json_documented(command: str) -> tuple[set[str], set[str]]:
+    """``(keys, conditional)``: the run.json keys docs/metrics.md's table gives ``command`` (``all`` or its name),
+    and of those the ones written only sometimes (on CUDA)."""
+    table = METRICS_DOC.read_text(encoding="utf-8").split("## `run.json`", 1)[1]
+    keys, conditional = set(), set()
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`"):
+            continue
+        if "all" in cells[1] or command in re.findall(r"\w+", cells[1]):
+            named = set(re.findall(r"`(\w+)`", cells[0]))
+            keys |= named
+            if "CUDA" in cells[1]:
+                conditional |= named
+    return keys, conditional
+
+
+def assert_run_json_documented(out, command: str, extra: set[str] = frozenset()) -> None:
+    """``out``/run.json holds exactly the keys docs/metrics.md gives ``command`` (less the CUDA-only ones), plus
+    ``extra`` (keys the table names as "`beta`, ...": a loss's hyperparameters)."""
+    import json
+
+    keys, conditional = run_json_documented(command)
+    written = set(json.loads((Path(out) / "run.json").read_text()))
+    assert written - extra == keys - conditional - extra
+
+
 @pytest.mark.parametrize(
     "name,trainer,config",
     [("sft", SFTTrainer, SFTConfig), ("dpo", DPOTrainer, DPOConfig), ("reward", RewardTrainer, RewardConfig)],
 )
 def test_every_logged_key_is_documented(tmp_path, tiny_model_dir, pairs, name, trainer, config):
-    trainer(config(**trainer_kwargs(tmp_path, tiny_model_dir, pairs, max_steps=1, eval_split=0.25))).train()
+    cfg = config(**trainer_kwargs(tmp_path, tiny_model_dir, pairs, max_steps=1, eval_split=0.25))
+    trainer(cfg).train()
     rows = read_metrics(tmp_path / "run")
     keys, evals = _documented(f"`prefalign {name}`")
     logged = {k for r in rows for k in r}
     assert {k for k in logged if k.startswith("eval/")} and {k for k in logged if not k.startswith("eval/")}
     assert not {k for k in logged if k.startswith("eval/")} - evals
     assert not {k for k in logged if not k.startswith("eval/")} - keys
+    assert_run_json_documented(tmp_path / "run", name, extra=set(cfg.loss_hyperparams) if name == "dpo" else set())
 
 
 def test_tokens_per_second_sums_every_process_s_tokens(monkeypatch):

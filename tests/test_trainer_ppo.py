@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 from conftest import run_cli, tiny_reward_model
-from test_loop import _documented
+from test_loop import _documented, assert_run_json_documented
 
 from prefalign.errors import UserError
 from prefalign.trainers.ppo import KLController, PPOConfig, PPOTrainer
@@ -117,6 +117,7 @@ def test_first_minibatch_is_on_policy_and_every_parameter_changes(tmp_path, tiny
     assert row["objective/kl"] == pytest.approx(0.0, abs=1e-5)  # policy == reference when sampling
     keys, _ = _documented("`prefalign ppo`")  # docs/metrics.md names every logged key
     assert not set(row) - keys
+    assert_run_json_documented(tmp_path / "run", "ppo")
     assert (tmp_path / "run" / "final" / "config.json").is_file()
     assert (tmp_path / "run" / "value" / "config.json").is_file()
     samples = [json.loads(x) for x in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]

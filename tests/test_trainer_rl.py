@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 from conftest import TOY_REWARD, read_metrics, run_cli
-from test_loop import _documented
+from test_loop import _documented, assert_run_json_documented
 from test_trainer_ppo import LowIdReward, peaked_model_dir  # noqa: F401  (a fixture)
 
 from prefalign.errors import UserError
@@ -104,6 +104,7 @@ def test_one_iteration_changes_every_parameter_and_logs_every_metric(tmp_path, t
     assert row["episodes"] == 16
     keys, _ = _documented("`prefalign rl`")  # docs/metrics.md names every logged key
     assert not {k for k in row if not k.startswith("objective/scores/")} - keys
+    assert_run_json_documented(tmp_path / "run", "rl")
     assert not (tmp_path / "run" / "value").exists()
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["loss_aggregation"] == "seq_mean_token_mean"
