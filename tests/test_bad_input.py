@@ -57,6 +57,16 @@ def test_gzip_that_is_not_gzip(capsys, tmp_path, model):
     _bad(capsys, tmp_path, _dpo(f, model), "pairs.jsonl.gz")
 
 
+def test_fewer_examples_than_one_global_batch(capsys, tmp_path, model):
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(3))
+    argv = _dpo(data, model, "--grad-accum", "2")  # --batch-size 2
+    line = _bad(capsys, tmp_path, argv)
+    assert line == (
+        "error: 3 training examples are fewer than one global batch (4 = batch_size 2 x grad_accum 2 x 1 processes); "
+        "lower --batch-size"
+    )
+
+
 def test_empty_file(capsys, tmp_path, model):
     f = tmp_path / "empty.jsonl"
     f.write_text("")
