@@ -259,3 +259,30 @@ def test_a_resume_between_rows_then_only_skipped_steps_logs_on_two_processes(tmp
     assert r.returncode == 0, launch_failure(r.stderr)
     last = read_metrics(tmp_path / "run")[-1]
     assert last["step"] == 4 and last["skipped_steps"] == 1 and "loss" in last  # steps 1-3's mean, carried over
+
+
+def test_a_nan_loss_on_one_process_skips_the_step_on_every_process(tmp_path, tiny_model_dir):
+    """Step 2's loss is NaN on process 1 only: both processes skip it (the guard reads the loss summed over
+    processes, and the all-reduced gradient's norm; either alone skips it: checked), so the run ends with the
+    weights of a 1-process run whose step 2 is NaN for every example."""
+    from conftest import assert_same_tensors, final_weights, nan_at_trainer
+
+    from prefalign.cli._args import parse
+    from prefalign.trainers.dpo import DPOConfig
+
+    worker = RESUME_NAN_WORKER.replace(
+        "bad, argv = sys.argv[1], sys.argv[2:]",
+        "bad, argv = sys.argv[1], sys.argv[2:]\nimport os\nbad = bad if os.environ['RANK'] == '1' else 'none'",
+    )
+    (tmp_path / "worker.py").write_text(worker)
+    data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(16))
+    flags = ["--data", data, "--model", tiny_model_dir, "--max-steps", "3", "--logging-steps", "1"]
+    flags += ["--learning-rate", "1e-3", "--lr-scheduler", "constant", "--precision", "fp32"]
+    launch_ok(
+        ["2", *flags, "--batch-size", "2", "--output", tmp_path / "two"], CPU_CONFIG, script=tmp_path / "worker.py"
+    )
+    one = [*map(str, flags), "--batch-size", "4", "--output", str(tmp_path / "one")]
+    nan_at_trainer()(parse(DPOConfig, one, prog="prefalign dpo"), bad_steps=[2]).train()
+    a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["skipped_steps"] for r in b] == [r["skipped_steps"] for r in a] == [0, 1, 1]
+    assert_same_tensors(final_weights(tmp_path / "one"), final_weights(tmp_path / "two"), TOL)
