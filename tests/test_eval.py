@@ -14,7 +14,7 @@ def test_win_rate_counts_wins_ties_and_losses_by_index():
     assert counts == {"wins": 2, "ties": 1, "losses": 1}
     assert rate == pytest.approx((2 + 0.5) / 4)
     assert win_rate(torch.ones(3), torch.ones(3))[0] == 0.5
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"^need two non-empty \(N,\) score tensors, got \(3,\) and \(2,\)$"):
         win_rate(torch.ones(3), torch.ones(2))
 
 

@@ -188,8 +188,14 @@ def test_cut_at_stop_exact():
 
 
 def test_sampling_config_rejects_bad_numbers():
-    for kwargs in ({"max_new_tokens": 0}, {"temperature": 0.0}, {"top_p": 0.0}, {"top_k": -1}, {"stop": ["x", ""]}):
-        with pytest.raises(ValueError):
+    for kwargs, flag in (
+        ({"max_new_tokens": 0}, "max-new-tokens"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"top_p": 0.0}, "top-p"),
+        ({"top_k": -1}, "top-k"),
+        ({"stop": ["x", ""]}, "stop"),
+    ):
+        with pytest.raises(ValueError, match=f"^--{flag} "):
             SamplingConfig(**kwargs)
 
 
