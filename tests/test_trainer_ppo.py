@@ -91,6 +91,8 @@ def test_first_minibatch_is_on_policy_and_every_parameter_changes(tmp_path, tiny
         assert not torch.equal(p.detach(), before[name]), f"{name} did not change"
     value = trainer.accelerator.unwrap_model(trainer.value)
     assert value.score.weight.abs().sum() > 0  # zero-initialised head learned
+    for name, p in value.named_parameters():  # the critic's trunk starts as the policy's
+        assert name == "score.weight" or not torch.equal(p.detach(), before[name]), f"value {name} did not change"
     row = _metrics(tmp_path / "run")[0]
     for key in (
         "objective/scores",
