@@ -155,7 +155,9 @@ def test_eval_self_is_zero_kl_and_all_ties_other_policies_are_not(tmp_path, tiny
         assert m[name]["win_rate"] == pytest.approx((wins + 0.5 * ties) / 6)
         assert m[name]["length_mean"] == pytest.approx(sum(r["num_tokens"] for r in mine) / 6)
     assert m["reference"]["kl_mean"] == 0.0 and m["reference"]["win_rate"] == 0.5
-    assert m["reference"]["proxy_mean"] is not None
+    ref_proxy = [r["proxy"] for r in by_policy["reference"]]
+    assert len(ref_proxy) == 6 and m["reference"]["proxy_mean"] == pytest.approx(sum(ref_proxy) / 6)
+    assert all(r["proxy"] == sum(ch in "aeiou" for ch in r["completion"]) for r in rows)  # the proxy judge's own
     table = (out / "eval.md").read_text()
     assert table.count("\n") == 2 + 4 and "| other |" in table
 
