@@ -226,7 +226,13 @@ def _fake_race(out: Path, cfg: CompareConfig) -> dict[str, StageResult]:
                 "val/response_length": 10.0,
                 "rewards/margins": 0.25,
             },
-            {"step": 2, "wall_seconds": 2.0, "val/response_length": 0.0, "eval/accuracy": 0.75},
+            {
+                "step": 2,
+                "wall_seconds": 2.0,
+                "val/response_length": 0.0,
+                "eval/accuracy": 0.75,
+                "eval/rewards/accuracies": 0.625,  # a DPO-like run's implicit reward on the held-out pairs
+            },
             # evaluations while training: a loop's held-out pairs, an online run's curve point
             {"step": 2, "eval/seconds": 1.5, "time/heldout": 0.25},
         ]
@@ -272,6 +278,7 @@ def test_costs_are_charged_by_stage(tmp_path):
     }
     assert simpo["gradient_steps"] == cfg.dpo_steps and simpo["pairs_used"] == cfg.dpo_steps * cfg.batch_size
     assert simpo["tokens_generated"] == 1000 and simpo["rm_heldout_accuracy"] is None
+    assert simpo["implicit_reward_heldout_accuracy"] == 0.625 and ppo["implicit_reward_heldout_accuracy"] is None
     assert ppo_gt["pairs_used"] == 0 and ppo_gt["wall_seconds"]["pairs"] == 0.0 and ppo_gt["peak_rss_mb"] == 3003.0
     assert by_name["simpo"]["curve_metric"] == "rewards/margins" and by_name["simpo"]["curve"][0]["metric"] == 0.25
     assert by_name["ppo"]["curve_metric"] == "objective/scores"
