@@ -74,6 +74,11 @@ def test_explained_variance_with_given_variances_is_the_plain_one():
     assert torch.equal(given, plain)
     _, var_ret = masked_mean_var(ONE_PROCESS, ret, mask)
     assert explained_variance(values, ret, mask, var_returns=var_ret) == pytest.approx(plain.item(), rel=1e-6)
+    # variances of a larger batch (every process's shard) are used as given, not recomputed from this one
+    four, three = torch.tensor(4.0), torch.tensor(3.0)  # this batch's own: 1 - 0.25 = 0.75
+    assert explained_variance(values, ret, mask, var_returns=four, var_residual=three).item() == 0.25
+    local_residual = masked_var(ret - values, mask)
+    assert explained_variance(values, ret, mask, var_returns=four) == pytest.approx(1 - local_residual.item() / 4)
 
 
 def test_mean_across_one_process_is_the_identity():
