@@ -73,10 +73,18 @@ def test_compare_end_to_end_on_a_tiny_model_then_resume(tmp_path, tiny_model_dir
         assert gain["mean"] == pytest.approx(arm["eval"]["gold_mean"] - start["eval"]["gold_mean"], abs=1e-9)
     assert [(d["a"], d["b"]) for d in summary["differences"]] == [("ppo", "dpo")]
     by = {a["name"]: a for a in summary["arms"]}
-    assert (
-        by["ppo"]["cost"]["wall_seconds"]["reward_model"] > 0 and by["ppo"]["cost"]["rm_heldout_accuracy"] is not None
-    )
-    assert by["dpo"]["cost"]["implicit_reward_heldout_accuracy"] is not None
+    assert by["ppo"]["cost"]["wall_seconds"]["reward_model"] > 0
+    # held-out accuracies: each seed's last evaluation of its stage, averaged over the seeds
+    for arm, stage, key, field in (
+        ("ppo", "rm", "eval/accuracy", "rm_heldout_accuracy"),
+        ("dpo", "dpo", "eval/rewards/accuracies", "implicit_reward_heldout_accuracy"),
+    ):
+        last = []
+        for seed in (0, 1):
+            rows = [json.loads(x) for x in (out / f"seed-{seed}" / stage / "metrics.jsonl").read_text().splitlines()]
+            last.append([r[key] for r in rows if key in r][-1])
+        assert [c[field] for c in by[arm]["seed_costs"]] == last
+        assert by[arm]["cost"][field] == pytest.approx(sum(last) / 2)
     assert by["dpo"]["cost"]["pairs_used"] == 4  # 2 steps x 2 pairs
     assert by["dpo"]["cost"]["tokens_generated_training"] == 0 < by["ppo"]["cost"]["tokens_generated_training"]
     # held-out points before training and after each of the 2 iterations (--ppo-steps 2 / --curve-points 4 -> 1)
