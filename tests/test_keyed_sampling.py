@@ -55,7 +55,8 @@ def test_a_draw_depends_on_seed_key_and_position_only():
     assert not torch.equal(a, _draw(64, position=1))  # the next position has fresh noise
     # row k of a batch of 64 is row k of a batch of 8: the other rows do not matter
     assert torch.equal(a[:8], _draw(8))
-    assert key_seed(1, 2) != key_seed(2, 1) and key_seed(0, 5) == key_seed(0, 5)
+    assert key_seed(1, 2) != key_seed(2, 1)
+    assert key_seed(0, 5) == 7261477607221353902  # the same on every machine, process and run: not a salted hash
 
 
 @pytest.mark.parametrize("top_k, top_p", [(0, 1.0), (50, 1.0), (0, 0.9)])
