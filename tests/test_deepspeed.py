@@ -55,7 +55,7 @@ TOL = 1e-5
 
 def _assert_same_losses(a, b, keys=("loss", "eval/loss", "grad_norm"), rel=None):
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in keys:
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=rel, abs=TOL), (ra["step"], key)

@@ -118,7 +118,7 @@ def test_fsdp_dpo_matches_one_process_and_resumes(tmp_path, tiny_model_dir, fsdp
     fsdp([*common, "--batch-size", "2", "--output", tmp_path / "two"])
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "eval/loss", "rewards/margins"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=TOL), (ra["step"], key)
@@ -172,7 +172,7 @@ def test_fsdp_lora_and_reward_write_whole_models(tmp_path, tiny_model_dir, fsdp,
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert json.loads((tmp_path / "two" / "run.json").read_text())["eval_examples"] == 9
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "eval/loss"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=TOL), (ra["step"], key)
@@ -254,7 +254,7 @@ def test_fsdp_ppo_matches_one_process(tmp_path, tiny_model_dir, fsdp, lora):
     fsdp([*common, "--output", tmp_path / "two"])
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in PPO_KEYS:
             assert rb[key] == pytest.approx(ra[key], rel=TOL, abs=TOL), (ra["step"], key)
         assert rb["val/num_eos"] == ra["val/num_eos"]
@@ -308,7 +308,7 @@ def test_fsdp_chunked_logprobs_match_one_chunk(tmp_path, tiny_model_dir, tokeniz
     a, b = read_metrics(tmp_path / "one-chunk"), read_metrics(tmp_path / "chunked")
     assert [r["step"] for r in a] == [r["step"] for r in b]
     assert all(any(key in r for r in a) for key in keys)
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in keys:
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], rel=TOL, abs=TOL), (ra["step"], key)

@@ -251,7 +251,7 @@ def test_a_resumed_run_continues_the_points_without_a_second_start(
     _ppo(tmp_path, "cut", tiny_model_dir, prompts, tokenizer, resume="latest", **kw)
     full, cut = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "cut")
     assert [r["step"] for r in cut] == [0, 1, 2, 3, 4]  # one step-0 row: the resumed run logged none
-    for a, b in zip(full, cut):
+    for a, b in zip(full, cut, strict=True):
         assert {k: v for k, v in a.items() if not k.startswith(TIMINGS)} == {
             k: v for k, v in b.items() if not k.startswith(TIMINGS)
         }, a["step"]
@@ -328,7 +328,7 @@ def test_two_processes_log_the_points_of_one(tmp_path, tiny_model_dir, heldout, 
     assert r.returncode == 0, launch_failure(r.stderr)
     one, two = ([row for row in read_metrics(tmp_path / name) if "heldout/gold" in row] for name in ("one", "two"))
     assert [r["step"] for r in one] == [r["step"] for r in two] == [0, 2]
-    for a, b in zip(one, two):
+    for a, b in zip(one, two, strict=True):
         assert a["heldout/n"] == b["heldout/n"] == len(ANSWERS)
         for key in ("heldout/gold", "heldout/gold_std", "heldout/proxy", "heldout/kl"):
             assert b[key] == pytest.approx(a[key], rel=1e-5, abs=1e-5), (a["step"], key)

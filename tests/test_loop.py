@@ -70,7 +70,7 @@ def test_grad_accum_gives_the_update_of_the_whole_batch(tmp_path, tiny_model_dir
         trainer, rows, _ = _dpo(tmp_path, tiny_model_dir, pairs, f"b{bs}", batch_size=bs, grad_accum=accum, max_steps=2)
         runs[bs] = rows, _params(trainer)
     (rows4, p4), (rows2, p2) = runs[4], runs[2]
-    for a, b in zip(rows4, rows2):
+    for a, b in zip(rows4, rows2, strict=True):
         assert b["loss"] == pytest.approx(a["loss"], abs=1e-6)
         assert b["rewards/margins"] == pytest.approx(a["rewards/margins"], abs=1e-6)
         # a sum instead of a mean over micro-batches would double it (and Adam would hide that in the weights)
@@ -104,7 +104,7 @@ def test_sft_grad_accum_keeps_the_token_level_mean(tmp_path, tiny_model_dir):
         trainer.train()
         runs[bs] = read_metrics(tmp_path / f"b{bs}"), _params(trainer)
     (rows4, p4), (rows2, p2) = runs[4], runs[2]
-    for a, b in zip(rows4, rows2):
+    for a, b in zip(rows4, rows2, strict=True):
         # one float32 token mean vs two merged in float64: the loss (~10.5) agrees to its float32 spacing (9.5e-7);
         # the bug this guards against moved it by ~5e-3
         assert b["loss"] == pytest.approx(a["loss"], rel=2e-7)

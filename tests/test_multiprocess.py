@@ -47,7 +47,7 @@ def test_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir, command)
     launch_ok([*common, "--batch-size", "2", "--output", tmp_path / "two"], CPU_CONFIG)  # same global batch: 2 x 2
     a, b = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["step"] for r in a] == [r["step"] for r in b]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "eval/loss"):
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=TOL), (ra["step"], key)
@@ -125,7 +125,7 @@ def _assert_two_match_one(tmp_path, a, b, steps):
     import torch
 
     assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, steps + 1))
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         for key in (
             "objective/scores",
             "objective/kl",

@@ -75,7 +75,7 @@ def test_rl_two_processes_give_the_numbers_of_one(tmp_path, tiny_model_dir, vari
     b = _run(tmp_path, 2, "two", common)
 
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
-    for ra, rb in zip(a, b):
+    for ra, rb in zip(a, b, strict=True):
         keys = {k for k in ra if not k.startswith(TIMINGS)}
         assert keys == {k for k in rb if not k.startswith(TIMINGS)}, ra["step"]
         assert {
