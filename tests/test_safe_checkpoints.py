@@ -144,3 +144,12 @@ def test_resume_latest_without_any_checkpoint_says_so(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(UserError, match=r"checkpoints: no checkpoint to resume from; start again without --resume$"):
         CheckpointManager(tmp_path, keep=2).load_for_resume("latest")
+
+
+def test_each_process_resumes_its_own_rng_state():
+    from prefalign.trainers.checkpoint import process_rng_state
+
+    states = [{"torch": torch.tensor([0])}, {"torch": torch.tensor([1])}]
+    assert [process_rng_state({"processes": states}, r)["torch"].item() for r in range(3)] == [0, 1, 0]
+    before = {"torch": torch.tensor([7])}  # a checkpoint from before every process saved its own: the main's
+    assert process_rng_state(before, 1) is before

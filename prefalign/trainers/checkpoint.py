@@ -132,6 +132,14 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def process_rng_state(saved: dict, rank: int) -> dict:
+    """Process ``rank``'s `rng_state` in a checkpoint's ``rng`` object: every process saves its own (processes
+    holding rows of other lengths draw dropout masks of other sizes, so their generators part ways); a launch of
+    more processes than saved them reuses them in turn; a checkpoint from before holds the main process's only."""
+    states = saved.get("processes")
+    return saved if states is None else states[rank % len(states)]
+
+
 def load_tensors_only(path: Path):
     """``torch.load`` of a checkpoint file that may hold tensors and plain values only: nothing in it can run
     code. Anything else is an `UnsafeCheckpoint`, named by the globals torch found in it."""

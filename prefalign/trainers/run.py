@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from prefalign.allocator import tune_malloc
-from prefalign.collectives import broadcast_object
+from prefalign.collectives import broadcast_object, gather_objects
 from prefalign.errors import UserError
 from prefalign.methods import METHODS, Method
 from prefalign.preflight import preflight_run
@@ -49,7 +49,13 @@ from prefalign.runio import (
 from prefalign.trackers import load_tracker_packages
 from prefalign.trainers.backend import Trained, check_mergeable, make_backend, resolve_precision
 from prefalign.trainers.card import CardFacts
-from prefalign.trainers.checkpoint import CheckpointManager, check_same_settings, rng_state, set_rng_state
+from prefalign.trainers.checkpoint import (
+    CheckpointManager,
+    check_same_settings,
+    process_rng_state,
+    rng_state,
+    set_rng_state,
+)
 from prefalign.trainers.embedding_grad import dense_embedding_backward
 from prefalign.trainers.guard import GracefulStop, NonFiniteGuard
 from prefalign.trainers.metrics import MetricsLogger
@@ -299,7 +305,7 @@ class Run:
         acc = self.accelerator
         acc.wait_for_everyone()
         objects = {t.key("scheduler"): t.scheduler.state_dict() for t in self.trained}
-        objects["rng"] = rng_state()
+        objects["rng"] = {"processes": gather_objects(rng_state())}  # a collective
         weights, into = self.backend.checkpoint_objects(self.trained, self.ckpts, step)
         objects.update(weights)
         acc.wait_for_everyone()
@@ -339,7 +345,7 @@ class Run:
         for t in self.trained:
             t.scheduler.load_state_dict(objects[t.key("scheduler")])
             realign_lr(t.scheduler)  # a longer --max-steps: the new schedule from the first resumed step
-        set_rng_state(objects["rng"])
+        set_rng_state(process_rng_state(objects["rng"], self.accelerator.process_index))
         self.guard.skipped = int(state.get("skipped_steps", 0))
         self.guard.in_a_row = int(state.get("nonfinite_in_a_row", 0))  # a streak across the stop still counts
         self.resumed_wall = state.get("wall_seconds")  # None: a checkpoint from before it was recorded

@@ -1,6 +1,6 @@
-"""A signal that reaches one of two processes (`accelerate launch`, CPU, gloo): they agree on the step to stop
-after, write one checkpoint together, and the resumed launch ends with an uninterrupted launch's weights, bit for
-bit."""
+"""Stops and resumes of a 2-process launch (`accelerate launch`, CPU, gloo): a signal that reaches one process
+stops both after the same step with one checkpoint, and a resumed launch ends with an uninterrupted launch's weights,
+bit for bit, each process's generators restored."""
 
 import signal
 import subprocess
@@ -53,4 +53,24 @@ def test_sigterm_to_one_process_stops_both_after_one_step_and_resumes_exactly(tm
     launch_ok([*two, "--resume", "latest"], CPU_CONFIG)
     launch_ok([*flags, "--batch-size", "2", "--output", tmp_path / "whole"], CPU_CONFIG)  # uninterrupted
     whole, resumed = final_weights(tmp_path / "whole"), final_weights(out)
+    assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
+
+
+def test_a_resume_on_two_processes_with_lora_dropout_is_exact(tmp_path, tiny_model_dir):
+    """LoRA dropout draws from each process's own generator, and processes holding rows of other lengths draw
+    different amounts: each process's RNG state must come back, not the main process's on both."""
+    import shutil
+
+    from conftest import uneven_pairs
+
+    data = write_jsonl(tmp_path / "pairs.jsonl", uneven_pairs(32))
+    flags = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "4", "--save-steps", "2"]
+    flags += ["--lora-r", "4", "--lora-dropout", "0.5", "--learning-rate", "1e-2", "--batch-size", "2"]
+    flags += ["--precision", "fp32", "--save-total-limit", "3"]
+    launch_ok([*flags, "--output", tmp_path / "whole"], CPU_CONFIG)
+    shutil.copytree(tmp_path / "whole", tmp_path / "cut")
+    for done in ("final", "checkpoints/step-0000004"):
+        shutil.rmtree(tmp_path / "cut" / done)
+    launch_ok([*flags, "--output", tmp_path / "cut", "--resume", "latest"], CPU_CONFIG)
+    whole, resumed = final_weights(tmp_path / "whole"), final_weights(tmp_path / "cut")
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
