@@ -301,6 +301,19 @@ def assert_same_adamw_weights(a: dict, b: dict, tol: float, lr: float, steps: in
         assert diff.max().item() <= 0.05 * lr * steps, (k, diff.max().item())
 
 
+def params_at_build(trainer_cls):
+    """A subclass of ``trainer_cls`` that keeps its model's parameters as `build` leaves them (``.start``: name ->
+    tensor; LoRA adapters are added there, so no step has run yet): for "every trainable parameter changed"."""
+
+    class AtBuild(trainer_cls):
+        def build(self):
+            super().build()
+            model = self.accelerator.unwrap_model(self.model)
+            self.start = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    return AtBuild
+
+
 def nan_at_trainer():
     """The class `NaNAt(cfg, bad_steps)`: a DPOTrainer whose loss is NaN on the given steps (imported lazily)."""
     from prefalign.trainers.dpo import DPOTrainer

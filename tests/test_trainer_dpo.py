@@ -5,7 +5,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_resume_is_exact, learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
+from conftest import (
+    assert_resume_is_exact,
+    learnable_pairs,
+    params_at_build,
+    read_metrics,
+    run_cli,
+    trainer_kwargs,
+    write_jsonl,
+)
 from transformers import AutoModelForCausalLM
 
 from prefalign.errors import UserError
@@ -67,13 +75,7 @@ def test_learnable_set_accuracy_rises_and_loss_falls(tmp_path, tiny_model_dir, p
 
 
 def test_lora_trains_only_the_adapter_and_reference_is_adapter_off(tmp_path, tiny_model_dir, pairs):
-    class AdapterAtStart(DPOTrainer):
-        def build(self):  # the adapter is added here; no step has run when it returns
-            super().build()
-            model = self.accelerator.unwrap_model(self.model)
-            self.start = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    trainer = AdapterAtStart(
+    trainer = params_at_build(DPOTrainer)(
         _cfg(tmp_path, tiny_model_dir, pairs, lora_r=4, lora_alpha=8, learning_rate=5e-3, max_steps=4)
     )
     trainer.train()

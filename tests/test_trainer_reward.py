@@ -3,7 +3,15 @@ import math
 
 import pytest
 import torch
-from conftest import assert_resume_is_exact, learnable_pairs, read_metrics, run_cli, trainer_kwargs, write_jsonl
+from conftest import (
+    assert_resume_is_exact,
+    learnable_pairs,
+    params_at_build,
+    read_metrics,
+    run_cli,
+    trainer_kwargs,
+    write_jsonl,
+)
 from transformers import AutoModelForSequenceClassification
 
 from prefalign.data import TokenizedPair, load_preferences, tokenize_preferences
@@ -127,13 +135,7 @@ def test_margin_column_is_used_in_the_loss(tmp_path, tiny_model_dir, tokenizer, 
 def test_lora_trains_only_the_adapter_and_the_head(tmp_path, tiny_model_dir, tokenizer, pairs):
     from peft import PeftModel
 
-    class AdapterAtStart(RewardTrainer):
-        def build(self):  # the adapter is added here; no step has run when it returns
-            super().build()
-            model = self.accelerator.unwrap_model(self.model)
-            self.start = {n: p.detach().clone() for n, p in model.named_parameters()}
-
-    trainer = AdapterAtStart(
+    trainer = params_at_build(RewardTrainer)(
         _cfg(tmp_path, tiny_model_dir, pairs, lora_r=4, lora_alpha=8, learning_rate=5e-3, max_steps=4, merge_lora=True)
     )
     trainer.train()
