@@ -88,6 +88,12 @@ def test_compare_refuses_an_infinite_rate_before_any_stage(capsys, tmp_path, mod
     _bad(capsys, tmp_path, ["compare", "--model", model, "--ppo-lr", "inf"], "--ppo-lr must be a finite number")
 
 
+def test_compare_refuses_one_sample_per_prompt_before_its_directory(capsys, tmp_path, model):
+    # a pair needs two completions: the race made its directory, then its pairs stage refused its --num-samples
+    argv = ["compare", "--model", model, "--samples-per-prompt", "1"]
+    _bad(capsys, tmp_path, argv, "--samples-per-prompt must be >= 2 (a pair needs two completions), got 1")
+
+
 def test_compare_refuses_to_resume_a_directory_with_no_race(capsys, tmp_path, model):
     _bad(capsys, tmp_path, ["compare", "--model", model, "--resume"], "--resume:", "holds no comparison to resume")
 

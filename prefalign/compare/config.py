@@ -221,6 +221,10 @@ class CompareConfig(Validated):
             value = getattr(self, budget.name)
             if budget.name in PRESETS["default"] and value is not None and value <= 0:
                 raise ValueError(f"{flag(budget.name)} must be > 0, got {value}")
+        if self.samples_per_prompt is not None and self.samples_per_prompt < 2:  # checked here, not by its stage
+            raise ValueError(
+                f"--samples-per-prompt must be >= 2 (a pair needs two completions), got {self.samples_per_prompt}"
+            )
         if self.eval_prompts is not None and self.eval_prompts < 2:  # an interval over prompts needs two
             raise ValueError(f"--eval-prompts must be >= 2 (the intervals vary over prompts), got {self.eval_prompts}")
         if self.sweep and any(beta <= 0 for beta in self.sweep_betas):
