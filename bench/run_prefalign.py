@@ -114,7 +114,7 @@ def run_pairs(args, kind: str) -> dict:
             loss_type="sigmoid",
             learning_rate=HPARAMS["lr_dpo_lora" if lora else "lr_dpo"],
             lora_r=HPARAMS["lora_r"] if lora else 0,
-            lora_alpha=HPARAMS["lora_alpha"],
+            **({"lora_alpha": HPARAMS["lora_alpha"]} if lora else {}),  # a full run refuses LoRA's options
             **{**common, **prefalign_model(args.data), **args.overrides},
         )
         trainer = _synced(_sequential(DPOTrainer), args.device)(cfg)

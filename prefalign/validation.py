@@ -43,6 +43,11 @@ def deferred_validation():
         _deferred.reset(token)
 
 
+def field_default(f: dataclasses.Field) -> object:
+    """A dataclass field's default value (a fresh one from its factory)."""
+    return f.default_factory() if callable(f.default_factory) else f.default
+
+
 def flag(name: str) -> str:
     """The command-line flag of a config field, as errors name it: ``max_new_tokens`` -> ``--max-new-tokens``."""
     return "--" + name.replace("_", "-")

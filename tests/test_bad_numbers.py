@@ -28,6 +28,10 @@ def model(tiny_model_dir):
         (["--lora-r", "2", "--lora-alpha", "0"], "--lora-alpha must be > 0 (the update is scaled by alpha / r), got 0"),
         (["--lora-r", "4", "--lora-dropout", "1.5"], "--lora-dropout must be in [0, 1), got 1.5"),
         (["--resume", "latest", "--overwrite"], "--resume and --overwrite contradict each other"),
+        # LoRA's own options without --lora-r: a full fine-tune ran and ignored them
+        (["--lora-alpha", "8"], "--lora-alpha does nothing without LoRA (--lora-r 0: full fine-tuning)"),
+        (["--lora-dropout", "0.1"], "--lora-dropout does nothing without LoRA (--lora-r 0: full fine-tuning)"),
+        (["--lora-target-modules", "q_proj"], "--lora-target-modules does nothing without LoRA"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from prefalign.trackers import DEFAULT_REPORT_TO, parse_report_to
-from prefalign.validation import Validated, require_at_least_one
+from prefalign.validation import Validated, field_default, flag, require_at_least_one
+
+LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_target_modules")
+"""CommonConfig's LoRA fields that only a LoRA run (--lora-r > 0) reads."""
 
 
 @dataclass
@@ -99,7 +102,19 @@ class CommonConfig(Validated):
             raise ValueError(f"--lora-dropout must be in [0, 1), got {self.lora_dropout}")
         if self.merge_lora and self.lora_r == 0:
             raise ValueError("--merge-lora needs LoRA (--lora-r > 0)")
+        if self.lora_r == 0 and (idle := self._lora_options_changed()):
+            verb = "does" if len(idle) == 1 else "do"
+            raise ValueError(
+                f"{' and '.join(map(flag, idle))} {verb} nothing without LoRA (--lora-r 0: full fine-tuning); "
+                "give --lora-r > 0 to train an adapter, or drop it"
+            )
         parse_report_to(self.report_to)
+
+    def _lora_options_changed(self) -> list[str]:
+        """LoRA's options (besides --lora-r) set off their defaults: a full fine-tune ignores them. Untouched
+        defaults pass, so a full run's config.yaml (which holds them all) resumes."""
+        lora = [f for f in fields(CommonConfig) if f.name in LORA_OPTIONS]
+        return [f.name for f in lora if getattr(self, f.name) != field_default(f)]
 
     @property
     def trackers(self) -> tuple[str, ...]:
