@@ -32,6 +32,8 @@ def model(tiny_model_dir):
         (["--lora-alpha", "8"], "--lora-alpha does nothing without LoRA (--lora-r 0: full fine-tuning)"),
         (["--lora-dropout", "0.1"], "--lora-dropout does nothing without LoRA (--lora-r 0: full fine-tuning)"),
         (["--lora-target-modules", "q_proj"], "--lora-target-modules does nothing without LoRA"),
+        # no held-out set: the run evaluated nothing, exit 0
+        (["--eval-steps", "1"], "--eval-steps 1 needs an evaluation set: give --eval-split or --eval-data"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else "",
 )

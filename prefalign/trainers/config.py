@@ -179,6 +179,11 @@ class TrainConfig(CommonConfig):
             raise ValueError(f"--epochs must be > 0, got {self.epochs}")
         if not 0 <= self.eval_split < 1:
             raise ValueError(f"--eval-split must be in [0, 1), got {self.eval_split}")
+        if self.eval_steps is not None and not (self.eval_split or self.eval_data):  # it evaluated nothing
+            raise ValueError(
+                f"--eval-steps {self.eval_steps} needs an evaluation set: give --eval-split or --eval-data, "
+                "or drop --eval-steps"
+            )
         if self.max_prompt_length is not None and self.max_prompt_length >= self.max_length:
             raise ValueError("--max-prompt-length must be smaller than --max-length")
         from prefalign.data.preferences import FORMATS
