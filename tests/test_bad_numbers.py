@@ -100,6 +100,13 @@ def test_compare_refuses_one_sample_per_prompt_before_its_directory(capsys, tmp_
     _bad(capsys, tmp_path, argv, "--samples-per-prompt must be >= 2 (a pair needs two completions), got 1")
 
 
+@pytest.mark.parametrize("option", ["--sweep-betas", "--sweep-kl-coefs"])
+def test_compare_refuses_sweep_values_without_sweep(capsys, tmp_path, option):
+    # the race ran without the sweep; --model is refused next, so a race that ignores the option never starts
+    argv = ["compare", "--model", tmp_path / "not-a-model", option, "0.3"]
+    _bad(capsys, tmp_path, argv, f"{option} does nothing without --sweep; add --sweep or drop {option}")
+
+
 def test_compare_refuses_to_resume_a_directory_with_no_race(capsys, tmp_path, model):
     _bad(capsys, tmp_path, ["compare", "--model", model, "--resume"], "--resume:", "holds no comparison to resume")
 
