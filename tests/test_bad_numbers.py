@@ -30,6 +30,8 @@ def model(tiny_model_dir):
         (["--resume", "latest", "--overwrite"], "--resume and --overwrite contradict each other"),
         # LoRA's own options without --lora-r: a full fine-tune ran and ignored them
         (["--lora-alpha", "8"], "--lora-alpha does nothing without LoRA (--lora-r 0: full fine-tuning)"),
+        (["--warmup-steps", "-1"], "--warmup-steps must be >= 0, got -1"),
+        (["--weight-decay", "-0.1"], "--weight-decay must be >= 0, got -0.1"),
         (["--lora-dropout", "0.1"], "--lora-dropout does nothing without LoRA (--lora-r 0: full fine-tuning)"),
         (["--lora-target-modules", "q_proj"], "--lora-target-modules does nothing without LoRA"),
         # no held-out set: the run evaluated nothing, exit 0

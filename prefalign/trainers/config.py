@@ -86,8 +86,9 @@ class CommonConfig(Validated):
             raise ValueError(f"--learning-rate must be > 0, got {self.learning_rate}")
         if self.lr_scheduler not in ("constant", "linear", "cosine"):
             raise ValueError(f"--lr-scheduler must be constant, linear or cosine, got {self.lr_scheduler!r}")
-        if self.warmup_steps < 0 or self.weight_decay < 0:
-            raise ValueError("--warmup-steps and --weight-decay must be >= 0")
+        for name in ("warmup_steps", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
         if self.precision not in ("auto", "fp32", "bf16"):
