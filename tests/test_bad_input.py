@@ -170,6 +170,27 @@ def test_directory_that_is_not_a_model(capsys, tmp_path):
     _bad(capsys, tmp_path, _dpo(f, tmp_path / "notamodel"), "notamodel", "config.json")
 
 
+@pytest.mark.parametrize("role", ["dpo --model", "dpo --ref", "ppo --model", "ppo --reward", "ppo --value-model"])
+def test_a_lora_adapter_where_a_whole_model_is_needed_says_so(capsys, tmp_path, model, tiny_reward_model_dir, role):
+    """A LoRA run's final/ (adapter_config.json, no config.json) given to a trainer or as a reward model: one line
+    saying it is an adapter and what to give instead (it said "not a model directory (no config.json)")."""
+    adapter = tmp_path / "lora-final"
+    adapter.mkdir()
+    task = "SEQ_CLS" if role.endswith(("--reward", "--value-model")) else "CAUSAL_LM"
+    (adapter / "adapter_config.json").write_text(f'{{"base_model_name_or_path": "{model}", "task_type": "{task}"}}')
+    command, flag = role.split()
+    if command == "dpo":
+        f = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
+        argv = _dpo(f, adapter, "--ref", model) if flag == "--model" else _dpo(f, model, "--ref", adapter)
+    elif flag == "--model":
+        argv = _ppo(tmp_path, adapter, tiny_reward_model_dir)
+    elif flag == "--reward":
+        argv = _ppo(tmp_path, model, adapter)
+    else:
+        argv = _ppo(tmp_path, model, tiny_reward_model_dir, flag, adapter)
+    _bad(capsys, tmp_path, argv, f"{adapter}: a LoRA adapter, not a whole model", "final-merged/")
+
+
 def _ppo(tmp_path, model, reward, *extra):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a film\nthe plot\nthe cast\nits score\n")

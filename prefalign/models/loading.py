@@ -120,6 +120,11 @@ def resolve_model(name_or_path: str | None) -> str:
         if not path.is_dir():
             raise UserError(f"{name}: is a file, not a model directory (expected a directory with config.json)")
         if not (path / "config.json").is_file():
+            if (path / ADAPTER_CONFIG).is_file():  # a LoRA run's final/ (or value/): weights only, on a base
+                raise UserError(
+                    f"{name}: a LoRA adapter, not a whole model (only generate, prefs and eval load an adapter onto "
+                    "its base); give its run's final-merged/ (--merge-lora), or merge it with peft's merge_and_unload"
+                )
             raise UserError(
                 f"{name}: not a model directory (no config.json); give a Hugging Face model "
                 f"directory, a hub id, or one of: {', '.join(EMBEDDED)}"
