@@ -23,7 +23,7 @@ from prefalign.runio import to_plain, write_config, write_json
 from prefalign.trainers.card import RUN_ONLY, CardFacts, hub_dataset_id, hub_model_id, write_model_card
 from prefalign.trainers.dpo import DPOConfig, DPOTrainer
 from prefalign.trainers.ppo import PPOConfig, PPOTrainer
-from prefalign.trainers.reward import RewardTrainer
+from prefalign.trainers.reward import RewardConfig, RewardTrainer
 from prefalign.trainers.rl import RLConfig, RLTrainer
 from prefalign.trainers.sft import SFTTrainer
 
@@ -243,3 +243,30 @@ def test_rl_card_names_its_estimator(estimator):
     assert method.formula == f"{METHODS['rl'].formula}; A_t: {ADVANTAGE_ESTIMATORS[estimator].help}"
     assert method.tags == ("rlhf", estimator.replace("_", "-"))
     assert method.name == f"Critic-free online RL: {estimator}"
+
+
+def test_a_reward_adapter_card_names_the_load_that_works(tmp_path, tiny_model_dir, pairs):
+    """A LoRA reward model's base is a causal LM, whose config builds a 2-label head: the card's
+    `PeftModel.from_pretrained` onto it failed on the saved 1-label score. The card names the load with
+    num_labels=1, and that load scores as the trained model does."""
+    from peft import AutoPeftModelForSequenceClassification
+
+    trainer = RewardTrainer(
+        RewardConfig(**trainer_kwargs(tmp_path, tiny_model_dir, pairs, max_steps=1, lora_r=4, learning_rate=1e-2))
+    )
+    trainer.train()
+    final = tmp_path / "run" / "final"
+    card = _load(final)
+    assert (
+        "A LoRA adapter with a scalar head (load it with "
+        "`peft.AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1)`" in card.text
+    )
+    with pytest.raises(RuntimeError, match=r"size mismatch for .*score"):  # what the base's own config gives
+        AutoPeftModelForSequenceClassification.from_pretrained(final)
+    loaded = AutoPeftModelForSequenceClassification.from_pretrained(final, num_labels=1).eval()
+    ids = torch.tensor([[1, 400, 500, 600, 2], [1, 401, 501, 601, 701]])
+    mask = torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 1, 1]])
+    trained = trainer.prepared.model.eval()
+    with torch.no_grad():
+        expected = trained(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(loaded(input_ids=ids, attention_mask=mask).logits, expected)

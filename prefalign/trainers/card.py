@@ -155,7 +155,14 @@ def _table(header: tuple[str, str], rows: dict[str, Any]) -> list[str]:
 
 def _intro(facts: CardFacts, adapter: bool, base_id: str | list[str] | None) -> list[str]:
     """Title and what the model is; ``base_id``: the metadata's ``base_model`` (a Hub id or None here)."""
-    if adapter:
+    if adapter and facts.method.pipeline_tag == "text-classification":
+        # its base is often a causal LM, whose config builds a 2-label head: the saved 1-label score does not fit
+        what = (
+            "A LoRA adapter with a scalar head (load it with "
+            "`peft.AutoPeftModelForSequenceClassification.from_pretrained(path, num_labels=1)`, or onto "
+            "`AutoModelForSequenceClassification.from_pretrained(base, num_labels=1)` with `peft.PeftModel`)"
+        )
+    elif adapter:
         what = "A LoRA adapter (load it onto its base model with `peft.PeftModel.from_pretrained`)"
     elif facts.merged:
         what = "A LoRA adapter merged into its base model (Hugging Face format)"
