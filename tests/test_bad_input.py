@@ -191,6 +191,23 @@ def test_a_lora_adapter_where_a_whole_model_is_needed_says_so(capsys, tmp_path, 
     _bad(capsys, tmp_path, argv, f"{adapter}: a LoRA adapter, not a whole model", "final-merged/")
 
 
+@pytest.mark.parametrize("role", ["dpo --model", "dpo --ref", "ppo --model", "generate --model"])
+def test_a_reward_model_where_a_causal_lm_is_needed_says_so(capsys, tmp_path, model, tiny_reward_model_dir, role):
+    """A reward model's final/ as a policy or reference: it loaded as a causal LM (its score head dropped, the tied
+    LM head over its backbone) and sampled or trained without a word; now one line."""
+    rm = tiny_reward_model_dir
+    command, flag = role.split()
+    if command == "dpo":
+        f = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
+        argv = _dpo(f, rm, "--ref", model) if flag == "--model" else _dpo(f, model, "--ref", rm)
+    elif command == "ppo":
+        argv = _ppo(tmp_path, rm, rm)
+    else:
+        (tmp_path / "prompts.txt").write_text("a film\n")
+        argv = ["generate", "--model", rm, "--prompts", tmp_path / "prompts.txt", "--max-new-tokens", "2"]
+    _bad(capsys, tmp_path, argv, f"{rm}: a scalar-head model (a reward or value model), not a causal LM")
+
+
 def _ppo(tmp_path, model, reward, *extra):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a film\nthe plot\nthe cast\nits score\n")

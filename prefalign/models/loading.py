@@ -221,9 +221,16 @@ def load_causal_lm(name_or_path: str | None = None, dtype=None):
 
     path = resolve_model(name_or_path)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True)
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path or DEFAULT_MODEL, e) from None
+    if any(key.split(".")[0] == "score" for key in info["unexpected_keys"]):
+        # A reward or value model loads "fine" as a causal LM: its score head dropped, a tied LM head over its
+        # backbone (an untied one drawn at random), so it would sample and train as if it were a policy.
+        raise UserError(
+            f"{name_or_path}: a scalar-head model (a reward or value model), not a causal LM; give a language "
+            "model (an sft, dpo, ppo or rl run's final/)"
+        )
     disable_dropout(model)
     return model
 
