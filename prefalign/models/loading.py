@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefalign.errors import UserError
 
@@ -221,7 +222,9 @@ def load_causal_lm(name_or_path: str | None = None, dtype=None):
 
     path = resolve_model(name_or_path)
     try:
-        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True)
+        # transformers' stubs type the return as the model alone; output_loading_info makes it (model, info)
+        loaded: Any = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, output_loading_info=True)
+        model, info = loaded
     except (OSError, ValueError) as e:
         raise _hub_error(name_or_path or DEFAULT_MODEL, e) from None
     if any(key.split(".")[0] == "score" for key in info["unexpected_keys"]):
