@@ -269,6 +269,15 @@ def test_config_refuses_bad_numbers(prompts):
             PPOConfig(**{"prompts": str(prompts), "reward": "vader", **kw})
 
 
+def test_config_refuses_an_iteration_of_one_completion(prompts):
+    """Advantage whitening (and explained variance) take an unbiased variance over the iteration's response tokens,
+    which needs 2; one completion may be one token (EOS first), so --rollout-batch-size 1 crashed mid-run with a
+    ValueError from masked_mean_var (always at --max-new-tokens 1): refused with the config instead."""
+    with pytest.raises(ValueError, match=r"^--rollout-batch-size 1: 1 completion per iteration; "):
+        PPOConfig(prompts=str(prompts), reward="vader", rollout_batch_size=1, max_new_tokens=1)
+    PPOConfig(prompts=str(prompts), reward="vader", rollout_batch_size=2, max_new_tokens=1)  # 2 tokens at least
+
+
 def test_cli_ppo_smoke_with_vader(tmp_path, tiny_model_dir, prompts):
     out = tmp_path / "cli"
     r = run_cli(

@@ -170,6 +170,14 @@ class PPOConfig(CommonConfig):
             "max_steps",
             "episodes",
         )
+        if self.completions_per_iteration < 2:
+            # whitening takes an unbiased variance over the iteration's response tokens, and a lone completion may be
+            # a single token (EOS first): refused here rather than a ValueError mid-run
+            raise ValueError(
+                f"--rollout-batch-size {self.rollout_batch_size}: {self.completions_per_iteration} completion per "
+                "iteration; advantages are whitened over the iteration's response tokens, which needs at least 2, "
+                "and one completion can be a single token (EOS first): sample at least 2 completions per iteration"
+            )
         if self.max_steps is not None and self.episodes is not None:
             raise ValueError("give --max-steps or --episodes, not both")
         if self.rollout_batch_size % (self.num_minibatches * self.grad_accum):
