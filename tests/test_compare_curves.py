@@ -47,3 +47,21 @@ def test_overoptimisation_takes_the_common_steps_and_the_proxy_gain_per_seed(tmp
     half = stats.t.ppf(0.975, df=1) * 5 * 2**0.5 / 2**0.5  # sd of (13, 3) = 5 * sqrt(2); over sqrt(2 seeds)
     assert last["proxy"]["high"] - last["proxy"]["mean"] == pytest.approx(half)
     assert last["gold"]["mean"] == pytest.approx(0.3) and last["kl"]["mean"] == pytest.approx(1.5)
+
+
+def test_a_non_finite_heldout_point_is_left_out_not_fatal(tmp_path):
+    # MetricsLogger writes a non-finite value as the string "nan" (JSON has no NaN): seed 1's step-2 proxy. The
+    # summary is read after the whole race has trained; one bad point must not stop it writing the report.
+    assert heldout_points([_row(0, 0.1, 2.0, 0.0), _row(2, 0.3, "nan", 1.0), _row(4, 0.2, "inf", 1.5)]) == {
+        0: {"gold": 0.1, "proxy": 2.0, "kl": 0.0}
+    }
+    _write(tmp_path, 0, "ppo", [_row(0, 0.2, 12.0, 0.0), _row(2, 0.4, 13.0, 1.0), _row(4, 0.6, 14.0, 2.0)])
+    _write(tmp_path, 1, "ppo", [_row(0, 0.0, 2.0, 0.0), _row(2, 0.2, "nan", 2.0), _row(4, 0.4, 5.0, 4.0)])
+    cfg = CompareConfig(arms=["ppo", "dpo"], seeds=2).resolved()
+
+    [curve] = overoptimisation(cfg, tmp_path, [0, 1])
+
+    assert [point["step"] for point in curve["points"]] == [0, 4]  # step 2: seed 1's point is not a number
+    last = curve["points"][-1]
+    assert last["proxy_gain"]["mean"] == pytest.approx(2.5)  # (14 - 12 + 5 - 2) / 2
+    assert last["gold"]["mean"] == pytest.approx(0.5) and last["kl"]["mean"] == pytest.approx(3.0)

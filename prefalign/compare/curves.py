@@ -12,6 +12,7 @@ Each interval is ``{"mean": float, "low": float, "high": float}``; one seed of a
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -35,11 +36,17 @@ def _interval(values: list[float]) -> dict:
 
 
 def heldout_points(rows: list[dict]) -> dict[int, dict[str, float]]:
-    """``{step: {"gold", "proxy", "kl"}}`` of one run's metrics rows that carry a held-out evaluation."""
+    """``{step: {"gold", "proxy", "kl"}}`` of one run's metrics rows that carry a held-out evaluation.
+
+    A row with a non-finite value (metrics.jsonl holds it as the string ``"nan"`` or ``"inf"``) is no point: a seed
+    interval cannot take it, and the summary is read after the whole race trained, so the curve loses that step
+    rather than the race its report."""
     points = {}
     for row in rows:
         if all(key in row for key in HELDOUT_KEYS.values()):
-            points[int(row["step"])] = {name: float(row[key]) for name, key in HELDOUT_KEYS.items()}
+            point = {name: float(row[key]) for name, key in HELDOUT_KEYS.items()}
+            if all(math.isfinite(value) for value in point.values()):
+                points[int(row["step"])] = point
     return points
 
 
