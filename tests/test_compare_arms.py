@@ -340,3 +340,20 @@ def test_a_misspelt_judge_is_refused_before_the_output_exists(tmp_path):
     with pytest.raises(UserError, match=r"^unknown reward source 'vadr': not a built-in judge \(vader, arithmetic\)"):
         Comparison(CompareConfig(judge="vadr", output=str(out))).run()
     assert not out.exists()
+
+
+def test_a_non_finite_held_out_accuracy_is_not_measured(tmp_path):
+    """metrics.jsonl holds a non-finite accuracy as the string "nan": the summary read it as the accuracy (and
+    mean_over_seeds, seeing a string among numbers, kept the first seed's value as the mean), then row 1 of the
+    verdict raised on it after the whole race had trained."""
+    cfg = CompareConfig(preset="quick", arms=["ppo", "dpo"]).resolved()
+    results = _fake_race(tmp_path, cfg)
+    rm_metrics = tmp_path / "seed-0" / "rm" / "metrics.jsonl"
+    _write_jsonl(rm_metrics, [{"step": 2, "wall_seconds": 2.0, "eval/accuracy": "nan"}])
+
+    summary = summarize(cfg, tmp_path, results)
+
+    ppo = next(arm for arm in summary["arms"] if arm["name"] == "ppo")
+    assert ppo["cost"]["rm_heldout_accuracy"] is None
+    assert summary["verdict"][0]["verdict"] == "inconclusive at this budget"
+    assert summary["verdict"][0]["reason"] == "the held-out pair accuracy of the reward model was not measured."

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -217,9 +218,14 @@ def _pairs_seen(run_dir: Path, steps: int) -> int:
 
 
 def _last(rows: list[dict], key: str) -> float | None:
-    """The last logged value of ``key`` (None: never logged)."""
+    """The last logged value of ``key`` (None: never logged, or logged non-finite). metrics.jsonl holds a NaN as the
+    string ``"nan"``, which no mean or interval can take: read as a number, the verdict raised on it after the race
+    trained, and across seeds `mean_over_seeds` kept the first seed's value as the mean."""
     values = [row[key] for row in rows if key in row]
-    return values[-1] if values else None
+    if not values:
+        return None
+    value = float(values[-1])
+    return value if math.isfinite(value) else None
 
 
 def _curve(out: Path, arm: Arm, seed: int) -> tuple[str, list[dict]]:
