@@ -238,3 +238,12 @@ def test_import_does_not_load_matplotlib():
     code = "import sys, prefalign.eval.report; print('matplotlib' in sys.modules)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr[-2000:]
+
+
+def test_training_curves_say_they_are_one_run_not_the_seeds_mean(full_report):
+    """Every table above the curves is a mean over the seeds; an arm's curve is one training run (compare draws
+    its first seed's), which the note must say."""
+    _, files, _ = full_report
+    md = files["markdown"].read_text()
+    section = md.split("\n## Training curves\n", 1)[1]
+    assert "Each line is one training run of its arm, not a mean over the 3 seeds. " in section

@@ -101,7 +101,7 @@ def blocks(summary: dict, plots: dict[str, Path]) -> list[tuple]:
             ("img", plots["overoptimisation"], "held-out gold and proxy against KL at points during training"),
             ("note", OVEROPTIMISATION_NOTE),
         ]
-    document += _curves_section(arms, plots)
+    document += _curves_section(arms, plots, seed_count)
     if summary.get("samples"):
         document += [
             ("h2", "Sample completions (held-out prompts)"),
@@ -147,12 +147,16 @@ def _frontier_section(summary: dict, plots: dict[str, Path]) -> list[tuple]:
     return section
 
 
-def _curves_section(arms: list[dict], plots: dict[str, Path]) -> list[tuple]:
+def _curves_section(arms: list[dict], plots: dict[str, Path], seed_count: int) -> list[tuple]:
     section: list[tuple] = [("h2", "Training curves")]
     if "training_curves" not in plots:
         return section + [("note", "No training curves in the summary.")]
     used = dict.fromkeys(arm.get("curve_metric", "metric") for arm in arms if arm.get("curve"))
+    # every number above is a mean over the seeds, but a curve is one run (compare draws its first seed's)
+    runs = (
+        f"Each line is one training run of its arm, not a mean over the {seed_count} seeds. " if seed_count > 1 else ""
+    )
     return section + [
         ("img", plots["training_curves"], "training curves per arm"),
-        ("note", "; ".join(f"{metric}: {CURVE_METRICS.get(metric, 'as logged')}" for metric in used)),
+        ("note", runs + "; ".join(f"{metric}: {CURVE_METRICS.get(metric, 'as logged')}" for metric in used)),
     ]
