@@ -394,3 +394,45 @@ def test_a_special_token_stop_string_ends_the_row_whatever_the_batch(tokenizer):
     for batch_size in (2, 1):
         first = sample_completions(model, tokenizer, prompts, s, 1, batch_size, 0)[0]
         assert (first.response_ids, first.ended, first.text) == ([1], True, ""), batch_size
+
+
+def _state_space_models():
+    """A tiny random Mamba (its class prepares its own generation inputs) and RWKV (its forward keeps a ``state``,
+    no key/value cache), with peaked weights."""
+    from transformers import MambaConfig, MambaForCausalLM, RwkvConfig, RwkvForCausalLM
+
+    ids = dict(vocab_size=300, pad_token_id=0, eos_token_id=2, bos_token_id=1)
+    torch.manual_seed(0)
+    mamba = MambaForCausalLM(MambaConfig(hidden_size=32, num_hidden_layers=2, state_size=4, expand=2, **ids))
+    rwkv = RwkvForCausalLM(
+        RwkvConfig(hidden_size=32, num_hidden_layers=2, attention_hidden_size=32, intermediate_size=64, **ids)
+    )
+    for model in (mamba, rwkv):
+        for p in model.parameters():
+            p.data.normal_(0, 0.5)
+    return {"mamba": mamba.eval(), "rwkv": rwkv.eval()}
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_models_that_decode_their_own_way_go_to_generate():
+    """The loop passes a DynamicCache, the whole mask and positions, as GenerationMixin's inputs are: Mamba (its own
+    prepare_inputs_for_generation drops the mask after the prefill) and RWKV (a ``state``, no cache) decoded other
+    greedy tokens through it, silently (parting from model.generate's at the second); generate() now gives them to
+    model.generate (its tokens, pinned)."""
+    models = _state_space_models()
+    assert loop_fallback(models["mamba"], stop=[], sampled_by_hf=False, synced=False) == (
+        "MambaForCausalLM prepares its own generation inputs"
+    )
+    assert loop_fallback(models["rwkv"], stop=[], sampled_by_hf=False, synced=False) == (
+        "RwkvForCausalLM's forward takes no key/value cache"
+    )
+    ids, mask = _batch([[5, 17, 230, 9], [41], [200, 201]], 0)
+    want = {
+        "mamba": [[133, 150, 89, 238, 220, 279], [12, 209, 209, 12, 256, 4], [291, 16, 250, 76, 76, 248]],
+        "rwkv": [[190, 211, 88, 211, 211, 68], [211, 211, 68, 211, 211, 68], [211, 211, 68, 211, 211, 68]],
+    }
+    for name, model in models.items():
+        for decoder in ("loop", "generate"):
+            s = SamplingConfig(max_new_tokens=6, greedy=True, decoder=decoder)
+            got = generate(model, ids, mask, s, eos_ids=[2], pad_id=0)
+            assert got.response_ids.tolist() == want[name], (name, decoder)

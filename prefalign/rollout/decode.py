@@ -78,11 +78,41 @@ def loop_fallback(model, *, stop: list[str], sampled_by_hf: bool, synced: bool) 
         return "unkeyed sampling"
     if synced:
         return "synced decoding (sharded model)"
+    own_inputs = _own_generation_inputs(model)
+    if own_inputs is not None:
+        return own_inputs
     config = getattr(model, "generation_config", None)
     for name, neutral in _NEUTRAL.items():
         value = getattr(config, name, None)
         if value is not None and value != neutral:
             return f"generation_config.{name}={value!r}"
+    return None
+
+
+def _cache_arg(model) -> str | None:
+    """The forward's key/value cache argument: ``cache`` (transformers 5.2x renamed ``past_key_values``, whose old
+    name warns), ``past_key_values`` (4.x), or None where the forward takes neither."""
+    from prefalign.models.loading import base_model
+
+    params = inspect.signature(base_model(model).forward).parameters
+    return next((name for name in ("cache", "past_key_values") if name in params), None)
+
+
+def _own_generation_inputs(model) -> str | None:
+    """Why ``model``'s cached decoding is not the loop's (None: it is). The loop feeds each step a ``DynamicCache``,
+    the whole attention mask and positions, as ``GenerationMixin.prepare_inputs_for_generation`` does; a model
+    whose class prepares its own inputs (Mamba drops the mask after the first step; the loop passed it whole) or
+    whose forward takes no cache (RWKV's ``state``: ``**kwargs`` swallowed the loop's cache, every step saw one
+    token alone) decoded other tokens than ``model.generate`` from the second on, silently."""
+    from transformers import GenerationMixin
+
+    from prefalign.models.loading import base_model
+
+    cls = type(base_model(model))
+    if _cache_arg(model) is None:
+        return f"{cls.__name__}'s forward takes no key/value cache"
+    if getattr(cls, "prepare_inputs_for_generation", None) is not GenerationMixin.prepare_inputs_for_generation:
+        return f"{cls.__name__} prepares its own generation inputs"
     return None
 
 
@@ -110,13 +140,11 @@ def decode(
     """
     from transformers import DynamicCache
 
-    from prefalign.models.loading import base_model
     from prefalign.models.logprobs import position_ids_from_mask
 
     b = prompt_ids.shape[0]
     dev = prompt_ids.device
-    # transformers 5.2x renamed past_key_values to cache (the old name warns); 4.x knows only the old one
-    cache_arg = "cache" if "cache" in inspect.signature(base_model(model).forward).parameters else "past_key_values"
+    cache_arg = _cache_arg(model) or "past_key_values"  # a forward without either is `loop_fallback`'s
     eos = torch.tensor(eos_ids, device=dev)
     cache = DynamicCache(config=getattr(model, "config", None))
     # positions skip the left padding, as generate's do; a pad's own position does not matter (it is masked)
