@@ -436,3 +436,34 @@ def test_models_that_decode_their_own_way_go_to_generate():
             s = SamplingConfig(max_new_tokens=6, greedy=True, decoder=decoder)
             got = generate(model, ids, mask, s, eos_ids=[2], pad_id=0)
             assert got.response_ids.tolist() == want[name], (name, decoder)
+
+
+@pytest.mark.parametrize("decoder", ["loop", "generate"])
+def test_a_completion_past_a_learned_position_table_is_refused_before_decoding(decoder):
+    """GPT-2's positions are a learned table of config.n_positions rows: a 4-token prompt and 14 new tokens feed
+    positions 0..16 (the last token drawn is never fed), one past the 16, which both paths met as torch's
+    "IndexError: index out of range in self" deep in the forward, after decoding up to there. generate() refuses
+    it first; 13 new tokens still run (model.generate's greedy tokens). A RoPE model (Llama) has no table: it runs
+    past its max_position_embeddings, as model.generate lets it."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from prefalign.errors import UserError
+
+    torch.manual_seed(0)
+    config = GPT2Config(n_embd=32, n_layer=2, n_head=2, n_positions=16, vocab_size=300, pad_token_id=0, eos_token_id=2)
+    model = GPT2LMHeadModel(config).eval()
+    ids = torch.tensor([[0, 5, 6, 7], [8, 9, 10, 11]])
+    run = dict(eos_ids=[2], pad_id=0)
+    with pytest.raises(
+        UserError,
+        match=r"a prompt of 4 tokens and --max-new-tokens 14 feed 17 positions; the model has 16 \(a learned position",
+    ):
+        generate(model, ids, (ids != 0).long(), SamplingConfig(max_new_tokens=14, greedy=True, decoder=decoder), **run)
+    fits = generate(
+        model, ids, (ids != 0).long(), SamplingConfig(max_new_tokens=13, greedy=True, decoder=decoder), **run
+    )
+    assert fits.response_ids.tolist() == _hf_greedy(model, ids, (ids != 0).long(), 13, [2], 0).tolist()
+    from prefalign.rollout.decode import learned_position_limit
+
+    assert learned_position_limit(model) == 16
+    assert learned_position_limit(tiny_causal_lm(None)[0]) is None

@@ -116,6 +116,23 @@ def _own_generation_inputs(model) -> str | None:
     return None
 
 
+def learned_position_limit(model) -> int | None:
+    """The positions a model with a learned absolute position table takes (GPT-2's ``n_positions``, OPT's
+    ``max_position_embeddings``; a table may hold a few offset rows more), None for one without: RoPE or ALiBi run
+    past the config's number, as ``model.generate`` lets them (warning only), while a table lookup past its end
+    fails as torch's bare "index out of range in self"."""
+    config = getattr(model, "config", None)
+    inputs = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    for name in ("n_positions", "max_position_embeddings"):
+        limit = getattr(config, name, None)
+        if isinstance(limit, int) and any(
+            isinstance(m, nn.Embedding) and m is not inputs and limit <= m.num_embeddings <= limit + 2
+            for m in model.modules()
+        ):
+            return limit
+    return None
+
+
 @torch.no_grad()
 def decode(
     model,

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from prefalign.rollout.decode import LogprobRecorder, PackedLinears, decode, loop_fallback
+from prefalign.errors import UserError
+from prefalign.rollout.decode import LogprobRecorder, PackedLinears, decode, learned_position_limit, loop_fallback
 from prefalign.validation import Validated, check_sampling, require_at_least_one
 
 
@@ -257,6 +258,7 @@ def generate(
     """
     if row_keys is not None and len(row_keys) != prompt_ids.shape[0]:
         raise ValueError(f"{len(row_keys)} row keys for {prompt_ids.shape[0]} prompts")
+    _check_positions(model, prompt_ids.shape[1], sampling.max_new_tokens)
     keyed = row_keys is not None and not sampling.greedy
     recorder: LogprobRecorder | None = None
     hf_samples = not (sampling.greedy or keyed)
@@ -294,6 +296,18 @@ def generate(
     if recorder is not None:
         gen.logps, gen.entropy = recorder.stats(gen.response_mask)
     return gen
+
+
+def _check_positions(model, width: int, max_new_tokens: int) -> None:
+    """Refuse a batch whose longest prompt (``width`` tokens) and ``max_new_tokens`` run past the model's learned
+    position table (`learned_position_limit`) before decoding up to the lookup that would fail there. The last token
+    drawn is never fed: ``width + max_new_tokens - 1`` positions."""
+    fed, limit = width + max_new_tokens - 1, learned_position_limit(model)
+    if limit is not None and fed > limit:
+        raise UserError(
+            f"a prompt of {width} tokens and --max-new-tokens {max_new_tokens} feed {fed} positions; the model has "
+            f"{limit} (a learned position table): lower --max-new-tokens or --max-prompt-length"
+        )
 
 
 def _loop_decode(model, prompt_ids, prompt_mask, sampling, choose, eos_ids, pad_id, packed):
