@@ -85,9 +85,12 @@ CPU = Where()
 
 def probe(python: Path, modules: tuple[str, ...] = ()) -> dict:
     """`PROBE` run by ``python`` from the repository root (so ``prefalign`` imports from this checkout)."""
-    done = subprocess.run(
-        [str(python), "-c", PROBE, *modules], cwd=envs.ROOT, capture_output=True, text=True, check=False
-    )
+    try:
+        done = subprocess.run(
+            [str(python), "-c", PROBE, *modules], cwd=envs.ROOT, capture_output=True, text=True, check=False
+        )
+    except OSError as e:  # no such interpreter (a checkout without its venv): one line, not a traceback
+        return {"error": f"{python} could not run its probe: {e.strerror}"}
     if done.returncode != 0 or not done.stdout.strip():
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
         return {"error": f"{python} could not run its probe: {last}"}

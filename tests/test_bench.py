@@ -290,11 +290,18 @@ def test_device_cuda_without_a_gpu_is_refused_in_one_line_before_anything_is_wri
     )
     assert done.returncode == 1
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr  # (one full run on a loaded machine saw more lines here; not reproduced)
+    assert len(lines) == 1, done.stderr
     [line] = lines
     assert line.startswith("python -m bench --device cuda: ") and "sees no CUDA device" in line
     assert "--python-from-env" in line  # the project venv holds the CPU torch: the line says what to do
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_missing_interpreter_is_a_probe_error_not_a_traceback(tmp_path):
+    from bench import device
+
+    missing = tmp_path / "venv" / "bin" / "python"
+    assert device.probe(missing) == {"error": f"{missing} could not run its probe: No such file or directory"}
 
 
 def test_where_keeps_the_cpu_race_commands_and_names_the_gpu_race_ones():
