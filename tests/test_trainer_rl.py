@@ -193,6 +193,8 @@ def test_several_rewards_are_weighted_summed_and_logged(tmp_path, tiny_model_dir
         (dict(resample_rounds=-1, dynamic_sampling=True), r"--resample-rounds must be >= 0 .*got -1$"),
         (dict(kl_coef=-1.0), r"^--kl-coef must be >= 0, got -1.0$"),  # naming no --vf-coef, which rl lacks
         (dict(gamma=2.0), r"^--gamma must be in \[0, 1\], got 2.0$"),
+        (dict(estimator="grpo", gamma=0.9), r"^--gamma does nothing with --estimator grpo \(it scores whole"),
+        (dict(estimator="rloo", gamma=0.9), r"^--gamma does nothing with --estimator rloo"),
     ],
 )
 def test_config_refuses_bad_input(prompts, kw, match):

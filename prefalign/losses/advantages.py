@@ -207,6 +207,8 @@ class AdvantageEstimator:
     """Compares the K completions of a prompt: needs ``--num-generations`` K >= 2."""
     aggregation: str
     """Default loss aggregation (a key of `prefalign.losses.policy.AGGREGATIONS`)."""
+    discounts: bool = False
+    """Reads ``gamma`` (a return over the tokens); the group estimators score whole completions and ignore it."""
 
 
 ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
@@ -219,6 +221,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
             needs_values=True,
             needs_groups=False,
             aggregation="token_mean",
+            discounts=True,
         ),
         AdvantageEstimator(
             "grpo",
@@ -252,6 +255,7 @@ ADVANTAGE_ESTIMATORS: dict[str, AdvantageEstimator] = {
             needs_values=False,
             needs_groups=False,
             aggregation="token_mean",
+            discounts=True,
         ),
     )
 }

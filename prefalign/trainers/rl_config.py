@@ -90,6 +90,11 @@ class RLConfig(PPOConfig):
                 f"--resample-rounds must be >= 0 and needs --dynamic-sampling (it refills the groups that drops), "
                 f"got {self.resample_rounds}" + ("" if self.dynamic_sampling else " without --dynamic-sampling")
             )
+        if self.gamma != 1.0 and not est.discounts:  # a whole completion's score: nothing to discount
+            raise ValueError(
+                f"--gamma does nothing with --estimator {self.estimator} (it scores whole completions); "
+                "drop it, or use --estimator reinforce_pp"
+            )
         self._check_rewards()
         if not 0 < self.eps_low < 1 or self.eps_high <= 0:
             raise ValueError(
