@@ -197,3 +197,16 @@ def test_data_inspect_refuses_a_prompt_cap_over_the_length(capsys, tmp_path):
     assert main(["data", "inspect", str(data), "--max-length", "10", "--max-prompt-length", "20"]) == 2
     line = "error: --max-prompt-length must be smaller than --max-length (as the trainers refuse it)"
     assert capsys.readouterr().err.splitlines() == [line]
+
+
+def test_data_inspect_refuses_a_column_it_would_ignore(capsys, tmp_path):
+    """--column is read from prompt-only files; on a pair file it was ignored (exit 0, the pairs inspected)."""
+    from prefalign.cli import main
+
+    data = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
+    assert main(["data", "inspect", str(data), "--column", "question"]) == 2
+    line = (
+        f"error: {data}: --column 'question' names a prompt-only file's column, and this file holds explicit "
+        "preference rows; drop --column, or add --format prompt to read that column as prompts"
+    )
+    assert capsys.readouterr().err.splitlines() == [line]

@@ -95,6 +95,12 @@ def inspect(cfg: InspectConfig) -> list[str]:
             f"{cfg.path}: missing column {cfg.column!r} (found columns: {', '.join(table.columns)}); "
             "pass --column with the name of the prompt column"
         )
+    if cfg.column != "prompt" and (sft or fmt != PROMPT_ONLY):  # it would be ignored: only prompt rows read it
+        kind = "prompt/completion (sft)" if sft else f"{fmt} preference"
+        raise UserError(
+            f"{cfg.path}: --column {cfg.column!r} names a prompt-only file's column, and this file holds {kind} rows; "
+            "drop --column, or add --format prompt to read that column as prompts"
+        )
     tokenizer = load_tokenizer(cfg.model)
     if sft:
         fmt, how = "prompt-completion", "detected: sft's rows"
