@@ -119,7 +119,8 @@ def test_kill_9_on_compare_leaves_no_stage_and_resume_redoes_only_that_stage(tmp
         race.send_signal(signal.SIGKILL)
         race.wait()
         assert _gone(stage, 5), "a stage outlived its comparison"
-        assert not _session(race.pid), "a process of the killed comparison is still running"
+        # within the same 5 s: a stage's child started after its processes were listed dies with it, a moment later
+        assert _gone([p.pid for p in _session(race.pid)], 5), "a process of the killed comparison is still running"
         r = run_cli(*args, "--output", killed, "--resume", timeout=600)
         assert r.returncode == 0, launch_failure(r.stderr)
         _, err = uninterrupted.communicate(timeout=600)

@@ -2,56 +2,54 @@
 stops both after the same step with one checkpoint, and a resumed launch ends with an uninterrupted launch's weights,
 bit for bit, each process's generators restored."""
 
-import signal
-import subprocess
-import sys
-from pathlib import Path
-
-import psutil
 import torch
-from conftest import EXAMPLES, final_weights, free_port, launch_ok, learnable_pairs, write_jsonl
-from test_reliability import _wait_for_step
+from conftest import EXAMPLES, final_weights, launch, launch_failure, launch_ok, learnable_pairs, write_jsonl
 
 CPU_CONFIG = EXAMPLES / "cpu-2proc.yaml"
 
+# `prefalign` whose process of rank 1 (only) sends itself SIGTERM as it fetches step 4's batch: the signal reaches one
+# process, in the middle of a step, at a step known in advance (an outside kill lands at a step the test cannot
+# choose, and finding the process to signal among a launch's descendants is itself a race)
+SIGNAL_WORKER = """
+import os
+import signal
+import sys
 
-def _worker(launcher: subprocess.Popen, rank: int) -> psutil.Process:
-    """The launched process of ``rank`` (its RANK variable), among the launcher's descendants."""
-    for p in psutil.Process(launcher.pid).children(recursive=True):
-        try:
-            if p.environ().get("RANK") == str(rank) and "prefalign" in " ".join(p.cmdline()):
-                return p
-        except psutil.NoSuchProcess:
-            continue
-    raise AssertionError(f"no process of rank {rank}")
+import prefalign.trainers.dpo as dpo
+
+fetch = dpo.DPOTrainer.batch_for
 
 
-def test_sigterm_to_one_process_stops_both_after_one_step_and_resumes_exactly(tmp_path, tiny_model_dir):
+def batch_for(self, step, micro):
+    if step == 3 and micro == 0 and os.environ["RANK"] == "1":
+        os.kill(os.getpid(), signal.SIGTERM)
+    return fetch(self, step, micro)
+
+
+dpo.DPOTrainer.batch_for = batch_for
+from prefalign.cli import main
+
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_sigterm_to_one_process_stops_both_after_its_step_and_resumes_exactly(tmp_path, tiny_model_dir):
+    (tmp_path / "worker.py").write_text(SIGNAL_WORKER)
     data = write_jsonl(tmp_path / "pairs.jsonl", learnable_pairs(48))
-    flags = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "200", "--logging-steps", "1"]
+    flags = ["dpo", "--data", data, "--model", tiny_model_dir, "--max-steps", "8", "--logging-steps", "1"]
     flags += ["--learning-rate", "1e-3", "--lr-scheduler", "constant", "--precision", "fp32", "--save-steps", "1000"]
+    flags += ["--batch-size", "2"]
     out = tmp_path / "two"
-    two = [*flags, "--batch-size", "2", "--output", out]
-    cmd = [str(Path(sys.executable).parent / "accelerate"), "launch", "--config_file", str(CPU_CONFIG)]
-    cmd += ["--main_process_port", str(free_port()), "-m", "prefalign", *map(str, two)]
-    env = {"HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1", "PYTHONFAULTHANDLER": "1"}
-    launcher = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, env={**psutil.os.environ, **env})
-    try:
-        _wait_for_step(launcher, out, 3)
-        _worker(launcher, 1).send_signal(signal.SIGTERM)  # rank 1 only: rank 0 learns of it in the collective
-        _, err = launcher.communicate(timeout=180)
-    finally:
-        launcher.kill()
-    assert launcher.returncode != 0
-    stops = [line for line in err.splitlines() if "SIGTERM: stopped after step" in line]
-    assert stops, err[-3000:]
-    step = int(stops[0].split("stopped after step ")[1].split()[0])
-    ckpts = sorted((out / "checkpoints").glob("step-*"))
-    assert [c.name for c in ckpts] == [f"step-{step:07d}"] and 3 <= step < 200
+    r = launch([*flags, "--output", out], config=CPU_CONFIG, script=tmp_path / "worker.py")
+    assert r.returncode != 0, launch_failure(r.stderr)
+    stops = {line.split("error: ")[-1] for line in r.stderr.splitlines() if "SIGTERM: stopped after step" in line}
+    assert len(stops) == 1, launch_failure(r.stderr)
+    assert next(iter(stops)).startswith(f"SIGTERM: stopped after step 4 of 8; checkpoint {out / 'checkpoints'}")
+    assert [c.name for c in (out / "checkpoints").glob("step-*")] == ["step-0000004"]
     assert not (out / "final").exists()
 
-    launch_ok([*two, "--resume", "latest"], CPU_CONFIG)
-    launch_ok([*flags, "--batch-size", "2", "--output", tmp_path / "whole"], CPU_CONFIG)  # uninterrupted
+    launch_ok([*flags, "--output", out, "--resume", "latest"], CPU_CONFIG)
+    launch_ok([*flags, "--output", tmp_path / "whole"], CPU_CONFIG)  # uninterrupted
     whole, resumed = final_weights(tmp_path / "whole"), final_weights(out)
     assert whole.keys() == resumed.keys() and all(torch.equal(whole[k], resumed[k]) for k in whole)
 
