@@ -43,9 +43,15 @@ def deferred_validation():
         _deferred.reset(token)
 
 
-def field_default(f: dataclasses.Field) -> object:
-    """A dataclass field's default value (a fresh one from its factory)."""
-    return f.default_factory() if callable(f.default_factory) else f.default
+def changed_fields(config, names: tuple[str, ...], cls: type | None = None) -> list[str]:
+    """Those of ``names`` whose value in ``config`` differs from its default in ``cls`` (``config``'s own class when
+    None; a factory default is called), in the order of ``names``: the options a user set. A config file holding an
+    option at its default does not count, so a run's own config.yaml (which holds every field) still parses."""
+    defaults = {
+        f.name: f.default_factory() if callable(f.default_factory) else f.default
+        for f in dataclasses.fields(cls or type(config))
+    }
+    return [name for name in names if getattr(config, name) != defaults[name]]
 
 
 def flag(name: str) -> str:

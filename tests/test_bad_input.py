@@ -170,6 +170,12 @@ def test_directory_that_is_not_a_model(capsys, tmp_path):
     _bad(capsys, tmp_path, _dpo(f, tmp_path / "notamodel"), "notamodel", "config.json")
 
 
+def _dpo_given_as(tmp_path, model, given, flag):
+    """A dpo command line with ``given`` as its ``flag`` (--model or --ref), ``model`` as the other."""
+    f = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
+    return _dpo(f, given, "--ref", model) if flag == "--model" else _dpo(f, model, "--ref", given)
+
+
 @pytest.mark.parametrize("role", ["dpo --model", "dpo --ref", "ppo --model", "ppo --reward", "ppo --value-model"])
 def test_a_lora_adapter_where_a_whole_model_is_needed_says_so(capsys, tmp_path, model, tiny_reward_model_dir, role):
     """A LoRA run's final/ (adapter_config.json, no config.json) given to a trainer or as a reward model: one line
@@ -180,8 +186,7 @@ def test_a_lora_adapter_where_a_whole_model_is_needed_says_so(capsys, tmp_path, 
     (adapter / "adapter_config.json").write_text(f'{{"base_model_name_or_path": "{model}", "task_type": "{task}"}}')
     command, flag = role.split()
     if command == "dpo":
-        f = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
-        argv = _dpo(f, adapter, "--ref", model) if flag == "--model" else _dpo(f, model, "--ref", adapter)
+        argv = _dpo_given_as(tmp_path, model, adapter, flag)
     elif flag == "--model":
         argv = _ppo(tmp_path, adapter, tiny_reward_model_dir)
     elif flag == "--reward":
@@ -198,8 +203,7 @@ def test_a_reward_model_where_a_causal_lm_is_needed_says_so(capsys, tmp_path, mo
     rm = tiny_reward_model_dir
     command, flag = role.split()
     if command == "dpo":
-        f = write_jsonl(tmp_path / "p.jsonl", learnable_pairs(4))
-        argv = _dpo(f, rm, "--ref", model) if flag == "--model" else _dpo(f, model, "--ref", rm)
+        argv = _dpo_given_as(tmp_path, model, rm, flag)
     elif command == "ppo":
         argv = _ppo(tmp_path, rm, rm)
     else:

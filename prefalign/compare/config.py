@@ -14,7 +14,7 @@ import tyro
 from prefalign.compare.arms import ARMS, DEFAULT_ARMS, arms_help
 from prefalign.compare.tasks import TASKS, tasks_help
 from prefalign.trackers import DEFAULT_REPORT_TO, parse_report_to
-from prefalign.validation import Validated, field_default, flag
+from prefalign.validation import Validated, changed_fields, flag
 
 # Budgets per preset. quick: a smoke run of every stage; default: the race the README reports, three seeds in
 # the wall time one seed of the earlier default took (24 tokens, 256 prompts, 60 reward-model and DPO steps, 32 PPO
@@ -227,10 +227,9 @@ class CompareConfig(Validated):
             )
         if self.eval_prompts is not None and self.eval_prompts < 2:  # an interval over prompts needs two
             raise ValueError(f"--eval-prompts must be >= 2 (the intervals vary over prompts), got {self.eval_prompts}")
-        defaults = {f.name: field_default(f) for f in fields(self) if f.name in ("sweep_betas", "sweep_kl_coefs")}
-        for name, default in defaults.items():  # the race ran without them
-            if not self.sweep and getattr(self, name) != default:
-                raise ValueError(f"{flag(name)} does nothing without --sweep; add --sweep or drop {flag(name)}")
+        idle = [] if self.sweep else changed_fields(self, ("sweep_betas", "sweep_kl_coefs"))
+        if idle:  # the race runs without them
+            raise ValueError(f"{flag(idle[0])} does nothing without --sweep; add --sweep or drop {flag(idle[0])}")
         if self.sweep and any(beta <= 0 for beta in self.sweep_betas):
             raise ValueError("--sweep-betas must all be > 0")
         if self.sweep and any(kl_coef < 0 for kl_coef in self.sweep_kl_coefs):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from prefalign.trackers import DEFAULT_REPORT_TO, parse_report_to
-from prefalign.validation import Validated, field_default, flag, require_at_least_one
+from prefalign.validation import Validated, changed_fields, flag, require_at_least_one
 
 LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_target_modules")
 """CommonConfig's LoRA fields that only a LoRA run (--lora-r > 0) reads."""
@@ -114,8 +114,7 @@ class CommonConfig(Validated):
     def _lora_options_changed(self) -> list[str]:
         """LoRA's options (besides --lora-r) set off their defaults: a full fine-tune ignores them. Untouched
         defaults pass, so a full run's config.yaml (which holds them all) resumes."""
-        lora = [f for f in fields(CommonConfig) if f.name in LORA_OPTIONS]
-        return [f.name for f in lora if getattr(self, f.name) != field_default(f)]
+        return changed_fields(self, LORA_OPTIONS, CommonConfig)
 
     @property
     def trackers(self) -> tuple[str, ...]:

@@ -4,7 +4,6 @@ there) without the value model's fields, plus the estimator, the group size and 
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -13,6 +12,7 @@ import tyro
 from prefalign.losses.advantages import ADVANTAGE_ESTIMATORS
 from prefalign.losses.policy import AGGREGATIONS
 from prefalign.trainers.ppo_config import PPOConfig
+from prefalign.validation import changed_fields
 
 # PPOConfig fields that only the value model reads: hidden from `prefalign rl --help`, and refused when a YAML
 # file sets them to anything but PPO's default (a critic-free run would silently ignore them otherwise)
@@ -104,13 +104,12 @@ class RLConfig(PPOConfig):
             raise ValueError(f"--loss-agg must be one of {', '.join(AGGREGATIONS)}, got {self.loss_agg!r}")
 
     def _check_no_value_fields(self) -> None:
-        defaults = {f.name: f.default for f in dataclasses.fields(PPOConfig)}
-        for name in VALUE_ONLY:
-            if getattr(self, name) != defaults[name]:
-                raise ValueError(
-                    f"{name} belongs to the value model, which prefalign rl does not have; "
-                    "drop it (or run prefalign ppo)"
-                )
+        changed = changed_fields(self, VALUE_ONLY, PPOConfig)
+        if changed:
+            raise ValueError(
+                f"{changed[0]} belongs to the value model, which prefalign rl does not have; "
+                "drop it (or run prefalign ppo)"
+            )
 
     def _check_rewards(self) -> None:
         if "" in self.reward:
