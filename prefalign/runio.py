@@ -303,7 +303,16 @@ def to_plain(obj: Any) -> Any:
     return obj
 
 
-TRAINING_OUTPUTS = ("checkpoints", "final", "final-merged", "value", "tensorboard", "metrics.jsonl", "samples.jsonl")
+TRAINING_OUTPUTS = (
+    "checkpoints",
+    "final",
+    "final-merged",
+    "value",
+    "tensorboard",
+    "metrics.jsonl",
+    "samples.jsonl",
+    "eval_pairs.jsonl",
+)
 """What a training run writes that outlives it and that a later run would not replace at its start: left from an
 earlier run, its checkpoints would be pruned in with (and resumed instead of) the new run's, its final weights would
 stand beside the new config until the new run ends, and its TensorBoard events would mix into the new curves."""

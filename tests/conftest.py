@@ -82,6 +82,25 @@ def read_metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
+def read_eval_pairs(out):
+    """The rows of a pair trainer's eval_pairs.jsonl (the final evaluation's outcome on each held-out pair)."""
+    import json
+
+    return [json.loads(line) for line in (out / "eval_pairs.jsonl").read_text().splitlines()]
+
+
+def assert_eval_pairs_match(out, trainer, final: dict, accuracy_key: str, margin_key: str):
+    """``out/eval_pairs.jsonl`` holds one row per held-out pair of ``trainer``, in order, with its prompt's text, and
+    its margins and outcomes average to the final evaluation's ``margin_key`` and ``accuracy_key``."""
+    rows = read_eval_pairs(out)
+    assert [r["pair"] for r in rows] == list(range(len(trainer.eval_data)))
+    assert [r["prompt"] for r in rows] == [item.prompt for _, item in trainer.eval_data]
+    assert all(r["prompt"].strip() for r in rows)  # the prompt's text: what compare groups pairs by
+    assert all(r["correct"] == (r["margin"] > 0) for r in rows)
+    assert sum(r["correct"] for r in rows) / len(rows) == pytest.approx(final[accuracy_key], abs=1e-9)
+    assert sum(r["margin"] for r in rows) / len(rows) == pytest.approx(final[margin_key], rel=1e-5, abs=1e-6)
+
+
 def trainer_kwargs(tmp_path, model_dir, data, **overrides):
     """Config fields of a fast, deterministic dataset-trainer run on a tiny model."""
     base = dict(

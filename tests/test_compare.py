@@ -99,6 +99,12 @@ def test_compare_end_to_end_on_a_tiny_model_then_resume(tmp_path, tiny_model_dir
     ]
     assert all(row["verdict"] in VERDICTS for row in verdict)
     assert verdict[1]["verdict"] == "holds"  # PPO sampled while training, DPO did not: the mechanism itself
+    # row 1 reads each held-out pair's outcome (eval_pairs.jsonl), paired by seed and pair, grouped by prompt
+    pairs = [json.loads(x) for x in (out / "seed-0" / "rm" / "eval_pairs.jsonl").read_text().splitlines()]
+    n_prompts = len({row["prompt"] for row in pairs})
+    assert f"over 2 seeds and {n_prompts} held-out prompts ({len(pairs)} pairs)" in verdict[0]["reason"]
+    difference = by["dpo"]["cost"]["implicit_reward_heldout_accuracy"] - by["ppo"]["cost"]["rm_heldout_accuracy"]
+    assert verdict[0]["evidence"]["accuracy_difference"]["mean"] == pytest.approx(difference, abs=1e-6)
     report = (out / "report.md").read_text()
     assert report.index("## Verdict") < report.index("## How to read this report")
     for label in ("Paired differences", "PPO-RLHF vs Starting policy", "PPO-RLHF vs DPO", "Over-optimisation"):

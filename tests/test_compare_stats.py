@@ -14,6 +14,7 @@ from prefalign.compare.stats import (
     crossed_interval,
     efficiency_difference,
     from_completions,
+    grouped_interval,
     mean_interval,
     paired_difference,
     seed_interval,
@@ -194,6 +195,49 @@ def test_seed_interval_is_cut_to_the_bounds_of_its_quantity():
 def test_seed_interval_needs_values():
     with pytest.raises(ValueError, match="one finite value per seed"):
         seed_interval([])
+
+
+# ---------------------------------------------------------------------------------------------- grouped interval
+
+
+def test_grouped_interval_is_its_naive_loop():
+    """Groups of 1, 2 and 3 items: each column is ybar + (group total - ybar x its items) x G / N."""
+    values = np.random.default_rng(5).integers(0, 2, size=(3, 6)).astype(float)
+    groups = ["a", "b", "b", "c", "c", "c"]
+    ybar, keys, n = values.mean(), ["a", "b", "c"], 6
+    matrix = np.array(
+        [
+            [
+                ybar + (sum(values[s, i] for i in range(n) if groups[i] == k) - ybar * groups.count(k)) * 3 / n
+                for k in keys
+            ]
+            for s in range(3)
+        ]
+    )
+    low, high = crossed_interval(matrix)
+    got = grouped_interval(values, groups)
+    assert (got.mean, got.low, got.high) == pytest.approx((ybar, low, high), rel=1e-12)
+
+
+def test_grouped_interval_weighs_a_group_by_its_items():
+    """The item mean, not the mean of group means: group a (1 item, 0) and group b (3 items, 1) mean 0.75, not 0.5."""
+    got = grouped_interval(np.array([[0.0, 1.0, 1.0, 1.0]]), ["a", "b", "b", "b"])
+    assert got.mean == 0.75
+
+
+def test_grouped_interval_of_one_item_per_group_is_the_crossed_interval():
+    values = np.random.default_rng(6).normal(size=(2, 5))
+    got, want = grouped_interval(values, list("abcde")), mean_interval(values)
+    assert (got.mean, got.low, got.high) == pytest.approx((want.mean, want.low, want.high), rel=1e-12)
+
+
+def test_grouped_interval_is_cut_to_its_bounds_and_checks_its_groups():
+    got = grouped_interval(np.array([[0.0, 0.0, 1.0, 1.0, 1.0, 1.0]] * 2), list("aabbcc"), bounds=(0.0, 1.0))
+    assert got.high == 1.0 and got.low < got.mean  # 0.667 + 3.18 x 0.333 runs past 1
+    with pytest.raises(ValueError, match="grouped_interval: 3 group keys for 6 items"):
+        grouped_interval(np.zeros((1, 6)), list("abc"))
+    with pytest.raises(ValueError, match="1 prompt\\(s\\); an interval needs at least 2"):
+        grouped_interval(np.array([[0.0, 1.0]]), ["a", "a"])
 
 
 def test_efficiency_difference_of_equal_efficiencies_is_zero():

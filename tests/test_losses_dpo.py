@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from prefalign.losses.dpo import DPO_LOSSES, dpo_loss
+from prefalign.losses.dpo import DPO_LOSSES, dpo_loss, dpo_pair_loss, pair_loss_summary
 
 D = torch.float64
 PC = torch.tensor([-10.0, -20.0], dtype=D)  # policy chosen
@@ -24,6 +24,20 @@ def nls(z):
 
 def mean(xs):
     return sum(xs) / len(xs)
+
+
+def test_pair_loss_holds_each_pair_before_the_mean():
+    """What a held-out pair's margin is read from (eval_pairs.jsonl): per-pair losses and rewards, whose means are
+    dpo_loss's loss and stats."""
+    out = dpo_pair_loss(PC, PR, RC, RR, beta=BETA)
+    assert out.losses.tolist() == pytest.approx([nls(z) for z in BH])
+    assert (out.chosen_rewards - out.rejected_rewards).tolist() == pytest.approx(BH)
+    loss, stats = pair_loss_summary(out)
+    want_loss, want_stats = dpo_loss(PC, PR, RC, RR, beta=BETA)
+    assert torch.equal(loss, want_loss) and stats.keys() == want_stats.keys()
+    assert all(torch.equal(stats[key], want_stats[key]) for key in stats)
+    with pytest.raises(ValueError, match="unknown DPO loss_type 'nope'"):
+        dpo_pair_loss(PC, PR, RC, RR, loss_type="nope")
 
 
 def test_table_holds_exactly_the_documented_variants():

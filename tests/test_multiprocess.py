@@ -12,6 +12,7 @@ from conftest import (
     launch_ok,
     learnable_pairs,
     ppo_flags,
+    read_eval_pairs,
     read_metrics,
     run_here,
     write_jsonl,
@@ -53,6 +54,13 @@ def test_two_processes_give_the_losses_of_one(tmp_path, tiny_model_dir, command)
                 assert rb[key] == pytest.approx(ra[key], abs=TOL), (ra["step"], key)
     assert len([r for r in a if "loss" in r]) == 4
     assert (tmp_path / "two" / "final" / "config.json").is_file()
+    if command == "sft":  # no pairs to rank
+        assert not (tmp_path / "one" / "eval_pairs.jsonl").exists()
+        return
+    # each held-out pair's final margin, gathered from both processes' shards into the eval set's order
+    one, two = read_eval_pairs(tmp_path / "one"), read_eval_pairs(tmp_path / "two")
+    assert len(one) == 8 and [(r["pair"], r["prompt"]) for r in two] == [(r["pair"], r["prompt"]) for r in one]
+    assert [r["margin"] for r in two] == pytest.approx([r["margin"] for r in one], abs=TOL)
 
 
 def ppo_and_save(argv):

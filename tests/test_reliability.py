@@ -244,12 +244,15 @@ def test_a_damaged_pickle_is_skipped_for_the_previous_checkpoint(tmp_path, tiny_
 def test_overwrite_removes_the_earlier_runs_checkpoints_and_outputs_only(tmp_path, tiny_model_dir, pairs):
     """--overwrite replaces a run: the earlier run's checkpoints were kept, pruned in with the new run's (the newest
     by name survived: the new run's were deleted as soon as written) and then resumed by --resume latest."""
-    DPOTrainer(_dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=4)).train()
+    DPOTrainer(
+        _dpo(tmp_path, tiny_model_dir, pairs, max_steps=4, save_steps=1, save_total_limit=4, eval_split=0.25)
+    ).train()
     run = tmp_path / "run"
     (run / "notes.txt").write_text("mine")
-    assert (run / "final").is_dir() and (run / "tensorboard").is_dir()
+    assert (run / "final").is_dir() and (run / "tensorboard").is_dir() and (run / "eval_pairs.jsonl").is_file()
     cfg = _dpo(tmp_path, tiny_model_dir, pairs, max_steps=2, save_steps=1, save_total_limit=2, overwrite=True)
     DPOTrainer(cfg).train()
+    assert not (run / "eval_pairs.jsonl").exists()  # the new run holds out nothing: no stale outcomes beside it
     ckpts = sorted((run / "checkpoints").glob("step-*"))
     assert [c.name for c in ckpts] == ["step-0000001", "step-0000002"]
     assert all(json.loads((c / "state.json").read_text())["total_steps"] == 2 for c in ckpts)

@@ -6,6 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import (
+    assert_eval_pairs_match,
     assert_resume_is_exact,
     learnable_pairs,
     params_at_build,
@@ -64,7 +65,8 @@ def test_frozen_reference_is_placed_on_the_accelerator_device(tmp_path, tiny_mod
 
 
 def test_learnable_set_accuracy_rises_and_loss_falls(tmp_path, tiny_model_dir, pairs):
-    final = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, max_steps=10, eval_split=0.25)).train()
+    trainer = DPOTrainer(_cfg(tmp_path, tiny_model_dir, pairs, max_steps=10, eval_split=0.25))
+    final = trainer.train()
     rows = _metrics(tmp_path / "run")
     start = rows[0]
     assert start["step"] == 0 and start["eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
@@ -72,6 +74,7 @@ def test_learnable_set_accuracy_rises_and_loss_falls(tmp_path, tiny_model_dir, p
     assert final["eval/loss"] < start["eval/loss"] - 0.05
     assert final["eval/rewards/accuracies"] == 1.0
     assert final["eval/rewards/margins"] > 0
+    assert_eval_pairs_match(tmp_path / "run", trainer, final, "eval/rewards/accuracies", "eval/rewards/margins")
 
 
 def test_lora_trains_only_the_adapter_and_reference_is_adapter_off(tmp_path, tiny_model_dir, pairs):

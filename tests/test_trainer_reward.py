@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 from conftest import (
+    assert_eval_pairs_match,
     assert_resume_is_exact,
     learnable_pairs,
     params_at_build,
@@ -83,6 +84,7 @@ def test_learnable_set_is_learned_and_scores_the_same_in_prefalign_rewards(tmp_p
     assert final["eval/accuracy"] == 1.0
     assert final["eval/loss"] < start["eval/loss"] - 0.05
     assert final["eval/margin"] > start["eval/margin"]
+    assert_eval_pairs_match(tmp_path / "run", trainer, final, "eval/accuracy", "eval/margin")
 
     # Same texts, end to end: data file -> trainer forward, and final/ -> prefalign.rewards on decoded text.
     rows = learnable_pairs(6)

@@ -5,9 +5,13 @@ interval is a point."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+from scipy import stats
 
+from prefalign.compare.evidence import HeldOutPairs, heldout_pairs
 from prefalign.compare.stats import START, PolicyScores
 from prefalign.compare.verdict import (
     DOES_NOT_HOLD,
@@ -16,10 +20,9 @@ from prefalign.compare.verdict import (
     VERDICTS,
     VerdictRow,
     verdict_inputs,
-    verdict_markdown,
     verdict_rows,
-    verdict_text,
 )
+from prefalign.compare.verdict_render import verdict_markdown, verdict_text
 
 PROMPTS = 4
 COSTS = {
@@ -162,6 +165,103 @@ def test_an_unmeasured_accuracy_is_inconclusive():
     assert row.verdict == INCONCLUSIVE
     assert row.reason == "the held-out pair accuracy of the reward model and DPO was not measured."
     assert row.measured["DPO"] == "implicit reward: held-out pair accuracy not measured"
+
+
+# held-out pairs: 4 prompts of 2 pairs each (pairs 2g and 2g + 1 are prompt g's), 2 seeds
+PAIR_PROMPTS = tuple(f"prompt {i // 2}" for i in range(8))
+
+
+def _pairs(rm_wrong=(), dpo_wrong=(), n_seeds=2) -> HeldOutPairs:
+    """Every pair ranked right in every seed except the pair numbers in ``rm_wrong`` / ``dpo_wrong``."""
+    outcome = [[0.0 if i in wrong else 1.0 for i in range(8)] for wrong in (rm_wrong, dpo_wrong)]
+    return HeldOutPairs(PAIR_PROMPTS, np.array([outcome[0]] * n_seeds), np.array([outcome[1]] * n_seeds))
+
+
+def _pair_row(pairs: HeldOutPairs):
+    n_seeds = pairs.rm.shape[0]
+    rm, dpo = tuple(pairs.rm.mean(axis=1)), tuple(pairs.dpo.mean(axis=1))
+    per_seed = {arm: [dict(COSTS[arm])] * n_seeds for arm in ("ppo", "dpo")}
+    scores = _scores({"ppo": GAINS["ppo"], "dpo": GAINS["dpo"]}, n_seeds)
+    return verdict_rows(verdict_inputs(["ppo", "dpo"], per_seed, scores, rm, dpo, pairs))[0]
+
+
+def test_pairs_grouped_by_prompt_widen_what_the_seeds_alone_call_decisive():
+    """DPO misses both pairs of prompt 0 in both seeds: -0.25 in every seed, so over seeds alone a point below the
+    margin (does not hold). Over prompts it is one prompt of four: the (2, 4) matrix is [-1, 0, 0, 0] in each seed,
+    prompt variance 0.25 / 4, 3 degrees of freedom: -0.25 -/+ 3.182 x 0.25, cut to [-1, 1]."""
+    seeds_alone = _row(1, rm=(1.0, 1.0), dpo=(0.75, 0.75))
+    assert seeds_alone.verdict == DOES_NOT_HOLD
+    row = _pair_row(_pairs(dpo_wrong=(0, 1)))
+    half = stats.t.ppf(0.975, 3) * 0.25
+    assert row.evidence["accuracy_difference"] == pytest.approx({"mean": -0.25, "low": -1.0, "high": -0.25 + half})
+    assert row.verdict == INCONCLUSIVE
+    assert row.reason == (
+        "DPO's implicit reward minus the reward model in held-out pair accuracy: -0.250 [-1.000, +0.546] over 2 seeds"
+        " and 4 held-out prompts (8 pairs), which straddles the margin -0.05."
+    )
+    assert row.measured["PPO-RLHF"].startswith("reward model: held-out pair accuracy 1.000 (2 seeds x prompts);")
+    # 0.75 -/+ 0.796, cut to [0, 1]
+    assert row.measured["DPO"] == "implicit reward: held-out pair accuracy 0.750 [0.000, 1.000] (2 seeds x prompts)"
+
+
+def test_pairs_ranked_alike_hold():
+    row = _pair_row(_pairs(rm_wrong=(3,), dpo_wrong=(3,)))
+    assert row.verdict == HOLDS
+    assert row.reason == (
+        "DPO's implicit reward minus the reward model in held-out pair accuracy: +0.000 over 2 seeds and 4 held-out"
+        " prompts (8 pairs), all above -0.05 (non-inferior)."
+    )
+
+
+def test_one_seed_of_pairs_is_inconclusive_with_its_prompt_interval():
+    row = _pair_row(_pairs(dpo_wrong=(0, 1), n_seeds=1))
+    assert row.verdict == INCONCLUSIVE
+    assert row.reason == (
+        "DPO's implicit reward minus the reward model in held-out pair accuracy: -0.250 [-1.000, +0.546] over 1 seed"
+        " and 4 held-out prompts (8 pairs): from one seed, its interval holds the prompts' variance, not the"
+        " seed-to-seed one."
+    )
+
+
+def test_pair_outcomes_are_checked():
+    scores, costs = _scores({"ppo": 0.2, "dpo": 0.3}, 2), {arm: [COSTS[arm]] * 2 for arm in ("ppo", "dpo")}
+    good = _pairs()
+    with pytest.raises(ValueError, match=r"held-out pair outcomes \(1, 8\), \(2, 8\); expected \(2, 8\)"):
+        verdict_inputs(["ppo", "dpo"], costs, scores, (1, 1), (1, 1), HeldOutPairs(PAIR_PROMPTS, good.rm[:1], good.dpo))
+    with pytest.raises(ValueError, match="a held-out pair outcome is not 0 or 1"):
+        verdict_inputs(["ppo", "dpo"], costs, scores, (1, 1), (1, 1), HeldOutPairs(PAIR_PROMPTS, good.rm / 2, good.dpo))
+    with pytest.raises(ValueError, match="fewer than 2 prompts; an interval needs 2"):
+        verdict_inputs(["ppo", "dpo"], costs, scores, (1, 1), (1, 1), HeldOutPairs(("p",) * 8, good.rm, good.dpo))
+
+
+def _eval_pairs(run, correct, prompts=PAIR_PROMPTS):
+    run.mkdir(parents=True)
+    rows = [
+        {"pair": i, "prompt": p, "margin": 1.0 if c else -1.0, "correct": c}
+        for i, (p, c) in enumerate(zip(prompts, correct))
+    ]
+    (run / "eval_pairs.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return run
+
+
+def test_heldout_pairs_reads_each_seed_s_runs(tmp_path):
+    rm = [_eval_pairs(tmp_path / f"rm{s}", [True] * 7 + [s == 0]) for s in range(2)]
+    dpo = [_eval_pairs(tmp_path / f"dpo{s}", [False, True] * 4) for s in range(2)]
+    got = heldout_pairs(rm, dpo)
+    assert got.prompts == PAIR_PROMPTS
+    assert got.rm.tolist() == [[1.0] * 8, [1.0] * 7 + [0.0]] and got.dpo.tolist() == [[0.0, 1.0] * 4] * 2
+
+
+def test_heldout_pairs_is_none_where_the_runs_do_not_line_up(tmp_path):
+    """Row 1 then falls back to the interval over seeds: a run without the file (an older prefalign), runs that held
+    out other pairs, or pairs of one prompt."""
+    rm = [_eval_pairs(tmp_path / "rm", [True] * 8)]
+    assert heldout_pairs(rm, [tmp_path / "missing"]) is None
+    assert heldout_pairs(rm, [_eval_pairs(tmp_path / "other", [True] * 8, prompts=("x",) * 8)]) is None
+    assert heldout_pairs(rm, [_eval_pairs(tmp_path / "fewer", [True] * 7)]) is None
+    one = [_eval_pairs(tmp_path / f"one{i}", [True] * 8, prompts=("x",) * 8) for i in range(2)]
+    assert heldout_pairs(one[:1], one[1:]) is None
+    assert heldout_pairs(rm, [_eval_pairs(tmp_path / "same", [False] * 8)]) is not None
 
 
 # ---------------------------------------------------------------------------------------------- 2. policy update

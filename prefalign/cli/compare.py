@@ -51,8 +51,8 @@ def results_text(summary: dict) -> str:
 
 
 def verdict_text(rows: list[dict]) -> str:
-    """summary.json's verdict rows as `prefalign.compare.verdict.verdict_text` prints them."""
+    """summary.json's verdict rows as `prefalign.compare.verdict_render.verdict_text` prints them."""
     from prefalign.compare.verdict import VerdictRow
-    from prefalign.compare.verdict import verdict_text as render
+    from prefalign.compare.verdict_render import verdict_text as render
 
     return "Verdict, claim by claim (PPO-RLHF vs DPO):\n\n" + render([VerdictRow(**row) for row in rows])

@@ -171,6 +171,36 @@ def seed_interval(
     return Interval(mean, low, high)
 
 
+def grouped_interval(
+    values: np.ndarray, groups: Sequence[object], bounds: tuple[float, float] | None = None
+) -> Interval:
+    """The mean of a (S, N) matrix of per-item values over seeds and items, where items come in groups that are
+    not independent (a held-out prompt's preference pairs), with the `crossed_interval` over seeds and groups.
+
+    The group is the sampling unit. The item mean is a ratio (sum of values / number of items) of group totals,
+    so, by the delta method, column ``g`` of the (S, G) matrix is ``ybar + (T[s, g] - ybar n[g]) G / N``
+    (``T``: the group's sum, ``n``: its items, ``ybar``: the overall mean): its mean is the item mean, its row
+    means the seeds' item means, and a group's weight is its number of items (the plain item mean, not the mean
+    of group means). ``groups`` (N,): each item's group key; at least 2 groups. ``bounds``: as `seed_interval`'s.
+    Naive loop::
+
+        ybar = mean(values);  keys = distinct(groups);  G = len(keys)
+        for s, g: M[s][g] = ybar + (sum(values[s][i] for i if groups[i] == keys[g]) - ybar * count(keys[g])) * G / N
+    """
+    values = _matrix("grouped_interval", values)
+    keys = {key: g for g, key in enumerate(dict.fromkeys(groups))}
+    if len(groups) != values.shape[1]:
+        raise ValueError(f"grouped_interval: {len(groups)} group keys for {values.shape[1]} items")
+    of = np.array([keys[key] for key in groups])
+    onehot = np.eye(len(keys))[of]  # (N, G)
+    ybar = float(values.mean())
+    matrix = ybar + (values @ onehot - ybar * onehot.sum(axis=0)) * len(keys) / values.shape[1]
+    low, high = crossed_interval(matrix)
+    if bounds is not None:
+        low, high = max(low, bounds[0]), min(high, bounds[1])
+    return Interval(ybar, low, high)
+
+
 def efficiency_difference(
     gain_a: np.ndarray, cost_a: Sequence[float], gain_b: np.ndarray, cost_b: Sequence[float]
 ) -> Interval:

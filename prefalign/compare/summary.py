@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 from prefalign.compare.arms import ARMS, START, START_LABEL, Arm
 from prefalign.compare.curves import overoptimisation, read_jsonl, sweep_points
-from prefalign.compare.evidence import Evidence, gather
+from prefalign.compare.evidence import Evidence, HeldOutPairs, gather, heldout_pairs
 from prefalign.compare.plan import seed_dir
 from prefalign.compare.stages import StageResult
 from prefalign.compare.stats import REFERENCE_POLICY
@@ -63,13 +63,27 @@ def summarize(cfg: ResolvedConfig, out: Path, results: dict[str, StageResult]) -
         "sweep": sweep_points(cfg, out, seeds) if cfg.sweep else [],
         "samples": _samples(cfg, out, seeds[0]),
     }
-    summary["verdict"] = verdict_of(summary, evidence)
+    summary["verdict"] = verdict_of(summary, evidence, _heldout_pairs(cfg, results, seeds))
     return summary
 
 
-def verdict_of(summary: dict, evidence: Evidence) -> list[dict]:
+def _heldout_pairs(cfg: ResolvedConfig, results: dict[str, StageResult], seeds: list[int]) -> HeldOutPairs | None:
+    """Each seed's reward model (the PPO-RLHF arm's) and DPO policy on every held-out pair (`heldout_pairs`)."""
+    if not {"ppo", "dpo"} <= set(cfg.arms):
+        return None
+    stage = {arm: next(s.name for s in ARMS[arm].stages if s.charged_as == part) for arm, part in RANKERS.items()}
+    runs = {arm: [Path(results[f"seed-{seed}/{stage[arm]}"].out_dir) for seed in seeds] for arm in RANKERS}
+    return heldout_pairs(runs["ppo"], runs["dpo"])
+
+
+RANKERS = {"ppo": "reward_model", "dpo": "policy"}
+"""Row 1's two rankers of held-out pairs: the PPO-RLHF arm's reward model and the DPO arm's policy."""
+
+
+def verdict_of(summary: dict, evidence: Evidence, pairs: HeldOutPairs | None = None) -> list[dict]:
     """The verdict per claim of the PPO-RLHF vs DPO table (`prefalign.compare.verdict`), from every arm's per-seed
-    costs and the evaluation's paired scores; [] without a PPO-RLHF and a DPO arm."""
+    costs, the evaluation's paired scores and the held-out pairs' outcomes (``pairs``; None: row 1's interval is
+    over seeds alone); [] without a PPO-RLHF and a DPO arm."""
     costs, rm_accuracy, dpo_accuracy = {}, [], []
     for arm in trained(summary["arms"]):
         seed_costs = arm.get("seed_costs") or [arm["cost"]]
@@ -86,7 +100,7 @@ def verdict_of(summary: dict, evidence: Evidence) -> list[dict]:
             rm_accuracy = [cost["rm_heldout_accuracy"] for cost in seed_costs]
         if arm["name"] == "dpo":
             dpo_accuracy = [cost["implicit_reward_heldout_accuracy"] for cost in seed_costs]
-    inputs = verdict_inputs(list(costs), costs, evidence.scores, rm_accuracy, dpo_accuracy)
+    inputs = verdict_inputs(list(costs), costs, evidence.scores, rm_accuracy, dpo_accuracy, pairs)
     return [row.to_dict() for row in verdict_rows(inputs)]
 
 

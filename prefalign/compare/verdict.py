@@ -6,8 +6,10 @@ with a one-sentence reason quoting the numbers that decide it. The verdict is ab
 GRPO and RLOO columns are notes. Decision rules (intervals from `prefalign.compare.stats`, `CONFIDENCE`):
 
 1. Reward model: DPO's implicit reward ranks held-out pairs about as well as the explicit reward model.
-   Seed t-interval of (DPO accuracy - RM accuracy), paired by seed: holds if its low end > -`MARGIN`
-   (non-inferiority), does not hold if its high end < -`MARGIN`, else inconclusive; one seed: inconclusive.
+   Interval of (DPO accuracy - RM accuracy), paired by seed and pair, crossed over seeds and held-out prompts
+   (`HeldOutPairs`; over seeds alone where the runs recorded no per-pair outcomes): holds if its low end >
+   -`MARGIN` (non-inferiority), does not hold if its high end < -`MARGIN`, else inconclusive; one seed:
+   inconclusive.
 2. Policy update: holds if every online arm generated tokens while training (every seed) and DPO none
    beyond the shared pairs; otherwise does not hold.
 3. Loss: both losses raise the gold score over the start: holds if PPO-RLHF's and DPO's paired gain
@@ -24,13 +26,13 @@ Everything here reads plain dicts and arrays: the caller (the summary) reads the
 
 from __future__ import annotations
 
-import textwrap
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from prefalign.compare.arms import ARMS
+from prefalign.compare.evidence import HeldOutPairs
 from prefalign.compare.stats import (
     START,
     Interval,
@@ -68,6 +70,9 @@ class VerdictInputs:
     """The reward model's held-out pair accuracy per seed; () when not measured."""
     dpo_accuracy: tuple[float, ...]
     """DPO's implicit reward's held-out pair accuracy per seed; () when not measured."""
+    pairs: HeldOutPairs | None = None
+    """Each held-out pair's outcome per seed, for row 1's interval over seeds and prompts; None: not recorded
+    (the interval is then over seeds alone)."""
 
     def per_seed(self, arm: str, key: str) -> list[float]:
         return [float(cost[key]) for cost in self.costs[arm]]
@@ -106,6 +111,7 @@ def verdict_inputs(
     scores: Mapping[str, PolicyScores],
     rm_accuracy: Sequence[float | None] = (),
     dpo_accuracy: Sequence[float | None] = (),
+    pairs: HeldOutPairs | None = None,
 ) -> VerdictInputs:
     """Check and gather the table's inputs (see `VerdictInputs`); arms outside `TABLE_ARMS` are dropped, and an
     accuracy list holding None (a seed that never evaluated) counts as not measured."""
@@ -129,7 +135,20 @@ def verdict_inputs(
         if values and n_seeds and len(values) not in n_seeds:
             raise ValueError(f"verdict: {len(values)} {name} accuracies for {next(iter(n_seeds))} seeds")
         accuracies.append(() if any(v is None for v in values) else tuple(float(v) for v in values if v is not None))
-    return VerdictInputs(present, costs, scores, accuracies[0], accuracies[1])
+    if pairs is not None:
+        _check_pairs(pairs, len(accuracies[0]))
+    return VerdictInputs(present, costs, scores, accuracies[0], accuracies[1], pairs)
+
+
+def _check_pairs(pairs: HeldOutPairs, n_seeds: int) -> None:
+    """``pairs`` holds (S, N) outcomes of 0 / 1 for the seeds of the accuracies, over at least 2 prompts."""
+    shape = (n_seeds, len(pairs.prompts))
+    if pairs.rm.shape != shape or pairs.dpo.shape != shape:
+        raise ValueError(f"verdict: held-out pair outcomes {pairs.rm.shape}, {pairs.dpo.shape}; expected {shape}")
+    if not all(np.isin(x, (0.0, 1.0)).all() for x in (pairs.rm, pairs.dpo)):
+        raise ValueError("verdict: a held-out pair outcome is not 0 or 1")
+    if len(set(pairs.prompts)) < 2:
+        raise ValueError("verdict: the held-out pairs come from fewer than 2 prompts; an interval needs 2")
 
 
 def verdict_rows(inputs: VerdictInputs) -> list[VerdictRow]:
@@ -149,9 +168,9 @@ def _reward_model_row(inputs: VerdictInputs) -> VerdictRow:
     measured = {}
     for arm in inputs.arms:
         if arm == "dpo":
-            measured[_label(arm)] = f"implicit reward: held-out pair accuracy {_accuracy(inputs.dpo_accuracy)}"
+            measured[_label(arm)] = f"implicit reward: held-out pair accuracy {_accuracy(inputs, 'dpo')}"
         elif arm == "ppo":
-            measured[_label(arm)] = f"reward model: held-out pair accuracy {_accuracy(inputs.rm_accuracy)}" + (
+            measured[_label(arm)] = f"reward model: held-out pair accuracy {_accuracy(inputs, 'rm')}" + (
                 f"; trained in {_seconds(inputs.mean(arm, 'rm_wall_seconds'))}, "
                 f"{_count(inputs.mean(arm, 'rm_gradient_steps'))} gradient steps"
                 if all("rm_wall_seconds" in c and "rm_gradient_steps" in c for c in inputs.costs[arm])
@@ -159,7 +178,7 @@ def _reward_model_row(inputs: VerdictInputs) -> VerdictRow:
             )
         else:
             measured[_label(arm)] = "the same reward model as PPO-RLHF"
-    verdict, reason, evidence = _reward_model_verdict(inputs.rm_accuracy, inputs.dpo_accuracy)
+    verdict, reason, evidence = _reward_model_verdict(inputs)
     claims = (
         "a separate reward model, trained explicitly on the pairs",
         "none: the policy is its own (implicit) reward",
@@ -167,17 +186,27 @@ def _reward_model_row(inputs: VerdictInputs) -> VerdictRow:
     return VerdictRow("Reward model", *claims, measured, verdict, reason, evidence)
 
 
-def _reward_model_verdict(rm: tuple[float, ...], dpo: tuple[float, ...]) -> tuple[str, str, dict]:
+def _reward_model_verdict(inputs: VerdictInputs) -> tuple[str, str, dict]:
+    rm, dpo, pairs = inputs.rm_accuracy, inputs.dpo_accuracy, inputs.pairs
     if not rm or not dpo:
         missing = " and ".join(name for name, acc in (("the reward model", rm), ("DPO", dpo)) if not acc)
         return INCONCLUSIVE, f"the held-out pair accuracy of {missing} was not measured.", {}
-    diff = seed_interval([d - r for d, r in zip(dpo, rm)], bounds=(-1.0, 1.0))
+    if pairs is None:
+        diff = seed_interval([d - r for d, r in zip(dpo, rm, strict=True)], bounds=(-1.0, 1.0))
+        over = f"over {len(rm)} seeds"
+    else:
+        diff = pairs.difference()
+        seeds = "1 seed" if len(rm) == 1 else f"{len(rm)} seeds"
+        over = f"over {seeds} and {len(set(pairs.prompts))} held-out prompts ({len(pairs.prompts)} pairs)"
     evidence = {"accuracy_difference": diff.to_dict()}
     said = "DPO's implicit reward minus the reward model in held-out pair accuracy: "
     if len(rm) == 1:
-        point = f"{_signed(diff.mean)} from one seed, a point with no interval to test a margin of {MARGIN}."
+        if pairs is None:
+            point = f"{_signed(diff.mean)} from one seed, a point with no interval to test a margin of {MARGIN}."
+        else:
+            point = f"{_bounds(diff, _signed)} {over}: from one seed, {ONE_SEED}."
         return INCONCLUSIVE, said + point, evidence
-    said += f"{_bounds(diff, _signed)} over {len(rm)} seeds"
+    said += f"{_bounds(diff, _signed)} {over}"
     if diff.above(-MARGIN):
         return HOLDS, f"{said}, all above -{MARGIN} (non-inferior).", evidence
     if diff.below(-MARGIN):
@@ -307,9 +336,13 @@ def _signed(x: float) -> str:
     return f"{x:+.3f}"
 
 
-def _accuracy(values: tuple[float, ...]) -> str:
+def _accuracy(inputs: VerdictInputs, which: str) -> str:
+    """``which`` (rm or dpo)'s held-out pair accuracy: over seeds and prompts where the pairs were recorded."""
+    values = inputs.rm_accuracy if which == "rm" else inputs.dpo_accuracy
     if not values:
         return "not measured"
+    if inputs.pairs is not None:
+        return f"{_bounds(inputs.pairs.accuracy(which), lambda x: f'{x:.3f}')} ({len(values)} seeds x prompts)"
     acc = seed_interval(values, bounds=(0.0, 1.0))
     return f"{acc.mean:.3f}" if len(values) == 1 else f"{_bounds(acc, lambda x: f'{x:.3f}')} ({len(values)} seeds)"
 
@@ -350,39 +383,3 @@ def _count(n: float) -> str:
 
 def _efficiency(x: float) -> str:
     return f"{x:+.3g}"
-
-
-# ---------------------------------------------------------------------------------------------- renderers
-
-
-def verdict_markdown(rows: Sequence[VerdictRow]) -> str:
-    """The table in markdown: Claim | PPO-RLHF claim | DPO claim | one measured column per arm | Verdict."""
-    if not rows:
-        return ""
-    labels = list(rows[0].measured)
-    header = ["Claim", "PPO-RLHF claim", "DPO claim", *(f"{label} measured" for label in labels), "Verdict"]
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for number, row in enumerate(rows, 1):
-        cells = [f"{number}. {row.topic}", row.claim_ppo, row.claim_dpo, *(row.measured[label] for label in labels)]
-        cells.append(f"**{row.verdict}**: {row.reason}")
-        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def verdict_text(rows: Sequence[VerdictRow], width: int = 110) -> str:
-    """The table for a terminal: per row ``N. Topic - verdict: reason``, then the claims and the measured cells
-    indented, each wrapped at ``width``."""
-    blocks = []
-    for number, row in enumerate(rows, 1):
-        lines = [textwrap.fill(f"{number}. {row.topic} - {row.verdict}: {row.reason}", width, subsequent_indent="   ")]
-        named = {
-            "PPO-RLHF claims": row.claim_ppo,
-            "DPO claims": row.claim_dpo,
-            **{f"{label} measured": text for label, text in row.measured.items()},
-        }
-        pad = max(len(name) for name in named) + 2
-        for name, text in named.items():
-            first = f"   {name + ':':<{pad}}"
-            lines.append(textwrap.fill(text, width, initial_indent=first, subsequent_indent=" " * len(first)))
-        blocks.append("\n".join(lines))
-    return "\n\n".join(blocks) + ("\n" if blocks else "")

@@ -5,7 +5,7 @@ milliseconds. Shapes: ``B`` batch, ``T`` response tokens, ``V`` vocabulary.
 """
 
 from prefalign.losses.advantages import ADVANTAGE_ESTIMATORS, AdvantageInputs
-from prefalign.losses.dpo import DPO_LOSSES, dpo_loss
+from prefalign.losses.dpo import DPO_LOSSES, dpo_loss, dpo_pair_loss, pair_loss_summary
 from prefalign.losses.gae import gae
 from prefalign.losses.kl import KL_ESTIMATORS, kl_k1, kl_k2, kl_k3, kl_penalty
 from prefalign.losses.policy import (
@@ -32,6 +32,7 @@ __all__ = [
     "bradley_terry_loss",
     "clipped_policy_token_loss",
     "dpo_loss",
+    "dpo_pair_loss",
     "entropy_from_logits",
     "explained_variance",
     "gae",
@@ -45,6 +46,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "pair_loss_summary",
     "ppo_policy_loss",
     "ppo_value_loss",
     "sft_loss",

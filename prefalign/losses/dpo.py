@@ -4,7 +4,7 @@ An entry (`DPOVariant`) says everything about a variant: its per-pair function, 
 reference log-probs, whether it wants *length-averaged* (per-token mean) log-probs instead of summed
 ones, its hyperparameters (name = the ``DPOConfig`` field, default, allowed range, help) and a help
 line naming its formula and paper. The trainer, its config checks and ``prefalign dpo --help`` read
-the table; `dpo_loss` is the one entry point (checks, looks the variant up, calls it, averages).
+the table; `dpo_pair_loss` is the one entry point (checks, looks the variant up, calls it), `dpo_loss` its mean.
 
 Most variants are functions of the implicit-reward logit
 
@@ -38,13 +38,9 @@ NOTATION = (
 
 @dataclass(frozen=True)
 class PairLogps:
-    """A batch of preference pairs, every field ``(B,)``.
-
-    chosen / rejected: the policy's log-prob of each completion given its prompt, summed over its
-    tokens, or the per-token mean where the variant is ``length_averaged``. ref_chosen /
-    ref_rejected: the same under the frozen reference (averaged alike), None for variants that take
-    no reference.
-    """
+    """A batch of preference pairs, every field ``(B,)``: chosen / rejected, the policy's log-prob of each completion
+    given its prompt, summed over its tokens (the per-token mean where the variant is ``length_averaged``);
+    ref_chosen / ref_rejected, the same under the frozen reference, None for variants that take no reference."""
 
     chosen: Tensor
     rejected: Tensor
@@ -65,7 +61,7 @@ class PairLoss:
     losses: Tensor
     """Per-pair loss; `dpo_loss` returns its mean."""
     chosen_rewards: Tensor
-    """The variant's reward of each chosen completion (stats only: rewards/*)."""
+    """The variant's reward of each chosen completion (the rewards/* stats; a held-out pair's margin)."""
     rejected_rewards: Tensor
     """The same for the rejected completion."""
     extra: dict[str, Tensor] = field(default_factory=dict)
@@ -327,7 +323,21 @@ def dpo_loss(
     loss_type: str = "sigmoid",
     **hyperparams: float | None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean DPO-family loss over a batch of preference pairs.
+    """Mean DPO-family loss of a batch of pairs, and stats: `pair_loss_summary` of `dpo_pair_loss` (its arguments)."""
+    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
+    return pair_loss_summary(dpo_pair_loss(*logps, loss_type=loss_type, **hyperparams))
+
+
+def dpo_pair_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor | None,
+    ref_rejected_logps: Tensor | None,
+    *,
+    loss_type: str = "sigmoid",
+    **hyperparams: float | None,
+) -> PairLoss:
+    """A DPO-family loss of each preference pair, and the variant's rewards of its two completions.
 
     Args:
         policy_chosen_logps: ``(B,)`` log-prob of each chosen completion under the policy: summed
@@ -343,16 +353,13 @@ def dpo_loss(
             ``simpo_gamma``, ``orpo_lambda``); one left out or None takes the entry's default.
 
     Returns:
-        ``(loss, stats)``; loss is 0-dim. stats, detached 0-dim, from the variant's rewards
-        (``beta * (logp - ref)``; ``beta * logp`` for reference_free and simpo; the mean log-prob for
-        orpo): ``rewards/chosen``, ``rewards/rejected`` (means), ``rewards/margins`` (mean chosen -
-        rejected), ``rewards/accuracies`` (fraction with chosen > rejected strictly), plus the
-        variant's own (orpo: ``orpo/nll``, ``orpo/log_odds_ratio``), batch means.
+        A `PairLoss` of ``(B,)`` tensors: per-pair losses, the variant's rewards (``beta * (logp - ref)``; ``beta *
+        logp`` for reference_free and simpo; the mean log-prob for orpo) and its own diagnostics.
 
     Raises:
-        ValueError: unknown loss_type (the message lists the choices), a hyperparameter out of range
-            or given to a variant that does not use it, reference log-probs missing (or given to a
-            variant without a reference), or inputs not ``(B,)`` of one shape.
+        ValueError: unknown loss_type (the message lists the choices), a hyperparameter out of range or given to a
+            variant that does not use it, reference log-probs missing (or given to a variant without a reference),
+            or inputs not ``(B,)`` of one shape.
     """
     variant = DPO_LOSSES.get(loss_type)
     if variant is None:
@@ -372,7 +379,13 @@ def dpo_loss(
     if policy_chosen_logps.dim() != 1:
         raise ValueError(f"dpo_loss expects (B,) log-probs, got shape {tuple(policy_chosen_logps.shape)}")
 
-    out = variant.fn(PairLogps(policy_chosen_logps, policy_rejected_logps, *refs), **kwargs)
+    return variant.fn(PairLogps(policy_chosen_logps, policy_rejected_logps, *refs), **kwargs)
+
+
+def pair_loss_summary(out: PairLoss) -> tuple[Tensor, dict[str, Tensor]]:
+    """``(loss, stats)`` of a batch: the 0-dim mean loss; stats, detached 0-dim batch means of the variant's rewards:
+    ``rewards/chosen``, ``rewards/rejected``, ``rewards/margins`` (chosen - rejected), ``rewards/accuracies``
+    (fraction with chosen > rejected strictly), plus the variant's own (orpo: ``orpo/nll``, ``orpo/log_odds_ratio``)."""
     loss = out.losses.mean()
     with torch.no_grad():
         chosen, rejected = out.chosen_rewards.detach(), out.rejected_rewards.detach()  # (B,)

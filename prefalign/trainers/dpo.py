@@ -17,7 +17,7 @@ import tyro
 
 from prefalign.data import PreferenceCollator
 from prefalign.errors import UserError
-from prefalign.losses import dpo_loss
+from prefalign.losses import dpo_pair_loss, pair_loss_summary
 from prefalign.losses.dpo import DPO_LOSSES, HYPERPARAM_NAMES, NOTATION, DPOVariant, owners, resolve_hyperparams
 from prefalign.methods import METHODS, Method
 from prefalign.models.logprobs import completion_logprobs, sequence_logprobs
@@ -220,10 +220,13 @@ class DPOTrainer(Trainer):
         self.ref_model = None  # precomputed: no reference model held while training
 
     def compute_loss(self, batch):
+        return self.compute_loss_rows(batch)[:2]
+
+    def compute_loss_rows(self, batch):
         n = batch["input_ids"].shape[0] // 2
         seq = self._seq_logps(None, batch)  # (2N,)
         ref = self.reference_logps(batch) if self.cfg.uses_reference else None
-        loss, stats = dpo_loss(
+        out = dpo_pair_loss(
             seq[:n],
             seq[n:],
             None if ref is None else ref[:n],
@@ -231,6 +234,8 @@ class DPOTrainer(Trainer):
             loss_type=self.cfg.loss_type,
             **self.cfg.loss_hyperparams,
         )
+        loss, stats = pair_loss_summary(out)
         stats["logps/chosen"] = seq[:n].detach().mean()
         stats["logps/rejected"] = seq[n:].detach().mean()
-        return loss, stats
+        # each pair's implicit-reward margin: > 0 is the pair ranked right (rewards/accuracies' count)
+        return loss, stats, (out.chosen_rewards - out.rejected_rewards).detach().float()

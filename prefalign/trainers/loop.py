@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from prefalign.collectives import process_max
+from prefalign.collectives import gather_objects, process_max
 from prefalign.errors import UserError
 from prefalign.models.lean import save_activation_memory
 from prefalign.trainers.backend import Trained, param_numel
@@ -33,7 +33,7 @@ from prefalign.trainers.dist import (
 from prefalign.trainers.final import save_final_model
 from prefalign.trainers.guard import NonFiniteGuard
 from prefalign.trainers.lora import apply_lora
-from prefalign.trainers.metrics import RunningMean
+from prefalign.trainers.metrics import EVAL_PAIRS, RunningMean
 from prefalign.trainers.optim import make_optimizer
 from prefalign.trainers.run import Run
 
@@ -68,7 +68,8 @@ class Trainer(Run):
       load anything frozen (a reference model).
     - ``collate(examples) -> dict`` of tensors (shapes documented by the subclass).
     - ``compute_loss(batch) -> (loss, stats)``; stats are 0-dim tensors or floats. Forwards that need
-      gradients go through ``self.train_forward(fn, ...)``.
+      gradients go through ``self.train_forward(fn, ...)``. A pair trainer (dpo, reward) implements
+      ``compute_loss_rows`` instead, which adds each pair's margin for ``eval_pairs.jsonl``.
     - ``count_tokens(batch) -> int`` for throughput (default: attention_mask sum).
     Optional hooks: ``before_train()`` (after LoRA, before the first step; e.g. precompute references),
     ``lora_task_type``, ``lora_modules_to_save``, ``key_metric`` (shown in the progress bar).
@@ -85,6 +86,7 @@ class Trainer(Run):
         self.tokenizer: Any = None
         self.train_data: list = []
         self.eval_data: list = []
+        self.eval_margins: dict[int, float] = {}  # the last evaluation's margin per example index (pair trainers)
 
     # -- subclass interface --
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
@@ -317,14 +319,21 @@ class Trainer(Run):
         """``examples`` by their collated length, longest first (stable: equal lengths keep their order)."""
         return sorted(examples, key=lambda e: self.collate([e])["input_ids"].shape[-1], reverse=True)
 
+    def compute_loss_rows(self, batch) -> tuple[torch.Tensor, dict, torch.Tensor | None]:
+        """``compute_loss`` plus each example's margin ``(N,)`` where the trainer ranks pairs (> 0: the chosen
+        completion ranked above the rejected one); None for a trainer that does not."""
+        return (*self.compute_loss(batch), None)
+
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
         """Mean of the loss stats over the eval set, prefixed ``eval/``, and ``eval/seconds``: the evaluation's
-        wall time (`prefalign compare` charges measurement to no arm)."""
+        wall time (`prefalign compare` charges measurement to no arm). A pair trainer's per-pair margins are kept
+        for `save_final_eval`."""
         acc = self.accelerator
         t0 = time.perf_counter()
         self.model.eval()
         running = RunningMean()
+        margins: dict[int, float] = {}  # example index -> margin
         bs = self.cfg.batch_size
         shard = self.eval_data[acc.process_index :: acc.num_processes]
         # as many forwards on every process (under FSDP each one is a collective): a process whose shard is
@@ -334,14 +343,32 @@ class Trainer(Run):
             chunk = shard[i * bs : (i + 1) * bs]
             batch = self._to_device(self.collate(chunk or self.eval_data[:bs]))
             with acc.autocast():
-                loss, stats = self.compute_loss(batch)
+                loss, stats, rows = self.compute_loss_rows(batch)
             running.add({"loss": loss, **stats}, weight=self.loss_weight(batch) if chunk else 0.0)
+            if chunk and rows is not None:
+                margins.update(zip(batch["index"].tolist(), rows.float().cpu().tolist(), strict=True))
         self.model.train()
+        self.eval_margins = {k: v for part in gather_objects(margins) for k, v in part.items()}
         # the mean over all eval rows (processes may hold one more than others)
         return {
             **{f"eval/{k}": v for k, v in self.pooled_mean(running).items()},
             "eval/seconds": time.perf_counter() - t0,
         }
+
+    def save_final_eval(self, out: Path) -> None:
+        """``eval_pairs.jsonl``: the final evaluation's outcome on each held-out pair, in the eval set's order
+        (``pair``: its position there, ``prompt``: its prompt's text, ``margin``: chosen minus rejected reward,
+        ``correct``: margin > 0). `prefalign compare` reads it to group the pairs by prompt (row 1's interval)."""
+        from prefalign.runio import write_jsonl
+
+        margins = self.eval_margins
+        if not margins or not self.accelerator.is_main_process:
+            return
+        rows = [
+            {"pair": j, "prompt": item.prompt, "margin": margins[index], "correct": margins[index] > 0}
+            for j, (index, item) in enumerate(self.eval_data)
+        ]
+        write_jsonl(out / EVAL_PAIRS, rows)
 
     def pooled_mean(self, running: RunningMean) -> dict[str, float]:
         """Empty ``running``: each stat's weighted mean over every process's rows (a collective)."""

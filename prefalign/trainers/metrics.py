@@ -14,6 +14,8 @@ from prefalign.runio import keep_rows_through
 from prefalign.trackers import DEFAULT_REPORT_TO, TrackedRun, Tracker, finite_scalars, keys_by_step, open_trackers
 
 METRICS_FILE = "metrics.jsonl"
+EVAL_PAIRS = "eval_pairs.jsonl"
+"""A pair trainer's outcome on each held-out pair at its final evaluation (`prefalign.trainers.loop.Trainer`)."""
 
 
 class MetricsLogger:

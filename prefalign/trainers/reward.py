@@ -169,7 +169,11 @@ class RewardTrainer(Trainer):
         return self.train_forward(last_token_rewards, batch["input_ids"], mask).float()
 
     def compute_loss(self, batch):
+        return self.compute_loss_rows(batch)[:2]
+
+    def compute_loss_rows(self, batch):
         n = batch["input_ids"].shape[0] // 2
         r = self.rewards(batch)  # (2N,)
         margin = batch.get("margin") if self.cfg.use_margin else None
-        return bradley_terry_loss(r[:n], r[n:], margin=margin, center_coef=self.cfg.center_rewards_coef)
+        loss, stats = bradley_terry_loss(r[:n], r[n:], margin=margin, center_coef=self.cfg.center_rewards_coef)
+        return loss, stats, (r[:n] - r[n:]).detach()  # each pair's r_c - r_r: > 0 ranked right (accuracy's count)

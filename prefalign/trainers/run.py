@@ -112,6 +112,10 @@ class Run:
         """Held-out metrics (``eval/...``); empty when the trainer has no evaluation set."""
         return {}
 
+    def save_final_eval(self, out: Path) -> None:
+        """After the final evaluation, on every process: write what it measured beyond its metrics row (the pair
+        trainers' ``eval_pairs.jsonl``)."""
+
     @property
     def eval_steps(self) -> int | None:
         return getattr(self.cfg, "eval_steps", None)
@@ -218,6 +222,8 @@ class Run:
         # a run resumed at its end (killed while saving final/) has its final evaluation's row already
         if final_eval and not (start == self.total_steps and metrics.kept_row_with(start, "eval/")):
             metrics.log(self.total_steps, final_eval)
+        if final_eval:
+            self.save_final_eval(out)
         metrics.close()
         acc.wait_for_everyone()
         self.save_final(out)
