@@ -18,7 +18,7 @@ from prefalign.losses.policy import (
 from prefalign.losses.ppo import entropy_from_logits, ppo_policy_loss, ppo_value_loss
 from prefalign.losses.reward import bradley_terry_loss
 from prefalign.losses.sft import sft_loss
-from prefalign.losses.shaping import apply_missing_eos_penalty, explained_variance, kl_shaped_rewards
+from prefalign.losses.shaping import apply_missing_eos_penalty, explained_variance, kl_shaped_rewards, overlong_penalty
 from prefalign.losses.stats import masked_mean, masked_var, masked_whiten
 
 __all__ = [
@@ -46,6 +46,7 @@ __all__ = [
     "masked_mean",
     "masked_var",
     "masked_whiten",
+    "overlong_penalty",
     "pair_loss_summary",
     "ppo_policy_loss",
     "ppo_value_loss",

@@ -1,8 +1,10 @@
-"""Per-token RLHF rewards: a KL penalty on every response token, the score on the last one.
+"""Reward shaping: per-token RLHF rewards (a KL penalty on every response token, the score on the last one) and
+the penalties a completion's score takes before it (no EOS; DAPO's soft overlong punishment).
 
 Ziegler et al. 2019 ("Fine-Tuning Language Models from Human Preferences"); Ouyang et al. 2022;
 the layout follows Huang et al. 2024 ("The N+ Implementation Details of RLHF with PPO"), detail
-"per-token KL penalty, score added to the last token".
+"per-token KL penalty, score added to the last token"; Yu et al. 2025 ("DAPO: An Open-Source LLM Reinforcement
+Learning System at Scale", section 3.4) for the overlong penalty.
 """
 
 from __future__ import annotations
@@ -23,6 +25,40 @@ def apply_missing_eos_penalty(scores: Tensor, ended: Tensor, penalty: float | No
     if penalty is None:
         return scores
     return torch.where(ended.bool(), scores, scores - penalty)
+
+
+def overlong_penalty(lengths: Tensor, max_len: int, buffer: int, factor: float = 1.0) -> Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, section 3.4): a penalty, added to a completion's score, that
+    grows linearly over the last ``buffer`` tokens before the length limit.
+
+    With ``L_max = max_len`` and ``L_cache = buffer``, a completion of ``|y|`` tokens gets ``factor`` times::
+
+        0                                    |y| <= L_max - L_cache
+        ((L_max - L_cache) - |y|) / L_cache  L_max - L_cache < |y| <= L_max    (from just below 0 down to -1)
+        -1                                   |y| > L_max
+
+    A length limit that truncates (prefalign's max new tokens) makes ``L_max`` the longest possible completion, so
+    the last case never happens there and a truncated completion gets ``-factor``. The ramp is the paper's point:
+    a length just past ``L_max - L_cache`` costs a little, not the whole of a truncation's punishment.
+
+    Args:
+        lengths: ``(B,)`` tokens of each completion (counted as they are generated, EOS included).
+        max_len: ``L_max``.
+        buffer: ``L_cache``, the tokens the penalty grows over; ``1 <= buffer <= max_len``.
+        factor: the penalty at ``L_max`` and beyond (verl's ``penalty_factor``; 1 in the paper).
+    Returns:
+        ``(B,)`` float32 penalties in ``[-factor, 0]``, exactly 0 (never -0.0) up to ``L_max - L_cache``.
+
+    Naive loop: ``start = max_len - buffer``; for b: ``n = lengths[b]``; ``p[b] = 0 if n <= start else (start - n)
+    / buffer if n <= max_len else -1``; ``p[b] *= factor``.
+    """
+    if not 1 <= buffer <= max_len or not factor > 0:
+        raise ValueError(
+            f"overlong penalty needs 1 <= buffer <= max_len and factor > 0, got {buffer}, {max_len}, {factor}"
+        )
+    start = max_len - buffer
+    # start - n is >= 0 up to the buffer (clamped to +0.0) and reaches -buffer at L_max, where the clamp holds it
+    return (start - lengths.to(torch.float32)).clamp(min=-buffer, max=0.0) / buffer * factor
 
 
 def kl_shaped_rewards(
