@@ -60,6 +60,14 @@ class RLConfig(PPOConfig):
     """With --dynamic-sampling: up to this many more rounds of sampling per iteration, each replacing every group
     still of equal scores with the K completions of another prompt drawn at random (DAPO's refill of the batch);
     0: drop them without replacing. Refilled groups: rl/groups_refilled."""
+    overlong_buffer: int | None = None
+    """DAPO's overlong reward shaping (Yu et al. 2025, soft overlong punishment), its L_cache: N tokens, 1 <= N <
+    --max-new-tokens (L_max). A completion of more than L_max - N tokens (the EOS counted) has (length - (L_max -
+    N)) / N x --overlong-penalty-factor taken from its score, the whole factor at L_max (a truncated completion);
+    after --missing-eos-penalty, before --dynamic-sampling compares a group's scores and the advantages (default:
+    off)."""
+    overlong_penalty_factor: float | None = None
+    """With --overlong-buffer: the penalty of a completion of --max-new-tokens tokens (default: 1, the paper's)."""
 
     value_model: tyro.conf.Suppress[str | None] = None
     value_learning_rate: tyro.conf.Suppress[float | None] = None
@@ -96,6 +104,7 @@ class RLConfig(PPOConfig):
                 "drop it, or use --estimator reinforce_pp"
             )
         self._check_rewards()
+        self._check_overlong()
         if not 0 < self.eps_low < 1 or self.eps_high <= 0:
             raise ValueError(
                 f"--clip-eps-low must be in (0, 1) and --clip-eps-high > 0, got {self.eps_low}, {self.eps_high}"
@@ -109,6 +118,22 @@ class RLConfig(PPOConfig):
             raise ValueError(
                 f"{changed[0]} belongs to the value model, which prefalign rl does not have; "
                 "drop it (or run prefalign ppo)"
+            )
+
+    def _check_overlong(self) -> None:
+        buffer, factor = self.overlong_buffer, self.overlong_penalty_factor
+        if factor is not None and factor <= 0:
+            raise ValueError(f"--overlong-penalty-factor must be > 0, got {factor}")
+        if factor is not None and buffer is None:
+            raise ValueError(
+                f"--overlong-penalty-factor {factor} needs --overlong-buffer (the tokens the penalty grows over)"
+            )
+        if buffer is not None and buffer < 1:
+            raise ValueError(f"--overlong-buffer must be >= 1, got {buffer}")
+        if buffer is not None and buffer >= self.max_new_tokens:
+            raise ValueError(
+                f"--overlong-buffer must be < --max-new-tokens ({self.max_new_tokens}), got {buffer}: the penalty "
+                "starts after max_new_tokens - buffer tokens, so every completion would pay it"
             )
 
     def _check_rewards(self) -> None:
@@ -127,6 +152,11 @@ class RLConfig(PPOConfig):
     @property
     def weights(self) -> list[float]:
         return list(self.reward_weights) if self.reward_weights is not None else [1.0] * len(self.reward)
+
+    @property
+    def overlong_factor(self) -> float:
+        """--overlong-penalty-factor, 1 when unset."""
+        return 1.0 if self.overlong_penalty_factor is None else self.overlong_penalty_factor
 
     @property
     def eps_low(self) -> float:
