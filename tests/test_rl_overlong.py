@@ -1,10 +1,32 @@
-"""`prefalign rl --overlong-buffer`: DAPO's soft overlong punishment in the scores (Yu et al. 2025, section 3.4)."""
+"""`prefalign rl --overlong-buffer`: DAPO's soft overlong punishment in the scores (Yu et al. 2025, section 3.4).
+
+The tiny random model rarely samples EOS, so these runs end completions at the stop string "a": with
+--max-new-tokens 6 their lengths spread over 1..6 tokens, inside and outside the buffer.
+"""
 
 import pytest
-from test_trainer_rl import prompts  # noqa: F401  (a fixture)
+import torch
+from conftest import read_metrics
+from test_loop import _documented
+from test_trainer_rl import ConstantReward, _cfg, prompts  # noqa: F401  (a fixture)
 
 from prefalign.errors import UserError
-from prefalign.trainers.rl import RLConfig
+from prefalign.trainers.rl import RLConfig, RLTrainer
+
+
+def _naive_penalties(lengths: list[int], max_len: int, buffer: int, factor: float = 1.0) -> list[float]:
+    """The paper's penalty, completion by completion (no completion is longer than max_len)."""
+    start = max_len - buffer
+    return [0.0 if n <= start else (start - n) / buffer * factor for n in lengths]
+
+
+def _rollout(tmp_path, model_dir, prompts, reward, **kw):  # noqa: F811
+    """Iteration 1's rollout of prompts 0-3 (K = 4) by the untrained policy, completions cut at "a"."""
+    cfg = _cfg(tmp_path, model_dir, prompts, stop=["a"], **kw)
+    trainer = RLTrainer(cfg, reward_source=reward)
+    trainer.prepare()
+    return trainer.rollout([0, 1, 2, 3], step=1, timing={})
+
 
 # -- config ---------------------------------------------------------------------------------------------------------
 
@@ -52,3 +74,69 @@ def test_cli_flags_parse_and_a_factor_without_a_buffer_is_one_line(prompts):  # 
     assert (cfg.overlong_buffer, cfg.overlong_factor) == (8, 0.5)
     with pytest.raises(UserError, match=r"^--overlong-penalty-factor 0.5 needs --overlong-buffer \(the tokens"):
         parse(RLConfig, [*args, "--overlong-penalty-factor", "0.5"], prog="prefalign rl")
+
+
+# -- the scores -----------------------------------------------------------------------------------------------------
+
+
+def test_the_penalty_is_added_to_each_completions_score(tmp_path, tiny_model_dir, prompts):  # noqa: F811
+    """The same completions (keyed sampling, the same untrained policy) with and without the flag: the scores
+    differ by the paper's penalty of each completion's length, the EOS or stopping token counted."""
+    off = _rollout(tmp_path / "off", tiny_model_dir, prompts, ConstantReward())
+    on = _rollout(
+        tmp_path / "on", tiny_model_dir, prompts, ConstantReward(), overlong_buffer=4, overlong_penalty_factor=0.5
+    )
+    assert on.completions == off.completions
+    lengths = on.response_mask.sum(1).tolist()
+    want = _naive_penalties(lengths, max_len=6, buffer=4, factor=0.5)
+    assert 0.0 in want and len(set(want)) >= 3  # free, partly and (at 6 tokens) wholly penalised completions
+    torch.testing.assert_close(on.scores - off.scores, torch.tensor(want), rtol=0.0, atol=1e-6)
+
+
+def test_dynamic_sampling_compares_the_penalised_scores(tmp_path, tiny_model_dir, prompts):  # noqa: F811
+    """A constant reward gives every group equal scores, so --dynamic-sampling alone drops them all; with the
+    penalty a group is kept exactly when its completions' penalties differ (as in DAPO, the shaping comes first)."""
+    off = _rollout(tmp_path / "off", tiny_model_dir, prompts, ConstantReward(), dynamic_sampling=True)
+    assert not off.kept.any()
+    on = _rollout(tmp_path / "on", tiny_model_dir, prompts, ConstantReward(), dynamic_sampling=True, overlong_buffer=2)
+    penalties = _naive_penalties(on.response_mask.sum(1).tolist(), max_len=6, buffer=2)
+    varied = [len(set(penalties[g * 4 : (g + 1) * 4])) > 1 for g in range(4)]
+    assert any(varied) and not all(varied)  # the batch holds both kinds of group
+    assert on.kept.view(4, 4)[:, 0].tolist() == varied
+    assert (on.loss_mask.sum(1) > 0).tolist() == on.kept.tolist()
+
+
+# -- a run ----------------------------------------------------------------------------------------------------------
+
+
+class RecordingTrainer(RLTrainer):
+    """Keeps every rollout, to check the logged metrics against the completions they came from."""
+
+    def rollout(self, idx, step, timing):
+        out = super().rollout(idx, step, timing)
+        self.seen = [*getattr(self, "seen", []), out]
+        return out
+
+
+def test_a_run_logs_the_penalty_it_put_in_the_scores(tmp_path, tiny_model_dir, prompts):  # noqa: F811
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts, stop=["a"], overlong_buffer=4, overlong_penalty_factor=2.0)
+    trainer = RecordingTrainer(cfg, reward_source=ConstantReward())
+    trainer.train()
+    rows = read_metrics(tmp_path / "run")
+    assert len(rows) == len(trainer.seen) == 2
+    for row, rollout in zip(rows, trainer.seen):
+        penalties = _naive_penalties(rollout.response_mask.sum(1).tolist(), max_len=6, buffer=4, factor=2.0)
+        mean = sum(penalties) / len(penalties)
+        assert mean < 0
+        assert row["objective/overlong_penalty"] == pytest.approx(mean, abs=1e-6)
+        assert row["rl/overlong_fraction"] == pytest.approx(sum(p < 0 for p in penalties) / len(penalties))
+        assert row["objective/scores"] == pytest.approx(1.0 + mean, abs=1e-6)  # the constant 1 less the penalty
+    keys, _ = _documented("`prefalign rl`")
+    assert {"objective/overlong_penalty", "rl/overlong_fraction"} <= keys  # docs/metrics.md defines them
+
+
+def test_without_the_flag_no_overlong_metric(tmp_path, tiny_model_dir, prompts):  # noqa: F811
+    RLTrainer(_cfg(tmp_path, tiny_model_dir, prompts, max_steps=1), reward_source=ConstantReward()).train()
+    row = read_metrics(tmp_path / "run")[0]
+    assert "objective/overlong_penalty" not in row and "rl/overlong_fraction" not in row
+    assert row["objective/scores"] == 1.0

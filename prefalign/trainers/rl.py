@@ -10,6 +10,8 @@ epoch/minibatch loop (`PPOUpdate.update`). What differs is here and in `prefalig
 - advantages come from the table `prefalign.losses.advantages.ADVANTAGE_ESTIMATORS` by ``--estimator``;
 - the policy loss has clip-higher, a choice of aggregation and optionally the KL as a loss term
   (`prefalign.losses.policy`); ``--dynamic-sampling`` takes groups of equal scores out of the loss;
+  ``--overlong-buffer`` lowers the scores of completions near the length limit (DAPO's soft overlong punishment,
+  `prefalign.losses.overlong_penalty`) before both;
 - several reward sources, weighted and summed (`prefalign.reward_mix.WeightedRewards`), each logged.
 
 PPO's own code paths are untouched: `prefalign ppo` gives the same numbers as before this module existed.
@@ -24,7 +26,7 @@ from pathlib import Path
 import torch
 
 from prefalign.collectives import process_max
-from prefalign.losses import ADVANTAGE_ESTIMATORS, AdvantageInputs, kl_shaped_rewards
+from prefalign.losses import ADVANTAGE_ESTIMATORS, AdvantageInputs, kl_shaped_rewards, overlong_penalty
 from prefalign.losses.policy import informative_groups
 from prefalign.methods import METHODS, Method
 from prefalign.rollout.generate import key_seed
@@ -165,8 +167,8 @@ class RLTrainer(RLUpdate, PPOTrainer):
         cfg, acc = self.cfg, self.accelerator
         k, dev = cfg.num_generations, acc.device
         # 1. sample K responses per prompt, consecutive rows, each keyed by (iteration, prompt, k); 2. score them
-        #    with every reward source, weighted and summed, clipped, missing EOS penalised; 3. --resample-rounds:
-        #    groups of equal scores replaced by new ones (DAPO)
+        #    with every reward source, weighted and summed, clipped, missing EOS penalised, --overlong-buffer's
+        #    penalty added; 3. --resample-rounds: groups of equal scores replaced by new ones (DAPO)
         groups, refill_stats = self.sample_groups(idx, step, timing)
         gen, prompts, texts, scores = groups.gen, groups.prompts, groups.texts, groups.scores
         # 4. masks: the response of every row starts at column P
@@ -248,14 +250,26 @@ class RLTrainer(RLUpdate, PPOTrainer):
 
     def sample_round(self, idx: list[int], step: int, r: int, timing: dict) -> Groups:
         """K scored completions of each prompt of ``idx``, completion ``j`` of prompt ``i`` keyed by ``(step, i,
-        j)`` in round 0 and ``(step, i, j, r)`` in refill round ``r``. Records generation and scoring times."""
+        j)`` in round 0 and ``(step, i, j, r)`` in refill round ``r``; with --overlong-buffer the penalty is in the
+        scores, so a refill round's equal-score check sees it. Records generation and scoring times."""
         k = self.cfg.num_generations
         rows = [i for i in idx for _ in range(k)]
         keys = [key_seed(step, i, j, *((r,) if r else ())) for i in idx for j in range(k)]
         gen = self.sample([self.prompt_ids[i] for i in rows], keys, timing)[0]
         prompts, texts, scores = self.score_completions(rows, gen, timing, "--reward")
+        if self.cfg.overlong_buffer is not None:
+            scores = scores + self.overlong_penalties(gen.response_mask).to(scores.dtype)
         parts = {name: part.to(self.accelerator.device) for name, part in self.reward_source.last_parts.items()}
         return Groups(gen, rows, prompts, texts, scores, parts)
+
+    def overlong_penalties(self, response_mask: torch.Tensor) -> torch.Tensor:
+        """``(B,)`` DAPO's soft overlong punishment of each completion of a ``(B, R)`` ``response_mask``: L_max is
+        --max-new-tokens (no completion is longer), L_cache --overlong-buffer, |y| the completion's tokens (the EOS
+        or stopping token included, as verl counts them). Needs --overlong-buffer."""
+        cfg = self.cfg
+        assert cfg.overlong_buffer is not None, "called only with --overlong-buffer"
+        lengths = response_mask.sum(1)
+        return overlong_penalty(lengths, cfg.max_new_tokens, cfg.overlong_buffer, cfg.overlong_factor)
 
     def rollout_logprobs(self, gen, seqs: tuple[torch.Tensor, torch.Tensor, torch.Tensor], timing: dict):
         """``(logps, entropy, ref_logps)`` of the responses of ``gen`` (its ``sequences()`` ``seqs``), each
@@ -302,6 +316,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
                 **{f"objective/scores/{n}": p.mean().item() for n, p in rollout.score_parts.items()},
                 "rl/group_score_std": groups.std(1).mean().item() if k > 1 else 0.0,
                 "rl/groups_dropped": float((~rollout.kept).sum()) / k,
+                **self.overlong_means(rollout),
                 # a sum: over tokens, divided below by every process's tokens (processes hold unequal token counts)
                 "advantage_abs_sum": (rollout.advantages.abs() * mask).sum().item(),
                 **rollout.refill,
@@ -332,6 +347,17 @@ class RLTrainer(RLUpdate, PPOTrainer):
             "tokens_per_second": means.get("refill/tokens", means["tokens"])
             * self.world
             / max(means["time/generation"], 1e-9),
+        }
+
+    def overlong_means(self, rollout: GroupRollout) -> dict[str, float]:
+        """With --overlong-buffer, this process's mean penalty (``objective/overlong_penalty``, <= 0: the part of
+        ``objective/scores`` it took) and share of completions penalised (``rl/overlong_fraction``); else none."""
+        if self.cfg.overlong_buffer is None:
+            return {}
+        penalty = self.overlong_penalties(rollout.response_mask)  # (b,) as the scores took it
+        return {
+            "objective/overlong_penalty": penalty.mean().item(),
+            "rl/overlong_fraction": (penalty < 0).float().mean().item(),
         }
 
     def fill_on_policy(self, rollout: GroupRollout) -> None:
