@@ -1,6 +1,6 @@
 """`prefalign rl --overlong-buffer`: DAPO's soft overlong punishment in the scores (Yu et al. 2025, section 3.4).
 
-The tiny random model rarely samples EOS, so these runs end completions at the stop string "a": with
+The tiny random model rarely samples EOS, so these runs end completions at the stop string "n": with
 --max-new-tokens 6 their lengths spread over 1..6 tokens, inside and outside the buffer.
 """
 
@@ -21,8 +21,8 @@ def _naive_penalties(lengths: list[int], max_len: int, buffer: int, factor: floa
 
 
 def _rollout(tmp_path, model_dir, prompts, reward, **kw):  # noqa: F811
-    """Iteration 1's rollout of prompts 0-3 (K = 4) by the untrained policy, completions cut at "a"."""
-    cfg = _cfg(tmp_path, model_dir, prompts, stop=["a"], **kw)
+    """Iteration 1's rollout of prompts 0-3 (K = 4) by the untrained policy, completions cut at "n"."""
+    cfg = _cfg(tmp_path, model_dir, prompts, stop=["n"], **kw)
     trainer = RLTrainer(cfg, reward_source=reward)
     trainer.prepare()
     return trainer.rollout([0, 1, 2, 3], step=1, timing={})
@@ -119,7 +119,7 @@ class RecordingTrainer(RLTrainer):
 
 
 def test_a_run_logs_the_penalty_it_put_in_the_scores(tmp_path, tiny_model_dir, prompts):  # noqa: F811
-    cfg = _cfg(tmp_path, tiny_model_dir, prompts, stop=["a"], overlong_buffer=4, overlong_penalty_factor=2.0)
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts, stop=["n"], overlong_buffer=4, overlong_penalty_factor=2.0)
     trainer = RecordingTrainer(cfg, reward_source=ConstantReward())
     trainer.train()
     rows = read_metrics(tmp_path / "run")
@@ -140,3 +140,47 @@ def test_without_the_flag_no_overlong_metric(tmp_path, tiny_model_dir, prompts):
     row = read_metrics(tmp_path / "run")[0]
     assert "objective/overlong_penalty" not in row and "rl/overlong_fraction" not in row
     assert row["objective/scores"] == 1.0
+
+
+# -- overlong filtering ---------------------------------------------------------------------------------------------
+
+
+def test_overlong_filter_takes_truncated_completions_out_of_the_loss_only(tmp_path, tiny_model_dir, prompts):  # noqa: F811
+    """The rows cut at --max-new-tokens (not ended) have no token in the loss, the others all theirs; the group
+    baselines still hold them, so grpo's advantages are those of the same rollout unfiltered."""
+    from test_trainer_rl import HalfConstantReward
+
+    off = _rollout(tmp_path / "off", tiny_model_dir, prompts, HalfConstantReward())
+    on = _rollout(tmp_path / "on", tiny_model_dir, prompts, HalfConstantReward(), overlong_filter=True)
+    ended = on.ended.tolist()
+    assert True in ended and False in ended
+    assert all(n == 6 for n, e in zip(on.response_mask.sum(1).tolist(), ended) if not e)  # truncated: full length
+    assert (on.loss_mask.sum(1) > 0).tolist() == ended
+    torch.testing.assert_close(on.loss_mask[on.ended], on.response_mask[on.ended])
+    torch.testing.assert_close(off.loss_mask, off.response_mask)
+    torch.testing.assert_close(on.advantages, off.advantages)
+
+
+def test_reinforce_pp_whitens_over_the_completions_the_filter_keeps(tmp_path, tiny_model_dir, prompts):  # noqa: F811
+    from test_trainer_rl import HalfConstantReward
+
+    from prefalign.losses.stats import masked_mean, masked_var
+
+    r = _rollout(
+        tmp_path, tiny_model_dir, prompts, HalfConstantReward(), estimator="reinforce_pp", overlong_filter=True
+    )
+    mask = r.loss_mask.bool()
+    assert mask.sum() < r.response_mask.sum()  # some completions were filtered
+    assert masked_mean(r.advantages, mask).item() == pytest.approx(0.0, abs=1e-5)
+    assert masked_var(r.advantages, mask).item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_a_run_logs_the_share_it_filtered(tmp_path, tiny_model_dir, prompts):  # noqa: F811
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts, stop=["n"], overlong_filter=True)
+    RLTrainer(cfg, reward_source=ConstantReward()).train()
+    rows = read_metrics(tmp_path / "run")
+    for row in rows:
+        assert row["rl/overlong_filtered"] == pytest.approx(1 - row["val/num_eos"] / 16)  # 4 prompts x K = 4
+    assert any(0 < row["rl/overlong_filtered"] < 1 for row in rows)
+    keys, _ = _documented("`prefalign rl`")
+    assert not {k for k in rows[0] if not k.startswith("objective/scores/")} - keys  # docs/metrics.md has them

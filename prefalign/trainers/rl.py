@@ -11,7 +11,8 @@ epoch/minibatch loop (`PPOUpdate.update`). What differs is here and in `prefalig
 - the policy loss has clip-higher, a choice of aggregation and optionally the KL as a loss term
   (`prefalign.losses.policy`); ``--dynamic-sampling`` takes groups of equal scores out of the loss;
   ``--overlong-buffer`` lowers the scores of completions near the length limit (DAPO's soft overlong punishment,
-  `prefalign.losses.overlong_penalty`) before both;
+  `prefalign.losses.overlong_penalty`) before both, ``--overlong-filter`` takes truncated completions out of the
+  loss (DAPO's overlong filtering);
 - several reward sources, weighted and summed (`prefalign.reward_mix.WeightedRewards`), each logged.
 
 PPO's own code paths are untouched: `prefalign ppo` gives the same numbers as before this module existed.
@@ -48,7 +49,7 @@ class GroupRollout(Rollout):
     ``returns`` are the estimator's (R_i on every token for outcome estimators, the return-to-go for
     reinforce_pp), logged only."""
 
-    loss_mask: torch.Tensor  # (B, R) response_mask with the rows of dropped groups zeroed
+    loss_mask: torch.Tensor  # (B, R) response_mask with the rows of dropped groups (and filtered ones) zeroed
     kept: torch.Tensor  # (B,) bool: the row's group is in the loss (all True without --dynamic-sampling)
     loss_lengths: torch.Tensor  # (N, B) tokens of loss_mask per row of every process (the normalisers)
     # the rollout skipped the policy's forward (`RLTrainer.one_step_on_policy`): ``logps`` and ``entropy`` are
@@ -179,9 +180,12 @@ class RLTrainer(RLUpdate, PPOTrainer):
         # 6. per-token rewards: the KL penalty (unless it is a loss term) on every token, the score on the last
         kl_coef = 0.0 if cfg.kl_in_loss else self.kl_ctl.coef
         rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, response_mask, kl_coef, cfg.kl_estimator)
-        # 7. groups still of equal scores out of the loss (DAPO); 8. advantages by the estimator's table entry
+        # 7. groups still of equal scores out of the loss, and with --overlong-filter truncated completions (DAPO;
+        #    such a completion still counts in its group's baseline); 8. advantages by the estimator's table entry
         kept = informative_groups(scores, k) if cfg.dynamic_sampling else torch.ones_like(gen.ended, device=dev)
         loss_mask = response_mask * kept[:, None].to(response_mask.dtype)
+        if cfg.overlong_filter:
+            loss_mask = loss_mask * gen.ended[:, None].to(loss_mask)
         advantages, returns = self.estimator.fn(
             AdvantageInputs(
                 rewards,
@@ -217,9 +221,10 @@ class RLTrainer(RLUpdate, PPOTrainer):
     def whitened_over(self, mask: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
         """The tokens a batch-whitening estimator (reinforce_pp) takes its mean and variance over: those in the loss,
         so the advantages it trains on are mean 0, variance 1 (DAPO drops its groups before the advantages, as
-        verl's recipe filters them first). Every process's count decides, so all take the same mask; with fewer
-        than 2 kept tokens in the batch (too few for a variance) the whole ``mask`` is used."""
-        if not self.cfg.dynamic_sampling:
+        verl's recipe filters them first; --overlong-filter's truncated completions are out too). Every process's
+        count decides, so all take the same mask; with fewer than 2 kept tokens in the batch (too few for a
+        variance) the whole ``mask`` is used."""
+        if not (self.cfg.dynamic_sampling or self.cfg.overlong_filter):
             return mask
         kept = int(sum_across_processes(self.accelerator, loss_mask.sum().double()).item())
         return loss_mask if kept >= 2 else mask
@@ -350,21 +355,24 @@ class RLTrainer(RLUpdate, PPOTrainer):
         }
 
     def overlong_means(self, rollout: GroupRollout) -> dict[str, float]:
-        """With --overlong-buffer, this process's mean penalty (``objective/overlong_penalty``, <= 0: the part of
-        ``objective/scores`` it took) and share of completions penalised (``rl/overlong_fraction``); else none."""
-        if self.cfg.overlong_buffer is None:
-            return {}
-        penalty = self.overlong_penalties(rollout.response_mask)  # (b,) as the scores took it
-        return {
-            "objective/overlong_penalty": penalty.mean().item(),
-            "rl/overlong_fraction": (penalty < 0).float().mean().item(),
-        }
+        """This process's part of the overlong metrics: with --overlong-buffer the mean penalty
+        (``objective/overlong_penalty``, <= 0: the part of ``objective/scores`` it took) and the share of completions
+        penalised (``rl/overlong_fraction``); with --overlong-filter the share taken out of the loss as truncated
+        (``rl/overlong_filtered``)."""
+        out = {}
+        if self.cfg.overlong_filter:
+            out["rl/overlong_filtered"] = (~rollout.ended.bool()).float().mean().item()
+        if self.cfg.overlong_buffer is not None:
+            penalty = self.overlong_penalties(rollout.response_mask)  # (b,) as the scores took it
+            out["objective/overlong_penalty"] = penalty.mean().item()
+            out["rl/overlong_fraction"] = (penalty < 0).float().mean().item()
+        return out
 
     def fill_on_policy(self, rollout: GroupRollout) -> None:
         """The policy's log-probs and entropy the rollout skipped (`one_step_on_policy`), and the KL from them: the
-        update's forward filled them in; when it ran no forward (every group dropped: one step on-policy means one
-        epoch of one minibatch, which holds every row, so no row of any process was in the loss), a no-gradient
-        forward of the unchanged policy does."""
+        update's forward filled them in; when it ran no forward (every group dropped or every row filtered: one step
+        on-policy means one epoch of one minibatch, which holds every row, so no row of any process was in the
+        loss), a no-gradient forward of the unchanged policy does."""
         if not rollout.loss_lengths.any():
             seqs = (rollout.query_response, rollout.attention_mask, rollout.completion_mask)
             rollout.logps, rollout.entropy, _, _ = self.response_forwards(seqs, rollout.prompt_width, reference=False)

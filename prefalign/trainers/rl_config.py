@@ -68,6 +68,10 @@ class RLConfig(PPOConfig):
     off)."""
     overlong_penalty_factor: float | None = None
     """With --overlong-buffer: the penalty of a completion of --max-new-tokens tokens (default: 1, the paper's)."""
+    overlong_filter: bool = False
+    """DAPO's overlong filtering (Yu et al. 2025): take completions cut at --max-new-tokens (no EOS or stop string)
+    out of the loss. They still count in their group's baseline (grpo, dr_grpo, rloo); reinforce_pp whitens over
+    the others. Their share: rl/overlong_filtered."""
 
     value_model: tyro.conf.Suppress[str | None] = None
     value_learning_rate: tyro.conf.Suppress[float | None] = None

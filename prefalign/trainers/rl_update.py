@@ -34,8 +34,8 @@ class RLUpdate(PPOUpdate):
     def minibatch_step(self, rollout, mb_idx: torch.Tensor, mb_tokens: float, done: int) -> tuple[dict | None, dict]:
         """Accumulate the minibatch's micro-batches, then one guarded step: ``(stats, {"policy/grad_norm": ..})``,
         stats None when the step was skipped as non-finite or when no row of the minibatch is in the loss (every
-        group dropped by --dynamic-sampling: no optimizer step). ``mb_tokens`` (PPO's response tokens) is not
-        used: the normalisers count the loss mask's tokens and rows."""
+        group dropped by --dynamic-sampling, or every row by --overlong-filter: no optimizer step). ``mb_tokens``
+        (PPO's response tokens) is not used: the normalisers count the loss mask's tokens and rows."""
         cfg = self.cfg
         lengths = rollout.loss_lengths[:, mb_idx.cpu()]  # (N, mb rows) kept tokens of each row on every process
         totals = {"total_tokens": float(lengths.sum()), "total_rows": float((lengths > 0).sum())}
