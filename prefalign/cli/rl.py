@@ -1,5 +1,5 @@
-"""``prefalign rl``: critic-free online RL (GRPO, Dr. GRPO, RLOO, REINFORCE++; DAPO's clip-higher and dynamic
-sampling) against one or more reward sources, K completions per prompt, no value model.
+"""``prefalign rl``: critic-free online RL (GRPO, Dr. GRPO, RLOO, REINFORCE++; DAPO's clip-higher, dynamic
+sampling and overlong reward shaping) against one or more reward sources, K completions per prompt, no value model.
 
 Examples::
 
@@ -8,7 +8,7 @@ Examples::
     prefalign rl --estimator rloo --prompts prompts.jsonl --reward vader --reward mymod:fn --reward-weights 1.0 0.5 \\
         --output runs/rloo
     prefalign rl --estimator grpo --clip-eps-low 0.2 --clip-eps-high 0.28 --loss-agg token_mean \\
-        --dynamic-sampling --prompts prompts.txt --reward mymod:fn --output runs/dapo       # DAPO's options
+        --dynamic-sampling --overlong-buffer 16 --prompts prompts.txt --reward mymod:fn --output runs/dapo  # DAPO
 """
 
 from __future__ import annotations
