@@ -324,8 +324,8 @@ def dpo_loss(
     **hyperparams: float | None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Mean DPO-family loss of a batch of pairs, and stats: `pair_loss_summary` of `dpo_pair_loss` (its arguments)."""
-    logps = (policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps)
-    return pair_loss_summary(dpo_pair_loss(*logps, loss_type=loss_type, **hyperparams))
+    pc, pr, rc, rr = policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps
+    return pair_loss_summary(dpo_pair_loss(pc, pr, rc, rr, loss_type=loss_type, **hyperparams))
 
 
 def dpo_pair_loss(
