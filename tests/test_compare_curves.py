@@ -65,3 +65,22 @@ def test_a_non_finite_heldout_point_is_left_out_not_fatal(tmp_path):
     last = curve["points"][-1]
     assert last["proxy_gain"]["mean"] == pytest.approx(2.5)  # (14 - 12 + 5 - 2) / 2
     assert last["gold"]["mean"] == pytest.approx(0.5) and last["kl"]["mean"] == pytest.approx(3.0)
+
+
+def test_read_jsonl_reads_text_with_unicode_line_breaks_back(tmp_path):
+    """write_jsonl keeps U+2028, U+2029 and U+0085 raw in a string (ensure_ascii off), and str.splitlines breaks a
+    line at each: a held-out prompt holding one stopped compare's summary with a JSONDecodeError. JSON lines end at
+    "\\n" alone."""
+    from prefalign.compare.curves import read_jsonl
+    from prefalign.compare.evidence import heldout_pairs
+    from prefalign.runio import write_jsonl
+
+    prompts = ["a\u2028b", "c\u2029d", "e\x85f", "plain"]
+    runs = []
+    for name in ("rm", "dpo"):
+        (tmp_path / name).mkdir()
+        rows = [{"pair": i, "prompt": p, "margin": 1.0, "correct": True} for i, p in enumerate(prompts)]
+        write_jsonl(tmp_path / name / "eval_pairs.jsonl", rows)
+        runs.append(tmp_path / name)
+    assert [row["prompt"] for row in read_jsonl(runs[0] / "eval_pairs.jsonl")] == prompts
+    assert heldout_pairs(runs[:1], runs[1:]).prompts == tuple(prompts)

@@ -28,7 +28,9 @@ HELDOUT_KEYS = {"gold": "heldout/gold", "proxy": "heldout/proxy", "kl": "heldout
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The rows of a JSON-lines file. Lines end at "\\n" alone: `prefalign.runio.write_jsonl` keeps U+2028, U+2029
+    and U+0085 raw inside strings (a prompt's text), where ``str.splitlines`` would break a row."""
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line.strip()]
 
 
 def _interval(values: list[float]) -> dict:
