@@ -339,11 +339,12 @@ def clear_previous_training(out_dir: str | os.PathLike) -> list[str]:
 def keep_rows_through(path: str | os.PathLike, step: int) -> tuple[list[dict], list[dict]]:
     """Cut a run's JSON-lines log (metrics.jsonl, samples.jsonl) to its rows up to ``step`` on resume, rewritten
     atomically; returns ``(kept rows, cut rows)``. A line that does not parse (torn by a kill or a full disk
-    mid-append) is dropped with a warning: it stopped the resume with a traceback."""
+    mid-append) is dropped with a warning: it stopped the resume with a traceback. Lines end at "\\n" alone
+    (`write_jsonl` keeps U+2028, U+2029 and U+0085 raw in a completion's text, where ``splitlines`` breaks)."""
     rows: list[dict] = []
     cut: list[dict] = []
     torn = 0
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
         if not line.strip():
             continue
         try:

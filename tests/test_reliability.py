@@ -300,6 +300,19 @@ def test_a_torn_last_metrics_line_does_not_stop_a_resume(tmp_path, tiny_model_di
     assert "metrics.jsonl: dropped 1 line(s) that do not parse" in caplog.text
 
 
+def test_a_resume_keeps_rows_whose_text_holds_a_unicode_line_break(tmp_path, caplog):
+    """samples.jsonl holds completions' text, written raw (ensure_ascii off): U+2028, U+2029 and U+0085 are no line
+    ends there (str.splitlines cut such a row in two, and the resume dropped both halves as torn)."""
+    from prefalign.runio import keep_rows_through, write_jsonl
+
+    path = tmp_path / "samples.jsonl"
+    rows = [{"step": s, "completion": f"a\u2028b\u2029c\x85d {s}"} for s in (1, 2, 3)]
+    write_jsonl(path, rows)
+    assert keep_rows_through(path, 2) == (rows[:2], rows[2:])
+    assert "do not parse" not in caplog.text
+    assert [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n") if line] == rows[:2]
+
+
 def test_a_streak_of_nan_steps_counts_across_a_resume(tmp_path, tiny_model_dir, pairs):
     """Steps 3 and 4 non-finite, SIGTERM during step 4 (its stop checkpoint is the one written inside a streak),
     resumed: the third in a row (step 5) stops the run (the streak restarted at 0 after a resume)."""
