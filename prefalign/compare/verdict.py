@@ -7,9 +7,9 @@ GRPO and RLOO columns are notes. Decision rules (intervals from `prefalign.compa
 
 1. Reward model: DPO's implicit reward ranks held-out pairs about as well as the explicit reward model.
    Interval of (DPO accuracy - RM accuracy), paired by seed and pair, crossed over seeds and held-out prompts
-   (`HeldOutPairs`; over seeds alone where the runs recorded no per-pair outcomes): holds if its low end >
-   -`MARGIN` (non-inferiority), does not hold if its high end < -`MARGIN`, else inconclusive; one seed:
-   inconclusive.
+   (`HeldOutPairs`; over seeds alone where `prefalign.compare.evidence.heldout_pairs` gives none: a run without
+   per-pair outcomes, runs that held out other pairs, pairs of one prompt): holds if its low end > -`MARGIN`
+   (non-inferiority), does not hold if its high end < -`MARGIN`, else inconclusive; one seed: inconclusive.
 2. Policy update: holds if every online arm generated tokens while training (every seed) and DPO none
    beyond the shared pairs; otherwise does not hold.
 3. Loss: both losses raise the gold score over the start: holds if PPO-RLHF's and DPO's paired gain
