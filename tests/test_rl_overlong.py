@@ -95,7 +95,8 @@ def test_the_penalty_is_added_to_each_completions_score(tmp_path, tiny_model_dir
 
 def test_dynamic_sampling_compares_the_penalised_scores(tmp_path, tiny_model_dir, prompts):  # noqa: F811
     """A constant reward gives every group equal scores, so --dynamic-sampling alone drops them all; with the
-    penalty a group is kept exactly when its completions' penalties differ (as in DAPO, the shaping comes first)."""
+    penalty a group is kept exactly when its completions' penalties differ (the shaping comes first, as verl's
+    seq_reward filter metric; the paper filters groups on correctness)."""
     off = _rollout(tmp_path / "off", tiny_model_dir, prompts, ConstantReward(), dynamic_sampling=True)
     assert not off.kept.any()
     on = _rollout(tmp_path / "on", tiny_model_dir, prompts, ConstantReward(), dynamic_sampling=True, overlong_buffer=2)
