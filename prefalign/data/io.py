@@ -313,3 +313,21 @@ def type_name(value: Any) -> str:
     if isinstance(value, dict):
         return "object"
     return type(value).__name__
+
+
+def row_field(source: str, where: str, row: dict[str, Any], name: str, needs: str) -> Any:
+    """``row[name]``; a missing column is a `UserError` naming the file, the row and ``needs`` (what every row of
+    the data needs)."""
+    if name not in row:
+        raise UserError(f"{source}: {where}: missing column {name!r}; {needs}")
+    return row[name]
+
+
+def text_field(source: str, where: str, row: dict[str, Any], name: str, needs: str, list_hint: str = "") -> str:
+    """`row_field` that must be a string; another type is a `UserError` naming which (``list_hint``: what a list
+    there may mean, said in parentheses)."""
+    value = row_field(source, where, row, name, needs)
+    if not isinstance(value, str):
+        hint = f" ({list_hint})" if list_hint and isinstance(value, list) else ""
+        raise UserError(f"{source}: {where}: {name!r} must be a string, got {type_name(value)}{hint}; fix the row")
+    return value

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from prefalign.data import chat
-from prefalign.data.io import DEFAULT_SPLIT, Table, progress, read_table, type_name
+from prefalign.data.io import DEFAULT_SPLIT, Table, progress, read_table, row_field, text_field
 from prefalign.data.report import DropReport
 from prefalign.errors import UserError
 
@@ -178,22 +178,16 @@ class _Getter:
     def __init__(self, source: str, where: str, row: dict[str, Any], fmt: str):
         self.source, self.where, self.row, self.fmt = source, where, row, fmt
 
+    @property
+    def needs(self) -> str:
+        return f"every row of format {self.fmt} needs {', '.join(REQUIRED[self.fmt])}"
+
     def raw(self, name: str) -> Any:
-        if name not in self.row:
-            raise UserError(
-                f"{self.source}: {self.where}: missing column {name!r}; every row of format "
-                f"{self.fmt} needs {', '.join(REQUIRED[self.fmt])}"
-            )
-        return self.row[name]
+        return row_field(self.source, self.where, self.row, name, self.needs)
 
     def text(self, name: str) -> str:
-        value = self.raw(name)
-        if not isinstance(value, str):
-            hint = " (a list of messages: force --format conversational?)" if isinstance(value, list) else ""
-            raise UserError(
-                f"{self.source}: {self.where}: {name!r} must be a string, got {type_name(value)}{hint}; fix the row"
-            )
-        return value
+        hint = "a list of messages: force --format conversational?"
+        return text_field(self.source, self.where, self.row, name, self.needs, list_hint=hint)
 
     def messages(self, name: str) -> list[dict]:
         return chat.check_messages(self.raw(name), name, self.where, self.source)

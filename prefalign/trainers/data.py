@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from prefalign.data.io import type_name
+from prefalign.data.io import text_field
 from prefalign.data.report import DropReport
 from prefalign.errors import UserError
 
@@ -80,7 +80,8 @@ def prompt_completion_rows(table, require_kept: bool = True) -> tuple[list[str],
     report = DropReport(source=table.source, total=len(table.rows))
     prompts, completions, wheres = [], [], []
     for where, row in table.rows:
-        p, c = (_text(table.source, where, row, name) for name in ("prompt", "completion"))
+        needs = "every sft row needs a prompt and a completion"
+        p, c = (text_field(table.source, where, row, name, needs) for name in ("prompt", "completion"))
         if not p.strip():
             report.drop("empty_prompt", where, "prompt is empty")
         elif not c.strip():
@@ -94,16 +95,6 @@ def prompt_completion_rows(table, require_kept: bool = True) -> tuple[list[str],
     if report.dropped:
         log.warning("%s: %s", table.source, report.summary())
     return prompts, completions, wheres, report
-
-
-def _text(source: str, where: str, row: dict, name: str) -> str:
-    """``row[name]`` as a string; a missing column or another type is a `UserError` naming which, for the fix."""
-    if name not in row:
-        raise UserError(f"{source}: {where}: missing column {name!r}; every sft row needs a prompt and a completion")
-    value = row[name]
-    if not isinstance(value, str):
-        raise UserError(f"{source}: {where}: {name!r} must be a string, got {type_name(value)}; fix the row")
-    return value
 
 
 def _load_tokenized_sft(source: str, split: str, cfg, tokenizer) -> tuple[list, dict]:
