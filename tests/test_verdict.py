@@ -221,6 +221,7 @@ def test_one_seed_of_pairs_is_inconclusive_with_its_prompt_interval():
         " and 4 held-out prompts (8 pairs): from one seed, its interval holds the prompts' variance, not the"
         " seed-to-seed one."
     )
+    assert row.measured["DPO"].endswith(" (1 seed x prompts)")
 
 
 def test_pair_outcomes_are_checked():

@@ -342,7 +342,8 @@ def _accuracy(inputs: VerdictInputs, which: str) -> str:
     if not values:
         return "not measured"
     if inputs.pairs is not None:
-        return f"{_bounds(inputs.pairs.accuracy(which), lambda x: f'{x:.3f}')} ({len(values)} seeds x prompts)"
+        seeds = "1 seed" if len(values) == 1 else f"{len(values)} seeds"
+        return f"{_bounds(inputs.pairs.accuracy(which), lambda x: f'{x:.3f}')} ({seeds} x prompts)"
     acc = seed_interval(values, bounds=(0.0, 1.0))
     return f"{acc.mean:.3f}" if len(values) == 1 else f"{_bounds(acc, lambda x: f'{x:.3f}')} ({len(values)} seeds)"
 
