@@ -42,6 +42,36 @@ def test_dpo_help_shows_every_field_with_its_doc():
     assert "Split of --data when it is a hub dataset id" in text
 
 
+def test_reflow_joins_lines_and_keeps_paragraphs_and_list_items():
+    from prefalign.cli._args import reflow_docstring
+
+    doc = "First line of a field,\n    --its-flag (0: off)\n    ends here.\n\n    Second:\n    - one item\n    - two"
+    assert (
+        reflow_docstring(doc) == "First line of a field, --its-flag (0: off) ends here.\n\nSecond:\n- one item\n- two"
+    )
+
+
+@pytest.mark.parametrize("config", ["prefalign.trainers.dpo:DPOConfig", "prefalign.trainers.rl_config:RLConfig"])
+def test_help_gives_each_field_doc_as_one_paragraph(config, monkeypatch, capsys):
+    """tyro kept every source line break of a field's docstring (its continuation lines start indented), so --help
+    broke mid-sentence ("a CPU with bf16" / "instructions"); on a wide terminal each doc is now one line."""
+    import importlib
+
+    from prefalign.cli._args import parse
+
+    module, name = config.split(":")
+    cls = getattr(importlib.import_module(module), name)
+    monkeypatch.setenv("COLUMNS", "2000")
+    with pytest.raises(SystemExit, match="0"):
+        parse(cls, ["--help"], prog="prefalign x")
+    lines = [" ".join(line.replace("│", " ").split()) for line in capsys.readouterr().out.splitlines()]
+    shown = {name for name in field_docs(cls) if any(line.startswith("--" + name.replace("_", "-")) for line in lines)}
+    multi_line = {name: doc for name, doc in field_docs(cls).items() if "\n" in doc.strip() and name in shown}
+    assert len(multi_line) >= 5
+    for name, doc in multi_line.items():
+        assert any(" ".join(doc.split()) in line for line in lines), name
+
+
 @pytest.mark.parametrize(
     "command, rows, summary, dropped",
     [

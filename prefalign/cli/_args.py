@@ -213,9 +213,44 @@ def _type_name(hint: Any) -> str:
     return names.get(hint, getattr(hint, "__name__", str(hint)))
 
 
+def reflow_docstring(text: str) -> str:
+    """A field docstring as one paragraph per paragraph: lines joined by a space, except before a blank line, after
+    one, and before a ``- `` or ``* `` list item."""
+    import inspect
+
+    out: list[str] = []
+    for line in inspect.cleandoc(text).split("\n"):
+        if out and out[-1].strip() and line.strip() and not line.lstrip().startswith(("- ", "* ")):
+            out[-1] += " " + line.strip()
+        else:
+            out.append(line)
+    return "\n".join(out)
+
+
+def _reflow_field_help() -> None:
+    """Give tyro each field's docstring reflowed (`reflow_docstring`). tyro 1.0 keeps a line break before every
+    docstring line that does not start with a letter, and an attribute docstring's continuation lines start with
+    the source's indentation, so a field's --help broke wherever its source line did ("a CPU with bf16" / "
+    instructions"). tyro reads the docstrings through ``tyro._docstrings.parse_docstring_from_object`` (private:
+    where a release lacks it, --help stays as tyro renders it)."""
+    from tyro import _docstrings
+
+    read = getattr(_docstrings, "parse_docstring_from_object", None)
+    if read is None or getattr(read, "reflowed", False):
+        return
+
+    def reflowed(obj: object) -> dict[str, str]:
+        return {name: reflow_docstring(text) for name, text in read(obj).items()}
+
+    reflowed.reflowed = True  # type: ignore[attr-defined]
+    setattr(_docstrings, "parse_docstring_from_object", reflowed)  # noqa: B010 (tyro's cached function, replaced)
+
+
 def parse(cls: type[T], argv: Sequence[str] | None, prog: str, description: str | None = None) -> T:
     """Parse ``argv`` into ``cls``: YAML defaults from ``--config``, then flags on top."""
     import tyro
+
+    _reflow_field_help()
 
     argv = list(sys.argv[1:] if argv is None else argv)
     cfg_path, rest = _split_config_flag(argv)
