@@ -195,3 +195,14 @@ def test_pairing_and_sampling_flags_are_checked():
     ]:
         with pytest.raises(ValueError, match=msg):
             CompareConfig(**kw)
+
+
+def test_precision_is_refused_when_parsed():
+    """--precision goes to every stage: a value no trainer takes is one line at parse time, not a refusal by the
+    first training stage once the pairs are sampled (the race's output directory already written)."""
+    from prefalign.cli._args import parse
+    from prefalign.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--precision must be auto, fp32 or bf16, got 'fp16'$"):
+        parse(CompareConfig, ["--precision", "fp16"], prog="prefalign compare")
+    assert parse(CompareConfig, ["--precision", "bf16"], prog="prefalign compare").precision == "bf16"

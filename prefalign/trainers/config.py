@@ -7,6 +7,8 @@ from dataclasses import dataclass, field
 from prefalign.trackers import DEFAULT_REPORT_TO, parse_report_to
 from prefalign.validation import Validated, changed_fields, flag, require_at_least_one
 
+PRECISIONS = ("auto", "fp32", "bf16")
+"""The values of --precision (every trainer's, and compare's for all its stages)."""
 LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_target_modules")
 """CommonConfig's LoRA fields that only a LoRA run (--lora-r > 0) reads."""
 
@@ -91,7 +93,7 @@ class CommonConfig(Validated):
                 raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
-        if self.precision not in ("auto", "fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"--adam-betas must each be in [0, 1), got {' '.join(map(str, self.adam_betas))}")
