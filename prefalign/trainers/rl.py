@@ -11,8 +11,8 @@ epoch/minibatch loop (`PPOUpdate.update`). What differs is here and in `prefalig
 - the policy loss has clip-higher, a choice of aggregation and optionally the KL as a loss term
   (`prefalign.losses.policy`); ``--dynamic-sampling`` takes groups of equal scores out of the loss;
   ``--overlong-buffer`` lowers the scores of completions near the length limit (DAPO's soft overlong punishment,
-  `prefalign.losses.overlong_penalty`) before both, ``--overlong-filter`` takes truncated completions out of the
-  loss (DAPO's overlong filtering);
+  `prefalign.losses.overlong_penalty`) after dynamic sampling judged the groups and before the advantages,
+  ``--overlong-filter`` takes truncated completions out of the loss (DAPO's overlong filtering);
 - several reward sources, weighted and summed (`prefalign.reward_mix.WeightedRewards`), each logged.
 
 PPO's own code paths are untouched: `prefalign ppo` gives the same numbers as before this module existed.
@@ -168,10 +168,13 @@ class RLTrainer(RLUpdate, PPOTrainer):
         cfg, acc = self.cfg, self.accelerator
         k, dev = cfg.num_generations, acc.device
         # 1. sample K responses per prompt, consecutive rows, each keyed by (iteration, prompt, k); 2. score them
-        #    with every reward source, weighted and summed, clipped, missing EOS penalised, --overlong-buffer's
-        #    penalty added; 3. --resample-rounds: groups of equal scores replaced by new ones (DAPO)
+        #    with every reward source, weighted and summed, clipped, missing EOS penalised; 3. --resample-rounds:
+        #    groups of equal scores replaced by new ones (DAPO); 3b. --overlong-buffer's penalty added after, so
+        #    dynamic sampling judges a group by its rewards, not by its lengths (DAPO filters on correctness)
         groups, refill_stats = self.sample_groups(idx, step, timing)
         gen, prompts, texts, scores = groups.gen, groups.prompts, groups.texts, groups.scores
+        if cfg.overlong_buffer is not None:
+            scores = scores + self.overlong_penalties(gen.response_mask).to(scores.dtype)
         # 4. masks: the response of every row starts at column P
         seqs = gen.sequences()  # (query_response, attention_mask, completion_mask)
         response_mask = gen.response_mask  # (B, R)
@@ -182,7 +185,7 @@ class RLTrainer(RLUpdate, PPOTrainer):
         rewards, kl, non_score = kl_shaped_rewards(scores, logps, ref_logps, response_mask, kl_coef, cfg.kl_estimator)
         # 7. groups still of equal scores out of the loss, and with --overlong-filter truncated completions (DAPO;
         #    such a completion still counts in its group's baseline); 8. advantages by the estimator's table entry
-        kept = informative_groups(scores, k) if cfg.dynamic_sampling else torch.ones_like(gen.ended, device=dev)
+        kept = informative_groups(groups.scores, k) if cfg.dynamic_sampling else torch.ones_like(gen.ended, device=dev)
         loss_mask = response_mask * kept[:, None].to(response_mask.dtype)
         if cfg.overlong_filter:
             loss_mask = loss_mask * gen.ended[:, None].to(loss_mask)
@@ -255,15 +258,13 @@ class RLTrainer(RLUpdate, PPOTrainer):
 
     def sample_round(self, idx: list[int], step: int, r: int, timing: dict) -> Groups:
         """K scored completions of each prompt of ``idx``, completion ``j`` of prompt ``i`` keyed by ``(step, i,
-        j)`` in round 0 and ``(step, i, j, r)`` in refill round ``r``; with --overlong-buffer the penalty is in the
-        scores, so a refill round's equal-score check sees it. Records generation and scoring times."""
+        j)`` in round 0 and ``(step, i, j, r)`` in refill round ``r`` (without --overlong-buffer's penalty, which
+        the rollout adds after the equal-score checks). Records generation and scoring times."""
         k = self.cfg.num_generations
         rows = [i for i in idx for _ in range(k)]
         keys = [key_seed(step, i, j, *((r,) if r else ())) for i in idx for j in range(k)]
         gen = self.sample([self.prompt_ids[i] for i in rows], keys, timing)[0]
         prompts, texts, scores = self.score_completions(rows, gen, timing, "--reward")
-        if self.cfg.overlong_buffer is not None:
-            scores = scores + self.overlong_penalties(gen.response_mask).to(scores.dtype)
         parts = {name: part.to(self.accelerator.device) for name, part in self.reward_source.last_parts.items()}
         return Groups(gen, rows, prompts, texts, scores, parts)
 

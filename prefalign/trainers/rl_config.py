@@ -64,8 +64,8 @@ class RLConfig(PPOConfig):
     """DAPO's overlong reward shaping (Yu et al. 2025, soft overlong punishment), its L_cache: N tokens, 1 <= N <
     --max-new-tokens (L_max). A completion of more than L_max - N tokens (the EOS counted) has (length - (L_max -
     N)) / N x --overlong-penalty-factor taken from its score, the whole factor at L_max (a truncated completion);
-    after --missing-eos-penalty, before --dynamic-sampling compares a group's scores and the advantages (default:
-    off)."""
+    after --missing-eos-penalty and after --dynamic-sampling compared a group's scores (a group is judged by its
+    rewards, not its lengths, as the paper's filter on correctness), before the advantages (default: off)."""
     overlong_penalty_factor: float | None = None
     """With --overlong-buffer: the penalty of a completion of --max-new-tokens tokens (default: 1, the paper's)."""
     overlong_filter: bool = False
