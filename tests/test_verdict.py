@@ -224,6 +224,16 @@ def test_one_seed_of_pairs_is_inconclusive_with_its_prompt_interval():
     assert row.measured["DPO"].endswith(" (1 seed x prompts)")
 
 
+def test_pairs_beside_an_unmeasured_accuracy_are_set_aside():
+    """A seed whose final accuracy was not finite (read as None) beside its eval_pairs.jsonl: row 1 says what was
+    not measured, as without the pairs, instead of refusing the pairs' shape and losing the race's report."""
+    scores, costs = _scores({"ppo": 0.2, "dpo": 0.3}, 2), {arm: [COSTS[arm]] * 2 for arm in ("ppo", "dpo")}
+    inputs = verdict_inputs(["ppo", "dpo"], costs, scores, (0.7, None), (1, 1), _pairs())
+    row = verdict_rows(inputs)[0]
+    assert inputs.pairs is None and row.verdict == INCONCLUSIVE
+    assert row.reason == "the held-out pair accuracy of the reward model was not measured."
+
+
 def test_pair_outcomes_are_checked():
     scores, costs = _scores({"ppo": 0.2, "dpo": 0.3}, 2), {arm: [COSTS[arm]] * 2 for arm in ("ppo", "dpo")}
     good = _pairs()

@@ -135,6 +135,8 @@ def verdict_inputs(
         if values and n_seeds and len(values) not in n_seeds:
             raise ValueError(f"verdict: {len(values)} {name} accuracies for {next(iter(n_seeds))} seeds")
         accuracies.append(() if any(v is None for v in values) else tuple(float(v) for v in values if v is not None))
+    if not (accuracies[0] and accuracies[1]):
+        pairs = None  # an accuracy not measured (or not finite) decides row 1; its pairs' outcomes mean nothing
     if pairs is not None:
         _check_pairs(pairs, len(accuracies[0]))
     return VerdictInputs(present, costs, scores, accuracies[0], accuracies[1], pairs)
