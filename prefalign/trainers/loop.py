@@ -86,7 +86,7 @@ class Trainer(Run):
         self.tokenizer: Any = None
         self.train_data: list = []
         self.eval_data: list = []
-        self.eval_margins: dict[int, float] = {}  # the last evaluation's margin per example index (pair trainers)
+        self.eval_margins: dict[int, float] = {}  # the last evaluation's margin per example index of this process
 
     # -- subclass interface --
     def collate(self, examples: list) -> dict[str, torch.Tensor]:
@@ -348,7 +348,7 @@ class Trainer(Run):
             if chunk and rows is not None:
                 margins.update(zip(batch["index"].tolist(), rows.float().cpu().tolist(), strict=True))
         self.model.train()
-        self.eval_margins = {k: v for part in gather_objects(margins) for k, v in part.items()}
+        self.eval_margins = margins
         # the mean over all eval rows (processes may hold one more than others)
         return {
             **{f"eval/{k}": v for k, v in self.pooled_mean(running).items()},
@@ -361,7 +361,8 @@ class Trainer(Run):
         ``correct``: margin > 0). `prefalign compare` reads it to group the pairs by prompt (row 1's interval)."""
         from prefalign.runio import write_jsonl
 
-        margins = self.eval_margins
+        # a collective (every process calls this): each holds the margins of its shard of the eval set
+        margins = {k: v for part in gather_objects(self.eval_margins) for k, v in part.items()}
         if not margins or not self.accelerator.is_main_process:
             return
         rows = [
