@@ -14,7 +14,7 @@ import tyro
 from prefalign.compare.arms import ARMS, DEFAULT_ARMS, arms_help
 from prefalign.compare.tasks import TASKS, tasks_help
 from prefalign.trackers import DEFAULT_REPORT_TO, parse_report_to
-from prefalign.trainers.config import PRECISIONS
+from prefalign.trainers.config import check_precision
 from prefalign.validation import Validated, changed_fields, flag
 
 # Budgets per preset. quick: a smoke run of every stage; default: the race the README reports, three seeds in
@@ -210,8 +210,7 @@ class CompareConfig(Validated):
             raise ValueError(f"--curve-points must be >= 1, got {self.curve_points}")
         if self.pair_rule not in ("best_worst", "all"):
             raise ValueError(f"--pair-rule must be best_worst or all, got {self.pair_rule!r}")
-        if self.precision not in PRECISIONS:  # else refused by the first training stage, after the pairs
-            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        check_precision(self.precision)  # else refused by the first training stage, after the pairs
         if not self.min_gap >= 0:
             raise ValueError(f"--min-gap must be >= 0, got {self.min_gap}")
         if self.sample_batch_size < 1:

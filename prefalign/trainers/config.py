@@ -9,6 +9,14 @@ from prefalign.validation import Validated, changed_fields, flag, require_at_lea
 
 PRECISIONS = ("auto", "fp32", "bf16")
 """The values of --precision (every trainer's, and compare's for all its stages)."""
+
+
+def check_precision(precision: str) -> None:
+    """Refuse a --precision that is not one of `PRECISIONS`."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--precision must be auto, fp32 or bf16, got {precision!r}")
+
+
 LORA_OPTIONS = ("lora_alpha", "lora_dropout", "lora_target_modules")
 """CommonConfig's LoRA fields that only a LoRA run (--lora-r > 0) reads."""
 
@@ -93,8 +101,7 @@ class CommonConfig(Validated):
                 raise ValueError(f"{flag(name)} must be >= 0, got {getattr(self, name)}")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0:
             raise ValueError(f"--max-grad-norm must be > 0, got {self.max_grad_norm}")
-        if self.precision not in PRECISIONS:
-            raise ValueError(f"--precision must be auto, fp32 or bf16, got {self.precision!r}")
+        check_precision(self.precision)
         if not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"--adam-betas must each be in [0, 1), got {' '.join(map(str, self.adam_betas))}")
         if self.lora_r < 0:
